@@ -1,0 +1,268 @@
+"""The base of every compression pass: a typed config, an honest report, a registry.
+
+A pass is an onnx_ir `InPlacePass`, so onnx_ir's and onnxscript's own passes compose with
+ours. It adds three things:
+
+* `Config`: a frozen, keyword-only pydantic model. Each field's `description` is the one
+  place a knob is documented; the CLI help, `onnxcompress passes --describe` and the recipe
+  JSON Schema all read it from there.
+* `report`: per layer, what changed (params and bytes before/after) and, for every layer left
+  alone, why. Tests assert those reasons.
+* `context`: what the pipeline knows beyond the model (calibration data, the original model,
+  the seed), for passes that need data (saliency, fine-tuning).
+
+Passes register under a stable dotted name (`prune.magnitude`). The modules under
+`onnxcompress.passes` are imported on first lookup, so adding a pass is adding a file.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PassConfig",
+    "PassContext",
+    "LayerChange",
+    "Skip",
+    "PassReport",
+    "CompressionPass",
+    "register",
+    "get_pass",
+    "pass_names",
+    "tensor_stats",
+]
+
+import abc
+import dataclasses
+import importlib
+import logging
+import pkgutil
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import onnx_ir as ir
+import pydantic
+
+from onnxcompress.errors import QuantizedModelError, RecipeError
+
+logger = logging.getLogger(__name__)
+
+
+class PassConfig(pydantic.BaseModel):
+    """Base of every pass config: frozen, unknown keys rejected by name."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What the pipeline hands a pass besides the model.
+
+    `data` maps graph input names (and optionally `labels`) to arrays whose first axis is
+    the sample axis. `original` is the model as loaded, before any step ran.
+    """
+
+    data: Mapping[str, np.ndarray] | None = None
+    original: ir.Model | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChange:
+    """What a pass did to one weight: sizes before and after, and a short detail."""
+
+    name: str
+    op: str
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A weight a pass left alone, and why."""
+
+    name: str
+    reason: str
+
+
+def tensor_stats(array: np.ndarray) -> tuple[int, int]:
+    """(non-zero parameters, bytes) of a dense array: what pruning and coding change."""
+    return int(np.count_nonzero(array)), int(array.nbytes)
+
+
+@dataclasses.dataclass
+class PassReport:
+    """Per-layer account of one pass run."""
+
+    pass_name: str
+    changes: list[LayerChange] = dataclasses.field(default_factory=list)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def changed(
+        self,
+        name: str,
+        op: str,
+        before: np.ndarray,
+        after: np.ndarray | None = None,
+        *,
+        params_after: int | None = None,
+        bytes_after: int | None = None,
+        detail: str = "",
+    ) -> None:
+        """Record a change; `after` defaults to explicit counts for non-dense results."""
+        params_before, bytes_before = tensor_stats(before)
+        if after is not None:
+            params_after, bytes_after = tensor_stats(after)
+        if params_after is None or bytes_after is None:
+            raise ValueError("give either `after` or both params_after and bytes_after")
+        self.changes.append(
+            LayerChange(name, op, params_before, params_after, bytes_before, bytes_after, detail)
+        )
+
+    def skip(self, name: str, reason: str) -> None:
+        logger.info("%s: skipping %s: %s", self.pass_name, name, reason)
+        self.skipped.append(Skip(name, reason))
+
+    def reason_for(self, name: str) -> str | None:
+        """The recorded skip reason of a weight, if it was skipped."""
+        return next((s.reason for s in self.skipped if s.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_name,
+            "changes": [dataclasses.asdict(c) for c in self.changes],
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "notes": self.notes,
+        }
+
+
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulNBits",
+        "MatMulBnb4",
+        "DynamicQuantizeMatMul",
+        "GatherBlockQuantized",
+    }
+)
+
+
+def quantized_ops(model: ir.Model) -> list[str]:
+    """The quantization ops a model uses, sorted; empty for a float model."""
+    found = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+            found.add(node.op_type)
+    return sorted(found)
+
+
+class CompressionPass(ir.passes.InPlacePass, abc.ABC):
+    """Base of every onnxcompress pass.
+
+    Subclasses set `name`, `Config` and `summary`, and implement `apply`, which returns
+    whether the model changed. A pass must either apply fully or change nothing: check
+    preconditions before the first edit. Tensors are never edited in place; a pass swaps
+    in new ones, so snapshots stay cheap and memory-mapped inputs stay untouched.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    lossy: ClassVar[bool] = True
+
+    def __init__(self, config: PassConfig | None = None, /, **options: Any) -> None:
+        super().__init__()
+        if config is not None and options:
+            raise TypeError("give either a config object or keyword options, not both")
+        self.config = config if config is not None else make_config(self.Config, options)
+        self.context = PassContext()
+        self.report = PassReport(self.name)
+
+    def requires(self, model: ir.Model) -> None:
+        if self.lossy:
+            ops = quantized_ops(model)
+            if ops:
+                raise QuantizedModelError(
+                    f"{self.name} refuses an already quantized model (found {', '.join(ops)})"
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.report = PassReport(self.name)
+        modified = self.apply(model)
+        return ir.passes.PassResult(model, modified=modified)
+
+    @abc.abstractmethod
+    def apply(self, model: ir.Model) -> bool:
+        """Rewrite `model` in place; return True if anything changed."""
+
+
+def make_config(config_class: type[PassConfig], options: Mapping[str, Any]) -> PassConfig:
+    """Build a config, turning pydantic's errors into one line naming each bad field."""
+    try:
+        return config_class(**options)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<config>'}: {e['msg']}"
+            for e in error.errors()
+        )
+        raise RecipeError(f"invalid options for {config_class.__qualname__}: {problems}") from None
+
+
+_REGISTRY: dict[str, type[CompressionPass]] = {}
+_DISCOVERED = False
+PassT = TypeVar("PassT", bound=type[CompressionPass])
+
+
+def register(cls: PassT) -> PassT:
+    """Class decorator: make a pass available under its `name`."""
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise RuntimeError(f"two passes claim the name {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import every module under onnxcompress.passes once, so that each registers itself."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    package = importlib.import_module("onnxcompress.passes")
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(module.name)
+    _DISCOVERED = True
+
+
+def get_pass(name: str) -> type[CompressionPass]:
+    _discover()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RecipeError(
+            f"unknown pass {name!r}; available: {', '.join(pass_names())}"
+        ) from None
+
+
+def pass_names() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def describe(cls: type[CompressionPass]) -> list[tuple[str, str, str]]:
+    """(field, type and default, description) for each config field of a pass."""
+    rows = []
+    for field_name, field in cls.Config.model_fields.items():
+        default = "required" if field.is_required() else repr(field.get_default())
+        annotation = getattr(field.annotation, "__name__", str(field.annotation))
+        rows.append((field_name, f"{annotation} = {default}", field.description or ""))
+    return rows
+
+
+PassFactory = Callable[..., CompressionPass]

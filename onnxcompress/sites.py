@@ -1,0 +1,245 @@
+"""Weight sites: which tensor is the learned weight of which op, and its channel axes.
+
+One table (`LAYOUTS`) knows, per op, which input is the weight and which axes hold the
+output channels (neurons) and the input channels. Weights may be initializers, outputs of
+`Constant` nodes, or live in (or be referenced from) If/Loop/Scan subgraphs; all are found.
+A tensor read by several nodes is one site (deduplicated by value). Anything left alone is
+recorded with its reason: a graph input (fed at run time), too small, excluded by name.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Layout", "LAYOUTS", "WeightSite", "SiteScan", "find_weight_sites", "weight_params"]
+
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.pass_base import Skip
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the weight is among an op's inputs and which of its axes mean what.
+
+    Axes are negative-or-positive indices into the stored tensor; `None` where the notion
+    does not apply.
+    """
+
+    input_index: int
+    out_axis: int | None
+    in_axis: int | None
+
+
+def _gemm_layout(node: ir.Node) -> Layout:
+    trans_b = node.attributes.get_int("transB", 0)
+    return Layout(1, out_axis=0 if trans_b else 1, in_axis=1 if trans_b else 0)
+
+
+def _layouts(node: ir.Node) -> list[Layout]:
+    """The weight layouts of one node (empty when the op carries no learned weight)."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    if op == "MatMul":
+        return [Layout(1, out_axis=-1, in_axis=-2)]
+    if op == "Gemm":
+        return [_gemm_layout(node)]
+    if op == "Conv":
+        return [Layout(1, out_axis=0, in_axis=1)]
+    if op == "ConvTranspose":
+        return [Layout(1, out_axis=1, in_axis=0)]
+    if op == "Gather":
+        # An embedding table: rows are looked up, so no input-channel axis.
+        return [Layout(0, out_axis=1, in_axis=None)] if node.attributes.get_int("axis", 0) == 0 else []
+    if op in ("LSTM", "GRU", "RNN"):
+        # W: [directions, gates*hidden, input]; R: [directions, gates*hidden, hidden].
+        return [Layout(1, out_axis=1, in_axis=2), Layout(2, out_axis=1, in_axis=2)]
+    return []
+
+
+LAYOUTS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU", "RNN")
+
+Holder = Literal["initializer", "constant"]
+
+
+@dataclasses.dataclass
+class WeightSite:
+    """One learned weight tensor, where it is held and who reads it."""
+
+    name: str
+    op_type: str
+    node: ir.Node
+    input_index: int
+    value: ir.Value
+    layout: Layout
+    holder: Holder
+    consumers: list[tuple[ir.Node, int]]
+
+    @property
+    def out_axis(self) -> int | None:
+        return self.layout.out_axis
+
+    @property
+    def in_axis(self) -> int | None:
+        return self.layout.in_axis
+
+    @property
+    def tensor(self) -> ir.TensorProtocol:
+        tensor = self.value.const_value
+        if tensor is None:  # pragma: no cover - find_weight_sites guarantees it
+            raise RuntimeError(f"{self.name} has no constant value")
+        return tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.tensor.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def dtype(self) -> ir.DataType:
+        return self.tensor.dtype
+
+    def array(self) -> np.ndarray:
+        """The weight as numpy; may be a read-only memory map, never edit it in place."""
+        return self.tensor.numpy()
+
+    def replace(self, array: np.ndarray) -> None:
+        """Swap in a new tensor of the same shape and dtype (never mutates the old one)."""
+        if tuple(array.shape) != self.shape:
+            raise ValueError(f"{self.name}: new shape {array.shape} != {self.shape}")
+        new = ir.tensor(np.ascontiguousarray(array), name=self.name)
+        if new.dtype != self.dtype:
+            raise ValueError(f"{self.name}: new dtype {new.dtype} != {self.dtype}")
+        if self.holder == "constant":
+            producer = self.value.producer()
+            assert producer is not None
+            producer.attributes["value"] = ir.AttrTensor("value", new)
+        self.value.const_value = new
+
+
+def _constant_tensor(value: ir.Value) -> tuple[ir.TensorProtocol | None, Holder | None]:
+    """The tensor behind a value if it is an initializer or a Constant node's output."""
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            tensor = attr.as_tensor()
+            if value.const_value is None:
+                value.const_value = tensor
+            return tensor, "constant"
+        return None, None
+    if producer is None and value.const_value is not None:
+        return value.const_value, "initializer"
+    return None, None
+
+
+@dataclasses.dataclass
+class SiteScan:
+    """The weights found, and those left alone with their reasons."""
+
+    sites: list[WeightSite]
+    skipped: list[Skip]
+
+    def by_name(self) -> dict[str, WeightSite]:
+        return {site.name: site for site in self.sites}
+
+
+def _is_float(dtype: ir.DataType) -> bool:
+    return dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def find_weight_sites(
+    model: ir.Model,
+    *,
+    min_params: int = 16,
+    exclude: Sequence[str] = (),
+    include: Sequence[str] = (),
+    ops: Iterable[str] | None = None,
+) -> SiteScan:
+    """Every learned float weight in the model (all graphs), deduplicated.
+
+    `exclude` / `include` are name globs; `ops` limits the op types considered.
+    Skips are recorded, not silently dropped: a weight fed as a graph input, a weight
+    smaller than `min_params`, a non-float tensor, or a name excluded by a glob.
+    """
+    wanted = set(ops) if ops is not None else None
+    sites: dict[int, WeightSite] = {}
+    skipped: dict[str, Skip] = {}
+
+    def skip(name: str, reason: str) -> None:
+        if name not in skipped:
+            logger.debug("skipping weight %s: %s", name, reason)
+            skipped[name] = Skip(name, reason)
+
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if wanted is not None and node.op_type not in wanted:
+            continue
+        for layout in _layouts(node):
+            if layout.input_index >= len(node.inputs):
+                continue
+            value = node.inputs[layout.input_index]
+            if value is None:
+                continue
+            key = id(value)
+            if key in sites:
+                sites[key].consumers.append((node, layout.input_index))
+                continue
+            name = value.name or f"<{node.name}:{layout.input_index}>"
+            if value.is_graph_input():
+                skip(name, "graph input: the weight is fed at run time")
+                continue
+            tensor, holder = _constant_tensor(value)
+            if tensor is None or holder is None:
+                continue  # an activation, not a weight
+            if node.op_type == "Gather" and not _reads_embedding(node):
+                continue
+            if not _is_float(tensor.dtype):
+                skip(name, f"not a float weight ({tensor.dtype.name})")
+                continue
+            size = int(np.prod([int(d) for d in tensor.shape], dtype=np.int64))
+            if size < min_params:
+                skip(name, f"too small ({size} < min_params={min_params})")
+                continue
+            if exclude and any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+                skip(name, "excluded by name")
+                continue
+            if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+                skip(name, "not matched by include")
+                continue
+            sites[key] = WeightSite(
+                name=name,
+                op_type=node.op_type,
+                node=node,
+                input_index=layout.input_index,
+                value=value,
+                layout=layout,
+                holder=holder,
+                consumers=[(node, layout.input_index)],
+            )
+    return SiteScan(sorted(sites.values(), key=lambda s: s.name), list(skipped.values()))
+
+
+def _reads_embedding(node: ir.Node) -> bool:
+    """A Gather is an embedding lookup when its data is 2-D and its indices are integers."""
+    data, indices = node.inputs[0], node.inputs[1]
+    if data is None or indices is None or data.const_value is None:
+        return False
+    if len(data.const_value.shape) != 2:
+        return False
+    return indices.dtype in (ir.DataType.INT64, ir.DataType.INT32, None)
+
+
+def weight_params(model: ir.Model) -> int:
+    """Total parameters held in weight sites (no size floor)."""
+    return sum(site.size for site in find_weight_sites(model, min_params=0).sites)

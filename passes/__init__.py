@@ -1,0 +1,1 @@
+"""Compression algorithms, installed as `onnxcompress.passes`; each module registers its passes."""

@@ -1,0 +1,1 @@
+"""Pruning: unstructured (magnitude, saliency) and structured (neurons, channels)."""
