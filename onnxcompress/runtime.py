@@ -2,12 +2,31 @@
 
 Every session the tool opens (gates, fidelity, benchmarks) comes from here, so custom ops
 written by the sparse passes always find their kernels.
+
+The library (`kernels/`, built by the package install into `onnxcompress/_kernels/`) adds the
+domain `ai.onnxcompress` (`SparseMatMul`, and whatever `available_ops()` lists). Models written
+with `--portable` also carry each op as a model-local ONNX function, so they run in a stock
+onnxruntime without the library; models written with `--no-portable` need it, and opening
+one without the library raises `MissingDependencyError` naming what is missing.
+
+Set `ONNXCOMPRESS_KERNEL_LIBRARY` to use a library built elsewhere.
 """
 
 from __future__ import annotations
 
-__all__ = ["session", "kernel_library_path", "session_options"]
+__all__ = [
+    "DOMAIN",
+    "session",
+    "kernel_library_path",
+    "session_options",
+    "available_ops",
+    "require_kernel_library",
+    "missing_kernel_ops",
+]
 
+import ctypes
+import functools
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +35,18 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxcompress.errors import MissingDependencyError
+
+logger = logging.getLogger(__name__)
+
+DOMAIN = "ai.onnxcompress"
 _LIBRARY_NAMES = ("libonnxcompress_kernels.so", "onnxcompress_kernels.dll", "libonnxcompress_kernels.dylib")
+_BUILD_HINT = (
+    "build it with `bash kernels/fetch_headers.sh && pip install -e .` (needs cmake and a C++17 "
+    "compiler), or point ONNXCOMPRESS_KERNEL_LIBRARY at a built libonnxcompress_kernels.so"
+)
+
+ModelLike = str | os.PathLike[str] | ir.Model | onnx.ModelProto | bytes
 
 
 def kernel_library_path() -> Path | None:
@@ -31,30 +61,113 @@ def kernel_library_path() -> Path | None:
     return None
 
 
+def require_kernel_library() -> Path:
+    """The library's path; `MissingDependencyError` with the build command when it is absent."""
+    library = kernel_library_path()
+    if library is None or not library.is_file():
+        where = f" ({library} does not exist)" if library is not None else ""
+        raise MissingDependencyError(f"the onnxcompress kernel library is not built{where}; {_BUILD_HINT}")
+    return library
+
+
+@functools.cache
+def _ops_of(library: str) -> tuple[str, ...]:
+    handle = ctypes.CDLL(library)
+    names = handle.OnnxCompressKernelOps
+    names.restype = ctypes.c_char_p
+    return tuple(op for op in names().decode().split(",") if op)
+
+
+def available_ops() -> list[str]:
+    """The custom ops (domain `ai.onnxcompress`) the built library provides; [] when not built."""
+    library = kernel_library_path()
+    if library is None or not library.is_file():
+        return []
+    try:
+        return list(_ops_of(str(library)))
+    except (OSError, AttributeError) as error:
+        logger.warning("cannot read the op list of %s: %s", library, error)
+        return []
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Session options with the kernel library registered when it is built."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
     library = kernel_library_path()
     if library is not None:
+        if not library.is_file():
+            raise MissingDependencyError(f"ONNXCOMPRESS_KERNEL_LIBRARY points at {library}, which does not exist")
         options.register_custom_ops_library(str(library))
     return options
 
 
+def missing_kernel_ops(model: ir.Model | onnx.ModelProto) -> list[str]:
+    """Custom ops of our domain the model calls without a model-local function to fall back on."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    local = {(f.domain, f.name) for f in proto.functions}
+    used: set[str] = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.domain == DOMAIN and (node.domain, node.op_type) not in local:
+                used.add(node.op_type)
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g)
+                for sub in attribute.graphs:
+                    visit(sub)
+
+    visit(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            if node.domain == DOMAIN and (node.domain, node.op_type) not in local:
+                used.add(node.op_type)
+    return sorted(used)
+
+
+def _check_kernels(model: ir.Model | onnx.ModelProto) -> None:
+    needed = missing_kernel_ops(model)
+    if not needed:
+        return
+    have = set(available_ops())
+    absent = [op for op in needed if op not in have]
+    if absent:
+        raise MissingDependencyError(
+            f"the model calls {', '.join(f'{DOMAIN}.{op}' for op in absent)} without a portable "
+            f"fallback and the kernel library does not provide it; {_BUILD_HINT} "
+            "(or rewrite the model with `onnxcompress sparsify --portable`)"
+        )
+
+
 def session(
-    model: str | os.PathLike[str] | ir.Model | onnx.ModelProto | bytes,
+    model: ModelLike,
     providers: Sequence[str] | None = None,
     *,
     threads: int | None = None,
 ) -> ort.InferenceSession:
-    """An InferenceSession on a path, an ir.Model, a ModelProto or serialized bytes."""
+    """An InferenceSession on a path, an ir.Model, a ModelProto or serialized bytes.
+
+    The kernel library is registered when built. A model that needs it (custom ops of
+    `ai.onnxcompress` with no model-local fallback function) raises `MissingDependencyError`
+    when the library is absent, instead of onnxruntime's opaque schema error.
+    """
     if isinstance(model, ir.Model):
         model = ir.to_proto(model)
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
+    library_built = bool(available_ops())
+    if not library_built:
+        if isinstance(model, onnx.ModelProto):
+            _check_kernels(model)
+        elif isinstance(model, str):
+            _check_kernels(onnx.load(model, load_external_data=False))
+        else:
+            _check_kernels(onnx.load_from_string(model))
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
     return ort.InferenceSession(
         model,
         sess_options=session_options(threads),

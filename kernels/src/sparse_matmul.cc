@@ -1,0 +1,234 @@
+// SparseMatMul: Y = X . W (+ bias) with W held as CSR of its transpose (fp32 values).
+//
+// Layout (Han et al., "Deep Compression", ICLR 2016; the row-wise form of EIE): W is K x N as
+// in ONNX MatMul. Its transpose W^T (N x K) is stored in CSR: output neuron n owns entries
+// row_ptr[n] .. row_ptr[n+1]-1, each a value and the input column (int32 or uint16) it reads.
+// Exact: the same products as dense MatMul, summed in a different order (fp32 rounding only).
+//
+// Paths:
+//  * batch 1 (M == 1): per output row, a gathered dot product (AVX2 gathers of x[col]); the
+//    kernel streams 6 bytes per non-zero (uint16 columns) against 4 bytes per weight dense.
+//  * batched (M > 1): X is transposed once to X^T (K x Mp); every non-zero then does an AXPY of
+//    a contiguous tile of up to 64 batch rows held in registers.
+// Rows are split across onnxruntime's intra-op threads by equal non-zero counts.
+#include "common.h"
+
+#include <immintrin.h>
+
+#include <cstring>
+#include <memory>
+
+namespace onnxcompress {
+namespace {
+
+inline float HorizontalSum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+
+inline __m256i LoadIndices8(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i LoadIndices8(const int32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// y = sum_j values[j] * x[cols[j]] for j in [begin, end).
+template <typename Index>
+inline float SparseDot(const float* values, const Index* cols, int64_t begin, int64_t end, const float* x) {
+  __m256 acc0 = _mm256_setzero_ps();
+  __m256 acc1 = _mm256_setzero_ps();
+  int64_t j = begin;
+  for (; j + 16 <= end; j += 16) {
+    const __m256 g0 = _mm256_i32gather_ps(x, LoadIndices8(cols + j), 4);
+    const __m256 g1 = _mm256_i32gather_ps(x, LoadIndices8(cols + j + 8), 4);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), g0, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 8), g1, acc1);
+  }
+  if (j + 8 <= end) {
+    const __m256 g0 = _mm256_i32gather_ps(x, LoadIndices8(cols + j), 4);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), g0, acc0);
+    j += 8;
+  }
+  float sum = HorizontalSum(_mm256_add_ps(acc0, acc1));
+  for (; j < end; ++j) sum += values[j] * x[static_cast<int64_t>(cols[j])];
+  return sum;
+}
+
+// For rows [r0, r1): yt[n, 0:8*T] = sum_j values[j] * xt[cols[j], m0 : m0 + 8*T]; stores the
+// first `width` batch entries of each row into y (row stride n_out) at batch offset m0.
+template <int T, typename Index>
+void SparseRowsTile(const float* values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
+                    const float* xt, int64_t mp, int64_t m0, int64_t width, const float* bias, float* y,
+                    int64_t n_out) {
+  alignas(32) float out[8 * T];
+  for (int64_t n = r0; n < r1; ++n) {
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    const int64_t end = row_ptr[n + 1];
+    for (int64_t j = row_ptr[n]; j < end; ++j) {
+      const __m256 v = _mm256_broadcast_ss(values + j);
+      const float* row = xt + static_cast<int64_t>(cols[j]) * mp + m0;
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(row + 8 * t), acc[t]);
+    }
+    for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);
+    const float b = bias ? bias[n] : 0.0f;
+    for (int64_t m = 0; m < width; ++m) y[(m0 + m) * n_out + n] = out[m] + b;
+  }
+}
+
+template <typename Index>
+void SparseRows(const float* values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
+                const float* xt, int64_t m, int64_t mp, const float* bias, float* y, int64_t n_out) {
+  for (int64_t m0 = 0; m0 < m; m0 += 64) {
+    const int64_t width = std::min<int64_t>(64, m - m0);
+    const int64_t tiles = (width + 7) / 8;
+    switch (tiles) {
+      case 1: SparseRowsTile<1>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      case 2: SparseRowsTile<2>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      case 3: SparseRowsTile<3>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      case 4: SparseRowsTile<4>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      case 5: SparseRowsTile<5>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      case 6: SparseRowsTile<6>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      case 7: SparseRowsTile<7>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      default: SparseRowsTile<8>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+    }
+  }
+}
+
+// X (M x K, row-major) -> X^T (K x Mp), zero padding columns M .. Mp-1.
+void Transpose(const float* x, int64_t m, int64_t k, int64_t mp, float* xt) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t k0 = 0; k0 < k; k0 += kBlock) {
+    const int64_t k1 = std::min(k, k0 + kBlock);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* src = x + i * k;
+      for (int64_t c = k0; c < k1; ++c) xt[c * mp + i] = src[c];
+    }
+    for (int64_t c = k0; c < k1; ++c)
+      for (int64_t i = m; i < mp; ++i) xt[c * mp + i] = 0.0f;
+  }
+}
+
+template <typename Index>
+struct SparseMatMulKernel {
+  SparseMatMulKernel(const OrtApi*, const OrtKernelInfo* info) {
+    k_ = ReadIntAttribute(info, "SparseMatMul", "K", error_);
+    n_ = ReadIntAttribute(info, "SparseMatMul", "N", error_);
+    if (error_.empty() && (k_ <= 0 || n_ <= 0)) {
+      error_ = Message("SparseMatMul: attributes K = ", k_, " and N = ", n_, " must be positive");
+    }
+    cache_.SetConstant(IsConstantInput(info, 2) && IsConstantInput(info, 3));
+  }
+
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) { return InferMatMulShape(ctx).release(); }
+
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
+                      const Ort::Custom::Tensor<float>& values, const Ort::Custom::Tensor<Index>& cols,
+                      const Ort::Custom::Tensor<int32_t>& row_ptr,
+                      std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& y) {
+    try {
+      return Run(context, x, values, cols, row_ptr, bias, y);
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(Message("SparseMatMul: ", e.what()).c_str(), e.GetOrtErrorCode());
+    } catch (const std::exception& e) {
+      return Ort::Status(Message("SparseMatMul: ", e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+
+ private:
+  Ort::Status Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
+                  const Ort::Custom::Tensor<float>& values, const Ort::Custom::Tensor<Index>& cols,
+                  const Ort::Custom::Tensor<int32_t>& row_ptr, std::optional<const Ort::Custom::Tensor<float>*> bias,
+                  Ort::Custom::Tensor<float>& y) {
+    if (!error_.empty()) return Error(error_);
+    const std::vector<int64_t> x_shape = x.Shape();
+    if (x_shape.empty() || x_shape.back() != k_) {
+      return Error(Message("SparseMatMul: X has shape ", ShapeString(x_shape), ", its last dimension must be K = ", k_));
+    }
+    const std::vector<int64_t> v_shape = values.Shape(), c_shape = cols.Shape(), r_shape = row_ptr.Shape();
+    if (v_shape.size() != 1 || c_shape.size() != 1 || r_shape.size() != 1) {
+      return Error(Message("SparseMatMul: values ", ShapeString(v_shape), ", col_indices ", ShapeString(c_shape),
+                           " and row_ptr ", ShapeString(r_shape), " must be 1-D"));
+    }
+    const int64_t nnz = c_shape[0];
+    const int32_t* rp = row_ptr.Data();
+    const Index* ci = cols.Data();
+    const float* va = values.Data();
+    if (!cache_.Valid(ci, rp)) {
+      if (r_shape[0] != n_ + 1) {
+        return Error(Message("SparseMatMul: row_ptr has ", r_shape[0], " entries, expected N + 1 = ", n_ + 1));
+      }
+      Ort::Status status = ValidateCsr("SparseMatMul", rp, r_shape[0], ci, nnz, v_shape[0], n_, k_);
+      if (!status.IsOK()) return status;
+      cache_.Remember(ci, rp);
+    } else if (v_shape[0] != nnz) {
+      return Error(Message("SparseMatMul: values has ", v_shape[0], " entries but col_indices has ", nnz));
+    }
+    const float* b = nullptr;
+    if (bias.has_value() && *bias != nullptr) {
+      const std::vector<int64_t> b_shape = (*bias)->Shape();
+      if (NumElements(b_shape) != n_) {
+        return Error(Message("SparseMatMul: bias has shape ", ShapeString(b_shape), ", expected [", n_, "]"));
+      }
+      b = (*bias)->Data();
+    }
+    float* out = y.Allocate(OutputShape(x_shape, n_));
+    const int64_t m = NumElements(x_shape) / k_;
+    if (m == 0) return Ort::Status{nullptr};
+    const float* xd = x.Data();
+    const size_t tasks = TaskCount(static_cast<double>(nnz) * static_cast<double>(m) + n_ * 8.0, n_);
+    const std::vector<int64_t> splits = BalancedRowSplits(rp, n_, tasks);
+    if (m == 1) {
+      auto work = [&](size_t t) {
+        for (int64_t n = splits[t]; n < splits[t + 1]; ++n) {
+          out[n] = SparseDot(va, ci, rp[n], rp[n + 1], xd) + (b ? b[n] : 0.0f);
+        }
+      };
+      ParallelFor(context, tasks, work);
+      return Ort::Status{nullptr};
+    }
+    const int64_t mp = (m + 7) / 8 * 8;
+    std::unique_ptr<float[]> xt(new float[static_cast<size_t>(k_ * mp)]);
+    Transpose(xd, m, k_, mp, xt.get());
+    auto work = [&](size_t t) {
+      SparseRows(va, ci, rp, splits[t], splits[t + 1], xt.get(), m, mp, b, out, n_);
+    };
+    ParallelFor(context, tasks, work);
+    return Ort::Status{nullptr};
+  }
+
+  int64_t k_ = 0;
+  int64_t n_ = 0;
+  std::string error_;
+  ValidationCache cache_;
+};
+
+}  // namespace
+
+Ort::Status InferMatMulShape(Ort::ShapeInferContext& ctx) {
+  try {
+    const int64_t n = ctx.GetAttrInt("N");
+    Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
+    if (shape.empty()) return Error("onnxcompress: X must have at least one dimension");
+    shape.back() = Ort::ShapeInferContext::SymbolicInteger(n);
+    return ctx.SetOutputShape(0, shape);
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(e.what(), ORT_INVALID_ARGUMENT);
+  }
+}
+
+void AddSparseMatMul(Ort::CustomOpDomain& domain) {
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op_int32{
+      Ort::Custom::CreateLiteCustomOp<SparseMatMulKernel<int32_t>>("SparseMatMul", "CPUExecutionProvider")};
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op_uint16{
+      Ort::Custom::CreateLiteCustomOp<SparseMatMulKernel<uint16_t>>("SparseMatMul", "CPUExecutionProvider")};
+  domain.Add(op_int32.get());
+  domain.Add(op_uint16.get());
+}
+
+}  // namespace onnxcompress
