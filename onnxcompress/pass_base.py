@@ -42,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
-from onnxcompress.errors import QuantizedModelError, RecipeError
+from onnxcompress.errors import OnnxCompressError, QuantizedModelError, RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,15 @@ class CompressionPass(ir.passes.InPlacePass, abc.ABC):
                     f"{self.name} refuses an already quantized model (found {', '.join(ops)})"
                 )
 
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+        """onnx_ir wraps precondition failures; surface our own errors unwrapped."""
+        try:
+            return super().__call__(model_or_result)
+        except ir.passes.PreconditionError as error:
+            if isinstance(error.__cause__, OnnxCompressError):
+                raise error.__cause__ from None
+            raise
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.report = PassReport(self.name)
         modified = self.apply(model)
@@ -259,8 +268,9 @@ def describe(cls: type[CompressionPass]) -> list[tuple[str, str, str]]:
     """(field, type and default, description) for each config field of a pass."""
     rows = []
     for field_name, field in cls.Config.model_fields.items():
-        default = "required" if field.is_required() else repr(field.get_default())
-        annotation = getattr(field.annotation, "__name__", str(field.annotation))
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        annotation = str(field.annotation).replace("typing.", "")
+        annotation = getattr(field.annotation, "__name__", annotation) if "[" not in annotation else annotation
         rows.append((field_name, f"{annotation} = {default}", field.description or ""))
     return rows
 

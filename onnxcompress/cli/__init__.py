@@ -1,0 +1,43 @@
+"""The `onnxcompress` command: one typer app; each pass family adds its commands.
+
+Exit codes: 0 ok; 2 bad input or recipe (one `error: ...` line on stderr); 3 a fidelity gate
+failed (nothing written); 1 a bug (traceback kept).
+"""
+
+from __future__ import annotations
+
+__all__ = ["app", "main"]
+
+import importlib
+import logging
+import os
+
+import typer
+
+app = typer.Typer(
+    name="onnxcompress",
+    help="Make trained ONNX models smaller and faster: prune, factorize, share weights, sparsify.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+#: Command modules, each with `register(app)`. Missing optional families are simply absent.
+FAMILIES = ("core", "prune", "lowrank", "codebook", "sparse", "finetune")
+
+for _family in FAMILIES:
+    try:
+        _module = importlib.import_module(f"onnxcompress.cli.{_family}")
+    except ModuleNotFoundError as _error:
+        if _error.name != f"onnxcompress.cli.{_family}":
+            raise
+        continue
+    _module.register(app)
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("ONNXCOMPRESS_LOG", "WARNING").upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    app()

@@ -1,0 +1,137 @@
+"""What every command shares: one-line errors with exit codes, the gated run-and-save, tables.
+
+Each pass family registers its commands in its own module `onnxcompress/cli/<family>.py`
+with `register(app)`, and runs its pass through `compress_file`, so every command gets the
+same gates, atomic write, report and summary.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "console",
+    "guarded",
+    "default_output",
+    "compress_file",
+    "print_summary",
+    "DataOption",
+    "OutputOption",
+    "ReportOption",
+    "MinCosineOption",
+]
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from onnxcompress import io
+from onnxcompress.data import load_npz
+from onnxcompress.errors import OnnxCompressError, UserError
+from onnxcompress.fidelity import Gate
+from onnxcompress.pipeline import PipelineResult, Step, run_steps
+from onnxcompress.report import write_report
+
+console = Console(highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+OutputOption = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Output model (default: <stem>.compressed.onnx).")
+]
+DataOption = Annotated[
+    Path | None, typer.Option("--data", help=".npz keyed by input name (optional 'labels') for probes.")
+]
+ReportOption = Annotated[Path | None, typer.Option("--report", help="Write a .json or .md report.")]
+MinCosineOption = Annotated[
+    float, typer.Option("--min-cosine", min=-1.0, max=1.0, help="Fidelity gate: lowest output cosine allowed.")
+]
+
+
+def guarded(function: F) -> F:
+    """Turn our errors into one `error: ...` line on stderr and the error's exit code."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except OnnxCompressError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def default_output(model_path: Path) -> Path:
+    return model_path.with_name(f"{model_path.stem}.compressed.onnx")
+
+
+def _check_destinations(model_path: Path, output: Path, report: Path | None) -> None:
+    """Refuse bad destinations before any work is done."""
+    if output.resolve() == model_path.resolve():
+        raise UserError(f"{output}: refusing to overwrite the input model; choose another output")
+    if not output.resolve().parent.is_dir():
+        raise UserError(f"{output.parent}: output folder does not exist")
+    if report is not None and report.suffix not in (".json", ".md", ".markdown"):
+        raise UserError(f"{report}: report format must be .json or .md")
+
+
+def compress_file(
+    model_path: Path,
+    output: Path | None,
+    steps: Sequence[Step],
+    *,
+    data_path: Path | None = None,
+    report_path: Path | None = None,
+    probes: int = 8,
+    seed: int = 0,
+    quiet: bool = False,
+) -> PipelineResult:
+    """Load, run the gated steps, write the model (and report) atomically, print a summary."""
+    output = output or default_output(model_path)
+    _check_destinations(model_path, output, report_path)
+    model = io.load(model_path)
+    data = load_npz(data_path, model) if data_path else None
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+        console=console, transient=True, disable=quiet,
+    ) as progress:
+        task = progress.add_task("loading", total=len(steps))
+
+        def on_step(index: int, count: int, step: Step) -> None:
+            progress.update(task, completed=index, description=f"step {index + 1}/{count}: {step.pass_name}")
+
+        result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step)
+    io.save(result.model, output)
+    if report_path is not None:
+        write_report(result, report_path)
+    if not quiet:
+        print_summary(result, output)
+    return result
+
+
+def print_summary(result: PipelineResult, output: Path) -> None:
+    table = Table(title=f"onnxcompress → {output}")
+    for column in ("", "before", "after"):
+        table.add_column(column, justify="right")
+    for key, label in (
+        ("weight_params", "weight params"),
+        ("nonzero_weight_params", "non-zero weights"),
+        ("tensor_bytes", "tensor bytes"),
+    ):
+        table.add_row(label, f"{result.before[key]:,}", f"{result.after[key]:,}")
+    console.print(table)
+    for step in result.steps:
+        metrics = f" — {step.metrics}" if step.metrics else ""
+        console.print(f"{step.step.pass_name}: {step.status} in {step.seconds:.2f}s{metrics}")
+        for failure in step.failures:
+            console.print(f"  gate: {failure}")
+    logging.getLogger(__name__).debug("summary printed")
+
+
+def gate_for(min_cosine: float) -> Gate:
+    return Gate(min_cosine=min_cosine)

@@ -1,0 +1,108 @@
+"""Commands that are not one pass: inspect, optimize (recipes), passes, recipe schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from onnxcompress import io
+from onnxcompress.cli.common import (
+    DataOption,
+    OutputOption,
+    ReportOption,
+    compress_file,
+    console,
+    guarded,
+)
+from onnxcompress.pass_base import describe, get_pass, pass_names
+from onnxcompress.recipe import load_recipe, recipe_schema
+from onnxcompress.summary import layer_table, totals
+
+ModelArgument = Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)]
+
+
+@guarded
+def inspect(
+    model: ModelArgument,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Per-weight table: op, shape, params, sparsity, distinct values, bytes; and totals."""
+    loaded = io.load(model)
+    rows = layer_table(loaded)
+    summary = totals(rows)
+    if as_json:
+        typer.echo(json.dumps({"model": str(model), "layers": [r.to_dict() for r in rows], **summary}, indent=2))
+        return
+    table = Table(title=str(model))
+    for column, justify in (("name", "left"), ("op", "left"), ("shape", "left"), ("params", "right"),
+                            ("sparsity", "right"), ("distinct", "right"), ("bytes", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        distinct = f"{row.distinct:,}" if row.distinct_exact else f"≥{row.distinct:,}"
+        table.add_row(row.name, row.op, "×".join(map(str, row.shape)), f"{row.params:,}",
+                      f"{row.sparsity:.1%}", distinct, f"{row.bytes:,}")
+    table.add_section()
+    table.add_row("total", "", "", f"{summary['total_params']:,}", f"{summary['sparsity']:.1%}", "",
+                  f"{summary['total_bytes']:,}")
+    console.print(table)
+
+
+@guarded
+def optimize(
+    model: ModelArgument,
+    output: OutputOption = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="Built-in recipe name or a YAML file.")] = "default",
+    data: DataOption = None,
+    report: ReportOption = None,
+) -> None:
+    """Run a recipe of gated passes (default: the built-in 'default' recipe)."""
+    chosen = load_recipe(recipe)
+    compress_file(model, output, chosen.steps, data_path=data, report_path=report,
+                  probes=chosen.probes, seed=chosen.seed)
+
+
+@guarded
+def passes(
+    describe_name: Annotated[str | None, typer.Option("--describe", help="Show one pass's options.")] = None,
+) -> None:
+    """List the registered passes, or describe one pass's options."""
+    if describe_name is None:
+        for name in pass_names():
+            console.print(f"{name:24} {get_pass(name).summary}", soft_wrap=True)
+        return
+    cls = get_pass(describe_name)
+    console.print(f"{cls.name}: {cls.summary}", soft_wrap=True)
+    table = Table()
+    for column in ("option", "type = default", "description"):
+        table.add_column(column)
+    for row in describe(cls):
+        table.add_row(*row)
+    console.print(table)
+
+
+recipe_app = typer.Typer(help="Recipes: YAML lists of gated passes.", no_args_is_help=True)
+
+
+@recipe_app.command("schema")
+@guarded
+def schema() -> None:
+    """Print the JSON Schema that recipes are validated against."""
+    typer.echo(json.dumps(recipe_schema(), indent=2))
+
+
+@recipe_app.command("show")
+@guarded
+def show(name: Annotated[str, typer.Argument(help="Built-in recipe name or YAML file.")]) -> None:
+    """Print a recipe after validation, as the engine will run it."""
+    typer.echo(json.dumps(load_recipe(name).model_dump(by_alias=True), indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(inspect)
+    app.command()(optimize)
+    app.command()(passes)
+    app.add_typer(recipe_app, name="recipe")

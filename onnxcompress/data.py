@@ -1,0 +1,62 @@
+"""Calibration and training data: `.npz` files keyed by graph input name, plus optional `labels`.
+
+The first axis of every array is the sample axis. Problems are reported all at once
+(missing inputs, unknown keys, wrong ranks or sample counts), each with how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LABELS", "load_npz", "validate_data", "model_inputs"]
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.errors import DataError
+
+LABELS = "labels"
+
+
+def model_inputs(model: ir.Model) -> list[ir.Value]:
+    """Graph inputs fed at run time (initializers that are also inputs are excluded)."""
+    return [value for value in model.graph.inputs if value.const_value is None]
+
+
+def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check `data` against the model's inputs; raise one DataError listing every problem."""
+    problems = []
+    inputs = {value.name: value for value in model_inputs(model)}
+    missing = sorted(set(inputs) - set(data))
+    if missing:
+        problems.append(f"missing arrays for inputs {missing}")
+    unknown = sorted(set(data) - set(inputs) - {LABELS})
+    if unknown:
+        problems.append(f"arrays {unknown} match no graph input (inputs: {sorted(inputs)})")
+    counts = {name: array.shape[0] if array.ndim else 0 for name, array in data.items()}
+    if len(set(counts.values())) > 1:
+        problems.append(f"arrays disagree on the sample count (first axis): {counts}")
+    for name, value in inputs.items():
+        if name in data and value.shape is not None and data[name].ndim != len(value.shape):
+            problems.append(
+                f"{name!r} has rank {data[name].ndim}, the model expects {len(value.shape)} "
+                f"(shape {list(value.shape)})"
+            )
+    if problems:
+        raise DataError("data does not fit the model: " + "; ".join(problems))
+    return data
+
+
+def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndarray]:
+    """Load and validate an .npz of named arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            data = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: not a readable .npz file ({error})") from None
+    return validate_data(model, data)

@@ -1,0 +1,171 @@
+"""Safe model I/O on onnx_ir: refuse what is broken or unsafe, write atomically.
+
+Loading never reads weights: external data stays memory-mapped until a pass touches it
+(DESIGN.md: ~2 ms for 100 M parameters against ~0.3 s for `onnx.load`). Every external
+location is checked first; one that escapes the model's folder (absolute, `..`, a symlink
+pointing out) is refused, because a crafted model could otherwise read any file.
+
+Saving writes into a hidden temporary folder beside the destination, then `os.replace`s the
+files into place: a crash leaves the old file or the new one, never half of one. It refuses
+to write over the input or over an external-data file the loaded model still maps.
+"""
+
+from __future__ import annotations
+
+__all__ = ["load", "save", "iter_graphs", "iter_tensors", "minimum_ir_version", "EXTERNAL_DATA_THRESHOLD"]
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError, UserError
+
+logger = logging.getLogger(__name__)
+
+#: Above this many bytes of tensors, weights go to an external-data file (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+SOURCE_KEY = "onnxcompress.source"
+
+
+def iter_graphs(graph: ir.Graph | ir.Function) -> Iterator[ir.Graph | ir.Function]:
+    """The graph and every subgraph (If/Loop/Scan bodies) nested in it."""
+    yield graph
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from iter_graphs(attr.as_graph())
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for subgraph in attr.as_graphs():
+                    yield from iter_graphs(subgraph)
+
+
+def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every constant tensor: initializers and Constant/attribute tensors, in all graphs."""
+    roots: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for root in roots:
+        for graph in iter_graphs(root):
+            if isinstance(graph, ir.Graph):
+                for value in graph.initializers.values():
+                    if value.const_value is not None:
+                        yield value.const_value
+            for node in graph:
+                for attr in node.attributes.values():
+                    if attr.type == ir.AttributeType.TENSOR:
+                        yield attr.as_tensor()
+                    elif attr.type == ir.AttributeType.TENSORS:
+                        yield from attr.as_tensors()
+
+
+def _check_external_data(model: ir.Model, folder: Path) -> None:
+    """Refuse external locations outside `folder`, missing files and out-of-range extents."""
+    root = folder.resolve()
+    for tensor in iter_tensors(model):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = str(tensor.location)
+        where = f"tensor {tensor.name!r}: external data location {location!r}"
+        if os.path.isabs(location) or Path(location).is_absolute():
+            raise UnsafeExternalDataError(f"{where} is absolute; it must be relative to the model's folder")
+        if ".." in Path(location).parts:
+            raise UnsafeExternalDataError(f"{where} climbs out of the model's folder ('..')")
+        resolved = (root / location).resolve()
+        if not resolved.is_relative_to(root):
+            raise UnsafeExternalDataError(f"{where} resolves outside the model's folder (to {resolved})")
+        if not resolved.is_file():
+            raise ModelLoadError(f"{where} does not exist next to the model")
+        end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
+        if end > resolved.stat().st_size:
+            raise ModelLoadError(f"{where} is truncated (needs {end} bytes, file has {resolved.stat().st_size})")
+
+
+def load(path: str | os.PathLike[str]) -> ir.Model:
+    """Load an ONNX model lazily; raise one clear `ModelLoadError` for anything unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: the file is empty")
+    try:
+        model = ir.load(path, format="protobuf")
+    except Exception as error:  # protobuf raises several unrelated types on garbage
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelLoadError(f"{path}: not an ONNX model ({detail})") from None
+    if len(model.graph.outputs) == 0:
+        raise ModelLoadError(f"{path}: not an ONNX model with a graph (no graph outputs)")
+    _check_external_data(model, path.parent)
+    model.meta[SOURCE_KEY] = str(path.resolve())
+    return model
+
+
+def minimum_ir_version(model: ir.Model) -> int:
+    """The lowest IR version the model's opsets and features allow.
+
+    onnx 1.23 stamps IR 14, which onnxruntime 1.31 rejects; IR 10 covers opset 21.
+    """
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    versions = [ir_v for _, ir_v, ops, *_ in onnx.helper.VERSION_TABLE if ops >= opset]
+    version = min(versions) if versions else onnx.IR_VERSION
+    if model.functions:
+        version = max(version, 8)  # model-local functions
+    for tensor in iter_tensors(model):
+        if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+            version = max(version, 10)
+        elif "FLOAT8" in tensor.dtype.name:
+            version = max(version, 9)
+    return version
+
+
+def _mapped_files(model: ir.Model) -> set[Path]:
+    return {
+        Path(tensor.path).resolve()
+        for tensor in iter_tensors(model)
+        if isinstance(tensor, ir.ExternalTensor)
+    }
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(tensor.nbytes for tensor in iter_tensors(model))
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Write `model` atomically; return the path written.
+
+    `external_data=None` chooses external data only above `EXTERNAL_DATA_THRESHOLD` bytes;
+    the data file is `<name>.data` beside the model.
+    """
+    path = Path(path).resolve()
+    source = model.meta.get(SOURCE_KEY)
+    if source is not None and Path(source) == path:
+        raise UserError(f"{path}: refusing to overwrite the input model; choose another output")
+    mapped = _mapped_files(model)
+    data_name = path.name + ".data"
+    if path in mapped or path.parent / data_name in mapped:
+        raise UserError(f"{path}: refusing to overwrite a file the loaded model still reads")
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent}: output folder does not exist")
+    use_external = external_data if external_data is not None else _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    model.ir_version = minimum_ir_version(model)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnxcompress-") as tmp:
+        staged = Path(tmp) / path.name
+        if use_external:
+            ir.save(model, staged, external_data=data_name, size_threshold_bytes=1024)
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        else:
+            if mapped:
+                ir.external_data.load_to_model(model)  # embed: the file must stand alone
+            ir.save(model, staged)
+        os.replace(staged, path)
+    logger.info("wrote %s", path)
+    return path

@@ -1,0 +1,175 @@
+"""Run compression steps, each behind gates, against the ORIGINAL model's outputs.
+
+For every step: snapshot (a cheap clone; tensors are shared, never mutated), run the
+pass, then gate the result: the onnx checker, an onnxruntime session (our kernels
+registered), and fidelity on probe inputs against the reference outputs computed once on
+the model as loaded. A failed gate either stops the run (`on_fail: stop`, the default:
+`FidelityGateError`, nothing is written) or restores the snapshot and goes on
+(`on_fail: rollback`). Nothing here writes files; callers save only a model that passed.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Step", "StepResult", "PipelineResult", "run_steps", "model_summary"]
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pydantic
+
+from onnxcompress import fidelity
+from onnxcompress.errors import FidelityGateError
+from onnxcompress.io import iter_tensors, minimum_ir_version
+from onnxcompress.pass_base import PassContext, PassReport, get_pass, make_config
+from onnxcompress.sites import find_weight_sites
+
+logger = logging.getLogger(__name__)
+
+
+class Step(pydantic.BaseModel):
+    """One pass with its options and the gate its result must pass."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    pass_name: str = pydantic.Field(alias="pass", description="Registered pass name, e.g. prune.magnitude.")
+    options: dict[str, Any] = pydantic.Field(default_factory=dict, description="The pass's config.")
+    gate: fidelity.Gate = pydantic.Field(default_factory=fidelity.Gate, description="Fidelity thresholds.")
+    on_fail: Literal["stop", "rollback"] = pydantic.Field(
+        "stop", description="stop: fail with nothing written; rollback: undo this step and continue."
+    )
+
+
+@dataclasses.dataclass
+class StepResult:
+    step: Step
+    status: Literal["applied", "unchanged", "rolled back"]
+    report: PassReport
+    metrics: fidelity.Metrics | None
+    seconds: float
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.step.pass_name,
+            "options": self.step.options,
+            "status": self.status,
+            "seconds": round(self.seconds, 4),
+            "metrics": self.metrics.to_dict() if self.metrics else None,
+            "gate": self.step.gate.model_dump(),
+            "failures": self.failures,
+            **self.report.to_dict(),
+        }
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    model: ir.Model
+    steps: list[StepResult]
+    before: dict[str, int]
+    after: dict[str, int]
+    final_metrics: fidelity.Metrics | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": self.before,
+            "after": self.after,
+            "fidelity": self.final_metrics.to_dict() if self.final_metrics else None,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+
+def model_summary(model: ir.Model) -> dict[str, int]:
+    """Weight parameters, the non-zero ones, and bytes of all constant tensors."""
+    params = nonzero = 0
+    for site in find_weight_sites(model, min_params=0).sites:
+        array = site.array()
+        params += array.size
+        nonzero += int(np.count_nonzero(array))
+    tensor_bytes = sum(int(t.nbytes) for t in iter_tensors(model))
+    return {"weight_params": params, "nonzero_weight_params": nonzero, "tensor_bytes": tensor_bytes}
+
+
+def validate(model: ir.Model, probes: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Checker, then an onnxruntime session, then outputs on the probes. Raises on failure."""
+    model.ir_version = minimum_ir_version(model)
+    proto = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        raise _Invalid(f"onnx checker: {str(error).splitlines()[0]}") from None
+    try:
+        return fidelity.run_model(proto.SerializeToString(), probes)
+    except Exception as error:  # onnxruntime raises its own untyped errors
+        raise _Invalid(f"onnxruntime: {str(error).splitlines()[0]}") from None
+
+
+class _Invalid(Exception):
+    """The step produced a model that does not check or does not run."""
+
+
+ProgressCallback = Callable[[int, int, Step], None]
+
+
+def run_steps(
+    model: ir.Model,
+    steps: Sequence[Step],
+    *,
+    data: Mapping[str, np.ndarray] | None = None,
+    probe_count: int = 8,
+    seed: int = 0,
+    on_step: ProgressCallback | None = None,
+) -> PipelineResult:
+    """Apply `steps` to a copy of `model`, each gated; return the result and its account.
+
+    Every pass and option is validated before any work starts. `model` itself is untouched.
+    """
+    passes = [get_pass(step.pass_name)(make_config(get_pass(step.pass_name).Config, step.options)) for step in steps]
+    original = model
+    model = _clone(original)
+    probes = fidelity.probe_inputs(model, count=probe_count, seed=seed, data=data)
+    reference = fidelity.run_model(ir.to_proto(original).SerializeToString(), probes)
+    before = model_summary(model)
+    results: list[StepResult] = []
+    metrics: fidelity.Metrics | None = fidelity.compare(reference, reference)
+    for index, (step, compression_pass) in enumerate(zip(steps, passes, strict=True)):
+        if on_step is not None:
+            on_step(index, len(steps), step)
+        compression_pass.context = PassContext(data=data, original=original, seed=seed)
+        snapshot = _clone(model)
+        started = time.perf_counter()
+        modified = compression_pass(model).modified
+        failures: list[str] = []
+        step_metrics: fidelity.Metrics | None = None
+        if modified:
+            try:
+                step_metrics = fidelity.compare(reference, validate(model, probes))
+                failures = step.gate.failures(step_metrics)
+            except _Invalid as error:
+                failures = [f"invalid model: {error}"]
+        elapsed = time.perf_counter() - started
+        status: Literal["applied", "unchanged", "rolled back"] = "applied" if modified else "unchanged"
+        if failures:
+            message = f"step {index + 1} ({step.pass_name}) failed its gate: {'; '.join(failures)}"
+            if step.on_fail == "stop":
+                raise FidelityGateError(message + "; nothing was written")
+            logger.warning("%s; rolled back", message)
+            model = snapshot
+            status = "rolled back"
+        elif step_metrics is not None:
+            metrics = step_metrics
+        results.append(StepResult(step, status, compression_pass.report, step_metrics, elapsed, failures))
+        logger.info("%s: %s in %.2fs (%s)", step.pass_name, status, elapsed, step_metrics)
+    return PipelineResult(model, results, before, model_summary(model), metrics)
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    """A structural copy sharing tensors (passes swap tensors, never mutate them)."""
+    copy = model.clone()
+    copy.meta.update(model.meta)
+    return copy

@@ -1,0 +1,114 @@
+"""Recipes: YAML lists of gated steps, validated against each pass's config before any work.
+
+    name: default
+    description: what it is for
+    seed: 0
+    probes: 8               # probe samples for the fidelity gates
+    steps:
+      - pass: prune.magnitude
+        options: {sparsity: 0.5}
+        gate: {min_cosine: 0.99}
+        on_fail: rollback   # or stop (default): fail with nothing written
+
+Built-in recipes ship in `onnxcompress/recipes/` and are named without `.yaml`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Recipe", "load_recipe", "builtin_recipes", "recipe_schema"]
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import pydantic
+import yaml
+
+from onnxcompress.errors import RecipeError
+from onnxcompress.fidelity import Gate
+from onnxcompress.pass_base import get_pass, make_config, pass_names
+from onnxcompress.pipeline import Step
+
+
+class Recipe(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str = pydantic.Field("custom", description="Short name shown in reports.")
+    description: str = pydantic.Field("", description="What the recipe is for.")
+    seed: int = pydantic.Field(0, description="Seed for probes and every randomised pass.")
+    probes: int = pydantic.Field(8, ge=1, le=4096, description="Probe samples for fidelity gates.")
+    steps: list[Step] = pydantic.Field(min_length=1, description="Passes in order, each gated.")
+
+    @pydantic.model_validator(mode="after")
+    def _steps_known(self) -> Recipe:
+        for index, step in enumerate(self.steps, start=1):
+            try:
+                make_config(get_pass(step.pass_name).Config, step.options)
+            except RecipeError as error:
+                raise ValueError(f"step {index} ({step.pass_name}): {error}") from None
+        return self
+
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = resources.files("onnxcompress") / "recipes"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def parse_recipe(text: str, origin: str) -> Recipe:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{origin}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping with a 'steps' list")
+    try:
+        return Recipe.model_validate(raw)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
+        )
+        raise RecipeError(f"{origin}: {problems}") from None
+
+
+def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
+    """A built-in recipe by name, or a YAML file by path."""
+    builtins = builtin_recipes()
+    if str(name_or_path) in builtins:
+        path = builtins[str(name_or_path)]
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise RecipeError(
+                f"{name_or_path}: no such recipe file or built-in recipe (built-in: {', '.join(sorted(builtins))})"
+            )
+    return parse_recipe(path.read_text(), str(name_or_path))
+
+
+def recipe_schema() -> dict[str, Any]:
+    """JSON Schema of a recipe, with each step's options typed by its pass's config."""
+    variants = []
+    for name in pass_names():
+        step = pydantic.create_model(
+            f"Step_{name.replace('.', '_')}",
+            __config__=pydantic.ConfigDict(extra="forbid"),
+            **{
+                "pass": (Literal[name], ...),  # type: ignore[valid-type]
+                "options": (get_pass(name).Config, pydantic.Field(default_factory=dict)),
+                "gate": (Gate, pydantic.Field(default_factory=Gate)),
+                "on_fail": (Literal["stop", "rollback"], "stop"),
+            },
+        )
+        variants.append(step)
+    step_union = Union[tuple(variants)]  # type: ignore[valid-type]  # noqa: UP007  (built at run time)
+    document = pydantic.create_model(
+        "Recipe",
+        __config__=pydantic.ConfigDict(extra="forbid"),
+        name=(str, "custom"),
+        description=(str, ""),
+        seed=(int, 0),
+        probes=(int, 8),
+        steps=(list[step_union], ...),  # type: ignore[valid-type]
+    )
+    return document.model_json_schema()

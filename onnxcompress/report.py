@@ -1,0 +1,67 @@
+"""Reports of a pipeline run: JSON for machines, Markdown for people (chosen by extension)."""
+
+from __future__ import annotations
+
+__all__ = ["write_report", "markdown"]
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from onnxcompress.errors import UserError
+from onnxcompress.pipeline import PipelineResult
+
+
+def _ratio(before: int, after: int) -> str:
+    return f"{before / after:.2f}×" if after else "∞"
+
+
+def markdown(result: PipelineResult, title: str = "onnxcompress report") -> str:
+    b, a = result.before, result.after
+    lines = [
+        f"# {title}",
+        "",
+        "| | before | after | ratio |",
+        "|---|---:|---:|---:|",
+        f"| weight params | {b['weight_params']:,} | {a['weight_params']:,} | {_ratio(b['weight_params'], a['weight_params'])} |",
+        f"| non-zero weights | {b['nonzero_weight_params']:,} | {a['nonzero_weight_params']:,} | {_ratio(b['nonzero_weight_params'], a['nonzero_weight_params'])} |",
+        f"| tensor bytes | {b['tensor_bytes']:,} | {a['tensor_bytes']:,} | {_ratio(b['tensor_bytes'], a['tensor_bytes'])} |",
+        "",
+        f"Final fidelity: {result.final_metrics}",
+        "",
+    ]
+    for index, step in enumerate(result.steps, start=1):
+        lines += [f"## Step {index}: {step.step.pass_name} — {step.status} ({step.seconds:.2f} s)", ""]
+        if step.metrics:
+            lines += [f"Fidelity: {step.metrics}", ""]
+        if step.failures:
+            lines += [f"Gate failures: {'; '.join(step.failures)}", ""]
+        if step.report.changes:
+            lines += ["| layer | op | params before | after | bytes before | after | detail |", "|---|---|---:|---:|---:|---:|---|"]
+            lines += [
+                f"| {c.name} | {c.op} | {c.params_before:,} | {c.params_after:,} | {c.bytes_before:,} | {c.bytes_after:,} | {c.detail} |"
+                for c in step.report.changes
+            ]
+            lines.append("")
+        if step.report.skipped:
+            lines += ["Skipped:", ""] + [f"- `{s.name}`: {s.reason}" for s in step.report.skipped] + [""]
+    return "\n".join(lines)
+
+
+def write_report(result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+    """Write `.json` or `.md` atomically."""
+    path = Path(path)
+    if path.suffix == ".json":
+        text = json.dumps({**result.to_dict(), **(extra or {})}, indent=2, default=str)
+    elif path.suffix in (".md", ".markdown"):
+        text = markdown(result)
+    else:
+        raise UserError(f"{path}: report format must be .json or .md")
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent}: report folder does not exist")
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+    return path
