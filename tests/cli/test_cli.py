@@ -1,0 +1,126 @@
+"""The command line as a user meets it: outputs, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from typer.testing import CliRunner
+
+from onnxcompress import runtime
+from onnxcompress.cli import app
+from tests.builders import mlp_proto, mlp_reference, save_proto
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model_path(rng, tmp_path):
+    return save_proto(mlp_proto(rng, (16, 64, 64, 10)), tmp_path / "mlp.onnx")
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_inspect_json_lists_layers_and_totals(model_path):
+    result = invoke("inspect", model_path, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [layer["name"] for layer in report["layers"]] == ["fc0.weight", "fc1.weight", "head.weight"]
+    assert report["layers"][0]["shape"] == [16, 64]
+    assert report["total_params"] == 16 * 64 + 64 * 64 + 64 * 10
+    assert all(layer["sparsity"] == 0.0 for layer in report["layers"])
+
+
+def test_prune_writes_the_default_output_and_leaves_the_input(model_path, tmp_path):
+    before = open(model_path, "rb").read()
+    result = invoke("prune", model_path, "--sparsity", "0.75")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "mlp.compressed.onnx"
+    assert open(model_path, "rb").read() == before
+    report = json.loads(invoke("inspect", out, "--json").stdout)
+    assert report["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    proto = onnx.load(str(out))
+    x = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
+    (got,) = runtime.session(str(out)).run(None, {"x": x})
+    np.testing.assert_allclose(got, mlp_reference(proto, x), rtol=1e-5, atol=1e-5)
+
+
+def test_same_command_gives_the_same_bytes(model_path, tmp_path):
+    for name in ("a.onnx", "b.onnx"):
+        assert invoke("optimize", model_path, "-o", tmp_path / name).exit_code == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_optimize_with_recipe_data_and_report(model_path, tmp_path, rng):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "steps:\n  - pass: prune.magnitude\n    options: {sparsity: 0.3, scope: global}\n    gate: {min_cosine: 0.9}\n"
+    )
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((20, 16)).astype(np.float32))
+    result = invoke("optimize", model_path, "-o", tmp_path / "o.onnx", "--recipe", recipe, "--data", data,
+                    "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["steps"][0]["status"] == "applied"
+    assert report["steps"][0]["metrics"]["cosine"] >= 0.9
+
+
+def test_failed_gate_exits_3_and_writes_nothing(model_path, tmp_path):
+    result = invoke("prune", model_path, "-o", tmp_path / "o.onnx", "--sparsity", "0.99", "--min-cosine", "0.999")
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: step 1 (prune.magnitude) failed its gate")
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["inspect", "missing.onnx"], "no such file"),
+        (["prune", "{model}", "--sparsity", "0.5", "-o", "{model}"], "refusing to overwrite the input"),
+        (["prune", "{model}"], "exactly one of sparsity or quality"),
+        (["optimize", "{model}", "--recipe", "nope"], "no such recipe file or built-in recipe"),
+        (["optimize", "{model}", "--data", "{tmp}/x.npz"], "no such data file"),
+        (["prune", "{model}", "--sparsity", "0.5", "-o", "{tmp}/nodir/x.onnx"], "output folder does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(model_path, tmp_path, args, message):
+    filled = [a.format(model=model_path, tmp=tmp_path) for a in args]
+    result = invoke(*filled)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_corrupt_model_and_quantized_model(tmp_path, model_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01\x02 not onnx")
+    result = invoke("prune", garbage, "--sparsity", "0.5")
+    assert result.exit_code == 2 and "not an ONNX model" in result.stderr
+
+    model = ir.load(model_path)
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    scale = ir.Value(name="s", const_value=ir.tensor(np.float32(0.1)))
+    model.graph.register_initializer(scale)
+    quant = ir.node("QuantizeLinear", [relu.outputs[0], scale])
+    model.graph.insert_after(relu, [quant, ir.node("DequantizeLinear", [quant.outputs[0], scale])])
+    ir.save(model, tmp_path / "q.onnx")
+    result = invoke("prune", tmp_path / "q.onnx", "--sparsity", "0.5")
+    assert result.exit_code == 2
+    assert "refuses an already quantized model (found DequantizeLinear, QuantizeLinear)" in result.stderr
+
+
+def test_passes_and_recipe_schema():
+    listing = invoke("passes")
+    assert "prune.magnitude" in listing.stdout
+    described = invoke("passes", "--describe", "prune.magnitude")
+    assert "quality" in described.stdout and "std" in described.stdout
+    schema = json.loads(invoke("recipe", "schema").stdout)
+    assert "steps" in schema["properties"]
+    assert "prune.magnitude" in json.dumps(schema)

@@ -1,0 +1,101 @@
+"""The gated pipeline: broken steps are caught, nothing is written, rollback goes on."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxcompress import fidelity
+from onnxcompress.errors import FidelityGateError, QuantizedModelError, RecipeError
+from onnxcompress.pass_base import CompressionPass, register
+from onnxcompress.pipeline import Step, run_steps
+from onnxcompress.recipe import parse_recipe
+from onnxcompress.sites import find_weight_sites
+from tests.builders import mlp
+
+
+@register
+class ScrambleWeightsPass(CompressionPass):
+    """Deliberately broken: replaces every weight with noise (runs, but is wrong)."""
+
+    name = "test.scramble"
+
+    def apply(self, model: ir.Model) -> bool:
+        rng = np.random.default_rng(1)
+        for site in find_weight_sites(model, min_params=0).sites:
+            site.replace(rng.standard_normal(site.shape).astype(np.float32))
+        return True
+
+
+@register
+class DropNodePass(CompressionPass):
+    """Deliberately broken: removes a node, leaving a dangling value (invalid model)."""
+
+    name = "test.drop_node"
+
+    def apply(self, model: ir.Model) -> bool:
+        node = next(n for n in model.graph if n.op_type == "Relu")
+        model.graph.remove(node, safe=False)
+        return True
+
+
+def test_a_wrong_step_fails_its_gate(rng):
+    model = mlp(rng)
+    with pytest.raises(FidelityGateError, match=r"step 1 \(test.scramble\) failed its gate: cosine"):
+        run_steps(model, [Step(pass_name="test.scramble")])
+
+
+def test_an_invalid_model_fails_its_gate(rng):
+    with pytest.raises(FidelityGateError, match="invalid model"):
+        run_steps(mlp(rng), [Step(pass_name="test.drop_node")])
+
+
+def test_rollback_restores_the_step_and_continues(rng):
+    model = mlp(rng)
+    steps = [
+        Step(pass_name="test.scramble", on_fail="rollback"),
+        Step(pass_name="prune.magnitude", options={"sparsity": 0.25}, gate={"min_cosine": 0.9}),
+    ]
+    result = run_steps(model, steps)
+    assert [s.status for s in result.steps] == ["rolled back", "applied"]
+    assert result.final_metrics.cosine > 0.9
+    # The input model is never modified.
+    assert np.count_nonzero(model.graph.initializers["fc0.weight"].const_value.numpy()) == 16 * 32
+
+
+def test_reference_is_the_original_model(rng):
+    """Two 30% steps are compared with the original, not with each other."""
+    model = mlp(rng)
+    probes = fidelity.probe_inputs(model, count=8)
+    reference = fidelity.run_model(ir.to_proto(model).SerializeToString(), probes)
+    steps = [Step(pass_name="prune.magnitude", options={"sparsity": s}, gate={"min_cosine": 0.0}) for s in (0.3, 0.6)]
+    result = run_steps(model, steps)
+    final = fidelity.run_model(ir.to_proto(result.model).SerializeToString(), probes)
+    assert result.steps[-1].metrics == fidelity.compare(reference, final)
+
+
+def test_unknown_pass_and_bad_options_fail_before_any_work(rng):
+    with pytest.raises(RecipeError, match="unknown pass 'prune.nope'"):
+        run_steps(mlp(rng), [Step(pass_name="prune.nope")])
+    with pytest.raises(RecipeError, match="sparsity: Input should be less than 1"):
+        run_steps(mlp(rng), [Step(pass_name="prune.magnitude", options={"sparsity": 1.5})])
+
+
+def test_recipe_rejects_unknown_keys_by_name():
+    with pytest.raises(RecipeError, match=r"steps.0.sparsity: Extra inputs are not permitted"):
+        parse_recipe("steps:\n  - pass: prune.magnitude\n    sparsity: 0.5\n", "r.yaml")
+    with pytest.raises(RecipeError, match=r"step 1 \(prune.magnitude\).*spasity"):
+        parse_recipe("steps:\n  - pass: prune.magnitude\n    options: {spasity: 0.5}\n", "r.yaml")
+
+
+def test_quantized_models_are_refused_by_lossy_passes(rng):
+    model = mlp(rng)
+    node = next(n for n in model.graph if n.op_type == "Relu")
+    scale = ir.Value(name="s", const_value=ir.tensor(np.float32(0.1)))
+    model.graph.register_initializer(scale)
+    quant = ir.node("QuantizeLinear", [node.outputs[0], scale])
+    dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale])
+    model.graph.insert_after(node, [quant, dequant])
+    with pytest.raises(QuantizedModelError, match="DequantizeLinear, QuantizeLinear"):
+        run_steps(model, [Step(pass_name="prune.magnitude", options={"sparsity": 0.5})])

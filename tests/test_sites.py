@@ -1,0 +1,121 @@
+"""Weight sites: found wherever real exported models keep them, with the right axes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.sites import find_weight_sites
+from tests.builders import finish, mlp
+
+
+def test_initializers_of_an_mlp_with_axes(rng):
+    scan = find_weight_sites(mlp(rng))
+    sites = scan.by_name()
+    assert sorted(sites) == ["fc0.weight", "fc1.weight", "head.weight"]
+    assert (sites["fc0.weight"].in_axis, sites["fc0.weight"].out_axis) == (-2, -1)
+    # Gemm with transB=1 stores [out, in].
+    assert (sites["head.weight"].in_axis, sites["head.weight"].out_axis) == (1, 0)
+    assert sites["fc0.weight"].holder == "initializer"
+
+
+def _branch(name: str, weight: np.ndarray) -> ir.Graph:
+    return helper.make_graph(
+        [
+            helper.make_node("Constant", [], [f"{name}_w"], value=numpy_helper.from_array(weight, f"{name}_w")),
+            helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"]),
+        ],
+        name,
+        [],
+        [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 8])],
+    )
+
+
+def test_constant_nodes_and_if_branches(rng):
+    conv_w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["conv_w"], value=numpy_helper.from_array(conv_w, "conv_w")),
+            helper.make_node("Conv", ["img", "conv_w"], ["feat"]),
+            helper.make_node(
+                "If",
+                ["cond"],
+                ["y"],
+                then_branch=_branch("then", rng.standard_normal((8, 8)).astype(np.float32)),
+                else_branch=_branch("else", rng.standard_normal((8, 8)).astype(np.float32)),
+            ),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info("feat", TensorProto.FLOAT, [1, 4, 6, 6]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8]),
+        ],
+    )
+    model = ir.from_proto(finish(graph))
+    sites = find_weight_sites(model).by_name()
+    assert sorted(sites) == ["conv_w", "else_w", "then_w"]
+    assert sites["conv_w"].holder == "constant"
+    assert (sites["conv_w"].out_axis, sites["conv_w"].in_axis) == (0, 1)
+    # Replacing a Constant-held weight rewrites the node's attribute.
+    sites["then_w"].replace(np.zeros((8, 8), np.float32))
+    node = sites["then_w"].value.producer()
+    assert not node.attributes["value"].as_tensor().numpy().any()
+
+
+def test_shared_weight_is_one_site_with_two_consumers(rng):
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "shared")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "shared"], ["h"]), helper.make_node("MatMul", ["h", "shared"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [w],
+    )
+    (site,) = find_weight_sites(ir.from_proto(finish(graph))).sites
+    assert len(site.consumers) == 2
+
+
+def test_skips_are_recorded_with_reasons(rng):
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "fed"], ["h"]),
+            helper.make_node("MatMul", ["h", "tiny"], ["h2"]),
+            helper.make_node("MatMul", ["h2", "stft_basis"], ["y"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("fed", TensorProto.FLOAT, [4, 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [
+            numpy_helper.from_array(np.ones((4, 2), np.float32), "tiny"),
+            numpy_helper.from_array(np.ones((2, 64), np.float32), "stft_basis"),
+        ],
+    )
+    scan = find_weight_sites(ir.from_proto(finish(graph)), min_params=16, exclude=["stft_*"])
+    reasons = {skip.name: skip.reason for skip in scan.skipped}
+    assert scan.sites == []
+    assert reasons["fed"].startswith("graph input")
+    assert reasons["tiny"] == "too small (8 < min_params=16)"
+    assert reasons["stft_basis"] == "excluded by name"
+
+
+def test_embedding_gather_is_a_site_but_index_gather_is_not(rng):
+    table = numpy_helper.from_array(rng.standard_normal((50, 8)).astype(np.float32), "embed")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed", "ids"], ["e"]), helper.make_node("Gather", ["e", "pos"], ["y"], axis=1)],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        [table, numpy_helper.from_array(np.array(0, np.int64), "pos")],
+    )
+    sites = find_weight_sites(ir.from_proto(finish(graph))).by_name()
+    assert list(sites) == ["embed"]
+    assert sites["embed"].op_type == "Gather"
