@@ -50,7 +50,7 @@ def test_output_runs_in_onnxruntime_and_matches_numpy(rng):
 def test_global_scope_hits_the_total_and_prunes_unevenly(rng):
     model = mlp(rng, SIZES)
     model.graph.initializers["fc1.weight"].const_value = ir.tensor(
-        model.graph.initializers["fc1.weight"].const_value.numpy() * 0.01, name="fc1.weight"
+        model.graph.initializers["fc1.weight"].const_value.numpy() * 1e-4, name="fc1.weight"
     )
     MagnitudePrunePass(sparsity=0.5, scope="global", min_params=0)(model)
     sizes = {n: model.graph.initializers[n].const_value.size for n in ("fc0.weight", "fc1.weight", "head.weight")}
