@@ -6,10 +6,11 @@
 // Exact: the same products as dense MatMul, summed in a different order (fp32 rounding only).
 //
 // Paths:
-//  * batch 1 (M == 1): per output row, a gathered dot product (AVX2 gathers of x[col]); the
-//    kernel streams 6 bytes per non-zero (uint16 columns) against 4 bytes per weight dense.
+//  * batch 1 (M == 1): per output row, a dot product whose x[col] operands are scalar loads
+//    packed into AVX2 vectors (faster than AVX2 gathers on the machines measured). It streams
+//    6 bytes per non-zero (uint16 columns) against 4 bytes per weight for dense MatMul.
 //  * batched (M > 1): X is transposed once to X^T (K x Mp); every non-zero then does an AXPY of
-//    a contiguous tile of up to 64 batch rows held in registers.
+//    a contiguous tile of up to 32 batch entries held in registers, prefetching ahead.
 // Rows are split across onnxruntime's intra-op threads by equal non-zero counts.
 #include "common.h"
 
@@ -30,72 +31,83 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-inline __m256i LoadIndices8(const uint16_t* p) {
-  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256i LoadIndices8(const int32_t* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
-
 // y = sum_j values[j] * x[cols[j]] for j in [begin, end).
+// Eight scalar loads assembled into a vector beat AVX2 gathers here (5.5 vs 2.9 non-zeros per
+// ns on one Zen 4 core, x in L1); four accumulators hide the FMA latency.
 template <typename Index>
 inline float SparseDot(const float* values, const Index* cols, int64_t begin, int64_t end, const float* x) {
+#define ONNXCOMPRESS_GATHER8(o)                                                                      \
+  _mm256_set_ps(x[cols[j + (o) + 7]], x[cols[j + (o) + 6]], x[cols[j + (o) + 5]], x[cols[j + (o) + 4]], \
+                x[cols[j + (o) + 3]], x[cols[j + (o) + 2]], x[cols[j + (o) + 1]], x[cols[j + (o)]])
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();
+  __m256 acc2 = _mm256_setzero_ps();
+  __m256 acc3 = _mm256_setzero_ps();
   int64_t j = begin;
-  for (; j + 16 <= end; j += 16) {
-    const __m256 g0 = _mm256_i32gather_ps(x, LoadIndices8(cols + j), 4);
-    const __m256 g1 = _mm256_i32gather_ps(x, LoadIndices8(cols + j + 8), 4);
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), g0, acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 8), g1, acc1);
+  for (; j + 32 <= end; j += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), ONNXCOMPRESS_GATHER8(0), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 8), ONNXCOMPRESS_GATHER8(8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 16), ONNXCOMPRESS_GATHER8(16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 24), ONNXCOMPRESS_GATHER8(24), acc3);
   }
-  if (j + 8 <= end) {
-    const __m256 g0 = _mm256_i32gather_ps(x, LoadIndices8(cols + j), 4);
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), g0, acc0);
-    j += 8;
+  for (; j + 8 <= end; j += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), ONNXCOMPRESS_GATHER8(0), acc0);
   }
-  float sum = HorizontalSum(_mm256_add_ps(acc0, acc1));
+#undef ONNXCOMPRESS_GATHER8
+  float sum = HorizontalSum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
   for (; j < end; ++j) sum += values[j] * x[static_cast<int64_t>(cols[j])];
   return sum;
 }
 
-// For rows [r0, r1): yt[n, 0:8*T] = sum_j values[j] * xt[cols[j], m0 : m0 + 8*T]; stores the
-// first `width` batch entries of each row into y (row stride n_out) at batch offset m0.
-template <int T, typename Index>
+// For rows [r0, r1): acc = sum_j values[j] * xt[cols[j], m0 : m0 + 8*T] (T vectors, U independent
+// accumulator sets to hide FMA latency, software prefetch of the X^T row 16 non-zeros ahead);
+// stores the first `width` batch entries of each row into y (row stride n_out) at offset m0.
+template <int T, int U, typename Index>
 void SparseRowsTile(const float* values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
                     const float* xt, int64_t mp, int64_t m0, int64_t width, const float* bias, float* y,
                     int64_t n_out) {
+  constexpr int kAhead = 16;
   alignas(32) float out[8 * T];
   for (int64_t n = r0; n < r1; ++n) {
-    __m256 acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    __m256 acc[U][T];
+    for (int u = 0; u < U; ++u)
+      for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
     const int64_t end = row_ptr[n + 1];
-    for (int64_t j = row_ptr[n]; j < end; ++j) {
+    int64_t j = row_ptr[n];
+    for (; j + U + kAhead <= end; j += U) {
+      for (int u = 0; u < U; ++u) {
+        const float* ahead = xt + static_cast<int64_t>(cols[j + u + kAhead]) * mp + m0;
+        for (int t = 0; t < T; t += 2) _mm_prefetch(reinterpret_cast<const char*>(ahead + 8 * t), _MM_HINT_T0);
+        const __m256 v = _mm256_broadcast_ss(values + j + u);
+        const float* row = xt + static_cast<int64_t>(cols[j + u]) * mp + m0;
+        for (int t = 0; t < T; ++t) acc[u][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(row + 8 * t), acc[u][t]);
+      }
+    }
+    for (; j < end; ++j) {
       const __m256 v = _mm256_broadcast_ss(values + j);
       const float* row = xt + static_cast<int64_t>(cols[j]) * mp + m0;
-      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(row + 8 * t), acc[t]);
+      for (int t = 0; t < T; ++t) acc[0][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(row + 8 * t), acc[0][t]);
     }
-    for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[t]);
+    for (int u = 1; u < U; ++u)
+      for (int t = 0; t < T; ++t) acc[0][t] = _mm256_add_ps(acc[0][t], acc[u][t]);
+    for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[0][t]);
     const float b = bias ? bias[n] : 0.0f;
     for (int64_t m = 0; m < width; ++m) y[(m0 + m) * n_out + n] = out[m] + b;
   }
 }
 
+// Batch tiles of 32 (four vectors); a narrower last tile uses as many vectors as it needs.
 template <typename Index>
 void SparseRows(const float* values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
                 const float* xt, int64_t m, int64_t mp, const float* bias, float* y, int64_t n_out) {
-  for (int64_t m0 = 0; m0 < m; m0 += 64) {
-    const int64_t width = std::min<int64_t>(64, m - m0);
-    const int64_t tiles = (width + 7) / 8;
-    switch (tiles) {
-      case 1: SparseRowsTile<1>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      case 2: SparseRowsTile<2>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      case 3: SparseRowsTile<3>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      case 4: SparseRowsTile<4>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      case 5: SparseRowsTile<5>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      case 6: SparseRowsTile<6>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      case 7: SparseRowsTile<7>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      default: SparseRowsTile<8>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+  constexpr int64_t kTile = 32;
+  for (int64_t m0 = 0; m0 < m; m0 += kTile) {
+    const int64_t width = std::min<int64_t>(kTile, m - m0);
+    switch ((width + 7) / 8) {
+      case 1: SparseRowsTile<1, 4>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      case 2: SparseRowsTile<2, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      case 3: SparseRowsTile<3, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      default: SparseRowsTile<4, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
     }
   }
 }
