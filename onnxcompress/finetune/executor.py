@@ -205,11 +205,26 @@ class OnnxModule(nn.Module):
         holder = self.holder(name)
         parametrizations = getattr(holder, "parametrizations", None)
         if parametrizations is not None and "weight" in parametrizations:
-            return parametrizations.weight.original
+            originals = self.originals(name)
+            if len(originals) != 1:
+                raise KeyError(f"{name!r} is parametrized by {len(originals)} tensors; use originals()")
+            return originals[0]
         weight = holder.weight
         if not isinstance(weight, nn.Parameter):
             raise KeyError(f"{name!r} is not a float tensor, so it has no parameter")
         return weight
+
+    def originals(self, name: str) -> list[nn.Parameter]:
+        """Every trainable tensor behind `name`: one, or two for a low-rank parametrization."""
+        holder = self.holder(name)
+        parametrizations = getattr(holder, "parametrizations", None)
+        if parametrizations is not None and "weight" in parametrizations:
+            entry = parametrizations.weight
+            if hasattr(entry, "original"):
+                return [entry.original]
+            return [getattr(entry, f"original{i}") for i in range(len(list(entry.parameters(recurse=False))))]
+        weight = holder.weight
+        return [weight] if isinstance(weight, nn.Parameter) else []
 
     def onnx_parameters(self, trainable_only: bool = True) -> dict[str, torch.Tensor]:
         """Parameters keyed by ONNX name: what the optimizer steps (originals when parametrized)."""

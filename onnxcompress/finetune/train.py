@@ -1,0 +1,387 @@
+"""Retrain the weights of an ONNX model in torch while keeping its compressed structure.
+
+Han et al. 2015 ("Learning both Weights and Connections") retrain after pruning with the
+pruned connections held at zero, L1 or L2 regularisation, a learning rate about 1/10 of
+the original one, and the dropout ratio of a layer rescaled with its connection count,
+``D_new = D_old * sqrt(C_new / C_old)`` (their eq. 2). Deep Compression (Han, Mao & Dally
+2016) fine-tunes the shared centroids of weight-shared layers. Both are done here:
+
+* the graph runs in `OnnxModule` (weights are parameters keyed by ONNX name);
+* `attach_structure` masks every zero of a weight or codebook (exact zeros after every
+  step, momentum and weight decay included); codebook indices are integers, never trained;
+* loss: cross-entropy against ``labels`` or distillation against the original model
+  (`losses`); L2 as the optimizer's weight decay, L1 as ``l1 * sum |W|`` over weight sites;
+* seeded: the batch order, dropout and everything torch draws come from ``seed``;
+* early stop when a fidelity target (output cosine against the original model) or an
+  accuracy target (with labels) is met, checked after every epoch.
+
+The result is a dict of new arrays by ONNX name; `write_back` swaps them into the model
+(same names, shapes and dtypes; no graph edits). Training is lossy by design: it changes
+the outputs, and the pipeline's gate judges the result.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TrainOptions",
+    "TrainResult",
+    "finetune",
+    "write_back",
+    "evaluate",
+    "dropout_ratio",
+    "show_progress",
+]
+
+import contextlib
+import contextvars
+import dataclasses
+import fnmatch
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from onnxcompress.errors import DataError, UserError
+from onnxcompress.finetune.data import (
+    LABELS,
+    Arrays,
+    Batches,
+    batches_of,
+    check_data,
+    iterate_batches,
+)
+from onnxcompress.finetune.executor import OnnxModule, to_ir
+from onnxcompress.finetune.losses import compute_loss, resolve_loss
+from onnxcompress.finetune.parametrize import attach_structure
+
+logger = logging.getLogger(__name__)
+
+#: Set by the CLI: draw a rich progress bar with the loss (logging otherwise).
+_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("finetune_progress", default=False)
+
+
+@contextlib.contextmanager
+def show_progress(enabled: bool = True) -> Iterator[None]:
+    """Within this block, `finetune` draws a progress bar (the CLI's choice, not a library's)."""
+    token = _PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """How to retrain; see `passes/finetune.py` for the documented, validated knobs."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    l1: float = 0.0
+    loss: str = "auto"
+    distill: bool = False
+    temperature: float = 1.0
+    target_cosine: float | None = None
+    target_accuracy: float | None = None
+    dropout_rescale: bool = True
+    trainable: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()
+    keep_zeros: bool = True
+    max_samples: int | None = None
+    probe_samples: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """New arrays by ONNX name, and an account of the run."""
+
+    arrays: dict[str, np.ndarray]
+    history: list[dict[str, float]]
+    structure: dict[str, str]
+    stopped_early: bool
+    loss_kind: str
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "epochs_run": len(self.history),
+            "stopped_early": self.stopped_early,
+            "loss": self.loss_kind,
+            "history": self.history,
+            "structure": self.structure,
+        }
+
+
+def _trainable_names(model: ir.Model, module: OnnxModule, options: TrainOptions) -> list[str]:
+    names = module.trainable_names()
+    if options.trainable:
+        every = [n for n in module.onnx_names if module.tensor(n).is_floating_point()]
+        names = [n for n in every if any(fnmatch.fnmatchcase(n, p) for p in options.trainable)]
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in options.freeze)]
+    return sorted(names)
+
+
+def dropout_ratio(old_ratio: float, old_connections: int, new_connections: int) -> float:
+    """Han et al. 2015, eq. 2: ``D_new = D_old * sqrt(C_new / C_old)``."""
+    if old_connections <= 0:
+        return old_ratio
+    return old_ratio * math.sqrt(max(new_connections, 0) / old_connections)
+
+
+def _upstream_weight(model: ir.Model, node: ir.Node) -> str | None:
+    """The weight of the nearest MatMul / Gemm / Conv feeding a Dropout, through 1-input ops."""
+    from onnxcompress.sites import find_weight_sites
+
+    weights = {id(site.node): site.name for site in find_weight_sites(model, min_params=0).sites}
+    value = node.inputs[0]
+    for _ in range(8):
+        producer = value.producer() if value is not None else None
+        if producer is None:
+            return None
+        if id(producer) in weights:
+            return weights[id(producer)]
+        value = producer.inputs[0]
+    return None
+
+
+def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | None) -> dict[str, float]:
+    """Set each Dropout node's training ratio from its layer's connection counts."""
+    if original is None:
+        return {}
+    original_values = {
+        name: value.const_value for name, value in original.graph.initializers.items() if value.const_value is not None
+    }
+    ratios = {}
+    for node in model.graph:
+        if node.op_type != "Dropout":
+            continue
+        name = node.name or node.outputs[0].name or ""
+        weight = _upstream_weight(model, node)
+        if weight is None or weight not in original_values or name not in module.dropout_nodes:
+            continue
+        old_ratio = 0.5
+        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+            old_ratio = float(node.inputs[1].const_value.numpy())
+        elif "ratio" in node.attributes:
+            old_ratio = float(node.attributes["ratio"].value)
+        c_old = int(np.count_nonzero(original_values[weight].numpy()))
+        c_new = int(np.count_nonzero(module.tensor(weight).detach().numpy()))
+        ratios[name] = dropout_ratio(old_ratio, c_old, c_new)
+        module.set_dropout_ratio(name, ratios[name])
+        logger.info("dropout %s: ratio %.3f -> %.3f (%d -> %d connections)", name, old_ratio, ratios[name], c_old, c_new)
+    return ratios
+
+
+def _feeds(module: OnnxModule, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items() if k in module.input_names}
+
+
+def evaluate(module: OnnxModule, data: Arrays, batch_size: int = 256, max_samples: int | None = None) -> float:
+    """Top-1 accuracy of the first output against ``labels``."""
+    if LABELS not in data:
+        raise DataError("accuracy needs labels in the data")
+    correct = total = 0
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        for batch in iterate_batches(data, batch_size, max_samples=max_samples):
+            out = module(**_feeds(module, batch))
+            logits = out[0] if isinstance(out, tuple) else out
+            labels = torch.as_tensor(np.asarray(batch[LABELS])).reshape(-1)
+            correct += int((logits.reshape(labels.shape[0], -1).argmax(-1) == labels).sum())
+            total += int(labels.shape[0])
+    module.train(was_training)
+    return correct / max(total, 1)
+
+
+def _cosine(module: OnnxModule, teacher: OnnxModule, probes: Mapping[str, np.ndarray]) -> float:
+    got = module.run(probes)
+    ref = teacher.run(probes)
+    a = np.concatenate([g.reshape(-1) for g in got if g.dtype.kind == "f"]).astype(np.float64)
+    b = np.concatenate([r.reshape(-1) for r in ref if r.dtype.kind == "f"]).astype(np.float64)
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denominator) if denominator > 0 else float(np.array_equal(a, b))
+
+
+def _optimizer(params: Sequence[torch.Tensor], options: TrainOptions) -> torch.optim.Optimizer:
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+    if options.optimizer == "adam":
+        return torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay)
+    raise UserError(f"optimizer must be sgd or adam, not {options.optimizer!r}")
+
+
+def finetune(
+    model: ir.Model,
+    data: Arrays | Batches,
+    *,
+    original: ir.Model | None = None,
+    options: TrainOptions | None = None,
+    module: OnnxModule | None = None,
+) -> TrainResult:
+    """Retrain `model`'s weights on `data`; the model itself is not modified.
+
+    `original` is the teacher for distillation and the baseline for dropout rescaling and
+    fidelity targets (default: `model` as given). Pass a prepared `module` to control the
+    parametrizations yourself (then `keep_zeros` is not applied again).
+    """
+    options = options or TrainOptions()
+    model = to_ir(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        return _finetune(model, data, original, options, module)
+
+
+def _finetune(
+    model: ir.Model,
+    data: Arrays | Batches,
+    original: ir.Model | None,
+    options: TrainOptions,
+    module: OnnxModule | None,
+) -> TrainResult:
+    prepared = module is not None
+    if module is None:
+        module = OnnxModule(model)
+    names = _trainable_names(model, module, options)
+    if not names:
+        raise UserError("nothing to train: no float weight matches the trainable/freeze globs")
+    for name in module.onnx_names:
+        for param in module.originals(name) if module.tensor(name).is_floating_point() else []:
+            param.requires_grad_(name in names)
+    structure = {} if prepared or not options.keep_zeros else attach_structure(module, model, names)
+    teacher = OnnxModule(original if original is not None else model, trainable=())
+    teacher.eval()
+
+    if isinstance(data, Mapping):
+        check_data(data, module.input_names)
+        first = next(iterate_batches(data, 2))
+    else:
+        first = next(iter(data()))
+    has_labels = LABELS in first and not options.distill
+    rank = np.ndim(teacher.run({k: v for k, v in first.items() if k != LABELS})[0])
+    loss_kind = resolve_loss(options.loss, has_labels, rank)
+    if loss_kind == "cross_entropy" and not has_labels and options.loss == "cross_entropy":
+        raise DataError("cross-entropy needs labels in the data; use a distillation loss instead")
+    probes = _probe_set(data, options.probe_samples)
+
+    ratios = _rescale_dropout(module, model, original) if options.dropout_rescale else {}
+    l1_names = [n for n in names if n in structure or n in _weight_names(model)] if options.l1 > 0 else []
+    params = [p for n in names for p in module.originals(n)]
+    optimizer = _optimizer(params, options)
+    rng = np.random.default_rng(options.seed)
+    history: list[dict[str, float]] = []
+    stopped = False
+    progress = _progress_bar(options.epochs) if _PROGRESS.get() else contextlib.nullcontext(None)
+    with progress as bar:
+        task = bar.add_task("fine-tuning", total=options.epochs, loss=float("nan")) if bar else None
+        for epoch in range(options.epochs):
+            module.train()
+            total, count = 0.0, 0
+            for batch in batches_of(data, options.batch_size, shuffle=True, rng=rng, max_samples=options.max_samples) if isinstance(data, Mapping) else data():
+                feeds = _feeds(module, batch)
+                with torch.no_grad():
+                    reference = teacher(**feeds) if loss_kind != "cross_entropy" else None
+                loss = compute_loss(loss_kind, module(**feeds), batch, reference, temperature=options.temperature)
+                if l1_names:
+                    loss = loss + options.l1 * sum(module.tensor(n).abs().sum() for n in l1_names)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = len(next(iter(batch.values())))
+                total, count = total + float(loss.detach()) * n, count + n
+            record = {"epoch": float(epoch + 1), "loss": total / max(count, 1)}
+            record.update(_targets(module, teacher, data, probes, options))
+            history.append(record)
+            if bar is not None:
+                bar.update(task, advance=1, loss=record["loss"])
+            logger.info("fine-tune epoch %d/%d: %s", epoch + 1, options.epochs, record)
+            if _met(record, options):
+                stopped = epoch + 1 < options.epochs
+                break
+    module.eval()
+    if ratios:
+        structure.update({f"dropout:{k}": f"ratio {v:.4f}" for k, v in ratios.items()})
+    return TrainResult(module.arrays(names), history, structure, stopped, loss_kind)
+
+
+def _weight_names(model: ir.Model) -> set[str]:
+    from onnxcompress.sites import find_weight_sites
+
+    return {site.name for site in find_weight_sites(model, min_params=0).sites}
+
+
+def _probe_set(data: Arrays | Batches, count: int) -> dict[str, np.ndarray]:
+    if isinstance(data, Mapping):
+        return {k: np.asarray(v)[:count] for k, v in data.items() if k != LABELS}
+    first = next(iter(data()))
+    return {k: np.asarray(v)[:count] for k, v in first.items() if k != LABELS}
+
+
+def _targets(
+    module: OnnxModule, teacher: OnnxModule, data: Arrays | Batches, probes: Mapping[str, np.ndarray], options: TrainOptions
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if options.target_cosine is not None:
+        out["cosine"] = _cosine(module, teacher, probes)
+    if options.target_accuracy is not None and isinstance(data, Mapping) and LABELS in data:
+        out["accuracy"] = evaluate(module, data, max_samples=options.max_samples)
+    return out
+
+
+def _met(record: Mapping[str, float], options: TrainOptions) -> bool:
+    checks = []
+    if options.target_cosine is not None and "cosine" in record:
+        checks.append(record["cosine"] >= options.target_cosine)
+    if options.target_accuracy is not None and "accuracy" in record:
+        checks.append(record["accuracy"] >= options.target_accuracy)
+    return bool(checks) and all(checks)
+
+
+def _progress_bar(epochs: int) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=True,
+    )
+
+
+def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Swap trained arrays into `model` by name: same shapes and dtypes, no graph edits.
+
+    Returns (name, before, after) for every tensor whose values changed. Checks every name,
+    shape and dtype before the first swap, so the model changes fully or not at all.
+    """
+    holders: dict[str, tuple[ir.Value, ir.Node | None]] = {}
+    for name, value in model.graph.initializers.items():
+        holders[name] = (value, None)
+    for node in model.graph:
+        if node.op_type == "Constant" and "value" in node.attributes:
+            holders[node.outputs[0].name or ""] = (node.outputs[0], node)
+    plan = []
+    for name, array in arrays.items():
+        if name not in holders:
+            raise UserError(f"write-back: no initializer or Constant named {name!r}")
+        value, node = holders[name]
+        old = value.const_value if node is None else node.attributes["value"].as_tensor()
+        if old is None:
+            raise UserError(f"write-back: {name!r} holds no tensor")
+        before = old.numpy()
+        after = np.asarray(array).astype(before.dtype, copy=False)
+        if after.shape != before.shape:
+            raise UserError(f"write-back: {name!r} has shape {after.shape}, the model {before.shape}")
+        if not np.array_equal(after, before):
+            plan.append((name, value, node, before, after))
+    for name, value, node, _, after in plan:
+        tensor = ir.tensor(np.ascontiguousarray(after), name=name)
+        if node is not None:
+            node.attributes["value"] = ir.AttrTensor("value", tensor)
+        value.const_value = tensor
+    return [(name, before, after) for name, _, _, before, after in plan]
