@@ -1,0 +1,118 @@
+"""The low-rank plan: per layer the kind, the rank and the predicted cost, before any edit.
+
+Plan first, apply second (distiller's thinning recipes): the plan is plain data, so
+`--dry-run` prints it, reports embed it and a saved plan can be applied again to the same model
+(the SVD is seeded, so the same plan gives the same factors). Costs are predictions from the
+shapes: parameters of the weight (bias excluded) and FLOPs per output row (MatMul/Gemm) or per
+output position (Conv); `rel_error` is ‖W − W_r‖_F / ‖W‖_F from the spectrum.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LayerPlan", "Plan"]
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from onnxcompress.errors import RecipeError
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What the pass will do to one weight."""
+
+    name: str
+    node: str
+    op: str
+    kind: str
+    rank: int
+    max_rank: int
+    shape: tuple[int, ...]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    energy: float
+    rel_error: float
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / self.params_before
+
+    @property
+    def flop_ratio(self) -> float:
+        return self.flops_after / self.flops_before
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["shape"] = list(self.shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise RecipeError(f"low-rank plan layer has unknown keys: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**{**data, "shape": tuple(int(d) for d in data["shape"])})
+        except (KeyError, TypeError, ValueError) as error:
+            raise RecipeError(f"invalid low-rank plan layer {data.get('name')!r}: {error}") from None
+
+
+@dataclasses.dataclass
+class Plan:
+    """Every planned layer, every skipped weight with its reason, and the settings used."""
+
+    layers: list[LayerPlan] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def totals(self) -> dict[str, int]:
+        """Parameters and FLOPs of the planned layers, before and after."""
+        return {
+            "params_before": sum(layer.params_before for layer in self.layers),
+            "params_after": sum(layer.params_after for layer in self.layers),
+            "flops_before": sum(layer.flops_before for layer in self.layers),
+            "flops_after": sum(layer.flops_after for layer in self.layers),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "onnxcompress.lowrank.plan/1",
+            "settings": self.settings,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
+            "totals": self.totals(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if data.get("format") != "onnxcompress.lowrank.plan/1":
+            raise RecipeError("not a low-rank plan (format onnxcompress.lowrank.plan/1 expected)")
+        return cls(
+            layers=[LayerPlan.from_dict(layer) for layer in data.get("layers", [])],
+            skipped=[(item["name"], item["reason"]) for item in data.get("skipped", [])],
+            settings=dict(data.get("settings", {})),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise RecipeError(f"cannot read low-rank plan {path}: {error}") from None
+        return cls.from_dict(data)
+
+    def reason_for(self, name: str) -> str | None:
+        return next((reason for skipped, reason in self.skipped if skipped == name), None)
