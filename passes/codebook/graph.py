@@ -1,0 +1,199 @@
+"""The in-graph form of a shared-weight layer, and how to find it again.
+
+A clustered weight W (shape S) becomes two initializers and two standard ops:
+
+    W.codebook_indices : uint8[S]  (uint4[S] when bits <= 4 and the model's opset >= 21)
+    W.codebook         : float[k]  (the weight's own dtype; entry 0 is exactly 0 for pruned layers)
+    Cast(W.codebook_indices, to=INT32) -> Gather(W.codebook, ., axis=0) -> W
+
+The Gather output keeps the weight's name, so every consumer reads the same value as before.
+Stock onnxruntime runs it (it constant-folds the pair into the dense weight at load, so
+inference speed and memory are those of the dense model); the file holds 1 byte (or half a
+byte) per weight instead of 4. The Gather node carries the requested bit width and whether
+entry 0 is the reserved exact zero in its `metadata_props`, for `inspect`, the fine-tune
+bridge (centroid fine-tuning keeps the indices fixed) and `pack`.
+
+Exact: `codebook[indices]` is bit for bit the weight the model computes with.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BITS_KEY",
+    "ZERO_KEY",
+    "CodebookLayer",
+    "codebook_layers",
+    "dense_weight",
+    "insert_codebook",
+]
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+BITS_KEY = "onnxcompress.codebook.bits"
+ZERO_KEY = "onnxcompress.codebook.zero_entry"
+_INDEX_DTYPES = (ir.DataType.UINT8, ir.DataType.UINT4)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookLayer:
+    """One shared-weight layer as found in a graph.
+
+    `name` is the weight's name (the Gather output); `bits` the width the indices use
+    (ceil(log2 k) when the node does not record one); `k` the number of codebook entries,
+    the reserved zero included; `zero_entry` whether entry 0 is the exact zero of a pruned
+    layer (zeros then cost no learned centroid).
+    """
+
+    name: str
+    bits: int
+    k: int
+    index_name: str
+    codebook_name: str
+    zero_entry: bool
+    shape: tuple[int, ...]
+    index_dtype: str
+    gather: ir.Node
+    cast: ir.Node
+
+    def indices(self) -> np.ndarray:
+        """The index tensor as uint8 (uint4 storage unpacked)."""
+        tensor = self.cast.inputs[0].const_value  # type: ignore[union-attr]
+        assert tensor is not None
+        return np.asarray(tensor.numpy()).astype(np.uint8)
+
+    def codebook(self) -> np.ndarray:
+        tensor = self.gather.inputs[0].const_value  # type: ignore[union-attr]
+        assert tensor is not None
+        return np.asarray(tensor.numpy())
+
+
+def _initializer(graph: ir.Graph, value: ir.Value | None) -> ir.TensorProtocol | None:
+    if value is None or value.name is None or value.const_value is None:
+        return None
+    if graph.initializers.get(value.name) is not value:
+        return None
+    return value.const_value
+
+
+def _match(graph: ir.Graph, node: ir.Node) -> CodebookLayer | None:
+    """The layer a Gather node decodes, or None when it is not the codebook pattern."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    if node.attributes.get_int("axis", 0) != 0:
+        return None
+    codebook = _initializer(graph, node.inputs[0])
+    index_value = node.inputs[1]
+    cast = index_value.producer() if index_value is not None else None
+    if codebook is None or cast is None or cast.op_type != "Cast" or len(codebook.shape) != 1:
+        return None
+    if cast.attributes.get_int("to", 0) not in (ir.DataType.INT32, ir.DataType.INT64):
+        return None
+    indices = _initializer(graph, cast.inputs[0])
+    if indices is None or indices.dtype not in _INDEX_DTYPES:
+        return None
+    if codebook.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+        return None
+    k = int(codebook.shape[0])
+    recorded = node.metadata_props.get(BITS_KEY)
+    bits = int(recorded) if recorded and recorded.isdigit() else max(1, math.ceil(math.log2(max(k, 2))))
+    output = node.outputs[0]
+    return CodebookLayer(
+        name=output.name or "",
+        bits=bits,
+        k=k,
+        index_name=cast.inputs[0].name or "",  # type: ignore[union-attr]
+        codebook_name=node.inputs[0].name or "",  # type: ignore[union-attr]
+        zero_entry=node.metadata_props.get(ZERO_KEY) == "1",
+        shape=tuple(int(d) for d in indices.shape),
+        index_dtype="uint4" if indices.dtype == ir.DataType.UINT4 else "uint8",
+        gather=node,
+        cast=cast,
+    )
+
+
+def codebook_layers(model: ir.Model) -> list[CodebookLayer]:
+    """Every shared-weight layer of the main graph, in graph order."""
+    layers = []
+    for node in model.graph:
+        layer = _match(model.graph, node)
+        if layer is not None:
+            layers.append(layer)
+    return layers
+
+
+def dense_weight(layer: CodebookLayer) -> np.ndarray:
+    """The weight the model computes with: codebook[indices]."""
+    return layer.codebook()[layer.indices()]
+
+
+def _unique_name(graph: ir.Graph, wanted: str) -> str:
+    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
+    taken |= {v.name for v in graph.inputs}
+    name, counter = wanted, 1
+    while name in taken:
+        name, counter = f"{wanted}_{counter}", counter + 1
+    return name
+
+
+def insert_codebook(
+    graph: ir.Graph,
+    weight: ir.Value,
+    indices: np.ndarray,
+    codebook: np.ndarray,
+    *,
+    bits: int,
+    zero_entry: bool,
+    packed: bool,
+) -> tuple[ir.Value, ir.Value]:
+    """Replace initializer `weight` by indices + codebook + Cast + Gather (same name, same value).
+
+    Returns the new (indices, codebook) initializer values. The caller checks that `weight`
+    is an initializer of `graph` and not a graph output.
+    """
+    name = weight.name
+    assert name is not None
+    index_tensor = (
+        ir.Tensor(indices, dtype=ir.DataType.UINT4, name=_unique_name(graph, f"{name}.codebook_indices"))
+        if packed
+        else ir.tensor(indices.astype(np.uint8), name=_unique_name(graph, f"{name}.codebook_indices"))
+    )
+    index_value = ir.Value(
+        name=index_tensor.name, const_value=index_tensor,
+        shape=ir.Shape(indices.shape), type=ir.TensorType(index_tensor.dtype),
+    )
+    codebook_tensor = ir.tensor(codebook, name=_unique_name(graph, f"{name}.codebook"))
+    codebook_value = ir.Value(
+        name=codebook_tensor.name, const_value=codebook_tensor,
+        shape=ir.Shape(codebook.shape), type=ir.TensorType(codebook_tensor.dtype),
+    )
+    cast = ir.node("Cast", [index_value], attributes={"to": ir.DataType.INT32}, name=f"{name}.codebook_cast")
+    gather = ir.node("Gather", [codebook_value, cast.outputs[0]], attributes={"axis": 0},
+                     name=f"{name}.codebook_gather")
+    cast.outputs[0].name = _unique_name(graph, f"{name}.codebook_indices_int32")
+    cast.outputs[0].type = ir.TensorType(ir.DataType.INT32)
+    cast.outputs[0].shape = ir.Shape(indices.shape)
+    gather.metadata_props[BITS_KEY] = str(bits)
+    gather.metadata_props[ZERO_KEY] = "1" if zero_entry else "0"
+    decoded = gather.outputs[0]
+    decoded.type = weight.type
+    decoded.shape = ir.Shape(indices.shape)
+
+    graph.initializers.pop(name)
+    ir.convenience.replace_all_uses_with(weight, decoded)
+    # Detach the old tensor before renaming: onnx_ir renames a value's tensor with it, and
+    # that tensor may wrap the caller's proto or a memory map.
+    weight.const_value = None
+    weight.name = None
+    decoded.name = name
+    graph.register_initializer(index_value)
+    graph.register_initializer(codebook_value)
+    first = next(iter(graph), None)
+    if first is None:
+        graph.extend([cast, gather])
+    else:
+        graph.insert_before(first, [cast, gather])
+    return index_value, codebook_value
