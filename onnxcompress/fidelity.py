@@ -122,7 +122,7 @@ def probe_inputs(
     return probes
 
 
-def run_model(model: ir.Model | bytes, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def run_model(model: str | bytes, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """All outputs of `model` on `inputs`, through onnxruntime with our kernels registered."""
     session = runtime.session(model)
     return session.run(None, dict(inputs))

@@ -12,8 +12,17 @@ to write over the input or over an external-data file the loaded model still map
 
 from __future__ import annotations
 
-__all__ = ["load", "save", "iter_graphs", "iter_tensors", "minimum_ir_version", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = [
+    "load",
+    "save",
+    "serialized",
+    "iter_graphs",
+    "iter_tensors",
+    "minimum_ir_version",
+    "EXTERNAL_DATA_THRESHOLD",
+]
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -169,3 +178,24 @@ def save(
         os.replace(staged, path)
     logger.info("wrote %s", path)
     return path
+
+
+#: Models with more tensor bytes than this are handed to checkers and runtimes as files.
+IN_MEMORY_LIMIT = 256 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def serialized(model: ir.Model) -> Iterator[str | bytes]:
+    """The model as bytes (small, self-contained) or as a temporary file with external data.
+
+    onnx's checker and onnxruntime accept both. Large or externally held weights go through
+    a file, so nothing is copied into one giant protobuf and external data resolves.
+    """
+    model.ir_version = minimum_ir_version(model)
+    if not _mapped_files(model) and _tensor_bytes(model) < IN_MEMORY_LIMIT:
+        yield ir.to_proto(model).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+        yield path

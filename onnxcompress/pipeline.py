@@ -25,7 +25,7 @@ import pydantic
 
 from onnxcompress import fidelity
 from onnxcompress.errors import FidelityGateError
-from onnxcompress.io import iter_tensors, minimum_ir_version
+from onnxcompress.io import iter_tensors, serialized
 from onnxcompress.pass_base import PassContext, PassReport, get_pass, make_config
 from onnxcompress.sites import find_weight_sites
 
@@ -97,16 +97,15 @@ def model_summary(model: ir.Model) -> dict[str, int]:
 
 def validate(model: ir.Model, probes: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Checker, then an onnxruntime session, then outputs on the probes. Raises on failure."""
-    model.ir_version = minimum_ir_version(model)
-    proto = ir.to_proto(model)
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as error:
-        raise _Invalid(f"onnx checker: {str(error).splitlines()[0]}") from None
-    try:
-        return fidelity.run_model(proto.SerializeToString(), probes)
-    except Exception as error:  # onnxruntime raises its own untyped errors
-        raise _Invalid(f"onnxruntime: {str(error).splitlines()[0]}") from None
+    with serialized(model) as model_file:
+        try:
+            onnx.checker.check_model(model_file)
+        except onnx.checker.ValidationError as error:
+            raise _Invalid(f"onnx checker: {str(error).splitlines()[0]}") from None
+        try:
+            return fidelity.run_model(model_file, probes)
+        except Exception as error:  # onnxruntime raises its own untyped errors
+            raise _Invalid(f"onnxruntime: {str(error).splitlines()[0]}") from None
 
 
 class _Invalid(Exception):
@@ -133,7 +132,8 @@ def run_steps(
     original = model
     model = _clone(original)
     probes = fidelity.probe_inputs(model, count=probe_count, seed=seed, data=data)
-    reference = fidelity.run_model(ir.to_proto(original).SerializeToString(), probes)
+    with serialized(original) as model_file:
+        reference = fidelity.run_model(model_file, probes)
     before = model_summary(model)
     results: list[StepResult] = []
     metrics: fidelity.Metrics | None = fidelity.compare(reference, reference)
@@ -158,7 +158,7 @@ def run_steps(
             message = f"step {index + 1} ({step.pass_name}) failed its gate: {'; '.join(failures)}"
             if step.on_fail == "stop":
                 raise FidelityGateError(message + "; nothing was written")
-            logger.warning("%s; rolled back", message)
+            logger.info("%s; rolled back", message)
             model = snapshot
             status = "rolled back"
         elif step_metrics is not None:

@@ -41,3 +41,4 @@ def main() -> None:
         format="%(levelname)s %(name)s: %(message)s",
     )
     app()
+

@@ -115,7 +115,8 @@ def compress_file(
 
 
 def print_summary(result: PipelineResult, output: Path) -> None:
-    table = Table(title=f"onnxcompress → {output}")
+    console.print(f"wrote {output}", soft_wrap=True)
+    table = Table()
     for column in ("", "before", "after"):
         table.add_column(column, justify="right")
     for key, label in (
@@ -127,7 +128,8 @@ def print_summary(result: PipelineResult, output: Path) -> None:
     console.print(table)
     for step in result.steps:
         metrics = f" — {step.metrics}" if step.metrics else ""
-        console.print(f"{step.step.pass_name}: {step.status} in {step.seconds:.2f}s{metrics}")
+        console.print(f"{step.step.pass_name} {step.step.options}: {step.status} in {step.seconds:.2f}s{metrics}",
+                      soft_wrap=True)
         for failure in step.failures:
             console.print(f"  gate: {failure}")
     logging.getLogger(__name__).debug("summary printed")
