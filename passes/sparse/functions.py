@@ -1,0 +1,114 @@
+"""Portable fallbacks: each `ai.onnxcompress` op as a model-local ONNX function.
+
+The function body rebuilds the dense weight from the op's stored arrays with standard ONNX
+ops and then does an ordinary MatMul + Add. Every size the body needs comes from the node's
+attributes (K, N) or from the stored arrays' own shapes, never from `Shape(X)`, so after
+inlining onnxruntime constant-folds the dense weight once at load: a stock onnxruntime runs
+the model at dense speed, and with our library registered the kernel runs instead.
+
+SparseMatMul body (CSR of W^T, see formats.py):
+    starts = row_ptr[1:-1]                                   first entry of rows 1 .. N-1
+    marks  = ScatterElements(zeros[nnz + 1], starts, 1, reduction=add)
+    rows   = CumSum(marks)[:nnz]                             row of every entry
+    Wt     = ScatterElements(zeros[N·K], rows·K + cols, values, reduction=add).reshape(N, K)
+    Y      = X · Wt^T + bias
+Exact: the same dense weight as `formats.dense_from_csr` (duplicates add), then dense MatMul.
+Needs opset >= 16 (ScatterElements with reduction).
+"""
+
+from __future__ import annotations
+
+__all__ = ["DOMAIN", "OPSET_VERSION", "MIN_ONNX_OPSET", "sparse_matmul_function", "function_for"]
+
+from collections.abc import Callable
+
+import onnx
+from onnx import helper
+
+DOMAIN = "ai.onnxcompress"
+OPSET_VERSION = 1
+MIN_ONNX_OPSET = 16
+
+
+def _ref_constant(output: str, attribute: str) -> onnx.NodeProto:
+    """Constant(value_int=@attribute): an int64 scalar taken from the calling node."""
+    node = helper.make_node("Constant", [], [output])
+    ref = onnx.AttributeProto()
+    ref.name = "value_int"
+    ref.ref_attr_name = attribute
+    ref.type = onnx.AttributeProto.INT
+    node.attribute.append(ref)
+    return node
+
+
+def _ints(output: str, values: list[int]) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [output], value_ints=values)
+
+
+def _filled(output: str, shape: str, dtype: int, value: float | int) -> onnx.NodeProto:
+    tensor = helper.make_tensor("value", dtype, [1], [value])
+    return helper.make_node("ConstantOfShape", [shape], [output], value=tensor)
+
+
+def sparse_matmul_function(onnx_opset: int) -> onnx.FunctionProto:
+    """The SparseMatMul(X, values, col_indices, row_ptr, bias) body for a model at `onnx_opset`."""
+    if onnx_opset < MIN_ONNX_OPSET:
+        raise ValueError(f"the portable SparseMatMul needs opset >= {MIN_ONNX_OPSET}, model has {onnx_opset}")
+    i32, i64, f32 = onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
+    nodes = [
+        _ref_constant("K", "K"),
+        _ref_constant("N", "N"),
+        _ints("one", [1]),
+        _ints("minus_one", [-1]),
+        _ints("zero", [0]),
+        _ints("axis0", [0]),
+        # row of every stored entry
+        helper.make_node("Shape", ["values"], ["nnz"]),
+        helper.make_node("Add", ["nnz", "one"], ["nnz_plus_one"]),
+        _filled("marks_zero", "nnz_plus_one", i32, 0),
+        helper.make_node("Slice", ["row_ptr", "one", "minus_one"], ["starts32"]),
+        helper.make_node("Cast", ["starts32"], ["starts"], to=i64),
+        helper.make_node("Shape", ["starts"], ["starts_count"]),
+        _filled("ones", "starts_count", i32, 1),
+        helper.make_node("ScatterElements", ["marks_zero", "starts", "ones"], ["marks"], axis=0, reduction="add"),
+        helper.make_node("CumSum", ["marks", "zero_scalar"], ["rows_all"]),
+        helper.make_node("Slice", ["rows_all", "zero", "minus_one"], ["rows32"]),
+        helper.make_node("Cast", ["rows32"], ["rows"], to=i64),
+        # flat position rows * K + cols in W^T (N x K)
+        helper.make_node("Mul", ["rows", "K"], ["row_offsets"]),
+        helper.make_node("Cast", ["col_indices"], ["cols"], to=i64),
+        helper.make_node("Add", ["row_offsets", "cols"], ["flat"]),
+        helper.make_node("Mul", ["N", "K"], ["size_scalar"]),
+        helper.make_node("Unsqueeze", ["size_scalar", "axis0"], ["size"]),
+        _filled("dense_zero", "size", f32, 0.0),
+        helper.make_node("ScatterElements", ["dense_zero", "flat", "values"], ["dense_flat"], axis=0, reduction="add"),
+        helper.make_node("Unsqueeze", ["N", "axis0"], ["N1"]),
+        helper.make_node("Unsqueeze", ["K", "axis0"], ["K1"]),
+        helper.make_node("Concat", ["N1", "K1"], ["wt_shape"], axis=0),
+        helper.make_node("Reshape", ["dense_flat", "wt_shape"], ["wt"]),
+        helper.make_node("Transpose", ["wt"], ["w"], perm=[1, 0]),
+        helper.make_node("MatMul", ["X", "w"], ["product"]),
+        helper.make_node("Add", ["product", "bias"], ["Y"]),
+    ]
+    nodes.insert(4, helper.make_node("Constant", [], ["zero_scalar"], value_int=0))
+    return helper.make_function(
+        DOMAIN,
+        "SparseMatMul",
+        ["X", "values", "col_indices", "row_ptr", "bias"],
+        ["Y"],
+        nodes,
+        [helper.make_opsetid("", onnx_opset)],
+        attributes=["K", "N"],
+        doc_string="Y = X . W + bias, W (K x N) stored as CSR of W^T; see onnxcompress passes/sparse/formats.py",
+    )
+
+
+_BUILDERS: dict[str, Callable[[int], onnx.FunctionProto]] = {"SparseMatMul": sparse_matmul_function}
+
+
+def function_for(op_type: str, onnx_opset: int) -> onnx.FunctionProto:
+    """The portable body of one of our ops."""
+    try:
+        return _BUILDERS[op_type](onnx_opset)
+    except KeyError:
+        raise ValueError(f"no portable function for {DOMAIN}.{op_type}") from None

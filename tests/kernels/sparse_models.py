@@ -1,0 +1,59 @@
+"""One-node models calling the ai.onnxcompress ops, for the kernel and fallback tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.passes.sparse.formats import CsrWeight
+from onnxcompress.passes.sparse.functions import DOMAIN, sparse_matmul_function
+
+OPSET = 21
+_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint16): TensorProto.UINT16,
+          np.dtype(np.int32): TensorProto.INT32, np.dtype(np.uint8): TensorProto.UINT8}
+
+
+def sparse_matmul_model(
+    csr: CsrWeight,
+    x_shape: list[int | str],
+    bias: np.ndarray | None = None,
+    *,
+    fed: bool = False,
+    portable: bool = False,
+) -> onnx.ModelProto:
+    """Y = SparseMatMul(X, values, col_indices, row_ptr[, bias]).
+
+    `fed`: the CSR arrays (and bias) are graph inputs instead of initializers, so malformed
+    arrays reach the kernel at run time. `portable`: add the model-local function.
+    """
+    arrays = {"values": csr.values, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr}
+    if bias is not None:
+        arrays["bias"] = bias
+    node = helper.make_node(
+        "SparseMatMul", ["X", *arrays], ["Y"], domain=DOMAIN, K=csr.in_features, N=csr.out_features
+    )
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
+    initializers = []
+    for name, array in arrays.items():
+        if fed:
+            inputs.append(helper.make_tensor_value_info(name, _TYPES[array.dtype], [None]))
+        else:
+            initializers.append(numpy_helper.from_array(array, name))
+    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "sparse_matmul", inputs, [output], initializer=initializers)
+    functions = [sparse_matmul_function(OPSET)] if portable else []
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+        functions=functions,
+    )
+    model.ir_version = 10
+    return model
+
+
+def pruned(rng: np.random.Generator, shape: tuple[int, int], sparsity: float) -> np.ndarray:
+    """A random float32 weight with a `sparsity` share of exact zeros (at random positions)."""
+    weight = rng.standard_normal(shape).astype(np.float32)
+    weight[rng.random(shape) < sparsity] = 0.0
+    return weight
