@@ -238,8 +238,10 @@ class LowRankSVDPass(CompressionPass):
 
     # ---- planning ------------------------------------------------------------------------
     def plan_model(self, model: ir.Model) -> Plan:
-        """Decide kind and rank per layer without touching the model."""
+        """Decide kind and rank per layer without touching the model (or load the saved plan)."""
         config = self.config
+        if config.plan:
+            return Plan.load(config.plan)
         scan = find_weight_sites(model, min_params=config.min_params, include=config.include,
                                  exclude=config.exclude, ops=OPS)
         plan = Plan(settings=config.settings())
@@ -371,7 +373,7 @@ class LowRankSVDPass(CompressionPass):
 
     # ---- apply ---------------------------------------------------------------------------
     def apply(self, model: ir.Model) -> bool:
-        plan = Plan.load(self.config.plan) if self.config.plan else self.plan_model(model)
+        plan = self.plan_model(model)
         self.last_plan = plan
         self.report.notes["plan"] = plan.to_dict()
         for name, reason in plan.skipped:

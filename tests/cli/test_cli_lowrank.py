@@ -1,0 +1,103 @@
+"""`onnxcompress lowrank`: dry-run plans, saved plans, a written model that runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from onnxcompress import runtime
+from onnxcompress.cli import app
+from tests.builders import mlp_proto, save_proto
+
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def model_path(rng, tmp_path):
+    return save_proto(mlp_proto(rng, (64, 128, 96, 10)), tmp_path / "mlp.onnx")
+
+
+def test_dry_run_prints_the_plan_and_writes_no_model(model_path, tmp_path):
+    before = open(model_path, "rb").read()
+    result = invoke("lowrank", model_path, "--ratio", "0.5", "--min-params", "0", "--dry-run",
+                    "--save-plan", tmp_path / "plan.json")
+    assert result.exit_code == 0, result.output
+    assert "low-rank plan" in result.stdout
+    assert "planned layers: params 21,440 → 10,504 (×0.490)" in result.stdout
+    assert not (tmp_path / "mlp.compressed.onnx").exists()
+    assert open(model_path, "rb").read() == before
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    ranks = {layer["name"]: layer["rank"] for layer in plan["layers"]}
+    assert ranks["fc0.weight"] == (64 * 128 // 2) // (64 + 128)
+    assert ranks["fc1.weight"] == (128 * 96 // 2) // (128 + 96)
+
+
+def test_random_layers_at_high_energy_are_left_alone_with_reasons(model_path, tmp_path):
+    result = invoke("lowrank", model_path, "-o", tmp_path / "s.onnx", "--energy", "0.95", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    step = json.loads((tmp_path / "r.json").read_text())["steps"][0]
+    assert step["status"] == "unchanged"
+    assert {s["name"]: s["reason"] for s in step["skipped"]} == {
+        "head.weight": "too small (960 < min_params=4096)",
+        "fc0.weight": "matmul: energy 0.95 needs rank > 42, no saving below r < 42.7",
+        "fc1.weight": "matmul: energy 0.95 needs rank > 54, no saving below r < 54.9",
+    }
+
+
+def test_lowrank_writes_a_model_that_runs_like_its_factors(model_path, tmp_path):
+    out = tmp_path / "small.onnx"
+    result = invoke("lowrank", model_path, "-o", out, "--ratio", "0.5", "--min-params", "0")
+    assert result.exit_code == 0, result.output
+    original = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(model_path).graph.initializer}
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(str(out)).graph.initializer}
+    dense = {}
+    for name in ("fc0.weight", "fc1.weight", "head.weight"):
+        assert name not in weights
+        first, second = weights[f"{name}.lowrank_first"], weights[f"{name}.lowrank_second"]
+        # head is Gemm(transB=1): its stored 10×96 matrix S = P·Q; the first Gemm reads Q, the second P
+        dense[name] = second @ first if name == "head.weight" else first @ second
+        rank = min(first.shape)
+        u, s, vt = np.linalg.svd(original[name], full_matrices=False)
+        np.testing.assert_allclose(dense[name], (u[:, :rank] * s[:rank]) @ vt[:rank], atol=1e-5)
+    x = np.random.default_rng(1).standard_normal((3, 64))
+    h = np.maximum(x @ dense["fc0.weight"] + original["fc0.bias"], 0)
+    h = np.maximum(h @ dense["fc1.weight"] + original["fc1.bias"], 0)
+    expected = h @ dense["head.weight"].T + original["head.bias"]
+    (got,) = runtime.session(str(out)).run(None, {"x": x.astype(np.float32)})
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_applying_a_saved_plan_gives_the_same_model(model_path, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert invoke("lowrank", model_path, "--ratio", "0.3", "--min-params", "0", "-o", tmp_path / "a.onnx",
+                  "--save-plan", plan).exit_code == 0
+    result = invoke("lowrank", model_path, "--plan", plan, "-o", tmp_path / "b.onnx")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b.onnx")).graph.initializer}
+    assert weights["fc0.weight.lowrank_first"].shape == (64, (64 * 128 * 3 // 10) // 192)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--energy", "0.9", "--ratio", "0.5"], "at most one of energy, ratio, budget"),
+        (["--ratio", "1.5"], "ratio"),
+        (["--conv", "diagonal"], "conv"),
+        (["--plan", "{tmp}/none.json"], "no such plan file"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(model_path, tmp_path, args, message):
+    result = invoke("lowrank", model_path, *[a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1
