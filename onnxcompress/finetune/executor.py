@@ -37,6 +37,12 @@ logger = logging.getLogger(__name__)
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 # (op, input index) pairs that hold statistics, not learned weights.
 _NEVER_TRAINED = {("BatchNormalization", 3), ("BatchNormalization", 4)}
+# (op, input index) pairs that hold learned weights or biases, trained even when tiny.
+_LEARNED_ROLES = {
+    ("BatchNormalization", 1), ("BatchNormalization", 2), ("LayerNormalization", 1),
+    ("LayerNormalization", 2), ("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2),
+    ("Gemm", 1), ("Gemm", 2),
+}
 
 
 def to_ir(model: ir.Model | onnx.ModelProto) -> ir.Model:
@@ -87,15 +93,21 @@ def _safe_key(name: str, taken: set[str]) -> str:
 
 
 def default_trainable(model: ir.Model) -> set[str]:
-    """Float tensors of more than one element, except BatchNormalization statistics."""
+    """Float tensors of more than one element, or read where an op takes a learned weight or
+    bias (a one-channel BatchNorm scale); never BatchNormalization statistics."""
     frozen: set[str] = set()
+    learned: set[str] = set()
     for node in model.graph:
         for index, value in enumerate(node.inputs):
-            if value is not None and (node.op_type, index) in _NEVER_TRAINED:
+            if value is None:
+                continue
+            if (node.op_type, index) in _NEVER_TRAINED:
                 frozen.add(value.name or "")
+            elif (node.op_type, index) in _LEARNED_ROLES:
+                learned.add(value.name or "")
     names: set[str] = set()
     for name, array in _constants(model).items():
-        if array.dtype.kind == "f" and array.size > 1 and name not in frozen:
+        if array.dtype.kind == "f" and (array.size > 1 or name in learned) and name not in frozen:
             names.add(name)
     return names
 

@@ -229,8 +229,9 @@ def finetune(
     """Retrain `model`'s weights on `data`; the model itself is not modified.
 
     `original` is the teacher for distillation and the baseline for dropout rescaling and
-    fidelity targets (default: `model` as given). Pass a prepared `module` to control the
-    parametrizations yourself (then `keep_zeros` is not applied again).
+    fidelity targets (default: `model` as given). Pass a prepared `module` (an `OnnxModule`
+    of `model`) to add parametrizations of your own first; `keep_zeros` masks only the
+    tensors left unparametrized.
     """
     options = options or TrainOptions()
     model = to_ir(model)
@@ -246,7 +247,6 @@ def _finetune(
     options: TrainOptions,
     module: OnnxModule | None,
 ) -> TrainResult:
-    prepared = module is not None
     if module is None:
         module = OnnxModule(model)
     names = _trainable_names(model, module, options)
@@ -255,7 +255,7 @@ def _finetune(
     for name in module.onnx_names:
         for param in module.originals(name) if module.tensor(name).is_floating_point() else []:
             param.requires_grad_(name in names)
-    structure = {} if prepared or not options.keep_zeros else attach_structure(module, model, names)
+    structure = attach_structure(module, model, names) if options.keep_zeros else {}
     teacher = OnnxModule(original if original is not None else model, trainable=())
     teacher.eval()
 

@@ -1,0 +1,97 @@
+"""`onnxcompress finetune`: retrain a compressed model's weights (the `finetune` pass) as one gated step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from onnxcompress.cli.common import (
+    MinCosineOption,
+    OutputOption,
+    ReportOption,
+    compress_file,
+    default_output,
+    gate_for,
+    guarded,
+    print_summary,
+)
+from onnxcompress.errors import UserError
+from onnxcompress.pipeline import Step
+
+
+def _has_labels(path: Path) -> bool:
+    """Whether an .npz holds a `labels` array (False for a missing file: loading reports it)."""
+    if not path.is_file():
+        return True
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return "labels" in archive.files
+    except (OSError, ValueError):
+        return True
+
+
+@guarded
+def finetune(
+    model: Annotated[Path, typer.Argument(help="The (compressed) ONNX model.", show_default=False)],
+    data: Annotated[
+        str, typer.Option("--data", help=".npz keyed by input name (optional 'labels'), or module:function.")
+    ],
+    output: OutputOption = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the data.")] = 1,
+    lr: Annotated[float, typer.Option(min=0.0, help="Learning rate (Han: ~1/10 of the original).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 64,
+    optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = "sgd",
+    distill: Annotated[bool, typer.Option("--distill", help="Distil from the teacher's outputs, not labels.")] = False,
+    teacher: Annotated[
+        Path | None, typer.Option(help="Teacher (uncompressed) model for distillation; needed without labels.")
+    ] = None,
+    loss: Annotated[str, typer.Option(help="auto, cross_entropy, kl, mse or cosine.")] = "auto",
+    l1: Annotated[float, typer.Option(min=0.0, help="L1 regularisation strength.")] = 0.0,
+    l2: Annotated[float, typer.Option(min=0.0, help="L2 regularisation (weight decay).")] = 0.0,
+    target_cosine: Annotated[
+        float | None, typer.Option(help="Stop early once the output cosine to the teacher reaches this.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of batch order and dropout.")] = 0,
+    report: ReportOption = None,
+    min_cosine: MinCosineOption = 0.0,
+) -> None:
+    """Retrain weights in PyTorch keeping zeros, codebook indices and low-rank factors."""
+    options: dict[str, object] = {
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "distill": distill,
+        "loss": loss,
+        "l1": l1,
+        "weight_decay": l2,
+        "target_cosine": target_cosine,
+        "seed": seed,
+    }
+    if teacher is not None:
+        options["teacher"] = str(teacher)
+    data_path: Path | None = None
+    if data.endswith(".npz"):
+        data_path = Path(data)
+    else:
+        options["data"] = data
+    if teacher is None and (distill or (data_path is not None and not _has_labels(data_path))):
+        raise UserError(
+            "distillation needs a teacher: give --teacher ORIGINAL.onnx (the uncompressed model), "
+            "or labels in the data"
+        )
+    step = Step(pass_name="finetune", options=options, gate=gate_for(min_cosine))
+    from onnxcompress.finetune.train import show_progress
+
+    with show_progress():
+        result = compress_file(
+            model, output, [step], data_path=data_path, report_path=report, seed=seed, quiet=True
+        )
+    print_summary(result, output or default_output(model))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(finetune)
