@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +19,8 @@ from onnxcompress.cli.common import (
     console,
     guarded,
 )
+from onnxcompress.compare import compare_models
+from onnxcompress.data import load_npz
 from onnxcompress.pass_base import describe, get_pass, pass_names
 from onnxcompress.recipe import load_recipe, recipe_schema
 from onnxcompress.summary import layer_table, totals
@@ -84,6 +87,32 @@ def passes(
     console.print(table)
 
 
+@guarded
+def bench(
+    original: ModelArgument,
+    compressed: Annotated[Path, typer.Argument(help="The compressed model.", show_default=False)],
+    batch: Annotated[int, typer.Option(min=1, help="Batch size of the probe inputs.")] = 1,
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs per model (interleaved).")] = 50,
+    data: DataOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Size, onnxruntime latency and fidelity of two models, side by side."""
+    samples = load_npz(data, io.load(original)) if data else None
+    result = compare_models(original, compressed, batch=batch, runs=runs, data=samples)
+    if as_json:
+        typer.echo(json.dumps({**dataclasses.asdict(result), "metrics": result.metrics.to_dict(),
+                               "size_ratio": result.size_ratio, "speedup": result.speedup}, indent=2))
+        return
+    table = Table()
+    for column in ("", str(original), str(compressed), "ratio"):
+        table.add_column(column, justify="right")
+    table.add_row("bytes on disk", f"{result.bytes_a:,}", f"{result.bytes_b:,}", f"{result.size_ratio:.2f}×")
+    table.add_row(f"latency ms (batch {batch}, median)", f"{result.latency_ms_a:.3f}",
+                  f"{result.latency_ms_b:.3f}", f"{result.speedup:.2f}×")
+    console.print(table)
+    console.print(f"fidelity: {result.metrics}", soft_wrap=True)
+
+
 recipe_app = typer.Typer(help="Recipes: YAML lists of gated passes.", no_args_is_help=True)
 
 
@@ -105,4 +134,5 @@ def register(app: typer.Typer) -> None:
     app.command()(inspect)
     app.command()(optimize)
     app.command()(passes)
+    app.command()(bench)
     app.add_typer(recipe_app, name="recipe")

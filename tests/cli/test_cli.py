@@ -124,3 +124,13 @@ def test_passes_and_recipe_schema():
     schema = json.loads(invoke("recipe", "schema").stdout)
     assert "steps" in schema["properties"]
     assert "prune.magnitude" in json.dumps(schema)
+
+
+def test_bench_compares_two_models(model_path, tmp_path):
+    assert invoke("prune", model_path, "-o", tmp_path / "p.onnx", "--sparsity", "0.5").exit_code == 0
+    result = invoke("bench", model_path, tmp_path / "p.onnx", "--runs", "3", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["bytes_a"] == (tmp_path / "mlp.onnx").stat().st_size
+    assert 0.5 < report["metrics"]["cosine"] < 1.0
+    assert report["latency_ms_a"] > 0 and report["latency_ms_b"] > 0

@@ -1,0 +1,77 @@
+"""Side-by-side comparison of two models: file size, onnxruntime latency, fidelity.
+
+Latency is measured interleaved (A, B, A, B, …) after warm-up, so drift on a shared machine
+hits both alike; the median is reported. Both models get the same probe inputs, drawn from
+the first model's signature (or taken from user data).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ModelComparison", "compare_models", "file_bytes"]
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress import fidelity, io, runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelComparison:
+    bytes_a: int
+    bytes_b: int
+    latency_ms_a: float
+    latency_ms_b: float
+    metrics: fidelity.Metrics
+    batch: int
+
+    @property
+    def size_ratio(self) -> float:
+        return self.bytes_a / self.bytes_b
+
+    @property
+    def speedup(self) -> float:
+        return self.latency_ms_a / self.latency_ms_b
+
+
+def file_bytes(path: Path) -> int:
+    """The model file plus every external-data file it references."""
+    model = io.load(path)
+    data_files = {Path(t.path).resolve() for t in io.iter_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    return path.stat().st_size + sum(f.stat().st_size for f in data_files)
+
+
+def compare_models(
+    path_a: Path,
+    path_b: Path,
+    *,
+    batch: int = 1,
+    runs: int = 50,
+    data: Mapping[str, np.ndarray] | None = None,
+    threads: int | None = None,
+) -> ModelComparison:
+    probes = fidelity.probe_inputs(io.load(path_a), count=batch, data=data)
+    sessions = [runtime.session(str(p), threads=threads) for p in (path_a, path_b)]
+    outputs = [s.run(None, probes) for s in sessions]
+    timings: list[list[float]] = [[], []]
+    for _ in range(3):
+        for session in sessions:
+            session.run(None, probes)
+    for _ in range(runs):
+        for index, session in enumerate(sessions):
+            started = time.perf_counter()
+            session.run(None, probes)
+            timings[index].append(time.perf_counter() - started)
+    return ModelComparison(
+        bytes_a=file_bytes(path_a),
+        bytes_b=file_bytes(path_b),
+        latency_ms_a=statistics.median(timings[0]) * 1e3,
+        latency_ms_b=statistics.median(timings[1]) * 1e3,
+        metrics=fidelity.compare(outputs[0], outputs[1]),
+        batch=batch,
+    )
