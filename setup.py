@@ -2,9 +2,26 @@
 
 The symlink onnxcompress/passes -> ../passes serves a bare checkout (pytest, mypy, IDEs);
 find_packages does not follow it, so the mapping below is the only way passes get in.
+
+`build_py` also builds the custom-op library (`kernels/`, CMake) and puts
+`libonnxcompress_kernels.so` into `onnxcompress/_kernels/`: in the wheel, and in the source
+tree for editable installs. Headers come from ORT_INCLUDE_DIR or `bash kernels/fetch_headers.sh`
+(run it first; this hook never downloads). Without headers, CMake or a compiler the pure Python
+package still installs, with a warning; ONNXCOMPRESS_REQUIRE_KERNELS=1 makes that an error.
+Set ONNXCOMPRESS_SKIP_KERNELS=1 to skip the native build.
 """
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+LIBRARY = "libonnxcompress_kernels.so"
 
 packages = [
     name
@@ -15,7 +32,58 @@ packages += ["onnxcompress.passes"] + [
     f"onnxcompress.passes.{name}" for name in find_packages("passes")
 ]
 
+
+def _ort_include_dir() -> Path | None:
+    candidates = [os.environ.get("ORT_INCLUDE_DIR", ""), str(ROOT / "build/apt/root/usr/include/onnxruntime")]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "onnxruntime_c_api.h").is_file():
+            return Path(candidate)
+    return None
+
+
+def _build_kernels() -> Path:
+    """Configure and build kernels/ with CMake; return the built library."""
+    include = _ort_include_dir()
+    if include is None:
+        raise RuntimeError("onnxruntime headers not found: run `bash kernels/fetch_headers.sh` or set ORT_INCLUDE_DIR")
+    if shutil.which("cmake") is None:
+        raise RuntimeError("cmake not found")
+    build = ROOT / "build" / "kernels"
+    configure = ["cmake", "-S", str(ROOT / "kernels"), "-B", str(build), f"-DORT_INCLUDE_DIR={include}",
+                 "-DCMAKE_BUILD_TYPE=Release"]
+    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4))], check=True)
+    library = build / LIBRARY
+    if not library.is_file():
+        raise RuntimeError(f"{library} was not produced")
+    return library
+
+
+class BuildPyWithKernels(build_py):
+    """build_py that also builds the kernel library into onnxcompress/_kernels/."""
+
+    def run(self) -> None:
+        super().run()
+        if os.environ.get("ONNXCOMPRESS_SKIP_KERNELS") == "1" or not (ROOT / "kernels" / "CMakeLists.txt").is_file():
+            return
+        try:
+            library = _build_kernels()
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+            if os.environ.get("ONNXCOMPRESS_REQUIRE_KERNELS") == "1":
+                raise RuntimeError(f"kernel library build failed: {error}") from error
+            print(f"warning: onnxcompress kernels not built ({error}); installing the pure Python package",
+                  file=sys.stderr)
+            return
+        targets = [ROOT / "onnxcompress" / "_kernels"]  # editable / compat installs read the source tree
+        if not getattr(self, "editable_mode", False):
+            targets.append(Path(self.build_lib) / "onnxcompress" / "_kernels")
+        for folder in targets:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(library, folder / LIBRARY)
+
+
 setup(
     packages=packages,
     package_dir={"onnxcompress": "onnxcompress", "onnxcompress.passes": "passes"},
+    cmdclass={"build_py": BuildPyWithKernels},
 )
