@@ -14,7 +14,7 @@ optimizer steps the *original* parameter and the graph always sees the constrain
 * `LowRank` -- ``W = reshape(A @ B)``; both factors are trained. Initialised by truncated
   SVD, ``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T`` (exact when rank >= rank(W)).
 
-In-graph codebooks (uint8 indices + float codebook + Gather, as `codebook.kmeans` writes
+In-graph codebooks (uint8 indices [+ Cast] + float codebook + Gather, as `codebook.kmeans` writes
 them) need no parametrization: the executor trains the codebook initializer and the
 Gather's backward is the same per-centroid sum. `attach_structure` puts a mask on every
 weight with exact zeros and on every zero codebook entry, so zeros stay zeros.
@@ -168,20 +168,36 @@ def codebook_tensors(model: ir.Model) -> list[str]:
     """Float initializers read by a Gather through constant integer indices: in-graph codebooks.
 
     An embedding table is also a Gather's data, but its indices come from the graph's
-    inputs; a codebook's indices are an initializer.
+    inputs; a codebook's indices are an initializer, possibly through Cast / Reshape.
     """
     found = []
     for node in model.graph:
         if node.op_type != "Gather" or len(node.inputs) < 2:
             continue
-        data, indices = node.inputs[0], node.inputs[1]
+        data, indices = node.inputs[0], _through_casts(node.inputs[1])
         if data is None or indices is None or data.const_value is None or indices.const_value is None:
             continue
-        if data.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE) and (
-            indices.const_value.dtype in (ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.UINT16)
-        ):
+        if data.const_value.dtype in _FLOATS and indices.const_value.dtype in _INTEGERS:
             found.append(data.name or "")
     return sorted(set(found))
+
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+_INTEGERS = (
+    ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.UINT16, ir.DataType.INT16,
+    ir.DataType.INT32, ir.DataType.INT64, ir.DataType.UINT4, ir.DataType.INT4,
+)
+
+
+def _through_casts(value: ir.Value | None) -> ir.Value | None:
+    """Follow Cast / Reshape producers back to their source (indices stored as uint8 are cast
+    to int32/int64 before Gather, which takes only those)."""
+    for _ in range(4):
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type not in ("Cast", "Reshape"):
+            return value
+        value = producer.inputs[0]
+    return value
 
 
 def attach_structure(module: OnnxModule, model: ir.Model, names: Iterable[str] | None = None) -> dict[str, str]:
