@@ -56,9 +56,14 @@ def finetune(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of batch order and dropout.")] = 0,
     report: ReportOption = None,
-    min_cosine: MinCosineOption = 0.0,
+    min_cosine: MinCosineOption = -1.0,
 ) -> None:
-    """Retrain weights in PyTorch keeping zeros, codebook indices and low-rank factors."""
+    """Retrain weights in PyTorch keeping zeros, codebook indices and low-rank factors.
+
+    Training with labels is meant to move the outputs away from MODEL's, so the output
+    gate is off unless --min-cosine is given (compare against the uncompressed model with
+    `onnxcompress bench` instead).
+    """
     options: dict[str, object] = {
         "epochs": epochs,
         "lr": lr,

@@ -1,0 +1,204 @@
+"""Training and write-back: the gated `finetune` pass, distillation, data sources, the CLI."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from typer.testing import CliRunner
+
+from onnxcompress.cli import app
+from onnxcompress.errors import DataError, RecipeError
+from onnxcompress.fidelity import Gate
+from onnxcompress.finetune.data import load_data
+from onnxcompress.finetune.executor import OnnxModule, to_ir
+from onnxcompress.finetune.train import TrainOptions, dropout_ratio, evaluate, finetune
+from onnxcompress.pass_base import get_pass
+from onnxcompress.pipeline import Step, run_steps
+from tests.finetune.conftest import ort_run
+
+NO_GATE = Gate(min_cosine=None)
+
+
+def _digits(proto, digits, n=600):
+    x, y = digits
+    name = proto.graph.input[0].name
+    return {name: x[:n], "labels": y[:n]}, {name: x[1200:], "labels": y[1200:]}
+
+
+def _prune_then_finetune(proto, train, **options):
+    steps = [
+        Step(pass_name="prune.magnitude", options={"sparsity": 0.8}, gate=NO_GATE),
+        Step(pass_name="finetune", options={"epochs": 4, "lr": 0.01, "optimizer": "adam", "batch_size": 32, **options},
+             gate=NO_GATE),
+    ]
+    return run_steps(to_ir(proto), steps, data=train, seed=3)
+
+
+def test_write_back_round_trip_keeps_structure_and_recovers_accuracy(mlp_pair, digits) -> None:
+    _, proto = mlp_pair
+    train, test = _digits(proto, digits)
+    pruned = run_steps(to_ir(proto), [Step(pass_name="prune.magnitude", options={"sparsity": 0.8}, gate=NO_GATE)])
+    result = _prune_then_finetune(proto, train)
+    tuned = result.model
+    assert result.steps[1].status == "applied"
+
+    def tensors(model):
+        return {n: v.const_value.numpy() for n, v in model.graph.initializers.items()}
+
+    before, after = tensors(pruned.model), tensors(tuned)
+    assert set(before) == set(after)
+    for name in before:
+        assert after[name].shape == before[name].shape and after[name].dtype == before[name].dtype
+        if name.endswith("weight"):
+            np.testing.assert_array_equal(after[name] == 0, before[name] == 0)  # zeros stay, none added
+    assert [n.op_type for n in tuned.graph] == [n.op_type for n in pruned.model.graph]
+    assert [v.name for v in tuned.graph.inputs] == [v.name for v in pruned.model.graph.inputs]
+    changed = {c.name for c in result.steps[1].report.changes}
+    assert changed == set(before)  # every float tensor was retrained
+
+    out_proto = ir.to_proto(tuned)
+    out_proto.ir_version = 10
+    name = proto.graph.input[0].name
+    x = test[name][:50]
+    np.testing.assert_allclose(ort_run(out_proto, {name: x})[0], OnnxModule(out_proto).run({name: x})[0],
+                               rtol=0, atol=1e-5 * 10)
+    accuracy_pruned = evaluate(OnnxModule(pruned.model), test)
+    accuracy_tuned = evaluate(OnnxModule(tuned), test)
+    assert accuracy_tuned > accuracy_pruned + 0.2, (accuracy_pruned, accuracy_tuned)
+
+
+def test_same_seed_same_bytes(mlp_pair, digits) -> None:
+    _, proto = mlp_pair
+    train, _ = _digits(proto, digits, n=200)
+    first = ir.to_proto(_prune_then_finetune(proto, train).model).SerializeToString()
+    second = ir.to_proto(_prune_then_finetune(proto, train).model).SerializeToString()
+    third = ir.to_proto(_prune_then_finetune(proto, train, seed=11).model).SerializeToString()
+    assert first == second and first != third
+
+
+def test_distillation_without_labels_moves_toward_the_teacher(mlp_pair, digits) -> None:
+    _, proto = mlp_pair
+    train, _ = _digits(proto, digits, n=300)
+    del train["labels"]
+    teacher = to_ir(proto)
+    pruned = run_steps(to_ir(proto), [Step(pass_name="prune.magnitude", options={"sparsity": 0.7}, gate=NO_GATE)]).model
+    options = TrainOptions(epochs=30, lr=0.05, batch_size=50, target_cosine=0.999, probe_samples=300)
+    start = finetune(pruned, train, original=teacher, options=TrainOptions(epochs=1, lr=1e-12, target_cosine=0.0))
+    result = finetune(pruned, train, original=teacher, options=options)
+    assert result.loss_kind == "kl"
+    assert result.history[-1]["loss"] < 0.5 * result.history[0]["loss"]
+    assert result.history[-1]["cosine"] > start.history[0]["cosine"]
+    assert result.stopped_early == (len(result.history) < 30)
+    if result.stopped_early:
+        assert result.history[-1]["cosine"] >= 0.999
+
+
+@pytest.mark.parametrize("loss", ["mse", "cosine"])
+def test_embedding_losses_reduce_their_distance(mlp_pair, digits, loss) -> None:
+    _, proto = mlp_pair
+    train, _ = _digits(proto, digits, n=200)
+    del train["labels"]
+    pruned = run_steps(to_ir(proto), [Step(pass_name="prune.magnitude", options={"sparsity": 0.7}, gate=NO_GATE)]).model
+    result = finetune(pruned, train, original=to_ir(proto), options=TrainOptions(epochs=5, lr=0.05, loss=loss, batch_size=40))
+    assert result.loss_kind == loss and result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_early_stop_on_accuracy_target(mlp_pair, digits) -> None:
+    _, proto = mlp_pair
+    train, _ = _digits(proto, digits)
+    result = finetune(to_ir(proto), train, options=TrainOptions(epochs=50, lr=0.1, batch_size=32, target_accuracy=0.8))
+    assert result.stopped_early and result.history[-1]["accuracy"] >= 0.8
+    assert all(h["accuracy"] < 0.8 for h in result.history[:-1])
+
+
+def test_l1_regularisation_shrinks_weights(mlp_pair, digits) -> None:
+    _, proto = mlp_pair
+    train, _ = _digits(proto, digits, n=200)
+    plain = finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05))
+    sparse = finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05, l1=1e-3))
+    assert np.abs(sparse.arrays["layers.0.weight"]).sum() < np.abs(plain.arrays["layers.0.weight"]).sum()
+
+
+def test_dropout_ratio_follows_han_eq_2() -> None:
+    assert dropout_ratio(0.5, 1000, 90) == pytest.approx(0.5 * np.sqrt(0.09))
+    assert dropout_ratio(0.5, 0, 10) == 0.5
+
+
+def test_dropout_node_is_rescaled_from_connection_counts(rng) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    pruned = np.where(np.abs(w) > np.quantile(np.abs(w), 0.75), w, 0).astype(np.float32)
+
+    def model(weight):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Dropout", ["r", "ratio"], ["y"], name="drop")],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+            initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.float32(0.5), "ratio")],
+        )
+        return to_ir(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+    data = {"x": rng.standard_normal((16, 8)).astype(np.float32)}
+    result = finetune(model(pruned), data, original=model(w), options=TrainOptions(epochs=1, loss="mse"))
+    assert result.structure["dropout:drop"] == f"ratio {0.5 * np.sqrt(16 / 64):.4f}"
+
+
+def test_pass_without_data_is_a_data_error(mlp_pair) -> None:
+    with pytest.raises(DataError, match="finetune needs training data"):
+        run_steps(to_ir(mlp_pair[1]), [Step(pass_name="finetune", gate=NO_GATE)])
+
+
+def test_pass_config_is_validated() -> None:
+    with pytest.raises(RecipeError, match="lr"):
+        get_pass("finetune")(lr=-1.0)
+    with pytest.raises(RecipeError, match="epochs"):
+        get_pass("finetune")(epochs=0)
+
+
+def test_data_from_npz_and_from_a_callable(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones((3, 2), np.float32), labels=np.arange(3))
+    loaded = load_data(path)
+    assert set(loaded) == {"x", "labels"}
+    (tmp_path / "my_batches.py").write_text(textwrap.dedent("""
+        import numpy as np
+        def batches():
+            return [{"x": np.ones((2, 2), np.float32)}]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    factory = load_data("my_batches:batches")
+    assert list(factory())[0]["x"].shape == (2, 2)
+    with pytest.raises(DataError, match="cannot import data callable"):
+        load_data("no_such_module_xyz:f")
+    sys.modules.pop("my_batches", None)
+
+
+def test_cli_finetune_writes_a_model(mlp_pair, digits, tmp_path) -> None:
+    _, proto = mlp_pair
+    train, test = _digits(proto, digits, n=300)
+    model_path, data_path, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "out.onnx"
+    onnx.save(proto, model_path)
+    np.savez(data_path, **train)
+    result = CliRunner().invoke(app, ["finetune", str(model_path), "--data", str(data_path), "-o", str(out),
+                                      "--epochs", "4", "--lr", "0.01", "--optimizer", "adam", "--batch-size", "32"])
+    assert result.exit_code == 0, result.output
+    tuned = onnx.load(out)
+    assert [i.name for i in tuned.graph.initializer] == [i.name for i in proto.graph.initializer]
+    assert evaluate(OnnxModule(tuned), test) > evaluate(OnnxModule(proto), test) + 0.3
+
+
+def test_cli_distill_without_teacher_or_labels_exits_2(mlp_pair, digits, tmp_path) -> None:
+    _, proto = mlp_pair
+    model_path, data_path = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(proto, model_path)
+    np.savez(data_path, **{proto.graph.input[0].name: digits[0][:10]})
+    result = CliRunner().invoke(app, ["finetune", str(model_path), "--data", str(data_path), "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2
+    assert "distillation needs a teacher" in result.output
