@@ -1,0 +1,112 @@
+"""`onnxcompress cluster | pack | unpack`: weight sharing and Deep Compression storage.
+
+`cluster` runs `codebook.kmeans` as one gated step. `pack` writes the `.onnxc` archive
+(relative indices, codebook indices and codebooks, entropy-coded) and prints the paper's
+Table 1 for it; `unpack` restores the ONNX model bit for bit. A corrupt, truncated or foreign
+archive is a one-line error with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from onnxcompress.cli.common import (
+    DataOption,
+    MinCosineOption,
+    OutputOption,
+    ReportOption,
+    compress_file,
+    console,
+    gate_for,
+    guarded,
+)
+from onnxcompress.errors import UserError
+from onnxcompress.pipeline import Step
+
+
+def _parse_overrides(items: list[str] | None) -> dict[str, int]:
+    overrides: dict[str, int] = {}
+    for item in items or ():
+        pattern, sep, bits = item.rpartition("=")
+        if not sep or not pattern or not bits.strip().isdigit():
+            raise UserError(f"--layer-bits {item!r}: expected GLOB=BITS, e.g. 'conv1.*=8'")
+        overrides[pattern] = int(bits)
+    return overrides
+
+
+@guarded
+def cluster(
+    model: Annotated[Path, typer.Argument(help="The ONNX model (pruned or not).", show_default=False)],
+    output: OutputOption = None,
+    bits: Annotated[
+        int | None, typer.Option(help="Bits for every layer (1..8); default by op: Conv 8, MatMul/Gemm 5.")
+    ] = None,
+    layer_bits: Annotated[
+        list[str] | None, typer.Option(help="GLOB=BITS for matching weights (repeatable, first match wins).")
+    ] = None,
+    init: Annotated[str, typer.Option(help="linear (paper), density, random or optimal.")] = "linear",
+    exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never clustered (repeatable).")] = None,
+    data: DataOption = None,
+    report: ReportOption = None,
+    min_cosine: MinCosineOption = 0.0,
+) -> None:
+    """Share weights by per-layer k-means (Deep Compression): uint8/uint4 indices + codebook."""
+    options: dict[str, object] = {
+        "bits": bits,
+        "overrides": _parse_overrides(layer_bits),
+        "init": init,
+        "exclude": tuple(exclude or ()),
+    }
+    step = Step(pass_name="codebook.kmeans", options=options, gate=gate_for(min_cosine))
+    compress_file(model, output, [step], data_path=data, report_path=report)
+
+
+@guarded
+def pack(
+    model: Annotated[Path, typer.Argument(help="A model (typically pruned and clustered).", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Archive (default: <stem>.onnxc).")] = None,
+    coder: Annotated[str, typer.Option(help="huffman (as in the paper) or ans (tighter, faster).")] = "huffman",
+    index_bits: Annotated[
+        int | None, typer.Option(help="Relative-index width for all layers (default: 8 conv, 5 others).")
+    ] = None,
+    report: ReportOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table.")] = False,
+) -> None:
+    """Write a Deep Compression archive (.onnxc) and print its Table-1 report."""
+    from onnxcompress.archive import compression_table, pack_file, table_markdown
+
+    if report is not None and report.suffix not in (".json", ".md", ".markdown"):
+        raise UserError(f"{report}: report format must be .json or .md")
+    output = output or model.with_suffix(".onnxc")
+    result = pack_file(model, output, coder=coder, index_bits=index_bits)
+    table = compression_table(result)
+    text = table_markdown(table, title=f"{model.name} → {output.name} ({coder})")
+    if report is not None:
+        report.write_text(json.dumps(table, indent=2) if report.suffix == ".json" else text + "\n")
+    if not quiet:
+        console.print(text, markup=False)
+
+
+@guarded
+def unpack(
+    archive: Annotated[Path, typer.Argument(help="An .onnxc archive.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Model (default: <stem>.onnx).")] = None,
+) -> None:
+    """Restore the ONNX model from an .onnxc archive, every weight bit-identical."""
+    from onnxcompress.archive import unpack_file
+
+    output = output or archive.with_suffix(".onnx")
+    if output.resolve() == archive.resolve():
+        raise UserError(f"{output}: refusing to overwrite the archive; choose another output")
+    written = unpack_file(archive, output)
+    console.print(f"wrote {written}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(cluster)
+    app.command()(pack)
+    app.command()(unpack)
