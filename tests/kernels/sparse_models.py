@@ -40,7 +40,7 @@ def sparse_matmul_model(
             inputs.append(helper.make_tensor_value_info(name, _TYPES[array.dtype], [None]))
         else:
             initializers.append(numpy_helper.from_array(array, name))
-    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [*x_shape[:-1], csr.out_features])
     graph = helper.make_graph([node], "sparse_matmul", inputs, [output], initializer=initializers)
     functions = [sparse_matmul_function(OPSET)] if portable else []
     model = helper.make_model(

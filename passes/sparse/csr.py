@@ -1,0 +1,364 @@
+"""`sparse.csr`: run pruned MatMul/Gemm layers with the SparseMatMul kernel, where it is faster.
+
+Deep Compression (Han et al., ICLR 2016) stores pruned layers as sparse matrices and measured
+3× faster fully connected layers at batch 1 on CPU; onnxruntime has no usable sparse kernel
+(it densifies `sparse_initializer` at load), so a pruned model is as slow as the dense one.
+This pass swaps a pruned layer's weight for CSR arrays read by `ai.onnxcompress.SparseMatMul`
+(formats.py), but only where the kernel is measurably faster at the batch size the user
+gives: each candidate is timed against onnxruntime's dense MatMul on this machine, in one
+process, alternating, caches flushed between calls by default. Every layer left dense gets
+its reason (too dense, not faster, shared weight, unsupported Gemm form, ...).
+
+The rewrite is exact: MatMul(X, W) becomes SparseMatMul(X, csr(W), bias=0), and
+Gemm(A, B, C; alpha, beta, transB) becomes SparseMatMul(A, csr(alpha·op(B)), bias=beta·C)
+for a constant C that broadcasts to [N]; outputs differ from dense only by fp32 summation
+order. With `portable` (default) the model also carries each op as a model-local function
+(functions.py), so a stock onnxruntime still runs it, at dense speed.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SparseCsrConfig", "SparseCsrPass", "measure_layer"]
+
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pydantic
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress import runtime
+from onnxcompress.errors import MissingDependencyError, UnsupportedModelError
+from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.passes.sparse.formats import CsrWeight, to_csr
+from onnxcompress.passes.sparse.functions import DOMAIN, MIN_ONNX_OPSET, OPSET_VERSION, function_for
+from onnxcompress.sites import WeightSite, find_weight_sites
+
+logger = logging.getLogger(__name__)
+
+OP = "SparseMatMul"
+_FLUSH_BYTES = 96 << 20  # larger than the L3 of the machines we measured on
+
+
+class SparseCsrConfig(PassConfig):
+    min_sparsity: float = pydantic.Field(
+        0.7, ge=0.0, le=1.0, description="Layers with a smaller share of zero weights stay dense."
+    )
+    batch: int = pydantic.Field(
+        1, ge=1, le=65536, description="Rows per inference the decision is measured at (X is [batch, K])."
+    )
+    portable: bool = pydantic.Field(
+        True, description="Also write each op as a model-local ONNX function so stock onnxruntime runs the model."
+    )
+    decide: Literal["measure", "always"] = pydantic.Field(
+        "measure",
+        description="measure: convert only where the kernel is timed faster than dense MatMul here; "
+        "always: convert every layer at or above min_sparsity (needs no kernel library with portable).",
+    )
+    min_speedup: float = pydantic.Field(
+        1.1, gt=0.0, description="Measured dense time / sparse time a layer must reach to be converted."
+    )
+    index_dtype: Literal["auto", "uint16", "int32"] = pydantic.Field(
+        "auto", description="CSR column index type; auto picks uint16 when K <= 65536."
+    )
+    threads: int | None = pydantic.Field(
+        None, ge=1, description="onnxruntime intra-op threads for the measurement (default: onnxruntime's)."
+    )
+    repeats: int = pydantic.Field(15, ge=3, le=1000, description="Timed runs per variant; the median counts.")
+    cold_cache: bool = pydantic.Field(
+        True, description="Flush the CPU caches before each timed run (weights of a real model rarely stay cached)."
+    )
+    min_params: int = pydantic.Field(1024, ge=0, description="Weights smaller than this stay dense.")
+    exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never converted.")
+
+
+@dataclasses.dataclass
+class _Candidate:
+    site: WeightSite
+    weight: np.ndarray  # K x N, float32, the effective weight (alpha and transB applied)
+    bias: np.ndarray  # [N] float32
+    sparsity: float
+    timing: dict[str, float] | None = None
+
+
+def _timed(session: object, feeds: dict[str, np.ndarray], flush: np.ndarray | None) -> float:
+    if flush is not None:
+        flush += 1  # touch every line: evicts weights from all cache levels
+    start = time.perf_counter()
+    session.run(None, feeds)  # type: ignore[attr-defined]
+    return time.perf_counter() - start
+
+
+def _layer_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], k: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
+    )
+    model.ir_version = 8
+    return model
+
+
+def measure_layer(
+    weight: np.ndarray,
+    csr: CsrWeight,
+    batch: int,
+    *,
+    threads: int | None = None,
+    repeats: int = 15,
+    cold_cache: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median seconds of dense MatMul and of SparseMatMul for one [batch, K] × [K, N] product.
+
+    Both run in this process through onnxruntime with the kernel library, alternating, so
+    that load from other processes hits both alike.
+    """
+    k = weight.shape[0]
+    dense = _layer_model(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], [numpy_helper.from_array(weight, "W")], k
+    )
+    sparse = _layer_model(
+        [helper.make_node(OP, ["X", "v", "c", "r"], ["Y"], domain=DOMAIN, K=csr.in_features, N=csr.out_features)],
+        [numpy_helper.from_array(csr.values, "v"), numpy_helper.from_array(csr.col_indices, "c"),
+         numpy_helper.from_array(csr.row_ptr, "r")],
+        k,
+    )
+    sessions = {"dense": runtime.session(dense, threads=threads), "sparse": runtime.session(sparse, threads=threads)}
+    feeds = {"X": np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)}
+    flush = np.zeros(_FLUSH_BYTES // 4, dtype=np.float32) if cold_cache else None
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(2):  # warm up: arena allocation, thread pool start
+        for session in sessions.values():
+            session.run(None, feeds)
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            times[name].append(_timed(session, feeds, flush))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+@register
+class SparseCsrPass(CompressionPass):
+    """Swap pruned MatMul/Gemm weights for the SparseMatMul kernel where it is faster."""
+
+    name = "sparse.csr"
+    summary = "Pruned MatMul/Gemm -> ai.onnxcompress.SparseMatMul (CSR) where measured faster; exact."
+    Config = SparseCsrConfig
+    config: SparseCsrConfig
+    lossy = False
+
+    def requires(self, model: ir.Model) -> None:
+        super().requires(model)
+        has_kernel = OP in runtime.available_ops()
+        if self.config.decide == "measure" and not has_kernel:
+            raise MissingDependencyError(
+                "sparse.csr measures the SparseMatMul kernel but the kernel library is not built "
+                "(see `bash kernels/fetch_headers.sh && pip install -e .`); use decide='always' to convert "
+                "without measuring"
+            )
+        if not self.config.portable and not has_kernel:
+            raise MissingDependencyError(
+                "sparse.csr with portable=False writes a model that needs the kernel library, which is not built"
+            )
+        if self.config.portable and _opset(model) < MIN_ONNX_OPSET:
+            raise UnsupportedModelError(
+                f"the portable SparseMatMul function needs ONNX opset >= {MIN_ONNX_OPSET}; the model uses "
+                f"{_opset(model)} (convert the opset first, or use portable=False)"
+            )
+
+    def apply(self, model: ir.Model) -> bool:
+        scan = find_weight_sites(
+            model, min_params=self.config.min_params, exclude=self.config.exclude, ops=("MatMul", "Gemm")
+        )
+        for skip in scan.skipped:
+            self.report.skip(skip.name, skip.reason)
+        candidates = []
+        for site in scan.sites:
+            candidate = self._candidate(model, site)
+            if candidate is not None:
+                candidates.append(candidate)
+        chosen = [c for c in candidates if self._faster(c)]
+        if not chosen:
+            return False
+        for candidate in chosen:
+            self._rewrite(model, candidate)
+        model.opset_imports[DOMAIN] = OPSET_VERSION
+        if self.config.portable:
+            function = ir.serde.deserialize_function(function_for(OP, _opset(model)))
+            model.functions[function.identifier()] = function
+        return True
+
+    # ---- eligibility -------------------------------------------------------------------
+
+    def _candidate(self, model: ir.Model, site: WeightSite) -> _Candidate | None:
+        node = site.node
+        reason = self._ineligible(model, site)
+        if reason is not None:
+            self.report.skip(site.name, reason)
+            return None
+        array = np.asarray(site.array(), dtype=np.float32)
+        bias = np.zeros(array.shape[1] if node.op_type == "MatMul" else 0, dtype=np.float32)
+        if node.op_type == "Gemm":
+            effective = self._gemm_weight_and_bias(site, array)
+            if isinstance(effective, str):
+                self.report.skip(site.name, effective)
+                return None
+            array, bias = effective
+        sparsity = 1.0 - np.count_nonzero(array) / array.size
+        if sparsity < self.config.min_sparsity:
+            self.report.skip(site.name, f"sparsity {sparsity:.3f} < min_sparsity {self.config.min_sparsity}")
+            return None
+        return _Candidate(site, array, bias, float(sparsity))
+
+    def _ineligible(self, model: ir.Model, site: WeightSite) -> str | None:
+        node = site.node
+        if node.graph is not model.graph:
+            return "inside a subgraph (If/Loop/Scan): only main-graph layers are converted"
+        if len(site.consumers) != 1:
+            return f"weight read by {len(site.consumers)} nodes"
+        if site.value.is_graph_output():
+            return "weight is also a graph output"
+        if site.dtype != ir.DataType.FLOAT:
+            return f"dtype {site.dtype.name}: the kernel is fp32 only"
+        if len(site.shape) != 2:
+            return f"weight is {len(site.shape)}-D; the kernel takes a 2-D K x N weight"
+        if node.op_type == "MatMul" and site.input_index != 1:
+            return "weight is MatMul's first input"
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            return "Gemm with transA=1"
+        return None
+
+    def _gemm_weight_and_bias(self, site: WeightSite, array: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
+        node = site.node
+        alpha = node.attributes.get_float("alpha", 1.0)
+        beta = node.attributes.get_float("beta", 1.0)
+        weight = array.T if node.attributes.get_int("transB", 0) else array
+        weight = np.ascontiguousarray(weight * np.float32(alpha) if alpha != 1.0 else weight, dtype=np.float32)
+        n = weight.shape[1]
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if c is None:
+            return weight, np.zeros(n, dtype=np.float32)
+        if c.const_value is None:
+            return "Gemm bias C is not a constant"
+        bias = np.asarray(c.const_value.numpy(), dtype=np.float32)
+        if bias.size not in (1, n) or (bias.ndim == 2 and bias.shape[0] != 1):
+            return f"Gemm bias C of shape {list(bias.shape)} does not broadcast to [{n}]"
+        return weight, np.ascontiguousarray(np.broadcast_to(bias.reshape(-1), (n,)) * np.float32(beta))
+
+    # ---- decision ----------------------------------------------------------------------
+
+    def _faster(self, candidate: _Candidate) -> bool:
+        csr = to_csr(candidate.weight, self.config.index_dtype)
+        if self.config.decide == "always":
+            return True
+        timing = measure_layer(
+            candidate.weight,
+            csr,
+            self.config.batch,
+            threads=self.config.threads,
+            repeats=self.config.repeats,
+            cold_cache=self.config.cold_cache,
+            seed=self.context.seed,
+        )
+        candidate.timing = timing
+        speedup = timing["dense"] / timing["sparse"]
+        self.report.notes.setdefault("timings", {})[candidate.site.name] = {
+            "batch": self.config.batch,
+            "dense_ms": round(timing["dense"] * 1e3, 4),
+            "sparse_ms": round(timing["sparse"] * 1e3, 4),
+            "speedup": round(speedup, 3),
+        }
+        if speedup < self.config.min_speedup:
+            self.report.skip(
+                candidate.site.name,
+                f"kernel not faster at batch {self.config.batch}: {timing['sparse'] * 1e3:.3f} ms vs dense "
+                f"{timing['dense'] * 1e3:.3f} ms ({speedup:.2f}x < min_speedup {self.config.min_speedup})",
+            )
+            return False
+        return True
+
+    # ---- rewrite -----------------------------------------------------------------------
+
+    def _rewrite(self, model: ir.Model, candidate: _Candidate) -> None:
+        site = candidate.site
+        node = site.node
+        graph = model.graph
+        csr = to_csr(candidate.weight, self.config.index_dtype)
+        taken = set(graph.initializers)
+        arrays = {
+            "values": csr.values,
+            "col_indices": csr.col_indices,
+            "row_ptr": csr.row_ptr,
+            "bias": candidate.bias,
+        }
+        inputs = [node.inputs[0]]
+        for suffix, array in arrays.items():
+            name = _unique(f"{site.name}.csr_{suffix}", taken)
+            value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+            value.shape = ir.Shape(array.shape)
+            value.type = ir.TensorType(value.const_value.dtype)  # type: ignore[union-attr]
+            graph.register_initializer(value)
+            inputs.append(value)
+        old_output = node.outputs[0]
+        old_inputs = list(node.inputs[2:])
+        new = ir.node(
+            OP,
+            inputs,
+            attributes={"K": csr.in_features, "N": csr.out_features},
+            domain=DOMAIN,
+            name=node.name or f"{site.name}.sparse",
+            num_outputs=1,
+        )
+        new.outputs[0].name = old_output.name
+        new.outputs[0].shape = old_output.shape
+        new.outputs[0].type = old_output.type
+        old_output.name = None
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [old_output], [new.outputs[0]])
+        _drop_if_unused(graph, site)
+        for value in old_inputs:
+            if value is not None and not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
+                graph.initializers.pop(value.name)  # a Gemm's C, folded into the bias
+        detail = f"{OP} sparsity {candidate.sparsity:.3f}, {csr.col_indices.dtype.name} columns"
+        if candidate.timing is not None:
+            detail += (
+                f", {candidate.timing['dense'] / candidate.timing['sparse']:.2f}x faster at batch "
+                f"{self.config.batch} ({candidate.timing['sparse'] * 1e3:.3f} vs {candidate.timing['dense'] * 1e3:.3f} ms)"
+            )
+        self.report.changed(
+            site.name, node.op_type, site.array(), params_after=csr.nnz, bytes_after=csr.nbytes, detail=detail
+        )
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, index = base, 1
+    while name in taken:
+        name = f"{base}_{index}"
+        index += 1
+    taken.add(name)
+    return name
+
+
+def _drop_if_unused(graph: ir.Graph, site: WeightSite) -> None:
+    value = site.value
+    if value.uses() or value.is_graph_output():
+        return
+    if site.holder == "constant":
+        producer = value.producer()
+        if producer is not None and producer.graph is not None:
+            producer.graph.remove(producer, safe=True)
+    elif value.name in graph.initializers:
+        graph.initializers.pop(value.name)

@@ -1,0 +1,57 @@
+"""sparse.csr's measured decision with the kernel: converts when faster, records why not."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxcompress import runtime
+from onnxcompress.pass_base import get_pass
+from onnxcompress.passes.sparse.csr import measure_layer
+from onnxcompress.passes.sparse.formats import to_csr
+from tests.builders import mlp_proto
+from tests.kernels.sparse_models import pruned
+from tests.passes.sparse.test_sparse_csr import prune_proto
+
+SparseCsr = get_pass("sparse.csr")
+FAST = {"repeats": 3, "cold_cache": False, "threads": 1, "min_params": 16}
+
+
+def _model(rng):
+    proto = mlp_proto(rng, (64, 96, 32, 10))
+    return prune_proto(proto, rng, {"fc0.weight": 0.95, "fc1.weight": 0.95, "head.weight": 0.95})
+
+
+def test_not_faster_stays_dense_with_the_timing(rng):
+    sparse_pass = SparseCsr(min_speedup=1000.0, **FAST)
+    result = sparse_pass(ir.serde.deserialize_model(_model(rng)))
+    assert not result.modified
+    for name in ("fc0.weight", "fc1.weight", "head.weight"):
+        reason = sparse_pass.report.reason_for(name)
+        assert reason is not None and reason.startswith("kernel not faster at batch 1: ")
+        assert reason.endswith("x < min_speedup 1000.0)")
+        timing = sparse_pass.report.notes["timings"][name]
+        assert timing["dense_ms"] > 0 and timing["sparse_ms"] > 0
+
+
+def test_faster_is_converted_and_runs_with_the_kernel(rng):
+    proto = _model(rng)
+    sparse_pass = SparseCsr(min_speedup=1e-6, portable=False, batch=4, **FAST)
+    result = sparse_pass(ir.serde.deserialize_model(proto))
+    assert result.modified
+    out = ir.to_proto(result.model)
+    assert not out.functions  # --no-portable: the kernel is required
+    assert [n.op_type for n in out.graph.node].count("SparseMatMul") == 3
+    assert all("faster at batch 4" in c.detail for c in sparse_pass.report.changes)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    expected = runtime.session(proto, threads=1).run(None, {"x": x})[0]
+    actual = runtime.session(out, threads=1).run(None, {"x": x})[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    onnx.checker.check_model(out)
+
+
+def test_measure_layer_times_both_variants(rng):
+    weight = pruned(rng, (128, 64), 0.9)
+    timing = measure_layer(weight, to_csr(weight), 2, threads=1, repeats=3, cold_cache=True)
+    assert set(timing) == {"dense", "sparse"} and min(timing.values()) > 0
