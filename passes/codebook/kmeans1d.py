@@ -71,17 +71,24 @@ class _SortedPrefix:
         self._cum1 = np.concatenate([[0.0], np.cumsum(sums)])
         self._cum2 = np.concatenate([[0.0], np.cumsum(squares)])
 
-    def prefix(self, index: int) -> tuple[float, float]:
-        """(sum, sum of squares) of sorted[:index] in float64."""
-        block = index // _BLOCK
-        tail = self.sorted[block * _BLOCK : index].astype(np.float64)
-        return self._cum1[block] + float(tail.sum()), self._cum2[block] + float(tail @ tail)
+    def prefixes(self, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised `prefix` for many indices: (sums, sums of squares) of sorted[:e]."""
+        edges = np.asarray(edges, dtype=np.int64)
+        blocks = edges // _BLOCK
+        lengths = edges - blocks * _BLOCK
+        total = int(lengths.sum())
+        owner = np.repeat(np.arange(edges.size), lengths)
+        offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        tail = self.sorted[np.repeat(blocks * _BLOCK, lengths) + offsets].astype(np.float64)
+        sums = np.bincount(owner, weights=tail, minlength=edges.size)
+        squares = np.bincount(owner, weights=tail * tail, minlength=edges.size)
+        return self._cum1[blocks] + sums, self._cum2[blocks] + squares
 
     def segment_stats(self, splits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Counts, sums and sums of squares of the segments delimited by `splits`."""
         edges = np.concatenate([[0], splits, [self.n]]).astype(np.int64)
-        stats = np.array([self.prefix(int(e)) for e in edges])
-        return np.diff(edges), np.diff(stats[:, 0]), np.diff(stats[:, 1])
+        sums, squares = self.prefixes(edges)
+        return np.diff(edges), np.diff(sums), np.diff(squares)
 
 
 def _thresholds(centroids: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -250,8 +257,8 @@ def _optimal_on_atoms(data: _SortedPrefix, k: int, atoms: int = 1024) -> np.ndar
     vectorised over an (m+1)^2 cost matrix; exact when each atom is one distinct value.
     """
     edges = _atom_edges(data, atoms)
-    stats = np.array([data.prefix(int(e)) for e in edges])
-    p1, p2, count = stats[:, 0], stats[:, 1], edges.astype(np.float64)
+    p1, p2 = data.prefixes(edges)
+    count = edges.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         n = count[None, :] - count[:, None]
         s1 = p1[None, :] - p1[:, None]
@@ -271,7 +278,7 @@ def _optimal_on_atoms(data: _SortedPrefix, k: int, atoms: int = 1024) -> np.ndar
     bounds.append(0)
     cuts = edges[np.array(bounds[::-1])]
     counts = np.diff(cuts).astype(np.float64)
-    sums = np.diff(np.array([data.prefix(int(c))[0] for c in cuts]))
+    sums = np.diff(data.prefixes(cuts)[0])
     return np.sort(sums[counts > 0] / counts[counts > 0])
 
 
