@@ -68,7 +68,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.archive.entropy import CODERS, decode_stream, encode_stream
+from onnxcompress.archive.entropy import CODERS, decode_stream, empirical_bits, encode_stream
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
 from onnxcompress.errors import ModelLoadError, UserError
 
@@ -218,16 +218,24 @@ def pack(
 def _encode_layer(indices: np.ndarray, bits: int, coder: str) -> tuple[bytes, bytes, bool, int]:
     """(value stream, diff stream, sparse?, entries) in whichever mode codes smaller.
 
-    Both modes are coded when the sparse one could win (at least 1 in 8 indices is zero): the
-    ideal entropies of the two are close for random sparsity, and a Huffman code cannot go
-    below 1 bit per symbol, so only the real sizes decide reliably.
+    The ideal entropies of the two modes are close for random sparsity, and a Huffman code
+    cannot go below 1 bit per symbol, so real sizes decide: the sparse mode is coded first
+    (when at least 1 index in 8 is zero) and the dense one only if it could still be smaller
+    than the sparse one (its size is at least the empirical entropy, and 1 bit per index for
+    Huffman).
     """
-    dense = encode_stream(indices, coder)
     if np.count_nonzero(indices) > 7 * indices.size // 8:
-        return dense, b"", False, int(indices.size)
+        return encode_stream(indices, coder), b"", False, int(indices.size)
     diffs, values = encode_relative(indices, bits)
     value_stream, diff_stream = encode_stream(values, coder), encode_stream(diffs, coder)
-    if len(value_stream) + len(diff_stream) < len(dense):
+    sparse_size = len(value_stream) + len(diff_stream)
+    dense_floor = empirical_bits(indices) / 8
+    if coder == "huffman":
+        dense_floor = max(dense_floor, indices.size / 8)
+    if sparse_size <= dense_floor:
+        return value_stream, diff_stream, True, int(values.size)
+    dense = encode_stream(indices, coder)
+    if sparse_size < len(dense):
         return value_stream, diff_stream, True, int(values.size)
     return dense, b"", False, int(indices.size)
 
