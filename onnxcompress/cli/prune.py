@@ -1,22 +1,58 @@
-"""`onnxcompress prune`: magnitude pruning (unstructured) as one gated step."""
+"""`onnxcompress prune` (unstructured or `--structured`) and `onnxcompress sensitivity`."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
+from onnxcompress import io
 from onnxcompress.cli.common import (
     DataOption,
     MinCosineOption,
     OutputOption,
     ReportOption,
     compress_file,
+    console,
     gate_for,
     guarded,
 )
+from onnxcompress.data import load_npz
+from onnxcompress.errors import DataError, UserError
+from onnxcompress.pass_base import PassContext
 from onnxcompress.pipeline import Step
+
+logger = logging.getLogger(__name__)
+
+
+def _print_plan(plan_dict: dict[str, object]) -> None:
+    from onnxcompress.passes.prune.structured import StructuredPlan
+
+    plan = StructuredPlan.from_dict(plan_dict)  # type: ignore[arg-type]
+    table = Table(title=f"structured plan ({plan.criterion}, ratio {plan.ratio})")
+    for column, justify in (("group (producers)", "left"), ("channels", "right"), ("kept", "right"),
+                            ("consumers", "left"), ("note", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for group in plan.groups:
+        kept = len(group.keep) if group.skip_reason is None else group.channels
+        note = group.skip_reason or f"remove {group.removed}"
+        table.add_row(group.name, str(group.channels), str(kept), ", ".join(group.consumers), note)
+    console.print(table)
+
+
+def _structured_options(ratio: float, criterion: str, exclude: list[str] | None,
+                        plan_file: Path | None) -> dict[str, object]:
+    options: dict[str, object] = {"ratio": ratio, "criterion": criterion, "exclude": tuple(exclude or ())}
+    if plan_file is not None:
+        try:
+            options["plan"] = json.loads(plan_file.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"{plan_file}: not a readable plan ({error})") from None
+    return options
 
 
 @guarded
@@ -26,20 +62,110 @@ def prune(
     sparsity: Annotated[float | None, typer.Option(help="Share of weights set to zero, in [0, 1).")] = None,
     quality: Annotated[float | None, typer.Option(help="Han's rule: zero |w| < quality × std(layer).")] = None,
     global_scope: Annotated[bool, typer.Option("--global", help="One threshold over all layers.")] = False,
+    structured: Annotated[bool, typer.Option("--structured", help="Remove whole neurons / channels.")] = False,
+    ratio: Annotated[float, typer.Option(min=0.0, max=0.999, help="--structured: share of channels removed per group.")] = 0.5,
+    criterion: Annotated[str, typer.Option(help="--structured: l1, l2, taylor or obd (the last two need --data).")] = "l1",
+    dead_neurons: Annotated[bool, typer.Option("--dead-neurons", help="After unstructured pruning, remove neurons left without connections (Han).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="--structured: print the plan, write nothing.")] = False,
+    save_plan: Annotated[Path | None, typer.Option(help="--structured: write the plan as JSON.")] = None,
+    plan: Annotated[Path | None, typer.Option(help="--structured: apply a saved plan instead of planning.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never pruned (repeatable).")] = None,
     data: DataOption = None,
     report: ReportOption = None,
     min_cosine: MinCosineOption = 0.0,
 ) -> None:
-    """Zero the smallest-magnitude weights (Han et al. 2015)."""
-    options: dict[str, object] = {"scope": "global" if global_scope else "layer", "exclude": tuple(exclude or ())}
-    if sparsity is not None:
-        options["sparsity"] = sparsity
-    if quality is not None:
-        options["quality"] = quality
-    step = Step(pass_name="prune.magnitude", options=options, gate=gate_for(min_cosine))
-    compress_file(model, output, [step], data_path=data, report_path=report)
+    """Zero the smallest weights (Han et al. 2015), or remove whole neurons/channels (--structured)."""
+    if structured:
+        if sparsity is not None or quality is not None or global_scope:
+            raise UserError("--structured takes --ratio; --sparsity/--quality/--global are for unstructured pruning")
+        options = _structured_options(ratio, criterion, exclude, plan)
+        if dry_run or save_plan is not None:
+            _plan_only(model, options, data, save_plan, dry_run)
+            if dry_run:
+                return
+        steps = [Step(pass_name="prune.structured", options=options, gate=gate_for(min_cosine))]
+    else:
+        if dry_run or save_plan is not None or plan is not None:
+            raise UserError("--dry-run, --save-plan and --plan go with --structured")
+        magnitude: dict[str, object] = {"scope": "global" if global_scope else "layer",
+                                        "exclude": tuple(exclude or ())}
+        if sparsity is not None:
+            magnitude["sparsity"] = sparsity
+        if quality is not None:
+            magnitude["quality"] = quality
+        steps = [Step(pass_name="prune.magnitude", options=magnitude, gate=gate_for(min_cosine))]
+        if dead_neurons:
+            steps.append(Step(pass_name="prune.dead_neurons", options={"exclude": tuple(exclude or ())},
+                              gate=gate_for(min_cosine)))
+    compress_file(model, output, steps, data_path=data, report_path=report)
+
+
+def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | None,
+               save_plan: Path | None, show: bool) -> None:
+    from onnxcompress.passes.prune.structured import StructuredPrunePass
+
+    loaded = io.load(model_path)
+    compression = StructuredPrunePass(**options)
+    data = load_npz(data_path, loaded) if data_path else None
+    compression.context = PassContext(data=data, original=loaded)
+    plan_dict = compression.make_plan(loaded).to_dict()
+    if save_plan is not None:
+        save_plan.write_text(json.dumps(plan_dict, indent=2) + "\n")
+    if show:
+        _print_plan(plan_dict)
+
+
+def _parse_ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--ratios must be comma-separated numbers, got {text!r}") from None
+    if not ratios or any(not 0 <= r < 1 for r in ratios):
+        raise UserError(f"--ratios must lie in [0, 1), got {text!r}")
+    return ratios
+
+
+@guarded
+def sensitivity(
+    model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
+    output_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for sensitivity.json/.csv/.png.")],
+    data: DataOption = None,
+    ratios: Annotated[str, typer.Option(help="Comma-separated pruning ratios per layer.")] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95",
+    min_cosine: Annotated[float, typer.Option(min=-1.0, max=1.0, help="Budget without labels: whole-model output cosine.")] = 0.99,
+    max_accuracy_drop: Annotated[float, typer.Option(min=0.0, max=100.0, help="Budget with labels: accuracy drop in points.")] = 0.5,
+    probes: Annotated[int, typer.Option(min=1, help="Random probe samples when no --data is given.")] = 64,
+    exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob left out (repeatable).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: only when >1 core is free).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random probes.")] = 0,
+) -> None:
+    """Prune each layer alone at each ratio (Han et al. Fig. 5); choose rates under a budget."""
+    from onnxcompress.passes.prune.sensitivity import Budget, write_outputs
+    from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
+
+    ratio_list = _parse_ratios(ratios)
+    loaded = io.load(model)
+    samples = load_npz(data, loaded) if data else None
+    if samples is not None and not len(next(iter(samples.values()))):
+        raise DataError(f"{data}: no samples")
+    budget = Budget(min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop / 100.0)
+    with console.status("measuring per-layer sensitivity"):
+        result = analyse(loaded, data=samples, ratios=ratio_list, budget=budget, probes=probes, seed=seed,
+                         exclude=tuple(exclude or ()), workers=workers)
+    written = write_outputs(result, output_dir)
+    table = Table(title=f"sensitivity ({result.metric}; baseline {result.baseline:.4f})")
+    for column in ("layer", "params", "chosen rate"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for curve in result.curves:
+        table.add_row(curve.name, f"{curve.params:,}", f"{curve.chosen:.2f}")
+    console.print(table)
+    console.print(
+        f"chosen rates remove {result.removed_params:,} of {result.total_params:,} weights; "
+        f"whole model {result.metric} = {result.joint_value:.6f}", soft_wrap=True,
+    )
+    for path in written:
+        console.print(f"wrote {path}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
     app.command()(prune)
+    app.command()(sensitivity)

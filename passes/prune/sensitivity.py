@@ -1,0 +1,381 @@
+"""Per-layer pruning sensitivity, and per-layer rates chosen from it under a budget.
+
+Han et al., "Learning both Weights and Connections for Efficient Neural Networks", NIPS 2015,
+§4 and Fig. 5: prune each layer alone at increasing rates and watch the quality drop; layers
+that tolerate more pruning get a higher rate.
+
+Measure: each weight layer is magnitude-pruned alone (exactly as `prune.magnitude` does it)
+at each ratio, and the model is scored on probe data against reference outputs computed
+once on the unpruned model: output cosine, or accuracy when the data carries `labels`.
+
+Choose: from the curves, per-layer rates such that the WHOLE model (all layers pruned
+together) stays within a budget (cosine >= c, or an accuracy drop <= d) while removing the
+most parameters. A single tolerance t sets every layer's rate to the largest ratio whose
+alone-drop is <= t; t is searched over a geometric ladder from the budget down, each
+candidate is measured jointly, and the passing candidate that removes the most parameters
+wins. The result is a plan: `prune.magnitude` options with per-layer `overrides`.
+
+What is exact: the measured metrics (on the given probes). What is not: the joint model's
+behaviour on other data; the pipeline's fidelity gate still guards the real step.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_RATIOS",
+    "Budget",
+    "LayerCurve",
+    "SensitivityResult",
+    "Evaluator",
+    "analyse",
+    "choose_rates",
+    "sensitivity",
+    "write_outputs",
+]
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxcompress import fidelity
+from onnxcompress.data import LABELS
+from onnxcompress.errors import DataError, UserError
+from onnxcompress.passes.prune.magnitude import prune_to_count
+from onnxcompress.sites import WeightSite, find_weight_sites
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What the whole pruned model must keep: a cosine floor, or a max accuracy drop."""
+
+    min_cosine: float = 0.99
+    max_accuracy_drop: float = 0.005  # a fraction: 0.005 = 0.5 percentage points
+
+    def allowed_drop(self, metric: str) -> float:
+        return self.max_accuracy_drop if metric == "accuracy" else 1.0 - self.min_cosine
+
+
+@dataclasses.dataclass
+class LayerCurve:
+    name: str
+    op: str
+    params: int
+    ratios: list[float]
+    values: list[float]
+    chosen: float = 0.0
+
+
+@dataclasses.dataclass
+class SensitivityResult:
+    metric: str
+    baseline: float
+    budget: Budget
+    curves: list[LayerCurve]
+    joint_value: float
+    total_params: int
+    removed_params: int
+
+    @property
+    def overrides(self) -> dict[str, float]:
+        return {_glob_escape(c.name): c.chosen for c in self.curves}
+
+    def plan(self) -> dict[str, Any]:
+        """A recipe step: prune.magnitude with the chosen per-layer rates as overrides."""
+        return {"pass": "prune.magnitude", "options": {"sparsity": 0.0, "overrides": self.overrides}}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "baseline": self.baseline,
+            "budget": dataclasses.asdict(self.budget),
+            "joint_value": self.joint_value,
+            "total_params": self.total_params,
+            "removed_params": self.removed_params,
+            "layers": [dataclasses.asdict(c) for c in self.curves],
+            "plan": self.plan(),
+        }
+
+
+def _glob_escape(name: str) -> str:
+    """A glob matching exactly `name` (fnmatch has no escape; brackets quote)."""
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in name)
+
+
+class Evaluator:
+    """Scores a model with some weights swapped, against references computed once."""
+
+    def __init__(self, model_bytes: bytes, data: Mapping[str, np.ndarray] | None, probes: int, seed: int):
+        self.model = ir.from_proto(onnx.load_from_string(model_bytes))
+        self.labels = None if data is None else data.get(LABELS)
+        self.metric = "accuracy" if self.labels is not None else "cosine"
+        count = probes if self.labels is None else len(self.labels)
+        self.probes = fidelity.probe_inputs(self.model, count=count, seed=seed, data=data)
+        self.sites = {s.name: s for s in find_weight_sites(self.model, min_params=0).sites}
+        self.reference = self._run()
+        self.baseline = self._score(self.reference)
+
+    def _run(self) -> list[np.ndarray]:
+        proto = ir.to_proto(self.model)
+        proto.ir_version = min(proto.ir_version, 10)
+        from onnxcompress import runtime
+
+        return runtime.session(proto.SerializeToString(), threads=1).run(None, self.probes)
+
+    def _score(self, outputs: Sequence[np.ndarray]) -> float:
+        if self.labels is not None:
+            return float(np.mean(np.asarray(outputs[0]).argmax(-1) == self.labels))
+        return fidelity.compare(self.reference, outputs).cosine
+
+    def score_with(self, rates: Mapping[str, float]) -> float:
+        """The metric with each named layer magnitude-pruned to its rate (then restored)."""
+        originals: dict[str, np.ndarray] = {}
+        try:
+            for name, rate in rates.items():
+                site = self.sites[name]
+                originals[name] = site.array()
+                if rate > 0:
+                    site.replace(prune_to_count(originals[name], round(rate * site.size)))
+            return self._score(self._run())
+        finally:
+            for name, array in originals.items():
+                self.sites[name].replace(array)
+
+    def curve(self, name: str, ratios: Sequence[float]) -> list[float]:
+        return [self.score_with({name: r}) for r in ratios]
+
+
+_WORKER: Evaluator | None = None
+
+
+def _init_worker(model_bytes: bytes, data: Mapping[str, np.ndarray] | None, probes: int, seed: int) -> None:
+    global _WORKER
+    _WORKER = Evaluator(model_bytes, data, probes, seed)
+
+
+def _worker_curve(name: str, ratios: Sequence[float]) -> list[float]:
+    assert _WORKER is not None
+    return _WORKER.curve(name, ratios)
+
+
+def free_cores() -> int:
+    """Cores not busy by the 1-minute load average (at least 1)."""
+    count = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, int(count - load))
+
+
+def analyse(
+    model: ir.Model,
+    *,
+    data: Mapping[str, np.ndarray] | None = None,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    probes: int = 64,
+    seed: int = 0,
+    min_params: int = 16,
+    exclude: Sequence[str] = (),
+    workers: int | None = None,
+) -> tuple[Evaluator, list[LayerCurve]]:
+    """One curve per weight layer: the metric with that layer alone pruned at each ratio.
+
+    `workers=None` uses a process pool only when more than one core is free; 1 is serial.
+    """
+    ratios = sorted(float(r) for r in ratios)
+    if not ratios or ratios[0] < 0 or ratios[-1] >= 1:
+        raise UserError(f"ratios must lie in [0, 1), got {ratios}")
+    if data is not None and LABELS in data and len(data[LABELS]) == 0:
+        raise DataError("the data carries no samples")
+    model_bytes = _serialise(model)
+    evaluator = Evaluator(model_bytes, data, probes, seed)
+    scan = find_weight_sites(evaluator.model, min_params=min_params, exclude=exclude)
+    sites: list[WeightSite] = scan.sites
+    for skipped in scan.skipped:
+        logger.info("sensitivity: skipping %s: %s", skipped.name, skipped.reason)
+    if not sites:
+        raise UserError("the model has no weight layer to analyse")
+    if workers is None:
+        workers = min(len(sites), free_cores() - 1) if free_cores() > 1 else 1
+    if workers > 1:
+        logger.info("sensitivity: %d layers in %d processes", len(sites), workers)
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, initializer=_init_worker, initargs=(model_bytes, data, probes, seed)
+        ) as pool:
+            values = list(pool.map(_worker_curve, [s.name for s in sites], [ratios] * len(sites)))
+    else:
+        values = [evaluator.curve(site.name, ratios) for site in sites]
+    curves = [
+        LayerCurve(site.name, site.op_type, site.size, list(ratios), [float(v) for v in vals])
+        for site, vals in zip(sites, values, strict=True)
+    ]
+    return evaluator, curves
+
+
+def _serialise(model: ir.Model) -> bytes:
+    proto = ir.to_proto(model)
+    proto.ir_version = min(proto.ir_version, 10)
+    return proto.SerializeToString()
+
+
+def _rates_for(curves: Sequence[LayerCurve], baseline: float, tolerance: float) -> dict[str, float]:
+    """Per layer, the largest ratio whose alone-drop stays within `tolerance` (0 if none)."""
+    rates = {}
+    for curve in curves:
+        rate = 0.0
+        for ratio, value in zip(curve.ratios, curve.values, strict=True):
+            if baseline - value <= tolerance:
+                rate = ratio
+            else:
+                break  # the curve is read from low to high ratios; stop at the first miss
+        rates[curve.name] = rate
+    return rates
+
+
+def choose_rates(
+    evaluator: Evaluator, curves: list[LayerCurve], budget: Budget, *, steps: int = 12, refine: int | None = None
+) -> SensitivityResult:
+    """Pick per-layer rates meeting `budget` jointly and removing the most parameters.
+
+    After the tolerance ladder, a greedy pass raises single layers (largest first) one
+    ratio step at a time while the joint model still meets the budget (at most `refine`
+    extra evaluations; default 4 per layer).
+    """
+    allowed = budget.allowed_drop(evaluator.metric)
+    baseline = evaluator.baseline
+    best: tuple[int, dict[str, float], float] = (0, {c.name: 0.0 for c in curves}, baseline)
+    tried: set[tuple[float, ...]] = set()
+    for step in range(steps):
+        tolerance = allowed / (2**step)
+        rates = _rates_for(curves, baseline, tolerance)
+        key = tuple(rates[c.name] for c in curves)
+        if key in tried or not any(key):
+            continue
+        tried.add(key)
+        value = evaluator.score_with(rates)
+        removed = sum(round(rates[c.name] * c.params) for c in curves)
+        logger.info("sensitivity: tolerance %.3g -> removes %d, %s %.6f", tolerance, removed,
+                    evaluator.metric, value)
+        if baseline - value <= allowed and removed > best[0]:
+            best = (removed, rates, value)
+    removed, rates, value = _refine(evaluator, curves, best, allowed, max_evaluations=refine)
+    for curve in curves:
+        curve.chosen = rates[curve.name]
+    return SensitivityResult(
+        metric=evaluator.metric,
+        baseline=baseline,
+        budget=budget,
+        curves=curves,
+        joint_value=value,
+        total_params=sum(c.params for c in curves),
+        removed_params=removed,
+    )
+
+
+def _refine(
+    evaluator: Evaluator,
+    curves: list[LayerCurve],
+    best: tuple[int, dict[str, float], float],
+    allowed: float,
+    *,
+    max_evaluations: int | None,
+) -> tuple[int, dict[str, float], float]:
+    removed, rates, value = best
+    budget_left = 4 * len(curves) if max_evaluations is None else max_evaluations
+    improved = True
+    while improved and budget_left > 0:
+        improved = False
+        for curve in sorted(curves, key=lambda c: -c.params):
+            higher = [r for r in curve.ratios if r > rates[curve.name]]
+            if not higher or budget_left <= 0:
+                continue
+            candidate = {**rates, curve.name: higher[0]}
+            budget_left -= 1
+            score = evaluator.score_with(candidate)
+            if evaluator.baseline - score <= allowed:
+                rates, value, improved = candidate, score, True
+                removed = sum(round(rates[c.name] * c.params) for c in curves)
+    return removed, rates, value
+
+
+def sensitivity(
+    model: ir.Model,
+    *,
+    data: Mapping[str, np.ndarray] | None = None,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    budget: Budget | None = None,
+    probes: int = 64,
+    seed: int = 0,
+    min_params: int = 16,
+    exclude: Sequence[str] = (),
+    workers: int | None = None,
+) -> SensitivityResult:
+    """Analyse every layer, then choose rates under `budget` (see the module docstring)."""
+    evaluator, curves = analyse(model, data=data, ratios=ratios, probes=probes, seed=seed,
+                                min_params=min_params, exclude=exclude, workers=workers)
+    return choose_rates(evaluator, curves, budget or Budget())
+
+
+def write_outputs(result: SensitivityResult, folder: Path) -> list[Path]:
+    """sensitivity.json, sensitivity.csv and (with matplotlib) sensitivity.png in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    path = folder / "sensitivity.json"
+    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    written.append(path)
+    path = folder / "sensitivity.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", "op", "params", "ratio", result.metric, "chosen"])
+        for curve in result.curves:
+            for ratio, value in zip(curve.ratios, curve.values, strict=True):
+                writer.writerow([curve.name, curve.op, curve.params, ratio, f"{value:.6g}", curve.chosen])
+    written.append(path)
+    png = _plot(result, folder / "sensitivity.png")
+    if png is not None:
+        written.append(png)
+    return written
+
+
+def _plot(result: SensitivityResult, path: Path) -> Path | None:
+    """One curve per layer, as in Han et al. Fig. 5 (needs matplotlib; skipped without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: %s not written (pip install matplotlib)", path)
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for curve in result.curves:
+        axes.plot([100 * r for r in curve.ratios], curve.values, marker="o", markersize=3, label=curve.name)
+    if result.metric == "accuracy":
+        floor = result.baseline - result.budget.max_accuracy_drop
+        axes.set_ylabel("accuracy")
+    else:
+        floor = result.budget.min_cosine
+        axes.set_ylabel("output cosine vs. original")
+    axes.axhline(floor, color="grey", linestyle="--", linewidth=1, label="budget")
+    axes.set_xlabel("parameters pruned away (%)")
+    axes.set_title("Pruning sensitivity per layer")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, metadata={"Software": None})
+    plt.close(figure)
+    return path
