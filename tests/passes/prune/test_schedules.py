@@ -1,0 +1,87 @@
+"""Schedules as pure functions, and their expansion into gated pipeline steps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from onnxcompress.errors import RecipeError
+from onnxcompress.fidelity import Gate
+from onnxcompress.passes.prune.schedules import (
+    RetrainOptions,
+    cubic_schedule,
+    cubic_sparsity,
+    dropout_ratio,
+    expand_schedule,
+    fixed_steps,
+)
+from onnxcompress.pipeline import run_steps
+from onnxcompress.recipe import Recipe
+from tests.builders import mlp
+
+
+def test_fixed_steps_reach_the_target_exactly():
+    assert fixed_steps(0.9, 0.2) == [0.2, 0.4, 0.6, 0.8, 0.9]
+    assert fixed_steps(0.6, 0.2) == [0.2, 0.4, 0.6]
+    assert fixed_steps(0.5, 1.0) == [0.5]
+
+
+def test_cubic_schedule_follows_zhu_and_gupta():
+    # s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3 at t = t0 + k dt
+    got = cubic_schedule(0.9, 4, initial=0.1)
+    expected = [0.9 + (0.1 - 0.9) * (1 - k / 4) ** 3 for k in range(1, 5)]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10)
+    assert got[-1] == pytest.approx(0.9)
+    steps = np.diff([0.1, *got])
+    assert all(a > b for a, b in zip(steps, steps[1:], strict=False))  # fast first, slow last
+    assert cubic_sparsity(-5, initial=0.1, final=0.9, start=0, steps=4, interval=100) == 0.1
+    assert cubic_sparsity(10_000, initial=0.1, final=0.9, start=0, steps=4, interval=100) == pytest.approx(0.9)
+    assert cubic_sparsity(200, initial=0.0, final=0.8, start=0, steps=4, interval=100) == pytest.approx(0.8 * (1 - 0.125))
+
+
+def test_han_dropout_rescale():
+    assert dropout_ratio(0.5, 1000, 250) == pytest.approx(0.25)
+    assert dropout_ratio(0.5, 1000, 1000) == 0.5
+    assert dropout_ratio(0.4, 0, 10) == 0.4
+    assert dropout_ratio(0.5, 100, 10) == pytest.approx(0.5 * math.sqrt(0.1))
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: fixed_steps(1.0, 0.1), "final = 1.0 is outside"),
+    (lambda: fixed_steps(0.5, 0.0), "step = 0.0 must be in"),
+    (lambda: cubic_schedule(0.5, 0), "rounds = 0 must be"),
+    (lambda: expand_schedule([0.5, 0.3]), "never lowers the sparsity"),
+])
+def test_bad_schedules_are_refused(call, message):
+    with pytest.raises(RecipeError, match=message):
+        call()
+
+
+def test_expansion_with_retraining_passes_hans_options_and_validates_as_a_recipe():
+    retrain = RetrainOptions(original_lr=0.05, regularisation="l1", strength=1e-4, epochs=2)
+    steps = expand_schedule(fixed_steps(0.6, 0.3), overrides={"fc1.*": 0.9}, retrain=retrain,
+                            gate=Gate(min_cosine=0.95))
+    assert [s.pass_name for s in steps] == ["prune.magnitude", "finetune"] * 2
+    assert steps[0].options["overrides"] == {"fc1.*": 0.45} and steps[2].options["overrides"] == {"fc1.*": 0.9}
+    finetune = steps[1].options
+    assert finetune["lr"] == pytest.approx(0.005) and finetune["l1"] == 1e-4 and finetune["epochs"] == 2
+    assert "weight_decay" not in finetune and finetune["dropout_rescale"] is True
+    assert steps[0].gate.min_cosine is None and steps[1].gate.min_cosine == 0.95
+    Recipe(steps=steps)  # every step's options validate against its pass
+
+
+def test_prune_only_schedule_runs_gated_without_data(rng):
+    model = mlp(rng, (16, 32, 24, 10))
+    steps = expand_schedule(fixed_steps(0.9, 0.1), prune_options={"min_params": 0},
+                            gate=Gate(min_cosine=0.95), on_fail="rollback")
+    result = run_steps(model, steps, probe_count=16)
+    statuses = [s.status for s in result.steps]
+    assert statuses[0] == "applied"
+    assert "rolled back" in statuses  # 95% of a random MLP's weights do not keep cosine 0.9
+    assert result.final_metrics.cosine >= 0.95
+    applied = [s.step.options["sparsity"] for s in result.steps if s.status == "applied"]
+    weights = [result.model.graph.initializers[n].const_value.numpy() for n in ("fc0.weight", "fc1.weight")]
+    sparsity = 1 - sum(np.count_nonzero(w) for w in weights) / sum(w.size for w in weights)
+    assert sparsity == pytest.approx(max(applied), abs=2e-3)
