@@ -16,6 +16,7 @@
 
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -61,13 +62,11 @@ inline float SparseDot(const float* values, const Index* cols, int64_t begin, in
 
 // For rows [r0, r1): acc = sum_j values[j] * xt[cols[j], m0 : m0 + 8*T] (T vectors, U independent
 // accumulator sets to hide FMA latency, software prefetch of the X^T row 16 non-zeros ahead);
-// stores the first `width` batch entries of each row into y (row stride n_out) at offset m0.
+// stores each row's tile contiguously into yt[(n - r0) * mp + m0 ...] (a per-task Y^T block).
 template <int T, int U, typename Index>
 void SparseRowsTile(const float* values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
-                    const float* xt, int64_t mp, int64_t m0, int64_t width, const float* bias, float* y,
-                    int64_t n_out) {
+                    const float* xt, int64_t mp, int64_t m0, float* yt) {
   constexpr int kAhead = 16;
-  alignas(32) float out[8 * T];
   for (int64_t n = r0; n < r1; ++n) {
     __m256 acc[U][T];
     for (int u = 0; u < U; ++u)
@@ -90,24 +89,82 @@ void SparseRowsTile(const float* values, const Index* cols, const int32_t* row_p
     }
     for (int u = 1; u < U; ++u)
       for (int t = 0; t < T; ++t) acc[0][t] = _mm256_add_ps(acc[0][t], acc[u][t]);
-    for (int t = 0; t < T; ++t) _mm256_store_ps(out + 8 * t, acc[0][t]);
-    const float b = bias ? bias[n] : 0.0f;
-    for (int64_t m = 0; m < width; ++m) y[(m0 + m) * n_out + n] = out[m] + b;
+    float* out = yt + (n - r0) * mp + m0;
+    for (int t = 0; t < T; ++t) _mm256_storeu_ps(out + 8 * t, acc[0][t]);
   }
 }
 
-// Batch tiles of 32 (four vectors); a narrower last tile uses as many vectors as it needs.
+// The same with AVX-512 (T vectors of 16), used only where the CPU has it (runtime check):
+// the library itself targets x86-64-v3.
+template <int T, int U, typename Index>
+__attribute__((target("avx512f"))) void SparseRowsTile512(const float* values, const Index* cols,
+                                                           const int32_t* row_ptr, int64_t r0, int64_t r1,
+                                                           const float* xt, int64_t mp, int64_t m0, float* yt) {
+  constexpr int kAhead = 16;
+  for (int64_t n = r0; n < r1; ++n) {
+    __m512 acc[U][T];
+    for (int u = 0; u < U; ++u)
+      for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+    const int64_t end = row_ptr[n + 1];
+    int64_t j = row_ptr[n];
+    for (; j + U + kAhead <= end; j += U) {
+      for (int u = 0; u < U; ++u) {
+        const float* ahead = xt + static_cast<int64_t>(cols[j + u + kAhead]) * mp + m0;
+        for (int t = 0; t < T; ++t) _mm_prefetch(reinterpret_cast<const char*>(ahead + 16 * t), _MM_HINT_T0);
+        const __m512 v = _mm512_set1_ps(values[j + u]);
+        const float* row = xt + static_cast<int64_t>(cols[j + u]) * mp + m0;
+        for (int t = 0; t < T; ++t) acc[u][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 16 * t), acc[u][t]);
+      }
+    }
+    for (; j < end; ++j) {
+      const __m512 v = _mm512_set1_ps(values[j]);
+      const float* row = xt + static_cast<int64_t>(cols[j]) * mp + m0;
+      for (int t = 0; t < T; ++t) acc[0][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 16 * t), acc[0][t]);
+    }
+    for (int u = 1; u < U; ++u)
+      for (int t = 0; t < T; ++t) acc[0][t] = _mm512_add_ps(acc[0][t], acc[u][t]);
+    float* out = yt + (n - r0) * mp + m0;
+    for (int t = 0; t < T; ++t) _mm512_storeu_ps(out + 16 * t, acc[0][t]);
+  }
+}
+
+// ONNXCOMPRESS_KERNELS_ISA=avx2 forces the AVX2 paths (tests cover both on AVX-512 machines).
+bool HasAvx512() {
+  static const bool has = [] {
+    const char* isa = std::getenv("ONNXCOMPRESS_KERNELS_ISA");
+    return __builtin_cpu_supports("avx512f") && !(isa && std::string(isa) == "avx2");
+  }();
+  return has;
+}
+
+// Rows [r0, r1) for all m batch entries: batch tiles of 32 into a Y^T block, then a blocked
+// transpose (plus bias) into y (M x n_out). mp is m rounded up to 16; xt is K x mp.
 template <typename Index>
 void SparseRows(const float* values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
                 const float* xt, int64_t m, int64_t mp, const float* bias, float* y, int64_t n_out) {
   constexpr int64_t kTile = 32;
+  std::vector<float> yt(static_cast<size_t>((r1 - r0) * mp));
+  const bool wide = HasAvx512();
   for (int64_t m0 = 0; m0 < m; m0 += kTile) {
     const int64_t width = std::min<int64_t>(kTile, m - m0);
+    if (wide) {
+      if (width > 16) SparseRowsTile512<2, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data());
+      else SparseRowsTile512<1, 4>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data());
+      continue;
+    }
     switch ((width + 7) / 8) {
-      case 1: SparseRowsTile<1, 4>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      case 2: SparseRowsTile<2, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      case 3: SparseRowsTile<3, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
-      default: SparseRowsTile<4, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, width, bias, y, n_out); break;
+      case 1: SparseRowsTile<1, 4>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data()); break;
+      case 2: SparseRowsTile<2, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data()); break;
+      case 3: SparseRowsTile<3, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data()); break;
+      default: SparseRowsTile<4, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data()); break;
+    }
+  }
+  constexpr int64_t kBlock = 16;
+  for (int64_t b0 = r0; b0 < r1; b0 += kBlock) {
+    const int64_t b1 = std::min(r1, b0 + kBlock);
+    for (int64_t i = 0; i < m; ++i) {
+      float* dst = y + i * n_out;
+      for (int64_t n = b0; n < b1; ++n) dst[n] = yt[(n - r0) * mp + i] + (bias ? bias[n] : 0.0f);
     }
   }
 }
@@ -204,7 +261,7 @@ struct SparseMatMulKernel {
       ParallelFor(context, tasks, work);
       return Ort::Status{nullptr};
     }
-    const int64_t mp = (m + 7) / 8 * 8;
+    const int64_t mp = (m + 15) / 16 * 16;  // whole 16-wide vectors in every tile
     std::unique_ptr<float[]> xt(new float[static_cast<size_t>(k_ * mp)]);
     Transpose(xd, m, k_, mp, xt.get());
     auto work = [&](size_t t) {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -187,3 +188,34 @@ def test_fed_arrays_are_checked_on_every_run(rng, small_csr):
     bad_cols[0] = 99
     with pytest.raises(Exception, match=r"col_indices\[0\] = 99 is out of range \[0, 16\)"):
         session.run(None, {**good, "col_indices": bad_cols})
+
+
+_AVX2_SCRIPT = """
+import numpy as np
+from onnxcompress import runtime
+from onnxcompress.passes.sparse.formats import to_csr
+from tests.kernels.sparse_models import pruned, sparse_matmul_model
+rng = np.random.default_rng(3)
+worst = 0.0
+for m in (2, 9, 17, 33, 70):
+    w = pruned(rng, (150, 61), 0.85)
+    b = rng.standard_normal(61).astype(np.float32)
+    x = rng.standard_normal((m, 150)).astype(np.float32)
+    y = runtime.session(sparse_matmul_model(to_csr(w), [m, 150], b), threads=2).run(None, {"X": x})[0]
+    expected = x.astype(np.float64) @ w + b
+    worst = max(worst, float(np.abs(y - expected).max() / np.abs(expected).max()))
+print(worst)
+"""
+
+
+def test_avx2_batched_path_on_avx512_machines():
+    """The library picks AVX-512 tiles at run time where the CPU has them; check the AVX2 ones too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONNXCOMPRESS_KERNELS_ISA": "avx2"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120, check=True, cwd=root)
+    assert float(done.stdout.strip()) < 1e-5
