@@ -35,7 +35,6 @@ from onnxcompress.passes.prune.structured import (
     GroupPlan,
     StructuredPlan,
     _const_array,
-    _group_name,
     apply_plan,
     find_channel_groups,
     record_changes,
@@ -105,7 +104,7 @@ def _evaluate(node: ir.Node, known: list[np.ndarray], channels: int) -> np.ndarr
     x = known[0]
     if op in _UNARY:
         return _UNARY[op](x, node)
-    if op in ("MaxPool", "GlobalMaxPool", "GlobalAveragePool", "Flatten"):
+    if op in ("MaxPool", "GlobalMaxPool", "GlobalAveragePool", "Flatten", "Reshape"):
         return x
     if op == "BatchNormalization":
         scale, bias, mean, var = (_const_array(v).astype(np.float64) for v in node.inputs[1:5])
@@ -158,15 +157,7 @@ def plan_dead_neurons(model: ir.Model, *, exclude: tuple[str, ...] = ()) -> tupl
     plans = []
     constant_kept = 0
     for group in find_channel_groups(model, allowed=allowed):
-        plan = GroupPlan(
-            name=_group_name(group),
-            channels=group.channels,
-            producers=[n for n, _ in group.producers],
-            consumers=[n for n, _, _ in group.consumers],
-            cuts=group.cuts,
-            activations=[v.name or "" for v in group.activations],
-            skip_reason=group.skip_reason,
-        )
+        plan = GroupPlan.from_group(group)
         if group.skip_reason is None:
             dead, kept = dead_channels(model, group)
             constant_kept += kept

@@ -102,6 +102,7 @@ class GroupPlan:
     scores: list[float] = dataclasses.field(default_factory=list)
     keep: list[int] = dataclasses.field(default_factory=list)
     skip_reason: str | None = None
+    reshapes: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def removed(self) -> list[int]:
@@ -114,10 +115,25 @@ class GroupPlan:
         return out
 
     @classmethod
+    def from_group(cls, group: ChannelGroup) -> GroupPlan:
+        """The plan entry of a traced group, before any channel is chosen."""
+        return cls(
+            name="+".join(name for name, _ in group.producers),
+            channels=group.channels,
+            producers=[n for n, _ in group.producers],
+            consumers=[n for n, _, _ in group.consumers],
+            cuts=list(group.cuts),
+            activations=[v.name or "" for v in group.activations],
+            skip_reason=group.skip_reason,
+            reshapes=list(group.reshapes),
+        )
+
+    @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> GroupPlan:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in fields}
         values["cuts"] = [TensorCut(**c) for c in raw.get("cuts", [])]
+        values["reshapes"] = [tuple(r) for r in raw.get("reshapes", [])]
         return cls(**values)
 
 
@@ -208,6 +224,7 @@ class ChannelGroup:
     activations: list[ir.Value]
     channels: int
     skip_reason: str | None = None
+    reshapes: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (shape const, index, repeat)
 
 
 class _Unsupported(Exception):
@@ -388,7 +405,7 @@ class _Tracer:
             seen.add(id(node))
             self._add_consumer(group, node, 1)
             return []
-        if op == "Flatten":
+        if op in ("Flatten", "Reshape"):
             return self._flatten(group, node, value, axis, rank, seen)
         return self._through(group, node, axis, rank, seen)
 
@@ -449,12 +466,17 @@ class _Tracer:
         self, group: ChannelGroup, node: ir.Node, value: ir.Value, axis: int, rank: int | None,
         seen: set[int],
     ) -> list[tuple[str, Any]]:
-        """Flatten(axis=1) of N×C×H×W with a static H×W: channel c is a block of H·W columns."""
-        if rank is None or axis != 1 - rank or node.attributes.get_int("axis", 1) != 1:
+        """Flatten(axis=1), or Reshape to [N, C·H·W], of N×C×H×W with a static H×W: channel c
+        becomes a block of H·W columns, read by the next MatMul / Gemm."""
+        if rank is None or axis != 1 - rank:
             raise _Unsupported(f"{_node_label(node)} does not flatten from the channel axis")
         spatial = _static_spatial(value, rank)
         if spatial is None:
             raise _Unsupported(f"{_node_label(node)}: spatial size unknown, the flattened index mapping is unclear")
+        if node.op_type == "Flatten" and node.attributes.get_int("axis", 1) != 1:
+            raise _Unsupported(f"{_node_label(node)} does not flatten from the channel axis")
+        if node.op_type == "Reshape":
+            self._reshape_target(group, node, value, spatial)
         seen.add(id(node))
         group.activations.append(node.outputs[0])
         if id(node.outputs[0]) in self.outputs:
@@ -464,8 +486,24 @@ class _Tracer:
                 seen.add(id(consumer))
                 self._add_consumer(group, consumer, spatial)
             else:
-                raise _Unsupported(f"{_label_after_flatten(consumer)} reads flattened channels: mapping not handled")
+                raise _Unsupported(f"{_node_label(consumer)} reads flattened channels: mapping not handled")
         return []
+
+    def _reshape_target(self, group: ChannelGroup, node: ir.Node, value: ir.Value, spatial: int) -> None:
+        """Accept Reshape(x, [a, C·H·W]) (rewritten when applied) or Reshape(x, [0, -1])."""
+        target_value = node.inputs[1] if len(node.inputs) > 1 else None
+        target = _const_array(target_value)
+        if node.inputs[0] is not value or target is None or target_value is None or not target_value.name:
+            raise _Unsupported(f"{_node_label(node)} has a non-constant target shape")
+        if node.attributes.get_int("allowzero", 0) or target.ndim != 1 or target.size != 2:
+            raise _Unsupported(f"{_node_label(node)} to {target.tolist()}: only [N, C·H·W] is mapped")
+        first, second = int(target[0]), int(target[1])
+        if second == group.channels * spatial:
+            if self.weight_users.get(target_value.name, 0) > 1:
+                raise _Unsupported(f"{_node_label(node)}: target shape {target_value.name!r} is shared")
+            group.reshapes.append((target_value.name, 1, spatial))
+        elif not (second == -1 and first == 0):
+            raise _Unsupported(f"{_node_label(node)} to {target.tolist()}: only [N, C·H·W] is mapped")
 
     def _check_weights(self, group: ChannelGroup) -> None:
         for cut in group.cuts:
@@ -477,10 +515,6 @@ class _Tracer:
                 return
         if not group.consumers:
             group.skip_reason = "no consumer layer reads the channels"
-
-
-def _label_after_flatten(node: ir.Node) -> str:
-    return _node_label(node)
 
 
 def _static_spatial(value: ir.Value, rank: int) -> int | None:
@@ -573,10 +607,6 @@ def _norm_scores(model: ir.Model, group: ChannelGroup, criterion: str) -> np.nda
     return total
 
 
-def _group_name(group: ChannelGroup) -> str:
-    return "+".join(name for name, _ in group.producers)
-
-
 def plan_structured(
     model: ir.Model,
     *,
@@ -605,15 +635,7 @@ def plan_structured(
         scores = channel_saliency(model, names, criterion, context or PassContext())
     plans = []
     for group in groups:
-        plan = GroupPlan(
-            name=_group_name(group),
-            channels=group.channels,
-            producers=[n for n, _ in group.producers],
-            consumers=[n for n, _, _ in group.consumers],
-            cuts=group.cuts,
-            activations=[v.name or "" for v in group.activations],
-            skip_reason=group.skip_reason,
-        )
+        plan = GroupPlan.from_group(group)
         if group.skip_reason is None:
             if scores is not None:
                 channel_scores = np.zeros(group.channels)
@@ -649,6 +671,7 @@ def apply_plan(model: ir.Model, plan: StructuredPlan) -> dict[str, tuple[np.ndar
     cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
     values_by_name = {v.name: v for node in model.graph for v in node.outputs if v is not None}
     activations: list[ir.Value] = []
+    reshapes: list[tuple[str, int, int]] = []
     for group in plan.active():
         for cut in group.cuts:
             if cut.name not in constants:
@@ -660,6 +683,12 @@ def apply_plan(model: ir.Model, plan: StructuredPlan) -> dict[str, tuple[np.ndar
                     f"{cut.axis}, it has shape {list(shape)}"
                 )
             cuts.setdefault(cut.name, []).append((cut.axis, _indices(group.keep, cut.repeat)))
+        for name, index, repeat in group.reshapes:
+            target = constants.get(name)
+            if target is None or int(target.const_value.numpy()[index]) != group.channels * repeat:
+                raise UnsupportedModelError(f"plan expects reshape target {name!r}[{index}] = "
+                                            f"{group.channels * repeat}")
+            reshapes.append((name, index, len(group.keep) * repeat))
         activations += [values_by_name[n] for n in group.activations if n in values_by_name]
     changed = {}
     for name, axis_cuts in cuts.items():
@@ -667,6 +696,12 @@ def apply_plan(model: ir.Model, plan: StructuredPlan) -> dict[str, tuple[np.ndar
         after = before
         for axis, index in axis_cuts:
             after = np.take(after, index, axis=axis)
+        _set_const(constants[name], after)
+        changed[name] = (before, after)
+    for name, index, size in reshapes:
+        before = constants[name].const_value.numpy()
+        after = before.copy()
+        after[index] = size
         _set_const(constants[name], after)
         changed[name] = (before, after)
     graph_outputs = {id(v) for v in model.graph.outputs}

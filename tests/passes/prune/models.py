@@ -26,10 +26,11 @@ def _bn(rng: np.random.Generator, name: str, c: int) -> list[onnx.TensorProto]:
     ]
 
 
-def cnn_proto(rng: np.random.Generator, *, concat: bool = False) -> onnx.ModelProto:
+def cnn_proto(rng: np.random.Generator, *, concat: bool = False, reshape: bool = False) -> onnx.ModelProto:
     """x[N,3,8,8] -> conv1+BN+Relu -> conv2+BN (+ residual) -> Relu -> conv3 -> Relu
     -> MaxPool 2 -> Flatten (6·4·4) -> Gemm head.  With `concat`, conv3's output is
-    concatenated with itself before pooling (an index mapping the pass does not handle)."""
+    concatenated with itself before pooling (an index mapping the pass does not handle); with
+    `reshape`, Flatten is a Reshape to [-1, 96] as torch's exporter writes it."""
     inits = _conv(rng, "conv1", 3, 8) + _bn(rng, "bn1", 8) + _conv(rng, "conv2", 8, 8) + _bn(rng, "bn2", 8)
     inits += _conv(rng, "conv3", 8, 6)
     flat = (12 if concat else 6) * 16
@@ -37,6 +38,7 @@ def cnn_proto(rng: np.random.Generator, *, concat: bool = False) -> onnx.ModelPr
         numpy_helper.from_array((rng.standard_normal((10, flat)) / np.sqrt(flat)).astype(np.float32), "head.weight"),
         numpy_helper.from_array((0.1 * rng.standard_normal(10)).astype(np.float32), "head.bias"),
     ]
+    inits.append(numpy_helper.from_array(np.array([-1, flat], dtype=np.int64), "flat_shape"))
     bn = ["scale", "B", "mean", "var"]
     nodes = [
         helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"], pads=[1, 1, 1, 1]),
@@ -55,7 +57,8 @@ def cnn_proto(rng: np.random.Generator, *, concat: bool = False) -> onnx.ModelPr
         pooled_input = "cat"
     nodes += [
         helper.make_node("MaxPool", [pooled_input], ["p3"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Flatten", ["p3"], ["f3"], axis=1),
+        helper.make_node("Reshape", ["p3", "flat_shape"], ["f3"]) if reshape
+        else helper.make_node("Flatten", ["p3"], ["f3"], axis=1),
         helper.make_node("Gemm", ["f3", "head.weight", "head.bias"], ["logits"], transB=1),
     ]
     graph = helper.make_graph(

@@ -131,13 +131,16 @@ def test_cnn_with_batchnorm_residual_and_flatten(rng):
     np.testing.assert_allclose(got, expected, **TOL)
 
 
-def test_cnn_lossy_removal_equals_the_consumer_masked_original(rng):
-    model = cnn(rng)
+@pytest.mark.parametrize("reshape", [False, True], ids=["flatten", "reshape"])
+def test_cnn_lossy_removal_equals_the_consumer_masked_original(rng, reshape):
+    model = cnn(rng, reshape=reshape)
     plan = plan_structured(model, ratio=0.5, criterion="l2")
     masked = mask_consumers(model, plan)
     x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
     (expected,) = run(masked, {"x": x})
-    apply_plan(model, plan)
+    changed = apply_plan(model, plan)
+    if reshape:
+        assert changed["flat_shape"][1].tolist() == [-1, 48]
     (got,) = run(model, {"x": x})
     np.testing.assert_allclose(got, expected, **TOL)
 
