@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -126,24 +128,33 @@ inline bool IsConstantInput(const OrtKernelInfo* info, size_t index) {
   return is_constant != 0;
 }
 
-// Remembers that a constant structure was validated, keyed by its data pointers, so that
-// the check runs once for initializers and on every run for tensors fed at run time.
+// Remembers that constant inputs were validated, keyed by their data pointers and a size, so
+// that the check runs once for initializers and on every run for tensors fed at run time.
 class ValidationCache {
  public:
-  bool Valid(const void* a, const void* b) const {
-    return constant_ && a == a_.load(std::memory_order_acquire) && b == b_.load(std::memory_order_acquire);
+  bool Valid(const void* a, const void* b, const void* c = nullptr, int64_t tag = 0) const {
+    return constant_ && done_.load(std::memory_order_acquire) && a == a_ && b == b_ && c == c_ && tag == tag_;
   }
-  void Remember(const void* a, const void* b) {
-    if (!constant_) return;
-    b_.store(b, std::memory_order_release);
-    a_.store(a, std::memory_order_release);
+  void Remember(const void* a, const void* b, const void* c = nullptr, int64_t tag = 0) {
+    if (!constant_ || done_.load(std::memory_order_acquire)) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (done_.load(std::memory_order_relaxed)) return;
+    a_ = a;
+    b_ = b;
+    c_ = c;
+    tag_ = tag;
+    done_.store(true, std::memory_order_release);
   }
   void SetConstant(bool constant) { constant_ = constant; }
 
  private:
   bool constant_ = false;
-  std::atomic<const void*> a_{nullptr};
-  std::atomic<const void*> b_{nullptr};
+  std::atomic<bool> done_{false};
+  std::mutex mutex_;
+  const void* a_ = nullptr;
+  const void* b_ = nullptr;
+  const void* c_ = nullptr;
+  int64_t tag_ = 0;
 };
 
 // Read an int attribute without throwing; records an error message when absent or invalid.
@@ -174,7 +185,27 @@ inline std::vector<int64_t> OutputShape(const std::vector<int64_t>& x_shape, int
 // Shape inference shared by every op: Y = X.shape[:-1] + [N] (N from the attribute).
 Ort::Status InferMatMulShape(Ort::ShapeInferContext& ctx);
 
-void AddSparseMatMul(Ort::CustomOpDomain& domain);
-void AddCodebookMatMul(Ort::CustomOpDomain& domain);
+// Validated optional bias: nullptr when absent, an error status when its size is not n.
+Ort::Status ReadBias(const char* op, std::optional<const Ort::Custom::Tensor<float>*> bias, int64_t n,
+                     const float** data);
+
+// Error naming the first codebook index >= size, if any.
+Ort::Status CheckCodebookIndices(const char* op, const uint8_t* indices, int64_t count, int64_t size);
+
+// Run fn() turning exceptions into statuses that name the op.
+template <typename Fn>
+Ort::Status Guarded(const char* op, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(Message(op, ": ", e.what()).c_str(), e.GetOrtErrorCode());
+  } catch (const std::exception& e) {
+    return Ort::Status(Message(op, ": ", e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
+  }
+}
+
+// Each file registers its ops (both index types where the op has column indices).
+void AddSparseOps(Ort::CustomOpDomain& domain);     // SparseMatMul, SparseCodebookMatMul
+void AddCodebookMatMul(Ort::CustomOpDomain& domain);  // CodebookMatMul
 
 }  // namespace onnxcompress

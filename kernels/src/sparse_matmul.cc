@@ -1,16 +1,18 @@
-// SparseMatMul: Y = X . W (+ bias) with W held as CSR of its transpose (fp32 values).
+// The CSR family: SparseMatMul (fp32 values) and SparseCodebookMatMul (uint8 codebook indices as
+// values, the EIE layout), Y = X . W (+ bias) with W held as CSR of its transpose.
 //
-// Layout (Han et al., "Deep Compression", ICLR 2016; the row-wise form of EIE): W is K x N as
+// Layout (Han et al., "Deep Compression", ICLR 2016; Han et al., "EIE", ISCA 2016): W is K x N as
 // in ONNX MatMul. Its transpose W^T (N x K) is stored in CSR: output neuron n owns entries
-// row_ptr[n] .. row_ptr[n+1]-1, each a value and the input column (int32 or uint16) it reads.
-// Exact: the same products as dense MatMul, summed in a different order (fp32 rounding only).
+// row_ptr[n] .. row_ptr[n+1]-1, each a value (or a codebook index) and the input column (int32 or
+// uint16) it reads. Exact: the same products as dense MatMul, summed in a different order.
 //
 // Paths:
 //  * batch 1 (M == 1): per output row, a dot product whose x[col] operands are scalar loads
 //    packed into AVX2 vectors (faster than AVX2 gathers on the machines measured). It streams
-//    6 bytes per non-zero (uint16 columns) against 4 bytes per weight for dense MatMul.
+//    6 bytes per non-zero (fp32 + uint16 column; 3 with a codebook) against 4 per dense weight.
 //  * batched (M > 1): X is transposed once to X^T (K x Mp); every non-zero then does an AXPY of
-//    a contiguous tile of up to 32 batch entries held in registers, prefetching ahead.
+//    a contiguous tile of up to 32 batch entries held in registers (AVX-512 where the CPU has
+//    it, chosen at run time), prefetching ahead, into a per-task Y^T block.
 // Rows are split across onnxruntime's intra-op threads by equal non-zero counts.
 #include "common.h"
 
@@ -32,11 +34,52 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// ---- how a non-zero's value is read ---------------------------------------------------------
+
+// fp32 values stored directly.
+struct DirectValues {
+  const float* v;
+  float At(int64_t j) const { return v[j]; }
+  __m256 Load8(int64_t j) const { return _mm256_loadu_ps(v + j); }
+};
+
+// uint8 indices into a codebook of at most 16 entries: two in-register permutes and a blend.
+struct SmallCodebookValues {
+  const uint8_t* idx;
+  const float* cb;
+  __m256 lo;
+  __m256 hi;
+  SmallCodebookValues(const uint8_t* indices, const float* codebook, int64_t size) : idx(indices), cb(codebook) {
+    alignas(32) float table[16] = {};
+    for (int64_t i = 0; i < size && i < 16; ++i) table[i] = codebook[i];
+    lo = _mm256_load_ps(table);
+    hi = _mm256_load_ps(table + 8);
+  }
+  float At(int64_t j) const { return cb[idx[j]]; }
+  __m256 Load8(int64_t j) const {
+    const __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + j)));
+    const __m256 a = _mm256_permutevar8x32_ps(lo, i);
+    const __m256 b = _mm256_permutevar8x32_ps(hi, i);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(7))));
+  }
+};
+
+// uint8 indices into a codebook of up to 256 entries (L1 resident): scalar loads.
+struct CodebookValues {
+  const uint8_t* idx;
+  const float* cb;
+  float At(int64_t j) const { return cb[idx[j]]; }
+  __m256 Load8(int64_t j) const {
+    return _mm256_set_ps(cb[idx[j + 7]], cb[idx[j + 6]], cb[idx[j + 5]], cb[idx[j + 4]], cb[idx[j + 3]],
+                         cb[idx[j + 2]], cb[idx[j + 1]], cb[idx[j]]);
+  }
+};
+
 // y = sum_j values[j] * x[cols[j]] for j in [begin, end).
 // Eight scalar loads assembled into a vector beat AVX2 gathers here (5.5 vs 2.9 non-zeros per
 // ns on one Zen 4 core, x in L1); four accumulators hide the FMA latency.
-template <typename Index>
-inline float SparseDot(const float* values, const Index* cols, int64_t begin, int64_t end, const float* x) {
+template <typename Values, typename Index>
+inline float SparseDot(const Values& values, const Index* cols, int64_t begin, int64_t end, const float* x) {
 #define ONNXCOMPRESS_GATHER8(o)                                                                      \
   _mm256_set_ps(x[cols[j + (o) + 7]], x[cols[j + (o) + 6]], x[cols[j + (o) + 5]], x[cols[j + (o) + 4]], \
                 x[cols[j + (o) + 3]], x[cols[j + (o) + 2]], x[cols[j + (o) + 1]], x[cols[j + (o)]])
@@ -46,25 +89,25 @@ inline float SparseDot(const float* values, const Index* cols, int64_t begin, in
   __m256 acc3 = _mm256_setzero_ps();
   int64_t j = begin;
   for (; j + 32 <= end; j += 32) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), ONNXCOMPRESS_GATHER8(0), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 8), ONNXCOMPRESS_GATHER8(8), acc1);
-    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 16), ONNXCOMPRESS_GATHER8(16), acc2);
-    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 24), ONNXCOMPRESS_GATHER8(24), acc3);
+    acc0 = _mm256_fmadd_ps(values.Load8(j), ONNXCOMPRESS_GATHER8(0), acc0);
+    acc1 = _mm256_fmadd_ps(values.Load8(j + 8), ONNXCOMPRESS_GATHER8(8), acc1);
+    acc2 = _mm256_fmadd_ps(values.Load8(j + 16), ONNXCOMPRESS_GATHER8(16), acc2);
+    acc3 = _mm256_fmadd_ps(values.Load8(j + 24), ONNXCOMPRESS_GATHER8(24), acc3);
   }
   for (; j + 8 <= end; j += 8) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), ONNXCOMPRESS_GATHER8(0), acc0);
+    acc0 = _mm256_fmadd_ps(values.Load8(j), ONNXCOMPRESS_GATHER8(0), acc0);
   }
 #undef ONNXCOMPRESS_GATHER8
   float sum = HorizontalSum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-  for (; j < end; ++j) sum += values[j] * x[static_cast<int64_t>(cols[j])];
+  for (; j < end; ++j) sum += values.At(j) * x[static_cast<int64_t>(cols[j])];
   return sum;
 }
 
 // For rows [r0, r1): acc = sum_j values[j] * xt[cols[j], m0 : m0 + 8*T] (T vectors, U independent
 // accumulator sets to hide FMA latency, software prefetch of the X^T row 16 non-zeros ahead);
 // stores each row's tile contiguously into yt[(n - r0) * mp + m0 ...] (a per-task Y^T block).
-template <int T, int U, typename Index>
-void SparseRowsTile(const float* values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
+template <int T, int U, typename Values, typename Index>
+void SparseRowsTile(const Values& values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
                     const float* xt, int64_t mp, int64_t m0, float* yt) {
   constexpr int kAhead = 16;
   for (int64_t n = r0; n < r1; ++n) {
@@ -77,13 +120,13 @@ void SparseRowsTile(const float* values, const Index* cols, const int32_t* row_p
       for (int u = 0; u < U; ++u) {
         const float* ahead = xt + static_cast<int64_t>(cols[j + u + kAhead]) * mp + m0;
         for (int t = 0; t < T; t += 2) _mm_prefetch(reinterpret_cast<const char*>(ahead + 8 * t), _MM_HINT_T0);
-        const __m256 v = _mm256_broadcast_ss(values + j + u);
+        const __m256 v = _mm256_set1_ps(values.At(j + u));
         const float* row = xt + static_cast<int64_t>(cols[j + u]) * mp + m0;
         for (int t = 0; t < T; ++t) acc[u][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(row + 8 * t), acc[u][t]);
       }
     }
     for (; j < end; ++j) {
-      const __m256 v = _mm256_broadcast_ss(values + j);
+      const __m256 v = _mm256_set1_ps(values.At(j));
       const float* row = xt + static_cast<int64_t>(cols[j]) * mp + m0;
       for (int t = 0; t < T; ++t) acc[0][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(row + 8 * t), acc[0][t]);
     }
@@ -96,8 +139,8 @@ void SparseRowsTile(const float* values, const Index* cols, const int32_t* row_p
 
 // The same with AVX-512 (T vectors of 16), used only where the CPU has it (runtime check):
 // the library itself targets x86-64-v3.
-template <int T, int U, typename Index>
-__attribute__((target("avx512f"))) void SparseRowsTile512(const float* values, const Index* cols,
+template <int T, int U, typename Values, typename Index>
+__attribute__((target("avx512f"))) void SparseRowsTile512(const Values& values, const Index* cols,
                                                            const int32_t* row_ptr, int64_t r0, int64_t r1,
                                                            const float* xt, int64_t mp, int64_t m0, float* yt) {
   constexpr int kAhead = 16;
@@ -111,13 +154,13 @@ __attribute__((target("avx512f"))) void SparseRowsTile512(const float* values, c
       for (int u = 0; u < U; ++u) {
         const float* ahead = xt + static_cast<int64_t>(cols[j + u + kAhead]) * mp + m0;
         for (int t = 0; t < T; ++t) _mm_prefetch(reinterpret_cast<const char*>(ahead + 16 * t), _MM_HINT_T0);
-        const __m512 v = _mm512_set1_ps(values[j + u]);
+        const __m512 v = _mm512_set1_ps(values.At(j + u));
         const float* row = xt + static_cast<int64_t>(cols[j + u]) * mp + m0;
         for (int t = 0; t < T; ++t) acc[u][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 16 * t), acc[u][t]);
       }
     }
     for (; j < end; ++j) {
-      const __m512 v = _mm512_set1_ps(values[j]);
+      const __m512 v = _mm512_set1_ps(values.At(j));
       const float* row = xt + static_cast<int64_t>(cols[j]) * mp + m0;
       for (int t = 0; t < T; ++t) acc[0][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 16 * t), acc[0][t]);
     }
@@ -139,8 +182,8 @@ bool HasAvx512() {
 
 // Rows [r0, r1) for all m batch entries: batch tiles of 32 into a Y^T block, then a blocked
 // transpose (plus bias) into y (M x n_out). mp is m rounded up to 16; xt is K x mp.
-template <typename Index>
-void SparseRows(const float* values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
+template <typename Values, typename Index>
+void SparseRows(const Values& values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
                 const float* xt, int64_t m, int64_t mp, const float* bias, float* y, int64_t n_out) {
   constexpr int64_t kTile = 32;
   std::vector<float> yt(static_cast<size_t>((r1 - r0) * mp));
@@ -183,15 +226,88 @@ void Transpose(const float* x, int64_t m, int64_t k, int64_t mp, float* xt) {
   }
 }
 
+// ---- shared run-time part of both ops --------------------------------------------------------
+
+struct CsrArgs {
+  const char* op;
+  int64_t k;
+  int64_t n;
+};
+
+// Computes Y once the inputs are checked.
+template <typename Values, typename Index>
+Ort::Status RunCsr(OrtKernelContext* context, const CsrArgs& args, const Ort::Custom::Tensor<float>& x,
+                   const Values& values, const Index* cols, const int32_t* row_ptr, const float* bias,
+                   Ort::Custom::Tensor<float>& y) {
+  const std::vector<int64_t> x_shape = x.Shape();
+  float* out = y.Allocate(OutputShape(x_shape, args.n));
+  const int64_t m = NumElements(x_shape) / args.k;
+  if (m == 0) return Ort::Status{nullptr};
+  const float* xd = x.Data();
+  const int64_t nnz = row_ptr[args.n];
+  const size_t tasks = TaskCount(static_cast<double>(nnz) * static_cast<double>(m) + args.n * 8.0, args.n);
+  const std::vector<int64_t> splits = BalancedRowSplits(row_ptr, args.n, tasks);
+  if (m == 1) {
+    auto work = [&](size_t t) {
+      for (int64_t r = splits[t]; r < splits[t + 1]; ++r) {
+        out[r] = SparseDot(values, cols, row_ptr[r], row_ptr[r + 1], xd) + (bias ? bias[r] : 0.0f);
+      }
+    };
+    ParallelFor(context, tasks, work);
+    return Ort::Status{nullptr};
+  }
+  const int64_t mp = (m + 15) / 16 * 16;  // whole 16-wide vectors in every tile
+  std::unique_ptr<float[]> xt(new float[static_cast<size_t>(args.k * mp)]);
+  Transpose(xd, m, args.k, mp, xt.get());
+  auto work = [&](size_t t) {
+    SparseRows(values, cols, row_ptr, splits[t], splits[t + 1], xt.get(), m, mp, bias, out, args.n);
+  };
+  ParallelFor(context, tasks, work);
+  return Ort::Status{nullptr};
+}
+
+// Shape checks shared by both ops; validates the structure unless the cache vouches for it.
+template <typename Index>
+Ort::Status CheckCsrInputs(const CsrArgs& args, const std::vector<int64_t>& x_shape,
+                           const std::vector<int64_t>& v_shape, const std::vector<int64_t>& c_shape,
+                           const std::vector<int64_t>& r_shape, const Index* cols, const int32_t* row_ptr,
+                           bool cached) {
+  if (x_shape.empty() || x_shape.back() != args.k) {
+    return Error(Message(args.op, ": X has shape ", ShapeString(x_shape), ", its last dimension must be K = ", args.k));
+  }
+  if (v_shape.size() != 1 || c_shape.size() != 1 || r_shape.size() != 1) {
+    return Error(Message(args.op, ": values ", ShapeString(v_shape), ", col_indices ", ShapeString(c_shape),
+                         " and row_ptr ", ShapeString(r_shape), " must be 1-D"));
+  }
+  if (v_shape[0] != c_shape[0]) {
+    return Error(Message(args.op, ": values has ", v_shape[0], " entries but col_indices has ", c_shape[0]));
+  }
+  if (cached) return Ort::Status{nullptr};
+  if (r_shape[0] != args.n + 1) {
+    return Error(Message(args.op, ": row_ptr has ", r_shape[0], " entries, expected N + 1 = ", args.n + 1));
+  }
+  return ValidateCsr(args.op, row_ptr, r_shape[0], cols, c_shape[0], v_shape[0], args.n, args.k);
+}
+
+std::string ReadSizes(const OrtKernelInfo* info, const char* op, int64_t& k, int64_t& n) {
+  std::string error;
+  k = ReadIntAttribute(info, op, "K", error);
+  n = ReadIntAttribute(info, op, "N", error);
+  if (error.empty() && (k <= 0 || n <= 0)) {
+    error = Message(op, ": attributes K = ", k, " and N = ", n, " must be positive");
+  }
+  return error;
+}
+
+// ---- SparseMatMul(X, values, col_indices, row_ptr[, bias]) -> Y ------------------------------
+
 template <typename Index>
 struct SparseMatMulKernel {
+  static constexpr const char* kOp = "SparseMatMul";
+
   SparseMatMulKernel(const OrtApi*, const OrtKernelInfo* info) {
-    k_ = ReadIntAttribute(info, "SparseMatMul", "K", error_);
-    n_ = ReadIntAttribute(info, "SparseMatMul", "N", error_);
-    if (error_.empty() && (k_ <= 0 || n_ <= 0)) {
-      error_ = Message("SparseMatMul: attributes K = ", k_, " and N = ", n_, " must be positive");
-    }
-    cache_.SetConstant(IsConstantInput(info, 2) && IsConstantInput(info, 3));
+    error_ = ReadSizes(info, kOp, k_, n_);
+    cache_.SetConstant(IsConstantInput(info, 1) && IsConstantInput(info, 2) && IsConstantInput(info, 3));
   }
 
   static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) { return InferMatMulShape(ctx).release(); }
@@ -200,77 +316,77 @@ struct SparseMatMulKernel {
                       const Ort::Custom::Tensor<float>& values, const Ort::Custom::Tensor<Index>& cols,
                       const Ort::Custom::Tensor<int32_t>& row_ptr,
                       std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& y) {
-    try {
-      return Run(context, x, values, cols, row_ptr, bias, y);
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(Message("SparseMatMul: ", e.what()).c_str(), e.GetOrtErrorCode());
-    } catch (const std::exception& e) {
-      return Ort::Status(Message("SparseMatMul: ", e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
-    }
+    return Guarded(kOp, [&]() -> Ort::Status {
+      if (!error_.empty()) return Error(error_);
+      const CsrArgs args{kOp, k_, n_};
+      const Index* ci = cols.Data();
+      const int32_t* rp = row_ptr.Data();
+      const bool cached = cache_.Valid(ci, rp, values.Data());
+      Ort::Status status =
+          CheckCsrInputs(args, x.Shape(), values.Shape(), cols.Shape(), row_ptr.Shape(), ci, rp, cached);
+      if (!status.IsOK()) return status;
+      cache_.Remember(ci, rp, values.Data());
+      const float* b = nullptr;
+      status = ReadBias(kOp, bias, n_, &b);
+      if (!status.IsOK()) return status;
+      return RunCsr(context, args, x, DirectValues{values.Data()}, ci, rp, b, y);
+    });
   }
 
  private:
-  Ort::Status Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
-                  const Ort::Custom::Tensor<float>& values, const Ort::Custom::Tensor<Index>& cols,
-                  const Ort::Custom::Tensor<int32_t>& row_ptr, std::optional<const Ort::Custom::Tensor<float>*> bias,
-                  Ort::Custom::Tensor<float>& y) {
-    if (!error_.empty()) return Error(error_);
-    const std::vector<int64_t> x_shape = x.Shape();
-    if (x_shape.empty() || x_shape.back() != k_) {
-      return Error(Message("SparseMatMul: X has shape ", ShapeString(x_shape), ", its last dimension must be K = ", k_));
-    }
-    const std::vector<int64_t> v_shape = values.Shape(), c_shape = cols.Shape(), r_shape = row_ptr.Shape();
-    if (v_shape.size() != 1 || c_shape.size() != 1 || r_shape.size() != 1) {
-      return Error(Message("SparseMatMul: values ", ShapeString(v_shape), ", col_indices ", ShapeString(c_shape),
-                           " and row_ptr ", ShapeString(r_shape), " must be 1-D"));
-    }
-    const int64_t nnz = c_shape[0];
-    const int32_t* rp = row_ptr.Data();
-    const Index* ci = cols.Data();
-    const float* va = values.Data();
-    if (!cache_.Valid(ci, rp)) {
-      if (r_shape[0] != n_ + 1) {
-        return Error(Message("SparseMatMul: row_ptr has ", r_shape[0], " entries, expected N + 1 = ", n_ + 1));
-      }
-      Ort::Status status = ValidateCsr("SparseMatMul", rp, r_shape[0], ci, nnz, v_shape[0], n_, k_);
-      if (!status.IsOK()) return status;
-      cache_.Remember(ci, rp);
-    } else if (v_shape[0] != nnz) {
-      return Error(Message("SparseMatMul: values has ", v_shape[0], " entries but col_indices has ", nnz));
-    }
-    const float* b = nullptr;
-    if (bias.has_value() && *bias != nullptr) {
-      const std::vector<int64_t> b_shape = (*bias)->Shape();
-      if (NumElements(b_shape) != n_) {
-        return Error(Message("SparseMatMul: bias has shape ", ShapeString(b_shape), ", expected [", n_, "]"));
-      }
-      b = (*bias)->Data();
-    }
-    float* out = y.Allocate(OutputShape(x_shape, n_));
-    const int64_t m = NumElements(x_shape) / k_;
-    if (m == 0) return Ort::Status{nullptr};
-    const float* xd = x.Data();
-    const size_t tasks = TaskCount(static_cast<double>(nnz) * static_cast<double>(m) + n_ * 8.0, n_);
-    const std::vector<int64_t> splits = BalancedRowSplits(rp, n_, tasks);
-    if (m == 1) {
-      auto work = [&](size_t t) {
-        for (int64_t n = splits[t]; n < splits[t + 1]; ++n) {
-          out[n] = SparseDot(va, ci, rp[n], rp[n + 1], xd) + (b ? b[n] : 0.0f);
-        }
-      };
-      ParallelFor(context, tasks, work);
-      return Ort::Status{nullptr};
-    }
-    const int64_t mp = (m + 15) / 16 * 16;  // whole 16-wide vectors in every tile
-    std::unique_ptr<float[]> xt(new float[static_cast<size_t>(k_ * mp)]);
-    Transpose(xd, m, k_, mp, xt.get());
-    auto work = [&](size_t t) {
-      SparseRows(va, ci, rp, splits[t], splits[t + 1], xt.get(), m, mp, b, out, n_);
-    };
-    ParallelFor(context, tasks, work);
-    return Ort::Status{nullptr};
+  int64_t k_ = 0;
+  int64_t n_ = 0;
+  std::string error_;
+  ValidationCache cache_;
+};
+
+// ---- SparseCodebookMatMul(X, indices, col_indices, row_ptr, codebook[, bias]) -> Y ------------
+
+template <typename Index>
+struct SparseCodebookMatMulKernel {
+  static constexpr const char* kOp = "SparseCodebookMatMul";
+
+  SparseCodebookMatMulKernel(const OrtApi*, const OrtKernelInfo* info) {
+    error_ = ReadSizes(info, kOp, k_, n_);
+    cache_.SetConstant(IsConstantInput(info, 1) && IsConstantInput(info, 2) && IsConstantInput(info, 3) &&
+                       IsConstantInput(info, 4));
   }
 
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) { return InferMatMulShape(ctx).release(); }
+
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
+                      const Ort::Custom::Tensor<uint8_t>& indices, const Ort::Custom::Tensor<Index>& cols,
+                      const Ort::Custom::Tensor<int32_t>& row_ptr, const Ort::Custom::Tensor<float>& codebook,
+                      std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& y) {
+    return Guarded(kOp, [&]() -> Ort::Status {
+      if (!error_.empty()) return Error(error_);
+      const CsrArgs args{kOp, k_, n_};
+      const std::vector<int64_t> cb_shape = codebook.Shape();
+      if (cb_shape.size() != 1 || cb_shape[0] < 1 || cb_shape[0] > 256) {
+        return Error(Message(kOp, ": codebook has shape ", ShapeString(cb_shape), ", expected [C] with 1 <= C <= 256"));
+      }
+      const int64_t size = cb_shape[0];
+      const Index* ci = cols.Data();
+      const int32_t* rp = row_ptr.Data();
+      const uint8_t* idx = indices.Data();
+      const bool cached = cache_.Valid(ci, rp, idx, size);
+      Ort::Status status =
+          CheckCsrInputs(args, x.Shape(), indices.Shape(), cols.Shape(), row_ptr.Shape(), ci, rp, cached);
+      if (!status.IsOK()) return status;
+      if (!cached) {
+        status = CheckCodebookIndices(kOp, idx, indices.Shape()[0], size);
+        if (!status.IsOK()) return status;
+        cache_.Remember(ci, rp, idx, size);
+      }
+      const float* b = nullptr;
+      status = ReadBias(kOp, bias, n_, &b);
+      if (!status.IsOK()) return status;
+      if (size <= 16) return RunCsr(context, args, x, SmallCodebookValues(idx, codebook.Data(), size), ci, rp, b, y);
+      return RunCsr(context, args, x, CodebookValues{idx, codebook.Data()}, ci, rp, b, y);
+    });
+  }
+
+ private:
   int64_t k_ = 0;
   int64_t n_ = 0;
   std::string error_;
@@ -278,6 +394,28 @@ struct SparseMatMulKernel {
 };
 
 }  // namespace
+
+Ort::Status ReadBias(const char* op, std::optional<const Ort::Custom::Tensor<float>*> bias, int64_t n,
+                     const float** data) {
+  *data = nullptr;
+  if (!bias.has_value() || *bias == nullptr) return Ort::Status{nullptr};
+  const std::vector<int64_t> shape = (*bias)->Shape();
+  if (NumElements(shape) != n) {
+    return Error(Message(op, ": bias has shape ", ShapeString(shape), ", expected [", n, "]"));
+  }
+  *data = (*bias)->Data();
+  return Ort::Status{nullptr};
+}
+
+Ort::Status CheckCodebookIndices(const char* op, const uint8_t* indices, int64_t count, int64_t size) {
+  for (int64_t j = 0; j < count; ++j) {
+    if (indices[j] >= size) {
+      return Error(Message(op, ": indices[", j, "] = ", int{indices[j]}, " is out of range for a codebook of ", size,
+                           " entries"));
+    }
+  }
+  return Ort::Status{nullptr};
+}
 
 Ort::Status InferMatMulShape(Ort::ShapeInferContext& ctx) {
   try {
@@ -291,13 +429,20 @@ Ort::Status InferMatMulShape(Ort::ShapeInferContext& ctx) {
   }
 }
 
-void AddSparseMatMul(Ort::CustomOpDomain& domain) {
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op_int32{
-      Ort::Custom::CreateLiteCustomOp<SparseMatMulKernel<int32_t>>("SparseMatMul", "CPUExecutionProvider")};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op_uint16{
-      Ort::Custom::CreateLiteCustomOp<SparseMatMulKernel<uint16_t>>("SparseMatMul", "CPUExecutionProvider")};
-  domain.Add(op_int32.get());
-  domain.Add(op_uint16.get());
+void AddSparseOps(Ort::CustomOpDomain& domain) {
+  using Ort::Custom::CreateLiteCustomOp;
+  using Ort::Custom::OrtLiteCustomOp;
+  static std::unique_ptr<OrtLiteCustomOp> ops[] = {
+      std::unique_ptr<OrtLiteCustomOp>{
+          CreateLiteCustomOp<SparseMatMulKernel<int32_t>>("SparseMatMul", "CPUExecutionProvider")},
+      std::unique_ptr<OrtLiteCustomOp>{
+          CreateLiteCustomOp<SparseMatMulKernel<uint16_t>>("SparseMatMul", "CPUExecutionProvider")},
+      std::unique_ptr<OrtLiteCustomOp>{
+          CreateLiteCustomOp<SparseCodebookMatMulKernel<int32_t>>("SparseCodebookMatMul", "CPUExecutionProvider")},
+      std::unique_ptr<OrtLiteCustomOp>{
+          CreateLiteCustomOp<SparseCodebookMatMulKernel<uint16_t>>("SparseCodebookMatMul", "CPUExecutionProvider")},
+  };
+  for (auto& op : ops) domain.Add(op.get());
 }
 
 }  // namespace onnxcompress
