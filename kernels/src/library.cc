@@ -25,7 +25,7 @@ extern "C" {
 
 // The op names this build provides, comma separated (read by onnxcompress.runtime.available_ops).
 __attribute__((visibility("default"))) const char* OnnxCompressKernelOps() {
-  return "SparseMatMul,SparseCodebookMatMul";
+  return "SparseMatMul,SparseCodebookMatMul,CodebookMatMul";
 }
 
 __attribute__((visibility("default"))) int OnnxCompressKernelApiVersion() { return ORT_API_VERSION; }
@@ -45,6 +45,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     std::lock_guard<std::mutex> lock(DomainsMutex());
     Ort::CustomOpDomain domain{onnxcompress::kDomain};
     onnxcompress::AddSparseOps(domain);
+    onnxcompress::AddCodebookMatMul(domain);
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     Domains().push_back(std::move(domain));

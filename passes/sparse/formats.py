@@ -7,7 +7,11 @@ EIE (Han et al., "EIE: Efficient Inference Engine on Compressed Deep Neural Netw
 2016) and of Deep Compression's pruned layers (Han et al., ICLR 2016). Duplicate
 (row, column) entries add up, as in scipy.
 
-Exact: `dense_from_csr(to_csr(W))` is W bit for bit; the kernel sums the same products in
+`CodebookMatMul` holds a dense weight-shared layer as W^T's codebook indices (uint8, or two
+4-bit indices per byte) and a float codebook; `SparseCodebookMatMul` is CSR whose values are
+codebook indices (EIE's layout for pruned and shared layers).
+
+Exact: `dense_from_csr(to_csr(W))` is W bit for bit, and so is `codebook[unpack(pack(i))]`; the kernel sums the same products in
 another order, so outputs match dense MatMul up to fp32 rounding.
 """
 
@@ -20,6 +24,11 @@ __all__ = [
     "index_dtype_for",
     "validate_csr",
     "sparse_matmul_reference",
+    "packed_row_bytes",
+    "pack_codebook_indices",
+    "unpack_codebook_indices",
+    "codebook_matmul_reference",
+    "sparse_codebook_matmul_reference",
 ]
 
 import dataclasses
@@ -131,3 +140,100 @@ def sparse_matmul_reference(
     if bias is not None:
         y = y + bias.astype(np.float64).reshape(out_features)
     return y.astype(np.float32)
+
+
+# ---- weight sharing: codebook indices -----------------------------------------------------------
+
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    """Bytes per row of W^T's packed indices: K for 8 bits, ceil(K / 2) for 4 bits."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    return in_features if bits == 8 else (in_features + 1) // 2
+
+
+def pack_codebook_indices(indices: np.ndarray, bits: int) -> np.ndarray:
+    """W's K × N codebook indices as CodebookMatMul stores them: W^T rows, 4-bit pairs packed.
+
+    bits = 8: uint8 [N, K]. bits = 4: uint8 [N, ceil(K/2)], column 2b in the low nibble of
+    byte b and column 2b + 1 in the high nibble (zero pads odd K).
+    """
+    if indices.ndim != 2:
+        raise ValueError(f"expected 2-D indices, got shape {indices.shape}")
+    limit = 1 << bits
+    if indices.size and (indices.min() < 0 or indices.max() >= limit):
+        raise ValueError(f"indices must lie in [0, {limit}) for {bits} bits")
+    transposed = np.ascontiguousarray(indices.T).astype(np.uint8)
+    if bits == 8:
+        return transposed
+    out_features, in_features = transposed.shape
+    padded = np.zeros((out_features, 2 * packed_row_bytes(in_features, 4)), dtype=np.uint8)
+    padded[:, :in_features] = transposed
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_codebook_indices(packed: np.ndarray, in_features: int, bits: int) -> np.ndarray:
+    """Inverse of `pack_codebook_indices`: W's K × N indices."""
+    if bits == 8:
+        return np.ascontiguousarray(packed.T)
+    low, high = packed & 15, packed >> 4
+    transposed = np.stack([low, high], axis=2).reshape(packed.shape[0], -1)[:, :in_features]
+    return np.ascontiguousarray(transposed.T)
+
+
+def codebook_matmul_reference(
+    x: np.ndarray,
+    packed: np.ndarray,
+    codebook: np.ndarray,
+    bias: np.ndarray | None,
+    in_features: int,
+    out_features: int,
+    bits: int,
+) -> np.ndarray:
+    """Y = X · codebook[indices] (+ bias), in float64, returned as float32."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"X has shape {list(x.shape)}, its last dimension must be K = {in_features}")
+    expected = (out_features, packed_row_bytes(in_features, bits))
+    if packed.shape != expected:
+        raise ValueError(f"indices has shape {list(packed.shape)}, expected {list(expected)}")
+    if not 1 <= codebook.size <= 1 << bits:
+        raise ValueError(f"codebook has {codebook.size} entries, expected 1 .. {1 << bits}")
+    indices = unpack_codebook_indices(packed, in_features, bits)
+    if bits == 4 and in_features % 2:
+        pad = packed[:, -1] >> 4
+        if pad.size and pad.max() >= codebook.size:
+            raise ValueError("a padding nibble is out of range for the codebook")
+    if indices.size and indices.max() >= codebook.size:
+        # the first offender in storage order (row n of W^T, then column k), as the kernel scans
+        n, k = np.unravel_index(int(np.argmax(indices.T >= codebook.size)), indices.T.shape)
+        raise ValueError(
+            f"index of W[{k}, {n}] = {indices[k, n]} is out of range for a codebook of {codebook.size} entries"
+        )
+    weight = codebook.astype(np.float64)[indices.astype(np.int64)]
+    y = x.astype(np.float64) @ weight
+    if bias is not None:
+        y = y + bias.astype(np.float64).reshape(out_features)
+    return y.astype(np.float32)
+
+
+def sparse_codebook_matmul_reference(
+    x: np.ndarray,
+    indices: np.ndarray,
+    col_indices: np.ndarray,
+    row_ptr: np.ndarray,
+    codebook: np.ndarray,
+    bias: np.ndarray | None,
+    in_features: int,
+    out_features: int,
+) -> np.ndarray:
+    """SparseMatMul whose values are codebook[indices] (the EIE layout)."""
+    if not 1 <= codebook.size <= 256:
+        raise ValueError(f"codebook has shape {list(codebook.shape)}, expected [C] with 1 <= C <= 256")
+    if indices.shape != col_indices.shape:
+        raise ValueError(f"values has {indices.size} entries but col_indices has {col_indices.size}")
+    bad = np.nonzero(indices.astype(np.int64) >= codebook.size)[0]
+    if bad.size:
+        at = int(bad[0])
+        raise ValueError(f"indices[{at}] = {indices[at]} is out of range for a codebook of {codebook.size} entries")
+    values = codebook.astype(np.float32)[indices.astype(np.int64)]
+    return sparse_matmul_reference(x, values, col_indices, row_ptr, bias, in_features, out_features)

@@ -12,13 +12,23 @@ SparseMatMul body (CSR of W^T, see formats.py):
     rows   = CumSum(marks)[:nnz]                             row of every entry
     Wt     = ScatterElements(zeros[N·K], rows·K + cols, values, reduction=add).reshape(N, K)
     Y      = X · Wt^T + bias
-Exact: the same dense weight as `formats.dense_from_csr` (duplicates add), then dense MatMul.
+SparseCodebookMatMul first gathers values = codebook[indices]; CodebookMatMul unpacks the
+(4- or 8-bit) indices with integer Div/Mod and gathers the codebook (see its builder).
+Exact: the same dense weight as the numpy references in formats.py, then dense MatMul.
 Needs opset >= 16 (ScatterElements with reduction).
 """
 
 from __future__ import annotations
 
-__all__ = ["DOMAIN", "OPSET_VERSION", "MIN_ONNX_OPSET", "sparse_matmul_function", "function_for"]
+__all__ = [
+    "DOMAIN",
+    "OPSET_VERSION",
+    "MIN_ONNX_OPSET",
+    "sparse_matmul_function",
+    "sparse_codebook_matmul_function",
+    "codebook_matmul_function",
+    "function_for",
+]
 
 from collections.abc import Callable
 
@@ -50,20 +60,23 @@ def _filled(output: str, shape: str, dtype: int, value: float | int) -> onnx.Nod
     return helper.make_node("ConstantOfShape", [shape], [output], value=tensor)
 
 
-def sparse_matmul_function(onnx_opset: int) -> onnx.FunctionProto:
-    """The SparseMatMul(X, values, col_indices, row_ptr, bias) body for a model at `onnx_opset`."""
+def _check_opset(op: str, onnx_opset: int) -> None:
     if onnx_opset < MIN_ONNX_OPSET:
-        raise ValueError(f"the portable SparseMatMul needs opset >= {MIN_ONNX_OPSET}, model has {onnx_opset}")
+        raise ValueError(f"the portable {op} needs opset >= {MIN_ONNX_OPSET}, model has {onnx_opset}")
+
+
+def _csr_body(values: str) -> list[onnx.NodeProto]:
+    """Nodes rebuilding W from CSR (`values`, col_indices, row_ptr), then Y = X · W + bias."""
     i32, i64, f32 = onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
-    nodes = [
+    return [
         _ref_constant("K", "K"),
         _ref_constant("N", "N"),
         _ints("one", [1]),
         _ints("minus_one", [-1]),
         _ints("zero", [0]),
-        _ints("axis0", [0]),
+        helper.make_node("Constant", [], ["zero_scalar"], value_int=0),
         # row of every stored entry
-        helper.make_node("Shape", ["values"], ["nnz"]),
+        helper.make_node("Shape", [values], ["nnz"]),
         helper.make_node("Add", ["nnz", "one"], ["nnz_plus_one"]),
         _filled("marks_zero", "nnz_plus_one", i32, 0),
         helper.make_node("Slice", ["row_ptr", "one", "minus_one"], ["starts32"]),
@@ -79,31 +92,100 @@ def sparse_matmul_function(onnx_opset: int) -> onnx.FunctionProto:
         helper.make_node("Cast", ["col_indices"], ["cols"], to=i64),
         helper.make_node("Add", ["row_offsets", "cols"], ["flat"]),
         helper.make_node("Mul", ["N", "K"], ["size_scalar"]),
-        helper.make_node("Unsqueeze", ["size_scalar", "axis0"], ["size"]),
+        helper.make_node("Unsqueeze", ["size_scalar", "zero"], ["size"]),
         _filled("dense_zero", "size", f32, 0.0),
-        helper.make_node("ScatterElements", ["dense_zero", "flat", "values"], ["dense_flat"], axis=0, reduction="add"),
-        helper.make_node("Unsqueeze", ["N", "axis0"], ["N1"]),
-        helper.make_node("Unsqueeze", ["K", "axis0"], ["K1"]),
+        helper.make_node("ScatterElements", ["dense_zero", "flat", values], ["dense_flat"], axis=0, reduction="add"),
+        helper.make_node("Unsqueeze", ["N", "zero"], ["N1"]),
+        helper.make_node("Unsqueeze", ["K", "zero"], ["K1"]),
         helper.make_node("Concat", ["N1", "K1"], ["wt_shape"], axis=0),
         helper.make_node("Reshape", ["dense_flat", "wt_shape"], ["wt"]),
-        helper.make_node("Transpose", ["wt"], ["w"], perm=[1, 0]),
+        *_matmul_tail("wt"),
+    ]
+
+
+def _matmul_tail(transposed_weight: str) -> list[onnx.NodeProto]:
+    return [
+        helper.make_node("Transpose", [transposed_weight], ["w"], perm=[1, 0]),
         helper.make_node("MatMul", ["X", "w"], ["product"]),
         helper.make_node("Add", ["product", "bias"], ["Y"]),
     ]
-    nodes.insert(4, helper.make_node("Constant", [], ["zero_scalar"], value_int=0))
+
+
+def _function(name: str, inputs: list[str], nodes: list[onnx.NodeProto], attributes: list[str], onnx_opset: int,
+              doc: str) -> onnx.FunctionProto:
     return helper.make_function(
-        DOMAIN,
-        "SparseMatMul",
-        ["X", "values", "col_indices", "row_ptr", "bias"],
-        ["Y"],
-        nodes,
-        [helper.make_opsetid("", onnx_opset)],
-        attributes=["K", "N"],
-        doc_string="Y = X . W + bias, W (K x N) stored as CSR of W^T; see onnxcompress passes/sparse/formats.py",
+        DOMAIN, name, inputs, ["Y"], nodes, [helper.make_opsetid("", onnx_opset)], attributes=attributes,
+        doc_string=doc,
     )
 
 
-_BUILDERS: dict[str, Callable[[int], onnx.FunctionProto]] = {"SparseMatMul": sparse_matmul_function}
+def sparse_matmul_function(onnx_opset: int) -> onnx.FunctionProto:
+    """The SparseMatMul(X, values, col_indices, row_ptr, bias) body for a model at `onnx_opset`."""
+    _check_opset("SparseMatMul", onnx_opset)
+    return _function(
+        "SparseMatMul", ["X", "values", "col_indices", "row_ptr", "bias"], _csr_body("values"), ["K", "N"],
+        onnx_opset, "Y = X . W + bias, W (K x N) stored as CSR of W^T; see onnxcompress passes/sparse/formats.py",
+    )
+
+
+def sparse_codebook_matmul_function(onnx_opset: int) -> onnx.FunctionProto:
+    """SparseCodebookMatMul(X, indices, col_indices, row_ptr, codebook, bias): values = codebook[indices]."""
+    _check_opset("SparseCodebookMatMul", onnx_opset)
+    nodes = [
+        helper.make_node("Cast", ["indices"], ["indices64"], to=onnx.TensorProto.INT64),
+        helper.make_node("Gather", ["codebook", "indices64"], ["values"], axis=0),
+        *_csr_body("values"),
+    ]
+    return _function(
+        "SparseCodebookMatMul", ["X", "indices", "col_indices", "row_ptr", "codebook", "bias"], nodes, ["K", "N"],
+        onnx_opset, "SparseMatMul whose values are codebook[indices] (EIE layout)",
+    )
+
+
+def codebook_matmul_function(onnx_opset: int) -> onnx.FunctionProto:
+    """CodebookMatMul(X, indices, codebook, bias) with attributes K, N, bits (4 or 8).
+
+    One body serves both widths: column k of W^T's row is byte k // per (per = 8 / bits) of
+    the packed row, shifted by divisor = 1 + (2^bits - 1) · (k mod per) (1 or 16), mod 2^bits.
+    """
+    _check_opset("CodebookMatMul", onnx_opset)
+    i64, f32 = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
+    scalar = helper.make_tensor
+    nodes = [
+        _ref_constant("K", "K"),
+        _ref_constant("bits", "bits"),
+        helper.make_node("Constant", [], ["eight"], value_int=8),
+        helper.make_node("Constant", [], ["one"], value_int=1),
+        helper.make_node("Constant", [], ["zero"], value_int=0),
+        helper.make_node("Constant", [], ["two"], value=scalar("two", f32, [], [2.0])),
+        helper.make_node("Cast", ["bits"], ["bits_f"], to=f32),
+        helper.make_node("Pow", ["two", "bits_f"], ["levels_f"]),
+        helper.make_node("Cast", ["levels_f"], ["levels"], to=i64),
+        helper.make_node("Div", ["eight", "bits"], ["per"]),
+        helper.make_node("Range", ["zero", "K", "one"], ["k"]),
+        helper.make_node("Div", ["k", "per"], ["byte"]),
+        helper.make_node("Mod", ["k", "per"], ["slot"]),
+        helper.make_node("Sub", ["levels", "one"], ["levels_minus_one"]),
+        helper.make_node("Mul", ["levels_minus_one", "slot"], ["shift_scale"]),
+        helper.make_node("Add", ["one", "shift_scale"], ["divisor"]),
+        helper.make_node("Cast", ["indices"], ["packed"], to=i64),
+        helper.make_node("Gather", ["packed", "byte"], ["bytes"], axis=1),
+        helper.make_node("Div", ["bytes", "divisor"], ["shifted"]),
+        helper.make_node("Mod", ["shifted", "levels"], ["codes"]),
+        helper.make_node("Gather", ["codebook", "codes"], ["wt"], axis=0),
+        *_matmul_tail("wt"),
+    ]
+    return _function(
+        "CodebookMatMul", ["X", "indices", "codebook", "bias"], nodes, ["K", "N", "bits"], onnx_opset,
+        "Y = X . codebook[indices] + bias; indices are W^T rows, 4-bit pairs packed low nibble first",
+    )
+
+
+_BUILDERS: dict[str, Callable[[int], onnx.FunctionProto]] = {
+    "SparseMatMul": sparse_matmul_function,
+    "SparseCodebookMatMul": sparse_codebook_matmul_function,
+    "CodebookMatMul": codebook_matmul_function,
+}
 
 
 def function_for(op_type: str, onnx_opset: int) -> onnx.FunctionProto:

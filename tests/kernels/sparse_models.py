@@ -7,7 +7,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.passes.sparse.formats import CsrWeight
-from onnxcompress.passes.sparse.functions import DOMAIN, sparse_matmul_function
+from onnxcompress.passes.sparse.functions import (
+    DOMAIN,
+    codebook_matmul_function,
+    sparse_codebook_matmul_function,
+    sparse_matmul_function,
+)
 
 OPSET = 21
 _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint16): TensorProto.UINT16,
@@ -57,3 +62,59 @@ def pruned(rng: np.random.Generator, shape: tuple[int, int], sparsity: float) ->
     weight = rng.standard_normal(shape).astype(np.float32)
     weight[rng.random(shape) < sparsity] = 0.0
     return weight
+
+
+def _model(node: onnx.NodeProto, arrays: dict[str, np.ndarray], x_shape: list[int | str], n: int, fed: bool,
+           functions: list[onnx.FunctionProto]) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
+    initializers = []
+    for name, array in arrays.items():
+        if fed:
+            inputs.append(helper.make_tensor_value_info(name, _TYPES[array.dtype], [None] * array.ndim))
+        else:
+            initializers.append(numpy_helper.from_array(array, name))
+    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [*x_shape[:-1], n])
+    graph = helper.make_graph([node], node.op_type, inputs, [output], initializer=initializers)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)], functions=functions
+    )
+    model.ir_version = 10
+    return model
+
+
+def codebook_matmul_model(
+    packed: np.ndarray, codebook: np.ndarray, k: int, n: int, bits: int, x_shape: list[int | str],
+    bias: np.ndarray | None = None, *, fed: bool = False, portable: bool = False,
+) -> onnx.ModelProto:
+    """Y = CodebookMatMul(X, indices, codebook[, bias]; K, N, bits)."""
+    arrays = {"indices": packed, "codebook": codebook}
+    if bias is not None:
+        arrays["bias"] = bias
+    node = helper.make_node("CodebookMatMul", ["X", *arrays], ["Y"], domain=DOMAIN, K=k, N=n, bits=bits)
+    functions = [codebook_matmul_function(OPSET)] if portable else []
+    return _model(node, arrays, x_shape, n, fed, functions)
+
+
+def sparse_codebook_model(
+    indices: np.ndarray, csr: CsrWeight, codebook: np.ndarray, x_shape: list[int | str],
+    bias: np.ndarray | None = None, *, fed: bool = False, portable: bool = False,
+) -> onnx.ModelProto:
+    """Y = SparseCodebookMatMul(X, indices, col_indices, row_ptr, codebook[, bias]; K, N)."""
+    arrays = {"indices": indices, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr, "codebook": codebook}
+    if bias is not None:
+        arrays["bias"] = bias
+    node = helper.make_node("SparseCodebookMatMul", ["X", *arrays], ["Y"], domain=DOMAIN,
+                            K=csr.in_features, N=csr.out_features)
+    functions = [sparse_codebook_matmul_function(OPSET)] if portable else []
+    return _model(node, arrays, x_shape, csr.out_features, fed, functions)
+
+
+def shared(rng: np.random.Generator, shape: tuple[int, int], entries: int, sparsity: float = 0.0
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(K × N indices, codebook): a weight-shared layer; index 0 is an exact 0 when sparsity > 0."""
+    codebook = rng.standard_normal(entries).astype(np.float32)
+    indices = rng.integers(0, entries, size=shape).astype(np.uint8)
+    if sparsity > 0:
+        codebook[0] = 0.0
+        indices[rng.random(shape) < sparsity] = 0
+    return indices, codebook
