@@ -9,6 +9,11 @@ gives: each candidate is timed against onnxruntime's dense MatMul on this machin
 process, alternating, caches flushed between calls by default. Every layer left dense gets
 its reason (too dense, not faster, shared weight, unsupported Gemm form, ...).
 
+Weight-shared layers (the `codebook.*` passes' Cast(indices) -> Gather(codebook) pattern) are
+recognised too: a pruned one becomes SparseCodebookMatMul (CSR whose values are codebook
+indices, the EIE layout), a dense one CodebookMatMul (4-bit packed or 8-bit indices), again
+only where measured faster.
+
 The rewrite is exact: MatMul(X, W) becomes SparseMatMul(X, csr(W), bias=0), and
 Gemm(A, B, C; alpha, beta, transB) becomes SparseMatMul(A, csr(alpha·op(B)), bias=beta·C)
 for a constant C that broadcasts to [N]; outputs differ from dense only by fp32 summation
@@ -18,9 +23,10 @@ order. With `portable` (default) the model also carries each op as a model-local
 
 from __future__ import annotations
 
-__all__ = ["SparseCsrConfig", "SparseCsrPass", "measure_layer"]
+__all__ = ["SparseCsrConfig", "SparseCsrPass", "measure_layer", "csr_arrays", "codebook_arrays"]
 
 import dataclasses
+import fnmatch
 import logging
 import statistics
 import time
@@ -35,7 +41,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress import runtime
 from onnxcompress.errors import MissingDependencyError, UnsupportedModelError
 from onnxcompress.pass_base import CompressionPass, PassConfig, register
-from onnxcompress.passes.sparse.formats import CsrWeight, to_csr
+from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers
+from onnxcompress.passes.sparse.formats import pack_codebook_indices, to_csr
 from onnxcompress.passes.sparse.functions import DOMAIN, MIN_ONNX_OPSET, OPSET_VERSION, function_for
 from onnxcompress.sites import WeightSite, find_weight_sites
 
@@ -79,11 +86,22 @@ class SparseCsrConfig(PassConfig):
 
 @dataclasses.dataclass
 class _Candidate:
-    site: WeightSite
+    """One layer that may be converted: its consumer node and what would replace its weight."""
+
+    name: str
+    node: ir.Node  # the MatMul / Gemm reading the weight
     weight: np.ndarray  # K x N, float32, the effective weight (alpha and transB applied)
     bias: np.ndarray  # [N] float32
     sparsity: float
+    op: str = OP
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # op inputs after X, before bias
+    attributes: dict[str, int] = dataclasses.field(default_factory=dict)
+    site: WeightSite | None = None  # a plain weight
+    layer: CodebookLayer | None = None  # a weight-shared layer
     timing: dict[str, float] | None = None
+
+    def stored_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
 
 
 def _timed(session: object, feeds: dict[str, np.ndarray], flush: np.ndarray | None) -> float:
@@ -111,7 +129,9 @@ def _layer_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProt
 
 def measure_layer(
     weight: np.ndarray,
-    csr: CsrWeight,
+    op: str,
+    arrays: dict[str, np.ndarray],
+    attributes: dict[str, int],
     batch: int,
     *,
     threads: int | None = None,
@@ -119,19 +139,19 @@ def measure_layer(
     cold_cache: bool = True,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Median seconds of dense MatMul and of SparseMatMul for one [batch, K] × [K, N] product.
+    """Median seconds of dense MatMul and of our `op` for one [batch, K] × [K, N] product.
 
-    Both run in this process through onnxruntime with the kernel library, alternating, so
-    that load from other processes hits both alike.
+    `arrays` are the op's inputs after X (no bias). Both run in this process through
+    onnxruntime with the kernel library, alternating, so that load from other processes hits
+    both alike.
     """
     k = weight.shape[0]
     dense = _layer_model(
         [helper.make_node("MatMul", ["X", "W"], ["Y"])], [numpy_helper.from_array(weight, "W")], k
     )
     sparse = _layer_model(
-        [helper.make_node(OP, ["X", "v", "c", "r"], ["Y"], domain=DOMAIN, K=csr.in_features, N=csr.out_features)],
-        [numpy_helper.from_array(csr.values, "v"), numpy_helper.from_array(csr.col_indices, "c"),
-         numpy_helper.from_array(csr.row_ptr, "r")],
+        [helper.make_node(op, ["X", *arrays], ["Y"], domain=DOMAIN, **attributes)],
+        [numpy_helper.from_array(np.ascontiguousarray(array), name) for name, array in arrays.items()],
         k,
     )
     sessions = {"dense": runtime.session(dense, threads=threads), "sparse": runtime.session(sparse, threads=threads)}
@@ -145,6 +165,33 @@ def measure_layer(
         for name, session in sessions.items():
             times[name].append(_timed(session, feeds, flush))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def csr_arrays(weight: np.ndarray, index_dtype: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """SparseMatMul inputs (after X, before bias) and attributes for a K × N weight."""
+    csr = to_csr(weight, index_dtype)  # type: ignore[arg-type]
+    arrays = {"values": csr.values, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr}
+    return arrays, {"K": csr.in_features, "N": csr.out_features}
+
+
+def codebook_arrays(
+    indices: np.ndarray, codebook: np.ndarray, weight: np.ndarray, sparse: bool, index_dtype: str = "auto"
+) -> tuple[str, dict[str, np.ndarray], dict[str, int]]:
+    """(op, inputs after X before bias, attributes) for a K × N weight-shared layer.
+
+    `weight` is codebook[indices] (its zeros decide the CSR structure when `sparse`).
+    """
+    k, n = weight.shape
+    if sparse:
+        csr = to_csr(weight, index_dtype)  # type: ignore[arg-type]
+        rows = np.repeat(np.arange(n), np.diff(csr.row_ptr.astype(np.int64)))
+        stored = np.ascontiguousarray(indices.T)[rows, csr.col_indices.astype(np.int64)].astype(np.uint8)
+        arrays = {"indices": stored, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr,
+                  "codebook": codebook.astype(np.float32)}
+        return "SparseCodebookMatMul", arrays, {"K": k, "N": n}
+    bits = 4 if codebook.size <= 16 else 8
+    arrays = {"indices": pack_codebook_indices(indices, bits), "codebook": codebook.astype(np.float32)}
+    return "CodebookMatMul", arrays, {"K": k, "N": n, "bits": bits}
 
 
 def _opset(model: ir.Model) -> int:
@@ -191,6 +238,10 @@ class SparseCsrPass(CompressionPass):
             candidate = self._candidate(model, site)
             if candidate is not None:
                 candidates.append(candidate)
+        for layer in codebook_layers(model):
+            candidate = self._codebook_candidate(model, layer)
+            if candidate is not None:
+                candidates.append(candidate)
         chosen = [c for c in candidates if self._faster(c)]
         if not chosen:
             return False
@@ -198,8 +249,9 @@ class SparseCsrPass(CompressionPass):
             self._rewrite(model, candidate)
         model.opset_imports[DOMAIN] = OPSET_VERSION
         if self.config.portable:
-            function = ir.serde.deserialize_function(function_for(OP, _opset(model)))
-            model.functions[function.identifier()] = function
+            for op in sorted({c.op for c in chosen}):
+                function = ir.serde.deserialize_function(function_for(op, _opset(model)))
+                model.functions[function.identifier()] = function
         return True
 
     # ---- eligibility -------------------------------------------------------------------
@@ -222,7 +274,53 @@ class SparseCsrPass(CompressionPass):
         if sparsity < self.config.min_sparsity:
             self.report.skip(site.name, f"sparsity {sparsity:.3f} < min_sparsity {self.config.min_sparsity}")
             return None
-        return _Candidate(site, array, bias, float(sparsity))
+        arrays, attributes = csr_arrays(array, self.config.index_dtype)
+        return _Candidate(site.name, node, array, bias, float(sparsity), OP, arrays, attributes, site=site)
+
+    def _codebook_candidate(self, model: ir.Model, layer: CodebookLayer) -> _Candidate | None:
+        """A Cast -> Gather decoded weight read by one MatMul / Gemm."""
+        name = layer.name
+        if self.config.exclude and any(fnmatch.fnmatchcase(name, p) for p in self.config.exclude):
+            self.report.skip(name, "excluded by name")
+            return None
+        decoded = layer.gather.outputs[0]
+        uses = list(decoded.uses())
+        if decoded.is_graph_output() or len(uses) != 1:
+            self.report.skip(name, f"shared weight read by {len(uses)} nodes" if len(uses) != 1 else
+                             "weight is also a graph output")
+            return None
+        node, index = uses[0]
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or index != 1:
+            self.report.skip(name, f"read by {node.op_type} input {index}, not as a MatMul/Gemm weight")
+            return None
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            self.report.skip(name, "Gemm with transA=1")
+            return None
+        codebook = layer.codebook()
+        if codebook.dtype != np.float32 or len(layer.shape) != 2 or codebook.size > 256:
+            self.report.skip(name, f"codebook {codebook.dtype} of {codebook.size} entries for a "
+                             f"{len(layer.shape)}-D weight: the kernels take fp32, <= 256 entries, 2-D")
+            return None
+        indices = layer.indices()
+        if int(np.prod(indices.shape)) < self.config.min_params:
+            self.report.skip(name, f"too small ({indices.size} < min_params={self.config.min_params})")
+            return None
+        bias = np.zeros(indices.shape[1], dtype=np.float32)
+        if node.op_type == "Gemm":
+            alpha = node.attributes.get_float("alpha", 1.0)
+            if node.attributes.get_int("transB", 0):
+                indices = np.ascontiguousarray(indices.T)
+            codebook = (codebook * np.float32(alpha)).astype(np.float32)
+            folded = self._gemm_bias(node, indices.shape[1])
+            if isinstance(folded, str):
+                self.report.skip(name, folded)
+                return None
+            bias = folded
+        weight = codebook[indices.astype(np.int64)]
+        sparsity = 1.0 - np.count_nonzero(weight) / weight.size
+        sparse = sparsity >= self.config.min_sparsity
+        op, arrays, attributes = codebook_arrays(indices, codebook, weight, sparse, self.config.index_dtype)
+        return _Candidate(name, node, weight, bias, float(sparsity), op, arrays, attributes, layer=layer)
 
     def _ineligible(self, model: ir.Model, site: WeightSite) -> str | None:
         node = site.node
@@ -245,29 +343,35 @@ class SparseCsrPass(CompressionPass):
     def _gemm_weight_and_bias(self, site: WeightSite, array: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
         node = site.node
         alpha = node.attributes.get_float("alpha", 1.0)
-        beta = node.attributes.get_float("beta", 1.0)
         weight = array.T if node.attributes.get_int("transB", 0) else array
         weight = np.ascontiguousarray(weight * np.float32(alpha) if alpha != 1.0 else weight, dtype=np.float32)
-        n = weight.shape[1]
+        bias = self._gemm_bias(node, weight.shape[1])
+        return bias if isinstance(bias, str) else (weight, bias)
+
+    @staticmethod
+    def _gemm_bias(node: ir.Node, n: int) -> np.ndarray | str:
+        """beta · C as a [N] vector, or why it cannot be one."""
+        beta = node.attributes.get_float("beta", 1.0)
         c = node.inputs[2] if len(node.inputs) > 2 else None
         if c is None:
-            return weight, np.zeros(n, dtype=np.float32)
+            return np.zeros(n, dtype=np.float32)
         if c.const_value is None:
             return "Gemm bias C is not a constant"
         bias = np.asarray(c.const_value.numpy(), dtype=np.float32)
         if bias.size not in (1, n) or (bias.ndim == 2 and bias.shape[0] != 1):
             return f"Gemm bias C of shape {list(bias.shape)} does not broadcast to [{n}]"
-        return weight, np.ascontiguousarray(np.broadcast_to(bias.reshape(-1), (n,)) * np.float32(beta))
+        return np.ascontiguousarray(np.broadcast_to(bias.reshape(-1), (n,)) * np.float32(beta))
 
     # ---- decision ----------------------------------------------------------------------
 
     def _faster(self, candidate: _Candidate) -> bool:
-        csr = to_csr(candidate.weight, self.config.index_dtype)
         if self.config.decide == "always":
             return True
         timing = measure_layer(
             candidate.weight,
-            csr,
+            candidate.op,
+            candidate.arrays,
+            candidate.attributes,
             self.config.batch,
             threads=self.config.threads,
             repeats=self.config.repeats,
@@ -276,7 +380,8 @@ class SparseCsrPass(CompressionPass):
         )
         candidate.timing = timing
         speedup = timing["dense"] / timing["sparse"]
-        self.report.notes.setdefault("timings", {})[candidate.site.name] = {
+        self.report.notes.setdefault("timings", {})[candidate.name] = {
+            "op": candidate.op,
             "batch": self.config.batch,
             "dense_ms": round(timing["dense"] * 1e3, 4),
             "sparse_ms": round(timing["sparse"] * 1e3, 4),
@@ -284,8 +389,8 @@ class SparseCsrPass(CompressionPass):
         }
         if speedup < self.config.min_speedup:
             self.report.skip(
-                candidate.site.name,
-                f"kernel not faster at batch {self.config.batch}: {timing['sparse'] * 1e3:.3f} ms vs dense "
+                candidate.name,
+                f"{candidate.op} not faster at batch {self.config.batch}: {timing['sparse'] * 1e3:.3f} ms vs dense "
                 f"{timing['dense'] * 1e3:.3f} ms ({speedup:.2f}x < min_speedup {self.config.min_speedup})",
             )
             return False
@@ -294,33 +399,25 @@ class SparseCsrPass(CompressionPass):
     # ---- rewrite -----------------------------------------------------------------------
 
     def _rewrite(self, model: ir.Model, candidate: _Candidate) -> None:
-        site = candidate.site
-        node = site.node
+        node = candidate.node
         graph = model.graph
-        csr = to_csr(candidate.weight, self.config.index_dtype)
         taken = set(graph.initializers)
-        arrays = {
-            "values": csr.values,
-            "col_indices": csr.col_indices,
-            "row_ptr": csr.row_ptr,
-            "bias": candidate.bias,
-        }
         inputs = [node.inputs[0]]
-        for suffix, array in arrays.items():
-            name = _unique(f"{site.name}.csr_{suffix}", taken)
+        for suffix, array in {**candidate.arrays, "bias": candidate.bias}.items():
+            name = _unique(f"{candidate.name}.{_PREFIX[candidate.op]}_{suffix}", taken)
             value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
             value.shape = ir.Shape(array.shape)
             value.type = ir.TensorType(value.const_value.dtype)  # type: ignore[union-attr]
             graph.register_initializer(value)
             inputs.append(value)
         old_output = node.outputs[0]
-        old_inputs = list(node.inputs[2:])
+        old_inputs = list(node.inputs[1:])
         new = ir.node(
-            OP,
+            candidate.op,
             inputs,
-            attributes={"K": csr.in_features, "N": csr.out_features},
+            attributes=dict(candidate.attributes),
             domain=DOMAIN,
-            name=node.name or f"{site.name}.sparse",
+            name=node.name or f"{candidate.name}.{_PREFIX[candidate.op]}",
             num_outputs=1,
         )
         new.outputs[0].name = old_output.name
@@ -328,19 +425,50 @@ class SparseCsrPass(CompressionPass):
         new.outputs[0].type = old_output.type
         old_output.name = None
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [old_output], [new.outputs[0]])
-        _drop_if_unused(graph, site)
-        for value in old_inputs:
-            if value is not None and not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
-                graph.initializers.pop(value.name)  # a Gemm's C, folded into the bias
-        detail = f"{OP} sparsity {candidate.sparsity:.3f}, {csr.col_indices.dtype.name} columns"
+        if candidate.site is not None:
+            _drop_if_unused(graph, candidate.site)
+        if candidate.layer is not None:
+            _drop_codebook_if_unused(graph, candidate.layer)
+        for value in old_inputs:  # a Gemm's C, folded into the bias
+            _drop_initializer_if_unused(graph, value)
+        before = candidate.site.array() if candidate.site is not None else candidate.weight
+        detail = f"{candidate.op}, sparsity {candidate.sparsity:.3f}"
+        if candidate.op != "CodebookMatMul":
+            detail += f", {candidate.arrays['col_indices'].dtype.name} columns"
+        else:
+            detail += f", {candidate.attributes['bits']}-bit indices"
         if candidate.timing is not None:
             detail += (
                 f", {candidate.timing['dense'] / candidate.timing['sparse']:.2f}x faster at batch "
                 f"{self.config.batch} ({candidate.timing['sparse'] * 1e3:.3f} vs {candidate.timing['dense'] * 1e3:.3f} ms)"
             )
-        self.report.changed(
-            site.name, node.op_type, site.array(), params_after=csr.nnz, bytes_after=csr.nbytes, detail=detail
-        )
+        stored = candidate.arrays["values"] if "values" in candidate.arrays else candidate.arrays["indices"]
+        params_after = int(stored.size) if candidate.op != "CodebookMatMul" else int(candidate.weight.size)
+        self.report.changed(candidate.name, node.op_type, before, params_after=params_after,
+                            bytes_after=candidate.stored_bytes(), detail=detail)
+
+
+_PREFIX = {OP: "csr", "SparseCodebookMatMul": "csr_codebook", "CodebookMatMul": "codebook_packed"}
+
+
+def _drop_initializer_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    if value is None or value.uses() or value.is_graph_output() or value.name not in graph.initializers:
+        return
+    if graph.initializers[value.name] is value:
+        graph.initializers.pop(value.name)
+
+
+def _drop_codebook_if_unused(graph: ir.Graph, layer: CodebookLayer) -> None:
+    """Remove the Cast -> Gather pair (and its initializers) once nothing reads the weight."""
+    if layer.gather.outputs[0].uses() or layer.gather.outputs[0].is_graph_output():
+        return
+    codebook_value, cast_output = layer.gather.inputs[0], layer.gather.inputs[1]
+    graph.remove(layer.gather, safe=True)
+    if cast_output is not None and not cast_output.uses():
+        indices_value = layer.cast.inputs[0]
+        graph.remove(layer.cast, safe=True)
+        _drop_initializer_if_unused(graph, indices_value)
+    _drop_initializer_if_unused(graph, codebook_value)
 
 
 def _unique(base: str, taken: set[str]) -> str:

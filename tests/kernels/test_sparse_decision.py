@@ -8,8 +8,7 @@ import onnx_ir as ir
 
 from onnxcompress import runtime
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.sparse.csr import measure_layer
-from onnxcompress.passes.sparse.formats import to_csr
+from onnxcompress.passes.sparse.csr import csr_arrays, measure_layer
 from tests.builders import mlp_proto
 from tests.kernels.sparse_models import pruned
 from tests.passes.sparse.test_sparse_csr import prune_proto
@@ -29,7 +28,7 @@ def test_not_faster_stays_dense_with_the_timing(rng):
     assert not result.modified
     for name in ("fc0.weight", "fc1.weight", "head.weight"):
         reason = sparse_pass.report.reason_for(name)
-        assert reason is not None and reason.startswith("kernel not faster at batch 1: ")
+        assert reason is not None and reason.startswith("SparseMatMul not faster at batch 1: ")
         assert reason.endswith("x < min_speedup 1000.0)")
         timing = sparse_pass.report.notes["timings"][name]
         assert timing["dense_ms"] > 0 and timing["sparse_ms"] > 0
@@ -53,5 +52,21 @@ def test_faster_is_converted_and_runs_with_the_kernel(rng):
 
 def test_measure_layer_times_both_variants(rng):
     weight = pruned(rng, (128, 64), 0.9)
-    timing = measure_layer(weight, to_csr(weight), 2, threads=1, repeats=3, cold_cache=True)
+    arrays, attributes = csr_arrays(weight)
+    timing = measure_layer(weight, "SparseMatMul", arrays, attributes, 2, threads=1, repeats=3, cold_cache=True)
     assert set(timing) == {"dense", "sparse"} and min(timing.values()) > 0
+
+
+def test_shared_layers_run_with_the_kernels(rng):
+    from tests.passes.sparse.test_sparse_codebook_layers import shared_mlp
+
+    proto = shared_mlp(rng)
+    sparse_pass = SparseCsr(min_speedup=1e-6, portable=False, **FAST)
+    out = ir.to_proto(sparse_pass(ir.serde.deserialize_model(proto)).model)
+    assert {"SparseCodebookMatMul", "CodebookMatMul"} <= {n.op_type for n in out.graph.node}
+    assert set(sparse_pass.report.notes["timings"]) == {"fc0.weight", "fc1.weight", "head.weight"}
+    for batch in (1, 5):
+        x = rng.standard_normal((batch, 48)).astype(np.float32)
+        expected = runtime.session(proto, threads=1).run(None, {"x": x})[0]
+        np.testing.assert_allclose(runtime.session(out, threads=1).run(None, {"x": x})[0], expected,
+                                   rtol=1e-5, atol=1e-5)
