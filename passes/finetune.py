@@ -35,6 +35,9 @@ class FinetuneConfig(PassConfig):
     )
     batch_size: int = pydantic.Field(64, ge=1, le=1_000_000, description="Samples per optimizer step.")
     optimizer: Literal["sgd", "adam"] = pydantic.Field("sgd", description="sgd (with momentum) or adam.")
+    lr_schedule: Literal["constant", "cosine"] = pydantic.Field(
+        "constant", description="constant, or cosine decay from lr to 0 over all steps."
+    )
     momentum: float = pydantic.Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     weight_decay: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="L2 regularisation (optimizer weight decay).")
     l1: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="L1 regularisation: adds l1 * sum|W| over weights.")

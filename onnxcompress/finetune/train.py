@@ -82,6 +82,7 @@ class TrainOptions:
     lr: float = 1e-3
     batch_size: int = 64
     optimizer: str = "sgd"
+    lr_schedule: str = "constant"
     momentum: float = 0.9
     weight_decay: float = 0.0
     l1: float = 0.0
@@ -218,6 +219,24 @@ def _optimizer(params: Sequence[torch.Tensor], options: TrainOptions) -> torch.o
     raise UserError(f"optimizer must be sgd or adam, not {options.optimizer!r}")
 
 
+def _scheduler(
+    optimizer: torch.optim.Optimizer, options: TrainOptions, data: Arrays | Batches
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``cosine``: lr * (1 + cos(pi * step / steps)) / 2 over all steps (Loshchilov & Hutter 2017)."""
+    if options.lr_schedule == "constant":
+        return None
+    if options.lr_schedule != "cosine":
+        raise UserError(f"lr_schedule must be constant or cosine, not {options.lr_schedule!r}")
+    if isinstance(data, Mapping):
+        count = len(next(iter(data.values())))
+        count = min(count, options.max_samples) if options.max_samples is not None else count
+        per_epoch = math.ceil(count / options.batch_size)
+    else:
+        per_epoch = sum(1 for _ in data())
+    steps = max(per_epoch * options.epochs, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+
+
 def finetune(
     model: ir.Model,
     data: Arrays | Batches,
@@ -275,6 +294,7 @@ def _finetune(
     l1_names = [n for n in names if n in structure or n in _weight_names(model)] if options.l1 > 0 else []
     params = [p for n in names for p in module.originals(n)]
     optimizer = _optimizer(params, options)
+    scheduler = _scheduler(optimizer, options, data)
     rng = np.random.default_rng(options.seed)
     history: list[dict[str, float]] = []
     stopped = False
@@ -294,6 +314,8 @@ def _finetune(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 n = len(next(iter(batch.values())))
                 total, count = total + float(loss.detach()) * n, count + n
             record = {"epoch": float(epoch + 1), "loss": total / max(count, 1)}

@@ -202,3 +202,56 @@ def test_cli_distill_without_teacher_or_labels_exits_2(mlp_pair, digits, tmp_pat
     result = CliRunner().invoke(app, ["finetune", str(model_path), "--data", str(data_path), "-o", str(tmp_path / "o.onnx")])
     assert result.exit_code == 2
     assert "distillation needs a teacher" in result.output
+
+
+def test_recipe_with_a_finetune_step_runs(mlp_pair, digits) -> None:
+    from onnxcompress.recipe import parse_recipe
+
+    _, proto = mlp_pair
+    train, test = _digits(proto, digits, n=400)
+    recipe = parse_recipe(textwrap.dedent("""
+        steps:
+          - pass: prune.magnitude
+            options: {sparsity: 0.5}
+            gate: {min_cosine: null}
+          - pass: finetune
+            options: {epochs: 3, lr: 0.01, optimizer: adam, lr_schedule: cosine, batch_size: 32}
+            gate: {min_cosine: null}
+    """), "inline")
+    result = run_steps(to_ir(proto), recipe.steps, data=train, seed=recipe.seed)
+    assert [s.status for s in result.steps] == ["applied", "applied"]
+    assert evaluate(OnnxModule(result.model), test) > 0.3  # chance is 0.1; untrained ~0.1
+    with pytest.raises(RecipeError, match=r"step 1 \(finetune\).*lr_schedule"):
+        parse_recipe("steps:\n  - pass: finetune\n    options: {lr_schedule: linear}\n", "bad")
+
+
+def test_cosine_schedule_decays_to_zero(mlp_pair) -> None:
+    import torch
+
+    from onnxcompress.finetune.train import _scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    data = {"x": np.zeros((100, 1), np.float32)}
+    scheduler = _scheduler(optimizer, TrainOptions(epochs=2, batch_size=30, lr=0.1, lr_schedule="cosine"), data)
+    rates = []
+    for _ in range(8):  # 2 epochs x ceil(100 / 30) steps
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1) and rates[4] == pytest.approx(0.05)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_training_from_a_batch_callable(mlp_pair, digits) -> None:
+    _, proto = mlp_pair
+    train, test = _digits(proto, digits, n=480)
+    name = proto.graph.input[0].name
+
+    def batches():
+        return ({name: train[name][i:i + 48], "labels": train["labels"][i:i + 48]} for i in range(0, 480, 48))
+
+    result = finetune(to_ir(proto), batches, options=TrainOptions(epochs=4, lr=0.01, optimizer="adam",
+                                                                   lr_schedule="cosine"))
+    assert result.loss_kind == "cross_entropy" and len(result.history) == 4
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
