@@ -112,15 +112,29 @@ def default_trainable(model: ir.Model) -> set[str]:
     return names
 
 
+def _torch_compatible(array: np.ndarray, name: str) -> np.ndarray:
+    """4-bit integers (ml_dtypes uint4/int4, as codebook indices may be stored) widened to 8 bits;
+    other types torch lacks are refused by name."""
+    kind = str(array.dtype)
+    if kind == "uint4":
+        return array.astype(np.uint8)
+    if kind == "int4":
+        return array.astype(np.int8)
+    if array.dtype.kind == "V" or kind.startswith("float8") or kind.startswith("float4"):
+        raise UnsupportedModelError(f"tensor {name!r} has type {kind}, which the fine-tune executor cannot hold")
+    return array
+
+
 def _constants(model: ir.Model) -> dict[str, np.ndarray]:
     """Every initializer and Constant-node output of the main graph, by name."""
     found: dict[str, np.ndarray] = {}
     for name, value in model.graph.initializers.items():
         if value.const_value is not None:
-            found[name] = np.array(value.const_value.numpy())
+            found[name] = _torch_compatible(np.array(value.const_value.numpy()), name)
     for node in model.graph:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            found[node.outputs[0].name or ""] = _constant_array(node)
+            name = node.outputs[0].name or ""
+            found[name] = _torch_compatible(_constant_array(node), name)
     return found
 
 

@@ -158,3 +158,36 @@ def test_mask_shape_mismatch_is_refused(mlp_pair) -> None:
     P.add_mask(module, "layers.0.weight")
     with pytest.raises(UserError, match="already carries a parametrization"):
         P.add_mask(module, "layers.0.weight")
+
+
+def test_uint4_codebook_indices_run(rng) -> None:
+    import ml_dtypes
+
+    codebook = np.float32([0.0, -0.3, 0.2, 0.5])
+    indices = rng.integers(0, 4, 12)
+    graph = ir.Graph(
+        inputs=[x := ir.val("x", ir.DataType.FLOAT, ir.Shape([2, 4]))],
+        outputs=[],
+        nodes=[],
+        opset_imports={"": 21},
+        name="g",
+    )
+    index_value = ir.val("idx", ir.DataType.UINT4, ir.Shape([12]), const_value=ir.tensor(indices.astype(ml_dtypes.uint4), name="idx"))
+    book_value = ir.val("book", ir.DataType.FLOAT, ir.Shape([4]), const_value=ir.tensor(codebook, name="book"))
+    shape_value = ir.val("shape", ir.DataType.INT64, ir.Shape([2]), const_value=ir.tensor(np.int64([4, 3]), name="shape"))
+    for value in (index_value, book_value, shape_value):
+        graph.register_initializer(value)
+    cast = ir.node("Cast", [index_value], attributes={"to": ir.DataType.INT32})
+    gather = ir.node("Gather", [book_value, cast.outputs[0]], attributes={"axis": 0})
+    reshape = ir.node("Reshape", [gather.outputs[0], shape_value])
+    matmul = ir.node("MatMul", [x, reshape.outputs[0]])
+    graph.extend([cast, gather, reshape, matmul])
+    graph.outputs.append(matmul.outputs[0])
+    matmul.outputs[0].name = "y"
+    model = ir.Model(graph, ir_version=10)
+    module = OnnxModule(model)
+    assert P.codebook_tensors(model) == ["book"]
+    feeds = {"x": rng.standard_normal((2, 4)).astype(np.float32)}
+    want = feeds["x"] @ codebook[indices].reshape(4, 3)
+    np.testing.assert_allclose(module.run(feeds)[0], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ort_run(ir.to_proto(model), feeds)[0], want, rtol=1e-6, atol=1e-7)

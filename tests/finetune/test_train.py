@@ -255,3 +255,30 @@ def test_training_from_a_batch_callable(mlp_pair, digits) -> None:
                                                                    lr_schedule="cosine"))
     assert result.loss_kind == "cross_entropy" and len(result.history) == 4
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_finetune_after_codebook_kmeans_keeps_indices_and_the_zero_entry(mlp_pair, digits) -> None:
+    from onnxcompress.pass_base import pass_names
+
+    if "codebook.kmeans" not in pass_names():
+        pytest.skip("codebook.kmeans is not registered")
+    _, proto = mlp_pair
+    train, test = _digits(proto, digits, n=400)
+    clustered = run_steps(to_ir(proto), [
+        Step(pass_name="prune.magnitude", options={"sparsity": 0.6}, gate=NO_GATE),
+        Step(pass_name="codebook.kmeans", options={"bits": 4}, gate=NO_GATE),
+    ]).model
+    tuned = run_steps(clustered, [Step(pass_name="finetune", options={"epochs": 3, "lr": 0.01, "optimizer": "adam"},
+                                       gate=NO_GATE)], data=train).model
+    books = [n for n in clustered.graph.initializers if n.endswith(".codebook")]
+    assert books, "expected in-graph codebooks"
+    for name, value in clustered.graph.initializers.items():
+        before, after = value.const_value.numpy(), tuned.graph.initializers[name].const_value.numpy()
+        assert after.dtype == before.dtype and after.shape == before.shape
+        if name.endswith(".codebook_indices"):
+            np.testing.assert_array_equal(after, before)
+        if name in books:
+            assert before[0] == 0.0 and after[0] == 0.0  # the reserved exact zero
+            assert not np.array_equal(after[1:], before[1:])
+    assert [n.op_type for n in tuned.graph] == [n.op_type for n in clustered.graph]
+    assert evaluate(OnnxModule(tuned), test) > evaluate(OnnxModule(clustered), test) + 0.1
