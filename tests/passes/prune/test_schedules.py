@@ -85,3 +85,18 @@ def test_prune_only_schedule_runs_gated_without_data(rng):
     weights = [result.model.graph.initializers[n].const_value.numpy() for n in ("fc0.weight", "fc1.weight")]
     sparsity = 1 - sum(np.count_nonzero(w) for w in weights) / sum(w.size for w in weights)
     assert sparsity == pytest.approx(max(applied), abs=2e-3)
+
+
+@pytest.mark.slow
+def test_schedule_with_retraining_runs_prune_and_finetune_rounds(rng):
+    pytest.importorskip("torch")
+    model = mlp(rng, (16, 32, 24, 10))
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    steps = expand_schedule(fixed_steps(0.8, 0.4), prune_options={"min_params": 0},
+                            retrain=RetrainOptions(original_lr=0.1, epochs=1, batch_size=32),
+                            gate=Gate(min_cosine=0.5))
+    result = run_steps(model, steps, data={"x": x}, probe_count=16)
+    assert [s.status for s in result.steps] == ["applied"] * 4
+    assert result.steps[1].report.notes["epochs_run"] == 1
+    fc1 = result.model.graph.initializers["fc1.weight"].const_value.numpy()
+    assert np.count_nonzero(fc1 == 0) == round(0.8 * fc1.size)  # retraining kept the zeros
