@@ -114,6 +114,12 @@ def _pow(a: Tensor, b: Tensor) -> Tensor:
     return torch.pow(a, b).to(a.dtype)
 
 
+def _mod(ctx: OpContext) -> OpFn:
+    """fmod=0: the result takes the divisor's sign (Python's %); fmod=1: the dividend's (C fmod)."""
+    fn = torch.fmod if int(ctx.get("fmod", 0)) else torch.remainder
+    return lambda x: (fn(x[0], x[1]),)
+
+
 def _gelu(ctx: OpContext) -> OpFn:
     approximate = ctx.get("approximate", "none")
     return lambda x: (F.gelu(x[0], approximate=approximate),)
@@ -651,6 +657,7 @@ OPS: dict[str, Callable[[OpContext], OpFn]] = {
     "Mul": _binary(torch.mul),
     "Div": _binary(_div),
     "Pow": _binary(_pow),
+    "Mod": _mod,
     "MatMul": _binary(torch.matmul),
     "Equal": _binary(torch.eq),
     "Less": _binary(torch.lt),

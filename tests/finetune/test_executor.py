@@ -37,6 +37,25 @@ def test_exported_models_match_onnxruntime(request, rng, pair, shape) -> None:
     assert_close(got[0], native, rtol=1e-4)  # the exporter itself rewrites (BN folding)
 
 
+@pytest.mark.parametrize("opset", [17, 21])
+@pytest.mark.parametrize("pair, shape", [("mlp_pair", (4, 64)), ("cnn_pair", (4, 1, 8, 8)), ("encoder_pair", (4, 5, 16))])
+def test_torchscript_exporter_models_match_onnxruntime(request, rng, pair, shape, opset) -> None:
+    """The other exporter (dynamo=False) writes other ops (Mod, Shape arithmetic, Constant nodes)."""
+    import io
+    import warnings
+
+    torch_module, _ = request.getfixturevalue(pair)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch_module.eval(), (torch.zeros(shape),), buffer, dynamo=False, opset_version=opset,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto.ir_version = 10
+    x = rng.standard_normal((3, *shape[1:])).astype(np.float32)
+    assert_close(OnnxModule(proto).run({"x": x})[0], ort_run(proto, {"x": x})[0])
+
+
 def test_cnn_keeps_batchnorm_node_and_statistics_frozen(cnn_pair) -> None:
     _, proto = cnn_pair
     assert "BatchNormalization" in [n.op_type for n in proto.graph.node]
@@ -125,6 +144,8 @@ def _cases(rng):
         "Sub": _case("Sub", {"a": f(2, 3), "b": f(2, 1)}),
         "Div": _case("Div", {"a": f(2, 3), "b": f(2, 3) + 3.0}),
         "Pow": _case("Pow", {"a": np.abs(f(4)) + 0.5, "b": np.float32([1.5])}),
+        "Mod_int": _case("Mod", {"a": i64(7, -7, 5, -5), "b": i64(3, 3, -2, -2)}),
+        "Mod_fmod": _case("Mod", {"a": f(6) * 4, "b": np.float32([1.5])}, {"fmod": 1}),
         "Sqrt": _case("Sqrt", {"x": np.abs(f(5))}),
         "Erf": _case("Erf", {"x": f(5)}),
         "Gelu": _case("Gelu", {"x": f(5)}, opset=20),
