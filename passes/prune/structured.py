@@ -519,8 +519,7 @@ class _Tracer:
 
 def _static_spatial(value: ir.Value, rank: int) -> int | None:
     """H·W·… of an N×C×spatial activation when every spatial dimension is static."""
-    producer_chain = value
-    shape = producer_chain.shape
+    shape = value.shape
     if shape is not None and len(shape) == rank:
         dims = [d for d in list(shape)[2:]]
         if all(isinstance(d, int) for d in dims):

@@ -66,16 +66,22 @@ def test_taylor_without_data_is_a_data_error(model_path):
 
 def test_magnitude_then_dead_neurons(rng, tmp_path):
     proto = mlp_proto(rng, (16, 64, 32, 10))
-    weight = onnx.numpy_helper.to_array(proto.graph.initializer[2]).copy()  # fc1.weight (64, 32)
-    assert proto.graph.initializer[2].name == "fc1.weight"
-    weight[:, :5] *= 1e-6  # five neurons whose inputs all fall under the threshold
-    proto.graph.initializer[2].CopyFrom(onnx.numpy_helper.from_array(weight, "fc1.weight"))
+    arrays = {t.name: onnx.numpy_helper.to_array(t).copy() for t in proto.graph.initializer}
+    arrays["fc1.weight"][:, :5] *= 1e-6  # five neurons whose inputs all fall under the threshold ...
+    arrays["fc1.bias"][:5] = -0.1  # ... with a negative bias: Relu makes them exactly zero
+    for tensor in proto.graph.initializer:
+        tensor.CopyFrom(onnx.numpy_helper.from_array(arrays[tensor.name], tensor.name))
     path = save_proto(proto, tmp_path / "m.onnx")
-    out = tmp_path / "out.onnx"
-    result = invoke("prune", path, "--sparsity", "0.3", "--dead-neurons", "-o", out)
+    plain, thinned = tmp_path / "plain.onnx", tmp_path / "thinned.onnx"
+    assert invoke("prune", path, "--sparsity", "0.3", "-o", plain).exit_code == 0
+    result = invoke("prune", path, "--sparsity", "0.3", "--dead-neurons", "-o", thinned)
     assert result.exit_code == 0, result.output
-    shapes = {t.name: tuple(t.dims) for t in onnx.load(str(out)).graph.initializer}
-    assert shapes["head.weight"][1] < 32  # dead neurons (no inputs, zero constant) are gone, or kept exact
+    shapes = {t.name: tuple(t.dims) for t in onnx.load(str(thinned)).graph.initializer}
+    assert shapes["fc1.weight"] == (64, 27) and shapes["head.weight"] == (10, 27)
+    x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
+    (expected,) = runtime.session(str(plain)).run(None, {"x": x})
+    (got,) = runtime.session(str(thinned)).run(None, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sensitivity_command_writes_json_csv_png(model_path, tmp_path):
