@@ -319,6 +319,11 @@ def _finetune(
                 n = len(next(iter(batch.values())))
                 total, count = total + float(loss.detach()) * n, count + n
             record = {"epoch": float(epoch + 1), "loss": total / max(count, 1)}
+            if epoch == 0 and record["loss"] == 0.0 and loss_kind != "cross_entropy":
+                logger.warning(
+                    "the %s loss against the teacher is exactly 0: the teacher computes what the model "
+                    "does, so there is nothing to learn (give the uncompressed model as teacher)", loss_kind
+                )
             record.update(_targets(module, teacher, data, probes, options))
             history.append(record)
             if bar is not None:

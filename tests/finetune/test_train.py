@@ -282,3 +282,35 @@ def test_finetune_after_codebook_kmeans_keeps_indices_and_the_zero_entry(mlp_pai
             assert not np.array_equal(after[1:], before[1:])
     assert [n.op_type for n in tuned.graph] == [n.op_type for n in clustered.graph]
     assert evaluate(OnnxModule(tuned), test) > evaluate(OnnxModule(clustered), test) + 0.1
+
+
+def test_write_back_into_constant_nodes(rng) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    w[0, 0] = 0.0
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
+         helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    model = to_ir(proto)
+    data = {"x": rng.standard_normal((32, 4)).astype(np.float32)}
+    teacher = to_ir(proto)
+    teacher.graph.node(0).attributes["value"] = ir.AttrTensor("value", ir.tensor(w * 2, name="w"))
+    result = run_steps(model, [Step(pass_name="finetune", options={"epochs": 20, "lr": 0.05, "loss": "mse",
+                                                                      "teacher": None}, gate=NO_GATE)], data=data)
+    assert result.steps[0].status == "unchanged"  # teacher = the model itself: nothing to learn
+    trained = finetune(model, data, original=teacher, options=TrainOptions(epochs=20, lr=0.05, loss="mse"))
+    from onnxcompress.finetune.train import write_back
+
+    changed = write_back(model, trained.arrays)
+    assert [name for name, _, _ in changed] == ["w"]
+    stored = model.graph.node(0).attributes["value"].as_tensor().numpy()
+    assert stored[0, 0] == 0.0 and not np.allclose(stored, w)
+    out = ir.to_proto(model)
+    out.ir_version = 10
+    np.testing.assert_allclose(ort_run(out, data)[0], data["x"] @ stored, rtol=1e-5, atol=1e-6)
