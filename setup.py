@@ -8,7 +8,9 @@ find_packages does not follow it, so the mapping below is the only way passes ge
 tree for editable installs. Headers come from ORT_INCLUDE_DIR or `bash kernels/fetch_headers.sh`
 (run it first; this hook never downloads). Without headers, CMake or a compiler the pure Python
 package still installs, with a warning; ONNXCOMPRESS_REQUIRE_KERNELS=1 makes that an error.
-Set ONNXCOMPRESS_SKIP_KERNELS=1 to skip the native build.
+Set ONNXCOMPRESS_SKIP_KERNELS=1 to skip the native build. The CUDA build
+(`libonnxcompress_kernels_cuda.so`: CPU + CUDAExecutionProvider kernels) is added when nvcc is
+found and onnxruntime-gpu is installed or ONNXCOMPRESS_CUDA=1; it never blocks the install.
 """
 
 import os
@@ -22,6 +24,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 LIBRARY = "libonnxcompress_kernels.so"
+CUDA_LIBRARY = "libonnxcompress_kernels_cuda.so"
 
 packages = [
     name
@@ -41,22 +44,39 @@ def _ort_include_dir() -> Path | None:
     return None
 
 
-def _build_kernels() -> Path:
+def _build_kernels(cuda: bool = False) -> Path:
     """Configure and build kernels/ with CMake; return the built library."""
     include = _ort_include_dir()
     if include is None:
         raise RuntimeError("onnxruntime headers not found: run `bash kernels/fetch_headers.sh` or set ORT_INCLUDE_DIR")
     if shutil.which("cmake") is None:
         raise RuntimeError("cmake not found")
-    build = ROOT / "build" / "kernels"
+    build = ROOT / "build" / ("kernels-cuda" if cuda else "kernels")
     configure = ["cmake", "-S", str(ROOT / "kernels"), "-B", str(build), f"-DORT_INCLUDE_DIR={include}",
                  "-DCMAKE_BUILD_TYPE=Release"]
+    if cuda:
+        configure += ["-DONNXCOMPRESS_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={shutil.which('nvcc')}"]
     subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4))], check=True)
-    library = build / LIBRARY
+    target = ["--target", "onnxcompress_kernels_cuda"] if cuda else []
+    subprocess.run(["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4)), *target], check=True)
+    library = build / "cuda" / CUDA_LIBRARY if cuda else build / LIBRARY
     if not library.is_file():
         raise RuntimeError(f"{library} was not produced")
     return library
+
+
+def _want_cuda() -> bool:
+    if shutil.which("nvcc") is None or os.environ.get("ONNXCOMPRESS_CUDA") == "0":
+        return False
+    if os.environ.get("ONNXCOMPRESS_CUDA") == "1":
+        return True
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        version("onnxruntime-gpu")
+        return True
+    except PackageNotFoundError:
+        return False
 
 
 class BuildPyWithKernels(build_py):
@@ -74,12 +94,19 @@ class BuildPyWithKernels(build_py):
             print(f"warning: onnxcompress kernels not built ({error}); installing the pure Python package",
                   file=sys.stderr)
             return
+        built = [library]
+        if _want_cuda():
+            try:
+                built.append(_build_kernels(cuda=True))
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+                print(f"warning: onnxcompress CUDA kernels not built ({error})", file=sys.stderr)
         targets = [ROOT / "onnxcompress" / "_kernels"]  # editable / compat installs read the source tree
         if not getattr(self, "editable_mode", False):
             targets.append(Path(self.build_lib) / "onnxcompress" / "_kernels")
         for folder in targets:
             folder.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(library, folder / LIBRARY)
+            for path in built:
+                shutil.copy2(path, folder / path.name)
 
 
 setup(

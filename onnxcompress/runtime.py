@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 DOMAIN = "ai.onnxcompress"
 _LIBRARY_NAMES = ("libonnxcompress_kernels.so", "onnxcompress_kernels.dll", "libonnxcompress_kernels.dylib")
+_CUDA_LIBRARY_NAMES = ("libonnxcompress_kernels_cuda.so",)
+CUDA_PROVIDER = "CUDAExecutionProvider"
 _BUILD_HINT = (
     "build it with `bash kernels/fetch_headers.sh && pip install -e .` (needs cmake and a C++17 "
     "compiler), or point ONNXCOMPRESS_KERNEL_LIBRARY at a built libonnxcompress_kernels.so"
@@ -49,13 +51,17 @@ _BUILD_HINT = (
 ModelLike = str | os.PathLike[str] | ir.Model | onnx.ModelProto | bytes
 
 
-def kernel_library_path() -> Path | None:
-    """The compiled custom-op library shipped in the package, or None when not built."""
-    override = os.environ.get("ONNXCOMPRESS_KERNEL_LIBRARY")
+def kernel_library_path(*, cuda: bool = False) -> Path | None:
+    """The compiled custom-op library shipped in the package, or None when not built.
+
+    `cuda=True` asks for the CUDA build (CPU and CUDAExecutionProvider kernels in one library,
+    `ONNXCOMPRESS_CUDA_KERNEL_LIBRARY` overrides it); None when it was not built.
+    """
+    override = os.environ.get("ONNXCOMPRESS_CUDA_KERNEL_LIBRARY" if cuda else "ONNXCOMPRESS_KERNEL_LIBRARY")
     if override:
         return Path(override)
     folder = Path(__file__).parent / "_kernels"
-    for name in _LIBRARY_NAMES:
+    for name in _CUDA_LIBRARY_NAMES if cuda else _LIBRARY_NAMES:
         if (folder / name).is_file():
             return folder / name
     return None
@@ -78,9 +84,13 @@ def _ops_of(library: str) -> tuple[str, ...]:
     return tuple(op for op in names().decode().split(",") if op)
 
 
-def available_ops() -> list[str]:
-    """The custom ops (domain `ai.onnxcompress`) the built library provides; [] when not built."""
-    library = kernel_library_path()
+def available_ops(*, cuda: bool = False) -> list[str]:
+    """The custom ops (domain `ai.onnxcompress`) the built library provides; [] when not built.
+
+    With `cuda=True`, those of the CUDA build, whose CUDAExecutionProvider kernels are listed
+    as `cuda:<op>`.
+    """
+    library = kernel_library_path(cuda=cuda)
     if library is None or not library.is_file():
         return []
     try:
@@ -90,13 +100,16 @@ def available_ops() -> list[str]:
         return []
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Session options with the kernel library registered when it is built."""
+def session_options(threads: int | None = None, *, cuda: bool = False) -> ort.SessionOptions:
+    """Session options with the kernel library registered when it is built.
+
+    `cuda=True` registers the CUDA build instead when it exists (it holds the CPU kernels too).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
-    library = kernel_library_path()
+    library = (kernel_library_path(cuda=True) if cuda else None) or kernel_library_path()
     if library is not None:
         if not library.is_file():
             raise MissingDependencyError(f"ONNXCOMPRESS_KERNEL_LIBRARY points at {library}, which does not exist")
@@ -142,15 +155,20 @@ def _check_kernels(model: ir.Model | onnx.ModelProto) -> None:
         )
 
 
+def _provider_name(provider: object) -> str:
+    return provider[0] if isinstance(provider, tuple) else str(provider)  # (name, options) pairs too
+
+
 def session(
     model: ModelLike,
-    providers: Sequence[str] | None = None,
+    providers: Sequence[str | tuple[str, dict[str, object]]] | None = None,
     *,
     threads: int | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession on a path, an ir.Model, a ModelProto or serialized bytes.
 
-    The kernel library is registered when built. A model that needs it (custom ops of
+    The kernel library is registered when built (its CUDA build when `providers` name
+    CUDAExecutionProvider and it exists). A model that needs it (custom ops of
     `ai.onnxcompress` with no model-local fallback function) raises `MissingDependencyError`
     when the library is absent, instead of onnxruntime's opaque schema error.
     """
@@ -158,7 +176,8 @@ def session(
         model = ir.to_proto(model)
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
-    library_built = bool(available_ops())
+    cuda = bool(providers) and any(_provider_name(p) == CUDA_PROVIDER for p in providers or ())
+    library_built = bool(available_ops()) or (cuda and bool(available_ops(cuda=True)))
     if not library_built:
         if isinstance(model, onnx.ModelProto):
             _check_kernels(model)
@@ -170,6 +189,6 @@ def session(
         model = model.SerializeToString()
     return ort.InferenceSession(
         model,
-        sess_options=session_options(threads),
+        sess_options=session_options(threads, cuda=cuda),
         providers=list(providers) if providers else ["CPUExecutionProvider"],
     )

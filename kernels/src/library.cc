@@ -25,7 +25,11 @@ extern "C" {
 
 // The op names this build provides, comma separated (read by onnxcompress.runtime.available_ops).
 __attribute__((visibility("default"))) const char* OnnxCompressKernelOps() {
+#ifdef ONNXCOMPRESS_WITH_CUDA
+  return "SparseMatMul,SparseCodebookMatMul,CodebookMatMul,cuda:SparseMatMul,cuda:SparseCodebookMatMul,cuda:CodebookMatMul";
+#else
   return "SparseMatMul,SparseCodebookMatMul,CodebookMatMul";
+#endif
 }
 
 __attribute__((visibility("default"))) int OnnxCompressKernelApiVersion() { return ORT_API_VERSION; }
@@ -46,6 +50,9 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     Ort::CustomOpDomain domain{onnxcompress::kDomain};
     onnxcompress::AddSparseOps(domain);
     onnxcompress::AddCodebookMatMul(domain);
+#ifdef ONNXCOMPRESS_WITH_CUDA
+    onnxcompress::AddCudaOps(domain);
+#endif
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     Domains().push_back(std::move(domain));
