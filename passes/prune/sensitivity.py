@@ -131,9 +131,7 @@ class Evaluator:
     def _run(self) -> list[np.ndarray]:
         proto = ir.to_proto(self.model)
         proto.ir_version = min(proto.ir_version, 10)
-        from onnxcompress import runtime
-
-        return runtime.session(proto.SerializeToString(), threads=1).run(None, self.probes)
+        return _session(proto).run(None, self.probes)
 
     def _score(self, outputs: Sequence[np.ndarray]) -> float:
         if self.labels is not None:
@@ -156,6 +154,21 @@ class Evaluator:
 
     def curve(self, name: str, ratios: Sequence[float]) -> list[float]:
         return [self.score_with({name: r}) for r in ratios]
+
+
+def _session(proto: onnx.ModelProto) -> Any:
+    """One-thread session; our kernel library is loaded only for models that call its ops
+    (the analysis builds hundreds of sessions, and standard models need none of it)."""
+    from onnxcompress import runtime
+
+    if any(opset.domain == runtime.DOMAIN for opset in proto.opset_import):
+        return runtime.session(proto.SerializeToString(), threads=1)
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 _WORKER: Evaluator | None = None

@@ -86,3 +86,15 @@ def test_accuracy_budget_with_labels(rng):
 def test_bad_ratios_are_refused(rng):
     with pytest.raises(UserError, match="ratios must lie in"):
         sensitivity(mlp(rng, SIZES), ratios=(0.5, 1.0), workers=1)
+
+
+def test_override_globs_match_names_with_glob_characters_exactly():
+    import fnmatch
+
+    from onnxcompress.passes.prune.sensitivity import _glob_escape
+
+    for name in ("blocks[0].weight", "a*b", "what?"):
+        pattern = _glob_escape(name)
+        assert fnmatch.fnmatchcase(name, pattern)
+        assert not fnmatch.fnmatchcase(name + "x", pattern)
+    assert not fnmatch.fnmatchcase("blocks0.weight", _glob_escape("blocks[0].weight"))
