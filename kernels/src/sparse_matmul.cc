@@ -256,13 +256,21 @@ Ort::Status RunCsr(OrtKernelContext* context, const CsrArgs& args, const Ort::Cu
     ParallelFor(context, tasks, work);
     return Ort::Status{nullptr};
   }
-  const int64_t mp = (m + 15) / 16 * 16;  // whole 16-wide vectors in every tile
-  std::unique_ptr<float[]> xt(new float[static_cast<size_t>(args.k * mp)]);
-  Transpose(xd, m, args.k, mp, xt.get());
-  auto work = [&](size_t t) {
-    SparseRows(values, cols, row_ptr, splits[t], splits[t + 1], xt.get(), m, mp, bias, out, args.n);
-  };
-  ParallelFor(context, tasks, work);
+  // Batch rows in chunks, so that X^T stays cache-sized and memory bounded for any M.
+  constexpr int64_t kChunk = 256;
+  const int64_t chunk = std::min(m, kChunk);
+  const int64_t mp_max = (chunk + 15) / 16 * 16;  // whole 16-wide vectors in every tile
+  std::unique_ptr<float[]> xt(new float[static_cast<size_t>(args.k * mp_max)]);
+  for (int64_t m0 = 0; m0 < m; m0 += chunk) {
+    const int64_t rows = std::min(chunk, m - m0);
+    const int64_t mp = (rows + 15) / 16 * 16;
+    Transpose(xd + m0 * args.k, rows, args.k, mp, xt.get());
+    float* y_chunk = out + m0 * args.n;
+    auto work = [&](size_t t) {
+      SparseRows(values, cols, row_ptr, splits[t], splits[t + 1], xt.get(), rows, mp, bias, y_chunk, args.n);
+    };
+    ParallelFor(context, tasks, work);
+  }
   return Ort::Status{nullptr};
 }
 
