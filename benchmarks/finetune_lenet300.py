@@ -14,7 +14,7 @@ Here, all through onnxcompress on the ONNX model that torch exports:
 
 Also measured: training throughput (samples/s) of the ONNX→torch executor against the same
 network written natively in torch, both dense and with masks, in one run, interleaved,
-median of repeats (target: executor >= 0.7× native).
+median of repeats (target: executor >= 0.7× native); and the same for LeNet-5 (a CNN).
 
     .venv/bin/python benchmarks/finetune_lenet300.py     # ~2-4 min on 2 shared cores
 
@@ -185,6 +185,25 @@ def throughput(dense_torch: torch.nn.Module, final: ir.Model, x: np.ndarray, y: 
     }
 
 
+def throughput_lenet5(x: np.ndarray, y: np.ndarray) -> dict:
+    """The same comparison on a CNN (Conv, MaxPool, Gemm): LeNet-5, dense, batch 64."""
+    batch, steps = 64, 15
+    native = models.build("lenet5", seed=SEED)
+    executor = OnnxModule(models.export(native))
+    xt, yt = torch.from_numpy(x[:5000].reshape(-1, 1, 28, 28)), torch.from_numpy(y[:5000])
+    variants = {"native_dense": native, "executor_dense": executor}
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for module in variants.values():
+        _steps_per_second(module, xt, yt, 3, batch)
+    for _ in range(THROUGHPUT["repeats"]):
+        for name, module in variants.items():
+            samples[name].append(_steps_per_second(module, xt, yt, steps, batch))
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    return {"samples_per_second": medians, "all_samples_per_second": samples,
+            "ratio_dense": medians["executor_dense"] / medians["native_dense"], "batch_size": batch, "steps": steps,
+            "repeats": THROUGHPUT["repeats"]}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -200,6 +219,7 @@ def main() -> None:
     weights = sum(int(np.prod(dense.graph.initializers[n].const_value.shape)) for n in KEEP)
     kept = sum(int(np.count_nonzero(final.graph.initializers[n].const_value.numpy())) for n in KEEP)
     speed = throughput(dense_torch, final, x_train, y_train)
+    speed_cnn = throughput_lenet5(x_train, y_train)
     result = {
         "benchmark": "finetune_lenet300",
         "command": "python benchmarks/finetune_lenet300.py",
@@ -217,6 +237,7 @@ def main() -> None:
         },
         "paper": {"dense_error": 1.64, "pruned_error": 1.59, "kept_share": 0.08},
         "throughput": speed,
+        "throughput_lenet5": speed_cnn,
         "throughput_target_met": speed["ratio_dense"] >= 0.7 and speed["ratio_masked"] >= 0.7,
         "seconds": time.perf_counter() - started,
     }
@@ -253,6 +274,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| {rd['round']} | {kept} | {100 * rd['test_accuracy_pruned']:.2f}% | "
                      f"{100 * rd['test_accuracy_finetuned']:.2f}% | {rd['epochs']} |")
     s = t["samples_per_second"]
+    c = r["throughput_lenet5"]
+    cs = c["samples_per_second"]
     lines += [
         "",
         f"Training throughput (batch {t['batch_size']}, SGD, {t['steps']} steps × {t['repeats']} interleaved "
@@ -262,6 +285,8 @@ def markdown(r: dict) -> str:
         "| --- | ---: | ---: | ---: |",
         f"| dense | {s['native_dense']:,.0f} | {s['executor_dense']:,.0f} | {t['ratio_dense']:.2f}× |",
         f"| masked (8%) | {s['native_masked']:,.0f} | {s['executor_masked']:,.0f} | {t['ratio_masked']:.2f}× |",
+        f"| LeNet-5 dense (batch {c['batch_size']}, {c['steps']} steps) | {cs['native_dense']:,.0f} | "
+        f"{cs['executor_dense']:,.0f} | {c['ratio_dense']:.2f}× |",
         "",
         f"Target executor ≥ 0.7× native: **{'met' if r['throughput_target_met'] else 'not met'}**.",
         "",
