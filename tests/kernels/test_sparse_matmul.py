@@ -220,3 +220,26 @@ def test_avx2_batched_path_on_avx512_machines():
     done = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=120, check=True, cwd=root)
     assert float(done.stdout.strip()) < 1e-5
+
+
+_OLD_RUNTIME_SCRIPT = """
+from onnxcompress import runtime
+try:
+    runtime.session_options()
+except Exception as error:
+    print(error)
+"""
+
+
+def test_runtime_older_than_headers_is_a_clear_error():
+    """Registration asks for the headers' API; an older runtime gets a message, not a crash."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONNXCOMPRESS_KERNELS_API_VERSION": "999"}
+    done = subprocess.run([sys.executable, "-c", _OLD_RUNTIME_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert "onnxcompress kernels were built for onnxruntime API 999 but this onnxruntime (" in done.stdout
+    assert f"({ort.__version__}) is older" in done.stdout
