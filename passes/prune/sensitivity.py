@@ -13,7 +13,8 @@ together) stays within a budget (cosine >= c, or an accuracy drop <= d) while re
 most parameters. A single tolerance t sets every layer's rate to the largest ratio whose
 alone-drop is <= t; t is searched over a geometric ladder from the budget down, each
 candidate is measured jointly, and the passing candidate that removes the most parameters
-wins. The result is a plan: `prune.magnitude` options with per-layer `overrides`.
+wins; then coordinate ascent raises each layer (largest first) to the highest ratio at
+which the joint model still meets the budget (binary search over its grid). The result is a plan: `prune.magnitude` options with per-layer `overrides`.
 
 What is exact: the measured metrics (on the given probes). What is not: the joint model's
 behaviour on other data; the pipeline's fidelity gate still guards the real step.
@@ -260,13 +261,13 @@ def _rates_for(curves: Sequence[LayerCurve], baseline: float, tolerance: float) 
 
 
 def choose_rates(
-    evaluator: Evaluator, curves: list[LayerCurve], budget: Budget, *, steps: int = 12, refine: int | None = None
+    evaluator: Evaluator, curves: list[LayerCurve], budget: Budget, *, steps: int = 12, refine_passes: int = 2
 ) -> SensitivityResult:
     """Pick per-layer rates meeting `budget` jointly and removing the most parameters.
 
-    After the tolerance ladder, a greedy pass raises single layers (largest first) one
-    ratio step at a time while the joint model still meets the budget (at most `refine`
-    extra evaluations; default 4 per layer).
+    After the tolerance ladder, coordinate ascent raises each layer (largest first) to the
+    highest ratio at which the joint model still meets the budget, by binary search over its
+    grid (`refine_passes` sweeps; about log2(len(ratios)) evaluations per layer and sweep).
     """
     allowed = budget.allowed_drop(evaluator.metric)
     baseline = evaluator.baseline
@@ -285,7 +286,7 @@ def choose_rates(
                     evaluator.metric, value)
         if baseline - value <= allowed and removed > best[0]:
             best = (removed, rates, value)
-    removed, rates, value = _refine(evaluator, curves, best, allowed, max_evaluations=refine)
+    removed, rates, value = _refine(evaluator, curves, best, allowed, passes=refine_passes)
     for curve in curves:
         curve.chosen = rates[curve.name]
     return SensitivityResult(
@@ -305,23 +306,30 @@ def _refine(
     best: tuple[int, dict[str, float], float],
     allowed: float,
     *,
-    max_evaluations: int | None,
+    passes: int,
 ) -> tuple[int, dict[str, float], float]:
+    """Coordinate ascent: per layer (largest first), binary-search the highest ratio of its
+    grid at which the joint model still meets the budget (the metric falls with the ratio)."""
     removed, rates, value = best
-    budget_left = 4 * len(curves) if max_evaluations is None else max_evaluations
-    improved = True
-    while improved and budget_left > 0:
+    for _ in range(passes):
         improved = False
         for curve in sorted(curves, key=lambda c: -c.params):
             higher = [r for r in curve.ratios if r > rates[curve.name]]
-            if not higher or budget_left <= 0:
-                continue
-            candidate = {**rates, curve.name: higher[0]}
-            budget_left -= 1
-            score = evaluator.score_with(candidate)
-            if evaluator.baseline - score <= allowed:
-                rates, value, improved = candidate, score, True
-                removed = sum(round(rates[c.name] * c.params) for c in curves)
+            low, high, found = 0, len(higher) - 1, None
+            while low <= high:
+                middle = (low + high) // 2
+                candidate = {**rates, curve.name: higher[middle]}
+                score = evaluator.score_with(candidate)
+                if evaluator.baseline - score <= allowed:
+                    found, low = (candidate, score), middle + 1
+                else:
+                    high = middle - 1
+            if found is not None:
+                rates, value = found
+                improved = True
+        if not improved:
+            break
+    removed = sum(round(rates[c.name] * c.params) for c in curves)
     return removed, rates, value
 
 

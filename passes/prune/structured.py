@@ -495,9 +495,11 @@ class _Tracer:
         target = _const_array(target_value)
         if node.inputs[0] is not value or target is None or target_value is None or not target_value.name:
             raise _Unsupported(f"{_node_label(node)} has a non-constant target shape")
-        if node.attributes.get_int("allowzero", 0) or target.ndim != 1 or target.size != 2:
+        if target.ndim != 1 or target.size != 2:
             raise _Unsupported(f"{_node_label(node)} to {target.tolist()}: only [N, C·H·W] is mapped")
         first, second = int(target[0]), int(target[1])
+        if node.attributes.get_int("allowzero", 0) and 0 in (first, second):
+            raise _Unsupported(f"{_node_label(node)} to {target.tolist()} with allowzero=1: a literal 0 dimension")
         if second == group.channels * spatial:
             if self.weight_users.get(target_value.name, 0) > 1:
                 raise _Unsupported(f"{_node_label(node)}: target shape {target_value.name!r} is shared")

@@ -30,7 +30,7 @@ def cnn_proto(rng: np.random.Generator, *, concat: bool = False, reshape: bool =
     """x[N,3,8,8] -> conv1+BN+Relu -> conv2+BN (+ residual) -> Relu -> conv3 -> Relu
     -> MaxPool 2 -> Flatten (6·4·4) -> Gemm head.  With `concat`, conv3's output is
     concatenated with itself before pooling (an index mapping the pass does not handle); with
-    `reshape`, Flatten is a Reshape to [-1, 96] as torch's exporter writes it."""
+    `reshape`, Flatten is a Reshape to [-1, 96] as torch's exporter writes it (allowzero=1)."""
     inits = _conv(rng, "conv1", 3, 8) + _bn(rng, "bn1", 8) + _conv(rng, "conv2", 8, 8) + _bn(rng, "bn2", 8)
     inits += _conv(rng, "conv3", 8, 6)
     flat = (12 if concat else 6) * 16
@@ -57,7 +57,7 @@ def cnn_proto(rng: np.random.Generator, *, concat: bool = False, reshape: bool =
         pooled_input = "cat"
     nodes += [
         helper.make_node("MaxPool", [pooled_input], ["p3"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Reshape", ["p3", "flat_shape"], ["f3"]) if reshape
+        helper.make_node("Reshape", ["p3", "flat_shape"], ["f3"], allowzero=1) if reshape
         else helper.make_node("Flatten", ["p3"], ["f3"], axis=1),
         helper.make_node("Gemm", ["f3", "head.weight", "head.bias"], ["logits"], transB=1),
     ]
