@@ -235,3 +235,44 @@ def test_dead_channels_through_batchnorm_use_the_normalised_constant(rng):
 def test_invalid_options_are_named(options, message):
     with pytest.raises(RecipeError, match=message):
         StructuredPrunePass(**options)
+
+
+def _tiny(nodes, inits, in_shape, out_shape):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.builders import finish
+
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    return ir.from_proto(finish(graph))
+
+
+def test_other_unmappable_groups_are_skipped_with_their_reasons(rng):
+    from onnx import helper
+
+    w = {n: rng.standard_normal(s).astype(np.float32) for n, s in
+         (("a", (8, 8)), ("b", (8, 4)), ("dw", (8, 1, 3, 3)), ("c", (8, 8, 1, 1)), ("head", (8, 4)))}
+    residual_from_input = _tiny(
+        [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("Add", ["h", "x"], ["r"]),
+         helper.make_node("MatMul", ["r", "b"], ["y"])], {"a": w["a"], "b": w["b"]}, [2, 8], [2, 4])
+    grouped = _tiny(
+        [helper.make_node("Conv", ["x", "c"], ["h"]), helper.make_node("Conv", ["h", "dw"], ["d"], group=8, pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["d"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("MatMul", ["f", "head"], ["y"])],
+        {"c": w["c"], "dw": w["dw"], "head": w["head"]}, [2, 8, 4, 4], [2, 4])
+    shared = _tiny(
+        [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "a"], ["h2"]), helper.make_node("MatMul", ["h2", "b"], ["y"])],
+        {"a": w["a"], "b": w["b"]}, [2, 8], [2, 4])
+    cases = [
+        (residual_from_input, "a", "channels come from graph input 'x'"),
+        (grouped, "c", "Conv is a grouped Conv (group > 1 ties in and out channels)"),
+        (shared, "a", "weight 'a' is shared by several nodes"),
+    ]
+    for model, name, reason in cases:
+        compression = StructuredPrunePass(ratio=0.5)
+        compression(model)
+        assert compression.report.reason_for(name) == reason
