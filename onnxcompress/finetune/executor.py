@@ -181,6 +181,7 @@ class OnnxModule(nn.Module):
             for v in graph.inputs
         }
         self._steps: list[tuple[Callable[..., Any], list[str], list[str]]] = []
+        self._labels: list[str] = []
         self._dropouts: dict[str, Callable[..., Any]] = {}
         for node in graph:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -192,6 +193,7 @@ class OnnxModule(nn.Module):
             ins = [v.name if v is not None else "" for v in node.inputs]
             outs = [v.name or "" for v in node.outputs]
             self._steps.append((fn, ins, outs))
+            self._labels.append(f"{node.op_type} node {node.name or outs[0]!r}")
         logger.debug(
             "executor: %d nodes, %d tensors (%d trainable)",
             len(self._steps),
@@ -310,8 +312,16 @@ class OnnxModule(nn.Module):
         env.update(self._feeds(args, kwargs))
         for fn in self._dropouts.values():
             fn.training = self.training  # type: ignore[attr-defined]
-        for fn, ins, outs in self._steps:
-            results = fn([env[n] for n in ins])
+        for index, (fn, ins, outs) in enumerate(self._steps):
+            try:
+                results = fn([env[n] for n in ins])
+            except RuntimeError as error:
+                raise DataError(
+                    f"{self._labels[index]} failed on inputs of shapes "
+                    f"{[tuple(env[n].shape) if isinstance(env[n], torch.Tensor) else None for n in ins]}: "
+                    f"{str(error).splitlines()[0]} (a model exported with a fixed batch size only runs "
+                    "batches of that size)"
+                ) from error
             for name, value in zip(outs, results, strict=False):
                 if name:
                     env[name] = value

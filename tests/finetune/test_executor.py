@@ -235,3 +235,12 @@ def test_constant_node_weights_are_parameters(rng) -> None:
     np.testing.assert_array_equal(module.parameter("w").detach().numpy(), w)
     x = rng.standard_normal((2, 4)).astype(np.float32)
     assert_close(module.run({"x": x})[0], ort_run(model, {"x": x})[0])
+
+
+def test_shape_errors_name_the_node(encoder_pair, rng) -> None:
+    from onnxcompress.errors import DataError
+
+    _, proto = encoder_pair  # exported with a fixed batch of 2
+    module = OnnxModule(proto)
+    with pytest.raises(DataError, match=r"Reshape node .* failed on inputs of shapes .*fixed batch size"):
+        module.run({proto.graph.input[0].name: rng.standard_normal((3, 5, 16)).astype(np.float32)})
