@@ -301,6 +301,10 @@ class LowRankSVDPass(CompressionPass):
                         options[(d.kind, rank)] = Candidate(d.kind, rank, d.flops_after(rank))
             if options:
                 candidates[name] = sorted(options.values(), key=lambda c: (c.cost, c.kind))
+                for d in layer.options:  # one SVD per form, at the largest candidate rank
+                    ranks = [c.rank for c in options.values() if c.kind == d.kind]
+                    if ranks:
+                        d.svds(max(ranks))
             else:
                 plan.skipped.append((name, "no candidate rank below the no-saving bound"))
 

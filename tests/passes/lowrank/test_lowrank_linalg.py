@@ -8,6 +8,7 @@ import pytest
 from onnxcompress.passes.lowrank.linalg import (
     energy_rank,
     exact_svd,
+    gram_svd,
     max_useful_rank,
     randomized_svd,
     split_factors,
@@ -96,3 +97,22 @@ def test_energy_rank_is_the_smallest_rank_reaching_the_fraction():
     assert energy_rank(s, 15.0, 14 / 15) == 3
     assert energy_rank(s, 15.0, 1.0) == 4
     assert energy_rank(s[:2], 15.0, 0.9) is None
+
+
+@pytest.mark.parametrize("shape", [(1100, 1000), (1000, 1100)])
+def test_gram_path_matches_lapack(rng, shape):
+    w = decaying(rng, *shape, decay=0.99) + 1e-3 * rng.standard_normal(shape)
+    assert w.size > 1 << 20  # exact_svd takes the Gram path here
+    reference = np.linalg.svd(w, compute_uv=False)
+    svd = exact_svd(w)
+    np.testing.assert_allclose(svd.s[:300], reference[:300], rtol=1e-9)
+    for rank in (10, 300):
+        a, b = split_factors(svd, rank)
+        error = np.linalg.norm(w - a @ b, "fro") ** 2
+        assert error == pytest.approx(np.sum(reference[rank:] ** 2), rel=1e-8)
+
+
+def test_gram_path_reconstructs_a_well_conditioned_matrix(rng):
+    w = rng.standard_normal((60, 40)) + 5 * np.eye(60, 40)
+    a, b = split_factors(gram_svd(w), 40)
+    np.testing.assert_allclose(a @ b, w, rtol=0, atol=1e-9)

@@ -1,0 +1,343 @@
+"""lowrank.svd on trained layers: parameters, FLOPs, onnxruntime latency and fidelity per rank.
+
+Two blocks taken from models trained here on real data (MNIST through `benchmarks/data.py`
+when it is available, else scikit-learn's digits; the JSON says which):
+
+* `mlp_block` — the 1024→4096→1024 block (MatMul + Add, Relu, MatMul + Add) of an MLP
+  `x → 1024 → [4096 → 1024] → 10`;
+* `classifier_head` — the 8192→1024→10 head (Gemm transB=1, Relu, Gemm) of a small CNN whose
+  conv features are 8192 wide; the 8192×1024 layer is the one that matters.
+
+Each block is written as its own ONNX model (the layout torch exports: MatMul for the block,
+Gemm transB=1 for the head) and compressed by the `lowrank.svd` pass at several target
+ratios and energies. Per variant: weight parameters, FLOPs per sample, median onnxruntime
+latency at batch 1 and 64 (1 intra-op thread, all variants timed interleaved in one run,
+so ratios are side by side), the cosine of the block's output on held-out activations, and
+the whole classifier's accuracy / top-1 agreement with the block replaced.
+
+Target (issue 4): ≥ 2× fewer parameters and ≥ 1.5× lower latency at batch 64 where the
+output cosine stays ≥ 0.99.
+
+    .venv/bin/python benchmarks/lowrank_svd.py            # ~3–4 min on 2 shared cores
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from onnxcompress.fidelity import compare  # noqa: E402
+from onnxcompress.passes.lowrank.svd import LowRankSVDPass  # noqa: E402
+from onnxcompress.sites import find_weight_sites  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SEED = 0
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+ENERGIES = (0.9, 0.95)
+REPEATS = {1: 60, 64: 15}
+
+
+# ---- data and training --------------------------------------------------------------------
+def load_images() -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(source, train images N×1×H×W in [0, 1], train labels, test images, test labels)."""
+    try:
+        from benchmarks.data import load_mnist  # written by the fine-tune helper
+
+        x_train, y_train, x_test, y_test = load_mnist(images=True)
+        return "mnist", x_train, y_train, x_test[:2000], y_test[:2000]
+    except (ImportError, OSError, RuntimeError) as error:
+        print(f"MNIST unavailable ({type(error).__name__}: {error}); using sklearn digits")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target.astype(np.int64), test_size=0.25, random_state=SEED, stratify=digits.target
+    )
+    return "sklearn-digits", x_train, y_train, x_test, y_test
+
+
+def train(model, x: np.ndarray, y: np.ndarray, seconds: float, batch: int = 128):  # type: ignore[no-untyped-def]
+    """AdamW with weight decay for `seconds` of wall time (checked every batch), seeded."""
+    import torch
+
+    torch.manual_seed(SEED)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    generator = torch.Generator().manual_seed(SEED)
+    start, steps, loss = time.perf_counter(), 0, torch.zeros(())
+    while time.perf_counter() - start < seconds:
+        order = torch.randperm(len(xs), generator=generator)
+        for index in range(0, len(xs), batch):
+            chosen = order[index : index + batch]
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xs[chosen]), ys[chosen])
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if time.perf_counter() - start >= seconds:
+                break
+    return steps, float(loss.item())
+
+
+def build_models(channels_hw: tuple[int, int, int]):  # type: ignore[no-untyped-def]
+    import torch
+    from torch import nn
+
+    torch.manual_seed(SEED)
+    c, h, w = channels_hw
+    mlp = nn.Sequential(nn.Flatten(), nn.LazyLinear(1024), nn.ReLU(), nn.Linear(1024, 4096), nn.ReLU(),
+                        nn.Linear(4096, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    features = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU())
+    if h > 16:  # MNIST 28×28 → pad to 32×32 → pool to 16×16 with 32 channels = 8192
+        features = nn.Sequential(nn.ZeroPad2d(2), nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    cnn = nn.Sequential(features, nn.Flatten(), nn.Linear(8192, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    return mlp, cnn
+
+
+# ---- the two blocks as ONNX models --------------------------------------------------------
+def finish(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def mlp_block_proto(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
+    """x[batch,1024] → MatMul(1024×4096) + b → Relu → MatMul(4096×1024) + b."""
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
+             ((w1, "up.weight"), (b1, "up.bias"), (w2, "down.weight"), (b2, "down.bias"))]
+    nodes = [helper.make_node("MatMul", ["x", "up.weight"], ["u"]), helper.make_node("Add", ["u", "up.bias"], ["ub"]),
+             helper.make_node("Relu", ["ub"], ["r"]), helper.make_node("MatMul", ["r", "down.weight"], ["d"]),
+             helper.make_node("Add", ["d", "down.bias"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1024])], inits)
+    return finish(graph)
+
+
+def head_proto(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
+    """x[batch,8192] → Gemm(1024×8192, transB) → Relu → Gemm(10×1024, transB): logits."""
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
+             ((w1, "fc1.weight"), (b1, "fc1.bias"), (w2, "fc2.weight"), (b2, "fc2.bias"))]
+    nodes = [helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "fc2.weight", "fc2.bias"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "classifier_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8192])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], inits)
+    return finish(graph)
+
+
+# ---- measuring ----------------------------------------------------------------------------
+def session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def latencies(protos: dict[str, onnx.ModelProto], width: int, batch: int, repeats: int) -> dict[str, float]:
+    """Median ms per variant; variants interleaved within every repeat (side by side)."""
+    rng = np.random.default_rng(SEED)
+    feed = {"x": rng.standard_normal((batch, width)).astype(np.float32)}
+    sessions = {name: session(proto) for name, proto in protos.items()}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(repeats):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def weight_params(proto: onnx.ModelProto) -> int:
+    return sum(site.size for site in find_weight_sites(ir.from_proto(proto), min_params=0).sites)
+
+
+def compress(proto: onnx.ModelProto, data: dict | None = None, **options: object) -> tuple[onnx.ModelProto, dict]:
+    model = ir.from_proto(proto)
+    compression = LowRankSVDPass(min_params=0, **options)
+    compression.context.data = data
+    started = time.perf_counter()
+    compression(model)
+    print(f"  {options}: {time.perf_counter() - started:.1f} s", flush=True)
+    plan = compression.last_plan
+    assert plan is not None
+    return ir.to_proto(model), plan.to_dict()
+
+
+def evaluate_block(
+    name: str, proto: onnx.ModelProto, activations: np.ndarray, finish_logits, labels: np.ndarray, width: int
+) -> dict:
+    """Every variant of one block: sizes, FLOPs, fidelity, accuracy; then latencies side by side."""
+    print(f"{name}:", flush=True)
+    variants: dict[str, tuple[onnx.ModelProto, dict | None]] = {"original": (proto, None)}
+    for ratio in RATIOS:
+        variants[f"ratio {ratio}"] = compress(proto, ratio=ratio)
+    for energy in ENERGIES:
+        variants[f"energy {energy}"] = compress(proto, energy=energy)
+    # the greedy search on real activations: probes are the first 256 held-out samples
+    variants["budget 0.99"] = compress(proto, data={"x": activations[:256]}, budget=0.99, probes=256)
+    reference = session(proto).run(None, {"x": activations})
+    base_logits = finish_logits(reference[0])
+    rows = []
+    for label, (variant, plan) in variants.items():
+        outputs = session(variant).run(None, {"x": activations})
+        metrics = compare(reference, outputs)
+        logits = finish_logits(outputs[0])
+        layers = plan["layers"] if plan else []
+        skipped = plan["skipped"] if plan else []
+        flops = plan["totals"] if plan else {"flops_before": 0, "flops_after": 0}
+        rows.append({
+            "variant": label,
+            "ranks": {layer["name"]: f"{layer['kind']} r={layer['rank']}/{layer['max_rank']}" for layer in layers},
+            "skipped": {item["name"]: item["reason"] for item in skipped},
+            "weight_params": weight_params(variant),
+            "flops_per_sample_saved": flops["flops_before"] - flops["flops_after"],
+            "cosine": metrics.cosine,
+            "rel_l2": metrics.rel_l2,
+            "accuracy": float(np.mean(logits.argmax(1) == labels)),
+            "top1_agreement": float(np.mean(logits.argmax(1) == base_logits.argmax(1))),
+        })
+    original_flops = 2 * rows[0]["weight_params"]  # MatMul/Gemm: 2 FLOPs per weight per sample
+    for row in rows:
+        row["flops_per_sample"] = original_flops - row.pop("flops_per_sample_saved")
+    for batch, repeats in REPEATS.items():
+        timing = latencies({k: v[0] for k, v in variants.items()}, width, batch, repeats)
+        for row in rows:
+            row[f"latency_ms_batch{batch}"] = timing[row["variant"]]
+            row[f"speedup_batch{batch}"] = timing["original"] / timing[row["variant"]]
+    for row in rows:
+        row["param_reduction"] = rows[0]["weight_params"] / row["weight_params"]
+        row["meets_target"] = bool(row["param_reduction"] >= 2 and row["speedup_batch64"] >= 1.5 and row["cosine"] >= 0.99)
+    return {"block": name, "rows": rows}
+
+
+def spectrum_summary(weight: np.ndarray) -> dict:
+    s = np.linalg.svd(weight.astype(np.float64), compute_uv=False)
+    energy = np.cumsum(s**2) / np.sum(s**2)
+    return {
+        "shape": list(weight.shape),
+        "sigma_1_over_sigma_mid": float(s[0] / s[len(s) // 2]),
+        "rank_for_90pct_energy": int(np.searchsorted(energy, 0.9) + 1),
+        "rank_for_99pct_energy": int(np.searchsorted(energy, 0.99) + 1),
+        "full_rank": len(s),
+    }
+
+
+# ---- main -----------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
+        "onnxruntime": ort.__version__, "numpy": np.__version__, "threads": 1,
+        "note": "2 cores shared with other jobs: absolute times are noisy; ratios are measured side by side",
+    }
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    source, x_train, y_train, x_test, y_test = load_images()
+    hw = x_train.shape[-1]
+    mlp, cnn = build_models((32, hw, hw) if hw > 16 else (128, hw, hw))
+    started = time.perf_counter()
+    mlp(torch.from_numpy(x_train[:2]))  # materialize the lazy layer
+    budget = float(os.environ.get("LOWRANK_TRAIN_SECONDS", 45.0 if source == "mnist" else 30.0))
+    mlp_epochs, mlp_loss = train(mlp, x_train, y_train, budget)
+    cnn_epochs, cnn_loss = train(cnn, x_train, y_train, budget)
+    training = {"data": source, "train_samples": len(x_train), "test_samples": len(x_test),
+                "mlp": {"steps": mlp_epochs, "final_loss": mlp_loss}, "cnn": {"steps": cnn_epochs, "final_loss": cnn_loss},
+                "seconds": time.perf_counter() - started}
+    mlp.eval()
+    cnn.eval()
+    with torch.no_grad():
+        xt = torch.from_numpy(x_test)
+        block_in = mlp[2](mlp[1](mlp[0](xt))).numpy()  # the block's input: after the first Linear + Relu
+        head_in = cnn[1](cnn[0](xt)).numpy()  # 8192 conv features
+        training["mlp_test_accuracy"] = float((mlp(xt).argmax(1).numpy() == y_test).mean())
+        training["cnn_test_accuracy"] = float((cnn(xt).argmax(1).numpy() == y_test).mean())
+    params = {n: p.detach().numpy() for n, p in mlp.named_parameters()}
+    head = {n: p.detach().numpy() for n, p in cnn.named_parameters()}
+    up, down = params["3.weight"].T, params["5.weight"].T  # torch stores out×in; MatMul wants in×out
+    block = mlp_block_proto(up, params["3.bias"], down, params["5.bias"])
+    last_w, last_b = params["7.weight"], params["7.bias"]
+
+    def mlp_logits(y: np.ndarray) -> np.ndarray:
+        return np.maximum(y, 0) @ last_w.T + last_b
+
+    head_model = head_proto(head["2.weight"], head["2.bias"], head["4.weight"], head["4.bias"])
+    spectra = {"mlp up 1024×4096": spectrum_summary(up), "mlp down 4096×1024": spectrum_summary(down),
+               "head fc1 8192×1024": spectrum_summary(head["2.weight"].T)}
+    results = [
+        evaluate_block("mlp_block 1024→4096→1024", block, block_in, mlp_logits, y_test, 1024),
+        evaluate_block("classifier_head 8192→1024→10", head_model, head_in, lambda y: y, y_test, 8192),
+    ]
+    report = {"machine": machine(), "training": training, "spectra": spectra, "results": results,
+              "command": ".venv/bin/python benchmarks/lowrank_svd.py"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lowrank_svd.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "lowrank_svd.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    m, t = report["machine"], report["training"]
+    lines = [
+        "# lowrank.svd on trained layers",
+        "",
+        f"`{report['command']}` — {m['cpu']}, {m['cores']} cores (shared), onnxruntime {m['onnxruntime']}, "
+        f"1 intra-op thread, load average at the end {tuple(round(v, 2) for v in m['load_average'])}.",
+        f"Trained on {t['data']} ({t['train_samples']} train / {t['test_samples']} test, {t['seconds']:.0f} s): "
+        f"MLP {t['mlp']['steps']} steps of 128, test accuracy {t['mlp_test_accuracy']:.4f}; "
+        f"CNN {t['cnn']['steps']} steps of 128, test accuracy {t['cnn_test_accuracy']:.4f}.",
+        "Latency: median of interleaved runs, all variants of a block timed side by side in one run.",
+        "Cosine / rel_l2: block output vs the original block on the held-out activations; accuracy and",
+        "top-1 agreement: the whole classifier with the block replaced.",
+        "",
+        "Spectra of the trained weights:",
+        "",
+        "| weight | σ₁/σ_mid | rank for 90% energy | rank for 99% energy | full rank |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in report["spectra"].items():
+        lines.append(f"| {name} | {s['sigma_1_over_sigma_mid']:.1f} | {s['rank_for_90pct_energy']} | "
+                     f"{s['rank_for_99pct_energy']} | {s['full_rank']} |")
+    for result in report["results"]:
+        lines += ["", f"## {result['block']}", "",
+                  "| variant | ranks | params | ×fewer | MFLOP/sample | b1 ms | b1 × | b64 ms | b64 × | cosine | accuracy | top-1 agree | target |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+        for row in result["rows"]:
+            ranks = ", ".join(row["ranks"].values()) or "—"
+            if row["skipped"]:
+                ranks += " (skipped: " + "; ".join(f"{k}: {v}" for k, v in row["skipped"].items()) + ")"
+            lines.append(
+                f"| {row['variant']} | {ranks} | {row['weight_params']:,} | {row['param_reduction']:.2f} | "
+                f"{row['flops_per_sample'] / 1e6:.2f} | {row['latency_ms_batch1']:.3f} | {row['speedup_batch1']:.2f} | "
+                f"{row['latency_ms_batch64']:.2f} | {row['speedup_batch64']:.2f} | {row['cosine']:.5f} | "
+                f"{row['accuracy']:.4f} | {row['top1_agreement']:.4f} | {'yes' if row['meets_target'] else 'no'} |"
+            )
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
