@@ -6,7 +6,9 @@ Deep Compression (Han et al., ICLR 2016) stores pruned layers as sparse matrices
 This pass swaps a pruned layer's weight for CSR arrays read by `ai.onnxcompress.SparseMatMul`
 (formats.py), but only where the kernel is measurably faster at the batch size the user
 gives: each candidate is timed against onnxruntime's dense MatMul on this machine, in one
-process, alternating, caches flushed between calls by default. Every layer left dense gets
+process, alternating, caches flushed between calls by default; the fixed cost of a call (timed
+on a graph that does nothing) is subtracted from both, since a layer inside a model does not
+pay it. Every layer left dense gets
 its reason (too dense, not faster, shared weight, unsupported Gemm form, ...).
 
 Weight-shared layers (the `codebook.*` passes' Cast(indices) -> Gather(codebook) pattern) are
@@ -143,7 +145,7 @@ def measure_layer(
 
     `arrays` are the op's inputs after X (no bias). Both run in this process through
     onnxruntime with the kernel library, alternating, so that load from other processes hits
-    both alike.
+    both alike. Also returns `overhead`, the median time of a call that computes nothing.
     """
     k = weight.shape[0]
     dense = _layer_model(
@@ -154,7 +156,11 @@ def measure_layer(
         [numpy_helper.from_array(np.ascontiguousarray(array), name) for name, array in arrays.items()],
         k,
     )
-    sessions = {"dense": runtime.session(dense, threads=threads), "sparse": runtime.session(sparse, threads=threads)}
+    # `overhead`: the same call on a graph that does nothing (Identity); a layer inside a model
+    # does not pay it, so it is subtracted from both before comparing.
+    nothing = _layer_model([helper.make_node("Identity", ["X"], ["Y"])], [], k)
+    sessions = {"dense": runtime.session(dense, threads=threads), "sparse": runtime.session(sparse, threads=threads),
+                "overhead": runtime.session(nothing, threads=threads)}
     feeds = {"X": np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)}
     flush = np.zeros(_FLUSH_BYTES // 4, dtype=np.float32) if cold_cache else None
     times: dict[str, list[float]] = {name: [] for name in sessions}
@@ -192,6 +198,11 @@ def codebook_arrays(
     bits = 4 if codebook.size <= 16 else 8
     arrays = {"indices": pack_codebook_indices(indices, bits), "codebook": codebook.astype(np.float32)}
     return "CodebookMatMul", arrays, {"K": k, "N": n, "bits": bits}
+
+
+def _net(timing: dict[str, float], name: str) -> float:
+    """A variant's time minus the call overhead, floored at 1 µs (noise can exceed tiny layers)."""
+    return max(timing[name] - timing.get("overhead", 0.0), 1e-6)
 
 
 def _opset(model: ir.Model) -> int:
@@ -379,19 +390,20 @@ class SparseCsrPass(CompressionPass):
             seed=self.context.seed,
         )
         candidate.timing = timing
-        speedup = timing["dense"] / timing["sparse"]
+        speedup = _net(timing, "dense") / _net(timing, "sparse")
         self.report.notes.setdefault("timings", {})[candidate.name] = {
             "op": candidate.op,
             "batch": self.config.batch,
             "dense_ms": round(timing["dense"] * 1e3, 4),
             "sparse_ms": round(timing["sparse"] * 1e3, 4),
+            "call_overhead_ms": round(timing["overhead"] * 1e3, 4),
             "speedup": round(speedup, 3),
         }
         if speedup < self.config.min_speedup:
             self.report.skip(
                 candidate.name,
-                f"{candidate.op} not faster at batch {self.config.batch}: {timing['sparse'] * 1e3:.3f} ms vs dense "
-                f"{timing['dense'] * 1e3:.3f} ms ({speedup:.2f}x < min_speedup {self.config.min_speedup})",
+                f"{candidate.op} not faster at batch {self.config.batch}: {_net(timing, 'sparse') * 1e3:.3f} ms vs "
+                f"dense {_net(timing, 'dense') * 1e3:.3f} ms ({speedup:.2f}x < min_speedup {self.config.min_speedup})",
             )
             return False
         return True
@@ -438,9 +450,10 @@ class SparseCsrPass(CompressionPass):
         else:
             detail += f", {candidate.attributes['bits']}-bit indices"
         if candidate.timing is not None:
+            timing = candidate.timing
             detail += (
-                f", {candidate.timing['dense'] / candidate.timing['sparse']:.2f}x faster at batch "
-                f"{self.config.batch} ({candidate.timing['sparse'] * 1e3:.3f} vs {candidate.timing['dense'] * 1e3:.3f} ms)"
+                f", {_net(timing, 'dense') / _net(timing, 'sparse'):.2f}x faster at batch {self.config.batch} "
+                f"({_net(timing, 'sparse') * 1e3:.3f} vs {_net(timing, 'dense') * 1e3:.3f} ms)"
             )
         stored = candidate.arrays["values"] if "values" in candidate.arrays else candidate.arrays["indices"]
         params_after = int(stored.size) if candidate.op != "CodebookMatMul" else int(candidate.weight.size)
