@@ -134,3 +134,12 @@ def test_avx2_codebook_path_on_avx512_machines():
     done = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=120, check=True, cwd=Path(__file__).resolve().parents[2])
     assert float(done.stdout.strip()) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_sparse_codebook_all_zero_matrix(rng, batch):
+    csr = to_csr(np.zeros((20, 6), np.float32))
+    codebook = np.array([0.0, 1.5], np.float32)
+    model = sparse_codebook_model(np.zeros(0, np.uint8), csr, codebook, [batch, 20], np.arange(6, dtype=np.float32))
+    y = _run(model, {"X": rng.standard_normal((batch, 20)).astype(np.float32)})
+    np.testing.assert_array_equal(y, np.broadcast_to(np.arange(6, dtype=np.float32), (batch, 6)))
