@@ -61,7 +61,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -143,18 +143,19 @@ def pack(
     model: ir.Model,
     *,
     coder: str = "huffman",
-    index_bits: int | None = None,
+    index_bits: int | Literal["auto"] | None = None,
 ) -> PackResult:
     """Archive bytes for `model`; every `codebook.kmeans` layer goes into coded streams.
 
-    `index_bits` sets the relative-index width of every layer (default: 8 conv, 5 others).
+    `index_bits` sets the relative-index width of every layer (default: 8 conv, 5 others);
+    "auto" codes each layer with every width from 2 to 10 bits and keeps the smallest.
     """
     from onnxcompress.passes.codebook.graph import codebook_layers
 
     if coder not in CODERS:
         raise UserError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
-    if index_bits is not None and not 1 <= index_bits <= 16:
-        raise UserError(f"index_bits must be in 1..16, got {index_bits}")
+    if index_bits not in (None, "auto") and not (isinstance(index_bits, int) and 1 <= index_bits <= 16):
+        raise UserError(f"index_bits must be in 1..16 or 'auto', got {index_bits!r}")
     layers = codebook_layers(model)
     proto = _to_proto(model)
     initializers = list(proto.graph.initializer)
@@ -169,10 +170,16 @@ def pack(
     entries, packed, removed = [], [], set()
     for layer in layers:
         op = _consumer_op(model, layer.name)
-        bits = index_bits if index_bits is not None else default_index_bits(op)
         indices = layer.indices().reshape(-1)
         codebook = layer.codebook()
-        value_stream, diff_stream, sparse, entry_total = _encode_layer(indices, bits, coder)
+        if index_bits == "auto":
+            options = [(*_encode_layer(indices, width, coder), width) for width in range(2, 11)]
+            value_stream, diff_stream, sparse, entry_total, bits = min(
+                options, key=lambda option: len(option[0]) + len(option[1])
+            )
+        else:
+            bits = index_bits if index_bits is not None else default_index_bits(op)
+            value_stream, diff_stream, sparse, entry_total = _encode_layer(indices, bits, coder)
         codebook_raw = codebook.astype(codebook.dtype.newbyteorder("<")).tobytes()
         entries.append({
             "weight": layer.name,
@@ -384,7 +391,7 @@ def pack_file(
     output: str | os.PathLike[str],
     *,
     coder: str = "huffman",
-    index_bits: int | None = None,
+    index_bits: int | Literal["auto"] | None = None,
 ) -> PackResult:
     """Load (safely), pack and write atomically."""
     from onnxcompress import io

@@ -71,7 +71,9 @@ def pack(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Archive (default: <stem>.onnxc).")] = None,
     coder: Annotated[str, typer.Option(help="huffman (as in the paper) or ans (tighter, faster).")] = "huffman",
     index_bits: Annotated[
-        int | None, typer.Option(help="Relative-index width for all layers (default: 8 conv, 5 others).")
+        str | None,
+        typer.Option(help="Relative-index width 1..16 for all layers, or 'auto' (smallest per layer); "
+                     "default: 8 conv, 5 others."),
     ] = None,
     report: ReportOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table.")] = False,
@@ -82,7 +84,12 @@ def pack(
     if report is not None and report.suffix not in (".json", ".md", ".markdown"):
         raise UserError(f"{report}: report format must be .json or .md")
     output = output or model.with_suffix(".onnxc")
-    result = pack_file(model, output, coder=coder, index_bits=index_bits)
+    width: int | str | None = index_bits
+    if index_bits is not None and index_bits != "auto":
+        if not index_bits.isdigit():
+            raise UserError(f"--index-bits {index_bits!r}: expected a number of bits or 'auto'")
+        width = int(index_bits)
+    result = pack_file(model, output, coder=coder, index_bits=width)  # type: ignore[arg-type]
     table = compression_table(result)
     text = table_markdown(table, title=f"{model.name} → {output.name} ({coder})")
     if report is not None:

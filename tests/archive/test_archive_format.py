@@ -185,3 +185,14 @@ def test_resealed_tampering_is_still_caught(archive):
         digest = hashlib.sha256(prefix + tampered_manifest + tampered_body).digest()
         with pytest.raises(ModelLoadError):
             unpack(prefix + digest + tampered_manifest + tampered_body)
+
+
+def test_auto_index_width_is_never_larger_and_round_trips(rng):
+    model = _clustered(rng, 0.93)
+    fixed = pack(model, coder="ans", index_bits=5)
+    auto = pack(model, coder="ans", index_bits="auto")
+    assert sum(layer.coded_bytes for layer in auto.layers) <= sum(layer.coded_bytes for layer in fixed.layers)
+    assert {layer.index_bits for layer in auto.layers} <= set(range(2, 11))
+    assert unpack(auto.data).SerializeToString() == ir.to_proto(model).SerializeToString()
+    with pytest.raises(Exception, match="index_bits"):
+        pack(model, index_bits=0)

@@ -44,7 +44,7 @@ def _textbook_lloyd(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["normal", "laplace", "uniform"])
 @pytest.mark.parametrize("k", [8, 32])
 def test_optimal_init_within_one_percent_of_sklearn(rng, kind, k):
-    values = _sample(rng, kind, 6000)
+    values = _sample(rng, kind, 4000)
     reference = KMeans(k, n_init=3, random_state=0).fit(values.reshape(-1, 1).astype(np.float64))
     result = kmeans_1d(values, k, init="optimal")
     assert result.inertia <= 1.01 * reference.inertia_
