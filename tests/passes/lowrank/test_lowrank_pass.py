@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import numpy as np
 import onnx
@@ -273,19 +274,80 @@ def test_pair_that_is_not_faster_is_not_applied(rng):
     assert faster.last_plan.layers[0].latency_before_ms == 1.3
 
 
+class CostClock:
+    """Stands in for `time.perf_counter` in `latency`: each onnxruntime run advances it by a set cost.
+
+    The sessions are real; only the clock is replaced, so which of the two is "faster" is
+    decided by the test, never by a race on a shared machine.
+    """
+
+    def __init__(self, original_ms: float, pair_ms: float) -> None:
+        self.now = 0.0
+        self.cost = {1: original_ms / 1e3, 2: pair_ms / 1e3}  # by node count: the original, the pair
+        self.runs: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {1: [], 2: []}
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def session(self, model: ir.Model, **options):
+        inner = runtime.session(model, **options)
+        nodes = len(model.graph)
+        clock = self
+
+        class Timed:
+            def run(self, names, feed):
+                outputs = inner.run(names, feed)
+                clock.runs[nodes].append((feed["x"], outputs[0]))
+                clock.now += clock.cost[nodes]
+                return outputs
+
+        return Timed()
+
+
 @pytest.mark.parametrize("op", ["MatMul", "Conv"])
-def test_speed_check_measures_both_with_onnxruntime(rng, op):
+@pytest.mark.parametrize(("original_ms", "pair_ms", "applied"), [(2.0, 1.0, True), (1.0, 1.0, False), (1.0, 1.5, False)])
+def test_speed_check_measures_both_with_onnxruntime(rng, monkeypatch, op, original_ms, pair_ms, applied):
+    from onnxcompress.passes.lowrank import latency
+
     if op == "MatMul":
-        proto = matmul_proto(rng, array(rng, 128, 128), ["batch", 128])
+        weight, bias = array(rng, 128, 128), None
+        proto = matmul_proto(rng, weight, ["batch", 128])
     else:
-        proto = conv_proto(array(rng, 32, 32, 3, 3), array(rng, 32), ["batch", 32, 8, 8], pads=[1, 1, 1, 1])
+        weight, bias = array(rng, 32, 32, 3, 3), array(rng, 32)
+        proto = conv_proto(weight, bias, ["batch", 32, 8, 8], pads=[1, 1, 1, 1])
+    clock = CostClock(original_ms, pair_ms)
+    monkeypatch.setattr(latency, "session", clock.session)
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     compression = LowRankSVDPass(ratio=0.25, min_params=0, speed=True, latency_batch=4)
-    compression(ir.from_proto(proto))
-    plan = compression.last_plan
-    if plan.layers:  # faster: timings recorded in the plan
-        assert plan.layers[0].latency_before_ms > plan.layers[0].latency_after_ms > 0
-    else:  # not faster: the reason carries both timings
-        assert plan.reason_for("w").startswith("factor pair not faster")
+    model = ir.from_proto(proto)
+    assert compression(model).modified is applied
+
+    # both ran in onnxruntime, equally often, on the same batch-4 input
+    assert len(clock.runs[1]) == len(clock.runs[2]) == 2 + 20  # warm-up + repeats
+    (x, y_original), (x_pair, y_pair) = clock.runs[1][-1], clock.runs[2][-1]
+    assert x.shape[0] == 4 and x is x_pair
+    # ... and the pair that was timed is the rank-r factorization the plan describes
+    planned = compression.last_plan.layers[0] if applied else LowRankSVDPass(ratio=0.25, min_params=0).plan_model(
+        ir.from_proto(proto)).layers[0]
+    if op == "MatMul":
+        np.testing.assert_allclose(y_original, x.astype(np.float64) @ weight, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(y_pair, x.astype(np.float64) @ truncated(weight, planned.rank), rtol=1e-4, atol=1e-4)
+    else:
+        np.testing.assert_allclose(y_original, conv2d(x, weight, bias, pads=(1, 1, 1, 1)), rtol=1e-4, atol=1e-4)
+        kernel = _rank_r_kernel(weight, planned.kind, 1, planned.rank)
+        np.testing.assert_allclose(y_pair, conv2d(x, kernel, bias, pads=(1, 1, 1, 1)), rtol=1e-4, atol=1e-4)
+
+    # the decision follows the measured medians
+    if applied:
+        assert (planned.latency_before_ms, planned.latency_after_ms) == (original_ms, pair_ms)
+        assert [n.op_type for n in model.graph] == [op, op]
+    else:
+        shape = [4, 128] if op == "MatMul" else [4, 32, 8, 8]
+        assert compression.report.reason_for("w") == (
+            f"factor pair not faster: {pair_ms:.3f} ms vs {original_ms:.3f} ms for the original at input "
+            f"{shape} (rank {planned.rank}, {planned.kind})"
+        )
+        assert [n.op_type for n in model.graph] == [op]
 
 
 def test_ratio_never_plans_a_rank_without_saving(rng):
