@@ -1,5 +1,9 @@
 """What `inspect` shows: one row per weight (op, shape, params, sparsity, distinct values, bytes).
 
+A shared-weight layer (indices + codebook + Cast/Gather, see `passes.codebook.graph`) is one
+row for the logical weight: its shape, params and sparsity are those of codebook[indices], its
+bytes what the file stores (indices and codebook), and it adds `bits` and `codebook_size`.
+
 Made to stay fast on large models: a weight is read once (memory-mapped), sparsity is a
 count, and distinct values are exact up to 2^20 elements; above that a strided sample of
 2^20 decides: few distinct values (a shared-weight layer stored dense) are counted exactly,
@@ -16,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers, dense_weight
 from onnxcompress.sites import find_weight_sites
 
 _SAMPLE = 1 << 20
@@ -33,6 +38,8 @@ class LayerInfo:
     distinct_exact: bool
     bytes: int
     holder: str
+    bits: int | None = None
+    codebook_size: int | None = None
 
     @property
     def sparsity(self) -> float:
@@ -56,8 +63,33 @@ def _distinct(array: np.ndarray) -> tuple[int, bool]:
     return count, False
 
 
+def _consumer_op(layer: CodebookLayer) -> str:
+    ops = sorted({node.op_type for node in layer.gather.outputs[0].consumers()})
+    return "/".join(ops) or "Gather"
+
+
+def _codebook_row(layer: CodebookLayer) -> LayerInfo:
+    weight = dense_weight(layer)
+    codebook = layer.codebook()
+    index_bytes = weight.size if layer.index_dtype == "uint8" else (weight.size + 1) // 2
+    return LayerInfo(
+        name=layer.name,
+        op=_consumer_op(layer),
+        shape=layer.shape,
+        dtype=codebook.dtype.name,
+        params=int(weight.size),
+        nonzero=int(np.count_nonzero(weight)),
+        distinct=int(np.unique(weight).size),
+        distinct_exact=True,
+        bytes=int(index_bytes + codebook.nbytes),
+        holder="codebook",
+        bits=layer.bits,
+        codebook_size=layer.k,
+    )
+
+
 def layer_table(model: ir.Model) -> list[LayerInfo]:
-    rows = []
+    rows = [_codebook_row(layer) for layer in codebook_layers(model)]
     for site in find_weight_sites(model, min_params=0).sites:
         array = site.array()
         distinct, exact = _distinct(array)
@@ -75,7 +107,7 @@ def layer_table(model: ir.Model) -> list[LayerInfo]:
                 holder=site.holder,
             )
         )
-    return rows
+    return sorted(rows, key=lambda row: row.name)
 
 
 def totals(rows: list[LayerInfo]) -> dict[str, Any]:

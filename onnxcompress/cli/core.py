@@ -33,24 +33,31 @@ def inspect(
     model: ModelArgument,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Per-weight table: op, shape, params, sparsity, distinct values, bytes; and totals."""
+    """Per-weight table: op, shape, params, sparsity, distinct values, bytes; and totals.
+
+    Shared-weight (codebook) layers add their index bits and codebook size.
+    """
     loaded = io.load(model)
     rows = layer_table(loaded)
     summary = totals(rows)
     if as_json:
         typer.echo(json.dumps({"model": str(model), "layers": [r.to_dict() for r in rows], **summary}, indent=2))
         return
+    shared = any(row.bits is not None for row in rows)
     table = Table(title=str(model))
-    for column, justify in (("name", "left"), ("op", "left"), ("shape", "left"), ("params", "right"),
-                            ("sparsity", "right"), ("distinct", "right"), ("bytes", "right")):
+    columns = [("name", "left"), ("op", "left"), ("shape", "left"), ("params", "right"),
+               ("sparsity", "right"), ("distinct", "right"), ("bytes", "right")]
+    columns += [("bits", "right"), ("codebook", "right")] if shared else []
+    for column, justify in columns:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for row in rows:
         distinct = f"{row.distinct:,}" if row.distinct_exact else f"≥{row.distinct:,}"
+        extra = [str(row.bits or ""), str(row.codebook_size or "")] if shared else []
         table.add_row(row.name, row.op, "×".join(map(str, row.shape)), f"{row.params:,}",
-                      f"{row.sparsity:.1%}", distinct, f"{row.bytes:,}")
+                      f"{row.sparsity:.1%}", distinct, f"{row.bytes:,}", *extra)
     table.add_section()
     table.add_row("total", "", "", f"{summary['total_params']:,}", f"{summary['sparsity']:.1%}", "",
-                  f"{summary['total_bytes']:,}")
+                  f"{summary['total_bytes']:,}", *([""] * (len(columns) - 7)))
     console.print(table)
 
 

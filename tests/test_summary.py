@@ -1,0 +1,51 @@
+"""`inspect` on a shared-weight model: one row per logical weight, with its bits and codebook size."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from typer.testing import CliRunner
+
+from onnxcompress.cli import app
+from tests.builders import mlp_proto, save_proto
+
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_inspect_shows_bits_and_codebook_size_of_clustered_layers(rng, tmp_path):
+    model = save_proto(mlp_proto(rng, (48, 64, 32, 10)), tmp_path / "mlp.onnx")
+    pruned, clustered = tmp_path / "pruned.onnx", tmp_path / "clustered.onnx"
+    assert invoke("prune", model, "--sparsity", "0.75", "-o", pruned).exit_code == 0
+    result = invoke("cluster", pruned, "-o", clustered, "--layer-bits", "head.*=3")
+    assert result.exit_code == 0, result.output
+
+    result = invoke("inspect", clustered, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert sorted(layers) == ["fc0.weight", "fc1.weight", "head.weight"]
+    fc0, head = layers["fc0.weight"], layers["head.weight"]
+    assert (fc0["bits"], fc0["codebook_size"], fc0["holder"]) == (5, 32, "codebook")
+    assert (head["bits"], head["codebook_size"]) == (3, 8)
+    # The logical weight, not the uint8 index tensor: its shape, params and sparsity.
+    assert fc0["shape"] == [48, 64] and fc0["params"] == 48 * 64 and fc0["op"] == "MatMul"
+    assert abs(fc0["sparsity"] - 0.75) < 1e-3
+    assert fc0["distinct"] <= 32
+    assert fc0["bytes"] == 48 * 64 + 32 * 4  # one uint8 index per weight + a float32 codebook
+    assert report["total_params"] == 48 * 64 + 64 * 32 + 32 * 10
+
+    table = invoke("inspect", clustered)
+    assert table.exit_code == 0, table.output
+    assert "bits" in table.stdout
+    assert re.search(r"│\s+3\s+│\s+8\s+│", table.stdout)  # head.weight: 3 bits, 8 entries
+
+
+def test_inspect_of_a_dense_model_has_no_codebook_fields(rng, tmp_path):
+    model = save_proto(mlp_proto(rng, (16, 8, 4)), tmp_path / "mlp.onnx")
+    report = json.loads(invoke("inspect", model, "--json").stdout)
+    assert all(layer["bits"] is None and layer["codebook_size"] is None for layer in report["layers"])
