@@ -23,11 +23,10 @@ import onnx
 import onnx_ir as ir
 import pydantic
 
-from onnxcompress import fidelity
+from onnxcompress import fidelity, summary
 from onnxcompress.errors import FidelityGateError
 from onnxcompress.io import iter_tensors, serialized
 from onnxcompress.pass_base import PassContext, PassReport, get_pass, make_config
-from onnxcompress.sites import find_weight_sites
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +85,9 @@ class PipelineResult:
 
 def model_summary(model: ir.Model) -> dict[str, int]:
     """Weight parameters, the non-zero ones, and bytes of all constant tensors."""
-    params = nonzero = 0
-    for site in find_weight_sites(model, min_params=0).sites:
-        array = site.array()
-        params += array.size
-        nonzero += int(np.count_nonzero(array))
+    rows = summary.layer_table(model, count_distinct=False)
+    params = sum(row.params for row in rows)
+    nonzero = sum(row.nonzero for row in rows)
     tensor_bytes = sum(int(t.nbytes) for t in iter_tensors(model))
     return {"weight_params": params, "nonzero_weight_params": nonzero, "tensor_bytes": tensor_bytes}
 

@@ -3,6 +3,9 @@
 A shared-weight layer (indices + codebook + Cast/Gather, see `passes.codebook.graph`) is one
 row for the logical weight: its shape, params and sparsity are those of codebook[indices], its
 bytes what the file stores (indices and codebook), and it adds `bits` and `codebook_size`.
+Layers the `sparse.csr` pass moved into `ai.onnxcompress` kernels (SparseMatMul,
+CodebookMatMul, SparseCodebookMatMul) are read back the same way: the K × N weight they hold,
+and the bytes of their CSR / index arrays.
 
 Made to stay fast on large models: a weight is read once (memory-mapped), sparsity is a
 count, and distinct values are exact up to 2^20 elements; above that a strided sample of
@@ -21,6 +24,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers, dense_weight
+from onnxcompress.passes.sparse.formats import dense_from_csr, unpack_codebook_indices
+from onnxcompress.passes.sparse.functions import DOMAIN
 from onnxcompress.sites import find_weight_sites
 
 _SAMPLE = 1 << 20
@@ -88,11 +93,44 @@ def _codebook_row(layer: CodebookLayer) -> LayerInfo:
     )
 
 
-def layer_table(model: ir.Model) -> list[LayerInfo]:
-    rows = [_codebook_row(layer) for layer in codebook_layers(model)]
+def _kernel_weight(node: ir.Node, arrays: list[np.ndarray]) -> tuple[np.ndarray, int | None, int | None]:
+    """(K × N weight, bits, codebook size) held by one of our kernel nodes."""
+    k, n = node.attributes["K"].as_int(), node.attributes["N"].as_int()
+    if node.op_type == "SparseMatMul":
+        return dense_from_csr(*arrays[:3], k, n), None, None
+    if node.op_type == "SparseCodebookMatMul":
+        indices, columns, row_ptr, codebook = arrays[:4]
+        return dense_from_csr(codebook[indices], columns, row_ptr, k, n), 8, codebook.size
+    bits = node.attributes["bits"].as_int()
+    packed, codebook = arrays[:2]
+    return codebook[unpack_codebook_indices(packed, k, bits)], bits, codebook.size
+
+
+def _kernel_rows(model: ir.Model) -> list[LayerInfo]:
+    rows = []
+    for node in model.graph:
+        if node.domain != DOMAIN or node.op_type not in ("SparseMatMul", "SparseCodebookMatMul", "CodebookMatMul"):
+            continue
+        stored = [v for v in node.inputs[1:] if v is not None and v.const_value is not None]
+        arrays = [v.const_value.numpy() for v in stored]  # type: ignore[union-attr]
+        weight, bits, codebook_size = _kernel_weight(node, arrays)
+        held = stored[:-1] if len(stored) == len(node.inputs) - 1 else stored  # the bias is not the weight
+        rows.append(LayerInfo(
+            name=stored[0].name.rsplit(".", 1)[0] if stored and stored[0].name else node.name or node.op_type,
+            op=node.op_type, shape=tuple(weight.shape), dtype="float32", params=int(weight.size),
+            nonzero=int(np.count_nonzero(weight)), distinct=int(np.unique(weight).size), distinct_exact=True,
+            bytes=int(sum(a.nbytes for a in arrays[: len(held)])), holder="kernel", bits=bits,
+            codebook_size=codebook_size,
+        ))
+    return rows
+
+
+def layer_table(model: ir.Model, count_distinct: bool = True) -> list[LayerInfo]:
+    """One row per weight. `count_distinct=False` skips the distinct-value count (the slow part)."""
+    rows = [_codebook_row(layer) for layer in codebook_layers(model)] + _kernel_rows(model)
     for site in find_weight_sites(model, min_params=0).sites:
         array = site.array()
-        distinct, exact = _distinct(array)
+        distinct, exact = _distinct(array) if count_distinct else (0, False)
         rows.append(
             LayerInfo(
                 name=site.name,

@@ -10,7 +10,7 @@ from onnxcompress import fidelity
 from onnxcompress.errors import FidelityGateError, QuantizedModelError, RecipeError
 from onnxcompress.pass_base import CompressionPass, register
 from onnxcompress.pipeline import Step, run_steps
-from onnxcompress.recipe import parse_recipe
+from onnxcompress.recipe import builtin_recipes, load_recipe, parse_recipe
 from onnxcompress.sites import find_weight_sites
 from tests.builders import mlp
 
@@ -99,3 +99,9 @@ def test_quantized_models_are_refused_by_lossy_passes(rng):
     model.graph.insert_after(node, [quant, dequant])
     with pytest.raises(QuantizedModelError, match="DequantizeLinear, QuantizeLinear"):
         run_steps(model, [Step(pass_name="prune.magnitude", options={"sparsity": 0.5})])
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_builtin_recipes_validate(name):
+    recipe = load_recipe(name)
+    assert recipe.steps and all(step.gate is not None for step in recipe.steps)

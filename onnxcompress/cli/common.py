@@ -7,6 +7,8 @@ same gates, atomic write, report and summary.
 
 from __future__ import annotations
 
+import sys
+
 __all__ = [
     "console",
     "guarded",
@@ -37,7 +39,8 @@ from onnxcompress.fidelity import Gate
 from onnxcompress.pipeline import PipelineResult, Step, run_steps
 from onnxcompress.report import write_report
 
-console = Console(highlight=False)
+# Piped output (a log, a CI job) gets room for the widest table rather than rich's 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
 
 OutputOption = Annotated[
