@@ -25,6 +25,18 @@ app = typer.Typer(
 #: Command modules, each with `register(app)`. Missing optional families are simply absent.
 FAMILIES = ("core", "prune", "lowrank", "codebook", "sparse", "finetune")
 
+@app.callback()
+def _options(
+    external_data: bool = typer.Option(
+        False, "--external-data", help="Write weights to <output>.data beside the model (automatic above 1.8 GB)."
+    ),
+) -> None:
+    """Options for every command, given before it: `onnxcompress --external-data prune ...`."""
+    from onnxcompress.cli import common
+
+    common.SAVE_OPTIONS["external_data"] = True if external_data else None
+
+
 for _family in FAMILIES:
     try:
         _module = importlib.import_module(f"onnxcompress.cli.{_family}")

@@ -43,6 +43,9 @@ from onnxcompress.report import write_report
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: How models are written, set once per invocation by the app's global options.
+SAVE_OPTIONS: dict[str, Any] = {"external_data": None}
+
 OutputOption = Annotated[
     Path | None, typer.Option("--output", "-o", help="Output model (default: <stem>.compressed.onnx).")
 ]
@@ -109,7 +112,7 @@ def compress_file(
             progress.update(task, completed=index, description=f"step {index + 1}/{count}: {step.pass_name}")
 
         result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step)
-    io.save(result.model, output)
+    io.save(result.model, output, **SAVE_OPTIONS)
     if report_path is not None:
         write_report(result, report_path)
     if not quiet:

@@ -134,3 +134,16 @@ def test_bench_compares_two_models(model_path, tmp_path):
     assert report["bytes_a"] == (tmp_path / "mlp.onnx").stat().st_size
     assert 0.5 < report["metrics"]["cosine"] < 1.0
     assert report["latency_ms_a"] > 0 and report["latency_ms_b"] > 0
+
+
+def test_external_data_on_request(model_path, tmp_path):
+    out = tmp_path / "pruned.onnx"
+    result = invoke("--external-data", "prune", model_path, "--sparsity", "0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pruned.onnx.data").is_file()
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(out, load_external_data=False).graph.initializer)
+    assert runtime.session(out).get_inputs()[0].name == "x"
+
+    plain = tmp_path / "plain.onnx"
+    assert invoke("prune", model_path, "--sparsity", "0.5", "-o", plain).exit_code == 0
+    assert not (tmp_path / "plain.onnx.data").exists()
