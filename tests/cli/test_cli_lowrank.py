@@ -94,6 +94,10 @@ def test_applying_a_saved_plan_gives_the_same_model(model_path, tmp_path):
         (["--ratio", "1.5"], "ratio"),
         (["--conv", "diagonal"], "conv"),
         (["--plan", "{tmp}/none.json"], "no such plan file"),
+        (["--energy", "0"], "energy: Input should be greater than 0"),
+        (["--energy", "1.5"], "energy: Input should be less than or equal to 1"),
+        (["--budget", "2"], "budget: Input should be less than or equal to 1"),
+        (["--latency-batch", "0", "--speed"], "latency_batch"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(model_path, tmp_path, args, message):
@@ -101,3 +105,56 @@ def test_bad_options_are_one_line_and_exit_2(model_path, tmp_path, args, message
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_a_missing_model_is_one_line_and_exit_2(tmp_path):
+    result = invoke("lowrank", tmp_path / "none.onnx", "-o", tmp_path / "out.onnx", "--ratio", "0.5")
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {tmp_path / 'none.onnx'}: no such file\n"
+
+
+# ---- a model exported by torch, weights of decaying spectrum: each mode from the command line ----
+@pytest.fixture(scope="module")
+def exported_path(tmp_path_factory):
+    """torch's default exporter on a 64→256→128→10 MLP whose weights are rank 8 plus 1% noise."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
+                                 torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
+    with torch.no_grad():
+        for layer in (module[0], module[2]):
+            out, inp = layer.weight.shape
+            low = torch.randn(out, 8) @ torch.randn(8, inp) / (8 * inp) ** 0.5
+            layer.weight.copy_(low + 0.01 * torch.randn(out, inp) / inp**0.5)
+    program = torch.onnx.export(module, (torch.zeros(2, 64),), None, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                verbose=False)
+    program.model_proto.ir_version = 10
+    path = tmp_path_factory.mktemp("exported") / "mlp.onnx"
+    onnx.save(program.model_proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("mode", [["--energy", "0.9"], ["--ratio", "0.5"], ["--budget", "0.99"]])
+def test_each_mode_compresses_an_exported_model(exported_path, tmp_path, mode):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    result = invoke("lowrank", exported_path, "-o", out, *mode, "--report", report)
+    assert result.exit_code == 0, result.output
+    step = json.loads(report.read_text())["steps"][0]
+    assert step["status"] == "applied"
+    layers = {layer["name"]: layer for layer in step["notes"]["plan"]["layers"]}
+    assert len(layers) == 2  # the two large Linear weights (the 10×128 head is under min_params)
+    for layer in layers.values():
+        assert layer["params_after"] < layer["params_before"]
+        if mode[0] == "--energy":
+            assert layer["energy"] >= 0.9
+        if mode[0] == "--ratio":
+            assert layer["params_after"] <= 0.5 * layer["params_before"]
+    if mode[0] == "--budget":
+        assert step["metrics"]["cosine"] >= 0.99
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    before, after = (runtime.session(str(path)).run(None, {"input": x})[0] for path in (exported_path, out))
+    assert after.shape == before.shape == (5, 10)
+    if mode[0] != "--energy":  # half the parameters of rank-8 weights, or the budget itself: output kept
+        cosine = np.sum(before * after) / (np.linalg.norm(before) * np.linalg.norm(after))
+        assert cosine >= 0.99
+    assert len(onnx.load(str(out)).graph.node) > len(onnx.load(str(exported_path)).graph.node)  # pairs in place
