@@ -5,14 +5,17 @@ Pipeline per network, all through onnxcompress passes on the exported ONNX model
 1. train in torch (`benchmarks.models.trained`, cached in build/models) and export;
 2. `prune.magnitude` with the paper's per-layer rates (Han et al. 2015: LeNet-300-100 keeps
    8% / 9% / 26%; LeNet-5 keeps 66% / 12% / 8% / 19%);
-3. `codebook.kmeans` with the paper's bits (LeNet-300-100: 6 bits; LeNet-5: conv 8, fc 5),
-   linear initialisation;
-4. `pack` with Huffman coding and 5-bit relative indices;
+3. `codebook.kmeans` with the paper's bits (LeNet-300-100: 6 bits; LeNet-5: conv 8, fc 5;
+   `--fc-bits` / `--conv-bits` override), linear initialisation;
+4. `pack` with `--coder` (Huffman, the paper's, by default) and `--index-bits` relative
+   indices (5, the paper's Tables 2-3, by default; 'auto' picks the smallest archive per layer);
 5. with `--finetune`: the `finetune` pass (labels, SGD) after pruning (zeros held) and after
    clustering (indices held, centroids trained: gradients summed per centroid).
 
 Test accuracy is measured with onnxruntime on the 10,000 MNIST test images after every stage;
-the unpacked model is checked to be byte-identical to the packed one.
+the unpacked model is checked to be byte-identical to the packed one. The final model is also
+packed with every coder × index width, so the results show what each choice costs. The exact
+command line is recorded with the results.
 
     .venv/bin/python benchmarks/codebook_lenet.py                  # no fine-tuning
     .venv/bin/python benchmarks/codebook_lenet.py --finetune       # with the bridge
@@ -24,6 +27,8 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +48,7 @@ NETWORKS = {
         "epochs": 20,
         "lr": 0.05,
         "kept": (0.08, 0.09, 0.26),
-        "bits": (5, 5, 5),
+        "bits": (6, 6, 6),
         "paper": {"dense_kb": 1070, "compressed_kb": 27, "ratio": 40, "dense_error": 1.64, "compressed_error": 1.58},
     },
     "lenet5": {
@@ -91,7 +96,33 @@ def run_pass(model: ir.Model, name: str, data: dict[str, np.ndarray] | None = No
     step(model)
 
 
-def compress(key: str, finetune: bool, ft_epochs: int, coder: str, index_bits: int | str) -> dict[str, object]:
+#: Packings of the final model shown side by side: (coder, relative-index width).
+#: None is the archive's default by op (conv 8, fc 5: the paper's §2 text).
+PACKINGS = (("huffman", 5), ("ans", 5), ("huffman", None), ("huffman", "auto"), ("ans", "auto"))
+
+
+def layer_bits(key: str, names: list[str], fc_bits: int | None, conv_bits: int | None) -> dict[str, int]:
+    """The paper's bits per weight, with the command line's overrides for fc and conv layers."""
+    bits = {}
+    for name, paper in zip(names, NETWORKS[key]["bits"], strict=True):
+        conv = name.startswith("conv")
+        override = conv_bits if conv else fc_bits
+        bits[name] = override if override is not None else paper
+    return bits
+
+
+def packings(model: ir.Model) -> list[dict[str, object]]:
+    """The final model packed with each coder and index width: coded and file sizes."""
+    rows = []
+    for coder, index_bits in PACKINGS:
+        totals = compression_table(pack(model, coder=coder, index_bits=index_bits))["totals"]  # type: ignore[arg-type]
+        rows.append({"coder": coder, "index_bits": index_bits, "bytes_coded": totals["bytes_coded"],
+                     "ratio_coded": totals["ratio_coded"], "archive_bytes": totals["archive_bytes"],
+                     "ratio_archive": totals["ratio_archive"]})
+    return rows
+
+
+def compress(key: str, args: argparse.Namespace, index_bits: int | str) -> dict[str, object]:
     import torch
 
     from benchmarks.data import load_mnist
@@ -108,19 +139,20 @@ def compress(key: str, finetune: bool, ft_epochs: int, coder: str, index_bits: i
     train_data = {input_name: x_train, "labels": y_train}
     names = weight_names(model)
     stages = {"dense": test_accuracy(model, x_test, y_test)}
+    finetune, ft_epochs, coder = args.finetune, args.ft_epochs, args.coder
 
     overrides = {name: round(1.0 - kept, 4) for name, kept in zip(names, spec["kept"], strict=True)}
     run_pass(model, "prune.magnitude", sparsity=0.0, overrides=overrides, min_params=0)
     stages["pruned"] = test_accuracy(model, x_test, y_test)
     if finetune:
-        run_pass(model, "finetune", train_data, epochs=ft_epochs, lr=0.01, batch_size=128)
+        run_pass(model, "finetune", train_data, epochs=ft_epochs, lr=args.ft_lr, batch_size=128)
         stages["pruned + fine-tuned"] = test_accuracy(model, x_test, y_test)
 
-    bits = {name: b for name, b in zip(names, spec["bits"], strict=True)}
+    bits = layer_bits(key, names, args.fc_bits, args.conv_bits)
     run_pass(model, "codebook.kmeans", overrides=bits, min_params=0, init="linear")
     stages["pruned + shared"] = test_accuracy(model, x_test, y_test)
     if finetune:
-        run_pass(model, "finetune", train_data, epochs=ft_epochs, lr=0.001, batch_size=128)
+        run_pass(model, "finetune", train_data, epochs=ft_epochs, lr=args.ft_lr_shared, batch_size=128)
         stages["pruned + shared + fine-tuned"] = test_accuracy(model, x_test, y_test)
 
     result = pack(model, coder=coder, index_bits=index_bits)  # type: ignore[arg-type]
@@ -132,6 +164,7 @@ def compress(key: str, finetune: bool, ft_epochs: int, coder: str, index_bits: i
         "network": spec["title"],
         "finetune": finetune,
         "finetune_epochs": ft_epochs if finetune else 0,
+        "finetune_lr": [args.ft_lr, args.ft_lr_shared] if finetune else None,
         "train_epochs": spec["epochs"],
         "kept": dict(zip(names, spec["kept"], strict=True)),
         "bits": bits,
@@ -139,18 +172,29 @@ def compress(key: str, finetune: bool, ft_epochs: int, coder: str, index_bits: i
         "index_bits": index_bits,
         "accuracy": stages,
         "table": table,
+        "packings": packings(model),
         "paper": spec["paper"],
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
+def _bits_text(row: dict[str, object]) -> str:
+    return "/".join(str(b) for b in row["bits"].values())  # type: ignore[attr-defined]
+
+
+def markdown(rows: list[dict[str, object]], command: str, args: argparse.Namespace) -> str:
     machine = f"{os.cpu_count()} CPUs, {platform.platform()}"
+    width = "a per-layer width chosen for the smallest archive ('auto')" if args.index_bits == "auto" \
+        else f"{args.index_bits}-bit relative indices"
+    coder = {"huffman": "Huffman coding (the paper's)", "ans": "rANS coding"}[args.coder]
+    bits = "; ".join(f"{row['network']} {_bits_text(row)}" for row in rows)
+    tuning = (f"fine-tuning {args.ft_epochs} epochs after pruning (lr {args.ft_lr}) and after sharing "
+              f"(lr {args.ft_lr_shared})") if args.finetune else "no fine-tuning"
     lines = [
         "# Deep Compression on MNIST (LeNet-300-100, LeNet-5) — onnxcompress vs. Han et al. 2016",
         "",
-        f"Machine: {machine}. Command: `.venv/bin/python benchmarks/codebook_lenet.py [--finetune]`.",
-        "Per-layer pruning rates and bits as in the paper; 5-bit relative indices; Huffman coding.",
+        f"Machine: {machine}. Command: `{command}`.",
+        f"Per-layer pruning rates as in the paper; weight bits per layer: {bits}; {width}; {coder}; {tuning}.",
         "Accuracy: onnxruntime on the 10,000 MNIST test images.",
         "",
         "| network | fine-tuning | dense acc. | final acc. | Δ points | dense KB | coded KB | × | "
@@ -177,6 +221,12 @@ def markdown(rows: list[dict[str, object]]) -> str:
         lines += ["| stage | test accuracy |", "|---|---:|"]
         lines += [f"| {stage} | {100 * value:.2f}% |" for stage, value in row["accuracy"].items()]
         lines += ["", table_markdown(row["table"]), ""]
+        lines += ["Same final model, packed with each coder and relative-index width:", "",
+                  "| coder | index bits | coded KB | × (coded) | archive file KB | × (file) |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {p['coder']} | {p['index_bits'] or 'conv 8, fc 5'} | {p['bytes_coded'] / 1000:.1f} | {p['ratio_coded']:.1f} "
+                  f"| {p['archive_bytes'] / 1000:.1f} | {p['ratio_archive']:.1f} |" for p in row["packings"]]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -187,19 +237,24 @@ def main() -> None:
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--coder", default="huffman", choices=["huffman", "ans"])
     parser.add_argument("--index-bits", default="5", help="relative-index width, or 'auto'")
+    parser.add_argument("--fc-bits", type=int, default=None, help="weight bits of fc layers (default: the paper's)")
+    parser.add_argument("--conv-bits", type=int, default=None, help="weight bits of conv layers (default: 8)")
+    parser.add_argument("--ft-lr", type=float, default=0.01, help="fine-tuning lr after pruning")
+    parser.add_argument("--ft-lr-shared", type=float, default=0.001, help="fine-tuning lr of the centroids")
     args = parser.parse_args()
     index_bits = args.index_bits if args.index_bits == "auto" else int(args.index_bits)
+    command = shlex.join([".venv/bin/python", "benchmarks/codebook_lenet.py", *sys.argv[1:]])
     suffix = "_finetuned" if args.finetune else ""
     rows = []
     for key in args.networks:
-        rows.append(compress(key, args.finetune, args.ft_epochs, args.coder, index_bits))
+        rows.append(compress(key, args, index_bits))
         print(json.dumps({k: rows[-1][k] for k in ("network", "accuracy", "seconds")}))
         print({k: round(v, 2) for k, v in rows[-1]["table"]["totals"].items()})
     RESULTS.mkdir(exist_ok=True)
     out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-           "command": f"benchmarks/codebook_lenet.py{' --finetune' if args.finetune else ''}", "rows": rows}
+           "command": command, "arguments": vars(args), "rows": rows}
     (RESULTS / f"codebook_lenet{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / f"codebook_lenet{suffix}.md").write_text(markdown(rows))
+    (RESULTS / f"codebook_lenet{suffix}.md").write_text(markdown(rows, command, args))
 
 
 if __name__ == "__main__":

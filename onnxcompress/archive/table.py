@@ -88,13 +88,13 @@ def table_markdown(table: dict[str, Any], title: str = "") -> str:
     t = table["totals"]
     lines.append(
         f"| **total** (other tensors raw: {t['other_tensor_bytes']:,} B) | {t['params']:,} "
-        f"| {t['kept_percent']:.1f}% | | | | | {t['bytes_p'] / 1024:.1f} KB ({t['ratio_p']:.1f}×) "
-        f"| {t['bytes_pq'] / 1024:.1f} KB ({t['ratio_pq']:.1f}×) "
-        f"| {t['bytes_coded'] / 1024:.1f} KB ({t['ratio_coded']:.1f}×) |"
+        f"| {t['kept_percent']:.1f}% | | | | | {t['bytes_p'] / 1000:.1f} KB ({t['ratio_p']:.1f}×) "
+        f"| {t['bytes_pq'] / 1000:.1f} KB ({t['ratio_pq']:.1f}×) "
+        f"| {t['bytes_coded'] / 1000:.1f} KB ({t['ratio_coded']:.1f}×) |"
     )
     lines += [
         "",
-        f"Dense float32: {t['bytes_dense'] / 1024:.1f} KB. Archive file (graph and manifest included): "
-        f"{t['archive_bytes'] / 1024:.1f} KB ({t['ratio_archive']:.1f}×).",
+        f"Dense float32: {t['bytes_dense'] / 1000:.1f} KB (KB = 1000 bytes). Archive file (graph and manifest included): "
+        f"{t['archive_bytes'] / 1000:.1f} KB ({t['ratio_archive']:.1f}×).",
     ]
     return "\n".join(lines)
