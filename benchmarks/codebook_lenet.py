@@ -241,10 +241,11 @@ def main() -> None:
     parser.add_argument("--conv-bits", type=int, default=None, help="weight bits of conv layers (default: 8)")
     parser.add_argument("--ft-lr", type=float, default=0.01, help="fine-tuning lr after pruning")
     parser.add_argument("--ft-lr-shared", type=float, default=0.001, help="fine-tuning lr of the centroids")
+    parser.add_argument("--tag", default="", help="suffix of the results files, for a variant run")
     args = parser.parse_args()
     index_bits = args.index_bits if args.index_bits == "auto" else int(args.index_bits)
     command = shlex.join([".venv/bin/python", "benchmarks/codebook_lenet.py", *sys.argv[1:]])
-    suffix = "_finetuned" if args.finetune else ""
+    suffix = ("_finetuned" if args.finetune else "") + (f"_{args.tag}" if args.tag else "")
     rows = []
     for key in args.networks:
         rows.append(compress(key, args, index_bits))
