@@ -351,6 +351,15 @@ def _decode_layer(entry: dict[str, Any], body: memoryview) -> tuple[TensorProto,
     )
 
 
+def _check_body_covered(manifest: dict[str, Any], layers: list[Any], body_size: int) -> None:
+    """The streams the manifest names must tile the body: no byte unaccounted for."""
+    refs = [manifest["graph"]]
+    for entry in layers:
+        refs += [entry["codebook"]["blob"], entry["values"]] + ([entry["diffs"]] if entry.get("diffs") else [])
+    if sum(length for _, length in refs) != body_size or max(start + length for start, length in refs) != body_size:
+        raise ModelLoadError(f"archive body has {body_size} bytes but its manifest accounts for another layout")
+
+
 def unpack(data: bytes) -> onnx.ModelProto:
     """The ModelProto an archive holds, every tensor bit-identical to the packed model's."""
     manifest, body = read_archive(data)
@@ -374,6 +383,7 @@ def unpack(data: bytes) -> onnx.ModelProto:
     for entry in layers:
         index_tensor, index_pos, codebook_tensor, codebook_pos = _decode_layer(entry, body)
         placed += [(index_pos, index_tensor), (codebook_pos, codebook_tensor)]
+    _check_body_covered(manifest, layers, len(body))
     tensors = list(proto.graph.initializer)
     total = len(tensors) + len(placed)
     positions = sorted(p for p, _ in placed)
