@@ -104,9 +104,24 @@ class BuildPyWithKernels(build_py):
         if not getattr(self, "editable_mode", False):
             targets.append(Path(self.build_lib) / "onnxcompress" / "_kernels")
         for folder in targets:
-            folder.mkdir(parents=True, exist_ok=True)
             for path in built:
-                shutil.copy2(path, folder / path.name)
+                install_atomically(path, folder / path.name)
+
+
+def install_atomically(source: Path, target: Path) -> None:
+    """Copy to a temporary file beside `target`, then rename it over `target`.
+
+    A running process (a test session, a notebook) may have the old library mapped: writing
+    into that file in place would change its code under it and crash it. A rename leaves the
+    old inode alive for whoever holds it and gives later loads the new one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copy2(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 setup(
