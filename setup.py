@@ -8,7 +8,8 @@ find_packages does not follow it, so the mapping below is the only way passes ge
 tree for editable installs. Headers come from ORT_INCLUDE_DIR or `bash kernels/fetch_headers.sh`
 (run it first; this hook never downloads). Without headers, CMake or a compiler the pure Python
 package still installs, with a warning; ONNXCOMPRESS_REQUIRE_KERNELS=1 makes that an error.
-Set ONNXCOMPRESS_SKIP_KERNELS=1 to skip the native build. The CUDA build
+Set ONNXCOMPRESS_SKIP_KERNELS=1 to skip the native build (it wins over REQUIRE). The library is
+installed by renaming a finished copy over the old one, never by rewriting it in place. The CUDA build
 (`libonnxcompress_kernels_cuda.so`: CPU + CUDAExecutionProvider kernels) is added when nvcc is
 found and onnxruntime-gpu is installed or ONNXCOMPRESS_CUDA=1; it never blocks the install.
 """
@@ -84,9 +85,11 @@ class BuildPyWithKernels(build_py):
 
     def run(self) -> None:
         super().run()
-        if os.environ.get("ONNXCOMPRESS_SKIP_KERNELS") == "1" or not (ROOT / "kernels" / "CMakeLists.txt").is_file():
+        if os.environ.get("ONNXCOMPRESS_SKIP_KERNELS") == "1":
             return
         try:
+            if not (ROOT / "kernels" / "CMakeLists.txt").is_file():
+                raise RuntimeError("kernels/CMakeLists.txt is missing from this source tree")
             library = _build_kernels()
         except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
             if os.environ.get("ONNXCOMPRESS_REQUIRE_KERNELS") == "1":
@@ -124,8 +127,9 @@ def install_atomically(source: Path, target: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-setup(
-    packages=packages,
-    package_dir={"onnxcompress": "onnxcompress", "onnxcompress.passes": "passes"},
-    cmdclass={"build_py": BuildPyWithKernels},
-)
+if __name__ == "__main__":  # the build backend runs this file as __main__; tests import it
+    setup(
+        packages=packages,
+        package_dir={"onnxcompress": "onnxcompress", "onnxcompress.passes": "passes"},
+        cmdclass={"build_py": BuildPyWithKernels},
+    )

@@ -11,8 +11,8 @@
 //    packed into AVX2 vectors (faster than AVX2 gathers on the machines measured). It streams
 //    6 bytes per non-zero (fp32 + uint16 column; 3 with a codebook) against 4 per dense weight.
 //  * batched (M > 1): X is transposed once to X^T (K x Mp); every non-zero then does an AXPY of
-//    a contiguous tile of up to 32 batch entries held in registers (AVX-512 where the CPU has
-//    it, chosen at run time), prefetching ahead, into a per-task Y^T block.
+//    a contiguous tile of up to 64 batch entries (AVX-512, chosen at run time; 32 with AVX2)
+//    held in registers, prefetching ahead, into a per-task Y^T block.
 // Rows are split across onnxruntime's intra-op threads by equal non-zero counts.
 #include "common.h"
 
@@ -194,13 +194,17 @@ bool HasAvx512() {
 template <typename Values, typename Index>
 void SparseRows(const Values& values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
                 const float* xt, int64_t m, int64_t mp, const float* bias, float* y, int64_t n_out) {
-  constexpr int64_t kTile = 32;
   std::vector<float> yt(static_cast<size_t>((r1 - r0) * mp));
   const bool wide = HasAvx512();
-  for (int64_t m0 = 0; m0 < m; m0 += kTile) {
-    const int64_t width = std::min<int64_t>(kTile, m - m0);
+  // AVX-512: one pass over 64 batch entries (a 256-byte X^T row per non-zero) beat two passes of 32
+  // by 1.0-1.4x at batch 64 on the test machine; the per-non-zero work is latency, not FMAs.
+  const int64_t tile = wide ? 64 : 32;
+  for (int64_t m0 = 0; m0 < m; m0 += tile) {
+    const int64_t width = std::min<int64_t>(tile, m - m0);
     if (wide) {
-      if (width > 16) SparseRowsTile512<2, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data());
+      if (width > 48) SparseRowsTile512<4, 1>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data());
+      else if (width > 32) SparseRowsTile512<3, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data());
+      else if (width > 16) SparseRowsTile512<2, 2>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data());
       else SparseRowsTile512<1, 4>(values, cols, row_ptr, r0, r1, xt, mp, m0, yt.data());
       continue;
     }

@@ -44,7 +44,8 @@ def test_library_lists_the_op():
         (64, 40, 0.5, ()),  # X is 1-D
         (50, 31, 0.8, (7,)),  # batched path, one partial 8-wide tile
         (50, 31, 0.95, (2, 3, 5)),  # several leading dims, M = 30
-        (96, 17, 0.6, (70,)),  # batched path, two full 32-wide tiles and a 6-wide one
+        (96, 17, 0.6, (70,)),  # batched: a full 64-wide AVX-512 tile (two 32-wide with AVX2) and a 6-wide one
+        (64, 33, 0.7, (45,)),  # batched: a 48-wide AVX-512 tile (three vectors)
         (40, 9, 0.7, (3, 200)),  # M = 600: three chunks of X^T (256, 256, 88 rows)
         (129, 65, 0.0, (4, 9)),  # dense stored as CSR
     ],
