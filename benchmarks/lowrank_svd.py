@@ -256,9 +256,9 @@ def evaluate_block(
         print(f"  timing batch {batch} (load average {os.getloadavg()[0]:.2f})", flush=True)
         rounds = latencies({k: v[0] for k, v in variants.items()}, width, batch, repeats)
         for row in rows:
-            name = row["variant"]
-            speedups = sorted(r["original"] / r[name] for r in rounds)
-            row[f"latency_ms_batch{batch}"] = statistics.median(r[name] for r in rounds)
+            variant = row["variant"]
+            speedups = sorted(r["original"] / r[variant] for r in rounds)
+            row[f"latency_ms_batch{batch}"] = statistics.median(r[variant] for r in rounds)
             row[f"speedup_batch{batch}"] = statistics.median(speedups)  # the median round's ratio
             row[f"speedup_batch{batch}_range"] = [speedups[0], speedups[-1]]
     for row in rows:
