@@ -24,7 +24,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress import fidelity, summary
-from onnxcompress.errors import FidelityGateError
+from onnxcompress.errors import FidelityGateError, UnsupportedModelError
 from onnxcompress.io import iter_tensors, serialized
 from onnxcompress.pass_base import PassContext, PassReport, get_pass, make_config
 
@@ -130,7 +130,10 @@ def run_steps(
     model = _clone(original)
     probes = fidelity.probe_inputs(model, count=probe_count, seed=seed, data=data)
     with serialized(original) as model_file:
-        reference = fidelity.run_model(model_file, probes)
+        try:
+            reference = fidelity.run_model(model_file, probes)
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"the input model does not run: {error}") from None
     before = model_summary(model)
     results: list[StepResult] = []
     metrics: fidelity.Metrics | None = fidelity.compare(reference, reference)

@@ -35,7 +35,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxcompress.errors import MissingDependencyError
+from onnxcompress.errors import MissingDependencyError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,24 @@ def kernel_library_path(*, cuda: bool = False) -> Path | None:
     folder = Path(__file__).parent / "_kernels"
     for name in _CUDA_LIBRARY_NAMES if cuda else _LIBRARY_NAMES:
         if (folder / name).is_file():
-            return folder / name
+            return folder / name if _cpu_runs_kernels() else None
     return None
+
+
+@functools.cache
+def _cpu_runs_kernels() -> bool:
+    """The shipped library is built for x86-64-v3: on a CPU without AVX2 and FMA it would die of
+    an illegal instruction, so it is left unregistered (portable models still run, at dense speed)."""
+    try:
+        flags = next(
+            (line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("flags")), None)
+    except OSError:
+        return True  # not Linux: trust the build
+    if flags is None or ("avx2" in flags and "fma" in flags):
+        return True
+    logger.warning("this CPU lacks AVX2/FMA: the onnxcompress kernel library is not used")
+    return False
 
 
 def require_kernel_library() -> Path:
@@ -185,10 +201,16 @@ def session(
             _check_kernels(onnx.load(model, load_external_data=False))
         else:
             _check_kernels(onnx.load_from_string(model))
+    what = model if isinstance(model, str) else "the model"
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
-    return ort.InferenceSession(
-        model,
-        sess_options=session_options(threads, cuda=cuda),
-        providers=list(providers) if providers else ["CPUExecutionProvider"],
-    )
+    try:
+        return ort.InferenceSession(
+            model,
+            sess_options=session_options(threads, cuda=cuda),
+            providers=list(providers) if providers else ["CPUExecutionProvider"],
+        )
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot load {what}: {first}") from None

@@ -104,7 +104,7 @@ def compress_file(
     data = load_npz(data_path, model) if data_path else None
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-        console=console, transient=True, disable=quiet,
+        console=console, transient=True, disable=quiet or not console.is_terminal,
     ) as progress:
         task = progress.add_task("loading", total=len(steps))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from onnxcompress import io
@@ -148,9 +149,12 @@ def sensitivity(
     if samples is not None and not len(next(iter(samples.values()))):
         raise DataError(f"{data}: no samples")
     budget = Budget(min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop / 100.0)
-    with console.status("measuring per-layer sensitivity"):
+    with Progress(TextColumn("per-layer sensitivity"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("layers", total=None)
         result = analyse(loaded, data=samples, ratios=ratio_list, budget=budget, probes=probes, seed=seed,
-                         exclude=tuple(exclude or ()), workers=workers)
+                         exclude=tuple(exclude or ()), workers=workers,
+                         on_layer=lambda done, total: progress.update(task, completed=done, total=total))
     written = write_outputs(result, output_dir)
     table = Table(title=f"sensitivity ({result.metric}; baseline {result.baseline:.4f})")
     for column in ("layer", "params", "chosen rate"):

@@ -41,7 +41,7 @@ def sparsify(
         bool, typer.Option("--always", help="Convert every layer >= --min-sparsity without measuring speed.")
     ] = False,
     min_speedup: Annotated[
-        float, typer.Option(min=0.0, help="Measured dense/sparse time ratio a layer must reach.")
+        float, typer.Option(help="Measured dense/sparse time ratio a layer must reach (> 0).")
     ] = 1.1,
     threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime threads for the measurement.")] = None,
     min_params: Annotated[int, typer.Option(min=0, help="Weights with fewer parameters stay dense.")] = 1024,

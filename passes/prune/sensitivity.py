@@ -40,7 +40,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +205,12 @@ def analyse(
     min_params: int = 16,
     exclude: Sequence[str] = (),
     workers: int | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> tuple[Evaluator, list[LayerCurve]]:
     """One curve per weight layer: the metric with that layer alone pruned at each ratio.
 
     `workers=None` uses a process pool only when more than one core is free; 1 is serial.
+    `on_layer(done, total)` is called as each layer's curve is finished (for a progress bar).
     """
     ratios = sorted(float(r) for r in ratios)
     if not ratios or ratios[0] < 0 or ratios[-1] >= 1:
@@ -230,9 +232,10 @@ def analyse(
         with concurrent.futures.ProcessPoolExecutor(
             workers, initializer=_init_worker, initargs=(model_bytes, data, probes, seed)
         ) as pool:
-            values = list(pool.map(_worker_curve, [s.name for s in sites], [ratios] * len(sites)))
+            results = pool.map(_worker_curve, [s.name for s in sites], [ratios] * len(sites))
+            values = _counted(results, len(sites), on_layer)
     else:
-        values = [evaluator.curve(site.name, ratios) for site in sites]
+        values = _counted((evaluator.curve(site.name, ratios) for site in sites), len(sites), on_layer)
     curves = [
         LayerCurve(site.name, site.op_type, site.size, list(ratios), [float(v) for v in vals])
         for site, vals in zip(sites, values, strict=True)
@@ -333,6 +336,15 @@ def _refine(
     return removed, rates, value
 
 
+def _counted(curves: Iterable[list[float]], total: int, on_layer: Callable[[int, int], None] | None) -> list[list[float]]:
+    done = []
+    for curve in curves:
+        done.append(curve)
+        if on_layer is not None:
+            on_layer(len(done), total)
+    return done
+
+
 def sensitivity(
     model: ir.Model,
     *,
@@ -344,10 +356,11 @@ def sensitivity(
     min_params: int = 16,
     exclude: Sequence[str] = (),
     workers: int | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> SensitivityResult:
     """Analyse every layer, then choose rates under `budget` (see the module docstring)."""
     evaluator, curves = analyse(model, data=data, ratios=ratios, probes=probes, seed=seed,
-                                min_params=min_params, exclude=exclude, workers=workers)
+                                min_params=min_params, exclude=exclude, workers=workers, on_layer=on_layer)
     return choose_rates(evaluator, curves, budget or Budget())
 
 

@@ -147,3 +147,24 @@ def test_external_data_on_request(model_path, tmp_path):
     plain = tmp_path / "plain.onnx"
     assert invoke("prune", model_path, "--sparsity", "0.5", "-o", plain).exit_code == 0
     assert not (tmp_path / "plain.onnx.data").exists()
+
+
+def test_a_model_onnxruntime_rejects_is_one_error_line(tmp_path):
+    """float64 weights feeding a float32 MatMul: onnx loads it, onnxruntime does not."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((8, 4)), "w")  # float64
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save_proto(model, tmp_path / "mixed.onnx")
+    for command in (["prune", path, "--sparsity", "0.5"], ["bench", path, path]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+        assert "onnxruntime cannot load" in result.stderr
+    assert not (tmp_path / "mixed.compressed.onnx").exists()

@@ -98,3 +98,12 @@ def test_override_globs_match_names_with_glob_characters_exactly():
         assert fnmatch.fnmatchcase(name, pattern)
         assert not fnmatch.fnmatchcase(name + "x", pattern)
     assert not fnmatch.fnmatchcase("blocks0.weight", _glob_escape("blocks[0].weight"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_is_reported_per_layer_serial_or_in_processes(rng, workers):
+    model = mlp(rng, SIZES)
+    seen: list[tuple[int, int]] = []
+    result = sensitivity(model, probes=8, ratios=(0.5,), workers=workers, on_layer=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert [c.name for c in result.curves] == LAYERS
