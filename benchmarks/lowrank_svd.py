@@ -269,15 +269,31 @@ def evaluate_block(
     return {"block": name, "rows": rows}
 
 
-def spectrum_summary(weight: np.ndarray) -> dict:
-    s = np.linalg.svd(weight.astype(np.float64), compute_uv=False)
-    energy = np.cumsum(s**2) / np.sum(s**2)
+def rank_for(values: np.ndarray, fraction: float) -> int:
+    """Smallest r whose top r singular values hold `fraction` of the squared total."""
+    energy = np.cumsum(values**2) / np.sum(values**2)
+    return int(np.searchsorted(energy, fraction) + 1)
+
+
+def spectrum_summary(weight: np.ndarray, initial: np.ndarray, inputs: np.ndarray) -> dict:
+    """Why energy misleads: W = W₀ (the random init, flat spectrum) + the learned update.
+
+    Weights in×out (x @ W); `inputs` are the layer's held-out inputs.
+    """
+    weight, initial, inputs = (a.astype(np.float64) for a in (weight, initial, inputs))
+    s = np.linalg.svd(weight, compute_uv=False)
+    update = np.linalg.svd(weight - initial, compute_uv=False)
+    centered = np.linalg.svd(inputs - inputs.mean(0), compute_uv=False)
     return {
         "shape": list(weight.shape),
         "sigma_1_over_sigma_mid": float(s[0] / s[len(s) // 2]),
-        "rank_for_90pct_energy": int(np.searchsorted(energy, 0.9) + 1),
-        "rank_for_99pct_energy": int(np.searchsorted(energy, 0.99) + 1),
+        "rank_for_90pct_energy": rank_for(s, 0.9),
+        "rank_for_99pct_energy": rank_for(s, 0.99),
         "full_rank": len(s),
+        "init_share_of_energy": float(np.sum(initial**2) / np.sum(weight**2)),
+        "init_share_of_output": float(np.linalg.norm(inputs @ initial) / np.linalg.norm(inputs @ weight)),
+        "update_rank_for_90pct_energy": rank_for(update, 0.9),
+        "input_dims_for_90pct_variance": rank_for(centered, 0.9),
     }
 
 
@@ -300,6 +316,8 @@ def main() -> None:
     mlp, cnn = build_models((32, hw, hw) if hw > 16 else (128, hw, hw))
     started = time.perf_counter()
     mlp(torch.from_numpy(x_train[:2]))  # materialize the lazy layer
+    initial = {f"mlp.{n}": p.detach().numpy().copy() for n, p in mlp.named_parameters()}
+    initial |= {f"cnn.{n}": p.detach().numpy().copy() for n, p in cnn.named_parameters()}
     epochs = int(os.environ.get("LOWRANK_EPOCHS", 1 if source == "mnist" else 10))
     print(f"training both models for {epochs} epoch(s) on {source}", flush=True)
     mlp_steps, mlp_loss = train(mlp, x_train, y_train, epochs)
@@ -327,8 +345,12 @@ def main() -> None:
         return np.maximum(y, 0) @ last_w.T + last_b
 
     head_model = head_proto(head["2.weight"], head["2.bias"], head["4.weight"], head["4.bias"])
-    spectra = {"mlp up 1024×4096": spectrum_summary(up), "mlp down 4096×1024": spectrum_summary(down),
-               "head fc1 8192×1024": spectrum_summary(head["2.weight"].T)}
+    hidden = np.maximum(block_in @ up + params["3.bias"], 0)
+    spectra = {
+        "mlp up 1024×4096": spectrum_summary(up, initial["mlp.3.weight"].T, block_in),
+        "mlp down 4096×1024": spectrum_summary(down, initial["mlp.5.weight"].T, hidden),
+        "head fc1 8192×1024": spectrum_summary(head["2.weight"].T, initial["cnn.2.weight"].T, head_in),
+    }
     results = [
         evaluate_block("mlp_block 1024→4096→1024", block, block_in, block_calibration, mlp_logits, y_test, 1024),
         evaluate_block("classifier_head 8192→1024→10", head_model, head_in, head_calibration, lambda y: y, y_test, 8192,
@@ -368,12 +390,17 @@ def markdown(report: dict) -> str:
         "",
         "Spectra of the trained weights:",
         "",
-        "| weight | σ₁/σ_mid | rank for 90% energy | rank for 99% energy | full rank |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| weight | σ₁/σ_mid | rank for 90% energy | rank for 99% energy | full rank | ‖W₀‖² / ‖W‖² "
+        "| ‖xW₀‖ / ‖xW‖ | rank of W − W₀ for 90% | input dims for 90% variance |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, s in report["spectra"].items():
         lines.append(f"| {name} | {s['sigma_1_over_sigma_mid']:.1f} | {s['rank_for_90pct_energy']} | "
-                     f"{s['rank_for_99pct_energy']} | {s['full_rank']} |")
+                     f"{s['rank_for_99pct_energy']} | {s['full_rank']} | {s['init_share_of_energy']:.1%} | "
+                     f"{s['init_share_of_output']:.1%} | {s['update_rank_for_90pct_energy']} | "
+                     f"{s['input_dims_for_90pct_variance']} |")
+    lines += ["", "W₀ is the weight at initialization, x the layer's held-out inputs: energy counts W₀, the "
+              "output hardly does."]
     for result in report["results"]:
         lines += ["", f"## {result['block']}", "",
                   "| variant | ranks | params | ×fewer | MFLOP/sample | b1 ms | b1 × | b64 ms | b64 × | cosine | "
