@@ -11,6 +11,7 @@ __all__ = ["app", "main"]
 import importlib
 import logging
 import os
+import sys
 
 import typer
 
@@ -47,10 +48,28 @@ for _family in FAMILIES:
     _module.register(app)
 
 
+try:  # typer >= 0.25 vendors click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import UsageError  # type: ignore[no-redef]
+
+
 def main() -> None:
+    """The console script: usage errors (a bad option value, a missing argument) are one line too."""
     logging.basicConfig(
         level=os.environ.get("ONNXCOMPRESS_LOG", "WARNING").upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as error:
+        if type(error).__name__ == "NoArgsIsHelpError" and error.ctx is not None:
+            print(error.ctx.get_help())
+        elif error.ctx is None:
+            print(f"error: {error.format_message()}", file=sys.stderr)
+        else:
+            hint = f" (see `{error.ctx.command_path} --help`)"
+            print(f"error: {error.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
