@@ -8,8 +8,8 @@ CodebookMatMul, SparseCodebookMatMul) are read back the same way: the K × N wei
 and the bytes of their CSR / index arrays.
 
 Made to stay fast on large models: a weight is read once (memory-mapped), sparsity is a
-count, and distinct values are exact up to 2^20 elements; above that a strided sample of
-2^20 decides: few distinct values (a shared-weight layer stored dense) are counted exactly,
+count, and distinct values are exact up to 2^18 elements; above that a strided sample of
+2^18 decides: few distinct values (a shared-weight layer stored dense) are counted exactly,
 otherwise the sample's count is reported as a lower bound.
 """
 
@@ -28,7 +28,7 @@ from onnxcompress.passes.sparse.formats import dense_from_csr, unpack_codebook_i
 from onnxcompress.passes.sparse.functions import DOMAIN
 from onnxcompress.sites import find_weight_sites
 
-_SAMPLE = 1 << 20
+_SAMPLE = 1 << 18
 
 
 @dataclasses.dataclass(frozen=True)
