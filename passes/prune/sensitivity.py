@@ -96,7 +96,7 @@ class SensitivityResult:
 
     def plan(self) -> dict[str, Any]:
         """A recipe step: prune.magnitude with the chosen per-layer rates as overrides."""
-        return {"pass": "prune.magnitude", "options": {"sparsity": 0.0, "overrides": self.overrides}}
+        return {"pass": "prune.magnitude", "options": {"sparsity": 0.0, "min_params": 0, "overrides": self.overrides}}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -364,8 +364,25 @@ def sensitivity(
     return choose_rates(evaluator, curves, budget or Budget())
 
 
+def recipe_text(result: SensitivityResult) -> str:
+    """The plan as a one-step recipe: `onnxcompress optimize MODEL --recipe DIR/recipe.yaml`.
+
+    A cosine budget becomes the step's gate; an accuracy budget was checked on labelled data the
+    gate cannot see, so its gate only asks that the model runs (cosine >= -1).
+    """
+    import yaml
+
+    floor = result.budget.min_cosine if result.metric == "cosine" else -1.0
+    step = {**result.plan(), "gate": {"min_cosine": floor}}
+    recipe = {"name": "sensitivity-plan", "description": (
+        f"Per-layer rates chosen by `onnxcompress sensitivity` ({result.metric} {result.joint_value:.6f} "
+        f"against a baseline of {result.baseline:.6f}; {result.removed_params:,} of {result.total_params:,} "
+        "weights removed)."), "seed": 0, "steps": [step]}
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
 def write_outputs(result: SensitivityResult, folder: Path) -> list[Path]:
-    """sensitivity.json, sensitivity.csv and (with matplotlib) sensitivity.png in `folder`."""
+    """sensitivity.json, sensitivity.csv, recipe.yaml and (with matplotlib) sensitivity.png in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     path = folder / "sensitivity.json"
@@ -378,6 +395,9 @@ def write_outputs(result: SensitivityResult, folder: Path) -> list[Path]:
         for curve in result.curves:
             for ratio, value in zip(curve.ratios, curve.values, strict=True):
                 writer.writerow([curve.name, curve.op, curve.params, ratio, f"{value:.6g}", curve.chosen])
+    written.append(path)
+    path = folder / "recipe.yaml"
+    path.write_text(recipe_text(result))
     written.append(path)
     png = _plot(result, folder / "sensitivity.png")
     if png is not None:

@@ -168,3 +168,18 @@ def test_a_model_onnxruntime_rejects_is_one_error_line(tmp_path):
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
         assert "onnxruntime cannot load" in result.stderr
     assert not (tmp_path / "mixed.compressed.onnx").exists()
+
+
+def test_sensitivity_writes_a_recipe_that_optimize_runs(model_path, tmp_path, rng):
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((64, 16)).astype(np.float32))
+    folder = tmp_path / "sens"
+    result = invoke("sensitivity", model_path, "-o", folder, "--data", data, "--min-cosine", "0.98", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    plan = json.loads((folder / "sensitivity.json").read_text())
+    out = tmp_path / "planned.onnx"
+    result = invoke("optimize", model_path, "--recipe", folder / "recipe.yaml", "--data", data, "-o", out)
+    assert result.exit_code == 0, result.output
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer if t.name.endswith("weight")}
+    zeros = sum(int(np.count_nonzero(w == 0)) for w in weights.values())
+    assert zeros == plan["removed_params"] > 0

@@ -13,6 +13,7 @@ from onnxcompress import fidelity
 from onnxcompress.errors import UserError
 from onnxcompress.passes.prune.magnitude import MagnitudePrunePass, prune_to_count
 from onnxcompress.passes.prune.sensitivity import Budget, sensitivity, write_outputs
+from onnxcompress.recipe import load_recipe
 from tests.builders import mlp, mlp_reference
 
 SIZES = (16, 48, 32, 10)
@@ -50,7 +51,7 @@ def test_chosen_plan_meets_the_cosine_budget_on_the_probes(rng, tmp_path):
     plan = result.plan()
     assert plan["pass"] == "prune.magnitude"
     pruned = model.clone()
-    MagnitudePrunePass(**plan["options"], min_params=0)(pruned)
+    MagnitudePrunePass(**plan["options"])(pruned)
     cosine = fidelity.compare([outputs(model, x)], [outputs(pruned, x)]).cosine
     assert cosine >= 0.98
     assert cosine == pytest.approx(result.joint_value, abs=1e-5)
@@ -64,6 +65,8 @@ def test_chosen_plan_meets_the_cosine_budget_on_the_probes(rng, tmp_path):
     assert report["plan"]["options"]["overrides"] == {c.name: c.chosen for c in result.curves}
     rows = list(csv.DictReader((tmp_path / "sensitivity.csv").open()))
     assert len(rows) == 3 * 10 and {r["layer"] for r in rows} == set(LAYERS)
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    assert recipe.steps[0].options == plan["options"] and recipe.steps[0].gate.min_cosine == 0.98
     png = tmp_path / "sensitivity.png"
     if png in written:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -77,7 +80,7 @@ def test_accuracy_budget_with_labels(rng):
                          budget=Budget(max_accuracy_drop=0.05), workers=1)
     assert result.metric == "accuracy" and result.baseline == 1.0
     pruned = model.clone()
-    MagnitudePrunePass(**result.plan()["options"], min_params=0)(pruned)
+    MagnitudePrunePass(**result.plan()["options"])(pruned)
     accuracy = float(np.mean(outputs(pruned, x).argmax(-1) == labels))
     assert accuracy >= 0.95
     assert accuracy == pytest.approx(result.joint_value)
