@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 #: Above this many bytes of tensors, weights go to an external-data file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 SOURCE_KEY = "onnxcompress.source"
+READS_KEY = "onnxcompress.reads"  # the external-data files the input model was loaded from
 
 
 def iter_graphs(graph: ir.Graph | ir.Function) -> Iterator[ir.Graph | ir.Function]:
@@ -92,6 +93,18 @@ def _check_external_data(model: ir.Model, folder: Path) -> None:
             raise ModelLoadError(f"{where} is truncated (needs {end} bytes, file has {resolved.stat().st_size})")
 
 
+def _check_defined(model: ir.Model) -> None:
+    """Refuse a node input that nothing defines: such a model cannot run or be copied."""
+    for graph in iter_graphs(model.graph):
+        for node in graph:
+            for value in node.inputs:
+                if value is not None and value.producer() is None and value.graph is None:
+                    raise ModelLoadError(
+                        f"node {node.name or node.op_type!r} reads {value.name!r}, which no input, "
+                        "initializer or node defines: the model is invalid"
+                    )
+
+
 def load(path: str | os.PathLike[str]) -> ir.Model:
     """Load an ONNX model lazily; raise one clear `ModelLoadError` for anything unusable."""
     path = Path(path)
@@ -101,15 +114,25 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         raise ModelLoadError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: the file is empty")
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)  # its "invalid model" warning becomes our one error line
     try:
         model = ir.load(path, format="protobuf")
     except Exception as error:  # protobuf raises several unrelated types on garbage
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelLoadError(f"{path}: not an ONNX model ({detail})") from None
+    finally:
+        serde_log.setLevel(level)
     if len(model.graph.outputs) == 0:
         raise ModelLoadError(f"{path}: not an ONNX model with a graph (no graph outputs)")
     _check_external_data(model, path.parent)
+    try:
+        _check_defined(model)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"{path}: {error}") from None
     model.meta[SOURCE_KEY] = str(path.resolve())
+    model.meta[READS_KEY] = tuple(sorted(str(p) for p in _mapped_files(model)))
     return model
 
 
@@ -160,10 +183,13 @@ def save(
         raise UserError(f"{path}: refusing to overwrite the input model; choose another output")
     mapped = _mapped_files(model)
     data_name = path.name + ".data"
-    if path in mapped or path.parent / data_name in mapped:
+    protected = mapped | {Path(p) for p in model.meta.get(READS_KEY, ())}
+    if path in protected or path.parent / data_name in protected:
         raise UserError(f"{path}: refusing to overwrite a file the loaded model still reads")
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: output folder does not exist")
+    if path.is_dir() or (path.parent / data_name).is_dir():
+        raise UserError(f"{path}: is a folder; give a file name for the output")
     use_external = external_data if external_data is not None else _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     model.ir_version = minimum_ir_version(model)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnxcompress-") as tmp:

@@ -433,7 +433,12 @@ def _write_atomic(path: Path, data: bytes, source: Path) -> None:
         raise UserError(f"{path}: refusing to overwrite the input model; choose another output")
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: output folder does not exist")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file name for the archive")
     staged = path.with_name(f".{path.name}.partial")
-    staged.write_bytes(data)
-    os.replace(staged, path)
+    try:
+        staged.write_bytes(data)
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
     logger.info("wrote %s (%d bytes)", path, len(data))

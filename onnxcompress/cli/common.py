@@ -82,8 +82,17 @@ def _check_destinations(model_path: Path, output: Path, report: Path | None) -> 
         raise UserError(f"{output}: refusing to overwrite the input model; choose another output")
     if not output.resolve().parent.is_dir():
         raise UserError(f"{output.parent}: output folder does not exist")
-    if report is not None and report.suffix not in (".json", ".md", ".markdown"):
-        raise UserError(f"{report}: report format must be .json or .md")
+    if output.is_dir():
+        raise UserError(f"{output}: is a folder; give a file name for the output")
+    if report is not None:
+        if report.suffix not in (".json", ".md", ".markdown"):
+            raise UserError(f"{report}: report format must be .json or .md")
+        if report.resolve() in (model_path.resolve(), output.resolve()):
+            raise UserError(f"{report}: the report would overwrite the model; choose another name")
+        if not report.resolve().parent.is_dir():
+            raise UserError(f"{report.parent}: report folder does not exist")
+        if report.is_dir():
+            raise UserError(f"{report}: is a folder; give a file name for the report")
 
 
 def compress_file(

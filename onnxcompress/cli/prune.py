@@ -144,6 +144,10 @@ def sensitivity(
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
 
     ratio_list = _parse_ratios(ratios)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{output_dir}: exists and is not a folder; give a folder for the results")
+    if not output_dir.resolve().parent.is_dir():
+        raise UserError(f"{output_dir.parent}: output folder does not exist")
     loaded = io.load(model)
     samples = load_npz(data, loaded) if data else None
     if samples is not None and not len(next(iter(samples.values()))):
