@@ -17,8 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from onnxcompress import fidelity, io, runtime
+from onnxcompress.data import model_inputs
+from onnxcompress.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,25 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + sum(f.stat().st_size for f in data_files)
 
 
+def _signature(model: ir.Model) -> dict[str, str]:
+    return {value.name: value.dtype.name if value.dtype is not None else "?" for value in model_inputs(model)}
+
+
+def _check_same_signature(model_a: ir.Model, model_b: ir.Model, path_a: Path, path_b: Path) -> None:
+    """Both models must take the same inputs: each is fed the same probes."""
+    inputs_a, inputs_b = _signature(model_a), _signature(model_b)
+    if inputs_a != inputs_b:
+        raise UserError(f"{path_a} and {path_b} take different inputs ({inputs_a} vs {inputs_b}); "
+                        "bench compares a model with its own compressed version")
+
+
+def _run(session: ort.InferenceSession, probes: Mapping[str, np.ndarray], path: Path) -> list[np.ndarray]:
+    try:
+        return session.run(None, dict(probes))
+    except runtime.ORT_ERRORS as error:
+        raise UserError(f"onnxruntime cannot run {path}: {str(error).splitlines()[0]}") from None
+
+
 def compare_models(
     path_a: Path,
     path_b: Path,
@@ -55,9 +77,15 @@ def compare_models(
     data: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
 ) -> ModelComparison:
-    probes = fidelity.probe_inputs(io.load(path_a), count=batch, data=data)
+    model_a, model_b = io.load(path_a), io.load(path_b)
+    _check_same_signature(model_a, model_b, path_a, path_b)
+    probes = fidelity.probe_inputs(model_a, count=batch, data=data)
     sessions = [runtime.session(str(p), threads=threads) for p in (path_a, path_b)]
-    outputs = [s.run(None, probes) for s in sessions]
+    outputs = [_run(session, probes, path) for session, path in zip(sessions, (path_a, path_b), strict=True)]
+    try:
+        metrics = fidelity.compare(outputs[0], outputs[1])
+    except ValueError as error:
+        raise UserError(f"{path_a} and {path_b} are not comparable: {error}") from None
     timings: list[list[float]] = [[], []]
     for _ in range(3):
         for session in sessions:
@@ -72,6 +100,6 @@ def compare_models(
         bytes_b=file_bytes(path_b),
         latency_ms_a=statistics.median(timings[0]) * 1e3,
         latency_ms_b=statistics.median(timings[1]) * 1e3,
-        metrics=fidelity.compare(outputs[0], outputs[1]),
+        metrics=metrics,
         batch=batch,
     )

@@ -23,6 +23,7 @@ import pydantic
 
 from onnxcompress import runtime
 from onnxcompress.data import LABELS, model_inputs
+from onnxcompress.errors import UnsupportedModelError
 
 _NUMPY_DTYPES = {
     ir.DataType.FLOAT: np.float32,
@@ -116,7 +117,7 @@ def probe_inputs(
         if np.issubdtype(dtype, np.floating):
             probes[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
-            probes[value.name] = rng.random(shape) < 0.5
+            probes[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar
         else:
             probes[value.name] = rng.integers(0, _index_bound(model, value), size=shape).astype(dtype)
     return probes
@@ -125,7 +126,10 @@ def probe_inputs(
 def run_model(model: str | bytes, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """All outputs of `model` on `inputs`, through onnxruntime with our kernels registered."""
     session = runtime.session(model)
-    return session.run(None, dict(inputs))
+    try:
+        return session.run(None, dict(inputs))
+    except runtime.ORT_ERRORS as error:
+        raise UnsupportedModelError(f"onnxruntime cannot run the model: {str(error).splitlines()[0]}") from None
 
 
 def _float_outputs(outputs: Sequence[np.ndarray]) -> list[np.ndarray]:

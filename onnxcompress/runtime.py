@@ -122,7 +122,7 @@ def session_options(threads: int | None = None, *, cuda: bool = False) -> ort.Se
     `cuda=True` registers the CUDA build instead when it exists (it holds the CPU kernels too).
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach us as exceptions: one line, ours
     if threads is not None:
         options.intra_op_num_threads = threads
     library = (kernel_library_path(cuda=True) if cuda else None) or kernel_library_path()
@@ -171,6 +171,13 @@ def _check_kernels(model: ir.Model | onnx.ModelProto) -> None:
         )
 
 
+#: Every error onnxruntime raises (they share no base class but Exception).
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    cls for cls in vars(ort.capi.onnxruntime_pybind11_state).values()
+    if isinstance(cls, type) and issubclass(cls, Exception)
+)
+
+
 def _provider_name(provider: object) -> str:
     return provider[0] if isinstance(provider, tuple) else str(provider)  # (name, options) pairs too
 
@@ -210,7 +217,6 @@ def session(
             sess_options=session_options(threads, cuda=cuda),
             providers=list(providers) if providers else ["CPUExecutionProvider"],
         )
-    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-            ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented) as error:
+    except ORT_ERRORS as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UnsupportedModelError(f"onnxruntime cannot load {what}: {first}") from None

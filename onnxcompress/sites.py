@@ -208,6 +208,9 @@ def find_weight_sites(
                 skip(name, f"not a float weight ({tensor.dtype.name})")
                 continue
             size = int(np.prod([int(d) for d in tensor.shape], dtype=np.int64))
+            if size == 0:
+                skip(name, "empty (a zero-size dimension)")
+                continue
             if size < min_params:
                 skip(name, f"too small ({size} < min_params={min_params})")
                 continue

@@ -50,8 +50,9 @@ import onnx_ir as ir
 
 from onnxcompress import fidelity
 from onnxcompress.data import LABELS
-from onnxcompress.errors import DataError, UserError
+from onnxcompress.errors import DataError, UnsupportedModelError, UserError
 from onnxcompress.passes.prune.magnitude import prune_to_count
+from onnxcompress.runtime import ORT_ERRORS
 from onnxcompress.sites import WeightSite, find_weight_sites
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def _session(proto: onnx.ModelProto) -> Any:
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach us as exceptions: one line, ours
     return onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -218,7 +219,10 @@ def analyse(
     if data is not None and LABELS in data and len(data[LABELS]) == 0:
         raise DataError("the data carries no samples")
     model_bytes = _serialise(model)
-    evaluator = Evaluator(model_bytes, data, probes, seed)
+    try:
+        evaluator = Evaluator(model_bytes, data, probes, seed)
+    except ORT_ERRORS as error:
+        raise UnsupportedModelError(f"the input model does not run: onnxruntime: {str(error).splitlines()[0]}") from None
     scan = find_weight_sites(evaluator.model, min_params=min_params, exclude=exclude)
     sites: list[WeightSite] = scan.sites
     for skipped in scan.skipped:
