@@ -38,15 +38,29 @@ def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.
     counts = {name: array.shape[0] if array.ndim else 0 for name, array in data.items()}
     if len(set(counts.values())) > 1:
         problems.append(f"arrays disagree on the sample count (first axis): {counts}")
+    if data and not any(counts.values()):
+        problems.append("the data carries no samples")
     for name, value in inputs.items():
-        if name in data and value.shape is not None and data[name].ndim != len(value.shape):
-            problems.append(
-                f"{name!r} has rank {data[name].ndim}, the model expects {len(value.shape)} "
-                f"(shape {list(value.shape)})"
-            )
+        if name in data:
+            problems += _fit_problems(name, data[name], value)
     if problems:
         raise DataError("data does not fit the model: " + "; ".join(problems))
     return data
+
+
+def _fit_problems(name: str, array: np.ndarray, value: ir.Value) -> list[str]:
+    """What keeps `array` from feeding input `value`: its rank, a fixed dimension, its dtype."""
+    if value.shape is not None and array.ndim != len(value.shape):
+        return [f"{name!r} has rank {array.ndim}, the model expects {len(value.shape)} (shape {value.shape})"]
+    problems = []
+    expected = [d if isinstance(d, int) else None for d in value.shape or ()]
+    if any(want is not None and want != got for want, got in zip(expected[1:], array.shape[1:], strict=True)):
+        problems.append(f"{name!r} has shape {list(array.shape)}, the model expects {value.shape}")
+    if value.dtype is not None and value.dtype != ir.DataType.STRING:
+        want = np.dtype(value.dtype.numpy())
+        if array.dtype != want:
+            problems.append(f"{name!r} is {array.dtype}, the model expects {want} (save it with .astype(np.{want}))")
+    return problems
 
 
 def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndarray]:

@@ -59,6 +59,9 @@ def compute_loss(
         else:
             raise DataError("cross-entropy needs labels in the data (or a reference model)")
         logits = outs[0].reshape(target.shape[0], -1)
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= logits.shape[1]):
+            raise DataError(f"labels must be class indices in 0..{logits.shape[1] - 1} (the model has "
+                            f"{logits.shape[1]} outputs), got {int(target.min())}..{int(target.max())}")
         return F.cross_entropy(logits, target)
     if reference is None:
         raise DataError(f"the {kind} loss distils from the original model's outputs; none given")
