@@ -71,6 +71,8 @@ def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndar
     try:
         with np.load(path, allow_pickle=False) as archive:
             data = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path}: not a readable .npz file ({error})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: not a readable .npz file ({error or 'empty file'})") from None
+    except (TypeError, AttributeError):  # a bare .npy loads as one array, not an archive
+        raise DataError(f"{path}: not an .npz archive (save arrays with np.savez(path, x=...))") from None
     return validate_data(model, data)

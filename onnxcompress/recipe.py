@@ -83,7 +83,11 @@ def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
             raise RecipeError(
                 f"{name_or_path}: no such recipe file or built-in recipe (built-in: {', '.join(sorted(builtins))})"
             )
-    return parse_recipe(path.read_text(), str(name_or_path))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{name_or_path}: not a readable recipe ({error})") from None
+    return parse_recipe(text, str(name_or_path))
 
 
 def recipe_schema() -> dict[str, Any]:

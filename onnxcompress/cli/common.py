@@ -14,6 +14,8 @@ __all__ = [
     "guarded",
     "default_output",
     "compress_file",
+    "check_side_file",
+    "write_text_atomic",
     "print_summary",
     "DataOption",
     "OutputOption",
@@ -23,6 +25,8 @@ __all__ = [
 
 import functools
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -87,12 +91,30 @@ def _check_destinations(model_path: Path, output: Path, report: Path | None) -> 
     if report is not None:
         if report.suffix not in (".json", ".md", ".markdown"):
             raise UserError(f"{report}: report format must be .json or .md")
-        if report.resolve() in (model_path.resolve(), output.resolve()):
-            raise UserError(f"{report}: the report would overwrite the model; choose another name")
-        if not report.resolve().parent.is_dir():
-            raise UserError(f"{report.parent}: report folder does not exist")
-        if report.is_dir():
-            raise UserError(f"{report}: is a folder; give a file name for the report")
+        check_side_file(report, "report", model_path, output)
+
+
+def check_side_file(path: Path, what: str, model_path: Path, output: Path | None = None) -> None:
+    """Refuse a report or plan path over the model or its output, in a missing folder, or a folder."""
+    if path.resolve() in (model_path.resolve(), (output or default_output(model_path)).resolve()):
+        raise UserError(f"{path}: the {what} would overwrite the model; choose another name")
+    if not path.resolve().parent.is_dir():
+        raise UserError(f"{path.parent}: {what} folder does not exist")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file name for the {what}")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside `path`, then rename: never half a file, no temporary left on failure."""
+    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(handle.name, 0o666 & ~umask)  # as a plain open() would have made it, not 0600
+        os.replace(handle.name, path)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
 
 
 def compress_file(

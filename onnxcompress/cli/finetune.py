@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
@@ -29,8 +30,8 @@ def _has_labels(path: Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return "labels" in archive.files
-    except (OSError, ValueError):
-        return True
+    except (OSError, ValueError, EOFError, TypeError, AttributeError, zipfile.BadZipFile):
+        return True  # not a readable archive: loading it says why
 
 
 @guarded

@@ -19,10 +19,12 @@ from onnxcompress.cli.common import (
     MinCosineOption,
     OutputOption,
     ReportOption,
+    check_side_file,
     compress_file,
     console,
     gate_for,
     guarded,
+    write_text_atomic,
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import UserError
@@ -93,6 +95,8 @@ def lowrank(
 ) -> None:
     """Factorize MatMul/Gemm/Conv weights by truncated SVD where it pays (Denton et al. 2014)."""
     options = _options(energy, ratio, flops, budget, conv, speed, latency_batch, min_params, exclude, plan)
+    if save_plan is not None:
+        check_side_file(save_plan, "plan", model, output)
     if dry_run:
         cls = get_pass(PASS_NAME)
         compression = cls(make_config(cls.Config, options))
@@ -106,7 +110,7 @@ def lowrank(
         result = compress_file(model, output, [step], data_path=data, report_path=report)
         plan_dict = result.steps[0].report.notes.get("plan", {})
     if save_plan is not None:
-        save_plan.write_text(json.dumps(plan_dict, indent=2) + "\n")
+        write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")
 
 
 def register(app: typer.Typer) -> None:

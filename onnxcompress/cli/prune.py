@@ -17,10 +17,12 @@ from onnxcompress.cli.common import (
     MinCosineOption,
     OutputOption,
     ReportOption,
+    check_side_file,
     compress_file,
     console,
     gate_for,
     guarded,
+    write_text_atomic,
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import DataError, UserError
@@ -80,6 +82,8 @@ def prune(
         if sparsity is not None or quality is not None or global_scope:
             raise UserError("--structured takes --ratio; --sparsity/--quality/--global are for unstructured pruning")
         options = _structured_options(ratio, criterion, exclude, plan)
+        if save_plan is not None:
+            check_side_file(save_plan, "plan", model, output)
         if dry_run or save_plan is not None:
             _plan_only(model, options, data, save_plan, dry_run)
             if dry_run:
@@ -111,7 +115,7 @@ def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | N
     compression.context = PassContext(data=data, original=loaded)
     plan_dict = compression.make_plan(loaded).to_dict()
     if save_plan is not None:
-        save_plan.write_text(json.dumps(plan_dict, indent=2) + "\n")
+        write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")
     if show:
         _print_plan(plan_dict)
 

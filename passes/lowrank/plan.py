@@ -110,8 +110,10 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, ValueError) as error:  # ValueError: bad JSON or bytes that are not UTF-8
             raise RecipeError(f"cannot read low-rank plan {path}: {error}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: not a low-rank plan (a JSON object expected)")
         return cls.from_dict(data)
 
     def reason_for(self, name: str) -> str | None:

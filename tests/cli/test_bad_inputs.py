@@ -101,6 +101,12 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.savez(folder / "float64.npz", x=x.astype(np.float64))
     np.savez(folder / "no_samples.npz", x=np.zeros((0, 16), np.float32))
     np.savez(folder / "labels_out_of_range.npz", x=x, labels=np.full(20, 99))
+    (folder / "empty.npz").write_bytes(b"")
+    (folder / "zip_garbage.npz").write_bytes(b"PK\x03\x04garbage")
+    np.save(folder / "one_array.npy", x)
+    (folder / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
+    (folder / "list.json").write_text("[1, 2, 3]")
+    (folder / "binary.json").write_bytes(b"\xff\xfe\x00")
     return folder
 
 
@@ -141,6 +147,30 @@ CASES = [
     ("data: float64 for a float input", (*PRUNE, "mlp.onnx", "--data", "float64.npz", "-o", "out.onnx"), 2,
      "the model expects float32"),
     ("data: no samples", (*PRUNE, "mlp.onnx", "--data", "no_samples.npz", "-o", "out.onnx"), 2, "no samples"),
+    ("data: empty file", (*PRUNE, "mlp.onnx", "--data", "empty.npz", "-o", "out.onnx"), 2, "not a readable .npz"),
+    ("data: a bare .npy", (*PRUNE, "mlp.onnx", "--data", "one_array.npy", "-o", "out.onnx"), 2, "not an .npz"),
+    ("data: empty file: finetune", ("finetune", "mlp.onnx", "--data", "empty.npz", "-o", "out.onnx"), 2,
+     "not a readable .npz"),
+    ("data: not a zip: finetune", ("finetune", "mlp.onnx", "--data", "zip_garbage.npz", "-o", "out.onnx"), 2,
+     "not a readable .npz"),
+    # recipes and plans
+    ("recipe: not text", ("recipe", "show", "binary.yaml"), 2, "not a readable recipe"),
+    ("low-rank plan: a JSON list", ("lowrank", "mlp.onnx", "--plan", "list.json", "-o", "out.onnx"), 2,
+     "a JSON object expected"),
+    ("low-rank plan: not text", ("lowrank", "mlp.onnx", "--plan", "binary.json", "-o", "out.onnx"), 2,
+     "cannot read low-rank plan"),
+    ("save-plan over the input: prune",
+     ("prune", "mlp.onnx", "--structured", "--ratio", "0.25", "--save-plan", "mlp.onnx", "-o", "out.onnx"), 2,
+     "would overwrite the model"),
+    ("save-plan over the input: lowrank",
+     ("lowrank", "mlp.onnx", "--ratio", "0.5", "--save-plan", "mlp.onnx", "-o", "out.onnx"), 2,
+     "would overwrite the model"),
+    ("save-plan in a missing folder: lowrank",
+     ("lowrank", "mlp.onnx", "--ratio", "0.5", "--save-plan", "nowhere/plan.json", "-o", "out.onnx"), 2,
+     "plan folder does not exist"),
+    ("save-plan is a folder: prune",
+     ("prune", "mlp.onnx", "--structured", "--ratio", "0.25", "--save-plan", "a_folder", "-o", "out.onnx"), 2,
+     "is a folder"),
     ("data: labels out of range: finetune",
      ("finetune", "mlp.onnx", "--data", "labels_out_of_range.npz", "--epochs", "1", "-o", "out.onnx"), 2,
      "class indices in 0..9"),
