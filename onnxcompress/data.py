@@ -40,12 +40,21 @@ def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.
         problems.append(f"arrays disagree on the sample count (first axis): {counts}")
     if data and not any(counts.values()):
         problems.append("the data carries no samples")
+    data = {name: _float_as_expected(array, inputs.get(name)) for name, array in data.items()}
     for name, value in inputs.items():
         if name in data:
             problems += _fit_problems(name, data[name], value)
     if problems:
         raise DataError("data does not fit the model: " + "; ".join(problems))
     return data
+
+
+def _float_as_expected(array: np.ndarray, value: ir.Value | None) -> np.ndarray:
+    """numpy saves float64 by default: floats are cast to the float type the input expects."""
+    if value is None or value.dtype is None or value.dtype == ir.DataType.STRING or array.dtype.kind != "f":
+        return array
+    want = np.dtype(value.dtype.numpy())
+    return array.astype(want) if want.kind == "f" and array.dtype != want else array
 
 
 def _fit_problems(name: str, array: np.ndarray, value: ir.Value) -> list[str]:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pydantic
 
 from onnxcompress import runtime
@@ -100,6 +101,9 @@ def probe_inputs(
     symbolic dimension takes 8.
     """
     if data is not None:
+        batch = fixed_batch(model)
+        if batch:  # whole batches of a model exported with a fixed batch size (see run_model)
+            count = max(batch, count // batch * batch)
         return {name: np.asarray(array[:count]) for name, array in data.items() if name != LABELS}
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
@@ -123,11 +127,34 @@ def probe_inputs(
     return probes
 
 
+def fixed_batch(model: ir.Model) -> int | None:
+    """The batch size every input fixes on its first axis (a model exported for batch 1), or None."""
+    firsts = {v.shape[0] if v.shape and isinstance(v.shape[0], int) else None for v in model_inputs(model)}
+    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
+
+
+def _in_batches(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+    """Outputs over `inputs` run batch by batch, when the session fixes a smaller batch size."""
+    firsts = {i.shape[0] if i.shape and isinstance(i.shape[0], int) else None for i in session.get_inputs()}
+    counts = {np.shape(a)[0] if np.ndim(a) else None for a in inputs.values()}
+    if len(firsts) != 1 or len(counts) != 1:
+        return None
+    batch, count = firsts.pop(), counts.pop()
+    if batch is None or count is None or count == batch or count % batch:
+        return None
+    runs = [session.run(None, {k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, count, batch)]
+    return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
+
+
 def run_model(model: str | bytes, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """All outputs of `model` on `inputs`, through onnxruntime with our kernels registered."""
+    """All outputs of `model` on `inputs`, through onnxruntime with our kernels registered.
+
+    A model with a fixed batch size runs the probes one batch at a time.
+    """
     session = runtime.session(model)
     try:
-        return session.run(None, dict(inputs))
+        batched = _in_batches(session, inputs)
+        return batched if batched is not None else session.run(None, dict(inputs))
     except runtime.ORT_ERRORS as error:
         raise UnsupportedModelError(f"onnxruntime cannot run the model: {str(error).splitlines()[0]}") from None
 

@@ -16,6 +16,7 @@ __all__ = [
     "load",
     "save",
     "serialized",
+    "write_text_atomic",
     "iter_graphs",
     "iter_tensors",
     "minimum_ir_version",
@@ -225,3 +226,16 @@ def serialized(model: ir.Model) -> Iterator[str | bytes]:
         path = os.path.join(tmp, "model.onnx")
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         yield path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside `path`, then rename: never half a file, no temporary left on failure."""
+    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(handle.name, 0o666 & ~umask)  # as a plain open() would have made it, not 0600
+        os.replace(handle.name, path)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)

@@ -6,11 +6,11 @@ __all__ = ["write_report", "markdown"]
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from onnxcompress.errors import UserError
+from onnxcompress.io import write_text_atomic
 from onnxcompress.pipeline import PipelineResult
 
 
@@ -61,7 +61,5 @@ def write_report(result: PipelineResult, path: str | os.PathLike[str], extra: di
         raise UserError(f"{path}: report format must be .json or .md")
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: report folder does not exist")
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+    write_text_atomic(path, text)
     return path

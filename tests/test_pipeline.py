@@ -105,3 +105,23 @@ def test_quantized_models_are_refused_by_lossy_passes(rng):
 def test_builtin_recipes_validate(name):
     recipe = load_recipe(name)
     assert recipe.steps and all(step.gate is not None for step in recipe.steps)
+
+
+def test_a_model_exported_for_batch_1_is_probed_batch_by_batch(rng):
+    """Data with more samples than the fixed batch size runs one batch at a time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = rng.standard_normal((16, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(weight, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.serde.deserialize_model(proto)
+    x = rng.standard_normal((20, 16)).astype(np.float32)
+    probes = fidelity.probe_inputs(model, count=8, data={"x": x})
+    assert probes["x"].shape == (8, 16)
+    (y,) = fidelity.run_model(proto.SerializeToString(), probes)
+    np.testing.assert_allclose(y, x[:8] @ weight, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,6 @@ __all__ = [
     "default_output",
     "compress_file",
     "check_side_file",
-    "write_text_atomic",
     "print_summary",
     "DataOption",
     "OutputOption",
@@ -25,8 +24,6 @@ __all__ = [
 
 import functools
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -102,19 +99,6 @@ def check_side_file(path: Path, what: str, model_path: Path, output: Path | None
         raise UserError(f"{path.parent}: {what} folder does not exist")
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give a file name for the {what}")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside `path`, then rename: never half a file, no temporary left on failure."""
-    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(handle.name, 0o666 & ~umask)  # as a plain open() would have made it, not 0600
-        os.replace(handle.name, path)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
 
 
 def compress_file(

@@ -24,7 +24,6 @@ from onnxcompress.cli.common import (
     console,
     gate_for,
     guarded,
-    write_text_atomic,
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import UserError
@@ -110,7 +109,7 @@ def lowrank(
         result = compress_file(model, output, [step], data_path=data, report_path=report)
         plan_dict = result.steps[0].report.notes.get("plan", {})
     if save_plan is not None:
-        write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")
+        io.write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")
 
 
 def register(app: typer.Typer) -> None:

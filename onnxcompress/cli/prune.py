@@ -22,7 +22,6 @@ from onnxcompress.cli.common import (
     console,
     gate_for,
     guarded,
-    write_text_atomic,
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import DataError, UserError
@@ -115,7 +114,7 @@ def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | N
     compression.context = PassContext(data=data, original=loaded)
     plan_dict = compression.make_plan(loaded).to_dict()
     if save_plan is not None:
-        write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")
+        io.write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")
     if show:
         _print_plan(plan_dict)
 

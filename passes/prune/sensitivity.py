@@ -37,6 +37,7 @@ __all__ = [
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -50,7 +51,9 @@ import onnx_ir as ir
 
 from onnxcompress import fidelity
 from onnxcompress.data import LABELS
-from onnxcompress.errors import DataError, UnsupportedModelError, UserError
+from onnxcompress.errors import DataError, QuantizedModelError, UnsupportedModelError, UserError
+from onnxcompress.io import write_text_atomic
+from onnxcompress.pass_base import quantized_ops
 from onnxcompress.passes.prune.magnitude import prune_to_count
 from onnxcompress.runtime import ORT_ERRORS
 from onnxcompress.sites import WeightSite, find_weight_sites
@@ -213,6 +216,9 @@ def analyse(
     `workers=None` uses a process pool only when more than one core is free; 1 is serial.
     `on_layer(done, total)` is called as each layer's curve is finished (for a progress bar).
     """
+    quantized = quantized_ops(model)
+    if quantized:  # the plan would be refused by prune.magnitude: say so now
+        raise QuantizedModelError(f"sensitivity refuses an already quantized model (found {', '.join(quantized)})")
     ratios = sorted(float(r) for r in ratios)
     if not ratios or ratios[0] < 0 or ratios[-1] >= 1:
         raise UserError(f"ratios must lie in [0, 1), got {ratios}")
@@ -389,20 +395,16 @@ def write_outputs(result: SensitivityResult, folder: Path) -> list[Path]:
     """sensitivity.json, sensitivity.csv, recipe.yaml and (with matplotlib) sensitivity.png in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    path = folder / "sensitivity.json"
-    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    written.append(path)
-    path = folder / "sensitivity.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["layer", "op", "params", "ratio", result.metric, "chosen"])
-        for curve in result.curves:
-            for ratio, value in zip(curve.ratios, curve.values, strict=True):
-                writer.writerow([curve.name, curve.op, curve.params, ratio, f"{value:.6g}", curve.chosen])
-    written.append(path)
-    path = folder / "recipe.yaml"
-    path.write_text(recipe_text(result))
-    written.append(path)
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["layer", "op", "params", "ratio", result.metric, "chosen"])
+    for curve in result.curves:
+        for ratio, value in zip(curve.ratios, curve.values, strict=True):
+            writer.writerow([curve.name, curve.op, curve.params, ratio, f"{value:.6g}", curve.chosen])
+    for name, text in (("sensitivity.json", json.dumps(result.to_dict(), indent=2) + "\n"),
+                       ("sensitivity.csv", rows.getvalue()), ("recipe.yaml", recipe_text(result))):
+        write_text_atomic(folder / name, text)
+        written.append(folder / name)
     png = _plot(result, folder / "sensitivity.png")
     if png is not None:
         written.append(png)

@@ -111,9 +111,11 @@ def test_corrupt_model_and_quantized_model(tmp_path, model_path):
     quant = ir.node("QuantizeLinear", [relu.outputs[0], scale])
     model.graph.insert_after(relu, [quant, ir.node("DequantizeLinear", [quant.outputs[0], scale])])
     ir.save(model, tmp_path / "q.onnx")
-    result = invoke("prune", tmp_path / "q.onnx", "--sparsity", "0.5")
-    assert result.exit_code == 2
-    assert "refuses an already quantized model (found DequantizeLinear, QuantizeLinear)" in result.stderr
+    for command in (["prune", tmp_path / "q.onnx", "--sparsity", "0.5"], ["sensitivity", tmp_path / "q.onnx", "-o", tmp_path / "s"]):
+        result = invoke(*command)
+        assert result.exit_code == 2
+        assert "refuses an already quantized model (found DequantizeLinear, QuantizeLinear)" in result.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_passes_and_recipe_schema():
