@@ -759,8 +759,12 @@ class StructuredPrunePass(CompressionPass):
         if self.config.plan is not None:
             try:
                 return StructuredPlan.from_dict(self.config.plan)
-            except (KeyError, TypeError) as error:
-                raise RecipeError(f"prune.structured: invalid plan ({error})") from None
+            except KeyError as error:
+                raise RecipeError(
+                    f"prune.structured: invalid plan: missing key {error} (write one with --dry-run --save-plan)"
+                ) from None
+            except (TypeError, ValueError, AttributeError) as error:
+                raise RecipeError(f"prune.structured: invalid plan: {error}") from None
         return plan_structured(
             model,
             ratio=self.config.ratio,

@@ -106,6 +106,7 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.save(folder / "one_array.npy", x)
     (folder / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
     (folder / "list.json").write_text("[1, 2, 3]")
+    (folder / "no_criterion.json").write_text('{"groups": []}')
     (folder / "binary.json").write_bytes(b"\xff\xfe\x00")
     return folder
 
@@ -155,6 +156,9 @@ CASES = [
     ("recipe: not text", ("recipe", "show", "binary.yaml"), 2, "not a readable recipe"),
     ("low-rank plan: a JSON list", ("lowrank", "mlp.onnx", "--plan", "list.json", "-o", "out.onnx"), 2,
      "a JSON object expected"),
+    ("structured plan without its keys",
+     ("prune", "mlp.onnx", "--structured", "--plan", "no_criterion.json", "-o", "out.onnx"), 2,
+     "missing key 'criterion'"),
     ("low-rank plan: not text", ("lowrank", "mlp.onnx", "--plan", "binary.json", "-o", "out.onnx"), 2,
      "cannot read low-rank plan"),
     ("save-plan over the input: prune",
