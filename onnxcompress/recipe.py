@@ -10,6 +10,10 @@
         gate: {min_cosine: 0.99}
         on_fail: rollback   # or stop (default): fail with nothing written
 
+A step may also be a `schedule:` entry (iterative pruning, see
+`onnxcompress.passes.prune.schedules.ScheduleStep`), expanded into its prune (+ finetune)
+rounds when the recipe is read.
+
 Built-in recipes ship in `onnxcompress/recipes/` and are named without `.yaml`.
 """
 
@@ -40,6 +44,24 @@ class Recipe(pydantic.BaseModel):
     probes: int = pydantic.Field(8, ge=1, le=4096, description="Probe samples for fidelity gates.")
     steps: list[Step] = pydantic.Field(min_length=1, description="Passes in order, each gated.")
 
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _expand_schedules(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not isinstance(raw.get("steps"), list):
+            return raw
+        steps: list[Any] = []
+        for index, entry in enumerate(raw["steps"], start=1):
+            if isinstance(entry, dict) and "schedule" in entry:
+                from onnxcompress.passes.prune.schedules import ScheduleStep
+
+                try:
+                    steps += ScheduleStep.model_validate(entry).steps()
+                except (pydantic.ValidationError, RecipeError, ValueError) as error:
+                    raise ValueError(f"step {index} (schedule): {_first_problem(error)}") from None
+            else:
+                steps.append(entry)
+        return {**raw, "steps": steps}
+
     @pydantic.model_validator(mode="after")
     def _steps_known(self) -> Recipe:
         for index, step in enumerate(self.steps, start=1):
@@ -48,6 +70,13 @@ class Recipe(pydantic.BaseModel):
             except RecipeError as error:
                 raise ValueError(f"step {index} ({step.pass_name}): {error}") from None
         return self
+
+
+def _first_problem(error: Exception) -> str:
+    if isinstance(error, pydantic.ValidationError):
+        first = error.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg'].removeprefix('Value error, ')}"
+    return str(error)
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -105,6 +134,9 @@ def recipe_schema() -> dict[str, Any]:
             },
         )
         variants.append(step)
+    from onnxcompress.passes.prune.schedules import ScheduleStep
+
+    variants.append(ScheduleStep)
     step_union = Union[tuple(variants)]  # type: ignore[valid-type]  # noqa: UP007  (built at run time)
     document = pydantic.create_model(
         "Recipe",

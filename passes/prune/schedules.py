@@ -20,6 +20,13 @@
 followed by a `finetune` step when retraining options are given (the fine-tuning itself is
 the PyTorch bridge's). Without data, the rounds are prune-only steps, each gated by
 fidelity. Everything here is exact arithmetic; the pruning it schedules is lossy.
+
+In a recipe, a `schedule:` entry (`ScheduleStep`) stands for those steps:
+
+    steps:
+      - schedule: {kind: cubic, final: 0.9, rounds: 4}     # or {kind: fixed, final: 0.9, step: 0.2}
+        retrain: {original_lr: 0.05, regularisation: l2, epochs: 2}   # omit: prune-only rounds
+        gate: {min_cosine: 0.98}
 """
 
 from __future__ import annotations
@@ -31,12 +38,15 @@ __all__ = [
     "dropout_ratio",
     "RetrainOptions",
     "expand_schedule",
+    "ScheduleStep",
 ]
 
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+
+import pydantic
 
 from onnxcompress.errors import RecipeError
 from onnxcompress.fidelity import Gate
@@ -101,7 +111,7 @@ class RetrainOptions:
 
     def finetune_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
-            "lr": self.original_lr * self.lr_scale,
+            "lr": round(self.original_lr * self.lr_scale, 12),
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "dropout_rescale": self.dropout_rescale,
@@ -152,3 +162,57 @@ def expand_schedule(
         if retrain is not None:
             steps.append(Step(pass_name="finetune", options=retrain.finetune_options(), gate=gate, on_fail=on_fail))
     return steps
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+
+class ScheduleSpec(_Strict):
+    """Which sparsities the rounds reach."""
+
+    kind: Literal["cubic", "fixed"] = pydantic.Field("cubic", description="Zhu & Gupta's cubic, or Han's fixed steps.")
+    final: float = pydantic.Field(gt=0.0, lt=1.0, description="Sparsity after the last round.")
+    rounds: int = pydantic.Field(4, ge=1, le=100, description="cubic: number of pruning rounds.")
+    step: float | None = pydantic.Field(None, gt=0.0, lt=1.0, description="fixed: sparsity added per round.")
+    initial: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="cubic: sparsity before the first round.")
+
+    def sparsities(self) -> list[float]:
+        if self.kind == "fixed":
+            if self.step is None:
+                raise ValueError("a fixed schedule needs 'step'")
+            return fixed_steps(self.final, self.step)
+        return cubic_schedule(self.final, self.rounds, initial=self.initial)
+
+
+class RetrainSpec(_Strict):
+    """Han's retraining after every round (see `RetrainOptions`); needs data with labels or a teacher."""
+
+    original_lr: float = pydantic.Field(1e-2, gt=0.0, description="The learning rate the model was trained with.")
+    lr_scale: float = pydantic.Field(0.1, gt=0.0, le=1.0, description="Han: about 1/10 of the original.")
+    regularisation: Literal["l1", "l2", "none"] = "l2"
+    strength: float = pydantic.Field(1e-5, ge=0.0, description="L1 or L2 strength.")
+    epochs: int = pydantic.Field(1, ge=1)
+    batch_size: int = pydantic.Field(64, ge=1)
+    dropout_rescale: bool = True
+    extra: dict[str, Any] = pydantic.Field(default_factory=dict, description="Further `finetune` options.")
+
+
+class ScheduleStep(_Strict):
+    """A recipe entry that expands into prune (+ finetune) rounds."""
+
+    schedule: ScheduleSpec
+    prune_pass: Literal["prune.magnitude", "prune.taylor", "prune.obd"] = "prune.magnitude"
+    options: dict[str, Any] = pydantic.Field(default_factory=dict, description="Options of every prune step.")
+    overrides: dict[str, float] = pydantic.Field(
+        default_factory=dict, description="Per-layer final rates (e.g. a sensitivity plan), scaled each round.")
+    retrain: RetrainSpec | None = None
+    gate: Gate = pydantic.Field(default_factory=Gate)
+    on_fail: Literal["stop", "rollback"] = "stop"
+
+    def steps(self) -> list[Step]:
+        retrain = None if self.retrain is None else RetrainOptions(**self.retrain.model_dump())
+        return expand_schedule(
+            self.schedule.sparsities(), prune_pass=self.prune_pass, prune_options=self.options,
+            overrides=self.overrides or None, retrain=retrain, gate=self.gate, on_fail=self.on_fail,
+        )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from onnxcompress.passes.prune.schedules import (
     fixed_steps,
 )
 from onnxcompress.pipeline import run_steps
-from onnxcompress.recipe import Recipe
+from onnxcompress.recipe import Recipe, parse_recipe, recipe_schema
 from tests.builders import mlp
 
 
@@ -100,3 +102,42 @@ def test_schedule_with_retraining_runs_prune_and_finetune_rounds(rng):
     assert result.steps[1].report.notes["epochs_run"] == 1
     fc1 = result.model.graph.initializers["fc1.weight"].const_value.numpy()
     assert np.count_nonzero(fc1 == 0) == round(0.8 * fc1.size)  # retraining kept the zeros
+
+
+def test_a_recipe_schedule_entry_expands_into_its_rounds():
+    recipe = parse_recipe(
+        """
+steps:
+  - schedule: {kind: fixed, final: 0.6, step: 0.3}
+    overrides: {"fc1.*": 0.9}
+    retrain: {original_lr: 0.05, regularisation: l1, strength: 1.0e-4, epochs: 2}
+    gate: {min_cosine: 0.95}
+  - pass: prune.dead_neurons
+""",
+        "r.yaml",
+    )
+    expected = expand_schedule(fixed_steps(0.6, 0.3), overrides={"fc1.*": 0.9}, gate=Gate(min_cosine=0.95),
+                               retrain=RetrainOptions(original_lr=0.05, regularisation="l1", strength=1e-4, epochs=2))
+    assert recipe.steps[:-1] == expected
+    assert recipe.steps[-1].pass_name == "prune.dead_neurons"
+    cubic = parse_recipe("steps:\n  - schedule: {final: 0.9, rounds: 3}\n", "c.yaml")
+    assert [s.options["sparsity"] for s in cubic.steps] == cubic_schedule(0.9, 3)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{schedule: {kind: fixed, final: 0.6}}", "a fixed schedule needs 'step'"),
+        ("{schedule: {final: 1.5}}", "schedule.final"),
+        ("{schedule: {final: 0.5}, retrain: {epocs: 2}}", "retrain.epocs"),
+        ("{schedule: {final: 0.5}, prune_pass: prune.structured}", "prune_pass"),
+    ],
+)
+def test_bad_schedule_entries_name_the_problem(entry, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        parse_recipe(f"steps:\n  - {entry}\n", "r.yaml")
+
+
+def test_the_recipe_schema_offers_schedule_steps():
+    schema = json.dumps(recipe_schema())
+    assert "ScheduleStep" in schema and "rounds" in schema
