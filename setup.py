@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -111,6 +112,18 @@ class BuildPyWithKernels(build_py):
                 install_atomically(path, folder / path.name)
 
 
+class PlatformWheel(bdist_wheel):
+    """The wheel carries a native library (no Python extension): tag it py3-none-<platform>."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.root_is_pure = os.environ.get("ONNXCOMPRESS_SKIP_KERNELS") == "1"
+
+    def get_tag(self) -> tuple[str, str, str]:
+        python, abi, platform = super().get_tag()
+        return ("py3", "none", platform) if not self.root_is_pure else (python, abi, platform)
+
+
 def install_atomically(source: Path, target: Path) -> None:
     """Copy to a temporary file beside `target`, then rename it over `target`.
 
@@ -131,5 +144,5 @@ if __name__ == "__main__":  # the build backend runs this file as __main__; test
     setup(
         packages=packages,
         package_dir={"onnxcompress": "onnxcompress", "onnxcompress.passes": "passes"},
-        cmdclass={"build_py": BuildPyWithKernels},
+        cmdclass={"build_py": BuildPyWithKernels, "bdist_wheel": PlatformWheel},
     )
