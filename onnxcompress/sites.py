@@ -84,6 +84,13 @@ class WeightSite:
     consumers: list[tuple[ir.Node, int]]
 
     @property
+    def readers(self) -> int:
+        """Every node input that reads the tensor, whatever its op (a tied embedding's Gather
+        too, which `consumers` leaves out), plus one if it is a graph output: a pass that
+        rewrites one reader cannot drop the tensor unless this is 1."""
+        return len(self.value.uses()) + int(self.value.is_graph_output())
+
+    @property
     def out_axis(self) -> int | None:
         return self.layout.out_axis
 

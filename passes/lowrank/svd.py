@@ -139,8 +139,8 @@ class LowRankSVDPass(CompressionPass):
     # ---- eligibility ---------------------------------------------------------------------
     def _eligible(self, model: ir.Model, site: WeightSite) -> tuple[_Layer | None, str]:
         """The layer's decompositions, or None and the reason it is left alone."""
-        if len(site.consumers) > 1:
-            return None, f"shared by {len(site.consumers)} nodes; factorizing one would not remove the weight"
+        if site.readers > 1:
+            return None, f"shared by {site.readers} readers; factorizing one would not remove the weight"
         if site.dtype not in _FLOAT_TYPES:
             return None, f"dtype {site.dtype.name} not supported (float32, float16, float64)"
         if site.input_index != 1:

@@ -222,7 +222,7 @@ class _Tracer:
             array = const_array(bias)
             if array is None or not bias.name:
                 raise _Unsupported(f"{_node_label(node)} has a non-constant bias")
-            if array.size == group.channels and array.ndim >= 1:
+            if array.size == group.channels and array.ndim >= 1 and array.shape[-1] == group.channels:
                 group.cuts.append(TensorCut(bias.name, array.ndim - 1, "producer bias"))
             elif array.size != 1:
                 raise _Unsupported(f"{_node_label(node)} bias of shape {array.shape} is not per channel")
@@ -295,6 +295,8 @@ class _Tracer:
         if op in ("MatMul", "Gemm", "Conv") and index == 0:
             if op != "Conv" and axis != -1:
                 raise _Unsupported(f"{_node_label(node)} reads the channels on a non-contracted axis")
+            if op == "Conv" and (rank is None or axis != 1 - rank):
+                raise _Unsupported(f"{_node_label(node)} reads them on an axis other than its input channels")
             seen.add(id(node))
             self._add_consumer(group, node, 1)
             return []
@@ -402,8 +404,9 @@ class _Tracer:
 
     def _check_weights(self, group: ChannelGroup) -> None:
         for cut in group.cuts:
-            if cut.role.endswith("weight") and self.weight_users.get(cut.name, 0) > 1:
-                group.skip_reason = f"weight {cut.name!r} is shared by several nodes"
+            if self.weight_users.get(cut.name, 0) > 1:  # a bias or BN parameter too: merged zeros are common
+                what = "weight" if cut.role.endswith("weight") else cut.role
+                group.skip_reason = f"{what} {cut.name!r} is shared by several nodes"
                 return
             if cut.role.endswith("weight") and not self.allowed(cut.name):
                 group.skip_reason = f"weight {cut.name!r} is excluded"

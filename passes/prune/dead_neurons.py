@@ -91,7 +91,8 @@ def _constant_outputs(model: ir.Model, group: ChannelGroup) -> np.ndarray:
             if node.inputs[1].name in producers:
                 bias = np.zeros(channels)
                 if node.op_type != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
-                    bias = _per_channel(const_array(node.inputs[2]), channels)
+                    beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
+                    bias = beta * _per_channel(const_array(node.inputs[2]), channels)
                 values[id(node.outputs[0])] = bias
             continue
         if not inputs or id(node.outputs[0]) not in members:

@@ -337,10 +337,10 @@ class SparseCsrPass(CompressionPass):
         node = site.node
         if node.graph is not model.graph:
             return "inside a subgraph (If/Loop/Scan): only main-graph layers are converted"
-        if len(site.consumers) != 1:
-            return f"weight read by {len(site.consumers)} nodes"
         if site.value.is_graph_output():
             return "weight is also a graph output"
+        if site.readers != 1:
+            return f"weight read by {site.readers} nodes"
         if site.dtype != ir.DataType.FLOAT:
             return f"dtype {site.dtype.name}: the kernel is fp32 only"
         if len(site.shape) != 2:

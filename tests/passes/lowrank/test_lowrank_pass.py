@@ -222,7 +222,7 @@ def test_skip_reasons(rng):
     compression = LowRankSVDPass(energy=1.0, min_params=7)
     assert not compression(model).modified
     reasons = {s.name: s.reason for s in compression.report.skipped}
-    assert reasons["shared"].startswith("shared by 2 nodes")
+    assert reasons["shared"].startswith("shared by 2 readers")
     assert reasons["tiny"] == ("no rank saves parameters (64×1 matrix needs r < mn/(m+n) = 0.98)")
     assert reasons["cube"] == "MatMul weight is 3-D [4, 2, 2], not a matrix"
     assert reasons["small"] == "too small (6 < min_params=7)"
