@@ -107,11 +107,15 @@ def probe_inputs(
         return {name: np.asarray(array[:count]) for name, array in data.items() if name != LABELS}
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
+    batch = fixed_batch(model)  # a model exported for batch B gets `count` rows too, run B at a time
+    rows = max(batch, -(-count // batch) * batch) if batch else None
     probes = {}
     for value in model_inputs(model):
         shape = []
         for axis, dim in enumerate(value.shape or ()):
-            if isinstance(dim, int):
+            if axis == 0 and rows is not None:
+                shape.append(rows)
+            elif isinstance(dim, int):
                 shape.append(dim)
             elif dim is not None and dim.value in dims:
                 shape.append(dims[dim.value])

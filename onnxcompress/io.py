@@ -106,6 +106,26 @@ def _check_defined(model: ir.Model) -> None:
                     )
 
 
+def _embed_attribute_tensors(model: ir.Model) -> None:
+    """Read external data held by Constant/attribute tensors into memory.
+
+    onnx_ir externalizes and re-homes initializers only: an attribute tensor left pointing at
+    the input's data file would break in a temporary folder (the gates) or beside the output.
+    """
+    for graph in [g for root in (model.graph, *model.functions.values()) for g in iter_graphs(root)]:
+        for node in graph:
+            for key, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.as_tensor(), ir.ExternalTensor):
+                    tensor = attr.as_tensor()
+                    node.attributes[key] = ir.AttrTensor(key, ir.tensor(tensor.numpy(), name=tensor.name))
+                elif attr.type == ir.AttributeType.TENSORS and any(
+                    isinstance(t, ir.ExternalTensor) for t in attr.as_tensors()
+                ):
+                    node.attributes[key] = ir.AttrTensors(
+                        key, [ir.tensor(t.numpy(), name=t.name) for t in attr.as_tensors()]
+                    )
+
+
 def load(path: str | os.PathLike[str]) -> ir.Model:
     """Load an ONNX model lazily; raise one clear `ModelLoadError` for anything unusable."""
     path = Path(path)
@@ -128,6 +148,7 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     if len(model.graph.outputs) == 0:
         raise ModelLoadError(f"{path}: not an ONNX model with a graph (no graph outputs)")
     _check_external_data(model, path.parent)
+    _embed_attribute_tensors(model)
     try:
         _check_defined(model)
     except ModelLoadError as error:
@@ -145,6 +166,7 @@ def minimum_ir_version(model: ir.Model) -> int:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
     versions = [ir_v for _, ir_v, ops, *_ in onnx.helper.VERSION_TABLE if ops >= opset]
     version = min(versions) if versions else onnx.IR_VERSION
+    version = max(version, 4)  # IR 3 (opset <= 8) demands every initializer be a graph input
     if model.functions:
         version = max(version, 8)  # model-local functions
     for tensor in iter_tensors(model):
@@ -230,11 +252,12 @@ def serialized(model: ir.Model) -> Iterator[str | bytes]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write beside `path`, then rename: never half a file, no temporary left on failure."""
-    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, prefix=f".{path.name}.", delete=False)
     umask = os.umask(0)
     os.umask(umask)
     try:
+        with handle:
+            handle.write(text)
         os.chmod(handle.name, 0o666 & ~umask)  # as a plain open() would have made it, not 0600
         os.replace(handle.name, path)
     finally:

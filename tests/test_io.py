@@ -120,7 +120,7 @@ def test_truncated_external_data_is_refused(tmp_path):
         io.load(tmp_path / "m.onnx")
 
 
-@pytest.mark.parametrize(("opset", "expected"), [(13, 7), (17, 8), (18, 8), (21, 10)])
+@pytest.mark.parametrize(("opset", "expected"), [(8, 4), (13, 7), (17, 8), (18, 8), (21, 10)])
 def test_ir_version_is_the_lowest_the_opset_allows(rng, tmp_path, opset, expected):
     proto = mlp_proto(rng)
     proto.opset_import[0].version = opset
@@ -177,3 +177,27 @@ def test_weights_in_constant_and_subgraph_survive_round_trip(tmp_path):
     )
     io.save(ir.from_proto(proto), tmp_path / "c.onnx")
     assert onnx.load(str(tmp_path / "c.onnx")).graph.node[0].op_type == "Constant"
+
+
+def test_external_data_of_a_constant_node_is_carried_into_the_output(tmp_path):
+    """onnx_ir re-homes initializers only; a Constant's external tensor must not point back at the input."""
+    weight = np.arange(16, dtype=np.float32).reshape(4, 4)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "w.bin").write_bytes(weight.tobytes())
+    tensor = numpy_helper.from_array(weight, "w")
+    onnx.external_data_helper.set_external_data(tensor, "w.bin", offset=0, length=weight.nbytes)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=tensor), helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, str(tmp_path / "in" / "m.onnx"))
+    (tmp_path / "out").mkdir()
+    io.save(io.load(tmp_path / "in" / "m.onnx"), tmp_path / "out" / "m.onnx")
+    (tmp_path / "in" / "w.bin").unlink()  # the output stands alone
+    saved = onnx.load(str(tmp_path / "out" / "m.onnx"))
+    np.testing.assert_array_equal(numpy_helper.to_array(saved.graph.node[0].attribute[0].t), weight)

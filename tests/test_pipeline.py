@@ -125,3 +125,6 @@ def test_a_model_exported_for_batch_1_is_probed_batch_by_batch(rng):
     assert probes["x"].shape == (8, 16)
     (y,) = fidelity.run_model(proto.SerializeToString(), probes)
     np.testing.assert_allclose(y, x[:8] @ weight, rtol=1e-5, atol=1e-5)
+    drawn = fidelity.probe_inputs(model, count=8, seed=0)  # without data: 8 random rows, not 1
+    assert drawn["x"].shape == (8, 16)
+    assert fidelity.run_model(proto.SerializeToString(), drawn)[0].shape == (8, 4)

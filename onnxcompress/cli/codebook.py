@@ -14,11 +14,13 @@ from typing import Annotated
 
 import typer
 
+from onnxcompress import io
 from onnxcompress.cli.common import (
     DataOption,
     MinCosineOption,
     OutputOption,
     ReportOption,
+    check_side_file,
     compress_file,
     console,
     gate_for,
@@ -84,6 +86,8 @@ def pack(
     if report is not None and report.suffix not in (".json", ".md", ".markdown"):
         raise UserError(f"{report}: report format must be .json or .md")
     output = output or model.with_suffix(".onnxc")
+    if report is not None:
+        check_side_file(report, "report", model, output)
     width: int | str | None = index_bits
     if index_bits is not None and index_bits != "auto":
         if not index_bits.isdigit():
@@ -93,7 +97,7 @@ def pack(
     table = compression_table(result)
     text = table_markdown(table, title=f"{model.name} → {output.name} ({coder})")
     if report is not None:
-        report.write_text(json.dumps(table, indent=2) if report.suffix == ".json" else text + "\n")
+        io.write_text_atomic(report, json.dumps(table, indent=2) if report.suffix == ".json" else text + "\n")
     if not quiet:
         console.print(text, markup=False)
 

@@ -94,7 +94,8 @@ def _safe_key(name: str, taken: set[str]) -> str:
 
 def default_trainable(model: ir.Model) -> set[str]:
     """Float tensors of more than one element, or read where an op takes a learned weight or
-    bias (a one-channel BatchNorm scale); never BatchNormalization statistics."""
+    bias (a one-channel BatchNorm scale); never BatchNormalization statistics nor Constant
+    literals (value_float / value_floats)."""
     frozen: set[str] = set()
     learned: set[str] = set()
     for node in model.graph:
@@ -105,6 +106,9 @@ def default_trainable(model: ir.Model) -> set[str]:
                 frozen.add(value.name or "")
             elif (node.op_type, index) in _LEARNED_ROLES:
                 learned.add(value.name or "")
+    for node in model.graph:  # value_float(s) Constants are literals (write-back keeps tensors only)
+        if node.op_type == "Constant" and "value" not in node.attributes:
+            frozen.add(node.outputs[0].name or "")
     names: set[str] = set()
     for name, array in _constants(model).items():
         if array.dtype.kind == "f" and (array.size > 1 or name in learned) and name not in frozen:

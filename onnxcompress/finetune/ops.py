@@ -130,15 +130,19 @@ def _leaky_relu(ctx: OpContext) -> OpFn:
     return lambda x: (F.leaky_relu(x[0], alpha),)
 
 
+def _clamp(x: Tensor, low: Any, high: Any) -> Tensor:
+    return x if low is None and high is None else torch.clamp(x, low, high)  # no bounds: identity
+
+
 def _clip(ctx: OpContext) -> OpFn:
     if ctx.opset < 11:
         low, high = ctx.get("min"), ctx.get("max")
-        return lambda x: (torch.clamp(x[0], low, high),)
+        return lambda x: (_clamp(x[0], low, high),)
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
         low = x[1] if len(x) > 1 else None
         high = x[2] if len(x) > 2 else None
-        return (torch.clamp(x[0], low, high),)
+        return (_clamp(x[0], low, high),)
 
     return run
 
@@ -455,7 +459,8 @@ def _constant_of_shape(ctx: OpContext) -> OpFn:
     fill = torch.from_numpy(np.array(value).reshape(-1)) if value is not None else torch.zeros(1)
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        return (fill.expand(_ints(x[0]) or []).clone(),)
+        shape = _ints(x[0]) or []
+        return ((fill.reshape(()) if not shape else fill).expand(shape).clone(),)  # [] -> a 0-d tensor
 
     return run
 

@@ -156,6 +156,8 @@ CASES = [
     ("recipe: not text", ("recipe", "show", "binary.yaml"), 2, "not a readable recipe"),
     ("low-rank plan: a JSON list", ("lowrank", "mlp.onnx", "--plan", "list.json", "-o", "out.onnx"), 2,
      "a JSON object expected"),
+    ("pack report in a missing folder", ("pack", "mlp.onnx", "-o", "out.onnxc", "--report", "nowhere/r.json"), 2,
+     "report folder does not exist"),
     ("structured plan without its keys",
      ("prune", "mlp.onnx", "--structured", "--plan", "no_criterion.json", "-o", "out.onnx"), 2,
      "missing key 'criterion'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -155,6 +156,7 @@ def _cases(rng):
         "LeakyRelu": _case("LeakyRelu", {"x": f(5)}, {"alpha": 0.2}),
         "Clip": _case("Clip", {"x": f(9), "lo": np.array(-0.3, np.float32), "hi": np.array(0.4, np.float32)}),
         "Clip_max_only": _case("Clip", {"x": f(9), "lo": None, "hi": np.array(0.4, np.float32)}),
+        "Clip_no_bounds": _case("Clip", {"x": f(9)}),
         "Softmax": _case("Softmax", {"x": f(2, 3, 4)}, {"axis": 1}),
         "Softmax_opset11": _case("Softmax", {"x": f(2, 3, 4)}, {"axis": 1}, opset=11),
         "LogSoftmax": _case("LogSoftmax", {"x": f(2, 5)}),
@@ -184,6 +186,8 @@ def _cases(rng):
         "Expand": _case("Expand", {"x": f(3, 1)}, inits=[_init("s", i64(2, 1, 4))]),
         "ConstantOfShape": _case("ConstantOfShape", {}, {"value": numpy_helper.from_array(np.float32([1.5]))},
                                  inits=[_init("s", i64(2, 3))]),
+        "ConstantOfShape_scalar": _case("ConstantOfShape", {}, {"value": numpy_helper.from_array(np.float32([1.5]))},
+                                        inits=[_init("s", np.array([], np.int64))]),
         "Flatten": _case("Flatten", {"x": f(2, 3, 4)}, {"axis": 2}),
         "Dropout": _case("Dropout", {"x": f(2, 3)}),
         "Identity": _case("Identity", {"x": f(2, 3)}),
@@ -244,3 +248,18 @@ def test_shape_errors_name_the_node(encoder_pair, rng) -> None:
     module = OnnxModule(proto)
     with pytest.raises(DataError, match=r"Reshape node .* failed on inputs of shapes .*fixed batch size"):
         module.run({proto.graph.input[0].name: rng.standard_normal((3, 5, 16)).astype(np.float32)})
+
+
+def test_value_floats_constants_are_literals_not_parameters(rng) -> None:
+    """Constant(value_floats) is not trained: write-back only knows tensors."""
+    from onnxcompress.finetune.executor import default_trainable
+
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["bias"], value_floats=[0.1, 0.2, 0.3, 0.4]),
+         helper.make_node("MatMul", ["x", "W"], ["mm"]), helper.make_node("Add", ["mm", "bias"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "W")],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert default_trainable(model) == {"W"}
