@@ -66,6 +66,8 @@ class Gate(pydantic.BaseModel):
     def failures(self, metrics: Metrics) -> list[str]:
         """Human-readable reasons the metrics miss this gate (empty when they pass)."""
         failed = []
+        if metrics.cosine != metrics.cosine:  # NaN: non-finite outputs fail every gate
+            return ["outputs are not finite where the original's are (NaN or inf)"]
         if self.min_cosine is not None and not metrics.cosine >= self.min_cosine:
             failed.append(f"cosine {metrics.cosine:.6f} < {self.min_cosine}")
         if self.max_rel_l2 is not None and not metrics.rel_l2 <= self.max_rel_l2:
@@ -180,6 +182,10 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
         return Metrics(1.0 if exact else 0.0, 0.0 if exact else 1.0, 0.0 if exact else float("inf"), None)
     a = np.concatenate([r.ravel() for r in ref_floats])
     b = np.concatenate([c.ravel() for c in cand_floats])
+    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+    if not np.array_equal(finite_a, finite_b):  # NaN/inf where the original had none, or the reverse
+        return Metrics(float("nan"), float("inf"), float("inf"), None)
+    a, b = a[finite_a], b[finite_b]  # both non-finite at the same places (e.g. Log of a negative probe)
     norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     diff = float(np.linalg.norm(a - b))
     if norm_a == 0.0 and norm_b == 0.0:
@@ -190,8 +196,6 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
         cosine = float(np.dot(a, b) / (norm_a * norm_b))
     rel_l2 = diff / norm_a if norm_a > 0 else (0.0 if diff == 0 else float("inf"))
     max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
-    if not (np.isfinite(b).all()):
-        cosine, rel_l2, max_abs = float("nan"), float("inf"), float("inf")
     first_ref, first_cand = ref_floats[0], cand_floats[0]
     top1 = None
     if first_ref.ndim >= 2 and first_ref.shape[-1] > 1:

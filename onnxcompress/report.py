@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = ["write_report", "markdown"]
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,22 @@ def markdown(result: PipelineResult, title: str = "onnxcompress report") -> str:
     return "\n".join(lines)
 
 
+def _strict_json(value: Any) -> Any:
+    """NaN and infinities (a failed metric) become null: strict JSON parsers reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(item) for item in value]
+    return value
+
+
 def write_report(result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
     """Write `.json` or `.md` atomically."""
     path = Path(path)
     if path.suffix == ".json":
-        text = json.dumps({**result.to_dict(), **(extra or {})}, indent=2, default=str)
+        text = json.dumps(_strict_json({**result.to_dict(), **(extra or {})}), indent=2, default=str, allow_nan=False)
     elif path.suffix in (".md", ".markdown"):
         text = markdown(result)
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -128,3 +130,30 @@ def test_a_model_exported_for_batch_1_is_probed_batch_by_batch(rng):
     drawn = fidelity.probe_inputs(model, count=8, seed=0)  # without data: 8 random rows, not 1
     assert drawn["x"].shape == (8, 16)
     assert fidelity.run_model(proto.SerializeToString(), drawn)[0].shape == (8, 4)
+
+
+def test_non_finite_outputs_fail_every_gate_but_shared_ones_are_ignored():
+    reference = [np.array([[1.0, 2.0, np.nan], [0.5, -1.0, 3.0]], np.float32)]
+    same_nan = [np.array([[1.0, 2.1, np.nan], [0.5, -1.0, 3.0]], np.float32)]
+    new_nan = [np.array([[1.0, 2.0, np.nan], [np.nan, -1.0, 3.0]], np.float32)]
+    shared = fidelity.compare(reference, same_nan)
+    assert shared.cosine > 0.99 and not fidelity.Gate(min_cosine=0.99).failures(shared)
+    broken = fidelity.compare(reference, new_nan)
+    top1_only = fidelity.Gate(min_cosine=None, min_top1=0.5)
+    assert top1_only.failures(broken) == ["outputs are not finite where the original's are (NaN or inf)"]
+
+
+def test_json_reports_are_strict_json(rng, tmp_path):
+    from onnxcompress.report import write_report
+
+    model = mlp(rng, (8, 16, 4))
+    step = Step(**{"pass": "prune.magnitude", "options": {"sparsity": 0.5, "min_params": 0}, "gate": {"min_cosine": None}})
+    result = run_steps(model, [step], probe_count=4)
+    result.steps[0].metrics = fidelity.Metrics(float("nan"), float("inf"), float("inf"), None)  # a failed metric
+    path = write_report(result, tmp_path / "r.json")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    report = json.loads(path.read_text(), parse_constant=refuse)
+    assert report["steps"][0]["metrics"]["cosine"] is None
