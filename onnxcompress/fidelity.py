@@ -82,9 +82,10 @@ class Gate(pydantic.BaseModel):
 def _index_bound(model: ir.Model, value: ir.Value) -> int:
     """Exclusive upper bound for an integer input: the smallest table it indexes, else 10."""
     bounds = [
-        int(node.inputs[0].const_value.shape[0])
+        int(node.inputs[0].const_value.shape[node.attributes.get_int("axis", 0)])
         for node in value.consumers()
         if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None
+        and node.inputs[1] is value
     ]
     return min(bounds) if bounds else 10
 
