@@ -42,7 +42,7 @@ def finetune(
     ],
     output: OutputOption = None,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the data.")] = 1,
-    lr: Annotated[float, typer.Option(min=0.0, help="Learning rate (Han: ~1/10 of the original).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate > 0 (Han: ~1/10 of the original).")] = 1e-3,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 64,
     optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = "sgd",
     distill: Annotated[bool, typer.Option("--distill", help="Distil from the teacher's outputs, not labels.")] = False,

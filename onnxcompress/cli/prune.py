@@ -91,13 +91,17 @@ def prune(
     else:
         if dry_run or save_plan is not None or plan is not None:
             raise UserError("--dry-run, --save-plan and --plan go with --structured")
+        if sparsity is None and quality is None and not dead_neurons:
+            raise UserError("give --sparsity S or --quality Q (or --dead-neurons alone, or --structured)")
         magnitude: dict[str, object] = {"scope": "global" if global_scope else "layer",
                                         "exclude": tuple(exclude or ())}
         if sparsity is not None:
             magnitude["sparsity"] = sparsity
         if quality is not None:
             magnitude["quality"] = quality
-        steps = [Step(pass_name="prune.magnitude", options=magnitude, gate=gate_for(min_cosine))]
+        steps = []
+        if sparsity is not None or quality is not None or not dead_neurons:  # --dead-neurons alone: only that
+            steps.append(Step(pass_name="prune.magnitude", options=magnitude, gate=gate_for(min_cosine)))
         if dead_neurons:
             steps.append(Step(pass_name="prune.dead_neurons", options={"exclude": tuple(exclude or ())},
                               gate=gate_for(min_cosine)))

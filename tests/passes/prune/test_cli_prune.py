@@ -83,6 +83,13 @@ def test_magnitude_then_dead_neurons(rng, tmp_path):
     (got,) = runtime.session(str(thinned)).run(None, {"x": x})
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
+    alone = tmp_path / "alone.onnx"  # a model pruned (and fine-tuned) earlier: only the dead neurons go
+    result = invoke("prune", plain, "--dead-neurons", "-o", alone)
+    assert result.exit_code == 0, result.output
+    assert {t.name: tuple(t.dims) for t in onnx.load(str(alone)).graph.initializer} == shapes
+    nothing = invoke("prune", plain, "-o", tmp_path / "x.onnx")
+    assert nothing.exit_code == 2 and "give --sparsity S or --quality Q" in nothing.stderr
+
 
 def test_sensitivity_command_writes_json_csv_png(model_path, tmp_path):
     folder = tmp_path / "sens"
