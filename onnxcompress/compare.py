@@ -1,8 +1,9 @@
 """Side-by-side comparison of two models: file size, onnxruntime latency, fidelity.
 
 Latency is measured interleaved (A, B, A, B, …) after warm-up, so drift on a shared machine
-hits both alike; the median is reported. Both models get the same probe inputs, drawn from
-the first model's signature (or taken from user data).
+hits both alike; the median is reported. Fidelity is computed on every sample of the user's
+data (or on 64 seeded probes drawn from the first model's signature), not only on the
+latency batch; with `labels` in the data, both models' accuracy is reported too.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxcompress import fidelity, io, runtime
-from onnxcompress.data import model_inputs
+from onnxcompress.data import LABELS, model_inputs
 from onnxcompress.errors import UserError
+
+FIDELITY_PROBES = 64  # seeded random samples when no data is given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,9 @@ class ModelComparison:
     latency_ms_b: float
     metrics: fidelity.Metrics
     batch: int
+    samples: int = 0
+    accuracy_a: float | None = None
+    accuracy_b: float | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -79,13 +85,18 @@ def compare_models(
 ) -> ModelComparison:
     model_a, model_b = io.load(path_a), io.load(path_b)
     _check_same_signature(model_a, model_b, path_a, path_b)
-    probes = fidelity.probe_inputs(model_a, count=batch, data=data)
-    sessions = [runtime.session(str(p), threads=threads) for p in (path_a, path_b)]
-    outputs = [_run(session, probes, path) for session, path in zip(sessions, (path_a, path_b), strict=True)]
+    count = len(next(v for k, v in data.items() if k != LABELS)) if data else FIDELITY_PROBES
+    samples = fidelity.probe_inputs(model_a, count=count, data=data)
+    outputs = [_outputs(path, samples) for path in (path_a, path_b)]
     try:
         metrics = fidelity.compare(outputs[0], outputs[1])
     except ValueError as error:
         raise UserError(f"{path_a} and {path_b} are not comparable: {error}") from None
+    accuracy = [_accuracy(o, data) for o in outputs]
+    probes = fidelity.probe_inputs(model_a, count=batch, data=data)
+    sessions = [runtime.session(str(p), threads=threads) for p in (path_a, path_b)]
+    for session, path in zip(sessions, (path_a, path_b), strict=True):
+        _run(session, probes, path)
     timings: list[list[float]] = [[], []]
     for _ in range(3):
         for session in sessions:
@@ -102,4 +113,23 @@ def compare_models(
         latency_ms_b=statistics.median(timings[1]) * 1e3,
         metrics=metrics,
         batch=batch,
+        samples=len(next(iter(samples.values()))) if samples else 0,
+        accuracy_a=accuracy[0],
+        accuracy_b=accuracy[1],
     )
+
+
+def _outputs(path: Path, samples: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return fidelity.run_model(str(path), samples)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+
+
+def _accuracy(outputs: list[np.ndarray], data: Mapping[str, np.ndarray] | None) -> float | None:
+    """Top-1 accuracy of the first output against `labels`, when the data has them."""
+    if not data or LABELS not in data or not outputs or np.ndim(outputs[0]) < 2:
+        return None
+    labels = np.asarray(data[LABELS])
+    predicted = np.asarray(outputs[0]).argmax(-1)
+    return float(np.mean(predicted[: len(labels)] == labels[: len(predicted)]))

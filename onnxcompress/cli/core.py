@@ -116,8 +116,11 @@ def bench(
     table.add_row("bytes on disk", f"{result.bytes_a:,}", f"{result.bytes_b:,}", f"{result.size_ratio:.2f}×")
     table.add_row(f"latency ms (batch {batch}, median)", f"{result.latency_ms_a:.3f}",
                   f"{result.latency_ms_b:.3f}", f"{result.speedup:.2f}×")
+    if result.accuracy_a is not None and result.accuracy_b is not None:
+        table.add_row("accuracy (labels)", f"{result.accuracy_a:.2%}", f"{result.accuracy_b:.2%}",
+                      f"{(result.accuracy_b - result.accuracy_a) * 100:+.2f} pt")
     console.print(table)
-    console.print(f"fidelity: {result.metrics}", soft_wrap=True)
+    console.print(f"fidelity over {result.samples} samples: {result.metrics}", soft_wrap=True)
 
 
 recipe_app = typer.Typer(help="Recipes: YAML lists of gated passes.", no_args_is_help=True)

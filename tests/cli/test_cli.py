@@ -84,7 +84,7 @@ def test_failed_gate_exits_3_and_writes_nothing(model_path, tmp_path):
     [
         (["inspect", "missing.onnx"], "no such file"),
         (["prune", "{model}", "--sparsity", "0.5", "-o", "{model}"], "refusing to overwrite the input"),
-        (["prune", "{model}"], "exactly one of sparsity or quality"),
+        (["prune", "{model}"], "give --sparsity S or --quality Q"),
         (["optimize", "{model}", "--recipe", "nope"], "no such recipe file or built-in recipe"),
         (["optimize", "{model}", "--data", "{tmp}/x.npz"], "no such data file"),
         (["prune", "{model}", "--sparsity", "0.5", "-o", "{tmp}/nodir/x.onnx"], "output folder does not exist"),
@@ -136,6 +136,19 @@ def test_bench_compares_two_models(model_path, tmp_path):
     assert report["bytes_a"] == (tmp_path / "mlp.onnx").stat().st_size
     assert 0.5 < report["metrics"]["cosine"] < 1.0
     assert report["latency_ms_a"] > 0 and report["latency_ms_b"] > 0
+    assert report["samples"] == 64 and report["accuracy_a"] is None  # fidelity on 64 probes, not the batch
+
+
+def test_bench_judges_fidelity_and_accuracy_on_all_the_data(model_path, tmp_path, rng):
+    assert invoke("prune", model_path, "-o", tmp_path / "p.onnx", "--sparsity", "0.5").exit_code == 0
+    x = rng.standard_normal((100, 16)).astype(np.float32)
+    labels = mlp_reference(onnx.load(str(model_path)), x).argmax(-1)  # the original is right on all of them
+    np.savez(tmp_path / "test.npz", x=x, labels=labels)
+    result = invoke("bench", model_path, tmp_path / "p.onnx", "--runs", "2", "--data", tmp_path / "test.npz", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["samples"] == 100 and report["accuracy_a"] == 1.0
+    assert report["accuracy_b"] == report["metrics"]["top1_agreement"]
 
 
 def test_external_data_on_request(model_path, tmp_path):
