@@ -42,6 +42,9 @@ class Step(pydantic.BaseModel):
     on_fail: Literal["stop", "rollback"] = pydantic.Field(
         "stop", description="stop: fail with nothing written; rollback: undo this step and continue."
     )
+    with_previous: bool = pydantic.Field(
+        False, description="One round with the step before (prune, then fine-tune): a rollback undoes both."
+    )
 
 
 @dataclasses.dataclass
@@ -137,11 +140,14 @@ def run_steps(
     before = model_summary(model)
     results: list[StepResult] = []
     metrics: fidelity.Metrics | None = fidelity.compare(reference, reference)
+    round_start, round_metrics = _clone(model), metrics  # before the current round of steps
     for index, (step, compression_pass) in enumerate(zip(steps, passes, strict=True)):
         if on_step is not None:
             on_step(index, len(steps), step)
         compression_pass.context = PassContext(data=data, original=original, seed=seed)
         snapshot = _clone(model)
+        if not step.with_previous:
+            round_start, round_metrics = snapshot, metrics
         started = time.perf_counter()
         modified = compression_pass(model).modified
         failures: list[str] = []
@@ -161,6 +167,10 @@ def run_steps(
             logger.info("%s; rolled back", message)
             model = snapshot
             status = "rolled back"
+            if step.with_previous and results and results[-1].status == "applied":
+                model, metrics = round_start, round_metrics  # the whole round goes
+                results[-1].status = "rolled back"
+                results[-1].failures.append(f"rolled back with step {index + 1} ({step.pass_name}), its round")
         elif step_metrics is not None:
             metrics = step_metrics
         results.append(StepResult(step, status, compression_pass.report, step_metrics, elapsed, failures))

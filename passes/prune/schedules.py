@@ -140,7 +140,8 @@ def expand_schedule(
     `overrides` (per-layer final rates, e.g. from the sensitivity analysis) are scaled by
     s_k / s_final each round, so every layer reaches its own rate at the last round. With
     `retrain`, prune steps are gated only by validity (checker + onnxruntime) and each
-    `finetune` step by `gate`: fidelity is judged after retraining, as Han et al. do.
+    `finetune` step by `gate`: fidelity is judged after retraining, as Han et al. do; with
+    `on_fail="rollback"` a failed round is undone whole (its prune step too).
     Without `retrain`, every prune step is gated by `gate`.
     """
     if not sparsities:
@@ -160,7 +161,8 @@ def expand_schedule(
             options["overrides"] = {name: round(rate * scale, 10) for name, rate in overrides.items()}
         steps.append(Step(pass_name=prune_pass, options=options, gate=prune_gate, on_fail=on_fail))
         if retrain is not None:
-            steps.append(Step(pass_name="finetune", options=retrain.finetune_options(), gate=gate, on_fail=on_fail))
+            steps.append(Step(pass_name="finetune", options=retrain.finetune_options(), gate=gate, on_fail=on_fail,
+                              with_previous=True))
     return steps
 
 

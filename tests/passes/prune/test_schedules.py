@@ -141,3 +141,18 @@ def test_bad_schedule_entries_name_the_problem(entry, message):
 def test_the_recipe_schema_offers_schedule_steps():
     schema = json.dumps(recipe_schema())
     assert "ScheduleStep" in schema and "rounds" in schema
+
+
+def test_a_round_whose_fine_tune_fails_is_undone_whole(rng):
+    """With retraining, rollback takes back the round's prune step too, not only the fine-tune."""
+    pytest.importorskip("torch")
+    model = mlp(rng, (16, 32, 24, 10))
+    x = rng.standard_normal((32, 16)).astype(np.float32)
+    steps = expand_schedule(fixed_steps(0.9, 0.45), prune_options={"min_params": 0}, on_fail="rollback",
+                            retrain=RetrainOptions(original_lr=0.1, epochs=1, batch_size=32),
+                            gate=Gate(min_cosine=0.999999))  # no round at 45% or 90% keeps this
+    result = run_steps(model, steps, data={"x": x}, probe_count=16)
+    assert [s.status for s in result.steps] == ["rolled back"] * 4
+    fc1 = result.model.graph.initializers["fc1.weight"].const_value.numpy()
+    assert np.count_nonzero(fc1 == 0) == 0  # the model is the original again
+    assert result.final_metrics.cosine == pytest.approx(1.0)
