@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch onnxruntime's C/C++ headers (Debian trixie's libonnxruntime-dev, API 1.21) into
-# build/ort-headers without touching the system's apt sources, then print the include dir.
+# build/apt without touching the system's apt sources, then print the include dir.
 #
 # Idempotent: a second run finds the headers and only prints the path.
 # Honour ORT_INCLUDE_DIR when it already points at a folder holding onnxruntime_c_api.h.

@@ -59,7 +59,7 @@ class SparseCsrConfig(PassConfig):
         0.7, ge=0.0, le=1.0, description="Layers with a smaller share of zero weights stay dense."
     )
     batch: int = pydantic.Field(
-        1, ge=1, le=65536, description="Rows per inference the decision is measured at (X is [batch, K])."
+        1, ge=1, le=65536, description="Rows per inference the decision is measured at (X is batch × K)."
     )
     portable: bool = pydantic.Field(
         True, description="Also write each op as a model-local ONNX function so stock onnxruntime runs the model."
