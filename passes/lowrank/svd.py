@@ -80,6 +80,10 @@ class LowRankConfig(PassConfig):
         "auto", description="SVD method: randomized (seeded) for large matrices at small ranks under auto."
     )
     min_params: int = pydantic.Field(4096, ge=0, description="Weights smaller than this are left alone.")
+    max_sparsity: float = pydantic.Field(
+        0.5, ge=0.0, le=1.0,
+        description="Layers with a larger share of zeros are left alone: dense factors would undo the pruning.",
+    )
     include: tuple[str, ...] = pydantic.Field((), description="Only weights matching these name globs.")
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never factorized.")
     plan: str | None = pydantic.Field(None, description="Apply a saved plan (JSON) instead of planning.")
@@ -146,6 +150,10 @@ class LowRankSVDPass(CompressionPass):
         if site.input_index != 1:
             return None, f"weight is input {site.input_index}, not the right operand"
         weight = site.array()
+        zeros = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
+        if zeros > self.config.max_sparsity:
+            return None, (f"already pruned ({zeros:.0%} zeros > max_sparsity {self.config.max_sparsity}): dense "
+                          "factors would undo it; factorize before pruning, or keep it sparse (sparsify, pack)")
         seed = self.context.seed
         method = self.config.svd
         node = site.node

@@ -459,3 +459,16 @@ def test_budget_too_strict_leaves_layers_with_the_reason(rng):
     compression = LowRankSVDPass(budget=0.999999, min_params=0, probes=8)
     assert not compression(ir.from_proto(proto)).modified
     assert compression.report.reason_for("w").startswith("no candidate rank keeps the output cosine")
+
+
+def test_a_pruned_layer_is_left_sparse(rng):
+    """prune → lowrank would trade 80% zeros for dense factors: the layer is skipped, with the reason."""
+    from onnxcompress.pass_base import get_pass
+    from tests.builders import mlp
+
+    model = mlp(rng, (64, 96, 10))
+    get_pass("prune.magnitude")(sparsity=0.8, min_params=0)(model)
+    compression = LowRankSVDPass(ratio=0.5, min_params=0)
+    assert not compression(model).modified
+    assert compression.report.reason_for("fc0.weight").startswith("already pruned (80% zeros > max_sparsity 0.5)")
+    assert LowRankSVDPass(ratio=0.5, min_params=0, max_sparsity=0.9)(model).modified  # when asked to
