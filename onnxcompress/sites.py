@@ -190,6 +190,9 @@ def find_weight_sites(
             skipped[name] = Skip(name, reason)
 
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain == KERNEL_DOMAIN:
+            skip(_kernel_layer_name(node), f"held by the {node.op_type} kernel: run this pass before sparsify")
+            continue
         if wanted is not None and node.op_type not in wanted:
             continue
         for layout in _layouts(node):
@@ -208,6 +211,8 @@ def find_weight_sites(
                 continue
             tensor, holder = _constant_tensor(value)
             if tensor is None or holder is None:
+                if _decoded_from_codebook(value):
+                    skip(name, CODEBOOK_LAYER)
                 continue  # an activation, not a weight
             if node.op_type == "Gather" and not _reads_embedding(node):
                 continue
@@ -238,6 +243,29 @@ def find_weight_sites(
                 consumers=[(node, layout.input_index)],
             )
     return SiteScan(sorted(sites.values(), key=lambda s: s.name), list(skipped.values()))
+
+
+KERNEL_DOMAIN = "ai.onnxcompress"
+#: The skip reason of a `codebook.*` layer (passes that handle such layers, like sparse.csr, drop it).
+CODEBOOK_LAYER = "weight-shared (codebook) layer: compress the dense model, or fine-tune the codebook"
+
+
+def _kernel_layer_name(node: ir.Node) -> str:
+    """The weight's name from the kernel's first stored array (`<weight>.<layout>_<part>`)."""
+    stored = next((v for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name), None)
+    return stored.name.rsplit(".", 1)[0] if stored is not None else node.name or node.op_type
+
+
+def _decoded_from_codebook(value: ir.Value) -> bool:
+    """Gather(constant codebook, constant indices (maybe through Cast)): a `codebook.*` layer."""
+    gather = value.producer()
+    if gather is None or gather.op_type != "Gather" or gather.inputs[0] is None or gather.inputs[1] is None:
+        return False
+    indices = gather.inputs[1]
+    cast = indices.producer()
+    if cast is not None and cast.op_type == "Cast" and cast.inputs[0] is not None:
+        indices = cast.inputs[0]
+    return gather.inputs[0].const_value is not None and _constant_tensor(indices)[0] is not None
 
 
 def _reads_embedding(node: ir.Node) -> bool:

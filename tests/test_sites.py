@@ -119,3 +119,19 @@ def test_embedding_gather_is_a_site_but_index_gather_is_not(rng):
     sites = find_weight_sites(ir.from_proto(finish(graph))).by_name()
     assert list(sites) == ["embed"]
     assert sites["embed"].op_type == "Gather"
+
+
+def test_codebook_and_kernel_layers_are_skipped_with_their_reason(rng):
+    """A pass run after cluster or sparsify says why it left those layers, instead of a silent no-op."""
+    from onnxcompress.pass_base import get_pass
+    from onnxcompress.sites import CODEBOOK_LAYER
+    from tests.passes.sparse.test_sparse_codebook_layers import shared_mlp
+
+    shared = ir.serde.deserialize_model(shared_mlp(rng))
+    reasons = {s.name: s.reason for s in find_weight_sites(shared).skipped}
+    assert reasons == {"fc0.weight": CODEBOOK_LAYER, "fc1.weight": CODEBOOK_LAYER, "head.weight": CODEBOOK_LAYER}
+
+    kernels = get_pass("sparse.csr")(decide="always", min_params=16)(shared).model
+    reasons = {s.name: s.reason for s in find_weight_sites(kernels).skipped}
+    assert reasons["fc0.weight"] == "held by the SparseCodebookMatMul kernel: run this pass before sparsify"
+    assert reasons["fc1.weight"] == "held by the CodebookMatMul kernel: run this pass before sparsify"

@@ -46,7 +46,7 @@ from onnxcompress.pass_base import CompressionPass, PassConfig, register
 from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers
 from onnxcompress.passes.sparse.formats import pack_codebook_indices, to_csr
 from onnxcompress.passes.sparse.functions import DOMAIN, MIN_ONNX_OPSET, OPSET_VERSION, function_for
-from onnxcompress.sites import WeightSite, find_weight_sites
+from onnxcompress.sites import CODEBOOK_LAYER, WeightSite, find_weight_sites
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,8 @@ class SparseCsrPass(CompressionPass):
             model, min_params=self.config.min_params, exclude=self.config.exclude, ops=("MatMul", "Gemm")
         )
         for skip in scan.skipped:
-            self.report.skip(skip.name, skip.reason)
+            if skip.reason != CODEBOOK_LAYER:  # those are handled below
+                self.report.skip(skip.name, skip.reason)
         candidates = []
         for site in scan.sites:
             candidate = self._candidate(model, site)
