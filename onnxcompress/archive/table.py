@@ -86,9 +86,10 @@ def table_markdown(table: dict[str, Any], title: str = "") -> str:
             f"| {row['rate_p_percent']:.2f}% | {row['rate_pq_percent']:.2f}% | {row['rate_coded_percent']:.2f}% |"
         )
     t = table["totals"]
+    kept = f"{t['kept_percent']:.1f}%" if table["layers"] else "—"
     lines.append(
         f"| **total** (other tensors raw: {t['other_tensor_bytes']:,} B) | {t['params']:,} "
-        f"| {t['kept_percent']:.1f}% | | | | | {t['bytes_p'] / 1000:.1f} KB ({t['ratio_p']:.1f}×) "
+        f"| {kept} | | | | | {t['bytes_p'] / 1000:.1f} KB ({t['ratio_p']:.1f}×) "
         f"| {t['bytes_pq'] / 1000:.1f} KB ({t['ratio_pq']:.1f}×) "
         f"| {t['bytes_coded'] / 1000:.1f} KB ({t['ratio_coded']:.1f}×) |"
     )
@@ -97,4 +98,7 @@ def table_markdown(table: dict[str, Any], title: str = "") -> str:
         f"Dense float32: {t['bytes_dense'] / 1000:.1f} KB (KB = 1000 bytes). Archive file (graph and manifest included): "
         f"{t['archive_bytes'] / 1000:.1f} KB ({t['ratio_archive']:.1f}×).",
     ]
+    if not table["layers"]:
+        lines += ["", "No weight-shared layer: every tensor is stored raw in the zlib-compressed graph. "
+                  "Run `onnxcompress cluster` first for Deep Compression coding."]
     return "\n".join(lines)

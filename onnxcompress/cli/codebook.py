@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from onnxcompress import io
+from onnxcompress import io, runtime
 from onnxcompress.cli.common import (
     DataOption,
     MinCosineOption,
@@ -93,6 +93,10 @@ def pack(
         if not index_bits.isdigit():
             raise UserError(f"--index-bits {index_bits!r}: expected a number of bits or 'auto'")
         width = int(index_bits)
+    kernel_ops = sorted({n.op_type for n in io.load(model).graph if n.domain == runtime.DOMAIN})
+    if kernel_ops:
+        console.print(f"note: layers held by {', '.join(kernel_ops)} are stored as raw CSR/index arrays; "
+                      "pack the model from before `sparsify` for Deep Compression coding", soft_wrap=True)
     result = pack_file(model, output, coder=coder, index_bits=width)  # type: ignore[arg-type]
     table = compression_table(result)
     text = table_markdown(table, title=f"{model.name} → {output.name} ({coder})")

@@ -87,3 +87,15 @@ def test_bad_options_exit_2(model_path, tmp_path):
     assert invoke("cluster", model_path, "--bits", "12", "-o", tmp_path / "o.onnx").exit_code == 2
     assert invoke("cluster", model_path, "--layer-bits", "nobits", "-o", tmp_path / "o.onnx").exit_code == 2
     assert invoke("pack", model_path, "--coder", "zip", "-o", tmp_path / "o.onnxc").exit_code == 2
+
+
+def test_pack_says_when_the_model_is_not_ready_for_deep_compression(model_path, tmp_path):
+    pruned, sparse = tmp_path / "pruned.onnx", tmp_path / "sparse.onnx"
+    assert invoke("prune", model_path, "--sparsity", "0.9", "-o", pruned).exit_code == 0
+    result = invoke("pack", pruned, "-o", tmp_path / "a.onnxc")
+    assert result.exit_code == 0, result.output
+    assert "No weight-shared layer" in result.stdout and "| —" in result.stdout
+    assert invoke("sparsify", pruned, "--always", "--min-params", "0", "-o", sparse).exit_code == 0
+    result = invoke("pack", sparse, "-o", tmp_path / "b.onnxc", "-q")
+    assert result.exit_code == 0, result.output
+    assert "note: layers held by SparseMatMul" in result.stdout
