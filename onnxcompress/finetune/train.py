@@ -297,6 +297,7 @@ def _finetune(
     scheduler = _scheduler(optimizer, options, data)
     rng = np.random.default_rng(options.seed)
     history: list[dict[str, float]] = []
+    first_loss: float | None = None
     stopped = False
     progress = _progress_bar(options.epochs) if _PROGRESS.get() else contextlib.nullcontext(None)
     with progress as bar:
@@ -318,6 +319,7 @@ def _finetune(
                     scheduler.step()
                 n = len(next(iter(batch.values())))
                 total, count = total + float(loss.detach()) * n, count + n
+                first_loss = float(loss.detach()) if first_loss is None else first_loss
             record = {"epoch": float(epoch + 1), "loss": total / max(count, 1)}
             if epoch == 0 and record["loss"] == 0.0 and loss_kind != "cross_entropy":
                 logger.warning(
@@ -333,6 +335,7 @@ def _finetune(
                 stopped = epoch + 1 < options.epochs
                 break
     module.eval()
+    _warn_if_diverged(first_loss, history)
     if ratios:
         structure.update({f"dropout:{k}": f"ratio {v:.4f}" for k, v in ratios.items()})
     return TrainResult(module.arrays(names), history, structure, stopped, loss_kind)
@@ -369,6 +372,16 @@ def _met(record: Mapping[str, float], options: TrainOptions) -> bool:
     if options.target_accuracy is not None and "accuracy" in record:
         checks.append(record["accuracy"] >= options.target_accuracy)
     return bool(checks) and all(checks)
+
+
+def _warn_if_diverged(first_loss: float | None, history: list[dict[str, float]]) -> None:
+    """Say so when training made the loss worse: the learning rate is the usual suspect."""
+    if first_loss is None or not history:
+        return
+    last = history[-1]["loss"]
+    if not math.isfinite(last) or last > 2.0 * first_loss + 1e-6:
+        logger.warning("fine-tuning diverged: loss %.4g at the first step, %.4g over the last epoch; "
+                       "try a lower --lr", first_loss, last)
 
 
 def _progress_bar(epochs: int) -> Any:

@@ -314,3 +314,15 @@ def test_write_back_into_constant_nodes(rng) -> None:
     out = ir.to_proto(model)
     out.ir_version = 10
     np.testing.assert_allclose(ort_run(out, data)[0], data["x"] @ stored, rtol=1e-5, atol=1e-6)
+
+
+def test_a_diverging_run_is_reported(mlp_pair, digits, caplog) -> None:
+    _, proto = mlp_pair
+    train, _ = _digits(proto, digits)
+    with caplog.at_level("WARNING", logger="onnxcompress.finetune.train"):
+        finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=50.0, batch_size=32))
+    assert "fine-tuning diverged" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnxcompress.finetune.train"):
+        finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05, batch_size=32))
+    assert "diverged" not in caplog.text
