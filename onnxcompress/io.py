@@ -17,6 +17,7 @@ __all__ = [
     "save",
     "serialized",
     "write_text_atomic",
+    "in_memory",
     "iter_graphs",
     "iter_tensors",
     "minimum_ir_version",
@@ -30,6 +31,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -189,6 +191,25 @@ def _tensor_bytes(model: ir.Model) -> int:
     return sum(tensor.nbytes for tensor in iter_tensors(model))
 
 
+def in_memory(model: ir.Model) -> ir.Model:
+    """A copy whose external tensors are read into memory (the model itself keeps its mapping).
+
+    Serializing a model that still points at external files only works from their folder;
+    this copy serializes anywhere. Copies, never closes the mapping: views may still be alive.
+    """
+    if not _mapped_files(model):
+        return model
+    copy = model.clone()
+    copy.meta.update(model.meta)
+    for graph in [g for root in (copy.graph, *copy.functions.values()) for g in iter_graphs(root)]:
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    value.const_value = ir.tensor(np.array(tensor.numpy()), name=tensor.name)
+    return copy
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike[str],
@@ -204,26 +225,26 @@ def save(
     source = model.meta.get(SOURCE_KEY)
     if source is not None and Path(source) == path:
         raise UserError(f"{path}: refusing to overwrite the input model; choose another output")
-    mapped = _mapped_files(model)
     data_name = path.name + ".data"
-    protected = mapped | {Path(p) for p in model.meta.get(READS_KEY, ())}
-    if path in protected or path.parent / data_name in protected:
-        raise UserError(f"{path}: refusing to overwrite a file the loaded model still reads")
+    use_external = external_data if external_data is not None else _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    protected = _mapped_files(model) | {Path(p) for p in model.meta.get(READS_KEY, ())}
+    if path in protected or (use_external and path.parent / data_name in protected):
+        what = "the model's" if path in protected else f"its data file {data_name}, which the loaded model"
+        raise UserError(f"{path}: refusing to overwrite {what} still reads; choose another output")
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: output folder does not exist")
-    if path.is_dir() or (path.parent / data_name).is_dir():
+    if path.is_dir() or (use_external and (path.parent / data_name).is_dir()):
         raise UserError(f"{path}: is a folder; give a file name for the output")
-    use_external = external_data if external_data is not None else _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     model.ir_version = minimum_ir_version(model)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnxcompress-") as tmp:
         staged = Path(tmp) / path.name
         if use_external:
             ir.save(model, staged, external_data=data_name, size_threshold_bytes=1024)
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
+            data = Path(tmp) / data_name
+            if data.stat().st_size:  # every tensor under the threshold: no data file at all
+                os.replace(data, path.parent / data_name)
         else:
-            if mapped:
-                ir.external_data.load_to_model(model)  # embed: the file must stand alone
-            ir.save(model, staged)
+            ir.save(in_memory(model), staged)  # embedded: the file must stand alone
         os.replace(staged, path)
     logger.info("wrote %s", path)
     return path

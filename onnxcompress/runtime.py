@@ -196,7 +196,9 @@ def session(
     when the library is absent, instead of onnxruntime's opaque schema error.
     """
     if isinstance(model, ir.Model):
-        model = ir.to_proto(model)
+        from onnxcompress.io import in_memory  # external data resolves from the model's folder only
+
+        model = ir.to_proto(in_memory(model))
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     cuda = bool(providers) and any(_provider_name(p) == CUDA_PROVIDER for p in providers or ())

@@ -149,8 +149,16 @@ def test_save_refuses_the_input_and_mapped_data(rng, tmp_path):
     # b.onnx reads ext.onnx.data; saving it as ext.onnx would rewrite the data it maps.
     (tmp_path / "b.onnx").write_bytes((tmp_path / "ext.onnx").read_bytes())
     mapped = io.load(tmp_path / "b.onnx")
+    data_before = (tmp_path / "ext.onnx.data").read_bytes()
     with pytest.raises(UserError, match="still reads"):
-        io.save(mapped, tmp_path / "ext.onnx")
+        io.save(mapped, tmp_path / "ext.onnx", external_data=True)
+    # Embedded, the same name is safe: nothing is written to ext.onnx.data.
+    io.save(mapped, tmp_path / "ext.onnx", external_data=False)
+    assert (tmp_path / "ext.onnx.data").read_bytes() == data_before
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(onnx.load(str(tmp_path / "ext.onnx")).graph.initializer[0]),
+        mapped.graph.initializers[onnx.load(str(tmp_path / "ext.onnx")).graph.initializer[0].name].const_value.numpy(),
+    )
 
 
 def test_failed_save_leaves_no_partial_file(rng, tmp_path, monkeypatch):

@@ -129,12 +129,14 @@ def _consumer_op(model: ir.Model, weight: str) -> str:
 
 def _to_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a self-contained ModelProto (external data read into memory)."""
-    proto = ir.to_proto(model)
+    from onnxcompress.io import in_memory
+
+    proto = ir.to_proto(in_memory(model))
     for tensor in proto.graph.initializer:
-        if tensor.data_location == TensorProto.EXTERNAL:
+        if tensor.data_location == TensorProto.EXTERNAL:  # only a model not loaded by io.load
             raise UserError(
                 f"{tensor.name}: weights held as external data; load the model with "
-                "onnxcompress.io.load and save it without external data first"
+                "onnxcompress.io.load first"
             )
     return proto
 
@@ -411,7 +413,9 @@ def pack_file(
     return result
 
 
-def unpack_file(archive: str | os.PathLike[str], output: str | os.PathLike[str]) -> Path:
+def unpack_file(
+    archive: str | os.PathLike[str], output: str | os.PathLike[str], *, external_data: bool | None = None
+) -> Path:
     """Read, verify and unpack an archive into an ONNX model written atomically."""
     from onnxcompress import io
 
@@ -424,7 +428,7 @@ def unpack_file(archive: str | os.PathLike[str], output: str | os.PathLike[str])
         proto = unpack(data)
     except ModelLoadError as error:
         raise ModelLoadError(f"{path}: {error}") from None
-    return io.save(ir.from_proto(proto), output)
+    return io.save(ir.from_proto(proto), output, external_data=external_data)
 
 
 def _write_atomic(path: Path, data: bytes, source: Path) -> None:

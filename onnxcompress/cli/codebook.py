@@ -16,6 +16,7 @@ import typer
 
 from onnxcompress import io, runtime
 from onnxcompress.cli.common import (
+    SAVE_OPTIONS,
     DataOption,
     MinCosineOption,
     OutputOption,
@@ -117,7 +118,7 @@ def unpack(
     output = output or archive.with_suffix(".onnx")
     if output.resolve() == archive.resolve():
         raise UserError(f"{output}: refusing to overwrite the archive; choose another output")
-    written = unpack_file(archive, output)
+    written = unpack_file(archive, output, **SAVE_OPTIONS)
     console.print(f"wrote {written}", markup=False)
 
 

@@ -61,7 +61,7 @@ def _one_layer_model(site: WeightSite, input_shape: tuple[int, ...]) -> ir.Model
     node = site.node
     dtype = site.dtype
     x = ir.Value(name="x", shape=ir.Shape(input_shape), type=ir.TensorType(dtype))
-    weight = ir.Value(name="weight", const_value=ir.tensor(site.array(), name="weight"))
+    weight = ir.Value(name="weight", const_value=ir.tensor(np.array(site.array()), name="weight"))
     inputs: list[ir.Value | None] = [x, weight]
     initializers = [weight]
     if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None:

@@ -52,7 +52,7 @@ import onnx_ir as ir
 from onnxcompress import fidelity
 from onnxcompress.data import LABELS
 from onnxcompress.errors import DataError, QuantizedModelError, UnsupportedModelError, UserError
-from onnxcompress.io import write_text_atomic
+from onnxcompress.io import in_memory, write_text_atomic
 from onnxcompress.pass_base import quantized_ops
 from onnxcompress.passes.prune.magnitude import prune_to_count
 from onnxcompress.runtime import ORT_ERRORS
@@ -254,7 +254,7 @@ def analyse(
 
 
 def _serialise(model: ir.Model) -> bytes:
-    proto = ir.to_proto(model)
+    proto = ir.to_proto(in_memory(model))  # sessions from bytes cannot find external data
     proto.ir_version = min(proto.ir_version, 10)
     return proto.SerializeToString()
 
