@@ -148,7 +148,22 @@ def _upstream_weight(model: ir.Model, node: ir.Node) -> str | None:
             return None
         if id(producer) in weights:
             return weights[id(producer)]
-        value = producer.inputs[0]
+        if producer.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+            return None  # a layer whose weight is not a constant (e.g. Transpose(W)): never walk past it
+        # follow the activation, not a constant operand (torch writes Add(bias, MatMul) too)
+        value = next((v for v in producer.inputs if v is not None and _constant_of(v) is None), None)
+    return None
+
+
+def _constant_of(value: ir.Value) -> np.ndarray | None:
+    """The array behind an initializer or a Constant node's output, else None."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor().numpy()
+    if producer is not None and producer.op_type == "Constant" and "value_float" in producer.attributes:
+        return np.array(producer.attributes["value_float"].value, dtype=np.float32)
     return None
 
 
@@ -168,8 +183,9 @@ def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | N
         if weight is None or weight not in original_values or name not in module.dropout_nodes:
             continue
         old_ratio = 0.5
-        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
-            old_ratio = float(node.inputs[1].const_value.numpy())
+        ratio_input = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if ratio_input is not None and _constant_of(ratio_input) is not None:
+            old_ratio = float(_constant_of(ratio_input))  # type: ignore[arg-type]
         elif "ratio" in node.attributes:
             old_ratio = float(node.attributes["ratio"].value)
         c_old = int(np.count_nonzero(original_values[weight].numpy()))

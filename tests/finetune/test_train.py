@@ -326,3 +326,30 @@ def test_a_diverging_run_is_reported(mlp_pair, digits, caplog) -> None:
     with caplog.at_level("WARNING", logger="onnxcompress.finetune.train"):
         finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05, batch_size=32))
     assert "diverged" not in caplog.text
+
+
+def test_dropout_rescale_as_torch_writes_it(rng) -> None:
+    """Ratio in a Constant node, bias Add with the bias first; and never past a layer without a constant weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    pruned = np.where(np.abs(w) > np.quantile(np.abs(w), 0.75), w, 0).astype(np.float32)
+
+    def model(weight):
+        graph = helper.make_graph(
+            [helper.make_node("Constant", [], ["ratio"], value=numpy_helper.from_array(np.float32(0.1))),
+             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["b", "h"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("Dropout", ["r", "ratio"], ["d"], name="drop"),
+             helper.make_node("Transpose", ["w2"], ["w2t"]), helper.make_node("MatMul", ["d", "w2t"], ["m"]),
+             helper.make_node("Dropout", ["m", "ratio"], ["y"], name="after_transposed")],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+            initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+                         numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w2")],
+        )
+        return to_ir(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+    data = {"x": rng.standard_normal((16, 8)).astype(np.float32)}
+    result = finetune(model(pruned), data, original=model(w), options=TrainOptions(epochs=1, loss="mse"))
+    assert result.structure["dropout:drop"] == f"ratio {0.1 * np.sqrt(16 / 64):.4f}"
+    assert "dropout:after_transposed" not in result.structure  # w2 reaches it through Transpose: left alone
