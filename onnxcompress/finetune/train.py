@@ -197,6 +197,10 @@ def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | N
 
 
 def _feeds(module: OnnxModule, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    missing = [n for n in module.input_names if n not in batch]
+    if missing:
+        unknown = sorted(k for k in batch if k not in module.input_names and k != LABELS)
+        raise DataError(f"a batch lacks model inputs {missing}" + (f"; it has {unknown} instead" if unknown else ""))
     return {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items() if k in module.input_names}
 
 
@@ -299,6 +303,7 @@ def _finetune(
         first = next(iterate_batches(data, 2))
     else:
         first = next(iter(data()))
+        _feeds(module, first)  # a callable's batches are checked here, by name
     has_labels = LABELS in first and not options.distill
     rank = np.ndim(teacher.run({k: v for k, v in first.items() if k != LABELS})[0])
     loss_kind = resolve_loss(options.loss, has_labels, rank)

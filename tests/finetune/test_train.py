@@ -256,6 +256,12 @@ def test_training_from_a_batch_callable(mlp_pair, digits) -> None:
     assert result.loss_kind == "cross_entropy" and len(result.history) == 4
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
+    def misnamed():
+        return iter([{"pixels_typo": train[name][:48], "labels": train["labels"][:48]}])
+
+    with pytest.raises(DataError, match=r"lacks model inputs \['" + name + r"'\]; it has \['pixels_typo'\]"):
+        finetune(to_ir(proto), misnamed, options=TrainOptions(epochs=1))
+
 
 def test_finetune_after_codebook_kmeans_keeps_indices_and_the_zero_entry(mlp_pair, digits) -> None:
     from onnxcompress.pass_base import pass_names
