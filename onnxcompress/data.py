@@ -49,12 +49,18 @@ def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.
     return data
 
 
+def _numpy_dtype(value: ir.Value | None) -> np.dtype | None:
+    if value is None or value.dtype is None or value.dtype == ir.DataType.STRING:
+        return None
+    return np.dtype(value.dtype.numpy())
+
+
 def _float_as_expected(array: np.ndarray, value: ir.Value | None) -> np.ndarray:
     """numpy saves float64 by default: floats are cast to the float type the input expects."""
-    if value is None or value.dtype is None or value.dtype == ir.DataType.STRING or array.dtype.kind != "f":
+    want = _numpy_dtype(value)
+    if want is None or want.kind != "f" or array.dtype.kind != "f":
         return array
-    want = np.dtype(value.dtype.numpy())
-    return array.astype(want) if want.kind == "f" and array.dtype != want else array
+    return array.astype(want) if array.dtype != want else array
 
 
 def _fit_problems(name: str, array: np.ndarray, value: ir.Value) -> list[str]:
@@ -65,10 +71,9 @@ def _fit_problems(name: str, array: np.ndarray, value: ir.Value) -> list[str]:
     expected = [d if isinstance(d, int) else None for d in value.shape or ()]
     if any(want is not None and want != got for want, got in zip(expected[1:], array.shape[1:], strict=True)):
         problems.append(f"{name!r} has shape {list(array.shape)}, the model expects {value.shape}")
-    if value.dtype is not None and value.dtype != ir.DataType.STRING:
-        want = np.dtype(value.dtype.numpy())
-        if array.dtype != want:
-            problems.append(f"{name!r} is {array.dtype}, the model expects {want} (save it with .astype(np.{want}))")
+    dtype = _numpy_dtype(value)
+    if dtype is not None and array.dtype != dtype:
+        problems.append(f"{name!r} is {array.dtype}, the model expects {dtype} (save it with .astype(np.{dtype}))")
     return problems
 
 

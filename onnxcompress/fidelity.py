@@ -103,14 +103,12 @@ def probe_inputs(
     Symbolic dimensions take `dims[name]` when given; the first axis takes `count`; any other
     symbolic dimension takes 8.
     """
+    batch = fixed_batch(model)  # a model exported for batch B gets whole batches, run B at a time
     if data is not None:
-        batch = fixed_batch(model)
-        if batch:  # whole batches of a model exported with a fixed batch size (see run_model)
-            count = max(batch, count // batch * batch)
-        return {name: np.asarray(array[:count]) for name, array in data.items() if name != LABELS}
+        rows = max(batch, count // batch * batch) if batch else count
+        return {name: np.asarray(array[:rows]) for name, array in data.items() if name != LABELS}
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
-    batch = fixed_batch(model)  # a model exported for batch B gets `count` rows too, run B at a time
     rows = max(batch, -(-count // batch) * batch) if batch else None
     probes = {}
     for value in model_inputs(model):

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.pass_base import Skip
+from onnxcompress.runtime import DOMAIN as KERNEL_DOMAIN
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def find_weight_sites(
 
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain == KERNEL_DOMAIN:
-            skip(_kernel_layer_name(node), f"held by the {node.op_type} kernel: run this pass before sparsify")
+            skip(kernel_layer_name(node), f"held by the {node.op_type} kernel: run this pass before sparsify")
             continue
         if wanted is not None and node.op_type not in wanted:
             continue
@@ -245,12 +246,11 @@ def find_weight_sites(
     return SiteScan(sorted(sites.values(), key=lambda s: s.name), list(skipped.values()))
 
 
-KERNEL_DOMAIN = "ai.onnxcompress"
 #: The skip reason of a `codebook.*` layer (passes that handle such layers, like sparse.csr, drop it).
 CODEBOOK_LAYER = "weight-shared (codebook) layer: compress the dense model, or fine-tune the codebook"
 
 
-def _kernel_layer_name(node: ir.Node) -> str:
+def kernel_layer_name(node: ir.Node) -> str:
     """The weight's name from the kernel's first stored array (`<weight>.<layout>_<part>`)."""
     stored = next((v for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name), None)
     return stored.name.rsplit(".", 1)[0] if stored is not None else node.name or node.op_type

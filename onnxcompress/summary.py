@@ -25,8 +25,8 @@ import onnx_ir as ir
 
 from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers, dense_weight
 from onnxcompress.passes.sparse.formats import dense_from_csr, unpack_codebook_indices
-from onnxcompress.passes.sparse.functions import DOMAIN
-from onnxcompress.sites import find_weight_sites
+from onnxcompress.runtime import DOMAIN
+from onnxcompress.sites import find_weight_sites, kernel_layer_name
 
 _SAMPLE = 1 << 18
 
@@ -106,7 +106,7 @@ def _kernel_weight(node: ir.Node, arrays: list[np.ndarray]) -> tuple[np.ndarray,
     return codebook[unpack_codebook_indices(packed, k, bits)], bits, codebook.size
 
 
-def _kernel_rows(model: ir.Model) -> list[LayerInfo]:
+def _kernel_rows(model: ir.Model, count_distinct: bool) -> list[LayerInfo]:
     rows = []
     for node in model.graph:
         if node.domain != DOMAIN or node.op_type not in ("SparseMatMul", "SparseCodebookMatMul", "CodebookMatMul"):
@@ -116,9 +116,9 @@ def _kernel_rows(model: ir.Model) -> list[LayerInfo]:
         weight, bits, codebook_size = _kernel_weight(node, arrays)
         held = stored[:-1] if len(stored) == len(node.inputs) - 1 else stored  # the bias is not the weight
         rows.append(LayerInfo(
-            name=stored[0].name.rsplit(".", 1)[0] if stored and stored[0].name else node.name or node.op_type,
+            name=kernel_layer_name(node),
             op=node.op_type, shape=tuple(weight.shape), dtype="float32", params=int(weight.size),
-            nonzero=int(np.count_nonzero(weight)), distinct=int(np.unique(weight).size), distinct_exact=True,
+            nonzero=int(np.count_nonzero(weight)), distinct=int(np.unique(weight).size) if count_distinct else 0, distinct_exact=count_distinct,
             bytes=int(sum(a.nbytes for a in arrays[: len(held)])), holder="kernel", bits=bits,
             codebook_size=codebook_size,
         ))
@@ -127,7 +127,7 @@ def _kernel_rows(model: ir.Model) -> list[LayerInfo]:
 
 def layer_table(model: ir.Model, count_distinct: bool = True) -> list[LayerInfo]:
     """One row per weight. `count_distinct=False` skips the distinct-value count (the slow part)."""
-    rows = [_codebook_row(layer) for layer in codebook_layers(model)] + _kernel_rows(model)
+    rows = [_codebook_row(layer) for layer in codebook_layers(model)] + _kernel_rows(model, count_distinct)
     for site in find_weight_sites(model, min_params=0).sites:
         array = site.array()
         distinct, exact = _distinct(array) if count_distinct else (0, False)

@@ -35,7 +35,8 @@ from collections.abc import Callable
 import onnx
 from onnx import helper
 
-DOMAIN = "ai.onnxcompress"
+from onnxcompress.runtime import DOMAIN
+
 OPSET_VERSION = 1
 MIN_ONNX_OPSET = 16
 
