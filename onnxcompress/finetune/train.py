@@ -184,8 +184,9 @@ def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | N
             continue
         old_ratio = 0.5
         ratio_input = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] is not None else None
-        if ratio_input is not None and _constant_of(ratio_input) is not None:
-            old_ratio = float(_constant_of(ratio_input))  # type: ignore[arg-type]
+        held = _constant_of(ratio_input) if ratio_input is not None else None
+        if held is not None:
+            old_ratio = float(held)
         elif "ratio" in node.attributes:
             old_ratio = float(node.attributes["ratio"].value)
         c_old = int(np.count_nonzero(original_values[weight].numpy()))
