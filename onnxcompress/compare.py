@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnxcompress import fidelity, io, runtime
 from onnxcompress.data import LABELS, model_inputs
 from onnxcompress.errors import UserError
+from onnxcompress.pipeline import reference_probes
 
 FIDELITY_PROBES = 64  # seeded random samples when no data is given
 
@@ -86,14 +87,17 @@ def compare_models(
     model_a, model_b = io.load(path_a), io.load(path_b)
     _check_same_signature(model_a, model_b, path_a, path_b)
     count = len(next(v for k, v in data.items() if k != LABELS)) if data else FIDELITY_PROBES
-    samples = fidelity.probe_inputs(model_a, count=count, data=data)
-    outputs = [_outputs(path, samples) for path in (path_a, path_b)]
+    samples = reference_probes(model_a, count=count, data=data)
+    reference = _outputs(model_a, samples, path_a)
+    candidate = _outputs(model_b, samples, path_b, reference.views)
     try:
-        metrics = fidelity.compare(outputs[0], outputs[1])
+        metrics = fidelity.compare(reference, candidate)
     except ValueError as error:
         raise UserError(f"{path_a} and {path_b} are not comparable: {error}") from None
-    accuracy = [_accuracy(o, data) for o in outputs]
-    probes = fidelity.probe_inputs(model_a, count=batch, data=data)
+    accuracy = [_accuracy(o.values, data) for o in (reference, candidate)]
+    sizes = {(name, axis): size for name, array in samples.items()
+             for axis, size in enumerate(np.shape(array)) if axis > 0}
+    probes = fidelity.probe_inputs(model_a, count=batch, data=data, sizes=sizes)
     sessions = [runtime.session(str(p), threads=threads) for p in (path_a, path_b)]
     for session, path in zip(sessions, (path_a, path_b), strict=True):
         _run(session, probes, path)
@@ -119,9 +123,10 @@ def compare_models(
     )
 
 
-def _outputs(path: Path, samples: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def _outputs(model: ir.Model, samples: Mapping[str, np.ndarray], path: Path,
+             views: tuple[fidelity.OutputView, ...] | None = None) -> fidelity.Outputs:
     try:
-        return fidelity.run_model(str(path), samples)
+        return fidelity.run(model, samples, views)
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
 

@@ -1,141 +1,257 @@
 """Fidelity: how far a compressed model's outputs drift from the ORIGINAL model's.
 
-Probe inputs come from the user's data or are drawn (seeded) from the input signature,
-with symbolic dimensions resolved. Reference outputs are computed once, on the model as
-loaded, and every step is compared against them, so drift cannot accumulate unseen.
+Reference outputs are computed once, on the model as loaded, and every step is compared
+against them, so drift cannot accumulate unseen.
 
-Metrics over all float outputs, flattened and concatenated:
-  cosine = <a, b> / (|a| |b|),  rel_l2 = |a - b| / |a|,  max_abs = max |a - b|,
-  top1_agreement = share of samples whose arg-max over the last axis of the first
-  output is unchanged (classification models; None when the output is not 2-D or more).
+Why not cosine of the outputs alone: a classifier whose softmax saturates gives p = 1.0 to
+its class on every input, so a destroyed model that still says "class 0" everywhere keeps
+cosine 0.999 and top-1 agreement 1.0. The comparison therefore looks where differences show:
+
+- **Views.** An output produced by Softmax/LogSoftmax (through shape-only ops) is compared on
+  the activation's INPUT, the logits, centred along the softmax axis (softmax ignores a shift);
+  an output produced by Sigmoid on its log-odds. The graph is read for this; bare arrays that
+  look like probabilities (in [0, 1], summing to 1) are compared on their logarithms.
+- **Per output.** Each float output is scored on its own and the worst one counts, so a
+  small output cannot hide behind a large one.
+- **Rank correlation across samples.** For each output column (class, feature), Spearman's
+  rho between the original's and the candidate's scores over the probe samples, averaged over
+  the columns that vary. A model whose outputs collapse to a constant scores 0.
+- **KL divergence** of the candidate's class distribution from the original's (softmax views).
+- **Top-1 agreement** on the first output with a class axis; an optional **task metric**
+  (a Python callback on both models' outputs, higher is better).
+
+Non-finite values anywhere (the original's outputs, or the candidate's) fail every gate.
 """
 
 from __future__ import annotations
 
-__all__ = ["Metrics", "Gate", "probe_inputs", "run_model", "compare"]
+__all__ = [
+    "Metrics", "Gate", "DEFAULT_GATE", "OutputView", "Outputs", "TaskMetric",
+    "output_views", "run", "run_model", "compare", "probe_inputs", "fixed_batch",
+]
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pydantic
+from scipy.stats import rankdata
 
 from onnxcompress import runtime
-from onnxcompress.data import LABELS, model_inputs
 from onnxcompress.errors import UnsupportedModelError
+from onnxcompress.io import serialized
+from onnxcompress.probes import fixed_batch, probe_inputs
 
-_NUMPY_DTYPES = {
-    ir.DataType.FLOAT: np.float32,
-    ir.DataType.DOUBLE: np.float64,
-    ir.DataType.FLOAT16: np.float16,
-    ir.DataType.INT64: np.int64,
-    ir.DataType.INT32: np.int32,
-    ir.DataType.BOOL: np.bool_,
-    ir.DataType.UINT8: np.uint8,
-    ir.DataType.INT8: np.int8,
-}
+#: Higher is better; called with the original's and the candidate's outputs (graph order).
+TaskMetric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
+
+_SHAPE_ONLY = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+_MAX_COLUMNS = 4096  # columns scored for rank correlation (evenly spaced beyond that)
+_TINY = 1e-30  # probability floor before taking logs
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputView:
+    """How one graph output is compared: as is, or on the pre-activation value behind it."""
+
+    output: str
+    kind: Literal["values", "logits", "log-odds"]
+    source: str  # the value compared: the output itself, or the activation's input
+    axis: int | None = None  # logits: the softmax axis (compared up to a shift along it)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """A model's outputs on the probes, and the view each is compared on."""
+
+    values: list[np.ndarray]
+    scores: list[np.ndarray]
+    views: tuple[OutputView, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Metrics:
+    """Worst case over the float outputs (per-output figures in `outputs`)."""
+
     cosine: float
     rel_l2: float
     max_abs: float
     top1_agreement: float | None
+    rank_correlation: float | None = None
+    kl: float | None = None
+    task: float | None = None
+    outputs: tuple[dict[str, Any], ...] = ()
 
-    def to_dict(self) -> dict[str, float | None]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "outputs": [dict(o) for o in self.outputs]}
 
     def __str__(self) -> str:
-        top1 = "n/a" if self.top1_agreement is None else f"{self.top1_agreement:.3f}"
-        return f"cosine={self.cosine:.6f} rel_l2={self.rel_l2:.3g} max_abs={self.max_abs:.3g} top1={top1}"
+        def show(value: float | None, spec: str) -> str:
+            return "n/a" if value is None else format(value, spec)
+
+        text = (f"cosine={self.cosine:.6f} rank={show(self.rank_correlation, '.4f')} "
+                f"top1={show(self.top1_agreement, '.3f')} rel_l2={self.rel_l2:.3g}")
+        if self.kl is not None:
+            text += f" kl={self.kl:.3g}"
+        return text + (f" task={self.task:.4f}" if self.task is not None else "")
 
 
 class Gate(pydantic.BaseModel):
-    """Thresholds a step's outputs must meet against the original model's."""
+    """Thresholds a step's outputs must meet against the original model's.
+
+    The defaults are THE default gate (`DEFAULT_GATE`), the same in `optimize`, in every
+    one-pass command and in recipe steps that do not set their own.
+    """
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
-    min_cosine: float | None = pydantic.Field(0.99, ge=-1, le=1, description="Lowest cosine similarity allowed.")
+    min_cosine: float | None = pydantic.Field(
+        0.99, ge=-1, le=1, description="Lowest cosine of each output (logits for softmax outputs).")
+    min_rank_correlation: float | None = pydantic.Field(
+        0.98, ge=-1, le=1, description="Lowest rank correlation over samples (catches collapsed outputs).")
+    min_top1: float | None = pydantic.Field(0.99, ge=0, le=1, description="Lowest top-1 agreement allowed.")
+    max_kl: float | None = pydantic.Field(None, ge=0, description="Highest KL divergence of class distributions.")
     max_rel_l2: float | None = pydantic.Field(None, ge=0, description="Highest relative L2 error allowed.")
     max_abs: float | None = pydantic.Field(None, ge=0, description="Highest absolute difference allowed.")
-    min_top1: float | None = pydantic.Field(None, ge=0, le=1, description="Lowest top-1 agreement allowed.")
+    min_task: float | None = pydantic.Field(None, description="Lowest task metric (a Python callback) allowed.")
+
+    @classmethod
+    def off(cls) -> Gate:
+        """No threshold: only non-finite outputs fail (an intermediate step before retraining)."""
+        return cls(min_cosine=None, min_rank_correlation=None, min_top1=None)
 
     def failures(self, metrics: Metrics) -> list[str]:
-        """Human-readable reasons the metrics miss this gate (empty when they pass)."""
+        """Why the metrics miss this gate, each naming its metric (empty when they pass)."""
+        if not math.isfinite(metrics.cosine):
+            return ["outputs are not finite (NaN or inf), or the original's are not"]
+        checks: list[tuple[str, float | None, float | None, int]] = [
+            ("cosine", metrics.cosine, self.min_cosine, 1),
+            ("rank_correlation", metrics.rank_correlation, self.min_rank_correlation, 1),
+            ("top1_agreement", metrics.top1_agreement, self.min_top1, 1),
+            ("task", metrics.task, self.min_task, 1),
+            ("kl", metrics.kl, self.max_kl, -1),
+            ("rel_l2", metrics.rel_l2, self.max_rel_l2, -1),
+            ("max_abs", metrics.max_abs, self.max_abs, -1),
+        ]
         failed = []
-        if metrics.cosine != metrics.cosine:  # NaN: non-finite outputs fail every gate
-            return ["outputs are not finite where the original's are (NaN or inf)"]
-        if self.min_cosine is not None and not metrics.cosine >= self.min_cosine:
-            failed.append(f"cosine {metrics.cosine:.6f} < {self.min_cosine}")
-        if self.max_rel_l2 is not None and not metrics.rel_l2 <= self.max_rel_l2:
-            failed.append(f"rel_l2 {metrics.rel_l2:.4g} > {self.max_rel_l2}")
-        if self.max_abs is not None and not metrics.max_abs <= self.max_abs:
-            failed.append(f"max_abs {metrics.max_abs:.4g} > {self.max_abs}")
-        if self.min_top1 is not None and metrics.top1_agreement is not None and not metrics.top1_agreement >= self.min_top1:
-            failed.append(f"top1_agreement {metrics.top1_agreement:.4f} < {self.min_top1}")
+        for name, value, bound, sign in checks:
+            if bound is None or value is None:
+                continue
+            if not (value >= bound if sign > 0 else value <= bound):  # NaN fails too
+                failed.append(f"{name} {value:.6g} {'<' if sign > 0 else '>'} {bound}")
         return failed
 
 
-def _index_bound(model: ir.Model, value: ir.Value) -> int:
-    """Exclusive upper bound for an integer input: the smallest table it indexes, else 10."""
-    bounds = [
-        int(node.inputs[0].const_value.shape[node.attributes.get_int("axis", 0)])
-        for node in value.consumers()
-        if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None
-        and node.inputs[1] is value
-    ]
-    return min(bounds) if bounds else 10
+DEFAULT_GATE = Gate()
 
 
-def probe_inputs(
-    model: ir.Model,
-    *,
-    count: int = 8,
-    seed: int = 0,
-    data: Mapping[str, np.ndarray] | None = None,
-    dims: Mapping[str, int] | None = None,
-) -> dict[str, np.ndarray]:
-    """Inputs to compare models on: the first `count` samples of `data`, or seeded random ones.
+# --- views: which value each output is compared on ---------------------------------------------
 
-    Symbolic dimensions take `dims[name]` when given; the first axis takes `count`; any other
-    symbolic dimension takes 8.
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
+
+
+def _view(model: ir.Model, output: ir.Value) -> OutputView:
+    plain = OutputView(output.name, "values", output.name)
+    value = output
+    while (node := value.producer()) is not None and node.op_type in _SHAPE_ONLY and node.inputs \
+            and node.inputs[0] is not None:
+        value = node.inputs[0]
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+        return plain
+    source = node.inputs[0]
+    if source.is_graph_input() or not source.name or source.graph is not model.graph:
+        return plain
+    if node.op_type in ("Softmax", "LogSoftmax"):
+        default_axis = -1 if _opset(model) >= 13 else 1
+        return OutputView(output.name, "logits", source.name, node.attributes.get_int("axis", default_axis))
+    if node.op_type == "Sigmoid":
+        return OutputView(output.name, "log-odds", source.name)
+    return plain
+
+
+def output_views(model: ir.Model) -> tuple[OutputView, ...]:
+    """One view per graph output, read from the graph (softmax/sigmoid walked back)."""
+    return tuple(_view(model, output) for output in model.graph.outputs)
+
+
+@contextlib.contextmanager
+def _exposed(model: ir.Model, names: Sequence[str]) -> Iterator[list[str]]:
+    """Temporarily add the named main-graph values as graph outputs; yield those found."""
+    by_name = {v.name: v for node in model.graph for v in node.outputs if v.name}
+    present = {v.name for v in model.graph.outputs}
+    added = [by_name[n] for n in dict.fromkeys(names) if n in by_name and n not in present]
+    model.graph.outputs.extend(added)
+    try:
+        yield [v.name for v in added]
+    finally:
+        for value in added:
+            model.graph.outputs.remove(value)
+
+
+def run(model: ir.Model, probes: Mapping[str, np.ndarray],
+        views: Sequence[OutputView] | None = None) -> Outputs:
+    """Outputs of `model` on `probes`, with the pre-activation values its views compare.
+
+    `views` default to the model's own; the pipeline passes the ORIGINAL's, so a candidate is
+    compared on the same values.
     """
-    batch = fixed_batch(model)  # a model exported for batch B gets whole batches, run B at a time
-    if data is not None:
-        rows = max(batch, count // batch * batch) if batch else count
-        return {name: np.asarray(array[:rows]) for name, array in data.items() if name != LABELS}
-    rng = np.random.default_rng(seed)
-    dims = dict(dims or {})
-    rows = max(batch, -(-count // batch) * batch) if batch else None
-    probes = {}
-    for value in model_inputs(model):
-        shape = []
-        for axis, dim in enumerate(value.shape or ()):
-            if axis == 0 and rows is not None:
-                shape.append(rows)
-            elif isinstance(dim, int):
-                shape.append(dim)
-            elif dim is not None and dim.value in dims:
-                shape.append(dims[dim.value])
-            else:
-                shape.append(count if axis == 0 else 8)
-        dtype = _NUMPY_DTYPES.get(value.dtype, np.float32)
-        if np.issubdtype(dtype, np.floating):
-            probes[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            probes[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar
-        else:
-            probes[value.name] = rng.integers(0, _index_bound(model, value), size=shape).astype(dtype)
-    return probes
+    views = tuple(views) if views is not None else output_views(model)
+    count = len(model.graph.outputs)
+    with _exposed(model, [v.source for v in views if v.kind != "values"]) as extra:
+        with serialized(model) as model_file:
+            arrays = run_model(model_file, probes)
+    values, exposed = list(arrays[:count]), dict(zip(extra, arrays[count:], strict=True))
+    scores = [_score(view, value, exposed.get(view.source)) for view, value in zip(views, values, strict=False)]
+    return Outputs(values, scores, views)
 
 
-def fixed_batch(model: ir.Model) -> int | None:
-    """The batch size every input fixes on its first axis (a model exported for batch 1), or None."""
-    firsts = {v.shape[0] if v.shape and isinstance(v.shape[0], int) else None for v in model_inputs(model)}
-    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
+def _score(view: OutputView, value: np.ndarray, source: np.ndarray | None) -> np.ndarray:
+    """The array compared for one output: its logits (centred), log-odds, or itself."""
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.floating) or view.kind == "values":
+        return array
+    if view.kind == "logits":
+        logits = np.asarray(source, np.float64) if source is not None else np.log(np.maximum(array, _TINY))
+        axis = view.axis if source is not None else -1
+        return _centred(logits, axis)
+    if source is not None:
+        return np.asarray(source, np.float64)
+    p = np.clip(np.asarray(array, np.float64), _TINY, 1 - 1e-16)
+    return np.log(p) - np.log1p(-p)
+
+
+def _centred(logits: np.ndarray, axis: int | None) -> np.ndarray:
+    if axis is None or logits.ndim == 0 or not -logits.ndim <= axis < logits.ndim:
+        return logits
+    with np.errstate(invalid="ignore"):
+        return logits - logits.mean(axis=axis, keepdims=True)
+
+
+def _looks_like_probabilities(array: np.ndarray) -> bool:
+    if array.ndim < 1 or array.shape[-1] < 2 or not np.issubdtype(array.dtype, np.floating) or not array.size:
+        return False
+    finite = np.isfinite(array).all()
+    return bool(finite and array.min() >= 0 and array.max() <= 1
+                and np.allclose(array.sum(-1, dtype=np.float64), 1.0, atol=1e-3))
+
+
+def as_outputs(arrays: Sequence[np.ndarray]) -> Outputs:
+    """Bare output arrays as `Outputs`: probabilities (rows summing to 1) compared on their logs."""
+    views = tuple(OutputView(str(i), "logits" if _looks_like_probabilities(np.asarray(a)) else "values", str(i))
+                  for i, a in enumerate(arrays))
+    values = [np.asarray(a) for a in arrays]
+    return Outputs(values, [_score(v, a, None) for v, a in zip(views, values, strict=True)], views)
+
+
+# --- running -----------------------------------------------------------------------------------
 
 
 def _in_batches(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
@@ -164,39 +280,133 @@ def run_model(model: str | bytes, inputs: Mapping[str, np.ndarray]) -> list[np.n
         raise UnsupportedModelError(f"onnxruntime cannot run the model: {str(error).splitlines()[0]}") from None
 
 
-def _float_outputs(outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [np.asarray(o, dtype=np.float64) for o in outputs if np.issubdtype(np.asarray(o).dtype, np.floating)]
+# --- metrics -----------------------------------------------------------------------------------
 
 
-def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> Metrics:
-    """Metrics of `candidate` outputs against `reference` outputs (same order and shapes)."""
-    if len(reference) != len(candidate):
-        raise ValueError(f"output count differs: {len(reference)} vs {len(candidate)}")
-    for index, (r, c) in enumerate(zip(reference, candidate, strict=True)):
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if norm_a == 0.0 and norm_b == 0.0:
+        return 1.0
+    if norm_a == 0.0 or norm_b == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (norm_a * norm_b))
+
+
+def _columns(array: np.ndarray) -> np.ndarray:
+    """Samples x columns (at most _MAX_COLUMNS, evenly spaced), as float64."""
+    flat = np.asarray(array, np.float64).reshape(array.shape[0], -1)
+    if flat.shape[1] > _MAX_COLUMNS:
+        flat = flat[:, np.linspace(0, flat.shape[1] - 1, _MAX_COLUMNS).astype(np.int64)]
+    return flat
+
+
+def rank_correlation(reference: np.ndarray, candidate: np.ndarray) -> float | None:
+    """Mean Spearman rho over output columns, across samples; None when nothing varies.
+
+    Columns constant in the original are skipped; a candidate column that is constant where
+    the original's varies scores 0. With fewer than 3 samples, rho over all the values.
+    """
+    if reference.ndim == 0 or reference.shape[0] < 3:
+        ref, cand = reference.reshape(-1, 1), candidate.reshape(-1, 1)
+    else:
+        ref, cand = _columns(reference), _columns(candidate)
+    varying = np.ptp(ref, axis=0) > 0
+    if not varying.any():
+        return None
+    ranks_ref = rankdata(ref[:, varying], axis=0)
+    ranks_cand = rankdata(cand[:, varying], axis=0)
+    ranks_ref -= ranks_ref.mean(axis=0)
+    ranks_cand -= ranks_cand.mean(axis=0)
+    norms = np.linalg.norm(ranks_ref, axis=0) * np.linalg.norm(ranks_cand, axis=0)
+    dots = (ranks_ref * ranks_cand).sum(axis=0)
+    rho = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+    return float(rho.mean())
+
+
+def _kl(reference: np.ndarray, candidate: np.ndarray, axis: int) -> float:
+    """Mean KL(p_ref || p_cand) of the softmax distributions along `axis`."""
+    log_p = reference - _logsumexp(reference, axis)
+    log_q = candidate - _logsumexp(candidate, axis)
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=axis)))
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    peak = x.max(axis=axis, keepdims=True)
+    return peak + np.log(np.exp(x - peak).sum(axis=axis, keepdims=True))
+
+
+def _output_metrics(view: OutputView, ref_value: np.ndarray, cand_value: np.ndarray,
+                    ref_score: np.ndarray, cand_score: np.ndarray) -> dict[str, Any]:
+    a, b = np.asarray(ref_score, np.float64), np.asarray(cand_score, np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()
+            and np.isfinite(np.asarray(ref_value, np.float64)).all()
+            and np.isfinite(np.asarray(cand_value, np.float64)).all()):
+        nan = float("nan")
+        return {"output": view.output, "view": view.kind, "cosine": nan, "rel_l2": float("inf"),
+                "max_abs": float("inf"), "rank_correlation": nan, "kl": None}
+    norm_a = float(np.linalg.norm(a))
+    diff = float(np.linalg.norm(a - b))
+    rel_l2 = diff / norm_a if norm_a > 0 else (0.0 if diff == 0 else float("inf"))
+    raw_diff = np.abs(np.asarray(ref_value, np.float64) - np.asarray(cand_value, np.float64))
+    kl = _kl(a, b, view.axis) if view.kind == "logits" and view.axis is not None and a.ndim else None
+    return {
+        "output": view.output, "view": view.kind, "cosine": _cosine(a.ravel(), b.ravel()), "rel_l2": rel_l2,
+        "max_abs": float(raw_diff.max()) if raw_diff.size else 0.0,
+        "rank_correlation": rank_correlation(a, b), "kl": kl,
+    }
+
+
+def _check_comparable(reference: Outputs, candidate: Outputs) -> None:
+    if len(reference.values) != len(candidate.values):
+        raise ValueError(f"output count differs: {len(reference.values)} vs {len(candidate.values)}")
+    for index, (r, c) in enumerate(zip(reference.values, candidate.values, strict=True)):
         if np.shape(r) != np.shape(c):
             raise ValueError(f"output {index} shape differs: {np.shape(r)} vs {np.shape(c)}")
-    ref_floats, cand_floats = _float_outputs(reference), _float_outputs(candidate)
-    if not ref_floats:
-        exact = all(np.array_equal(r, c) for r, c in zip(reference, candidate, strict=True))
-        return Metrics(1.0 if exact else 0.0, 0.0 if exact else 1.0, 0.0 if exact else float("inf"), None)
-    a = np.concatenate([r.ravel() for r in ref_floats])
-    b = np.concatenate([c.ravel() for c in cand_floats])
-    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
-    if not np.array_equal(finite_a, finite_b):  # NaN/inf where the original had none, or the reverse
-        return Metrics(float("nan"), float("inf"), float("inf"), None)
-    a, b = a[finite_a], b[finite_b]  # both non-finite at the same places (e.g. Log of a negative probe)
-    norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    diff = float(np.linalg.norm(a - b))
-    if norm_a == 0.0 and norm_b == 0.0:
-        cosine = 1.0
-    elif norm_a == 0.0 or norm_b == 0.0:
-        cosine = 0.0
-    else:
-        cosine = float(np.dot(a, b) / (norm_a * norm_b))
-    rel_l2 = diff / norm_a if norm_a > 0 else (0.0 if diff == 0 else float("inf"))
-    max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
-    first_ref, first_cand = ref_floats[0], cand_floats[0]
-    top1 = None
-    if first_ref.ndim >= 2 and first_ref.shape[-1] > 1:
-        top1 = float(np.mean(first_ref.argmax(-1) == first_cand.argmax(-1)))
-    return Metrics(cosine, rel_l2, max_abs, top1)
+
+
+def compare(
+    reference: Outputs | Sequence[np.ndarray],
+    candidate: Outputs | Sequence[np.ndarray],
+    *,
+    task: TaskMetric | None = None,
+) -> Metrics:
+    """Metrics of `candidate` against `reference` (same outputs, same order and shapes)."""
+    reference = reference if isinstance(reference, Outputs) else as_outputs(reference)
+    candidate = candidate if isinstance(candidate, Outputs) else as_outputs(candidate)
+    _check_comparable(reference, candidate)
+    rows = [
+        _output_metrics(view, rv, cv, rs, cs)
+        for view, rv, cv, rs, cs in zip(reference.views, reference.values, candidate.values,
+                                        reference.scores, candidate.scores, strict=False)
+        if np.issubdtype(np.asarray(rv).dtype, np.floating)
+    ]
+    task_score = float(task(reference.values, candidate.values)) if task is not None else None
+    if not rows:
+        exact = all(np.array_equal(r, c) for r, c in zip(reference.values, candidate.values, strict=True))
+        return Metrics(1.0 if exact else 0.0, 0.0 if exact else 1.0, 0.0 if exact else float("inf"), None,
+                       task=task_score)
+    ranks = [r["rank_correlation"] for r in rows if r["rank_correlation"] is not None]
+    kls = [r["kl"] for r in rows if r["kl"] is not None]
+    cosines = [r["cosine"] for r in rows]
+    return Metrics(
+        cosine=float("nan") if any(c != c for c in cosines) else min(cosines),
+        rel_l2=max(r["rel_l2"] for r in rows),
+        max_abs=max(r["max_abs"] for r in rows),
+        top1_agreement=_top1(reference, candidate),
+        rank_correlation=min(ranks) if ranks else None,
+        kl=max(kls) if kls else None,
+        task=task_score,
+        outputs=tuple(rows),
+    )
+
+
+def _top1(reference: Outputs, candidate: Outputs) -> float | None:
+    """Share of samples whose arg-max over the last axis of the first float output is unchanged."""
+    for ref, cand in zip(reference.scores, candidate.scores, strict=True):
+        ref, cand = np.asarray(ref), np.asarray(cand)
+        if not np.issubdtype(ref.dtype, np.floating):
+            continue
+        if ref.ndim >= 2 and ref.shape[-1] > 1:
+            return float(np.mean(ref.argmax(-1) == cand.argmax(-1)))
+        return None
+    return None

@@ -185,6 +185,14 @@ class CompressionPass(ir.passes.InPlacePass, abc.ABC):
         self.context = PassContext()
         self.report = PassReport(self.name)
 
+    def needs_calibration(self) -> bool:
+        """Whether random probes cannot vouch for this pass: its error depends on the inputs.
+
+        Lossy passes need real samples by default; a pass whose error is small per weight
+        whatever the input (8-bit codebooks) or that is exact says False.
+        """
+        return self.lossy
+
     def requires(self, model: ir.Model) -> None:
         if self.lossy:
             ops = quantized_ops(model)

@@ -23,10 +23,11 @@ import onnx
 import onnx_ir as ir
 import pydantic
 
-from onnxcompress import fidelity, summary
+from onnxcompress import fidelity, runtime, summary
 from onnxcompress.errors import FidelityGateError, UnsupportedModelError
 from onnxcompress.io import iter_tensors, serialized
 from onnxcompress.pass_base import PassContext, PassReport, get_pass, make_config
+from onnxcompress.probes import DEFAULT_PROBES, metadata_dims, probe_inputs, runnable_dims
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +96,18 @@ def model_summary(model: ir.Model) -> dict[str, int]:
     return {"weight_params": params, "nonzero_weight_params": nonzero, "tensor_bytes": tensor_bytes}
 
 
-def validate(model: ir.Model, probes: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def validate(model: ir.Model, probes: Mapping[str, np.ndarray],
+             views: Sequence[fidelity.OutputView] | None = None) -> fidelity.Outputs:
     """Checker, then an onnxruntime session, then outputs on the probes. Raises on failure."""
     with serialized(model) as model_file:
         try:
             onnx.checker.check_model(model_file)
         except onnx.checker.ValidationError as error:
             raise _Invalid(f"onnx checker: {str(error).splitlines()[0]}") from None
-        try:
-            return fidelity.run_model(model_file, probes)
-        except Exception as error:  # onnxruntime raises its own untyped errors
-            raise _Invalid(f"onnxruntime: {str(error).splitlines()[0]}") from None
+    try:
+        return fidelity.run(model, probes, views)
+    except Exception as error:  # onnxruntime raises its own untyped errors
+        raise _Invalid(f"onnxruntime: {str(error).splitlines()[0]}") from None
 
 
 class _Invalid(Exception):
@@ -120,26 +122,31 @@ def run_steps(
     steps: Sequence[Step],
     *,
     data: Mapping[str, np.ndarray] | None = None,
-    probe_count: int = 8,
+    probe_count: int = DEFAULT_PROBES,
     seed: int = 0,
     on_step: ProgressCallback | None = None,
+    input_sizes: Mapping[tuple[str, int], int] | None = None,
+    task: fidelity.TaskMetric | None = None,
 ) -> PipelineResult:
     """Apply `steps` to a copy of `model`, each gated; return the result and its account.
 
     Every pass and option is validated before any work starts. `model` itself is untouched.
+    Without `data`, probes are drawn at sizes the original runs on (`input_sizes` first);
+    `task` scores both models' outputs for gates with `min_task`.
     """
     passes = [get_pass(step.pass_name)(make_config(get_pass(step.pass_name).Config, step.options)) for step in steps]
     original = model
     model = _clone(original)
-    probes = fidelity.probe_inputs(model, count=probe_count, seed=seed, data=data)
-    with serialized(original) as model_file:
-        try:
-            reference = fidelity.run_model(model_file, probes)
-        except UnsupportedModelError as error:
-            raise UnsupportedModelError(f"the input model does not run: {error}") from None
+    probes = reference_probes(original, count=probe_count, seed=seed, data=data, input_sizes=input_sizes)
+    try:
+        reference = fidelity.run(original, probes)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"the input model does not run: {error}") from None
+    _check_finite(reference, data)
+    views = reference.views
     before = model_summary(model)
     results: list[StepResult] = []
-    metrics: fidelity.Metrics | None = fidelity.compare(reference, reference)
+    metrics: fidelity.Metrics | None = fidelity.compare(reference, reference, task=task)
     round_start, round_metrics = _clone(model), metrics  # before the current round of steps
     for index, (step, compression_pass) in enumerate(zip(steps, passes, strict=True)):
         if on_step is not None:
@@ -154,7 +161,7 @@ def run_steps(
         step_metrics: fidelity.Metrics | None = None
         if modified:
             try:
-                step_metrics = fidelity.compare(reference, validate(model, probes))
+                step_metrics = fidelity.compare(reference, validate(model, probes, views), task=task)
                 failures = step.gate.failures(step_metrics)
             except _Invalid as error:
                 failures = [f"invalid model: {error}"]
@@ -176,6 +183,39 @@ def run_steps(
         results.append(StepResult(step, status, compression_pass.report, step_metrics, elapsed, failures))
         logger.info("%s: %s in %.2fs (%s)", step.pass_name, status, elapsed, step_metrics)
     return PipelineResult(model, results, before, model_summary(model), metrics)
+
+
+def reference_probes(model: ir.Model, *, count: int = DEFAULT_PROBES, seed: int = 0,
+                     data: Mapping[str, np.ndarray] | None = None,
+                     input_sizes: Mapping[tuple[str, int], int] | None = None) -> dict[str, np.ndarray]:
+    """The probes every step is gated on: the data's first samples, or seeded draws at sizes
+    the ORIGINAL model runs on (given sizes, metadata, else the first candidate that runs)."""
+    if data is not None:
+        return probe_inputs(model, count=count, seed=seed, data=data)
+    known = {**metadata_dims(model), **(input_sizes or {})}
+    sessions: list[Any] = []  # opened on the first trial only: most models have no open dimension
+
+    def run(inputs: Mapping[str, np.ndarray]) -> object:
+        if not sessions:
+            with serialized(model) as model_file:
+                sessions.append(runtime.session(model_file))
+        try:
+            return sessions[0].run(None, dict(inputs))
+        except runtime.ORT_ERRORS as error:
+            raise UnsupportedModelError(str(error).splitlines()[0]) from None
+
+    sizes = runnable_dims(model, run, fixed=known, seed=seed)
+    return probe_inputs(model, count=count, seed=seed, sizes=sizes)
+
+
+def _check_finite(reference: fidelity.Outputs, data: Mapping[str, np.ndarray] | None) -> None:
+    """A gate can never pass on NaN: refuse an original whose outputs are not finite."""
+    bad = [view.output for view, value in zip(reference.views, reference.values, strict=False)
+           if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all()]
+    if bad:
+        where = "the --data samples" if data is not None else "the probes"
+        raise UnsupportedModelError(f"the input model gives NaN or inf in outputs {bad} on {where}; "
+                                    "nothing can be compared against it")
 
 
 def _clone(model: ir.Model) -> ir.Model:

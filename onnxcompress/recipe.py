@@ -3,7 +3,7 @@
     name: default
     description: what it is for
     seed: 0
-    probes: 8               # probe samples for the fidelity gates
+    probes: 64              # probe samples for the fidelity gates
     steps:
       - pass: prune.magnitude
         options: {sparsity: 0.5}
@@ -33,6 +33,7 @@ from onnxcompress.errors import RecipeError
 from onnxcompress.fidelity import Gate
 from onnxcompress.pass_base import get_pass, make_config, pass_names
 from onnxcompress.pipeline import Step
+from onnxcompress.probes import DEFAULT_PROBES
 
 
 class Recipe(pydantic.BaseModel):
@@ -41,7 +42,7 @@ class Recipe(pydantic.BaseModel):
     name: str = pydantic.Field("custom", description="Short name shown in reports.")
     description: str = pydantic.Field("", description="What the recipe is for.")
     seed: int = pydantic.Field(0, description="Seed for probes and every randomised pass.")
-    probes: int = pydantic.Field(8, ge=1, le=4096, description="Probe samples for fidelity gates.")
+    probes: int = pydantic.Field(DEFAULT_PROBES, ge=1, le=4096, description="Probe samples for fidelity gates.")
     steps: list[Step] = pydantic.Field(min_length=1, description="Passes in order, each gated.")
 
     @pydantic.model_validator(mode="before")
@@ -144,7 +145,7 @@ def recipe_schema() -> dict[str, Any]:
         name=(str, "custom"),
         description=(str, ""),
         seed=(int, 0),
-        probes=(int, 8),
+        probes=(int, DEFAULT_PROBES),
         steps=(list[step_union], ...),  # type: ignore[valid-type]
     )
     return document.model_json_schema()

@@ -18,7 +18,10 @@ from onnxcompress import io, runtime
 from onnxcompress.cli.common import (
     SAVE_OPTIONS,
     DataOption,
+    InputShapeOption,
     MinCosineOption,
+    MinRankOption,
+    MinTop1Option,
     OutputOption,
     ReportOption,
     check_side_file,
@@ -55,7 +58,10 @@ def cluster(
     exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never clustered (repeatable).")] = None,
     data: DataOption = None,
     report: ReportOption = None,
-    min_cosine: MinCosineOption = 0.0,
+    min_cosine: MinCosineOption = None,
+    min_rank_corr: MinRankOption = None,
+    min_top1: MinTop1Option = None,
+    input_shape: InputShapeOption = None,
 ) -> None:
     """Share weights by per-layer k-means (Deep Compression): uint8/uint4 indices + codebook."""
     options: dict[str, object] = {
@@ -64,8 +70,8 @@ def cluster(
         "init": init,
         "exclude": tuple(exclude or ()),
     }
-    step = Step(pass_name="codebook.kmeans", options=options, gate=gate_for(min_cosine))
-    compress_file(model, output, [step], data_path=data, report_path=report)
+    step = Step(pass_name="codebook.kmeans", options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
+    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
 
 
 @guarded

@@ -20,6 +20,10 @@ __all__ = [
     "OutputOption",
     "ReportOption",
     "MinCosineOption",
+    "MinRankOption",
+    "MinTop1Option",
+    "InputShapeOption",
+    "gate_for",
 ]
 
 import functools
@@ -36,8 +40,9 @@ from rich.table import Table
 from onnxcompress import io
 from onnxcompress.data import load_npz
 from onnxcompress.errors import OnnxCompressError, UserError
-from onnxcompress.fidelity import Gate
+from onnxcompress.fidelity import DEFAULT_GATE, Gate
 from onnxcompress.pipeline import PipelineResult, Step, run_steps
+from onnxcompress.probes import DEFAULT_PROBES, parse_input_shapes, shapes_as_sizes
 from onnxcompress.report import write_report
 
 # Piped output (a log, a CI job) gets room for the widest table rather than rich's 80 columns.
@@ -54,9 +59,18 @@ DataOption = Annotated[
     Path | None, typer.Option("--data", help=".npz keyed by input name (optional 'labels') for probes.")
 ]
 ReportOption = Annotated[Path | None, typer.Option("--report", help="Write a .json or .md report.")]
-MinCosineOption = Annotated[
-    float, typer.Option("--min-cosine", min=-1.0, max=1.0, help="Fidelity gate: lowest output cosine allowed.")
-]
+MinCosineOption = Annotated[float | None, typer.Option(
+    "--min-cosine", min=-1.0, max=1.0, show_default=False,
+    help=f"Gate: lowest cosine of each output, logits for softmax outputs [default: {DEFAULT_GATE.min_cosine}].")]
+MinRankOption = Annotated[float | None, typer.Option(
+    "--min-rank-corr", min=-1.0, max=1.0, show_default=False,
+    help=f"Gate: lowest rank correlation over samples [default: {DEFAULT_GATE.min_rank_correlation}].")]
+MinTop1Option = Annotated[float | None, typer.Option(
+    "--min-top1", min=0.0, max=1.0, show_default=False,
+    help=f"Gate: lowest top-1 agreement [default: {DEFAULT_GATE.min_top1}].")]
+InputShapeOption = Annotated[list[str] | None, typer.Option(
+    "--input-shape", show_default=False,
+    help="Probe shape of an input with dynamic dimensions, NAME=DxDx... (repeatable), e.g. images=1x3x320x320.")]
 
 
 def guarded(function: F) -> F:
@@ -71,6 +85,11 @@ def guarded(function: F) -> F:
             raise typer.Exit(error.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+#: Said once when a command gates on drawn probes instead of the user's data.
+WEAK_PROXY_NOTE = ("note: no --data: the gates compare outputs on random probes, a weak proxy for real inputs; "
+                   "give --data calib.npz (real samples) for a trustworthy check")
 
 
 def default_output(model_path: Path) -> Path:
@@ -108,15 +127,19 @@ def compress_file(
     *,
     data_path: Path | None = None,
     report_path: Path | None = None,
-    probes: int = 8,
+    probes: int = DEFAULT_PROBES,
     seed: int = 0,
     quiet: bool = False,
+    input_shapes: Sequence[str] | None = None,
 ) -> PipelineResult:
     """Load, run the gated steps, write the model (and report) atomically, print a summary."""
     output = output or default_output(model_path)
     _check_destinations(model_path, output, report_path)
     model = io.load(model_path)
     data = load_npz(data_path, model) if data_path else None
+    sizes = shapes_as_sizes(parse_input_shapes(input_shapes, model)) if input_shapes else None
+    if data is None and not quiet:
+        console.print(WEAK_PROXY_NOTE, soft_wrap=True)
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
         console=console, transient=True, disable=quiet or not console.is_terminal,
@@ -126,7 +149,8 @@ def compress_file(
         def on_step(index: int, count: int, step: Step) -> None:
             progress.update(task, completed=index, description=f"step {index + 1}/{count}: {step.pass_name}")
 
-        result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step)
+        result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step,
+                           input_sizes=sizes)
     io.save(result.model, output, **SAVE_OPTIONS)
     if report_path is not None:
         write_report(result, report_path)
@@ -156,5 +180,8 @@ def print_summary(result: PipelineResult, output: Path) -> None:
     logging.getLogger(__name__).debug("summary printed")
 
 
-def gate_for(min_cosine: float) -> Gate:
-    return Gate(min_cosine=min_cosine)
+def gate_for(min_cosine: float | None = None, min_rank_corr: float | None = None,
+             min_top1: float | None = None) -> Gate:
+    """The default gate, with the thresholds the user gave on the command line."""
+    given = {"min_cosine": min_cosine, "min_rank_correlation": min_rank_corr, "min_top1": min_top1}
+    return DEFAULT_GATE.model_copy(update={k: v for k, v in given.items() if v is not None})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -13,15 +14,19 @@ from rich.table import Table
 from onnxcompress import io
 from onnxcompress.cli.common import (
     DataOption,
+    InputShapeOption,
     OutputOption,
     ReportOption,
     compress_file,
     console,
+    default_output,
     guarded,
 )
-from onnxcompress.compare import compare_models
+from onnxcompress.compare import compare_models, file_bytes
 from onnxcompress.data import load_npz
-from onnxcompress.pass_base import describe, get_pass, pass_names
+from onnxcompress.errors import UserError
+from onnxcompress.pass_base import describe, get_pass, make_config, pass_names
+from onnxcompress.pipeline import PipelineResult, Step
 from onnxcompress.recipe import load_recipe, recipe_schema
 from onnxcompress.summary import layer_table, totals
 
@@ -65,14 +70,50 @@ def inspect(
 def optimize(
     model: ModelArgument,
     output: OutputOption = None,
-    recipe: Annotated[str, typer.Option("--recipe", help="Built-in recipe name or a YAML file.")] = "default",
+    recipe: Annotated[str | None, typer.Option(
+        "--recipe", show_default=False,
+        help="Built-in recipe name or a YAML file [default: 'default' with --data, 'data-free' without].")] = None,
     data: DataOption = None,
     report: ReportOption = None,
+    input_shape: InputShapeOption = None,
+    trust_random_probes: Annotated[bool, typer.Option(
+        "--trust-random-probes",
+        help="Without --data, run pruning and low-bit steps anyway, gated on random probes only.")] = False,
 ) -> None:
-    """Run a recipe of gated passes (default: the built-in 'default' recipe)."""
+    """Run a recipe of gated passes: pruning + 8-bit codebooks with --data, 8-bit codebooks without."""
+    if recipe is None:
+        recipe = "default" if data is not None or trust_random_probes else "data-free"
     chosen = load_recipe(recipe)
-    compress_file(model, output, chosen.steps, data_path=data, report_path=report,
-                  probes=chosen.probes, seed=chosen.seed)
+    if data is None and not trust_random_probes:
+        _refuse_steps_needing_data(chosen.steps, recipe)
+    result = compress_file(model, output, chosen.steps, data_path=data, report_path=report,
+                           probes=chosen.probes, seed=chosen.seed, input_shapes=input_shape)
+    _say_if_not_smaller(model, output or default_output(model), result)
+
+
+def _refuse_steps_needing_data(steps: Sequence[Step], recipe: str) -> None:
+    """Random probes cannot vouch for input-dependent error: such steps need real samples."""
+    needing = [f"{s.pass_name} (step {i + 1})" for i, s in enumerate(steps)
+               if get_pass(s.pass_name)(make_config(get_pass(s.pass_name).Config, s.options)).needs_calibration()]
+    if needing:
+        raise UserError(f"recipe {recipe!r} has steps whose error depends on the inputs ({', '.join(needing)}): "
+                        "give --data calib.npz with real samples, or --trust-random-probes")
+
+
+def _say_if_not_smaller(model: Path, output: Path, result: PipelineResult) -> None:
+    """One line when the written file is not smaller than the input, with the likely reason."""
+    before, after = file_bytes(model), file_bytes(output)
+    if after < before:
+        return
+    applied = [s.step.pass_name for s in result.steps if s.status == "applied"]
+    if not applied:
+        why = "every step was rolled back by its gate or changed nothing (see above)"
+    elif all(name.startswith("prune.") for name in applied):
+        why = "pruned zeros are stored dense; a codebook step (cluster) or `pack` makes them pay"
+    else:
+        why = "the applied steps add graph nodes without removing enough weight bytes"
+    console.print(f"note: {output} is not smaller than the input ({after:,} vs {before:,} bytes): {why}",
+                  soft_wrap=True)
 
 
 @guarded

@@ -10,16 +10,15 @@ import numpy as np
 import typer
 
 from onnxcompress.cli.common import (
-    MinCosineOption,
     OutputOption,
     ReportOption,
     compress_file,
     default_output,
-    gate_for,
     guarded,
     print_summary,
 )
 from onnxcompress.errors import UserError
+from onnxcompress.fidelity import Gate
 from onnxcompress.pipeline import Step
 
 
@@ -57,7 +56,9 @@ def finetune(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of batch order and dropout.")] = 0,
     report: ReportOption = None,
-    min_cosine: MinCosineOption = -1.0,
+    min_cosine: Annotated[float | None, typer.Option(
+        "--min-cosine", min=-1.0, max=1.0, show_default=False,
+        help="Gate: lowest output cosine against the input model (default: none; training moves outputs).")] = None,
 ) -> None:
     """Retrain weights in PyTorch keeping zeros, codebook indices and low-rank factors.
 
@@ -89,7 +90,8 @@ def finetune(
             "distillation needs a teacher: give --teacher ORIGINAL.onnx (the uncompressed model), "
             "or labels in the data"
         )
-    step = Step(pass_name="finetune", options=options, gate=gate_for(min_cosine))
+    gate = Gate.off() if min_cosine is None else Gate.off().model_copy(update={"min_cosine": min_cosine})
+    step = Step(pass_name="finetune", options=options, gate=gate)  # training moves outputs on purpose
     from onnxcompress.finetune.train import show_progress
 
     with show_progress():

@@ -16,7 +16,10 @@ from rich.table import Table
 from onnxcompress import io
 from onnxcompress.cli.common import (
     DataOption,
+    InputShapeOption,
     MinCosineOption,
+    MinRankOption,
+    MinTop1Option,
     OutputOption,
     ReportOption,
     check_side_file,
@@ -90,7 +93,10 @@ def lowrank(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and print; write no model.")] = False,
     data: DataOption = None,
     report: ReportOption = None,
-    min_cosine: MinCosineOption = 0.0,
+    min_cosine: MinCosineOption = None,
+    min_rank_corr: MinRankOption = None,
+    min_top1: MinTop1Option = None,
+    input_shape: InputShapeOption = None,
 ) -> None:
     """Factorize MatMul/Gemm/Conv weights by truncated SVD where it pays (Denton et al. 2014)."""
     options = _options(energy, ratio, flops, budget, conv, speed, latency_batch, min_params, exclude, plan)
@@ -105,8 +111,8 @@ def lowrank(
         plan_dict = compression.plan_model(loaded).to_dict()  # type: ignore[attr-defined]
         _print_plan(plan_dict)
     else:
-        step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine))
-        result = compress_file(model, output, [step], data_path=data, report_path=report)
+        step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
+        result = compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
         plan_dict = result.steps[0].report.notes.get("plan", {})
     if save_plan is not None:
         io.write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")

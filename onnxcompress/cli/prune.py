@@ -14,7 +14,10 @@ from rich.table import Table
 from onnxcompress import io
 from onnxcompress.cli.common import (
     DataOption,
+    InputShapeOption,
     MinCosineOption,
+    MinRankOption,
+    MinTop1Option,
     OutputOption,
     ReportOption,
     check_side_file,
@@ -74,7 +77,10 @@ def prune(
     exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never pruned (repeatable).")] = None,
     data: DataOption = None,
     report: ReportOption = None,
-    min_cosine: MinCosineOption = 0.0,
+    min_cosine: MinCosineOption = None,
+    min_rank_corr: MinRankOption = None,
+    min_top1: MinTop1Option = None,
+    input_shape: InputShapeOption = None,
 ) -> None:
     """Zero the smallest weights (Han et al. 2015), or remove whole neurons/channels (--structured)."""
     if structured:
@@ -87,7 +93,7 @@ def prune(
             _plan_only(model, options, data, save_plan, dry_run)
             if dry_run:
                 return
-        steps = [Step(pass_name="prune.structured", options=options, gate=gate_for(min_cosine))]
+        steps = [Step(pass_name="prune.structured", options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))]
     else:
         if dry_run or save_plan is not None or plan is not None:
             raise UserError("--dry-run, --save-plan and --plan go with --structured")
@@ -101,11 +107,11 @@ def prune(
             magnitude["quality"] = quality
         steps = []
         if sparsity is not None or quality is not None or not dead_neurons:  # --dead-neurons alone: only that
-            steps.append(Step(pass_name="prune.magnitude", options=magnitude, gate=gate_for(min_cosine)))
+            steps.append(Step(pass_name="prune.magnitude", options=magnitude, gate=gate_for(min_cosine, min_rank_corr, min_top1)))
         if dead_neurons:
             steps.append(Step(pass_name="prune.dead_neurons", options={"exclude": tuple(exclude or ())},
-                              gate=gate_for(min_cosine)))
-    compress_file(model, output, steps, data_path=data, report_path=report)
+                              gate=gate_for(min_cosine, min_rank_corr, min_top1)))
+    compress_file(model, output, steps, data_path=data, report_path=report, input_shapes=input_shape)
 
 
 def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | None,

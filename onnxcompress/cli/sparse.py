@@ -13,7 +13,10 @@ import typer
 
 from onnxcompress.cli.common import (
     DataOption,
+    InputShapeOption,
     MinCosineOption,
+    MinRankOption,
+    MinTop1Option,
     OutputOption,
     ReportOption,
     compress_file,
@@ -48,7 +51,10 @@ def sparsify(
     exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never converted (repeatable).")] = None,
     data: DataOption = None,
     report: ReportOption = None,
-    min_cosine: MinCosineOption = 0.9999,
+    min_cosine: MinCosineOption = None,
+    min_rank_corr: MinRankOption = None,
+    min_top1: MinTop1Option = None,
+    input_shape: InputShapeOption = None,
 ) -> None:
     """Run pruned layers with the SparseMatMul kernel where it is measurably faster (exact)."""
     options: dict[str, object] = {
@@ -61,8 +67,8 @@ def sparsify(
         "min_params": min_params,
         "exclude": tuple(exclude or ()),
     }
-    step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine))
-    compress_file(model, output, [step], data_path=data, report_path=report)
+    step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
+    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
 
 
 def register(app: typer.Typer) -> None:

@@ -152,7 +152,7 @@ def expand_schedule(
         raise RecipeError(f"a schedule never lowers the sparsity: {list(sparsities)}")
     gate = gate or Gate()
     final = sparsities[-1]
-    prune_gate = Gate(min_cosine=None) if retrain is not None else gate
+    prune_gate = Gate.off() if retrain is not None else gate
     steps = []
     for sparsity in sparsities:
         options = {**(prune_options or {}), "sparsity": sparsity}
