@@ -17,7 +17,7 @@ cosine 0.999 and top-1 agreement 1.0. The comparison therefore looks where diffe
   rho between the original's and the candidate's scores over the probe samples, averaged over
   the columns that vary. A model whose outputs collapse to a constant scores 0.
 - **KL divergence** of the candidate's class distribution from the original's (softmax views).
-- **Top-1 agreement** on the first output with a class axis; an optional **task metric**
+- **Top-1 agreement** on the first softmax output (or a (samples, classes) output); an optional **task metric**
   (a Python callback on both models' outputs, higher is better).
 
 Non-finite values anywhere (the original's outputs, or the candidate's) fail every gate.
@@ -245,8 +245,8 @@ def _looks_like_probabilities(array: np.ndarray) -> bool:
 
 def as_outputs(arrays: Sequence[np.ndarray]) -> Outputs:
     """Bare output arrays as `Outputs`: probabilities (rows summing to 1) compared on their logs."""
-    views = tuple(OutputView(str(i), "logits" if _looks_like_probabilities(np.asarray(a)) else "values", str(i))
-                  for i, a in enumerate(arrays))
+    views = tuple(OutputView(str(i), "logits", str(i), -1) if _looks_like_probabilities(np.asarray(a))
+                  else OutputView(str(i), "values", str(i)) for i, a in enumerate(arrays))
     values = [np.asarray(a) for a in arrays]
     return Outputs(values, [_score(v, a, None) for v, a in zip(views, values, strict=True)], views)
 
@@ -401,12 +401,17 @@ def compare(
 
 
 def _top1(reference: Outputs, candidate: Outputs) -> float | None:
-    """Share of samples whose arg-max over the last axis of the first float output is unchanged."""
-    for ref, cand in zip(reference.scores, candidate.scores, strict=True):
-        ref, cand = np.asarray(ref), np.asarray(cand)
-        if not np.issubdtype(ref.dtype, np.floating):
-            continue
-        if ref.ndim >= 2 and ref.shape[-1] > 1:
-            return float(np.mean(ref.argmax(-1) == cand.argmax(-1)))
-        return None
+    """Share of samples whose class (arg-max over the class axis) is unchanged.
+
+    Scored on the first softmax output (its class axis), else on a first float output of shape
+    (samples, classes); None otherwise: the arg-max over a detector's anchors is no class.
+    """
+    pairs = list(zip(reference.views, reference.scores, candidate.scores, strict=True))
+    for view, ref, cand in pairs:
+        if view.kind == "logits" and view.axis is not None and np.ndim(ref) >= 1 and np.shape(ref)[view.axis] > 1:
+            return float(np.mean(np.argmax(ref, view.axis) == np.argmax(cand, view.axis)))
+    floats = [(np.asarray(r), np.asarray(c)) for _, r, c in pairs if np.issubdtype(np.asarray(r).dtype, np.floating)]
+    if floats and floats[0][0].ndim == 2 and floats[0][0].shape[-1] > 1:
+        ref, cand = floats[0]
+        return float(np.mean(ref.argmax(-1) == cand.argmax(-1)))
     return None

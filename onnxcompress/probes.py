@@ -96,12 +96,37 @@ def _shape_problems(name: str, shape: tuple[int, ...], value: ir.Value) -> list[
     return []
 
 
+def batch_symbols(model: ir.Model) -> set[str]:
+    """Names of the symbolic dimensions on the first axis of some input: the sample axis.
+
+    A recurrent model may carry the batch on another axis of its state (silero's [2, batch, 128]).
+    """
+    return {dim.value for v in model_inputs(model) if v.shape and len(v.shape) > 0
+            for dim in [v.shape[0]] if not isinstance(dim, int) and dim is not None and dim.value}
+
+
+def batch_axes(model: ir.Model) -> set[tuple[str, int]]:
+    """(input, axis) pairs that carry the samples besides axis 0: a batch symbol on another
+    axis, or the one free axis of an input whose first axis is fixed (a state [2, ?, 128])."""
+    symbols = batch_symbols(model)
+    found = set()
+    for value in model_inputs(model):
+        shape = list(value.shape or ())
+        free = [axis for axis, dim in enumerate(shape) if not isinstance(dim, int)]
+        for axis in free:
+            named = getattr(shape[axis], "value", None)
+            if axis > 0 and (named in symbols or (isinstance(shape[0], int) and free == [axis])):
+                found.add((value.name, axis))
+    return found
+
+
 def _symbolic(model: ir.Model) -> list[tuple[ir.Value, int, str | None]]:
     """(input, axis, symbol) for every non-batch dimension without a fixed size."""
     found = []
+    batch = batch_axes(model)
     for value in model_inputs(model):
         for axis, dim in enumerate(value.shape or ()):
-            if axis > 0 and not isinstance(dim, int):
+            if axis > 0 and not isinstance(dim, int) and (value.name, axis) not in batch:
                 found.append((value, axis, None if dim is None else dim.value))
     return found
 
@@ -198,6 +223,8 @@ def probe_inputs(
     rng = np.random.default_rng(seed)
     dims, sizes = dict(dims or {}), dict(sizes or {})
     rows = max(batch, -(-count // batch) * batch) if batch else None
+    dims.update({symbol: rows or count for symbol in batch_symbols(model) if symbol not in dims})
+    sizes.update({key: rows or count for key in batch_axes(model) if key not in sizes})
     probes = {}
     for value in model_inputs(model):
         shape = []
