@@ -83,11 +83,12 @@ def compare_models(
     runs: int = 50,
     data: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
+    input_sizes: Mapping[tuple[str, int], int] | None = None,
 ) -> ModelComparison:
     model_a, model_b = io.load(path_a), io.load(path_b)
     _check_same_signature(model_a, model_b, path_a, path_b)
     count = len(next(v for k, v in data.items() if k != LABELS)) if data else FIDELITY_PROBES
-    samples = reference_probes(model_a, count=count, data=data)
+    samples = reference_probes(model_a, count=count, data=data, input_sizes=input_sizes)
     reference = _outputs(model_a, samples, path_a)
     candidate = _outputs(model_b, samples, path_b, reference.views)
     try:

@@ -6,7 +6,8 @@ The first axis of every array is the sample axis. Problems are reported all at o
 
 from __future__ import annotations
 
-__all__ = ["LABELS", "load_npz", "validate_data", "model_inputs"]
+__all__ = ["LABELS", "load_npz", "validate_data", "model_inputs", "batch_symbols", "batch_axes", "sample_axis",
+           "take_samples"]
 
 import os
 import zipfile
@@ -25,6 +26,44 @@ def model_inputs(model: ir.Model) -> list[ir.Value]:
     return [value for value in model.graph.inputs if value.const_value is None]
 
 
+def batch_symbols(model: ir.Model) -> set[str]:
+    """Names of the symbolic dimensions on the first axis of some input: the sample axis.
+
+    A recurrent model may carry the batch on another axis of its state (silero's [2, batch, 128]).
+    """
+    return {dim.value for v in model_inputs(model) if v.shape and len(v.shape) > 0
+            for dim in [v.shape[0]] if not isinstance(dim, int) and dim is not None and dim.value}
+
+
+def batch_axes(model: ir.Model) -> set[tuple[str, int]]:
+    """(input, axis) pairs that carry the samples besides axis 0: a batch symbol on another
+    axis, or the one free axis of an input whose first axis is fixed (a state [2, ?, 128])."""
+    symbols = batch_symbols(model)
+    found = set()
+    for value in model_inputs(model):
+        shape = list(value.shape or ())
+        free = [axis for axis, dim in enumerate(shape) if not isinstance(dim, int)]
+        for axis in free:
+            named = getattr(shape[axis], "value", None)
+            if axis > 0 and (named in symbols or (isinstance(shape[0], int) and free == [axis])):
+                found.add((value.name, axis))
+    return found
+
+
+def sample_axis(model: ir.Model, value: ir.Value) -> int | None:
+    """The axis of `value` that indexes samples: 0, a state's batch axis, or None for a scalar."""
+    if value.shape is not None and len(value.shape) == 0:
+        return None
+    moved = [axis for name, axis in batch_axes(model) if name == value.name and isinstance(value.shape[0], int)]
+    return moved[0] if moved else 0
+
+
+def take_samples(array: np.ndarray, axis: int | None, rows: int) -> np.ndarray:
+    """The first `rows` samples of `array` along its sample axis (a scalar is kept whole)."""
+    array = np.asarray(array)
+    return array if axis is None else np.take(array, np.arange(min(rows, array.shape[axis])), axis=axis)
+
+
 def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Check `data` against the model's inputs; raise one DataError listing every problem."""
     problems = []
@@ -35,9 +74,11 @@ def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.
     unknown = sorted(set(data) - set(inputs) - {LABELS})
     if unknown:
         problems.append(f"arrays {unknown} match no graph input (inputs: {sorted(inputs)})")
-    counts = {name: array.shape[0] if array.ndim else 0 for name, array in data.items()}
+    axes = {name: sample_axis(model, inputs[name]) if name in inputs else 0 for name in data}
+    counts = {name: array.shape[axes[name]] if array.ndim > (axes[name] or 0) else 0
+              for name, array in data.items() if axes[name] is not None}
     if len(set(counts.values())) > 1:
-        problems.append(f"arrays disagree on the sample count (first axis): {counts}")
+        problems.append(f"arrays disagree on the sample count (first axis; a state's batch axis): {counts}")
     if data and not any(counts.values()):
         problems.append("the data carries no samples")
     data = {name: _float_as_expected(array, inputs.get(name)) for name, array in data.items()}

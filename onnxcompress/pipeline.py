@@ -57,6 +57,14 @@ class StepResult:
     seconds: float
     failures: list[str] = dataclasses.field(default_factory=list)
 
+    @property
+    def decided_by(self) -> list[str]:
+        """The metrics that rolled this step back, or every metric its gate checked and passed."""
+        if self.failures:
+            return [f.split()[0] for f in self.failures]
+        gate = self.step.gate.model_dump()
+        return [name.removeprefix("min_").removeprefix("max_") for name, bound in gate.items() if bound is not None]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "pass": self.step.pass_name,
@@ -65,6 +73,7 @@ class StepResult:
             "seconds": round(self.seconds, 4),
             "metrics": self.metrics.to_dict() if self.metrics else None,
             "gate": self.step.gate.model_dump(),
+            "decided_by": self.decided_by,
             "failures": self.failures,
             **self.report.to_dict(),
         }

@@ -24,7 +24,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.data import LABELS, model_inputs
+from onnxcompress.data import (
+    LABELS,
+    batch_axes,
+    batch_symbols,
+    model_inputs,
+    sample_axis,
+    take_samples,
+)
 from onnxcompress.errors import DataError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -94,30 +101,6 @@ def _shape_problems(name: str, shape: tuple[int, ...], value: ir.Value) -> list[
     if int(np.prod(shape)) > MAX_PROBE_ELEMENTS:
         return [f"{name!r} at {'x'.join(map(str, shape))} is over {MAX_PROBE_ELEMENTS:,} elements"]
     return []
-
-
-def batch_symbols(model: ir.Model) -> set[str]:
-    """Names of the symbolic dimensions on the first axis of some input: the sample axis.
-
-    A recurrent model may carry the batch on another axis of its state (silero's [2, batch, 128]).
-    """
-    return {dim.value for v in model_inputs(model) if v.shape and len(v.shape) > 0
-            for dim in [v.shape[0]] if not isinstance(dim, int) and dim is not None and dim.value}
-
-
-def batch_axes(model: ir.Model) -> set[tuple[str, int]]:
-    """(input, axis) pairs that carry the samples besides axis 0: a batch symbol on another
-    axis, or the one free axis of an input whose first axis is fixed (a state [2, ?, 128])."""
-    symbols = batch_symbols(model)
-    found = set()
-    for value in model_inputs(model):
-        shape = list(value.shape or ())
-        free = [axis for axis, dim in enumerate(shape) if not isinstance(dim, int)]
-        for axis in free:
-            named = getattr(shape[axis], "value", None)
-            if axis > 0 and (named in symbols or (isinstance(shape[0], int) and free == [axis])):
-                found.add((value.name, axis))
-    return found
 
 
 def _symbolic(model: ir.Model) -> list[tuple[ir.Value, int, str | None]]:
@@ -219,7 +202,9 @@ def probe_inputs(
     batch = fixed_batch(model)
     if data is not None:
         rows = max(batch, count // batch * batch) if batch else count
-        return {name: np.asarray(array[:rows]) for name, array in data.items() if name != LABELS}
+        inputs = {value.name: value for value in model_inputs(model)}
+        return {name: take_samples(array, sample_axis(model, inputs[name]) if name in inputs else 0, rows)
+                for name, array in data.items() if name != LABELS}
     rng = np.random.default_rng(seed)
     dims, sizes = dict(dims or {}), dict(sizes or {})
     rows = max(batch, -(-count // batch) * batch) if batch else None

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from onnxcompress import probes
 from onnxcompress.cli import app
+from onnxcompress.data import validate_data
 from onnxcompress.errors import DataError
 from onnxcompress.pipeline import Step, reference_probes, run_steps
 from tests.builders import finish, save_proto
@@ -125,3 +126,14 @@ def test_mask_and_type_id_inputs_get_their_valid_values():
         [helper.make_tensor_value_info("y", TensorProto.INT64, ["n", "t"])])
     drawn = probes.probe_inputs(ir.from_proto(finish(graph)), count=3)
     assert np.all(drawn["attention_mask"] == 1) and np.all(drawn["token_type_ids"] == 0)
+
+
+def test_data_may_carry_samples_on_a_state_axis_and_hold_a_scalar(rng):
+    model = streaming(rng)
+    data = {"chunk": rng.standard_normal((5, 96)).astype(np.float32),
+            "state": rng.standard_normal((2, 5, 4)).astype(np.float32), "sr": np.array(16000, np.int64)}
+    validated = validate_data(model, data)
+    drawn = probes.probe_inputs(model, count=3, data=validated)
+    assert drawn["chunk"].shape == (3, 96) and drawn["state"].shape == (2, 3, 4) and drawn["sr"].shape == ()
+    with pytest.raises(DataError, match="disagree on the sample count"):
+        validate_data(model, {**data, "state": data["state"][:, :4]})

@@ -25,8 +25,10 @@ from onnxcompress.cli.common import (
 from onnxcompress.compare import compare_models, file_bytes
 from onnxcompress.data import load_npz
 from onnxcompress.errors import UserError
+from onnxcompress.fidelity import DEFAULT_GATE
 from onnxcompress.pass_base import describe, get_pass, make_config, pass_names
 from onnxcompress.pipeline import PipelineResult, Step
+from onnxcompress.probes import parse_input_shapes, shapes_as_sizes
 from onnxcompress.recipe import load_recipe, recipe_schema
 from onnxcompress.summary import layer_table, totals
 
@@ -142,11 +144,14 @@ def bench(
     batch: Annotated[int, typer.Option(min=1, help="Batch size of the probe inputs.")] = 1,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per model (interleaved).")] = 50,
     data: DataOption = None,
+    input_shape: InputShapeOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Size, onnxruntime latency and fidelity of two models, side by side."""
-    samples = load_npz(data, io.load(original)) if data else None
-    result = compare_models(original, compressed, batch=batch, runs=runs, data=samples)
+    """Size, onnxruntime latency and fidelity of two models, side by side (the gates' metrics)."""
+    loaded = io.load(original)
+    samples = load_npz(data, loaded) if data else None
+    sizes = shapes_as_sizes(parse_input_shapes(input_shape, loaded)) if input_shape else None
+    result = compare_models(original, compressed, batch=batch, runs=runs, data=samples, input_sizes=sizes)
     if as_json:
         typer.echo(json.dumps({**dataclasses.asdict(result), "metrics": result.metrics.to_dict(),
                                "size_ratio": result.size_ratio, "speedup": result.speedup}, indent=2))
@@ -162,6 +167,8 @@ def bench(
                       f"{(result.accuracy_b - result.accuracy_a) * 100:+.2f} pt")
     console.print(table)
     console.print(f"fidelity over {result.samples} samples: {result.metrics}", soft_wrap=True)
+    failures = DEFAULT_GATE.failures(result.metrics)
+    console.print(f"default gate: {'passes' if not failures else 'fails: ' + '; '.join(failures)}", soft_wrap=True)
 
 
 recipe_app = typer.Typer(help="Recipes: YAML lists of gated passes.", no_args_is_help=True)
