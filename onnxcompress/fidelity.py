@@ -27,7 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "Metrics", "Gate", "DEFAULT_GATE", "OutputView", "Outputs", "TaskMetric",
-    "output_views", "run", "run_model", "compare", "probe_inputs", "fixed_batch",
+    "output_views", "exposed", "run", "run_model", "compare", "probe_inputs", "fixed_batch",
 ]
 
 import contextlib
@@ -183,7 +183,7 @@ def output_views(model: ir.Model) -> tuple[OutputView, ...]:
 
 
 @contextlib.contextmanager
-def _exposed(model: ir.Model, names: Sequence[str]) -> Iterator[list[str]]:
+def exposed(model: ir.Model, names: Sequence[str]) -> Iterator[list[str]]:
     """Temporarily add the named main-graph values as graph outputs; yield those found."""
     by_name = {v.name: v for node in model.graph for v in node.outputs if v.name}
     present = {v.name for v in model.graph.outputs}
@@ -205,11 +205,11 @@ def run(model: ir.Model, probes: Mapping[str, np.ndarray],
     """
     views = tuple(views) if views is not None else output_views(model)
     count = len(model.graph.outputs)
-    with _exposed(model, [v.source for v in views if v.kind != "values"]) as extra:
+    with exposed(model, [v.source for v in views if v.kind != "values"]) as extra:
         with serialized(model) as model_file:
             arrays = run_model(model_file, probes)
-    values, exposed = list(arrays[:count]), dict(zip(extra, arrays[count:], strict=True))
-    scores = [_score(view, value, exposed.get(view.source)) for view, value in zip(views, values, strict=False)]
+    values, sources = list(arrays[:count]), dict(zip(extra, arrays[count:], strict=True))
+    scores = [_score(view, value, sources.get(view.source)) for view, value in zip(views, values, strict=False)]
     return Outputs(values, scores, views)
 
 

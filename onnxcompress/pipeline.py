@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = ["Step", "StepResult", "PipelineResult", "run_steps", "model_summary"]
 
 import dataclasses
+import importlib.util
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress import fidelity, runtime, summary
-from onnxcompress.errors import FidelityGateError, UnsupportedModelError
+from onnxcompress.errors import FidelityGateError, OnnxCompressError, UnsupportedModelError
 from onnxcompress.io import iter_tensors, serialized
 from onnxcompress.pass_base import PassContext, PassReport, get_pass, make_config
 from onnxcompress.probes import DEFAULT_PROBES, metadata_dims, probe_inputs, runnable_dims
@@ -214,7 +215,24 @@ def reference_probes(model: ir.Model, *, count: int = DEFAULT_PROBES, seed: int 
             raise UnsupportedModelError(str(error).splitlines()[0]) from None
 
     sizes = runnable_dims(model, run, fixed=known, seed=seed)
-    return probe_inputs(model, count=count, seed=seed, sizes=sizes)
+    drawn = probe_inputs(model, count=count, seed=seed, sizes=sizes)
+    return _matched_to_batchnorm(model, drawn, seed) or drawn
+
+
+def _matched_to_batchnorm(model: ir.Model, drawn: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray] | None:
+    """ZeroQ probes for a model that keeps BatchNorm nodes (needs torch; else noise is kept)."""
+    if not any(node.op_type == "BatchNormalization" for node in model.graph):
+        return None
+    if importlib.util.find_spec("torch") is None:
+        logger.info("BatchNorm statistics not matched: torch is not installed; random probes kept")
+        return None
+    from onnxcompress.finetune.synthetic import match_batchnorm
+
+    try:
+        return match_batchnorm(model, drawn, seed=seed)
+    except OnnxCompressError as error:  # an op the executor lacks: noise is still a valid probe
+        logger.info("BatchNorm statistics not matched (%s); random probes kept", error)
+        return None
 
 
 def _check_finite(reference: fidelity.Outputs, data: Mapping[str, np.ndarray] | None) -> None:

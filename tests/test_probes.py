@@ -137,3 +137,41 @@ def test_data_may_carry_samples_on_a_state_axis_and_hold_a_scalar(rng):
     assert drawn["chunk"].shape == (3, 96) and drawn["state"].shape == (2, 3, 4) and drawn["sr"].shape == ()
     with pytest.raises(DataError, match="disagree on the sample count"):
         validate_data(model, {**data, "state": data["state"][:, :4]})
+
+
+def batchnorm_cnn(rng: np.random.Generator) -> ir.Model:
+    """Conv -> BatchNorm (statistics far from what noise gives) -> Relu -> global pool."""
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv.weight"),
+             numpy_helper.from_array(np.ones(4, np.float32), "bn.scale"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "bn.bias"),
+             numpy_helper.from_array(np.array([2.0, -1.0, 0.5, 3.0], np.float32), "bn.mean"),
+             numpy_helper.from_array(np.array([0.25, 4.0, 1.0, 0.5], np.float32), "bn.var")]
+    nodes = [helper.make_node("Conv", ["x", "conv.weight"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b"]),
+             helper.make_node("Relu", ["b"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 1, 1])], inits)
+    return ir.from_proto(finish(graph))
+
+
+def test_probes_of_a_batchnorm_model_match_its_statistics(rng):
+    pytest.importorskip("torch")
+    from onnxcompress.finetune.synthetic import batchnorm_statistics
+
+    model = batchnorm_cnn(rng)
+    (_, mean, var), = batchnorm_statistics(model)
+    weight = model.graph.initializers["conv.weight"].const_value.numpy()
+
+    def conv_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        c = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight.copy()), padding=1).numpy()
+        return c.mean(axis=(0, 2, 3)), c.std(axis=(0, 2, 3))
+
+    noise = probes.probe_inputs(model, count=16)
+    matched = reference_probes(model, count=16)
+    assert matched["x"].shape == noise["x"].shape
+    noise_error = np.abs(np.concatenate(conv_statistics(noise["x"])) - np.concatenate([mean, np.sqrt(var)])).mean()
+    matched_error = np.abs(np.concatenate(conv_statistics(matched["x"])) - np.concatenate([mean, np.sqrt(var)])).mean()
+    assert matched_error < noise_error / 3
