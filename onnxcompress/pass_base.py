@@ -58,12 +58,18 @@ class PassContext:
     """What the pipeline hands a pass besides the model.
 
     `data` maps graph input names (and optionally `labels`) to arrays whose first axis is
-    the sample axis. `original` is the model as loaded, before any step ran.
+    the sample axis. `original` is the model as loaded, before any step ran. `probes`,
+    `reference` (the original's `fidelity.Outputs` on them) and `gate` are the step's own
+    check, for passes that search for what passes it.
     """
 
     data: Mapping[str, np.ndarray] | None = None
     original: ir.Model | None = None
     seed: int = 0
+    probes: Mapping[str, np.ndarray] | None = None
+    reference: Any = None
+    gate: Any = None
+    task: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

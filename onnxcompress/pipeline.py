@@ -161,7 +161,8 @@ def run_steps(
     for index, (step, compression_pass) in enumerate(zip(steps, passes, strict=True)):
         if on_step is not None:
             on_step(index, len(steps), step)
-        compression_pass.context = PassContext(data=data, original=original, seed=seed)
+        compression_pass.context = PassContext(data=data, original=original, seed=seed, probes=probes,
+                                               reference=reference, gate=step.gate, task=task)
         snapshot = _clone(model)
         if not step.with_previous:
             round_start, round_metrics = snapshot, metrics
