@@ -1,0 +1,1 @@
+"""Layer-wise reconstruction from calibration data: OBS pruning (SparseGPT) and GPTQ codebooks."""
