@@ -8,12 +8,12 @@ latency batch; with `labels` in the data, both models' accuracy is reported too.
 
 from __future__ import annotations
 
-__all__ = ["ModelComparison", "compare_models", "file_bytes"]
+__all__ = ["ModelComparison", "compare_models", "file_bytes", "interleaved_latency"]
 
 import dataclasses
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +122,26 @@ def compare_models(
         accuracy_a=accuracy[0],
         accuracy_b=accuracy[1],
     )
+
+
+def interleaved_latency(models: Sequence[ir.Model], inputs: Mapping[str, np.ndarray], *, runs: int = 20,
+                        threads: int | None = 1) -> list[float]:
+    """Median milliseconds per run of each model on `inputs`, timed A, B, A, B, … after warm-up."""
+    sessions = []
+    for model in models:
+        with io.serialized(model) as model_file:
+            sessions.append(runtime.session(model_file, threads=threads))
+    feeds = dict(inputs)
+    for session in sessions:
+        for _ in range(3):
+            session.run(None, feeds)
+    timings: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for index, session in enumerate(sessions):
+            started = time.perf_counter()
+            session.run(None, feeds)
+            timings[index].append(time.perf_counter() - started)
+    return [statistics.median(t) * 1e3 for t in timings]
 
 
 def _outputs(model: ir.Model, samples: Mapping[str, np.ndarray], path: Path,

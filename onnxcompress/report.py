@@ -1,4 +1,4 @@
-"""Reports of a pipeline run: JSON for machines, Markdown for people (chosen by extension)."""
+"""Reports of a pipeline run: JSON for machines, Markdown or HTML for people (chosen by extension)."""
 
 from __future__ import annotations
 
@@ -63,14 +63,18 @@ def _strict_json(value: Any) -> Any:
 
 
 def write_report(result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-    """Write `.json` or `.md` atomically."""
+    """Write `.json`, `.md` or `.html` atomically."""
     path = Path(path)
     if path.suffix == ".json":
         text = json.dumps(_strict_json({**result.to_dict(), **(extra or {})}), indent=2, default=str, allow_nan=False)
     elif path.suffix in (".md", ".markdown"):
         text = markdown(result)
+    elif path.suffix in (".html", ".htm"):
+        from onnxcompress.report_html import html_report
+
+        text = html_report(result, extra)
     else:
-        raise UserError(f"{path}: report format must be .json or .md")
+        raise UserError(f"{path}: report format must be .json, .md or .html")
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: report folder does not exist")
     write_text_atomic(path, text)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import onnx_ir as ir
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -58,7 +59,7 @@ OutputOption = Annotated[
 DataOption = Annotated[
     Path | None, typer.Option("--data", help=".npz keyed by input name (optional 'labels') for probes.")
 ]
-ReportOption = Annotated[Path | None, typer.Option("--report", help="Write a .json or .md report.")]
+ReportOption = Annotated[Path | None, typer.Option("--report", help="Write a .json, .md or .html report.")]
 MinCosineOption = Annotated[float | None, typer.Option(
     "--min-cosine", min=-1.0, max=1.0, show_default=False,
     help=f"Gate: lowest cosine of each output, logits for softmax outputs [default: {DEFAULT_GATE.min_cosine}].")]
@@ -105,8 +106,8 @@ def _check_destinations(model_path: Path, output: Path, report: Path | None) -> 
     if output.is_dir():
         raise UserError(f"{output}: is a folder; give a file name for the output")
     if report is not None:
-        if report.suffix not in (".json", ".md", ".markdown"):
-            raise UserError(f"{report}: report format must be .json or .md")
+        if report.suffix not in (".json", ".md", ".markdown", ".html", ".htm"):
+            raise UserError(f"{report}: report format must be .json, .md or .html")
         check_side_file(report, "report", model_path, output)
 
 
@@ -131,6 +132,7 @@ def compress_file(
     seed: int = 0,
     quiet: bool = False,
     input_shapes: Sequence[str] | None = None,
+    before_save: Callable[[ir.Model, PipelineResult], dict[str, Any]] | None = None,
 ) -> PipelineResult:
     """Load, run the gated steps, write the model (and report) atomically, print a summary."""
     output = output or default_output(model_path)
@@ -151,9 +153,10 @@ def compress_file(
 
         result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step,
                            input_sizes=sizes)
+    extra = before_save(model, result) if before_save is not None else {}
     io.save(result.model, output, **SAVE_OPTIONS)
     if report_path is not None:
-        write_report(result, report_path)
+        write_report(result, report_path, extra)
     if not quiet:
         print_summary(result, output)
     return result

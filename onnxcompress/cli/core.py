@@ -6,8 +6,9 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import onnx_ir as ir
 import typer
 from rich.table import Table
 
@@ -15,6 +16,9 @@ from onnxcompress import io
 from onnxcompress.cli.common import (
     DataOption,
     InputShapeOption,
+    MinCosineOption,
+    MinRankOption,
+    MinTop1Option,
     OutputOption,
     ReportOption,
     compress_file,
@@ -22,12 +26,12 @@ from onnxcompress.cli.common import (
     default_output,
     guarded,
 )
-from onnxcompress.compare import compare_models, file_bytes
+from onnxcompress.compare import compare_models, file_bytes, interleaved_latency
 from onnxcompress.data import load_npz
-from onnxcompress.errors import UserError
+from onnxcompress.errors import FidelityGateError, UserError
 from onnxcompress.fidelity import DEFAULT_GATE
 from onnxcompress.pass_base import describe, get_pass, make_config, pass_names
-from onnxcompress.pipeline import PipelineResult, Step
+from onnxcompress.pipeline import PipelineResult, Step, reference_probes
 from onnxcompress.probes import parse_input_shapes, shapes_as_sizes
 from onnxcompress.recipe import load_recipe, recipe_schema
 from onnxcompress.summary import layer_table, totals
@@ -81,16 +85,44 @@ def optimize(
     trust_random_probes: Annotated[bool, typer.Option(
         "--trust-random-probes",
         help="Without --data, run pruning and low-bit steps anyway, gated on random probes only.")] = False,
+    min_cosine: MinCosineOption = None,
+    min_rank_corr: MinRankOption = None,
+    min_top1: MinTop1Option = None,
+    batch: Annotated[int, typer.Option(min=1, max=4096, help="Batch size at which latency is measured.")] = 1,
+    max_latency_ratio: Annotated[float | None, typer.Option(
+        min=0.01, show_default=False,
+        help="Refuse a result slower than this many times the original at --batch (e.g. 1.05).")] = None,
 ) -> None:
-    """Run a recipe of gated passes: pruning + 8-bit codebooks with --data, 8-bit codebooks without."""
+    """Compress with a recipe of gated steps: with --data, per-layer codebook bits found by search;
+    without, 8-bit codebooks only. Latency before/after is measured at --batch."""
     if recipe is None:
         recipe = "default" if data is not None or trust_random_probes else "data-free"
     chosen = load_recipe(recipe)
     if data is None and not trust_random_probes:
         _refuse_steps_needing_data(chosen.steps, recipe)
-    result = compress_file(model, output, chosen.steps, data_path=data, report_path=report,
-                           probes=chosen.probes, seed=chosen.seed, input_shapes=input_shape)
+    given = {"min_cosine": min_cosine, "min_rank_correlation": min_rank_corr, "min_top1": min_top1}
+    given = {key: value for key, value in given.items() if value is not None}
+    steps = [s.model_copy(update={"gate": s.gate.model_copy(update=given)}) for s in chosen.steps]
+
+    def check_latency(original: ir.Model, result: PipelineResult) -> dict[str, Any]:
+        return _latency(original, result, batch, max_latency_ratio)
+
+    result = compress_file(model, output, steps, data_path=data, report_path=report, probes=chosen.probes,
+                           seed=chosen.seed, input_shapes=input_shape, before_save=check_latency)
     _say_if_not_smaller(model, output or default_output(model), result)
+
+
+def _latency(original: ir.Model, result: PipelineResult, batch: int, max_ratio: float | None) -> dict[str, Any]:
+    """Batch latency of the original and the result (interleaved medians); refuse when over `max_ratio`."""
+    inputs = reference_probes(original, count=batch)
+    before, after = interleaved_latency([original, result.model], inputs)
+    ratio = after / before if before > 0 else 1.0
+    console.print(f"latency at batch {batch}: {before:.3f} ms -> {after:.3f} ms ({ratio:.2f}x the original)",
+                  soft_wrap=True)
+    if max_ratio is not None and ratio > max_ratio:
+        raise FidelityGateError(f"the result runs {ratio:.2f}x the original's time at batch {batch}, over "
+                                f"--max-latency-ratio {max_ratio}; nothing was written")
+    return {"latency_ms": {"batch": batch, "before": before, "after": after, "ratio": ratio}}
 
 
 def _refuse_steps_needing_data(steps: Sequence[Step], recipe: str) -> None:

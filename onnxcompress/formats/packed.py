@@ -1,0 +1,348 @@
+"""Codebook indices packed at their bit width, and float weights stored as float16; both
+decoded back by standard ONNX ops whose inputs are all initializers.
+
+Why: `codebook.kmeans` needs only b bits per weight, but ONNX has no 3-, 5- or 6-bit type
+(and uint4 only from opset 21), so the uint8 form costs a byte per weight whatever b is.
+Here the indices go into a uint8 stream at b bits each and the graph unpacks them with
+Cast / Gather / Mul / Add / Div / Mod / Reshape / Slice (all in opset 11). Every input of
+that decoder is an initializer, so onnxruntime's constant folding replaces the whole chain,
+codebook Gather included, by the dense weight when the session is created: the model runs
+at the dense model's speed, in stock onnxruntime, without any library of ours. The same
+holds for float16 storage (`store_fp16`): initializer in float16 + Cast(to=FLOAT).
+
+Layout ("groups of 8"): the flat index stream i_0 .. i_{n-1} (row-major order of the
+weight, each 0 <= i < 2^b) is padded with zeros to n' = 8G, G = ceil(n / 8). Group g holds
+i_{8g} .. i_{8g+7} in b bytes, read as one little-endian 8b-bit integer
+X_g = sum_t P[g, t] 256^t, with index j of the group at bits jb .. jb+b-1:
+
+    X_g = sum_j i_{8g+j} 2^(jb)                  P: uint8[G, b], the initializer
+
+Index j starts in byte q_j = floor(jb / 8) at bit s_j = jb mod 8 and, as b <= 8, ends in
+byte q_j or q_j + 1. With the two-byte window w = P[g, q_j] + 256 P[g, q_j + 1]:
+
+    i_{8g+j} = floor(w / 2^(s_j)) mod 2^b
+
+When the index does not cross a byte (s_j + b <= 8, always so for b in 1, 2, 4, 8) the high
+byte contributes 256 P / 2^(s_j) = P 2^(8 - s_j), a multiple of 2^b, which the mod drops: so
+q_j + 1 may be clipped to b - 1 for the last index, and for b in 1, 2, 4 the high byte is
+not read at all. In the graph (q, 2^s: constant vectors of 8; S the weight's shape):
+
+    c = Cast(P, to=INT32)                           [G, b]
+    w = Gather(c, q, axis=1) [+ Gather(c, min(q + 1, b - 1), axis=1) * 256]     [G, 8]
+    i = Mod(Div(w, 2^s), 2^b)                        [G, 8] (non-negative: Div is exact floor)
+    Reshape(i, S)  or, when 8 does not divide n,  Reshape(Slice(Reshape(i, [8G]), 0, n), S)
+
+then Gather(codebook, i, axis=0) as in the uint8 form (`passes.codebook.graph`). File cost:
+ceil(n / 8) b bytes plus about 0.5 KB of decoder per layer (node protos and four small
+constants); exact: the decoded indices are the packed ones bit for bit.
+
+Where it plugs in: `codebook_layers` recognises this decoder as a codebook layer (index
+dtype "packed", same fields; `indices()` unpacks), so inspect, `pack` archives, the
+fine-tune bridge (its executor runs these ops) and later passes see one kind of layer.
+We did not choose "unpack after load": a model loaded, fine-tuned and saved again would
+silently go back to a byte per weight, and in-memory pipelines would see both forms anyway.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FP16_MAX",
+    "PACKED_DTYPE",
+    "PackedSource",
+    "decode_packed",
+    "pack_codebook_indices",
+    "pack_indices",
+    "packed_nbytes",
+    "packed_source",
+    "store_fp16",
+    "unpack_indices",
+]
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from onnxcompress.passes.codebook.graph import CodebookLayer
+
+#: `CodebookLayer.index_dtype` of a layer whose indices are bit-packed here.
+PACKED_DTYPE = "packed"
+#: The largest finite float16; weights beyond it are left in float32.
+FP16_MAX = 65504.0
+_MIN_OPSET = 11
+
+
+# --- numpy: the layout ---------------------------------------------------------------------
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes of `count` indices packed at `bits` each: whole groups of 8 indices = `bits` bytes."""
+    return math.ceil(count / 8) * bits
+
+
+def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
+    """uint8[G, bits]: the flat indices (each < 2^bits) in groups of 8, little-endian bits."""
+    _check_bits(bits)
+    flat = np.asarray(indices).reshape(-1)
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"indices must lie in 0..{(1 << bits) - 1} to pack at {bits} bits")
+    groups = math.ceil(flat.size / 8)
+    padded = np.zeros(groups * 8, dtype=np.uint8)
+    padded[: flat.size] = flat
+    # bit t of a group's 8b-bit stream is bit (t mod b) of its index t // b
+    stream = (padded.reshape(groups, 8, 1) >> np.arange(bits, dtype=np.uint8)) & 1
+    packed = np.packbits(stream.reshape(groups, bits, 8), axis=-1, bitorder="little")
+    return packed.reshape(groups, bits)
+
+
+def unpack_indices(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """uint8[count]: the first `count` indices of `pack_indices` output (the inverse)."""
+    _check_bits(bits)
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1, bits)
+    if not 8 * (packed.shape[0] - 1) < count <= 8 * packed.shape[0] and not (count == 0 == packed.shape[0]):
+        raise ValueError(f"{packed.shape[0]} groups of 8 cannot hold exactly {count} indices")
+    stream = np.unpackbits(packed, axis=-1, bitorder="little").reshape(-1, bits)
+    values = (stream << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+    return values[:count]
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+
+
+def _layout(bits: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(q, clipped q + 1 or None when no index crosses a byte, 2^s) for the 8 slots of a group."""
+    offsets = np.arange(8) * bits
+    low = offsets // 8
+    shift = offsets % 8
+    crossing = bool(np.any(shift + bits > 8))
+    high = np.minimum(low + 1, bits - 1) if crossing else None
+    return low.astype(np.int32), None if high is None else high.astype(np.int32), (1 << shift).astype(np.int32)
+
+
+def decode_packed(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The in-graph decoder's algebra in numpy (int32 [count]); tests hold it to `unpack_indices`."""
+    low, high, powers = _layout(bits)
+    c = np.asarray(packed).reshape(-1, bits).astype(np.int32)
+    window = c[:, low] + (c[:, high] * 256 if high is not None else 0)
+    return ((window // powers) % (1 << bits)).reshape(-1)[:count]
+
+
+# --- the graph: decoder nodes and how to recognise them -------------------------------------
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    from onnxcompress.passes.codebook.graph import _unique_name
+
+    tensor = ir.tensor(array, name=_unique_name(graph, name))
+    value = ir.Value(name=tensor.name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _shared(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """The initializer `name` when it already holds `array` (layers of one width share their
+    decoder constants), else a new one."""
+    existing = graph.initializers.get(name)
+    if existing is not None and existing.const_value is not None:
+        held = np.asarray(existing.const_value.numpy())
+        if held.dtype == array.dtype and np.array_equal(held, array):
+            return existing
+    return _initializer(graph, name, array)
+
+
+def _decoder_nodes(graph: ir.Graph, weight: str, packed: ir.Value, bits: int, shape: tuple[int, ...]) -> list[ir.Node]:
+    """The nodes that turn packed bytes `packed` into int32 indices of `shape` (last output).
+
+    Kept small in the file: width constants are shared by every layer of that width, nodes
+    carry no names and intermediate values no type annotations (shape inference has them).
+    """
+    from onnxcompress.passes.codebook.graph import _unique_name
+
+    low, high, powers = _layout(bits)
+    count = math.prod(shape)
+    groups = math.ceil(count / 8)
+
+    def width_const(suffix: str, array: np.ndarray) -> ir.Value:
+        return _shared(graph, f"onnxcompress.unpack{bits}.{suffix}", array)
+
+    nodes: list[ir.Node] = []
+
+    def add(op: str, inputs: list[ir.Value], **attributes: int) -> ir.Value:
+        node = ir.node(op, inputs, attributes=attributes)
+        node.outputs[0].name = _unique_name(graph, f"{weight}.unpack{len(nodes)}")
+        nodes.append(node)
+        return node.outputs[0]
+
+    wide = add("Cast", [packed], to=ir.DataType.INT32)
+    window = add("Gather", [wide, width_const("low", low)], axis=1)
+    if high is not None:
+        upper = add("Gather", [wide, width_const("high", high)], axis=1)
+        scaled = add("Mul", [upper, _shared(graph, "onnxcompress.unpack.byte", np.array(256, np.int32))])
+        window = add("Add", [window, scaled])
+    shifted = add("Div", [window, width_const("shift", powers)])
+    indices = add("Mod", [shifted, width_const("modulus", np.array(1 << bits, np.int32))])
+    if count != 8 * groups:
+        flat = add("Reshape", [indices, _shared(graph, "onnxcompress.unpack.flat", np.array([-1], np.int64))])
+        indices = add("Slice", [flat, _shared(graph, "onnxcompress.unpack.start", np.array([0], np.int64)),
+                                _initializer(graph, f"{weight}.unpack_end", np.array([count], np.int64))])
+    add("Reshape", [indices, _initializer(graph, f"{weight}.unpack_shape", np.array(shape, np.int64))])
+    return nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSource:
+    """A packed decoder found behind a codebook Gather: its first Cast, the packed bytes, the width."""
+
+    cast: ir.Node
+    packed: ir.Value
+    bits: int
+    shape: tuple[int, ...]
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return np.asarray(value.const_value.numpy())
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        return None
+    return node
+
+
+def packed_source(graph: ir.Graph, index_value: ir.Value | None) -> PackedSource | None:
+    """The packed decoder that computes `index_value`, exactly as `_decoder_nodes` writes it, or None."""
+    reshape = _producer(index_value, "Reshape")
+    shape_array = _const(reshape.inputs[1]) if reshape is not None else None
+    if reshape is None or shape_array is None or shape_array.ndim != 1 or np.any(shape_array < 0):
+        return None
+    shape = tuple(int(d) for d in shape_array)
+    source = reshape.inputs[0]
+    slice_node = _producer(source, "Slice")
+    if slice_node is not None:
+        if len(slice_node.inputs) != 3 or _producer(slice_node.inputs[0], "Reshape") is None:
+            return None
+        if not (np.array_equal(_const(slice_node.inputs[1]), [0]) and  # type: ignore[arg-type]
+                np.array_equal(_const(slice_node.inputs[2]), [math.prod(shape)])):  # type: ignore[arg-type]
+            return None
+        source = slice_node.inputs[0].producer().inputs[0]  # type: ignore[union-attr]
+    mod = _producer(source, "Mod")
+    div = _producer(mod.inputs[0], "Div") if mod is not None else None
+    if mod is None or div is None:
+        return None
+    modulus = _const(mod.inputs[1])
+    if modulus is None or modulus.size != 1 or int(modulus.reshape(-1)[0]) not in {1 << b for b in range(1, 9)}:
+        return None
+    bits = int(modulus.reshape(-1)[0]).bit_length() - 1
+    low, high, powers = _layout(bits)
+    if not np.array_equal(_const(div.inputs[1]), powers):  # type: ignore[arg-type]
+        return None
+    window = div.inputs[0]
+    if high is not None:
+        add = _producer(window, "Add")
+        if add is None:
+            return None
+        window = add.inputs[0]
+    gather = _producer(window, "Gather")
+    if gather is None or gather.attributes.get_int("axis", 0) != 1 or not np.array_equal(_const(gather.inputs[1]), low):  # type: ignore[arg-type]
+        return None
+    cast = _producer(gather.inputs[0], "Cast")
+    packed = cast.inputs[0] if cast is not None else None
+    if cast is None or packed is None or packed.name is None or graph.initializers.get(packed.name) is not packed:
+        return None
+    tensor = packed.const_value
+    if tensor is None or tensor.dtype != ir.DataType.UINT8 or tuple(tensor.shape) != (math.ceil(math.prod(shape) / 8), bits):
+        return None
+    return PackedSource(cast=cast, packed=packed, bits=bits, shape=shape)
+
+
+def _users(graph: ir.Graph, value: ir.Value) -> int:
+    return sum(1 for _ in value.uses()) + int(value.is_graph_output())
+
+
+def pack_codebook_indices(model: ir.Model, names: set[str] | None = None) -> bool:
+    """Rewrite every uint8 codebook layer with bits < 8 (or those in `names`) into the packed form.
+
+    Returns whether anything changed. Models below opset 11 are left alone. A layer whose
+    index tensor is shared with another reader keeps it (only its own Cast is replaced).
+    """
+    from onnxcompress.passes.codebook.graph import codebook_layers
+
+    if model.opset_imports.get("", 0) < _MIN_OPSET:
+        return False
+    graph = model.graph
+    changed = False
+    for layer in codebook_layers(model):
+        if layer.index_dtype != "uint8" or layer.bits >= 8 or (names is not None and layer.name not in names):
+            continue
+        indices = layer.indices()
+        if indices.size and int(indices.max()) >= 1 << layer.bits:
+            continue
+        _replace_indices(graph, layer, pack_indices(indices, layer.bits))
+        changed = True
+    return changed
+
+
+def _replace_indices(graph: ir.Graph, layer: CodebookLayer, packed: np.ndarray) -> None:
+    """Put the decoder of `packed` where `layer.cast` was; the packed bytes take the old
+    index initializer's name when nothing else reads it."""
+    old, old_out = layer.cast.inputs[0], layer.cast.outputs[0]
+    assert old is not None and old.name is not None
+    sole = _users(graph, old_out) == 1 and _users(graph, old) == 1
+    name = old.name if sole else f"{layer.name}.codebook_indices_packed"
+    if sole:
+        graph.initializers.pop(old.name)
+        old.const_value = None  # detach first: onnx_ir renames a value's tensor with it
+        old.name = None
+    nodes = _decoder_nodes(graph, layer.name, _initializer(graph, name, packed), layer.bits, layer.shape)
+    graph.insert_before(layer.gather, nodes)
+    layer.gather.replace_input_with(1, nodes[-1].outputs[0])
+    if sole:
+        graph.remove(layer.cast, safe=True)
+
+
+# --- float16 storage -------------------------------------------------------------------------
+
+
+def store_fp16(model: ir.Model, *, min_params: int = 64, exclude: set[str] | None = None) -> list[str]:
+    """Store each float32 initializer of the main graph (>= `min_params` values) as float16 + Cast.
+
+    Lossy by float16 rounding (relative error <= 2^-11 for |w| >= 6.1e-5; smaller values
+    lose precision, below 6e-8 they become 0). Left alone: codebooks (tiny), graph inputs or
+    outputs, tensors with NaN/inf or beyond +-65504, and names in `exclude`. Returns the
+    names converted; the Cast output keeps each weight's name, so consumers are unchanged.
+    """
+    from onnxcompress.passes.codebook.graph import _unique_name, codebook_layers
+
+    graph = model.graph
+    skip = set(exclude or ()) | {layer.codebook_name for layer in codebook_layers(model)}
+    done = []
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if name in skip or tensor is None or tensor.dtype != ir.DataType.FLOAT or value.is_graph_output():
+            continue
+        if value in graph.inputs or math.prod(tensor.shape) < max(min_params, 1):
+            continue
+        array = np.asarray(tensor.numpy())
+        if not np.all(np.isfinite(array)) or float(np.abs(array).max()) > FP16_MAX:
+            continue
+        half = _initializer(graph, f"{name}.fp16", array.astype(np.float16))
+        cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT}, name=_unique_name(graph, f"{name}.fp16_cast"))
+        decoded = cast.outputs[0]
+        decoded.type, decoded.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
+        graph.initializers.pop(name)
+        ir.convenience.replace_all_uses_with(value, decoded)
+        value.const_value = None
+        value.name = None
+        decoded.name = name
+        first = next(iter(graph), None)
+        graph.extend([cast]) if first is None else graph.insert_before(first, [cast])
+        done.append(name)
+    return done
