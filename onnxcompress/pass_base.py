@@ -70,6 +70,7 @@ class PassContext:
     reference: Any = None
     gate: Any = None
     task: Any = None
+    progress: Callable[[str], None] | None = None  # a line for the CLI's progress display
 
 
 @dataclasses.dataclass(frozen=True)

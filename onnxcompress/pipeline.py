@@ -137,6 +137,7 @@ def run_steps(
     on_step: ProgressCallback | None = None,
     input_sizes: Mapping[tuple[str, int], int] | None = None,
     task: fidelity.TaskMetric | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> PipelineResult:
     """Apply `steps` to a copy of `model`, each gated; return the result and its account.
 
@@ -162,7 +163,8 @@ def run_steps(
         if on_step is not None:
             on_step(index, len(steps), step)
         compression_pass.context = PassContext(data=data, original=original, seed=seed, probes=probes,
-                                               reference=reference, gate=step.gate, task=task)
+                                               reference=reference, gate=step.gate, task=task,
+                                               progress=on_progress)
         snapshot = _clone(model)
         if not step.with_previous:
             round_start, round_metrics = snapshot, metrics

@@ -76,7 +76,7 @@ def _consumer_op(layer: CodebookLayer) -> str:
 def _codebook_row(layer: CodebookLayer) -> LayerInfo:
     weight = dense_weight(layer)
     codebook = layer.codebook()
-    index_bytes = weight.size if layer.index_dtype == "uint8" else (weight.size + 1) // 2
+    index_bytes = layer.stored_index_bytes
     return LayerInfo(
         name=layer.name,
         op=_consumer_op(layer),

@@ -344,6 +344,13 @@ def _decode_layer(entry: dict[str, Any], body: memoryview) -> tuple[TensorProto,
         index_tensor = helper.make_tensor(index_name, TensorProto.UINT4, shape, nibbles.tobytes(), raw=True)
     elif index_dtype == "uint8":
         index_tensor = numpy_helper.from_array(flat.reshape(shape), index_name)
+    elif index_dtype == "packed":  # onnxcompress.formats.packed: groups of 8 indices in `bits` bytes
+        from onnxcompress.formats.packed import pack_indices
+
+        width = _field(entry, "bits", int, weight)
+        if not 1 <= width <= 8 or (flat.size and int(flat.max()) >= 1 << width):
+            raise ModelLoadError(f"archive: {weight} indices do not fit the packed width {width}")
+        index_tensor = numpy_helper.from_array(pack_indices(flat, width), index_name)
     else:
         raise ModelLoadError(f"archive: {weight} has unknown index dtype {index_dtype!r}")
     codebook_tensor = numpy_helper.from_array(codebook, _field(codebook_meta, "name", str, f"{weight}.codebook"))

@@ -151,8 +151,11 @@ def compress_file(
         def on_step(index: int, count: int, step: Step) -> None:
             progress.update(task, completed=index, description=f"step {index + 1}/{count}: {step.pass_name}")
 
+        def on_progress(line: str) -> None:
+            progress.update(task, description=line)
+
         result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step,
-                           input_sizes=sizes)
+                           input_sizes=sizes, on_progress=on_progress)
     extra = before_save(model, result) if before_save is not None else {}
     io.save(result.model, output, **SAVE_OPTIONS)
     if report_path is not None:

@@ -179,7 +179,9 @@ def codebook_tensors(model: ir.Model) -> list[str]:
             continue
         if data.const_value.dtype in _FLOATS and indices.const_value.dtype in _INTEGERS:
             found.append(data.name or "")
-    return sorted(set(found))
+    from onnxcompress.passes.codebook.graph import codebook_layers  # bit-packed indices too
+
+    return sorted(set(found) | {layer.codebook_name for layer in codebook_layers(model)})
 
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)

@@ -135,7 +135,8 @@ class CodebookSearchPass(CompressionPass):
         """Every layer's codebook at every width, cheapest first, with its error and bytes."""
         hessians = layer_hessians(model, self.context.probes or {}, sites, seed=self.context.seed)
         table: dict[str, list[Candidate]] = {}
-        for site in sites:
+        for number, site in enumerate(sites, start=1):
+            self._say(f"{self.name}: codebooks for layer {number}/{len(sites)} ({site.name})")
             weights = site.array()
             stats = hessians.get(site.name)
             dense = site.size * weights.dtype.itemsize
@@ -149,6 +150,11 @@ class CodebookSearchPass(CompressionPass):
                 options.append(Candidate(bits, indices, codebook, zero_entry, error, nbytes))
             table[site.name] = sorted(options, key=lambda c: c.nbytes)
         return table
+
+    def _say(self, line: str) -> None:
+        logger.info(line)
+        if self.context.progress is not None:
+            self.context.progress(line)
 
     @staticmethod
     def _pick(options: list[Candidate], tolerance: float) -> Candidate | None:
@@ -169,6 +175,7 @@ class CodebookSearchPass(CompressionPass):
             middle = (low + high + 1) // 2
             choice = self._choose(candidates, errors[middle])
             trials += 1
+            self._say(f"{self.name}: trial {trials}, tolerance {errors[middle]:.3g}")
             if self._passes(model, sites, choice):
                 low, best = middle, choice
             else:
