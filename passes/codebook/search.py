@@ -4,7 +4,7 @@ One bit width for every layer wastes bytes where layers are robust and breaks th
 they are not (a 214-class classifier at 5 bits everywhere: top-1 agreement 0.92). HAQ/HAWQ
 allocate bits per layer; this is the simplest faithful version of that idea:
 
-1. Candidates per layer: k-means codebooks at each width in `bits` (8, 6, 5, 4, 3 by default),
+1. Candidates per layer: k-means codebooks at each width in `bits` (8, 7, 6, 5, 4, 3 by default),
    each scored by its relative layer-output error on the calibration inputs,
 
        e(l, b) = tr(D^T H D) / tr(W^T H W),   D = W_b - W,   H = X^T X  (onnxcompress.calibration),
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 class CodebookSearchConfig(PassConfig):
     bits: tuple[int, ...] = pydantic.Field(
-        (8, 6, 5, 4, 3), description="Candidate bit widths per layer (1..8).")
+        (8, 7, 6, 5, 4, 3), description="Candidate bit widths per layer (1..8).")
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
     min_params: int = pydantic.Field(64, ge=0, description="Weights with fewer parameters stay dense.")
     max_trials: int = pydantic.Field(12, ge=1, le=64, description="Most whole-model verifications.")
