@@ -33,8 +33,8 @@ not read at all. In the graph (q, 2^s: constant vectors of 8; S the weight's sha
     Reshape(i, S)  or, when 8 does not divide n,  Reshape(Slice(Reshape(i, [8G]), 0, n), S)
 
 then Gather(codebook, i, axis=0) as in the uint8 form (`passes.codebook.graph`). File cost:
-ceil(n / 8) b bytes plus about 0.5 KB of decoder per layer (node protos and four small
-constants); exact: the decoded indices are the packed ones bit for bit.
+ceil(n / 8) b bytes plus ~0.8 KB of decoder per layer (node protos, value names, its shape;
+the width constants are shared), so layers where that does not pay stay uint8; exact: the decoded indices are the packed ones bit for bit.
 
 Where it plugs in: `codebook_layers` recognises this decoder as a codebook layer (index
 dtype "packed", same fields; `indices()` unpacks), so inspect, `pack` archives, the
@@ -52,7 +52,9 @@ __all__ = [
     "decode_packed",
     "pack_codebook_indices",
     "pack_indices",
+    "decoder_nbytes",
     "packed_nbytes",
+    "packing_pays",
     "packed_source",
     "store_fp16",
     "unpack_indices",
@@ -81,6 +83,17 @@ _MIN_OPSET = 11
 def packed_nbytes(count: int, bits: int) -> int:
     """Bytes of `count` indices packed at `bits` each: whole groups of 8 indices = `bits` bytes."""
     return math.ceil(count / 8) * bits
+
+
+def decoder_nbytes(weight: str) -> int:
+    """About what one layer's decoder adds to the file (nodes, value names, its shape constant);
+    measured ~800 bytes for a 10-character weight name, the names repeat on every edge."""
+    return 600 + 20 * len(weight)
+
+
+def packing_pays(weight: str, count: int, bits: int) -> bool:
+    """Whether packing `count` indices at `bits` saves more than its decoder costs."""
+    return bits < 8 and count - packed_nbytes(count, bits) > decoder_nbytes(weight)
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
@@ -270,8 +283,9 @@ def _users(graph: ir.Graph, value: ir.Value) -> int:
 def pack_codebook_indices(model: ir.Model, names: set[str] | None = None) -> bool:
     """Rewrite every uint8 codebook layer with bits < 8 (or those in `names`) into the packed form.
 
-    Returns whether anything changed. Models below opset 11 are left alone. A layer whose
-    index tensor is shared with another reader keeps it (only its own Cast is replaced).
+    Returns whether anything changed. Models below opset 11 are left alone, and so are layers
+    too small for packing to pay for its decoder (`packing_pays`). A layer whose index tensor
+    is shared with another reader keeps it (only its own Cast is replaced).
     """
     from onnxcompress.passes.codebook.graph import codebook_layers
 
@@ -280,7 +294,9 @@ def pack_codebook_indices(model: ir.Model, names: set[str] | None = None) -> boo
     graph = model.graph
     changed = False
     for layer in codebook_layers(model):
-        if layer.index_dtype != "uint8" or layer.bits >= 8 or (names is not None and layer.name not in names):
+        if layer.index_dtype != "uint8" or (names is not None and layer.name not in names):
+            continue
+        if not packing_pays(layer.name, math.prod(layer.shape), layer.bits):
             continue
         indices = layer.indices()
         if indices.size and int(indices.max()) >= 1 << layer.bits:

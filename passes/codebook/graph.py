@@ -13,6 +13,13 @@ byte) per weight instead of 4. The Gather node carries the requested bit width a
 entry 0 is the reserved exact zero in its `metadata_props`, for `inspect`, the fine-tune
 bridge (centroid fine-tuning keeps the indices fixed) and `pack`.
 
+Packed form (`onnxcompress.formats.packed`, what `codebook.kmeans` writes for bits < 8 unless
+uint4 applies): the indices are a uint8 stream at b bits each, unpacked in the graph by a
+constant-foldable chain Cast -> Gather -> [Mul, Add] -> Div -> Mod -> Reshape [-> Slice ->
+Reshape] that ends in the same codebook Gather. `codebook_layers` finds both forms: for a
+packed layer `index_dtype` is "packed", `index_name` the packed byte tensor, `cast` the
+chain's first Cast, and `indices()` unpacks; `stored_index_bytes` is what the file holds.
+
 Exact: `codebook[indices]` is bit for bit the weight the model computes with.
 """
 
@@ -32,6 +39,8 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxcompress.formats.packed import PACKED_DTYPE, packed_nbytes, packed_source, unpack_indices
 
 BITS_KEY = "onnxcompress.codebook.bits"
 ZERO_KEY = "onnxcompress.codebook.zero_entry"
@@ -60,10 +69,22 @@ class CodebookLayer:
     cast: ir.Node
 
     def indices(self) -> np.ndarray:
-        """The index tensor as uint8 (uint4 storage unpacked)."""
+        """The index tensor as uint8 of the weight's shape (uint4 and packed storage unpacked)."""
         tensor = self.cast.inputs[0].const_value  # type: ignore[union-attr]
         assert tensor is not None
-        return np.asarray(tensor.numpy()).astype(np.uint8)
+        stored = np.asarray(tensor.numpy())
+        if self.index_dtype == PACKED_DTYPE:
+            return unpack_indices(stored, int(stored.shape[1]), math.prod(self.shape)).reshape(self.shape)
+        return stored.astype(np.uint8)
+
+    @property
+    def stored_index_bytes(self) -> int:
+        """Bytes the indices take in the file: 1 per weight (uint8), 1/2 (uint4), bits/8 (packed)."""
+        count = math.prod(self.shape)
+        if self.index_dtype == PACKED_DTYPE:
+            tensor = self.cast.inputs[0].const_value  # type: ignore[union-attr]
+            return packed_nbytes(count, int(tensor.shape[1])) if tensor is not None else 0
+        return count if self.index_dtype == "uint8" else (count + 1) // 2
 
     def codebook(self) -> np.ndarray:
         tensor = self.gather.inputs[0].const_value  # type: ignore[union-attr]
@@ -86,20 +107,17 @@ def _match(graph: ir.Graph, node: ir.Node) -> CodebookLayer | None:
     if node.attributes.get_int("axis", 0) != 0:
         return None
     codebook = _initializer(graph, node.inputs[0])
-    index_value = node.inputs[1]
-    cast = index_value.producer() if index_value is not None else None
-    if codebook is None or cast is None or cast.op_type != "Cast" or len(codebook.shape) != 1:
+    if codebook is None or len(codebook.shape) != 1:
         return None
-    if cast.attributes.get_int("to", 0) not in (ir.DataType.INT32, ir.DataType.INT64):
+    found = _index_source(graph, node.inputs[1])
+    if found is None:
         return None
-    indices = _initializer(graph, cast.inputs[0])
-    if indices is None or indices.dtype not in _INDEX_DTYPES:
-        return None
+    cast, index_dtype, shape, stored_bits = found
     if codebook.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
         return None
     k = int(codebook.shape[0])
     recorded = node.metadata_props.get(BITS_KEY)
-    bits = int(recorded) if recorded and recorded.isdigit() else max(1, math.ceil(math.log2(max(k, 2))))
+    bits = int(recorded) if recorded and recorded.isdigit() else stored_bits or max(1, math.ceil(math.log2(max(k, 2))))
     output = node.outputs[0]
     return CodebookLayer(
         name=output.name or "",
@@ -108,11 +126,30 @@ def _match(graph: ir.Graph, node: ir.Node) -> CodebookLayer | None:
         index_name=cast.inputs[0].name or "",  # type: ignore[union-attr]
         codebook_name=node.inputs[0].name or "",  # type: ignore[union-attr]
         zero_entry=node.metadata_props.get(ZERO_KEY) == "1",
-        shape=tuple(int(d) for d in indices.shape),
-        index_dtype="uint4" if indices.dtype == ir.DataType.UINT4 else "uint8",
+        shape=shape,
+        index_dtype=index_dtype,
         gather=node,
         cast=cast,
     )
+
+
+def _index_source(
+    graph: ir.Graph, index_value: ir.Value | None
+) -> tuple[ir.Node, str, tuple[int, ...], int | None] | None:
+    """(Cast reading the stored indices, index dtype, weight shape, packed width) or None."""
+    cast = index_value.producer() if index_value is not None else None
+    if cast is not None and cast.op_type == "Cast":
+        if cast.attributes.get_int("to", 0) not in (ir.DataType.INT32, ir.DataType.INT64):
+            return None
+        indices = _initializer(graph, cast.inputs[0])
+        if indices is None or indices.dtype not in _INDEX_DTYPES:
+            return None
+        dtype = "uint4" if indices.dtype == ir.DataType.UINT4 else "uint8"
+        return cast, dtype, tuple(int(d) for d in indices.shape), None
+    packed = packed_source(graph, index_value)
+    if packed is None:
+        return None
+    return packed.cast, PACKED_DTYPE, packed.shape, packed.bits
 
 
 def codebook_layers(model: ir.Model) -> list[CodebookLayer]:

@@ -12,8 +12,11 @@ weight-name globs to bits (first match wins).
 
 Lossy, bounded per weight: |w - C[I]| <= half the largest gap between adjacent centroids
 (the nearest centroid is chosen), and zero error when a layer has at most k distinct values.
-Exact: zeros stay 0.0; the file stores 1 byte (0.5 with uint4) per weight; see `graph` for
-the in-graph form and why stock onnxruntime runs it at the dense model's speed.
+Exact: zeros stay 0.0. Index storage (`pack_indices`, on by default): below 8 bits the
+indices are bit-packed, bits/8 bytes per weight (`onnxcompress.formats.packed`; needs opset
+>= 11), except that 4-bit layers of opset >= 21 models keep ONNX uint4 (same size, fewer
+nodes); otherwise uint8, 1 byte per weight. See `graph` for the in-graph forms and why stock
+onnxruntime runs them at the dense model's speed (the decoders are constant-folded at load).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.errors import UnsupportedModelError
+from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, packing_pays
 from onnxcompress.pass_base import CompressionPass, PassConfig, register
 from onnxcompress.passes.codebook.graph import insert_codebook
 from onnxcompress.passes.codebook.kmeans1d import kmeans_1d
@@ -66,6 +70,11 @@ class KMeansClusterConfig(PassConfig):
     max_iter: int = pydantic.Field(300, ge=1, le=100_000, description="Most Lloyd iterations per layer.")
     pack_4bit: bool = pydantic.Field(
         True, description="Store indices as uint4 when bits <= 4 and the model's opset is >= 21."
+    )
+    pack_indices: bool = pydantic.Field(
+        True,
+        description="Bit-pack indices below 8 bits (bits/8 bytes per weight, decoded by constant-foldable "
+        "standard ops; opset >= 11); off: uint8 (or uint4) indices.",
     )
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
     min_params: int = pydantic.Field(
@@ -138,13 +147,26 @@ class KMeansClusterPass(CompressionPass):
         if not np.all(np.isfinite(site.array())):
             return "holds NaN or inf"
         bits = self.bits_for(site)
-        index_bytes = site.size * (0.5 if self._packed(model, bits) else 1.0)
+        index_bytes = self._index_bytes(self._storage(model, site, bits), site.size, bits)
         if index_bytes + (1 << bits) * dtype.itemsize >= site.size * dtype.itemsize:
             return f"a {bits}-bit codebook would not be smaller than the dense tensor"
         return None
 
-    def _packed(self, model: ir.Model, bits: int) -> bool:
-        return self.config.pack_4bit and bits <= 4 and model.opset_imports.get("", 0) >= 21
+    def _storage(self, model: ir.Model, site: WeightSite, bits: int) -> Literal["uint8", "uint4", "packed"]:
+        """How a layer's indices are stored: uint4 wins ties with packing (4 bits, opset >= 21);
+        packing only where it saves more than its decoder costs."""
+        opset = model.opset_imports.get("", 0)
+        uint4 = self.config.pack_4bit and bits <= 4 and opset >= 21
+        pays = packing_pays(site.name, site.size, bits)
+        if self.config.pack_indices and pays and opset >= 11 and not (uint4 and bits == 4):
+            return "packed"
+        return "uint4" if uint4 else "uint8"
+
+    @staticmethod
+    def _index_bytes(storage: str, count: int, bits: int) -> int:
+        if storage == "packed":
+            return packed_nbytes(count, bits)
+        return (count + 1) // 2 if storage == "uint4" else count
 
     def apply(self, model: ir.Model) -> bool:
         scan = find_weight_sites(
@@ -171,12 +193,16 @@ class KMeansClusterPass(CompressionPass):
             except ValueError as error:  # pragma: no cover - preconditions above rule these out
                 raise UnsupportedModelError(f"{site.name}: {error}") from None
             planned.append((site, bits, weights, indices, codebook, zero_entry))
+        to_pack = set()
         for site, bits, weights, indices, codebook, zero_entry in planned:
-            packed = self._packed(model, bits)
+            storage = self._storage(model, site, bits)
             insert_codebook(
-                model.graph, site.value, indices, codebook, bits=bits, zero_entry=zero_entry, packed=packed
+                model.graph, site.value, indices, codebook, bits=bits, zero_entry=zero_entry,
+                packed=storage == "uint4",
             )
-            index_bytes = (indices.size + 1) // 2 if packed else indices.size
+            if storage == "packed":
+                to_pack.add(site.name)
+            index_bytes = self._index_bytes(storage, indices.size, bits)
             self.report.changed(
                 site.name,
                 site.op_type,
@@ -185,6 +211,8 @@ class KMeansClusterPass(CompressionPass):
                 bytes_after=int(index_bytes + codebook.nbytes),
                 detail=f"{bits} bits, {codebook.size} shared values"
                 + (" (entry 0 = exact zero)" if zero_entry else "")
-                + (", uint4 indices" if packed else ", uint8 indices"),
+                + {"packed": f", {bits}-bit packed indices", "uint4": ", uint4 indices"}.get(storage, ", uint8 indices"),
             )
+        if to_pack:
+            pack_codebook_indices(model, names=to_pack)
         return bool(planned)

@@ -1,0 +1,159 @@
+"""Bit-packed codebook indices and float16 storage: smaller files that stock onnxruntime
+decodes at session load (constant folding), with outputs equal to the uint8 form."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from onnxcompress.archive.format import pack, unpack
+from onnxcompress.formats.packed import (
+    decode_packed,
+    pack_codebook_indices,
+    pack_indices,
+    packed_nbytes,
+    store_fp16,
+    unpack_indices,
+)
+from onnxcompress.pass_base import get_pass
+from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight
+from tests.builders import mlp_proto
+
+SIZES = (128, 256, 128, 64)  # 32768 + 32768 + 8192 weights: decoder overhead is small beside them
+_DECODER_OPS = {"Cast", "Gather", "Mul", "Add", "Div", "Mod", "Reshape", "Slice", "BitShift"}
+
+
+# --- the layout in numpy ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 13, 1001])
+def test_round_trip_every_width(rng, bits, count):
+    indices = rng.integers(0, 1 << bits, count).astype(np.uint8)
+    packed = pack_indices(indices, bits)
+    assert packed.dtype == np.uint8 and packed.shape == (math.ceil(count / 8), bits)
+    assert packed.nbytes == packed_nbytes(count, bits)
+    np.testing.assert_array_equal(unpack_indices(packed, bits, count), indices)
+    # the in-graph algebra (Gather bytes, Div by 2^s, Mod 2^b) gives the same indices
+    np.testing.assert_array_equal(decode_packed(packed, bits, count), indices)
+
+
+def test_layout_is_little_endian_groups_of_eight():
+    # 3 bits: indices 1..7, 0 -> bit stream 100 010 110 001 101 011 111 000 (LSB first)
+    packed = pack_indices(np.array([1, 2, 3, 4, 5, 6, 7, 0]), 3)
+    assert packed.tolist() == [[0b11010001, 0b01011000, 0b00011111]]
+
+
+def test_values_beyond_the_width_are_refused():
+    with pytest.raises(ValueError, match="0..7"):
+        pack_indices(np.array([8]), 3)
+    with pytest.raises(ValueError, match="bits"):
+        pack_indices(np.array([0]), 9)
+
+
+# --- clustered models ---------------------------------------------------------------------------
+
+
+def _clustered(bits: int, *, pack_indices: bool = True, opset: int = 17, seed: int = 0) -> ir.Model:
+    proto = mlp_proto(np.random.default_rng(seed), SIZES)
+    proto.opset_import[0].version = opset
+    model = ir.from_proto(proto)
+    get_pass("codebook.kmeans")(bits=bits, pack_indices=pack_indices, min_params=1000)(model)
+    return model
+
+
+def _bytes(model: ir.Model) -> bytes:
+    return ir.to_proto(model).SerializeToString()
+
+
+def _stock_session(data: bytes, optimized: str | None = None) -> ort.InferenceSession:
+    """A plain onnxruntime session: no custom-op library registered, CPU only."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if optimized:
+        options.optimized_model_filepath = optimized
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_packed_model_is_smaller_runs_in_stock_onnxruntime_and_equals_uint8(rng, tmp_path, bits):
+    uint8_form, packed_form = _bytes(_clustered(bits, pack_indices=False)), _bytes(_clustered(bits))
+    weights = sum(math.prod(layer.shape) for layer in codebook_layers(_clustered(bits, pack_indices=False)))
+    saved = len(uint8_form) - len(packed_form)
+    assert abs(saved - weights * (8 - bits) / 8) < 3 * 1000  # (8 - bits)/8 byte per weight, < 1 KB per layer
+
+    onnx.checker.check_model(onnx.load_from_string(packed_form), full_check=True)
+    x = rng.standard_normal((4, SIZES[0])).astype(np.float32)
+    want = _stock_session(uint8_form).run(None, {"x": x})[0]
+    got = _stock_session(packed_form, str(tmp_path / "optimized.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
+    # constant folding left no decoder op: the session computes with the dense weights
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert not ops & _DECODER_OPS, ops
+
+
+def test_packing_is_byte_deterministic():
+    assert _bytes(_clustered(5, seed=1)) == _bytes(_clustered(5, seed=1))
+
+
+def test_codebook_layers_finds_packed_layers_with_their_bits():
+    model = _clustered(5)
+    reference = {layer.name: layer for layer in codebook_layers(_clustered(5, pack_indices=False))}
+    layers = codebook_layers(model)
+    assert sorted(layer.name for layer in layers) == ["fc0.weight", "fc1.weight", "head.weight"]
+    for layer in layers:
+        assert (layer.bits, layer.index_dtype) == (5, "packed")
+        assert layer.stored_index_bytes == packed_nbytes(math.prod(layer.shape), 5)
+        np.testing.assert_array_equal(layer.indices(), reference[layer.name].indices())
+        np.testing.assert_array_equal(dense_weight(layer), dense_weight(reference[layer.name]))
+
+
+def test_packing_an_existing_uint8_model_equals_packing_in_the_pass():
+    model = _clustered(6, pack_indices=False)
+    assert pack_codebook_indices(model)
+    assert not pack_codebook_indices(model)  # nothing left in the uint8 form
+    assert _bytes(model) == _bytes(_clustered(6))
+
+
+def test_storage_by_opset():
+    assert {layer.index_dtype for layer in codebook_layers(_clustered(4, opset=17))} == {"packed"}
+    assert {layer.index_dtype for layer in codebook_layers(_clustered(4, opset=21))} == {"uint4"}  # same size
+    assert {layer.index_dtype for layer in codebook_layers(_clustered(3, opset=21))} == {"packed"}  # smaller
+    assert {layer.index_dtype for layer in codebook_layers(_clustered(8))} == {"uint8"}  # nothing to pack
+    old = _clustered(5, pack_indices=False, opset=10)
+    assert not pack_codebook_indices(old)  # the decoder needs opset 11
+
+
+def test_archive_round_trip_of_a_packed_model():
+    model = _clustered(5)
+    assert unpack(pack(model).data).SerializeToString() == _bytes(model)
+
+
+# --- float16 storage ------------------------------------------------------------------------------
+
+
+def test_fp16_storage_halves_dense_weights_and_runs_in_stock_onnxruntime(rng, tmp_path):
+    proto = mlp_proto(np.random.default_rng(0), SIZES)
+    proto.opset_import[0].version = 17
+    model = ir.from_proto(proto)
+    converted = store_fp16(model)
+    assert converted == ["fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias", "head.weight", "head.bias"]
+    half = _bytes(model)
+    assert len(half) < 0.52 * len(proto.SerializeToString())
+    onnx.checker.check_model(onnx.load_from_string(half), full_check=True)
+    x = rng.standard_normal((4, SIZES[0])).astype(np.float32)
+    want = _stock_session(proto.SerializeToString()).run(None, {"x": x})[0]
+    got = _stock_session(half, str(tmp_path / "optimized.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+    assert "Cast" not in {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+
+def test_fp16_keeps_codebooks_in_float32():
+    model = _clustered(5)
+    store_fp16(model)
+    assert {layer.codebook().dtype for layer in codebook_layers(model)} == {np.dtype(np.float32)}
