@@ -4,37 +4,38 @@ decoded back by standard ONNX ops whose inputs are all initializers.
 Why: `codebook.kmeans` needs only b bits per weight, but ONNX has no 3-, 5- or 6-bit type
 (and uint4 only from opset 21), so the uint8 form costs a byte per weight whatever b is.
 Here the indices go into a uint8 stream at b bits each and the graph unpacks them with
-Cast / Gather / Mul / Add / Div / Mod / Reshape / Slice (all in opset 11). Every input of
-that decoder is an initializer, so onnxruntime's constant folding replaces the whole chain,
-codebook Gather included, by the dense weight when the session is created: the model runs
-at the dense model's speed, in stock onnxruntime, without any library of ours. The same
-holds for float16 storage (`store_fp16`): initializer in float16 + Cast(to=FLOAT).
+Cast / MatMul / Div / Mod / Reshape [/ Slice] (all in opset 11). Every input of that decoder
+is an initializer, so onnxruntime's constant folding replaces the whole chain, codebook
+Gather included, by the dense weight when the session is created: the model runs at the
+dense model's speed, in stock onnxruntime, without any library of ours. The same holds for
+float16 storage (`store_fp16`): initializer in float16 + Cast(to=FLOAT).
 
 Layout ("groups of 8"): the flat index stream i_0 .. i_{n-1} (row-major order of the
 weight, each 0 <= i < 2^b) is padded with zeros to n' = 8G, G = ceil(n / 8). Group g holds
-i_{8g} .. i_{8g+7} in b bytes, read as one little-endian 8b-bit integer
-X_g = sum_t P[g, t] 256^t, with index j of the group at bits jb .. jb+b-1:
+i_{8g} .. i_{8g+7} in b bytes P[g, 0..b-1], read as one little-endian 8b-bit integer, with
+index j of the group at bits jb .. jb+b-1:
 
-    X_g = sum_j i_{8g+j} 2^(jb)                  P: uint8[G, b], the initializer
+    sum_t P[g, t] 256^t  =  sum_j i_{8g+j} 2^(jb)          P: uint8[G, b], the initializer
 
 Index j starts in byte q_j = floor(jb / 8) at bit s_j = jb mod 8 and, as b <= 8, ends in
-byte q_j or q_j + 1. With the two-byte window w = P[g, q_j] + 256 P[g, q_j + 1]:
+byte q_j or q_j + 1. With the two-byte window w_j = P[g, q_j] + 256 P[g, q_j + 1]:
 
-    i_{8g+j} = floor(w / 2^(s_j)) mod 2^b
+    i_{8g+j} = floor(w_j / 2^(s_j)) mod 2^b
 
-When the index does not cross a byte (s_j + b <= 8, always so for b in 1, 2, 4, 8) the high
-byte contributes 256 P / 2^(s_j) = P 2^(8 - s_j), a multiple of 2^b, which the mod drops: so
-q_j + 1 may be clipped to b - 1 for the last index, and for b in 1, 2, 4 the high byte is
-not read at all. In the graph (q, 2^s: constant vectors of 8; S the weight's shape):
+When index j does not cross a byte (s_j + b <= 8; always for b = 1, 2, 4) the high byte
+is left out of w_j (it would only add a multiple of 2^b). All eight windows of a group are
+one integer matrix product, w = P M with M[q_j, j] = 1 and M[q_j + 1, j] = 256 (int32
+[b, 8], shared by every layer of width b; w < 2^16, exact). In the graph (S: the weight's
+shape):
 
-    c = Cast(P, to=INT32)                           [G, b]
-    w = Gather(c, q, axis=1) [+ Gather(c, min(q + 1, b - 1), axis=1) * 256]     [G, 8]
-    i = Mod(Div(w, 2^s), 2^b)                        [G, 8] (non-negative: Div is exact floor)
-    Reshape(i, S)  or, when 8 does not divide n,  Reshape(Slice(Reshape(i, [8G]), 0, n), S)
+    w = MatMul(Cast(P, to=INT32), M)                 [G, 8]
+    i = Mod(Div(w, 2^s), 2^b)                        [G, 8] (w >= 0: integer Div is floor)
+    Reshape(i, S)  or, when 8 does not divide n,  Reshape(Slice(Reshape(i, [-1]), 0, n), S)
 
 then Gather(codebook, i, axis=0) as in the uint8 form (`passes.codebook.graph`). File cost:
-ceil(n / 8) b bytes plus ~0.8 KB of decoder per layer (node protos, value names, its shape;
-the width constants are shared), so layers where that does not pay stay uint8; exact: the decoded indices are the packed ones bit for bit.
+ceil(n / 8) b bytes plus ~0.5 KB of decoder per layer (node protos, value names, its shape;
+the width constants are shared), so layers where that does not pay stay uint8. Exact: the
+decoded indices are the packed ones bit for bit.
 
 Where it plugs in: `codebook_layers` recognises this decoder as a codebook layer (index
 dtype "packed", same fields; `indices()` unpacks), so inspect, `pack` archives, the
@@ -75,6 +76,7 @@ PACKED_DTYPE = "packed"
 #: The largest finite float16; weights beyond it are left in float32.
 FP16_MAX = 65504.0
 _MIN_OPSET = 11
+_BLOCK = 1 << 18  # groups of 8 per numpy block: temporaries of at most 16 MiB
 
 
 # --- numpy: the layout ---------------------------------------------------------------------
@@ -87,8 +89,8 @@ def packed_nbytes(count: int, bits: int) -> int:
 
 def decoder_nbytes(weight: str) -> int:
     """About what one layer's decoder adds to the file (nodes, value names, its shape constant);
-    measured ~800 bytes for a 10-character weight name, the names repeat on every edge."""
-    return 600 + 20 * len(weight)
+    measured ~400 bytes for a 10-character weight name; the names repeat on every edge."""
+    return 300 + 16 * len(weight)
 
 
 def packing_pays(weight: str, count: int, bits: int) -> bool:
@@ -105,10 +107,14 @@ def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
     groups = math.ceil(flat.size / 8)
     padded = np.zeros(groups * 8, dtype=np.uint8)
     padded[: flat.size] = flat
-    # bit t of a group's 8b-bit stream is bit (t mod b) of its index t // b
-    stream = (padded.reshape(groups, 8, 1) >> np.arange(bits, dtype=np.uint8)) & 1
-    packed = np.packbits(stream.reshape(groups, bits, 8), axis=-1, bitorder="little")
-    return packed.reshape(groups, bits)
+    padded = padded.reshape(groups, 8)
+    packed = np.empty((groups, bits), dtype=np.uint8)
+    for start in range(0, groups, _BLOCK):  # blocks bound the bit-per-byte temporaries
+        # bit t of a group's 8b-bit stream is bit (t mod b) of its index t // b
+        stream = (padded[start : start + _BLOCK, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
+        block = np.packbits(stream.reshape(-1, bits, 8), axis=-1, bitorder="little")
+        packed[start : start + _BLOCK] = block.reshape(-1, bits)
+    return packed
 
 
 def unpack_indices(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -117,8 +123,11 @@ def unpack_indices(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     packed = np.asarray(packed, dtype=np.uint8).reshape(-1, bits)
     if not 8 * (packed.shape[0] - 1) < count <= 8 * packed.shape[0] and not (count == 0 == packed.shape[0]):
         raise ValueError(f"{packed.shape[0]} groups of 8 cannot hold exactly {count} indices")
-    stream = np.unpackbits(packed, axis=-1, bitorder="little").reshape(-1, bits)
-    values = (stream << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+    values = np.empty(packed.shape[0] * 8, dtype=np.uint8)
+    weights = np.arange(bits, dtype=np.uint8)
+    for start in range(0, packed.shape[0], _BLOCK):
+        stream = np.unpackbits(packed[start : start + _BLOCK], axis=-1, bitorder="little").reshape(-1, bits)
+        values[start * 8 : (start + _BLOCK) * 8] = (stream << weights).sum(axis=-1, dtype=np.uint8)
     return values[:count]
 
 
@@ -127,21 +136,23 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be in 1..8, got {bits}")
 
 
-def _layout(bits: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(q, clipped q + 1 or None when no index crosses a byte, 2^s) for the 8 slots of a group."""
+def _layout(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M, 2^s): the int32 [bits, 8] matrix with M[q_j, j] = 1 and M[q_j + 1, j] = 256 (when
+    index j crosses into the next byte), so (P @ M)[g, j] is slot j's two-byte window; and the
+    8 shifts 2^(s_j)."""
     offsets = np.arange(8) * bits
-    low = offsets // 8
-    shift = offsets % 8
-    crossing = bool(np.any(shift + bits > 8))
-    high = np.minimum(low + 1, bits - 1) if crossing else None
-    return low.astype(np.int32), None if high is None else high.astype(np.int32), (1 << shift).astype(np.int32)
+    low, shift = offsets // 8, offsets % 8
+    matrix = np.zeros((bits, 8), dtype=np.int32)
+    matrix[low, np.arange(8)] = 1
+    crossing = shift + bits > 8
+    matrix[low[crossing] + 1, np.arange(8)[crossing]] = 256
+    return matrix, (1 << shift).astype(np.int32)
 
 
 def decode_packed(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """The in-graph decoder's algebra in numpy (int32 [count]); tests hold it to `unpack_indices`."""
-    low, high, powers = _layout(bits)
-    c = np.asarray(packed).reshape(-1, bits).astype(np.int32)
-    window = c[:, low] + (c[:, high] * 256 if high is not None else 0)
+    matrix, powers = _layout(bits)
+    window = np.asarray(packed).reshape(-1, bits).astype(np.int32) @ matrix
     return ((window // powers) % (1 << bits)).reshape(-1)[:count]
 
 
@@ -176,7 +187,7 @@ def _decoder_nodes(graph: ir.Graph, weight: str, packed: ir.Value, bits: int, sh
     """
     from onnxcompress.passes.codebook.graph import _unique_name
 
-    low, high, powers = _layout(bits)
+    matrix, powers = _layout(bits)
     count = math.prod(shape)
     groups = math.ceil(count / 8)
 
@@ -192,11 +203,7 @@ def _decoder_nodes(graph: ir.Graph, weight: str, packed: ir.Value, bits: int, sh
         return node.outputs[0]
 
     wide = add("Cast", [packed], to=ir.DataType.INT32)
-    window = add("Gather", [wide, width_const("low", low)], axis=1)
-    if high is not None:
-        upper = add("Gather", [wide, width_const("high", high)], axis=1)
-        scaled = add("Mul", [upper, _shared(graph, "onnxcompress.unpack.byte", np.array(256, np.int32))])
-        window = add("Add", [window, scaled])
+    window = add("MatMul", [wide, width_const("bytes", matrix)])
     shifted = add("Div", [window, width_const("shift", powers)])
     indices = add("Mod", [shifted, width_const("modulus", np.array(1 << bits, np.int32))])
     if count != 8 * groups:
@@ -254,19 +261,13 @@ def packed_source(graph: ir.Graph, index_value: ir.Value | None) -> PackedSource
     if modulus is None or modulus.size != 1 or int(modulus.reshape(-1)[0]) not in {1 << b for b in range(1, 9)}:
         return None
     bits = int(modulus.reshape(-1)[0]).bit_length() - 1
-    low, high, powers = _layout(bits)
+    matrix, powers = _layout(bits)
     if not np.array_equal(_const(div.inputs[1]), powers):  # type: ignore[arg-type]
         return None
-    window = div.inputs[0]
-    if high is not None:
-        add = _producer(window, "Add")
-        if add is None:
-            return None
-        window = add.inputs[0]
-    gather = _producer(window, "Gather")
-    if gather is None or gather.attributes.get_int("axis", 0) != 1 or not np.array_equal(_const(gather.inputs[1]), low):  # type: ignore[arg-type]
+    matmul = _producer(div.inputs[0], "MatMul")
+    if matmul is None or not np.array_equal(_const(matmul.inputs[1]), matrix):  # type: ignore[arg-type]
         return None
-    cast = _producer(gather.inputs[0], "Cast")
+    cast = _producer(matmul.inputs[0], "Cast")
     packed = cast.inputs[0] if cast is not None else None
     if cast is None or packed is None or packed.name is None or graph.initializers.get(packed.name) is not packed:
         return None
