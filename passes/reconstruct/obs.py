@@ -22,8 +22,11 @@ where q_i is the column's new value (0 where pruned, the nearest level or codebo
 when quantising). Updates within a block of `blocksize` columns are immediate, those to later
 columns are batched per block ("lazy batch updates"); the result is the same up to rounding.
 
-* `sparsegpt`: the mask is chosen per block by the OBS saliency w^2 / U_ii^2 (adaptive mask
-  selection), or per group of M consecutive input features for N:M. Exact: the zero count
+* `sparsegpt`: the mask is chosen every `maskblock` columns by the OBS saliency w^2 / U_ii^2
+  of the weights as updated so far (adaptive mask selection; unlike SparseGPT's fixed share
+  per block, the share a sub-block gets is decided against all columns still ahead, so
+  layers whose input features differ in importance can lose more of the unimportant ones),
+  or per group of M consecutive input features for N:M. Exact: the zero count
   (round(s*n) for a share s, computed by blocks so the total is exact) or the N:M pattern;
   existing zeros stay zero. Lossy: the other weights move to compensate; the residual error
   on the calibration set is what the method minimises greedily, not a global optimum.
@@ -155,6 +158,7 @@ def sparsegpt(
     w[:, dead] = 0
     free = (w == 0) | dead[None, :]
     factor = inverse_hessian_factor(h, percdamp)
+    full_diag = np.diag(factor)
     zeros_so_far = 0
     for start in range(0, columns, blocksize):
         stop = min(start + blocksize, columns)
@@ -170,16 +174,17 @@ def sparsegpt(
                 lowest = np.argsort(score, axis=1, kind="stable")[:, :prunen]
                 np.put_along_axis(mask[:, i : i + prunem], lowest, True, axis=1)
             elif not n_m and i % maskblock == 0:
-                # Adaptive mask: this sub-block's share of an exact total, lowest OBS saliency
-                # w^2 / U_ii^2 of the weights as updated so far; existing zeros first.
+                # Adaptive mask: of all columns not yet treated, the ones of lowest OBS saliency
+                # w^2 / U_jj^2 (weights as updated so far) make up what the exact total still
+                # needs; those in this sub-block are pruned now, the rest are scored again later.
                 end = min(i + maskblock, stop - start)
-                wanted = round(sparsity * rows * (start + end)) - zeros_so_far
-                sub = mask[:, i:end].copy()
-                score = np.where(sub, -np.inf, w1[:, i:end] ** 2 / diag[None, i:end] ** 2)
-                chosen = np.argsort(score.reshape(-1), kind="stable")[: max(wanted, 0)]
-                flat = sub.reshape(-1)
-                flat[chosen] = True
-                mask[:, i:end] = flat.reshape(sub.shape)
+                needed = max(round(sparsity * w.size) - zeros_so_far, 0)
+                ahead = np.concatenate([w1[:, i:], w[:, stop:]], axis=1)
+                score = np.where(free[:, start + i :], -np.inf, ahead**2 / full_diag[None, start + i :] ** 2)
+                chosen = np.argsort(score.reshape(-1), kind="stable")[:needed]
+                picked = np.zeros(score.size, dtype=bool)
+                picked[chosen] = True
+                mask[:, i:end] |= picked.reshape(score.shape)[:, : end - i]
                 zeros_so_far += int(np.count_nonzero(mask[:, i:end]))
             column = w1[:, i]
             pruned = np.where(mask[:, i], 0.0, column)
