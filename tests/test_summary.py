@@ -36,7 +36,7 @@ def test_inspect_shows_bits_and_codebook_size_of_clustered_layers(rng, tmp_path)
     assert fc0["shape"] == [48, 64] and fc0["params"] == 48 * 64 and fc0["op"] == "MatMul"
     assert abs(fc0["sparsity"] - 0.75) < 1e-3
     assert fc0["distinct"] <= 32
-    assert fc0["bytes"] == 48 * 64 + 32 * 4  # one uint8 index per weight + a float32 codebook
+    assert fc0["bytes"] == 48 * 64 * 5 // 8 + 32 * 4  # 5-bit packed indices + a float32 codebook
     assert report["total_params"] == 48 * 64 + 64 * 32 + 32 * 10
 
     table = invoke("inspect", clustered)
