@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.formats.packed import is_decoder_matmul, packed_source
 from onnxcompress.pass_base import Skip
 from onnxcompress.runtime import DOMAIN as KERNEL_DOMAIN
 
@@ -196,6 +197,8 @@ def find_weight_sites(
             continue
         if wanted is not None and node.op_type not in wanted:
             continue
+        if is_decoder_matmul(node):  # unpacks bit-packed codebook indices (formats.packed)
+            continue
         for layout in _layouts(node):
             if layout.input_index >= len(node.inputs):
                 continue
@@ -257,7 +260,8 @@ def kernel_layer_name(node: ir.Node) -> str:
 
 
 def _decoded_from_codebook(value: ir.Value) -> bool:
-    """Gather(constant codebook, constant indices (maybe through Cast)): a `codebook.*` layer."""
+    """Gather(constant codebook, constant indices (maybe through Cast) or bit-packed indices
+    through their decoder): a `codebook.*` layer."""
     gather = value.producer()
     if gather is None or gather.op_type != "Gather" or gather.inputs[0] is None or gather.inputs[1] is None:
         return False
@@ -265,7 +269,11 @@ def _decoded_from_codebook(value: ir.Value) -> bool:
     cast = indices.producer()
     if cast is not None and cast.op_type == "Cast" and cast.inputs[0] is not None:
         indices = cast.inputs[0]
-    return gather.inputs[0].const_value is not None and _constant_tensor(indices)[0] is not None
+    if gather.inputs[0].const_value is None:
+        return False
+    if _constant_tensor(indices)[0] is not None:
+        return True
+    return gather.graph is not None and packed_source(gather.graph, gather.inputs[1]) is not None
 
 
 def _reads_embedding(node: ir.Node) -> bool:

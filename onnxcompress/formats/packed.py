@@ -51,6 +51,7 @@ __all__ = [
     "PACKED_DTYPE",
     "PackedSource",
     "decode_packed",
+    "is_decoder_matmul",
     "pack_codebook_indices",
     "pack_indices",
     "decoder_nbytes",
@@ -275,6 +276,16 @@ def packed_source(graph: ir.Graph, index_value: ir.Value | None) -> PackedSource
     if tensor is None or tensor.dtype != ir.DataType.UINT8 or tuple(tensor.shape) != (math.ceil(math.prod(shape) / 8), bits):
         return None
     return PackedSource(cast=cast, packed=packed, bits=bits, shape=shape)
+
+
+def is_decoder_matmul(node: ir.Node) -> bool:
+    """Whether `node` is a packed decoder's MatMul (its int32 constant is no weight to compress)."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return False
+    matrix = _const(node.inputs[1])
+    if matrix is None or matrix.dtype != np.int32 or matrix.ndim != 2 or not 1 <= matrix.shape[0] <= 8:
+        return False
+    return _producer(node.inputs[0], "Cast") is not None and np.array_equal(matrix, _layout(matrix.shape[0])[0])
 
 
 def _users(graph: ir.Graph, value: ir.Value) -> int:

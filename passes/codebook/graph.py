@@ -32,6 +32,7 @@ __all__ = [
     "codebook_layers",
     "dense_weight",
     "insert_codebook",
+    "remove_codebook_layer",
 ]
 
 import dataclasses
@@ -160,6 +161,36 @@ def codebook_layers(model: ir.Model) -> list[CodebookLayer]:
         if layer is not None:
             layers.append(layer)
     return layers
+
+
+def _decoder_nodes(layer: CodebookLayer) -> list[ir.Node]:
+    """The nodes from the index decoder's first Cast to the codebook Gather, in graph order."""
+    chain, value = [layer.gather], layer.gather.inputs[1]
+    while value is not None and (node := value.producer()) is not None:
+        chain.append(node)
+        if node is layer.cast:
+            return chain[::-1]
+        value = node.inputs[0]
+    raise AssertionError(f"{layer.name}: the index decoder does not lead back to its Cast")
+
+
+def remove_codebook_layer(graph: ir.Graph, layer: CodebookLayer) -> bool:
+    """Drop the layer's Gather and index decoder (Cast, or the packed chain) once nothing reads
+    the weight, then every initializer they read that nothing else reads (codebook, indices, the
+    packed decoder's constants). Returns whether the nodes were removed."""
+    nodes = _decoder_nodes(layer)
+    inside = set(nodes)
+    for node in nodes:
+        for output in node.outputs:
+            if output.is_graph_output() or any(user not in inside for user, _ in output.uses()):
+                return False
+    inputs = [v for node in nodes for v in node.inputs if v is not None and v.producer() is None]
+    graph.remove(nodes, safe=True)
+    for value in dict.fromkeys(inputs):
+        if value.name is not None and graph.initializers.get(value.name) is value:
+            if not list(value.uses()) and not value.is_graph_output():
+                graph.initializers.pop(value.name)
+    return True
 
 
 def dense_weight(layer: CodebookLayer) -> np.ndarray:

@@ -43,7 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress import runtime
 from onnxcompress.errors import MissingDependencyError, UnsupportedModelError
 from onnxcompress.pass_base import CompressionPass, PassConfig, register
-from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers
+from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers, remove_codebook_layer
 from onnxcompress.passes.sparse.formats import pack_codebook_indices, to_csr
 from onnxcompress.passes.sparse.functions import DOMAIN, MIN_ONNX_OPSET, OPSET_VERSION, function_for
 from onnxcompress.sites import CODEBOOK_LAYER, WeightSite, find_weight_sites
@@ -473,16 +473,10 @@ def _drop_initializer_if_unused(graph: ir.Graph, value: ir.Value | None) -> None
 
 
 def _drop_codebook_if_unused(graph: ir.Graph, layer: CodebookLayer) -> None:
-    """Remove the Cast -> Gather pair (and its initializers) once nothing reads the weight."""
+    """Remove the Cast -> Gather pair or packed decoder (and its initializers) once nothing reads the weight."""
     if layer.gather.outputs[0].uses() or layer.gather.outputs[0].is_graph_output():
         return
-    codebook_value, cast_output = layer.gather.inputs[0], layer.gather.inputs[1]
-    graph.remove(layer.gather, safe=True)
-    if cast_output is not None and not cast_output.uses():
-        indices_value = layer.cast.inputs[0]
-        graph.remove(layer.cast, safe=True)
-        _drop_initializer_if_unused(graph, indices_value)
-    _drop_initializer_if_unused(graph, codebook_value)
+    remove_codebook_layer(graph, layer)
 
 
 def _unique(base: str, taken: set[str]) -> str:

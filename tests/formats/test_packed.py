@@ -167,3 +167,30 @@ def test_fp16_keeps_codebooks_in_float32():
     model = _clustered(5)
     store_fp16(model)
     assert {layer.codebook().dtype for layer in codebook_layers(model)} == {np.dtype(np.float32)}
+
+
+# --- other passes see packed layers ------------------------------------------------------------
+
+
+def test_weight_sites_name_packed_layers_as_codebook_layers():
+    from onnxcompress.sites import CODEBOOK_LAYER, find_weight_sites
+
+    scan = find_weight_sites(_clustered(5), min_params=0)
+    # the decoder's int32 constant is no weight: only the three layers are reported, as codebooks
+    assert {(skip.name, skip.reason) for skip in scan.skipped} == {
+        (name, CODEBOOK_LAYER) for name in ("fc0.weight", "fc1.weight", "head.weight")
+    }
+
+
+def test_removing_a_packed_layer_drops_its_decoder_and_constants():
+    from onnxcompress.passes.codebook.graph import remove_codebook_layer
+
+    model = _clustered(5)
+    graph = model.graph
+    for layer in codebook_layers(model):  # what sparse.csr does: the weight moves into a kernel
+        dense = ir.Value(name=f"{layer.name}.dense", const_value=ir.tensor(dense_weight(layer), name=f"{layer.name}.dense"))
+        graph.register_initializer(dense)
+        ir.convenience.replace_all_uses_with(layer.gather.outputs[0], dense)
+        assert remove_codebook_layer(graph, layer)
+    assert sorted(node.op_type for node in graph) == ["Add", "Add", "Gemm", "MatMul", "MatMul", "Relu", "Relu"]
+    assert all(value.const_value.dtype == ir.DataType.FLOAT for value in graph.initializers.values())
