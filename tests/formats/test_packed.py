@@ -194,3 +194,15 @@ def test_removing_a_packed_layer_drops_its_decoder_and_constants():
         assert remove_codebook_layer(graph, layer)
     assert sorted(node.op_type for node in graph) == ["Add", "Add", "Gemm", "MatMul", "MatMul", "Relu", "Relu"]
     assert all(value.const_value.dtype == ir.DataType.FLOAT for value in graph.initializers.values())
+
+
+def test_fine_tune_bridge_runs_the_decoder_and_finds_the_codebooks(rng):
+    pytest.importorskip("torch")
+    from onnxcompress.finetune.executor import OnnxModule
+    from onnxcompress.finetune.parametrize import codebook_tensors
+
+    model = _clustered(5)
+    assert codebook_tensors(model) == ["fc0.weight.codebook", "fc1.weight.codebook", "head.weight.codebook"]
+    x = rng.standard_normal((4, SIZES[0])).astype(np.float32)
+    want = _stock_session(_bytes(model)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(OnnxModule(model).run({"x": x})[0], want, rtol=1e-5, atol=1e-5)
