@@ -206,3 +206,25 @@ def test_fine_tune_bridge_runs_the_decoder_and_finds_the_codebooks(rng):
     x = rng.standard_normal((4, SIZES[0])).astype(np.float32)
     want = _stock_session(_bytes(model)).run(None, {"x": x})[0]
     np.testing.assert_allclose(OnnxModule(model).run({"x": x})[0], want, rtol=1e-5, atol=1e-5)
+
+
+# --- as passes in a recipe ------------------------------------------------------------------------
+
+
+def test_codebook_pack_pass_packs_a_uint8_model_exactly():
+    model = _clustered(5, pack_indices=False)
+    pack = get_pass("codebook.pack")()
+    assert pack(model).modified and not pack.needs_calibration()
+    assert _bytes(model) == _bytes(_clustered(5))
+    change = {c.name: c for c in pack.report.changes}["fc0.weight"]
+    assert (change.bytes_before, change.bytes_after) == (128 * 256 + 32 * 4, 128 * 256 * 5 // 8 + 32 * 4)
+    assert not get_pass("codebook.pack")()(model).modified
+
+
+def test_cast_fp16_pass_reports_halved_bytes():
+    proto = mlp_proto(np.random.default_rng(0), SIZES)
+    fp16 = get_pass("cast.fp16")(exclude=("head.bias",))
+    assert fp16(ir.from_proto(proto)).modified
+    changes = {c.name: c for c in fp16.report.changes}
+    assert "head.bias" not in changes
+    assert (changes["fc0.weight"].bytes_before, changes["fc0.weight"].bytes_after) == (128 * 256 * 4, 128 * 256 * 2)
