@@ -139,6 +139,15 @@ def test_storage_by_opset():
     assert not pack_codebook_indices(old)  # the decoder needs opset 11
 
 
+def test_opset_11_is_enough(rng):
+    model = _clustered(3, opset=11)
+    assert {layer.index_dtype for layer in codebook_layers(model)} == {"packed"}
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    x = rng.standard_normal((2, SIZES[0])).astype(np.float32)
+    want = _stock_session(_bytes(_clustered(3, pack_indices=False, opset=11))).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(_stock_session(_bytes(model)).run(None, {"x": x})[0], want)
+
+
 def test_archive_round_trip_of_a_packed_model():
     model = _clustered(5)
     assert unpack(pack(model).data).SerializeToString() == _bytes(model)
