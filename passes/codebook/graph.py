@@ -15,8 +15,9 @@ bridge (centroid fine-tuning keeps the indices fixed) and `pack`.
 
 Packed form (`onnxcompress.formats.packed`, what `codebook.kmeans` writes for bits < 8 unless
 uint4 applies): the indices are a uint8 stream at b bits each, unpacked in the graph by a
-constant-foldable chain Cast -> Gather -> [Mul, Add] -> Div -> Mod -> Reshape [-> Slice ->
-Reshape] that ends in the same codebook Gather. `codebook_layers` finds both forms: for a
+constant-foldable chain Cast -> MatMul -> Div -> Mod -> Reshape [-> Slice -> Reshape] that
+ends in the same codebook Gather (bits/8 byte per weight; layers where the ~0.4 KB decoder
+would not pay stay uint8). `codebook_layers` finds both forms: for a
 packed layer `index_dtype` is "packed", `index_name` the packed byte tensor, `cast` the
 chain's first Cast, and `indices()` unpacks; `stored_index_bytes` is what the file holds.
 
