@@ -15,7 +15,10 @@ allocate bits per layer; this is the simplest faithful version of that idea:
    the layer stays dense). Larger t, smaller model, larger drift.
 3. t is found by bisection over the sorted candidate errors, each trial verified on the whole
    model against the ORIGINAL's outputs with the step's own gate (the pipeline's probes and
-   reference); the largest t that passes wins. Trials are cheap: the codebooks are computed once.
+   reference) tightened by `margin`; the largest t that passes wins. Trials are cheap: the
+   codebooks are computed once. The margin is there because the choice is fitted to the
+   calibration inputs: on open-nsfw (30 calibration images) a choice at rank correlation 0.985
+   held only 0.975 on 35 other images.
 
 Exact: every written weight is codebook[indices]; the written model passed the gate on the
 probes. Lossy: the codebooks; the search is greedy in one dimension (one t), not optimal.
@@ -49,6 +52,9 @@ class CodebookSearchConfig(PassConfig):
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
     min_params: int = pydantic.Field(64, ge=0, description="Weights with fewer parameters stay dense.")
     max_trials: int = pydantic.Field(12, ge=1, le=64, description="Most whole-model verifications.")
+    margin: float = pydantic.Field(
+        0.5, ge=0, le=1, description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
+        "reserve (0.5: rank >= 0.98 is searched as >= 0.99), so the choice holds on inputs it did not see.")
 
     @pydantic.field_validator("bits")
     @classmethod
@@ -195,13 +201,23 @@ class CodebookSearchPass(CompressionPass):
             candidate = choice[site.name]
             if candidate is not None and site.name in trial_sites:
                 trial_sites[site.name].replace(candidate.codebook[candidate.indices].astype(site.array().dtype))
-        gate = self.context.gate or fidelity.DEFAULT_GATE
+        gate = self._searched_gate()
         try:
             outputs = fidelity.run(trial, self.context.probes or {}, self.context.reference.views)
         except UnsupportedModelError:
             return False
         metrics = fidelity.compare(self.context.reference, outputs, task=self.context.task)
         return not gate.failures(metrics)
+
+    def _searched_gate(self) -> fidelity.Gate:
+        """The step's gate with `margin` of each lower bound's headroom held back."""
+        gate = self.context.gate or fidelity.DEFAULT_GATE
+        tightened = {
+            name: bound + (1.0 - bound) * self.config.margin
+            for name in ("min_cosine", "min_rank_correlation", "min_top1")
+            if (bound := getattr(gate, name)) is not None and bound < 1.0
+        }
+        return gate.model_copy(update=tightened)
 
     def _write(self, model: ir.Model, sites: list[WeightSite], candidates: dict[str, list[Candidate]],
                choice: dict[str, Candidate | None]) -> bool:
