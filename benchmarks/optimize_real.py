@@ -86,6 +86,8 @@ ort.set_default_logger_severity(4)  # failing peers' models: their errors are ro
 PEER_TIMEOUT_S = 600
 #: issue 13's cosine target for logits / embeddings
 COSINE_BAR = 0.99
+#: NNCF's ONNX backend needs opset >= 13 (10 for quantize, 13 for per-channel weights)
+NNCF_OPSET = 13
 #: "no slower at batch 1", with room for timing noise on a shared machine
 LATENCY_TOLERANCE = 1.05
 #: ddddocr-old is already int8 (ConvInteger): nothing to compress, skipped by default
@@ -121,6 +123,7 @@ class Row:
     latency_ratio: float | None = None
     meets_bar: bool | None = None
     verdict: str = ""
+    notes: str = ""
 
 
 # ---------------------------------------------------------------- calibration inputs for the peers
@@ -187,13 +190,25 @@ def peer_ort_static(model: Path, out: Path, feeds: list, case: str) -> None:
     )
 
 
+def nncf_model(model: Path) -> onnx.ModelProto:
+    """The model for NNCF, which refuses opsets below 13 (per-channel): upgraded as a user would."""
+    loaded = onnx.load(str(model))
+    opset = next((o.version for o in loaded.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= NNCF_OPSET:
+        return loaded
+    from onnx import version_converter
+
+    print(f"note: opset {opset} upgraded to {NNCF_OPSET} (onnx.version_converter)", file=sys.stderr)
+    return version_converter.convert_version(loaded, NNCF_OPSET)
+
+
 def peer_nncf_quantize(model: Path, out: Path, feeds: list, case: str) -> None:
     import nncf
 
     # NNCF's advice for transformers: model_type=TRANSFORMER
     extra = {"model_type": nncf.ModelType.TRANSFORMER} if case == "minilm" else {}
     quantized = nncf.quantize(
-        onnx.load(str(model)), nncf.Dataset(feeds), subset_size=len(feeds), **extra
+        nncf_model(model), nncf.Dataset(feeds), subset_size=len(feeds), **extra
     )
     onnx.save(quantized, str(out))
 
@@ -203,7 +218,7 @@ def _compress_weights(mode_name: str) -> Callable[[Path, Path, list, str], None]
         import nncf
 
         mode = getattr(nncf.CompressWeightsMode, mode_name)
-        onnx.save(nncf.compress_weights(onnx.load(str(model)), mode=mode), str(out))
+        onnx.save(nncf.compress_weights(nncf_model(model), mode=mode), str(out))
 
     return peer
 
@@ -242,9 +257,9 @@ def peer_worker(method: str, case: str, model: Path, data: Path, out: Path) -> i
 
 def run_peer(
     method: str, case: Case, work: Path, env: dict[str, str]
-) -> tuple[int | None, str, float, Path, float | None]:
+) -> tuple[int | None, str, float, Path, float | None, str]:
     """Exit code (None: timed out), `error:` line, wall seconds, output path and the seconds of
-    the peer's call itself (imports and loading the calibration file left out)."""
+    the peer's call itself (imports and loading the calibration file left out), and its notes."""
     model, data, out = work / case.model.name, work / "calib.npz", work / f"{method}.onnx"
     command = [
         sys.executable,
@@ -262,7 +277,14 @@ def run_peer(
             command, capture_output=True, text=True, timeout=PEER_TIMEOUT_S, cwd=work, env=env
         )
     except subprocess.TimeoutExpired:
-        return None, f"timed out after {PEER_TIMEOUT_S} s", time.perf_counter() - start, out, None
+        return (
+            None,
+            f"timed out after {PEER_TIMEOUT_S} s",
+            time.perf_counter() - start,
+            out,
+            None,
+            "",
+        )
     seconds = time.perf_counter() - start
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     error = next((line for line in reversed(lines) if line.startswith("error")), "")
@@ -270,7 +292,8 @@ def run_peer(
         error = lines[-1][:300] if lines else f"exit {result.returncode}"
     call = next((line for line in lines if line.startswith("call seconds: ")), None)
     call_seconds = float(call.split(": ")[1]) if call else None
-    return result.returncode, error, seconds, out, call_seconds
+    notes = "; ".join(line.removeprefix("note: ") for line in lines if line.startswith("note: "))
+    return result.returncode, error, seconds, out, call_seconds, notes
 
 
 # ---------------------------------------------------------------- judging
@@ -415,14 +438,17 @@ def bench_case(case: Case, methods: list[str], env: dict[str, str], rounds: int)
         written: dict[str, Path] = {"original": case.model}
         for method in methods:
             label, args = METHODS[method]
-            call_seconds = None
+            call_seconds, notes = None, ""
             if args is None:
-                exit_code, error, seconds, out, call_seconds = run_peer(method, case, work, env)
+                exit_code, error, seconds, out, call_seconds, notes = run_peer(
+                    method, case, work, env
+                )
             else:
                 exit_code, error, seconds, out = run_cli(case, args, work, env)
                 out = keep_apart(work, out, method)
             row = Row(case.name, method, exit_code, error, round(seconds, 1))
             row.call_seconds = None if call_seconds is None else round(call_seconds, 1)
+            row.notes = notes
             judge(case, reference, row, out)
             row.error = row.error.replace(str(work), "<tmp>")
             if row.metrics:
@@ -522,18 +548,20 @@ def markdown(report: dict) -> str:
         f"{report['rounds']} interleaved runs after warm-up, onnxruntime 1 intra-op thread, output / "
         f'original ("no slower" allows {LATENCY_TOLERANCE}). s = wall time of the subprocess that '
         "wrote the model (interpreter start and imports included); s (call) = the peer's own call only. Peers run with their defaults, "
-        "without `quant_pre_process`; nncf.quantize uses model_type=TRANSFORMER on the encoder.",
+        "without `quant_pre_process`; nncf.quantize uses model_type=TRANSFORMER on the encoder; NNCF, which "
+        f"refuses opsets below {NNCF_OPSET}, gets the model upgraded by onnx.version_converter (noted in "
+        "the row). The last column holds such notes and a failing run's one-line error.",
         "",
         *(summary(c["name"], report["rows"]) + "  " for c in report["cases"]),
         "",
-        "| model | method | verdict | × | task metrics (vs original) | latency × | s | s (call) | exit | error |",
+        "| model | method | verdict | × | task metrics (vs original) | latency × | s | s (call) | exit | notes / error |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for row in report["rows"]:
         ratio = f"{row['ratio']:.2f}" if row["ratio"] else ""
         latency = f"{row['latency_ratio']:.2f}" if row["latency_ratio"] else ""
         exit_code = "" if row["exit_code"] is None else str(row["exit_code"])
-        error = row["error"].replace("|", "\\|")
+        error = "; ".join(filter(None, [row["notes"], row["error"]])).replace("|", "\\|")
         lines.append(
             f"| {row['case']} | {METHODS[row['method']][0]} | **{row['verdict']}** | {ratio} | "
             f"{fmt_metrics(row['metrics'])} | {latency} | {row['seconds']} | {'' if row['call_seconds'] is None else row['call_seconds']} | {exit_code} | {error} |"
