@@ -206,8 +206,8 @@ class GptqCodebookPass(CompressionPass):
         entries = np.asarray(codebook, np.float64)
         try:
             values = self._assign(matrix, stats, entries, zero_entry)
-        except np.linalg.LinAlgError as error:
-            return site, bits, weights, indices, codebook, zero_entry, f"plain k-means fallback ({error})"
+        except np.linalg.LinAlgError as failure:
+            return site, bits, weights, indices, codebook, zero_entry, f"plain k-means fallback ({failure})"
         new_indices = _entry_indices(values, entries)
         error = layers.layer_error(matrix, values, stats)
         refined_note = ""
@@ -229,7 +229,7 @@ class GptqCodebookPass(CompressionPass):
         remap = np.empty_like(order)
         remap[order] = np.arange(order.size)
         final_codebook = entries[order].astype(codebook.dtype)
-        final_indices = layers.from_matrix_form(site, remap[new_indices].astype(np.float64), np.uint8)
+        final_indices = layers.from_matrix_form(site, remap[new_indices].astype(np.float64), np.dtype(np.uint8))
         detail = (f"GPTQ{' act-order' if self.config.act_order else ''}{refined_note}, calibration error "
                   f"{error:.4g} vs k-means {kmeans_error:.4g} ({stats.rows} input rows)")
         return site, bits, weights, final_indices, final_codebook, zero_entry, detail

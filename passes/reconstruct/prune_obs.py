@@ -167,7 +167,8 @@ class ObsPrunePass(CompressionPass):
             self.report.skip(site.name, "already at or above the target sparsity")
             return None, ""
         sparsity = 1 - np.count_nonzero(pruned) / pruned.size
-        return pruned, f"sparsity {sparsity:.4f}{' ' + self.config.n_m if m else ''}; {label}"
+        pattern = f" {self.config.n_m}" if self.config.n_m is not None else ""
+        return pruned, f"sparsity {sparsity:.4f}{pattern}; {label}"
 
     def _per_group(self, matrix: np.ndarray, stats: LayerHessian, target: float,
                    zeros_wanted: int | None) -> np.ndarray:
