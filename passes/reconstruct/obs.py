@@ -179,7 +179,8 @@ def sparsegpt(
                 # needs; those in this sub-block are pruned now, the rest are scored again later.
                 end = min(i + maskblock, stop - start)
                 needed = max(round(sparsity * w.size) - zeros_so_far, 0)
-                ahead = np.concatenate([w1[:, i:], w[:, stop:]], axis=1)
+                later = w[:, stop:] - errors[:, :i] @ factor[start : start + i, stop:]  # lazy updates so far
+                ahead = np.concatenate([w1[:, i:], later], axis=1)
                 score = np.where(free[:, start + i :], -np.inf, ahead**2 / full_diag[None, start + i :] ** 2)
                 chosen = np.argsort(score.reshape(-1), kind="stable")[:needed]
                 picked = np.zeros(score.size, dtype=bool)

@@ -46,6 +46,15 @@ def test_sparsegpt_2_4_pattern_and_error(layer):
     assert reconstruction_error(weights, obs, hessian) < 0.8 * reconstruction_error(weights, magnitude, hessian)
 
 
+@pytest.mark.parametrize("options", [{"sparsity": 0.6}, {"prunen": 2, "prunem": 4}])
+def test_lazy_batch_blocksize_does_not_change_the_result(layer, options):
+    weights, hessian = layer
+    small = sparsegpt(weights, hessian, blocksize=8, **options)
+    large = sparsegpt(weights, hessian, blocksize=64, **options)
+    np.testing.assert_array_equal(small == 0, large == 0)
+    np.testing.assert_allclose(small, large, rtol=1e-9, atol=1e-9)
+
+
 def test_existing_zeros_stay_and_count_and_the_total_is_exact(layer):
     weights, hessian = layer
     weights = weights.copy()
