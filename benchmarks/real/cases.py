@@ -73,6 +73,9 @@ class Case:
     def __post_init__(self) -> None:
         if self.run is None:
             self.run = run_batched
+        shared = overlap(self.calibration, self.evaluation)
+        if shared:
+            raise ValueError(f"{self.name}: {shared} evaluation samples also appear in calibration")
 
     def passes(self, metrics: Metrics) -> bool:
         """Every bar metric at or above its threshold."""
@@ -81,6 +84,19 @@ class Case:
     def outputs(self, model: Path | str) -> Outputs:
         """Outputs of `model` (a file) on the evaluation set, run as the package runs it."""
         return self.run(session(model), self.evaluation)
+
+
+def overlap(calibration: dict[str, np.ndarray], evaluation: dict[str, np.ndarray]) -> int:
+    """How many evaluation samples equal a calibration sample (inputs both sets name, rank >= 2)."""
+    keys = [k for k in calibration if k in evaluation and calibration[k].ndim >= 2]
+    if not keys:
+        return 0
+
+    def rows(data: dict[str, np.ndarray]) -> list[bytes]:
+        return [b"".join(data[k][i].tobytes() for k in keys) for i in range(data[keys[0]].shape[0])]
+
+    seen = set(rows(calibration))
+    return sum(row in seen for row in rows(evaluation))
 
 
 # ---------------------------------------------------------------- running
@@ -741,7 +757,7 @@ def case_silero(quick: bool) -> Case:
 
 
 CASES: dict[str, Callable[[bool], Case]] = {
-    "opennsfw": case_opennsfw,
+    "open-nsfw": case_opennsfw,
     "magika": case_magika,
     "nudenet": case_nudenet,
     "ddddocr": case_ddddocr,
