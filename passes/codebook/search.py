@@ -38,6 +38,12 @@ import pydantic
 from onnxcompress import fidelity
 from onnxcompress.calibration import layer_hessians
 from onnxcompress.errors import UnsupportedModelError
+from onnxcompress.formats.packed import (
+    decoder_nbytes,
+    pack_codebook_indices,
+    packed_nbytes,
+    packing_pays,
+)
 from onnxcompress.pass_base import CompressionPass, PassConfig, register
 from onnxcompress.passes.codebook.graph import insert_codebook
 from onnxcompress.passes.codebook.kmeans import KMeansClusterPass, cluster_weights
@@ -76,9 +82,9 @@ class Candidate:
     nbytes: int
 
 
-def index_bytes(count: int, bits: int) -> int:
-    """Bytes of `count` indices stored at `bits` each (packed storage)."""
-    return (count * bits + 7) // 8
+def index_bytes(name: str, count: int, bits: int) -> int:
+    """Bytes of `count` indices as they will be stored: bit-packed below 8 bits where it pays."""
+    return packed_nbytes(count, bits) + decoder_nbytes(name) if packing_pays(name, count, bits) else count
 
 
 def relative_error(weights: np.ndarray, quantized: np.ndarray, hessian: np.ndarray | None, site: WeightSite) -> float:
@@ -149,7 +155,7 @@ class CodebookSearchPass(CompressionPass):
             options = []
             for bits in self.config.bits:
                 indices, codebook, zero_entry = cluster_weights(weights, bits, seed=self.context.seed)
-                nbytes = index_bytes(site.size, bits) + codebook.nbytes
+                nbytes = index_bytes(site.name, site.size, bits) + codebook.nbytes
                 if nbytes >= dense:
                     continue
                 error = relative_error(weights, codebook[indices], stats.hessian if stats else None, site)
@@ -235,8 +241,10 @@ class CodebookSearchPass(CompressionPass):
             self.report.changed(
                 site.name, site.op_type, weights,
                 params_after=int(np.count_nonzero(candidate.codebook[candidate.indices])),
-                bytes_after=int(candidate.indices.size + candidate.codebook.nbytes),  # uint8 indices in the graph
+                bytes_after=candidate.nbytes,
                 detail=f"{candidate.bits} bits (layer error {candidate.error:.3g}), {candidate.codebook.size} values",
             )
             changed = True
+        if changed and model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) >= 11:
+            pack_codebook_indices(model)  # below 8 bits, where it pays for its decoder
         return changed
