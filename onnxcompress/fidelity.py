@@ -17,7 +17,8 @@ cosine 0.999 and top-1 agreement 1.0. The comparison therefore looks where diffe
   rho between the original's and the candidate's scores over the probe samples, averaged over
   the columns that vary. A model whose outputs collapse to a constant scores 0.
 - **KL divergence** of the candidate's class distribution from the original's (softmax views).
-- **Top-1 agreement** on the first softmax output (or a (samples, classes) output); an optional **task metric**
+- **Top-1 agreement** on the first softmax output (or a (samples, classes) / CTC (time, 1, classes)
+  output): a sample agrees only if all its decisions do; an optional **task metric**
   (a Python callback on both models' outputs, higher is better).
 
 Non-finite values anywhere (the original's outputs, or the candidate's) fail every gate.
@@ -72,6 +73,7 @@ class Outputs:
     values: list[np.ndarray]
     scores: list[np.ndarray]
     views: tuple[OutputView, ...]
+    samples: int | None = None  # probe samples behind them (a fixed-batch model's runs are stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +212,12 @@ def run(model: ir.Model, probes: Mapping[str, np.ndarray],
             arrays = run_model(model_file, probes)
     values, sources = list(arrays[:count]), dict(zip(extra, arrays[count:], strict=True))
     scores = [_score(view, value, sources.get(view.source)) for view, value in zip(views, values, strict=False)]
-    return Outputs(values, scores, views)
+    return Outputs(values, scores, views, _sample_count(probes))
+
+
+def _sample_count(probes: Mapping[str, np.ndarray]) -> int | None:
+    counts = {np.shape(a)[0] for a in probes.values() if np.ndim(a)}
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _score(view: OutputView, value: np.ndarray, source: np.ndarray | None) -> np.ndarray:
@@ -401,17 +408,31 @@ def compare(
 
 
 def _top1(reference: Outputs, candidate: Outputs) -> float | None:
-    """Share of samples whose class (arg-max over the class axis) is unchanged.
+    """Share of samples whose decisions (arg-max over the class axis) ALL stay the same.
 
-    Scored on the first softmax output (its class axis), else on a first float output of shape
-    (samples, classes); None otherwise: the arg-max over a detector's anchors is no class.
+    Scored on the first softmax output (its class axis); else on a first float output of shape
+    (samples, classes), or (time, 1, classes) as CTC sequence models emit their logits, where a
+    sample agrees only if every time step does (a decoded string changes with one step). None
+    otherwise: the arg-max over a detector's anchors is no class.
     """
     pairs = list(zip(reference.views, reference.scores, candidate.scores, strict=True))
     for view, ref, cand in pairs:
         if view.kind == "logits" and view.axis is not None and np.ndim(ref) >= 1 and np.shape(ref)[view.axis] > 1:
-            return float(np.mean(np.argmax(ref, view.axis) == np.argmax(cand, view.axis)))
+            return _agreement(np.argmax(ref, view.axis), np.argmax(cand, view.axis), reference.samples)
     floats = [(np.asarray(r), np.asarray(c)) for _, r, c in pairs if np.issubdtype(np.asarray(r).dtype, np.floating)]
-    if floats and floats[0][0].ndim == 2 and floats[0][0].shape[-1] > 1:
-        ref, cand = floats[0]
-        return float(np.mean(ref.argmax(-1) == cand.argmax(-1)))
+    if not floats:
+        return None
+    ref, cand = floats[0]
+    if ref.shape[-1] > 1 and (ref.ndim == 2 or (ref.ndim == 3 and ref.shape[1] == 1)):
+        return _agreement(ref.argmax(-1), cand.argmax(-1), reference.samples)
     return None
+
+
+def _agreement(ref: np.ndarray, cand: np.ndarray, samples: int | None) -> float:
+    """Share of samples whose decisions all agree; rows are grouped per sample when they stack runs."""
+    same = np.asarray(ref == cand)
+    if same.ndim == 0:
+        return float(same)
+    rows = same.shape[0]
+    groups = samples if samples and rows % samples == 0 else rows
+    return float(np.mean(same.reshape(groups, -1).all(axis=1)))

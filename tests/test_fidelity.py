@@ -6,6 +6,8 @@ top-1 agreement stay perfect when its weights are gone. The gate must still refu
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -164,3 +166,16 @@ def test_a_model_proto_round_trip_keeps_its_outputs(rng):
     fidelity.run(model, {"x": digits()})
     assert [v.name for v in model.graph.outputs] == ["probabilities"]
     onnx.checker.check_model(ir.to_proto(model))
+
+
+def test_a_ctc_sequence_agrees_only_if_every_time_step_does(rng):
+    """(time, 1, classes) logits of 4 samples run one at a time, stacked: one flipped step in
+    sample 2 is one changed string out of four, though 127 of 128 steps still agree."""
+    logits = rng.standard_normal((4 * 32, 1, 50))
+    changed = logits.copy()
+    row = 2 * 32 + 7
+    changed[row, 0, logits[row, 0].argmin()] = logits[row, 0].max() + 1.0
+    reference = fidelity.as_outputs([logits])
+    candidate = fidelity.as_outputs([changed])
+    reference = dataclasses.replace(reference, samples=4)
+    assert fidelity.compare(reference, candidate).top1_agreement == 0.75
