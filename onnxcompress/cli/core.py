@@ -30,7 +30,7 @@ from onnxcompress.compare import compare_models, file_bytes, interleaved_latency
 from onnxcompress.data import load_npz
 from onnxcompress.errors import FidelityGateError, UserError
 from onnxcompress.fidelity import DEFAULT_GATE
-from onnxcompress.pass_base import describe, get_pass, make_config, pass_names
+from onnxcompress.pass_base import describe, get_pass, make_config, pass_names, quantized_ops
 from onnxcompress.pipeline import PipelineResult, Step, reference_probes
 from onnxcompress.probes import parse_input_shapes, shapes_as_sizes
 from onnxcompress.recipe import load_recipe, recipe_schema
@@ -98,11 +98,12 @@ def optimize(
     if recipe is None:
         recipe = "default" if data is not None or trust_random_probes else "data-free"
     chosen = load_recipe(recipe)
+    steps_to_run = _without_lossy_steps_if_quantized(model, chosen.steps)
     if data is None and not trust_random_probes:
-        _refuse_steps_needing_data(chosen.steps, recipe)
+        _refuse_steps_needing_data(steps_to_run, recipe)
     given = {"min_cosine": min_cosine, "min_rank_correlation": min_rank_corr, "min_top1": min_top1}
     given = {key: value for key, value in given.items() if value is not None}
-    steps = [s.model_copy(update={"gate": s.gate.model_copy(update=given)}) for s in chosen.steps]
+    steps = [s.model_copy(update={"gate": s.gate.model_copy(update=given)}) for s in steps_to_run]
 
     def check_latency(original: ir.Model, result: PipelineResult) -> dict[str, Any]:
         return _latency(original, result, batch, max_latency_ratio)
@@ -125,6 +126,17 @@ def _latency(original: ir.Model, result: PipelineResult, batch: int, max_ratio: 
     return {"latency_ms": {"batch": batch, "before": before, "after": after, "ratio": ratio}}
 
 
+def _without_lossy_steps_if_quantized(model: Path, steps: Sequence[Step]) -> list[Step]:
+    """An already quantized model runs as it is: lossy steps are left out, and the user is told."""
+    found = quantized_ops(io.load(model))
+    if not found:
+        return list(steps)
+    kept = [s for s in steps if not get_pass(s.pass_name).lossy]
+    console.print(f"note: {model} is already quantized ({', '.join(found)}); lossy steps are left out "
+                  f"({len(steps) - len(kept)} of {len(steps)})", soft_wrap=True)
+    return kept
+
+
 def _refuse_steps_needing_data(steps: Sequence[Step], recipe: str) -> None:
     """Random probes cannot vouch for input-dependent error: such steps need real samples."""
     needing = [f"{s.pass_name} (step {i + 1})" for i, s in enumerate(steps)
@@ -140,7 +152,9 @@ def _say_if_not_smaller(model: Path, output: Path, result: PipelineResult) -> No
     if after < before:
         return
     applied = [s.step.pass_name for s in result.steps if s.status == "applied"]
-    if not applied:
+    if not result.steps:
+        why = "no step of the recipe applies to this model (see the note above)"
+    elif not applied:
         why = "every step was rolled back by its gate or changed nothing (see above)"
     elif all(name.startswith("prune.") for name in applied):
         why = "pruned zeros are stored dense; a codebook step (cluster) or `pack` makes them pay"
