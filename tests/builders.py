@@ -64,3 +64,7 @@ def mlp_reference(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def save_proto(proto: onnx.ModelProto, path) -> str:  # type: ignore[no-untyped-def]
     onnx.save(proto, str(path))
     return str(path)
+
+
+#: CLI options for a loose gate: tests about mechanics (not fidelity) compress toy models hard.
+NO_GATE = ("--min-cosine", "-1", "--min-rank-corr", "-1", "--min-top1", "0")

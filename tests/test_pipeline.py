@@ -9,9 +9,14 @@ import onnx_ir as ir
 import pytest
 
 from onnxcompress import fidelity
-from onnxcompress.errors import FidelityGateError, QuantizedModelError, RecipeError
+from onnxcompress.errors import (
+    FidelityGateError,
+    QuantizedModelError,
+    RecipeError,
+    UnsupportedModelError,
+)
 from onnxcompress.pass_base import CompressionPass, register
-from onnxcompress.pipeline import Step, run_steps
+from onnxcompress.pipeline import Step, reference_probes, run_steps
 from onnxcompress.recipe import builtin_recipes, load_recipe, parse_recipe
 from onnxcompress.sites import find_weight_sites
 from tests.builders import mlp
@@ -57,7 +62,8 @@ def test_rollback_restores_the_step_and_continues(rng):
     model = mlp(rng)
     steps = [
         Step(pass_name="test.scramble", on_fail="rollback"),
-        Step(pass_name="prune.magnitude", options={"sparsity": 0.25}, gate={"min_cosine": 0.9}),
+        Step(pass_name="prune.magnitude", options={"sparsity": 0.25},
+             gate={"min_cosine": 0.9, "min_rank_correlation": None, "min_top1": None}),
     ]
     result = run_steps(model, steps)
     assert [s.status for s in result.steps] == ["rolled back", "applied"]
@@ -69,12 +75,14 @@ def test_rollback_restores_the_step_and_continues(rng):
 def test_reference_is_the_original_model(rng):
     """Two 30% steps are compared with the original, not with each other."""
     model = mlp(rng)
-    probes = fidelity.probe_inputs(model, count=8)
-    reference = fidelity.run_model(ir.to_proto(model).SerializeToString(), probes)
-    steps = [Step(pass_name="prune.magnitude", options={"sparsity": s}, gate={"min_cosine": 0.0}) for s in (0.3, 0.6)]
+    probes = reference_probes(model)  # the probes run_steps draws (same count and seed)
+    reference = fidelity.run(model, probes)
+    steps = [Step(pass_name="prune.magnitude", options={"sparsity": s}, gate=fidelity.Gate.off()) for s in (0.3, 0.6)]
     result = run_steps(model, steps)
-    final = fidelity.run_model(ir.to_proto(result.model).SerializeToString(), probes)
+    final = fidelity.run(result.model, probes, reference.views)
     assert result.steps[-1].metrics == fidelity.compare(reference, final)
+    after_first = fidelity.compare(reference, fidelity.run(run_steps(model, steps[:1]).model, probes, reference.views))
+    assert result.steps[0].metrics == after_first != result.steps[-1].metrics
 
 
 def test_unknown_pass_and_bad_options_fail_before_any_work(rng):
@@ -133,22 +141,30 @@ def test_a_model_exported_for_batch_1_is_probed_batch_by_batch(rng):
     assert fidelity.run_model(proto.SerializeToString(), drawn)[0].shape == (8, 4)
 
 
-def test_non_finite_outputs_fail_every_gate_but_shared_ones_are_ignored():
-    reference = [np.array([[1.0, 2.0, np.nan], [0.5, -1.0, 3.0]], np.float32)]
-    same_nan = [np.array([[1.0, 2.1, np.nan], [0.5, -1.0, 3.0]], np.float32)]
-    new_nan = [np.array([[1.0, 2.0, np.nan], [np.nan, -1.0, 3.0]], np.float32)]
-    shared = fidelity.compare(reference, same_nan)
-    assert shared.cosine > 0.99 and not fidelity.Gate(min_cosine=0.99).failures(shared)
-    broken = fidelity.compare(reference, new_nan)
-    top1_only = fidelity.Gate(min_cosine=None, min_top1=0.5)
-    assert top1_only.failures(broken) == ["outputs are not finite where the original's are (NaN or inf)"]
+def test_an_original_with_non_finite_outputs_is_refused(rng):
+    """The original's outputs are what every step is compared with: NaN there is refused up front."""
+    broken = mlp(rng)
+    bias = broken.graph.initializers["head.bias"]
+    bias.const_value = ir.tensor(np.full(bias.shape.numpy(), np.nan, np.float32), name="head.bias")  # NaN logits
+    with pytest.raises(UnsupportedModelError, match="NaN or inf"):
+        run_steps(broken, [Step(pass_name="prune.magnitude", options={"sparsity": 0.1}, gate=fidelity.Gate.off())])
+
+
+def test_non_finite_candidate_outputs_fail_every_gate():
+    reference = [np.array([[1.0, 2.0, 0.5], [0.5, -1.0, 3.0], [2.0, 0.0, 1.0]], np.float32)]
+    for bad in (np.nan, np.inf):
+        candidate = [reference[0].copy()]
+        candidate[0][1, 0] = bad
+        metrics = fidelity.compare(reference, candidate)
+        for gate in (fidelity.DEFAULT_GATE, fidelity.Gate.off(), fidelity.Gate(min_cosine=None, min_top1=0.5)):
+            assert gate.failures(metrics) == ["outputs are not finite (NaN or inf), or the original's are not"]
 
 
 def test_json_reports_are_strict_json(rng, tmp_path):
     from onnxcompress.report import write_report
 
     model = mlp(rng, (8, 16, 4))
-    step = Step(**{"pass": "prune.magnitude", "options": {"sparsity": 0.5, "min_params": 0}, "gate": {"min_cosine": None}})
+    step = Step(**{"pass": "prune.magnitude", "options": {"sparsity": 0.5, "min_params": 0}, "gate": fidelity.Gate.off()})
     result = run_steps(model, [step], probe_count=4)
     result.steps[0].metrics = fidelity.Metrics(float("nan"), float("inf"), float("inf"), None)  # a failed metric
     path = write_report(result, tmp_path / "r.json")

@@ -8,7 +8,7 @@ import re
 from typer.testing import CliRunner
 
 from onnxcompress.cli import app
-from tests.builders import mlp_proto, save_proto
+from tests.builders import NO_GATE, mlp_proto, save_proto
 
 runner = CliRunner()
 
@@ -20,8 +20,8 @@ def invoke(*args: object):
 def test_inspect_shows_bits_and_codebook_size_of_clustered_layers(rng, tmp_path):
     model = save_proto(mlp_proto(rng, (48, 64, 32, 10)), tmp_path / "mlp.onnx")
     pruned, clustered = tmp_path / "pruned.onnx", tmp_path / "clustered.onnx"
-    assert invoke("prune", model, "--sparsity", "0.75", "-o", pruned).exit_code == 0
-    result = invoke("cluster", pruned, "-o", clustered, "--layer-bits", "head.*=3")
+    assert invoke("prune", model, "--sparsity", "0.75", "-o", pruned, *NO_GATE).exit_code == 0
+    result = invoke("cluster", pruned, "-o", clustered, "--layer-bits", "head.*=3", *NO_GATE)
     assert result.exit_code == 0, result.output
 
     result = invoke("inspect", clustered, "--json")

@@ -69,6 +69,12 @@ class Budget:
 
     min_cosine: float = 0.99
     max_accuracy_drop: float = 0.005  # a fraction: 0.005 = 0.5 percentage points
+    # With a cosine budget the joint plan must pass these too, as the default gate of `optimize` asks.
+    min_rank_correlation: float | None = fidelity.DEFAULT_GATE.min_rank_correlation
+    min_top1: float | None = fidelity.DEFAULT_GATE.min_top1
+
+    def other_checks(self) -> fidelity.Gate:
+        return fidelity.Gate(min_cosine=None, min_rank_correlation=self.min_rank_correlation, min_top1=self.min_top1)
 
     def allowed_drop(self, metric: str) -> float:
         return self.max_accuracy_drop if metric == "accuracy" else 1.0 - self.min_cosine
@@ -143,8 +149,8 @@ class Evaluator:
             return float(np.mean(np.asarray(outputs[0]).argmax(-1) == self.labels))
         return fidelity.compare(self.reference, outputs).cosine
 
-    def score_with(self, rates: Mapping[str, float]) -> float:
-        """The metric with each named layer magnitude-pruned to its rate (then restored)."""
+    def _outputs_with(self, rates: Mapping[str, float]) -> list[np.ndarray]:
+        """Outputs with each named layer magnitude-pruned to its rate (then restored)."""
         originals: dict[str, np.ndarray] = {}
         try:
             for name, rate in rates.items():
@@ -152,10 +158,24 @@ class Evaluator:
                 originals[name] = site.array()
                 if rate > 0:
                     site.replace(prune_to_count(originals[name], round(rate * site.size)))
-            return self._score(self._run())
+            return self._run()
         finally:
             for name, array in originals.items():
                 self.sites[name].replace(array)
+
+    def score_with(self, rates: Mapping[str, float]) -> float:
+        """The metric with each named layer magnitude-pruned to its rate."""
+        return self._score(self._outputs_with(rates))
+
+    def meets(self, rates: Mapping[str, float], allowed: float, others: fidelity.Gate) -> tuple[bool, float]:
+        """Whether the joint model keeps the budget, and its metric. With a cosine budget it must
+        also pass the default gate's other checks (rank correlation, top-1), as `optimize` will."""
+        outputs = self._outputs_with(rates)
+        value = self._score(outputs)
+        ok = self.baseline - value <= allowed
+        if ok and self.labels is None:
+            ok = not others.failures(fidelity.compare(self.reference, outputs))
+        return ok, value
 
     def curve(self, name: str, ratios: Sequence[float]) -> list[float]:
         return [self.score_with({name: r}) for r in ratios]
@@ -293,13 +313,13 @@ def choose_rates(
         if key in tried or not any(key):
             continue
         tried.add(key)
-        value = evaluator.score_with(rates)
+        ok, value = evaluator.meets(rates, allowed, budget.other_checks())
         removed = sum(round(rates[c.name] * c.params) for c in curves)
         logger.info("sensitivity: tolerance %.3g -> removes %d, %s %.6f", tolerance, removed,
                     evaluator.metric, value)
-        if baseline - value <= allowed and removed > best[0]:
+        if ok and removed > best[0]:
             best = (removed, rates, value)
-    removed, rates, value = _refine(evaluator, curves, best, allowed, passes=refine_passes)
+    removed, rates, value = _refine(evaluator, curves, best, allowed, budget.other_checks(), passes=refine_passes)
     for curve in curves:
         curve.chosen = rates[curve.name]
     return SensitivityResult(
@@ -318,6 +338,7 @@ def _refine(
     curves: list[LayerCurve],
     best: tuple[int, dict[str, float], float],
     allowed: float,
+    others: fidelity.Gate,
     *,
     passes: int,
 ) -> tuple[int, dict[str, float], float]:
@@ -332,8 +353,8 @@ def _refine(
             while low <= high:
                 middle = (low + high) // 2
                 candidate = {**rates, curve.name: higher[middle]}
-                score = evaluator.score_with(candidate)
-                if evaluator.baseline - score <= allowed:
+                ok, score = evaluator.meets(candidate, allowed, others)
+                if ok:
                     found, low = (candidate, score), middle + 1
                 else:
                     high = middle - 1
@@ -377,13 +398,17 @@ def sensitivity(
 def recipe_text(result: SensitivityResult) -> str:
     """The plan as a one-step recipe: `onnxcompress optimize MODEL --recipe DIR/recipe.yaml`.
 
-    A cosine budget becomes the step's gate; an accuracy budget was checked on labelled data the
-    gate cannot see, so its gate only asks that the model runs (cosine >= -1).
+    A cosine budget becomes the step's gate (the default gate with that cosine: the rates were
+    checked against all of it); an accuracy budget was checked on labelled data the gate cannot
+    see, so its gate only asks that the outputs stay finite.
     """
     import yaml
 
-    floor = result.budget.min_cosine if result.metric == "cosine" else -1.0
-    step = {**result.plan(), "gate": {"min_cosine": floor}}
+    budget = result.budget
+    gate = ({"min_cosine": budget.min_cosine, "min_rank_correlation": budget.min_rank_correlation,
+             "min_top1": budget.min_top1} if result.metric == "cosine"
+            else {"min_cosine": None, "min_rank_correlation": None, "min_top1": None})
+    step = {**result.plan(), "gate": gate}
     recipe = {"name": "sensitivity-plan", "description": (
         f"Per-layer rates chosen by `onnxcompress sensitivity` ({result.metric} {result.joint_value:.6f} "
         f"against a baseline of {result.baseline:.6f}; {result.removed_params:,} of {result.total_params:,} "

@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.builders import finish, mlp_proto
+from tests.builders import NO_GATE, finish, mlp_proto
 
 
 def _value(name: str, shape: list[object], dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
@@ -130,7 +130,7 @@ CASES = [
     # destinations
     ("output is a folder: prune", (*PRUNE, "mlp.onnx", "-o", "a_folder"), 2, "is a folder"),
     ("output over the input's external data: cluster",
-     ("cluster", "external.onnx", "--bits", "4", "-o", "weights.bin"), 2, "still reads"),
+     ("cluster", "external.onnx", "--bits", "4", "-o", "weights.bin", *NO_GATE), 2, "still reads"),
     ("output is a folder: pack", ("pack", "mlp.onnx", "-o", "a_folder"), 2, "is a folder"),
     ("report in a missing folder", (*PRUNE, "mlp.onnx", "-o", "out.onnx", "--report", "nowhere/r.json"), 2,
      "report folder does not exist"),
@@ -202,8 +202,8 @@ def test_bad_input_is_one_error_line(library, tmp_path, args, code, words):
 @pytest.mark.parametrize(
     ("model", "args"),
     [
-        ("if.onnx", PRUNE),  # weights in If branches, a scalar bool input
-        ("mlp.onnx", (*PRUNE, "--data", "float64.npz")),  # numpy's default float64 is cast to float32
+        ("if.onnx", (*PRUNE, *NO_GATE)),  # weights in If branches, a scalar bool input
+        ("mlp.onnx", (*PRUNE, "--data", "float64.npz", *NO_GATE)),  # numpy's default float64 is cast to float32
         ("empty_weight.onnx", ("sparsify", "--always", "--min-params", "0", "--min-sparsity", "0")),
     ],
     ids=["if-node", "float64 data", "zero-size weight"],

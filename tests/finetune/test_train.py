@@ -21,7 +21,7 @@ from onnxcompress.pass_base import get_pass
 from onnxcompress.pipeline import Step, run_steps
 from tests.finetune.conftest import ort_run
 
-NO_GATE = Gate(min_cosine=None)
+NO_GATE = Gate.off()
 
 
 def _digits(proto, digits, n=600):
@@ -213,10 +213,10 @@ def test_recipe_with_a_finetune_step_runs(mlp_pair, digits) -> None:
         steps:
           - pass: prune.magnitude
             options: {sparsity: 0.5}
-            gate: {min_cosine: null}
+            gate: {min_cosine: null, min_rank_correlation: null, min_top1: null}
           - pass: finetune
             options: {epochs: 3, lr: 0.01, optimizer: adam, lr_schedule: cosine, batch_size: 32}
-            gate: {min_cosine: null}
+            gate: {min_cosine: null, min_rank_correlation: null, min_top1: null}
     """), "inline")
     result = run_steps(to_ir(proto), recipe.steps, data=train, seed=recipe.seed)
     assert [s.status for s in result.steps] == ["applied", "applied"]

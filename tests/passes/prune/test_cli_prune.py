@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from onnxcompress import runtime
 from onnxcompress.cli import app
-from tests.builders import mlp_proto, mlp_reference, save_proto
+from tests.builders import NO_GATE, mlp_proto, mlp_reference, save_proto
 
 runner = CliRunner()
 
@@ -27,7 +27,7 @@ def invoke(*args: object):
 
 def test_structured_prune_writes_a_smaller_model_that_runs(model_path, tmp_path):
     out = tmp_path / "small.onnx"
-    result = invoke("prune", model_path, "--structured", "--ratio", "0.5", "-o", out)
+    result = invoke("prune", model_path, "--structured", "--ratio", "0.5", "-o", out, *NO_GATE)
     assert result.exit_code == 0, result.output
     proto = onnx.load(str(out))
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
@@ -47,7 +47,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(model_path, tmp_path):
     assert [len(g["keep"]) for g in plan["groups"][:2]] == [48, 24]
     # The saved plan applies as is.
     out = tmp_path / "planned.onnx"
-    assert invoke("prune", model_path, "--structured", "--plan", plan_file, "-o", out).exit_code == 0
+    assert invoke("prune", model_path, "--structured", "--plan", plan_file, "-o", out, *NO_GATE).exit_code == 0
     shapes = {t.name: tuple(t.dims) for t in onnx.load(str(out)).graph.initializer}
     assert shapes["fc1.weight"] == (48, 24)
 
@@ -73,8 +73,8 @@ def test_magnitude_then_dead_neurons(rng, tmp_path):
         tensor.CopyFrom(onnx.numpy_helper.from_array(arrays[tensor.name], tensor.name))
     path = save_proto(proto, tmp_path / "m.onnx")
     plain, thinned = tmp_path / "plain.onnx", tmp_path / "thinned.onnx"
-    assert invoke("prune", path, "--sparsity", "0.3", "-o", plain).exit_code == 0
-    result = invoke("prune", path, "--sparsity", "0.3", "--dead-neurons", "-o", thinned)
+    assert invoke("prune", path, "--sparsity", "0.3", "-o", plain, *NO_GATE).exit_code == 0
+    result = invoke("prune", path, "--sparsity", "0.3", "--dead-neurons", "-o", thinned, *NO_GATE)
     assert result.exit_code == 0, result.output
     shapes = {t.name: tuple(t.dims) for t in onnx.load(str(thinned)).graph.initializer}
     assert shapes["fc1.weight"] == (64, 27) and shapes["head.weight"] == (10, 27)
@@ -84,7 +84,7 @@ def test_magnitude_then_dead_neurons(rng, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
     alone = tmp_path / "alone.onnx"  # a model pruned (and fine-tuned) earlier: only the dead neurons go
-    result = invoke("prune", plain, "--dead-neurons", "-o", alone)
+    result = invoke("prune", plain, "--dead-neurons", "-o", alone, *NO_GATE)
     assert result.exit_code == 0, result.output
     assert {t.name: tuple(t.dims) for t in onnx.load(str(alone)).graph.initializer} == shapes
     nothing = invoke("prune", plain, "-o", tmp_path / "x.onnx")

@@ -96,7 +96,7 @@ def test_schedule_with_retraining_runs_prune_and_finetune_rounds(rng):
     x = rng.standard_normal((64, 16)).astype(np.float32)
     steps = expand_schedule(fixed_steps(0.8, 0.4), prune_options={"min_params": 0},
                             retrain=RetrainOptions(original_lr=0.1, epochs=1, batch_size=32),
-                            gate=Gate(min_cosine=0.5))
+                            gate=Gate(min_cosine=0.5, min_rank_correlation=None, min_top1=None))
     result = run_steps(model, steps, data={"x": x}, probe_count=16)
     assert [s.status for s in result.steps] == ["applied"] * 4
     assert result.steps[1].report.notes["epochs_run"] == 1

@@ -46,7 +46,8 @@ def test_curves_match_an_independent_numpy_evaluation(rng):
 def test_chosen_plan_meets_the_cosine_budget_on_the_probes(rng, tmp_path):
     model = mlp(rng, SIZES)
     x = rng.standard_normal((64, 16)).astype(np.float32)
-    result = sensitivity(model, data={"x": x}, probes=64, budget=Budget(min_cosine=0.98), workers=1)
+    cosine_only = Budget(min_cosine=0.98, min_rank_correlation=None, min_top1=None)
+    result = sensitivity(model, data={"x": x}, probes=64, budget=cosine_only, workers=1)
     assert result.removed_params > 0
     plan = result.plan()
     assert plan["pass"] == "prune.magnitude"
@@ -67,6 +68,7 @@ def test_chosen_plan_meets_the_cosine_budget_on_the_probes(rng, tmp_path):
     assert len(rows) == 3 * 10 and {r["layer"] for r in rows} == set(LAYERS)
     recipe = load_recipe(tmp_path / "recipe.yaml")
     assert recipe.steps[0].options == plan["options"] and recipe.steps[0].gate.min_cosine == 0.98
+    assert recipe.steps[0].gate.min_rank_correlation is None and recipe.steps[0].gate.min_top1 is None
     png = tmp_path / "sensitivity.png"
     if png in written:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
