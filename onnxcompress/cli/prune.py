@@ -11,12 +11,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from onnxcompress import io
+from onnxcompress import io, writer
 from onnxcompress.cli.common import (
     DataOption,
     MinCosineOption,
     OutputOption,
     ReportOption,
+    check_loaded,
     check_side_file,
     compress_file,
     console,
@@ -113,12 +114,13 @@ def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | N
     from onnxcompress.passes.prune.structured import StructuredPrunePass
 
     loaded = io.load(model_path)
+    protected = check_loaded(loaded, [(save_plan, "plan")])
     compression = StructuredPrunePass(**options)
     data = load_npz(data_path, loaded) if data_path else None
     compression.context = PassContext(data=data, original=loaded)
     plan_dict = compression.make_plan(loaded).to_dict()
     if save_plan is not None:
-        io.write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")
+        writer.write_text(save_plan, json.dumps(plan_dict, indent=2) + "\n", "plan", protected)
     if show:
         _print_plan(plan_dict)
 
@@ -147,7 +149,7 @@ def sensitivity(
     seed: Annotated[int, typer.Option(help="Seed of the random probes.")] = 0,
 ) -> None:
     """Prune each layer alone at each ratio (Han et al. Fig. 5); choose rates under a budget."""
-    from onnxcompress.passes.prune.sensitivity import Budget, write_outputs
+    from onnxcompress.passes.prune.sensitivity import Budget, check_outputs, write_outputs
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
 
     ratio_list = _parse_ratios(ratios)
@@ -156,6 +158,7 @@ def sensitivity(
     if not output_dir.resolve().parent.is_dir():
         raise UserError(f"{output_dir.parent}: output folder does not exist")
     loaded = io.load(model)
+    check_outputs(output_dir, io.protected(loaded))
     samples = load_npz(data, loaded) if data else None
     if samples is not None and not len(next(iter(samples.values()))):
         raise DataError(f"{data}: no samples")
@@ -166,7 +169,7 @@ def sensitivity(
         result = analyse(loaded, data=samples, ratios=ratio_list, budget=budget, probes=probes, seed=seed,
                          exclude=tuple(exclude or ()), workers=workers,
                          on_layer=lambda done, total: progress.update(task, completed=done, total=total))
-    written = write_outputs(result, output_dir)
+    written = write_outputs(result, output_dir, io.protected(loaded))
     table = Table(title=f"sensitivity ({result.metric}; baseline {result.baseline:.4f})")
     for column in ("layer", "params", "chosen rate"):
         table.add_column(column, justify="left" if column == "layer" else "right")
