@@ -105,9 +105,14 @@ def check_loaded(model: ir.Model, destinations: Sequence[tuple[Path | None, str]
     Returns the protected files, for the writes that follow.
     """
     protected = io.protected(model)
+    seen: set[Path] = set()
     for path, what in destinations:
-        if path is not None:
-            writer.check(path, what, protected)
+        if path is None:
+            continue
+        resolved = writer.check(path, what, protected)
+        if resolved in seen:
+            raise UserError(f"{path}: named twice as a destination; give each output its own name")
+        seen.add(resolved)
     return protected
 
 
