@@ -5,26 +5,29 @@ One writer because each command used to check its own destinations, and each mis
 
 * Refuse: every `protected` file (the input, each file the loaded model maps), a missing
   folder, a folder, and one destination named twice by the same command.
-* Stage: every file goes first into a hidden folder `.onnxcompress-<pid>-*` beside its
-  destination. A full disk or a read-only folder fails there, before any destination
+* Stage: every file goes first into a hidden folder `.onnxcompress-<pid>.<host>-*` beside
+  its destination. A full disk or a read-only folder fails there, before any destination
   changes: one `UserError` (exit 2), and the staging folders are removed.
 * Commit: `os.replace` each staged file into place, in the order staged. A file staged with
   `unpairs=` (a model's external data) first removes that file (the old model) when it
   replaces an existing one: a crash between the renames leaves no model, never an old
   model reading new data.
 * Sweep: a staging folder whose process is gone (SIGKILL, power loss) is removed on the next
-  write to its folder; folders of live processes are left alone.
+  write to its folder; folders of live processes are left alone, and so are those of other
+  machines or containers (`<host>`, a hash of the host name: their pids mean nothing here).
 """
 
 from __future__ import annotations
 
-__all__ = ["PREFIX", "Protected", "Batch", "batch", "check", "refuse_protected", "sweep", "write_bytes", "write_text"]
+__all__ = ["PREFIX", "staging_prefix", "Protected", "Batch", "batch", "check", "refuse_protected", "sweep", "write_bytes", "write_text"]
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -34,7 +37,13 @@ from onnxcompress.errors import UserError
 logger = logging.getLogger(__name__)
 
 PREFIX = ".onnxcompress-"
-_STAGING = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_STAGING = re.compile(rf"^{re.escape(PREFIX)}(\d+)\.([0-9a-f]{{8}})-")
+
+
+def staging_prefix(pid: int) -> str:
+    """The name a staging folder of process `pid` on this machine starts with."""
+    return f"{PREFIX}{pid}.{_HOST}-"
 
 #: Files no command may write, each with what it is ("the input model", ...).
 Protected = Mapping[Path, str]
@@ -78,7 +87,7 @@ def sweep(folder: Path) -> None:
         return
     for entry in entries:
         found = _STAGING.match(entry.name)
-        if found is None or not entry.is_dir(follow_symlinks=False):
+        if found is None or found[2] != _HOST or not entry.is_dir(follow_symlinks=False):
             continue
         pid = int(found[1])
         if pid != os.getpid() and not _alive(pid):
@@ -102,7 +111,7 @@ class Batch:
         folder = self._staging.get(dest.parent)
         if folder is None:
             sweep(dest.parent)
-            folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=dest.parent))
+            folder = Path(tempfile.mkdtemp(prefix=staging_prefix(os.getpid()), dir=dest.parent))
             self._staging[dest.parent] = folder
         self._moves.append((folder / dest.name, dest, unpairs))
         return folder / dest.name

@@ -118,15 +118,17 @@ def _dead_pid() -> int:
 
 
 def test_staging_folders_of_dead_processes_are_swept_on_the_next_write(model_path, tmp_path):
-    stale = tmp_path / f"{writer.PREFIX}{_dead_pid()}-killed"
+    dead = _dead_pid()
+    stale = tmp_path / f"{writer.staging_prefix(dead)}killed"
     stale.mkdir()
     (stale / "out.onnx").write_bytes(b"\0" * 1000)  # what a SIGKILL mid-save leaves
-    live = tmp_path / f"{writer.PREFIX}{os.getppid()}-running"
-    live.mkdir()
-    foreign = tmp_path / ".onnxcompress-notes"
-    foreign.mkdir()
+    kept = [tmp_path / f"{writer.staging_prefix(os.getppid())}running",  # a live process
+            tmp_path / f"{writer.PREFIX}{dead}.00000000-elsewhere",  # another machine's pid
+            tmp_path / ".onnxcompress-notes"]  # not ours
+    for folder in kept:
+        folder.mkdir()
     io.save(io.load(model_path), tmp_path / "out.onnx")
-    assert _names(tmp_path) == sorted([live.name, foreign.name, "m.onnx", "out.onnx"])
+    assert _names(tmp_path) == sorted([*(folder.name for folder in kept), "m.onnx", "out.onnx"])
 
 
 def test_a_crash_between_data_and_model_never_pairs_an_old_model_with_new_data(rng, tmp_path, monkeypatch):

@@ -286,7 +286,7 @@ def read_archive(data: bytes) -> tuple[dict[str, Any], memoryview]:
         raise ModelLoadError("archive is corrupt (SHA-256 mismatch)")
     try:
         manifest = json.loads(_inflate(manifest_raw, MAX_MANIFEST_BYTES, "manifest"))
-    except (zlib.error, ValueError) as error:
+    except (zlib.error, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep
         raise ModelLoadError(f"archive manifest is unreadable: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "onnxcompress.archive":
         raise ModelLoadError("archive manifest is not an onnxcompress manifest")

@@ -230,3 +230,9 @@ def test_a_renamed_or_misplaced_tensor_is_refused(archive):
         with pytest.raises(ModelLoadError):
             unpack(_seal(crafted, body))
             pytest.fail(what)
+
+
+def test_a_manifest_nested_too_deep_is_refused(archive):
+    _, body = _open(archive)
+    with pytest.raises(ModelLoadError, match="manifest"):
+        unpack(_seal(zlib.compress(b"[" * 200_000), body))
