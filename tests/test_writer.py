@@ -169,3 +169,12 @@ def test_one_command_may_not_name_a_destination_twice(model_path, tmp_path):
                     "--save-plan", tmp_path / "p.json", "--report", tmp_path / "p.json")
     assert result.exit_code == 2 and result.output.startswith("error: "), result.output
     assert _names(tmp_path) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("command", [("prune", "--structured", "--ratio", "0.9"),
+                                     ("lowrank", "--ratio", "0.1", "--min-params", "0")])
+def test_a_failed_gate_writes_no_plan_either(model_path, tmp_path, command):
+    result = invoke(command[0], model_path, *command[1:], "--min-cosine", "0.99999", "-o", tmp_path / "o.onnx",
+                    "--save-plan", tmp_path / "p.json", "--report", tmp_path / "r.md")
+    assert result.exit_code == 3, result.output
+    assert _names(tmp_path) == ["m.onnx"]

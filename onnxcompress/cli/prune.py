@@ -17,6 +17,7 @@ from onnxcompress.cli.common import (
     MinCosineOption,
     OutputOption,
     ReportOption,
+    SideFile,
     check_loaded,
     check_side_file,
     compress_file,
@@ -78,16 +79,19 @@ def prune(
     min_cosine: MinCosineOption = 0.0,
 ) -> None:
     """Zero the smallest weights (Han et al. 2015), or remove whole neurons/channels (--structured)."""
+    side_files: list[SideFile] = []
     if structured:
         if sparsity is not None or quality is not None or global_scope:
             raise UserError("--structured takes --ratio; --sparsity/--quality/--global are for unstructured pruning")
         options = _structured_options(ratio, criterion, exclude, plan)
         if save_plan is not None:
             check_side_file(save_plan, "plan", model, output)
-        if dry_run or save_plan is not None:
-            _plan_only(model, options, data, save_plan, dry_run)
-            if dry_run:
-                return
+        if dry_run:
+            _plan_only(model, options, data, save_plan, show=True)
+            return
+        if save_plan is not None:  # written with the model, so a failed gate writes neither
+            text = _plan_only(model, options, data, None, show=False)
+            side_files = [(save_plan, "plan", lambda _result: text)]
         steps = [Step(pass_name="prune.structured", options=options, gate=gate_for(min_cosine))]
     else:
         if dry_run or save_plan is not None or plan is not None:
@@ -106,11 +110,12 @@ def prune(
         if dead_neurons:
             steps.append(Step(pass_name="prune.dead_neurons", options={"exclude": tuple(exclude or ())},
                               gate=gate_for(min_cosine)))
-    compress_file(model, output, steps, data_path=data, report_path=report)
+    compress_file(model, output, steps, data_path=data, report_path=report, side_files=side_files)
 
 
 def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | None,
-               save_plan: Path | None, show: bool) -> None:
+               save_plan: Path | None, show: bool) -> str:
+    """The plan as JSON text; written to `save_plan` (if given) and printed (if `show`)."""
     from onnxcompress.passes.prune.structured import StructuredPrunePass
 
     loaded = io.load(model_path)
@@ -119,10 +124,12 @@ def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | N
     data = load_npz(data_path, loaded) if data_path else None
     compression.context = PassContext(data=data, original=loaded)
     plan_dict = compression.make_plan(loaded).to_dict()
+    text = json.dumps(plan_dict, indent=2) + "\n"
     if save_plan is not None:
-        writer.write_text(save_plan, json.dumps(plan_dict, indent=2) + "\n", "plan", protected)
+        writer.write_text(save_plan, text, "plan", protected)
     if show:
         _print_plan(plan_dict)
+    return text
 
 
 def _parse_ratios(text: str) -> list[float]:
