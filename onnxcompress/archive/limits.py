@@ -18,6 +18,8 @@ from __future__ import annotations
 
 __all__ = ["DEFAULT_MAX_RATIO", "FLOOR_BYTES", "MAX_MANIFEST_BYTES", "output_budget", "too_large"]
 
+import math
+
 from onnxcompress.errors import ModelLoadError
 
 DEFAULT_MAX_RATIO = 200.0
@@ -27,7 +29,9 @@ MAX_MANIFEST_BYTES = 8 << 20
 
 
 def output_budget(archive_bytes: int, max_ratio: float) -> int:
-    """Bytes the restored model may hold."""
+    """Bytes the restored model may hold (`max_ratio=inf`: no limit)."""
+    if math.isinf(max_ratio):
+        return 1 << 62
     return max(int(max_ratio * archive_bytes), FLOOR_BYTES)
 
 

@@ -113,7 +113,7 @@ def pack(
         staged.stage(output, "archive").write_bytes(result.data)
         if report is not None:
             body = json.dumps(table, indent=2) if report.suffix == ".json" else text + "\n"
-            staged.stage(report, "report").write_text(body)
+            staged.stage(report, "report").write_text(body, encoding="utf-8")
     if not quiet:
         console.print(text, markup=False)
 

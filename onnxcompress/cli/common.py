@@ -156,7 +156,7 @@ def compress_file(
     with writer.batch(protected) as staged:
         io.stage_model(staged, result.model, output, **SAVE_OPTIONS)
         for path, what, text in texts:
-            staged.stage(path, what).write_text(text)
+            staged.stage(path, what).write_text(text, encoding="utf-8")
     if not quiet:
         print_summary(result, output)
     return result

@@ -407,7 +407,10 @@ def write_outputs(result: SensitivityResult, folder: Path, protected: Mapping[Pa
 
     All go through one guarded batch: every file or none, never over a `protected` one.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {folder}: {error.strerror or error}") from None
     rows = io.StringIO()
     table = csv.writer(rows)
     table.writerow(["layer", "op", "params", "ratio", result.metric, "chosen"])
