@@ -117,13 +117,24 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_staging_folders_of_dead_processes_are_swept_on_the_next_write(model_path, tmp_path):
-    dead = _dead_pid()
-    stale = tmp_path / f"{writer.staging_prefix(dead)}killed"
-    stale.mkdir()
-    (stale / "out.onnx").write_bytes(b"\0" * 1000)  # what a SIGKILL mid-save leaves
+KILLED_MID_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from onnxcompress import writer
+with writer.batch() as staged:
+    staged.stage(Path(sys.argv[1]), "output").write_bytes(bytes(100_000))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_staging_folders_of_killed_processes_are_swept_on_the_next_write(model_path, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(tmp_path / "out.onnx")], env=env, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    [stale] = [p for p in tmp_path.iterdir() if p.name.startswith(writer.PREFIX)]
+    assert (stale / "out.onnx").stat().st_size == 100_000  # what a SIGKILL mid-save leaves
     kept = [tmp_path / f"{writer.staging_prefix(os.getppid())}running",  # a live process
-            tmp_path / f"{writer.PREFIX}{dead}.00000000-elsewhere",  # another machine's pid
+            tmp_path / f"{writer.PREFIX}{_dead_pid()}.00000000-elsewhere",  # another machine's pid
             tmp_path / ".onnxcompress-notes"]  # not ours
     for folder in kept:
         folder.mkdir()

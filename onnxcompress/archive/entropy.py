@@ -198,6 +198,8 @@ def decode_stream(data: memoryview, offset: int = 0, *, max_symbols: int) -> tup
             raise ModelLoadError("archive stream has a payload it cannot need")
         symbols = np.full(n, used[0] if used.size else 0, dtype=np.int64)
         return symbols, end, coder
+    if coder == "huffman" and n > 32 * words:  # every Huffman codeword takes at least one bit
+        raise ModelLoadError(f"archive stream declares {n} symbols in {32 * words} bits (huffman)")
     try:
         symbols = _decode_payload(payload, counts, n, coder)
     except ModelLoadError:

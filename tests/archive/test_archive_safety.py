@@ -71,9 +71,9 @@ def _relayout(manifest: dict, body: bytes, graph: bytes) -> bytes:
     return _seal(manifest, bytes(out))
 
 
-def _layer_stream(n: int, counts: list[int], words: list[int] = ()) -> bytes:  # type: ignore[assignment]
+def _layer_stream(n: int, counts: list[int], words: list[int] = (), coder: int = 2) -> bytes:  # type: ignore[assignment]
     out = stdio.BytesIO()
-    out.write(bytes([2]))  # ans
+    out.write(bytes([coder]))  # 1 huffman, 2 ans
     write_varint(out, n)
     write_varint(out, len(counts))
     for count in counts:
@@ -200,8 +200,9 @@ def test_unpack_cli_takes_max_ratio(archive, tmp_path):
         _layer_stream(1 << 33, [1 << 33]),  # 8 GB of equal symbols, no payload
         _layer_stream(3, [(1 << 64) - 1, 4]),  # a count that overflows int64
         bytes([3]) + b"\xff\xff\xff\xff\xff\x3f" + bytes([8]),  # fixed width, 2^41 symbols
+        _layer_stream(1000, [500, 500], [0], coder=1),  # 1000 Huffman codewords in 32 bits
     ],
-    ids=["ans-2^40", "equal-2^33", "count-overflow", "fixed-2^41"],
+    ids=["ans-2^40", "equal-2^33", "count-overflow", "fixed-2^41", "huffman-too-few-bits"],
 )
 def test_huge_or_overflowing_stream_headers_are_refused(stream):
     with pytest.raises(ModelLoadError):
