@@ -99,13 +99,19 @@ def test_a_real_write_failure_exits_2_without_a_traceback(model_path, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    archive = tmp_path / "archive" / "m.onnxc"
+    archive.parent.mkdir()
+    assert invoke("pack", model_path, "-o", archive, "-q").exit_code == 0
     for args in (("prune", model_path, "--sparsity", "0.5", "-o", tmp_path / "out.onnx"),
-                 ("pack", model_path, "-o", tmp_path / "a.onnxc", "-q")):
+                 ("--external-data", "prune", model_path, "--sparsity", "0.5", "-o", tmp_path / "out.onnx"),
+                 ("pack", model_path, "-o", tmp_path / "a.onnxc", "-q"),
+                 ("unpack", archive, "-o", tmp_path / "r.onnx"),
+                 ("sensitivity", model_path, "-o", tmp_path / "sens", "--ratios", "0.5", "--workers", "1")):
         result = subprocess.run([sys.executable, "-m", "onnxcompress", *map(str, args)], capture_output=True,
                                 text=True, timeout=300, env=env, preexec_fn=small_files)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("error: cannot write") and result.stderr.count("\n") == 1, result.stderr
-    assert _names(tmp_path) == ["m.onnx"]
+    assert _names(tmp_path) == ["archive", "m.onnx"]
 
 
 # --- crashes: stale staging folders, model and data never mismatched ----------------------

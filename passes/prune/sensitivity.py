@@ -58,7 +58,7 @@ from onnxcompress.pass_base import quantized_ops
 from onnxcompress.passes.prune.magnitude import prune_to_count
 from onnxcompress.runtime import ORT_ERRORS
 from onnxcompress.sites import WeightSite, find_weight_sites
-from onnxcompress.writer import batch, refuse_protected
+from onnxcompress.writer import batch, check, refuse_protected
 
 logger = logging.getLogger(__name__)
 
@@ -397,9 +397,12 @@ OUTPUT_NAMES = ("sensitivity.json", "sensitivity.csv", "recipe.yaml", "sensitivi
 
 
 def check_outputs(folder: Path, protected: Mapping[Path, str]) -> None:
-    """Before the analysis: refuse a folder whose result files would replace a protected file."""
+    """Before the analysis: refuse a folder whose result files would replace a protected file or a folder."""
     for name in OUTPUT_NAMES:
-        refuse_protected(folder / name, "output folder", protected)
+        if folder.is_dir():
+            check(folder / name, "output", protected)
+        else:
+            refuse_protected(folder / name, "output", protected)
 
 
 def write_outputs(result: SensitivityResult, folder: Path, protected: Mapping[Path, str] | None = None) -> list[Path]:
@@ -407,10 +410,6 @@ def write_outputs(result: SensitivityResult, folder: Path, protected: Mapping[Pa
 
     All go through one guarded batch: every file or none, never over a `protected` one.
     """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create {folder}: {error.strerror or error}") from None
     rows = io.StringIO()
     table = csv.writer(rows)
     table.writerow(["layer", "op", "params", "ratio", result.metric, "chosen"])
@@ -422,9 +421,18 @@ def write_outputs(result: SensitivityResult, folder: Path, protected: Mapping[Pa
     png = _plot(result)
     if png is not None:
         files["sensitivity.png"] = png
-    with batch(protected or {}) as staged:
-        for name, data in files.items():
-            staged.stage(folder / name, "output").write_bytes(data)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with batch(protected or {}) as staged:
+            for name, data in files.items():
+                staged.stage(folder / name, "output").write_bytes(data)
+    except OSError as error:
+        raise UserError(f"cannot create {folder}: {error.strerror or error}") from None
+    except UserError:
+        if created:  # leave nothing behind
+            folder.rmdir()
+        raise
     return [folder / name for name in files]
 
 
