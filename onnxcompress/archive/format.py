@@ -36,7 +36,12 @@ non-zero indices, padding included. Each layer takes the mode whose ideal entrop
 Safety: a wrong magic says "not an onnxcompress archive"; a wrong length, digest, version or
 flag, an unparsable manifest, a blob outside the body, a stream that does not decode or that
 contradicts its counts, or a decoded tensor of the wrong size is a `ModelLoadError`. A
-corrupt, truncated or foreign file never yields a model.
+corrupt, truncated or foreign file never yields a model. A crafted one is refused before it
+costs memory or reads a file: the graph may name no external data, the manifest inflates to
+at most 8 MiB, the declared layer shapes and the inflated graph together stay under
+`--max-ratio` × the archive (see `limits`), a stream declares at most as many symbols as its
+layer has indices, and restored tensors take free, non-negative positions under names the
+graph reads.
 """
 
 from __future__ import annotations
@@ -58,7 +63,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import logging
 import os
 import struct
 import zlib
@@ -80,8 +84,6 @@ from onnxcompress.archive.limits import (
 )
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
 from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError, UserError
-
-logger = logging.getLogger(__name__)
 
 MAGIC = b"\x89ONNXC\r\n"
 VERSION = 1
