@@ -181,6 +181,10 @@ CASES = [
 ]
 
 
+#: The subprocesses run in a temporary folder: they must import this tree, not an installed copy.
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
 def _state(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
             for p in folder.rglob("*")}
@@ -192,7 +196,7 @@ def test_bad_input_is_one_error_line(library, tmp_path, args, code, words):
     shutil.copytree(library, work)
     before = _state(work)
     result = subprocess.run([sys.executable, "-m", "onnxcompress", *args], cwd=work, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "COLUMNS": "200"})
+                            timeout=300, env={**ENV, "COLUMNS": "200"})
     assert result.returncode == code, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert words in result.stderr
@@ -213,7 +217,7 @@ def test_edge_models_compress_to_a_model_that_runs(library, tmp_path, model, arg
     shutil.copytree(library, work)
     command, *options = args
     result = subprocess.run([sys.executable, "-m", "onnxcompress", command, model, *options, "-o", "out.onnx"],
-                            cwd=work, capture_output=True, text=True, timeout=300)
+                            cwd=work, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     onnx.checker.check_model(str(work / "out.onnx"))
