@@ -5,9 +5,9 @@ Loading never reads weights: external data stays memory-mapped until a pass touc
 location is checked first; one that escapes the model's folder (absolute, `..`, a symlink
 pointing out) is refused, because a crafted model could otherwise read any file.
 
-Saving writes into a hidden temporary folder beside the destination, then `os.replace`s the
-files into place: a crash leaves the old file or the new one, never half of one. It refuses
-to write over the input or over an external-data file the loaded model still maps.
+Saving goes through `writer`, the one guarded atomic writer: staged beside the destination,
+then renamed into place, refusing the input and every external-data file the loaded model
+still maps.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ __all__ = [
     "save",
     "serialized",
     "write_text_atomic",
+    "protected",
+    "stage_model",
+    "data_path",
     "in_memory",
     "iter_graphs",
     "iter_tensors",
@@ -28,14 +31,15 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError, UserError
+from onnxcompress import writer
+from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError
 
 logger = logging.getLogger(__name__)
 
@@ -210,43 +214,58 @@ def in_memory(model: ir.Model) -> ir.Model:
     return copy
 
 
+def protected(model: ir.Model) -> dict[Path, str]:
+    """The files no write may replace: the input model and every data file it maps."""
+    files = {Path(p): "a data file the loaded model still reads" for p in model.meta.get(READS_KEY, ())}
+    files.update((p, "a data file the loaded model still reads") for p in _mapped_files(model))
+    source = model.meta.get(SOURCE_KEY)
+    if source is not None:
+        files[Path(source)] = "the input model"
+    return files
+
+
+def uses_external_data(model: ir.Model, external_data: bool | None) -> bool:
+    """`external_data=None` chooses external data only above `EXTERNAL_DATA_THRESHOLD` bytes."""
+    return external_data if external_data is not None else _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def data_path(path: Path) -> Path:
+    """Where a model written to `path` keeps its external data."""
+    return path.with_name(path.name + ".data")
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike[str],
     *,
     external_data: bool | None = None,
+    protect: Mapping[Path, str] | None = None,
 ) -> Path:
-    """Write `model` atomically; return the path written.
+    """Write `model` atomically through the guarded writer; return the path written.
 
     `external_data=None` chooses external data only above `EXTERNAL_DATA_THRESHOLD` bytes;
-    the data file is `<name>.data` beside the model.
+    the data file is `<name>.data` beside the model. `protect` adds files never to replace
+    (the model's own input and mapped files always are).
     """
-    path = Path(path).resolve()
-    source = model.meta.get(SOURCE_KEY)
-    if source is not None and Path(source) == path:
-        raise UserError(f"{path}: refusing to overwrite the input model; choose another output")
-    data_name = path.name + ".data"
-    use_external = external_data if external_data is not None else _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    protected = _mapped_files(model) | {Path(p) for p in model.meta.get(READS_KEY, ())}
-    if path in protected or (use_external and path.parent / data_name in protected):
-        what = "the model's" if path in protected else f"its data file {data_name}, which the loaded model"
-        raise UserError(f"{path}: refusing to overwrite {what} still reads; choose another output")
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent}: output folder does not exist")
-    if path.is_dir() or (use_external and (path.parent / data_name).is_dir()):
-        raise UserError(f"{path}: is a folder; give a file name for the output")
+    with writer.batch({**protected(model), **(protect or {})}) as staged:
+        written = stage_model(staged, model, Path(path), external_data=external_data)
+    return written
+
+
+def stage_model(staged: writer.Batch, model: ir.Model, path: Path, *, external_data: bool | None) -> Path:
+    """Serialize `model` into a writer batch: the data file (if any) first, then the model."""
+    path = path.resolve()
+    use_external = uses_external_data(model, external_data)
+    data = data_path(path)
     model.ir_version = minimum_ir_version(model)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnxcompress-") as tmp:
-        staged = Path(tmp) / path.name
-        if use_external:
-            ir.save(model, staged, external_data=data_name, size_threshold_bytes=1024)
-            data = Path(tmp) / data_name
-            if data.stat().st_size:  # every tensor under the threshold: no data file at all
-                os.replace(data, path.parent / data_name)
-        else:
-            ir.save(in_memory(model), staged)  # embedded: the file must stand alone
-        os.replace(staged, path)
-    logger.info("wrote %s", path)
+    staged_data = staged.stage(data, "output", unpairs=path) if use_external else None
+    staged_model = staged.stage(path, "output")
+    if staged_data is None:
+        ir.save(in_memory(model), staged_model)  # embedded: the file must stand alone
+    else:
+        ir.save(model, staged_model, external_data=data.name, size_threshold_bytes=1024)
+        if not staged_data.is_file() or not staged_data.stat().st_size:  # every tensor under the threshold
+            staged.drop(data)
     return path
 
 
@@ -271,15 +290,6 @@ def serialized(model: ir.Model) -> Iterator[str | bytes]:
         yield path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside `path`, then rename: never half a file, no temporary left on failure."""
-    handle = tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, prefix=f".{path.name}.", delete=False)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        with handle:
-            handle.write(text)
-        os.chmod(handle.name, 0o666 & ~umask)  # as a plain open() would have made it, not 0600
-        os.replace(handle.name, path)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+def write_text_atomic(path: Path, text: str, protect: Mapping[Path, str] | None = None) -> None:
+    """Write a text file through the guarded writer: never half a file, never a protected one."""
+    writer.write_text(Path(path), text, "output", protect or {})

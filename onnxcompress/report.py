@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["write_report", "markdown"]
+__all__ = ["write_report", "render_report", "markdown"]
 
 import json
 import math
@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from onnxcompress import io, writer
 from onnxcompress.errors import UserError
-from onnxcompress.io import write_text_atomic
 from onnxcompress.pipeline import PipelineResult
 
 
@@ -62,20 +62,25 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
-def write_report(result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-    """Write `.json`, `.md` or `.html` atomically."""
+def render_report(result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> str:
+    """The report's text, `.json`, `.md` or `.html` by the path's extension."""
     path = Path(path)
     if path.suffix == ".json":
-        text = json.dumps(_strict_json({**result.to_dict(), **(extra or {})}), indent=2, default=str, allow_nan=False)
-    elif path.suffix in (".md", ".markdown"):
-        text = markdown(result)
-    elif path.suffix in (".html", ".htm"):
+        return json.dumps(_strict_json({**result.to_dict(), **(extra or {})}), indent=2, default=str, allow_nan=False)
+    if path.suffix in (".md", ".markdown"):
+        return markdown(result)
+    if path.suffix in (".html", ".htm"):
         from onnxcompress.report_html import html_report
 
-        text = html_report(result, extra)
-    else:
-        raise UserError(f"{path}: report format must be .json, .md or .html")
+        return html_report(result, extra)
+    raise UserError(f"{path}: report format must be .json, .md or .html")
+
+
+def write_report(result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+    """Write `.json`, `.md` or `.html` through the guarded writer, never over the model's own files."""
+    path = Path(path)
+    text = render_report(result, path, extra)
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: report folder does not exist")
-    write_text_atomic(path, text)
+    writer.write_text(path, text, "report", io.protected(result.model))
     return path

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -164,11 +166,12 @@ def test_save_refuses_the_input_and_mapped_data(rng, tmp_path):
 def test_failed_save_leaves_no_partial_file(rng, tmp_path, monkeypatch):
     model = io.load(save_proto(mlp_proto(rng), tmp_path / "m.onnx"))
 
-    def explode(*args, **kwargs):
-        raise OSError("disk full")
+    def explode(model, path, **kwargs):
+        Path(path).write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(ir, "save", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="out.onnx: No space left on device"):
         io.save(model, tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 

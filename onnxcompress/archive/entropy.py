@@ -21,7 +21,10 @@ Short streams, where the count table would outweigh the gain, fall back to fixed
     coder (1 byte: 3 fixed) | n symbols | width b (1..16) | ceil(n b / 8) bytes, MSB first
 
 Decoding checks that the decoded symbols reproduce the stored counts exactly, so a payload
-that does not belong to its table is rejected rather than turned into wrong weights.
+that does not belong to its table is rejected rather than turned into wrong weights. The
+caller says how many symbols the stream may hold (the layer's shape decides): a header that
+declares more, or a count above that, is refused before anything is allocated or handed to
+the coder (constriction aborts the process on a count near 2^40).
 """
 
 from __future__ import annotations
@@ -122,8 +125,15 @@ def _encode_fixed(symbols: np.ndarray, width: int) -> bytes:
     return out.getvalue()
 
 
-def _decode_fixed(data: memoryview, offset: int) -> tuple[np.ndarray, int]:
+def _symbol_count(data: memoryview, offset: int, max_symbols: int) -> tuple[int, int]:
     n, offset = read_varint(data, offset)
+    if n > max_symbols:
+        raise ModelLoadError(f"archive stream declares {n} symbols; its layer holds at most {max_symbols}")
+    return n, offset
+
+
+def _decode_fixed(data: memoryview, offset: int, max_symbols: int) -> tuple[np.ndarray, int]:
+    n, offset = _symbol_count(data, offset, max_symbols)
     if offset >= len(data) or not 1 <= data[offset] <= 16:
         raise ModelLoadError("archive stream has a bad fixed width")
     width = data[offset]
@@ -152,23 +162,29 @@ def _payload(symbols: np.ndarray, counts: np.ndarray, coder: str) -> np.ndarray:
     return np.asarray(ans.get_compressed(), dtype=np.uint32)
 
 
-def decode_stream(data: memoryview, offset: int = 0) -> tuple[np.ndarray, int, str]:
-    """(symbols as int64, offset after the stream, coder name); ModelLoadError on any defect."""
+def decode_stream(data: memoryview, offset: int = 0, *, max_symbols: int) -> tuple[np.ndarray, int, str]:
+    """(symbols as int64, offset after the stream, coder name); ModelLoadError on any defect.
+
+    `max_symbols` bounds the declared length before any allocation.
+    """
     if offset >= len(data):
         raise ModelLoadError("archive stream is truncated (no coder byte)")
     coder = _NAMES.get(data[offset])
     if coder is None:
         raise ModelLoadError(f"archive stream names an unknown coder ({data[offset]})")
     if coder == "fixed":
-        symbols, end = _decode_fixed(data, offset + 1)
+        symbols, end = _decode_fixed(data, offset + 1, max_symbols)
         return symbols, end, coder
-    n, offset = read_varint(data, offset + 1)
+    n, offset = _symbol_count(data, offset + 1, max_symbols)
     alphabet, offset = read_varint(data, offset)
     if alphabet > MAX_ALPHABET:
         raise ModelLoadError(f"archive stream alphabet {alphabet} exceeds {MAX_ALPHABET}")
     counts = np.zeros(alphabet, dtype=np.int64)
     for symbol in range(alphabet):
-        counts[symbol], offset = read_varint(data, offset)
+        count, offset = read_varint(data, offset)
+        if count > n:
+            raise ModelLoadError("archive stream counts a symbol more often than its length")
+        counts[symbol] = count
     if int(counts.sum()) != n:
         raise ModelLoadError("archive stream counts do not add up to its length")
     words, offset = read_varint(data, offset)
@@ -182,6 +198,8 @@ def decode_stream(data: memoryview, offset: int = 0) -> tuple[np.ndarray, int, s
             raise ModelLoadError("archive stream has a payload it cannot need")
         symbols = np.full(n, used[0] if used.size else 0, dtype=np.int64)
         return symbols, end, coder
+    if coder == "huffman" and n > 32 * words:  # every Huffman codeword takes at least one bit
+        raise ModelLoadError(f"archive stream declares {n} symbols in {32 * words} bits (huffman)")
     try:
         symbols = _decode_payload(payload, counts, n, coder)
     except ModelLoadError:

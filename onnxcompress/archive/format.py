@@ -36,7 +36,12 @@ non-zero indices, padding included. Each layer takes the mode whose ideal entrop
 Safety: a wrong magic says "not an onnxcompress archive"; a wrong length, digest, version or
 flag, an unparsable manifest, a blob outside the body, a stream that does not decode or that
 contradicts its counts, or a decoded tensor of the wrong size is a `ModelLoadError`. A
-corrupt, truncated or foreign file never yields a model.
+corrupt, truncated or foreign file never yields a model. A crafted one is refused before it
+costs memory or reads a file: the graph may name no external data, the manifest inflates to
+at most 8 MiB, the declared layer shapes and the inflated graph together stay under
+`--max-ratio` × the archive (see `limits`), a stream declares at most as many symbols as its
+layer has indices, and restored tensors take free, non-negative positions under names the
+graph reads.
 """
 
 from __future__ import annotations
@@ -51,15 +56,17 @@ __all__ = [
     "pack_file",
     "unpack_file",
     "read_archive",
+    "read_archive_file",
 ]
 
 import dataclasses
 import hashlib
+import itertools
 import json
-import logging
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,10 +76,14 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.archive.entropy import CODERS, decode_stream, empirical_bits, encode_stream
+from onnxcompress.archive.limits import (
+    DEFAULT_MAX_RATIO,
+    MAX_MANIFEST_BYTES,
+    output_budget,
+    too_large,
+)
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
-from onnxcompress.errors import ModelLoadError, UserError
-
-logger = logging.getLogger(__name__)
+from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError, UserError
 
 MAGIC = b"\x89ONNXC\r\n"
 VERSION = 1
@@ -276,12 +287,23 @@ def read_archive(data: bytes) -> tuple[dict[str, Any], memoryview]:
     if hashlib.sha256(view[:_PREFIX].tobytes() + manifest_raw.tobytes() + body.tobytes()).digest() != digest:
         raise ModelLoadError("archive is corrupt (SHA-256 mismatch)")
     try:
-        manifest = json.loads(zlib.decompress(manifest_raw))
-    except (zlib.error, ValueError) as error:
+        manifest = json.loads(_inflate(manifest_raw, MAX_MANIFEST_BYTES, "manifest"))
+    except (zlib.error, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep
         raise ModelLoadError(f"archive manifest is unreadable: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "onnxcompress.archive":
         raise ModelLoadError("archive manifest is not an onnxcompress manifest")
     return manifest, body
+
+
+def _inflate(raw: memoryview, limit: int, what: str) -> bytes:
+    """zlib-inflate at most `limit` bytes: a bomb stops at the limit, never in memory."""
+    decompressor = zlib.decompressobj()
+    inflated = decompressor.decompress(raw, limit)
+    if decompressor.unconsumed_tail:
+        raise ModelLoadError(f"archive {what} inflates past {limit} bytes (a decompression bomb?)")
+    if not decompressor.eof:
+        raise ModelLoadError(f"archive {what} is truncated (incomplete zlib stream)")
+    return inflated
 
 
 def _slice(body: memoryview, ref: Any, what: str) -> memoryview:
@@ -301,63 +323,95 @@ def _field(entry: Any, key: str, kind: type | tuple[type, ...], what: str) -> An
     return value
 
 
-def _decode_layer(entry: dict[str, Any], body: memoryview) -> tuple[TensorProto, int, TensorProto, int]:
+@dataclasses.dataclass(frozen=True)
+class _LayerHeader:
+    """What a manifest entry declares, checked before any stream is decoded."""
+
+    weight: str
+    shape: list[int]
+    size: int
+    k: int
+    codebook_dtype: np.dtype
+    index_dtype: str
+
+    @property
+    def restored_bytes(self) -> int:
+        return (self.size + 1) // 2 if self.index_dtype == "uint4" else self.size  # packed: at most this
+
+
+def _packed_width(entry: Any, weight: str) -> int:
+    width = _field(entry, "bits", int, weight)
+    if not 1 <= width <= 8:
+        raise ModelLoadError(f"archive: {weight} has packed width {width} (1..8)")
+    return width
+
+
+def _layer_header(entry: Any) -> _LayerHeader:
     weight = _field(entry, "weight", str, "layer")
     indices_meta = _field(entry, "indices", dict, weight)
     codebook_meta = _field(entry, "codebook", dict, weight)
     shape = _field(indices_meta, "shape", list, f"{weight}.indices")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape):
         raise ModelLoadError(f"archive manifest: {weight} has a bad shape {shape!r}")
-    size = int(np.prod(shape, dtype=np.int64))
+    size = 1
+    for dim in shape:  # Python ints: a product past int64 cannot wrap around
+        size *= dim
     dtype_name = _field(codebook_meta, "dtype", str, f"{weight}.codebook")
     if dtype_name not in _FLOATS:
         raise ModelLoadError(f"archive manifest: {weight} codebook dtype {dtype_name!r} is not supported")
     k = _field(codebook_meta, "size", int, f"{weight}.codebook")
+    if not 1 <= k <= 256:
+        raise ModelLoadError(f"archive: {weight} codebook declares {k} entries (1..256)")
+    index_dtype = _field(indices_meta, "dtype", str, f"{weight}.indices")
+    if index_dtype not in ("uint8", "uint4", "packed"):
+        raise ModelLoadError(f"archive: {weight} has unknown index dtype {index_dtype!r}")
+    if index_dtype == "packed":
+        _packed_width(entry, weight)
+    if index_dtype == "uint4" and k > 16:
+        raise ModelLoadError(f"archive: {weight} stores {k} entries in uint4")
+    return _LayerHeader(weight, shape, size, k, np.dtype(dtype_name).newbyteorder("<"), index_dtype)
+
+
+def _decode_layer(entry: dict[str, Any], header: _LayerHeader, body: memoryview) -> tuple[TensorProto, TensorProto]:
+    weight, size, k = header.weight, header.size, header.k
+    codebook_meta, indices_meta = entry["codebook"], entry["indices"]
     raw = _slice(body, codebook_meta.get("blob"), f"{weight}.codebook")
-    dtype = np.dtype(dtype_name).newbyteorder("<")
-    if not 1 <= k <= 256 or len(raw) != k * dtype.itemsize:
+    if len(raw) != k * header.codebook_dtype.itemsize:
         raise ModelLoadError(f"archive: {weight} codebook has {len(raw)} bytes for {k} entries")
-    codebook = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
+    codebook = np.frombuffer(raw, dtype=header.codebook_dtype).astype(header.codebook_dtype.newbyteorder("="))
     mode = _field(entry, "mode", str, weight)
     bits = _field(entry, "index_bits", int, weight)
-    values, _, _ = decode_stream(_slice(body, entry.get("values"), f"{weight}.values"))
+    if mode not in ("dense", "sparse"):
+        raise ModelLoadError(f"archive: {weight} has unknown mode {mode!r}")
+    if mode == "sparse" and not 1 <= bits <= 16:
+        raise ModelLoadError(f"archive: {weight} has index_bits {bits}")
+    # Each entry, padding included, advances at least one position: never more entries than indices.
+    values, _, _ = decode_stream(_slice(body, entry.get("values"), f"{weight}.values"), max_symbols=size)
     if values.size and int(values.max()) >= k:
         raise ModelLoadError(f"archive: {weight} refers to codebook entry {int(values.max())} of {k}")
     if mode == "dense":
         if values.size != size:
             raise ModelLoadError(f"archive: {weight} decodes to {values.size} indices, shape needs {size}")
         flat = values.astype(np.uint8)
-    elif mode == "sparse":
-        if not 1 <= bits <= 16:
-            raise ModelLoadError(f"archive: {weight} has index_bits {bits}")
-        diffs, _, _ = decode_stream(_slice(body, entry.get("diffs"), f"{weight}.diffs"))
-        flat = decode_relative(diffs, values, size, bits)
     else:
-        raise ModelLoadError(f"archive: {weight} has unknown mode {mode!r}")
-    index_dtype = _field(indices_meta, "dtype", str, f"{weight}.indices")
+        diffs, _, _ = decode_stream(_slice(body, entry.get("diffs"), f"{weight}.diffs"), max_symbols=size)
+        flat = decode_relative(diffs, values, size, bits)
     index_name = _field(indices_meta, "name", str, f"{weight}.indices")
-    if index_dtype == "uint4":
-        if k > 16:
-            raise ModelLoadError(f"archive: {weight} stores {k} entries in uint4")
+    if header.index_dtype == "uint4":
         padded = np.concatenate([flat, np.zeros(flat.size % 2, np.uint8)])
         nibbles = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)  # ONNX: low nibble first
-        index_tensor = helper.make_tensor(index_name, TensorProto.UINT4, shape, nibbles.tobytes(), raw=True)
-    elif index_dtype == "uint8":
-        index_tensor = numpy_helper.from_array(flat.reshape(shape), index_name)
-    elif index_dtype == "packed":  # onnxcompress.formats.packed: groups of 8 indices in `bits` bytes
+        index_tensor = helper.make_tensor(index_name, TensorProto.UINT4, header.shape, nibbles.tobytes(), raw=True)
+    elif header.index_dtype == "packed":  # onnxcompress.formats.packed: groups of 8 indices in `bits` bytes
         from onnxcompress.formats.packed import pack_indices
 
-        width = _field(entry, "bits", int, weight)
-        if not 1 <= width <= 8 or (flat.size and int(flat.max()) >= 1 << width):
+        width = _packed_width(entry, weight)
+        if flat.size and int(flat.max()) >= 1 << width:
             raise ModelLoadError(f"archive: {weight} indices do not fit the packed width {width}")
         index_tensor = numpy_helper.from_array(pack_indices(flat, width), index_name)
     else:
-        raise ModelLoadError(f"archive: {weight} has unknown index dtype {index_dtype!r}")
+        index_tensor = numpy_helper.from_array(flat.reshape(header.shape), index_name)
     codebook_tensor = numpy_helper.from_array(codebook, _field(codebook_meta, "name", str, f"{weight}.codebook"))
-    return (
-        index_tensor, _field(indices_meta, "position", int, f"{weight}.indices"),
-        codebook_tensor, _field(codebook_meta, "position", int, f"{weight}.codebook"),
-    )
+    return index_tensor, codebook_tensor
 
 
 def _check_body_covered(manifest: dict[str, Any], layers: list[Any], body_size: int) -> None:
@@ -369,39 +423,114 @@ def _check_body_covered(manifest: dict[str, Any], layers: list[Any], body_size: 
         raise ModelLoadError(f"archive body has {body_size} bytes but its manifest accounts for another layout")
 
 
-def unpack(data: bytes) -> onnx.ModelProto:
-    """The ModelProto an archive holds, every tensor bit-identical to the packed model's."""
-    manifest, body = read_archive(data)
-    if manifest.get("version") != VERSION:
-        raise ModelLoadError(f"archive manifest version {manifest.get('version')!r} is not supported")
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """Every TensorProto a graph holds: initializers, sparse ones, attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _attribute_tensors(node)
+
+
+def _attribute_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
+    for attr in node.attribute:
+        yield from [attr.t, *attr.tensors, attr.sparse_tensor.values, attr.sparse_tensor.indices]
+        for sparse in attr.sparse_tensors:
+            yield from (sparse.values, sparse.indices)
+        for subgraph in [attr.g, *attr.graphs]:
+            yield from _all_tensors(subgraph)
+
+
+def _refuse_external_data(proto: onnx.ModelProto) -> None:
+    """An archive holds every byte of its model: a tensor naming an outside file is forged.
+
+    Restoring it would copy that file (`/etc/...`, `../..`) into the output model.
+    """
+    tensors = itertools.chain(
+        _all_tensors(proto.graph),
+        (t for function in proto.functions for node in function.node for t in _attribute_tensors(node)),
+    )
+    for tensor in tensors:
+        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            raise UnsafeExternalDataError(
+                f"archive graph: tensor {tensor.name!r} names external data {location!r}; an archive "
+                "holds all its data and unpack reads no file outside it"
+            )
+
+
+def _inflate_graph(body: memoryview, manifest: dict[str, Any], budget: int, limit: Any) -> onnx.ModelProto:
     graph_raw = _slice(body, manifest.get("graph"), "graph")
+    cap = min(budget, _MAX_DECOMPRESSED)
+    decompressor = zlib.decompressobj()
     try:
-        decompressor = zlib.decompressobj()
-        serialized = decompressor.decompress(graph_raw, _MAX_DECOMPRESSED)
-        if decompressor.unconsumed_tail:
-            raise ModelLoadError("archive graph is larger than a ModelProto may be")
-        proto = onnx.ModelProto.FromString(serialized)
-    except (zlib.error, Exception) as error:
-        if isinstance(error, ModelLoadError):
-            raise
+        serialized = decompressor.decompress(graph_raw, cap)
+    except zlib.error as error:
         raise ModelLoadError(f"archive graph is unreadable: {error}") from None
-    layers = manifest.get("layers")
-    if not isinstance(layers, list):
-        raise ModelLoadError("archive manifest has no layer list")
-    placed: list[tuple[int, TensorProto]] = []
-    for entry in layers:
-        index_tensor, index_pos, codebook_tensor, codebook_pos = _decode_layer(entry, body)
-        placed += [(index_pos, index_tensor), (codebook_pos, codebook_tensor)]
-    _check_body_covered(manifest, layers, len(body))
+    if decompressor.unconsumed_tail:
+        if cap == _MAX_DECOMPRESSED:
+            raise ModelLoadError("archive graph is larger than a ModelProto may be")
+        raise limit("graph", f"more than {budget}")
+    try:
+        proto = onnx.ModelProto.FromString(serialized)
+    except Exception as error:  # protobuf raises several unrelated types on garbage
+        raise ModelLoadError(f"archive graph is unreadable: {error}") from None
+    _refuse_external_data(proto)
+    return proto
+
+
+def _place(proto: onnx.ModelProto, placed: list[tuple[Any, TensorProto]]) -> None:
+    """Insert the restored tensors where they were; each must be a name the graph reads and lacks."""
     tensors = list(proto.graph.initializer)
     total = len(tensors) + len(placed)
-    positions = sorted(p for p, _ in placed)
-    if len(set(positions)) != len(positions) or (positions and positions[-1] >= total):
+    positions = [p for p, _ in placed]
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < total for p in positions) or len(
+        set(positions)
+    ) != len(positions):
         raise ModelLoadError("archive manifest places tensors at impossible positions")
+    taken = {t.name for t in tensors} | {out for node in proto.graph.node for out in node.output}
+    read = {name for node in proto.graph.node for name in node.input}
+    names = [t.name for _, t in placed]
+    for name in names:
+        if name in taken or names.count(name) > 1:
+            raise ModelLoadError(f"archive manifest restores {name!r}, which the graph already defines")
+        if name not in read:
+            raise ModelLoadError(f"archive manifest restores {name!r}, which no node of the graph reads")
     for position, tensor in sorted(placed, key=lambda item: item[0]):
         tensors.insert(position, tensor)
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(tensors)
+
+
+def unpack(data: bytes, *, max_ratio: float = DEFAULT_MAX_RATIO) -> onnx.ModelProto:
+    """The ModelProto an archive holds, every tensor bit-identical to the packed model's.
+
+    Refuses, before allocating, an archive that would inflate past `max_ratio` × its size
+    (see `limits`).
+    """
+    manifest, body = read_archive(data)
+    if manifest.get("version") != VERSION:
+        raise ModelLoadError(f"archive manifest version {manifest.get('version')!r} is not supported")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise ModelLoadError("archive manifest has no layer list")
+    headers = [_layer_header(entry) for entry in layers]
+    budget = output_budget(len(data), max_ratio)
+
+    def limit(what: str, needed: int | str) -> ModelLoadError:
+        return too_large(what, needed, len(data), max_ratio)
+
+    declared = sum(header.restored_bytes for header in headers)
+    if declared > budget:
+        raise limit("layers", declared)
+    proto = _inflate_graph(body, manifest, budget - declared, limit)
+    placed: list[tuple[Any, TensorProto]] = []
+    for entry, header in zip(layers, headers, strict=True):
+        index_tensor, codebook_tensor = _decode_layer(entry, header, body)
+        placed += [(entry["indices"].get("position"), index_tensor),
+                   (entry["codebook"].get("position"), codebook_tensor)]
+    _check_body_covered(manifest, layers, len(body))
+    _place(proto, placed)
     return proto
 
 
@@ -412,44 +541,42 @@ def pack_file(
     coder: str = "huffman",
     index_bits: int | Literal["auto"] | None = None,
 ) -> PackResult:
-    """Load (safely), pack and write atomically."""
-    from onnxcompress import io
+    """Load (safely), pack and write atomically, never over the input or the data it maps."""
+    from onnxcompress import io, writer
 
-    result = pack(io.load(model_path), coder=coder, index_bits=index_bits)
-    _write_atomic(Path(output), result.data, Path(model_path))
+    model = io.load(model_path)
+    writer.check(Path(output), "archive", io.protected(model))
+    result = pack(model, coder=coder, index_bits=index_bits)
+    writer.write_bytes(Path(output), result.data, "archive", io.protected(model))
     return result
 
 
-def unpack_file(
-    archive: str | os.PathLike[str], output: str | os.PathLike[str], *, external_data: bool | None = None
-) -> Path:
-    """Read, verify and unpack an archive into an ONNX model written atomically."""
-    from onnxcompress import io
-
+def read_archive_file(archive: str | os.PathLike[str], *, max_ratio: float = DEFAULT_MAX_RATIO) -> onnx.ModelProto:
+    """Read, verify and unpack an archive file; errors name the file."""
     path = Path(archive)
     try:
         data = path.read_bytes()
     except OSError as error:
         raise ModelLoadError(f"{path}: cannot read archive: {error.strerror}") from None
     try:
-        proto = unpack(data)
+        return unpack(data, max_ratio=max_ratio)
     except ModelLoadError as error:
-        raise ModelLoadError(f"{path}: {error}") from None
-    return io.save(ir.from_proto(proto), output, external_data=external_data)
+        raise type(error)(f"{path}: {error}") from None
 
 
-def _write_atomic(path: Path, data: bytes, source: Path) -> None:
-    path = path.resolve()
-    if path == source.resolve():
-        raise UserError(f"{path}: refusing to overwrite the input model; choose another output")
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent}: output folder does not exist")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; give a file name for the archive")
-    staged = path.with_name(f".{path.name}.partial")
-    try:
-        staged.write_bytes(data)
-        os.replace(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)
-    logger.info("wrote %s (%d bytes)", path, len(data))
+def unpack_file(
+    archive: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    max_ratio: float = DEFAULT_MAX_RATIO,
+) -> Path:
+    """Read, verify and unpack an archive into an ONNX model written atomically (never over the archive)."""
+    from onnxcompress import io, writer
+
+    protect = {Path(archive).resolve(): "the input archive"}
+    writer.check(Path(output), "output", protect)
+    if external_data:
+        writer.check(io.data_path(Path(output).resolve()), "output", protect)
+    proto = read_archive_file(archive, max_ratio=max_ratio)
+    return io.save(ir.from_proto(proto), output, external_data=external_data, protect=protect)

@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-from onnxcompress import io, runtime
+from onnxcompress import io, runtime, writer
+from onnxcompress.archive.limits import DEFAULT_MAX_RATIO
 from onnxcompress.cli.common import (
     SAVE_OPTIONS,
     DataOption,
@@ -88,11 +89,13 @@ def pack(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table.")] = False,
 ) -> None:
     """Write a Deep Compression archive (.onnxc) and print its Table-1 report."""
-    from onnxcompress.archive import compression_table, pack_file, table_markdown
+    from onnxcompress.archive import compression_table, table_markdown
+    from onnxcompress.archive import pack as pack_model
 
     if report is not None and report.suffix not in (".json", ".md", ".markdown"):
         raise UserError(f"{report}: report format must be .json or .md")
     output = output or model.with_suffix(".onnxc")
+    writer.check(output, "archive", {model.resolve(): "the input model"})
     if report is not None:
         check_side_file(report, "report", model, output)
     width: int | str | None = index_bits
@@ -100,15 +103,23 @@ def pack(
         if not index_bits.isdigit():
             raise UserError(f"--index-bits {index_bits!r}: expected a number of bits or 'auto'")
         width = int(index_bits)
-    kernel_ops = sorted({n.op_type for n in io.load(model).graph if n.domain == runtime.DOMAIN})
+    loaded = io.load(model)
+    protected = io.protected(loaded)
+    for path, what in ((output, "archive"), (report, "report")):
+        if path is not None:
+            writer.check(path, what, protected)
+    kernel_ops = sorted({n.op_type for n in loaded.graph if n.domain == runtime.DOMAIN})
     if kernel_ops:
         console.print(f"note: layers held by {', '.join(kernel_ops)} are stored as raw CSR/index arrays; "
                       "pack the model from before `sparsify` for Deep Compression coding", soft_wrap=True)
-    result = pack_file(model, output, coder=coder, index_bits=width)  # type: ignore[arg-type]
+    result = pack_model(loaded, coder=coder, index_bits=width)  # type: ignore[arg-type]
     table = compression_table(result)
     text = table_markdown(table, title=f"{model.name} → {output.name} ({coder})")
-    if report is not None:
-        io.write_text_atomic(report, json.dumps(table, indent=2) if report.suffix == ".json" else text + "\n")
+    with writer.batch(protected) as staged:
+        staged.stage(output, "archive").write_bytes(result.data)
+        if report is not None:
+            body = json.dumps(table, indent=2) if report.suffix == ".json" else text + "\n"
+            staged.stage(report, "report").write_text(body, encoding="utf-8")
     if not quiet:
         console.print(text, markup=False)
 
@@ -117,14 +128,17 @@ def pack(
 def unpack(
     archive: Annotated[Path, typer.Argument(help="An .onnxc archive.", show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Model (default: <stem>.onnx).")] = None,
+    max_ratio: Annotated[
+        float, typer.Option("--max-ratio", min=1.0,
+                            help="Refuse an archive that would restore to more than this many times its size "
+                                 "(decompression bombs); real archives stay far below.")
+    ] = DEFAULT_MAX_RATIO,
 ) -> None:
     """Restore the ONNX model from an .onnxc archive, every weight bit-identical."""
     from onnxcompress.archive import unpack_file
 
     output = output or archive.with_suffix(".onnx")
-    if output.resolve() == archive.resolve():
-        raise UserError(f"{output}: refusing to overwrite the archive; choose another output")
-    written = unpack_file(archive, output, **SAVE_OPTIONS)
+    written = unpack_file(archive, output, max_ratio=max_ratio, **SAVE_OPTIONS)
     console.print(f"wrote {written}", markup=False)
 
 

@@ -15,6 +15,8 @@ __all__ = [
     "default_output",
     "compress_file",
     "check_side_file",
+    "check_loaded",
+    "SideFile",
     "print_summary",
     "DataOption",
     "OutputOption",
@@ -38,13 +40,13 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from onnxcompress import io
+from onnxcompress import io, writer
 from onnxcompress.data import load_npz
 from onnxcompress.errors import OnnxCompressError, UserError
 from onnxcompress.fidelity import DEFAULT_GATE, Gate
 from onnxcompress.pipeline import PipelineResult, Step, run_steps
 from onnxcompress.probes import DEFAULT_PROBES, parse_input_shapes, shapes_as_sizes
-from onnxcompress.report import write_report
+from onnxcompress.report import render_report
 
 # Piped output (a log, a CI job) gets room for the widest table rather than rich's 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -97,14 +99,13 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.compressed.onnx")
 
 
+#: A file a command writes beside its model: (path, what it is, how to render it from the result).
+SideFile = tuple[Path, str, Callable[[PipelineResult], str]]
+
+
 def _check_destinations(model_path: Path, output: Path, report: Path | None) -> None:
-    """Refuse bad destinations before any work is done."""
-    if output.resolve() == model_path.resolve():
-        raise UserError(f"{output}: refusing to overwrite the input model; choose another output")
-    if not output.resolve().parent.is_dir():
-        raise UserError(f"{output.parent}: output folder does not exist")
-    if output.is_dir():
-        raise UserError(f"{output}: is a folder; give a file name for the output")
+    """Refuse bad destinations before any work is done (and before loading)."""
+    writer.check(output, "output", {model_path.resolve(): "the input model"})
     if report is not None:
         if report.suffix not in (".json", ".md", ".markdown", ".html", ".htm"):
             raise UserError(f"{report}: report format must be .json, .md or .html")
@@ -113,12 +114,25 @@ def _check_destinations(model_path: Path, output: Path, report: Path | None) -> 
 
 def check_side_file(path: Path, what: str, model_path: Path, output: Path | None = None) -> None:
     """Refuse a report or plan path over the model or its output, in a missing folder, or a folder."""
-    if path.resolve() in (model_path.resolve(), (output or default_output(model_path)).resolve()):
-        raise UserError(f"{path}: the {what} would overwrite the model; choose another name")
-    if not path.resolve().parent.is_dir():
-        raise UserError(f"{path.parent}: {what} folder does not exist")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; give a file name for the {what}")
+    model_output = output or default_output(model_path)
+    writer.check(path, what, {model_path.resolve(): "the input model", model_output.resolve(): "the output model"})
+
+
+def check_loaded(model: ir.Model, destinations: Sequence[tuple[Path | None, str]]) -> dict[Path, str]:
+    """Once the model is loaded (and before any work), refuse destinations over the files it maps.
+
+    Returns the protected files, for the writes that follow.
+    """
+    protected = io.protected(model)
+    seen: set[Path] = set()
+    for path, what in destinations:
+        if path is None:
+            continue
+        resolved = writer.check(path, what, protected)
+        if resolved in seen:
+            raise UserError(f"{path}: named twice as a destination; give each output its own name")
+        seen.add(resolved)
+    return protected
 
 
 def compress_file(
@@ -133,11 +147,22 @@ def compress_file(
     quiet: bool = False,
     input_shapes: Sequence[str] | None = None,
     before_save: Callable[[ir.Model, PipelineResult], dict[str, Any]] | None = None,
+    side_files: Sequence[SideFile] = (),
 ) -> PipelineResult:
-    """Load, run the gated steps, write the model (and report) atomically, print a summary."""
+    """Load, run the gated steps, write the model, report and side files together, print a summary.
+
+    Every destination is checked before the steps run; all are written in one guarded batch,
+    so a failing report (a full disk) leaves no model behind either.
+    """
     output = output or default_output(model_path)
     _check_destinations(model_path, output, report_path)
+    extra: dict[str, Any] = {}  # what `before_save` measures (latency), for the report
+    if report_path is not None:
+        side_files = [*side_files, (report_path, "report", lambda result: render_report(result, report_path, extra))]
     model = io.load(model_path)
+    external = io.uses_external_data(model, SAVE_OPTIONS["external_data"])
+    protected = check_loaded(model, [(output, "output"), (io.data_path(output) if external else None, "output"),
+                                     *((path, what) for path, what, _ in side_files)])
     data = load_npz(data_path, model) if data_path else None
     sizes = shapes_as_sizes(parse_input_shapes(input_shapes, model)) if input_shapes else None
     if data is None and not quiet:
@@ -156,10 +181,12 @@ def compress_file(
 
         result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step,
                            input_sizes=sizes, on_progress=on_progress)
-    extra = before_save(model, result) if before_save is not None else {}
-    io.save(result.model, output, **SAVE_OPTIONS)
-    if report_path is not None:
-        write_report(result, report_path, extra)
+    extra.update(before_save(model, result) if before_save is not None else {})
+    texts = [(path, what, render(result)) for path, what, render in side_files]
+    with writer.batch(protected) as staged:
+        io.stage_model(staged, result.model, output, **SAVE_OPTIONS)
+        for path, what, text in texts:
+            staged.stage(path, what).write_text(text, encoding="utf-8")
     if not quiet:
         print_summary(result, output)
     return result

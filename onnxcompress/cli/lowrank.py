@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from onnxcompress import io
+from onnxcompress import io, writer
 from onnxcompress.cli.common import (
     DataOption,
     InputShapeOption,
@@ -22,6 +22,8 @@ from onnxcompress.cli.common import (
     MinTop1Option,
     OutputOption,
     ReportOption,
+    SideFile,
+    check_loaded,
     check_side_file,
     compress_file,
     console,
@@ -106,16 +108,24 @@ def lowrank(
         cls = get_pass(PASS_NAME)
         compression = cls(make_config(cls.Config, options))
         loaded = io.load(model)
+        protected = check_loaded(loaded, [(save_plan, "plan")])
         compression.requires(loaded)
         compression.context = PassContext(data=load_npz(data, loaded) if data else None, original=loaded)
         plan_dict = compression.plan_model(loaded).to_dict()  # type: ignore[attr-defined]
         _print_plan(plan_dict)
-    else:
-        step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
-        result = compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
-        plan_dict = result.steps[0].report.notes.get("plan", {})
+        if save_plan is not None:
+            writer.write_text(save_plan, _plan_text(plan_dict), "plan", protected)
+        return
+    step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
+    side_files: list[SideFile] = []
     if save_plan is not None:
-        io.write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")
+        side_files.append((save_plan, "plan", lambda result: _plan_text(result.steps[0].report.notes.get("plan", {}))))
+    compress_file(model, output, [step], data_path=data, report_path=report, side_files=side_files,
+                  input_shapes=input_shape)
+
+
+def _plan_text(plan_dict: object) -> str:
+    return json.dumps(plan_dict, indent=2) + "\n"
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from onnxcompress import io
+from onnxcompress import io, writer
 from onnxcompress.cli.common import (
     DataOption,
     InputShapeOption,
@@ -20,6 +20,8 @@ from onnxcompress.cli.common import (
     MinTop1Option,
     OutputOption,
     ReportOption,
+    SideFile,
+    check_loaded,
     check_side_file,
     compress_file,
     console,
@@ -83,16 +85,19 @@ def prune(
     input_shape: InputShapeOption = None,
 ) -> None:
     """Zero the smallest weights (Han et al. 2015), or remove whole neurons/channels (--structured)."""
+    side_files: list[SideFile] = []
     if structured:
         if sparsity is not None or quality is not None or global_scope:
             raise UserError("--structured takes --ratio; --sparsity/--quality/--global are for unstructured pruning")
         options = _structured_options(ratio, criterion, exclude, plan)
         if save_plan is not None:
             check_side_file(save_plan, "plan", model, output)
-        if dry_run or save_plan is not None:
-            _plan_only(model, options, data, save_plan, dry_run)
-            if dry_run:
-                return
+        if dry_run:
+            _plan_only(model, options, data, save_plan, show=True)
+            return
+        if save_plan is not None:  # written with the model, so a failed gate writes neither
+            text = _plan_only(model, options, data, None, show=False)
+            side_files = [(save_plan, "plan", lambda _result: text)]
         steps = [Step(pass_name="prune.structured", options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))]
     else:
         if dry_run or save_plan is not None or plan is not None:
@@ -111,22 +116,27 @@ def prune(
         if dead_neurons:
             steps.append(Step(pass_name="prune.dead_neurons", options={"exclude": tuple(exclude or ())},
                               gate=gate_for(min_cosine, min_rank_corr, min_top1)))
-    compress_file(model, output, steps, data_path=data, report_path=report, input_shapes=input_shape)
+    compress_file(model, output, steps, data_path=data, report_path=report, side_files=side_files,
+                  input_shapes=input_shape)
 
 
 def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | None,
-               save_plan: Path | None, show: bool) -> None:
+               save_plan: Path | None, show: bool) -> str:
+    """The plan as JSON text; written to `save_plan` (if given) and printed (if `show`)."""
     from onnxcompress.passes.prune.structured import StructuredPrunePass
 
     loaded = io.load(model_path)
+    protected = check_loaded(loaded, [(save_plan, "plan")])
     compression = StructuredPrunePass(**options)
     data = load_npz(data_path, loaded) if data_path else None
     compression.context = PassContext(data=data, original=loaded)
     plan_dict = compression.make_plan(loaded).to_dict()
+    text = json.dumps(plan_dict, indent=2) + "\n"
     if save_plan is not None:
-        io.write_text_atomic(save_plan, json.dumps(plan_dict, indent=2) + "\n")
+        writer.write_text(save_plan, text, "plan", protected)
     if show:
         _print_plan(plan_dict)
+    return text
 
 
 def _parse_ratios(text: str) -> list[float]:
@@ -153,7 +163,7 @@ def sensitivity(
     seed: Annotated[int, typer.Option(help="Seed of the random probes.")] = 0,
 ) -> None:
     """Prune each layer alone at each ratio (Han et al. Fig. 5); choose rates under a budget."""
-    from onnxcompress.passes.prune.sensitivity import Budget, write_outputs
+    from onnxcompress.passes.prune.sensitivity import Budget, check_outputs, write_outputs
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
 
     ratio_list = _parse_ratios(ratios)
@@ -162,6 +172,7 @@ def sensitivity(
     if not output_dir.resolve().parent.is_dir():
         raise UserError(f"{output_dir.parent}: output folder does not exist")
     loaded = io.load(model)
+    check_outputs(output_dir, io.protected(loaded))
     samples = load_npz(data, loaded) if data else None
     if samples is not None and not len(next(iter(samples.values()))):
         raise DataError(f"{data}: no samples")
@@ -172,7 +183,7 @@ def sensitivity(
         result = analyse(loaded, data=samples, ratios=ratio_list, budget=budget, probes=probes, seed=seed,
                          exclude=tuple(exclude or ()), workers=workers,
                          on_layer=lambda done, total: progress.update(task, completed=done, total=total))
-    written = write_outputs(result, output_dir)
+    written = write_outputs(result, output_dir, io.protected(loaded))
     table = Table(title=f"sensitivity ({result.metric}; baseline {result.baseline:.4f})")
     for column in ("layer", "params", "chosen rate"):
         table.add_column(column, justify="left" if column == "layer" else "right")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxcompress.errors import RecipeError
+from onnxcompress.writer import write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +105,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        write_text(Path(path), self.to_json() + "\n", "plan")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

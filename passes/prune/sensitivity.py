@@ -32,6 +32,7 @@ __all__ = [
     "choose_rates",
     "sensitivity",
     "write_outputs",
+    "check_outputs",
 ]
 
 import concurrent.futures
@@ -52,11 +53,12 @@ import onnx_ir as ir
 from onnxcompress import fidelity
 from onnxcompress.data import LABELS
 from onnxcompress.errors import DataError, QuantizedModelError, UnsupportedModelError, UserError
-from onnxcompress.io import in_memory, write_text_atomic
+from onnxcompress.io import in_memory
 from onnxcompress.pass_base import quantized_ops
 from onnxcompress.passes.prune.magnitude import prune_to_count
 from onnxcompress.runtime import ORT_ERRORS
 from onnxcompress.sites import WeightSite, find_weight_sites
+from onnxcompress.writer import batch, check, refuse_protected
 
 logger = logging.getLogger(__name__)
 
@@ -416,27 +418,50 @@ def recipe_text(result: SensitivityResult) -> str:
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
-def write_outputs(result: SensitivityResult, folder: Path) -> list[Path]:
-    """sensitivity.json, sensitivity.csv, recipe.yaml and (with matplotlib) sensitivity.png in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
+OUTPUT_NAMES = ("sensitivity.json", "sensitivity.csv", "recipe.yaml", "sensitivity.png")
+
+
+def check_outputs(folder: Path, protected: Mapping[Path, str]) -> None:
+    """Before the analysis: refuse a folder whose result files would replace a protected file or a folder."""
+    for name in OUTPUT_NAMES:
+        if folder.is_dir():
+            check(folder / name, "output", protected)
+        else:
+            refuse_protected(folder / name, "output", protected)
+
+
+def write_outputs(result: SensitivityResult, folder: Path, protected: Mapping[Path, str] | None = None) -> list[Path]:
+    """sensitivity.json, sensitivity.csv, recipe.yaml and (with matplotlib) sensitivity.png in `folder`.
+
+    All go through one guarded batch: every file or none, never over a `protected` one.
+    """
     rows = io.StringIO()
-    writer = csv.writer(rows)
-    writer.writerow(["layer", "op", "params", "ratio", result.metric, "chosen"])
+    table = csv.writer(rows)
+    table.writerow(["layer", "op", "params", "ratio", result.metric, "chosen"])
     for curve in result.curves:
         for ratio, value in zip(curve.ratios, curve.values, strict=True):
-            writer.writerow([curve.name, curve.op, curve.params, ratio, f"{value:.6g}", curve.chosen])
-    for name, text in (("sensitivity.json", json.dumps(result.to_dict(), indent=2) + "\n"),
-                       ("sensitivity.csv", rows.getvalue()), ("recipe.yaml", recipe_text(result))):
-        write_text_atomic(folder / name, text)
-        written.append(folder / name)
-    png = _plot(result, folder / "sensitivity.png")
+            table.writerow([curve.name, curve.op, curve.params, ratio, f"{value:.6g}", curve.chosen])
+    files = {"sensitivity.json": (json.dumps(result.to_dict(), indent=2) + "\n").encode(),
+             "sensitivity.csv": rows.getvalue().encode(), "recipe.yaml": recipe_text(result).encode()}
+    png = _plot(result)
     if png is not None:
-        written.append(png)
-    return written
+        files["sensitivity.png"] = png
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with batch(protected or {}) as staged:
+            for name, data in files.items():
+                staged.stage(folder / name, "output").write_bytes(data)
+    except OSError as error:
+        raise UserError(f"cannot create {folder}: {error.strerror or error}") from None
+    except UserError:
+        if created:  # leave nothing behind
+            folder.rmdir()
+        raise
+    return [folder / name for name in files]
 
 
-def _plot(result: SensitivityResult, path: Path) -> Path | None:
+def _plot(result: SensitivityResult) -> bytes | None:
     """One curve per layer, as in Han et al. Fig. 5 (needs matplotlib; skipped without it)."""
     try:
         import matplotlib
@@ -444,7 +469,7 @@ def _plot(result: SensitivityResult, path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed: %s not written (pip install matplotlib)", path)
+        logger.warning("matplotlib is not installed: sensitivity.png not written (pip install matplotlib)")
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
     for curve in result.curves:
@@ -461,6 +486,7 @@ def _plot(result: SensitivityResult, path: Path) -> Path | None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
-    figure.savefig(path, metadata={"Software": None})
+    image = io.BytesIO()
+    figure.savefig(image, format="png", metadata={"Software": None})
     plt.close(figure)
-    return path
+    return image.getvalue()

@@ -135,7 +135,7 @@ CASES = [
     ("report in a missing folder", (*PRUNE, "mlp.onnx", "-o", "out.onnx", "--report", "nowhere/r.json"), 2,
      "report folder does not exist"),
     ("report over the output", (*PRUNE, "mlp.onnx", "-o", "out.json", "--report", "out.json"), 2,
-     "would overwrite the model"),
+     "refusing to overwrite the"),
     ("sensitivity into a file", ("sensitivity", "mlp.onnx", "-o", "ok.npz", "--ratios", "0.5", "--workers", "1"), 2,
      "not a folder"),
     ("sensitivity into a missing folder",
@@ -165,10 +165,10 @@ CASES = [
      "cannot read low-rank plan"),
     ("save-plan over the input: prune",
      ("prune", "mlp.onnx", "--structured", "--ratio", "0.25", "--save-plan", "mlp.onnx", "-o", "out.onnx"), 2,
-     "would overwrite the model"),
+     "refusing to overwrite the"),
     ("save-plan over the input: lowrank",
      ("lowrank", "mlp.onnx", "--ratio", "0.5", "--save-plan", "mlp.onnx", "-o", "out.onnx"), 2,
-     "would overwrite the model"),
+     "refusing to overwrite the"),
     ("save-plan in a missing folder: lowrank",
      ("lowrank", "mlp.onnx", "--ratio", "0.5", "--save-plan", "nowhere/plan.json", "-o", "out.onnx"), 2,
      "plan folder does not exist"),
@@ -179,6 +179,10 @@ CASES = [
      ("finetune", "mlp.onnx", "--data", "labels_out_of_range.npz", "--epochs", "1", "-o", "out.onnx"), 2,
      "class indices in 0..9"),
 ]
+
+
+#: The subprocesses run in a temporary folder: they must import this tree, not an installed copy.
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
 def _state(folder: Path) -> dict[str, str]:
@@ -192,7 +196,7 @@ def test_bad_input_is_one_error_line(library, tmp_path, args, code, words):
     shutil.copytree(library, work)
     before = _state(work)
     result = subprocess.run([sys.executable, "-m", "onnxcompress", *args], cwd=work, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "COLUMNS": "200"})
+                            timeout=300, env={**ENV, "COLUMNS": "200"})
     assert result.returncode == code, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert words in result.stderr
@@ -213,7 +217,7 @@ def test_edge_models_compress_to_a_model_that_runs(library, tmp_path, model, arg
     shutil.copytree(library, work)
     command, *options = args
     result = subprocess.run([sys.executable, "-m", "onnxcompress", command, model, *options, "-o", "out.onnx"],
-                            cwd=work, capture_output=True, text=True, timeout=300)
+                            cwd=work, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     onnx.checker.check_model(str(work / "out.onnx"))
