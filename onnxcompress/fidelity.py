@@ -122,6 +122,7 @@ def probe_inputs(
                 shape.append(dims[dim.value])
             else:
                 shape.append(count if axis == 0 else 8)
+        _check_probe_size(value.name, shape)
         dtype = _NUMPY_DTYPES.get(value.dtype, np.float32)
         if np.issubdtype(dtype, np.floating):
             probes[value.name] = rng.standard_normal(shape).astype(dtype)
@@ -130,6 +131,20 @@ def probe_inputs(
         else:
             probes[value.name] = rng.integers(0, _index_bound(model, value), size=shape).astype(dtype)
     return probes
+
+
+#: Values in one drawn probe tensor (256 MiB of float32): a model may declare any fixed size.
+MAX_PROBE_VALUES = 1 << 26
+
+
+def _check_probe_size(name: str, shape: list[int]) -> None:
+    """Refuse, before allocating, a probe a huge fixed dimension (or --batch) would make."""
+    values = int(np.prod(shape, dtype=object)) if shape else 1
+    if values > MAX_PROBE_VALUES:
+        raise UnsupportedModelError(
+            f"input {name!r}: a probe of shape {shape} would hold {values:,} values, over the cap of "
+            f"{MAX_PROBE_VALUES:,}; give real samples with --data (or a smaller --batch)"
+        )
 
 
 def fixed_batch(model: ir.Model) -> int | None:

@@ -137,6 +137,7 @@ def run_steps(
             reference = fidelity.run_model(model_file, probes)
         except UnsupportedModelError as error:
             raise UnsupportedModelError(f"the input model does not run: {error}") from None
+    _refuse_broken_weights(original, reference)
     before = model_summary(model)
     results: list[StepResult] = []
     metrics: fidelity.Metrics | None = fidelity.compare(reference, reference)
@@ -176,6 +177,25 @@ def run_steps(
         results.append(StepResult(step, status, compression_pass.report, step_metrics, elapsed, failures))
         logger.info("%s: %s in %.2fs (%s)", step.pass_name, status, elapsed, step_metrics)
     return PipelineResult(model, results, before, model_summary(model), metrics)
+
+
+def _refuse_broken_weights(model: ir.Model, reference: Sequence[np.ndarray]) -> None:
+    """A NaN/inf weight poisons the reference, and every gate would then pass anything.
+
+    Non-finite outputs alone are allowed (Log of a negative probe): only those a weight explains
+    are refused. Weights are scanned only when an output is non-finite, so the usual run reads none.
+    """
+    if all(np.isfinite(out).all() for out in map(np.asarray, reference) if out.dtype.kind in "fc"):
+        return
+    for tensor in iter_tensors(model):
+        if tensor.dtype.is_floating_point():
+            values = np.asarray(tensor.numpy(), dtype=np.float32)  # bfloat16 and float8 too
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                raise UnsupportedModelError(
+                    f"the input model gives NaN/inf outputs on the probes: tensor {tensor.name!r} holds "
+                    f"{bad:,} NaN/inf values; fix or retrain the model before compressing it"
+                )
 
 
 def _clone(model: ir.Model) -> ir.Model:

@@ -40,7 +40,7 @@ class Recipe(pydantic.BaseModel):
 
     name: str = pydantic.Field("custom", description="Short name shown in reports.")
     description: str = pydantic.Field("", description="What the recipe is for.")
-    seed: int = pydantic.Field(0, description="Seed for probes and every randomised pass.")
+    seed: int = pydantic.Field(0, ge=0, description="Seed for probes and every randomised pass (0 or more).")
     probes: int = pydantic.Field(8, ge=1, le=4096, description="Probe samples for fidelity gates.")
     steps: list[Step] = pydantic.Field(min_length=1, description="Passes in order, each gated.")
 
@@ -89,6 +89,8 @@ def parse_recipe(text: str, origin: str) -> Recipe:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise RecipeError(f"{origin}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except RecursionError:  # the YAML composer recurses once per nesting level
+        raise RecipeError(f"{origin}: nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{origin}: a recipe is a mapping with a 'steps' list")
     try:

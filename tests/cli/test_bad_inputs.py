@@ -21,6 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.builders import finish, mlp_proto
 
+# The command runs in a scratch folder: this checkout, not whatever is installed, must be imported.
+ENV = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
 
 def _value(name: str, shape: list[object], dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, shape)
@@ -192,7 +195,7 @@ def test_bad_input_is_one_error_line(library, tmp_path, args, code, words):
     shutil.copytree(library, work)
     before = _state(work)
     result = subprocess.run([sys.executable, "-m", "onnxcompress", *args], cwd=work, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "COLUMNS": "200"})
+                            timeout=300, env=ENV)
     assert result.returncode == code, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert words in result.stderr
@@ -213,7 +216,7 @@ def test_edge_models_compress_to_a_model_that_runs(library, tmp_path, model, arg
     shutil.copytree(library, work)
     command, *options = args
     result = subprocess.run([sys.executable, "-m", "onnxcompress", command, model, *options, "-o", "out.onnx"],
-                            cwd=work, capture_output=True, text=True, timeout=300)
+                            cwd=work, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     onnx.checker.check_model(str(work / "out.onnx"))
