@@ -6,6 +6,7 @@ For every case: exit 0, 2 (one `error: ...` line, at most one more) or 3; nothin
 CI runs the first `ONNXCOMPRESS_FUZZ_CASES` cases (default 160, under a minute on two
 cores); the long run draws thousands, e.g. `ONNXCOMPRESS_FUZZ_CASES=5000 pytest tests/fuzz -q`.
 `ONNXCOMPRESS_FUZZ_START` skips ahead, to replay one case: START=1234 CASES=1.
+`ONNXCOMPRESS_FUZZ_LOG=path` appends each case's exit code and error line there, for a tally.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tests.run_cli import Outcome, run_cli
 START = int(os.environ.get("ONNXCOMPRESS_FUZZ_START", "0"))
 COUNT = int(os.environ.get("ONNXCOMPRESS_FUZZ_CASES", "160"))
 INDICES = range(START, START + COUNT)
+LOG = os.environ.get("ONNXCOMPRESS_FUZZ_LOG")
 RECIPE = """\
 name: fuzz
 seed: 0
@@ -76,6 +78,7 @@ def test_case_fails_cleanly_or_works(index: int, seeds: dict[str, bytes], tmp_pa
     before = _state(tmp_path)
     outcome = run_cli(case.args, cwd=tmp_path)
     after = _state(tmp_path)
+    _log(case.id, outcome)
     if case.kind == "archive" and _archive_hardening_pending(outcome):
         pytest.xfail(ARCHIVE_HARDENING)
     assert outcome.code in (0, 2, 3), f"exit {outcome.code}: {outcome.stderr[-3000:]}"
@@ -87,6 +90,12 @@ def test_case_fails_cleanly_or_works(index: int, seeds: dict[str, bytes], tmp_pa
         assert new == [], f"exit {outcome.code} but wrote {new}"
     assert not [name for name in new if name.startswith(".")], f"temporary files left: {new}"
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _log(case_id: str, outcome: Outcome) -> None:
+    if LOG:
+        with open(LOG, "a") as log:
+            log.write(f"{case_id}\t{outcome.code}\t{(outcome.error_lines or [''])[-1][:200]}\n")
 
 
 def _archive_hardening_pending(outcome: Outcome) -> bool:
