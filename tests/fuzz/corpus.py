@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import zipfile
@@ -333,7 +334,7 @@ def r_keys(rng: Rng, text: str) -> str:
 
 
 def r_deep(rng: Rng, text: str) -> str:
-    depth = int(_pick(rng, (50, 999, 5000, 20000)))
+    depth = int(_pick(rng, (50, 999, 3000)))
     return text.replace("sparsity: 0.5", "sparsity: " + "[" * depth + "]" * depth)
 
 
@@ -391,13 +392,26 @@ def a_bomb(rng: Rng, data: bytes) -> bytes:
     from onnxcompress.archive.format import read_archive
 
     manifest, body = read_archive(data)
-    bomb = _zeros_deflated(int(_pick(rng, (10**6, 10**8, 4 * 10**8))))
+    bomb = _zeros_deflated(int(_pick(rng, (10**6, 10**7, 10**8))))
     manifest["graph"] = [len(body), len(bomb)]
     return _reseal(manifest, bytes(body) + bomb)
 
 
+def a_header(rng: Rng, data: bytes) -> bytes:
+    """One header field (version, flags, a length) changed, with the digest made to match."""
+    from onnxcompress.archive.format import _HEADER, _PREFIX
+
+    fields = list(_HEADER.unpack_from(data))
+    field = int(rng.integers(1, 5))
+    limit = 2**16 if field < 3 else 2**32 if field == 3 else 2**64
+    fields[field] = int(_pick(rng, (0, 1, 2, 7, fields[field] + 1, fields[field] - 1, limit - 1))) % limit
+    prefix = _HEADER.pack(*fields[:5], b"\0" * 32)[:_PREFIX]
+    rest = data[_HEADER.size:]
+    return prefix + hashlib.sha256(prefix + rest).digest() + rest
+
+
 ARCHIVE_MUTATIONS: dict[str, Callable[[Rng, bytes], bytes]] = {
-    "manifest": a_manifest, "body": a_body, "bomb": a_bomb,
+    "manifest": a_manifest, "body": a_body, "bomb": a_bomb, "header": a_header,
 }
 ARCHIVE_COMMANDS = (("unpack", "{file}", "-o", "out.onnx"),)
 
