@@ -84,6 +84,25 @@ def builtin_recipes() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
 
 
+#: Values a recipe may hold once its aliases are expanded: a few anchors can stand for billions.
+MAX_VALUES = 100_000
+
+
+def _too_many_values(tree: Any) -> bool:
+    """Walk the tree as validation and reports would, each alias as often as it is used; stop early."""
+    stack, seen = [tree], 0
+    while stack:
+        seen += 1
+        if seen > MAX_VALUES:
+            return True
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack += [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            stack += node
+    return False
+
+
 def parse_recipe(text: str, origin: str) -> Recipe:
     try:
         raw = yaml.safe_load(text)
@@ -93,6 +112,9 @@ def parse_recipe(text: str, origin: str) -> Recipe:
         raise RecipeError(f"{origin}: nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{origin}: a recipe is a mapping with a 'steps' list")
+    if _too_many_values(raw):
+        raise RecipeError(f"{origin}: expands to more than {MAX_VALUES:,} values (YAML aliases?); "
+                          "a recipe is a short list of steps")
     try:
         return Recipe.model_validate(raw)
     except pydantic.ValidationError as error:

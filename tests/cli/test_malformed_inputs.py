@@ -19,6 +19,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from tests.builders import mlp_proto
+from tests.fuzz.corpus import laughs_yaml
 from tests.run_cli import run_cli
 
 Edit = Callable[[onnx.ModelProto], None]
@@ -97,6 +98,7 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _huge_header_npz(folder / "huge_header.npz")
     (folder / "seed.yaml").write_text("seed: -1\nsteps:\n  - pass: prune.magnitude\n    options: {sparsity: 0.5}\n")
     (folder / "deep.yaml").write_text("steps: " + "[" * 5000 + "]" * 5000 + "\n")
+    (folder / "laughs.yaml").write_text(laughs_yaml(levels=9))
     (folder / "deep_plan.json").write_text("[" * 100_000 + "]" * 100_000)
     return folder
 
@@ -132,6 +134,8 @@ CASES = [
      "seed: Input should be greater than or equal to 0"),
     ("deeply nested recipe", ("optimize", "mlp.onnx", "--recipe", "deep.yaml", "-o", "out.onnx"),
      "nested too deeply"),
+    ("recipe aliases expanding to a billion values", ("recipe", "show", "laughs.yaml"),
+     "expands to more than 100,000 values"),
     ("deeply nested plan", ("lowrank", "mlp.onnx", "--plan", "deep_plan.json", "-o", "out.onnx"),
      "nested too deeply"),
     ("npz header declares a huge shape", (*PRUNE, "mlp.onnx", "--data", "huge_header.npz", "-o", "out.onnx"),

@@ -338,12 +338,16 @@ def r_deep(rng: Rng, text: str) -> str:
     return text.replace("sparsity: 0.5", "sparsity: " + "[" * depth + "]" * depth)
 
 
+def laughs_yaml(levels: int) -> str:
+    """A structured-prune plan of 10**levels strings in a few lines: each anchor repeats the last."""
+    anchors = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    anchors += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "steps:\n  - pass: prune.structured\n    options:\n      plan:\n" + "".join(f"        {a}\n" for a in anchors)
+
+
 def r_aliases(rng: Rng, text: str) -> str:
-    """Anchors that expand geometrically (a 'billion laughs' recipe)."""
-    levels = int(rng.integers(3, 9))
-    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
-    return "\n".join(lines) + "\n" + text.replace("steps:", f"description: *a{levels - 1}\nsteps:", 1)
+    """Anchors that expand geometrically (a 'billion laughs' recipe), in a field typed Any."""
+    return laughs_yaml(levels=int(rng.integers(2, 10)))
 
 
 RECIPE_MUTATIONS: dict[str, Callable[[Rng, str], str]] = {
