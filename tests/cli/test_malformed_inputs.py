@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -156,8 +157,6 @@ def _state(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def work(library: Path, tmp_path: Path) -> Path:
-    import shutil
-
     shutil.copytree(library, tmp_path / "work")
     return tmp_path / "work"
 
