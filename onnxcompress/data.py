@@ -44,6 +44,8 @@ def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.
         problems.append("the data carries no samples")
     data = {name: _float_as_expected(array, inputs.get(name)) for name, array in data.items()}
     problems += _non_finite_problems(data)
+    if LABELS in data and data[LABELS].dtype.kind not in "iu":
+        problems.append(f"labels must be integer class indices, got {data[LABELS].dtype}")
     for name, value in inputs.items():
         if name in data:
             problems += _fit_problems(name, data[name], value)

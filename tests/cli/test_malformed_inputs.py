@@ -96,6 +96,7 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with_nan[3, 2], with_nan[4, 4] = np.nan, np.inf
     np.savez(folder / "nan.npz", x=with_nan)
     np.savez(folder / "labels_2d.npz", x=x, labels=rng.integers(0, 10, (20, 3)))
+    np.savez(folder / "void_labels.npz", x=x, labels=np.zeros(20, "V4"))
     _huge_header_npz(folder / "huge_header.npz")
     (folder / "seed.yaml").write_text("seed: -1\nsteps:\n  - pass: prune.magnitude\n    options: {sparsity: 0.5}\n")
     (folder / "deep.yaml").write_text("steps: " + "[" * 5000 + "]" * 5000 + "\n")
@@ -143,6 +144,8 @@ CASES = [
      "array 'x' declares shape (1000000000000, 16)"),
     ("bench --batch 100000000", ("bench", "mlp.onnx", "mlp.onnx", "--batch", "100000000", "--runs", "1"),
      "over the cap"),
+    ("labels of no number type: bench", ("bench", "mlp.onnx", "mlp.onnx", "--data", "void_labels.npz", "--runs", "1"),
+     "labels must be integer class indices, got |V4"),
     ("2-D labels: finetune", ("finetune", "mlp.onnx", "--data", "labels_2d.npz", "-o", "out.onnx"),
      "labels have shape [20, 3]"),
     ("seed -1: prune sensitivity option", ("sensitivity", "mlp.onnx", "-o", "sens", "--seed", "-1"),
