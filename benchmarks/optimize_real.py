@@ -86,6 +86,8 @@ ort.set_default_logger_severity(4)  # failing peers' models: their errors are ro
 PEER_TIMEOUT_S = 600
 #: issue 13's cosine target for logits / embeddings
 COSINE_BAR = 0.99
+#: below this size ratio a written model counts as not smaller ("no-op")
+NO_OP_RATIO = 1.01
 #: NNCF's ONNX backend needs opset >= 13 (10 for quantize, 13 for per-channel weights)
 NNCF_OPSET = 13
 #: "no slower at batch 1", with room for timing noise on a shared machine
@@ -350,7 +352,9 @@ def judge(case: Case, reference: Outputs, row: Row, out: Path) -> None:
     if cosine is not None:
         row.metrics["logit_cosine"] = cosine
     row.meets_bar = meets_bar(case, row.metrics)
-    row.verdict = "BELOW BAR" if not row.meets_bar else "meets bar" if row.ratio > 1.0 else "no-op"
+    row.verdict = (
+        "BELOW BAR" if not row.meets_bar else "meets bar" if row.ratio >= NO_OP_RATIO else "no-op"
+    )
 
 
 def one_line(error: Exception) -> str:
@@ -497,7 +501,7 @@ def versions() -> dict[str, str]:
 
 def summary(case: str, rows: list[dict]) -> str:
     """Best ratio meeting the bar, onnxcompress vs the peers, and issue 13's targets."""
-    passing = [r for r in rows if r["case"] == case and r["meets_bar"]]
+    passing = [r for r in rows if r["case"] == case and r["verdict"] == "meets bar"]
     ours = max(
         (r for r in passing if METHODS[r["method"]][1] is not None), key=_ratio, default=None
     )
@@ -540,6 +544,10 @@ def markdown(report: dict) -> str:
         f"onnxcompress run: {report['onnxcompress']} (repository HEAD {report['repository_head']}).",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
         "",
+        "Verdicts: meets bar (written, ≥ 1.01× smaller, meets the bar on the evaluation set), no-op "
+        "(meets the bar, not smaller), BELOW BAR (written and runs, misses the bar), crashed (the tool "
+        "raised: nothing written), refused by onnxruntime (written, onnxruntime will not load it), fails "
+        "in onnxruntime (loads, errors when run), gate failed / refused (onnxcompress exit 3 / 2). "
         "Every model comes from a PyPI wheel; calibration and evaluation inputs are disjoint real inputs "
         "(the CLI's `--data` file and every calibrating peer get the SAME calibration set). Metrics compare "
         "the written model's task outputs with the ORIGINAL model's on the evaluation set; logit_cosine "

@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxcompress import fidelity, io, runtime
-from onnxcompress.data import LABELS, model_inputs
+from onnxcompress.data import LABELS, check_label_shape, model_inputs
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import reference_probes
 
@@ -157,5 +157,6 @@ def _accuracy(outputs: list[np.ndarray], data: Mapping[str, np.ndarray] | None) 
     if not data or LABELS not in data or not outputs or np.ndim(outputs[0]) < 2:
         return None
     labels = np.asarray(data[LABELS])
+    check_label_shape(labels.shape, np.shape(outputs[0]))
     predicted = np.asarray(outputs[0]).argmax(-1)
     return float(np.mean(predicted[: len(labels)] == labels[: len(predicted)]))

@@ -6,11 +6,13 @@ The first axis of every array is the sample axis. Problems are reported all at o
 
 from __future__ import annotations
 
-__all__ = ["LABELS", "load_npz", "validate_data", "model_inputs", "batch_symbols", "batch_axes", "sample_axis",
-           "take_samples"]
+__all__ = ["LABELS", "load_npz", "read_npz", "validate_data", "model_inputs", "check_label_shape", "batch_symbols",
+           "batch_axes", "sample_axis", "take_samples"]
 
+import math
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +84,26 @@ def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.
     if data and not any(counts.values()):
         problems.append("the data carries no samples")
     data = {name: _float_as_expected(array, inputs.get(name)) for name, array in data.items()}
+    problems += _non_finite_problems(data)
+    if LABELS in data and data[LABELS].dtype.kind not in "iu":
+        problems.append(f"labels must be integer class indices, got {data[LABELS].dtype}")
     for name, value in inputs.items():
         if name in data:
             problems += _fit_problems(name, data[name], value)
     if problems:
         raise DataError("data does not fit the model: " + "; ".join(problems))
     return data
+
+
+def _non_finite_problems(data: dict[str, np.ndarray]) -> list[str]:
+    """NaN or inf in a probe makes every output NaN, and a NaN output passes no gate honestly."""
+    problems = []
+    for name, array in data.items():
+        if array.dtype.kind in "fc":
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                problems.append(f"{name!r} holds {bad:,} non-finite values (NaN or inf) of {array.size:,}")
+    return problems
 
 
 def _numpy_dtype(value: ir.Value | None) -> np.dtype | None:
@@ -118,16 +134,57 @@ def _fit_problems(name: str, array: np.ndarray, value: ir.Value) -> list[str]:
     return problems
 
 
+def check_label_shape(labels: tuple[int, ...], logits: tuple[int, ...]) -> None:
+    """One class index per row of the first output: (N,) for (N, C) logits, (N, T) for (N, T, C).
+
+    Any other count would pair labels with the wrong rows, or fail deep inside torch or numpy.
+    """
+    if not labels or math.prod(labels[1:]) != math.prod(logits[1:-1]):
+        raise DataError(f"labels have shape {list(labels)}; the model's first output {list(logits)} "
+                        f"needs one class index per row: shape {[labels[0] if labels else 'N', *logits[1:-1]]}")
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, each header checked against its stored size before any is read.
+
+    A crafted header can declare shape (10**12, 16): numpy would allocate it before reading.
+    """
+    try:
+        with path.open("rb") as file:
+            if file.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:  # a bare .npy
+                raise DataError(f"{path}: not an .npz archive (save arrays with np.savez(path, x=...))")
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                _check_header(path, info, archive)
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as error:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method
+        raise DataError(f"{path}: not a readable .npz file ({error or 'empty file'})") from None
+
+
+def _check_header(path: Path, info: zipfile.ZipInfo, archive: zipfile.ZipFile) -> None:
+    """Refuse a member that is not an array, or whose declared shape needs more bytes than it stores."""
+    name = info.filename.removesuffix(".npy")
+    with archive.open(info) as member:
+        if member.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+            raise DataError(f"{path}: member {name!r} is not a .npy array (save arrays with np.savez)")
+        member.seek(0)
+        version = np.lib.format.read_magic(member)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(member, max_header_size=10_000)
+        header_bytes = member.tell()
+    if dtype.hasobject:
+        return  # np.load refuses pickled object arrays itself
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > info.file_size - header_bytes:
+        raise DataError(f"{path}: array {name!r} declares shape {tuple(shape)} ({needed:,} bytes) "
+                        f"but stores {max(info.file_size - header_bytes, 0):,} bytes")
+
+
 def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndarray]:
     """Load and validate an .npz of named arrays."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            data = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path}: not a readable .npz file ({error or 'empty file'})") from None
-    except (TypeError, AttributeError):  # a bare .npy loads as one array, not an archive
-        raise DataError(f"{path}: not an .npz archive (save arrays with np.savez(path, x=...))") from None
-    return validate_data(model, data)
+    return validate_data(model, read_npz(path))

@@ -132,6 +132,15 @@ def _embed_attribute_tensors(model: ir.Model) -> None:
                     )
 
 
+def _check_structure(model: ir.Model, path: Path) -> None:
+    """One error naming every structural offender (cycles, bad types, sizes), before any pass runs."""
+    from onnxcompress import integrity  # it walks the model with this module's iterators
+
+    problems = integrity.model_problems(model)
+    if problems:
+        raise ModelLoadError(f"{path}: the model is invalid: {integrity.summarize(problems)}")
+
+
 def load(path: str | os.PathLike[str]) -> ir.Model:
     """Load an ONNX model lazily; raise one clear `ModelLoadError` for anything unusable."""
     path = Path(path)
@@ -153,6 +162,7 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         serde_log.setLevel(level)
     if len(model.graph.outputs) == 0:
         raise ModelLoadError(f"{path}: not an ONNX model with a graph (no graph outputs)")
+    _check_structure(model, path)
     _check_external_data(model, path.parent)
     _embed_attribute_tensors(model)
     try:

@@ -153,6 +153,7 @@ def run_steps(
         reference = fidelity.run(original, probes)
     except UnsupportedModelError as error:
         raise UnsupportedModelError(f"the input model does not run: {error}") from None
+    _refuse_broken_weights(original, reference.values)
     _check_finite(reference, data)
     views = reference.views
     before = model_summary(model)
@@ -243,9 +244,28 @@ def _check_finite(reference: fidelity.Outputs, data: Mapping[str, np.ndarray] | 
     bad = [view.output for view, value in zip(reference.views, reference.values, strict=False)
            if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all()]
     if bad:
-        where = "the --data samples" if data is not None else "the probes"
+        where = "the --data samples" if data is not None else "the random probes (give --data with real samples)"
         raise UnsupportedModelError(f"the input model gives NaN or inf in outputs {bad} on {where}; "
-                                    "nothing can be compared against it")
+                                    "no gate can pass on NaN")
+
+
+def _refuse_broken_weights(model: ir.Model, reference: Sequence[np.ndarray]) -> None:
+    """A NaN/inf weight poisons the reference, and every gate would then pass anything.
+
+    Non-finite outputs alone are allowed (Log of a negative probe): only those a weight explains
+    are refused. Weights are scanned only when an output is non-finite, so the usual run reads none.
+    """
+    if all(np.isfinite(out).all() for out in map(np.asarray, reference) if out.dtype.kind in "fc"):
+        return
+    for tensor in iter_tensors(model):
+        if tensor.dtype.is_floating_point():
+            values = np.asarray(tensor.numpy(), dtype=np.float32)  # bfloat16 and float8 too
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                raise UnsupportedModelError(
+                    f"the input model gives NaN/inf outputs on the probes: tensor {tensor.name!r} holds "
+                    f"{bad:,} NaN/inf values; fix or retrain the model before compressing it"
+                )
 
 
 def _clone(model: ir.Model) -> ir.Model:

@@ -41,7 +41,7 @@ class Recipe(pydantic.BaseModel):
 
     name: str = pydantic.Field("custom", description="Short name shown in reports.")
     description: str = pydantic.Field("", description="What the recipe is for.")
-    seed: int = pydantic.Field(0, description="Seed for probes and every randomised pass.")
+    seed: int = pydantic.Field(0, ge=0, description="Seed for probes and every randomised pass (0 or more).")
     probes: int = pydantic.Field(DEFAULT_PROBES, ge=1, le=4096, description="Probe samples for fidelity gates.")
     steps: list[Step] = pydantic.Field(min_length=1, description="Passes in order, each gated.")
 
@@ -85,13 +85,37 @@ def builtin_recipes() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
 
 
+#: Values a recipe may hold once its aliases are expanded: a few anchors can stand for billions.
+MAX_VALUES = 100_000
+
+
+def _too_many_values(tree: Any) -> bool:
+    """Walk the tree as validation and reports would, each alias as often as it is used; stop early."""
+    stack, seen = [tree], 0
+    while stack:
+        seen += 1
+        if seen > MAX_VALUES:
+            return True
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack += [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            stack += node
+    return False
+
+
 def parse_recipe(text: str, origin: str) -> Recipe:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise RecipeError(f"{origin}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except RecursionError:  # the YAML composer recurses once per nesting level
+        raise RecipeError(f"{origin}: nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{origin}: a recipe is a mapping with a 'steps' list")
+    if _too_many_values(raw):
+        raise RecipeError(f"{origin}: expands to more than {MAX_VALUES:,} values (YAML aliases?); "
+                          "a recipe is a short list of steps")
     try:
         return Recipe.model_validate(raw)
     except pydantic.ValidationError as error:

@@ -54,7 +54,7 @@ def finetune(
     target_cosine: Annotated[
         float | None, typer.Option(help="Stop early once the output cosine to the teacher reaches this.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of batch order and dropout.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of batch order and dropout.")] = 0,
     report: ReportOption = None,
     min_cosine: Annotated[float | None, typer.Option(
         "--min-cosine", min=-1.0, max=1.0, show_default=False,

@@ -59,6 +59,8 @@ def _structured_options(ratio: float, criterion: str, exclude: list[str] | None,
             options["plan"] = json.loads(plan_file.read_text())
         except (OSError, ValueError) as error:
             raise UserError(f"{plan_file}: not a readable plan ({error})") from None
+        except RecursionError:
+            raise UserError(f"{plan_file}: not a readable plan (nested too deeply)") from None
     return options
 
 
@@ -160,7 +162,7 @@ def sensitivity(
     probes: Annotated[int, typer.Option(min=1, help="Random probe samples when no --data is given.")] = 64,
     exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob left out (repeatable).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: only when >1 core is free).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random probes.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the random probes.")] = 0,
 ) -> None:
     """Prune each layer alone at each ratio (Han et al. Fig. 5); choose rates under a budget."""
     from onnxcompress.passes.prune.sensitivity import Budget, check_outputs, write_outputs

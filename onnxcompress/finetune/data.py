@@ -13,13 +13,13 @@ __all__ = ["LABELS", "load_data", "check_data", "iterate_batches", "num_samples"
 
 import importlib
 import sys
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from onnxcompress.data import read_npz
 from onnxcompress.errors import DataError
 
 LABELS = "labels"
@@ -42,13 +42,7 @@ def load_data(source: Source) -> Arrays | Batches:
     if path.suffix == ".npz" or path.is_file():
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                return {key: archive[key] for key in archive.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise DataError(f"cannot read {path} as .npz: {error or 'empty file'}") from None
-        except (TypeError, AttributeError):  # a bare .npy loads as one array, not an archive
-            raise DataError(f"cannot read {path} as .npz: it holds one array (save with np.savez)") from None
+        return read_npz(path)
     if ":" in text:
         return _import_callable(text)
     raise DataError(f"data {text!r} is neither an .npz file nor a 'module:function' callable")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from onnxcompress.data import check_label_shape
 from onnxcompress.errors import DataError
 from onnxcompress.finetune.data import LABELS
 
@@ -53,7 +54,9 @@ def compute_loss(
     outs = _as_tuple(outputs)
     if kind == "cross_entropy":
         if LABELS in batch:
-            target = torch.as_tensor(np.asarray(batch[LABELS]), dtype=torch.long).reshape(-1)
+            labels = np.asarray(batch[LABELS])
+            check_label_shape(labels.shape, tuple(outs[0].shape))
+            target = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         elif reference is not None:
             target = _as_tuple(reference)[0].argmax(dim=-1).reshape(-1)
         else:

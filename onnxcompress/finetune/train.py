@@ -45,6 +45,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from onnxcompress.data import check_label_shape
 from onnxcompress.errors import DataError, UserError
 from onnxcompress.finetune.data import (
     LABELS,
@@ -216,6 +217,7 @@ def evaluate(module: OnnxModule, data: Arrays, batch_size: int = 256, max_sample
         for batch in iterate_batches(data, batch_size, max_samples=max_samples):
             out = module(**_feeds(module, batch))
             logits = out[0] if isinstance(out, tuple) else out
+            check_label_shape(np.shape(batch[LABELS]), tuple(logits.shape))
             labels = torch.as_tensor(np.asarray(batch[LABELS])).reshape(-1)
             correct += int((logits.reshape(labels.shape[0], -1).argmax(-1) == labels).sum())
             total += int(labels.shape[0])

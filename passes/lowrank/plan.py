@@ -113,6 +113,8 @@ class Plan:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:  # ValueError: bad JSON or bytes that are not UTF-8
             raise RecipeError(f"cannot read low-rank plan {path}: {error}") from None
+        except RecursionError:
+            raise RecipeError(f"cannot read low-rank plan {path}: nested too deeply") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: not a low-rank plan (a JSON object expected)")
         return cls.from_dict(data)

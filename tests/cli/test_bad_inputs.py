@@ -21,6 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.builders import NO_GATE, finish, mlp_proto
 
+# The command runs in a scratch folder: this checkout, not whatever is installed, must be imported.
+ENV = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
 
 def _value(name: str, shape: list[object], dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, shape)
@@ -179,10 +182,6 @@ CASES = [
      ("finetune", "mlp.onnx", "--data", "labels_out_of_range.npz", "--epochs", "1", "-o", "out.onnx"), 2,
      "class indices in 0..9"),
 ]
-
-
-#: The subprocesses run in a temporary folder: they must import this tree, not an installed copy.
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
 def _state(folder: Path) -> dict[str, str]:
