@@ -306,13 +306,18 @@ def _inflate(raw: memoryview, limit: int, what: str) -> bytes:
     return inflated
 
 
-def _slice(body: memoryview, ref: Any, what: str) -> memoryview:
+def _check_reference(ref: Any, body_size: int, what: str = "a stream") -> None:
+    """A blob reference must be an [offset, length] pair of non-negative ints inside the body."""
     if (
         not isinstance(ref, list) or len(ref) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ref)
-        or ref[0] + ref[1] > len(body)
+        or ref[0] + ref[1] > body_size
     ):
         raise ModelLoadError(f"archive manifest has a bad reference for {what}: {ref!r}")
+
+
+def _slice(body: memoryview, ref: Any, what: str) -> memoryview:
+    _check_reference(ref, len(body), what)
     return body[ref[0] : ref[0] + ref[1]]
 
 
@@ -419,6 +424,8 @@ def _check_body_covered(manifest: dict[str, Any], layers: list[Any], body_size: 
     refs = [manifest["graph"]]
     for entry in layers:
         refs += [entry["codebook"]["blob"], entry["values"]] + ([entry["diffs"]] if entry.get("diffs") else [])
+    for ref in refs:  # each an [offset, length] pair inside the body, as _slice will also insist
+        _check_reference(ref, body_size)
     if sum(length for _, length in refs) != body_size or max(start + length for start, length in refs) != body_size:
         raise ModelLoadError(f"archive body has {body_size} bytes but its manifest accounts for another layout")
 
