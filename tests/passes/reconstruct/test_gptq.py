@@ -153,3 +153,15 @@ def test_deterministic(rng):
     _cluster(second, data, bits=4, min_params=0, probes=16)
     assert serialized(first) == serialized(second)
     assert get_pass("codebook.gptq")(bits=8).needs_calibration()
+
+
+def test_codebook_pack_reads_the_output(rng):
+    model, data = mlp_case(rng)
+    _cluster(model, data, bits=5, min_params=0)
+    before = {layer.name: dense_weight(layer) for layer in codebook_layers(model)}
+    get_pass("codebook.pack")()(model)
+    after = {layer.name: layer for layer in codebook_layers(model)}
+    assert after["fc0.weight"].index_dtype == "packed"
+    for name, weight in before.items():
+        np.testing.assert_array_equal(dense_weight(after[name]), weight)
+    run(model, {"x": data["x"][:2]})
