@@ -23,10 +23,11 @@ test: setup
 
 demo: setup
 	$(PY) -m onnxcompress.demo
+	$(PY) benchmarks/demo_real.py
 
 bench: setup
 	@for script in benchmarks/*.py; do \
-	  case $$script in */_*|*/data.py|*/models.py|*/common.py) continue;; esac; \
+	  case $$script in */_*|*/data.py|*/models.py|*/common.py|*/demo_real.py) continue;; esac; \
 	  echo "== $$script"; $(PY) $$script || exit 1; \
 	done
 
