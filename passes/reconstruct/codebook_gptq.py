@@ -11,9 +11,10 @@ minimise tr(D H D^T) are the solution of a k x k linear system (kept only if it 
 error). At equal bits the layer reconstruction error is lower than plain k-means (the report's
 detail line gives both for every layer).
 
-The result is written in exactly the form `codebook.kmeans` writes (`graph.insert_codebook`:
-uint8, or uint4 for <= 4 bits on opset >= 21, indices + codebook + Cast + Gather, the bit width
-and zero-entry flag in the Gather's metadata), so `inspect`, `pack` and centroid fine-tuning
+The result is written in exactly the form `codebook.kmeans` writes (`graph.insert_codebook`,
+indices + codebook + Cast + Gather, the bit width and zero-entry flag in the Gather's metadata;
+indices bit-packed below 8 bits where it pays, uint4 for 4 bits on opset >= 21, else uint8,
+by the same rule), so `inspect`, `pack` and centroid fine-tuning
 read it like any other codebook. Zeros of a pruned layer stay exact zeros (the reserved entry);
 non-zeros are only assigned non-zero entries.
 
@@ -38,6 +39,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.calibration import LayerHessian
+from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, packing_pays
 from onnxcompress.pass_base import CompressionPass, register
 from onnxcompress.passes.codebook.graph import insert_codebook
 from onnxcompress.passes.codebook.kmeans import cluster_weights, default_bits
@@ -69,6 +71,11 @@ class GptqCodebookConfig(layers.ReconstructConfig):
     )
     pack_4bit: bool = pydantic.Field(
         True, description="Store indices as uint4 when bits <= 4 and the model's opset is >= 21."
+    )
+    pack_indices: bool = pydantic.Field(
+        True,
+        description="Bit-pack indices below 8 bits where it pays (as codebook.kmeans; opset >= 11); "
+        "off: uint8 (or uint4) indices.",
     )
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
     min_params: int = pydantic.Field(
@@ -137,8 +144,21 @@ class GptqCodebookPass(CompressionPass):
                 return bits
         return self.config.bits if self.config.bits is not None else default_bits(site.op_type)
 
-    def _packed(self, model: ir.Model, bits: int) -> bool:
-        return self.config.pack_4bit and bits <= 4 and model.opset_imports.get("", 0) >= 21
+    def _storage(self, model: ir.Model, site: WeightSite, bits: int) -> Literal["uint8", "uint4", "packed"]:
+        """codebook.kmeans's choice: uint4 wins ties with packing (4 bits, opset >= 21); packing
+        only where it saves more than its decoder costs."""
+        opset = model.opset_imports.get("", 0)
+        uint4 = self.config.pack_4bit and bits <= 4 and opset >= 21
+        pays = packing_pays(site.name, site.size, bits)
+        if self.config.pack_indices and pays and opset >= 11 and not (uint4 and bits == 4):
+            return "packed"
+        return "uint4" if uint4 else "uint8"
+
+    @staticmethod
+    def _index_bytes(storage: str, count: int, bits: int) -> int:
+        if storage == "packed":
+            return packed_nbytes(count, bits)
+        return (count + 1) // 2 if storage == "uint4" else count
 
     def _reason_to_skip(self, model: ir.Model, site: WeightSite) -> str | None:
         graph = model.graph
@@ -152,7 +172,7 @@ class GptqCodebookPass(CompressionPass):
         if not np.all(np.isfinite(site.array())):
             return "holds NaN or inf"
         bits = self.bits_for(site)
-        index_bytes = site.size * (0.5 if self._packed(model, bits) else 1.0)
+        index_bytes = self._index_bytes(self._storage(model, site, bits), site.size, bits)
         if index_bytes + (1 << bits) * dtype.itemsize >= site.size * dtype.itemsize:
             return f"a {bits}-bit codebook would not be smaller than the dense tensor"
         return None
@@ -246,17 +266,20 @@ class GptqCodebookPass(CompressionPass):
 
     def _write(self, model: ir.Model, site: WeightSite, bits: int, weights: np.ndarray, indices: np.ndarray,
                codebook: np.ndarray, zero_entry: bool, label: str) -> None:
-        packed = self._packed(model, bits)
-        insert_codebook(model.graph, site.value, indices, codebook, bits=bits, zero_entry=zero_entry, packed=packed)
-        index_bytes = (indices.size + 1) // 2 if packed else indices.size
+        storage = self._storage(model, site, bits)
+        name = site.name
+        insert_codebook(model.graph, site.value, indices, codebook, bits=bits, zero_entry=zero_entry,
+                        packed=storage == "uint4")
+        if storage == "packed":
+            pack_codebook_indices(model, names={name})
         self.report.changed(
-            site.name,
+            name,
             site.op_type,
             weights,
             params_after=int(np.count_nonzero(codebook[indices])),
-            bytes_after=int(index_bytes + codebook.nbytes),
+            bytes_after=int(self._index_bytes(storage, indices.size, bits) + codebook.nbytes),
             detail=f"{bits} bits, {codebook.size} shared values"
             + (" (entry 0 = exact zero)" if zero_entry else "")
-            + (", uint4 indices" if packed else ", uint8 indices")
+            + {"packed": f", {bits}-bit packed indices", "uint4": ", uint4 indices"}.get(storage, ", uint8 indices")
             + f"; {label}",
         )

@@ -90,7 +90,12 @@ def test_pass_on_an_mlp_in_the_kmeans_graph_form(rng, bits):
     report, modified = _cluster(model, data, bits=bits, min_params=0)
     assert modified
     _check_codebooks(model, ["fc0.weight", "fc1.weight", "head.weight"], bits)
-    assert all(layer.index_dtype == "uint4" for layer in codebook_layers(model))
+    kmeans, _ = mlp_case(np.random.default_rng(0))
+    get_pass("codebook.kmeans")(bits=bits, min_params=0)(kmeans)
+    form = {layer.name: (layer.index_dtype, layer.k, layer.shape, layer.zero_entry) for layer in codebook_layers(kmeans)}
+    assert {layer.name: (layer.index_dtype, layer.k, layer.shape, layer.zero_entry)
+            for layer in codebook_layers(model)} == form
+    assert {form[name][0] for name in form} == ({"packed", "uint4"} if bits == 3 else {"uint4"})
     assert report.notes["gptq_error"] < 0.8 * report.notes["kmeans_error"]
     (out,) = run(model, {"x": data["x"][:4]})
     assert out.shape == (4, 10) and np.all(np.isfinite(out))
@@ -157,7 +162,7 @@ def test_deterministic(rng):
 
 def test_codebook_pack_reads_the_output(rng):
     model, data = mlp_case(rng)
-    _cluster(model, data, bits=5, min_params=0)
+    _cluster(model, data, bits=5, min_params=0, pack_indices=False)
     before = {layer.name: dense_weight(layer) for layer in codebook_layers(model)}
     get_pass("codebook.pack")()(model)
     after = {layer.name: layer for layer in codebook_layers(model)}
