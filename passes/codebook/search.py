@@ -30,13 +30,14 @@ __all__ = ["CodebookSearchConfig", "CodebookSearchPass", "Candidate"]
 
 import dataclasses
 import logging
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 import pydantic
 
 from onnxcompress import fidelity
-from onnxcompress.calibration import layer_hessians
+from onnxcompress.calibration import LayerHessian, layer_hessians
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.formats.packed import (
     decoder_nbytes,
@@ -58,6 +59,11 @@ class CodebookSearchConfig(PassConfig):
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
     min_params: int = pydantic.Field(64, ge=0, description="Weights with fewer parameters stay dense.")
     max_trials: int = pydantic.Field(12, ge=1, le=64, description="Most whole-model verifications.")
+    method: Literal["kmeans", "gptq"] = pydantic.Field(
+        "kmeans", description="How each width's codebook is fitted: plain k-means, or GPTQ error feedback under H "
+        "(codebook.gptq) for widths <= gptq_max_bits, kept where it lowers the calibration error (it can fit "
+        "small calibration sets too closely: see docs/codebook.md).")
+    gptq_max_bits: int = pydantic.Field(6, ge=1, le=8, description="Widest width fitted with GPTQ (cost grows).")
     margin: float = pydantic.Field(
         0.5, ge=0, le=1, description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
         "reserve (0.5: rank >= 0.98 is searched as >= 0.99), so the choice holds on inputs it did not see.")
@@ -154,7 +160,7 @@ class CodebookSearchPass(CompressionPass):
             dense = site.size * weights.dtype.itemsize
             options = []
             for bits in self.config.bits:
-                indices, codebook, zero_entry = cluster_weights(weights, bits, seed=self.context.seed)
+                indices, codebook, zero_entry = self._codebook(model, site, stats, bits)
                 nbytes = index_bytes(site.name, site.size, bits) + codebook.nbytes
                 if nbytes >= dense:
                     continue
@@ -162,6 +168,14 @@ class CodebookSearchPass(CompressionPass):
                 options.append(Candidate(bits, indices, codebook, zero_entry, error, nbytes))
             table[site.name] = sorted(options, key=lambda c: c.nbytes)
         return table
+
+    def _codebook(self, model: ir.Model, site: WeightSite, stats: LayerHessian | None,
+                  bits: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        if self.config.method == "gptq" and stats is not None and bits <= self.config.gptq_max_bits:
+            from onnxcompress.passes.reconstruct.codebook_gptq import gptq_codebook
+
+            return gptq_codebook(model, site, stats, bits, seed=self.context.seed)
+        return cluster_weights(site.array(), bits, seed=self.context.seed)
 
     def _say(self, line: str) -> None:
         logger.info(line)

@@ -28,7 +28,7 @@ on the calibration inputs; the gate is the pipeline's fidelity check.
 
 from __future__ import annotations
 
-__all__ = ["GptqCodebookConfig", "GptqCodebookPass", "refine_centroids"]
+__all__ = ["GptqCodebookConfig", "GptqCodebookPass", "refine_centroids", "gptq_codebook"]
 
 import fnmatch
 import logging
@@ -40,7 +40,7 @@ import pydantic
 
 from onnxcompress.calibration import LayerHessian
 from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, packing_pays
-from onnxcompress.pass_base import CompressionPass, register
+from onnxcompress.pass_base import CompressionPass, PassContext, register
 from onnxcompress.passes.codebook.graph import insert_codebook
 from onnxcompress.passes.codebook.kmeans import cluster_weights, default_bits
 from onnxcompress.passes.reconstruct import layers
@@ -283,3 +283,14 @@ class GptqCodebookPass(CompressionPass):
             + {"packed": f", {bits}-bit packed indices", "uint4": ", uint4 indices"}.get(storage, ", uint8 indices")
             + f"; {label}",
         )
+
+
+def gptq_codebook(model: ir.Model, site: WeightSite, stats: LayerHessian | None, bits: int, *,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(indices, codebook, zero_entry) of one layer at `bits`, as `codebook.gptq` makes them
+    (plain k-means where GPTQ does not lower the calibration error, or no input was captured)."""
+    planner = GptqCodebookPass(bits=bits)
+    planner.context = PassContext(seed=seed)
+    totals: dict[str, float] = {"gptq_error": 0.0, "kmeans_error": 0.0}
+    _, _, _, indices, codebook, zero_entry, _ = planner._plan(model, site, stats, totals)
+    return indices, codebook, zero_entry
