@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from onnxcompress import io, writer
 from onnxcompress.cli import app
 from onnxcompress.errors import UserError
-from tests.builders import mlp_proto, save_proto
+from tests.builders import NO_GATE, mlp_proto, save_proto
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +57,9 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(model_path, tmp_path, 
         _no_space(path)
 
     monkeypatch.setattr(ir, "save", half_written)
-    result = invoke("prune", model_path, "--sparsity", "0.5", "-o", tmp_path / "out.onnx")
+    result = invoke("prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx")
     assert result.exit_code == 2, result.output
-    assert result.output == f"error: cannot write {tmp_path / 'out.onnx'}: No space left on device\n"
+    assert result.stderr == f"error: cannot write {tmp_path / 'out.onnx'}: No space left on device\n"
     assert _names(tmp_path) == ["m.onnx"]
 
 
@@ -68,11 +68,11 @@ def test_a_read_only_folder_is_one_error_line(model_path, tmp_path, monkeypatch)
         raise OSError(errno.EROFS, "Read-only file system", str(kwargs.get("dir")))
 
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
-    for args in (("prune", model_path, "--sparsity", "0.5", "-o", tmp_path / "out.onnx"),
+    for args in (("prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx"),
                  ("pack", model_path, "-o", tmp_path / "a.onnxc", "-q")):
         result = invoke(*args)
-        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-        assert "Read-only file system" in result.output
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert "Read-only file system" in result.stderr
     assert _names(tmp_path) == ["m.onnx"]
 
 
@@ -86,7 +86,7 @@ def test_a_report_that_cannot_be_written_leaves_no_model(model_path, tmp_path, m
         return real(self, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", report_fails)
-    result = invoke("prune", model_path, "--sparsity", "0.5", "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
+    result = invoke("prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
     assert result.exit_code == 2 and "No space left on device" in result.output, result.output
     assert _names(tmp_path) == ["m.onnx"]
 
@@ -102,8 +102,8 @@ def test_a_real_write_failure_exits_2_without_a_traceback(model_path, tmp_path):
     archive = tmp_path / "archive" / "m.onnxc"
     archive.parent.mkdir()
     assert invoke("pack", model_path, "-o", archive, "-q").exit_code == 0
-    for args in (("prune", model_path, "--sparsity", "0.5", "-o", tmp_path / "out.onnx"),
-                 ("--external-data", "prune", model_path, "--sparsity", "0.5", "-o", tmp_path / "out.onnx"),
+    for args in (("prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx"),
+                 ("--external-data", "prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx"),
                  ("pack", model_path, "-o", tmp_path / "a.onnxc", "-q"),
                  ("unpack", archive, "-o", tmp_path / "r.onnx"),
                  ("sensitivity", model_path, "-o", tmp_path / "sens", "--ratios", "0.5", "--workers", "1")):
