@@ -30,19 +30,21 @@ from __future__ import annotations
 
 __all__ = ["GptqCodebookConfig", "GptqCodebookPass", "refine_centroids", "gptq_codebook"]
 
-import fnmatch
 import logging
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 import pydantic
 
 from onnxcompress.calibration import LayerHessian
-from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, packing_pays
-from onnxcompress.pass_base import CompressionPass, PassContext, register
+from onnxcompress.formats.packed import pack_codebook_indices
+from onnxcompress.pass_base import PassContext, register
 from onnxcompress.passes.codebook.graph import insert_codebook
-from onnxcompress.passes.codebook.kmeans import cluster_weights, default_bits
+from onnxcompress.passes.codebook.kmeans import (
+    KMeansClusterConfig,
+    KMeansClusterPass,
+    cluster_weights,
+)
 from onnxcompress.passes.reconstruct import layers
 from onnxcompress.passes.reconstruct.obs import codebook_quantizer, gptq_quantize
 from onnxcompress.sites import WeightSite, find_weight_sites
@@ -52,43 +54,15 @@ logger = logging.getLogger(__name__)
 _CLUSTERABLE = (np.float32, np.float16, np.float64)
 
 
-class GptqCodebookConfig(layers.ReconstructConfig):
-    bits: int | None = pydantic.Field(
-        None, ge=1, le=8, description="Bits for every layer (1..8); default: by op (Conv 8, MatMul/Gemm 5, Gather 6)."
-    )
-    overrides: dict[str, int] = pydantic.Field(
-        default_factory=dict, description="Bits per weight-name glob (first match wins), e.g. {'conv1.*': 8}."
-    )
-    init: Literal["linear", "density", "random", "optimal"] = pydantic.Field(
-        "linear", description="k-means initialisation of the starting codebook (as codebook.kmeans)."
-    )
-    max_iter: int = pydantic.Field(300, ge=1, le=100_000, description="Most Lloyd iterations per layer.")
+class GptqCodebookConfig(KMeansClusterConfig, layers.ReconstructConfig):
+    """codebook.kmeans's options (bits, storage, exclusions) plus the calibration knobs and GPTQ's own."""
+
     act_order: bool = pydantic.Field(
         False, description="Assign input columns by decreasing H_ii instead of in order (GPTQ's act-order)."
     )
     refine: bool = pydantic.Field(
         True, description="Re-fit the centroids to the assignments by least squares under H (kept if better)."
     )
-    pack_4bit: bool = pydantic.Field(
-        True, description="Store indices as uint4 when bits <= 4 and the model's opset is >= 21."
-    )
-    pack_indices: bool = pydantic.Field(
-        True,
-        description="Bit-pack indices below 8 bits where it pays (as codebook.kmeans; opset >= 11); "
-        "off: uint8 (or uint4) indices.",
-    )
-    exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
-    min_params: int = pydantic.Field(
-        64, ge=0, description="Weights with fewer parameters are left alone (a codebook would not pay)."
-    )
-    ops: tuple[str, ...] | None = pydantic.Field(None, description="Only weights of these op types.")
-
-    @pydantic.model_validator(mode="after")
-    def _valid_overrides(self) -> GptqCodebookConfig:
-        for pattern, bits in self.overrides.items():
-            if not 1 <= bits <= 8:
-                raise ValueError(f"overrides[{pattern!r}] = {bits} is outside 1..8")
-        return self
 
 
 def refine_centroids(
@@ -130,7 +104,7 @@ def _entry_indices(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
 
 
 @register
-class GptqCodebookPass(CompressionPass):
+class GptqCodebookPass(KMeansClusterPass):
     """Codebook per layer with GPTQ-style error feedback from calibration data; the codebook.kmeans graph form."""
 
     name = "codebook.gptq"
@@ -138,44 +112,8 @@ class GptqCodebookPass(CompressionPass):
     Config = GptqCodebookConfig
     config: GptqCodebookConfig
 
-    def bits_for(self, site: WeightSite) -> int:
-        for pattern, bits in self.config.overrides.items():
-            if fnmatch.fnmatchcase(site.name, pattern):
-                return bits
-        return self.config.bits if self.config.bits is not None else default_bits(site.op_type)
-
-    def _storage(self, model: ir.Model, site: WeightSite, bits: int) -> Literal["uint8", "uint4", "packed"]:
-        """codebook.kmeans's choice: uint4 wins ties with packing (4 bits, opset >= 21); packing
-        only where it saves more than its decoder costs."""
-        opset = model.opset_imports.get("", 0)
-        uint4 = self.config.pack_4bit and bits <= 4 and opset >= 21
-        pays = packing_pays(site.name, site.size, bits)
-        if self.config.pack_indices and pays and opset >= 11 and not (uint4 and bits == 4):
-            return "packed"
-        return "uint4" if uint4 else "uint8"
-
-    @staticmethod
-    def _index_bytes(storage: str, count: int, bits: int) -> int:
-        if storage == "packed":
-            return packed_nbytes(count, bits)
-        return (count + 1) // 2 if storage == "uint4" else count
-
-    def _reason_to_skip(self, model: ir.Model, site: WeightSite) -> str | None:
-        graph = model.graph
-        if site.holder != "initializer" or graph.initializers.get(site.name) is not site.value:
-            return "not an initializer of the main graph (Constant node or subgraph): not supported"
-        if site.value.is_graph_output():
-            return "the weight is also a graph output"
-        dtype = site.array().dtype
-        if dtype.type not in _CLUSTERABLE:
-            return f"dtype {dtype} is not supported (float32, float16, float64)"
-        if not np.all(np.isfinite(site.array())):
-            return "holds NaN or inf"
-        bits = self.bits_for(site)
-        index_bytes = self._index_bytes(self._storage(model, site, bits), site.size, bits)
-        if index_bytes + (1 << bits) * dtype.itemsize >= site.size * dtype.itemsize:
-            return f"a {bits}-bit codebook would not be smaller than the dense tensor"
-        return None
+    def needs_calibration(self) -> bool:
+        return True  # the assignment is fitted to the layer inputs
 
     def apply(self, model: ir.Model) -> bool:
         scan = find_weight_sites(
