@@ -65,8 +65,8 @@ class CodebookSearchConfig(PassConfig):
         "small calibration sets too closely: see docs/codebook.md).")
     gptq_max_bits: int = pydantic.Field(6, ge=1, le=8, description="Widest width fitted with GPTQ (cost grows).")
     margin: float = pydantic.Field(
-        0.5, ge=0, le=1, description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
-        "reserve (0.5: rank >= 0.98 is searched as >= 0.99), so the choice holds on inputs it did not see.")
+        0.75, ge=0, le=1, description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
+        "reserve (0.75: rank >= 0.98 is searched as >= 0.995), so the choice holds on inputs it did not see.")
 
     @pydantic.field_validator("bits")
     @classmethod
