@@ -163,8 +163,13 @@ def sensitivity(
     exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob left out (repeatable).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: only when >1 core is free).")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random probes.")] = 0,
+    min_rank_corr: MinRankOption = None,
+    min_top1: MinTop1Option = None,
 ) -> None:
-    """Prune each layer alone at each ratio (Han et al. Fig. 5); choose rates under a budget."""
+    """Prune each layer alone at each ratio (Han et al. Fig. 5); choose rates under a budget.
+
+    With a cosine budget the chosen plan also passes the default gate's other checks (rank
+    correlation, top-1; change them with --min-rank-corr / --min-top1), as `optimize` will check."""
     from onnxcompress.passes.prune.sensitivity import Budget, check_outputs, write_outputs
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
 
@@ -178,7 +183,9 @@ def sensitivity(
     samples = load_npz(data, loaded) if data else None
     if samples is not None and not len(next(iter(samples.values()))):
         raise DataError(f"{data}: no samples")
-    budget = Budget(min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop / 100.0)
+    gate = gate_for(min_rank_corr=min_rank_corr, min_top1=min_top1)
+    budget = Budget(min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop / 100.0,
+                    min_rank_correlation=gate.min_rank_correlation, min_top1=gate.min_top1)
     with Progress(TextColumn("per-layer sensitivity"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("layers", total=None)

@@ -12,7 +12,8 @@ allocate bits per layer; this is the simplest faithful version of that idea:
    the quantity OBS/GPTQ minimise (weights without a captured input, such as embeddings, use
    H = I: the relative weight error). Bytes: indices at b bits plus the codebook.
 2. One tolerance t for all layers: each layer takes its cheapest candidate with e <= t (none:
-   the layer stays dense). Larger t, smaller model, larger drift.
+   its 8-bit codebook when 8 bits everywhere passes the step's gate, as `optimize` without data
+   would write, else dense). Larger t, smaller model, larger drift.
 3. t is found by bisection over the sorted candidate errors, each trial verified on the whole
    model against the ORIGINAL's outputs with the step's own gate (the pipeline's probes and
    reference) tightened by `margin`; the largest t that passes wins. Trials are cheap: the
@@ -188,18 +189,24 @@ class CodebookSearchPass(CompressionPass):
 
     def _search(self, model: ir.Model, sites: list[WeightSite],
                 candidates: dict[str, list[Candidate]]) -> dict[str, Candidate | None]:
-        """The largest tolerance whose choice passes the gate (bisection over candidate errors)."""
+        """The largest tolerance whose choice passes the gate (bisection over candidate errors).
+
+        8 bits everywhere, checked with the step's own gate, is the floor (what `optimize` writes
+        without data); widths below it must pass the gate tightened by `margin`.
+        """
         errors = sorted({c.error for options in candidates.values() for c in options})
-        low, high = -1, len(errors) - 1  # errors[low] passes (-1: everything dense), errors[high + 1..] fail
-        best: dict[str, Candidate | None] = {s.name: None for s in sites}
-        trials = 0
-        if self._passes(model, sites, self._choose(candidates, errors[-1]) if errors else best):
-            return self._choose(candidates, errors[-1])
+        floor = {name: next((c for c in options if c.bits >= 8), None) for name, options in candidates.items()}
+        if not any(floor.values()) or not self._passes(model, sites, floor, tightened=False):
+            floor = {name: None for name in candidates}
+        low, high = -1, len(errors) - 1  # errors[low] passes (-1: the floor), errors[high + 1..] fail
+        best, trials = floor, 1
+        if errors and self._passes(model, sites, self._choose(candidates, errors[-1], floor)):
+            return self._choose(candidates, errors[-1], floor)
         trials += 1
         high -= 1
         while low < high and trials < self.config.max_trials:
             middle = (low + high + 1) // 2
-            choice = self._choose(candidates, errors[middle])
+            choice = self._choose(candidates, errors[middle], floor)
             trials += 1
             self._say(f"{self.name}: trial {trials}, tolerance {errors[middle]:.3g}")
             if self._passes(model, sites, choice):
@@ -207,21 +214,24 @@ class CodebookSearchPass(CompressionPass):
             else:
                 high = middle - 1
         tolerance = errors[low] if low >= 0 else 0.0
-        self.report.notes.update({"tolerance": tolerance, "trials": trials})
+        self.report.notes.update({"tolerance": tolerance, "trials": trials,
+                                  "floor": "8 bits" if any(floor.values()) else "dense"})
         logger.info("%s: tolerance %.3g after %d trials", self.name, tolerance, trials)
         return best
 
-    def _choose(self, candidates: dict[str, list[Candidate]], tolerance: float) -> dict[str, Candidate | None]:
-        return {name: self._pick(options, tolerance) for name, options in candidates.items()}
+    def _choose(self, candidates: dict[str, list[Candidate]], tolerance: float,
+                floor: dict[str, Candidate | None]) -> dict[str, Candidate | None]:
+        return {name: self._pick(options, tolerance) or floor[name] for name, options in candidates.items()}
 
-    def _passes(self, model: ir.Model, sites: list[WeightSite], choice: dict[str, Candidate | None]) -> bool:
+    def _passes(self, model: ir.Model, sites: list[WeightSite], choice: dict[str, Candidate | None],
+                *, tightened: bool = True) -> bool:
         trial = model.clone()
         trial_sites = {s.name: s for s in find_weight_sites(trial, min_params=0).sites}
         for site in sites:
             candidate = choice[site.name]
             if candidate is not None and site.name in trial_sites:
                 trial_sites[site.name].replace(candidate.codebook[candidate.indices].astype(site.array().dtype))
-        gate = self._searched_gate()
+        gate = self._searched_gate() if tightened else (self.context.gate or fidelity.DEFAULT_GATE)
         try:
             outputs = fidelity.run(trial, self.context.probes or {}, self.context.reference.views)
         except UnsupportedModelError:

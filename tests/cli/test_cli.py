@@ -38,7 +38,8 @@ def test_inspect_json_lists_layers_and_totals(model_path):
 
 def test_prune_writes_the_default_output_and_leaves_the_input(model_path, tmp_path):
     before = open(model_path, "rb").read()
-    result = invoke("prune", model_path, "--sparsity", "0.05")  # mild enough for the default gate
+    # mild, and top-1 checked as observed only: a random MLP on random probes has close calls everywhere
+    result = invoke("prune", model_path, "--sparsity", "0.05", "--min-top1", "0")
     assert result.exit_code == 0, result.output
     out = tmp_path / "mlp.compressed.onnx"
     assert open(model_path, "rb").read() == before
@@ -59,7 +60,7 @@ def test_same_command_gives_the_same_bytes(model_path, tmp_path):
 def test_optimize_with_recipe_data_and_report(model_path, tmp_path, rng):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "steps:\n  - pass: prune.magnitude\n    options: {sparsity: 0.1, scope: global}\n    gate: {min_cosine: 0.9}\n"
+        "steps:\n  - pass: prune.magnitude\n    options: {sparsity: 0.1, scope: global}\n    gate: {min_cosine: 0.9, min_top1: null}\n"
     )
     data = tmp_path / "calib.npz"
     np.savez(data, x=rng.standard_normal((20, 16)).astype(np.float32))
@@ -148,7 +149,8 @@ def test_bench_judges_fidelity_and_accuracy_on_all_the_data(model_path, tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["samples"] == 100 and report["accuracy_a"] == 1.0
-    assert report["accuracy_b"] == report["metrics"]["top1_agreement"]
+    # top-1 agreement counts the lower of the observed share (= accuracy here) and the margin prediction
+    assert report["metrics"]["top1_agreement"] <= report["accuracy_b"]
 
 
 def test_external_data_on_request(model_path, tmp_path):
@@ -189,7 +191,8 @@ def test_sensitivity_writes_a_recipe_that_optimize_runs(model_path, tmp_path, rn
     data = tmp_path / "calib.npz"
     np.savez(data, x=rng.standard_normal((64, 16)).astype(np.float32))
     folder = tmp_path / "sens"
-    result = invoke("sensitivity", model_path, "-o", folder, "--data", data, "--min-cosine", "0.98", "--workers", "1")
+    result = invoke("sensitivity", model_path, "-o", folder, "--data", data, "--min-cosine", "0.98", "--workers", "1",
+                    "--min-top1", "0")  # a random MLP on random inputs: close calls everywhere
     assert result.exit_code == 0, result.output
     plan = json.loads((folder / "sensitivity.json").read_text())
     out = tmp_path / "planned.onnx"

@@ -77,7 +77,7 @@ def test_expansion_with_retraining_passes_hans_options_and_validates_as_a_recipe
 def test_prune_only_schedule_runs_gated_without_data(rng):
     model = mlp(rng, (16, 32, 24, 10))
     steps = expand_schedule(fixed_steps(0.9, 0.1), prune_options={"min_params": 0},
-                            gate=Gate(min_cosine=0.95), on_fail="rollback")
+                            gate=Gate(min_cosine=0.95, min_top1=None), on_fail="rollback")
     result = run_steps(model, steps, probe_count=16)
     statuses = [s.status for s in result.steps]
     assert statuses[0] == "applied"
