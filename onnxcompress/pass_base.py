@@ -196,7 +196,7 @@ class CompressionPass(ir.passes.InPlacePass, abc.ABC):
         """Whether random probes cannot vouch for this pass: its error depends on the inputs.
 
         Lossy passes need real samples by default; a pass whose error is small per weight
-        whatever the input (8-bit codebooks) or that is exact says False.
+        whatever the input (float16, int8 per channel) or that is exact says False.
         """
         return self.lossy
 

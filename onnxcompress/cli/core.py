@@ -94,7 +94,7 @@ def optimize(
         help="Refuse a result slower than this many times the original at --batch (e.g. 1.05).")] = None,
 ) -> None:
     """Compress with a recipe of gated steps: with --data, per-layer codebook bits found by search;
-    without, 8-bit codebooks only. Latency before/after is measured at --batch."""
+    without, float16 storage only. Latency before/after is measured at --batch."""
     if recipe is None:
         recipe = "default" if data is not None or trust_random_probes else "data-free"
     chosen = load_recipe(recipe)

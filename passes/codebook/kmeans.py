@@ -124,11 +124,6 @@ class KMeansClusterPass(CompressionPass):
     Config = KMeansClusterConfig
     config: KMeansClusterConfig
 
-    def needs_calibration(self) -> bool:
-        """8 bits everywhere (256 centroids per layer) keeps each weight's error small on any input."""
-        bits = [self.config.bits, *self.config.overrides.values()]
-        return any(b is None or b < 8 for b in bits)
-
     def bits_for(self, site: WeightSite) -> int:
         for pattern, bits in self.config.overrides.items():
             if fnmatch.fnmatchcase(site.name, pattern):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -201,3 +202,19 @@ def test_sensitivity_writes_a_recipe_that_optimize_runs(model_path, tmp_path, rn
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer if t.name.endswith("weight")}
     zeros = sum(int(np.count_nonzero(w == 0)) for w in weights.values())
     assert zeros == plan["removed_params"] > 0
+
+
+def test_optimize_without_data_stores_float16_and_says_random_probes_are_weak(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    result = invoke("optimize", model_path, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "random probes, a weak proxy" in result.stdout
+    halves = [t for t in onnx.load(out).graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert halves and out.stat().st_size < Path(model_path).stat().st_size * 0.6
+
+
+def test_optimize_refuses_input_dependent_steps_without_data(model_path, tmp_path):
+    result = invoke("optimize", model_path, "-o", tmp_path / "o.onnx", "--recipe", "deep-compression")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "give --data calib.npz" in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
