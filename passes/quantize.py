@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
+from onnxcompress.formats.packed import decode_initializer
 from onnxcompress.pass_base import CompressionPass, PassConfig, register
 from onnxcompress.sites import WeightSite, find_weight_sites
 
@@ -70,14 +71,7 @@ def _insert(graph: ir.Graph, site: WeightSite, q: np.ndarray, scale: np.ndarray)
     mul = ir.node("Mul", [cast.outputs[0], scale_value], name=f"{name}.int8_scale")
     decoded = mul.outputs[0]
     decoded.type, decoded.shape = site.value.type, site.value.shape
-    old = site.value
-    graph.initializers.pop(name)
-    ir.convenience.replace_all_uses_with(old, decoded)
-    old.const_value = None
-    old.name = None
-    decoded.name = name
-    first = next(iter(graph), None)
-    graph.extend([cast, mul]) if first is None else graph.insert_before(first, [cast, mul])
+    decode_initializer(graph, site.value, [cast, mul], decoded)
 
 
 @register

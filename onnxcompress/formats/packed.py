@@ -50,6 +50,7 @@ __all__ = [
     "FP16_MAX",
     "PACKED_DTYPE",
     "PackedSource",
+    "decode_initializer",
     "decode_packed",
     "is_decoder_matmul",
     "pack_codebook_indices",
@@ -339,6 +340,19 @@ def _replace_indices(graph: ir.Graph, layer: CodebookLayer, packed: np.ndarray) 
 # --- float16 storage -------------------------------------------------------------------------
 
 
+def decode_initializer(graph: ir.Graph, weight: ir.Value, nodes: list[ir.Node], decoded: ir.Value) -> None:
+    """Replace initializer `weight` by `nodes` computing `decoded` from constants, at the graph's
+    start; `decoded` takes the weight's name, so every consumer reads the same value as before."""
+    name = weight.name
+    graph.initializers.pop(name)  # type: ignore[arg-type]
+    ir.convenience.replace_all_uses_with(weight, decoded)
+    weight.const_value = None
+    weight.name = None
+    decoded.name = name
+    first = next(iter(graph), None)
+    graph.extend(nodes) if first is None else graph.insert_before(first, nodes)
+
+
 def store_fp16(model: ir.Model, *, min_params: int = 64, exclude: set[str] | None = None) -> list[str]:
     """Store each float32 initializer of the main graph (>= `min_params` values) as float16 + Cast.
 
@@ -365,12 +379,6 @@ def store_fp16(model: ir.Model, *, min_params: int = 64, exclude: set[str] | Non
         cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT}, name=_unique_name(graph, f"{name}.fp16_cast"))
         decoded = cast.outputs[0]
         decoded.type, decoded.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
-        graph.initializers.pop(name)
-        ir.convenience.replace_all_uses_with(value, decoded)
-        value.const_value = None
-        value.name = None
-        decoded.name = name
-        first = next(iter(graph), None)
-        graph.extend([cast]) if first is None else graph.insert_before(first, [cast])
+        decode_initializer(graph, value, [cast], decoded)
         done.append(name)
     return done
