@@ -26,6 +26,7 @@ demo: setup
 	$(PY) benchmarks/demo_real.py
 
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]' --config-settings editable_mode=compat
 	@for script in benchmarks/*.py; do \
 	  case $$script in */_*|*/data.py|*/models.py|*/common.py|*/demo_real.py) continue;; esac; \
 	  echo "== $$script"; $(PY) $$script || exit 1; \
