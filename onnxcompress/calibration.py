@@ -127,7 +127,7 @@ def layer_hessians(
     if not wanted:
         return {}
     rng = np.random.default_rng(seed)
-    sources = {site.name: site.node.inputs[0].name for site in wanted}  # type: ignore[union-attr]
+    sources = {site.name: site.node.inputs[0].name or "" for site in wanted}  # type: ignore[union-attr]
     result: dict[str, LayerHessian] = {}
     count = len(next(iter(probes.values()))) if probes else 0
     with exposed(model, list(dict.fromkeys(sources.values()))) as names:

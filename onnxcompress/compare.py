@@ -57,7 +57,7 @@ def file_bytes(path: Path) -> int:
 
 
 def _signature(model: ir.Model) -> dict[str, str]:
-    return {value.name: value.dtype.name if value.dtype is not None else "?" for value in model_inputs(model)}
+    return {value.name or "": value.dtype.name if value.dtype is not None else "?" for value in model_inputs(model)}
 
 
 def _check_same_signature(model_a: ir.Model, model_b: ir.Model, path_a: Path, path_b: Path) -> None:

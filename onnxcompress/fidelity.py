@@ -160,7 +160,7 @@ def _opset(model: ir.Model) -> int:
 
 
 def _view(model: ir.Model, output: ir.Value) -> OutputView:
-    plain = OutputView(output.name, "values", output.name)
+    plain = OutputView(output.name or "", "values", output.name or "")
     value = output
     while (node := value.producer()) is not None and node.op_type in _SHAPE_ONLY and node.inputs \
             and node.inputs[0] is not None:
@@ -173,9 +173,9 @@ def _view(model: ir.Model, output: ir.Value) -> OutputView:
         return plain
     if node.op_type in ("Softmax", "LogSoftmax"):
         default_axis = -1 if _opset(model) >= 13 else 1
-        return OutputView(output.name, "logits", source.name, node.attributes.get_int("axis", default_axis))
+        return OutputView(output.name or "", "logits", source.name, node.attributes.get_int("axis", default_axis))
     if node.op_type == "Sigmoid":
-        return OutputView(output.name, "log-odds", source.name)
+        return OutputView(output.name or "", "log-odds", source.name)
     return plain
 
 
@@ -192,7 +192,7 @@ def exposed(model: ir.Model, names: Sequence[str]) -> Iterator[list[str]]:
     added = [by_name[n] for n in dict.fromkeys(names) if n in by_name and n not in present]
     model.graph.outputs.extend(added)
     try:
-        yield [v.name for v in added]
+        yield [v.name or "" for v in added]
     finally:
         for value in added:
             model.graph.outputs.remove(value)

@@ -87,6 +87,7 @@ class PipelineResult:
     before: dict[str, int]
     after: dict[str, int]
     final_metrics: fidelity.Metrics | None
+    probes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # what every gate was fed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -196,7 +197,7 @@ def run_steps(
             metrics = step_metrics
         results.append(StepResult(step, status, compression_pass.report, step_metrics, elapsed, failures))
         logger.info("%s: %s in %.2fs (%s)", step.pass_name, status, elapsed, step_metrics)
-    return PipelineResult(model, results, before, model_summary(model), metrics)
+    return PipelineResult(model, results, before, model_summary(model), metrics, dict(probes))
 
 
 def reference_probes(model: ir.Model, *, count: int = DEFAULT_PROBES, seed: int = 0,

@@ -71,7 +71,7 @@ def parse_input_shapes(text: Sequence[str], model: ir.Model) -> dict[str, tuple[
 
     Every problem is reported at once, naming the input and what the model declares.
     """
-    inputs = {value.name: value for value in model_inputs(model)}
+    inputs = {value.name or "": value for value in model_inputs(model)}
     shapes: dict[str, tuple[int, ...]] = {}
     problems = []
     for item in itertools.chain.from_iterable(t.split(",") for t in text):
@@ -132,7 +132,7 @@ def metadata_dims(model: ir.Model) -> dict[tuple[str, int], int]:
         size = [size, size]
     if not (isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         return {}
-    return {(value.name, axis): int(size[axis - 2])
+    return {(value.name or "", axis): int(size[axis - 2])
             for value, axis, _ in _symbolic(model) if _is_image_axis(value, axis)}
 
 
@@ -150,7 +150,7 @@ def runnable_dims(model: ir.Model, run: Runner, *, fixed: Mapping[tuple[str, int
     image = all(_is_image_axis(v, axis) for v, axis, _ in open_dims)
     last_error = ""
     for size in IMAGE_SIZES if image else OTHER_SIZES:
-        dims = {**fixed, **{(v.name, axis): size for v, axis, _ in open_dims}}
+        dims = {**fixed, **{(v.name or "", axis): size for v, axis, _ in open_dims}}
         try:
             run(probe_inputs(model, count=1, seed=seed, sizes=dims))
         except (UnsupportedModelError, DataError) as error:
@@ -167,7 +167,7 @@ def runnable_dims(model: ir.Model, run: Runner, *, fixed: Mapping[tuple[str, int
 def _index_bound(model: ir.Model, value: ir.Value) -> int:
     """Exclusive upper bound for an integer input: the smallest table it indexes, else 10."""
     bounds = [
-        int(node.inputs[0].const_value.shape[node.attributes.get_int("axis", 0)])
+        int(node.inputs[0].const_value.shape[node.attributes.get_int("axis", 0)])  # type: ignore[arg-type]
         for node in value.consumers()
         if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None
         and node.inputs[1] is value
@@ -177,7 +177,7 @@ def _index_bound(model: ir.Model, value: ir.Value) -> int:
 
 def _integer_probe(model: ir.Model, value: ir.Value, shape: list[int], dtype: type,
                    rng: np.random.Generator) -> np.ndarray:
-    name = value.name.lower()
+    name = (value.name or "").lower()
     if "mask" in name:
         return np.ones(shape, dtype)
     if "type_id" in name or "segment" in name:
@@ -201,23 +201,24 @@ def probe_inputs(
     """
     batch = fixed_batch(model)
     if data is not None:
-        rows = max(batch, count // batch * batch) if batch else count
-        inputs = {value.name: value for value in model_inputs(model)}
-        return {name: take_samples(array, sample_axis(model, inputs[name]) if name in inputs else 0, rows)
+        taken = max(batch, count // batch * batch) if batch else count
+        inputs = {value.name or "": value for value in model_inputs(model)}
+        return {name: take_samples(array, sample_axis(model, inputs[name]) if name in inputs else 0, taken)
                 for name, array in data.items() if name != LABELS}
     rng = np.random.default_rng(seed)
     dims, sizes = dict(dims or {}), dict(sizes or {})
-    rows = max(batch, -(-count // batch) * batch) if batch else None
+    rows: int | None = max(batch, -(-count // batch) * batch) if batch else None
     dims.update({symbol: rows or count for symbol in batch_symbols(model) if symbol not in dims})
     sizes.update({key: rows or count for key in batch_axes(model) if key not in sizes})
-    probes = {}
+    probes: dict[str, np.ndarray] = {}
     for value in model_inputs(model):
+        name = value.name or ""
         shape = []
         for axis, dim in enumerate(value.shape or ()):
             if axis == 0 and rows is not None:
                 shape.append(rows)
-            elif (value.name, axis) in sizes:
-                shape.append(sizes[(value.name, axis)])
+            elif (name, axis) in sizes:
+                shape.append(sizes[(name, axis)])
             elif isinstance(dim, int):
                 shape.append(dim)
             elif dim is not None and dim.value in dims:
@@ -226,15 +227,15 @@ def probe_inputs(
                 shape.append(count if axis == 0 else 8)
         values = int(np.prod(shape, dtype=object)) if shape else 1
         if values > MAX_PROBE_ELEMENTS:
-            raise DataError(f"input {value.name!r}: a probe of shape {shape} would hold {values:,} values, over the "
+            raise DataError(f"input {name!r}: a probe of shape {shape} would hold {values:,} values, over the "
                             f"cap of {MAX_PROBE_ELEMENTS:,}; give --data or --input-shape")
-        dtype = _NUMPY_DTYPES.get(value.dtype, np.float32)
+        dtype = _NUMPY_DTYPES.get(value.dtype or ir.DataType.FLOAT, np.float32)
         if np.issubdtype(dtype, np.floating):
-            probes[value.name] = rng.standard_normal(shape).astype(dtype)
+            probes[name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
-            probes[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar
+            probes[name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar
         else:
-            probes[value.name] = _integer_probe(model, value, shape, dtype, rng)
+            probes[name] = _integer_probe(model, value, shape, dtype, rng)
     return probes
 
 

@@ -63,7 +63,7 @@ def _insert(graph: ir.Graph, site: WeightSite, q: np.ndarray, scale: np.ndarray)
     q_value = ir.Value(name=f"{name}.int8", const_value=ir.tensor(q, name=f"{name}.int8"),
                        shape=ir.Shape(q.shape), type=ir.TensorType(ir.DataType.INT8))
     scale_value = ir.Value(name=f"{name}.scale", const_value=ir.tensor(scale, name=f"{name}.scale"),
-                           shape=ir.Shape(scale.shape), type=ir.TensorType(site.value.dtype))
+                           shape=ir.Shape(scale.shape), type=ir.TensorType(site.dtype))
     graph.register_initializer(q_value)
     graph.register_initializer(scale_value)
     cast = ir.node("Cast", [q_value], attributes={"to": site.value.dtype}, name=f"{name}.int8_cast")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import onnx_ir as ir
 import typer
 from rich.table import Table
@@ -27,12 +28,12 @@ from onnxcompress.cli.common import (
     guarded,
 )
 from onnxcompress.compare import compare_models, file_bytes, interleaved_latency
-from onnxcompress.data import load_npz
+from onnxcompress.data import batch_axes, load_npz
 from onnxcompress.errors import FidelityGateError, UserError
 from onnxcompress.fidelity import DEFAULT_GATE
 from onnxcompress.pass_base import describe, get_pass, make_config, pass_names, quantized_ops
-from onnxcompress.pipeline import PipelineResult, Step, reference_probes
-from onnxcompress.probes import parse_input_shapes, shapes_as_sizes
+from onnxcompress.pipeline import PipelineResult, Step
+from onnxcompress.probes import parse_input_shapes, probe_inputs, shapes_as_sizes
 from onnxcompress.recipe import load_recipe, recipe_schema
 from onnxcompress.summary import layer_table, totals
 
@@ -115,7 +116,10 @@ def optimize(
 
 def _latency(original: ir.Model, result: PipelineResult, batch: int, max_ratio: float | None) -> dict[str, Any]:
     """Batch latency of the original and the result (interleaved medians); refuse when over `max_ratio`."""
-    inputs = reference_probes(original, count=batch)
+    samples = batch_axes(original)  # the gates' shapes, found once; the sample axes take `batch`
+    sizes = {(name, axis): size for name, array in result.probes.items()
+             for axis, size in enumerate(np.shape(array)) if axis > 0 and (name, axis) not in samples}
+    inputs = probe_inputs(original, count=batch, sizes=sizes)
     before, after = interleaved_latency([original, result.model], inputs)
     ratio = after / before if before > 0 else 1.0
     console.print(f"latency at batch {batch}: {before:.3f} ms -> {after:.3f} ms ({ratio:.2f}x the original)",

@@ -115,7 +115,7 @@ def _out_by_in(array: np.ndarray, site: WeightSite) -> np.ndarray:
     """The weight as [output channels, input features] in the calibration's feature order."""
     if site.op_type == "Conv":
         return array.reshape(array.shape[0], -1)
-    if site.op_type == "Gemm" and site.node.attributes.get_int("transB", 0):
+    if site.op_type == "Gemm" and site.node.attributes.get_int("transB", 0) == 1:
         return array
     return array.T  # MatMul and Gemm without transB store [in, out]
 

@@ -16,18 +16,11 @@ from onnxcompress.passes.reconstruct.obs import (
 )
 from tests.passes.reconstruct.models import (
     conv_case,
-    correlated,
     embedding_case,
     mlp_case,
     run,
     serialized,
 )
-
-
-@pytest.fixture
-def layer(rng):
-    x = correlated(rng, 512, 64)
-    return rng.standard_normal((48, 64)), x.T @ x
 
 
 @pytest.mark.parametrize("bits", [3, 4])

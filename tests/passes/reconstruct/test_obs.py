@@ -22,12 +22,6 @@ from tests.passes.reconstruct.models import (
 )
 
 
-@pytest.fixture
-def layer(rng):
-    x = correlated(rng, 512, 64)
-    return rng.standard_normal((48, 64)), x.T @ x
-
-
 def test_sparsegpt_beats_magnitude_at_50_percent(layer):
     weights, hessian = layer
     obs = sparsegpt(weights, hessian, 0.5)
