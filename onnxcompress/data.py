@@ -41,22 +41,24 @@ def batch_axes(model: ir.Model) -> set[tuple[str, int]]:
     """(input, axis) pairs that carry the samples besides axis 0: a batch symbol on another
     axis, or the one free axis of an input whose first axis is fixed (a state [2, ?, 128])."""
     symbols = batch_symbols(model)
-    found = set()
+    found: set[tuple[str, int]] = set()
     for value in model_inputs(model):
         shape = list(value.shape or ())
         free = [axis for axis, dim in enumerate(shape) if not isinstance(dim, int)]
         for axis in free:
             named = getattr(shape[axis], "value", None)
             if axis > 0 and (named in symbols or (isinstance(shape[0], int) and free == [axis])):
-                found.add((value.name, axis))
+                found.add((value.name or "", axis))
     return found
 
 
 def sample_axis(model: ir.Model, value: ir.Value) -> int | None:
     """The axis of `value` that indexes samples: 0, a state's batch axis, or None for a scalar."""
-    if value.shape is not None and len(value.shape) == 0:
+    shape = value.shape
+    if shape is not None and len(shape) == 0:
         return None
-    moved = [axis for name, axis in batch_axes(model) if name == value.name and isinstance(value.shape[0], int)]
+    moved = [axis for name, axis in batch_axes(model)
+             if name == value.name and shape is not None and isinstance(shape[0], int)]
     return moved[0] if moved else 0
 
 
@@ -69,7 +71,7 @@ def take_samples(array: np.ndarray, axis: int | None, rows: int) -> np.ndarray:
 def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Check `data` against the model's inputs; raise one DataError listing every problem."""
     problems = []
-    inputs = {value.name: value for value in model_inputs(model)}
+    inputs = {value.name or "": value for value in model_inputs(model)}
     missing = sorted(set(inputs) - set(data))
     if missing:
         problems.append(f"missing arrays for inputs {missing}")
@@ -77,8 +79,8 @@ def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.
     if unknown:
         problems.append(f"arrays {unknown} match no graph input (inputs: {sorted(inputs)})")
     axes = {name: sample_axis(model, inputs[name]) if name in inputs else 0 for name in data}
-    counts = {name: array.shape[axes[name]] if array.ndim > (axes[name] or 0) else 0
-              for name, array in data.items() if axes[name] is not None}
+    counts = {name: array.shape[axis] if array.ndim > axis else 0
+              for name, array in data.items() if (axis := axes[name]) is not None}
     if len(set(counts.values())) > 1:
         problems.append(f"arrays disagree on the sample count (first axis; a state's batch axis): {counts}")
     if data and not any(counts.values()):

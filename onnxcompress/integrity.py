@@ -119,7 +119,11 @@ def _schema_attributes(op_type: str, opset: int) -> dict[str, int]:
         except onnx.defs.SchemaError:
             _SCHEMAS[key] = {}
         else:
-            _SCHEMAS[key] = {name: int(a.type.value) for name, a in schema.attributes.items()}
+            # onnx's stub declares OpSchema.AttrType as a plain class; at run time it is an enum
+            _SCHEMAS[key] = {
+                name: int(a.type.value)  # type: ignore[attr-defined]
+                for name, a in schema.attributes.items()
+            }
     return _SCHEMAS[key]
 
 
@@ -128,9 +132,10 @@ def _tensor_problems(tensor: ir.TensorProtocol) -> list[str]:
     where = f"tensor {tensor.name!r}"
     if tensor.dtype == ir.DataType.UNDEFINED:
         return [f"{where} has the UNDEFINED element type"]
-    dims = list(tensor.shape.dims) if tensor.shape is not None else []
-    if any(not isinstance(d, int) or d < 0 for d in dims):
-        return [f"{where} has a negative dimension {dims}"]
+    shape = list(tensor.shape.dims) if tensor.shape is not None else []
+    dims = [d for d in shape if isinstance(d, int)]
+    if len(dims) < len(shape) or any(d < 0 for d in dims):
+        return [f"{where} has a negative dimension {shape}"]
     if isinstance(tensor, ir.ExternalTensor):
         needed = _bytes_for(tensor.dtype, math.prod(dims))
         if tensor.length is not None and needed is not None and tensor.length < needed:
