@@ -19,7 +19,18 @@ One writer because each command used to check its own destinations, and each mis
 
 from __future__ import annotations
 
-__all__ = ["PREFIX", "staging_prefix", "Protected", "Batch", "batch", "check", "refuse_protected", "sweep", "write_bytes", "write_text"]
+__all__ = [
+    "PREFIX",
+    "staging_prefix",
+    "Protected",
+    "Batch",
+    "batch",
+    "check",
+    "refuse_protected",
+    "sweep",
+    "write_bytes",
+    "write_text",
+]
 
 import contextlib
 import hashlib
@@ -53,7 +64,9 @@ def refuse_protected(path: Path, what: str, protected: Protected) -> Path:
     """The resolved destination; UserError if it is a protected file."""
     resolved = path.resolve()
     if resolved in protected:
-        raise UserError(f"{path}: refusing to overwrite {protected[resolved]}; choose another {what} name")
+        raise UserError(
+            f"{path}: refusing to overwrite {protected[resolved]}; choose another {what} name"
+        )
     return resolved
 
 

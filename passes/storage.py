@@ -31,12 +31,17 @@ class PackIndicesPass(CompressionPass):
     """Bit-pack the uint8 indices of every codebook layer below 8 bits (exact)."""
 
     name = "codebook.pack"
-    summary = "Codebook indices below 8 bits bit-packed (bits/8 byte per weight), decoded at load by standard ops."
+    summary = (
+        "Codebook indices below 8 bits bit-packed (bits/8 byte per weight), "
+        "decoded at load by standard ops."
+    )
     Config = PackIndicesConfig
     lossy = False
 
     def apply(self, model: ir.Model) -> bool:
-        before = {layer.name: layer for layer in codebook_layers(model) if layer.index_dtype == "uint8"}
+        before = {
+            layer.name: layer for layer in codebook_layers(model) if layer.index_dtype == "uint8"
+        }
         if not pack_codebook_indices(model, names=set(before)):
             return False
         for layer in codebook_layers(model):
@@ -45,15 +50,24 @@ class PackIndicesPass(CompressionPass):
                 continue
             codebook_bytes = layer.codebook().nbytes
             count, nonzero = math.prod(layer.shape), int(np.count_nonzero(dense_weight(layer)))
-            self.report.changes.append(LayerChange(
-                layer.name, "Gather", nonzero, nonzero, count + codebook_bytes,
-                packed_nbytes(count, layer.bits) + codebook_bytes, f"{layer.bits}-bit packed indices",
-            ))
+            self.report.changes.append(
+                LayerChange(
+                    layer.name,
+                    "Gather",
+                    nonzero,
+                    nonzero,
+                    count + codebook_bytes,
+                    packed_nbytes(count, layer.bits) + codebook_bytes,
+                    f"{layer.bits}-bit packed indices",
+                )
+            )
         return True
 
 
 class StoreFp16Config(PassConfig):
-    min_params: int = pydantic.Field(64, ge=0, description="Tensors with fewer values stay float32.")
+    min_params: int = pydantic.Field(
+        64, ge=0, description="Tensors with fewer values stay float32."
+    )
     exclude: tuple[str, ...] = pydantic.Field((), description="Initializer names left in float32.")
 
 
@@ -71,10 +85,17 @@ class StoreFp16Pass(CompressionPass):
         return False
 
     def apply(self, model: ir.Model) -> bool:
-        arrays = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()
-                  if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT}
-        done = store_fp16(model, min_params=self.config.min_params, exclude=set(self.config.exclude))
+        arrays = {
+            name: value.const_value.numpy()
+            for name, value in model.graph.initializers.items()
+            if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT
+        }
+        done = store_fp16(
+            model, min_params=self.config.min_params, exclude=set(self.config.exclude)
+        )
         for name in done:
             before = np.asarray(arrays[name])
-            self.report.changed(name, "Cast", before, before.astype(np.float16), detail="float16 + Cast")
+            self.report.changed(
+                name, "Cast", before, before.astype(np.float16), detail="float16 + Cast"
+            )
         return bool(done)

@@ -89,7 +89,11 @@ MAGIC = b"\x89ONNXC\r\n"
 VERSION = 1
 _HEADER = struct.Struct("<8sHHIQ32s")
 _PREFIX = 24  # bytes of the header covered by the digest
-_FLOATS = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE}
+_FLOATS = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "float64": TensorProto.DOUBLE,
+}
 _MAX_DECOMPRESSED = 1 << 31  # protobuf's own limit for one ModelProto
 
 
@@ -167,7 +171,9 @@ def pack(
 
     if coder not in CODERS:
         raise UserError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
-    if index_bits not in (None, "auto") and not (isinstance(index_bits, int) and 1 <= index_bits <= 16):
+    if index_bits not in (None, "auto") and not (
+        isinstance(index_bits, int) and 1 <= index_bits <= 16
+    ):
         raise UserError(f"index_bits must be in 1..16 or 'auto', got {index_bits!r}")
     layers = codebook_layers(model)
     proto = _to_proto(model)
@@ -231,7 +237,9 @@ def pack(
         "graph": blob(graph),
         "layers": entries,
     }
-    data = _seal(zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9), bytes(body))
+    data = _seal(
+        zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9), bytes(body)
+    )
     return PackResult(data, packed, len(graph), other_bytes, other_params)
 
 
@@ -274,7 +282,9 @@ def read_archive(data: bytes) -> tuple[dict[str, Any], memoryview]:
         raise ModelLoadError("archive is truncated (incomplete header)")
     _, version, flags, manifest_len, body_len, digest = _HEADER.unpack_from(data)
     if version != VERSION:
-        raise ModelLoadError(f"archive format version {version} is not supported (this build reads {VERSION})")
+        raise ModelLoadError(
+            f"archive format version {version} is not supported (this build reads {VERSION})"
+        )
     if flags != 0:
         raise ModelLoadError(f"archive header has unknown flags {flags:#x}")
     expected = _HEADER.size + manifest_len + body_len
@@ -284,11 +294,14 @@ def read_archive(data: bytes) -> tuple[dict[str, Any], memoryview]:
     view = memoryview(data)
     manifest_raw = view[_HEADER.size : _HEADER.size + manifest_len]
     body = view[_HEADER.size + manifest_len :]
-    if hashlib.sha256(view[:_PREFIX].tobytes() + manifest_raw.tobytes() + body.tobytes()).digest() != digest:
+    if (
+        hashlib.sha256(view[:_PREFIX].tobytes() + manifest_raw.tobytes() + body.tobytes()).digest()
+        != digest
+    ):
         raise ModelLoadError("archive is corrupt (SHA-256 mismatch)")
     try:
         manifest = json.loads(_inflate(manifest_raw, MAX_MANIFEST_BYTES, "manifest"))
-    except (zlib.error, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep
+    except (zlib.error, ValueError, RecursionError) as error:  # RecursionError: JSON too deep
         raise ModelLoadError(f"archive manifest is unreadable: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "onnxcompress.archive":
         raise ModelLoadError("archive manifest is not an onnxcompress manifest")
@@ -341,7 +354,8 @@ class _LayerHeader:
 
     @property
     def restored_bytes(self) -> int:
-        return (self.size + 1) // 2 if self.index_dtype == "uint4" else self.size  # packed: at most this
+        # packed: at most this
+        return (self.size + 1) // 2 if self.index_dtype == "uint4" else self.size
 
 
 def _packed_width(entry: Any, weight: str) -> int:
@@ -363,7 +377,9 @@ def _layer_header(entry: Any) -> _LayerHeader:
         size *= dim
     dtype_name = _field(codebook_meta, "dtype", str, f"{weight}.codebook")
     if dtype_name not in _FLOATS:
-        raise ModelLoadError(f"archive manifest: {weight} codebook dtype {dtype_name!r} is not supported")
+        raise ModelLoadError(
+            f"archive manifest: {weight} codebook dtype {dtype_name!r} is not supported"
+        )
     k = _field(codebook_meta, "size", int, f"{weight}.codebook")
     if not 1 <= k <= 256:
         raise ModelLoadError(f"archive: {weight} codebook declares {k} entries (1..256)")
@@ -377,13 +393,17 @@ def _layer_header(entry: Any) -> _LayerHeader:
     return _LayerHeader(weight, shape, size, k, np.dtype(dtype_name).newbyteorder("<"), index_dtype)
 
 
-def _decode_layer(entry: dict[str, Any], header: _LayerHeader, body: memoryview) -> tuple[TensorProto, TensorProto]:
+def _decode_layer(
+    entry: dict[str, Any], header: _LayerHeader, body: memoryview
+) -> tuple[TensorProto, TensorProto]:
     weight, size, k = header.weight, header.size, header.k
     codebook_meta, indices_meta = entry["codebook"], entry["indices"]
     raw = _slice(body, codebook_meta.get("blob"), f"{weight}.codebook")
     if len(raw) != k * header.codebook_dtype.itemsize:
         raise ModelLoadError(f"archive: {weight} codebook has {len(raw)} bytes for {k} entries")
-    codebook = np.frombuffer(raw, dtype=header.codebook_dtype).astype(header.codebook_dtype.newbyteorder("="))
+    codebook = np.frombuffer(raw, dtype=header.codebook_dtype).astype(
+        header.codebook_dtype.newbyteorder("=")
+    )
     mode = _field(entry, "mode", str, weight)
     bits = _field(entry, "index_bits", int, weight)
     if mode not in ("dense", "sparse"):
@@ -391,22 +411,33 @@ def _decode_layer(entry: dict[str, Any], header: _LayerHeader, body: memoryview)
     if mode == "sparse" and not 1 <= bits <= 16:
         raise ModelLoadError(f"archive: {weight} has index_bits {bits}")
     # Each entry, padding included, advances at least one position: never more entries than indices.
-    values, _, _ = decode_stream(_slice(body, entry.get("values"), f"{weight}.values"), max_symbols=size)
+    values, _, _ = decode_stream(
+        _slice(body, entry.get("values"), f"{weight}.values"), max_symbols=size
+    )
     if values.size and int(values.max()) >= k:
-        raise ModelLoadError(f"archive: {weight} refers to codebook entry {int(values.max())} of {k}")
+        raise ModelLoadError(
+            f"archive: {weight} refers to codebook entry {int(values.max())} of {k}"
+        )
     if mode == "dense":
         if values.size != size:
-            raise ModelLoadError(f"archive: {weight} decodes to {values.size} indices, shape needs {size}")
+            raise ModelLoadError(
+                f"archive: {weight} decodes to {values.size} indices, shape needs {size}"
+            )
         flat = values.astype(np.uint8)
     else:
-        diffs, _, _ = decode_stream(_slice(body, entry.get("diffs"), f"{weight}.diffs"), max_symbols=size)
+        diffs, _, _ = decode_stream(
+            _slice(body, entry.get("diffs"), f"{weight}.diffs"), max_symbols=size
+        )
         flat = decode_relative(diffs, values, size, bits)
     index_name = _field(indices_meta, "name", str, f"{weight}.indices")
     if header.index_dtype == "uint4":
         padded = np.concatenate([flat, np.zeros(flat.size % 2, np.uint8)])
         nibbles = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)  # ONNX: low nibble first
-        index_tensor = helper.make_tensor(index_name, TensorProto.UINT4, header.shape, nibbles.tobytes(), raw=True)
-    elif header.index_dtype == "packed":  # onnxcompress.formats.packed: groups of 8 indices in `bits` bytes
+        index_tensor = helper.make_tensor(
+            index_name, TensorProto.UINT4, header.shape, nibbles.tobytes(), raw=True
+        )
+    elif header.index_dtype == "packed":
+        # onnxcompress.formats.packed: groups of 8 indices in `bits` bytes
         from onnxcompress.formats.packed import pack_indices
 
         width = _packed_width(entry, weight)
@@ -415,7 +446,9 @@ def _decode_layer(entry: dict[str, Any], header: _LayerHeader, body: memoryview)
         index_tensor = numpy_helper.from_array(pack_indices(flat, width), index_name)
     else:
         index_tensor = numpy_helper.from_array(flat.reshape(header.shape), index_name)
-    codebook_tensor = numpy_helper.from_array(codebook, _field(codebook_meta, "name", str, f"{weight}.codebook"))
+    codebook_tensor = numpy_helper.from_array(
+        codebook, _field(codebook_meta, "name", str, f"{weight}.codebook")
+    )
     return index_tensor, codebook_tensor
 
 
@@ -423,11 +456,18 @@ def _check_body_covered(manifest: dict[str, Any], layers: list[Any], body_size: 
     """The streams the manifest names must tile the body: no byte unaccounted for."""
     refs = [manifest["graph"]]
     for entry in layers:
-        refs += [entry["codebook"]["blob"], entry["values"]] + ([entry["diffs"]] if entry.get("diffs") else [])
+        refs += [entry["codebook"]["blob"], entry["values"]] + (
+            [entry["diffs"]] if entry.get("diffs") else []
+        )
     for ref in refs:  # each an [offset, length] pair inside the body, as _slice will also insist
         _check_reference(ref, body_size)
-    if sum(length for _, length in refs) != body_size or max(start + length for start, length in refs) != body_size:
-        raise ModelLoadError(f"archive body has {body_size} bytes but its manifest accounts for another layout")
+    if (
+        sum(length for _, length in refs) != body_size
+        or max(start + length for start, length in refs) != body_size
+    ):
+        raise ModelLoadError(
+            f"archive body has {body_size} bytes but its manifest accounts for another layout"
+        )
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
@@ -455,18 +495,25 @@ def _refuse_external_data(proto: onnx.ModelProto) -> None:
     """
     tensors = itertools.chain(
         _all_tensors(proto.graph),
-        (t for function in proto.functions for node in function.node for t in _attribute_tensors(node)),
+        (
+            t
+            for function in proto.functions
+            for node in function.node
+            for t in _attribute_tensors(node)
+        ),
     )
     for tensor in tensors:
         if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             raise UnsafeExternalDataError(
-                f"archive graph: tensor {tensor.name!r} names external data {location!r}; an archive "
-                "holds all its data and unpack reads no file outside it"
+                f"archive graph: tensor {tensor.name!r} names external data {location!r}; "
+                "an archive holds all its data and unpack reads no file outside it"
             )
 
 
-def _inflate_graph(body: memoryview, manifest: dict[str, Any], budget: int, limit: Any) -> onnx.ModelProto:
+def _inflate_graph(
+    body: memoryview, manifest: dict[str, Any], budget: int, limit: Any
+) -> onnx.ModelProto:
     graph_raw = _slice(body, manifest.get("graph"), "graph")
     cap = min(budget, _MAX_DECOMPRESSED)
     decompressor = zlib.decompressobj()
@@ -487,22 +534,29 @@ def _inflate_graph(body: memoryview, manifest: dict[str, Any], budget: int, limi
 
 
 def _place(proto: onnx.ModelProto, placed: list[tuple[Any, TensorProto]]) -> None:
-    """Insert the restored tensors where they were; each must be a name the graph reads and lacks."""
+    """Insert the restored tensors where they were.
+
+    Each must be a name the graph reads and lacks: anything else is a tampered archive.
+    """
     tensors = list(proto.graph.initializer)
     total = len(tensors) + len(placed)
     positions = [p for p, _ in placed]
-    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < total for p in positions) or len(
-        set(positions)
-    ) != len(positions):
+    if not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 <= p < total for p in positions
+    ) or len(set(positions)) != len(positions):
         raise ModelLoadError("archive manifest places tensors at impossible positions")
     taken = {t.name for t in tensors} | {out for node in proto.graph.node for out in node.output}
     read = {name for node in proto.graph.node for name in node.input}
     names = [t.name for _, t in placed]
     for name in names:
         if name in taken or names.count(name) > 1:
-            raise ModelLoadError(f"archive manifest restores {name!r}, which the graph already defines")
+            raise ModelLoadError(
+                f"archive manifest restores {name!r}, which the graph already defines"
+            )
         if name not in read:
-            raise ModelLoadError(f"archive manifest restores {name!r}, which no node of the graph reads")
+            raise ModelLoadError(
+                f"archive manifest restores {name!r}, which no node of the graph reads"
+            )
     for position, tensor in sorted(placed, key=lambda item: item[0]):
         tensors.insert(position, tensor)
     del proto.graph.initializer[:]
@@ -517,7 +571,9 @@ def unpack(data: bytes, *, max_ratio: float = DEFAULT_MAX_RATIO) -> onnx.ModelPr
     """
     manifest, body = read_archive(data)
     if manifest.get("version") != VERSION:
-        raise ModelLoadError(f"archive manifest version {manifest.get('version')!r} is not supported")
+        raise ModelLoadError(
+            f"archive manifest version {manifest.get('version')!r} is not supported"
+        )
     layers = manifest.get("layers")
     if not isinstance(layers, list):
         raise ModelLoadError("archive manifest has no layer list")
@@ -558,7 +614,9 @@ def pack_file(
     return result
 
 
-def read_archive_file(archive: str | os.PathLike[str], *, max_ratio: float = DEFAULT_MAX_RATIO) -> onnx.ModelProto:
+def read_archive_file(
+    archive: str | os.PathLike[str], *, max_ratio: float = DEFAULT_MAX_RATIO
+) -> onnx.ModelProto:
     """Read, verify and unpack an archive file; errors name the file."""
     path = Path(archive)
     try:
@@ -578,7 +636,10 @@ def unpack_file(
     external_data: bool | None = None,
     max_ratio: float = DEFAULT_MAX_RATIO,
 ) -> Path:
-    """Read, verify and unpack an archive into an ONNX model written atomically (never over the archive)."""
+    """Read, verify and unpack an archive into an ONNX model written atomically.
+
+    The output is never the archive itself: a failed write must leave the only copy intact.
+    """
     from onnxcompress import io, writer
 
     protect = {Path(archive).resolve(): "the input archive"}

@@ -70,7 +70,8 @@ class OpContext:
             tensor = x[index]
             if tensor is None:
                 raise UnsupportedModelError(
-                    f"op {self.op_type} (node {self.node_name!r}): required input {index} is missing"
+                    f"op {self.op_type} (node {self.node_name!r}): "
+                    f"required input {index} is missing"
                 )
             tensors.append(tensor)
         return tensors
@@ -482,7 +483,8 @@ def _constant_of_shape(ctx: OpContext) -> OpFn:
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
         shape = _ints(x[0]) or []
-        return ((fill.reshape(()) if not shape else fill).expand(shape).clone(),)  # [] -> a 0-d tensor
+        scalar = not shape  # [] -> a 0-d tensor
+        return ((fill.reshape(()) if scalar else fill).expand(shape).clone(),)
 
     return run
 
@@ -527,7 +529,9 @@ def _variadic(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[OpContext], O
 # --- convolution and pooling ----------------------------------------------------------------
 
 
-def _spatial(ctx: OpContext, data: Tensor, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+def _spatial(
+    ctx: OpContext, data: Tensor, kernel: Sequence[int]
+) -> tuple[list[int], list[int], list[int]]:
     """(strides, dilations, pads as [begin..., end...]) with auto_pad resolved."""
     n = len(kernel)
     strides = ctx.get("strides") or [1] * n
@@ -612,7 +616,9 @@ def _conv_transpose(ctx: OpContext) -> OpFn:
             pads = [0] * (2 * n)
         output_padding = ctx.get("output_padding") or [0] * n
         if _symmetric(pads):
-            out = _CONV_T[n](data, weight, bias, strides, pads[:n], output_padding, group, dilations)
+            out = _CONV_T[n](
+                data, weight, bias, strides, pads[:n], output_padding, group, dilations
+            )
             return (out,)
         out = _CONV_T[n](data, weight, bias, strides, 0, output_padding, group, dilations)
         for i in range(n):

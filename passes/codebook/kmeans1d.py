@@ -146,7 +146,11 @@ def initial_centroids(
 
 
 def _reseed_empty(
-    data: _SortedPrefix, centroids: np.ndarray, counts: np.ndarray, sums: np.ndarray, squares: np.ndarray
+    data: _SortedPrefix,
+    centroids: np.ndarray,
+    counts: np.ndarray,
+    sums: np.ndarray,
+    squares: np.ndarray,
 ) -> np.ndarray:
     """Move each empty centroid onto the value farthest from its centroid in the worst cluster."""
     centroids = centroids.copy()
