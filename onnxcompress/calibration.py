@@ -51,6 +51,7 @@ class LayerHessian:
 
     @property
     def groups(self) -> int:
+        """Conv groups: each reads its own input channels, so each has its own H."""
         return int(self.hessian.shape[0])
 
 

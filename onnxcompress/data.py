@@ -48,8 +48,11 @@ def batch_symbols(model: ir.Model) -> set[str]:
 
 
 def batch_axes(model: ir.Model) -> set[tuple[str, int]]:
-    """(input, axis) pairs that carry the samples besides axis 0: a batch symbol on another
-    axis, or the one free axis of an input whose first axis is fixed (a state [2, ?, 128])."""
+    """(input, axis) pairs that carry the samples besides axis 0.
+
+    That is a batch symbol on another axis, or the one free axis of an input whose first axis
+    is fixed (a state [2, ?, 128]).
+    """
     symbols = batch_symbols(model)
     found: set[tuple[str, int]] = set()
     for value in model_inputs(model):

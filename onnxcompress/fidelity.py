@@ -90,6 +90,7 @@ class Metrics:
     outputs: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The metrics as JSON-ready values, for the report files (per-output rows as a list)."""
         return {**dataclasses.asdict(self), "outputs": [dict(o) for o in self.outputs]}
 
     def __str__(self) -> str:

@@ -134,9 +134,11 @@ class Batch:
         self._moves = [move for move in self._moves if move[1] != path.resolve()]
 
     def destinations(self) -> list[Path]:
+        """The final paths, in the order staged, to name them all when a write fails."""
         return [dest for _, dest, _ in self._moves]
 
     def commit(self) -> None:
+        """Rename each staged file over its destination (see the module docstring's Commit)."""
         for staged, dest, unpairs in self._moves:
             if unpairs is not None and dest.exists():
                 unpairs.unlink(missing_ok=True)
@@ -144,6 +146,7 @@ class Batch:
             logger.info("wrote %s", dest)
 
     def discard(self) -> None:
+        """Remove the staging folders: empty after a commit, partial files after a failure."""
         for folder in self._staging.values():
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -163,10 +166,12 @@ def batch(protected: Protected = {}) -> Iterator[Batch]:  # noqa: B006 - read on
 
 
 def write_bytes(path: Path, data: bytes, what: str = "output", protected: Protected = {}) -> Path:  # noqa: B006
+    """One file through a one-file batch: a reader sees the old file or the new one, never half."""
     with batch(protected) as staged:
         staged.stage(path, what).write_bytes(data)
     return path
 
 
 def write_text(path: Path, text: str, what: str = "output", protected: Protected = {}) -> Path:  # noqa: B006
+    """`write_bytes` of UTF-8 text, so no platform encoding leaks into reports."""
     return write_bytes(path, text.encode("utf-8"), what, protected)

@@ -28,6 +28,8 @@ _FLOATS = (np.float32, np.float64)
 
 
 class Int8Config(PassConfig):
+    """Options of `quant.int8`: which weights; the bits are fixed by the int8 format."""
+
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs left as they are.")
     min_params: int = pydantic.Field(
         256,
@@ -90,9 +92,11 @@ class Int8WeightPass(CompressionPass):
     config: Int8Config
 
     def needs_calibration(self) -> bool:
-        return False  # the error bound holds whatever the input
+        """False: the per-channel error bound holds whatever the input."""
+        return False
 
     def apply(self, model: ir.Model) -> bool:
+        """Quantize every eligible weight, then rewrite them all; the rest get their reason."""
         scan = find_weight_sites(
             model, min_params=self.config.min_params, exclude=self.config.exclude
         )

@@ -1,5 +1,7 @@
-"""Storage-only passes: the weights the model computes with stay as they are (`codebook.pack`)
-or round to float16 (`cast.fp16`); only how the file holds them changes.
+"""Storage-only passes: only how the file holds the weights changes.
+
+The weights the model computes with stay as they are (`codebook.pack`) or round to float16
+(`cast.fp16`).
 
 Both write forms that stock onnxruntime decodes by constant folding at session load, so the
 model runs at the dense model's speed (`onnxcompress.formats.packed`, which holds the layout
@@ -39,6 +41,7 @@ class PackIndicesPass(CompressionPass):
     lossy = False
 
     def apply(self, model: ir.Model) -> bool:
+        """Pack the uint8 codebook layers where packing pays; report only those it packed."""
         before = {
             layer.name: layer for layer in codebook_layers(model) if layer.index_dtype == "uint8"
         }
@@ -85,6 +88,7 @@ class StoreFp16Pass(CompressionPass):
         return False
 
     def apply(self, model: ir.Model) -> bool:
+        """Store the float32 initializers as float16; the report holds each one's rounding."""
         arrays = {
             name: value.const_value.numpy()
             for name, value in model.graph.initializers.items()

@@ -62,6 +62,7 @@ def _constriction() -> Any:
 
 
 def write_varint(out: io.BytesIO, value: int) -> None:
+    """Append `value` as an unsigned LEB128 varint: the small counts of a stream take one byte."""
     if value < 0:
         raise ValueError(f"varints are unsigned, got {value}")
     while True:

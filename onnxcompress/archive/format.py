@@ -1,4 +1,4 @@
-"""The `.onnxc` archive: one file holding a weight-shared model in Deep Compression storage.
+r"""The `.onnxc` archive: one file holding a weight-shared model in Deep Compression storage.
 
 Han, Mao & Dally (ICLR 2016) store a pruned, quantised network as relative sparse indices,
 codebook indices and codebooks, then Huffman-code the indices. `pack` does that for every
@@ -8,7 +8,7 @@ a zlib-compressed ModelProto; `unpack` rebuilds the ModelProto with every tensor
 Byte layout (little-endian), version 1:
 
     offset  size  field
-    0       8     magic  b"\\x89ONNXC\\r\\n"   (non-ASCII first byte, CRLF: catches text mangling)
+    0       8     magic  b"\x89ONNXC\r\n"   (non-ASCII first byte, CRLF: catches text mangling)
     8       2     format version (1)
     10      2     flags (0; anything else is rejected)
     12      4     manifest length M
@@ -66,9 +66,9 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -84,6 +84,9 @@ from onnxcompress.archive.limits import (
 )
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
 from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError, UserError
+
+if TYPE_CHECKING:  # the archive reads the codebook form lazily: no passes at import time
+    from onnxcompress.passes.codebook.graph import CodebookLayer
 
 MAGIC = b"\x89ONNXC\r\n"
 VERSION = 1
@@ -118,11 +121,14 @@ class PackedLayer:
 
     @property
     def coded_bytes(self) -> int:
+        """The layer's share of the archive: its streams and codebook (Table 1's coded column)."""
         return self.value_bytes + self.diff_bytes + self.codebook_bytes
 
 
 @dataclasses.dataclass(frozen=True)
 class PackResult:
+    """The archive's bytes and the sizes `compression_table` reports (no second pack needed)."""
+
     data: bytes
     layers: list[PackedLayer]
     graph_bytes: int
@@ -188,42 +194,10 @@ def pack(
 
     entries, packed, removed = [], [], set()
     for layer in layers:
-        op = _consumer_op(model, layer.name)
-        indices = layer.indices().reshape(-1)
-        codebook = layer.codebook()
-        if index_bits == "auto":
-            options = [(*_encode_layer(indices, width, coder), width) for width in range(2, 11)]
-            value_stream, diff_stream, sparse, entry_total, bits = min(
-                options, key=lambda option: len(option[0]) + len(option[1])
-            )
-        else:
-            bits = index_bits if index_bits is not None else default_index_bits(op)
-            value_stream, diff_stream, sparse, entry_total = _encode_layer(indices, bits, coder)
-        codebook_raw = codebook.astype(codebook.dtype.newbyteorder("<")).tobytes()
-        entries.append({
-            "weight": layer.name,
-            "bits": layer.bits,
-            "zero_entry": layer.zero_entry,
-            "indices": {"name": layer.index_name, "position": position[layer.index_name],
-                        "dtype": layer.index_dtype, "shape": list(layer.shape)},
-            "codebook": {"name": layer.codebook_name, "position": position[layer.codebook_name],
-                         "dtype": codebook.dtype.name, "size": int(codebook.size),
-                         "blob": blob(codebook_raw)},
-            "mode": "sparse" if sparse else "dense",
-            "index_bits": bits,
-            "values": blob(value_stream),
-            "diffs": blob(diff_stream) if sparse else None,
-        })
+        entry, sizes = _pack_layer(model, layer, coder, index_bits, position, blob)
+        entries.append(entry)
         removed |= {layer.index_name, layer.codebook_name}
-        packed.append(PackedLayer(
-            weight=layer.name, op=op, params=int(indices.size),
-            nonzero=int(np.count_nonzero(codebook[indices])), bits=layer.bits, k=int(codebook.size),
-            codebook_bytes=len(codebook_raw), mode="sparse" if sparse else "dense", index_bits=bits,
-            entries=entry_total,
-            value_bytes=len(value_stream), diff_bytes=len(diff_stream),
-            fixed_entries=entry_count(indices, bits) if layer.zero_entry else int(indices.size),
-            codebook_bits=8 * codebook.dtype.itemsize,
-        ))
+        packed.append(sizes)
     kept = [t for t in initializers if t.name not in removed]
     other_bytes = sum(numpy_helper.to_array(t).nbytes for t in kept)
     other_params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in kept)
@@ -241,6 +215,59 @@ def pack(
         zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9), bytes(body)
     )
     return PackResult(data, packed, len(graph), other_bytes, other_params)
+
+
+def _pack_layer(
+    model: ir.Model,
+    layer: CodebookLayer,
+    coder: str,
+    index_bits: int | Literal["auto"] | None,
+    position: dict[str, int],
+    blob: Callable[[bytes], list[int]],
+) -> tuple[dict[str, Any], PackedLayer]:
+    """One layer's manifest entry and sizes; `blob` appends its streams to the body in order."""
+    op = _consumer_op(model, layer.name)
+    indices = layer.indices().reshape(-1)
+    codebook = layer.codebook()
+    value_stream, diff_stream, sparse, entry_total, bits = _layer_streams(
+        indices, op, coder, index_bits
+    )
+    codebook_raw = codebook.astype(codebook.dtype.newbyteorder("<")).tobytes()
+    entry = {
+        "weight": layer.name,
+        "bits": layer.bits,
+        "zero_entry": layer.zero_entry,
+        "indices": {"name": layer.index_name, "position": position[layer.index_name],
+                    "dtype": layer.index_dtype, "shape": list(layer.shape)},
+        "codebook": {"name": layer.codebook_name, "position": position[layer.codebook_name],
+                     "dtype": codebook.dtype.name, "size": int(codebook.size),
+                     "blob": blob(codebook_raw)},
+        "mode": "sparse" if sparse else "dense",
+        "index_bits": bits,
+        "values": blob(value_stream),
+        "diffs": blob(diff_stream) if sparse else None,
+    }
+    sizes = PackedLayer(
+        weight=layer.name, op=op, params=int(indices.size),
+        nonzero=int(np.count_nonzero(codebook[indices])), bits=layer.bits, k=int(codebook.size),
+        codebook_bytes=len(codebook_raw), mode="sparse" if sparse else "dense", index_bits=bits,
+        entries=entry_total,
+        value_bytes=len(value_stream), diff_bytes=len(diff_stream),
+        fixed_entries=entry_count(indices, bits) if layer.zero_entry else int(indices.size),
+        codebook_bits=8 * codebook.dtype.itemsize,
+    )
+    return entry, sizes
+
+
+def _layer_streams(
+    indices: np.ndarray, op: str, coder: str, index_bits: int | Literal["auto"] | None
+) -> tuple[bytes, bytes, bool, int, int]:
+    """`_encode_layer`'s result and the width used: "auto" keeps the smallest of 2..10 bits."""
+    if index_bits == "auto":
+        options = [(*_encode_layer(indices, width, coder), width) for width in range(2, 11)]
+        return min(options, key=lambda option: len(option[0]) + len(option[1]))
+    bits = index_bits if index_bits is not None else default_index_bits(op)
+    return (*_encode_layer(indices, bits, coder), bits)
 
 
 def _encode_layer(indices: np.ndarray, bits: int, coder: str) -> tuple[bytes, bytes, bool, int]:

@@ -55,6 +55,8 @@ _CLUSTERABLE = (np.float32, np.float16, np.float64)
 
 
 class KMeansClusterConfig(PassConfig):
+    """Options of `codebook.kmeans`; the reconstruction variant inherits them unchanged."""
+
     bits: int | None = pydantic.Field(
         None,
         ge=1,
@@ -103,6 +105,7 @@ class KMeansClusterConfig(PassConfig):
 
 
 def default_bits(op_type: str) -> int:
+    """Bits by op as Deep Compression found them safe (`DEFAULT_BITS`); 5 for any other op."""
     return DEFAULT_BITS.get(op_type, 5)
 
 
@@ -139,6 +142,7 @@ class KMeansClusterPass(CompressionPass):
     config: KMeansClusterConfig
 
     def bits_for(self, site: WeightSite) -> int:
+        """The first matching override, else `bits`, else the op's default."""
         for pattern, bits in self.config.overrides.items():
             if fnmatch.fnmatchcase(site.name, pattern):
                 return bits
@@ -164,8 +168,11 @@ class KMeansClusterPass(CompressionPass):
     def _storage(
         self, model: ir.Model, site: WeightSite, bits: int
     ) -> Literal["uint8", "uint4", "packed"]:
-        """How a layer's indices are stored: uint4 wins ties with packing (4 bits, opset >= 21);
-        packing only where it saves more than its decoder costs."""
+        """How a layer's indices are stored.
+
+        uint4 wins ties with packing (4 bits, opset >= 21); packing only where it saves more
+        than its decoder costs.
+        """
         opset = model.opset_imports.get("", 0)
         uint4 = self.config.pack_4bit and bits <= 4 and opset >= 21
         pays = packing_pays(site.name, site.size, bits)
@@ -180,6 +187,7 @@ class KMeansClusterPass(CompressionPass):
         return (count + 1) // 2 if storage == "uint4" else count
 
     def apply(self, model: ir.Model) -> bool:
+        """Cluster every eligible weight, then rewrite them all; the rest get their reason."""
         scan = find_weight_sites(
             model,
             min_params=self.config.min_params,

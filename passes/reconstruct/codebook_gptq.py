@@ -129,9 +129,11 @@ class GptqCodebookPass(KMeansClusterPass):
     config: GptqCodebookConfig
 
     def needs_calibration(self) -> bool:
-        return True  # the assignment is fitted to the layer inputs
+        """True: the assignment is fitted to the layer inputs."""
+        return True
 
     def apply(self, model: ir.Model) -> bool:
+        """Plan every layer (GPTQ or its k-means fallback) before rewriting any of them."""
         scan = find_weight_sites(
             model,
             min_params=self.config.min_params,
@@ -180,6 +182,11 @@ class GptqCodebookPass(KMeansClusterPass):
         stats: LayerHessian | None,
         totals: dict[str, float],
     ) -> tuple[WeightSite, int, np.ndarray, np.ndarray, np.ndarray, bool, str]:
+        """What `_write` needs for one layer: GPTQ's codebook, or plain k-means's.
+
+        k-means stays where GPTQ cannot run or does not lower the calibration error; the label
+        says which and why, for the report.
+        """
         bits = self.bits_for(site)
         weights = site.array()
         indices, codebook, zero_entry = cluster_weights(
@@ -189,67 +196,35 @@ class GptqCodebookPass(KMeansClusterPass):
             seed=self.context.seed,
             max_iter=self.config.max_iter,
         )
+        plain = (site, bits, weights, indices, codebook, zero_entry)
         if stats is None:
-            reason = (
-                layers.calibration_reason(site, model)
-                or "calibration captured no input for this layer"
-            )
-            return (
-                site,
-                bits,
-                weights,
-                indices,
-                codebook,
-                zero_entry,
-                f"plain k-means fallback ({reason})",
-            )
+            reason = layers.calibration_reason(site, model)
+            reason = reason or "calibration captured no input for this layer"
+            return (*plain, f"plain k-means fallback ({reason})")
         matrix = layers.matrix_form(site, weights)
-        plain = layers.matrix_form(site, codebook[indices])
-        kmeans_error = layers.layer_error(matrix, plain, stats)
+        plain_values = layers.matrix_form(site, codebook[indices])
+        kmeans_error = layers.layer_error(matrix, plain_values, stats)
         entries = np.asarray(codebook, np.float64)
         try:
             values = self._assign(matrix, stats, entries, zero_entry)
         except np.linalg.LinAlgError as failure:
-            return (
-                site,
-                bits,
-                weights,
-                indices,
-                codebook,
-                zero_entry,
-                f"plain k-means fallback ({failure})",
-            )
+            return (*plain, f"plain k-means fallback ({failure})")
         new_indices = _entry_indices(values, entries)
         error = layers.layer_error(matrix, values, stats)
         refined_note = ""
         if self.config.refine:
-            refined = refine_centroids(matrix, new_indices, entries, stats, zero_entry).astype(
-                codebook.dtype
+            entries, error, refined_note = _refined(
+                matrix, new_indices, entries, stats, zero_entry, codebook.dtype, error
             )
-            refined_error = layers.layer_error(
-                matrix, refined.astype(np.float64)[new_indices], stats
-            )
-            if refined_error < error and len(np.unique(refined)) == refined.size:
-                entries, error, refined_note = (
-                    refined.astype(np.float64),
-                    refined_error,
-                    ", centroids refitted",
-                )
         if error >= kmeans_error:  # never worse than plain k-means on the calibration set
             totals["gptq_error"] += kmeans_error
             totals["kmeans_error"] += kmeans_error
-            return (site, bits, weights, indices, codebook, zero_entry,
+            return (*plain,
                     f"plain k-means kept (GPTQ error {error:.4g} >= k-means {kmeans_error:.4g})")
         totals["gptq_error"] += error
         totals["kmeans_error"] += kmeans_error
-        order = np.argsort(entries, kind="stable")
-        if zero_entry:  # entry 0 stays the reserved zero; the others ascending
-            order = np.concatenate([[0], [i for i in order if i != 0]])
-        remap = np.empty_like(order)
-        remap[order] = np.arange(order.size)
-        final_codebook = entries[order].astype(codebook.dtype)
-        final_indices = layers.from_matrix_form(
-            site, remap[new_indices].astype(np.float64), np.dtype(np.uint8)
+        final_indices, final_codebook = _sorted_codebook(
+            site, new_indices, entries, zero_entry, codebook.dtype
         )
         detail = (
             f"GPTQ{' act-order' if self.config.act_order else ''}{refined_note}, calibration error "
@@ -314,10 +289,52 @@ class GptqCodebookPass(KMeansClusterPass):
         )
 
 
+def _refined(
+    matrix: np.ndarray,
+    indices: np.ndarray,
+    entries: np.ndarray,
+    stats: LayerHessian,
+    zero_entry: bool,
+    dtype: np.dtype,
+    error: float,
+) -> tuple[np.ndarray, float, str]:
+    """(entries, error, note) after the least-squares refit, or as they were if it is no better.
+
+    A refit that merges two centroids is refused too: the codebook must keep distinct values.
+    """
+    refined = refine_centroids(matrix, indices, entries, stats, zero_entry).astype(dtype)
+    refined_error = layers.layer_error(matrix, refined.astype(np.float64)[indices], stats)
+    if refined_error < error and len(np.unique(refined)) == refined.size:
+        return refined.astype(np.float64), refined_error, ", centroids refitted"
+    return entries, error, ""
+
+
+def _sorted_codebook(
+    site: WeightSite, indices: np.ndarray, entries: np.ndarray, zero_entry: bool, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices in the weight's layout, codebook) with the entries ascending.
+
+    Ascending as k-means writes them, so both passes' layers read alike; a reserved zero entry
+    stays first.
+    """
+    order = np.argsort(entries, kind="stable")
+    if zero_entry:  # entry 0 stays the reserved zero; the others ascending
+        order = np.concatenate([[0], [i for i in order if i != 0]])
+    remap = np.empty_like(order)
+    remap[order] = np.arange(order.size)
+    final_codebook = entries[order].astype(dtype)
+    final_indices = layers.from_matrix_form(
+        site, remap[indices].astype(np.float64), np.dtype(np.uint8)
+    )
+    return final_indices, final_codebook
+
+
 def gptq_codebook(model: ir.Model, site: WeightSite, stats: LayerHessian | None, bits: int, *,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(indices, codebook, zero_entry) of one layer at `bits`, as `codebook.gptq` makes them
-    (plain k-means where GPTQ does not lower the calibration error, or no input was captured)."""
+    """(indices, codebook, zero_entry) of one layer at `bits`, as `codebook.gptq` makes them.
+
+    Plain k-means where GPTQ does not lower the calibration error, or no input was captured.
+    """
     planner = GptqCodebookPass(bits=bits)
     planner.context = PassContext(seed=seed)
     totals: dict[str, float] = {"gptq_error": 0.0, "kmeans_error": 0.0}

@@ -144,4 +144,5 @@ def layer_error(before: np.ndarray, after: np.ndarray, stats: LayerHessian) -> f
 def hessians_for(
     model: ir.Model, probes: Mapping[str, np.ndarray], sites: Sequence[WeightSite], seed: int
 ) -> dict[str, LayerHessian]:
+    """H per layer for `sites`, the one call both reconstruction passes make."""
     return layer_hessians(model, probes, sites, seed=seed)

@@ -170,15 +170,7 @@ def sparsegpt(
     w, h, dead = _prepared(weights, hessian)
     rows, columns = w.shape
     n_m = prunen > 0 and prunem > 0
-    if n_m:
-        if columns % prunem:
-            raise ValueError(f"{columns} input features are not a multiple of M={prunem}")
-        blocksize = max(prunem, blocksize - blocksize % prunem)
-    elif not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity {sparsity} is outside [0, 1)")
-    else:
-        maskblock = max(1, min(maskblock, blocksize))
-        blocksize = max(maskblock, blocksize - blocksize % maskblock)
+    blocksize, maskblock = _block_sizes(columns, sparsity, prunen, prunem, blocksize, maskblock)
     # Weights already zero, and those of dead inputs, are free: they count toward the target.
     w[:, dead] = 0
     free = (w == 0) | dead[None, :]
@@ -194,12 +186,8 @@ def sparsegpt(
         mask = free[:, start:stop].copy()
         for i in range(stop - start):
             if n_m and i % prunem == 0:
-                group = w1[:, i : i + prunem]
-                score = np.where(
-                    mask[:, i : i + prunem], -np.inf, group**2 / diag[None, i : i + prunem] ** 2
-                )
-                lowest = np.argsort(score, axis=1, kind="stable")[:, :prunen]
-                np.put_along_axis(mask[:, i : i + prunem], lowest, True, axis=1)
+                group = slice(i, i + prunem)
+                _mask_n_m(w1[:, group], mask[:, group], diag[group], prunen)
             elif not n_m and i % maskblock == 0:
                 # Adaptive mask: of all columns not yet treated, the ones of lowest OBS saliency
                 # w^2 / U_jj^2 (weights as updated so far) make up what the exact total still
@@ -215,15 +203,47 @@ def sparsegpt(
                 picked = _lowest(score.reshape(-1), needed)
                 mask[:, i:end] |= picked.reshape(score.shape)[:, : end - i]
                 zeros_so_far += int(np.count_nonzero(mask[:, i:end]))
-            column = w1[:, i]
-            pruned = np.where(mask[:, i], 0.0, column)
-            error = (column - pruned) / u1[i, i]
-            w1[:, i] = pruned
-            w1[:, i + 1 :] -= np.outer(error, u1[i, i + 1 :])
-            errors[:, i] = error
+            errors[:, i] = _obs_update(w1, u1, mask[:, i], i)
         w[:, start:stop] = w1
         w[:, stop:] -= errors @ factor[start:stop, stop:]
     return w
+
+
+def _block_sizes(
+    columns: int, sparsity: float, prunen: int, prunem: int, blocksize: int, maskblock: int
+) -> tuple[int, int]:
+    """(blocksize, maskblock), checked: a block holds whole N:M groups, or whole mask blocks."""
+    if prunen > 0 and prunem > 0:
+        if columns % prunem:
+            raise ValueError(f"{columns} input features are not a multiple of M={prunem}")
+        return max(prunem, blocksize - blocksize % prunem), maskblock
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity} is outside [0, 1)")
+    maskblock = max(1, min(maskblock, blocksize))
+    return max(maskblock, blocksize - blocksize % maskblock), maskblock
+
+
+def _mask_n_m(group: np.ndarray, mask: np.ndarray, diag: np.ndarray, prunen: int) -> None:
+    """Mark, in the view `mask`, the `prunen` weights of lowest OBS saliency in each row's group.
+
+    Weights already free (zero) score lowest, so they count toward the N first.
+    """
+    score = np.where(mask, -np.inf, group**2 / diag[None, :] ** 2)
+    lowest = np.argsort(score, axis=1, kind="stable")[:, :prunen]
+    np.put_along_axis(mask, lowest, True, axis=1)
+
+
+def _obs_update(w1: np.ndarray, u1: np.ndarray, masked: np.ndarray, i: int) -> np.ndarray:
+    """Zero column `i` where masked and move its error onto the later columns; return the error.
+
+    This is the OBS update with the Cholesky factor's row: the kept weights absorb the change.
+    """
+    column = w1[:, i]
+    pruned = np.where(masked, 0.0, column)
+    error = (column - pruned) / u1[i, i]
+    w1[:, i] = pruned
+    w1[:, i + 1 :] -= np.outer(error, u1[i, i + 1 :])
+    return error
 
 
 def magnitude_prune(

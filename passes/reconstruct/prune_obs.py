@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 
 class ObsPruneConfig(layers.ReconstructConfig):
+    """Options of `prune.obs`: a share or an N:M pattern, plus the calibration knobs."""
+
     sparsity: float | None = pydantic.Field(
         None, ge=0.0, lt=1.0, description="Share of each layer's weights set to zero, in [0, 1)."
     )
@@ -106,6 +108,7 @@ class ObsPrunePass(CompressionPass):
         return None
 
     def apply(self, model: ir.Model) -> bool:
+        """Prune each eligible layer by OBS from its H, by magnitude where no input was captured."""
         scan = find_weight_sites(
             model,
             min_params=self.config.min_params,
