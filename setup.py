@@ -9,9 +9,10 @@ tree for editable installs. Headers come from ORT_INCLUDE_DIR or `bash kernels/f
 (run it first; this hook never downloads). Without headers, CMake or a compiler the pure Python
 package still installs, with a warning; ONNXCOMPRESS_REQUIRE_KERNELS=1 makes that an error.
 Set ONNXCOMPRESS_SKIP_KERNELS=1 to skip the native build (it wins over REQUIRE). The library is
-installed by renaming a finished copy over the old one, never by rewriting it in place. The CUDA build
-(`libonnxcompress_kernels_cuda.so`: CPU + CUDAExecutionProvider kernels) is added when nvcc is
-found and onnxruntime-gpu is installed or ONNXCOMPRESS_CUDA=1; it never blocks the install.
+installed by renaming a finished copy over the old one, never by rewriting it in place. The
+CUDA build (`libonnxcompress_kernels_cuda.so`: CPU + CUDAExecutionProvider kernels) is added
+when nvcc is found and onnxruntime-gpu is installed or ONNXCOMPRESS_CUDA=1; it never blocks the
+install.
 """
 
 import os
@@ -39,7 +40,10 @@ packages += ["onnxcompress.passes"] + [
 
 
 def _ort_include_dir() -> Path | None:
-    candidates = [os.environ.get("ORT_INCLUDE_DIR", ""), str(ROOT / "build/apt/root/usr/include/onnxruntime")]
+    candidates = [
+        os.environ.get("ORT_INCLUDE_DIR", ""),
+        str(ROOT / "build/apt/root/usr/include/onnxruntime"),
+    ]
     for candidate in candidates:
         if candidate and (Path(candidate) / "onnxruntime_c_api.h").is_file():
             return Path(candidate)
@@ -50,17 +54,30 @@ def _build_kernels(cuda: bool = False) -> Path:
     """Configure and build kernels/ with CMake; return the built library."""
     include = _ort_include_dir()
     if include is None:
-        raise RuntimeError("onnxruntime headers not found: run `bash kernels/fetch_headers.sh` or set ORT_INCLUDE_DIR")
+        raise RuntimeError(
+            "onnxruntime headers not found: run `bash kernels/fetch_headers.sh` or set "
+            "ORT_INCLUDE_DIR"
+        )
     if shutil.which("cmake") is None:
         raise RuntimeError("cmake not found")
     build = ROOT / "build" / ("kernels-cuda" if cuda else "kernels")
-    configure = ["cmake", "-S", str(ROOT / "kernels"), "-B", str(build), f"-DORT_INCLUDE_DIR={include}",
-                 "-DCMAKE_BUILD_TYPE=Release"]
+    configure = [
+        "cmake",
+        "-S",
+        str(ROOT / "kernels"),
+        "-B",
+        str(build),
+        f"-DORT_INCLUDE_DIR={include}",
+        "-DCMAKE_BUILD_TYPE=Release",
+    ]
     if cuda:
         configure += ["-DONNXCOMPRESS_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={shutil.which('nvcc')}"]
     subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
     target = ["--target", "onnxcompress_kernels_cuda"] if cuda else []
-    subprocess.run(["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4)), *target], check=True)
+    subprocess.run(
+        ["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4)), *target],
+        check=True,
+    )
     library = build / "cuda" / CUDA_LIBRARY if cuda else build / LIBRARY
     if not library.is_file():
         raise RuntimeError(f"{library} was not produced")
@@ -85,6 +102,7 @@ class BuildPyWithKernels(build_py):
     """build_py that also builds the kernel library into onnxcompress/_kernels/."""
 
     def run(self) -> None:
+        """Build the Python package, then the kernel library (see the module docstring)."""
         super().run()
         if os.environ.get("ONNXCOMPRESS_SKIP_KERNELS") == "1":
             return
@@ -95,8 +113,11 @@ class BuildPyWithKernels(build_py):
         except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
             if os.environ.get("ONNXCOMPRESS_REQUIRE_KERNELS") == "1":
                 raise RuntimeError(f"kernel library build failed: {error}") from error
-            print(f"warning: onnxcompress kernels not built ({error}); installing the pure Python package",
-                  file=sys.stderr)
+            print(
+                f"warning: onnxcompress kernels not built ({error}); installing the pure Python "
+                "package",
+                file=sys.stderr,
+            )
             return
         built = [library]
         if _want_cuda():
@@ -104,7 +125,8 @@ class BuildPyWithKernels(build_py):
                 built.append(_build_kernels(cuda=True))
             except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
                 print(f"warning: onnxcompress CUDA kernels not built ({error})", file=sys.stderr)
-        targets = [ROOT / "onnxcompress" / "_kernels"]  # editable / compat installs read the source tree
+        # editable / compat installs read the source tree
+        targets = [ROOT / "onnxcompress" / "_kernels"]
         if not getattr(self, "editable_mode", False):
             targets.append(Path(self.build_lib) / "onnxcompress" / "_kernels")
         for folder in targets:
@@ -116,10 +138,12 @@ class PlatformWheel(bdist_wheel):
     """The wheel carries a native library (no Python extension): tag it py3-none-<platform>."""
 
     def finalize_options(self) -> None:
+        """A wheel with the native library is not pure, whatever setuptools infers."""
         super().finalize_options()
         self.root_is_pure = os.environ.get("ONNXCOMPRESS_SKIP_KERNELS") == "1"
 
     def get_tag(self) -> tuple[str, str, str]:
+        """py3-none-<platform>: onnxruntime loads the library; no Python ABI is involved."""
         python, abi, platform = super().get_tag()
         return ("py3", "none", platform) if not self.root_is_pure else (python, abi, platform)
 

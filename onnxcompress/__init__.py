@@ -1,5 +1,6 @@
 """onnxcompress: post-training compression of ONNX models.
 
+Example:
     import onnxcompress
     model = onnxcompress.load("model.onnx")
     result = onnxcompress.compress(model, "default")        # a recipe name, file or Recipe

@@ -30,6 +30,8 @@ FIDELITY_PROBES = 64  # seeded random samples when no data is given
 
 @dataclasses.dataclass(frozen=True)
 class ModelComparison:
+    """What `compare` measured for models A and B, ratios A/B so that above 1 favours B."""
+
     bytes_a: int
     bytes_b: int
     latency_ms_a: float
@@ -42,22 +44,29 @@ class ModelComparison:
 
     @property
     def size_ratio(self) -> float:
+        """A's bytes over B's: how many times smaller B is."""
         return self.bytes_a / self.bytes_b
 
     @property
     def speedup(self) -> float:
+        """A's median latency over B's: how many times faster B is."""
         return self.latency_ms_a / self.latency_ms_b
 
 
 def file_bytes(path: Path) -> int:
     """The model file plus every external-data file it references."""
     model = io.load(path)
-    data_files = {Path(t.path).resolve() for t in io.iter_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    data_files = {
+        Path(t.path).resolve() for t in io.iter_tensors(model) if isinstance(t, ir.ExternalTensor)
+    }
     return path.stat().st_size + sum(f.stat().st_size for f in data_files)
 
 
 def _signature(model: ir.Model) -> dict[str, str]:
-    return {value.name or "": value.dtype.name if value.dtype is not None else "?" for value in model_inputs(model)}
+    return {
+        value.name or "": value.dtype.name if value.dtype is not None else "?"
+        for value in model_inputs(model)
+    }
 
 
 def _check_same_signature(model_a: ir.Model, model_b: ir.Model, path_a: Path, path_b: Path) -> None:
@@ -68,7 +77,9 @@ def _check_same_signature(model_a: ir.Model, model_b: ir.Model, path_a: Path, pa
                         "bench compares a model with its own compressed version")
 
 
-def _run(session: ort.InferenceSession, probes: Mapping[str, np.ndarray], path: Path) -> list[np.ndarray]:
+def _run(
+    session: ort.InferenceSession, probes: Mapping[str, np.ndarray], path: Path
+) -> list[np.ndarray]:
     try:
         return session.run(None, dict(probes))
     except runtime.ORT_ERRORS as error:
@@ -85,6 +96,7 @@ def compare_models(
     threads: int | None = None,
     input_sizes: Mapping[tuple[str, int], int] | None = None,
 ) -> ModelComparison:
+    """Size, interleaved latency and fidelity of two files with the same signature."""
     model_a, model_b = io.load(path_a), io.load(path_b)
     _check_same_signature(model_a, model_b, path_a, path_b)
     count = len(next(v for k, v in data.items() if k != LABELS)) if data else FIDELITY_PROBES
@@ -124,8 +136,13 @@ def compare_models(
     )
 
 
-def interleaved_latency(models: Sequence[ir.Model], inputs: Mapping[str, np.ndarray], *, runs: int = 20,
-                        threads: int | None = 1) -> list[float]:
+def interleaved_latency(
+    models: Sequence[ir.Model],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    runs: int = 20,
+    threads: int | None = 1,
+) -> list[float]:
     """Median milliseconds per run of each model on `inputs`, timed A, B, A, B, … after warm-up."""
     sessions = []
     for model in models:

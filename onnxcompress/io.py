@@ -118,7 +118,8 @@ def _embed_attribute_tensors(model: ir.Model) -> None:
     onnx_ir externalizes and re-homes initializers only: an attribute tensor left pointing at
     the input's data file would break in a temporary folder (the gates) or beside the output.
     """
-    for graph in [g for root in (model.graph, *model.functions.values()) for g in iter_graphs(root)]:
+    roots: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for graph in [g for root in roots for g in iter_graphs(root)]:
         for node in graph:
             for key, attr in list(node.attributes.items()):
                 if attr.type == ir.AttributeType.TENSOR and isinstance(attr.as_tensor(), ir.ExternalTensor):
@@ -215,7 +216,8 @@ def in_memory(model: ir.Model) -> ir.Model:
         return model
     copy = model.clone()
     copy.meta.update(model.meta)
-    for graph in [g for root in (copy.graph, *copy.functions.values()) for g in iter_graphs(root)]:
+    roots: list[ir.Graph | ir.Function] = [copy.graph, *copy.functions.values()]
+    for graph in [g for root in roots for g in iter_graphs(root)]:
         if isinstance(graph, ir.Graph):
             for value in graph.initializers.values():
                 tensor = value.const_value

@@ -146,17 +146,18 @@ def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
 
 def recipe_schema() -> dict[str, Any]:
     """JSON Schema of a recipe, with each step's options typed by its pass's config."""
-    variants = []
+    variants: list[type[pydantic.BaseModel]] = []
     for name in pass_names():
+        fields: dict[str, Any] = {
+            "pass": (Literal[name], ...),  # type: ignore[valid-type]
+            "options": (get_pass(name).Config, pydantic.Field(default_factory=dict)),
+            "gate": (Gate, pydantic.Field(default_factory=Gate)),
+            "on_fail": (Literal["stop", "rollback"], "stop"),
+        }
         step = pydantic.create_model(
             f"Step_{name.replace('.', '_')}",
             __config__=pydantic.ConfigDict(extra="forbid"),
-            **{
-                "pass": (Literal[name], ...),  # type: ignore[valid-type]
-                "options": (get_pass(name).Config, pydantic.Field(default_factory=dict)),
-                "gate": (Gate, pydantic.Field(default_factory=Gate)),
-                "on_fail": (Literal["stop", "rollback"], "stop"),
-            },
+            **fields,
         )
         variants.append(step)
     from onnxcompress.passes.prune.schedules import ScheduleStep

@@ -63,6 +63,7 @@ def _import_callable(spec: str) -> Batches:
 
 
 def num_samples(data: Arrays) -> int:
+    """Rows of the first array: the arrays of one data set agree on their sample count."""
     return int(len(next(iter(data.values())))) if data else 0
 
 
@@ -75,7 +76,9 @@ def check_data(data: Arrays, input_names: Sequence[str]) -> None:
     if len(set(lengths.values())) > 1:
         problems.append(f"arrays differ in length: {lengths}")
     if LABELS in data and np.asarray(data[LABELS]).dtype.kind not in "iu":
-        problems.append(f"labels must be integer class indices, got {np.asarray(data[LABELS]).dtype}")
+        problems.append(
+            f"labels must be integer class indices, got {np.asarray(data[LABELS]).dtype}"
+        )
     if problems:
         raise DataError("training data does not fit the model: " + "; ".join(problems))
 

@@ -21,7 +21,7 @@ __all__ = ["OnnxModule", "to_ir", "default_trainable"]
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -194,7 +194,7 @@ class OnnxModule(nn.Module):
             fn = build_op(node, int(opset))
             if node.op_type == "Dropout":
                 self._dropouts[node.name or node.outputs[0].name or ""] = fn
-            ins = [v.name if v is not None else "" for v in node.inputs]
+            ins = [(v.name or "") if v is not None else "" for v in node.inputs]
             outs = [v.name or "" for v in node.outputs]
             self._steps.append((fn, ins, outs))
             self._labels.append(f"{node.op_type} node {node.name or outs[0]!r}")
@@ -230,7 +230,8 @@ class OnnxModule(nn.Module):
 
     def tensor(self, name: str) -> torch.Tensor:
         """The current value of `name`, after any parametrization."""
-        return self.holder(name).weight
+        # Module.__getattr__ is typed Tensor | Module; a holder's `weight` is always a tensor
+        return cast(torch.Tensor, self.holder(name).weight)
 
     def parameter(self, name: str) -> nn.Parameter:
         """The raw trainable parameter behind `name` (the original, when parametrized)."""

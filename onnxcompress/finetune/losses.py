@@ -11,7 +11,9 @@ from __future__ import annotations
 
 __all__ = ["LOSSES", "resolve_loss", "compute_loss"]
 
-from collections.abc import Mapping, Sequence
+import functools
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -63,8 +65,10 @@ def compute_loss(
             raise DataError("cross-entropy needs labels in the data (or a reference model)")
         logits = outs[0].reshape(target.shape[0], -1)
         if target.numel() and (int(target.min()) < 0 or int(target.max()) >= logits.shape[1]):
-            raise DataError(f"labels must be class indices in 0..{logits.shape[1] - 1} (the model has "
-                            f"{logits.shape[1]} outputs), got {int(target.min())}..{int(target.max())}")
+            raise DataError(
+                f"labels must be class indices in 0..{logits.shape[1] - 1} (the model has "
+                f"{logits.shape[1]} outputs), got {int(target.min())}..{int(target.max())}"
+            )
         return F.cross_entropy(logits, target)
     if reference is None:
         raise DataError(f"the {kind} loss distils from the original model's outputs; none given")
@@ -76,7 +80,13 @@ def compute_loss(
         return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * (t * t)
     floats = [(o, r) for o, r in zip(outs, refs, strict=True) if o.is_floating_point()]
     if kind == "mse":
-        return sum(F.mse_loss(o, r) for o, r in floats) / len(floats)
+        return _total(F.mse_loss(o, r) for o, r in floats) / len(floats)
     if kind == "cosine":
-        return sum((1 - F.cosine_similarity(o, r, dim=-1)).mean() for o, r in floats) / len(floats)
+        cosines = ((1 - F.cosine_similarity(o, r, dim=-1)).mean() for o, r in floats)
+        return _total(cosines) / len(floats)
     raise DataError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+
+
+def _total(losses: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of per-output losses as a tensor (builtin `sum` starts from the int 0)."""
+    return functools.reduce(operator.add, losses)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 __all__ = ["batchnorm_statistics", "match_batchnorm"]
 
+import functools
 import logging
+import operator
 from collections.abc import Mapping
 
 import numpy as np
@@ -35,9 +37,15 @@ def batchnorm_statistics(model: ir.Model) -> list[tuple[str, np.ndarray, np.ndar
         if node.op_type != "BatchNormalization" or len(node.inputs) < 5:
             continue
         source, mean, var = node.inputs[0], node.inputs[3], node.inputs[4]
-        if source is None or mean is None or var is None or mean.const_value is None or var.const_value is None:
+        if (
+            source is None
+            or mean is None
+            or var is None
+            or mean.const_value is None
+            or var.const_value is None
+        ):
             continue
-        found.append((source.name, mean.const_value.numpy().astype(np.float32),
+        found.append((source.name or "", mean.const_value.numpy().astype(np.float32),
                       var.const_value.numpy().astype(np.float32)))
     return found
 
@@ -54,21 +62,36 @@ def match_batchnorm(model: ir.Model, probes: Mapping[str, np.ndarray], *, steps:
     copy = model.clone()
     with exposed(copy, [name for name, _, _ in statistics]) as names:
         module = OnnxModule(copy, trainable=())
-    wanted = {name: (torch.from_numpy(m), torch.from_numpy(np.sqrt(v))) for name, m, v in statistics}
+    wanted = {
+        name: (torch.from_numpy(m), torch.from_numpy(np.sqrt(v))) for name, m, v in statistics
+    }
     first_extra = len(module.output_names) - len(names)
-    feeds = {name: torch.tensor(np.asarray(array), requires_grad=np.asarray(array).dtype.kind == "f")
-             for name, array in probes.items()}
+    feeds = {
+        name: torch.tensor(np.asarray(array), requires_grad=np.asarray(array).dtype.kind == "f")
+        for name, array in probes.items()
+    }
     trained = [t for t in feeds.values() if t.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=learning_rate)
     for _ in range(steps):
         optimizer.zero_grad()
         outputs = module(**feeds)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        loss = sum(_mismatch(value, *wanted[name]) for name, value in zip(names, outputs[first_extra:], strict=True))
-        loss.backward()  # type: ignore[union-attr]
+        mismatches = (
+            _mismatch(value, *wanted[name])
+            for name, value in zip(names, outputs[first_extra:], strict=True)
+        )
+        loss = functools.reduce(operator.add, mismatches)  # a tensor: `sum` would start at int 0
+        loss.backward()
         optimizer.step()
-    logger.info("probes matched to %d BatchNorm layers (ZeroQ), final loss %.4g", len(names), float(loss.detach()))  # type: ignore[union-attr]
-    return {name: tensor.detach().numpy().astype(np.asarray(probes[name]).dtype) for name, tensor in feeds.items()}
+    logger.info(
+        "probes matched to %d BatchNorm layers (ZeroQ), final loss %.4g",
+        len(names),
+        float(loss.detach()),
+    )
+    return {
+        name: tensor.detach().numpy().astype(np.asarray(probes[name]).dtype)
+        for name, tensor in feeds.items()
+    }
 
 
 def _mismatch(activation: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
