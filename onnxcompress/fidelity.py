@@ -320,7 +320,7 @@ def _in_batches(
     return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
 
 
-def run_model(model: str | bytes, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def run_model(model: runtime.ModelLike, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """All outputs of `model` on `inputs`, through onnxruntime with our kernels registered.
 
     A model with a fixed batch size runs the probes one batch at a time.
