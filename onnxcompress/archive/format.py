@@ -84,6 +84,8 @@ from onnxcompress.archive.limits import (
 )
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
 from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError, UserError
+from onnxcompress.formats.codebook import codebook_layers
+from onnxcompress.formats.packed import pack_indices
 
 MAGIC = b"\x89ONNXC\r\n"
 VERSION = 1
@@ -163,8 +165,6 @@ def pack(
     `index_bits` sets the relative-index width of every layer (default: 8 conv, 5 others);
     "auto" codes each layer with every width from 2 to 10 bits and keeps the smallest.
     """
-    from onnxcompress.passes.codebook.graph import codebook_layers
-
     if coder not in CODERS:
         raise UserError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
     if index_bits not in (None, "auto") and not (isinstance(index_bits, int) and 1 <= index_bits <= 16):
@@ -407,8 +407,6 @@ def _decode_layer(entry: dict[str, Any], header: _LayerHeader, body: memoryview)
         nibbles = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)  # ONNX: low nibble first
         index_tensor = helper.make_tensor(index_name, TensorProto.UINT4, header.shape, nibbles.tobytes(), raw=True)
     elif header.index_dtype == "packed":  # onnxcompress.formats.packed: groups of 8 indices in `bits` bytes
-        from onnxcompress.formats.packed import pack_indices
-
         width = _packed_width(entry, weight)
         if flat.size and int(flat.max()) >= 1 << width:
             raise ModelLoadError(f"archive: {weight} indices do not fit the packed width {width}")
