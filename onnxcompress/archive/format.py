@@ -68,7 +68,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -84,11 +84,8 @@ from onnxcompress.archive.limits import (
 )
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
 from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError, UserError
-from onnxcompress.formats.codebook import codebook_layers
+from onnxcompress.formats.codebook import CodebookLayer, codebook_layers
 from onnxcompress.formats.packed import pack_indices
-
-if TYPE_CHECKING:  # the archive reads the codebook form lazily: no passes at import time
-    from onnxcompress.passes.codebook.graph import CodebookLayer
 
 MAGIC = b"\x89ONNXC\r\n"
 VERSION = 1
