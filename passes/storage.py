@@ -18,7 +18,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, store_fp16
-from onnxcompress.pass_base import CompressionPass, LayerChange, PassConfig, register
+from onnxcompress.pass_base import CompressionPass, LayerChange, PassConfig, PassReport, register
 from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight
 
 
@@ -35,7 +35,7 @@ class PackIndicesPass(CompressionPass):
     Config = PackIndicesConfig
     lossy = False
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         before = {layer.name: layer for layer in codebook_layers(model) if layer.index_dtype == "uint8"}
         if not pack_codebook_indices(model, names=set(before)):
             return False
@@ -45,7 +45,7 @@ class PackIndicesPass(CompressionPass):
                 continue
             codebook_bytes = layer.codebook().nbytes
             count, nonzero = math.prod(layer.shape), int(np.count_nonzero(dense_weight(layer)))
-            self.report.changes.append(LayerChange(
+            report.changes.append(LayerChange(
                 layer.name, "Gather", nonzero, nonzero, count + codebook_bytes,
                 packed_nbytes(count, layer.bits) + codebook_bytes, f"{layer.bits}-bit packed indices",
             ))
@@ -70,11 +70,11 @@ class StoreFp16Pass(CompressionPass):
         """float16 rounding moves each weight by at most 2^-11 of itself (normal range)."""
         return False
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         arrays = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()
                   if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT}
         done = store_fp16(model, min_params=self.config.min_params, exclude=set(self.config.exclude))
         for name in done:
             before = np.asarray(arrays[name])
-            self.report.changed(name, "Cast", before, before.astype(np.float16), detail="float16 + Cast")
+            report.changed(name, "Cast", before, before.astype(np.float16), detail="float16 + Cast")
         return bool(done)

@@ -15,7 +15,7 @@ from onnxcompress.errors import (
     RecipeError,
     UnsupportedModelError,
 )
-from onnxcompress.pass_base import CompressionPass, register
+from onnxcompress.pass_base import CompressionPass, PassReport, register
 from onnxcompress.pipeline import Step, reference_probes, run_steps
 from onnxcompress.recipe import builtin_recipes, load_recipe, parse_recipe
 from onnxcompress.sites import find_weight_sites
@@ -28,7 +28,7 @@ class ScrambleWeightsPass(CompressionPass):
 
     name = "test.scramble"
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         rng = np.random.default_rng(1)
         for site in find_weight_sites(model, min_params=0).sites:
             site.replace(rng.standard_normal(site.shape).astype(np.float32))
@@ -41,7 +41,7 @@ class DropNodePass(CompressionPass):
 
     name = "test.drop_node"
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         node = next(n for n in model.graph if n.op_type == "Relu")
         model.graph.remove(node, safe=False)
         return True

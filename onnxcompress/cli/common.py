@@ -14,6 +14,8 @@ __all__ = [
     "guarded",
     "default_output",
     "compress_file",
+    "plan_file",
+    "print_plan",
     "check_side_file",
     "check_loaded",
     "SideFile",
@@ -29,6 +31,7 @@ __all__ = [
 ]
 
 import functools
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +47,7 @@ from onnxcompress import io, writer
 from onnxcompress.data import load_npz
 from onnxcompress.errors import OnnxCompressError, UserError
 from onnxcompress.fidelity import DEFAULT_GATE, Gate
+from onnxcompress.pass_base import PlanTable
 from onnxcompress.pipeline import PipelineResult, Step, run_steps
 from onnxcompress.probes import DEFAULT_PROBES, parse_input_shapes, shapes_as_sizes
 from onnxcompress.report import render_report
@@ -190,6 +194,40 @@ def compress_file(
     if not quiet:
         print_summary(result, output)
     return result
+
+
+def plan_file(model_path: Path, steps: Sequence[Step], *, data_path: Path | None = None,
+              save_plan: Path | None = None) -> PipelineResult:
+    """The dry run of every command: plan each step, print each plan, write the last as JSON if asked.
+
+    Nothing else is written. The caller has checked `save_plan` against the model paths.
+    """
+    model = io.load(model_path)
+    protected = check_loaded(model, [(save_plan, "plan")])
+    data = load_npz(data_path, model) if data_path else None
+    result = run_steps(model, steps, data=data, dry_run=True)
+    for step in result.steps:
+        if step.plan is not None:
+            print_plan(step.plan.table())
+    if save_plan is not None and result.steps:
+        writer.write_text(save_plan, plan_text(result.steps[-1].report.notes["plan"]), "plan", protected)
+    return result
+
+
+def plan_text(plan: object) -> str:
+    """A plan's JSON file: what `--save-plan` writes and `--plan` reads back."""
+    return json.dumps(plan, indent=2) + "\n"
+
+
+def print_plan(table: PlanTable) -> None:
+    rich_table = Table(title=table.title)
+    for column in table.columns:
+        rich_table.add_column(column, justify="right" if column in table.right_aligned else "left")
+    for row in table.rows:
+        rich_table.add_row(*row)
+    console.print(rich_table)
+    for line in table.notes:
+        console.print(line, soft_wrap=True)
 
 
 def print_summary(result: PipelineResult, output: Path) -> None:

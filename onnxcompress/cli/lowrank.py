@@ -6,14 +6,11 @@ writes nothing but the plan file when `--save-plan` asks for it; `--plan` applie
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from onnxcompress import io, writer
 from onnxcompress.cli.common import (
     DataOption,
     InputShapeOption,
@@ -23,16 +20,14 @@ from onnxcompress.cli.common import (
     OutputOption,
     ReportOption,
     SideFile,
-    check_loaded,
     check_side_file,
     compress_file,
-    console,
     gate_for,
     guarded,
+    plan_file,
+    plan_text,
 )
-from onnxcompress.data import load_npz
 from onnxcompress.errors import UserError
-from onnxcompress.pass_base import PassContext, get_pass, make_config
 from onnxcompress.pipeline import Step
 
 PASS_NAME = "lowrank.svd"
@@ -54,27 +49,6 @@ def _options(
             raise UserError(f"{plan}: no such plan file")
         options["plan"] = str(plan)
     return options
-
-
-def _print_plan(plan_dict: dict[str, object]) -> None:
-    table = Table(title="low-rank plan")
-    for column, justify in (("weight", "left"), ("op", "left"), ("kind", "left"), ("rank", "right"),
-                            ("params", "right"), ("FLOPs", "right"), ("energy", "right"), ("rel. error", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for layer in plan_dict["layers"]:  # type: ignore[union-attr]
-        table.add_row(
-            layer["name"], layer["op"], layer["kind"], f"{layer['rank']}/{layer['max_rank']}",
-            f"{layer['params_before']:,} → {layer['params_after']:,}",
-            f"×{layer['flops_after'] / layer['flops_before']:.2f}",
-            f"{layer['energy']:.4f}", f"{layer['rel_error']:.4f}",
-        )
-    console.print(table)
-    totals = plan_dict["totals"]
-    if plan_dict["layers"]:
-        console.print(f"planned layers: params {totals['params_before']:,} → {totals['params_after']:,} "  # type: ignore[index]
-                      f"(×{totals['params_after'] / totals['params_before']:.3f})")  # type: ignore[index]
-    for item in plan_dict["skipped"]:  # type: ignore[union-attr]
-        console.print(f"skipped {item['name']}: {item['reason']}", soft_wrap=True)
 
 
 @guarded
@@ -104,28 +78,15 @@ def lowrank(
     options = _options(energy, ratio, flops, budget, conv, speed, latency_batch, min_params, exclude, plan)
     if save_plan is not None:
         check_side_file(save_plan, "plan", model, output)
-    if dry_run:
-        cls = get_pass(PASS_NAME)
-        compression = cls(make_config(cls.Config, options))
-        loaded = io.load(model)
-        protected = check_loaded(loaded, [(save_plan, "plan")])
-        compression.requires(loaded)
-        compression.context = PassContext(data=load_npz(data, loaded) if data else None, original=loaded)
-        plan_dict = compression.plan_model(loaded).to_dict()  # type: ignore[attr-defined]
-        _print_plan(plan_dict)
-        if save_plan is not None:
-            writer.write_text(save_plan, _plan_text(plan_dict), "plan", protected)
-        return
     step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
+    if dry_run:
+        plan_file(model, [step], data_path=data, save_plan=save_plan)
+        return
     side_files: list[SideFile] = []
     if save_plan is not None:
-        side_files.append((save_plan, "plan", lambda result: _plan_text(result.steps[0].report.notes.get("plan", {}))))
+        side_files.append((save_plan, "plan", lambda result: plan_text(result.steps[0].report.notes.get("plan", {}))))
     compress_file(model, output, [step], data_path=data, report_path=report, side_files=side_files,
                   input_shapes=input_shape)
-
-
-def _plan_text(plan_dict: object) -> str:
-    return json.dumps(plan_dict, indent=2) + "\n"
 
 
 def register(app: typer.Typer) -> None:
