@@ -47,7 +47,7 @@ import dataclasses
 import importlib
 import logging
 import pkgutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -256,7 +256,7 @@ class PlanTable:
 
     title: str
     columns: tuple[str, ...]
-    rows: list[tuple[str, ...]]
+    rows: Sequence[tuple[str, ...]]
     right_aligned: frozenset[str] = frozenset()
     notes: tuple[str, ...] = ()  # lines printed under the table
 
