@@ -30,8 +30,6 @@ __all__ = ["SparseCsrConfig", "SparseCsrPass", "measure_layer", "csr_arrays", "c
 import dataclasses
 import fnmatch
 import logging
-import statistics
-import time
 from typing import Literal
 
 import numpy as np
@@ -47,11 +45,11 @@ from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers, r
 from onnxcompress.passes.sparse.formats import pack_codebook_indices, to_csr
 from onnxcompress.passes.sparse.functions import DOMAIN, MIN_ONNX_OPSET, OPSET_VERSION, function_for
 from onnxcompress.sites import CODEBOOK_LAYER, WeightSite, find_weight_sites
+from onnxcompress.timing import call_overhead_model, interleaved_medians
 
 logger = logging.getLogger(__name__)
 
 OP = "SparseMatMul"
-_FLUSH_BYTES = 96 << 20  # larger than the L3 of the machines we measured on
 
 
 class SparseCsrConfig(PassConfig):
@@ -106,14 +104,6 @@ class _Candidate:
         return int(sum(a.nbytes for a in self.arrays.values()))
 
 
-def _timed(session: object, feeds: dict[str, np.ndarray], flush: np.ndarray | None) -> float:
-    if flush is not None:
-        flush += 1  # touch every line: evicts weights from all cache levels
-    start = time.perf_counter()
-    session.run(None, feeds)  # type: ignore[attr-defined]
-    return time.perf_counter() - start
-
-
 def _layer_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], k: int) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
@@ -156,21 +146,13 @@ def measure_layer(
         [numpy_helper.from_array(np.ascontiguousarray(array), name) for name, array in arrays.items()],
         k,
     )
-    # `overhead`: the same call on a graph that does nothing (Identity); a layer inside a model
-    # does not pay it, so it is subtracted from both before comparing.
-    nothing = _layer_model([helper.make_node("Identity", ["X"], ["Y"])], [], k)
-    sessions = {"dense": runtime.session(dense, threads=threads), "sparse": runtime.session(sparse, threads=threads),
-                "overhead": runtime.session(nothing, threads=threads)}
+    # `overhead`: the same call on a graph that does nothing; a layer inside a model does not
+    # pay it, so it is subtracted from both before comparing.
+    models = {"dense": dense, "sparse": sparse, "overhead": call_overhead_model(dense)}
+    sessions = [runtime.session(model, threads=threads) for model in models.values()]
     feeds = {"X": np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)}
-    flush = np.zeros(_FLUSH_BYTES // 4, dtype=np.float32) if cold_cache else None
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(2):  # warm up: arena allocation, thread pool start
-        for session in sessions.values():
-            session.run(None, feeds)
-    for _ in range(repeats):
-        for name, session in sessions.items():
-            times[name].append(_timed(session, feeds, flush))
-    return {name: statistics.median(values) for name, values in times.items()}
+    medians = interleaved_medians(sessions, feeds, repeats=repeats, cold_cache=cold_cache)
+    return dict(zip(models, medians, strict=True))
 
 
 def csr_arrays(weight: np.ndarray, index_dtype: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, int]]:

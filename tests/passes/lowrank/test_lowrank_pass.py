@@ -278,7 +278,7 @@ def test_pair_that_is_not_faster_is_not_applied(rng):
 
 
 class CostClock:
-    """Stands in for `time.perf_counter` in `latency`: each onnxruntime run advances it by a set cost.
+    """Stands in for `time.perf_counter` in `onnxcompress.timing`: each onnxruntime run advances it by a set cost.
 
     The sessions are real; only the clock is replaced, so which of the two is "faster" is
     decided by the test, never by a race on a shared machine.
@@ -310,6 +310,7 @@ class CostClock:
 @pytest.mark.parametrize("op", ["MatMul", "Conv"])
 @pytest.mark.parametrize(("original_ms", "pair_ms", "applied"), [(2.0, 1.0, True), (1.0, 1.0, False), (1.0, 1.5, False)])
 def test_speed_check_measures_both_with_onnxruntime(rng, monkeypatch, op, original_ms, pair_ms, applied):
+    from onnxcompress import timing
     from onnxcompress.passes.lowrank import latency
 
     if op == "MatMul":
@@ -320,7 +321,7 @@ def test_speed_check_measures_both_with_onnxruntime(rng, monkeypatch, op, origin
         proto = conv_proto(weight, bias, ["batch", 32, 8, 8], pads=[1, 1, 1, 1])
     clock = CostClock(original_ms, pair_ms)
     monkeypatch.setattr(latency, "session", clock.session)
-    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     model = ir.from_proto(proto)
     result, plan = factorize(model, ratio=0.25, min_params=0, speed=True, latency_batch=4)
     assert result.modified is applied
