@@ -32,6 +32,7 @@ from onnxcompress.cli.common import (
 from onnxcompress.data import load_npz
 from onnxcompress.errors import DataError, UserError
 from onnxcompress.pipeline import Step
+from onnxcompress.report_sensitivity import check_outputs, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def sensitivity(
 
     With a cosine budget the chosen plan also passes the default gate's other checks (rank
     correlation, top-1; change them with --min-rank-corr / --min-top1), as `optimize` will check."""
-    from onnxcompress.passes.prune.sensitivity import Budget, check_outputs, write_outputs
+    from onnxcompress.passes.prune.sensitivity import Budget
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
 
     ratio_list = _parse_ratios(ratios)
