@@ -28,11 +28,14 @@ __all__ = [
     "MinTop1Option",
     "InputShapeOption",
     "gate_for",
+    "pass_help",
+    "PassOptionsCommand",
 ]
 
 import functools
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -40,14 +43,16 @@ from typing import Annotated, Any, TypeVar
 import onnx_ir as ir
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from onnxcompress import io, writer
 from onnxcompress.data import load_npz
 from onnxcompress.errors import OnnxCompressError, UserError
 from onnxcompress.fidelity import DEFAULT_GATE, Gate
-from onnxcompress.pass_base import PlanTable
+from onnxcompress.pass_base import PlanTable, get_pass
 from onnxcompress.pipeline import PipelineResult, Step, run_steps
 from onnxcompress.probes import DEFAULT_PROBES, parse_input_shapes, shapes_as_sizes
 from onnxcompress.report import render_report
@@ -68,13 +73,14 @@ DataOption = Annotated[
 ReportOption = Annotated[Path | None, typer.Option("--report", help="Write a .json, .md or .html report.")]
 MinCosineOption = Annotated[float | None, typer.Option(
     "--min-cosine", min=-1.0, max=1.0, show_default=False,
-    help=f"Gate: lowest cosine of each output, logits for softmax outputs [default: {DEFAULT_GATE.min_cosine}].")]
+    help="Gate: lowest cosine of each output, logits for softmax outputs "
+         + escape(f"[default: {DEFAULT_GATE.min_cosine}]."))]
 MinRankOption = Annotated[float | None, typer.Option(
     "--min-rank-corr", min=-1.0, max=1.0, show_default=False,
-    help=f"Gate: lowest rank correlation over samples [default: {DEFAULT_GATE.min_rank_correlation}].")]
+    help="Gate: lowest rank correlation over samples " + escape(f"[default: {DEFAULT_GATE.min_rank_correlation}]."))]
 MinTop1Option = Annotated[float | None, typer.Option(
     "--min-top1", min=0.0, max=1.0, show_default=False,
-    help=f"Gate: lowest top-1 agreement [default: {DEFAULT_GATE.min_top1}].")]
+    help="Gate: lowest top-1 agreement " + escape(f"[default: {DEFAULT_GATE.min_top1}]."))]
 InputShapeOption = Annotated[list[str] | None, typer.Option(
     "--input-shape", show_default=False,
     help="Probe shape of an input with dynamic dimensions, NAME=DxDx... (repeatable), e.g. images=1x3x320x320.")]
@@ -249,6 +255,44 @@ def print_summary(result: PipelineResult, output: Path) -> None:
         for failure in step.failures:
             console.print(f"  gate: {failure}")
     logging.getLogger(__name__).debug("summary printed")
+
+
+_PASS_FIELD = re.compile(r"\{pass:([\w.]+):(\w+)\}")
+
+
+def pass_help(pass_name: str, field: str) -> str:
+    """The help of an option that sets `field` of a pass: the field's description and default.
+
+    The pass config is the one place an option is documented (and its default declared). The
+    text is looked up when help is shown (`PassOptionsCommand`), so listing the commands imports
+    no pass; an option left at None takes the config's default.
+    """
+    return f"{{pass:{pass_name}:{field}}}"
+
+
+def field_help(pass_name: str, field: str) -> str:
+    """A pass config field's description, with its default when it has one worth showing."""
+    info = get_pass(pass_name).Config.model_fields[field]
+    text = info.description or ""
+    default = None if info.is_required() else info.get_default(call_default_factory=True)
+    if default not in (None, (), {}, False):
+        text += escape(f" [default: {default}]")  # brackets are rich markup: shown literally
+    return text
+
+
+def resolve_pass_help(text: str) -> str:
+    return _PASS_FIELD.sub(lambda match: field_help(match[1], match[2]), text)
+
+
+class PassOptionsCommand(TyperCommand):
+    """A command whose options' help comes from pass configs (see `pass_help`)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.params:
+            help_text = getattr(param, "help", None)
+            if isinstance(help_text, str):
+                param.help = resolve_pass_help(help_text)  # type: ignore[attr-defined]
+        super().format_help(ctx, formatter)
 
 
 def gate_for(min_cosine: float | None = None, min_rank_corr: float | None = None,

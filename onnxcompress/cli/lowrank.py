@@ -18,12 +18,14 @@ from onnxcompress.cli.common import (
     MinRankOption,
     MinTop1Option,
     OutputOption,
+    PassOptionsCommand,
     ReportOption,
     SideFile,
     check_side_file,
     compress_file,
     gate_for,
     guarded,
+    pass_help,
     plan_file,
     plan_text,
 )
@@ -33,15 +35,10 @@ from onnxcompress.pipeline import Step
 PASS_NAME = "lowrank.svd"
 
 
-def _options(
-    energy: float | None, ratio: float | None, flops: bool, budget: float | None, conv: str, speed: bool,
-    latency_batch: int, min_params: int, exclude: list[str] | None, plan: Path | None,
-) -> dict[str, object]:
-    options: dict[str, object] = {"conv": conv, "speed": speed, "latency_batch": latency_batch,
-                                  "min_params": min_params, "exclude": tuple(exclude or ())}
-    for key, value in (("energy", energy), ("ratio", ratio), ("budget", budget)):
-        if value is not None:
-            options[key] = value
+def _options(flops: bool, exclude: list[str] | None, plan: Path | None, **given: object) -> dict[str, object]:
+    """The pass options the user gave; the rest keep the config's defaults."""
+    options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
+    options["exclude"] = tuple(exclude or ())
     if flops:
         options["ratio_metric"] = "flops"
     if plan is not None:
@@ -55,16 +52,18 @@ def _options(
 def lowrank(
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
-    energy: Annotated[float | None, typer.Option(help="Keep this fraction of each weight's energy ‖W‖²_F.")] = None,
-    ratio: Annotated[float | None, typer.Option(help="Per-layer size after/before, in (0, 1).")] = None,
+    energy: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "energy"), show_default=False)] = None,
+    ratio: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "ratio"), show_default=False)] = None,
     flops: Annotated[bool, typer.Option("--flops", help="--ratio counts FLOPs, not parameters.")] = False,
-    budget: Annotated[float | None, typer.Option(help="Lowest output cosine; greedy per-layer rank search.")] = None,
-    conv: Annotated[str, typer.Option(help="Conv form: auto, channel, spatial or off.")] = "auto",
-    speed: Annotated[bool, typer.Option("--speed", help="Keep a layer only if onnxruntime runs it faster.")] = False,
-    latency_batch: Annotated[int, typer.Option(help="Batch size of the --speed latency test.")] = 64,
-    min_params: Annotated[int, typer.Option(help="Leave weights smaller than this alone.")] = 4096,
-    exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never factorized (repeatable).")] = None,
-    plan: Annotated[Path | None, typer.Option("--plan", help="Apply a saved plan (JSON).")] = None,
+    budget: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "budget"), show_default=False)] = None,
+    conv: Annotated[str | None, typer.Option(help=pass_help(PASS_NAME, "conv"), show_default=False)] = None,
+    speed: Annotated[bool, typer.Option("--speed", help=pass_help(PASS_NAME, "speed"))] = False,
+    latency_batch: Annotated[int | None, typer.Option(
+        help=pass_help(PASS_NAME, "latency_batch"), show_default=False)] = None,
+    min_params: Annotated[int | None, typer.Option(help=pass_help(PASS_NAME, "min_params"), show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help=pass_help(PASS_NAME, "exclude") + " Repeatable.", show_default=False)] = None,
+    plan: Annotated[Path | None, typer.Option("--plan", help=pass_help(PASS_NAME, "plan"), show_default=False)] = None,
     save_plan: Annotated[Path | None, typer.Option("--save-plan", help="Write the plan as JSON.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and print; write no model.")] = False,
     data: DataOption = None,
@@ -75,7 +74,8 @@ def lowrank(
     input_shape: InputShapeOption = None,
 ) -> None:
     """Factorize MatMul/Gemm/Conv weights by truncated SVD where it pays (Denton et al. 2014)."""
-    options = _options(energy, ratio, flops, budget, conv, speed, latency_batch, min_params, exclude, plan)
+    options = _options(flops, exclude, plan, energy=energy, ratio=ratio, budget=budget, conv=conv,
+                       speed=speed or None, latency_batch=latency_batch, min_params=min_params)
     if save_plan is not None:
         check_side_file(save_plan, "plan", model, output)
     step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
@@ -90,4 +90,4 @@ def lowrank(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(lowrank)
+    app.command(cls=PassOptionsCommand)(lowrank)

@@ -19,6 +19,7 @@ from onnxcompress.cli.common import (
     MinRankOption,
     MinTop1Option,
     OutputOption,
+    PassOptionsCommand,
     ReportOption,
     SideFile,
     check_side_file,
@@ -26,6 +27,7 @@ from onnxcompress.cli.common import (
     console,
     gate_for,
     guarded,
+    pass_help,
     plan_file,
     plan_text,
 )
@@ -36,10 +38,14 @@ from onnxcompress.report_sensitivity import check_outputs, write_outputs
 
 logger = logging.getLogger(__name__)
 
+MAGNITUDE, STRUCTURED = "prune.magnitude", "prune.structured"
 
-def _structured_options(ratio: float, criterion: str, exclude: list[str] | None,
+
+def _structured_options(ratio: float | None, criterion: str | None, exclude: list[str] | None,
                         plan_file: Path | None) -> dict[str, object]:
-    options: dict[str, object] = {"ratio": ratio, "criterion": criterion, "exclude": tuple(exclude or ())}
+    given = {"ratio": ratio, "criterion": criterion}  # None: the config's default
+    options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
+    options["exclude"] = tuple(exclude or ())
     if plan_file is not None:
         try:
             options["plan"] = json.loads(plan_file.read_text())
@@ -54,17 +60,20 @@ def _structured_options(ratio: float, criterion: str, exclude: list[str] | None,
 def prune(
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
-    sparsity: Annotated[float | None, typer.Option(help="Share of weights set to zero, in [0, 1).")] = None,
-    quality: Annotated[float | None, typer.Option(help="Han's rule: zero |w| < quality × std(layer).")] = None,
+    sparsity: Annotated[float | None, typer.Option(help=pass_help(MAGNITUDE, "sparsity"), show_default=False)] = None,
+    quality: Annotated[float | None, typer.Option(help=pass_help(MAGNITUDE, "quality"), show_default=False)] = None,
     global_scope: Annotated[bool, typer.Option("--global", help="One threshold over all layers.")] = False,
     structured: Annotated[bool, typer.Option("--structured", help="Remove whole neurons / channels.")] = False,
-    ratio: Annotated[float, typer.Option(min=0.0, max=0.999, help="--structured: share of channels removed per group.")] = 0.5,
-    criterion: Annotated[str, typer.Option(help="--structured: l1, l2, taylor or obd (the last two need --data).")] = "l1",
+    ratio: Annotated[float | None, typer.Option(
+        min=0.0, max=0.999, help="--structured: " + pass_help(STRUCTURED, "ratio"), show_default=False)] = None,
+    criterion: Annotated[str | None, typer.Option(
+        help="--structured: " + pass_help(STRUCTURED, "criterion"), show_default=False)] = None,
     dead_neurons: Annotated[bool, typer.Option("--dead-neurons", help="After unstructured pruning, remove neurons left without connections (Han).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="--structured or --dead-neurons: print the plan, write nothing.")] = False,
     save_plan: Annotated[Path | None, typer.Option(help="--structured: write the plan as JSON.")] = None,
-    plan: Annotated[Path | None, typer.Option(help="--structured: apply a saved plan instead of planning.")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never pruned (repeatable).")] = None,
+    plan: Annotated[Path | None, typer.Option(help="--structured: " + pass_help(STRUCTURED, "plan"))] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help=pass_help(MAGNITUDE, "exclude") + " Repeatable.", show_default=False)] = None,
     data: DataOption = None,
     report: ReportOption = None,
     min_cosine: MinCosineOption = None,
@@ -82,7 +91,7 @@ def prune(
             check_side_file(save_plan, "plan", model, output)
             # written with the model, so a failed gate writes neither
             side_files = [(save_plan, "plan", lambda result: plan_text(result.steps[0].report.notes["plan"]))]
-        steps = [Step(pass_name="prune.structured", options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))]
+        steps = [Step(pass_name=STRUCTURED, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))]
     else:
         if save_plan is not None or plan is not None:
             raise UserError("--save-plan and --plan go with --structured")
@@ -98,7 +107,7 @@ def prune(
             magnitude["quality"] = quality
         steps = []
         if sparsity is not None or quality is not None or not dead_neurons:  # --dead-neurons alone: only that
-            steps.append(Step(pass_name="prune.magnitude", options=magnitude, gate=gate_for(min_cosine, min_rank_corr, min_top1)))
+            steps.append(Step(pass_name=MAGNITUDE, options=magnitude, gate=gate_for(min_cosine, min_rank_corr, min_top1)))
         if dead_neurons:
             steps.append(Step(pass_name="prune.dead_neurons", options={"exclude": tuple(exclude or ())},
                               gate=gate_for(min_cosine, min_rank_corr, min_top1)))
@@ -176,5 +185,5 @@ def sensitivity(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(prune)
+    app.command(cls=PassOptionsCommand)(prune)
     app.command()(sensitivity)
