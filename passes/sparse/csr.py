@@ -4,7 +4,7 @@ Deep Compression (Han et al., ICLR 2016) stores pruned layers as sparse matrices
 3× faster fully connected layers at batch 1 on CPU; onnxruntime has no usable sparse kernel
 (it densifies `sparse_initializer` at load), so a pruned model is as slow as the dense one.
 This pass swaps a pruned layer's weight for CSR arrays read by `ai.onnxcompress.SparseMatMul`
-(formats.py), but only where the kernel is measurably faster at the batch size the user
+(`onnxcompress.formats.kernel_arrays`), but only where the kernel is measurably faster at the batch size the user
 gives: each candidate is timed against onnxruntime's dense MatMul on this machine, in one
 process, alternating, caches flushed between calls by default; the fixed cost of a call (timed
 on a graph that does nothing) is subtracted from both, since a layer inside a model does not
@@ -20,7 +20,7 @@ The rewrite is exact: MatMul(X, W) becomes SparseMatMul(X, csr(W), bias=0), and
 Gemm(A, B, C; alpha, beta, transB) becomes SparseMatMul(A, csr(alpha·op(B)), bias=beta·C)
 for a constant C that broadcasts to [N]; outputs differ from dense only by fp32 summation
 order. With `portable` (default) the model also carries each op as a model-local function
-(functions.py), so a stock onnxruntime still runs it, at dense speed.
+(`onnxcompress.formats.kernel_ops`), so a stock onnxruntime still runs it, at dense speed.
 """
 
 from __future__ import annotations
@@ -40,10 +40,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import runtime
 from onnxcompress.errors import MissingDependencyError, UnsupportedModelError
+from onnxcompress.formats.codebook import CodebookLayer, codebook_layers, remove_codebook_layer
+from onnxcompress.formats.kernel_arrays import pack_codebook_indices, to_csr
+from onnxcompress.formats.kernel_ops import (
+    DOMAIN,
+    KERNEL_OPS,
+    MIN_ONNX_OPSET,
+    OPSET_VERSION,
+    function_for,
+)
 from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
-from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers, remove_codebook_layer
-from onnxcompress.passes.sparse.formats import pack_codebook_indices, to_csr
-from onnxcompress.passes.sparse.functions import DOMAIN, MIN_ONNX_OPSET, OPSET_VERSION, function_for
 from onnxcompress.sites import CODEBOOK_LAYER, WeightSite, find_weight_sites
 from onnxcompress.timing import call_overhead_model, interleaved_medians
 
@@ -271,8 +277,9 @@ class SparseCsrPass(CompressionPass):
         arrays, attributes = csr_arrays(array, self.config.index_dtype)
         return _Candidate(site.name, node, array, bias, float(sparsity), OP, arrays, attributes, site=site)
 
-    def _codebook_candidate(self, model: ir.Model, layer: CodebookLayer,
-                            report: PassReport) -> _Candidate | None:
+    def _codebook_candidate(
+        self, model: ir.Model, layer: CodebookLayer, report: PassReport
+    ) -> _Candidate | None:
         """A Cast -> Gather decoded weight read by one MatMul / Gemm."""
         name = layer.name
         if self.config.exclude and any(fnmatch.fnmatchcase(name, p) for p in self.config.exclude):
@@ -282,7 +289,7 @@ class SparseCsrPass(CompressionPass):
         uses = list(decoded.uses())
         if decoded.is_graph_output() or len(uses) != 1:
             report.skip(name, f"shared weight read by {len(uses)} nodes" if len(uses) != 1 else
-                        "weight is also a graph output")
+                             "weight is also a graph output")
             return None
         node, index = uses[0]
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or index != 1:
@@ -294,7 +301,7 @@ class SparseCsrPass(CompressionPass):
         codebook = layer.codebook()
         if codebook.dtype != np.float32 or len(layer.shape) != 2 or codebook.size > 256:
             report.skip(name, f"codebook {codebook.dtype} of {codebook.size} entries for a "
-                        f"{len(layer.shape)}-D weight: the kernels take fp32, <= 256 entries, 2-D")
+                             f"{len(layer.shape)}-D weight: the kernels take fp32, <= 256 entries, 2-D")
             return None
         indices = layer.indices()
         if int(np.prod(indices.shape)) < self.config.min_params:
@@ -398,9 +405,12 @@ class SparseCsrPass(CompressionPass):
         node = candidate.node
         graph = model.graph
         taken = set(graph.initializers)
+        op = KERNEL_OPS[candidate.op]
+        if list(candidate.arrays) != op.stored_inputs:  # the table fixes the inputs' order
+            raise AssertionError(f"{op.name} takes {op.stored_inputs}, got {list(candidate.arrays)}")
         inputs = [node.inputs[0]]
         for suffix, array in {**candidate.arrays, "bias": candidate.bias}.items():
-            name = _unique(f"{candidate.name}.{_PREFIX[candidate.op]}_{suffix}", taken)
+            name = _unique(f"{candidate.name}.{op.prefix}_{suffix}", taken)
             value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
             value.shape = ir.Shape(array.shape)
             value.type = ir.TensorType(value.const_value.dtype)  # type: ignore[union-attr]
@@ -413,7 +423,7 @@ class SparseCsrPass(CompressionPass):
             inputs,
             attributes=dict(candidate.attributes),
             domain=DOMAIN,
-            name=node.name or f"{candidate.name}.{_PREFIX[candidate.op]}",
+            name=node.name or f"{candidate.name}.{op.prefix}",
             num_outputs=1,
         )
         new.outputs[0].name = old_output.name
@@ -442,10 +452,7 @@ class SparseCsrPass(CompressionPass):
         stored = candidate.arrays["values"] if "values" in candidate.arrays else candidate.arrays["indices"]
         params_after = int(stored.size) if candidate.op != "CodebookMatMul" else int(candidate.weight.size)
         report.changed(candidate.name, node.op_type, before, params_after=params_after,
-                       bytes_after=candidate.stored_bytes(), detail=detail)
-
-
-_PREFIX = {OP: "csr", "SparseCodebookMatMul": "csr_codebook", "CodebookMatMul": "codebook_packed"}
+                            bytes_after=candidate.stored_bytes(), detail=detail)
 
 
 def _drop_initializer_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
