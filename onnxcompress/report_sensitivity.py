@@ -39,19 +39,33 @@ def recipe_text(result: SensitivityResult) -> str:
     import yaml
 
     budget = result.budget
-    gate = ({"min_cosine": budget.min_cosine, "min_rank_correlation": budget.min_rank_correlation,
-             "min_top1": budget.min_top1} if result.metric == "cosine"
-            else {"min_cosine": None, "min_rank_correlation": None, "min_top1": None})
+    gate = (
+        {
+            "min_cosine": budget.min_cosine,
+            "min_rank_correlation": budget.min_rank_correlation,
+            "min_top1": budget.min_top1,
+        }
+        if result.metric == "cosine"
+        else {"min_cosine": None, "min_rank_correlation": None, "min_top1": None}
+    )
     step = {**result.plan(), "gate": gate}
-    recipe = {"name": "sensitivity-plan", "description": (
-        f"Per-layer rates chosen by `onnxcompress sensitivity` ({result.metric} {result.joint_value:.6f} "
-        f"against a baseline of {result.baseline:.6f}; {result.removed_params:,} of {result.total_params:,} "
-        "weights removed)."), "seed": 0, "steps": [step]}
+    recipe = {
+        "name": "sensitivity-plan",
+        "description": (
+            "Per-layer rates chosen by `onnxcompress sensitivity` "
+            f"({result.metric} {result.joint_value:.6f} "
+            f"against a baseline of {result.baseline:.6f}; "
+            f"{result.removed_params:,} of {result.total_params:,} "
+            "weights removed)."
+        ),
+        "seed": 0,
+        "steps": [step],
+    }
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
 def check_outputs(folder: Path, protected: Mapping[Path, str]) -> None:
-    """Before the analysis: refuse a folder whose result files would replace a protected file or a folder."""
+    """Before the analysis: refuse a folder whose files would replace a protected file or folder."""
     for name in OUTPUT_NAMES:
         if folder.is_dir():
             check(folder / name, "output", protected)
@@ -66,17 +80,24 @@ def csv_text(result: SensitivityResult) -> str:
     table.writerow(["layer", "op", "params", "ratio", result.metric, "chosen"])
     for curve in result.curves:
         for ratio, value in zip(curve.ratios, curve.values, strict=True):
-            table.writerow([curve.name, curve.op, curve.params, ratio, f"{value:.6g}", curve.chosen])
+            table.writerow(
+                [curve.name, curve.op, curve.params, ratio, f"{value:.6g}", curve.chosen]
+            )
     return rows.getvalue()
 
 
-def write_outputs(result: SensitivityResult, folder: Path, protected: Mapping[Path, str] | None = None) -> list[Path]:
-    """sensitivity.json, sensitivity.csv, recipe.yaml and (with matplotlib) sensitivity.png in `folder`.
+def write_outputs(
+    result: SensitivityResult, folder: Path, protected: Mapping[Path, str] | None = None
+) -> list[Path]:
+    """sensitivity.json, .csv, recipe.yaml and (with matplotlib) sensitivity.png in `folder`.
 
     All go through one guarded batch: every file or none, never over a `protected` one.
     """
-    files = {"sensitivity.json": (json.dumps(result.to_dict(), indent=2) + "\n").encode(),
-             "sensitivity.csv": csv_text(result).encode(), "recipe.yaml": recipe_text(result).encode()}
+    files = {
+        "sensitivity.json": (json.dumps(result.to_dict(), indent=2) + "\n").encode(),
+        "sensitivity.csv": csv_text(result).encode(),
+        "recipe.yaml": recipe_text(result).encode(),
+    }
     png = plot(result)
     if png is not None:
         files["sensitivity.png"] = png
@@ -103,11 +124,19 @@ def plot(result: SensitivityResult) -> bytes | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed: sensitivity.png not written (pip install matplotlib)")
+        logger.warning(
+            "matplotlib is not installed: sensitivity.png not written (pip install matplotlib)"
+        )
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
     for curve in result.curves:
-        axes.plot([100 * r for r in curve.ratios], curve.values, marker="o", markersize=3, label=curve.name)
+        axes.plot(
+            [100 * r for r in curve.ratios],
+            curve.values,
+            marker="o",
+            markersize=3,
+            label=curve.name,
+        )
     if result.metric == "accuracy":
         floor = result.baseline - result.budget.max_accuracy_drop
         axes.set_ylabel("accuracy")

@@ -34,9 +34,15 @@ class Runnable(Protocol):
     def run(self, output_names: Any, input_feed: Mapping[str, Any], /) -> Any: ...
 
 
-def interleaved_medians(sessions: Sequence[Runnable], feeds: Mapping[str, np.ndarray], *, repeats: int,
-                        warmup: int = 2, cold_cache: bool = False) -> list[float]:
-    """Median seconds of one `run` of each session on `feeds`, timed A, B, A, B, ... after warm-up."""
+def interleaved_medians(
+    sessions: Sequence[Runnable],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    repeats: int,
+    warmup: int = 2,
+    cold_cache: bool = False,
+) -> list[float]:
+    """Median seconds per `run` of each session on `feeds`, timed A, B, A, B, ... after warm-up."""
     feeds = dict(feeds)
     for _ in range(warmup):
         for session in sessions:
@@ -56,9 +62,12 @@ def interleaved_medians(sessions: Sequence[Runnable], feeds: Mapping[str, np.nda
 def call_overhead_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A model with `model`'s first input that computes nothing (Identity): the cost of a call."""
     source = model.graph.input[0]
-    graph = helper.make_graph([helper.make_node("Identity", [source.name], ["nothing"])], "call_overhead",
-                              [source], [helper.make_tensor_value_info("nothing", source.type.tensor_type.elem_type,
-                                                                       None)])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [source.name], ["nothing"])],
+        "call_overhead",
+        [source],
+        [helper.make_tensor_value_info("nothing", source.type.tensor_type.elem_type, None)],
+    )
     overhead = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     overhead.ir_version = min(model.ir_version, 8) if model.ir_version else 8
     return overhead

@@ -22,8 +22,13 @@ class Recorder:
 
 def test_sessions_are_timed_alternately_after_a_warm_up():
     calls: list[str] = []
-    medians = interleaved_medians([Recorder("a", calls), Recorder("b", calls)], {"x": np.zeros(1)},
-                                  repeats=3, warmup=1, cold_cache=True)
+    medians = interleaved_medians(
+        [Recorder("a", calls), Recorder("b", calls)],
+        {"x": np.zeros(1)},
+        repeats=3,
+        warmup=1,
+        cold_cache=True,
+    )
     assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds, A, B, A, B, ...
     assert len(medians) == 2 and all(seconds >= 0 for seconds in medians)
 

@@ -1,4 +1,4 @@
-"""Each option that sets a pass's config field is documented once, in the config: --help reads it."""
+"""An option that sets a pass's config field is documented once, in the config: --help reads it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from onnxcompress.pass_base import get_pass
 
 def test_every_option_help_naming_a_pass_field_resolves():
     group = get_command(app)
-    helps = [param.help or "" for command in group.commands.values() for param in command.params]  # type: ignore[attr-defined]
-    resolved = [resolve_pass_help(text) for text in helps]  # a renamed field would raise KeyError here
+    commands = group.commands.values()  # type: ignore[attr-defined]
+    helps = [param.help or "" for command in commands for param in command.params]
+    resolved = [
+        resolve_pass_help(text) for text in helps
+    ]  # a renamed field would raise KeyError here
     assert not any("{pass:" in text for text in resolved)
     assert sum(text != before for text, before in zip(resolved, helps, strict=True)) >= 20
 
@@ -23,4 +26,7 @@ def test_help_shows_the_config_description_and_default():
     assert result.exit_code == 0, result.output
     field = get_pass("sparse.csr").Config.model_fields["min_sparsity"]
     assert f"{field.description} [default: {field.default}]" in result.output
-    assert "Gate: lowest cosine of each output, logits for softmax outputs [default: 0.99]." in result.output
+    assert (
+        "Gate: lowest cosine of each output, logits for softmax outputs [default: 0.99]."
+        in result.output
+    )
