@@ -56,7 +56,7 @@ class LocalExecutor(Executor):
     def imap(self, sweep: Sweep, tasks: Sequence[Task]) -> Iterator[tuple[int, Result]]:
         processes = self._processes(len(tasks))
         if processes <= 1:
-            state = sweep.setup(sweep.payload)
+            state = remember(sweep.key, sweep.setup, lambda: sweep.payload)  # kept for the next run
             for index, task in enumerate(tasks):
                 yield index, sweep.evaluate(state, task)
             return

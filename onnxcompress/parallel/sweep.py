@@ -8,7 +8,7 @@ layers spreads over as many cores as a cluster has, and a cache can store each r
 
 from __future__ import annotations
 
-__all__ = ["Task", "Sweep", "Executor", "remember", "forget", "evaluate_remembered"]
+__all__ = ["Task", "Sweep", "Executor", "remember", "adopt", "forget", "evaluate_remembered"]
 
 import abc
 import dataclasses
@@ -87,6 +87,13 @@ def remember(key: str, setup: Callable[[bytes], Any], payload: Callable[[], byte
         _REMEMBERED.clear()
         _REMEMBERED[key] = setup(payload())
     return _REMEMBERED[key]
+
+
+def adopt(key: str, state: Any) -> None:
+    """Make `state` this process's state for sweep `key`: the caller built it from live objects
+    (a serial sweep then runs on them, with no copy of the payload)."""
+    _REMEMBERED.clear()
+    _REMEMBERED[key] = state
 
 
 def forget() -> None:

@@ -54,7 +54,7 @@ from onnxcompress.data import LABELS
 from onnxcompress.errors import DataError, QuantizedModelError, UnsupportedModelError, UserError
 from onnxcompress.io import in_memory
 from onnxcompress.parallel import Executor, LocalExecutor, SweepCache, Task, run_sweep
-from onnxcompress.parallel.sweep import Sweep, remember
+from onnxcompress.parallel.sweep import Sweep, forget, remember
 from onnxcompress.pass_base import quantized_ops
 from onnxcompress.passes.prune.magnitude import prune_to_count
 from onnxcompress.runtime import ORT_ERRORS
@@ -253,8 +253,11 @@ def analyse(
     if not sites:
         raise UserError("the model has no weight layer to analyse")
     tasks = [Task(site.name, "magnitude", ratio) for site in sites for ratio in ratios]
-    values = run_sweep(sweep, tasks, executor=executor or LocalExecutor(workers), cache=cache,
-                       on_result=_layer_counter(tasks, len(ratios), len(sites), on_layer))
+    try:
+        values = run_sweep(sweep, tasks, executor=executor or LocalExecutor(workers), cache=cache,
+                           on_result=_layer_counter(tasks, len(ratios), len(sites), on_layer))
+    finally:
+        forget()  # the caller holds the evaluator; this process need not
     curves = [
         LayerCurve(site.name, site.op_type, site.size, list(ratios),
                    [float(v) for v in values[number * len(ratios):(number + 1) * len(ratios)]])

@@ -4,6 +4,7 @@ worker retried, the cache answering a second run; and the sensitivity table it g
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from onnxcompress.errors import WorkerError
@@ -59,3 +60,21 @@ def test_the_ray_sensitivity_table_is_the_local_one_and_a_rerun_hits_the_cache(e
     again = sensitivity(model, data={"x": x}, ratios=(0.3, 0.6, 0.9), executor=executor, cache=rerun)
     assert again.to_dict() == local.to_dict()
     assert (rerun.hits, rerun.stored) == (9, 0)
+
+
+def test_the_codebook_search_on_ray_writes_the_local_model_and_caches_each_error(executor, rng, tmp_path):
+    from onnxcompress import fidelity
+    from onnxcompress.pipeline import Step, run_steps
+
+    model = mlp(rng, (32, 64, 10))
+    x = rng.standard_normal((48, 32)).astype(np.float32)
+    gate = fidelity.Gate(min_cosine=0.999, min_rank_correlation=None, min_top1=None)
+
+    def search(**options: object) -> bytes:
+        step = Step(pass_name="codebook.search", options={"bits": (6, 4, 3), **options}, gate=gate)
+        return ir.to_proto(run_steps(model, [step], data={"x": x}).model).SerializeToString()
+
+    local = search()
+    assert search(executor="ray", cache=str(tmp_path)) == local
+    assert len(list(tmp_path.glob("sweeps/*/*.json"))) == 2 * 3  # one per (layer, width)
+    assert search(executor="ray", cache=str(tmp_path)) == local  # answered by the cache
