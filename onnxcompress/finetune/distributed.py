@@ -55,15 +55,17 @@ class Replica:
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """The module behind DDP: its backward averages gradients over the workers."""
-        return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True,
-                                                         broadcast_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(
+            module, find_unused_parameters=True, broadcast_buffers=False
+        )
 
     def shard(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        """This worker's rows of a global batch; None (on every worker) when it has fewer rows than workers."""
+        """This worker's rows of a global batch; None (on every worker) when there are fewer rows
+        than workers."""
         rows = len(next(iter(batch.values())))
         if rows < self.workers:
             return None
-        return {name: np.asarray(array)[self.rank::self.workers] for name, array in batch.items()}
+        return {name: np.asarray(array)[self.rank :: self.workers] for name, array in batch.items()}
 
 
 def _serialise(model: ir.Model) -> bytes:
@@ -83,20 +85,40 @@ def _train_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     replica = Replica(context.get_world_rank(), context.get_world_size())
     model = ir.from_proto(onnx.load_from_string(ray.get(config["model"])))
-    teacher = None if config["teacher"] is None else ir.from_proto(onnx.load_from_string(ray.get(config["teacher"])))
-    result = finetune(model, ray.get(config["data"]), original=teacher, options=config["options"],
-                      module=OnnxModule(model), replica=replica)
+    teacher = (
+        None
+        if config["teacher"] is None
+        else ir.from_proto(onnx.load_from_string(ray.get(config["teacher"])))
+    )
+    result = finetune(
+        model,
+        ray.get(config["data"]),
+        original=teacher,
+        options=config["options"],
+        module=OnnxModule(model),
+        replica=replica,
+    )
     checkpoint = None
     if replica.rank == 0:
         folder = Path(tempfile.mkdtemp(prefix="onnxcompress-finetune-"))
-        np.savez(folder / "arrays.npz", **result.arrays)
-        summary = {"history": result.history, "structure": result.structure,
-                   "stopped_early": result.stopped_early, "loss": result.loss_kind}
+        np.savez(folder / "arrays.npz", **result.arrays)  # type: ignore[arg-type]  # numpy's stub
+        summary = {
+            "history": result.history,
+            "structure": result.structure,
+            "stopped_early": result.stopped_early,
+            "loss": result.loss_kind,
+        }
         (folder / "summary.json").write_text(json.dumps(summary))
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
     last = result.history[-1] if result.history else {}
-    ray.train.report({"rank": replica.rank, "epochs": len(result.history), "loss": last.get("loss", float("nan"))},
-                     checkpoint=checkpoint)
+    ray.train.report(
+        {
+            "rank": replica.rank,
+            "epochs": len(result.history),
+            "loss": last.get("loss", float("nan")),
+        },
+        checkpoint=checkpoint,
+    )
 
 
 def finetune_on_ray(
@@ -119,7 +141,9 @@ def finetune_on_ray(
     ray = require_ray()
     started = _connect(ray, address, workers)
     try:
-        return _fit(ray, model, data, original, options or TrainOptions(), workers, storage, retries)
+        return _fit(
+            ray, model, data, original, options or TrainOptions(), workers, storage, retries
+        )
     finally:
         if started:
             ray.shutdown()
@@ -135,23 +159,41 @@ def _connect(ray: Any, address: str | None, workers: int) -> bool:
         else:
             ray.init(address=address, log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as error:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {str(error).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot reach the Ray cluster at {address}: {str(error).splitlines()[0]}"
+        ) from None
     return True
 
 
-def _fit(ray: Any, model: ir.Model, data: Arrays | Batches, original: ir.Model | None, options: TrainOptions,
-         workers: int, storage: str | Path | None, retries: int) -> TrainResult:
+def _fit(
+    ray: Any,
+    model: ir.Model,
+    data: Arrays | Batches,
+    original: ir.Model | None,
+    options: TrainOptions,
+    workers: int,
+    storage: str | Path | None,
+    retries: int,
+) -> TrainResult:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = {"model": ray.put(_serialise(model)), "data": ray.put(data), "options": options,
-              "teacher": None if original is None else ray.put(_serialise(original))}
+    config = {
+        "model": ray.put(_serialise(model)),
+        "data": ray.put(data),
+        "options": options,
+        "teacher": None if original is None else ray.put(_serialise(original)),
+    }
     with tempfile.TemporaryDirectory(prefix="onnxcompress-ray-train-") as scratch:
         trainer = TorchTrainer(
-            _train_worker, train_loop_config=config,
+            _train_worker,
+            train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-            run_config=RunConfig(storage_path=str(storage or scratch), name="onnxcompress-finetune",
-                                 failure_config=FailureConfig(max_failures=retries)),
+            run_config=RunConfig(
+                storage_path=str(storage or scratch),
+                name="onnxcompress-finetune",
+                failure_config=FailureConfig(max_failures=retries),
+            ),
         )
         try:
             outcome = trainer.fit()
@@ -164,4 +206,6 @@ def _fit(ray: Any, model: ir.Model, data: Arrays | Batches, original: ir.Model |
                 arrays = {name: archive[name] for name in archive.files}
             summary = json.loads((Path(folder) / "summary.json").read_text())
     logger.info("fine-tuned on %d Ray workers; checkpoint %s", workers, outcome.checkpoint.path)
-    return TrainResult(arrays, summary["history"], summary["structure"], summary["stopped_early"], summary["loss"])
+    return TrainResult(
+        arrays, summary["history"], summary["structure"], summary["stopped_early"], summary["loss"]
+    )

@@ -337,8 +337,11 @@ def _finetune(
             module.train()
             total, count = 0.0, 0
             for batch in batches_of(data, options.batch_size, shuffle=True, rng=rng, max_samples=options.max_samples) if isinstance(data, Mapping) else data():
-                if replica is not None and (batch := replica.shard(batch)) is None:
-                    continue  # a last batch with fewer rows than workers
+                if replica is not None:
+                    share = replica.shard(batch)
+                    if share is None:
+                        continue  # a last batch with fewer rows than workers
+                    batch = share
                 feeds = _feeds(module, batch)
                 with torch.no_grad():
                     reference = teacher(**feeds) if loss_kind != "cross_entropy" else None

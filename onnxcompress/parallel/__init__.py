@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 ExecutorKind = Literal["local", "ray"]
 
 
-def make_executor(kind: str = "local", *, workers: int | None = None, address: str | None = None) -> Executor:
+def make_executor(
+    kind: str = "local", *, workers: int | None = None, address: str | None = None
+) -> Executor:
     """The executor the CLI options name: `--executor local|ray --ray-address A --workers N`.
 
     A Ray address alone implies the Ray executor."""
@@ -68,7 +70,9 @@ def run_sweep(
     if results:
         logger.info("sweep: %d of %d results from the cache", len(results), len(tasks))
     if missing:
-        for position, value in (executor or LocalExecutor()).imap(sweep, [tasks[i] for i in missing]):
+        for position, value in (executor or LocalExecutor()).imap(
+            sweep, [tasks[i] for i in missing]
+        ):
             index = missing[position]
             results[index] = value
             if cache is not None:

@@ -43,7 +43,9 @@ class SweepCache:
         self.stored = 0
 
     def _path(self, sweep: Sweep, task: Task) -> Path:
-        name = hashlib.sha256(json.dumps([task.layer, task.method, task.setting]).encode()).hexdigest()[:32]
+        name = hashlib.sha256(
+            json.dumps([task.layer, task.method, task.setting]).encode()
+        ).hexdigest()[:32]
         return self.folder / "sweeps" / sweep.key / f"{name}.json"
 
     def get(self, sweep: Sweep, task: Task) -> tuple[bool, Result]:
@@ -70,4 +72,6 @@ class SweepCache:
             os.replace(temporary, path)
             self.stored += 1
         except OSError as error:  # a full or read-only cache costs speed, never the sweep
-            logger.warning("sweep cache: cannot store a result in %s: %s", path.parent, error.strerror or error)
+            logger.warning(
+                "sweep cache: cannot store a result in %s: %s", path.parent, error.strerror or error
+            )

@@ -67,19 +67,32 @@ class LocalExecutor(Executor):
                 yield from self._pool(sweep, pending, processes)
                 return
             except BrokenProcessPool:
-                logger.warning("a worker process died; retrying %d unfinished evaluations in a new pool "
-                               "(retry %d of %d)", len(pending), attempt + 1, self.retries)
-        raise WorkerError(f"worker processes died {self.retries + 1} times; {len(pending)} evaluations "
-                          "never finished (out of memory? try fewer --workers)")
+                logger.warning(
+                    "a worker process died; retrying %d unfinished evaluations in a new pool "
+                    "(retry %d of %d)",
+                    len(pending),
+                    attempt + 1,
+                    self.retries,
+                )
+        raise WorkerError(
+            f"worker processes died {self.retries + 1} times; {len(pending)} evaluations "
+            "never finished (out of memory? try fewer --workers)"
+        )
 
     @staticmethod
-    def _pool(sweep: Sweep, pending: dict[int, Task], processes: int) -> Iterator[tuple[int, Result]]:
+    def _pool(
+        sweep: Sweep, pending: dict[int, Task], processes: int
+    ) -> Iterator[tuple[int, Result]]:
         """Runs `pending` in one pool, removing each task as its result is yielded."""
         with concurrent.futures.ProcessPoolExecutor(
-            processes, initializer=_set_up_worker, initargs=(sweep.key, sweep.setup, _Payload(sweep.payload))
+            processes,
+            initializer=_set_up_worker,
+            initargs=(sweep.key, sweep.setup, _Payload(sweep.payload)),
         ) as pool:
-            futures = {pool.submit(evaluate_remembered, sweep.key, sweep.evaluate, task): index
-                       for index, task in pending.items()}
+            futures = {
+                pool.submit(evaluate_remembered, sweep.key, sweep.evaluate, task): index
+                for index, task in pending.items()
+            }
             for future in concurrent.futures.as_completed(futures):
                 value = future.result()  # BrokenProcessPool: the caller starts a new pool
                 index = futures[future]

@@ -28,11 +28,15 @@ def require_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise MissingDependencyError("the Ray executor needs Ray: pip install 'onnxcompress[ray]'") from None
+        raise MissingDependencyError(
+            "the Ray executor needs Ray: pip install 'onnxcompress[ray]'"
+        ) from None
     return ray
 
 
-def _evaluate_in_worker(key: str, setup: Any, evaluate: Any, payload: list[Any], task: Task) -> Result:
+def _evaluate_in_worker(
+    key: str, setup: Any, evaluate: Any, payload: list[Any], task: Task
+) -> Result:
     """A Ray task: the worker's state for this sweep (fetched and built once), then one evaluation.
     The payload's reference travels inside a list so that Ray does not fetch it for every task."""
     import ray
@@ -42,9 +46,11 @@ def _evaluate_in_worker(key: str, setup: Any, evaluate: Any, payload: list[Any],
 
 
 class RayExecutor(Executor):
-    """Tasks on Ray: joins `address`, or starts (and later stops) a local cluster of `workers` CPUs."""
+    """Tasks on Ray: joins `address`, or starts (and stops) a local cluster of `workers` CPUs."""
 
-    def __init__(self, address: str | None = None, *, workers: int | None = None, retries: int = 2) -> None:
+    def __init__(
+        self, address: str | None = None, *, workers: int | None = None, retries: int = 2
+    ) -> None:
         ray = require_ray()
         self.retries = retries
         self._started = False
@@ -55,7 +61,9 @@ class RayExecutor(Executor):
                 else:
                     ray.init(address=address, log_to_driver=False)
             except (ConnectionError, ValueError, RuntimeError) as error:
-                raise UserError(f"cannot reach the Ray cluster at {address}: {str(error).splitlines()[0]}") from None
+                raise UserError(
+                    f"cannot reach the Ray cluster at {address}: {str(error).splitlines()[0]}"
+                ) from None
             self._started = True
         self._remote = ray.remote(_evaluate_in_worker)
         self.payload_bytes = 0  # what the last sweep put in the object store
@@ -66,8 +74,10 @@ class RayExecutor(Executor):
         payload = ray.put(sweep.payload)
         self.payload_bytes = len(sweep.payload)
         remote = self._remote.options(num_cpus=1, max_retries=self.retries, retry_exceptions=False)
-        futures = {remote.remote(sweep.key, sweep.setup, sweep.evaluate, [payload], task): index
-                   for index, task in enumerate(tasks)}
+        futures = {
+            remote.remote(sweep.key, sweep.setup, sweep.evaluate, [payload], task): index
+            for index, task in enumerate(tasks)
+        }
         pending = list(futures)
         try:
             while pending:
@@ -83,10 +93,15 @@ class RayExecutor(Executor):
 
         try:
             return ray.get(future)
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                ray.exceptions.OutOfMemoryError) as error:
-            raise WorkerError(f"a Ray worker died {self.retries + 1} times on one evaluation: "
-                              f"{str(error).splitlines()[0]}") from None
+        except (
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError,
+            ray.exceptions.OutOfMemoryError,
+        ) as error:
+            raise WorkerError(
+                f"a Ray worker died {self.retries + 1} times on one evaluation: "
+                f"{str(error).splitlines()[0]}"
+            ) from None
 
     def close(self) -> None:
         if self._started:

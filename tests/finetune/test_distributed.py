@@ -35,18 +35,45 @@ def compressed(mlp_pair, digits):
     _, proto = mlp_pair
     x, y = digits
     name = proto.graph.input[0].name
-    model = run_steps(to_ir(proto), [
-        Step(pass_name="lowrank.svd", options={"ratio": 0.5, "min_params": 0, "exclude": ("*layers.1*", "*layers.2*")},
-             gate=NO_GATE),
-        Step(pass_name="prune.magnitude", options={"sparsity": 0.7}, gate=NO_GATE),
-        Step(pass_name="codebook.kmeans", options={"bits": 4, "exclude": ("*layers.0*", "*layers.2*")}, gate=NO_GATE),
-    ]).model
+    model = run_steps(
+        to_ir(proto),
+        [
+            Step(
+                pass_name="lowrank.svd",
+                options={"ratio": 0.5, "min_params": 0, "exclude": ("*layers.1*", "*layers.2*")},
+                gate=NO_GATE,
+            ),
+            Step(pass_name="prune.magnitude", options={"sparsity": 0.7}, gate=NO_GATE),
+            Step(
+                pass_name="codebook.kmeans",
+                options={"bits": 4, "exclude": ("*layers.0*", "*layers.2*")},
+                gate=NO_GATE,
+            ),
+        ],
+    ).model
     return model, {name: x[:512], "labels": y[:512]}, {name: x[1200:], "labels": y[1200:]}
 
 
 def finetune_file(model_path: Path, data_path: Path, out: Path, *placement: object) -> ir.Model:
-    outcome = run_cli(["finetune", model_path, "--data", data_path, "-o", out, "--epochs", "3", "--lr", "0.01",
-                       "--optimizer", "adam", "--batch-size", "32", *placement])
+    outcome = run_cli(
+        [
+            "finetune",
+            model_path,
+            "--data",
+            data_path,
+            "-o",
+            out,
+            "--epochs",
+            "3",
+            "--lr",
+            "0.01",
+            "--optimizer",
+            "adam",
+            "--batch-size",
+            "32",
+            *placement,
+        ]
+    )
     assert outcome.code == 0, outcome.stderr
     return io.load(out)
 
@@ -67,7 +94,9 @@ def assert_structure_kept(before: ir.Model, after: ir.Model) -> None:
             np.testing.assert_array_equal(new[name] == 0, array == 0)  # zeros stay, none added
 
 
-def test_two_ddp_workers_keep_masks_codebooks_and_factors_as_one_does(ray_cluster, compressed, tmp_path):
+def test_two_ddp_workers_keep_masks_codebooks_and_factors_as_one_does(
+    ray_cluster, compressed, tmp_path
+):
     model, train, test = compressed
     names = set(model.graph.initializers)
     assert {"layers.0.weight.lowrank_first", "layers.0.weight.lowrank_second"} <= names
@@ -76,20 +105,36 @@ def test_two_ddp_workers_keep_masks_codebooks_and_factors_as_one_does(ray_cluste
     io.save(model, model_path)
     np.savez(data_path, **train)
     local = finetune_file(model_path, data_path, tmp_path / "local.onnx")
-    distributed = finetune_file(model_path, data_path, tmp_path / "ddp.onnx", "--executor", "ray", "--workers", "2",
-                                "--checkpoint-dir", tmp_path / "shared")
+    distributed = finetune_file(
+        model_path,
+        data_path,
+        tmp_path / "ddp.onnx",
+        "--executor",
+        "ray",
+        "--workers",
+        "2",
+        "--checkpoint-dir",
+        tmp_path / "shared",
+    )
     assert_structure_kept(model, local)
-    assert_structure_kept(model, distributed)  # the local format: same tensors, dtypes, shapes, nodes
+    assert_structure_kept(
+        model, distributed
+    )  # the local format: same tensors, dtypes, shapes, nodes
     assert evaluate(OnnxModule(distributed), test) > evaluate(OnnxModule(model), test) + 0.1
     for name, array in tensors(local).items():  # the same batches, gradients averaged by all-reduce
         np.testing.assert_allclose(tensors(distributed)[name], array, rtol=0, atol=1e-4)
-    assert list((tmp_path / "shared").glob("onnxcompress-finetune/checkpoint_*/arrays.npz"))  # rank 0's
+    assert list(
+        (tmp_path / "shared").glob("onnxcompress-finetune/checkpoint_*/arrays.npz")
+    )  # rank 0's
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    (["--workers", "2"], "--workers above 1 trains on Ray: add --executor ray"),
-    (["--executor", "spark"], "--executor must be local or ray, not 'spark'"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--workers", "2"], "--workers above 1 trains on Ray: add --executor ray"),
+        (["--executor", "spark"], "--executor must be local or ray, not 'spark'"),
+    ],
+)
 def test_bad_placement_is_one_error_line(compressed, tmp_path, options, message):
     model, train, _ = compressed
     io.save(model, tmp_path / "m.onnx")

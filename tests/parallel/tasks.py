@@ -36,5 +36,5 @@ def always_dying(state: dict[str, Any], task: Task) -> float:
 
 
 def worker_pid(state: dict[str, Any], task: Task) -> list[int]:
-    """The process that built the state, and the one running the task (equal: built once per process)."""
+    """The process that built the state, and the one running the task (equal: built once)."""
     return [state["pid"], os.getpid()]

@@ -58,18 +58,32 @@ def test_an_interrupted_sweep_resumes_from_the_cache(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(sweep, TASKS, executor=LocalExecutor(1), cache=SweepCache(tmp_path), on_result=stop_after_four)
+        run_sweep(
+            sweep,
+            TASKS,
+            executor=LocalExecutor(1),
+            cache=SweepCache(tmp_path),
+            on_result=stop_after_four,
+        )
     resumed = SweepCache(tmp_path)
     assert run_sweep(sweep, TASKS, executor=LocalExecutor(1), cache=resumed) == EXPECTED
     assert (resumed.hits, resumed.stored) == (4, len(TASKS) - 4)
 
 
 def test_a_changed_payload_misses_the_cache(tmp_path):
-    run_sweep(Sweep(sweeps.payload(0.5), sweeps.setup, sweeps.square), TASKS, cache=SweepCache(tmp_path),
-              executor=LocalExecutor(1))
+    run_sweep(
+        Sweep(sweeps.payload(0.5), sweeps.setup, sweeps.square),
+        TASKS,
+        cache=SweepCache(tmp_path),
+        executor=LocalExecutor(1),
+    )
     other = SweepCache(tmp_path)
-    values = run_sweep(Sweep(sweeps.payload(1.5), sweeps.setup, sweeps.square), TASKS, cache=other,
-                       executor=LocalExecutor(1))
+    values = run_sweep(
+        Sweep(sweeps.payload(1.5), sweeps.setup, sweeps.square),
+        TASKS,
+        cache=other,
+        executor=LocalExecutor(1),
+    )
     assert values == [v + 1.0 for v in EXPECTED] and other.hits == 0
 
 

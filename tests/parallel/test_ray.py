@@ -25,12 +25,17 @@ def executor(ray_cluster):
 
 
 def test_ray_tasks_give_the_results_in_task_order(executor):
-    assert run_sweep(Sweep(sweeps.payload(0.5), sweeps.setup, sweeps.square), TASKS, executor=executor) == EXPECTED
+    assert (
+        run_sweep(Sweep(sweeps.payload(0.5), sweeps.setup, sweeps.square), TASKS, executor=executor)
+        == EXPECTED
+    )
     assert executor.payload_bytes == len(sweeps.payload(0.5))
 
 
 def test_a_ray_worker_builds_its_state_once_per_process(executor):
-    pids = run_sweep(Sweep(sweeps.payload(0.0), sweeps.setup, sweeps.worker_pid), TASKS, executor=executor)
+    pids = run_sweep(
+        Sweep(sweeps.payload(0.0), sweeps.setup, sweeps.worker_pid), TASKS, executor=executor
+    )
     assert all(built == running for built, running in pids)
 
 
@@ -44,25 +49,36 @@ def test_a_ray_task_that_always_kills_its_worker_ends_in_one_clear_error(ray_clu
     from onnxcompress.parallel.ray_cluster import RayExecutor
 
     with pytest.raises(WorkerError, match="died 2 times"):
-        run_sweep(Sweep(sweeps.payload(0.5), sweeps.setup, sweeps.always_dying), TASKS[:1],
-                  executor=RayExecutor(retries=1))
+        run_sweep(
+            Sweep(sweeps.payload(0.5), sweeps.setup, sweeps.always_dying),
+            TASKS[:1],
+            executor=RayExecutor(retries=1),
+        )
 
 
-def test_the_ray_sensitivity_table_is_the_local_one_and_a_rerun_hits_the_cache(executor, rng, tmp_path):
+def test_the_ray_sensitivity_table_is_the_local_one_and_a_rerun_hits_the_cache(
+    executor, rng, tmp_path
+):
     model = mlp(rng, (16, 48, 32, 10))
     x = rng.standard_normal((32, 16)).astype(np.float32)
     local = sensitivity(model, data={"x": x}, ratios=(0.3, 0.6, 0.9), executor=LocalExecutor(1))
     cache = SweepCache(tmp_path)
-    on_ray = sensitivity(model, data={"x": x}, ratios=(0.3, 0.6, 0.9), executor=executor, cache=cache)
+    on_ray = sensitivity(
+        model, data={"x": x}, ratios=(0.3, 0.6, 0.9), executor=executor, cache=cache
+    )
     assert on_ray.to_dict() == local.to_dict()
     assert (cache.hits, cache.stored) == (0, 9)
     rerun = SweepCache(tmp_path)
-    again = sensitivity(model, data={"x": x}, ratios=(0.3, 0.6, 0.9), executor=executor, cache=rerun)
+    again = sensitivity(
+        model, data={"x": x}, ratios=(0.3, 0.6, 0.9), executor=executor, cache=rerun
+    )
     assert again.to_dict() == local.to_dict()
     assert (rerun.hits, rerun.stored) == (9, 0)
 
 
-def test_the_codebook_search_on_ray_writes_the_local_model_and_caches_each_error(executor, rng, tmp_path):
+def test_the_codebook_search_on_ray_writes_the_local_model_and_caches_each_error(
+    executor, rng, tmp_path
+):
     from onnxcompress import fidelity
     from onnxcompress.pipeline import Step, run_steps
 
