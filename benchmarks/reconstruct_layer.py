@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import models as bench_models  # noqa: E402
 from onnxcompress import runtime  # noqa: E402
 from onnxcompress.calibration import layer_hessians  # noqa: E402
+from onnxcompress.formats.codebook import codebook_layers, dense_weight  # noqa: E402
 from onnxcompress.pass_base import PassContext, get_pass  # noqa: E402
-from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight  # noqa: E402
 from onnxcompress.passes.reconstruct import layers  # noqa: E402
 from onnxcompress.passes.reconstruct.obs import magnitude_prune  # noqa: E402
 from onnxcompress.sites import find_weight_sites  # noqa: E402
@@ -135,8 +135,7 @@ def _run(model: ir.Model, name: str, options: dict, data: dict[str, np.ndarray])
     copy = model.clone()
     if name == "magnitude 2:4":
         return _magnitude_n_m(copy, 2, 4), 0.0
-    step = get_pass(name)(**options)
-    step.context = PassContext(data=data, original=model)
+    step = get_pass(name)(**options, context=PassContext(data=data, original=model))
     start = time.perf_counter()
     step(copy)
     return copy, time.perf_counter() - start

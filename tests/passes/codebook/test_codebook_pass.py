@@ -9,16 +9,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import runtime
+from onnxcompress.formats.codebook import codebook_layers, dense_weight
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight
 from onnxcompress.passes.codebook.kmeans import cluster_weights
 from tests.builders import finish, mlp_proto
 
 
 def _cluster(model: ir.Model, **options):
-    cluster = get_pass("codebook.kmeans")(**options)
-    result = cluster(model)
-    return cluster.report, result.modified
+    result = get_pass("codebook.kmeans")(**options)(model)
+    return result.report, result.modified
 
 
 def _mlp_forward(model: ir.Model, x: np.ndarray) -> np.ndarray:

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 from onnxcompress import runtime
 from onnxcompress.cli import app
 from onnxcompress.errors import MissingDependencyError, RecipeError, UnsupportedModelError
+from onnxcompress.formats.kernel_arrays import dense_from_csr, to_csr
+from onnxcompress.formats.kernel_reference import REFERENCE_OPS
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.sparse.formats import dense_from_csr, to_csr
-from onnxcompress.passes.sparse.reference import REFERENCE_OPS
 from tests.builders import finish, mlp_proto, save_proto
 from tests.kernels.sparse_models import pruned, sparse_matmul_model
 
@@ -52,10 +52,9 @@ def pruned_mlp(rng) -> onnx.ModelProto:
 
 
 def run_pass(proto: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, object]:
-    sparse_pass = SparseCsr(**options)
-    result = sparse_pass(ir.serde.deserialize_model(proto))
+    result = SparseCsr(**options)(ir.serde.deserialize_model(proto))
     out = ir.to_proto(result.model)
-    return out, sparse_pass.report
+    return out, result.report
 
 
 def test_formats_round_trip_exactly(rng):
