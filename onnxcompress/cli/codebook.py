@@ -17,7 +17,6 @@ import typer
 from onnxcompress import io, runtime, writer
 from onnxcompress.archive.limits import DEFAULT_MAX_RATIO
 from onnxcompress.cli.common import (
-    SAVE_OPTIONS,
     DataOption,
     InputShapeOption,
     MinCosineOption,
@@ -30,6 +29,7 @@ from onnxcompress.cli.common import (
     console,
     gate_for,
     guarded,
+    save_options,
 )
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import Step
@@ -47,6 +47,7 @@ def _parse_overrides(items: list[str] | None) -> dict[str, int]:
 
 @guarded
 def cluster(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model (pruned or not).", show_default=False)],
     output: OutputOption = None,
     bits: Annotated[
@@ -72,7 +73,8 @@ def cluster(
         "exclude": tuple(exclude or ()),
     }
     step = Step(pass_name="codebook.kmeans", options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
-    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
+    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape,
+                  save=save_options(context))
 
 
 @guarded
@@ -126,6 +128,7 @@ def pack(
 
 @guarded
 def unpack(
+    context: typer.Context,
     archive: Annotated[Path, typer.Argument(help="An .onnxc archive.", show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Model (default: <stem>.onnx).")] = None,
     max_ratio: Annotated[
@@ -138,7 +141,7 @@ def unpack(
     from onnxcompress.archive import unpack_file
 
     output = output or archive.with_suffix(".onnx")
-    written = unpack_file(archive, output, max_ratio=max_ratio, **SAVE_OPTIONS)
+    written = unpack_file(archive, output, max_ratio=max_ratio, external_data=save_options(context).external_data)
     console.print(f"wrote {written}", markup=False)
 
 

@@ -29,6 +29,7 @@ from onnxcompress.cli.common import (
     console,
     gate_for,
     guarded,
+    save_options,
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import UserError
@@ -79,6 +80,7 @@ def _print_plan(plan_dict: dict[str, object]) -> None:
 
 @guarded
 def lowrank(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
     energy: Annotated[float | None, typer.Option(help="Keep this fraction of each weight's energy ‖W‖²_F.")] = None,
@@ -121,7 +123,7 @@ def lowrank(
     if save_plan is not None:
         side_files.append((save_plan, "plan", lambda result: _plan_text(result.steps[0].report.notes.get("plan", {}))))
     compress_file(model, output, [step], data_path=data, report_path=report, side_files=side_files,
-                  input_shapes=input_shape)
+                  input_shapes=input_shape, save=save_options(context))
 
 
 def _plan_text(plan_dict: object) -> str:

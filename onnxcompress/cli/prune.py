@@ -27,6 +27,7 @@ from onnxcompress.cli.common import (
     console,
     gate_for,
     guarded,
+    save_options,
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import DataError, UserError
@@ -66,6 +67,7 @@ def _structured_options(ratio: float, criterion: str, exclude: list[str] | None,
 
 @guarded
 def prune(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
     sparsity: Annotated[float | None, typer.Option(help="Share of weights set to zero, in [0, 1).")] = None,
@@ -119,7 +121,7 @@ def prune(
             steps.append(Step(pass_name="prune.dead_neurons", options={"exclude": tuple(exclude or ())},
                               gate=gate_for(min_cosine, min_rank_corr, min_top1)))
     compress_file(model, output, steps, data_path=data, report_path=report, side_files=side_files,
-                  input_shapes=input_shape)
+                  input_shapes=input_shape, save=save_options(context))
 
 
 def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | None,

@@ -22,6 +22,7 @@ from onnxcompress.cli.common import (
     compress_file,
     gate_for,
     guarded,
+    save_options,
 )
 from onnxcompress.pipeline import Step
 
@@ -30,6 +31,7 @@ PASS_NAME = "sparse.csr"
 
 @guarded
 def sparsify(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The (pruned) ONNX model.", show_default=False)],
     output: OutputOption = None,
     min_sparsity: Annotated[
@@ -68,7 +70,8 @@ def sparsify(
         "exclude": tuple(exclude or ()),
     }
     step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
-    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
+    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape,
+                  save=save_options(context))
 
 
 def register(app: typer.Typer) -> None:
