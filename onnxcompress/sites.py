@@ -143,7 +143,7 @@ class WeightSite:
         new = ir.tensor(np.ascontiguousarray(array), name=self.name)
         if new.dtype != self.dtype:
             raise ValueError(f"{self.name}: new dtype {new.dtype} != {self.dtype}")
-        _swap(self.value, new)
+        _swap(self.value, new, array.shape)
 
 
 # ---- constants: every weight is read from and swapped into a graph here ---------------------
@@ -183,15 +183,15 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 def set_constant(value: ir.Value, array: np.ndarray) -> None:
     """Swap a new tensor (any shape) into an initializer or a Constant node's output; the old
     tensor is never mutated, so snapshots and memory-mapped inputs stay intact."""
-    _swap(value, ir.tensor(np.ascontiguousarray(array), name=value.name))
+    _swap(value, ir.tensor(np.ascontiguousarray(array), name=value.name), array.shape)
 
 
-def _swap(value: ir.Value, tensor: ir.TensorProtocol) -> None:
+def _swap(value: ir.Value, tensor: ir.TensorProtocol, shape: tuple[int, ...]) -> None:
     producer = value.producer()
     if producer is not None:
         producer.attributes["value"] = ir.AttrTensor("value", tensor)
     value.const_value = tensor
-    value.shape = ir.Shape(tensor.shape)
+    value.shape = ir.Shape(shape)
 
 
 def _constant_tensor(value: ir.Value) -> tuple[ir.TensorProtocol | None, Holder | None]:

@@ -320,8 +320,8 @@ def function_for(op_type: str, onnx_opset: int) -> onnx.FunctionProto:
 
 def kernel_layer_name(node: ir.Node) -> str:
     """The weight's name from the kernel's first stored array (`<weight>.<prefix>_<input>`)."""
-    stored = next((v for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name), None)
-    return stored.name.rsplit(".", 1)[0] if stored is not None else node.name or node.op_type
+    names = [v.name for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name]
+    return names[0].rsplit(".", 1)[0] if names else node.name or node.op_type
 
 
 def kernel_weight(node: ir.Node) -> tuple[np.ndarray, int | None, int | None, int] | None:
