@@ -20,6 +20,7 @@ import pytest
 from onnxcompress import runtime
 from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.kernel_ops import DOMAIN, KERNEL_OPS, MIN_ONNX_OPSET, function_for
+from onnxcompress.formats.kernel_reference import REFERENCE_OPS
 from onnxcompress.pass_base import get_pass
 from onnxcompress.summary import layer_table
 from tests.builders import mlp
@@ -137,6 +138,10 @@ def test_the_op_list_the_library_reports_is_the_table():
     assert cuda.split(",") == [*KERNEL_OPS, *(f"cuda:{op}" for op in KERNEL_OPS)]
     if runtime.available_ops():  # built: the loaded library says the same
         assert runtime.available_ops() == list(KERNEL_OPS)
+
+
+def test_every_op_has_its_reference_evaluator_op():
+    assert [(cls.__name__, cls.op_domain) for cls in REFERENCE_OPS] == [(op, DOMAIN) for op in KERNEL_OPS]
 
 
 @pytest.mark.parametrize("op", list(KERNEL_OPS))
