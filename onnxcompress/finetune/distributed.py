@@ -40,7 +40,7 @@ import torch
 from onnxcompress.errors import UserError, WorkerError
 from onnxcompress.finetune.data import Arrays, Batches
 from onnxcompress.finetune.train import TrainOptions, TrainResult
-from onnxcompress.io import in_memory
+from onnxcompress.io import in_memory, minimum_ir_version
 from onnxcompress.parallel.ray_cluster import require_ray
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Replica:
 
 def _serialise(model: ir.Model) -> bytes:
     proto = ir.to_proto(in_memory(model))
-    proto.ir_version = min(proto.ir_version, 10)
+    proto.ir_version = minimum_ir_version(model)
     return proto.SerializeToString()
 
 

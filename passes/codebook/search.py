@@ -51,7 +51,7 @@ from onnxcompress.formats.packed import (
     packed_nbytes,
     packing_pays,
 )
-from onnxcompress.io import in_memory
+from onnxcompress.io import in_memory, minimum_ir_version
 from onnxcompress.parallel import SweepCache, Task, make_executor, run_sweep
 from onnxcompress.parallel.sweep import Sweep, adopt, forget
 from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
@@ -158,7 +158,7 @@ def _measure(fitter: Fitter, task: Task) -> dict[str, float] | None:
 
 def _serialise(model: ir.Model) -> bytes:
     proto = ir.to_proto(in_memory(model))
-    proto.ir_version = min(proto.ir_version, 10)
+    proto.ir_version = minimum_ir_version(model)
     return proto.SerializeToString()
 
 

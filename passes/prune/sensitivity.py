@@ -49,7 +49,7 @@ import onnx_ir as ir
 from onnxcompress import fidelity, runtime
 from onnxcompress.data import LABELS
 from onnxcompress.errors import DataError, QuantizedModelError, UnsupportedModelError, UserError
-from onnxcompress.io import in_memory
+from onnxcompress.io import in_memory, minimum_ir_version
 from onnxcompress.parallel import Executor, LocalExecutor, SweepCache, Task, run_sweep
 from onnxcompress.parallel.sweep import Sweep, forget, remember
 from onnxcompress.pass_base import quantized_ops
@@ -140,7 +140,7 @@ class Evaluator:
 
     def _run(self) -> list[np.ndarray]:
         proto = ir.to_proto(self.model)
-        proto.ir_version = min(proto.ir_version, 10)
+        proto.ir_version = minimum_ir_version(self.model)
         return _session(proto).run(None, self.probes)
 
     def _score(self, outputs: Sequence[np.ndarray]) -> float:
@@ -272,7 +272,7 @@ def _layer_counter(tasks: Sequence[Task], per_layer: int, layers: int,
 
 def _serialise(model: ir.Model) -> bytes:
     proto = ir.to_proto(in_memory(model))  # sessions from bytes cannot find external data
-    proto.ir_version = min(proto.ir_version, 10)
+    proto.ir_version = minimum_ir_version(model)
     return proto.SerializeToString()
 
 
