@@ -7,9 +7,10 @@ Everything that writes, runs, reads or registers these ops reads this table: the
 `tests/formats/test_kernel_ops.py` holds to it: the names `OnnxCompressKernelOps()` returns and
 registers (CPU and CUDA), each kernel's `Compute` inputs and their element types, its attributes.
 
-Adding an op (e.g. a sparse Conv): write its portable body and its dense-weight reader here,
-add one `KernelOp` to `KERNEL_OPS`, register the C++ kernel under the same name with the same
-inputs; the test names whatever disagrees.
+Adding an op (e.g. a sparse Conv): write its portable body, numpy reference and dense-weight
+reader, add one `KernelOp` to `KERNEL_OPS` (its `onnx.reference` op in `kernel_reference` follows
+from the entry), register the C++ kernel under the same name with the same inputs, and list it in
+`OnnxCompressKernelOps()`; the test names whatever disagrees.
 
 Portable fallbacks: each op's `body` is a model-local ONNX function that rebuilds the dense
 weight from the op's stored arrays with standard ONNX ops and then does an ordinary MatMul + Add.
@@ -320,8 +321,8 @@ def function_for(op_type: str, onnx_opset: int) -> onnx.FunctionProto:
 
 def kernel_layer_name(node: ir.Node) -> str:
     """The weight's name from the kernel's first stored array (`<weight>.<prefix>_<input>`)."""
-    stored = next((v for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name), None)
-    return stored.name.rsplit(".", 1)[0] if stored is not None else node.name or node.op_type
+    names = [v.name for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name]
+    return names[0].rsplit(".", 1)[0] if names else node.name or node.op_type
 
 
 def kernel_weight(node: ir.Node) -> tuple[np.ndarray, int | None, int | None, int] | None:
