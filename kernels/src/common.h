@@ -207,6 +207,7 @@ Ort::Status Guarded(const char* op, Fn&& fn) {
 // Each file registers its ops (both index types where the op has column indices).
 void AddSparseOps(Ort::CustomOpDomain& domain);     // SparseMatMul, SparseCodebookMatMul
 void AddCodebookMatMul(Ort::CustomOpDomain& domain);  // CodebookMatMul
+void AddSparseConv(Ort::CustomOpDomain& domain);      // SparseConv (CPU only)
 void AddCudaOps(Ort::CustomOpDomain& domain);         // all three on CUDAExecutionProvider (CUDA build)
 
 }  // namespace onnxcompress

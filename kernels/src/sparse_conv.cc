@@ -1,0 +1,429 @@
+// SparseConv: a pruned 1-D or 2-D Conv, Y = conv(X, W) (+ bias), with W held in CSR.
+//
+// Layout: W is ONNX's [M, C/group, kh, kw] (or [M, C/group, k]); row m of the CSR is filter m
+// flattened, column (c * kh + i) * kw + j for channel c of its group and tap (i, j): the CSR of
+// W.reshape(M, -1). Exact: the products of dense Conv, summed in another order.
+//
+// Every output row m (one output channel over all positions q) is a sparse combination of
+// shifted rows of one lowered input B: Y'[m, q] = bias[m] + sum_j values[j] * B[offset(col_j) + q]
+// (Liu et al., "Sparse Convolutional Neural Networks", CVPR 2015: sparse x dense products over
+// the lowered input). B is chosen per call:
+//  * stride 1 ("direct sparse convolution", Park et al., ICLR 2017): B is X itself (1x1 kernels
+//    without padding: no copy) or X zero-padded to Hp x Wp, offset(c, i, j) = c*Hp*Wp +
+//    i*dh*Wp + j*dw; one contiguous AXPY of OH*Wp values per non-zero, and the Wp - OW columns
+//    that wrap around a row are computed, then dropped.
+//  * other strides: B = im2col(X), K x P (P = OH*OW), offset(col) = col * P.
+// Each non-zero does an AXPY over a 64-wide tile of positions held in eight AVX2 accumulators;
+// the tile loop runs outside the row loop, so B's tile stays in cache across rows. Rows are split
+// across onnxruntime's intra-op threads by equal non-zero counts.
+#include "common.h"
+
+#include <immintrin.h>
+
+#include <cstring>
+#include <limits>
+#include <memory>
+
+namespace onnxcompress {
+namespace {
+
+constexpr const char* kOp = "SparseConv";
+constexpr int kVectors = 8;              // accumulators per tile
+constexpr int64_t kTile = 8 * kVectors;  // positions per tile
+
+// The geometry of one call, as 2-D (a 1-D Conv is a 2-D one of height 1).
+struct ConvShape {
+  int64_t batch = 0, channels = 0, height = 1, width = 0;  // X
+  int64_t filters = 0, group_channels = 0, kh = 1, kw = 1;  // W
+  int64_t group = 1, sh = 1, sw = 1, dh = 1, dw = 1;
+  int64_t pad_top = 0, pad_left = 0, pad_bottom = 0, pad_right = 0;
+  int64_t out_h = 0, out_w = 0;
+
+  int64_t Columns() const { return group_channels * kh * kw; }
+  int64_t Positions() const { return out_h * out_w; }
+};
+
+// The input of one image as the kernel reads it (see the file comment).
+struct Lowered {
+  std::unique_ptr<float[]> storage;   // null when B is X itself
+  const float* data = nullptr;
+  int64_t group_stride = 0;           // B of group g starts at data + g * group_stride
+  int64_t row_length = 0;             // positions per output row in B's layout (Wp or OW)
+  int64_t positions = 0;              // q range computed per output channel
+  std::vector<int32_t> offsets;       // per CSR column
+};
+
+// y[q0, q0 + width) of one output row: bias + sum_j values[j] * b[offsets[cols[j]] + q].
+// A full tile is kVectors vectors; a partial one ends in a masked vector (no read past the row).
+template <typename Index>
+void RowTile(const float* values, const Index* cols, int64_t begin, int64_t end, const int32_t* offsets,
+             const float* b, int64_t q0, int64_t width, float bias, float* y) {
+  __m256 acc[kVectors];
+  for (int t = 0; t < kVectors; ++t) acc[t] = _mm256_set1_ps(bias);  // each vector is its own positions
+  if (width == kTile) {
+    constexpr int64_t kAhead = 8;
+    for (int64_t j = begin; j < end; ++j) {
+      if (j + kAhead < end) {
+        const float* ahead = b + offsets[cols[j + kAhead]] + q0;
+        _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + 32), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + 48), _MM_HINT_T0);
+      }
+      const __m256 v = _mm256_set1_ps(values[j]);
+      const float* src = b + offsets[cols[j]] + q0;
+      for (int t = 0; t < kVectors; ++t) acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(src + 8 * t), acc[t]);
+    }
+    for (int t = 0; t < kVectors; ++t) _mm256_storeu_ps(y + q0 + 8 * t, acc[t]);
+    return;
+  }
+  const int full = static_cast<int>(width / 8);
+  const int rest = static_cast<int>(width % 8);
+  static constexpr int32_t kLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes + 8 - rest));
+  __m256 tail = _mm256_set1_ps(bias);
+  for (int64_t j = begin; j < end; ++j) {
+    const __m256 v = _mm256_set1_ps(values[j]);
+    const float* src = b + offsets[cols[j]] + q0;
+    for (int t = 0; t < full; ++t) acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(src + 8 * t), acc[t]);
+    if (rest) tail = _mm256_fmadd_ps(v, _mm256_maskload_ps(src + 8 * full, mask), tail);
+  }
+  for (int t = 0; t < full; ++t) _mm256_storeu_ps(y + q0 + 8 * t, acc[t]);
+  if (rest) _mm256_maskstore_ps(y + q0 + 8 * full, mask, tail);
+}
+
+// Output rows [r0, r1) of one image into y (row m at y + m * row_stride).
+template <typename Index>
+void ComputeRows(const float* values, const Index* cols, const int32_t* row_ptr, int64_t r0, int64_t r1,
+                 const Lowered& b, int64_t group_rows, const float* bias, float* y, int64_t row_stride) {
+  for (int64_t q0 = 0; q0 < b.positions; q0 += kTile) {
+    const int64_t width = std::min(kTile, b.positions - q0);
+    for (int64_t m = r0; m < r1; ++m) {
+      const float* base = b.data + (m / group_rows) * b.group_stride;
+      RowTile(values, cols, row_ptr[m], row_ptr[m + 1], b.offsets.data(), base, q0, width, bias ? bias[m] : 0.0f,
+              y + m * row_stride);
+    }
+  }
+}
+
+// Copy rows [r0, r1) of the computed Y' (OH x Wp per row) into y (OH x OW per row).
+void DropWrappedColumns(const float* wide, int64_t r0, int64_t r1, const ConvShape& s, int64_t row_length,
+                        float* y) {
+  const int64_t wide_rows = s.out_h * row_length;
+  for (int64_t m = r0; m < r1; ++m) {
+    for (int64_t oh = 0; oh < s.out_h; ++oh) {
+      std::memcpy(y + m * s.Positions() + oh * s.out_w, wide + m * wide_rows + oh * row_length,
+                  static_cast<size_t>(s.out_w) * sizeof(float));
+    }
+  }
+}
+
+// Split [0, count) into about `tasks` ranges and run fn(begin, end) on each.
+template <typename Fn>
+void ParallelRanges(OrtKernelContext* context, int64_t count, size_t tasks, Fn&& fn) {
+  tasks = std::max<size_t>(1, std::min<size_t>(tasks, static_cast<size_t>(std::max<int64_t>(count, 1))));
+  auto work = [&](size_t t) {
+    const int64_t begin = count * static_cast<int64_t>(t) / static_cast<int64_t>(tasks);
+    const int64_t end = count * static_cast<int64_t>(t + 1) / static_cast<int64_t>(tasks);
+    fn(begin, end);
+  };
+  ParallelFor(context, tasks, work);
+}
+
+// Stride 1: X (or X zero-padded) read in place, offsets over the padded plane.
+void LowerDirect(OrtKernelContext* context, const float* x, const ConvShape& s, Lowered& b) {
+  const int64_t hp = s.height + s.pad_top + s.pad_bottom;
+  const int64_t wp = s.width + s.pad_left + s.pad_right;
+  const int64_t plane = hp * wp;
+  const bool in_place = s.pad_top == 0 && s.pad_left == 0 && s.pad_bottom == 0 && s.pad_right == 0 &&
+                        (s.kw - 1) * s.dw == 0;
+  if (in_place) {
+    b.data = x;
+  } else {
+    // the last channel's wrapped columns read up to (kw - 1) * dw values past its plane
+    const int64_t slack = (s.kw - 1) * s.dw;
+    b.storage.reset(new float[static_cast<size_t>(s.channels * plane + slack)]);
+    float* padded = b.storage.get();
+    std::memset(padded + s.channels * plane, 0, static_cast<size_t>(slack) * sizeof(float));
+    ParallelRanges(context, s.channels, static_cast<size_t>(s.channels * plane / 65536 + 1), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        float* dst = padded + c * plane;
+        std::memset(dst, 0, static_cast<size_t>(plane) * sizeof(float));
+        for (int64_t h = 0; h < s.height; ++h) {
+          std::memcpy(dst + (h + s.pad_top) * wp + s.pad_left, x + (c * s.height + h) * s.width,
+                      static_cast<size_t>(s.width) * sizeof(float));
+        }
+      }
+    });
+    b.data = padded;
+  }
+  b.group_stride = s.group_channels * plane;
+  b.row_length = wp;
+  b.positions = s.out_h * wp;
+  b.offsets.resize(static_cast<size_t>(s.Columns()));
+  for (int64_t c = 0; c < s.group_channels; ++c)
+    for (int64_t i = 0; i < s.kh; ++i)
+      for (int64_t j = 0; j < s.kw; ++j)
+        b.offsets[static_cast<size_t>((c * s.kh + i) * s.kw + j)] = static_cast<int32_t>(c * plane + i * s.dh * wp + j * s.dw);
+}
+
+// Any stride: im2col, B[(c*kh + i)*kw + j][oh*OW + ow] = X[c, oh*sh - pt + i*dh, ow*sw - pl + j*dw] or 0.
+void LowerIm2col(OrtKernelContext* context, const float* x, const ConvShape& s, Lowered& b) {
+  const int64_t p = s.Positions();
+  const int64_t rows = s.channels * s.kh * s.kw;
+  b.storage.reset(new float[static_cast<size_t>(rows * p)]);
+  float* cols = b.storage.get();
+  ParallelRanges(context, rows, static_cast<size_t>(rows * p / 65536 + 1), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r / (s.kh * s.kw), i = (r / s.kw) % s.kh, j = r % s.kw;
+      const float* plane = x + c * s.height * s.width;
+      float* dst = cols + r * p;
+      for (int64_t oh = 0; oh < s.out_h; ++oh) {
+        const int64_t h = oh * s.sh - s.pad_top + i * s.dh;
+        float* out = dst + oh * s.out_w;
+        if (h < 0 || h >= s.height) {
+          std::memset(out, 0, static_cast<size_t>(s.out_w) * sizeof(float));
+          continue;
+        }
+        const float* line = plane + h * s.width;
+        for (int64_t ow = 0; ow < s.out_w; ++ow) {
+          const int64_t w = ow * s.sw - s.pad_left + j * s.dw;
+          out[ow] = (w >= 0 && w < s.width) ? line[w] : 0.0f;
+        }
+      }
+    }
+  });
+  b.data = cols;
+  b.group_stride = s.group_channels * s.kh * s.kw * p;
+  b.row_length = s.out_w;
+  b.positions = p;
+  b.offsets.resize(static_cast<size_t>(s.Columns()));
+  for (int64_t col = 0; col < s.Columns(); ++col) b.offsets[static_cast<size_t>(col)] = static_cast<int32_t>(col * p);
+}
+
+// Elements of B for one image; the offsets are int32.
+int64_t LoweredSize(const ConvShape& s) {
+  if (s.sh == 1 && s.sw == 1) {
+    return s.channels * (s.height + s.pad_top + s.pad_bottom) * (s.width + s.pad_left + s.pad_right) + s.kw * s.dw;
+  }
+  return s.channels * s.kh * s.kw * s.Positions();
+}
+
+// The conv attributes, read once; `error` is set when one is missing or invalid.
+struct ConvAttributes {
+  std::vector<int64_t> weight_shape, strides, pads, dilations;
+  int64_t group = 1;
+  std::string error;
+
+  explicit ConvAttributes(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo kernel_info(info);
+    try {
+      weight_shape = kernel_info.GetAttributes<int64_t>("weight_shape");
+    } catch (const Ort::Exception& e) {
+      error = Message(kOp, ": attribute weight_shape is missing or not ints (", e.what(), ")");
+      return;
+    }
+    const size_t spatial = weight_shape.size() >= 3 ? weight_shape.size() - 2 : 0;
+    if (spatial < 1 || spatial > 2) {
+      error = Message(kOp, ": weight_shape ", ShapeString(weight_shape), " must be [M, C/group, k] or [M, C/group, kh, kw]");
+      return;
+    }
+    strides = Ints(info, "strides", std::vector<int64_t>(spatial, 1));
+    dilations = Ints(info, "dilations", std::vector<int64_t>(spatial, 1));
+    pads = Ints(info, "pads", std::vector<int64_t>(2 * spatial, 0));
+    group = ReadIntAttributeOr(info, "group", 1);
+    error = Check(spatial);
+  }
+
+  static std::vector<int64_t> Ints(const OrtKernelInfo* info, const char* name, std::vector<int64_t> fallback) {
+    try {
+      return Ort::ConstKernelInfo(info).GetAttributes<int64_t>(name);
+    } catch (const Ort::Exception&) {
+      return fallback;
+    }
+  }
+
+  std::string Check(size_t spatial) const {
+    for (int64_t d : weight_shape)
+      if (d <= 0) return Message(kOp, ": weight_shape ", ShapeString(weight_shape), " must be positive");
+    if (strides.size() != spatial || dilations.size() != spatial || pads.size() != 2 * spatial) {
+      return Message(kOp, ": strides ", ShapeString(strides), ", dilations ", ShapeString(dilations), " and pads ",
+                     ShapeString(pads), " do not match a ", spatial, "-D kernel");
+    }
+    for (size_t a = 0; a < spatial; ++a) {
+      if (strides[a] < 1 || dilations[a] < 1) return Message(kOp, ": strides and dilations must be >= 1");
+    }
+    for (int64_t p : pads)
+      if (p < 0) return Message(kOp, ": pads ", ShapeString(pads), " must be >= 0");
+    if (group < 1 || weight_shape[0] % group != 0) {
+      return Message(kOp, ": group ", group, " must be >= 1 and divide M = ", weight_shape[0]);
+    }
+    return "";
+  }
+
+  // The geometry for input X, or an error.
+  Ort::Status Shape(const std::vector<int64_t>& x, ConvShape& s) const {
+    const size_t spatial = weight_shape.size() - 2;
+    if (x.size() != spatial + 2) {
+      return Error(Message(kOp, ": X has shape ", ShapeString(x), ", expected ", spatial + 2, "-D for weight_shape ",
+                           ShapeString(weight_shape)));
+    }
+    s.batch = x[0];
+    s.channels = x[1];
+    s.filters = weight_shape[0];
+    s.group_channels = weight_shape[1];
+    s.group = group;
+    if (s.channels != group * s.group_channels) {
+      return Error(Message(kOp, ": X has ", s.channels, " channels, expected group * C/group = ", group * s.group_channels));
+    }
+    if (spatial == 2) {
+      s.height = x[2];
+      s.width = x[3];
+      s.kh = weight_shape[2];
+      s.kw = weight_shape[3];
+      s.sh = strides[0];
+      s.sw = strides[1];
+      s.dh = dilations[0];
+      s.dw = dilations[1];
+      s.pad_top = pads[0];
+      s.pad_left = pads[1];
+      s.pad_bottom = pads[2];
+      s.pad_right = pads[3];
+    } else {
+      s.width = x[2];
+      s.kw = weight_shape[2];
+      s.sw = strides[0];
+      s.dw = dilations[0];
+      s.pad_left = pads[0];
+      s.pad_right = pads[1];
+    }
+    const int64_t span_h = s.height + s.pad_top + s.pad_bottom - s.dh * (s.kh - 1) - 1;
+    const int64_t span_w = s.width + s.pad_left + s.pad_right - s.dw * (s.kw - 1) - 1;
+    if (span_h < 0 || span_w < 0) {
+      return Error(Message(kOp, ": X has shape ", ShapeString(x), ", smaller than the dilated kernel"));
+    }
+    s.out_h = span_h / s.sh + 1;
+    s.out_w = span_w / s.sw + 1;
+    if (LoweredSize(s) >= std::numeric_limits<int32_t>::max()) {
+      return Error(Message(kOp, ": X has shape ", ShapeString(x), ": the lowered input exceeds 2^31 values"));
+    }
+    return Ort::Status{nullptr};
+  }
+
+  std::vector<int64_t> OutputShape(const ConvShape& s) const {
+    if (weight_shape.size() == 4) return {s.batch, s.filters, s.out_h, s.out_w};
+    return {s.batch, s.filters, s.out_w};
+  }
+};
+
+// Y for every image once the inputs are checked.
+template <typename Index>
+void RunConv(OrtKernelContext* context, const ConvShape& s, const float* x, const float* values, const Index* cols,
+             const int32_t* row_ptr, const float* bias, float* y) {
+  const int64_t nnz = row_ptr[s.filters];
+  const int64_t group_rows = s.filters / s.group;
+  for (int64_t n = 0; n < s.batch; ++n) {
+    Lowered b;
+    const float* image = x + n * s.channels * s.height * s.width;
+    if (s.sh == 1 && s.sw == 1) LowerDirect(context, image, s, b);
+    else LowerIm2col(context, image, s, b);
+    float* out = y + n * s.filters * s.Positions();
+    const bool wraps = b.row_length != s.out_w;
+    std::unique_ptr<float[]> wide(wraps ? new float[static_cast<size_t>(s.filters * b.positions)] : nullptr);
+    const double work = static_cast<double>(nnz) * static_cast<double>(b.positions) + 8.0 * s.filters;
+    const size_t tasks = TaskCount(work, s.filters);
+    const std::vector<int64_t> splits = BalancedRowSplits(row_ptr, s.filters, tasks);
+    auto rows = [&](size_t t) {
+      const int64_t r0 = splits[t], r1 = splits[t + 1];
+      if (wraps) {
+        ComputeRows(values, cols, row_ptr, r0, r1, b, group_rows, bias, wide.get(), b.positions);
+        DropWrappedColumns(wide.get(), r0, r1, s, b.row_length, out);
+      } else {
+        ComputeRows(values, cols, row_ptr, r0, r1, b, group_rows, bias, out, s.Positions());
+      }
+    };
+    ParallelFor(context, tasks, rows);
+  }
+}
+
+// ---- SparseConv(X, values, col_indices, row_ptr[, bias]) -> Y -----------------------------------
+
+template <typename Index>
+struct SparseConvKernel {
+  SparseConvKernel(const OrtApi*, const OrtKernelInfo* info) : attributes_(info) {
+    cache_.SetConstant(IsConstantInput(info, 1) && IsConstantInput(info, 2) && IsConstantInput(info, 3));
+  }
+
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+    try {
+      const std::vector<int64_t> weight_shape = ctx.GetAttrInts("weight_shape");
+      Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
+      if (weight_shape.size() < 3 || shape.size() != weight_shape.size()) {
+        return Error(Message(kOp, ": X must have as many dimensions as weight_shape")).release();
+      }
+      shape[1] = Ort::ShapeInferContext::SymbolicInteger(weight_shape[0]);
+      // spatial sizes depend on strides and pads: left to the kernel when not all are known
+      for (size_t a = 2; a < shape.size(); ++a) shape[a] = Ort::ShapeInferContext::SymbolicInteger(-1);
+      return ctx.SetOutputShape(0, shape).release();
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e.what(), ORT_INVALID_ARGUMENT).release();
+    }
+  }
+
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
+                      const Ort::Custom::Tensor<float>& values, const Ort::Custom::Tensor<Index>& cols,
+                      const Ort::Custom::Tensor<int32_t>& row_ptr,
+                      std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& y) {
+    return Guarded(kOp, [&]() -> Ort::Status {
+      if (!attributes_.error.empty()) return Error(attributes_.error);
+      ConvShape s;
+      Ort::Status status = attributes_.Shape(x.Shape(), s);
+      if (!status.IsOK()) return status;
+      status = CheckWeight(values, cols, row_ptr);
+      if (!status.IsOK()) return status;
+      const float* b = nullptr;
+      status = ReadBias(kOp, bias, s.filters, &b);
+      if (!status.IsOK()) return status;
+      float* out = y.Allocate(attributes_.OutputShape(s));
+      if (s.batch == 0 || s.Positions() == 0) return Ort::Status{nullptr};
+      RunConv(context, s, x.Data(), values.Data(), cols.Data(), row_ptr.Data(), b, out);
+      return Ort::Status{nullptr};
+    });
+  }
+
+ private:
+  Ort::Status CheckWeight(const Ort::Custom::Tensor<float>& values, const Ort::Custom::Tensor<Index>& cols,
+                          const Ort::Custom::Tensor<int32_t>& row_ptr) {
+    const std::vector<int64_t> v = values.Shape(), c = cols.Shape(), r = row_ptr.Shape();
+    if (v.size() != 1 || c.size() != 1 || r.size() != 1) {
+      return Error(Message(kOp, ": values ", ShapeString(v), ", col_indices ", ShapeString(c), " and row_ptr ",
+                           ShapeString(r), " must be 1-D"));
+    }
+    const Index* ci = cols.Data();
+    const int32_t* rp = row_ptr.Data();
+    if (cache_.Valid(ci, rp, values.Data())) return Ort::Status{nullptr};
+    const int64_t rows = attributes_.weight_shape[0];
+    int64_t columns = 1;
+    for (size_t a = 1; a < attributes_.weight_shape.size(); ++a) columns *= attributes_.weight_shape[a];
+    Ort::Status status = ValidateCsr(kOp, rp, r[0], ci, c[0], v[0], rows, columns);
+    if (status.IsOK()) cache_.Remember(ci, rp, values.Data());
+    return status;
+  }
+
+  ConvAttributes attributes_;
+  ValidationCache cache_;
+};
+
+}  // namespace
+
+void AddSparseConv(Ort::CustomOpDomain& domain) {
+  using Ort::Custom::CreateLiteCustomOp;
+  using Ort::Custom::OrtLiteCustomOp;
+  static std::unique_ptr<OrtLiteCustomOp> ops[] = {
+      std::unique_ptr<OrtLiteCustomOp>{CreateLiteCustomOp<SparseConvKernel<int32_t>>(kOp, "CPUExecutionProvider")},
+      std::unique_ptr<OrtLiteCustomOp>{CreateLiteCustomOp<SparseConvKernel<uint16_t>>(kOp, "CPUExecutionProvider")},
+  };
+  for (auto& op : ops) domain.Add(op.get());
+}
+
+}  // namespace onnxcompress
