@@ -14,7 +14,9 @@ SparseMatMul body (CSR of W^T, see formats.py):
     Y      = X · Wt^T + bias
 SparseCodebookMatMul first gathers values = codebook[indices]; CodebookMatMul unpacks the
 (4- or 8-bit) indices with integer Div/Mod and gathers the codebook (see its builder).
-Exact: the same dense weight as the numpy references in formats.py, then dense MatMul.
+SparseConv rebuilds its filters the same way, reshapes them to `weight_shape` and runs Conv
+with the caller's strides, pads, dilations and group (attribute references).
+Exact: the same dense weight as the numpy references in formats.py, then dense MatMul (Conv).
 Needs opset >= 16 (ScatterElements with reduction).
 """
 
@@ -27,6 +29,7 @@ __all__ = [
     "sparse_matmul_function",
     "sparse_codebook_matmul_function",
     "codebook_matmul_function",
+    "sparse_conv_function",
     "function_for",
 ]
 
@@ -41,14 +44,20 @@ OPSET_VERSION = 1
 MIN_ONNX_OPSET = 16
 
 
-def _ref_constant(output: str, attribute: str) -> onnx.NodeProto:
-    """Constant(value_int=@attribute): an int64 scalar taken from the calling node."""
-    node = helper.make_node("Constant", [], [output])
+def _ref_attribute(name: str, attribute: str, kind: int) -> onnx.AttributeProto:
+    """An attribute `name` whose value is the calling node's attribute `attribute`."""
     ref = onnx.AttributeProto()
-    ref.name = "value_int"
+    ref.name = name
     ref.ref_attr_name = attribute
-    ref.type = onnx.AttributeProto.INT
-    node.attribute.append(ref)
+    ref.type = kind  # type: ignore[assignment]
+    return ref
+
+
+def _ref_constant(output: str, attribute: str, kind: str = "value_int") -> onnx.NodeProto:
+    """Constant(value_int=@attribute) (or value_ints): int64 values taken from the calling node."""
+    node = helper.make_node("Constant", [], [output])
+    ints = kind == "value_ints"
+    node.attribute.append(_ref_attribute(kind, attribute, onnx.AttributeProto.INTS if ints else onnx.AttributeProto.INT))
     return node
 
 
@@ -68,10 +77,13 @@ def _check_opset(op: str, onnx_opset: int) -> None:
 
 def _csr_body(values: str) -> list[onnx.NodeProto]:
     """Nodes rebuilding W from CSR (`values`, col_indices, row_ptr), then Y = X · W + bias."""
+    return [_ref_constant("K", "K"), _ref_constant("N", "N"), *_csr_dense(values), *_matmul_tail("wt")]
+
+
+def _csr_dense(values: str) -> list[onnx.NodeProto]:
+    """Nodes rebuilding the dense N × K matrix `wt` from CSR, given int64 scalars `K` and `N`."""
     i32, i64, f32 = onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
     return [
-        _ref_constant("K", "K"),
-        _ref_constant("N", "N"),
         _ints("one", [1]),
         _ints("minus_one", [-1]),
         _ints("zero", [0]),
@@ -100,7 +112,6 @@ def _csr_body(values: str) -> list[onnx.NodeProto]:
         helper.make_node("Unsqueeze", ["K", "zero"], ["K1"]),
         helper.make_node("Concat", ["N1", "K1"], ["wt_shape"], axis=0),
         helper.make_node("Reshape", ["dense_flat", "wt_shape"], ["wt"]),
-        *_matmul_tail("wt"),
     ]
 
 
@@ -182,10 +193,42 @@ def codebook_matmul_function(onnx_opset: int) -> onnx.FunctionProto:
     )
 
 
+def sparse_conv_function(onnx_opset: int) -> onnx.FunctionProto:
+    """SparseConv(X, values, col_indices, row_ptr, bias): the filters rebuilt from CSR, then Conv.
+
+    N = weight_shape[0] filters of K = prod(weight_shape[1:]) columns; the dense N × K matrix is
+    reshaped to weight_shape and Conv reads strides, pads, dilations and group from the caller.
+    """
+    _check_opset("SparseConv", onnx_opset)
+    ints, one = onnx.AttributeProto.INTS, onnx.AttributeProto.INT
+    conv = helper.make_node("Conv", ["X", "w", "bias"], ["Y"])
+    conv.attribute.extend([_ref_attribute("strides", "strides", ints), _ref_attribute("pads", "pads", ints),
+                           _ref_attribute("dilations", "dilations", ints), _ref_attribute("group", "group", one)])
+    nodes = [
+        _ref_constant("weight_shape", "weight_shape", "value_ints"),
+        _ints("head_start", [0]),
+        _ints("head_end", [1]),
+        _ints("tail_end", [8]),
+        helper.make_node("Slice", ["weight_shape", "head_start", "head_end"], ["filters"]),
+        helper.make_node("Slice", ["weight_shape", "head_end", "tail_end"], ["filter_dims"]),
+        helper.make_node("ReduceProd", ["filters"], ["N"], keepdims=0),
+        helper.make_node("ReduceProd", ["filter_dims"], ["K"], keepdims=0),
+        *_csr_dense("values"),
+        helper.make_node("Reshape", ["wt", "weight_shape"], ["w"]),
+        conv,
+    ]
+    return _function(
+        "SparseConv", ["X", "values", "col_indices", "row_ptr", "bias"], nodes,
+        ["weight_shape", "strides", "pads", "dilations", "group"], onnx_opset,
+        "Y = Conv(X, W) + bias, W (weight_shape) stored as CSR of W.reshape(M, -1); see passes/sparse/conv_layout.py",
+    )
+
+
 _BUILDERS: dict[str, Callable[[int], onnx.FunctionProto]] = {
     "SparseMatMul": sparse_matmul_function,
     "SparseCodebookMatMul": sparse_codebook_matmul_function,
     "CodebookMatMul": codebook_matmul_function,
+    "SparseConv": sparse_conv_function,
 }
 
 

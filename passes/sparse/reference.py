@@ -9,11 +9,12 @@ C++ kernels, and reject malformed arrays with the same messages. Tests use them 
 
 from __future__ import annotations
 
-__all__ = ["SparseMatMul", "CodebookMatMul", "SparseCodebookMatMul", "REFERENCE_OPS"]
+__all__ = ["SparseMatMul", "CodebookMatMul", "SparseCodebookMatMul", "SparseConv", "REFERENCE_OPS"]
 
 import numpy as np
 from onnx.reference.op_run import OpRun
 
+from onnxcompress.passes.sparse.conv_layout import ConvGeometry, sparse_conv_reference
 from onnxcompress.passes.sparse.formats import (
     codebook_matmul_reference,
     sparse_codebook_matmul_reference,
@@ -84,4 +85,28 @@ class SparseCodebookMatMul(OpRun):
         return (sparse_codebook_matmul_reference(x, indices, col_indices, row_ptr, codebook, bias, int(K), int(N)),)
 
 
-REFERENCE_OPS = [SparseMatMul, CodebookMatMul, SparseCodebookMatMul]
+class SparseConv(OpRun):
+    """ONNX Conv with the filters given as CSR of W.reshape(M, -1) (see conv_layout.py)."""
+
+    op_domain = "ai.onnxcompress"
+
+    def _run(  # type: ignore[override]
+        self,
+        x: np.ndarray,
+        values: np.ndarray,
+        col_indices: np.ndarray,
+        row_ptr: np.ndarray,
+        bias: np.ndarray | None = None,
+        weight_shape: list[int] | None = None,
+        strides: list[int] | None = None,
+        pads: list[int] | None = None,
+        dilations: list[int] | None = None,
+        group: int | None = None,
+    ) -> tuple[np.ndarray]:
+        if weight_shape is None:
+            raise ValueError("SparseConv needs the attribute weight_shape")
+        geometry = ConvGeometry.of(tuple(weight_shape), strides, pads, dilations, 1 if group is None else int(group))
+        return (sparse_conv_reference(x, values, col_indices, row_ptr, bias, geometry),)
+
+
+REFERENCE_OPS = [SparseMatMul, CodebookMatMul, SparseCodebookMatMul, SparseConv]
