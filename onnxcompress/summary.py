@@ -4,8 +4,8 @@ A shared-weight layer (indices + codebook + Cast/Gather, see `passes.codebook.gr
 row for the logical weight: its shape, params and sparsity are those of codebook[indices], its
 bytes what the file stores (indices and codebook), and it adds `bits` and `codebook_size`.
 Layers the `sparse.csr` pass moved into `ai.onnxcompress` kernels (SparseMatMul,
-CodebookMatMul, SparseCodebookMatMul) are read back the same way: the K × N weight they hold,
-and the bytes of their CSR / index arrays.
+CodebookMatMul, SparseCodebookMatMul, SparseConv) are read back the same way: the weight they
+hold (K × N, or the Conv's shape), and the bytes of their CSR / index arrays.
 
 Made to stay fast on large models: a weight is read once (memory-mapped), sparsity is a
 count, and distinct values are exact up to 2^18 elements; above that a strided sample of
@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers, dense_weight
+from onnxcompress.passes.sparse.conv_layout import dense_from_conv_csr
 from onnxcompress.passes.sparse.formats import dense_from_csr, unpack_codebook_indices
 from onnxcompress.runtime import DOMAIN
 from onnxcompress.sites import find_weight_sites, kernel_layer_name
@@ -94,7 +95,11 @@ def _codebook_row(layer: CodebookLayer) -> LayerInfo:
 
 
 def _kernel_weight(node: ir.Node, arrays: list[np.ndarray]) -> tuple[np.ndarray, int | None, int | None]:
-    """(K × N weight, bits, codebook size) held by one of our kernel nodes."""
+    """(weight, bits, codebook size) held by one of our kernel nodes (K × N, or a Conv's shape)."""
+    if node.op_type == "SparseConv":
+        shape = tuple(int(d) for d in node.attributes["weight_shape"].as_ints())
+        values, columns, row_ptr = arrays[:3]
+        return dense_from_conv_csr(values, columns, row_ptr, shape), None, None
     k, n = node.attributes["K"].as_int(), node.attributes["N"].as_int()
     if node.op_type == "SparseMatMul":
         return dense_from_csr(*arrays[:3], k, n), None, None
@@ -109,7 +114,7 @@ def _kernel_weight(node: ir.Node, arrays: list[np.ndarray]) -> tuple[np.ndarray,
 def _kernel_rows(model: ir.Model, count_distinct: bool) -> list[LayerInfo]:
     rows = []
     for node in model.graph:
-        if node.domain != DOMAIN or node.op_type not in ("SparseMatMul", "SparseCodebookMatMul", "CodebookMatMul"):
+        if node.domain != DOMAIN or node.op_type not in ("SparseMatMul", "SparseCodebookMatMul", "CodebookMatMul", "SparseConv"):
             continue
         stored = [v for v in node.inputs[1:] if v is not None and v.const_value is not None]
         arrays = [v.const_value.numpy() for v in stored]  # type: ignore[union-attr]

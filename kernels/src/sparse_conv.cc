@@ -4,15 +4,16 @@
 // flattened, column (c * kh + i) * kw + j for channel c of its group and tap (i, j): the CSR of
 // W.reshape(M, -1). Exact: the products of dense Conv, summed in another order.
 //
-// Every output row m (one output channel over all positions q) is a sparse combination of
-// shifted rows of one lowered input B: Y'[m, q] = bias[m] + sum_j values[j] * B[offset(col_j) + q]
-// (Liu et al., "Sparse Convolutional Neural Networks", CVPR 2015: sparse x dense products over
-// the lowered input). B is chosen per call:
-//  * stride 1 ("direct sparse convolution", Park et al., ICLR 2017): B is X itself (1x1 kernels
-//    without padding: no copy) or X zero-padded to Hp x Wp, offset(c, i, j) = c*Hp*Wp +
-//    i*dh*Wp + j*dw; one contiguous AXPY of OH*Wp values per non-zero, and the Wp - OW columns
-//    that wrap around a row are computed, then dropped.
-//  * other strides: B = im2col(X), K x P (P = OH*OW), offset(col) = col * P.
+// Every output row m (one output channel over all positions) is a sparse combination of shifted
+// rows of one lowered input B: Y'[m, q] = bias[m] + sum_j values[j] * B[offset(col_j) + q], a
+// sparse x dense product (Liu et al., "Sparse Convolutional Neural Networks", CVPR 2015) computed
+// as direct sparse convolution (Park et al., "Faster CNNs with Direct Sparse Convolutions", ICLR
+// 2017): B is X zero-padded to Hp x Wp and split into its stride phases, one Hq x Wq plane per
+// (row phase, column phase) a tap reads (Hq = ceil(Hp / sh), Wq = ceil(Wp / sw)); tap (i, j) of
+// channel c reads plane (c, i*dh % sh, j*dw % sw) from row i*dh / sh, column j*dw / sw on, so every
+// non-zero is one contiguous AXPY over q = oh*Wq + ow in [0, OH*Wq); the Wq - OW columns per row
+// that wrap around are computed, then dropped. Stride 1 without padding and 1-wide kernel rows
+// (1x1 convolutions) read X in place; otherwise B costs one copy of X, never a k*k-fold im2col.
 // Each non-zero does an AXPY over a 64-wide tile of positions held in eight AVX2 accumulators;
 // the tile loop runs outside the row loop, so B's tile stays in cache across rows. Rows are split
 // across onnxruntime's intra-op threads by equal non-zero counts.
@@ -130,83 +131,101 @@ void ParallelRanges(OrtKernelContext* context, int64_t count, size_t tasks, Fn&&
   ParallelFor(context, tasks, work);
 }
 
-// Stride 1: X (or X zero-padded) read in place, offsets over the padded plane.
-void LowerDirect(OrtKernelContext* context, const float* x, const ConvShape& s, Lowered& b) {
-  const int64_t hp = s.height + s.pad_top + s.pad_bottom;
-  const int64_t wp = s.width + s.pad_left + s.pad_right;
-  const int64_t plane = hp * wp;
-  const bool in_place = s.pad_top == 0 && s.pad_left == 0 && s.pad_bottom == 0 && s.pad_right == 0 &&
-                        (s.kw - 1) * s.dw == 0;
-  if (in_place) {
-    b.data = x;
-  } else {
-    // the last channel's wrapped columns read up to (kw - 1) * dw values past its plane
-    const int64_t slack = (s.kw - 1) * s.dw;
-    b.storage.reset(new float[static_cast<size_t>(s.channels * plane + slack)]);
-    float* padded = b.storage.get();
-    std::memset(padded + s.channels * plane, 0, static_cast<size_t>(slack) * sizeof(float));
-    ParallelRanges(context, s.channels, static_cast<size_t>(s.channels * plane / 65536 + 1), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        float* dst = padded + c * plane;
-        std::memset(dst, 0, static_cast<size_t>(plane) * sizeof(float));
-        for (int64_t h = 0; h < s.height; ++h) {
-          std::memcpy(dst + (h + s.pad_top) * wp + s.pad_left, x + (c * s.height + h) * s.width,
-                      static_cast<size_t>(s.width) * sizeof(float));
-        }
-      }
-    });
-    b.data = padded;
+// The stride phases (a, b) some kernel tap reads: input row oh*sh + i*dh lies in phase
+// (i*dh) % sh at row oh + (i*dh) / sh of that phase's plane.
+std::vector<int64_t> UsedPhases(int64_t taps, int64_t dilation, int64_t stride, std::vector<int64_t>& slot) {
+  slot.assign(static_cast<size_t>(stride), -1);
+  std::vector<int64_t> used;
+  for (int64_t i = 0; i < taps; ++i) {
+    const int64_t phase = (i * dilation) % stride;
+    if (slot[static_cast<size_t>(phase)] < 0) {
+      slot[static_cast<size_t>(phase)] = 0;
+      used.push_back(phase);
+    }
   }
-  b.group_stride = s.group_channels * plane;
-  b.row_length = wp;
-  b.positions = s.out_h * wp;
-  b.offsets.resize(static_cast<size_t>(s.Columns()));
-  for (int64_t c = 0; c < s.group_channels; ++c)
-    for (int64_t i = 0; i < s.kh; ++i)
-      for (int64_t j = 0; j < s.kw; ++j)
-        b.offsets[static_cast<size_t>((c * s.kh + i) * s.kw + j)] = static_cast<int32_t>(c * plane + i * s.dh * wp + j * s.dw);
+  std::sort(used.begin(), used.end());
+  for (size_t k = 0; k < used.size(); ++k) slot[static_cast<size_t>(used[k])] = static_cast<int64_t>(k);
+  return used;
 }
 
-// Any stride: im2col, B[(c*kh + i)*kw + j][oh*OW + ow] = X[c, oh*sh - pt + i*dh, ow*sw - pl + j*dw] or 0.
-void LowerIm2col(OrtKernelContext* context, const float* x, const ConvShape& s, Lowered& b) {
-  const int64_t p = s.Positions();
-  const int64_t rows = s.channels * s.kh * s.kw;
-  b.storage.reset(new float[static_cast<size_t>(rows * p)]);
-  float* cols = b.storage.get();
-  ParallelRanges(context, rows, static_cast<size_t>(rows * p / 65536 + 1), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r / (s.kh * s.kw), i = (r / s.kw) % s.kh, j = r % s.kw;
-      const float* plane = x + c * s.height * s.width;
-      float* dst = cols + r * p;
-      for (int64_t oh = 0; oh < s.out_h; ++oh) {
-        const int64_t h = oh * s.sh - s.pad_top + i * s.dh;
-        float* out = dst + oh * s.out_w;
-        if (h < 0 || h >= s.height) {
-          std::memset(out, 0, static_cast<size_t>(s.out_w) * sizeof(float));
+// Geometry of B: per channel, one Hq x Wq plane per used stride phase of zero-padded X.
+struct PhaseLayout {
+  int64_t hq = 0, wq = 0, plane = 0, planes_per_channel = 0, slack = 0;
+  std::vector<int64_t> rows_used, cols_used, row_slot, col_slot;
+
+  explicit PhaseLayout(const ConvShape& s) {
+    const int64_t hp = s.height + s.pad_top + s.pad_bottom, wp = s.width + s.pad_left + s.pad_right;
+    hq = (hp + s.sh - 1) / s.sh;
+    wq = (wp + s.sw - 1) / s.sw;
+    plane = hq * wq;
+    rows_used = UsedPhases(s.kh, s.dh, s.sh, row_slot);
+    cols_used = UsedPhases(s.kw, s.dw, s.sw, col_slot);
+    planes_per_channel = static_cast<int64_t>(rows_used.size() * cols_used.size());
+    slack = (s.kw - 1) * s.dw + 1;  // the last plane's wrapped columns read this far past it
+  }
+  int64_t Size(const ConvShape& s) const { return s.channels * planes_per_channel * plane + slack; }
+};
+
+// Copy X's phases into B, zero-padded; plane (c, a, b)[h', w'] = Xpad[c][h'*sh + a][w'*sw + b].
+void CopyPhases(const float* x, const ConvShape& s, const PhaseLayout& layout, int64_t c, float* dst) {
+  for (size_t ra = 0; ra < layout.rows_used.size(); ++ra) {
+    for (size_t cb = 0; cb < layout.cols_used.size(); ++cb) {
+      float* out = dst + static_cast<int64_t>(ra * layout.cols_used.size() + cb) * layout.plane;
+      std::memset(out, 0, static_cast<size_t>(layout.plane) * sizeof(float));
+      const int64_t a = layout.rows_used[ra], b = layout.cols_used[cb];
+      for (int64_t hr = 0; hr < layout.hq; ++hr) {
+        const int64_t h = hr * s.sh + a - s.pad_top;
+        if (h < 0 || h >= s.height) continue;
+        const float* line = x + (c * s.height + h) * s.width;
+        float* row = out + hr * layout.wq;
+        if (s.sw == 1) {
+          const int64_t w0 = std::max<int64_t>(0, s.pad_left - b);
+          const int64_t w1 = std::min<int64_t>(layout.wq, s.width + s.pad_left - b);
+          if (w1 > w0) std::memcpy(row + w0, line + w0 + b - s.pad_left, static_cast<size_t>(w1 - w0) * sizeof(float));
           continue;
         }
-        const float* line = plane + h * s.width;
-        for (int64_t ow = 0; ow < s.out_w; ++ow) {
-          const int64_t w = ow * s.sw - s.pad_left + j * s.dw;
-          out[ow] = (w >= 0 && w < s.width) ? line[w] : 0.0f;
+        for (int64_t wr = 0; wr < layout.wq; ++wr) {
+          const int64_t w = wr * s.sw + b - s.pad_left;
+          if (w >= 0 && w < s.width) row[wr] = line[w];
         }
       }
     }
-  });
-  b.data = cols;
-  b.group_stride = s.group_channels * s.kh * s.kw * p;
-  b.row_length = s.out_w;
-  b.positions = p;
-  b.offsets.resize(static_cast<size_t>(s.Columns()));
-  for (int64_t col = 0; col < s.Columns(); ++col) b.offsets[static_cast<size_t>(col)] = static_cast<int32_t>(col * p);
+  }
 }
 
-// Elements of B for one image; the offsets are int32.
-int64_t LoweredSize(const ConvShape& s) {
-  if (s.sh == 1 && s.sw == 1) {
-    return s.channels * (s.height + s.pad_top + s.pad_bottom) * (s.width + s.pad_left + s.pad_right) + s.kw * s.dw;
+// B for one image: X itself (stride 1, no padding, 1-wide kernel rows) or its phase planes.
+void Lower(OrtKernelContext* context, const float* x, const ConvShape& s, Lowered& b) {
+  const PhaseLayout layout(s);
+  const bool in_place = s.sh == 1 && s.sw == 1 && s.pad_top == 0 && s.pad_left == 0 && s.pad_bottom == 0 &&
+                        s.pad_right == 0 && (s.kw - 1) * s.dw == 0;
+  const int64_t channel_stride = layout.planes_per_channel * layout.plane;
+  if (in_place) {
+    b.data = x;
+  } else {
+    b.storage.reset(new float[static_cast<size_t>(layout.Size(s))]);
+    float* phases = b.storage.get();
+    std::memset(phases + s.channels * channel_stride, 0, static_cast<size_t>(layout.slack) * sizeof(float));
+    const size_t tasks = static_cast<size_t>(s.channels * channel_stride / 65536 + 1);
+    ParallelRanges(context, s.channels, tasks, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) CopyPhases(x, s, layout, c, phases + c * channel_stride);
+    });
+    b.data = phases;
   }
-  return s.channels * s.kh * s.kw * s.Positions();
+  b.group_stride = s.group_channels * channel_stride;
+  b.row_length = layout.wq;
+  b.positions = s.out_h * layout.wq;
+  b.offsets.resize(static_cast<size_t>(s.Columns()));
+  for (int64_t c = 0; c < s.group_channels; ++c) {
+    for (int64_t i = 0; i < s.kh; ++i) {
+      for (int64_t j = 0; j < s.kw; ++j) {
+        const int64_t a = layout.row_slot[static_cast<size_t>((i * s.dh) % s.sh)];
+        const int64_t p = layout.col_slot[static_cast<size_t>((j * s.dw) % s.sw)];
+        const int64_t plane = c * layout.planes_per_channel + a * static_cast<int64_t>(layout.cols_used.size()) + p;
+        b.offsets[static_cast<size_t>((c * s.kh + i) * s.kw + j)] = static_cast<int32_t>(
+            plane * layout.plane + (i * s.dh / s.sh) * layout.wq + (j * s.dw) / s.sw);
+      }
+    }
+  }
 }
 
 // The conv attributes, read once; `error` is set when one is missing or invalid.
@@ -304,7 +323,7 @@ struct ConvAttributes {
     }
     s.out_h = span_h / s.sh + 1;
     s.out_w = span_w / s.sw + 1;
-    if (LoweredSize(s) >= std::numeric_limits<int32_t>::max()) {
+    if (PhaseLayout(s).Size(s) >= std::numeric_limits<int32_t>::max()) {
       return Error(Message(kOp, ": X has shape ", ShapeString(x), ": the lowered input exceeds 2^31 values"));
     }
     return Ort::Status{nullptr};
@@ -325,8 +344,7 @@ void RunConv(OrtKernelContext* context, const ConvShape& s, const float* x, cons
   for (int64_t n = 0; n < s.batch; ++n) {
     Lowered b;
     const float* image = x + n * s.channels * s.height * s.width;
-    if (s.sh == 1 && s.sw == 1) LowerDirect(context, image, s, b);
-    else LowerIm2col(context, image, s, b);
+    Lower(context, image, s, b);
     float* out = y + n * s.filters * s.Positions();
     const bool wraps = b.row_length != s.out_w;
     std::unique_ptr<float[]> wide(wraps ? new float[static_cast<size_t>(s.filters * b.positions)] : nullptr);
