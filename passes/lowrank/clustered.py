@@ -259,5 +259,6 @@ def apply_clustered(model: ir.Model, site: WeightSite, first: np.ndarray, second
     ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [old_output], [new_output])
     _drop_if_unused(site)
     for value in old_inputs[1:]:  # the bias, now split per group
-        if value is not None and not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
-            graph.initializers.pop(value.name)
+        name = value.name if value is not None else None
+        if value is not None and name and not value.uses() and not value.is_graph_output() and name in graph.initializers:
+            graph.initializers.pop(name)
