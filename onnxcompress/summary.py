@@ -111,10 +111,13 @@ def _kernel_weight(node: ir.Node, arrays: list[np.ndarray]) -> tuple[np.ndarray,
     return codebook[unpack_codebook_indices(packed, k, bits)], bits, codebook.size
 
 
+_KERNEL_OPS = ("SparseMatMul", "SparseCodebookMatMul", "CodebookMatMul", "SparseConv")
+
+
 def _kernel_rows(model: ir.Model, count_distinct: bool) -> list[LayerInfo]:
     rows = []
     for node in model.graph:
-        if node.domain != DOMAIN or node.op_type not in ("SparseMatMul", "SparseCodebookMatMul", "CodebookMatMul", "SparseConv"):
+        if node.domain != DOMAIN or node.op_type not in _KERNEL_OPS:
             continue
         stored = [v for v in node.inputs[1:] if v is not None and v.const_value is not None]
         arrays = [v.const_value.numpy() for v in stored]  # type: ignore[union-attr]

@@ -40,7 +40,8 @@ PASS_NAME = "lowrank.svd"
 
 def _options(
     energy: float | None, ratio: float | None, flops: bool, budget: float | None, conv: str, speed: bool,
-    latency_batch: int, min_params: int, exclude: list[str] | None, plan: Path | None, clusters: int | None = None,
+    latency_batch: int, min_params: int, exclude: list[str] | None, plan: Path | None,
+    clusters: int | None = None,
 ) -> dict[str, object]:
     options: dict[str, object] = {"conv": conv, "speed": speed, "latency_batch": latency_batch,
                                   "min_params": min_params, "exclude": tuple(exclude or ())}
@@ -90,9 +91,11 @@ def lowrank(
     flops: Annotated[bool, typer.Option("--flops", help="--ratio counts FLOPs, not parameters.")] = False,
     budget: Annotated[float | None, typer.Option(help="Lowest output cosine; greedy per-layer rank search.")] = None,
     conv: Annotated[str, typer.Option(
-        help="Conv form: auto, channel, spatial, clustered (Denton's filter clustering) or off.")] = "auto",
+        help="Conv form: auto, channel, spatial, clustered (Denton's filter clustering) or off.",
+    )] = "auto",
     clusters: Annotated[int | None, typer.Option(
-        help="With --conv clustered: k-means groups of output filters, each with its own rank (default 4).")] = None,
+        help="With --conv clustered: k-means groups of filters, each its own rank (default 4).",
+    )] = None,
     speed: Annotated[bool, typer.Option("--speed", help="Keep a layer only if onnxruntime runs it faster.")] = False,
     latency_batch: Annotated[int, typer.Option(help="Batch size of the --speed latency test.")] = 64,
     min_params: Annotated[int, typer.Option(help="Leave weights smaller than this alone.")] = 4096,
@@ -108,7 +111,8 @@ def lowrank(
     input_shape: InputShapeOption = None,
 ) -> None:
     """Factorize MatMul/Gemm/Conv weights by truncated SVD where it pays (Denton et al. 2014)."""
-    options = _options(energy, ratio, flops, budget, conv, speed, latency_batch, min_params, exclude, plan, clusters)
+    options = _options(energy, ratio, flops, budget, conv, speed, latency_batch, min_params,
+                       exclude, plan, clusters)
     if save_plan is not None:
         check_side_file(save_plan, "plan", model, output)
     if dry_run:

@@ -1,4 +1,4 @@
-"""`onnxcompress sparsify`: pruned MatMul/Gemm layers -> SparseMatMul, Conv -> SparseConv, where faster.
+"""`onnxcompress sparsify`: pruned MatMul/Gemm -> SparseMatMul, Conv -> SparseConv, where faster.
 
 Runs the `sparse.csr` pass as one gated step. The rewrite is exact, so the default fidelity
 gate is strict. `--portable` (default) keeps the model runnable by a stock onnxruntime.
@@ -56,7 +56,7 @@ def sparsify(
     min_top1: MinTop1Option = None,
     input_shape: InputShapeOption = None,
 ) -> None:
-    """Run pruned MatMul/Gemm/Conv layers with the sparse kernels where measurably faster (exact)."""
+    """Run pruned MatMul/Gemm/Conv layers with sparse kernels where measurably faster (exact)."""
     options: dict[str, object] = {
         "min_sparsity": min_sparsity,
         "batch": batch,

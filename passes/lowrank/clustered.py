@@ -7,7 +7,7 @@ k-means and approximates each group on its own; this is its output half (the out
 clustered; the input channels stay whole, so the first Conv of the pair reads X unchanged):
 
     W (M, C, k...) as the matrix F = W.reshape(M, C·∏k), rows = filters
-    k-means on the rows normalised to unit length and sign (seeded k-means++, Lloyd): groups S_1 … S_G
+    k-means on the rows scaled to unit length and sign (seeded k-means++, Lloyd): S_1 … S_G
     per group F[S_g] ≈ P_g Q_g by truncated SVD at rank r_g (its own rank)
 
 and the Conv becomes: one k… Conv with R = Σ r_g filters (the Q_g stacked, original strides,
@@ -17,9 +17,11 @@ Concat → Gather(axis 1) back to the original channel order. All standard ONNX 
 Ranks: for a total R the R largest singular values over all groups are kept (every group at
 least one), which is the allocation with the least Frobenius error for R rank-one terms. So
 
-    ‖W − Ŵ‖_F² = Σ_g Σ_{i > r_g} σ_{g,i}²   exactly (Eckart–Young per group, the groups partition the rows),
+    ‖W − Ŵ‖_F² = Σ_g Σ_{i > r_g} σ_{g,i}²   exactly (Eckart–Young per group; the groups
+                                          partition the rows),
 
-and `energy`, `ratio` and `budget` pick R as for the other kinds. Parameters: Σ_g r_g (C·∏k + |S_g|).
+and `energy`, `ratio` and `budget` pick R as for the other kinds.
+Parameters: Σ_g r_g (C·∏k + |S_g|).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = ["ClusteredDecomposition", "cluster_filters", "apply_clustered"]
 import dataclasses
 import heapq
 import math
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -58,14 +61,20 @@ def cluster_filters(weight: np.ndarray, clusters: int, seed: int = 0) -> list[np
     for _ in range(1, count):
         distance = np.min([np.sum((points - c) ** 2, axis=1) for c in centers], axis=0)
         total = float(distance.sum())
-        index = int(rng.choice(points.shape[0], p=distance / total)) if total > 0 else int(rng.integers(points.shape[0]))
+        index = (
+            int(rng.choice(points.shape[0], p=distance / total))
+            if total > 0
+            else int(rng.integers(points.shape[0]))
+        )
         centers.append(points[index])
     center = np.array(centers)
     labels = np.full(points.shape[0], -1)
     for _ in range(_ITERATIONS):
         distance = ((points[:, None, :] - center[None, :, :]) ** 2).sum(axis=2)
         new = np.argmin(distance, axis=1)
-        for empty in sorted(set(range(count)) - set(new.tolist())):  # re-seed at the worst-served filter
+        for empty in sorted(
+            set(range(count)) - set(new.tolist())
+        ):  # re-seed at the worst-served filter
             new[int(np.argmax(distance[np.arange(points.shape[0]), new]))] = empty
         if np.array_equal(new, labels):
             break
@@ -137,7 +146,10 @@ class ClusteredDecomposition:
         return int(self.weight.size)
 
     def params_after(self, rank: int) -> int:
-        return sum(r * (self.cols + members.size) for r, members in zip(self.ranks(rank), self.members, strict=True))
+        return sum(
+            r * (self.cols + members.size)
+            for r, members in zip(self.ranks(rank), self.members, strict=True)
+        )
 
     @property
     def flops_before(self) -> int:
@@ -147,7 +159,7 @@ class ClusteredDecomposition:
         return 2 * self.params_after(rank)
 
     def rank_for_ratio(self, ratio: float, metric: str = "params") -> int:
-        """Largest R whose params (FLOPs: the same ratio here) are at most `ratio` of the original's."""
+        """Largest R whose params (FLOPs: the same ratio) are at most `ratio` of the original's."""
         del metric
         best = len(self.members)
         for total in range(len(self.members), len(self._order) + 1):
@@ -177,7 +189,7 @@ class ClusteredDecomposition:
 
     # ---- factors ---------------------------------------------------------------------
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """(first: R filters of shape C×k…, second: the M × R block matrix, 1×1) with second·first = Ŵ.
+        """(first: R filters C×k…, second: the M × R block matrix, 1×1) with second·first = Ŵ.
 
         `second` is dense for reference and tests; the graph stores only its blocks (`blocks`)."""
         kernel = self.weight.shape[1:]
@@ -186,7 +198,7 @@ class ClusteredDecomposition:
         for svd, r, members in zip(self._svds, self.ranks(rank), self.members, strict=True):
             p, q = split_factors(svd, r)
             firsts.append(q.reshape(r, *kernel))
-            second[members, column:column + r] = p
+            second[members, column : column + r] = p
             column += r
         first = np.concatenate(firsts)
         second = second[:, :column].reshape(self.rows, column, *([1] * (self.weight.ndim - 2)))
@@ -206,51 +218,98 @@ def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def apply_clustered(model: ir.Model, site: WeightSite, first: np.ndarray, second: np.ndarray,
-                    blocks: list[tuple[np.ndarray, int]], conv: ConvAttributes, taken: set[str]) -> None:
-    """Replace `site`'s Conv by Conv(R filters) → Split → per-group 1×1 Conv → Concat → Gather."""
+def apply_clustered(
+    model: ir.Model,
+    site: WeightSite,
+    first: np.ndarray,
+    second: np.ndarray,
+    blocks: list[tuple[np.ndarray, int]],
+    conv: ConvAttributes,
+    taken: set[str],
+) -> None:
+    """Replace `site`'s Conv: Conv(R filters) → Split → per-group 1×1 Conv → Concat → Gather."""
     from onnxcompress.passes.lowrank.rewrite import _drop_if_unused, _unique
 
     node, graph = site.node, site.node.graph
     assert graph is not None
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    bias_array = bias.const_value.numpy() if bias is not None and bias.const_value is not None else None
+    bias_array = (
+        bias.const_value.numpy() if bias is not None and bias.const_value is not None else None
+    )
     base = node.name or site.name
 
     def fresh(kind: str) -> str:
         return _unique(f"{site.name}.clustered_{kind}", taken)
 
-    attributes: dict[str, object] = {"kernel_shape": list(conv.kernel), "strides": list(conv.strides),
-                                     "dilations": list(conv.dilations), "group": 1}
+    attributes: dict[str, Any] = {
+        "kernel_shape": list(conv.kernel),
+        "strides": list(conv.strides),
+        "dilations": list(conv.dilations),
+        "group": 1,
+    }
     if conv.auto_pad != "NOTSET":
         attributes["auto_pad"] = conv.auto_pad
     else:
         attributes["pads"] = list(conv.pads)
     hidden = ir.Value(name=fresh("hidden"))
-    nodes = [ir.node("Conv", [node.inputs[0], _initializer(model, fresh("first"), first)],
-                     attributes=attributes, outputs=[hidden], name=_unique(f"{base}.clustered_first", taken))]  # type: ignore[arg-type]
+    nodes = [
+        ir.node(
+            "Conv",
+            [node.inputs[0], _initializer(model, fresh("first"), first)],
+            attributes=attributes,
+            outputs=[hidden],
+            name=_unique(f"{base}.clustered_first", taken),
+        )
+    ]  # type: ignore[arg-type]
     parts = [ir.Value(name=fresh(f"part{g}")) for g in range(len(blocks))]
     sizes = _initializer(model, fresh("split"), np.array([r for _, r in blocks], dtype=np.int64))
     opset = int(model.opset_imports.get("", 21))
     split_attributes = {"axis": 1} if opset >= 13 else {"axis": 1, "split": [r for _, r in blocks]}
-    nodes.append(ir.node("Split", [hidden, sizes] if opset >= 13 else [hidden], attributes=split_attributes,  # type: ignore[arg-type]
-                         outputs=parts, name=_unique(f"{base}.clustered_split", taken)))
+    nodes.append(
+        ir.node(
+            "Split",
+            [hidden, sizes] if opset >= 13 else [hidden],
+            attributes=split_attributes,  # type: ignore[arg-type]
+            outputs=parts,
+            name=_unique(f"{base}.clustered_split", taken),
+        )
+    )
     outputs, column, ones = [], 0, [1] * len(conv.kernel)
     for g, (members, rank) in enumerate(blocks):
-        block = second[members, column:column + rank]
+        block = second[members, column : column + rank]
         column += rank
         inputs = [parts[g], _initializer(model, fresh(f"second{g}"), block)]
         if bias_array is not None:
             inputs.append(_initializer(model, fresh(f"bias{g}"), bias_array[members]))
         outputs.append(ir.Value(name=fresh(f"out{g}")))
-        nodes.append(ir.node("Conv", inputs, attributes={"kernel_shape": ones}, outputs=[outputs[-1]],  # type: ignore[arg-type]
-                             name=_unique(f"{base}.clustered_second{g}", taken)))
+        nodes.append(
+            ir.node(
+                "Conv",
+                inputs,
+                attributes={"kernel_shape": ones},
+                outputs=[outputs[-1]],  # type: ignore[arg-type]
+                name=_unique(f"{base}.clustered_second{g}", taken),
+            )
+        )
     grouped = ir.Value(name=fresh("grouped"))
-    nodes.append(ir.node("Concat", outputs, attributes={"axis": 1}, outputs=[grouped],
-                         name=_unique(f"{base}.clustered_concat", taken)))
-    order = np.argsort(np.concatenate([members for members, _ in blocks]), kind="stable").astype(np.int64)
-    gather = ir.node("Gather", [grouped, _initializer(model, fresh("order"), order)], attributes={"axis": 1},
-                     name=_unique(f"{base}.clustered_order", taken))
+    nodes.append(
+        ir.node(
+            "Concat",
+            outputs,
+            attributes={"axis": 1},
+            outputs=[grouped],
+            name=_unique(f"{base}.clustered_concat", taken),
+        )
+    )
+    order = np.argsort(np.concatenate([members for members, _ in blocks]), kind="stable").astype(
+        np.int64
+    )
+    gather = ir.node(
+        "Gather",
+        [grouped, _initializer(model, fresh("order"), order)],
+        attributes={"axis": 1},
+        name=_unique(f"{base}.clustered_order", taken),
+    )
     nodes.append(gather)
     old_output, new_output = node.outputs[0], gather.outputs[0]
     new_output.name, old_output.name = old_output.name, None
@@ -260,5 +319,11 @@ def apply_clustered(model: ir.Model, site: WeightSite, first: np.ndarray, second
     _drop_if_unused(site)
     for value in old_inputs[1:]:  # the bias, now split per group
         name = value.name if value is not None else None
-        if value is not None and name and not value.uses() and not value.is_graph_output() and name in graph.initializers:
+        if (
+            value is not None
+            and name
+            and not value.uses()
+            and not value.is_graph_output()
+            and name in graph.initializers
+        ):
             graph.initializers.pop(name)

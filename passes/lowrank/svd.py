@@ -72,11 +72,13 @@ class LowRankConfig(PassConfig):
     probes: int = pydantic.Field(32, ge=1, le=4096, description="Probe samples for the budget search.")
     conv: Literal["auto", "channel", "spatial", "clustered", "off"] = pydantic.Field(
         "auto",
-        description="Conv form: the cheaper of channel and spatial (auto), one of them, Denton's filter "
-        "clustering (clustered: k-means groups of filters, each its own rank), or leave Conv alone (off).",
+        description="Conv form: the cheaper of channel and spatial (auto), one of them, Denton's "
+        "filter clustering (clustered: k-means groups of filters, each its own rank), or leave "
+        "Conv alone (off).",
     )
     clusters: int = pydantic.Field(
-        4, ge=2, le=1024, description="With conv=clustered: groups of output filters (k-means on the filters)."
+        4, ge=2, le=1024,
+        description="With conv=clustered: groups of output filters (k-means on the filters).",
     )
     speed: bool = pydantic.Field(
         False, description="Measure each factor pair with onnxruntime and keep the original unless faster."
@@ -141,7 +143,8 @@ class _Layer:
         """Rewrite the layer as the factors of `kind` at `rank`."""
         if kind == "conv_clustered":
             assert self.conv is not None
-            apply_clustered(model, self.site, first, second, self.option(kind).blocks(rank), self.conv, taken)
+            blocks = self.option(kind).blocks(rank)
+            apply_clustered(model, self.site, first, second, blocks, self.conv, taken)
         else:
             apply_factors(model, self.site, kind, first, second, self.conv, taken)
 
@@ -201,7 +204,9 @@ class LowRankSVDPass(CompressionPass):
             return None, f"no rank saves parameters ({d.rows}×{d.cols} matrix needs r < mn/(m+n) = {bound:.2f})"
         return _Layer(site, useful, conv), ""
 
-    def _conv_options(self, site: WeightSite, weight: np.ndarray) -> tuple[list[Any], ConvAttributes] | str:
+    def _conv_options(
+        self, site: WeightSite, weight: np.ndarray
+    ) -> tuple[list[Any], ConvAttributes] | str:
         if self.config.conv == "off":
             return "Conv factorization turned off (conv=off)"
         if weight.ndim < 3:
@@ -432,8 +437,10 @@ class LowRankSVDPass(CompressionPass):
         for layer_plan, layer, first, second in work:
             before = layer.site.array()
             layer.apply(model, layer_plan.kind, layer_plan.rank, first, second, taken)
-            detail = (f"{layer_plan.kind} rank {layer_plan.rank} (max useful {layer_plan.max_rank}), "
-                      f"energy {layer_plan.energy:.4f}, rel. error {layer_plan.rel_error:.4g}")
+            detail = (
+                f"{layer_plan.kind} rank {layer_plan.rank} (max useful {layer_plan.max_rank}), "
+                f"energy {layer_plan.energy:.4f}, rel. error {layer_plan.rel_error:.4g}"
+            )
             if layer_plan.kind == "conv_clustered":
                 ranks = layer.option(layer_plan.kind).ranks(layer_plan.rank)
                 detail += f", {len(ranks)} filter groups of ranks {ranks}"

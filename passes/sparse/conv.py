@@ -42,7 +42,9 @@ class ConvLayer:
     input_shape: tuple[int | None, ...] | None  # [N, C, spatial...] from shape inference
 
 
-def value_shapes(model: ir.Model, probes: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple[int | None, ...]]:
+def value_shapes(
+    model: ir.Model, probes: Mapping[str, np.ndarray] | None = None
+) -> dict[str, tuple[int | None, ...]]:
     """Every value's shape onnx shape inference can tell (unknown dims None); graph inputs take
     the size of one probe sample where they have symbolic dims."""
     proto = ir.to_proto(model)
@@ -57,8 +59,10 @@ def value_shapes(model: ir.Model, probes: Mapping[str, np.ndarray] | None = None
     shapes: dict[str, tuple[int | None, ...]] = {}
     for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         if info.type.tensor_type.HasField("shape"):
-            shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                      for d in info.type.tensor_type.shape.dim)
+            shapes[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else None
+                for d in info.type.tensor_type.shape.dim
+            )
     return shapes
 
 
@@ -67,8 +71,13 @@ def _ints(node: ir.Node, name: str) -> list[int] | None:
     return [int(v) for v in values] if values else None
 
 
-def _resolved_pads(node: ir.Node, kernel: tuple[int, ...], strides: list[int], dilations: list[int],
-                   input_shape: tuple[int | None, ...] | None) -> list[int] | str:
+def _resolved_pads(
+    node: ir.Node,
+    kernel: tuple[int, ...],
+    strides: list[int],
+    dilations: list[int],
+    input_shape: tuple[int | None, ...] | None,
+) -> list[int] | str:
     """Explicit pads for any auto_pad, or why they cannot be known."""
     spatial = len(kernel)
     auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
@@ -78,7 +87,9 @@ def _resolved_pads(node: ir.Node, kernel: tuple[int, ...], strides: list[int], d
         return [0] * (2 * spatial)
     sizes = input_shape[2:] if input_shape is not None else ()
     if len(sizes) != spatial or any(d is None for d in sizes):
-        return f"auto_pad={auto_pad} needs the input's spatial size, which shape inference cannot tell"
+        return (
+            f"auto_pad={auto_pad} needs the input's spatial size, which shape inference cannot tell"
+        )
     begin, end = [], []
     for a in range(spatial):
         size = int(sizes[a])  # type: ignore[arg-type]
@@ -118,40 +129,71 @@ def conv_layer(site: WeightSite, input_shape: tuple[int | None, ...] | None) -> 
     return ConvLayer(weight, bias, geometry, input_shape)
 
 
-def _one_node_model(node: onnx.NodeProto, initializers: list[onnx.TensorProto], x_shape: list[int]) -> bytes:
-    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                     helper.make_opsetid(DOMAIN, OPSET_VERSION)])
+def _one_node_model(
+    node: onnx.NodeProto, initializers: list[onnx.TensorProto], x_shape: list[int]
+) -> bytes:
+    graph = helper.make_graph(
+        [node],
+        "layer",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
+    )
     model.ir_version = 8
     return model.SerializeToString()
 
 
-def layer_models(layer: ConvLayer, arrays: dict[str, np.ndarray], x_shape: list[int]) -> dict[str, bytes]:
+def layer_models(
+    layer: ConvLayer, arrays: dict[str, np.ndarray], x_shape: list[int]
+) -> dict[str, bytes]:
     """One-node models: onnxruntime's Conv, SparseConv, and Identity (the cost of a call)."""
     attributes = layer.geometry.attributes()
     del attributes["weight_shape"]
-    dense = helper.make_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=list(layer.weight.shape[2:]),
-                             **attributes)  # type: ignore[arg-type]
-    sparse = helper.make_node("SparseConv", ["X", *arrays, "B"], ["Y"], domain=DOMAIN,
-                              **layer.geometry.attributes())  # type: ignore[arg-type]
+    dense = helper.make_node(
+        "Conv", ["X", "W", "B"], ["Y"], kernel_shape=list(layer.weight.shape[2:]), **attributes
+    )
+    sparse = helper.make_node(
+        "SparseConv", ["X", *arrays, "B"], ["Y"], domain=DOMAIN, **layer.geometry.attributes()
+    )
     bias = numpy_helper.from_array(layer.bias, "B")
     return {
-        "dense": _one_node_model(dense, [numpy_helper.from_array(layer.weight, "W"), bias], x_shape),
+        "dense": _one_node_model(
+            dense, [numpy_helper.from_array(layer.weight, "W"), bias], x_shape
+        ),
         "sparse": _one_node_model(
-            sparse, [*(numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in arrays.items()), bias], x_shape),
+            sparse,
+            [
+                *(numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in arrays.items()),
+                bias,
+            ],
+            x_shape,
+        ),
         "overhead": _one_node_model(helper.make_node("Identity", ["X"], ["Y"]), [], x_shape),
     }
 
 
-def measure_conv(layer: ConvLayer, arrays: dict[str, np.ndarray], x_shape: list[int], *, threads: int | None = None,
-                 repeats: int = 15, cold_cache: bool = True, seed: int = 0) -> dict[str, float]:
+def measure_conv(
+    layer: ConvLayer,
+    arrays: dict[str, np.ndarray],
+    x_shape: list[int],
+    *,
+    threads: int | None = None,
+    repeats: int = 15,
+    cold_cache: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
     """Median seconds of onnxruntime's Conv, of SparseConv, and of a call that computes nothing.
 
     Alternating in one process; with `cold_cache` every call starts with the caches flushed
     and then the input rewritten (warm input, cold weights)."""
-    sessions = {name: runtime.session(model, threads=threads)
-                for name, model in layer_models(layer, arrays, x_shape).items()}
+    sessions = {
+        name: runtime.session(model, threads=threads)
+        for name, model in layer_models(layer, arrays, x_shape).items()
+    }
     x = np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)
     feed = x.copy()
     flush = np.zeros(_FLUSH_BYTES // 4, dtype=np.float32) if cold_cache else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = ["ConvGeometry", "conv_csr", "dense_from_conv_csr", "sparse_conv_reference"]
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,9 @@ class ConvGeometry:
     group: int = 1
 
     @classmethod
-    def of(cls, weight_shape: tuple[int, ...], strides=None, pads=None, dilations=None, group: int = 1) -> ConvGeometry:
+    def of(
+        cls, weight_shape: tuple[int, ...], strides=None, pads=None, dilations=None, group: int = 1
+    ) -> ConvGeometry:
         spatial = len(weight_shape) - 2
         return cls(
             tuple(int(d) for d in weight_shape),
@@ -42,17 +45,29 @@ class ConvGeometry:
             int(group),
         )
 
-    def attributes(self) -> dict[str, list[int] | int]:
-        return {"weight_shape": list(self.weight_shape), "strides": list(self.strides), "pads": list(self.pads),
-                "dilations": list(self.dilations), "group": self.group}
+    def attributes(self) -> dict[str, Any]:
+        return {
+            "weight_shape": list(self.weight_shape),
+            "strides": list(self.strides),
+            "pads": list(self.pads),
+            "dilations": list(self.dilations),
+            "group": self.group,
+        }
 
     def output_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """Spatial output size for a spatial input size."""
         spatial = len(self.strides)
         kernel = self.weight_shape[2:]
         return tuple(
-            (size[a] + self.pads[a] + self.pads[a + spatial] - self.dilations[a] * (kernel[a] - 1) - 1)
-            // self.strides[a] + 1
+            (
+                size[a]
+                + self.pads[a]
+                + self.pads[a + spatial]
+                - self.dilations[a] * (kernel[a] - 1)
+                - 1
+            )
+            // self.strides[a]
+            + 1
             for a in range(spatial)
         )
 
@@ -60,43 +75,64 @@ class ConvGeometry:
 def conv_csr(weight: np.ndarray, index_dtype: IndexDtype = "auto") -> CsrWeight:
     """CSR of the filters W.reshape(M, -1); zeros dropped exactly."""
     if weight.ndim not in (3, 4):
-        raise ValueError(f"expected a 1-D or 2-D Conv weight [M, C/group, k...], got shape {weight.shape}")
+        raise ValueError(
+            f"expected a 1-D or 2-D Conv weight [M, C/group, k...], got shape {weight.shape}"
+        )
     return to_csr(np.ascontiguousarray(weight.reshape(weight.shape[0], -1).T), index_dtype)
 
 
-def dense_from_conv_csr(values: np.ndarray, col_indices: np.ndarray, row_ptr: np.ndarray,
-                        weight_shape: tuple[int, ...]) -> np.ndarray:
+def dense_from_conv_csr(
+    values: np.ndarray, col_indices: np.ndarray, row_ptr: np.ndarray, weight_shape: tuple[int, ...]
+) -> np.ndarray:
     """The dense Conv weight the CSR arrays describe."""
     columns = int(np.prod(weight_shape[1:]))
-    flat = dense_from_csr(values, col_indices, row_ptr, columns, int(weight_shape[0]))  # columns x M
+    flat = dense_from_csr(
+        values, col_indices, row_ptr, columns, int(weight_shape[0])
+    )  # columns x M
     return np.ascontiguousarray(flat.T).reshape(weight_shape)
 
 
-def sparse_conv_reference(x: np.ndarray, values: np.ndarray, col_indices: np.ndarray, row_ptr: np.ndarray,
-                          bias: np.ndarray | None, geometry: ConvGeometry) -> np.ndarray:
-    """ONNX Conv of x with the dense weight, in float64 (one strided slice per kernel tap), as float32."""
-    weight = dense_from_conv_csr(values, col_indices, row_ptr, geometry.weight_shape).astype(np.float64)
+def sparse_conv_reference(
+    x: np.ndarray,
+    values: np.ndarray,
+    col_indices: np.ndarray,
+    row_ptr: np.ndarray,
+    bias: np.ndarray | None,
+    geometry: ConvGeometry,
+) -> np.ndarray:
+    """ONNX Conv of x with the dense weight in float64 (a strided slice per tap), as float32."""
+    weight = dense_from_conv_csr(values, col_indices, row_ptr, geometry.weight_shape).astype(
+        np.float64
+    )
     spatial = weight.ndim - 2
     if x.ndim != spatial + 2 or x.shape[1] != geometry.group * weight.shape[1]:
-        raise ValueError(f"X has shape {list(x.shape)}, expected {spatial + 2}-D with "
-                         f"{geometry.group * weight.shape[1]} channels")
+        raise ValueError(
+            f"X has shape {list(x.shape)}, expected {spatial + 2}-D with "
+            f"{geometry.group * weight.shape[1]} channels"
+        )
     out_size = geometry.output_size(tuple(x.shape[2:]))
-    pad_width = [(0, 0), (0, 0)] + [(geometry.pads[a], geometry.pads[a + spatial]) for a in range(spatial)]
+    pad_width = [(0, 0), (0, 0)] + [
+        (geometry.pads[a], geometry.pads[a + spatial]) for a in range(spatial)
+    ]
     padded = np.pad(x.astype(np.float64), pad_width)
     filters, per_group = weight.shape[0], weight.shape[1]
     group_filters = filters // geometry.group
     y = np.zeros((x.shape[0], filters, *out_size))
     for tap in np.ndindex(*weight.shape[2:]):
         window = tuple(
-            slice(tap[a] * geometry.dilations[a], tap[a] * geometry.dilations[a]
-                  + geometry.strides[a] * (out_size[a] - 1) + 1, geometry.strides[a])
+            slice(
+                tap[a] * geometry.dilations[a],
+                tap[a] * geometry.dilations[a] + geometry.strides[a] * (out_size[a] - 1) + 1,
+                geometry.strides[a],
+            )
             for a in range(spatial)
         )
         taken = padded[(slice(None), slice(None), *window)]
         for g in range(geometry.group):
-            w = weight[g * group_filters:(g + 1) * group_filters, :, *tap]  # (M/g, C/g)
-            y[:, g * group_filters:(g + 1) * group_filters] += np.einsum(
-                "mc,nc...->nm...", w, taken[:, g * per_group:(g + 1) * per_group])
+            w = weight[g * group_filters : (g + 1) * group_filters, :, *tap]  # (M/g, C/g)
+            y[:, g * group_filters : (g + 1) * group_filters] += np.einsum(
+                "mc,nc...->nm...", w, taken[:, g * per_group : (g + 1) * per_group]
+            )
     if bias is not None:
         y += bias.astype(np.float64).reshape(1, filters, *([1] * spatial))
     return y.astype(np.float32)

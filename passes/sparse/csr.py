@@ -99,7 +99,7 @@ class _Candidate:
 
     name: str
     node: ir.Node  # the MatMul / Gemm reading the weight
-    weight: np.ndarray  # K x N, float32, the effective weight (alpha and transB applied); Conv: its weight
+    weight: np.ndarray  # K x N float32, effective (alpha, transB applied); Conv: its own weight
     bias: np.ndarray  # [N] float32
     sparsity: float
     op: str = OP
@@ -222,8 +222,10 @@ class SparseCsrPass(CompressionPass):
     """Swap pruned MatMul/Gemm/Conv weights for our sparse kernels where they are faster."""
 
     name = "sparse.csr"
-    summary = ("Pruned MatMul/Gemm -> ai.onnxcompress.SparseMatMul, Conv -> SparseConv (CSR) where measured "
-               "faster; exact.")
+    summary = (
+        "Pruned MatMul/Gemm -> ai.onnxcompress.SparseMatMul, Conv -> SparseConv (CSR) where "
+        "measured faster; exact."
+    )
     Config = SparseCsrConfig
     config: SparseCsrConfig
     lossy = False
@@ -249,7 +251,10 @@ class SparseCsrPass(CompressionPass):
 
     def apply(self, model: ir.Model) -> bool:
         scan = find_weight_sites(
-            model, min_params=self.config.min_params, exclude=self.config.exclude, ops=("MatMul", "Gemm", "Conv")
+            model,
+            min_params=self.config.min_params,
+            exclude=self.config.exclude,
+            ops=("MatMul", "Gemm", "Conv"),
         )
         self._shapes: dict[str, tuple[int | None, ...]] | None = None
         for skip in scan.skipped:
@@ -304,28 +309,34 @@ class SparseCsrPass(CompressionPass):
     def _conv_candidate(self, model: ir.Model, site: WeightSite) -> _Candidate | None:
         needs_kernel = self.config.decide == "measure" or not self.config.portable
         if needs_kernel and "SparseConv" not in runtime.available_ops():
-            self.report.skip(site.name, "the kernel library predates SparseConv: rebuild it (pip install -e .)")
+            self.report.skip(
+                site.name, "the kernel library predates SparseConv: rebuild it (pip install -e .)"
+            )
             return None
         x = site.node.inputs[0]
-        layer = conv_layer(site, self._input_shapes(model).get(x.name or "") if x is not None else None)
+        shape = self._input_shapes(model).get(x.name or "") if x is not None else None
+        layer = conv_layer(site, shape)
         if isinstance(layer, str):
             self.report.skip(site.name, layer)
             return None
         sparsity = 1.0 - np.count_nonzero(layer.weight) / layer.weight.size
         if sparsity < self.config.min_sparsity:
-            self.report.skip(site.name, f"sparsity {sparsity:.3f} < min_sparsity {self.config.min_sparsity}")
+            reason = f"sparsity {sparsity:.3f} < min_sparsity {self.config.min_sparsity}"
+            self.report.skip(site.name, reason)
             return None
         csr = conv_csr(layer.weight, self.config.index_dtype)
         arrays = {"values": csr.values, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr}
-        return _Candidate(site.name, site.node, layer.weight, layer.bias, float(sparsity), "SparseConv", arrays,
-                          layer.geometry.attributes(), site=site, conv=layer)
+        return _Candidate(
+            site.name, site.node, layer.weight, layer.bias, float(sparsity), "SparseConv", arrays,
+            layer.geometry.attributes(), site=site, conv=layer,
+        )
 
     def _input_shapes(self, model: ir.Model) -> dict[str, tuple[int | None, ...]]:
         """Static shapes from onnx shape inference, computed once per run (Conv layers only)."""
         if self._shapes is None:
             try:
                 self._shapes = value_shapes(model, self.context.probes or self.context.data)
-            except (onnx.shape_inference.InferenceError, ValueError) as error:  # best effort: sizes unknown
+            except (onnx.shape_inference.InferenceError, ValueError) as error:  # sizes unknown
                 logger.debug("shape inference failed: %s", error)
                 self._shapes = {}
         return self._shapes
@@ -443,19 +454,25 @@ class SparseCsrPass(CompressionPass):
         return True
 
     def _measure(self, candidate: _Candidate) -> dict[str, float] | None:
-        """Median seconds of the dense layer and of our op (None, with the reason, when it cannot be timed)."""
+        """Median seconds of the dense layer and of our op (None, with the reason, if not timed)."""
         common = {"threads": self.config.threads, "repeats": self.config.repeats,
                   "cold_cache": self.config.cold_cache, "seed": self.context.seed}
         if candidate.conv is None:
-            return measure_layer(candidate.weight, candidate.op, candidate.arrays, candidate.attributes,
-                                 self.config.batch, **common)  # type: ignore[arg-type]
+            return measure_layer(
+                candidate.weight, candidate.op, candidate.arrays, candidate.attributes,
+                self.config.batch, **common,  # type: ignore[arg-type]
+            )
         shape = candidate.conv.input_shape
         if shape is None or len(shape) < 3 or any(d is None for d in shape[1:]):
-            self.report.skip(candidate.name, "Conv input size unknown (shape inference cannot tell it), so the "
-                                             "speed cannot be measured; give --input-shape, or use --always")
+            self.report.skip(
+                candidate.name,
+                "Conv input size unknown (shape inference cannot tell it), so the speed cannot be "
+                "measured; give --input-shape, or use --always",
+            )
             return None
         x_shape = [self.config.batch, *(int(d) for d in shape[1:])]  # type: ignore[arg-type]
-        return measure_conv(candidate.conv, candidate.arrays, x_shape, **common)  # type: ignore[arg-type]
+        conv, arrays = candidate.conv, candidate.arrays
+        return measure_conv(conv, arrays, x_shape, **common)  # type: ignore[arg-type]
 
     # ---- rewrite -----------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ def _ref_constant(output: str, attribute: str, kind: str = "value_int") -> onnx.
     """Constant(value_int=@attribute) (or value_ints): int64 values taken from the calling node."""
     node = helper.make_node("Constant", [], [output])
     ints = kind == "value_ints"
-    node.attribute.append(_ref_attribute(kind, attribute, onnx.AttributeProto.INTS if ints else onnx.AttributeProto.INT))
+    attribute_type = onnx.AttributeProto.INTS if ints else onnx.AttributeProto.INT
+    node.attribute.append(_ref_attribute(kind, attribute, attribute_type))
     return node
 
 
@@ -77,7 +78,8 @@ def _check_opset(op: str, onnx_opset: int) -> None:
 
 def _csr_body(values: str) -> list[onnx.NodeProto]:
     """Nodes rebuilding W from CSR (`values`, col_indices, row_ptr), then Y = X · W + bias."""
-    return [_ref_constant("K", "K"), _ref_constant("N", "N"), *_csr_dense(values), *_matmul_tail("wt")]
+    sizes = [_ref_constant("K", "K"), _ref_constant("N", "N")]
+    return [*sizes, *_csr_dense(values), *_matmul_tail("wt")]
 
 
 def _csr_dense(values: str) -> list[onnx.NodeProto]:
@@ -202,8 +204,12 @@ def sparse_conv_function(onnx_opset: int) -> onnx.FunctionProto:
     _check_opset("SparseConv", onnx_opset)
     ints, one = onnx.AttributeProto.INTS, onnx.AttributeProto.INT
     conv = helper.make_node("Conv", ["X", "w", "bias"], ["Y"])
-    conv.attribute.extend([_ref_attribute("strides", "strides", ints), _ref_attribute("pads", "pads", ints),
-                           _ref_attribute("dilations", "dilations", ints), _ref_attribute("group", "group", one)])
+    conv.attribute.extend([
+        _ref_attribute("strides", "strides", ints),
+        _ref_attribute("pads", "pads", ints),
+        _ref_attribute("dilations", "dilations", ints),
+        _ref_attribute("group", "group", one),
+    ])
     nodes = [
         _ref_constant("weight_shape", "weight_shape", "value_ints"),
         _ints("head_start", [0]),
@@ -220,7 +226,8 @@ def sparse_conv_function(onnx_opset: int) -> onnx.FunctionProto:
     return _function(
         "SparseConv", ["X", "values", "col_indices", "row_ptr", "bias"], nodes,
         ["weight_shape", "strides", "pads", "dilations", "group"], onnx_opset,
-        "Y = Conv(X, W) + bias, W (weight_shape) stored as CSR of W.reshape(M, -1); see passes/sparse/conv_layout.py",
+        "Y = Conv(X, W) + bias, W (weight_shape) stored as CSR of W.reshape(M, -1); "
+        "see passes/sparse/conv_layout.py",
     )
 
 

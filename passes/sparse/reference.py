@@ -105,7 +105,8 @@ class SparseConv(OpRun):
     ) -> tuple[np.ndarray]:
         if weight_shape is None:
             raise ValueError("SparseConv needs the attribute weight_shape")
-        geometry = ConvGeometry.of(tuple(weight_shape), strides, pads, dilations, 1 if group is None else int(group))
+        group = 1 if group is None else int(group)
+        geometry = ConvGeometry.of(tuple(weight_shape), strides, pads, dilations, group)
         return (sparse_conv_reference(x, values, col_indices, row_ptr, bias, geometry),)
 
 

@@ -137,7 +137,8 @@ def sparse_conv_model(
     arrays = {"values": csr.values, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr}
     if bias is not None:
         arrays["bias"] = bias
-    node = helper.make_node("SparseConv", ["X", *arrays], ["Y"], domain=DOMAIN, **geometry.attributes())
+    attributes = geometry.attributes()
+    node = helper.make_node("SparseConv", ["X", *arrays], ["Y"], domain=DOMAIN, **attributes)
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
     initializers = []
     for name, array in arrays.items():
@@ -165,7 +166,8 @@ def dense_conv_model(weight: np.ndarray, geometry: ConvGeometry, x_shape: list[i
     initializers = [numpy_helper.from_array(weight, "W")]
     if bias is not None:
         initializers.append(numpy_helper.from_array(bias, "B"))
-    node = helper.make_node("Conv", inputs, ["Y"], kernel_shape=list(weight.shape[2:]), **attributes)
+    kernel = list(weight.shape[2:])
+    node = helper.make_node("Conv", inputs, ["Y"], kernel_shape=kernel, **attributes)
     graph = helper.make_graph(
         [node], "dense_conv", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=initializers)

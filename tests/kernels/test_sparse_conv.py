@@ -31,7 +31,7 @@ def _close(actual, expected):
 
 
 def _random_case(rng: np.random.Generator):
-    """A random 1-D or 2-D Conv: channels, groups, kernel, strides, pads, dilations and input size."""
+    """A random 1-D or 2-D Conv: channels, groups, kernel, strides, pads, dilations, input size."""
     spatial = int(rng.integers(1, 3))
     group = int(rng.choice([1, 1, 2, 3]))
     per_group = int(rng.integers(1, 6))
@@ -40,8 +40,10 @@ def _random_case(rng: np.random.Generator):
     strides = tuple(int(s) for s in rng.integers(1, 4, size=spatial))
     dilations = tuple(int(d) for d in rng.integers(1, 3, size=spatial))
     pads = tuple(int(p) for p in rng.integers(0, 3, size=2 * spatial))
-    size = tuple(int(dilations[a] * (kernel[a] - 1) + 1 + rng.integers(0, 40 if spatial == 2 else 150))
-                 for a in range(spatial))
+    size = tuple(
+        int(dilations[a] * (kernel[a] - 1) + 1 + rng.integers(0, 40 if spatial == 2 else 150))
+        for a in range(spatial)
+    )
     geometry = ConvGeometry.of((filters, per_group, *kernel), strides, pads, dilations, group)
     batch = int(rng.integers(1, 3))
     return geometry, (batch, group * per_group, *size), float(rng.choice([0.0, 0.5, 0.9, 0.97]))
@@ -65,16 +67,39 @@ def test_random_geometries_match_onnxruntime_conv(seed):
 @pytest.mark.parametrize(
     ("weight_shape", "x_shape", "strides", "pads", "dilations", "group"),
     [
-        ((64, 32, 3, 3), (1, 32, 20, 23), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # full 64-wide tiles and a tail
+        (
+            (64, 32, 3, 3),
+            (1, 32, 20, 23),
+            (1, 1),
+            (1, 1, 1, 1),
+            (1, 1),
+            1,
+        ),  # full 64-wide tiles and a tail
         ((48, 64, 1, 1), (1, 64, 14, 14), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # 1x1: X read in place
-        ((32, 16, 1, 1), (2, 16, 15, 15), (2, 2), (0, 0, 0, 0), (1, 1), 1),  # 1x1 stride 2: one phase of four
+        (
+            (32, 16, 1, 1),
+            (2, 16, 15, 15),
+            (2, 2),
+            (0, 0, 0, 0),
+            (1, 1),
+            1,
+        ),  # 1x1 stride 2: one phase of four
         ((16, 3, 7, 7), (1, 3, 40, 37), (2, 2), (3, 3, 3, 3), (1, 1), 1),  # a ResNet stem
         ((24, 1, 3, 3), (1, 24, 12, 12), (1, 1), (1, 1, 1, 1), (1, 1), 24),  # depthwise
-        ((20, 8, 3, 5), (1, 8, 11, 30), (3, 2), (2, 0, 1, 4), (2, 3), 1),  # odd strides, pads, dilations
+        (
+            (20, 8, 3, 5),
+            (1, 8, 11, 30),
+            (3, 2),
+            (2, 0, 1, 4),
+            (2, 3),
+            1,
+        ),  # odd strides, pads, dilations
         ((12, 8, 9), (1, 8, 300), (1,), (4, 4), (1,), 1),  # 1-D, long rows
     ],
 )
-def test_named_geometries_match_the_numpy_reference(rng, weight_shape, x_shape, strides, pads, dilations, group):
+def test_named_geometries_match_the_numpy_reference(
+    rng, weight_shape, x_shape, strides, pads, dilations, group
+):
     geometry = ConvGeometry.of(weight_shape, strides, pads, dilations, group)
     weight = pruned(rng, weight_shape, 0.85)
     bias = rng.standard_normal(weight_shape[0]).astype(np.float32)
@@ -88,7 +113,9 @@ def test_named_geometries_match_the_numpy_reference(rng, weight_shape, x_shape, 
 def test_layout_round_trips_bit_for_bit(rng):
     weight = pruned(rng, (10, 4, 3, 2), 0.7)
     csr = conv_csr(weight)
-    np.testing.assert_array_equal(dense_from_conv_csr(csr.values, csr.col_indices, csr.row_ptr, weight.shape), weight)
+    np.testing.assert_array_equal(
+        dense_from_conv_csr(csr.values, csr.col_indices, csr.row_ptr, weight.shape), weight
+    )
     assert csr.nnz == np.count_nonzero(weight) and csr.row_ptr.size == 11
 
 
@@ -136,10 +163,16 @@ def test_fed_csr_is_validated_on_every_run(rng):
     csr = conv_csr(pruned(rng, (6, 2, 3, 3), 0.5), "int32")
     model = sparse_conv_model(csr, geometry, [1, 2, 8, 8], fed=True)
     session = runtime.session(model, threads=1)
-    feeds = {"X": rng.standard_normal((1, 2, 8, 8)).astype(np.float32), "values": csr.values,
-             "col_indices": csr.col_indices, "row_ptr": csr.row_ptr}
+    feeds = {
+        "X": rng.standard_normal((1, 2, 8, 8)).astype(np.float32),
+        "values": csr.values,
+        "col_indices": csr.col_indices,
+        "row_ptr": csr.row_ptr,
+    }
     session.run(None, feeds)
     bad = csr.col_indices.copy()
     bad[0] = 18
-    with pytest.raises(Exception, match=r"SparseConv: col_indices\[0\] = 18 is out of range \[0, 18\)"):
+    with pytest.raises(
+        Exception, match=r"SparseConv: col_indices\[0\] = 18 is out of range \[0, 18\)"
+    ):
         session.run(None, {**feeds, "col_indices": bad})

@@ -1,4 +1,4 @@
-"""sparse.csr's measured decision on Conv layers: timed against onnxruntime's Conv at the batch asked."""
+"""sparse.csr's measured decision on Conv layers: timed against onnxruntime's Conv at a batch."""
 
 from __future__ import annotations
 
@@ -21,12 +21,18 @@ def test_faster_convs_are_converted_and_run_with_the_kernel(rng):
     assert not out.functions and [n.op_type for n in out.graph.node].count("SparseConv") == 3
     timings = sparse_pass.report.notes["timings"]
     assert set(timings) == {"c0.weight", "c1.weight", "c2.weight"}
-    assert all(t["op"] == "SparseConv" and t["batch"] == 2 and t["dense_ms"] > 0 for t in timings.values())
+    assert all(
+        t["op"] == "SparseConv" and t["batch"] == 2 and t["dense_ms"] > 0 for t in timings.values()
+    )
     assert all("faster at batch 2" in c.detail for c in sparse_pass.report.changes)
     assert runtime.missing_kernel_ops(out) == ["SparseConv"]
     x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
-    np.testing.assert_allclose(runtime.session(out, threads=1).run(None, {"x": x})[0],
-                               runtime.session(proto, threads=1).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        runtime.session(out, threads=1).run(None, {"x": x})[0],
+        runtime.session(proto, threads=1).run(None, {"x": x})[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     onnx.checker.check_model(out)
 
 
@@ -44,7 +50,9 @@ def test_unknown_input_size_cannot_be_measured(rng):
     sparse_pass = SparseCsr(min_speedup=1e-6, **FAST)
     assert not sparse_pass(ir.serde.deserialize_model(proto)).modified
     assert sparse_pass.report.reason_for("c0.weight").startswith("Conv input size unknown")
-    probes = {"x": rng.standard_normal((4, 4, 16, 16)).astype(np.float32)}  # what --input-shape or --data gives
+    probes = {
+        "x": rng.standard_normal((4, 4, 16, 16)).astype(np.float32)
+    }  # what --input-shape or --data gives
     sized = SparseCsr(min_speedup=1e-6, **FAST)
     sized.context = PassContext(probes=probes)
     assert sized(ir.serde.deserialize_model(proto)).modified
