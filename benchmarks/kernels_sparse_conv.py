@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.real.fetch import fetch  # noqa: E402
 from onnxcompress import runtime  # noqa: E402
+from onnxcompress.formats.conv_layout import conv_csr  # noqa: E402
 from onnxcompress.pass_base import PassContext, get_pass  # noqa: E402
 from onnxcompress.passes.sparse.conv import (  # noqa: E402
     ConvLayer,
@@ -52,7 +53,6 @@ from onnxcompress.passes.sparse.conv import (  # noqa: E402
     measure_conv,
     value_shapes,
 )
-from onnxcompress.passes.sparse.conv_layout import conv_csr  # noqa: E402
 from onnxcompress.sites import find_weight_sites  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

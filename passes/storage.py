@@ -19,9 +19,9 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
+from onnxcompress.formats.codebook import codebook_layers, dense_weight
 from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, store_fp16
 from onnxcompress.pass_base import CompressionPass, LayerChange, PassConfig, register
-from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight
 
 
 class PackIndicesConfig(PassConfig):

@@ -167,6 +167,17 @@ inline int64_t ReadIntAttribute(const OrtKernelInfo* info, const char* op, const
   }
 }
 
+// Read a required ints attribute without throwing; records an error message when absent or invalid.
+inline std::vector<int64_t> ReadIntsAttribute(const OrtKernelInfo* info, const char* op, const char* name,
+                                              std::string& error) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttributes<int64_t>(name);
+  } catch (const Ort::Exception& e) {
+    if (error.empty()) error = Message(op, ": attribute ", name, " is missing or not ints (", e.what(), ")");
+    return {};
+  }
+}
+
 inline int64_t ReadIntAttributeOr(const OrtKernelInfo* info, const char* name, int64_t fallback) {
   try {
     return Ort::ConstKernelInfo(info).GetAttribute<int64_t>(name);

@@ -229,37 +229,25 @@ void Lower(OrtKernelContext* context, const float* x, const ConvShape& s, Lowere
 }
 
 // The conv attributes, read once; `error` is set when one is missing or invalid.
-struct ConvAttributes {
+struct SparseConvAttributes {
   std::vector<int64_t> weight_shape, strides, pads, dilations;
   int64_t group = 1;
   std::string error;
 
-  explicit ConvAttributes(const OrtKernelInfo* info) {
-    Ort::ConstKernelInfo kernel_info(info);
-    try {
-      weight_shape = kernel_info.GetAttributes<int64_t>("weight_shape");
-    } catch (const Ort::Exception& e) {
-      error = Message(kOp, ": attribute weight_shape is missing or not ints (", e.what(), ")");
-      return;
-    }
+  explicit SparseConvAttributes(const OrtKernelInfo* info) {
+    weight_shape = ReadIntsAttribute(info, kOp, "weight_shape", error);
+    strides = ReadIntsAttribute(info, kOp, "strides", error);
+    pads = ReadIntsAttribute(info, kOp, "pads", error);
+    dilations = ReadIntsAttribute(info, kOp, "dilations", error);
+    group = ReadIntAttributeOr(info, "group", 1);
+    if (!error.empty()) return;
     const size_t spatial = weight_shape.size() >= 3 ? weight_shape.size() - 2 : 0;
     if (spatial < 1 || spatial > 2) {
-      error = Message(kOp, ": weight_shape ", ShapeString(weight_shape), " must be [M, C/group, k] or [M, C/group, kh, kw]");
+      error = Message(kOp, ": weight_shape ", ShapeString(weight_shape),
+                      " must be [M, C/group, k] or [M, C/group, kh, kw]");
       return;
     }
-    strides = Ints(info, "strides", std::vector<int64_t>(spatial, 1));
-    dilations = Ints(info, "dilations", std::vector<int64_t>(spatial, 1));
-    pads = Ints(info, "pads", std::vector<int64_t>(2 * spatial, 0));
-    group = ReadIntAttributeOr(info, "group", 1);
     error = Check(spatial);
-  }
-
-  static std::vector<int64_t> Ints(const OrtKernelInfo* info, const char* name, std::vector<int64_t> fallback) {
-    try {
-      return Ort::ConstKernelInfo(info).GetAttributes<int64_t>(name);
-    } catch (const Ort::Exception&) {
-      return fallback;
-    }
   }
 
   std::string Check(size_t spatial) const {
@@ -367,8 +355,8 @@ void RunConv(OrtKernelContext* context, const ConvShape& s, const float* x, cons
 // ---- SparseConv(X, values, col_indices, row_ptr[, bias]) -> Y -----------------------------------
 
 template <typename Index>
-struct SparseConvKernel {
-  SparseConvKernel(const OrtApi*, const OrtKernelInfo* info) : attributes_(info) {
+struct SparseConvKernel : SparseConvAttributes {
+  SparseConvKernel(const OrtApi*, const OrtKernelInfo* info) : SparseConvAttributes(info) {
     cache_.SetConstant(IsConstantInput(info, 1) && IsConstantInput(info, 2) && IsConstantInput(info, 3));
   }
 
@@ -393,16 +381,16 @@ struct SparseConvKernel {
                       const Ort::Custom::Tensor<int32_t>& row_ptr,
                       std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& y) {
     return Guarded(kOp, [&]() -> Ort::Status {
-      if (!attributes_.error.empty()) return Error(attributes_.error);
+      if (!error.empty()) return Error(error);
       ConvShape s;
-      Ort::Status status = attributes_.Shape(x.Shape(), s);
+      Ort::Status status = Shape(x.Shape(), s);
       if (!status.IsOK()) return status;
       status = CheckWeight(values, cols, row_ptr);
       if (!status.IsOK()) return status;
       const float* b = nullptr;
       status = ReadBias(kOp, bias, s.filters, &b);
       if (!status.IsOK()) return status;
-      float* out = y.Allocate(attributes_.OutputShape(s));
+      float* out = y.Allocate(OutputShape(s));
       if (s.batch == 0 || s.Positions() == 0) return Ort::Status{nullptr};
       RunConv(context, s, x.Data(), values.Data(), cols.Data(), row_ptr.Data(), b, out);
       return Ort::Status{nullptr};
@@ -420,15 +408,14 @@ struct SparseConvKernel {
     const Index* ci = cols.Data();
     const int32_t* rp = row_ptr.Data();
     if (cache_.Valid(ci, rp, values.Data())) return Ort::Status{nullptr};
-    const int64_t rows = attributes_.weight_shape[0];
+    const int64_t rows = weight_shape[0];
     int64_t columns = 1;
-    for (size_t a = 1; a < attributes_.weight_shape.size(); ++a) columns *= attributes_.weight_shape[a];
+    for (size_t a = 1; a < weight_shape.size(); ++a) columns *= weight_shape[a];
     Ort::Status status = ValidateCsr(kOp, rp, r[0], ci, c[0], v[0], rows, columns);
     if (status.IsOK()) cache_.Remember(ci, rp, values.Data());
     return status;
   }
 
-  ConvAttributes attributes_;
   ValidationCache cache_;
 };
 
@@ -438,8 +425,10 @@ void AddSparseConv(Ort::CustomOpDomain& domain) {
   using Ort::Custom::CreateLiteCustomOp;
   using Ort::Custom::OrtLiteCustomOp;
   static std::unique_ptr<OrtLiteCustomOp> ops[] = {
-      std::unique_ptr<OrtLiteCustomOp>{CreateLiteCustomOp<SparseConvKernel<int32_t>>(kOp, "CPUExecutionProvider")},
-      std::unique_ptr<OrtLiteCustomOp>{CreateLiteCustomOp<SparseConvKernel<uint16_t>>(kOp, "CPUExecutionProvider")},
+      std::unique_ptr<OrtLiteCustomOp>{
+          CreateLiteCustomOp<SparseConvKernel<int32_t>>("SparseConv", "CPUExecutionProvider")},
+      std::unique_ptr<OrtLiteCustomOp>{
+          CreateLiteCustomOp<SparseConvKernel<uint16_t>>("SparseConv", "CPUExecutionProvider")},
   };
   for (auto& op : ops) domain.Add(op.get());
 }

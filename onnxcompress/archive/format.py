@@ -68,7 +68,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -84,9 +84,8 @@ from onnxcompress.archive.limits import (
 )
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
 from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError, UserError
-
-if TYPE_CHECKING:  # the archive reads the codebook form lazily: no passes at import time
-    from onnxcompress.passes.codebook.graph import CodebookLayer
+from onnxcompress.formats.codebook import CodebookLayer, codebook_layers
+from onnxcompress.formats.packed import pack_indices
 
 MAGIC = b"\x89ONNXC\r\n"
 VERSION = 1
@@ -173,8 +172,6 @@ def pack(
     `index_bits` sets the relative-index width of every layer (default: 8 conv, 5 others);
     "auto" codes each layer with every width from 2 to 10 bits and keeps the smallest.
     """
-    from onnxcompress.passes.codebook.graph import codebook_layers
-
     if coder not in CODERS:
         raise UserError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
     if index_bits not in (None, "auto") and not (
@@ -465,8 +462,6 @@ def _decode_layer(
         )
     elif header.index_dtype == "packed":
         # onnxcompress.formats.packed: groups of 8 indices in `bits` bytes
-        from onnxcompress.formats.packed import pack_indices
-
         width = _packed_width(entry, weight)
         if flat.size and int(flat.max()) >= 1 << width:
             raise ModelLoadError(f"archive: {weight} indices do not fit the packed width {width}")

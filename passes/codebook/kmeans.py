@@ -32,9 +32,9 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.errors import UnsupportedModelError
+from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, packing_pays
 from onnxcompress.pass_base import CompressionPass, PassConfig, register
-from onnxcompress.passes.codebook.graph import insert_codebook
 from onnxcompress.passes.codebook.kmeans1d import kmeans_1d
 from onnxcompress.sites import WeightSite, find_weight_sites
 

@@ -37,9 +37,9 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.calibration import LayerHessian
+from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import pack_codebook_indices
 from onnxcompress.pass_base import PassContext, register
-from onnxcompress.passes.codebook.graph import insert_codebook
 from onnxcompress.passes.codebook.kmeans import (
     KMeansClusterConfig,
     KMeansClusterPass,

@@ -25,8 +25,8 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import runtime
-from onnxcompress.passes.sparse.conv_layout import ConvGeometry
-from onnxcompress.passes.sparse.functions import DOMAIN, OPSET_VERSION
+from onnxcompress.formats.conv_layout import ConvGeometry
+from onnxcompress.formats.kernel_ops import DOMAIN, OPSET_VERSION
 from onnxcompress.sites import WeightSite
 
 _FLUSH_BYTES = 96 << 20  # larger than the L3 of the machines we measured on

@@ -11,8 +11,8 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
-from onnxcompress.passes.sparse.conv_layout import ConvGeometry, conv_csr, dense_from_conv_csr
-from onnxcompress.passes.sparse.reference import REFERENCE_OPS
+from onnxcompress.formats.conv_layout import ConvGeometry, conv_csr, dense_from_conv_csr
+from onnxcompress.formats.kernel_reference import REFERENCE_OPS
 from tests.kernels.sparse_models import dense_conv_model, pruned, sparse_conv_model
 
 

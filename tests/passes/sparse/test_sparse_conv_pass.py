@@ -11,8 +11,8 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcompress.formats.conv_layout import dense_from_conv_csr
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.sparse.conv_layout import dense_from_conv_csr
 from tests.builders import finish
 from tests.kernels.sparse_models import pruned
 from tests.passes.sparse.test_sparse_csr import stock_session

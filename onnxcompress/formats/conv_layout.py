@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxcompress.passes.sparse.formats import CsrWeight, IndexDtype, dense_from_csr, to_csr
+from onnxcompress.formats.kernel_arrays import CsrWeight, IndexDtype, dense_from_csr, to_csr
 
 
 @dataclasses.dataclass(frozen=True)
