@@ -221,7 +221,10 @@ def _sparse_conv_body() -> list[onnx.NodeProto]:
 # ---- reading the dense weight back (inspect) ------------------------------------------------
 
 
-def _csr_weight(arrays: Sequence[np.ndarray], attributes: dict[str, Any]) -> tuple[np.ndarray, int | None, int | None]:
+WeightRead = tuple[np.ndarray, int | None, int | None]
+
+
+def _csr_weight(arrays: Sequence[np.ndarray], attributes: dict[str, Any]) -> WeightRead:
     values, columns, row_ptr = arrays[:3]
     return dense_from_csr(values, columns, row_ptr, attributes["K"], attributes["N"]), None, None
 
@@ -234,7 +237,7 @@ def _sparse_codebook_weight(
     return weight, 8, int(codebook.size)
 
 
-def _codebook_weight(arrays: Sequence[np.ndarray], attributes: dict[str, Any]) -> tuple[np.ndarray, int | None, int | None]:
+def _codebook_weight(arrays: Sequence[np.ndarray], attributes: dict[str, Any]) -> WeightRead:
     packed, codebook = arrays[:2]
     bits = attributes["bits"]
     return codebook[unpack_codebook_indices(packed, attributes["K"], bits)], bits, int(codebook.size)
@@ -244,7 +247,8 @@ def _conv_weight(
     arrays: Sequence[np.ndarray], attributes: dict[str, Any]
 ) -> tuple[np.ndarray, int | None, int | None]:
     values, columns, row_ptr = arrays[:3]
-    return dense_from_conv_csr(values, columns, row_ptr, tuple(attributes["weight_shape"])), None, None
+    shape = tuple(attributes["weight_shape"])
+    return dense_from_conv_csr(values, columns, row_ptr, shape), None, None
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ class KernelInput:
     optional: bool = False
 
 
-WeightReader = Callable[[Sequence[np.ndarray], dict[str, Any]], tuple[np.ndarray, int | None, int | None]]
+WeightReader = Callable[[Sequence[np.ndarray], dict[str, Any]], WeightRead]
 #: An int attribute's default (None: required), or INTS for a required list of ints.
 INTS = "ints"
 
