@@ -178,10 +178,12 @@ def end_to_end(model: ir.Model, threads: int, repeats: int) -> dict[str, object]
         site.value.const_value = ir.tensor(array, name=site.name)
     feeds = probe(model)
     # open-nsfw is opset 9, below the portable functions' opset 16: the kernel library runs it
-    sparse_pass = get_pass("sparse.csr")(batch=1, threads=threads, portable=False)
-    sparse_pass.context = PassContext(probes=feeds)
+    sparse_pass = get_pass("sparse.csr")(
+        batch=1, threads=threads, portable=False, context=PassContext(probes=feeds)
+    )
     start = time.perf_counter()
-    converted = sparse_pass(pruned.clone()).model
+    result = sparse_pass(pruned.clone())
+    converted = result.model
     decision_s = time.perf_counter() - start
     sessions = {
         "dense": runtime.session(pruned, threads=threads),
@@ -199,8 +201,8 @@ def end_to_end(model: ir.Model, threads: int, repeats: int) -> dict[str, object]
     dense, sparse = (statistics.median(times[n]) * 1e3 for n in ("dense", "sparse"))
     return {
         "sparsity": 0.9,
-        "converted": len(sparse_pass.report.changes),
-        "left_dense": {s.name: s.reason for s in sparse_pass.report.skipped},
+        "converted": len(result.report.changes),
+        "left_dense": {s.name: s.reason for s in result.report.skipped},
         "decision_seconds": round(decision_s, 1),
         "max_abs_output_difference": max_abs,
         "dense_ms": round(dense, 3),

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.errors import DataError
-from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class FinetunePass(CompressionPass):
 
         return io.load(self.config.teacher)
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         from onnxcompress.finetune.executor import OnnxModule
         from onnxcompress.finetune.train import TrainOptions, finetune, write_back
 
@@ -120,11 +120,11 @@ class FinetunePass(CompressionPass):
         for name, before, after in changed:
             kept = result.structure.get(name, "")
             detail = f"retrained ({kept})" if kept == "mask" else "retrained"
-            self.report.changed(name, consumers.get(name, "?"), before, after, detail=detail)
+            report.changed(name, consumers.get(name, "?"), before, after, detail=detail)
         trained = set(result.arrays)
         for name in sorted(trained - {c[0] for c in changed}):
-            self.report.skip(name, "values unchanged by training")
-        self.report.notes.update(result.summary())
+            report.skip(name, "values unchanged by training")
+        report.notes.update(result.summary())
         logger.info("finetune: %d tensors retrained over %d epochs", len(changed), len(result.history))
         return bool(changed)
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 __all__ = ["ConvLayer", "conv_layer", "measure_conv", "value_shapes"]
 
 import dataclasses
-import statistics
-import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,8 +26,7 @@ from onnxcompress import runtime
 from onnxcompress.formats.conv_layout import ConvGeometry
 from onnxcompress.formats.kernel_ops import DOMAIN, OPSET_VERSION
 from onnxcompress.sites import WeightSite
-
-_FLUSH_BYTES = 96 << 20  # larger than the L3 of the machines we measured on
+from onnxcompress.timing import interleaved_medians
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,25 +185,12 @@ def measure_conv(
 ) -> dict[str, float]:
     """Median seconds of onnxruntime's Conv, of SparseConv, and of a call that computes nothing.
 
-    Alternating in one process; with `cold_cache` every call starts with the caches flushed
-    and then the input rewritten (warm input, cold weights)."""
-    sessions = {
-        name: runtime.session(model, threads=threads)
-        for name, model in layer_models(layer, arrays, x_shape).items()
-    }
+    Alternating in one process (`timing.interleaved_medians`); with `cold_cache` every call
+    starts with the caches flushed and then the input rewritten (warm input, cold weights)."""
+    models = layer_models(layer, arrays, x_shape)
+    sessions = [runtime.session(model, threads=threads) for model in models.values()]
     x = np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)
-    feed = x.copy()
-    flush = np.zeros(_FLUSH_BYTES // 4, dtype=np.float32) if cold_cache else None
-    for _ in range(2):  # warm up: arena allocation, thread pool start
-        for session in sessions.values():
-            session.run(None, {"X": feed})
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, session in sessions.items():
-            if flush is not None:
-                flush += 1
-                feed[...] = x
-            start = time.perf_counter()
-            session.run(None, {"X": feed})
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    medians = interleaved_medians(
+        sessions, {"X": x}, repeats=repeats, cold_cache=cold_cache, warm_inputs=cold_cache
+    )
+    return dict(zip(models, medians, strict=True))

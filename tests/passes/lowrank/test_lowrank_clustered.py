@@ -11,9 +11,11 @@ import pytest
 from onnxcompress.errors import RecipeError
 from onnxcompress.pass_base import make_config
 from onnxcompress.passes.lowrank.clustered import ClusteredDecomposition, cluster_filters
+from onnxcompress.passes.lowrank.plan import Plan
 from onnxcompress.passes.lowrank.svd import LowRankConfig, LowRankSVDPass
 from tests.passes.lowrank.reference import conv2d, truncated
 from tests.passes.lowrank.test_lowrank_pass import array, conv_proto
+from tests.run_cli import run_cli
 
 
 def families(rng: np.random.Generator, groups: int, per_group: int, shape=(8, 3, 3)) -> np.ndarray:
@@ -96,14 +98,14 @@ def test_rewritten_conv_runs_in_stock_onnxruntime_as_conv_with_the_reconstructed
     )
     bias = array(rng, 18)
     proto = conv_proto(weight, bias, [2, 12, 9, 10], **attributes)
-    compression = LowRankSVDPass(conv="clustered", clusters=3, energy=0.99, min_params=0)
     model = ir.from_proto(proto)
-    assert compression(model).modified
-    out = ir.to_proto(model)
+    result = LowRankSVDPass(conv="clustered", clusters=3, energy=0.99, min_params=0)(model)
+    assert result.modified
+    out = ir.to_proto(result.model)
     onnx.checker.check_model(out, full_check=True)
     ops = [n.op_type for n in out.graph.node]
     assert ops == ["Conv", "Split", "Conv", "Conv", "Conv", "Concat", "Gather"]
-    (change,) = compression.report.changes
+    (change,) = result.report.changes
     assert "3 filter groups of ranks [1, 1, 1]" in change.detail
     assert change.params_after == 3 * 108 + 18 < weight.size
     d = ClusteredDecomposition(weight, clusters=3)
@@ -139,11 +141,10 @@ def test_clustering_beats_one_svd_at_the_same_parameter_budget(rng):
     errors = {}
     for form in ("channel", "clustered"):
         options = {"clusters": 8} if form == "clustered" else {}
-        compression = LowRankSVDPass(conv=form, ratio=0.15, min_params=0, **options)
-        assert compression(
-            ir.from_proto(conv_proto(weight, bias, [1, 16, 8, 8], pads=[1, 1, 1, 1]))
-        ).modified
-        (layer,) = compression.last_plan.layers
+        model = ir.from_proto(conv_proto(weight, bias, [1, 16, 8, 8], pads=[1, 1, 1, 1]))
+        result = LowRankSVDPass(conv=form, ratio=0.15, min_params=0, **options)(model)
+        assert result.modified
+        (layer,) = Plan.from_dict(result.report.notes["plan"]).layers
         assert layer.params_after <= 0.15 * weight.size
         errors[form] = layer.rel_error
     assert errors["clustered"] < 0.05 < errors["channel"]
@@ -151,15 +152,27 @@ def test_clustering_beats_one_svd_at_the_same_parameter_budget(rng):
 
 def test_reasons_and_config_errors(rng):
     grouped = conv_proto(array(rng, 8, 2, 3, 3), array(rng, 8), [1, 8, 6, 6], group=4)
-    compression = LowRankSVDPass(conv="clustered", clusters=2, min_params=0)
-    assert not compression(ir.from_proto(grouped)).modified
+    result = LowRankSVDPass(conv="clustered", clusters=2, min_params=0)(ir.from_proto(grouped))
+    assert not result.modified
     assert (
-        compression.report.reason_for("w")
+        result.report.reason_for("w")
         == "filter clustering needs group = 1, the Conv has group 4"
     )
     few = conv_proto(array(rng, 4, 8, 3, 3), array(rng, 4), [1, 8, 6, 6])
-    compression = LowRankSVDPass(conv="clustered", clusters=4, min_params=0)
-    assert not compression(ir.from_proto(few)).modified
-    assert compression.report.reason_for("w") == "4 filters cannot form 4 clusters"
+    result = LowRankSVDPass(conv="clustered", clusters=4, min_params=0)(ir.from_proto(few))
+    assert not result.modified
+    assert result.report.reason_for("w") == "4 filters cannot form 4 clusters"
     with pytest.raises(RecipeError, match="speed is not measured for conv=clustered"):
         make_config(LowRankConfig, {"conv": "clustered", "speed": True})
+
+
+def test_the_lowrank_command_takes_conv_clustered(rng, tmp_path):
+    """`onnxcompress lowrank --conv clustered --clusters G` as a user runs it."""
+    weight = families(rng, groups=4, per_group=6, shape=(8, 3, 3)) + 0.001 * array(rng, 24, 8, 3, 3)
+    source, target = tmp_path / "conv.onnx", tmp_path / "small.onnx"
+    onnx.save(conv_proto(weight, array(rng, 24), [1, 8, 10, 10], pads=[1, 1, 1, 1]), source)
+    done = run_cli(["lowrank", source, "-o", target, "--conv", "clustered", "--clusters", "4",
+                    "--energy", "0.99", "--min-params", "0"])
+    assert done.code == 0, done.stderr
+    ops = [n.op_type for n in onnx.load(target).graph.node]
+    assert ops == ["Conv", "Split", "Conv", "Conv", "Conv", "Conv", "Concat", "Gather"]

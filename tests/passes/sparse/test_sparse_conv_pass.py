@@ -66,13 +66,13 @@ def pruned_cnn(rng: np.random.Generator, sparsity: float = 0.9) -> onnx.ModelPro
 
 def test_pruned_convs_become_sparse_conv_with_the_same_outputs(rng):
     proto = pruned_cnn(rng)
-    sparse_pass = SparseCsr(decide="always", min_params=16)
-    out = ir.to_proto(sparse_pass(ir.serde.deserialize_model(proto)).model)
+    result = SparseCsr(decide="always", min_params=16)(ir.serde.deserialize_model(proto))
+    out = ir.to_proto(result.model)
     onnx.checker.check_model(out)
     ops = [n.op_type for n in out.graph.node]
     assert ops.count("SparseConv") == 3 and ops.count("Conv") == 1
-    assert {c.name for c in sparse_pass.report.changes} == {"c0.weight", "c1.weight", "c2.weight"}
-    assert sparse_pass.report.reason_for("c3.weight") == "sparsity 0.000 < min_sparsity 0.7"
+    assert {c.name for c in result.report.changes} == {"c0.weight", "c1.weight", "c2.weight"}
+    assert result.report.reason_for("c3.weight") == "sparsity 0.000 < min_sparsity 0.7"
     assert "c0.weight" not in {i.name for i in out.graph.initializer}  # the dense weight is gone
     same_upper = next(n for n in out.graph.node if n.name == "c2")
     attributes = {a.name: helper.get_attribute_value(a) for a in same_upper.attribute}
@@ -121,10 +121,10 @@ def test_conv_with_a_computed_bias_or_3d_kernel_stays_dense(rng):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])],
         initializer=[numpy_helper.from_array(weight, "w")],
     )
-    sparse_pass = SparseCsr(decide="always", min_params=16)
-    assert not sparse_pass(ir.serde.deserialize_model(finish(graph))).modified
+    result = SparseCsr(decide="always", min_params=16)(ir.serde.deserialize_model(finish(graph)))
+    assert not result.modified
     assert (
-        sparse_pass.report.reason_for("w")
+        result.report.reason_for("w")
         == "Conv weight is 5-D; SparseConv takes 1-D and 2-D convolutions"
     )
 
@@ -143,6 +143,6 @@ def test_conv_with_a_computed_bias_or_3d_kernel_stays_dense(rng):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])],
         initializer=[numpy_helper.from_array(weight, "w")],
     )
-    sparse_pass = SparseCsr(decide="always", min_params=16)
-    assert not sparse_pass(ir.serde.deserialize_model(finish(graph))).modified
-    assert sparse_pass.report.reason_for("w") == "Conv bias B is not a constant"
+    result = SparseCsr(decide="always", min_params=16)(ir.serde.deserialize_model(finish(graph)))
+    assert not result.modified
+    assert result.report.reason_for("w") == "Conv bias B is not a constant"
