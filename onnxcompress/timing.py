@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxcompress.io import ir_version_for
+
 FLUSH_BYTES = 96 << 20  # larger than the L3 of the machines we measured on
 
 
@@ -76,5 +78,5 @@ def call_overhead_model(model: onnx.ModelProto) -> onnx.ModelProto:
         [helper.make_tensor_value_info("nothing", source.type.tensor_type.elem_type, None)],
     )
     overhead = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    overhead.ir_version = min(model.ir_version, 8) if model.ir_version else 8
+    overhead.ir_version = ir_version_for(17)
     return overhead

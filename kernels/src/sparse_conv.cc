@@ -18,6 +18,7 @@
 // the tile loop runs outside the row loop, so B's tile stays in cache across rows. Rows are split
 // across onnxruntime's intra-op threads by equal non-zero counts.
 #include "common.h"
+#include "validate.h"
 
 #include <immintrin.h>
 
@@ -401,14 +402,12 @@ struct SparseConvKernel : SparseConvAttributes {
   Ort::Status CheckWeight(const Ort::Custom::Tensor<float>& values, const Ort::Custom::Tensor<Index>& cols,
                           const Ort::Custom::Tensor<int32_t>& row_ptr) {
     const std::vector<int64_t> v = values.Shape(), c = cols.Shape(), r = row_ptr.Shape();
-    if (v.size() != 1 || c.size() != 1 || r.size() != 1) {
-      return Error(Message(kOp, ": values ", ShapeString(v), ", col_indices ", ShapeString(c), " and row_ptr ",
-                           ShapeString(r), " must be 1-D"));
-    }
+    const int64_t rows = weight_shape[0];
+    Ort::Status shapes = CheckCsrShapes(kOp, v, c, r, rows);
+    if (!shapes.IsOK()) return shapes;
     const Index* ci = cols.Data();
     const int32_t* rp = row_ptr.Data();
     if (cache_.Valid(ci, rp, values.Data())) return Ort::Status{nullptr};
-    const int64_t rows = weight_shape[0];
     int64_t columns = 1;
     for (size_t a = 1; a < weight_shape.size(); ++a) columns *= weight_shape[a];
     Ort::Status status = ValidateCsr(kOp, rp, r[0], ci, c[0], v[0], rows, columns);

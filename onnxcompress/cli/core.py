@@ -26,6 +26,7 @@ from onnxcompress.cli.common import (
     console,
     default_output,
     guarded,
+    save_options,
 )
 from onnxcompress.compare import compare_models, file_bytes, interleaved_latency
 from onnxcompress.data import batch_axes, load_npz
@@ -75,6 +76,7 @@ def inspect(
 
 @guarded
 def optimize(
+    context: typer.Context,
     model: ModelArgument,
     output: OutputOption = None,
     recipe: Annotated[str | None, typer.Option(
@@ -110,7 +112,8 @@ def optimize(
         return _latency(original, result, batch, max_latency_ratio)
 
     result = compress_file(model, output, steps, data_path=data, report_path=report, probes=chosen.probes,
-                           seed=chosen.seed, input_shapes=input_shape, before_save=check_latency)
+                           seed=chosen.seed, input_shapes=input_shape, before_save=check_latency,
+                           save=save_options(context))
     _say_if_not_smaller(model, output or default_output(model), result)
 
 

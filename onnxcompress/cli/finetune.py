@@ -16,6 +16,7 @@ from onnxcompress.cli.common import (
     default_output,
     guarded,
     print_summary,
+    save_options,
 )
 from onnxcompress.errors import UserError
 from onnxcompress.fidelity import Gate
@@ -35,6 +36,7 @@ def _has_labels(path: Path) -> bool:
 
 @guarded
 def finetune(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The (compressed) ONNX model.", show_default=False)],
     data: Annotated[
         str, typer.Option("--data", help=".npz keyed by input name (optional 'labels'), or module:function.")
@@ -96,7 +98,8 @@ def finetune(
 
     with show_progress():
         result = compress_file(
-            model, output, [step], data_path=data_path, report_path=report, seed=seed, quiet=True
+            model, output, [step], data_path=data_path, report_path=report, seed=seed, quiet=True,
+            save=save_options(context),
         )
     print_summary(result, output or default_output(model))
 

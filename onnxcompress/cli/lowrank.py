@@ -28,6 +28,7 @@ from onnxcompress.cli.common import (
     pass_help,
     plan_file,
     plan_text,
+    save_options,
 )
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import Step
@@ -50,6 +51,7 @@ def _options(flops: bool, exclude: list[str] | None, plan: Path | None, **given:
 
 @guarded
 def lowrank(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
     energy: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "energy"), show_default=False)] = None,
@@ -89,7 +91,7 @@ def lowrank(
     if save_plan is not None:
         side_files.append((save_plan, "plan", lambda result: plan_text(result.steps[0].report.notes.get("plan", {}))))
     compress_file(model, output, [step], data_path=data, report_path=report, side_files=side_files,
-                  input_shapes=input_shape)
+                  input_shapes=input_shape, save=save_options(context))
 
 
 def register(app: typer.Typer) -> None:

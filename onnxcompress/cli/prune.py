@@ -30,6 +30,7 @@ from onnxcompress.cli.common import (
     pass_help,
     plan_file,
     plan_text,
+    save_options,
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import DataError, UserError
@@ -58,6 +59,7 @@ def _structured_options(ratio: float | None, criterion: str | None, exclude: lis
 
 @guarded
 def prune(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
     sparsity: Annotated[float | None, typer.Option(help=pass_help(MAGNITUDE, "sparsity"), show_default=False)] = None,
@@ -115,7 +117,7 @@ def prune(
         plan_file(model, steps, data_path=data, save_plan=save_plan)
         return
     compress_file(model, output, steps, data_path=data, report_path=report, side_files=side_files,
-                  input_shapes=input_shape)
+                  input_shapes=input_shape, save=save_options(context))
 
 
 def _parse_ratios(text: str) -> list[float]:

@@ -24,6 +24,7 @@ from onnxcompress.cli.common import (
     gate_for,
     guarded,
     pass_help,
+    save_options,
 )
 from onnxcompress.pipeline import Step
 
@@ -32,6 +33,7 @@ PASS_NAME = "sparse.csr"
 
 @guarded
 def sparsify(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The (pruned) ONNX model.", show_default=False)],
     output: OutputOption = None,
     min_sparsity: Annotated[float | None, typer.Option(
@@ -62,7 +64,8 @@ def sparsify(
     options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
     options.update(portable=portable, decide="always" if always else "measure", exclude=tuple(exclude or ()))
     step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
-    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
+    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape,
+                  save=save_options(context))
 
 
 def register(app: typer.Typer) -> None:

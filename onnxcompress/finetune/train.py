@@ -58,6 +58,7 @@ from onnxcompress.finetune.data import (
 from onnxcompress.finetune.executor import OnnxModule, to_ir
 from onnxcompress.finetune.losses import compute_loss, resolve_loss
 from onnxcompress.finetune.parametrize import attach_structure
+from onnxcompress.sites import constant_array, constant_node_array, find_weight_sites, set_constant
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +140,6 @@ def dropout_ratio(old_ratio: float, old_connections: int, new_connections: int) 
 
 def _upstream_weight(model: ir.Model, node: ir.Node) -> str | None:
     """The weight of the nearest MatMul / Gemm / Conv feeding a Dropout, through 1-input ops."""
-    from onnxcompress.sites import find_weight_sites
-
     weights = {id(site.node): site.name for site in find_weight_sites(model, min_params=0).sites}
     value = node.inputs[0]
     for _ in range(8):
@@ -157,15 +156,12 @@ def _upstream_weight(model: ir.Model, node: ir.Node) -> str | None:
 
 
 def _constant_of(value: ir.Value) -> np.ndarray | None:
-    """The array behind an initializer or a Constant node's output, else None."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
+    """The array behind an initializer or a Constant node's output (literals too), else None."""
+    array = constant_array(value)
     producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor().numpy()
-    if producer is not None and producer.op_type == "Constant" and "value_float" in producer.attributes:
-        return np.array(producer.attributes["value_float"].value, dtype=np.float32)
-    return None
+    if array is None and producer is not None and producer.op_type == "Constant":
+        return constant_node_array(producer)
+    return array
 
 
 def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | None) -> dict[str, float]:
@@ -366,8 +362,6 @@ def _finetune(
 
 
 def _weight_names(model: ir.Model) -> set[str]:
-    from onnxcompress.sites import find_weight_sites
-
     return {site.name for site in find_weight_sites(model, min_params=0).sites}
 
 
@@ -443,9 +437,6 @@ def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[
             raise UserError(f"write-back: {name!r} has shape {after.shape}, the model {before.shape}")
         if not np.array_equal(after, before):
             plan.append((name, value, node, before, after))
-    for name, value, node, _, after in plan:
-        tensor = ir.tensor(np.ascontiguousarray(after), name=name)
-        if node is not None:
-            node.attributes["value"] = ir.AttrTensor("value", tensor)
-        value.const_value = tensor
+    for _, value, _, _, after in plan:
+        set_constant(value, after)
     return [(name, before, after) for name, _, _, before, after in plan]

@@ -12,7 +12,13 @@ Exact: `dense_from_conv_csr(conv_csr(W))` is W bit for bit.
 
 from __future__ import annotations
 
-__all__ = ["ConvGeometry", "conv_csr", "dense_from_conv_csr", "sparse_conv_reference"]
+__all__ = [
+    "ConvGeometry",
+    "conv_csr",
+    "dense_from_conv_csr",
+    "sparse_conv_reference",
+    "sparse_conv_op_reference",
+]
 
 import dataclasses
 from typing import Any
@@ -136,3 +142,20 @@ def sparse_conv_reference(
     if bias is not None:
         y += bias.astype(np.float64).reshape(1, filters, *([1] * spatial))
     return y.astype(np.float32)
+
+
+def sparse_conv_op_reference(
+    x: np.ndarray,
+    values: np.ndarray,
+    col_indices: np.ndarray,
+    row_ptr: np.ndarray,
+    bias: np.ndarray | None,
+    weight_shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    pads: tuple[int, ...],
+    dilations: tuple[int, ...],
+    group: int,
+) -> np.ndarray:
+    """`sparse_conv_reference` with the op's inputs and attributes in node order (the table's)."""
+    geometry = ConvGeometry.of(weight_shape, strides, pads, dilations, group)
+    return sparse_conv_reference(x, values, col_indices, row_ptr, bias, geometry)

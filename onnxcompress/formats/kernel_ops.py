@@ -7,10 +7,11 @@ Everything that writes, runs, reads or registers these ops reads this table: the
 `tests/formats/test_kernel_ops.py` holds to it: the names `OnnxCompressKernelOps()` returns and
 registers (CPU and CUDA), each kernel's `Compute` inputs and their element types, its attributes.
 
-Adding an op: write its portable body and its dense-weight reader here, add one `KernelOp` to
-`KERNEL_OPS`, register the C++ kernel under the same name with the same inputs; the test names
-whatever disagrees. `SparseConv` (pruned Conv, layout in `conv_layout`) is CPU only
-(`cuda=False`): the CUDA library registers it on the CPU provider.
+Adding an op: write its portable body, numpy reference and dense-weight reader, add one
+`KernelOp` to `KERNEL_OPS` (its `onnx.reference` op in `kernel_reference` follows from the
+entry), register the C++ kernel under the same name with the same inputs, and list it in
+`OnnxCompressKernelOps()`; the test names whatever disagrees. `SparseConv` (pruned Conv, layout
+in `conv_layout`) is CPU only (`cuda=False`): the CUDA library registers it on the CPU provider.
 
 Portable fallbacks: each op's `body` is a model-local ONNX function that rebuilds the dense
 weight from the op's stored arrays with standard ONNX ops and then does an ordinary MatMul + Add.
@@ -59,7 +60,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from onnxcompress.formats.conv_layout import dense_from_conv_csr, sparse_conv_reference
+from onnxcompress.formats.conv_layout import dense_from_conv_csr, sparse_conv_op_reference
 from onnxcompress.formats.kernel_arrays import (
     codebook_matmul_reference,
     dense_from_csr,
@@ -369,7 +370,7 @@ KERNEL_OPS: dict[str, KernelOp] = {
                         "group": 1},
             prefix="csr_conv",
             body=_sparse_conv_body,
-            reference=sparse_conv_reference,
+            reference=sparse_conv_op_reference,
             read_weight=_conv_weight,
             doc="Y = Conv(X, W) + bias, W (weight_shape) stored as CSR of W.reshape(M, -1); "
             "see onnxcompress/formats/conv_layout.py",
@@ -394,8 +395,8 @@ def function_for(op_type: str, onnx_opset: int) -> onnx.FunctionProto:
 
 def kernel_layer_name(node: ir.Node) -> str:
     """The weight's name from the kernel's first stored array (`<weight>.<prefix>_<input>`)."""
-    stored = next((v for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name), None)
-    return stored.name.rsplit(".", 1)[0] if stored is not None else node.name or node.op_type
+    names = [v.name for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name]
+    return names[0].rsplit(".", 1)[0] if names else node.name or node.op_type
 
 
 def kernel_weight(node: ir.Node) -> tuple[np.ndarray, int | None, int | None, int] | None:

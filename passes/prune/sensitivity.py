@@ -50,7 +50,7 @@ import onnx_ir as ir
 from onnxcompress import fidelity, runtime
 from onnxcompress.data import LABELS
 from onnxcompress.errors import DataError, QuantizedModelError, UnsupportedModelError, UserError
-from onnxcompress.io import in_memory
+from onnxcompress.io import in_memory, minimum_ir_version
 from onnxcompress.pass_base import quantized_ops
 from onnxcompress.passes.prune.magnitude import prune_to_count
 from onnxcompress.runtime import ORT_ERRORS
@@ -139,7 +139,7 @@ class Evaluator:
 
     def _run(self) -> list[np.ndarray]:
         proto = ir.to_proto(self.model)
-        proto.ir_version = min(proto.ir_version, 10)
+        proto.ir_version = minimum_ir_version(self.model)
         return _session(proto).run(None, self.probes)
 
     def _score(self, outputs: Sequence[np.ndarray]) -> float:
@@ -267,7 +267,7 @@ def analyse(
 
 def _serialise(model: ir.Model) -> bytes:
     proto = ir.to_proto(in_memory(model))  # sessions from bytes cannot find external data
-    proto.ir_version = min(proto.ir_version, 10)
+    proto.ir_version = minimum_ir_version(model)
     return proto.SerializeToString()
 
 

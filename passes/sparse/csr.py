@@ -55,6 +55,7 @@ from onnxcompress.formats.kernel_ops import (
     OPSET_VERSION,
     function_for,
 )
+from onnxcompress.io import ir_version_for
 from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.passes.sparse.conv import ConvLayer, conv_layer, measure_conv, value_shapes
 from onnxcompress.sites import CODEBOOK_LAYER, WeightSite, find_weight_sites
@@ -129,7 +130,7 @@ def _layer_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProt
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
     )
-    model.ir_version = 8
+    model.ir_version = ir_version_for(17)
     return model
 
 

@@ -20,6 +20,7 @@ import pytest
 from onnxcompress import runtime
 from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.kernel_ops import DOMAIN, INTS, KERNEL_OPS, MIN_ONNX_OPSET, function_for
+from onnxcompress.formats.kernel_reference import REFERENCE_OPS
 from onnxcompress.pass_base import get_pass
 from onnxcompress.summary import layer_table
 from tests.builders import mlp
@@ -72,15 +73,26 @@ def _input(param: str, index_type: str | None) -> tuple[str, bool]:
     return _CPP_TYPES[cpp], param.startswith("std::optional<")
 
 
+def _attribute_helpers() -> dict[str, str]:
+    """name -> body of each attribute-reading helper the kernels share (validate.h)."""
+    text = (KERNELS / "src" / "validate.h").read_text()
+    return {m.group(1): _body(text, m.start()) for m in re.finditer(r"inline std::string (\w+)\(", text)}
+
+
 def _attributes(text: str, body: str, base: str | None) -> dict[str, int | str | None]:
     """Attribute name -> default (None: required, INTS: required ints) read by a kernel (its base
-    struct included)."""
+    struct and the shared helpers it calls included)."""
     if base is not None:
         body += _struct(text, base)[0]
+    helpers = _attribute_helpers()
     found: dict[str, int | str | None] = {}
-    if "ReadSizes(" in body:  # sparse_matmul.cc: K and N, required
-        found |= {"K": None, "N": None}
-    for name in re.findall(r"ReadIntAttribute\(info, kOp, \"(\w+)\"", body):
+    for name, helper in helpers.items():
+        if re.search(rf"\b{name}\(", body):
+            body += helper
+    for name, helper in helpers.items():  # helpers calling helpers (ReadCodebookAttributes -> ReadSizes)
+        if re.search(rf"\b{name}\(", body) and helper not in body:
+            body += helper
+    for name in re.findall(r"ReadIntAttribute\(info, (?:kOp|op), \"(\w+)\"", body):
         found[name] = None
     for name, default in re.findall(r"ReadIntAttributeOr\(info, \"(\w+)\", (\d+)\)", body):
         found[name] = int(default)
@@ -134,6 +146,10 @@ def test_the_op_list_the_library_reports_is_the_table():
     assert cuda.split(",") == [*KERNEL_OPS, *on_gpu]
     if runtime.available_ops():  # built: the loaded library says the same
         assert runtime.available_ops() == list(KERNEL_OPS)
+
+
+def test_every_op_has_its_reference_evaluator_op():
+    assert [(cls.__name__, cls.op_domain) for cls in REFERENCE_OPS] == [(op, DOMAIN) for op in KERNEL_OPS]
 
 
 @pytest.mark.parametrize("op", list(KERNEL_OPS))
@@ -199,3 +215,14 @@ def test_the_sparse_pass_writes_nodes_the_table_describes_and_inspect_reads_them
         assert (sorted(row.shape), row.nonzero) == (sorted(dense[name].shape), dense[name].nonzero), name  # K x N
     features = {"x": np.zeros((1, 64), np.float32), "image": np.ones((1, 4, 8, 8), np.float32)}
     assert runtime.session(model).run(["features"], features)[0].shape == (1, 6, 8, 8)
+
+
+def test_the_cuda_kernels_check_their_inputs_with_the_cpu_rules():
+    """One validation header (validate.h) for both builds: the CUDA bindings word no input
+    error of their own, so a malformed input gets the same message on either provider."""
+    cuda = (KERNELS / "cuda" / "cuda_ops.cc").read_text()
+    assert '#include "../src/validate.h"' in cuda
+    assert "Error(Message(" not in cuda
+    for name in ("CheckX", "CheckCsrShapes", "CheckCodebook", "CheckPackedIndices", "ReadSizes",
+                 "ReadCodebookAttributes", "RowPtrStartError", "ColumnError", "CodebookIndexError"):
+        assert re.search(rf"\b{name}\(", cuda), name
