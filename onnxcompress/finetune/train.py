@@ -39,7 +39,7 @@ import fnmatch
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -59,6 +59,9 @@ from onnxcompress.finetune.executor import OnnxModule, to_ir
 from onnxcompress.finetune.losses import compute_loss, resolve_loss
 from onnxcompress.finetune.parametrize import attach_structure
 from onnxcompress.sites import constant_array, constant_node_array, find_weight_sites, set_constant
+
+if TYPE_CHECKING:
+    from onnxcompress.finetune.distributed import Replica
 
 logger = logging.getLogger(__name__)
 
@@ -263,19 +266,21 @@ def finetune(
     original: ir.Model | None = None,
     options: TrainOptions | None = None,
     module: OnnxModule | None = None,
+    replica: Replica | None = None,
 ) -> TrainResult:
     """Retrain `model`'s weights on `data`; the model itself is not modified.
 
     `original` is the teacher for distillation and the baseline for dropout rescaling and
     fidelity targets (default: `model` as given). Pass a prepared `module` (an `OnnxModule`
     of `model`) to add parametrizations of your own first; `keep_zeros` masks only the
-    tensors left unparametrized.
+    tensors left unparametrized. `replica`: this process is one of several data-parallel
+    workers (`finetune.distributed`): it trains on its share of each batch through DDP.
     """
     options = options or TrainOptions()
     model = to_ir(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
-        return _finetune(model, data, original, options, module)
+        return _finetune(model, data, original, options, module, replica)
 
 
 def _finetune(
@@ -284,6 +289,7 @@ def _finetune(
     original: ir.Model | None,
     options: TrainOptions,
     module: OnnxModule | None,
+    replica: Replica | None = None,
 ) -> TrainResult:
     if module is None:
         module = OnnxModule(model)
@@ -294,6 +300,7 @@ def _finetune(
         for param in module.originals(name) if module.tensor(name).is_floating_point() else []:
             param.requires_grad_(name in names)
     structure = attach_structure(module, model, names) if options.keep_zeros else {}
+    forward = replica.wrap(module) if replica is not None else module  # DDP syncs gradients in backward
     teacher = OnnxModule(original if original is not None else model, trainable=())
     teacher.eval()
 
@@ -326,10 +333,15 @@ def _finetune(
             module.train()
             total, count = 0.0, 0
             for batch in batches_of(data, options.batch_size, shuffle=True, rng=rng, max_samples=options.max_samples) if isinstance(data, Mapping) else data():
+                if replica is not None:
+                    share = replica.shard(batch)
+                    if share is None:
+                        continue  # a last batch with fewer rows than workers
+                    batch = share
                 feeds = _feeds(module, batch)
                 with torch.no_grad():
                     reference = teacher(**feeds) if loss_kind != "cross_entropy" else None
-                loss = compute_loss(loss_kind, module(**feeds), batch, reference, temperature=options.temperature)
+                loss = compute_loss(loss_kind, forward(**feeds), batch, reference, temperature=options.temperature)
                 if l1_names:
                     loss = loss + options.l1 * sum(module.tensor(n).abs().sum() for n in l1_names)
                 optimizer.zero_grad(set_to_none=True)
