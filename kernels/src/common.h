@@ -140,6 +140,17 @@ inline int64_t ReadIntAttribute(const OrtKernelInfo* info, const char* op, const
   }
 }
 
+// Read a required ints attribute without throwing; records an error message when absent or invalid.
+inline std::vector<int64_t> ReadIntsAttribute(const OrtKernelInfo* info, const char* op, const char* name,
+                                              std::string& error) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttributes<int64_t>(name);
+  } catch (const Ort::Exception& e) {
+    if (error.empty()) error = Message(op, ": attribute ", name, " is missing or not ints (", e.what(), ")");
+    return {};
+  }
+}
+
 inline int64_t ReadIntAttributeOr(const OrtKernelInfo* info, const char* name, int64_t fallback) {
   try {
     return Ort::ConstKernelInfo(info).GetAttribute<int64_t>(name);
@@ -177,6 +188,7 @@ Ort::Status Guarded(const char* op, Fn&& fn) {
 // Each file registers its ops (both index types where the op has column indices).
 void AddSparseOps(Ort::CustomOpDomain& domain);     // SparseMatMul, SparseCodebookMatMul
 void AddCodebookMatMul(Ort::CustomOpDomain& domain);  // CodebookMatMul
+void AddSparseConv(Ort::CustomOpDomain& domain);      // SparseConv (CPU only)
 void AddCudaOps(Ort::CustomOpDomain& domain);         // all three on CUDAExecutionProvider (CUDA build)
 
 }  // namespace onnxcompress

@@ -59,6 +59,8 @@ def lowrank(
     flops: Annotated[bool, typer.Option("--flops", help="--ratio counts FLOPs, not parameters.")] = False,
     budget: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "budget"), show_default=False)] = None,
     conv: Annotated[str | None, typer.Option(help=pass_help(PASS_NAME, "conv"), show_default=False)] = None,
+    clusters: Annotated[int | None, typer.Option(
+        help=pass_help(PASS_NAME, "clusters"), show_default=False)] = None,
     speed: Annotated[bool, typer.Option("--speed", help=pass_help(PASS_NAME, "speed"))] = False,
     latency_batch: Annotated[int | None, typer.Option(
         help=pass_help(PASS_NAME, "latency_batch"), show_default=False)] = None,
@@ -77,6 +79,7 @@ def lowrank(
 ) -> None:
     """Factorize MatMul/Gemm/Conv weights by truncated SVD where it pays (Denton et al. 2014)."""
     options = _options(flops, exclude, plan, energy=energy, ratio=ratio, budget=budget, conv=conv,
+                       clusters=clusters,
                        speed=speed or None, latency_batch=latency_batch, min_params=min_params)
     if save_plan is not None:
         check_side_file(save_plan, "plan", model, output)

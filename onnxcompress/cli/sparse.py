@@ -1,4 +1,4 @@
-"""`onnxcompress sparsify`: pruned MatMul/Gemm layers -> SparseMatMul, where it is faster.
+"""`onnxcompress sparsify`: pruned MatMul/Gemm -> SparseMatMul, Conv -> SparseConv, where faster.
 
 Runs the `sparse.csr` pass as one gated step. The rewrite is exact, so the default fidelity
 gate is strict. `--portable` (default) keeps the model runnable by a stock onnxruntime.
@@ -58,7 +58,7 @@ def sparsify(
     min_top1: MinTop1Option = None,
     input_shape: InputShapeOption = None,
 ) -> None:
-    """Run pruned layers with the SparseMatMul kernel where it is measurably faster (exact)."""
+    """Run pruned MatMul/Gemm/Conv layers with sparse kernels where measurably faster (exact)."""
     given = {"min_sparsity": min_sparsity, "batch": batch, "min_speedup": min_speedup, "threads": threads,
              "min_params": min_params}  # None: the config's default
     options: dict[str, object] = {key: value for key, value in given.items() if value is not None}

@@ -19,18 +19,21 @@ from typing import Any
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from onnxcompress.formats.kernel_ops import DOMAIN, KERNEL_OPS, KernelOp
+from onnxcompress.formats.kernel_ops import DOMAIN, INTS, KERNEL_OPS, KernelOp
 
 
 def reference_op(op: KernelOp) -> type[OpRun]:
     """The `OpRun` class of one table entry (named after the op, as onnx.reference requires)."""
 
     def _run(self: OpRun, *inputs: np.ndarray | None, **attributes: Any) -> tuple[np.ndarray]:
-        required = [name for name, default in op.attributes.items() if default is None]
+        required = [name for name, default in op.attributes.items() if default in (None, INTS)]
         if any(attributes.get(name) is None for name in required):
             raise ValueError(f"{op.name} needs the attributes {' and '.join(required)}")
         given = {name: value for name, value in attributes.items() if value is not None}
-        values = [int(given.get(name, default or 0)) for name, default in op.attributes.items()]
+        values = [
+            tuple(int(v) for v in given[name]) if default == INTS else int(given.get(name, default or 0))
+            for name, default in op.attributes.items()
+        ]
         padded = [*inputs, *([None] * (len(op.inputs) - len(inputs)))]
         return (op.reference(*padded, *values),)
 
