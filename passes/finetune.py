@@ -27,6 +27,9 @@ from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, regi
 
 logger = logging.getLogger(__name__)
 
+#: Where training runs, not how: not a training option.
+_PLACEMENT = {"executor", "workers", "ray_address", "checkpoint_dir"}
+
 
 class FinetuneConfig(PassConfig):
     epochs: int = pydantic.Field(1, ge=1, le=100_000, description="Passes over the training data.")
@@ -71,6 +74,20 @@ class FinetuneConfig(PassConfig):
     keep_zeros: bool = pydantic.Field(True, description="Hold every zero of a weight or codebook at exactly zero.")
     max_samples: int | None = pydantic.Field(None, ge=1, description="Use at most this many training samples.")
     seed: int | None = pydantic.Field(None, ge=0, description="Seed of batch order and dropout (default: the pipeline's).")
+    executor: Literal["local", "ray"] = pydantic.Field(
+        "local", description="local: this process; ray: Ray Train's TorchTrainer, `workers` DDP workers "
+        "(pip install 'onnxcompress[ray]').")
+    workers: int = pydantic.Field(1, ge=1, le=4096, description="Data-parallel workers (more than 1 needs ray).")
+    ray_address: str | None = pydantic.Field(
+        None, description="Ray cluster to join (auto, ray://host:port); None starts a local one.")
+    checkpoint_dir: str | None = pydantic.Field(
+        None, description="Folder every Ray worker reaches for the training checkpoints (default: a temporary one).")
+
+    @pydantic.model_validator(mode="after")
+    def _workers_need_ray(self) -> FinetuneConfig:
+        if self.workers > 1 and self.executor != "ray":
+            raise ValueError("more than 1 worker trains on Ray: set executor to ray (--executor ray)")
+        return self
 
 
 @register
@@ -111,10 +128,17 @@ class FinetunePass(CompressionPass):
         data = self._data()
         module = OnnxModule(model)  # unsupported ops fail here, before any edit
         options = TrainOptions(
-            **self.config.model_dump(exclude={"teacher", "data", "seed"}),
+            **self.config.model_dump(exclude={"teacher", "data", "seed", *_PLACEMENT}),
             seed=self.config.seed if self.config.seed is not None else self.context.seed,
         )
-        result = finetune(model, data, original=self._teacher(), options=options, module=module)  # type: ignore[arg-type]
+        if self.config.executor == "ray":
+            from onnxcompress.finetune.distributed import finetune_on_ray
+
+            result = finetune_on_ray(model, data, original=self._teacher(), options=options,  # type: ignore[arg-type]
+                                     workers=self.config.workers, address=self.config.ray_address,
+                                     storage=self.config.checkpoint_dir)
+        else:
+            result = finetune(model, data, original=self._teacher(), options=options, module=module)  # type: ignore[arg-type]
         consumers = _consumer_ops(model)
         changed = write_back(model, result.arrays)
         for name, before, after in changed:

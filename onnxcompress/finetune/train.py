@@ -39,7 +39,7 @@ import fnmatch
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -58,6 +58,10 @@ from onnxcompress.finetune.data import (
 from onnxcompress.finetune.executor import OnnxModule, to_ir
 from onnxcompress.finetune.losses import compute_loss, resolve_loss
 from onnxcompress.finetune.parametrize import attach_structure
+from onnxcompress.sites import constant_array, constant_node_array, find_weight_sites, set_constant
+
+if TYPE_CHECKING:
+    from onnxcompress.finetune.distributed import Replica
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +143,6 @@ def dropout_ratio(old_ratio: float, old_connections: int, new_connections: int) 
 
 def _upstream_weight(model: ir.Model, node: ir.Node) -> str | None:
     """The weight of the nearest MatMul / Gemm / Conv feeding a Dropout, through 1-input ops."""
-    from onnxcompress.sites import find_weight_sites
-
     weights = {id(site.node): site.name for site in find_weight_sites(model, min_params=0).sites}
     value = node.inputs[0]
     for _ in range(8):
@@ -157,15 +159,12 @@ def _upstream_weight(model: ir.Model, node: ir.Node) -> str | None:
 
 
 def _constant_of(value: ir.Value) -> np.ndarray | None:
-    """The array behind an initializer or a Constant node's output, else None."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
+    """The array behind an initializer or a Constant node's output (literals too), else None."""
+    array = constant_array(value)
     producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor().numpy()
-    if producer is not None and producer.op_type == "Constant" and "value_float" in producer.attributes:
-        return np.array(producer.attributes["value_float"].value, dtype=np.float32)
-    return None
+    if array is None and producer is not None and producer.op_type == "Constant":
+        return constant_node_array(producer)
+    return array
 
 
 def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | None) -> dict[str, float]:
@@ -267,19 +266,21 @@ def finetune(
     original: ir.Model | None = None,
     options: TrainOptions | None = None,
     module: OnnxModule | None = None,
+    replica: Replica | None = None,
 ) -> TrainResult:
     """Retrain `model`'s weights on `data`; the model itself is not modified.
 
     `original` is the teacher for distillation and the baseline for dropout rescaling and
     fidelity targets (default: `model` as given). Pass a prepared `module` (an `OnnxModule`
     of `model`) to add parametrizations of your own first; `keep_zeros` masks only the
-    tensors left unparametrized.
+    tensors left unparametrized. `replica`: this process is one of several data-parallel
+    workers (`finetune.distributed`): it trains on its share of each batch through DDP.
     """
     options = options or TrainOptions()
     model = to_ir(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
-        return _finetune(model, data, original, options, module)
+        return _finetune(model, data, original, options, module, replica)
 
 
 def _finetune(
@@ -288,6 +289,7 @@ def _finetune(
     original: ir.Model | None,
     options: TrainOptions,
     module: OnnxModule | None,
+    replica: Replica | None = None,
 ) -> TrainResult:
     if module is None:
         module = OnnxModule(model)
@@ -298,6 +300,7 @@ def _finetune(
         for param in module.originals(name) if module.tensor(name).is_floating_point() else []:
             param.requires_grad_(name in names)
     structure = attach_structure(module, model, names) if options.keep_zeros else {}
+    forward = replica.wrap(module) if replica is not None else module  # DDP syncs gradients in backward
     teacher = OnnxModule(original if original is not None else model, trainable=())
     teacher.eval()
 
@@ -330,10 +333,15 @@ def _finetune(
             module.train()
             total, count = 0.0, 0
             for batch in batches_of(data, options.batch_size, shuffle=True, rng=rng, max_samples=options.max_samples) if isinstance(data, Mapping) else data():
+                if replica is not None:
+                    share = replica.shard(batch)
+                    if share is None:
+                        continue  # a last batch with fewer rows than workers
+                    batch = share
                 feeds = _feeds(module, batch)
                 with torch.no_grad():
                     reference = teacher(**feeds) if loss_kind != "cross_entropy" else None
-                loss = compute_loss(loss_kind, module(**feeds), batch, reference, temperature=options.temperature)
+                loss = compute_loss(loss_kind, forward(**feeds), batch, reference, temperature=options.temperature)
                 if l1_names:
                     loss = loss + options.l1 * sum(module.tensor(n).abs().sum() for n in l1_names)
                 optimizer.zero_grad(set_to_none=True)
@@ -366,8 +374,6 @@ def _finetune(
 
 
 def _weight_names(model: ir.Model) -> set[str]:
-    from onnxcompress.sites import find_weight_sites
-
     return {site.name for site in find_weight_sites(model, min_params=0).sites}
 
 
@@ -443,9 +449,6 @@ def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[
             raise UserError(f"write-back: {name!r} has shape {after.shape}, the model {before.shape}")
         if not np.array_equal(after, before):
             plan.append((name, value, node, before, after))
-    for name, value, node, _, after in plan:
-        tensor = ir.tensor(np.ascontiguousarray(after), name=name)
-        if node is not None:
-            node.attributes["value"] = ir.AttrTensor("value", tensor)
-        value.const_value = tensor
+    for _, value, _, _, after in plan:
+        set_constant(value, after)
     return [(name, before, after) for name, _, _, before, after in plan]
