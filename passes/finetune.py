@@ -9,7 +9,9 @@ touched, low-rank factors are trained as the two initializers they are.
 Write-back is an ordinary, gated pass: the same tensor names, shapes and dtypes; no node,
 input or output is added, removed or rewired. Lossy by design (it retrains toward labels
 or the original model's outputs); the pipeline's fidelity gate judges the result.
-torch is imported only when the pass runs.
+torch is imported only when the pass runs. The options are `onnxcompress.finetune.config.FinetuneConfig`,
+declared once for the pass, the training loop and the CLI. With ``prior: gmm`` the weights end
+quantised to the mixture's means (follow with `codebook.distinct` for the codebook form).
 """
 
 from __future__ import annotations
@@ -17,60 +19,14 @@ from __future__ import annotations
 __all__ = ["FinetuneConfig", "FinetunePass"]
 
 import logging
-from typing import Literal
 
 import onnx_ir as ir
-import pydantic
 
 from onnxcompress.errors import DataError
-from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.finetune.config import FinetuneConfig
+from onnxcompress.pass_base import CompressionPass, register
 
 logger = logging.getLogger(__name__)
-
-
-class FinetuneConfig(PassConfig):
-    epochs: int = pydantic.Field(1, ge=1, le=100_000, description="Passes over the training data.")
-    lr: float = pydantic.Field(
-        1e-3, gt=0.0, le=10.0, description="Learning rate (Han: about 1/10 of the original one)."
-    )
-    batch_size: int = pydantic.Field(64, ge=1, le=1_000_000, description="Samples per optimizer step.")
-    optimizer: Literal["sgd", "adam"] = pydantic.Field("sgd", description="sgd (with momentum) or adam.")
-    lr_schedule: Literal["constant", "cosine"] = pydantic.Field(
-        "constant", description="constant, or cosine decay from lr to 0 over all steps."
-    )
-    momentum: float = pydantic.Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
-    weight_decay: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="L2 regularisation (optimizer weight decay).")
-    l1: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="L1 regularisation: adds l1 * sum|W| over weights.")
-    loss: Literal["auto", "cross_entropy", "kl", "mse", "cosine"] = pydantic.Field(
-        "auto",
-        description="auto: cross-entropy with labels, else KL on 2-D logits, else MSE against the original model.",
-    )
-    distill: bool = pydantic.Field(
-        False, description="Distil from the original model's outputs even when the data has labels."
-    )
-    temperature: float = pydantic.Field(1.0, gt=0.0, le=100.0, description="Softening temperature of the KL loss.")
-    teacher: str | None = pydantic.Field(
-        None, description="Path of the teacher model for distillation (default: the model before the first step)."
-    )
-    data: str | None = pydantic.Field(
-        None, description=".npz path or 'module:function' returning dict batches (default: the pipeline's data)."
-    )
-    target_cosine: float | None = pydantic.Field(
-        None, ge=-1.0, le=1.0, description="Stop early once the output cosine against the original reaches this."
-    )
-    target_accuracy: float | None = pydantic.Field(
-        None, ge=0.0, le=1.0, description="Stop early once the accuracy on the training data reaches this."
-    )
-    dropout_rescale: bool = pydantic.Field(
-        True, description="Han's D_new = D_old * sqrt(C_new / C_old) for Dropout nodes after pruned layers."
-    )
-    trainable: tuple[str, ...] = pydantic.Field(
-        (), description="Tensor-name globs to train (default: every float tensor of more than one value)."
-    )
-    freeze: tuple[str, ...] = pydantic.Field((), description="Tensor-name globs never trained.")
-    keep_zeros: bool = pydantic.Field(True, description="Hold every zero of a weight or codebook at exactly zero.")
-    max_samples: int | None = pydantic.Field(None, ge=1, description="Use at most this many training samples.")
-    seed: int | None = pydantic.Field(None, ge=0, description="Seed of batch order and dropout (default: the pipeline's).")
 
 
 @register
@@ -106,20 +62,22 @@ class FinetunePass(CompressionPass):
 
     def apply(self, model: ir.Model) -> bool:
         from onnxcompress.finetune.executor import OnnxModule
-        from onnxcompress.finetune.train import TrainOptions, finetune, write_back
+        from onnxcompress.finetune.train import finetune, write_back
 
         data = self._data()
         module = OnnxModule(model)  # unsupported ops fail here, before any edit
-        options = TrainOptions(
-            **self.config.model_dump(exclude={"teacher", "data", "seed"}),
-            seed=self.config.seed if self.config.seed is not None else self.context.seed,
-        )
-        result = finetune(model, data, original=self._teacher(), options=options, module=module)  # type: ignore[arg-type]
+        options = self.config
+        if options.seed is None:
+            options = options.model_copy(update={"seed": self.context.seed})
+        result = finetune(model, data, original=self._teacher(), options=options, module=module,  # type: ignore[arg-type]
+                          progress=self.context.progress)
         consumers = _consumer_ops(model)
         changed = write_back(model, result.arrays)
         for name, before, after in changed:
             kept = result.structure.get(name, "")
             detail = f"retrained ({kept})" if kept == "mask" else "retrained"
+            if self.config.prior == "gmm":
+                detail += f", quantised to the prior's {len(result.prior_means)} means"
             self.report.changed(name, consumers.get(name, "?"), before, after, detail=detail)
         trained = set(result.arrays)
         for name in sorted(trained - {c[0] for c in changed}):

@@ -100,7 +100,7 @@ def default_output(model_path: Path) -> Path:
 
 
 #: A file a command writes beside its model: (path, what it is, how to render it from the result).
-SideFile = tuple[Path, str, Callable[[PipelineResult], str]]
+SideFile = tuple[Path, str, Callable[[PipelineResult], str | bytes]]
 
 
 def _check_destinations(model_path: Path, output: Path, report: Path | None) -> None:
@@ -186,7 +186,11 @@ def compress_file(
     with writer.batch(protected) as staged:
         io.stage_model(staged, result.model, output, **SAVE_OPTIONS)
         for path, what, text in texts:
-            staged.stage(path, what).write_text(text, encoding="utf-8")
+            if isinstance(text, bytes):
+                if text:  # an empty image: nothing to draw (no matplotlib)
+                    staged.stage(path, what).write_bytes(text)
+            else:
+                staged.stage(path, what).write_text(text, encoding="utf-8")
     if not quiet:
         print_summary(result, output)
     return result
