@@ -349,6 +349,7 @@ def _prepare(
 
 
 def _loss_kind(module: OnnxModule, teacher: OnnxModule, data: Arrays | Batches, options: FinetuneConfig) -> str:
+    first: Mapping[str, np.ndarray]
     if isinstance(data, Mapping):
         check_data(data, module.input_names)
         first = next(iterate_batches(data, 2))
@@ -411,34 +412,67 @@ def find_lr(run: _Run) -> float:
     The rate rises geometrically from `LR_TEST_START` to `LR_TEST_END` over `LR_TEST_STEPS`
     steps (batches cycled) and stops once the loss exceeds 4x its best.
     """
+    prior, run.prior = run.prior, None  # the task loss alone sets the rate
+    try:
+        return _range_test(run)
+    finally:
+        run.prior = prior
+
+
+def _range_test(run: _Run) -> float:
     saved, state = _snapshot(run), np.random.default_rng(run.options.seed or 0)
     run.say("fine-tune: finding the learning rate (range test)")
     optimizer = _optimizer(run, LR_TEST_START)
     factor = (LR_TEST_END / LR_TEST_START) ** (1 / (LR_TEST_STEPS - 1))
-    rates, losses, smooth, best = [], [], 0.0, math.inf
+    fixed = _fixed_batch(run)
+    rates, losses = [], []
     batches = _cycle(run, state)
-    run.module.train()
     for step in range(LR_TEST_STEPS):
         lr = LR_TEST_START * factor**step
         for group, base in zip(optimizer.param_groups, _group_scales(run), strict=True):
             group["lr"] = lr * base
+        run.module.train()
         loss = _step_loss(run, next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        value = float(loss.detach())
+        value = _fixed_loss(run, fixed)
         if not math.isfinite(value):
             break
-        smooth = value if step == 0 else 0.7 * smooth + 0.3 * value
         rates.append(lr)
-        losses.append(smooth)
-        best = min(best, smooth)
-        if smooth > 4 * best:
+        losses.append(value)
+        if value > 4 * min(losses):
             break
     _restore(run, saved)
-    chosen = rates[int(np.argmin(losses))] / 10 if losses else 1e-3
-    run.say(f"fine-tune: learning rate {chosen:.3g} (loss minimum of the range test / 10)")
+    chosen, why = _rate_from_curve(rates, losses)
+    run.say(f"fine-tune: learning rate {chosen:.3g} ({why})")
     return chosen
+
+
+def _fixed_batch(run: _Run) -> Arrays:
+    """The samples every range-test step is scored on (no sampling noise between steps)."""
+    if isinstance(run.train, Mapping):
+        return next(iterate_batches(run.train, 512))
+    return next(iter(run.train()))
+
+
+@torch.no_grad()
+def _fixed_loss(run: _Run, batch: Arrays) -> float:
+    run.module.eval()
+    return float(_step_loss(run, batch))
+
+
+def _rate_from_curve(rates: Sequence[float], losses: Sequence[float]) -> tuple[float, str]:
+    """1/10 of the rate at the loss minimum; for a model already at its minimum (the loss never
+    fell by 5%), 1/10 of the last rate before the loss rose 10% (the edge of stability)."""
+    if not losses:
+        return 1e-3, "the range test diverged at once: 1e-3"
+    lowest = int(np.argmin(losses))
+    if losses[lowest] <= 0.95 * losses[0]:
+        return rates[lowest] / 10, "loss minimum of the range test / 10"
+    rise = next((i for i, loss in enumerate(losses) if loss > 1.1 * losses[lowest]), len(losses))
+    edge = rates[max(rise - 1, 0)]
+    return edge / 10, "the loss did not fall: 1/10 of the last rate before it rose by 10%"
 
 
 def _group_scales(run: _Run) -> list[float]:
@@ -549,11 +583,19 @@ def _held_out_metrics(run: _Run) -> dict[str, float]:
     out = {"held_out_loss": total / max(count, 1)}
     if LABELS in run.held_out and run.loss_kind == "cross_entropy":
         out["held_out_accuracy"] = evaluate(run.module, run.held_out)
+        if run.prior is not None:  # what the run will keep: the weights at the mixture's means
+            saved = _snapshot(run)
+            _set_to_means(run)
+            out["held_out_accuracy_quantised"] = evaluate(run.module, run.held_out)
+            _restore(run, saved)
     return out
 
 
 def _score(record: Mapping[str, float]) -> float:
-    """Higher is better: held-out accuracy, else minus the held-out loss, else minus the training loss."""
+    """Higher is better: held-out accuracy (of the quantised weights under a prior), else minus
+    the held-out loss, else minus the training loss."""
+    if "held_out_accuracy_quantised" in record:
+        return record["held_out_accuracy_quantised"]
     if "held_out_accuracy" in record:
         return record["held_out_accuracy"] - 1e-6 * record["held_out_loss"]  # loss breaks ties
     return -record.get("held_out_loss", record["loss"])
@@ -565,23 +607,30 @@ def _describe(record: Mapping[str, float]) -> str:
         parts.append(f"held-out loss {record['held_out_loss']:.4f}")
     if "held_out_accuracy" in record:
         parts.append(f"held-out accuracy {100 * record['held_out_accuracy']:.2f}%")
+    if "held_out_accuracy_quantised" in record:
+        parts.append(f"quantised {100 * record['held_out_accuracy_quantised']:.2f}%")
     parts += [f"{key} {record[key]:.4f}" for key in ("cosine", "accuracy") if key in record]
     return ", ".join(parts)
 
 
 def _quantise_to_prior(run: _Run) -> list[float]:
     """Every regularised weight set to its component's mean; returns the means in use."""
+    used = _set_to_means(run)
+    run.say(f"fine-tune: weights quantised to {len(used)} shared values (prior means)")
+    return used
+
+
+@torch.no_grad()
+def _set_to_means(run: _Run) -> list[float]:
     assert run.prior is not None
     used: set[float] = set()
-    with torch.no_grad():
-        for layer in run.layers:
-            originals = run.module.originals(layer.name)
-            value = run.prior.quantise(run.module.tensor(layer.name))
-            if len(originals) != 1 or tuple(originals[0].shape) != tuple(value.shape):
-                raise UserError(f"the gmm prior cannot quantise {layer.name!r}: it is not a plain weight")
-            originals[0].copy_(value)
-            used.update(float(v) for v in torch.unique(run.module.tensor(layer.name)))
-    run.say(f"fine-tune: weights quantised to {len(used)} shared values (prior means)")
+    for layer in run.layers:
+        originals = run.module.originals(layer.name)
+        value = run.prior.quantise(run.module.tensor(layer.name))
+        if len(originals) != 1 or tuple(originals[0].shape) != tuple(value.shape):
+            raise UserError(f"the gmm prior cannot quantise {layer.name!r}: it is not a plain weight")
+        originals[0].copy_(value)
+        used.update(float(v) for v in torch.unique(run.module.tensor(layer.name)))
     return sorted(used)
 
 
@@ -637,8 +686,8 @@ def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[
     for name, array in arrays.items():
         if name not in holders:
             raise UserError(f"write-back: no initializer or Constant named {name!r}")
-        value, node = holders[name]
-        old = value.const_value if node is None else node.attributes["value"].as_tensor()
+        value, holder_node = holders[name]
+        old = value.const_value if holder_node is None else holder_node.attributes["value"].as_tensor()
         if old is None:
             raise UserError(f"write-back: {name!r} holds no tensor")
         before = old.numpy()
@@ -646,10 +695,10 @@ def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[
         if after.shape != before.shape:
             raise UserError(f"write-back: {name!r} has shape {after.shape}, the model {before.shape}")
         if not np.array_equal(after, before):
-            plan.append((name, value, node, before, after))
-    for name, value, node, _, after in plan:
+            plan.append((name, value, holder_node, before, after))
+    for name, value, constant, _, after in plan:
         tensor = ir.tensor(np.ascontiguousarray(after), name=name)
-        if node is not None:
-            node.attributes["value"] = ir.AttrTensor("value", tensor)
+        if constant is not None:
+            constant.attributes["value"] = ir.AttrTensor("value", tensor)
         value.const_value = tensor
     return [(name, before, after) for name, _, _, before, after in plan]
