@@ -30,6 +30,8 @@ ZERO_MASS = 0.99
 #: Gamma(alpha, beta) hyperpriors on the precisions 1 / sigma^2: zero component, the others.
 ZERO_GAMMA = (5000.0, 2.0)
 OTHER_GAMMA = (250.0, 0.1)
+#: Learning rates of the means and of the precisions / mixing proportions (Adam).
+MEANS_LR, SHAPE_LR = 5e-4, 5e-3
 
 
 class MixturePrior(nn.Module):
@@ -80,9 +82,10 @@ class MixturePrior(nn.Module):
         chosen = self.component_log_densities(flat).argmax(dim=1)
         return self.all_means()[chosen].reshape(weight.shape).to(weight.dtype)
 
-    def parameter_groups(self, lr: float) -> list[dict[str, object]]:
-        """The paper's rates relative to the weights': means slower, precisions faster."""
+    def parameter_groups(self) -> list[dict[str, object]]:
+        """The mixture's own Adam rates (the paper's ratios: means slow, precisions and
+        proportions ten times faster), independent of the weights' rate."""
         return [
-            {"params": [self.means], "lr": lr * 0.2},
-            {"params": [self.log_precision, self.mixing_logits], "lr": lr * 6.0},
+            {"params": [self.means], "lr": MEANS_LR},
+            {"params": [self.log_precision, self.mixing_logits], "lr": SHAPE_LR},
         ]

@@ -262,7 +262,7 @@ def _optimizer(run: _Run, lr: float) -> torch.optim.Optimizer:
     options = run.options
     groups: list[dict[str, Any]] = [{"params": run.parameters()}]
     if run.prior is not None:
-        groups += run.prior.parameter_groups(lr)
+        groups += run.prior.parameter_groups()
     if options.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=options.momentum, weight_decay=options.l2)
     if options.optimizer == "adam":
@@ -379,19 +379,25 @@ def _split(data: Arrays | Batches, options: FinetuneConfig) -> tuple[Arrays | Ba
             {k: np.asarray(v)[order[:held]] for k, v in data.items()})
 
 
-def _step_loss(run: _Run, batch: Arrays) -> torch.Tensor:
-    """The batch loss with the regularisers and the prior's complexity term."""
+def _task_loss(run: _Run, batch: Arrays) -> torch.Tensor:
+    """The batch loss against labels or the teacher, without any regulariser."""
     feeds = _feeds(run.module, batch)
     with torch.no_grad():
         reference = run.teacher(**feeds) if run.loss_kind != "cross_entropy" else None
-    loss = compute_loss(run.loss_kind, run.module(**feeds), batch, reference, temperature=run.options.temperature)
+    return compute_loss(run.loss_kind, run.module(**feeds), batch, reference, temperature=run.options.temperature)
+
+
+def _step_loss(run: _Run, batch: Arrays) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what is minimised: the task loss + regularisers + the prior's complexity term, the task loss)."""
+    task = _task_loss(run, batch)
+    loss = task
     extra = penalty(run.module, run.layers, run.options)
     if extra is not None:
         loss = loss + extra
     if run.prior is not None:
         weights = [run.module.tensor(layer.name) for layer in run.layers]
         loss = loss + run.options.prior_strength * run.prior.negative_log_prob(weights) / run.samples
-    return loss
+    return loss, task
 
 
 def _snapshot(run: _Run) -> list[torch.Tensor]:
@@ -429,10 +435,9 @@ def _range_test(run: _Run) -> float:
     batches = _cycle(run, state)
     for step in range(LR_TEST_STEPS):
         lr = LR_TEST_START * factor**step
-        for group, base in zip(optimizer.param_groups, _group_scales(run), strict=True):
-            group["lr"] = lr * base
+        optimizer.param_groups[0]["lr"] = lr  # the prior is left out of the test: one group
         run.module.train()
-        loss = _step_loss(run, next(batches))
+        loss, _ = _step_loss(run, next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -459,7 +464,7 @@ def _fixed_batch(run: _Run) -> Arrays:
 @torch.no_grad()
 def _fixed_loss(run: _Run, batch: Arrays) -> float:
     run.module.eval()
-    return float(_step_loss(run, batch))
+    return float(_step_loss(run, batch)[0])
 
 
 def _rate_from_curve(rates: Sequence[float], losses: Sequence[float]) -> tuple[float, str]:
@@ -473,14 +478,6 @@ def _rate_from_curve(rates: Sequence[float], losses: Sequence[float]) -> tuple[f
     rise = next((i for i, loss in enumerate(losses) if loss > 1.1 * losses[lowest]), len(losses))
     edge = rates[max(rise - 1, 0)]
     return edge / 10, "the loss did not fall: 1/10 of the last rate before it rose by 10%"
-
-
-def _group_scales(run: _Run) -> list[float]:
-    """Each optimizer group's rate relative to the weights' (the prior's groups differ)."""
-    scales = [1.0]
-    if run.prior is not None:
-        scales += [0.2, 6.0]
-    return scales
 
 
 def _cycle(run: _Run, rng: np.random.Generator) -> Iterator[Arrays]:
@@ -543,19 +540,22 @@ def _train(run: _Run, lr: float) -> tuple[list[dict[str, float]], bool, int]:
     if best_state is not None and best_epoch != len(history):
         _restore(run, best_state)
         run.say(f"fine-tune: kept epoch {best_epoch} (best held-out result)")
-    _warn_if_diverged(first_loss, history)
+    if run.prior is None:  # a prior raises the task loss on purpose
+        _warn_if_diverged(first_loss, history)
     return history, stopped, best_epoch or len(history)
 
 
 def _train_epoch(
     run: _Run, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None
 ) -> tuple[dict[str, float], float | None]:
-    """One pass over the training batches: ({loss, lr}, the first step's loss)."""
+    """One pass over the training batches: ({loss, lr[, objective]}, the first step's task loss).
+
+    ``loss`` is the task loss alone; ``objective`` adds the regularisers and the prior."""
     run.module.train()
-    total, count, first = 0.0, 0, None
+    total, objective, count, first = 0.0, 0.0, 0, None
     lr = optimizer.param_groups[0]["lr"]
     for batch in run.batches():
-        loss = _step_loss(run, batch)
+        loss, task = _step_loss(run, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -564,9 +564,13 @@ def _train_epoch(
         if scheduler is not None:
             scheduler.step()
         n = len(next(iter(batch.values())))
-        total, count = total + float(loss.detach()) * n, count + n
-        first = float(loss.detach()) if first is None else first
-    return {"loss": total / max(count, 1), "lr": float(lr)}, first
+        total, count = total + float(task.detach()) * n, count + n
+        objective += float(loss.detach()) * n
+        first = float(task.detach()) if first is None else first
+    record = {"loss": total / max(count, 1), "lr": float(lr)}
+    if objective != total:
+        record["objective"] = objective / max(count, 1)
+    return record, first
 
 
 def _held_out_metrics(run: _Run) -> dict[str, float]:
@@ -578,7 +582,7 @@ def _held_out_metrics(run: _Run) -> dict[str, float]:
     with torch.no_grad():
         for batch in iterate_batches(run.held_out, 512):
             n = len(next(iter(batch.values())))
-            total += float(_step_loss(run, batch)) * n
+            total += float(_task_loss(run, batch)) * n
             count += n
     out = {"held_out_loss": total / max(count, 1)}
     if LABELS in run.held_out and run.loss_kind == "cross_entropy":
