@@ -39,8 +39,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import runtime
+from onnxcompress.formats.kernel_arrays import to_csr
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.sparse.formats import to_csr
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "kernels_sparse_matmul"

@@ -37,9 +37,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxcompress.formats.codebook import codebook_layers
 from onnxcompress.formats.packed import store_fp16
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.codebook.graph import codebook_layers
 
 RESULTS = Path(__file__).parent / "results"
 REAL = RESULTS / "tmp" / "real" / "models" / "magika-1.0.3" / "model.onnx"

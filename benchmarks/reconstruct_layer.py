@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import models as bench_models  # noqa: E402
 from onnxcompress import runtime  # noqa: E402
 from onnxcompress.calibration import layer_hessians  # noqa: E402
+from onnxcompress.formats.codebook import codebook_layers, dense_weight  # noqa: E402
 from onnxcompress.pass_base import PassContext, get_pass  # noqa: E402
-from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight  # noqa: E402
 from onnxcompress.passes.reconstruct import layers  # noqa: E402
 from onnxcompress.passes.reconstruct.obs import magnitude_prune  # noqa: E402
 from onnxcompress.sites import find_weight_sites  # noqa: E402

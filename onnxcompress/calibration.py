@@ -51,6 +51,7 @@ class LayerHessian:
 
     @property
     def groups(self) -> int:
+        """Conv groups: each reads its own input channels, so each has its own H."""
         return int(self.hessian.shape[0])
 
 
@@ -74,7 +75,9 @@ def _gemm_rows(node: ir.Node, x: np.ndarray) -> np.ndarray:
     return x.T if node.attributes.get_int("transA", 0) else x
 
 
-def _conv_patches(node: ir.Node, x: np.ndarray, weight_shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+def _conv_patches(
+    node: ir.Node, x: np.ndarray, weight_shape: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
     """im2col of an NCHW input: [groups, rows, C/groups * kh * kw] (rows sampled)."""
     out_channels, per_group, kh, kw = weight_shape
     groups = node.attributes.get_int("group", 1)
@@ -136,7 +139,8 @@ def layer_hessians(
             for start in range(0, max(count, 1), CHUNK_SAMPLES):
                 chunk = {name: _chunk(model, name, array, start) for name, array in probes.items()}
                 outputs = run_model(model_file, chunk)[first_extra:] if names else []
-                arrays = {**chunk, **dict(zip(names, outputs, strict=True))}  # a graph input is its own source
+                # a graph input is its own source
+                arrays = {**chunk, **dict(zip(names, outputs, strict=True))}
                 for site in wanted:
                     if sources[site.name] not in arrays:
                         continue

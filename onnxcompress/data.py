@@ -6,8 +6,18 @@ The first axis of every array is the sample axis. Problems are reported all at o
 
 from __future__ import annotations
 
-__all__ = ["LABELS", "load_npz", "read_npz", "validate_data", "model_inputs", "check_label_shape", "batch_symbols",
-           "batch_axes", "sample_axis", "take_samples"]
+__all__ = [
+    "LABELS",
+    "load_npz",
+    "read_npz",
+    "validate_data",
+    "model_inputs",
+    "check_label_shape",
+    "batch_symbols",
+    "batch_axes",
+    "sample_axis",
+    "take_samples",
+]
 
 import math
 import os
@@ -38,38 +48,47 @@ def batch_symbols(model: ir.Model) -> set[str]:
 
 
 def batch_axes(model: ir.Model) -> set[tuple[str, int]]:
-    """(input, axis) pairs that carry the samples besides axis 0: a batch symbol on another
-    axis, or the one free axis of an input whose first axis is fixed (a state [2, ?, 128])."""
+    """(input, axis) pairs that carry the samples besides axis 0.
+
+    That is a batch symbol on another axis, or the one free axis of an input whose first axis
+    is fixed (a state [2, ?, 128]).
+    """
     symbols = batch_symbols(model)
-    found = set()
+    found: set[tuple[str, int]] = set()
     for value in model_inputs(model):
         shape = list(value.shape or ())
         free = [axis for axis, dim in enumerate(shape) if not isinstance(dim, int)]
         for axis in free:
             named = getattr(shape[axis], "value", None)
             if axis > 0 and (named in symbols or (isinstance(shape[0], int) and free == [axis])):
-                found.add((value.name, axis))
+                found.add((value.name or "", axis))
     return found
 
 
 def sample_axis(model: ir.Model, value: ir.Value) -> int | None:
     """The axis of `value` that indexes samples: 0, a state's batch axis, or None for a scalar."""
-    if value.shape is not None and len(value.shape) == 0:
+    shape = value.shape
+    if shape is not None and len(shape) == 0:
         return None
-    moved = [axis for name, axis in batch_axes(model) if name == value.name and isinstance(value.shape[0], int)]
+    moved = [axis for name, axis in batch_axes(model)
+             if name == value.name and shape is not None and isinstance(shape[0], int)]
     return moved[0] if moved else 0
 
 
 def take_samples(array: np.ndarray, axis: int | None, rows: int) -> np.ndarray:
     """The first `rows` samples of `array` along its sample axis (a scalar is kept whole)."""
     array = np.asarray(array)
-    return array if axis is None else np.take(array, np.arange(min(rows, array.shape[axis])), axis=axis)
+    return (
+        array
+        if axis is None
+        else np.take(array, np.arange(min(rows, array.shape[axis])), axis=axis)
+    )
 
 
 def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Check `data` against the model's inputs; raise one DataError listing every problem."""
     problems = []
-    inputs = {value.name: value for value in model_inputs(model)}
+    inputs = {value.name or "": value for value in model_inputs(model)}
     missing = sorted(set(inputs) - set(data))
     if missing:
         problems.append(f"missing arrays for inputs {missing}")
@@ -77,10 +96,12 @@ def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.
     if unknown:
         problems.append(f"arrays {unknown} match no graph input (inputs: {sorted(inputs)})")
     axes = {name: sample_axis(model, inputs[name]) if name in inputs else 0 for name in data}
-    counts = {name: array.shape[axes[name]] if array.ndim > (axes[name] or 0) else 0
-              for name, array in data.items() if axes[name] is not None}
+    counts = {name: array.shape[axis] if array.ndim > axis else 0
+              for name, array in data.items() if (axis := axes[name]) is not None}
     if len(set(counts.values())) > 1:
-        problems.append(f"arrays disagree on the sample count (first axis; a state's batch axis): {counts}")
+        problems.append(
+            f"arrays disagree on the sample count (first axis; a state's batch axis): {counts}"
+        )
     if data and not any(counts.values()):
         problems.append("the data carries no samples")
     data = {name: _float_as_expected(array, inputs.get(name)) for name, array in data.items()}
@@ -102,7 +123,9 @@ def _non_finite_problems(data: dict[str, np.ndarray]) -> list[str]:
         if array.dtype.kind in "fc":
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             if bad:
-                problems.append(f"{name!r} holds {bad:,} non-finite values (NaN or inf) of {array.size:,}")
+                problems.append(
+                    f"{name!r} holds {bad:,} non-finite values (NaN or inf) of {array.size:,}"
+                )
     return problems
 
 
@@ -123,14 +146,23 @@ def _float_as_expected(array: np.ndarray, value: ir.Value | None) -> np.ndarray:
 def _fit_problems(name: str, array: np.ndarray, value: ir.Value) -> list[str]:
     """What keeps `array` from feeding input `value`: its rank, a fixed dimension, its dtype."""
     if value.shape is not None and array.ndim != len(value.shape):
-        return [f"{name!r} has rank {array.ndim}, the model expects {len(value.shape)} (shape {value.shape})"]
+        return [
+            f"{name!r} has rank {array.ndim}, the model expects {len(value.shape)} "
+            f"(shape {value.shape})"
+        ]
     problems = []
     expected = [d if isinstance(d, int) else None for d in value.shape or ()]
-    if any(want is not None and want != got for want, got in zip(expected[1:], array.shape[1:], strict=True)):
+    if any(
+        want is not None and want != got
+        for want, got in zip(expected[1:], array.shape[1:], strict=True)
+    ):
         problems.append(f"{name!r} has shape {list(array.shape)}, the model expects {value.shape}")
     dtype = _numpy_dtype(value)
     if dtype is not None and array.dtype != dtype:
-        problems.append(f"{name!r} is {array.dtype}, the model expects {dtype} (save it with .astype(np.{dtype}))")
+        problems.append(
+            f"{name!r} is {array.dtype}, the model expects {dtype} "
+            f"(save it with .astype(np.{dtype}))"
+        )
     return problems
 
 
@@ -140,8 +172,10 @@ def check_label_shape(labels: tuple[int, ...], logits: tuple[int, ...]) -> None:
     Any other count would pair labels with the wrong rows, or fail deep inside torch or numpy.
     """
     if not labels or math.prod(labels[1:]) != math.prod(logits[1:-1]):
-        raise DataError(f"labels have shape {list(labels)}; the model's first output {list(logits)} "
-                        f"needs one class index per row: shape {[labels[0] if labels else 'N', *logits[1:-1]]}")
+        raise DataError(
+            f"labels have shape {list(labels)}; the model's first output {list(logits)} "
+            f"needs one class index per row: shape {[labels[0] if labels else 'N', *logits[1:-1]]}"
+        )
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -151,27 +185,47 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     """
     try:
         with path.open("rb") as file:
-            if file.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:  # a bare .npy
-                raise DataError(f"{path}: not an .npz archive (save arrays with np.savez(path, x=...))")
+            magic = np.lib.format.MAGIC_PREFIX
+            if file.read(len(magic)) == magic:  # a bare .npy
+                raise DataError(
+                    f"{path}: not an .npz archive (save arrays with np.savez(path, x=...))"
+                )
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 _check_header(path, info, archive)
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as error:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        NotImplementedError,
+        RuntimeError,
+    ) as error:
         # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method
         raise DataError(f"{path}: not a readable .npz file ({error or 'empty file'})") from None
 
 
 def _check_header(path: Path, info: zipfile.ZipInfo, archive: zipfile.ZipFile) -> None:
-    """Refuse a member that is not an array, or whose declared shape needs more bytes than it stores."""
+    """Refuse a member that is not an array, or whose shape needs more bytes than it stores.
+
+    Checked from the header alone, before numpy allocates what a forged shape asks for.
+    """
     name = info.filename.removesuffix(".npy")
     with archive.open(info) as member:
         if member.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
-            raise DataError(f"{path}: member {name!r} is not a .npy array (save arrays with np.savez)")
+            raise DataError(
+                f"{path}: member {name!r} is not a .npy array (save arrays with np.savez)"
+            )
         member.seek(0)
         version = np.lib.format.read_magic(member)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        reader = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape, _, dtype = reader(member, max_header_size=10_000)
         header_bytes = member.tell()
     if dtype.hasobject:

@@ -90,6 +90,7 @@ class Metrics:
     outputs: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The metrics as JSON-ready values, for the report files (per-output rows as a list)."""
         return {**dataclasses.asdict(self), "outputs": [dict(o) for o in self.outputs]}
 
     def __str__(self) -> str:
@@ -115,12 +116,26 @@ class Gate(pydantic.BaseModel):
     min_cosine: float | None = pydantic.Field(
         0.99, ge=-1, le=1, description="Lowest cosine of each output (logits for softmax outputs).")
     min_rank_correlation: float | None = pydantic.Field(
-        0.98, ge=-1, le=1, description="Lowest rank correlation over samples (catches collapsed outputs).")
-    min_top1: float | None = pydantic.Field(0.99, ge=0, le=1, description="Lowest top-1 agreement allowed.")
-    max_kl: float | None = pydantic.Field(None, ge=0, description="Highest KL divergence of class distributions.")
-    max_rel_l2: float | None = pydantic.Field(None, ge=0, description="Highest relative L2 error allowed.")
-    max_abs: float | None = pydantic.Field(None, ge=0, description="Highest absolute difference allowed.")
-    min_task: float | None = pydantic.Field(None, description="Lowest task metric (a Python callback) allowed.")
+        0.98,
+        ge=-1,
+        le=1,
+        description="Lowest rank correlation over samples (catches collapsed outputs).",
+    )
+    min_top1: float | None = pydantic.Field(
+        0.99, ge=0, le=1, description="Lowest top-1 agreement allowed."
+    )
+    max_kl: float | None = pydantic.Field(
+        None, ge=0, description="Highest KL divergence of class distributions."
+    )
+    max_rel_l2: float | None = pydantic.Field(
+        None, ge=0, description="Highest relative L2 error allowed."
+    )
+    max_abs: float | None = pydantic.Field(
+        None, ge=0, description="Highest absolute difference allowed."
+    )
+    min_task: float | None = pydantic.Field(
+        None, description="Lowest task metric (a Python callback) allowed."
+    )
 
     @classmethod
     def off(cls) -> Gate:
@@ -166,14 +181,21 @@ def _view(model: ir.Model, output: ir.Value) -> OutputView:
             and node.inputs[0] is not None:
         value = node.inputs[0]
     node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+    if (
+        node is None
+        or node.domain not in ("", "ai.onnx")
+        or not node.inputs
+        or node.inputs[0] is None
+    ):
         return plain
     source = node.inputs[0]
     if source.is_graph_input() or not source.name or source.graph is not model.graph:
         return plain
     if node.op_type in ("Softmax", "LogSoftmax"):
         default_axis = -1 if _opset(model) >= 13 else 1
-        return OutputView(output.name or "", "logits", source.name, node.attributes.get_int("axis", default_axis))
+        return OutputView(
+            output.name or "", "logits", source.name, node.attributes.get_int("axis", default_axis)
+        )
     if node.op_type == "Sigmoid":
         return OutputView(output.name or "", "log-odds", source.name)
     return plain
@@ -211,7 +233,10 @@ def run(model: ir.Model, probes: Mapping[str, np.ndarray],
         with serialized(model) as model_file:
             arrays = run_model(model_file, probes)
     values, sources = list(arrays[:count]), dict(zip(extra, arrays[count:], strict=True))
-    scores = [_score(view, value, sources.get(view.source)) for view, value in zip(views, values, strict=False)]
+    scores = [
+        _score(view, value, sources.get(view.source))
+        for view, value in zip(views, values, strict=False)
+    ]
     return Outputs(values, scores, views, _sample_count(probes))
 
 
@@ -226,7 +251,11 @@ def _score(view: OutputView, value: np.ndarray, source: np.ndarray | None) -> np
     if not np.issubdtype(array.dtype, np.floating) or view.kind == "values":
         return array
     if view.kind == "logits":
-        logits = np.asarray(source, np.float64) if source is not None else np.log(np.maximum(array, _TINY))
+        logits = (
+            np.asarray(source, np.float64)
+            if source is not None
+            else np.log(np.maximum(array, _TINY))
+        )
         axis = view.axis if source is not None else -1
         return _centred(logits, axis)
     if source is not None:
@@ -243,7 +272,12 @@ def _centred(logits: np.ndarray, axis: int | None) -> np.ndarray:
 
 
 def _looks_like_probabilities(array: np.ndarray) -> bool:
-    if array.ndim < 1 or array.shape[-1] < 2 or not np.issubdtype(array.dtype, np.floating) or not array.size:
+    if (
+        array.ndim < 1
+        or array.shape[-1] < 2
+        or not np.issubdtype(array.dtype, np.floating)
+        or not array.size
+    ):
         return False
     finite = np.isfinite(array).all()
     return bool(finite and array.min() >= 0 and array.max() <= 1
@@ -252,8 +286,12 @@ def _looks_like_probabilities(array: np.ndarray) -> bool:
 
 def as_outputs(arrays: Sequence[np.ndarray]) -> Outputs:
     """Bare output arrays as `Outputs`: probabilities (rows summing to 1) compared on their logs."""
-    views = tuple(OutputView(str(i), "logits", str(i), -1) if _looks_like_probabilities(np.asarray(a))
-                  else OutputView(str(i), "values", str(i)) for i, a in enumerate(arrays))
+    views = tuple(
+        OutputView(str(i), "logits", str(i), -1)
+        if _looks_like_probabilities(np.asarray(a))
+        else OutputView(str(i), "values", str(i))
+        for i, a in enumerate(arrays)
+    )
     values = [np.asarray(a) for a in arrays]
     return Outputs(values, [_score(v, a, None) for v, a in zip(views, values, strict=True)], views)
 
@@ -261,16 +299,24 @@ def as_outputs(arrays: Sequence[np.ndarray]) -> Outputs:
 # --- running -----------------------------------------------------------------------------------
 
 
-def _in_batches(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+def _in_batches(
+    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]
+) -> list[np.ndarray] | None:
     """Outputs over `inputs` run batch by batch, when the session fixes a smaller batch size."""
-    firsts = {i.shape[0] if i.shape and isinstance(i.shape[0], int) else None for i in session.get_inputs()}
+    firsts = {
+        i.shape[0] if i.shape and isinstance(i.shape[0], int) else None
+        for i in session.get_inputs()
+    }
     counts = {np.shape(a)[0] if np.ndim(a) else None for a in inputs.values()}
     if len(firsts) != 1 or len(counts) != 1:
         return None
     batch, count = firsts.pop(), counts.pop()
     if batch is None or count is None or count == batch or count % batch:
         return None
-    runs = [session.run(None, {k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, count, batch)]
+    runs = [
+        session.run(None, {k: v[i : i + batch] for k, v in inputs.items()})
+        for i in range(0, count, batch)
+    ]
     return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
 
 
@@ -284,7 +330,9 @@ def run_model(model: str | bytes, inputs: Mapping[str, np.ndarray]) -> list[np.n
         batched = _in_batches(session, inputs)
         return batched if batched is not None else session.run(None, dict(inputs))
     except runtime.ORT_ERRORS as error:
-        raise UnsupportedModelError(f"onnxruntime cannot run the model: {str(error).splitlines()[0]}") from None
+        raise UnsupportedModelError(
+            f"onnxruntime cannot run the model: {str(error).splitlines()[0]}"
+        ) from None
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -355,17 +403,25 @@ def _output_metrics(view: OutputView, ref_value: np.ndarray, cand_value: np.ndar
     diff = float(np.linalg.norm(a - b))
     rel_l2 = diff / norm_a if norm_a > 0 else (0.0 if diff == 0 else float("inf"))
     raw_diff = np.abs(np.asarray(ref_value, np.float64) - np.asarray(cand_value, np.float64))
-    kl = _kl(a, b, view.axis) if view.kind == "logits" and view.axis is not None and a.ndim else None
+    kl = (
+        _kl(a, b, view.axis) if view.kind == "logits" and view.axis is not None and a.ndim else None
+    )
     return {
-        "output": view.output, "view": view.kind, "cosine": _cosine(a.ravel(), b.ravel()), "rel_l2": rel_l2,
+        "output": view.output,
+        "view": view.kind,
+        "cosine": _cosine(a.ravel(), b.ravel()),
+        "rel_l2": rel_l2,
         "max_abs": float(raw_diff.max()) if raw_diff.size else 0.0,
-        "rank_correlation": rank_correlation(a, b), "kl": kl,
+        "rank_correlation": rank_correlation(a, b),
+        "kl": kl,
     }
 
 
 def _check_comparable(reference: Outputs, candidate: Outputs) -> None:
     if len(reference.values) != len(candidate.values):
-        raise ValueError(f"output count differs: {len(reference.values)} vs {len(candidate.values)}")
+        raise ValueError(
+            f"output count differs: {len(reference.values)} vs {len(candidate.values)}"
+        )
     for index, (r, c) in enumerate(zip(reference.values, candidate.values, strict=True)):
         if np.shape(r) != np.shape(c):
             raise ValueError(f"output {index} shape differs: {np.shape(r)} vs {np.shape(c)}")
@@ -389,9 +445,16 @@ def compare(
     ]
     task_score = float(task(reference.values, candidate.values)) if task is not None else None
     if not rows:
-        exact = all(np.array_equal(r, c) for r, c in zip(reference.values, candidate.values, strict=True))
-        return Metrics(1.0 if exact else 0.0, 0.0 if exact else 1.0, 0.0 if exact else float("inf"), None,
-                       task=task_score)
+        exact = all(
+            np.array_equal(r, c) for r, c in zip(reference.values, candidate.values, strict=True)
+        )
+        return Metrics(
+            1.0 if exact else 0.0,
+            0.0 if exact else 1.0,
+            0.0 if exact else float("inf"),
+            None,
+            task=task_score,
+        )
     ranks = [r["rank_correlation"] for r in rows if r["rank_correlation"] is not None]
     kls = [r["kl"] for r in rows if r["kl"] is not None]
     cosines = [r["cosine"] for r in rows]
@@ -418,10 +481,22 @@ def _top1(reference: Outputs, candidate: Outputs) -> float | None:
     """
     pairs = list(zip(reference.views, reference.scores, candidate.scores, strict=True))
     for view, ref, cand in pairs:
-        if view.kind == "logits" and view.axis is not None and np.ndim(ref) >= 1 and np.shape(ref)[view.axis] > 1:
-            ref, cand = np.moveaxis(np.asarray(ref), view.axis, -1), np.moveaxis(np.asarray(cand), view.axis, -1)
+        if (
+            view.kind == "logits"
+            and view.axis is not None
+            and np.ndim(ref) >= 1
+            and np.shape(ref)[view.axis] > 1
+        ):
+            ref, cand = (
+                np.moveaxis(np.asarray(ref), view.axis, -1),
+                np.moveaxis(np.asarray(cand), view.axis, -1),
+            )
             return _decision_agreement(ref, cand, reference.samples)
-    floats = [(np.asarray(r), np.asarray(c)) for _, r, c in pairs if np.issubdtype(np.asarray(r).dtype, np.floating)]
+    floats = [
+        (np.asarray(r), np.asarray(c))
+        for _, r, c in pairs
+        if np.issubdtype(np.asarray(r).dtype, np.floating)
+    ]
     if not floats:
         return None
     ref, cand = floats[0]
@@ -456,7 +531,10 @@ def _predicted_agreement(ref: np.ndarray, cand: np.ndarray, samples: int | None)
 
 
 def _agreement(ref: np.ndarray, cand: np.ndarray, samples: int | None) -> float:
-    """Share of samples whose decisions all agree; rows are grouped per sample when they stack runs."""
+    """Share of samples whose decisions all agree.
+
+    Rows are grouped per sample when they stack time steps: a sample agrees only if all do.
+    """
     same = np.asarray(ref == cand)
     if same.ndim == 0:
         return float(same)

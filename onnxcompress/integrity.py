@@ -51,7 +51,10 @@ def _node_name(node: ir.Node) -> str:
 
 
 def _order_problems(graph: ir.Graph) -> list[str]:
-    """A cycle is refused; nodes merely out of order are sorted (every copy would fail otherwise)."""
+    """A cycle is refused; nodes merely out of order are sorted.
+
+    Sorting here, once, spares every later copy of the graph from failing on the order.
+    """
     seen: set[int] = set()
     in_order = True
     for node in graph:
@@ -65,7 +68,10 @@ def _order_problems(graph: ir.Graph) -> list[str]:
     try:
         graph.sort()
     except ValueError:
-        return [f"graph {graph.name or 'main'!r} has a cycle (a node reads its own output, directly or not)"]
+        return [
+            f"graph {graph.name or 'main'!r} has a cycle "
+            "(a node reads its own output, directly or not)"
+        ]
     return []
 
 
@@ -87,7 +93,9 @@ def _value_problems(graph: ir.Graph) -> list[str]:
                 problems.append(f"graph {kind} {value.name!r} has the UNDEFINED element type")
             dims = list(value.shape or ())
             if any(isinstance(d, int) and d < 0 for d in dims):
-                problems.append(f"graph {kind} {value.name!r} has a negative dimension {value.shape}")
+                problems.append(
+                    f"graph {kind} {value.name!r} has a negative dimension {value.shape}"
+                )
     return problems
 
 
@@ -102,8 +110,11 @@ def _attribute_problems(graph: ir.Graph, opset: int) -> list[str]:
             if attr.is_ref() or name not in declared or declared[name] == attr.type.value:
                 continue
             want = ir.AttributeType(declared[name]).name
-            problems.append(f"node {_node_name(node)} ({node.op_type}): attribute {name!r} is {attr.type.name}, "
-                            f"{node.op_type} expects {want}")
+            problems.append(
+                f"node {_node_name(node)} ({node.op_type}): "
+                f"attribute {name!r} is {attr.type.name}, "
+                f"{node.op_type} expects {want}"
+            )
     return problems
 
 
@@ -119,7 +130,11 @@ def _schema_attributes(op_type: str, opset: int) -> dict[str, int]:
         except onnx.defs.SchemaError:
             _SCHEMAS[key] = {}
         else:
-            _SCHEMAS[key] = {name: int(a.type.value) for name, a in schema.attributes.items()}
+            # onnx's stub declares OpSchema.AttrType as a plain class; at run time it is an enum
+            _SCHEMAS[key] = {
+                name: int(a.type.value)  # type: ignore[attr-defined]
+                for name, a in schema.attributes.items()
+            }
     return _SCHEMAS[key]
 
 
@@ -128,9 +143,10 @@ def _tensor_problems(tensor: ir.TensorProtocol) -> list[str]:
     where = f"tensor {tensor.name!r}"
     if tensor.dtype == ir.DataType.UNDEFINED:
         return [f"{where} has the UNDEFINED element type"]
-    dims = list(tensor.shape.dims) if tensor.shape is not None else []
-    if any(not isinstance(d, int) or d < 0 for d in dims):
-        return [f"{where} has a negative dimension {dims}"]
+    shape = list(tensor.shape.dims) if tensor.shape is not None else []
+    dims = [d for d in shape if isinstance(d, int)]
+    if len(dims) < len(shape) or any(d < 0 for d in dims):
+        return [f"{where} has a negative dimension {shape}"]
     if isinstance(tensor, ir.ExternalTensor):
         needed = _bytes_for(tensor.dtype, math.prod(dims))
         if tensor.length is not None and needed is not None and tensor.length < needed:
@@ -150,7 +166,9 @@ def _bytes_for(dtype: ir.DataType, count: int) -> int | None:
         return None
 
 
-def _proto_size_problems(where: str, proto: onnx.TensorProto, dtype: ir.DataType, dims: list[int]) -> list[str]:
+def _proto_size_problems(
+    where: str, proto: onnx.TensorProto, dtype: ir.DataType, dims: list[int]
+) -> list[str]:
     """The stored data must hold exactly what the shape declares (a huge or zero dimension lies)."""
     count = math.prod(dims)
     if proto.HasField("raw_data"):
@@ -168,5 +186,7 @@ def _proto_size_problems(where: str, proto: onnx.TensorProto, dtype: ir.DataType
     if dtype != ir.DataType.STRING and dtype.bitwidth < 8:
         expected = -(-count * dtype.bitwidth // 8)  # packed: one byte per stored number
     if stored != expected:
-        return [f"{where} has shape {dims} ({expected:,} values of {dtype.name}) but holds {stored:,}"]
+        return [
+            f"{where} has shape {dims} ({expected:,} values of {dtype.name}) but holds {stored:,}"
+        ]
     return []

@@ -11,8 +11,8 @@ ours. It adds three things:
 * `context`: what the pipeline knows beyond the model (calibration data, the original model,
   the seed), for passes that need data (saliency, fine-tuning).
 
-Passes register under a stable dotted name (`prune.magnitude`). The modules under
-`onnxcompress.passes` are imported on first lookup, so adding a pass is adding a file.
+Passes register under a stable dotted name (`prune.magnitude`); `PASS_MODULES` lists where each
+built-in pass lives, and `get_pass` imports only that module on first lookup.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import abc
 import dataclasses
 import importlib
 import logging
-import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -239,13 +238,35 @@ def make_config(config_class: type[PassConfig], options: Mapping[str, Any]) -> P
         raise RecipeError(f"invalid options for {config_class.__qualname__}: {problems}") from None
 
 
+#: Every built-in pass: its registered name -> the module that defines it. An explicit list, not
+#: import-time discovery: `pass_names()` reads it without importing any pass, `get_pass(name)`
+#: imports that one module (the only way the core reaches `onnxcompress.passes`). A new pass
+#: adds one line here (tests/test_pass_registry.py checks every registered pass is listed).
+PASS_MODULES: dict[str, str] = {
+    "prune.magnitude": "onnxcompress.passes.prune.magnitude",
+    "prune.taylor": "onnxcompress.passes.prune.saliency",
+    "prune.obd": "onnxcompress.passes.prune.saliency",
+    "prune.structured": "onnxcompress.passes.prune.structured",
+    "prune.dead_neurons": "onnxcompress.passes.prune.dead_neurons",
+    "prune.obs": "onnxcompress.passes.reconstruct.prune_obs",
+    "lowrank.svd": "onnxcompress.passes.lowrank.svd",
+    "codebook.kmeans": "onnxcompress.passes.codebook.kmeans",
+    "codebook.search": "onnxcompress.passes.codebook.search",
+    "codebook.gptq": "onnxcompress.passes.reconstruct.codebook_gptq",
+    "codebook.pack": "onnxcompress.passes.storage",
+    "cast.fp16": "onnxcompress.passes.storage",
+    "quant.int8": "onnxcompress.passes.quantize",
+    "sparse.csr": "onnxcompress.passes.sparse.csr",
+    "finetune": "onnxcompress.passes.finetune",
+}
+
 _REGISTRY: dict[str, type[CompressionPass]] = {}
-_DISCOVERED = False
 PassT = TypeVar("PassT", bound=type[CompressionPass])
 
 
 def register(cls: PassT) -> PassT:
-    """Class decorator: make a pass available under its `name`."""
+    """Class decorator: make a pass available under its `name` (built-in ones are also listed
+    in `PASS_MODULES`, so that looking them up imports them)."""
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing is not cls:
         raise RuntimeError(f"two passes claim the name {cls.name!r}")
@@ -253,19 +274,10 @@ def register(cls: PassT) -> PassT:
     return cls
 
 
-def _discover() -> None:
-    """Import every module under onnxcompress.passes once, so that each registers itself."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    package = importlib.import_module("onnxcompress.passes")
-    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        importlib.import_module(module.name)
-    _DISCOVERED = True
-
-
 def get_pass(name: str) -> type[CompressionPass]:
-    _discover()
+    """The pass registered as `name`, importing its module on first use."""
+    if name not in _REGISTRY and name in PASS_MODULES:
+        importlib.import_module(PASS_MODULES[name])
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -275,8 +287,8 @@ def get_pass(name: str) -> type[CompressionPass]:
 
 
 def pass_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    """Every pass name, built-in and registered, without importing any pass."""
+    return sorted(set(PASS_MODULES) | set(_REGISTRY))
 
 
 def describe(cls: type[CompressionPass]) -> list[tuple[str, str, str]]:
@@ -288,6 +300,3 @@ def describe(cls: type[CompressionPass]) -> list[tuple[str, str, str]]:
         annotation = getattr(field.annotation, "__name__", annotation) if "[" not in annotation else annotation
         rows.append((field_name, f"{annotation} = {default}", field.description or ""))
     return rows
-
-
-PassFactory = Callable[..., CompressionPass]

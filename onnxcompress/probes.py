@@ -36,7 +36,8 @@ from onnxcompress.errors import DataError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-#: Probe samples per gate: enough for rank correlations to resolve one swapped pair (1 - 6*2/(n^3-n)).
+#: Probe samples per gate: enough for rank correlations to resolve one swapped pair
+#: (1 - 6*2/(n^3-n)).
 DEFAULT_PROBES = 64
 #: Refuse probes larger than this many elements per input (a huge fixed dimension).
 MAX_PROBE_ELEMENTS = 1 << 26  # 256 MiB of float32: a model may declare any fixed size
@@ -61,8 +62,13 @@ Runner = Callable[[Mapping[str, np.ndarray]], object]
 
 
 def fixed_batch(model: ir.Model) -> int | None:
-    """The batch size every input fixes on its first axis (a model exported for batch 1), or None."""
-    firsts = {v.shape[0] if v.shape and isinstance(v.shape[0], int) else None for v in model_inputs(model)}
+    """The batch size every input fixes on its first axis, or None.
+
+    A model exported for batch 1 fixes 1: probes must then come in whole batches of it.
+    """
+    firsts = {
+        v.shape[0] if v.shape and isinstance(v.shape[0], int) else None for v in model_inputs(model)
+    }
     return firsts.pop() if len(firsts) == 1 and None not in firsts else None
 
 
@@ -81,7 +87,9 @@ def parse_input_shapes(text: Sequence[str], model: ir.Model) -> dict[str, tuple[
         except ValueError:
             shape = None
         if shape is None or any(d <= 0 for d in shape):
-            problems.append(f"{item.strip()!r} is not NAME=DxDx... with positive sizes (e.g. x=1x3x320x320)")
+            problems.append(
+                f"{item.strip()!r} is not NAME=DxDx... with positive sizes (e.g. x=1x3x320x320)"
+            )
         elif name not in inputs:
             problems.append(f"{name!r} is not an input of the model (inputs: {sorted(inputs)})")
         else:
@@ -96,10 +104,15 @@ def _shape_problems(name: str, shape: tuple[int, ...], value: ir.Value) -> list[
     declared = list(value.shape or ())
     if value.shape is not None and len(shape) != len(declared):
         return [f"{name!r} has rank {len(declared)} ({value.shape}), not {len(shape)}"]
-    if any(isinstance(want, int) and want != got for want, got in zip(declared, shape, strict=False)):
+    if any(
+        isinstance(want, int) and want != got for want, got in zip(declared, shape, strict=False)
+    ):
         return [f"{name!r} fixes {value.shape}; {'x'.join(map(str, shape))} does not fit it"]
     if int(np.prod(shape, dtype=object)) > MAX_PROBE_ELEMENTS:
-        return [f"{name!r} at {'x'.join(map(str, shape))} is over the cap of {MAX_PROBE_ELEMENTS:,} values"]
+        return [
+            f"{name!r} at {'x'.join(map(str, shape))} "
+            f"is over the cap of {MAX_PROBE_ELEMENTS:,} values"
+        ]
     return []
 
 
@@ -130,14 +143,23 @@ def metadata_dims(model: ir.Model) -> dict[tuple[str, int], int]:
         return {}
     if isinstance(size, int):
         size = [size, size]
-    if not (isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+    if not (
+        isinstance(size, list | tuple)
+        and len(size) == 2
+        and all(isinstance(s, int) and s > 0 for s in size)
+    ):
         return {}
     return {(value.name or "", axis): int(size[axis - 2])
             for value, axis, _ in _symbolic(model) if _is_image_axis(value, axis)}
 
 
-def runnable_dims(model: ir.Model, run: Runner, *, fixed: Mapping[tuple[str, int], int] | None = None,
-                  seed: int = 0) -> dict[tuple[str, int], int]:
+def runnable_dims(
+    model: ir.Model,
+    run: Runner,
+    *,
+    fixed: Mapping[tuple[str, int], int] | None = None,
+    seed: int = 0,
+) -> dict[tuple[str, int], int]:
     """Sizes for the symbolic dimensions that the original model runs on, tried on one sample.
 
     Dimensions sharing a symbol take one size. Image height/width try typical image sizes,
@@ -169,7 +191,9 @@ def _index_bound(model: ir.Model, value: ir.Value) -> int:
     bounds = [
         int(node.inputs[0].const_value.shape[node.attributes.get_int("axis", 0)])  # type: ignore[arg-type]
         for node in value.consumers()
-        if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None
+        if node.op_type == "Gather"
+        and node.inputs[0] is not None
+        and node.inputs[0].const_value is not None
         and node.inputs[1] is value
     ]
     return min(bounds) if bounds else 10
@@ -203,8 +227,13 @@ def probe_inputs(
     if data is not None:
         taken = max(batch, count // batch * batch) if batch else count
         inputs = {value.name or "": value for value in model_inputs(model)}
-        return {name: take_samples(array, sample_axis(model, inputs[name]) if name in inputs else 0, taken)
-                for name, array in data.items() if name != LABELS}
+        return {
+            name: take_samples(
+                array, sample_axis(model, inputs[name]) if name in inputs else 0, taken
+            )
+            for name, array in data.items()
+            if name != LABELS
+        }
     rng = np.random.default_rng(seed)
     dims, sizes = dict(dims or {}), dict(sizes or {})
     rows: int | None = max(batch, -(-count // batch) * batch) if batch else None
@@ -227,8 +256,10 @@ def probe_inputs(
                 shape.append(count if axis == 0 else 8)
         values = int(np.prod(shape, dtype=object)) if shape else 1
         if values > MAX_PROBE_ELEMENTS:
-            raise DataError(f"input {name!r}: a probe of shape {shape} would hold {values:,} values, over the "
-                            f"cap of {MAX_PROBE_ELEMENTS:,}; give --data or --input-shape")
+            raise DataError(
+                f"input {name!r}: a probe of shape {shape} would hold {values:,} values, over the "
+                f"cap of {MAX_PROBE_ELEMENTS:,}; give --data or --input-shape"
+            )
         dtype = _NUMPY_DTYPES.get(value.dtype or ir.DataType.FLOAT, np.float32)
         if np.issubdtype(dtype, np.floating):
             probes[name] = rng.standard_normal(shape).astype(dtype)
@@ -241,4 +272,9 @@ def probe_inputs(
 
 def shapes_as_sizes(shapes: Mapping[str, tuple[int, ...]]) -> dict[tuple[str, int], int]:
     """`--input-shape` values as per-axis sizes; the batch axis stays the probe count."""
-    return {(name, axis): size for name, shape in shapes.items() for axis, size in enumerate(shape) if axis > 0}
+    return {
+        (name, axis): size
+        for name, shape in shapes.items()
+        for axis, size in enumerate(shape)
+        if axis > 0
+    }

@@ -20,7 +20,6 @@ __all__ = [
     "kernel_library_path",
     "session_options",
     "available_ops",
-    "require_kernel_library",
     "missing_kernel_ops",
 ]
 
@@ -36,10 +35,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxcompress.errors import MissingDependencyError, UnsupportedModelError
+from onnxcompress.formats.kernel_ops import DOMAIN
 
 logger = logging.getLogger(__name__)
 
-DOMAIN = "ai.onnxcompress"
 _LIBRARY_NAMES = ("libonnxcompress_kernels.so", "onnxcompress_kernels.dll", "libonnxcompress_kernels.dylib")
 _CUDA_LIBRARY_NAMES = ("libonnxcompress_kernels_cuda.so",)
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -81,15 +80,6 @@ def _cpu_runs_kernels() -> bool:
         return True
     logger.warning("this CPU lacks AVX2/FMA: the onnxcompress kernel library is not used")
     return False
-
-
-def require_kernel_library() -> Path:
-    """The library's path; `MissingDependencyError` with the build command when it is absent."""
-    library = kernel_library_path()
-    if library is None or not library.is_file():
-        where = f" ({library} does not exist)" if library is not None else ""
-        raise MissingDependencyError(f"the onnxcompress kernel library is not built{where}; {_BUILD_HINT}")
-    return library
 
 
 @functools.cache

@@ -20,9 +20,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.formats.packed import is_decoder_matmul, packed_source
+from onnxcompress.formats.detect import is_codebook_decoded
+from onnxcompress.formats.dtypes import FLOAT_DTYPES
+from onnxcompress.formats.kernel_ops import DOMAIN as KERNEL_DOMAIN
+from onnxcompress.formats.kernel_ops import kernel_layer_name
+from onnxcompress.formats.packed import is_decoder_matmul
 from onnxcompress.pass_base import Skip
-from onnxcompress.runtime import DOMAIN as KERNEL_DOMAIN
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +167,6 @@ class SiteScan:
         return {site.name: site for site in self.sites}
 
 
-def _is_float(dtype: ir.DataType) -> bool:
-    return dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-
-
 def find_weight_sites(
     model: ir.Model,
     *,
@@ -215,12 +214,12 @@ def find_weight_sites(
                 continue
             tensor, holder = _constant_tensor(value)
             if tensor is None or holder is None:
-                if _decoded_from_codebook(value):
+                if is_codebook_decoded(value):
                     skip(name, CODEBOOK_LAYER)
                 continue  # an activation, not a weight
             if node.op_type == "Gather" and not _reads_embedding(node):
                 continue
-            if not _is_float(tensor.dtype):
+            if tensor.dtype not in FLOAT_DTYPES:
                 skip(name, f"not a float weight ({tensor.dtype.name})")
                 continue
             size = int(np.prod([int(d) for d in tensor.shape], dtype=np.int64))
@@ -251,29 +250,6 @@ def find_weight_sites(
 
 #: The skip reason of a `codebook.*` layer (passes that handle such layers, like sparse.csr, drop it).
 CODEBOOK_LAYER = "weight-shared (codebook) layer: compress the dense model, or fine-tune the codebook"
-
-
-def kernel_layer_name(node: ir.Node) -> str:
-    """The weight's name from the kernel's first stored array (`<weight>.<layout>_<part>`)."""
-    stored = next((v for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name), None)
-    return stored.name.rsplit(".", 1)[0] if stored is not None else node.name or node.op_type
-
-
-def _decoded_from_codebook(value: ir.Value) -> bool:
-    """Gather(constant codebook, constant indices (maybe through Cast) or bit-packed indices
-    through their decoder): a `codebook.*` layer."""
-    gather = value.producer()
-    if gather is None or gather.op_type != "Gather" or gather.inputs[0] is None or gather.inputs[1] is None:
-        return False
-    indices = gather.inputs[1]
-    cast = indices.producer()
-    if cast is not None and cast.op_type == "Cast" and cast.inputs[0] is not None:
-        indices = cast.inputs[0]
-    if gather.inputs[0].const_value is None:
-        return False
-    if _constant_tensor(indices)[0] is not None:
-        return True
-    return gather.graph is not None and packed_source(gather.graph, gather.inputs[1]) is not None
 
 
 def _reads_embedding(node: ir.Node) -> bool:

@@ -1,6 +1,6 @@
 """What `inspect` shows: one row per weight (op, shape, params, sparsity, distinct values, bytes).
 
-A shared-weight layer (indices + codebook + Cast/Gather, see `passes.codebook.graph`) is one
+A shared-weight layer (indices + codebook + Cast/Gather, see `formats.codebook`) is one
 row for the logical weight: its shape, params and sparsity are those of codebook[indices], its
 bytes what the file stores (indices and codebook), and it adds `bits` and `codebook_size`.
 Layers the `sparse.csr` pass moved into `ai.onnxcompress` kernels (SparseMatMul,
@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers, dense_weight
-from onnxcompress.passes.sparse.formats import dense_from_csr, unpack_codebook_indices
-from onnxcompress.runtime import DOMAIN
-from onnxcompress.sites import find_weight_sites, kernel_layer_name
+from onnxcompress.formats.codebook import CodebookLayer, codebook_layers, dense_weight
+from onnxcompress.formats.kernel_ops import kernel_layer_name, kernel_weight
+from onnxcompress.sites import find_weight_sites
 
 _SAMPLE = 1 << 18
 
@@ -93,34 +92,19 @@ def _codebook_row(layer: CodebookLayer) -> LayerInfo:
     )
 
 
-def _kernel_weight(node: ir.Node, arrays: list[np.ndarray]) -> tuple[np.ndarray, int | None, int | None]:
-    """(K × N weight, bits, codebook size) held by one of our kernel nodes."""
-    k, n = node.attributes["K"].as_int(), node.attributes["N"].as_int()
-    if node.op_type == "SparseMatMul":
-        return dense_from_csr(*arrays[:3], k, n), None, None
-    if node.op_type == "SparseCodebookMatMul":
-        indices, columns, row_ptr, codebook = arrays[:4]
-        return dense_from_csr(codebook[indices], columns, row_ptr, k, n), 8, codebook.size
-    bits = node.attributes["bits"].as_int()
-    packed, codebook = arrays[:2]
-    return codebook[unpack_codebook_indices(packed, k, bits)], bits, codebook.size
-
-
 def _kernel_rows(model: ir.Model, count_distinct: bool) -> list[LayerInfo]:
+    """One row per kernel node (`formats.kernel_ops`): the K × N weight it holds, its stored bytes."""
     rows = []
     for node in model.graph:
-        if node.domain != DOMAIN or node.op_type not in ("SparseMatMul", "SparseCodebookMatMul", "CodebookMatMul"):
+        held = kernel_weight(node)
+        if held is None:
             continue
-        stored = [v for v in node.inputs[1:] if v is not None and v.const_value is not None]
-        arrays = [v.const_value.numpy() for v in stored]  # type: ignore[union-attr]
-        weight, bits, codebook_size = _kernel_weight(node, arrays)
-        held = stored[:-1] if len(stored) == len(node.inputs) - 1 else stored  # the bias is not the weight
+        weight, bits, codebook_size, stored_bytes = held
         rows.append(LayerInfo(
-            name=kernel_layer_name(node),
-            op=node.op_type, shape=tuple(weight.shape), dtype="float32", params=int(weight.size),
-            nonzero=int(np.count_nonzero(weight)), distinct=int(np.unique(weight).size) if count_distinct else 0, distinct_exact=count_distinct,
-            bytes=int(sum(a.nbytes for a in arrays[: len(held)])), holder="kernel", bits=bits,
-            codebook_size=codebook_size,
+            name=kernel_layer_name(node), op=node.op_type, shape=tuple(weight.shape), dtype="float32",
+            params=int(weight.size), nonzero=int(np.count_nonzero(weight)),
+            distinct=int(np.unique(weight).size) if count_distinct else 0, distinct_exact=count_distinct,
+            bytes=stored_bytes, holder="kernel", bits=bits, codebook_size=codebook_size,
         ))
     return rows
 

@@ -19,7 +19,18 @@ One writer because each command used to check its own destinations, and each mis
 
 from __future__ import annotations
 
-__all__ = ["PREFIX", "staging_prefix", "Protected", "Batch", "batch", "check", "refuse_protected", "sweep", "write_bytes", "write_text"]
+__all__ = [
+    "PREFIX",
+    "staging_prefix",
+    "Protected",
+    "Batch",
+    "batch",
+    "check",
+    "refuse_protected",
+    "sweep",
+    "write_bytes",
+    "write_text",
+]
 
 import contextlib
 import hashlib
@@ -53,7 +64,9 @@ def refuse_protected(path: Path, what: str, protected: Protected) -> Path:
     """The resolved destination; UserError if it is a protected file."""
     resolved = path.resolve()
     if resolved in protected:
-        raise UserError(f"{path}: refusing to overwrite {protected[resolved]}; choose another {what} name")
+        raise UserError(
+            f"{path}: refusing to overwrite {protected[resolved]}; choose another {what} name"
+        )
     return resolved
 
 
@@ -121,9 +134,11 @@ class Batch:
         self._moves = [move for move in self._moves if move[1] != path.resolve()]
 
     def destinations(self) -> list[Path]:
+        """The final paths, in the order staged, to name them all when a write fails."""
         return [dest for _, dest, _ in self._moves]
 
     def commit(self) -> None:
+        """Rename each staged file over its destination (see the module docstring's Commit)."""
         for staged, dest, unpairs in self._moves:
             if unpairs is not None and dest.exists():
                 unpairs.unlink(missing_ok=True)
@@ -131,6 +146,7 @@ class Batch:
             logger.info("wrote %s", dest)
 
     def discard(self) -> None:
+        """Remove the staging folders: empty after a commit, partial files after a failure."""
         for folder in self._staging.values():
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -150,10 +166,12 @@ def batch(protected: Protected = {}) -> Iterator[Batch]:  # noqa: B006 - read on
 
 
 def write_bytes(path: Path, data: bytes, what: str = "output", protected: Protected = {}) -> Path:  # noqa: B006
+    """One file through a one-file batch: a reader sees the old file or the new one, never half."""
     with batch(protected) as staged:
         staged.stage(path, what).write_bytes(data)
     return path
 
 
 def write_text(path: Path, text: str, what: str = "output", protected: Protected = {}) -> Path:  # noqa: B006
+    """`write_bytes` of UTF-8 text, so no platform encoding leaks into reports."""
     return write_bytes(path, text.encode("utf-8"), what, protected)

@@ -28,9 +28,14 @@ _FLOATS = (np.float32, np.float64)
 
 
 class Int8Config(PassConfig):
+    """Options of `quant.int8`: which weights; the bits are fixed by the int8 format."""
+
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs left as they are.")
     min_params: int = pydantic.Field(
-        256, ge=0, description="Weights with fewer parameters are left alone (their scales would not pay).")
+        256,
+        ge=0,
+        description="Weights with fewer parameters are left alone (their scales would not pay).",
+    )
 
 
 def quantize_per_channel(weights: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,15 +84,22 @@ class Int8WeightPass(CompressionPass):
     """Weights stored as int8 with a scale per output channel; folded back to float at load."""
 
     name = "quant.int8"
-    summary = "Weight-only int8, one scale per output channel (error <= max|W_channel|/254), folded at load."
+    summary = (
+        "Weight-only int8, one scale per output channel (error <= max|W_channel|/254), "
+        "folded at load."
+    )
     Config = Int8Config
     config: Int8Config
 
     def needs_calibration(self) -> bool:
-        return False  # the error bound holds whatever the input
+        """False: the per-channel error bound holds whatever the input."""
+        return False
 
     def apply(self, model: ir.Model) -> bool:
-        scan = find_weight_sites(model, min_params=self.config.min_params, exclude=self.config.exclude)
+        """Quantize every eligible weight, then rewrite them all; the rest get their reason."""
+        scan = find_weight_sites(
+            model, min_params=self.config.min_params, exclude=self.config.exclude
+        )
         for skip in scan.skipped:
             self.report.skip(skip.name, skip.reason)
         planned = []
@@ -101,7 +113,13 @@ class Int8WeightPass(CompressionPass):
             planned.append((site, weights, q, scale))
         for site, weights, q, scale in planned:
             _insert(model.graph, site, q, scale)
-            self.report.changed(site.name, site.op_type, weights, params_after=int(np.count_nonzero(q)),
-                                bytes_after=int(q.nbytes + scale.nbytes),
-                                detail=f"int8, {scale.size} channel scales (max error {float(scale.max()) / 2:.3g})")
+            self.report.changed(
+                site.name,
+                site.op_type,
+                weights,
+                params_after=int(np.count_nonzero(q)),
+                bytes_after=int(q.nbytes + scale.nbytes),
+                detail=f"int8, {scale.size} channel scales "
+                f"(max error {float(scale.max()) / 2:.3g})",
+            )
         return bool(planned)

@@ -1,5 +1,7 @@
-"""Storage-only passes: the weights the model computes with stay as they are (`codebook.pack`)
-or round to float16 (`cast.fp16`); only how the file holds them changes.
+"""Storage-only passes: only how the file holds the weights changes.
+
+The weights the model computes with stay as they are (`codebook.pack`) or round to float16
+(`cast.fp16`).
 
 Both write forms that stock onnxruntime decodes by constant folding at session load, so the
 model runs at the dense model's speed (`onnxcompress.formats.packed`, which holds the layout
@@ -17,9 +19,9 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
+from onnxcompress.formats.codebook import codebook_layers, dense_weight
 from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, store_fp16
 from onnxcompress.pass_base import CompressionPass, LayerChange, PassConfig, register
-from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight
 
 
 class PackIndicesConfig(PassConfig):
@@ -31,12 +33,18 @@ class PackIndicesPass(CompressionPass):
     """Bit-pack the uint8 indices of every codebook layer below 8 bits (exact)."""
 
     name = "codebook.pack"
-    summary = "Codebook indices below 8 bits bit-packed (bits/8 byte per weight), decoded at load by standard ops."
+    summary = (
+        "Codebook indices below 8 bits bit-packed (bits/8 byte per weight), "
+        "decoded at load by standard ops."
+    )
     Config = PackIndicesConfig
     lossy = False
 
     def apply(self, model: ir.Model) -> bool:
-        before = {layer.name: layer for layer in codebook_layers(model) if layer.index_dtype == "uint8"}
+        """Pack the uint8 codebook layers where packing pays; report only those it packed."""
+        before = {
+            layer.name: layer for layer in codebook_layers(model) if layer.index_dtype == "uint8"
+        }
         if not pack_codebook_indices(model, names=set(before)):
             return False
         for layer in codebook_layers(model):
@@ -45,15 +53,24 @@ class PackIndicesPass(CompressionPass):
                 continue
             codebook_bytes = layer.codebook().nbytes
             count, nonzero = math.prod(layer.shape), int(np.count_nonzero(dense_weight(layer)))
-            self.report.changes.append(LayerChange(
-                layer.name, "Gather", nonzero, nonzero, count + codebook_bytes,
-                packed_nbytes(count, layer.bits) + codebook_bytes, f"{layer.bits}-bit packed indices",
-            ))
+            self.report.changes.append(
+                LayerChange(
+                    layer.name,
+                    "Gather",
+                    nonzero,
+                    nonzero,
+                    count + codebook_bytes,
+                    packed_nbytes(count, layer.bits) + codebook_bytes,
+                    f"{layer.bits}-bit packed indices",
+                )
+            )
         return True
 
 
 class StoreFp16Config(PassConfig):
-    min_params: int = pydantic.Field(64, ge=0, description="Tensors with fewer values stay float32.")
+    min_params: int = pydantic.Field(
+        64, ge=0, description="Tensors with fewer values stay float32."
+    )
     exclude: tuple[str, ...] = pydantic.Field((), description="Initializer names left in float32.")
 
 
@@ -71,10 +88,18 @@ class StoreFp16Pass(CompressionPass):
         return False
 
     def apply(self, model: ir.Model) -> bool:
-        arrays = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()
-                  if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT}
-        done = store_fp16(model, min_params=self.config.min_params, exclude=set(self.config.exclude))
+        """Store the float32 initializers as float16; the report holds each one's rounding."""
+        arrays = {
+            name: value.const_value.numpy()
+            for name, value in model.graph.initializers.items()
+            if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT
+        }
+        done = store_fp16(
+            model, min_params=self.config.min_params, exclude=set(self.config.exclude)
+        )
         for name in done:
             before = np.asarray(arrays[name])
-            self.report.changed(name, "Cast", before, before.astype(np.float16), detail="float16 + Cast")
+            self.report.changed(
+                name, "Cast", before, before.astype(np.float16), detail="float16 + Cast"
+            )
         return bool(done)

@@ -29,7 +29,14 @@ the coder (constriction aborts the process on a count near 2^40).
 
 from __future__ import annotations
 
-__all__ = ["CODERS", "encode_stream", "decode_stream", "empirical_bits", "write_varint", "read_varint"]
+__all__ = [
+    "CODERS",
+    "encode_stream",
+    "decode_stream",
+    "empirical_bits",
+    "write_varint",
+    "read_varint",
+]
 
 import io
 from typing import Any
@@ -55,6 +62,7 @@ def _constriction() -> Any:
 
 
 def write_varint(out: io.BytesIO, value: int) -> None:
+    """Append `value` as an unsigned LEB128 varint: the small counts of a stream take one byte."""
     if value < 0:
         raise ValueError(f"varints are unsigned, got {value}")
     while True:
@@ -106,7 +114,9 @@ def encode_stream(symbols: np.ndarray, coder: str) -> bytes:
     write_varint(out, int(counts.size))
     for count in counts.tolist():
         write_varint(out, count)
-    words = _payload(symbols, counts, coder) if np.count_nonzero(counts) > 1 else np.zeros(0, np.uint32)
+    words = (
+        _payload(symbols, counts, coder) if np.count_nonzero(counts) > 1 else np.zeros(0, np.uint32)
+    )
     write_varint(out, int(words.size))
     out.write(words.astype("<u4").tobytes())
     coded = out.getvalue()
@@ -128,7 +138,9 @@ def _encode_fixed(symbols: np.ndarray, width: int) -> bytes:
 def _symbol_count(data: memoryview, offset: int, max_symbols: int) -> tuple[int, int]:
     n, offset = read_varint(data, offset)
     if n > max_symbols:
-        raise ModelLoadError(f"archive stream declares {n} symbols; its layer holds at most {max_symbols}")
+        raise ModelLoadError(
+            f"archive stream declares {n} symbols; its layer holds at most {max_symbols}"
+        )
     return n, offset
 
 
@@ -156,13 +168,17 @@ def _payload(symbols: np.ndarray, counts: np.ndarray, coder: str) -> np.ndarray:
             encode(symbol, tree)
         words, _bits = encoder.get_compressed_and_bitrate()
         return np.asarray(words, dtype=np.uint32)
-    model = constriction.stream.model.Categorical(probabilities / probabilities.sum(), perfect=False)
+    model = constriction.stream.model.Categorical(
+        probabilities / probabilities.sum(), perfect=False
+    )
     ans = constriction.stream.stack.AnsCoder()
     ans.encode_reverse(symbols.astype(np.int32), model)
     return np.asarray(ans.get_compressed(), dtype=np.uint32)
 
 
-def decode_stream(data: memoryview, offset: int = 0, *, max_symbols: int) -> tuple[np.ndarray, int, str]:
+def decode_stream(
+    data: memoryview, offset: int = 0, *, max_symbols: int
+) -> tuple[np.ndarray, int, str]:
     """(symbols as int64, offset after the stream, coder name); ModelLoadError on any defect.
 
     `max_symbols` bounds the declared length before any allocation.
@@ -221,7 +237,9 @@ def _decode_payload(payload: np.ndarray, counts: np.ndarray, n: int, coder: str)
         decoder = constriction.symbol.QueueDecoder(payload)
         decode = decoder.decode_symbol
         return np.fromiter((decode(tree) for _ in range(n)), dtype=np.int64, count=n)
-    model = constriction.stream.model.Categorical(probabilities / probabilities.sum(), perfect=False)
+    model = constriction.stream.model.Categorical(
+        probabilities / probabilities.sum(), perfect=False
+    )
     ans = constriction.stream.stack.AnsCoder(payload)
     symbols = np.asarray(ans.decode(model, n), dtype=np.int64)
     if not ans.is_empty():

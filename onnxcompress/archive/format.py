@@ -1,4 +1,4 @@
-"""The `.onnxc` archive: one file holding a weight-shared model in Deep Compression storage.
+r"""The `.onnxc` archive: one file holding a weight-shared model in Deep Compression storage.
 
 Han, Mao & Dally (ICLR 2016) store a pruned, quantised network as relative sparse indices,
 codebook indices and codebooks, then Huffman-code the indices. `pack` does that for every
@@ -8,7 +8,7 @@ a zlib-compressed ModelProto; `unpack` rebuilds the ModelProto with every tensor
 Byte layout (little-endian), version 1:
 
     offset  size  field
-    0       8     magic  b"\\x89ONNXC\\r\\n"   (non-ASCII first byte, CRLF: catches text mangling)
+    0       8     magic  b"\x89ONNXC\r\n"   (non-ASCII first byte, CRLF: catches text mangling)
     8       2     format version (1)
     10      2     flags (0; anything else is rejected)
     12      4     manifest length M
@@ -66,7 +66,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,12 +84,18 @@ from onnxcompress.archive.limits import (
 )
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
 from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError, UserError
+from onnxcompress.formats.codebook import CodebookLayer, codebook_layers
+from onnxcompress.formats.packed import pack_indices
 
 MAGIC = b"\x89ONNXC\r\n"
 VERSION = 1
 _HEADER = struct.Struct("<8sHHIQ32s")
 _PREFIX = 24  # bytes of the header covered by the digest
-_FLOATS = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE}
+_FLOATS = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "float64": TensorProto.DOUBLE,
+}
 _MAX_DECOMPRESSED = 1 << 31  # protobuf's own limit for one ModelProto
 
 
@@ -114,11 +120,14 @@ class PackedLayer:
 
     @property
     def coded_bytes(self) -> int:
+        """The layer's share of the archive: its streams and codebook (Table 1's coded column)."""
         return self.value_bytes + self.diff_bytes + self.codebook_bytes
 
 
 @dataclasses.dataclass(frozen=True)
 class PackResult:
+    """The archive's bytes and the sizes `compression_table` reports (no second pack needed)."""
+
     data: bytes
     layers: list[PackedLayer]
     graph_bytes: int
@@ -163,11 +172,11 @@ def pack(
     `index_bits` sets the relative-index width of every layer (default: 8 conv, 5 others);
     "auto" codes each layer with every width from 2 to 10 bits and keeps the smallest.
     """
-    from onnxcompress.passes.codebook.graph import codebook_layers
-
     if coder not in CODERS:
         raise UserError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
-    if index_bits not in (None, "auto") and not (isinstance(index_bits, int) and 1 <= index_bits <= 16):
+    if index_bits not in (None, "auto") and not (
+        isinstance(index_bits, int) and 1 <= index_bits <= 16
+    ):
         raise UserError(f"index_bits must be in 1..16 or 'auto', got {index_bits!r}")
     layers = codebook_layers(model)
     proto = _to_proto(model)
@@ -182,42 +191,10 @@ def pack(
 
     entries, packed, removed = [], [], set()
     for layer in layers:
-        op = _consumer_op(model, layer.name)
-        indices = layer.indices().reshape(-1)
-        codebook = layer.codebook()
-        if index_bits == "auto":
-            options = [(*_encode_layer(indices, width, coder), width) for width in range(2, 11)]
-            value_stream, diff_stream, sparse, entry_total, bits = min(
-                options, key=lambda option: len(option[0]) + len(option[1])
-            )
-        else:
-            bits = index_bits if index_bits is not None else default_index_bits(op)
-            value_stream, diff_stream, sparse, entry_total = _encode_layer(indices, bits, coder)
-        codebook_raw = codebook.astype(codebook.dtype.newbyteorder("<")).tobytes()
-        entries.append({
-            "weight": layer.name,
-            "bits": layer.bits,
-            "zero_entry": layer.zero_entry,
-            "indices": {"name": layer.index_name, "position": position[layer.index_name],
-                        "dtype": layer.index_dtype, "shape": list(layer.shape)},
-            "codebook": {"name": layer.codebook_name, "position": position[layer.codebook_name],
-                         "dtype": codebook.dtype.name, "size": int(codebook.size),
-                         "blob": blob(codebook_raw)},
-            "mode": "sparse" if sparse else "dense",
-            "index_bits": bits,
-            "values": blob(value_stream),
-            "diffs": blob(diff_stream) if sparse else None,
-        })
+        entry, sizes = _pack_layer(model, layer, coder, index_bits, position, blob)
+        entries.append(entry)
         removed |= {layer.index_name, layer.codebook_name}
-        packed.append(PackedLayer(
-            weight=layer.name, op=op, params=int(indices.size),
-            nonzero=int(np.count_nonzero(codebook[indices])), bits=layer.bits, k=int(codebook.size),
-            codebook_bytes=len(codebook_raw), mode="sparse" if sparse else "dense", index_bits=bits,
-            entries=entry_total,
-            value_bytes=len(value_stream), diff_bytes=len(diff_stream),
-            fixed_entries=entry_count(indices, bits) if layer.zero_entry else int(indices.size),
-            codebook_bits=8 * codebook.dtype.itemsize,
-        ))
+        packed.append(sizes)
     kept = [t for t in initializers if t.name not in removed]
     other_bytes = sum(numpy_helper.to_array(t).nbytes for t in kept)
     other_params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in kept)
@@ -231,8 +208,63 @@ def pack(
         "graph": blob(graph),
         "layers": entries,
     }
-    data = _seal(zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9), bytes(body))
+    data = _seal(
+        zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9), bytes(body)
+    )
     return PackResult(data, packed, len(graph), other_bytes, other_params)
+
+
+def _pack_layer(
+    model: ir.Model,
+    layer: CodebookLayer,
+    coder: str,
+    index_bits: int | Literal["auto"] | None,
+    position: dict[str, int],
+    blob: Callable[[bytes], list[int]],
+) -> tuple[dict[str, Any], PackedLayer]:
+    """One layer's manifest entry and sizes; `blob` appends its streams to the body in order."""
+    op = _consumer_op(model, layer.name)
+    indices = layer.indices().reshape(-1)
+    codebook = layer.codebook()
+    value_stream, diff_stream, sparse, entry_total, bits = _layer_streams(
+        indices, op, coder, index_bits
+    )
+    codebook_raw = codebook.astype(codebook.dtype.newbyteorder("<")).tobytes()
+    entry = {
+        "weight": layer.name,
+        "bits": layer.bits,
+        "zero_entry": layer.zero_entry,
+        "indices": {"name": layer.index_name, "position": position[layer.index_name],
+                    "dtype": layer.index_dtype, "shape": list(layer.shape)},
+        "codebook": {"name": layer.codebook_name, "position": position[layer.codebook_name],
+                     "dtype": codebook.dtype.name, "size": int(codebook.size),
+                     "blob": blob(codebook_raw)},
+        "mode": "sparse" if sparse else "dense",
+        "index_bits": bits,
+        "values": blob(value_stream),
+        "diffs": blob(diff_stream) if sparse else None,
+    }
+    sizes = PackedLayer(
+        weight=layer.name, op=op, params=int(indices.size),
+        nonzero=int(np.count_nonzero(codebook[indices])), bits=layer.bits, k=int(codebook.size),
+        codebook_bytes=len(codebook_raw), mode="sparse" if sparse else "dense", index_bits=bits,
+        entries=entry_total,
+        value_bytes=len(value_stream), diff_bytes=len(diff_stream),
+        fixed_entries=entry_count(indices, bits) if layer.zero_entry else int(indices.size),
+        codebook_bits=8 * codebook.dtype.itemsize,
+    )
+    return entry, sizes
+
+
+def _layer_streams(
+    indices: np.ndarray, op: str, coder: str, index_bits: int | Literal["auto"] | None
+) -> tuple[bytes, bytes, bool, int, int]:
+    """`_encode_layer`'s result and the width used: "auto" keeps the smallest of 2..10 bits."""
+    if index_bits == "auto":
+        options = [(*_encode_layer(indices, width, coder), width) for width in range(2, 11)]
+        return min(options, key=lambda option: len(option[0]) + len(option[1]))
+    bits = index_bits if index_bits is not None else default_index_bits(op)
+    return (*_encode_layer(indices, bits, coder), bits)
 
 
 def _encode_layer(indices: np.ndarray, bits: int, coder: str) -> tuple[bytes, bytes, bool, int]:
@@ -274,7 +306,9 @@ def read_archive(data: bytes) -> tuple[dict[str, Any], memoryview]:
         raise ModelLoadError("archive is truncated (incomplete header)")
     _, version, flags, manifest_len, body_len, digest = _HEADER.unpack_from(data)
     if version != VERSION:
-        raise ModelLoadError(f"archive format version {version} is not supported (this build reads {VERSION})")
+        raise ModelLoadError(
+            f"archive format version {version} is not supported (this build reads {VERSION})"
+        )
     if flags != 0:
         raise ModelLoadError(f"archive header has unknown flags {flags:#x}")
     expected = _HEADER.size + manifest_len + body_len
@@ -284,11 +318,14 @@ def read_archive(data: bytes) -> tuple[dict[str, Any], memoryview]:
     view = memoryview(data)
     manifest_raw = view[_HEADER.size : _HEADER.size + manifest_len]
     body = view[_HEADER.size + manifest_len :]
-    if hashlib.sha256(view[:_PREFIX].tobytes() + manifest_raw.tobytes() + body.tobytes()).digest() != digest:
+    if (
+        hashlib.sha256(view[:_PREFIX].tobytes() + manifest_raw.tobytes() + body.tobytes()).digest()
+        != digest
+    ):
         raise ModelLoadError("archive is corrupt (SHA-256 mismatch)")
     try:
         manifest = json.loads(_inflate(manifest_raw, MAX_MANIFEST_BYTES, "manifest"))
-    except (zlib.error, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep
+    except (zlib.error, ValueError, RecursionError) as error:  # RecursionError: JSON too deep
         raise ModelLoadError(f"archive manifest is unreadable: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "onnxcompress.archive":
         raise ModelLoadError("archive manifest is not an onnxcompress manifest")
@@ -341,7 +378,8 @@ class _LayerHeader:
 
     @property
     def restored_bytes(self) -> int:
-        return (self.size + 1) // 2 if self.index_dtype == "uint4" else self.size  # packed: at most this
+        # packed: at most this
+        return (self.size + 1) // 2 if self.index_dtype == "uint4" else self.size
 
 
 def _packed_width(entry: Any, weight: str) -> int:
@@ -363,7 +401,9 @@ def _layer_header(entry: Any) -> _LayerHeader:
         size *= dim
     dtype_name = _field(codebook_meta, "dtype", str, f"{weight}.codebook")
     if dtype_name not in _FLOATS:
-        raise ModelLoadError(f"archive manifest: {weight} codebook dtype {dtype_name!r} is not supported")
+        raise ModelLoadError(
+            f"archive manifest: {weight} codebook dtype {dtype_name!r} is not supported"
+        )
     k = _field(codebook_meta, "size", int, f"{weight}.codebook")
     if not 1 <= k <= 256:
         raise ModelLoadError(f"archive: {weight} codebook declares {k} entries (1..256)")
@@ -377,13 +417,17 @@ def _layer_header(entry: Any) -> _LayerHeader:
     return _LayerHeader(weight, shape, size, k, np.dtype(dtype_name).newbyteorder("<"), index_dtype)
 
 
-def _decode_layer(entry: dict[str, Any], header: _LayerHeader, body: memoryview) -> tuple[TensorProto, TensorProto]:
+def _decode_layer(
+    entry: dict[str, Any], header: _LayerHeader, body: memoryview
+) -> tuple[TensorProto, TensorProto]:
     weight, size, k = header.weight, header.size, header.k
     codebook_meta, indices_meta = entry["codebook"], entry["indices"]
     raw = _slice(body, codebook_meta.get("blob"), f"{weight}.codebook")
     if len(raw) != k * header.codebook_dtype.itemsize:
         raise ModelLoadError(f"archive: {weight} codebook has {len(raw)} bytes for {k} entries")
-    codebook = np.frombuffer(raw, dtype=header.codebook_dtype).astype(header.codebook_dtype.newbyteorder("="))
+    codebook = np.frombuffer(raw, dtype=header.codebook_dtype).astype(
+        header.codebook_dtype.newbyteorder("=")
+    )
     mode = _field(entry, "mode", str, weight)
     bits = _field(entry, "index_bits", int, weight)
     if mode not in ("dense", "sparse"):
@@ -391,31 +435,42 @@ def _decode_layer(entry: dict[str, Any], header: _LayerHeader, body: memoryview)
     if mode == "sparse" and not 1 <= bits <= 16:
         raise ModelLoadError(f"archive: {weight} has index_bits {bits}")
     # Each entry, padding included, advances at least one position: never more entries than indices.
-    values, _, _ = decode_stream(_slice(body, entry.get("values"), f"{weight}.values"), max_symbols=size)
+    values, _, _ = decode_stream(
+        _slice(body, entry.get("values"), f"{weight}.values"), max_symbols=size
+    )
     if values.size and int(values.max()) >= k:
-        raise ModelLoadError(f"archive: {weight} refers to codebook entry {int(values.max())} of {k}")
+        raise ModelLoadError(
+            f"archive: {weight} refers to codebook entry {int(values.max())} of {k}"
+        )
     if mode == "dense":
         if values.size != size:
-            raise ModelLoadError(f"archive: {weight} decodes to {values.size} indices, shape needs {size}")
+            raise ModelLoadError(
+                f"archive: {weight} decodes to {values.size} indices, shape needs {size}"
+            )
         flat = values.astype(np.uint8)
     else:
-        diffs, _, _ = decode_stream(_slice(body, entry.get("diffs"), f"{weight}.diffs"), max_symbols=size)
+        diffs, _, _ = decode_stream(
+            _slice(body, entry.get("diffs"), f"{weight}.diffs"), max_symbols=size
+        )
         flat = decode_relative(diffs, values, size, bits)
     index_name = _field(indices_meta, "name", str, f"{weight}.indices")
     if header.index_dtype == "uint4":
         padded = np.concatenate([flat, np.zeros(flat.size % 2, np.uint8)])
         nibbles = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)  # ONNX: low nibble first
-        index_tensor = helper.make_tensor(index_name, TensorProto.UINT4, header.shape, nibbles.tobytes(), raw=True)
-    elif header.index_dtype == "packed":  # onnxcompress.formats.packed: groups of 8 indices in `bits` bytes
-        from onnxcompress.formats.packed import pack_indices
-
+        index_tensor = helper.make_tensor(
+            index_name, TensorProto.UINT4, header.shape, nibbles.tobytes(), raw=True
+        )
+    elif header.index_dtype == "packed":
+        # onnxcompress.formats.packed: groups of 8 indices in `bits` bytes
         width = _packed_width(entry, weight)
         if flat.size and int(flat.max()) >= 1 << width:
             raise ModelLoadError(f"archive: {weight} indices do not fit the packed width {width}")
         index_tensor = numpy_helper.from_array(pack_indices(flat, width), index_name)
     else:
         index_tensor = numpy_helper.from_array(flat.reshape(header.shape), index_name)
-    codebook_tensor = numpy_helper.from_array(codebook, _field(codebook_meta, "name", str, f"{weight}.codebook"))
+    codebook_tensor = numpy_helper.from_array(
+        codebook, _field(codebook_meta, "name", str, f"{weight}.codebook")
+    )
     return index_tensor, codebook_tensor
 
 
@@ -423,11 +478,18 @@ def _check_body_covered(manifest: dict[str, Any], layers: list[Any], body_size: 
     """The streams the manifest names must tile the body: no byte unaccounted for."""
     refs = [manifest["graph"]]
     for entry in layers:
-        refs += [entry["codebook"]["blob"], entry["values"]] + ([entry["diffs"]] if entry.get("diffs") else [])
+        refs += [entry["codebook"]["blob"], entry["values"]] + (
+            [entry["diffs"]] if entry.get("diffs") else []
+        )
     for ref in refs:  # each an [offset, length] pair inside the body, as _slice will also insist
         _check_reference(ref, body_size)
-    if sum(length for _, length in refs) != body_size or max(start + length for start, length in refs) != body_size:
-        raise ModelLoadError(f"archive body has {body_size} bytes but its manifest accounts for another layout")
+    if (
+        sum(length for _, length in refs) != body_size
+        or max(start + length for start, length in refs) != body_size
+    ):
+        raise ModelLoadError(
+            f"archive body has {body_size} bytes but its manifest accounts for another layout"
+        )
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
@@ -455,18 +517,25 @@ def _refuse_external_data(proto: onnx.ModelProto) -> None:
     """
     tensors = itertools.chain(
         _all_tensors(proto.graph),
-        (t for function in proto.functions for node in function.node for t in _attribute_tensors(node)),
+        (
+            t
+            for function in proto.functions
+            for node in function.node
+            for t in _attribute_tensors(node)
+        ),
     )
     for tensor in tensors:
         if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             raise UnsafeExternalDataError(
-                f"archive graph: tensor {tensor.name!r} names external data {location!r}; an archive "
-                "holds all its data and unpack reads no file outside it"
+                f"archive graph: tensor {tensor.name!r} names external data {location!r}; "
+                "an archive holds all its data and unpack reads no file outside it"
             )
 
 
-def _inflate_graph(body: memoryview, manifest: dict[str, Any], budget: int, limit: Any) -> onnx.ModelProto:
+def _inflate_graph(
+    body: memoryview, manifest: dict[str, Any], budget: int, limit: Any
+) -> onnx.ModelProto:
     graph_raw = _slice(body, manifest.get("graph"), "graph")
     cap = min(budget, _MAX_DECOMPRESSED)
     decompressor = zlib.decompressobj()
@@ -487,22 +556,29 @@ def _inflate_graph(body: memoryview, manifest: dict[str, Any], budget: int, limi
 
 
 def _place(proto: onnx.ModelProto, placed: list[tuple[Any, TensorProto]]) -> None:
-    """Insert the restored tensors where they were; each must be a name the graph reads and lacks."""
+    """Insert the restored tensors where they were.
+
+    Each must be a name the graph reads and lacks: anything else is a tampered archive.
+    """
     tensors = list(proto.graph.initializer)
     total = len(tensors) + len(placed)
     positions = [p for p, _ in placed]
-    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < total for p in positions) or len(
-        set(positions)
-    ) != len(positions):
+    if not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 <= p < total for p in positions
+    ) or len(set(positions)) != len(positions):
         raise ModelLoadError("archive manifest places tensors at impossible positions")
     taken = {t.name for t in tensors} | {out for node in proto.graph.node for out in node.output}
     read = {name for node in proto.graph.node for name in node.input}
     names = [t.name for _, t in placed]
     for name in names:
         if name in taken or names.count(name) > 1:
-            raise ModelLoadError(f"archive manifest restores {name!r}, which the graph already defines")
+            raise ModelLoadError(
+                f"archive manifest restores {name!r}, which the graph already defines"
+            )
         if name not in read:
-            raise ModelLoadError(f"archive manifest restores {name!r}, which no node of the graph reads")
+            raise ModelLoadError(
+                f"archive manifest restores {name!r}, which no node of the graph reads"
+            )
     for position, tensor in sorted(placed, key=lambda item: item[0]):
         tensors.insert(position, tensor)
     del proto.graph.initializer[:]
@@ -517,7 +593,9 @@ def unpack(data: bytes, *, max_ratio: float = DEFAULT_MAX_RATIO) -> onnx.ModelPr
     """
     manifest, body = read_archive(data)
     if manifest.get("version") != VERSION:
-        raise ModelLoadError(f"archive manifest version {manifest.get('version')!r} is not supported")
+        raise ModelLoadError(
+            f"archive manifest version {manifest.get('version')!r} is not supported"
+        )
     layers = manifest.get("layers")
     if not isinstance(layers, list):
         raise ModelLoadError("archive manifest has no layer list")
@@ -558,7 +636,9 @@ def pack_file(
     return result
 
 
-def read_archive_file(archive: str | os.PathLike[str], *, max_ratio: float = DEFAULT_MAX_RATIO) -> onnx.ModelProto:
+def read_archive_file(
+    archive: str | os.PathLike[str], *, max_ratio: float = DEFAULT_MAX_RATIO
+) -> onnx.ModelProto:
     """Read, verify and unpack an archive file; errors name the file."""
     path = Path(archive)
     try:
@@ -578,7 +658,10 @@ def unpack_file(
     external_data: bool | None = None,
     max_ratio: float = DEFAULT_MAX_RATIO,
 ) -> Path:
-    """Read, verify and unpack an archive into an ONNX model written atomically (never over the archive)."""
+    """Read, verify and unpack an archive into an ONNX model written atomically.
+
+    The output is never the archive itself: a failed write must leave the only copy intact.
+    """
     from onnxcompress import io, writer
 
     protect = {Path(archive).resolve(): "the input archive"}

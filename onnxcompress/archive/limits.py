@@ -36,7 +36,9 @@ def output_budget(archive_bytes: int, max_ratio: float) -> int:
 
 
 def too_large(what: str, needed: int | str, archive_bytes: int, max_ratio: float) -> ModelLoadError:
+    """The error for output past the budget; it names the option, since a large model is legal."""
     return ModelLoadError(
-        f"archive {what} would inflate to {needed} bytes, more than {max_ratio:g}× its {archive_bytes} bytes "
+        f"archive {what} would inflate to {needed} bytes, "
+        f"more than {max_ratio:g}× its {archive_bytes} bytes "
         "(a decompression bomb?); pass --max-ratio to allow more if you trust it"
     )

@@ -49,7 +49,9 @@ def encode_relative(indices: np.ndarray, index_bits: int) -> tuple[np.ndarray, n
     return diffs, values
 
 
-def decode_relative(diffs: np.ndarray, values: np.ndarray, size: int, index_bits: int) -> np.ndarray:
+def decode_relative(
+    diffs: np.ndarray, values: np.ndarray, size: int, index_bits: int
+) -> np.ndarray:
     """The flat uint8 index tensor of length `size`; ModelLoadError if the entries overrun it."""
     if diffs.size != values.size:
         raise ModelLoadError("archive layer has different numbers of index and value entries")

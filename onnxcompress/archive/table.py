@@ -79,11 +79,15 @@ def table_markdown(table: dict[str, Any], title: str = "") -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table["layers"]:
-        index_coded = f"{row['index_bits_coded']:.2f}" if row["coded_mode"] == "sparse" else "in values"
+        index_coded = (
+            f"{row['index_bits_coded']:.2f}" if row["coded_mode"] == "sparse" else "in values"
+        )
         lines.append(
-            f"| {row['layer']} | {row['params']:,} | {row['kept_percent']:.1f}% | {row['weight_bits_pq']} "
+            f"| {row['layer']} | {row['params']:,} | {row['kept_percent']:.1f}% "
+            f"| {row['weight_bits_pq']} "
             f"| {row['weight_bits_coded']:.2f} | {row['index_bits_pq']} | {index_coded} "
-            f"| {row['rate_p_percent']:.2f}% | {row['rate_pq_percent']:.2f}% | {row['rate_coded_percent']:.2f}% |"
+            f"| {row['rate_p_percent']:.2f}% | {row['rate_pq_percent']:.2f}% "
+            f"| {row['rate_coded_percent']:.2f}% |"
         )
     t = table["totals"]
     kept = f"{t['kept_percent']:.1f}%" if table["layers"] else "—"
@@ -95,10 +99,14 @@ def table_markdown(table: dict[str, Any], title: str = "") -> str:
     )
     lines += [
         "",
-        f"Dense float32: {t['bytes_dense'] / 1000:.1f} KB (KB = 1000 bytes). Archive file (graph and manifest included): "
+        f"Dense float32: {t['bytes_dense'] / 1000:.1f} KB (KB = 1000 bytes). "
+        "Archive file (graph and manifest included): "
         f"{t['archive_bytes'] / 1000:.1f} KB ({t['ratio_archive']:.1f}×).",
     ]
     if not table["layers"]:
-        lines += ["", "No weight-shared layer: every tensor is stored raw in the zlib-compressed graph. "
-                  "Run `onnxcompress cluster` first for Deep Compression coding."]
+        lines += [
+            "",
+            "No weight-shared layer: every tensor is stored raw in the zlib-compressed graph. "
+            "Run `onnxcompress cluster` first for Deep Compression coding.",
+        ]
     return "\n".join(lines)

@@ -56,9 +56,28 @@ class OpContext:
     num_outputs: int
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The attribute `key`, or `default` where the node leaves it to the specification."""
         return self.attributes.get(key, default)
 
+    def required(self, x: Sequence[Tensor | None], count: int) -> list[Tensor]:
+        """The first `count` inputs, which the operator specification makes required.
+
+        The executor passes None only where a node omits an optional input, so None here means
+        a malformed node: naming op, node and input beats a torch error about NoneType.
+        """
+        tensors = []
+        for index in range(count):
+            tensor = x[index]
+            if tensor is None:
+                raise UnsupportedModelError(
+                    f"op {self.op_type} (node {self.node_name!r}): "
+                    f"required input {index} is missing"
+                )
+            tensors.append(tensor)
+        return tensors
+
     def unsupported(self, what: str) -> UnsupportedModelError:
+        """The error to raise, so every refusal names the op and node the same way."""
         return UnsupportedModelError(
             f"op {self.op_type} (node {self.node_name!r}): {what} is not supported by the "
             "fine-tune executor"
@@ -92,14 +111,14 @@ def _axis(axis: int, rank: int) -> int:
 
 def _binary(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[OpContext], OpFn]:
     def build(ctx: OpContext) -> OpFn:
-        return lambda x: (fn(x[0], x[1]),)
+        return lambda x: (fn(*ctx.required(x, 2)),)
 
     return build
 
 
 def _unary(fn: Callable[[Tensor], Tensor]) -> Callable[[OpContext], OpFn]:
     def build(ctx: OpContext) -> OpFn:
-        return lambda x: (fn(x[0]),)
+        return lambda x: (fn(ctx.required(x, 1)[0]),)
 
     return build
 
@@ -117,17 +136,17 @@ def _pow(a: Tensor, b: Tensor) -> Tensor:
 def _mod(ctx: OpContext) -> OpFn:
     """fmod=0: the result takes the divisor's sign (Python's %); fmod=1: the dividend's (C fmod)."""
     fn = torch.fmod if int(ctx.get("fmod", 0)) else torch.remainder
-    return lambda x: (fn(x[0], x[1]),)
+    return lambda x: (fn(*ctx.required(x, 2)),)
 
 
 def _gelu(ctx: OpContext) -> OpFn:
     approximate = ctx.get("approximate", "none")
-    return lambda x: (F.gelu(x[0], approximate=approximate),)
+    return lambda x: (F.gelu(ctx.required(x, 1)[0], approximate=approximate),)
 
 
 def _leaky_relu(ctx: OpContext) -> OpFn:
     alpha = float(ctx.get("alpha", 0.01))
-    return lambda x: (F.leaky_relu(x[0], alpha),)
+    return lambda x: (F.leaky_relu(ctx.required(x, 1)[0], alpha),)
 
 
 def _clamp(x: Tensor, low: Any, high: Any) -> Tensor:
@@ -137,12 +156,12 @@ def _clamp(x: Tensor, low: Any, high: Any) -> Tensor:
 def _clip(ctx: OpContext) -> OpFn:
     if ctx.opset < 11:
         low, high = ctx.get("min"), ctx.get("max")
-        return lambda x: (_clamp(x[0], low, high),)
+        return lambda x: (_clamp(ctx.required(x, 1)[0], low, high),)
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
         low = x[1] if len(x) > 1 else None
         high = x[2] if len(x) > 2 else None
-        return (_clamp(x[0], low, high),)
+        return (_clamp(ctx.required(x, 1)[0], low, high),)
 
     return run
 
@@ -151,11 +170,11 @@ def _softmax_like(fn: Callable[..., Tensor]) -> Callable[[OpContext], OpFn]:
     def build(ctx: OpContext) -> OpFn:
         if ctx.opset >= 13:
             axis = int(ctx.get("axis", -1))
-            return lambda x: (fn(x[0], dim=axis),)
+            return lambda x: (fn(ctx.required(x, 1)[0], dim=axis),)
         axis = int(ctx.get("axis", 1))
 
         def coerced(x: list[Tensor | None]) -> tuple[Tensor]:
-            data = x[0]
+            data = ctx.required(x, 1)[0]
             a = _axis(axis, data.dim())
             flat = data.reshape(math.prod(data.shape[:a]), -1)
             return (fn(flat, dim=1).reshape(data.shape),)
@@ -170,11 +189,15 @@ def _cast(ctx: OpContext) -> OpFn:
     if to not in TORCH_DTYPES:
         raise ctx.unsupported(f"cast to data type {to}")
     dtype = TORCH_DTYPES[to]
-    return lambda x: (x[0].to(dtype),)
+    return lambda x: (ctx.required(x, 1)[0].to(dtype),)
 
 
 def _where(ctx: OpContext) -> OpFn:
-    return lambda x: (torch.where(x[0], x[1], x[2]),)
+    def run(x: list[Tensor | None]) -> tuple[Tensor]:
+        condition, chosen, other = ctx.required(x, 3)
+        return (torch.where(condition, chosen, other),)
+
+    return run
 
 
 def _identity(ctx: OpContext) -> OpFn:
@@ -190,7 +213,7 @@ def _dropout(ctx: OpContext) -> OpFn:
     default_ratio = float(ctx.get("ratio", 0.5))
 
     def run(x: list[Tensor | None]) -> tuple[Tensor, ...]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         training = getattr(run, "training", False)
         ratio = getattr(run, "ratio_override", None)
         if ratio is None:
@@ -216,7 +239,7 @@ def _gemm(ctx: OpContext) -> OpFn:
     trans_b = bool(ctx.get("transB", 0))
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        a, b = x[0], x[1]
+        a, b = ctx.required(x, 2)
         c = x[2] if len(x) > 2 else None
         if trans_a:
             a = a.t()
@@ -239,7 +262,7 @@ def _layer_norm(ctx: OpContext) -> OpFn:
         raise ctx.unsupported("the Mean / InvStdDev outputs")
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data, scale = x[0], x[1]
+        data, scale = ctx.required(x, 2)
         bias = x[2] if len(x) > 2 else None
         a = _axis(axis, data.dim())
         shape = tuple(data.shape[a:])
@@ -260,7 +283,7 @@ def _batch_norm(ctx: OpContext) -> OpFn:
         raise ctx.unsupported("training-mode BatchNormalization")
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data, scale, bias, mean, var = x[:5]
+        data, scale, bias, mean, var = ctx.required(x, 5)
         return (F.batch_norm(data, mean, var, scale, bias, training=False, eps=eps),)
 
     return run
@@ -273,7 +296,7 @@ def _reduce(fn: Callable[..., Tensor], axes_input_since: int) -> Callable[[OpCon
         attr_axes = ctx.get("axes")
 
         def run(x: list[Tensor | None]) -> tuple[Tensor]:
-            data = x[0]
+            data = ctx.required(x, 1)[0]
             if ctx.opset >= axes_input_since:
                 axes = _ints(x[1]) if len(x) > 1 else None
             else:
@@ -300,7 +323,7 @@ def _reshape(ctx: OpContext) -> OpFn:
     allowzero = bool(ctx.get("allowzero", 0))
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         shape = _ints(x[1]) or []
         if not allowzero:
             shape = [data.shape[i] if s == 0 else s for i, s in enumerate(shape)]
@@ -313,7 +336,7 @@ def _transpose(ctx: OpContext) -> OpFn:
     perm = ctx.get("perm")
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         order = perm if perm is not None else list(reversed(range(data.dim())))
         return (data.permute(order),)
 
@@ -324,7 +347,7 @@ def _gather(ctx: OpContext) -> OpFn:
     axis = int(ctx.get("axis", 0))
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data, indices = x[0], x[1]
+        data, indices = ctx.required(x, 2)
         a = _axis(axis, data.dim())
         size = data.shape[a]
         idx = indices.long()
@@ -352,7 +375,7 @@ def _slice_indices(start: int, end: int, step: int, size: int) -> list[int]:
 
 def _slice(ctx: OpContext) -> OpFn:
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         if ctx.opset < 10:
             starts, ends, axes, steps = ctx.get("starts"), ctx.get("ends"), ctx.get("axes"), None
         else:
@@ -388,7 +411,7 @@ def _split(ctx: OpContext) -> OpFn:
     count = ctx.num_outputs
 
     def run(x: list[Tensor | None]) -> tuple[Tensor, ...]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         a = _axis(axis, data.dim())
         sizes = _ints(x[1]) if len(x) > 1 and x[1] is not None else attr_split
         if not sizes:
@@ -408,7 +431,7 @@ def _axes_from(ctx: OpContext, x: list[Tensor | None]) -> list[int] | None:
 
 def _squeeze(ctx: OpContext) -> OpFn:
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         axes = _axes_from(ctx, x)
         if axes is None:
             return (data.squeeze(),)
@@ -419,7 +442,7 @@ def _squeeze(ctx: OpContext) -> OpFn:
 
 def _unsqueeze(ctx: OpContext) -> OpFn:
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         axes = _axes_from(ctx, x) or []
         rank = data.dim() + len(axes)
         out = data
@@ -435,19 +458,19 @@ def _shape(ctx: OpContext) -> OpFn:
     end = ctx.get("end")
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        dims = list(x[0].shape)[start:end]
+        dims = list(ctx.required(x, 1)[0].shape)[start:end]
         return (torch.tensor(dims, dtype=torch.int64),)
 
     return run
 
 
 def _size(ctx: OpContext) -> OpFn:
-    return lambda x: (torch.tensor(x[0].numel(), dtype=torch.int64),)
+    return lambda x: (torch.tensor(ctx.required(x, 1)[0].numel(), dtype=torch.int64),)
 
 
 def _expand(ctx: OpContext) -> OpFn:
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         shape = torch.broadcast_shapes(tuple(data.shape), tuple(_ints(x[1]) or []))
         return (data.expand(shape),)
 
@@ -460,28 +483,29 @@ def _constant_of_shape(ctx: OpContext) -> OpFn:
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
         shape = _ints(x[0]) or []
-        return ((fill.reshape(()) if not shape else fill).expand(shape).clone(),)  # [] -> a 0-d tensor
+        scalar = not shape  # [] -> a 0-d tensor
+        return ((fill.reshape(()) if scalar else fill).expand(shape).clone(),)
 
     return run
 
 
 def _range(ctx: OpContext) -> OpFn:
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        start, limit, delta = (t.item() for t in x[:3])
-        return (torch.arange(start, limit, delta, dtype=x[0].dtype),)
+        start, limit, delta = ctx.required(x, 3)
+        return (torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),)
 
     return run
 
 
 def _tile(ctx: OpContext) -> OpFn:
-    return lambda x: (x[0].repeat(_ints(x[1]) or []),)
+    return lambda x: (ctx.required(x, 1)[0].repeat(_ints(x[1]) or []),)
 
 
 def _flatten(ctx: OpContext) -> OpFn:
     axis = int(ctx.get("axis", 1))
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         a = _axis(axis, data.dim())
         return (data.reshape(math.prod(data.shape[:a]), math.prod(data.shape[a:])),)
 
@@ -491,8 +515,9 @@ def _flatten(ctx: OpContext) -> OpFn:
 def _variadic(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[OpContext], OpFn]:
     def build(ctx: OpContext) -> OpFn:
         def run(x: list[Tensor | None]) -> tuple[Tensor]:
-            out = x[0]
-            for t in x[1:]:
+            first, *rest = ctx.required(x, len(x))
+            out = first
+            for t in rest:
                 out = fn(out, t)
             return (out,)
 
@@ -504,7 +529,9 @@ def _variadic(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[OpContext], O
 # --- convolution and pooling ----------------------------------------------------------------
 
 
-def _spatial(ctx: OpContext, data: Tensor, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+def _spatial(
+    ctx: OpContext, data: Tensor, kernel: Sequence[int]
+) -> tuple[list[int], list[int], list[int]]:
     """(strides, dilations, pads as [begin..., end...]) with auto_pad resolved."""
     n = len(kernel)
     strides = ctx.get("strides") or [1] * n
@@ -550,7 +577,7 @@ def _conv(ctx: OpContext) -> OpFn:
     group = int(ctx.get("group", 1))
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data, weight = x[0], x[1]
+        data, weight = ctx.required(x, 2)
         bias = x[2] if len(x) > 2 else None
         kernel = ctx.get("kernel_shape") or list(weight.shape[2:])
         n = len(kernel)
@@ -576,7 +603,7 @@ def _conv_transpose(ctx: OpContext) -> OpFn:
         raise ctx.unsupported(f"auto_pad={auto_pad!r}")
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data, weight = x[0], x[1]
+        data, weight = ctx.required(x, 2)
         bias = x[2] if len(x) > 2 else None
         kernel = ctx.get("kernel_shape") or list(weight.shape[2:])
         n = len(kernel)
@@ -589,7 +616,9 @@ def _conv_transpose(ctx: OpContext) -> OpFn:
             pads = [0] * (2 * n)
         output_padding = ctx.get("output_padding") or [0] * n
         if _symmetric(pads):
-            out = _CONV_T[n](data, weight, bias, strides, pads[:n], output_padding, group, dilations)
+            out = _CONV_T[n](
+                data, weight, bias, strides, pads[:n], output_padding, group, dilations
+            )
             return (out,)
         out = _CONV_T[n](data, weight, bias, strides, 0, output_padding, group, dilations)
         for i in range(n):
@@ -609,7 +638,7 @@ def _max_pool(ctx: OpContext) -> OpFn:
         raise ctx.unsupported(f"{n}-D pooling")
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         strides, dilations, pads = _spatial(ctx, data, kernel)
         fits = _symmetric(pads) and all(p <= k // 2 for p, k in zip(pads[:n], kernel, strict=True))
         if fits:
@@ -631,7 +660,7 @@ def _average_pool(ctx: OpContext) -> OpFn:
         raise ctx.unsupported("dilated AveragePool")
 
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         strides, _, pads = _spatial(ctx, data, kernel)
         if not any(pads):
             return (_AVGPOOL[n](data, kernel, strides, 0, ceil_mode),)
@@ -650,7 +679,7 @@ def _average_pool(ctx: OpContext) -> OpFn:
 
 def _global_average_pool(ctx: OpContext) -> OpFn:
     def run(x: list[Tensor | None]) -> tuple[Tensor]:
-        data = x[0]
+        data = ctx.required(x, 1)[0]
         return (data.mean(dim=tuple(range(2, data.dim())), keepdim=True),)
 
     return run
@@ -725,7 +754,7 @@ OPS: dict[str, Callable[[OpContext], OpFn]] = {
 
 def build_op(node: ir.Node, opset: int) -> OpFn:
     """The callable that runs `node`, or `UnsupportedModelError` naming the op and node."""
-    name = node.name or (node.outputs[0].name if node.outputs else "?")
+    name = node.name or ((node.outputs[0].name or "?") if node.outputs else "?")
     if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
         domain = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
         raise UnsupportedModelError(

@@ -29,7 +29,6 @@ __all__ = [
     "add_mask",
     "add_codebook",
     "add_low_rank",
-    "codebook_tensors",
     "attach_structure",
 ]
 
@@ -44,6 +43,7 @@ from torch.nn.utils import parametrize
 
 from onnxcompress.errors import UserError
 from onnxcompress.finetune.executor import OnnxModule
+from onnxcompress.formats.detect import codebook_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -162,44 +162,6 @@ def add_low_rank(module: OnnxModule, name: str, rank: int) -> None:
     if len(shape) < 2 or not 1 <= rank <= min(shape[0], int(np.prod(shape[1:]))):
         raise UserError(f"rank {rank} does not fit {name!r} of shape {shape}")
     parametrize.register_parametrization(holder, "weight", LowRank(shape, rank), unsafe=True)
-
-
-def codebook_tensors(model: ir.Model) -> list[str]:
-    """Float initializers read by a Gather through constant integer indices: in-graph codebooks.
-
-    An embedding table is also a Gather's data, but its indices come from the graph's
-    inputs; a codebook's indices are an initializer, possibly through Cast / Reshape.
-    """
-    found = []
-    for node in model.graph:
-        if node.op_type != "Gather" or len(node.inputs) < 2:
-            continue
-        data, indices = node.inputs[0], _through_casts(node.inputs[1])
-        if data is None or indices is None or data.const_value is None or indices.const_value is None:
-            continue
-        if data.const_value.dtype in _FLOATS and indices.const_value.dtype in _INTEGERS:
-            found.append(data.name or "")
-    from onnxcompress.passes.codebook.graph import codebook_layers  # bit-packed indices too
-
-    return sorted(set(found) | {layer.codebook_name for layer in codebook_layers(model)})
-
-
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
-_INTEGERS = (
-    ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.UINT16, ir.DataType.INT16,
-    ir.DataType.INT32, ir.DataType.INT64, ir.DataType.UINT4, ir.DataType.INT4,
-)
-
-
-def _through_casts(value: ir.Value | None) -> ir.Value | None:
-    """Follow Cast / Reshape producers back to their source (indices stored as uint8 are cast
-    to int32/int64 before Gather, which takes only those)."""
-    for _ in range(4):
-        producer = value.producer() if value is not None else None
-        if producer is None or producer.op_type not in ("Cast", "Reshape"):
-            return value
-        value = producer.inputs[0]
-    return value
 
 
 def attach_structure(module: OnnxModule, model: ir.Model, names: Iterable[str] | None = None) -> dict[str, str]:

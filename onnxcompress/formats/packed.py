@@ -32,7 +32,7 @@ shape):
     i = Mod(Div(w, 2^s), 2^b)                        [G, 8] (w >= 0: integer Div is floor)
     Reshape(i, S)  or, when 8 does not divide n,  Reshape(Slice(Reshape(i, [-1]), 0, n), S)
 
-then Gather(codebook, i, axis=0) as in the uint8 form (`passes.codebook.graph`). File cost:
+then Gather(codebook, i, axis=0) as in the uint8 form (`formats.codebook`). File cost:
 ceil(n / 8) b bytes plus ~0.5 KB of decoder per layer (node protos, value names, its shape;
 the width constants are shared), so layers where that does not pay stay uint8. Exact: the
 decoded indices are the packed ones bit for bit.
@@ -70,8 +70,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.formats.naming import unique_name
+
 if TYPE_CHECKING:
-    from onnxcompress.passes.codebook.graph import CodebookLayer
+    from onnxcompress.formats.codebook import CodebookLayer
 
 #: `CodebookLayer.index_dtype` of a layer whose indices are bit-packed here.
 PACKED_DTYPE = "packed"
@@ -162,9 +164,7 @@ def decode_packed(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    from onnxcompress.passes.codebook.graph import _unique_name
-
-    tensor = ir.tensor(array, name=_unique_name(graph, name))
+    tensor = ir.tensor(array, name=unique_name(graph, name))
     value = ir.Value(name=tensor.name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
     graph.register_initializer(value)
     return value
@@ -187,8 +187,6 @@ def _decoder_nodes(graph: ir.Graph, weight: str, packed: ir.Value, bits: int, sh
     Kept small in the file: width constants are shared by every layer of that width, nodes
     carry no names and intermediate values no type annotations (shape inference has them).
     """
-    from onnxcompress.passes.codebook.graph import _unique_name
-
     matrix, powers = _layout(bits)
     count = math.prod(shape)
     groups = math.ceil(count / 8)
@@ -200,7 +198,7 @@ def _decoder_nodes(graph: ir.Graph, weight: str, packed: ir.Value, bits: int, sh
 
     def add(op: str, inputs: list[ir.Value], **attributes: int) -> ir.Value:
         node = ir.node(op, inputs, attributes=attributes)
-        node.outputs[0].name = _unique_name(graph, f"{weight}.unpack{len(nodes)}")
+        node.outputs[0].name = unique_name(graph, f"{weight}.unpack{len(nodes)}")
         nodes.append(node)
         return node.outputs[0]
 
@@ -300,7 +298,7 @@ def pack_codebook_indices(model: ir.Model, names: set[str] | None = None) -> boo
     too small for packing to pay for its decoder (`packing_pays`). A layer whose index tensor
     is shared with another reader keeps it (only its own Cast is replaced).
     """
-    from onnxcompress.passes.codebook.graph import codebook_layers
+    from onnxcompress.formats.codebook import codebook_layers  # it reads this module's layout
 
     if model.opset_imports.get("", 0) < _MIN_OPSET:
         return False
@@ -361,7 +359,7 @@ def store_fp16(model: ir.Model, *, min_params: int = 64, exclude: set[str] | Non
     outputs, tensors with NaN/inf or beyond +-65504, and names in `exclude`. Returns the
     names converted; the Cast output keeps each weight's name, so consumers are unchanged.
     """
-    from onnxcompress.passes.codebook.graph import _unique_name, codebook_layers
+    from onnxcompress.formats.codebook import codebook_layers  # it reads this module's layout
 
     graph = model.graph
     skip = set(exclude or ()) | {layer.codebook_name for layer in codebook_layers(model)}
@@ -376,7 +374,7 @@ def store_fp16(model: ir.Model, *, min_params: int = 64, exclude: set[str] | Non
         if not np.all(np.isfinite(array)) or float(np.abs(array).max()) > FP16_MAX:
             continue
         half = _initializer(graph, f"{name}.fp16", array.astype(np.float16))
-        cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT}, name=_unique_name(graph, f"{name}.fp16_cast"))
+        cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT}, name=unique_name(graph, f"{name}.fp16_cast"))
         decoded = cast.outputs[0]
         decoded.type, decoded.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
         decode_initializer(graph, value, [cast], decoded)

@@ -32,9 +32,9 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.errors import UnsupportedModelError
+from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, packing_pays
 from onnxcompress.pass_base import CompressionPass, PassConfig, register
-from onnxcompress.passes.codebook.graph import insert_codebook
 from onnxcompress.passes.codebook.kmeans1d import kmeans_1d
 from onnxcompress.sites import WeightSite, find_weight_sites
 
@@ -55,8 +55,14 @@ _CLUSTERABLE = (np.float32, np.float16, np.float64)
 
 
 class KMeansClusterConfig(PassConfig):
+    """Options of `codebook.kmeans`; the reconstruction variant inherits them unchanged."""
+
     bits: int | None = pydantic.Field(
-        None, ge=1, le=8, description="Bits for every layer (1..8); default: by op (Conv 8, MatMul/Gemm 5, Gather 6)."
+        None,
+        ge=1,
+        le=8,
+        description="Bits for every layer (1..8); "
+        "default: by op (Conv 8, MatMul/Gemm 5, Gather 6).",
     )
     overrides: dict[str, int] = pydantic.Field(
         default_factory=dict,
@@ -64,23 +70,31 @@ class KMeansClusterConfig(PassConfig):
     )
     init: Literal["linear", "density", "random", "optimal"] = pydantic.Field(
         "linear",
-        description="Centroid initialisation: linear (paper's choice), density (CDF), random (Forgy), "
+        description="Centroid initialisation: linear (paper's choice), density (CDF), "
+        "random (Forgy), "
         "optimal (DP on atoms; lowest squared error).",
     )
-    max_iter: int = pydantic.Field(300, ge=1, le=100_000, description="Most Lloyd iterations per layer.")
+    max_iter: int = pydantic.Field(
+        300, ge=1, le=100_000, description="Most Lloyd iterations per layer."
+    )
     pack_4bit: bool = pydantic.Field(
         True, description="Store indices as uint4 when bits <= 4 and the model's opset is >= 21."
     )
     pack_indices: bool = pydantic.Field(
         True,
-        description="Bit-pack indices below 8 bits (bits/8 bytes per weight, decoded by constant-foldable "
+        description="Bit-pack indices below 8 bits "
+        "(bits/8 bytes per weight, decoded by constant-foldable "
         "standard ops; opset >= 11); off: uint8 (or uint4) indices.",
     )
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
     min_params: int = pydantic.Field(
-        64, ge=0, description="Weights with fewer parameters are left alone (a codebook would not pay)."
+        64,
+        ge=0,
+        description="Weights with fewer parameters are left alone (a codebook would not pay).",
     )
-    ops: tuple[str, ...] | None = pydantic.Field(None, description="Only weights of these op types.")
+    ops: tuple[str, ...] | None = pydantic.Field(
+        None, description="Only weights of these op types."
+    )
 
     @pydantic.model_validator(mode="after")
     def _valid_overrides(self) -> KMeansClusterConfig:
@@ -91,6 +105,7 @@ class KMeansClusterConfig(PassConfig):
 
 
 def default_bits(op_type: str) -> int:
+    """Bits by op as Deep Compression found them safe (`DEFAULT_BITS`); 5 for any other op."""
     return DEFAULT_BITS.get(op_type, 5)
 
 
@@ -120,11 +135,14 @@ class KMeansClusterPass(CompressionPass):
     """Share weights: per-layer k-means codebook, uint8/uint4 indices, Gather in the graph."""
 
     name = "codebook.kmeans"
-    summary = "Weight sharing by per-layer 1-D k-means (Deep Compression): indices + codebook + Gather."
+    summary = (
+        "Weight sharing by per-layer 1-D k-means (Deep Compression): indices + codebook + Gather."
+    )
     Config = KMeansClusterConfig
     config: KMeansClusterConfig
 
     def bits_for(self, site: WeightSite) -> int:
+        """The first matching override, else `bits`, else the op's default."""
         for pattern, bits in self.config.overrides.items():
             if fnmatch.fnmatchcase(site.name, pattern):
                 return bits
@@ -147,9 +165,14 @@ class KMeansClusterPass(CompressionPass):
             return f"a {bits}-bit codebook would not be smaller than the dense tensor"
         return None
 
-    def _storage(self, model: ir.Model, site: WeightSite, bits: int) -> Literal["uint8", "uint4", "packed"]:
-        """How a layer's indices are stored: uint4 wins ties with packing (4 bits, opset >= 21);
-        packing only where it saves more than its decoder costs."""
+    def _storage(
+        self, model: ir.Model, site: WeightSite, bits: int
+    ) -> Literal["uint8", "uint4", "packed"]:
+        """How a layer's indices are stored.
+
+        uint4 wins ties with packing (4 bits, opset >= 21); packing only where it saves more
+        than its decoder costs.
+        """
         opset = model.opset_imports.get("", 0)
         uint4 = self.config.pack_4bit and bits <= 4 and opset >= 21
         pays = packing_pays(site.name, site.size, bits)
@@ -164,8 +187,12 @@ class KMeansClusterPass(CompressionPass):
         return (count + 1) // 2 if storage == "uint4" else count
 
     def apply(self, model: ir.Model) -> bool:
+        """Cluster every eligible weight, then rewrite them all; the rest get their reason."""
         scan = find_weight_sites(
-            model, min_params=self.config.min_params, exclude=self.config.exclude, ops=self.config.ops
+            model,
+            min_params=self.config.min_params,
+            exclude=self.config.exclude,
+            ops=self.config.ops,
         )
         for skip in scan.skipped:
             self.report.skip(skip.name, skip.reason)
@@ -183,7 +210,11 @@ class KMeansClusterPass(CompressionPass):
             weights = site.array()
             try:
                 indices, codebook, zero_entry = cluster_weights(
-                    weights, bits, init=self.config.init, seed=self.context.seed, max_iter=self.config.max_iter
+                    weights,
+                    bits,
+                    init=self.config.init,
+                    seed=self.context.seed,
+                    max_iter=self.config.max_iter,
                 )
             except ValueError as error:  # pragma: no cover - preconditions above rule these out
                 raise UnsupportedModelError(f"{site.name}: {error}") from None
@@ -206,7 +237,9 @@ class KMeansClusterPass(CompressionPass):
                 bytes_after=int(index_bytes + codebook.nbytes),
                 detail=f"{bits} bits, {codebook.size} shared values"
                 + (" (entry 0 = exact zero)" if zero_entry else "")
-                + {"packed": f", {bits}-bit packed indices", "uint4": ", uint4 indices"}.get(storage, ", uint8 indices"),
+                + {"packed": f", {bits}-bit packed indices", "uint4": ", uint4 indices"}.get(
+                    storage, ", uint8 indices"
+                ),
             )
         if to_pack:
             pack_codebook_indices(model, names=to_pack)

@@ -119,7 +119,7 @@ def assign_nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     flat = np.asarray(values).reshape(-1)
     k = centroids.size
     dtype = np.uint8 if k <= 256 else np.uint16 if k <= 65536 else np.int64
-    labels = np.zeros(flat.size, dtype=dtype)
+    labels: np.ndarray = np.zeros(flat.size, dtype=dtype)  # uint8, uint16 or int64, by k
     if k > 64:
         thresholds = _thresholds(centroids, flat.dtype)
         return np.searchsorted(thresholds, flat, side="left").astype(dtype)
@@ -146,7 +146,11 @@ def initial_centroids(
 
 
 def _reseed_empty(
-    data: _SortedPrefix, centroids: np.ndarray, counts: np.ndarray, sums: np.ndarray, squares: np.ndarray
+    data: _SortedPrefix,
+    centroids: np.ndarray,
+    counts: np.ndarray,
+    sums: np.ndarray,
+    squares: np.ndarray,
 ) -> np.ndarray:
     """Move each empty centroid onto the value farthest from its centroid in the worst cluster."""
     centroids = centroids.copy()

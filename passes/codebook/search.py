@@ -40,6 +40,7 @@ import pydantic
 from onnxcompress import fidelity
 from onnxcompress.calibration import LayerHessian, layer_hessians
 from onnxcompress.errors import UnsupportedModelError
+from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import (
     decoder_nbytes,
     pack_codebook_indices,
@@ -47,7 +48,6 @@ from onnxcompress.formats.packed import (
     packing_pays,
 )
 from onnxcompress.pass_base import CompressionPass, PassConfig, register
-from onnxcompress.passes.codebook.graph import insert_codebook
 from onnxcompress.passes.codebook.kmeans import KMeansClusterPass, cluster_weights
 from onnxcompress.sites import WeightSite, find_weight_sites
 

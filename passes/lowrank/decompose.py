@@ -36,7 +36,6 @@ __all__ = [
 
 import dataclasses
 import math
-from typing import Literal
 
 import numpy as np
 
@@ -48,7 +47,6 @@ from onnxcompress.passes.lowrank.linalg import (
     truncated_svd,
 )
 
-Kind = Literal["matmul", "gemm", "conv_channel", "conv_spatial"]
 KINDS: tuple[str, ...] = ("matmul", "gemm", "conv_channel", "conv_spatial")
 
 

@@ -37,9 +37,9 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.calibration import LayerHessian
+from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import pack_codebook_indices
 from onnxcompress.pass_base import PassContext, register
-from onnxcompress.passes.codebook.graph import insert_codebook
 from onnxcompress.passes.codebook.kmeans import (
     KMeansClusterConfig,
     KMeansClusterPass,
@@ -55,18 +55,29 @@ _CLUSTERABLE = (np.float32, np.float16, np.float64)
 
 
 class GptqCodebookConfig(KMeansClusterConfig, layers.ReconstructConfig):
-    """codebook.kmeans's options (bits, storage, exclusions) plus the calibration knobs and GPTQ's own."""
+    """codebook.kmeans's options plus the calibration knobs and GPTQ's own.
+
+    Inheriting the k-means options (bits, storage, exclusions) keeps one spelling of each.
+    """
 
     act_order: bool = pydantic.Field(
-        False, description="Assign input columns by decreasing H_ii instead of in order (GPTQ's act-order)."
+        False,
+        description="Assign input columns by decreasing H_ii instead of in order "
+        "(GPTQ's act-order).",
     )
     refine: bool = pydantic.Field(
-        True, description="Re-fit the centroids to the assignments by least squares under H (kept if better)."
+        True,
+        description="Re-fit the centroids to the assignments by least squares under H "
+        "(kept if better).",
     )
 
 
 def refine_centroids(
-    matrix: np.ndarray, indices: np.ndarray, codebook: np.ndarray, stats: LayerHessian, zero_entry: bool
+    matrix: np.ndarray,
+    indices: np.ndarray,
+    codebook: np.ndarray,
+    stats: LayerHessian,
+    zero_entry: bool,
 ) -> np.ndarray:
     """Centroids minimising sum_g tr((W - C[I]) H_g (W - C[I])^T) with the indices fixed.
 
@@ -105,19 +116,29 @@ def _entry_indices(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
 
 @register
 class GptqCodebookPass(KMeansClusterPass):
-    """Codebook per layer with GPTQ-style error feedback from calibration data; the codebook.kmeans graph form."""
+    """Codebook per layer with GPTQ-style error feedback from calibration data.
+
+    It writes the codebook.kmeans graph form, so every reader of that form reads it too.
+    """
 
     name = "codebook.gptq"
-    summary = "k-means codebooks assigned with GPTQ error feedback (and refitted) on calibration data."
+    summary = (
+        "k-means codebooks assigned with GPTQ error feedback (and refitted) on calibration data."
+    )
     Config = GptqCodebookConfig
     config: GptqCodebookConfig
 
     def needs_calibration(self) -> bool:
-        return True  # the assignment is fitted to the layer inputs
+        """True: the assignment is fitted to the layer inputs."""
+        return True
 
     def apply(self, model: ir.Model) -> bool:
+        """Plan every layer (GPTQ or its k-means fallback) before rewriting any of them."""
         scan = find_weight_sites(
-            model, min_params=self.config.min_params, exclude=self.config.exclude, ops=self.config.ops
+            model,
+            min_params=self.config.min_params,
+            exclude=self.config.exclude,
+            ops=self.config.ops,
         )
         for skip in scan.skipped:
             self.report.skip(skip.name, skip.reason)
@@ -129,10 +150,16 @@ class GptqCodebookPass(KMeansClusterPass):
             else:
                 todo.append(site)
         calibrated = {s.name for s in todo if layers.calibration_reason(s, model) is None}
-        probes = layers.calibration_inputs(model, self.context, self.config.probes, self.report) if calibrated else {}
+        probes = (
+            layers.calibration_inputs(model, self.context, self.config.probes, self.report)
+            if calibrated
+            else {}
+        )
         stats: dict[str, LayerHessian] = {}
         if calibrated and not self.config.sequential:
-            stats = layers.hessians_for(model, probes, [s for s in todo if s.name in calibrated], self.context.seed)
+            stats = layers.hessians_for(
+                model, probes, [s for s in todo if s.name in calibrated], self.context.seed
+            )
         totals = {"gptq_error": 0.0, "kmeans_error": 0.0}
         planned = []
         for site in todo:
@@ -148,66 +175,103 @@ class GptqCodebookPass(KMeansClusterPass):
         self.report.notes.update({key: round(value, 6) for key, value in totals.items()})
         return bool(todo)
 
-    def _plan(self, model: ir.Model, site: WeightSite, stats: LayerHessian | None,
-              totals: dict[str, float]) -> tuple[WeightSite, int, np.ndarray, np.ndarray, np.ndarray, bool, str]:
+    def _plan(
+        self,
+        model: ir.Model,
+        site: WeightSite,
+        stats: LayerHessian | None,
+        totals: dict[str, float],
+    ) -> tuple[WeightSite, int, np.ndarray, np.ndarray, np.ndarray, bool, str]:
+        """What `_write` needs for one layer: GPTQ's codebook, or plain k-means's.
+
+        k-means stays where GPTQ cannot run or does not lower the calibration error; the label
+        says which and why, for the report.
+        """
         bits = self.bits_for(site)
         weights = site.array()
         indices, codebook, zero_entry = cluster_weights(
-            weights, bits, init=self.config.init, seed=self.context.seed, max_iter=self.config.max_iter
+            weights,
+            bits,
+            init=self.config.init,
+            seed=self.context.seed,
+            max_iter=self.config.max_iter,
         )
+        plain = (site, bits, weights, indices, codebook, zero_entry)
         if stats is None:
-            reason = layers.calibration_reason(site, model) or "calibration captured no input for this layer"
-            return site, bits, weights, indices, codebook, zero_entry, f"plain k-means fallback ({reason})"
+            reason = layers.calibration_reason(site, model)
+            reason = reason or "calibration captured no input for this layer"
+            return (*plain, f"plain k-means fallback ({reason})")
         matrix = layers.matrix_form(site, weights)
-        plain = layers.matrix_form(site, codebook[indices])
-        kmeans_error = layers.layer_error(matrix, plain, stats)
+        plain_values = layers.matrix_form(site, codebook[indices])
+        kmeans_error = layers.layer_error(matrix, plain_values, stats)
         entries = np.asarray(codebook, np.float64)
         try:
             values = self._assign(matrix, stats, entries, zero_entry)
         except np.linalg.LinAlgError as failure:
-            return site, bits, weights, indices, codebook, zero_entry, f"plain k-means fallback ({failure})"
+            return (*plain, f"plain k-means fallback ({failure})")
         new_indices = _entry_indices(values, entries)
         error = layers.layer_error(matrix, values, stats)
         refined_note = ""
         if self.config.refine:
-            refined = refine_centroids(matrix, new_indices, entries, stats, zero_entry).astype(codebook.dtype)
-            refined_error = layers.layer_error(matrix, refined.astype(np.float64)[new_indices], stats)
-            if refined_error < error and len(np.unique(refined)) == refined.size:
-                entries, error, refined_note = refined.astype(np.float64), refined_error, ", centroids refitted"
+            entries, error, refined_note = _refined(
+                matrix, new_indices, entries, stats, zero_entry, codebook.dtype, error
+            )
         if error >= kmeans_error:  # never worse than plain k-means on the calibration set
             totals["gptq_error"] += kmeans_error
             totals["kmeans_error"] += kmeans_error
-            return (site, bits, weights, indices, codebook, zero_entry,
+            return (*plain,
                     f"plain k-means kept (GPTQ error {error:.4g} >= k-means {kmeans_error:.4g})")
         totals["gptq_error"] += error
         totals["kmeans_error"] += kmeans_error
-        order = np.argsort(entries, kind="stable")
-        if zero_entry:  # entry 0 stays the reserved zero; the others ascending
-            order = np.concatenate([[0], [i for i in order if i != 0]])
-        remap = np.empty_like(order)
-        remap[order] = np.arange(order.size)
-        final_codebook = entries[order].astype(codebook.dtype)
-        final_indices = layers.from_matrix_form(site, remap[new_indices].astype(np.float64), np.dtype(np.uint8))
-        detail = (f"GPTQ{' act-order' if self.config.act_order else ''}{refined_note}, calibration error "
-                  f"{error:.4g} vs k-means {kmeans_error:.4g} ({stats.rows} input rows)")
+        final_indices, final_codebook = _sorted_codebook(
+            site, new_indices, entries, zero_entry, codebook.dtype
+        )
+        detail = (
+            f"GPTQ{' act-order' if self.config.act_order else ''}{refined_note}, calibration error "
+            f"{error:.4g} vs k-means {kmeans_error:.4g} ({stats.rows} input rows)"
+        )
         return site, bits, weights, final_indices, final_codebook, zero_entry, detail
 
-    def _assign(self, matrix: np.ndarray, stats: LayerHessian, entries: np.ndarray, zero_entry: bool) -> np.ndarray:
+    def _assign(
+        self, matrix: np.ndarray, stats: LayerHessian, entries: np.ndarray, zero_entry: bool
+    ) -> np.ndarray:
         allowed = entries[1:] if zero_entry and entries.size > 1 else entries
         quantizer = codebook_quantizer(allowed)
         out = np.empty_like(matrix)
         for group, rows in layers.group_slices(matrix.shape[0], stats.groups):
-            out[rows] = gptq_quantize(matrix[rows], stats.hessian[group], quantizer, blocksize=self.config.blocksize,
-                                      percdamp=self.config.percdamp, act_order=self.config.act_order,
-                                      keep_zeros=zero_entry)
+            out[rows] = gptq_quantize(
+                matrix[rows],
+                stats.hessian[group],
+                quantizer,
+                blocksize=self.config.blocksize,
+                percdamp=self.config.percdamp,
+                act_order=self.config.act_order,
+                keep_zeros=zero_entry,
+            )
         return out
 
-    def _write(self, model: ir.Model, site: WeightSite, bits: int, weights: np.ndarray, indices: np.ndarray,
-               codebook: np.ndarray, zero_entry: bool, label: str) -> None:
+    def _write(
+        self,
+        model: ir.Model,
+        site: WeightSite,
+        bits: int,
+        weights: np.ndarray,
+        indices: np.ndarray,
+        codebook: np.ndarray,
+        zero_entry: bool,
+        label: str,
+    ) -> None:
         storage = self._storage(model, site, bits)
         name = site.name
-        insert_codebook(model.graph, site.value, indices, codebook, bits=bits, zero_entry=zero_entry,
-                        packed=storage == "uint4")
+        insert_codebook(
+            model.graph,
+            site.value,
+            indices,
+            codebook,
+            bits=bits,
+            zero_entry=zero_entry,
+            packed=storage == "uint4",
+        )
         if storage == "packed":
             pack_codebook_indices(model, names={name})
         self.report.changed(
@@ -218,15 +282,59 @@ class GptqCodebookPass(KMeansClusterPass):
             bytes_after=int(self._index_bytes(storage, indices.size, bits) + codebook.nbytes),
             detail=f"{bits} bits, {codebook.size} shared values"
             + (" (entry 0 = exact zero)" if zero_entry else "")
-            + {"packed": f", {bits}-bit packed indices", "uint4": ", uint4 indices"}.get(storage, ", uint8 indices")
+            + {"packed": f", {bits}-bit packed indices", "uint4": ", uint4 indices"}.get(
+                storage, ", uint8 indices"
+            )
             + f"; {label}",
         )
 
 
+def _refined(
+    matrix: np.ndarray,
+    indices: np.ndarray,
+    entries: np.ndarray,
+    stats: LayerHessian,
+    zero_entry: bool,
+    dtype: np.dtype,
+    error: float,
+) -> tuple[np.ndarray, float, str]:
+    """(entries, error, note) after the least-squares refit, or as they were if it is no better.
+
+    A refit that merges two centroids is refused too: the codebook must keep distinct values.
+    """
+    refined = refine_centroids(matrix, indices, entries, stats, zero_entry).astype(dtype)
+    refined_error = layers.layer_error(matrix, refined.astype(np.float64)[indices], stats)
+    if refined_error < error and len(np.unique(refined)) == refined.size:
+        return refined.astype(np.float64), refined_error, ", centroids refitted"
+    return entries, error, ""
+
+
+def _sorted_codebook(
+    site: WeightSite, indices: np.ndarray, entries: np.ndarray, zero_entry: bool, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices in the weight's layout, codebook) with the entries ascending.
+
+    Ascending as k-means writes them, so both passes' layers read alike; a reserved zero entry
+    stays first.
+    """
+    order = np.argsort(entries, kind="stable")
+    if zero_entry:  # entry 0 stays the reserved zero; the others ascending
+        order = np.concatenate([[0], [i for i in order if i != 0]])
+    remap = np.empty_like(order)
+    remap[order] = np.arange(order.size)
+    final_codebook = entries[order].astype(dtype)
+    final_indices = layers.from_matrix_form(
+        site, remap[indices].astype(np.float64), np.dtype(np.uint8)
+    )
+    return final_indices, final_codebook
+
+
 def gptq_codebook(model: ir.Model, site: WeightSite, stats: LayerHessian | None, bits: int, *,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(indices, codebook, zero_entry) of one layer at `bits`, as `codebook.gptq` makes them
-    (plain k-means where GPTQ does not lower the calibration error, or no input was captured)."""
+    """(indices, codebook, zero_entry) of one layer at `bits`, as `codebook.gptq` makes them.
+
+    Plain k-means where GPTQ does not lower the calibration error, or no input was captured.
+    """
     planner = GptqCodebookPass(bits=bits)
     planner.context = PassContext(seed=seed)
     totals: dict[str, float] = {"gptq_error": 0.0, "kmeans_error": 0.0}

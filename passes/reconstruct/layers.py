@@ -1,4 +1,4 @@
-"""What the reconstruction passes share: calibration inputs, the matrix form of a weight, H per layer.
+"""What the reconstruction passes share: calibration inputs, a weight's matrix form, H per layer.
 
 The matrix form of a weight is W [output channels, input features] in the order the layer's
 Hessian uses (`onnxcompress.calibration`): MatMul W[in, out] -> W^T; Gemm by its transB;
@@ -39,21 +39,32 @@ class ReconstructConfig(PassConfig):
     """The calibration knobs both passes share."""
 
     probes: int = pydantic.Field(
-        128, ge=1, description="Calibration samples for H = X^T X: the data's first N (random probes without data)."
+        128,
+        ge=1,
+        description="Calibration samples for H = X^T X: "
+        "the data's first N (random probes without data).",
     )
-    blocksize: int = pydantic.Field(128, ge=1, description="Columns per lazy batch update (result-neutral; speed).")
+    blocksize: int = pydantic.Field(
+        128, ge=1, description="Columns per lazy batch update (result-neutral; speed)."
+    )
     percdamp: float = pydantic.Field(
-        0.01, gt=0.0, lt=1.0, description="Damping added to H's diagonal, as a share of its mean diagonal."
+        0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Damping added to H's diagonal, as a share of its mean diagonal.",
     )
     sequential: bool = pydantic.Field(
         False,
         description="Re-capture each layer's input after the earlier layers are compressed (GPTQ's "
-        "sequential setting; one calibration run per layer). False: one capture on the model as the pass "
+        "sequential setting; one calibration run per layer). "
+        "False: one capture on the model as the pass "
         "receives it.",
     )
 
 
-def calibration_inputs(model: ir.Model, context: PassContext, count: int, report: PassReport) -> dict[str, np.ndarray]:
+def calibration_inputs(
+    model: ir.Model, context: PassContext, count: int, report: PassReport
+) -> dict[str, np.ndarray]:
     """The first `count` samples of the context's data, or the pipeline's seeded random probes."""
     from onnxcompress.pipeline import reference_probes
 
@@ -62,7 +73,8 @@ def calibration_inputs(model: ir.Model, context: PassContext, count: int, report
         report.notes["calibration"] = f"data: first {count} samples"
         return reference_probes(source, count=count, seed=context.seed, data=context.data)
     report.notes["calibration"] = (
-        f"no data: {count} random probes (H from noise; give --data for a meaningful reconstruction)"
+        f"no data: {count} random probes "
+        "(H from noise; give --data for a meaningful reconstruction)"
     )
     return reference_probes(source, count=count, seed=context.seed)
 
@@ -132,4 +144,5 @@ def layer_error(before: np.ndarray, after: np.ndarray, stats: LayerHessian) -> f
 def hessians_for(
     model: ir.Model, probes: Mapping[str, np.ndarray], sites: Sequence[WeightSite], seed: int
 ) -> dict[str, LayerHessian]:
+    """H per layer for `sites`, the one call both reconstruction passes make."""
     return layer_hessians(model, probes, sites, seed=seed)

@@ -81,17 +81,24 @@ def parse_n_m(text: str) -> tuple[int, int]:
 
 
 def reconstruction_error(original: np.ndarray, new: np.ndarray, hessian: np.ndarray) -> float:
-    """tr(D H D^T) for D = new - original: the layer's squared output change on the calibration set."""
+    """tr(D H D^T) for D = new - original.
+
+    That is the layer's squared output change on the calibration set, without running it.
+    """
     delta = np.asarray(new, np.float64) - np.asarray(original, np.float64)
     return float(np.einsum("ri,ij,rj->", delta, np.asarray(hessian, np.float64), delta))
 
 
-def _prepared(weights: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _prepared(
+    weights: np.ndarray, hessian: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(W float64 copy, H float64 copy with dead inputs fixed, dead mask)."""
     w = np.array(weights, dtype=np.float64, copy=True, order="C")
     h = np.array(hessian, dtype=np.float64, copy=True, order="C")
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"weights {w.shape} and hessian {h.shape} do not match (want [rows, d] and [d, d])")
+        raise ValueError(
+            f"weights {w.shape} and hessian {h.shape} do not match (want [rows, d] and [d, d])"
+        )
     h = (h + h.T) / 2
     dead = np.diag(h) <= 0
     h[dead, :] = 0
@@ -118,13 +125,18 @@ def inverse_hessian_factor(hessian: np.ndarray, percdamp: float = 0.01) -> np.nd
                 return factor
         except np.linalg.LinAlgError:
             pass
-        logger.info("Cholesky failed with damping %.3g (attempt %d); retrying with 10x", damp, attempt + 1)
+        logger.info(
+            "Cholesky failed with damping %.3g (attempt %d); retrying with 10x", damp, attempt + 1
+        )
         damp *= 10
     raise np.linalg.LinAlgError("the layer Hessian is not positive definite even after damping")
 
 
 def _lowest(scores: np.ndarray, count: int) -> np.ndarray:
-    """Mask of the `count` lowest scores, ties broken by position (a stable sort's choice, in O(n))."""
+    """Mask of the `count` lowest scores, ties broken by position.
+
+    Position breaks ties as a stable sort would, but in O(n), so results are reproducible.
+    """
     picked = np.zeros(scores.size, dtype=bool)
     if count >= scores.size:
         picked[:] = True
@@ -158,15 +170,7 @@ def sparsegpt(
     w, h, dead = _prepared(weights, hessian)
     rows, columns = w.shape
     n_m = prunen > 0 and prunem > 0
-    if n_m:
-        if columns % prunem:
-            raise ValueError(f"{columns} input features are not a multiple of M={prunem}")
-        blocksize = max(prunem, blocksize - blocksize % prunem)
-    elif not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity {sparsity} is outside [0, 1)")
-    else:
-        maskblock = max(1, min(maskblock, blocksize))
-        blocksize = max(maskblock, blocksize - blocksize % maskblock)
+    blocksize, maskblock = _block_sizes(columns, sparsity, prunen, prunem, blocksize, maskblock)
     # Weights already zero, and those of dead inputs, are free: they count toward the target.
     w[:, dead] = 0
     free = (w == 0) | dead[None, :]
@@ -182,34 +186,69 @@ def sparsegpt(
         mask = free[:, start:stop].copy()
         for i in range(stop - start):
             if n_m and i % prunem == 0:
-                group = w1[:, i : i + prunem]
-                score = np.where(mask[:, i : i + prunem], -np.inf, group**2 / diag[None, i : i + prunem] ** 2)
-                lowest = np.argsort(score, axis=1, kind="stable")[:, :prunen]
-                np.put_along_axis(mask[:, i : i + prunem], lowest, True, axis=1)
+                group = slice(i, i + prunem)
+                _mask_n_m(w1[:, group], mask[:, group], diag[group], prunen)
             elif not n_m and i % maskblock == 0:
                 # Adaptive mask: of all columns not yet treated, the ones of lowest OBS saliency
                 # w^2 / U_jj^2 (weights as updated so far) make up what the exact total still
                 # needs; those in this sub-block are pruned now, the rest are scored again later.
                 end = min(i + maskblock, stop - start)
                 needed = max(round(sparsity * w.size) - zeros_so_far, 0)
-                later = w[:, stop:] - errors[:, :i] @ factor[start : start + i, stop:]  # lazy updates so far
+                # lazy updates so far
+                later = w[:, stop:] - errors[:, :i] @ factor[start : start + i, stop:]
                 ahead = np.concatenate([w1[:, i:], later], axis=1)
-                score = np.where(free[:, start + i :], -np.inf, ahead**2 / full_diag[None, start + i :] ** 2)
+                score = np.where(
+                    free[:, start + i :], -np.inf, ahead**2 / full_diag[None, start + i :] ** 2
+                )
                 picked = _lowest(score.reshape(-1), needed)
                 mask[:, i:end] |= picked.reshape(score.shape)[:, : end - i]
                 zeros_so_far += int(np.count_nonzero(mask[:, i:end]))
-            column = w1[:, i]
-            pruned = np.where(mask[:, i], 0.0, column)
-            error = (column - pruned) / u1[i, i]
-            w1[:, i] = pruned
-            w1[:, i + 1 :] -= np.outer(error, u1[i, i + 1 :])
-            errors[:, i] = error
+            errors[:, i] = _obs_update(w1, u1, mask[:, i], i)
         w[:, start:stop] = w1
         w[:, stop:] -= errors @ factor[start:stop, stop:]
     return w
 
 
-def magnitude_prune(weights: np.ndarray, sparsity: float = 0.5, *, prunen: int = 0, prunem: int = 0) -> np.ndarray:
+def _block_sizes(
+    columns: int, sparsity: float, prunen: int, prunem: int, blocksize: int, maskblock: int
+) -> tuple[int, int]:
+    """(blocksize, maskblock), checked: a block holds whole N:M groups, or whole mask blocks."""
+    if prunen > 0 and prunem > 0:
+        if columns % prunem:
+            raise ValueError(f"{columns} input features are not a multiple of M={prunem}")
+        return max(prunem, blocksize - blocksize % prunem), maskblock
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity} is outside [0, 1)")
+    maskblock = max(1, min(maskblock, blocksize))
+    return max(maskblock, blocksize - blocksize % maskblock), maskblock
+
+
+def _mask_n_m(group: np.ndarray, mask: np.ndarray, diag: np.ndarray, prunen: int) -> None:
+    """Mark, in the view `mask`, the `prunen` weights of lowest OBS saliency in each row's group.
+
+    Weights already free (zero) score lowest, so they count toward the N first.
+    """
+    score = np.where(mask, -np.inf, group**2 / diag[None, :] ** 2)
+    lowest = np.argsort(score, axis=1, kind="stable")[:, :prunen]
+    np.put_along_axis(mask, lowest, True, axis=1)
+
+
+def _obs_update(w1: np.ndarray, u1: np.ndarray, masked: np.ndarray, i: int) -> np.ndarray:
+    """Zero column `i` where masked and move its error onto the later columns; return the error.
+
+    This is the OBS update with the Cholesky factor's row: the kept weights absorb the change.
+    """
+    column = w1[:, i]
+    pruned = np.where(masked, 0.0, column)
+    error = (column - pruned) / u1[i, i]
+    w1[:, i] = pruned
+    w1[:, i + 1 :] -= np.outer(error, u1[i, i + 1 :])
+    return error
+
+
+def magnitude_prune(
+    weights: np.ndarray, sparsity: float = 0.5, *, prunen: int = 0, prunem: int = 0
+) -> np.ndarray:
     """The baseline: the same zero count (or N:M pattern) by smallest |w|, nothing else moved."""
     w = np.array(weights, dtype=np.float64, copy=True, order="C")
     rows, columns = w.shape

@@ -40,18 +40,28 @@ logger = logging.getLogger(__name__)
 
 
 class ObsPruneConfig(layers.ReconstructConfig):
+    """Options of `prune.obs`: a share or an N:M pattern, plus the calibration knobs."""
+
     sparsity: float | None = pydantic.Field(
         None, ge=0.0, lt=1.0, description="Share of each layer's weights set to zero, in [0, 1)."
     )
     n_m: str | None = pydantic.Field(
-        None, description="Semi-structured N:M instead of a share, e.g. '2:4': N zeros in every M input features."
+        None,
+        description="Semi-structured N:M instead of a share, e.g. '2:4': "
+        "N zeros in every M input features.",
     )
     maskblock: int = pydantic.Field(
-        8, ge=1, description="Columns per adaptive mask choice (share only; SparseGPT uses 128 on LLMs)."
+        8,
+        ge=1,
+        description="Columns per adaptive mask choice (share only; SparseGPT uses 128 on LLMs).",
     )
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never pruned.")
-    min_params: int = pydantic.Field(16, ge=0, description="Weights smaller than this are left dense.")
-    ops: tuple[str, ...] | None = pydantic.Field(None, description="Only weights of these op types.")
+    min_params: int = pydantic.Field(
+        16, ge=0, description="Weights smaller than this are left dense."
+    )
+    ops: tuple[str, ...] | None = pydantic.Field(
+        None, description="Only weights of these op types."
+    )
 
     @pydantic.model_validator(mode="after")
     def _one_target(self) -> ObsPruneConfig:
@@ -64,10 +74,16 @@ class ObsPruneConfig(layers.ReconstructConfig):
 
 @register
 class ObsPrunePass(CompressionPass):
-    """Prune each layer with OBS updates of the remaining weights (SparseGPT), from calibration data."""
+    """Prune each layer with OBS updates of the remaining weights (SparseGPT).
+
+    The updates come from calibration data: they move what is left to cancel what was cut.
+    """
 
     name = "prune.obs"
-    summary = "OBS / SparseGPT pruning (unstructured or N:M) with weight reconstruction from calibration data."
+    summary = (
+        "OBS / SparseGPT pruning (unstructured or N:M) "
+        "with weight reconstruction from calibration data."
+    )
     Config = ObsPruneConfig
     config: ObsPruneConfig
 
@@ -92,8 +108,12 @@ class ObsPrunePass(CompressionPass):
         return None
 
     def apply(self, model: ir.Model) -> bool:
+        """Prune each eligible layer by OBS from its H, by magnitude where no input was captured."""
         scan = find_weight_sites(
-            model, min_params=self.config.min_params, exclude=self.config.exclude, ops=self.config.ops
+            model,
+            min_params=self.config.min_params,
+            exclude=self.config.exclude,
+            ops=self.config.ops,
         )
         for skip in scan.skipped:
             self.report.skip(skip.name, skip.reason)
@@ -106,7 +126,11 @@ class ObsPrunePass(CompressionPass):
                 todo.append(site)
         calibrated = [s for s in todo if layers.calibration_reason(s, model) is None]
         calibrated_names = {s.name for s in calibrated}
-        probes = layers.calibration_inputs(model, self.context, self.config.probes, self.report) if calibrated else {}
+        probes = (
+            layers.calibration_inputs(model, self.context, self.config.probes, self.report)
+            if calibrated
+            else {}
+        )
         stats = {} if self.config.sequential or not calibrated else layers.hessians_for(
             model, probes, calibrated, self.context.seed)
         totals = {"obs_error": 0.0, "magnitude_error": 0.0}
@@ -161,8 +185,10 @@ class ObsPrunePass(CompressionPass):
                 totals["magnitude_error"] += magnitude_error
                 pruned = layers.from_matrix_form(site, result, before.dtype)
                 pruned[before == 0] = 0  # existing zeros stay exact zeros
-                label = (f"OBS, calibration error {obs_error:.4g} vs magnitude {magnitude_error:.4g} "
-                         f"({stats.rows} input rows)")
+                label = (
+                    f"OBS, calibration error {obs_error:.4g} vs magnitude {magnitude_error:.4g} "
+                    f"({stats.rows} input rows)"
+                )
         if np.count_nonzero(pruned) == np.count_nonzero(before):
             self.report.skip(site.name, "already at or above the target sparsity")
             return None, ""

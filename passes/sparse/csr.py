@@ -4,7 +4,7 @@ Deep Compression (Han et al., ICLR 2016) stores pruned layers as sparse matrices
 3× faster fully connected layers at batch 1 on CPU; onnxruntime has no usable sparse kernel
 (it densifies `sparse_initializer` at load), so a pruned model is as slow as the dense one.
 This pass swaps a pruned layer's weight for CSR arrays read by `ai.onnxcompress.SparseMatMul`
-(formats.py), but only where the kernel is measurably faster at the batch size the user
+(`onnxcompress.formats.kernel_arrays`), but only where the kernel is measurably faster at the batch size the user
 gives: each candidate is timed against onnxruntime's dense MatMul on this machine, in one
 process, alternating, caches flushed between calls by default; the fixed cost of a call (timed
 on a graph that does nothing) is subtracted from both, since a layer inside a model does not
@@ -20,7 +20,7 @@ The rewrite is exact: MatMul(X, W) becomes SparseMatMul(X, csr(W), bias=0), and
 Gemm(A, B, C; alpha, beta, transB) becomes SparseMatMul(A, csr(alpha·op(B)), bias=beta·C)
 for a constant C that broadcasts to [N]; outputs differ from dense only by fp32 summation
 order. With `portable` (default) the model also carries each op as a model-local function
-(functions.py), so a stock onnxruntime still runs it, at dense speed.
+(`onnxcompress.formats.kernel_ops`), so a stock onnxruntime still runs it, at dense speed.
 """
 
 from __future__ import annotations
@@ -42,10 +42,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import runtime
 from onnxcompress.errors import MissingDependencyError, UnsupportedModelError
+from onnxcompress.formats.codebook import CodebookLayer, codebook_layers, remove_codebook_layer
+from onnxcompress.formats.kernel_arrays import pack_codebook_indices, to_csr
+from onnxcompress.formats.kernel_ops import (
+    DOMAIN,
+    KERNEL_OPS,
+    MIN_ONNX_OPSET,
+    OPSET_VERSION,
+    function_for,
+)
 from onnxcompress.pass_base import CompressionPass, PassConfig, register
-from onnxcompress.passes.codebook.graph import CodebookLayer, codebook_layers, remove_codebook_layer
-from onnxcompress.passes.sparse.formats import pack_codebook_indices, to_csr
-from onnxcompress.passes.sparse.functions import DOMAIN, MIN_ONNX_OPSET, OPSET_VERSION, function_for
 from onnxcompress.sites import CODEBOOK_LAYER, WeightSite, find_weight_sites
 
 logger = logging.getLogger(__name__)
@@ -415,9 +421,12 @@ class SparseCsrPass(CompressionPass):
         node = candidate.node
         graph = model.graph
         taken = set(graph.initializers)
+        op = KERNEL_OPS[candidate.op]
+        if list(candidate.arrays) != op.stored_inputs:  # the table fixes the inputs' order
+            raise AssertionError(f"{op.name} takes {op.stored_inputs}, got {list(candidate.arrays)}")
         inputs = [node.inputs[0]]
         for suffix, array in {**candidate.arrays, "bias": candidate.bias}.items():
-            name = _unique(f"{candidate.name}.{_PREFIX[candidate.op]}_{suffix}", taken)
+            name = _unique(f"{candidate.name}.{op.prefix}_{suffix}", taken)
             value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
             value.shape = ir.Shape(array.shape)
             value.type = ir.TensorType(value.const_value.dtype)  # type: ignore[union-attr]
@@ -430,7 +439,7 @@ class SparseCsrPass(CompressionPass):
             inputs,
             attributes=dict(candidate.attributes),
             domain=DOMAIN,
-            name=node.name or f"{candidate.name}.{_PREFIX[candidate.op]}",
+            name=node.name or f"{candidate.name}.{op.prefix}",
             num_outputs=1,
         )
         new.outputs[0].name = old_output.name
@@ -460,9 +469,6 @@ class SparseCsrPass(CompressionPass):
         params_after = int(stored.size) if candidate.op != "CodebookMatMul" else int(candidate.weight.size)
         self.report.changed(candidate.name, node.op_type, before, params_after=params_after,
                             bytes_after=candidate.stored_bytes(), detail=detail)
-
-
-_PREFIX = {OP: "csr", "SparseCodebookMatMul": "csr_codebook", "CodebookMatMul": "codebook_packed"}
 
 
 def _drop_initializer_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:

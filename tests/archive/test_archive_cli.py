@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from onnxcompress import runtime
 from onnxcompress.cli import app
-from onnxcompress.passes.codebook.graph import codebook_layers
+from onnxcompress.formats.codebook import codebook_layers
 from tests.builders import NO_GATE, mlp_proto, save_proto
 
 runner = CliRunner()

@@ -15,8 +15,8 @@ from onnxcompress.archive import MAGIC, compression_table, pack, table_markdown,
 from onnxcompress.archive.entropy import decode_stream, empirical_bits, encode_stream
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
 from onnxcompress.errors import ModelLoadError
+from onnxcompress.formats.codebook import codebook_layers, dense_weight
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight
 from tests.builders import mlp_proto
 
 

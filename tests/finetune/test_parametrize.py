@@ -11,6 +11,7 @@ from onnxcompress.errors import UserError
 from onnxcompress.finetune import parametrize as P
 from onnxcompress.finetune.executor import OnnxModule, to_ir
 from onnxcompress.finetune.train import write_back
+from onnxcompress.formats.detect import codebook_tensors
 from tests.finetune.conftest import ort_run, torch
 
 
@@ -134,7 +135,7 @@ def _in_graph_codebook(rng) -> tuple[ir.Model, np.ndarray, np.ndarray]:
 
 def test_in_graph_codebook_trains_centroids_keeps_indices_and_zero(rng) -> None:
     model, codebook, indices = _in_graph_codebook(rng)
-    assert P.codebook_tensors(model) == ["codebook"]
+    assert codebook_tensors(model) == ["codebook"]
     module = OnnxModule(model)
     assert module.trainable_names() == ["codebook"]  # indices are integers, never trained
     assert P.attach_structure(module, model) == {"codebook": "mask"}
@@ -186,7 +187,7 @@ def test_uint4_codebook_indices_run(rng) -> None:
     matmul.outputs[0].name = "y"
     model = ir.Model(graph, ir_version=10)
     module = OnnxModule(model)
-    assert P.codebook_tensors(model) == ["book"]
+    assert codebook_tensors(model) == ["book"]
     feeds = {"x": rng.standard_normal((2, 4)).astype(np.float32)}
     want = feeds["x"] @ codebook[indices].reshape(4, 3)
     np.testing.assert_allclose(module.run(feeds)[0], want, rtol=1e-6, atol=1e-7)

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from onnxcompress.archive.format import pack, unpack
+from onnxcompress.formats.codebook import codebook_layers, dense_weight
 from onnxcompress.formats.packed import (
     decode_packed,
     pack_codebook_indices,
@@ -21,7 +22,6 @@ from onnxcompress.formats.packed import (
     unpack_indices,
 )
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight
 from tests.builders import mlp_proto
 
 SIZES = (128, 256, 128, 64)  # 32768 + 32768 + 8192 weights: decoder overhead is small beside them
@@ -192,7 +192,7 @@ def test_weight_sites_name_packed_layers_as_codebook_layers():
 
 
 def test_removing_a_packed_layer_drops_its_decoder_and_constants():
-    from onnxcompress.passes.codebook.graph import remove_codebook_layer
+    from onnxcompress.formats.codebook import remove_codebook_layer
 
     model = _clustered(5)
     graph = model.graph
@@ -208,7 +208,7 @@ def test_removing_a_packed_layer_drops_its_decoder_and_constants():
 def test_fine_tune_bridge_runs_the_decoder_and_finds_the_codebooks(rng):
     pytest.importorskip("torch")
     from onnxcompress.finetune.executor import OnnxModule
-    from onnxcompress.finetune.parametrize import codebook_tensors
+    from onnxcompress.formats.detect import codebook_tensors
 
     model = _clustered(5)
     assert codebook_tensors(model) == ["fc0.weight.codebook", "fc1.weight.codebook", "head.weight.codebook"]

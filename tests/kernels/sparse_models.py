@@ -6,13 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.passes.sparse.formats import CsrWeight
-from onnxcompress.passes.sparse.functions import (
-    DOMAIN,
-    codebook_matmul_function,
-    sparse_codebook_matmul_function,
-    sparse_matmul_function,
-)
+from onnxcompress.formats.kernel_arrays import CsrWeight
+from onnxcompress.formats.kernel_ops import DOMAIN, function_for
 
 OPSET = 21
 _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint16): TensorProto.UINT16,
@@ -47,7 +42,7 @@ def sparse_matmul_model(
             initializers.append(numpy_helper.from_array(array, name))
     output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [*x_shape[:-1], csr.out_features])
     graph = helper.make_graph([node], "sparse_matmul", inputs, [output], initializer=initializers)
-    functions = [sparse_matmul_function(OPSET)] if portable else []
+    functions = [function_for("SparseMatMul", OPSET)] if portable else []
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
@@ -91,7 +86,7 @@ def codebook_matmul_model(
     if bias is not None:
         arrays["bias"] = bias
     node = helper.make_node("CodebookMatMul", ["X", *arrays], ["Y"], domain=DOMAIN, K=k, N=n, bits=bits)
-    functions = [codebook_matmul_function(OPSET)] if portable else []
+    functions = [function_for("CodebookMatMul", OPSET)] if portable else []
     return _model(node, arrays, x_shape, n, fed, functions)
 
 
@@ -105,7 +100,7 @@ def sparse_codebook_model(
         arrays["bias"] = bias
     node = helper.make_node("SparseCodebookMatMul", ["X", *arrays], ["Y"], domain=DOMAIN,
                             K=csr.in_features, N=csr.out_features)
-    functions = [sparse_codebook_matmul_function(OPSET)] if portable else []
+    functions = [function_for("SparseCodebookMatMul", OPSET)] if portable else []
     return _model(node, arrays, x_shape, csr.out_features, fed, functions)
 
 

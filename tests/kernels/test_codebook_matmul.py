@@ -13,8 +13,8 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
-from onnxcompress.passes.sparse.formats import pack_codebook_indices, to_csr
-from onnxcompress.passes.sparse.reference import REFERENCE_OPS
+from onnxcompress.formats.kernel_arrays import pack_codebook_indices, to_csr
+from onnxcompress.formats.kernel_reference import REFERENCE_OPS
 from tests.kernels.sparse_models import codebook_matmul_model, shared, sparse_codebook_model
 
 
@@ -114,7 +114,7 @@ def test_sparse_codebook_malformed(rng):
 _AVX2_SCRIPT = """
 import numpy as np
 from onnxcompress import runtime
-from onnxcompress.passes.sparse.formats import pack_codebook_indices
+from onnxcompress.formats.kernel_arrays import pack_codebook_indices
 from tests.kernels.sparse_models import codebook_matmul_model, shared
 rng = np.random.default_rng(5)
 worst = 0.0

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from onnxcompress import runtime
-from onnxcompress.passes.sparse.formats import pack_codebook_indices, to_csr
+from onnxcompress.formats.kernel_arrays import pack_codebook_indices, to_csr
 from tests.kernels.sparse_models import codebook_matmul_model, pruned, shared, sparse_matmul_model
 
 pytestmark = pytest.mark.gpu

@@ -11,8 +11,8 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
-from onnxcompress.passes.sparse.formats import CsrWeight, to_csr
-from onnxcompress.passes.sparse.reference import REFERENCE_OPS
+from onnxcompress.formats.kernel_arrays import CsrWeight, to_csr
+from onnxcompress.formats.kernel_reference import REFERENCE_OPS
 from tests.kernels.sparse_models import pruned, sparse_matmul_model
 
 RTOL, ATOL = 1e-5, 1e-5
@@ -195,7 +195,7 @@ def test_fed_arrays_are_checked_on_every_run(rng, small_csr):
 _AVX2_SCRIPT = """
 import numpy as np
 from onnxcompress import runtime
-from onnxcompress.passes.sparse.formats import to_csr
+from onnxcompress.formats.kernel_arrays import to_csr
 from tests.kernels.sparse_models import pruned, sparse_matmul_model
 rng = np.random.default_rng(3)
 worst = 0.0

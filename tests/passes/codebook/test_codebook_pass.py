@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import runtime
+from onnxcompress.formats.codebook import codebook_layers, dense_weight
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight
 from onnxcompress.passes.codebook.kmeans import cluster_weights
 from tests.builders import finish, mlp_proto
 

@@ -8,7 +8,7 @@ import pytest
 
 from onnxcompress import fidelity
 from onnxcompress.calibration import layer_hessians
-from onnxcompress.passes.codebook.graph import codebook_layers
+from onnxcompress.formats.codebook import codebook_layers
 from onnxcompress.passes.codebook.search import relative_error
 from onnxcompress.pipeline import Step, run_steps
 from onnxcompress.sites import find_weight_sites

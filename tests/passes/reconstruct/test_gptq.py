@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onnxcompress.formats.codebook import codebook_layers, dense_weight
 from onnxcompress.pass_base import PassContext, get_pass
-from onnxcompress.passes.codebook.graph import codebook_layers, dense_weight
 from onnxcompress.passes.codebook.kmeans import cluster_weights
 from onnxcompress.passes.reconstruct.obs import (
     codebook_quantizer,

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcompress.passes.sparse.formats import (
+from onnxcompress.formats.kernel_arrays import (
     pack_codebook_indices,
     to_csr,
     unpack_codebook_indices,

@@ -7,8 +7,8 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
+from onnxcompress.formats.codebook import codebook_layers, insert_codebook
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.codebook.graph import codebook_layers, insert_codebook
 from tests.builders import mlp_proto
 from tests.passes.sparse.test_sparse_csr import stock_session
 

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 from onnxcompress import runtime
 from onnxcompress.cli import app
 from onnxcompress.errors import MissingDependencyError, RecipeError, UnsupportedModelError
+from onnxcompress.formats.kernel_arrays import dense_from_csr, to_csr
+from onnxcompress.formats.kernel_reference import REFERENCE_OPS
 from onnxcompress.pass_base import get_pass
-from onnxcompress.passes.sparse.formats import dense_from_csr, to_csr
-from onnxcompress.passes.sparse.reference import REFERENCE_OPS
 from tests.builders import finish, mlp_proto, save_proto
 from tests.kernels.sparse_models import pruned, sparse_matmul_model
 

@@ -3,7 +3,7 @@
     from onnx.reference import ReferenceEvaluator
     ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, feeds)
 
-They compute densely in float64 from the stored arrays (formats.py), independently of the
+They compute densely in float64 from the stored arrays (`onnxcompress.formats.kernel_arrays`), independently of the
 C++ kernels, and reject malformed arrays with the same messages. Tests use them as oracles.
 """
 
@@ -14,7 +14,7 @@ __all__ = ["SparseMatMul", "CodebookMatMul", "SparseCodebookMatMul", "REFERENCE_
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from onnxcompress.passes.sparse.formats import (
+from onnxcompress.formats.kernel_arrays import (
     codebook_matmul_reference,
     sparse_codebook_matmul_reference,
     sparse_matmul_reference,

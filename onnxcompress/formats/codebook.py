@@ -42,6 +42,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.formats.naming import unique_name
 from onnxcompress.formats.packed import PACKED_DTYPE, packed_nbytes, packed_source, unpack_indices
 
 BITS_KEY = "onnxcompress.codebook.bits"
@@ -199,15 +200,6 @@ def dense_weight(layer: CodebookLayer) -> np.ndarray:
     return layer.codebook()[layer.indices()]
 
 
-def _unique_name(graph: ir.Graph, wanted: str) -> str:
-    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
-    taken |= {v.name for v in graph.inputs}
-    name, counter = wanted, 1
-    while name in taken:
-        name, counter = f"{wanted}_{counter}", counter + 1
-    return name
-
-
 def insert_codebook(
     graph: ir.Graph,
     weight: ir.Value,
@@ -226,15 +218,15 @@ def insert_codebook(
     name = weight.name
     assert name is not None
     index_tensor = (
-        ir.Tensor(indices, dtype=ir.DataType.UINT4, name=_unique_name(graph, f"{name}.codebook_indices"))
+        ir.Tensor(indices, dtype=ir.DataType.UINT4, name=unique_name(graph, f"{name}.codebook_indices"))
         if packed
-        else ir.tensor(indices.astype(np.uint8), name=_unique_name(graph, f"{name}.codebook_indices"))
+        else ir.tensor(indices.astype(np.uint8), name=unique_name(graph, f"{name}.codebook_indices"))
     )
     index_value = ir.Value(
         name=index_tensor.name, const_value=index_tensor,
         shape=ir.Shape(indices.shape), type=ir.TensorType(index_tensor.dtype),
     )
-    codebook_tensor = ir.tensor(codebook, name=_unique_name(graph, f"{name}.codebook"))
+    codebook_tensor = ir.tensor(codebook, name=unique_name(graph, f"{name}.codebook"))
     codebook_value = ir.Value(
         name=codebook_tensor.name, const_value=codebook_tensor,
         shape=ir.Shape(codebook.shape), type=ir.TensorType(codebook_tensor.dtype),
@@ -242,7 +234,7 @@ def insert_codebook(
     cast = ir.node("Cast", [index_value], attributes={"to": ir.DataType.INT32}, name=f"{name}.codebook_cast")
     gather = ir.node("Gather", [codebook_value, cast.outputs[0]], attributes={"axis": 0},
                      name=f"{name}.codebook_gather")
-    cast.outputs[0].name = _unique_name(graph, f"{name}.codebook_indices_int32")
+    cast.outputs[0].name = unique_name(graph, f"{name}.codebook_indices_int32")
     cast.outputs[0].type = ir.TensorType(ir.DataType.INT32)
     cast.outputs[0].shape = ir.Shape(indices.shape)
     gather.metadata_props[BITS_KEY] = str(bits)
