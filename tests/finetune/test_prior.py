@@ -43,7 +43,7 @@ def test_quantise_picks_the_most_responsible_mean() -> None:
 
 
 def test_cli_prior_gmm_writes_a_codebook_model_of_the_prior_means_that_pack_codes(mlp_pair, digits, tmp_path) -> None:
-    from onnxcompress.passes.codebook.graph import codebook_layers
+    from onnxcompress.formats.codebook import codebook_layers
 
     _, proto = mlp_pair
     x, y = digits
