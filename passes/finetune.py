@@ -11,7 +11,8 @@ input or output is added, removed or rewired. Lossy by design (it retrains towar
 or the original model's outputs); the pipeline's fidelity gate judges the result.
 torch is imported only when the pass runs. The options are `onnxcompress.finetune.config.FinetuneConfig`,
 declared once for the pass, the training loop and the CLI. With ``prior: gmm`` the weights end
-quantised to the mixture's means (follow with `codebook.distinct` for the codebook form).
+quantised to the mixture's means (`codebook.kmeans` at ceil(log2(J + 1)) bits stores them exactly).
+With the pipeline's data, the gate's probe samples (its first samples) are left out of training.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 __all__ = ["FinetuneConfig", "FinetunePass"]
 
 import logging
+from collections.abc import Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.errors import DataError
@@ -51,7 +54,7 @@ class FinetunePass(CompressionPass):
             return load_data(self.config.data)
         if self.context.data is None:
             raise DataError("finetune needs training data: give --data (an .npz) or the 'data' option")
-        return dict(self.context.data)
+        return _without_gate_samples(dict(self.context.data), self.context.probes)
 
     def _teacher(self) -> ir.Model | None:
         if self.config.teacher is None:
@@ -85,6 +88,23 @@ class FinetunePass(CompressionPass):
         self.report.notes.update(result.summary())
         logger.info("finetune: %d tensors retrained over %d epochs", len(changed), len(result.history))
         return bool(changed)
+
+
+def _without_gate_samples(
+    data: dict[str, np.ndarray], probes: Mapping[str, np.ndarray] | None
+) -> dict[str, np.ndarray]:
+    """The pipeline's data less its first samples when those are the gate's probes: the step is
+    judged on samples it never trained on (kept whole when too few would remain)."""
+    if not probes:
+        return data
+    count = min(len(np.asarray(v)) for v in probes.values())
+    total = min(len(np.asarray(v)) for v in data.values())
+    same = all(name in data and np.array_equal(np.asarray(data[name])[:count], np.asarray(value)[:count])
+               for name, value in probes.items())
+    if not same or total - count < max(count, 32):
+        return data
+    logger.info("finetune: the gate's %d samples are left out of training (%d remain)", count, total - count)
+    return {name: np.asarray(value)[count:] for name, value in data.items()}
 
 
 def _consumer_ops(model: ir.Model) -> dict[str, str]:

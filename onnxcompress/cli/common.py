@@ -43,7 +43,7 @@ from rich.table import Table
 from onnxcompress import io, writer
 from onnxcompress.data import load_npz
 from onnxcompress.errors import OnnxCompressError, UserError
-from onnxcompress.fidelity import DEFAULT_GATE, Gate
+from onnxcompress.fidelity import DEFAULT_GATE, Gate, TaskMetric
 from onnxcompress.pipeline import PipelineResult, Step, run_steps
 from onnxcompress.probes import DEFAULT_PROBES, parse_input_shapes, shapes_as_sizes
 from onnxcompress.report import render_report
@@ -148,6 +148,7 @@ def compress_file(
     input_shapes: Sequence[str] | None = None,
     before_save: Callable[[ir.Model, PipelineResult], dict[str, Any]] | None = None,
     side_files: Sequence[SideFile] = (),
+    task: Callable[[ir.Model, dict[str, Any] | None], TaskMetric | None] | None = None,
 ) -> PipelineResult:
     """Load, run the gated steps, write the model, report and side files together, print a summary.
 
@@ -164,6 +165,7 @@ def compress_file(
     protected = check_loaded(model, [(output, "output"), (io.data_path(output) if external else None, "output"),
                                      *((path, what) for path, what, _ in side_files)])
     data = load_npz(data_path, model) if data_path else None
+    metric = task(model, data) if task is not None else None  # scores the gates' samples (min_task)
     sizes = shapes_as_sizes(parse_input_shapes(input_shapes, model)) if input_shapes else None
     if data is None and not quiet:
         console.print(WEAK_PROXY_NOTE, soft_wrap=True)
@@ -180,7 +182,7 @@ def compress_file(
             progress.update(task, description=line)
 
         result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step,
-                           input_sizes=sizes, on_progress=on_progress)
+                           input_sizes=sizes, on_progress=on_progress, task=metric)
     extra.update(before_save(model, result) if before_save is not None else {})
     texts = [(path, what, render(result)) for path, what, render in side_files]
     with writer.batch(protected) as staged:

@@ -94,6 +94,10 @@ class FinetuneConfig(PassConfig):
     prior_strength: float = pydantic.Field(
         0.005, ge=0.0, le=100.0, description="gmm: weight of the prior's -log p(W) per training sample (tau)."
     )
+    prior_sample: int | None = pydantic.Field(
+        16384, ge=1,
+        description="gmm: weights the complexity term is estimated on per step (unbiased; None: all of them).",
+    )
     loss: Literal["auto", "cross_entropy", "kl", "mse", "cosine"] = pydantic.Field(
         "auto",
         description="auto: cross-entropy with labels, else KL on 2-D logits, else MSE against the original model.",

@@ -396,7 +396,8 @@ def _step_loss(run: _Run, batch: Arrays) -> tuple[torch.Tensor, torch.Tensor]:
         loss = loss + extra
     if run.prior is not None:
         weights = [run.module.tensor(layer.name) for layer in run.layers]
-        loss = loss + run.options.prior_strength * run.prior.negative_log_prob(weights) / run.samples
+        complexity = run.prior.negative_log_prob(weights, sample=run.options.prior_sample)
+        loss = loss + run.options.prior_strength * complexity / run.samples
     return loss, task
 
 
