@@ -37,7 +37,7 @@ import onnx_ir as ir
 import onnxruntime
 
 from onnxcompress.archive import compression_table, pack, table_markdown, unpack
-from onnxcompress.pass_base import get_pass
+from onnxcompress.pass_base import PassContext, get_pass
 
 RESULTS = Path(__file__).parent / "results"
 #: The fine-tune settings these figures were measured with (the pass's defaults have changed since).
@@ -91,11 +91,7 @@ def test_accuracy(model: ir.Model, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def run_pass(model: ir.Model, name: str, data: dict[str, np.ndarray] | None = None, **options: object) -> None:
-    step = get_pass(name)(**options)
-    if data is not None:
-        step.context.data = data
-    step.context.original = None
-    step(model)
+    get_pass(name)(**options, context=PassContext(data=data))(model)
 
 
 #: Packings of the final model shown side by side: (coder, relative-index width).

@@ -235,19 +235,19 @@ def end_to_end(threads: int, repeats: int) -> dict[str, object]:
     original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     original.ir_version = 8
     pruned = get_pass("prune.magnitude")(sparsity=0.92)(ir.serde.deserialize_model(original)).model
-    sparse_pass = get_pass("sparse.csr")(batch=1, threads=threads)
-    converted = sparse_pass(pruned).model
+    conversion = get_pass("sparse.csr")(batch=1, threads=threads)(pruned)
+    converted = conversion.model
     proto = ir.to_proto(converted)
     sessions = {"dense_original": runtime.session(original, threads=threads),
                 "sparse": runtime.session(proto, threads=threads)}
     x = rng.standard_normal((1, sizes[0]), dtype=np.float32)
     timing = interleaved(sessions, {"X": x}, repeats)
-    converted_layers = [c.name for c in sparse_pass.report.changes]
+    converted_layers = [c.name for c in conversion.report.changes]
     result = {
         "sizes": sizes,
         "sparsity": 0.92,
         "converted": converted_layers,
-        "left_dense": {s.name: s.reason for s in sparse_pass.report.skipped},
+        "left_dense": {s.name: s.reason for s in conversion.report.skipped},
         "dense_ms": round(timing["dense_original"] * 1e3, 4),
         "sparse_ms": round(timing["sparse"] * 1e3, 4),
         "speedup": round(timing["dense_original"] / timing["sparse"], 2),

@@ -53,6 +53,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxcompress.fidelity import compare  # noqa: E402
+from onnxcompress.pass_base import PassContext  # noqa: E402
 from onnxcompress.passes.lowrank.svd import LowRankSVDPass  # noqa: E402
 from onnxcompress.sites import find_weight_sites  # noqa: E402
 
@@ -189,14 +190,11 @@ def weight_params(proto: onnx.ModelProto) -> int:
 
 def compress(proto: onnx.ModelProto, data: dict | None = None, **options: object) -> tuple[onnx.ModelProto, dict]:
     model = ir.from_proto(proto)
-    compression = LowRankSVDPass(min_params=0, **options)
-    compression.context.data = data
+    compression = LowRankSVDPass(min_params=0, **options, context=PassContext(data=data))
     started = time.perf_counter()
-    compression(model)
+    result = compression(model)
     print(f"  {options}: {time.perf_counter() - started:.1f} s", flush=True)
-    plan = compression.last_plan
-    assert plan is not None
-    return ir.to_proto(model), plan.to_dict()
+    return ir.to_proto(model), result.report.notes["plan"]
 
 
 def centered_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -135,8 +135,7 @@ def _run(model: ir.Model, name: str, options: dict, data: dict[str, np.ndarray])
     copy = model.clone()
     if name == "magnitude 2:4":
         return _magnitude_n_m(copy, 2, 4), 0.0
-    step = get_pass(name)(**options)
-    step.context = PassContext(data=data, original=model)
+    step = get_pass(name)(**options, context=PassContext(data=data, original=model))
     start = time.perf_counter()
     step(copy)
     return copy, time.perf_counter() - start

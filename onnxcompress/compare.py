@@ -11,8 +11,6 @@ from __future__ import annotations
 __all__ = ["ModelComparison", "compare_models", "file_bytes", "interleaved_latency"]
 
 import dataclasses
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from onnxcompress import fidelity, io, runtime
 from onnxcompress.data import LABELS, check_label_shape, model_inputs
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import reference_probes
+from onnxcompress.timing import interleaved_medians
 
 FIDELITY_PROBES = 64  # seeded random samples when no data is given
 
@@ -102,20 +101,12 @@ def compare_models(
     sessions = [runtime.session(str(p), threads=threads) for p in (path_a, path_b)]
     for session, path in zip(sessions, (path_a, path_b), strict=True):
         _run(session, probes, path)
-    timings: list[list[float]] = [[], []]
-    for _ in range(3):
-        for session in sessions:
-            session.run(None, probes)
-    for _ in range(runs):
-        for index, session in enumerate(sessions):
-            started = time.perf_counter()
-            session.run(None, probes)
-            timings[index].append(time.perf_counter() - started)
+    seconds_a, seconds_b = interleaved_medians(sessions, probes, repeats=runs, warmup=3)
     return ModelComparison(
         bytes_a=file_bytes(path_a),
         bytes_b=file_bytes(path_b),
-        latency_ms_a=statistics.median(timings[0]) * 1e3,
-        latency_ms_b=statistics.median(timings[1]) * 1e3,
+        latency_ms_a=seconds_a * 1e3,
+        latency_ms_b=seconds_b * 1e3,
         metrics=metrics,
         batch=batch,
         samples=len(next(iter(samples.values()))) if samples else 0,
@@ -131,17 +122,7 @@ def interleaved_latency(models: Sequence[ir.Model], inputs: Mapping[str, np.ndar
     for model in models:
         with io.serialized(model) as model_file:
             sessions.append(runtime.session(model_file, threads=threads))
-    feeds = dict(inputs)
-    for session in sessions:
-        for _ in range(3):
-            session.run(None, feeds)
-    timings: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for index, session in enumerate(sessions):
-            started = time.perf_counter()
-            session.run(None, feeds)
-            timings[index].append(time.perf_counter() - started)
-    return [statistics.median(t) * 1e3 for t in timings]
+    return [seconds * 1e3 for seconds in interleaved_medians(sessions, inputs, repeats=runs, warmup=3)]
 
 
 def _outputs(model: ir.Model, samples: Mapping[str, np.ndarray], path: Path,

@@ -1,15 +1,23 @@
 """The base of every compression pass: a typed config, an honest report, a registry.
 
 A pass is an onnx_ir `InPlacePass`, so onnx_ir's and onnxscript's own passes compose with
-ours. It adds three things:
+ours. Like onnx_ir's passes it is stateless: everything it needs is given at construction,
+and everything it found is in the result it returns. It adds:
 
 * `Config`: a frozen, keyword-only pydantic model. Each field's `description` is the one
   place a knob is documented; the CLI help, `onnxcompress passes --describe` and the recipe
   JSON Schema all read it from there.
-* `report`: per layer, what changed (params and bytes before/after) and, for every layer left
-  alone, why. Tests assert those reasons.
-* `context`: what the pipeline knows beyond the model (calibration data, the original model,
-  the seed), for passes that need data (saliency, fine-tuning).
+* `context` (a constructor argument): what the pipeline knows beyond the model (calibration
+  data, the original model, the seed), for passes that need data (saliency, fine-tuning).
+* `CompressionResult.report`: per layer, what changed (params and bytes before/after) and,
+  for every layer left alone, why. Tests assert those reasons. A pass writes it in
+  `rewrite(model, report)`, the one method a plain pass implements.
+* `PlannedPass`: for structural decisions that can be shown before they are made,
+  `plan(model) -> Plan` decides without editing and `apply(model, plan, report)` carries the
+  plan out; `run_steps(dry_run=True)` plans every step and edits nothing.
+
+    result = MagnitudePrunePass(sparsity=0.5, context=PassContext(seed=1))(model)
+    result.modified, result.report.reason_for("fc1.weight")
 
 Passes register under a stable dotted name (`prune.magnitude`); `PASS_MODULES` lists where each
 built-in pass lives, and `get_pass` imports only that module on first lookup.
@@ -23,7 +31,11 @@ __all__ = [
     "LayerChange",
     "Skip",
     "PassReport",
+    "CompressionResult",
     "CompressionPass",
+    "Plan",
+    "PlanTable",
+    "PlannedPass",
     "register",
     "get_pass",
     "pass_names",
@@ -34,8 +46,8 @@ import abc
 import dataclasses
 import importlib
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -169,13 +181,22 @@ def quantized_ops(model: ir.Model) -> list[str]:
     return sorted(found)
 
 
+@dataclasses.dataclass
+class CompressionResult(ir.passes.PassResult):
+    """onnx_ir's result plus the account of what the pass did to each weight."""
+
+    report: PassReport
+
+
 class CompressionPass(ir.passes.InPlacePass, abc.ABC):
     """Base of every onnxcompress pass.
 
-    Subclasses set `name`, `Config` and `summary`, and implement `apply`, which returns
-    whether the model changed. A pass must either apply fully or change nothing: check
+    Subclasses set `name`, `Config` and `summary`, and implement `rewrite(model, report)`,
+    which edits the model, records every change and skip in `report`, and returns whether
+    the model changed. A pass must either apply fully or change nothing: check
     preconditions before the first edit. Tensors are never edited in place; a pass swaps
-    in new ones, so snapshots stay cheap and memory-mapped inputs stay untouched.
+    in new ones, so snapshots stay cheap and memory-mapped inputs stay untouched. Nothing
+    is stored on the instance after construction: one instance may run on many models.
     """
 
     name: ClassVar[str]
@@ -183,13 +204,13 @@ class CompressionPass(ir.passes.InPlacePass, abc.ABC):
     Config: ClassVar[type[PassConfig]] = PassConfig
     lossy: ClassVar[bool] = True
 
-    def __init__(self, config: PassConfig | None = None, /, **options: Any) -> None:
+    def __init__(self, config: PassConfig | None = None, /, *, context: PassContext | None = None,
+                 **options: Any) -> None:
         super().__init__()
         if config is not None and options:
             raise TypeError("give either a config object or keyword options, not both")
         self.config = config if config is not None else make_config(self.Config, options)
-        self.context = PassContext()
-        self.report = PassReport(self.name)
+        self.context = context if context is not None else PassContext()
 
     def needs_calibration(self) -> bool:
         """Whether random probes cannot vouch for this pass: its error depends on the inputs.
@@ -207,23 +228,74 @@ class CompressionPass(ir.passes.InPlacePass, abc.ABC):
                     f"{self.name} refuses an already quantized model (found {', '.join(ops)})"
                 )
 
-    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> CompressionResult:
         """onnx_ir wraps precondition failures; surface our own errors unwrapped."""
         try:
-            return super().__call__(model_or_result)
+            result = super().__call__(model_or_result)
         except ir.passes.PreconditionError as error:
             if isinstance(error.__cause__, OnnxCompressError):
                 raise error.__cause__ from None
             raise
+        assert isinstance(result, CompressionResult)
+        return result
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.report = PassReport(self.name)
-        modified = self.apply(model)
-        return ir.passes.PassResult(model, modified=modified)
+    def call(self, model: ir.Model) -> CompressionResult:
+        report = PassReport(self.name)
+        modified = self.rewrite(model, report)
+        return CompressionResult(model, modified, report)
 
     @abc.abstractmethod
-    def apply(self, model: ir.Model) -> bool:
-        """Rewrite `model` in place; return True if anything changed."""
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
+        """Rewrite `model` in place, recording each change and skip; return True if anything changed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanTable:
+    """A plan as a table for people (the CLI's dry run prints it): plain strings, no styling."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: Sequence[tuple[str, ...]]
+    right_aligned: frozenset[str] = frozenset()
+    notes: tuple[str, ...] = ()  # lines printed under the table
+
+
+class Plan(Protocol):
+    """A pass's decisions before any edit: serialisable, printable, and it says what it leaves alone."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def skips(self) -> list[Skip]: ...
+
+    def table(self) -> PlanTable: ...
+
+
+PlanT = TypeVar("PlanT", bound=Plan)
+
+
+class PlannedPass(CompressionPass, Generic[PlanT]):
+    """A pass that decides first (`plan`, no edit) and edits second (`apply`).
+
+    Distiller's thinning recipe: the plan gives dry runs, reports and reuse (a saved plan
+    applied to the same model) for free. `rewrite` is plan-then-apply.
+    """
+
+    @abc.abstractmethod
+    def plan(self, model: ir.Model) -> PlanT:
+        """Decide every edit without touching `model`."""
+
+    @abc.abstractmethod
+    def apply(self, model: ir.Model, plan: PlanT, report: PassReport) -> bool:
+        """Carry out `plan` on `model`; record each change in `report`; return True if anything changed."""
+
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
+        return self.apply(model, self.plan(model), report)
+
+    def record_plan(self, plan: PlanT, report: PassReport) -> None:
+        """What a plan alone tells a report: its skips and itself (the dry run's whole account)."""
+        for skip in plan.skips():
+            report.skip(skip.name, skip.reason)
+        report.notes["plan"] = plan.to_dict()
 
 
 def make_config(config_class: type[PassConfig], options: Mapping[str, Any]) -> PassConfig:

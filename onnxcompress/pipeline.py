@@ -10,7 +10,7 @@ the model as loaded. A failed gate either stops the run (`on_fail: stop`, the de
 
 from __future__ import annotations
 
-__all__ = ["Step", "StepResult", "PipelineResult", "run_steps", "model_summary"]
+__all__ = ["Step", "StepResult", "PipelineResult", "run_steps", "plan_steps", "model_summary"]
 
 import dataclasses
 import importlib.util
@@ -25,9 +25,24 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress import fidelity, runtime, summary
-from onnxcompress.errors import FidelityGateError, OnnxCompressError, UnsupportedModelError
+from onnxcompress.errors import (
+    FidelityGateError,
+    OnnxCompressError,
+    RecipeError,
+    UnsupportedModelError,
+)
 from onnxcompress.io import iter_tensors, serialized
-from onnxcompress.pass_base import PassContext, PassReport, get_pass, make_config
+from onnxcompress.pass_base import (
+    CompressionPass,
+    PassConfig,
+    PassContext,
+    PassReport,
+    Plan,
+    PlannedPass,
+    get_pass,
+    make_config,
+    pass_names,
+)
 from onnxcompress.probes import DEFAULT_PROBES, metadata_dims, probe_inputs, runnable_dims
 
 logger = logging.getLogger(__name__)
@@ -49,14 +64,23 @@ class Step(pydantic.BaseModel):
     )
 
 
+StepStatus = Literal["applied", "unchanged", "rolled back", "planned"]
+
+
 @dataclasses.dataclass
 class StepResult:
+    """What one step did: its status, the pass's report, the gate's metrics and verdict.
+
+    A dry run's step is "planned" and carries its `plan` (a `pass_base.Plan`).
+    """
+
     step: Step
-    status: Literal["applied", "unchanged", "rolled back"]
+    status: StepStatus
     report: PassReport
     metrics: fidelity.Metrics | None
     seconds: float
     failures: list[str] = dataclasses.field(default_factory=list)
+    plan: Plan | None = None
 
     @property
     def decided_by(self) -> list[str]:
@@ -139,65 +163,135 @@ def run_steps(
     input_sizes: Mapping[tuple[str, int], int] | None = None,
     task: fidelity.TaskMetric | None = None,
     on_progress: Callable[[str], None] | None = None,
+    dry_run: bool = False,
 ) -> PipelineResult:
     """Apply `steps` to a copy of `model`, each gated; return the result and its account.
 
     Every pass and option is validated before any work starts. `model` itself is untouched.
     Without `data`, probes are drawn at sizes the original runs on (`input_sizes` first);
-    `task` scores both models' outputs for gates with `min_task`.
+    `task` scores both models' outputs for gates with `min_task`. `dry_run` plans every step
+    instead (see `plan_steps`): no probe is run and no gate checked.
     """
-    passes = [get_pass(step.pass_name)(make_config(get_pass(step.pass_name).Config, step.options)) for step in steps]
+    configs = [make_config(get_pass(step.pass_name).Config, step.options) for step in steps]
+    if dry_run:
+        return plan_steps(model, steps, configs, data=data, seed=seed, on_step=on_step, task=task,
+                          on_progress=on_progress)
     original = model
     model = _clone(original)
     probes = reference_probes(original, count=probe_count, seed=seed, data=data, input_sizes=input_sizes)
+    reference = _reference_outputs(original, probes, data)
+    before = model_summary(model)
+    results: list[StepResult] = []
+    metrics: fidelity.Metrics | None = fidelity.compare(reference, reference, task=task)
+    round_start, round_metrics = _clone(model), metrics  # before the current round of steps
+    for index, (step, config) in enumerate(zip(steps, configs, strict=True)):
+        if on_step is not None:
+            on_step(index, len(steps), step)
+        context = PassContext(data=data, original=original, seed=seed, probes=probes, reference=reference,
+                              gate=step.gate, task=task, progress=on_progress)
+        snapshot = _clone(model)
+        if not step.with_previous:
+            round_start, round_metrics = snapshot, metrics
+        result = _gated_step(model, step, get_pass(step.pass_name)(config, context=context), index)
+        if result.status != "rolled back":
+            metrics = result.metrics or metrics
+        elif step.on_fail == "stop":
+            raise FidelityGateError(_failed(index, step, result.failures) + "; nothing was written")
+        else:
+            logger.info("%s; rolled back", _failed(index, step, result.failures))
+            model = snapshot
+            if step.with_previous and results and results[-1].status == "applied":
+                model, metrics = round_start, round_metrics  # the whole round goes
+                results[-1].status = "rolled back"
+                results[-1].failures.append(f"rolled back with step {index + 1} ({step.pass_name}), its round")
+        results.append(result)
+        logger.info("%s: %s in %.2fs (%s)", step.pass_name, result.status, result.seconds, result.metrics)
+    return PipelineResult(model, results, before, model_summary(model), metrics, dict(probes))
+
+
+def _reference_outputs(original: ir.Model, probes: Mapping[str, np.ndarray],
+                       data: Mapping[str, np.ndarray] | None) -> fidelity.Outputs:
+    """The original's outputs on the probes, refused when a gate could never be trusted on them."""
     try:
         reference = fidelity.run(original, probes)
     except UnsupportedModelError as error:
         raise UnsupportedModelError(f"the input model does not run: {error}") from None
     _refuse_broken_weights(original, reference.values)
     _check_finite(reference, data)
-    views = reference.views
+    return reference
+
+
+def _gated_step(model: ir.Model, step: Step, compression: CompressionPass, index: int) -> StepResult:
+    """Run one pass on `model` in place and gate its result against the context's reference.
+
+    A failed gate comes back as status "rolled back" with its failures; the caller restores.
+    """
+    context = compression.context
+    started = time.perf_counter()
+    outcome = compression(model)
+    failures: list[str] = []
+    step_metrics: fidelity.Metrics | None = None
+    if outcome.modified:
+        try:
+            outputs = validate(model, context.probes or {}, context.reference.views)
+            step_metrics = fidelity.compare(context.reference, outputs, task=context.task)
+            failures = step.gate.failures(step_metrics)
+        except _Invalid as error:
+            failures = [f"invalid model: {error}"]
+    status: StepStatus = "rolled back" if failures else "applied" if outcome.modified else "unchanged"
+    return StepResult(step, status, outcome.report, step_metrics, time.perf_counter() - started, failures)
+
+
+def _failed(index: int, step: Step, failures: Sequence[str]) -> str:
+    return f"step {index + 1} ({step.pass_name}) failed its gate: {'; '.join(failures)}"
+
+
+def plan_steps(
+    model: ir.Model,
+    steps: Sequence[Step],
+    configs: Sequence[PassConfig] | None = None,
+    *,
+    data: Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
+    on_step: ProgressCallback | None = None,
+    task: fidelity.TaskMetric | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> PipelineResult:
+    """Every step's plan, with nothing run through onnxruntime and no gate: the dry run.
+
+    Each step must be a `PlannedPass`. Its plan is made on the model as the steps before it
+    leave it, so each plan is carried out on an in-memory copy for the next step to see (the
+    copy's sizes are the result's `after`). Each result has status "planned", its plan, and
+    the report the plan alone gives (skips and the plan itself; no changes).
+    """
+    if configs is None:
+        configs = [make_config(get_pass(step.pass_name).Config, step.options) for step in steps]
+    passes = [_planned_pass(step) for step in steps]
+    original, model = model, _clone(model)
     before = model_summary(model)
     results: list[StepResult] = []
-    metrics: fidelity.Metrics | None = fidelity.compare(reference, reference, task=task)
-    round_start, round_metrics = _clone(model), metrics  # before the current round of steps
-    for index, (step, compression_pass) in enumerate(zip(steps, passes, strict=True)):
+    for index, (step, config, pass_class) in enumerate(zip(steps, configs, passes, strict=True)):
         if on_step is not None:
             on_step(index, len(steps), step)
-        compression_pass.context = PassContext(data=data, original=original, seed=seed, probes=probes,
-                                               reference=reference, gate=step.gate, task=task,
-                                               progress=on_progress)
-        snapshot = _clone(model)
-        if not step.with_previous:
-            round_start, round_metrics = snapshot, metrics
+        context = PassContext(data=data, original=original, seed=seed, gate=step.gate, task=task,
+                              progress=on_progress)
+        compression = pass_class(config, context=context)
         started = time.perf_counter()
-        modified = compression_pass(model).modified
-        failures: list[str] = []
-        step_metrics: fidelity.Metrics | None = None
-        if modified:
-            try:
-                step_metrics = fidelity.compare(reference, validate(model, probes, views), task=task)
-                failures = step.gate.failures(step_metrics)
-            except _Invalid as error:
-                failures = [f"invalid model: {error}"]
-        elapsed = time.perf_counter() - started
-        status: Literal["applied", "unchanged", "rolled back"] = "applied" if modified else "unchanged"
-        if failures:
-            message = f"step {index + 1} ({step.pass_name}) failed its gate: {'; '.join(failures)}"
-            if step.on_fail == "stop":
-                raise FidelityGateError(message + "; nothing was written")
-            logger.info("%s; rolled back", message)
-            model = snapshot
-            status = "rolled back"
-            if step.with_previous and results and results[-1].status == "applied":
-                model, metrics = round_start, round_metrics  # the whole round goes
-                results[-1].status = "rolled back"
-                results[-1].failures.append(f"rolled back with step {index + 1} ({step.pass_name}), its round")
-        elif step_metrics is not None:
-            metrics = step_metrics
-        results.append(StepResult(step, status, compression_pass.report, step_metrics, elapsed, failures))
-        logger.info("%s: %s in %.2fs (%s)", step.pass_name, status, elapsed, step_metrics)
-    return PipelineResult(model, results, before, model_summary(model), metrics, dict(probes))
+        compression.requires(model)
+        plan = compression.plan(model)
+        report = PassReport(compression.name)
+        compression.record_plan(plan, report)
+        compression.apply(model, plan, PassReport(compression.name))  # what the next step plans on
+        results.append(StepResult(step, "planned", report, None, time.perf_counter() - started, plan=plan))
+    return PipelineResult(model, results, before, model_summary(model), None)
+
+
+def _planned_pass(step: Step) -> type[PlannedPass[Any]]:
+    pass_class = get_pass(step.pass_name)
+    if not issubclass(pass_class, PlannedPass):
+        planned = ", ".join(name for name in pass_names() if issubclass(get_pass(name), PlannedPass))
+        raise RecipeError(f"{step.pass_name} has no plan step, so it cannot be dry-run (passes that plan: {planned})")
+    return pass_class
 
 
 def reference_probes(model: ir.Model, *, count: int = DEFAULT_PROBES, seed: int = 0,

@@ -29,6 +29,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import onnx
 import onnx_ir as ir
@@ -106,8 +107,8 @@ def available_ops(*, cuda: bool = False) -> list[str]:
         return []
 
 
-def session_options(threads: int | None = None, *, cuda: bool = False) -> ort.SessionOptions:
-    """Session options with the kernel library registered when it is built.
+def session_options(threads: int | None = None, *, cuda: bool = False, kernels: bool = True) -> ort.SessionOptions:
+    """Session options with the kernel library registered when it is built (and `kernels`).
 
     `cuda=True` registers the CUDA build instead when it exists (it holds the CPU kernels too).
     """
@@ -115,6 +116,8 @@ def session_options(threads: int | None = None, *, cuda: bool = False) -> ort.Se
     options.log_severity_level = 4  # errors reach us as exceptions: one line, ours
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not kernels:
+        return options
     library = (kernel_library_path(cuda=True) if cuda else None) or kernel_library_path()
     if library is not None:
         if not library.is_file():
@@ -168,6 +171,14 @@ ORT_ERRORS: tuple[type[Exception], ...] = tuple(
 )
 
 
+def _imports_domain(model: str | bytes | onnx.ModelProto) -> bool:
+    if isinstance(model, str):
+        model = onnx.load(model, load_external_data=False)
+    elif isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    return any(opset.domain == DOMAIN for opset in model.opset_import)
+
+
 def _provider_name(provider: object) -> str:
     return provider[0] if isinstance(provider, tuple) else str(provider)  # (name, options) pairs too
 
@@ -177,13 +188,16 @@ def session(
     providers: Sequence[str | tuple[str, dict[str, object]]] | None = None,
     *,
     threads: int | None = None,
+    kernels: Literal["built", "used"] = "built",
 ) -> ort.InferenceSession:
     """An InferenceSession on a path, an ir.Model, a ModelProto or serialized bytes.
 
     The kernel library is registered when built (its CUDA build when `providers` name
-    CUDAExecutionProvider and it exists). A model that needs it (custom ops of
-    `ai.onnxcompress` with no model-local fallback function) raises `MissingDependencyError`
-    when the library is absent, instead of onnxruntime's opaque schema error.
+    CUDAExecutionProvider and it exists); with `kernels="used"`, only for a model that imports
+    our domain (registering costs time: worth saving where hundreds of sessions are opened, as
+    the sensitivity sweep does). A model that needs it (custom ops of `ai.onnxcompress` with
+    no model-local fallback function) raises `MissingDependencyError` when the library is
+    absent, instead of onnxruntime's opaque schema error.
     """
     if isinstance(model, ir.Model):
         from onnxcompress.io import in_memory  # external data resolves from the model's folder only
@@ -201,12 +215,13 @@ def session(
         else:
             _check_kernels(onnx.load_from_string(model))
     what = model if isinstance(model, str) else "the model"
+    register = kernels == "built" or _imports_domain(model)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     try:
         return ort.InferenceSession(
             model,
-            sess_options=session_options(threads, cuda=cuda),
+            sess_options=session_options(threads, cuda=cuda, kernels=register),
             providers=list(providers) if providers else ["CPUExecutionProvider"],
         )
     except ORT_ERRORS as error:

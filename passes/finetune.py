@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from onnxcompress.errors import DataError
 from onnxcompress.finetune.config import FinetuneConfig
-from onnxcompress.pass_base import CompressionPass, register
+from onnxcompress.pass_base import CompressionPass, PassReport, register
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class FinetunePass(CompressionPass):
 
         return io.load(self.config.teacher)
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         from onnxcompress.finetune.executor import OnnxModule
         from onnxcompress.finetune.train import finetune, write_back
 
@@ -81,11 +81,11 @@ class FinetunePass(CompressionPass):
             detail = f"retrained ({kept})" if kept == "mask" else "retrained"
             if self.config.prior == "gmm":
                 detail += f", quantised to the prior's {len(result.prior_means)} means"
-            self.report.changed(name, consumers.get(name, "?"), before, after, detail=detail)
+            report.changed(name, consumers.get(name, "?"), before, after, detail=detail)
         trained = set(result.arrays)
         for name in sorted(trained - {c[0] for c in changed}):
-            self.report.skip(name, "values unchanged by training")
-        self.report.notes.update(result.summary())
+            report.skip(name, "values unchanged by training")
+        report.notes.update(result.summary())
         logger.info("finetune: %d tensors retrained over %d epochs", len(changed), len(result.history))
         return bool(changed)
 

@@ -21,7 +21,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.formats.packed import decode_initializer
-from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.sites import WeightSite, find_weight_sites
 
 _FLOATS = (np.float32, np.float64)
@@ -95,25 +95,25 @@ class Int8WeightPass(CompressionPass):
         """False: the per-channel error bound holds whatever the input."""
         return False
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         """Quantize every eligible weight, then rewrite them all; the rest get their reason."""
         scan = find_weight_sites(
             model, min_params=self.config.min_params, exclude=self.config.exclude
         )
         for skip in scan.skipped:
-            self.report.skip(skip.name, skip.reason)
+            report.skip(skip.name, skip.reason)
         planned = []
         for site in scan.sites:
             reason = _reason_to_skip(model, site)
             if reason is not None:
-                self.report.skip(site.name, reason)
+                report.skip(site.name, reason)
                 continue
             weights = site.array()
             q, scale = quantize_per_channel(weights, site.out_axis)  # type: ignore[arg-type]
             planned.append((site, weights, q, scale))
         for site, weights, q, scale in planned:
             _insert(model.graph, site, q, scale)
-            self.report.changed(
+            report.changed(
                 site.name,
                 site.op_type,
                 weights,

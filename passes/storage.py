@@ -21,7 +21,7 @@ import pydantic
 
 from onnxcompress.formats.codebook import codebook_layers, dense_weight
 from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, store_fp16
-from onnxcompress.pass_base import CompressionPass, LayerChange, PassConfig, register
+from onnxcompress.pass_base import CompressionPass, LayerChange, PassConfig, PassReport, register
 
 
 class PackIndicesConfig(PassConfig):
@@ -40,7 +40,7 @@ class PackIndicesPass(CompressionPass):
     Config = PackIndicesConfig
     lossy = False
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         """Pack the uint8 codebook layers where packing pays; report only those it packed."""
         before = {
             layer.name: layer for layer in codebook_layers(model) if layer.index_dtype == "uint8"
@@ -53,7 +53,7 @@ class PackIndicesPass(CompressionPass):
                 continue
             codebook_bytes = layer.codebook().nbytes
             count, nonzero = math.prod(layer.shape), int(np.count_nonzero(dense_weight(layer)))
-            self.report.changes.append(
+            report.changes.append(
                 LayerChange(
                     layer.name,
                     "Gather",
@@ -87,7 +87,7 @@ class StoreFp16Pass(CompressionPass):
         """float16 rounding moves each weight by at most 2^-11 of itself (normal range)."""
         return False
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         """Store the float32 initializers as float16; the report holds each one's rounding."""
         arrays = {
             name: value.const_value.numpy()
@@ -99,7 +99,7 @@ class StoreFp16Pass(CompressionPass):
         )
         for name in done:
             before = np.asarray(arrays[name])
-            self.report.changed(
+            report.changed(
                 name, "Cast", before, before.astype(np.float16), detail="float16 + Cast"
             )
         return bool(done)

@@ -15,7 +15,7 @@ from onnxcompress.errors import (
     RecipeError,
     UnsupportedModelError,
 )
-from onnxcompress.pass_base import CompressionPass, register
+from onnxcompress.pass_base import CompressionPass, PassReport, register
 from onnxcompress.pipeline import Step, reference_probes, run_steps
 from onnxcompress.recipe import builtin_recipes, load_recipe, parse_recipe
 from onnxcompress.sites import find_weight_sites
@@ -28,7 +28,7 @@ class ScrambleWeightsPass(CompressionPass):
 
     name = "test.scramble"
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         rng = np.random.default_rng(1)
         for site in find_weight_sites(model, min_params=0).sites:
             site.replace(rng.standard_normal(site.shape).astype(np.float32))
@@ -41,7 +41,7 @@ class DropNodePass(CompressionPass):
 
     name = "test.drop_node"
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         node = next(n for n in model.graph if n.op_type == "Relu")
         model.graph.remove(node, safe=False)
         return True
@@ -51,6 +51,28 @@ def test_a_wrong_step_fails_its_gate(rng):
     model = mlp(rng)
     with pytest.raises(FidelityGateError, match=r"step 1 \(test.scramble\) failed its gate: cosine"):
         run_steps(model, [Step(pass_name="test.scramble")])
+
+
+def test_a_dry_run_plans_every_step_and_edits_nothing(rng):
+    model = mlp(rng)
+    before = ir.to_proto(model).SerializeToString()
+    steps = [Step(pass_name="prune.structured", options={"ratio": 0.5}),
+             Step(pass_name="lowrank.svd", options={"ratio": 0.5, "min_params": 0})]
+    result = run_steps(model, steps, dry_run=True)
+    assert ir.to_proto(model).SerializeToString() == before
+    structured, lowrank = result.steps
+    assert [structured.status, lowrank.status] == ["planned", "planned"]
+    assert not structured.report.changes and structured.report.notes["plan"] == structured.plan.to_dict()
+    assert structured.report.reason_for("head.weight") == "channels reach graph output 'logits'"
+    # lowrank planned on the model as structured pruning leaves it: fc0 has 32 -> 16 columns
+    fc0 = next(layer for layer in lowrank.plan.layers if layer.name == "fc0.weight")
+    assert fc0.shape[1] == structured.plan.groups[0].channels // 2
+    assert result.after["weight_params"] < result.before["weight_params"]
+
+
+def test_a_dry_run_refuses_a_pass_without_a_plan_step(rng):
+    with pytest.raises(RecipeError, match="prune.magnitude has no plan step"):
+        run_steps(mlp(rng), [Step(pass_name="prune.magnitude", options={"sparsity": 0.5})], dry_run=True)
 
 
 def test_an_invalid_model_fails_its_gate(rng):

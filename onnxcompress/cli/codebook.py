@@ -24,15 +24,19 @@ from onnxcompress.cli.common import (
     MinRankOption,
     MinTop1Option,
     OutputOption,
+    PassOptionsCommand,
     ReportOption,
     check_side_file,
     compress_file,
     console,
     gate_for,
     guarded,
+    pass_help,
 )
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import Step
+
+KMEANS = "codebook.kmeans"
 
 
 def _parse_overrides(items: list[str] | None) -> dict[str, int]:
@@ -49,14 +53,13 @@ def _parse_overrides(items: list[str] | None) -> dict[str, int]:
 def cluster(
     model: Annotated[Path, typer.Argument(help="The ONNX model (pruned or not).", show_default=False)],
     output: OutputOption = None,
-    bits: Annotated[
-        int | None, typer.Option(help="Bits for every layer (1..8); default by op: Conv 8, MatMul/Gemm 5.")
-    ] = None,
+    bits: Annotated[int | None, typer.Option(help=pass_help(KMEANS, "bits"), show_default=False)] = None,
     layer_bits: Annotated[
         list[str] | None, typer.Option(help="GLOB=BITS for matching weights (repeatable, first match wins).")
     ] = None,
-    init: Annotated[str, typer.Option(help="linear (paper), density, random or optimal.")] = "linear",
-    exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never clustered (repeatable).")] = None,
+    init: Annotated[str | None, typer.Option(help=pass_help(KMEANS, "init"), show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help=pass_help(KMEANS, "exclude") + " Repeatable.", show_default=False)] = None,
     data: DataOption = None,
     report: ReportOption = None,
     min_cosine: MinCosineOption = None,
@@ -68,10 +71,11 @@ def cluster(
     options: dict[str, object] = {
         "bits": bits,
         "overrides": _parse_overrides(layer_bits),
-        "init": init,
         "exclude": tuple(exclude or ()),
     }
-    step = Step(pass_name="codebook.kmeans", options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
+    if init is not None:
+        options["init"] = init
+    step = Step(pass_name=KMEANS, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
     compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
 
 
@@ -143,6 +147,6 @@ def unpack(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(cluster)
+    app.command(cls=PassOptionsCommand)(cluster)
     app.command()(pack)
     app.command()(unpack)

@@ -14,6 +14,8 @@ __all__ = [
     "guarded",
     "default_output",
     "compress_file",
+    "plan_file",
+    "print_plan",
     "check_side_file",
     "check_loaded",
     "SideFile",
@@ -26,10 +28,14 @@ __all__ = [
     "MinTop1Option",
     "InputShapeOption",
     "gate_for",
+    "pass_help",
+    "PassOptionsCommand",
 ]
 
 import functools
+import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -37,13 +43,16 @@ from typing import Annotated, Any, TypeVar
 import onnx_ir as ir
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from onnxcompress import io, writer
 from onnxcompress.data import load_npz
 from onnxcompress.errors import OnnxCompressError, UserError
 from onnxcompress.fidelity import DEFAULT_GATE, Gate, TaskMetric
+from onnxcompress.pass_base import PlanTable, get_pass
 from onnxcompress.pipeline import PipelineResult, Step, run_steps
 from onnxcompress.probes import DEFAULT_PROBES, parse_input_shapes, shapes_as_sizes
 from onnxcompress.report import render_report
@@ -64,13 +73,14 @@ DataOption = Annotated[
 ReportOption = Annotated[Path | None, typer.Option("--report", help="Write a .json, .md or .html report.")]
 MinCosineOption = Annotated[float | None, typer.Option(
     "--min-cosine", min=-1.0, max=1.0, show_default=False,
-    help=f"Gate: lowest cosine of each output, logits for softmax outputs [default: {DEFAULT_GATE.min_cosine}].")]
+    help="Gate: lowest cosine of each output, logits for softmax outputs "
+         + escape(f"[default: {DEFAULT_GATE.min_cosine}]."))]
 MinRankOption = Annotated[float | None, typer.Option(
     "--min-rank-corr", min=-1.0, max=1.0, show_default=False,
-    help=f"Gate: lowest rank correlation over samples [default: {DEFAULT_GATE.min_rank_correlation}].")]
+    help="Gate: lowest rank correlation over samples " + escape(f"[default: {DEFAULT_GATE.min_rank_correlation}]."))]
 MinTop1Option = Annotated[float | None, typer.Option(
     "--min-top1", min=0.0, max=1.0, show_default=False,
-    help=f"Gate: lowest top-1 agreement [default: {DEFAULT_GATE.min_top1}].")]
+    help="Gate: lowest top-1 agreement " + escape(f"[default: {DEFAULT_GATE.min_top1}]."))]
 InputShapeOption = Annotated[list[str] | None, typer.Option(
     "--input-shape", show_default=False,
     help="Probe shape of an input with dynamic dimensions, NAME=DxDx... (repeatable), e.g. images=1x3x320x320.")]
@@ -198,6 +208,40 @@ def compress_file(
     return result
 
 
+def plan_file(model_path: Path, steps: Sequence[Step], *, data_path: Path | None = None,
+              save_plan: Path | None = None) -> PipelineResult:
+    """The dry run of every command: plan each step, print each plan, write the last as JSON if asked.
+
+    Nothing else is written. The caller has checked `save_plan` against the model paths.
+    """
+    model = io.load(model_path)
+    protected = check_loaded(model, [(save_plan, "plan")])
+    data = load_npz(data_path, model) if data_path else None
+    result = run_steps(model, steps, data=data, dry_run=True)
+    for step in result.steps:
+        if step.plan is not None:
+            print_plan(step.plan.table())
+    if save_plan is not None and result.steps:
+        writer.write_text(save_plan, plan_text(result.steps[-1].report.notes["plan"]), "plan", protected)
+    return result
+
+
+def plan_text(plan: object) -> str:
+    """A plan's JSON file: what `--save-plan` writes and `--plan` reads back."""
+    return json.dumps(plan, indent=2) + "\n"
+
+
+def print_plan(table: PlanTable) -> None:
+    rich_table = Table(title=table.title)
+    for column in table.columns:
+        rich_table.add_column(column, justify="right" if column in table.right_aligned else "left")
+    for row in table.rows:
+        rich_table.add_row(*row)
+    console.print(rich_table)
+    for line in table.notes:
+        console.print(line, soft_wrap=True)
+
+
 def print_summary(result: PipelineResult, output: Path) -> None:
     console.print(f"wrote {output}", soft_wrap=True)
     table = Table()
@@ -217,6 +261,44 @@ def print_summary(result: PipelineResult, output: Path) -> None:
         for failure in step.failures:
             console.print(f"  gate: {failure}")
     logging.getLogger(__name__).debug("summary printed")
+
+
+_PASS_FIELD = re.compile(r"\{pass:([\w.]+):(\w+)\}")
+
+
+def pass_help(pass_name: str, field: str) -> str:
+    """The help of an option that sets `field` of a pass: the field's description and default.
+
+    The pass config is the one place an option is documented (and its default declared). The
+    text is looked up when help is shown (`PassOptionsCommand`), so listing the commands imports
+    no pass; an option left at None takes the config's default.
+    """
+    return f"{{pass:{pass_name}:{field}}}"
+
+
+def field_help(pass_name: str, field: str) -> str:
+    """A pass config field's description, with its default when it has one worth showing."""
+    info = get_pass(pass_name).Config.model_fields[field]
+    text = info.description or ""
+    default = None if info.is_required() else info.get_default(call_default_factory=True)
+    if default not in (None, (), {}, False):
+        text += escape(f" [default: {default}]")  # brackets are rich markup: shown literally
+    return text
+
+
+def resolve_pass_help(text: str) -> str:
+    return _PASS_FIELD.sub(lambda match: field_help(match[1], match[2]), text)
+
+
+class PassOptionsCommand(TyperCommand):
+    """A command whose options' help comes from pass configs (see `pass_help`)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.params:
+            help_text = getattr(param, "help", None)
+            if isinstance(help_text, str):
+                param.help = resolve_pass_help(help_text)  # type: ignore[attr-defined]
+        super().format_help(ctx, formatter)
 
 
 def gate_for(min_cosine: float | None = None, min_rank_corr: float | None = None,

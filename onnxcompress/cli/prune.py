@@ -19,41 +19,33 @@ from onnxcompress.cli.common import (
     MinRankOption,
     MinTop1Option,
     OutputOption,
+    PassOptionsCommand,
     ReportOption,
     SideFile,
-    check_loaded,
     check_side_file,
     compress_file,
     console,
     gate_for,
     guarded,
+    pass_help,
+    plan_file,
+    plan_text,
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import DataError, UserError
-from onnxcompress.pass_base import PassContext
 from onnxcompress.pipeline import Step
+from onnxcompress.report_sensitivity import check_outputs, write_outputs
 
 logger = logging.getLogger(__name__)
 
-
-def _print_plan(plan_dict: dict[str, object]) -> None:
-    from onnxcompress.passes.prune.structured import StructuredPlan
-
-    plan = StructuredPlan.from_dict(plan_dict)  # type: ignore[arg-type]
-    table = Table(title=f"structured plan ({plan.criterion}, ratio {plan.ratio})")
-    for column, justify in (("group (producers)", "left"), ("channels", "right"), ("kept", "right"),
-                            ("consumers", "left"), ("note", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for group in plan.groups:
-        kept = len(group.keep) if group.skip_reason is None else group.channels
-        note = group.skip_reason or f"remove {group.removed}"
-        table.add_row(group.name, str(group.channels), str(kept), ", ".join(group.consumers), note)
-    console.print(table)
+MAGNITUDE, STRUCTURED = "prune.magnitude", "prune.structured"
 
 
-def _structured_options(ratio: float, criterion: str, exclude: list[str] | None,
+def _structured_options(ratio: float | None, criterion: str | None, exclude: list[str] | None,
                         plan_file: Path | None) -> dict[str, object]:
-    options: dict[str, object] = {"ratio": ratio, "criterion": criterion, "exclude": tuple(exclude or ())}
+    given = {"ratio": ratio, "criterion": criterion}  # None: the config's default
+    options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
+    options["exclude"] = tuple(exclude or ())
     if plan_file is not None:
         try:
             options["plan"] = json.loads(plan_file.read_text())
@@ -68,17 +60,20 @@ def _structured_options(ratio: float, criterion: str, exclude: list[str] | None,
 def prune(
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
-    sparsity: Annotated[float | None, typer.Option(help="Share of weights set to zero, in [0, 1).")] = None,
-    quality: Annotated[float | None, typer.Option(help="Han's rule: zero |w| < quality × std(layer).")] = None,
+    sparsity: Annotated[float | None, typer.Option(help=pass_help(MAGNITUDE, "sparsity"), show_default=False)] = None,
+    quality: Annotated[float | None, typer.Option(help=pass_help(MAGNITUDE, "quality"), show_default=False)] = None,
     global_scope: Annotated[bool, typer.Option("--global", help="One threshold over all layers.")] = False,
     structured: Annotated[bool, typer.Option("--structured", help="Remove whole neurons / channels.")] = False,
-    ratio: Annotated[float, typer.Option(min=0.0, max=0.999, help="--structured: share of channels removed per group.")] = 0.5,
-    criterion: Annotated[str, typer.Option(help="--structured: l1, l2, taylor or obd (the last two need --data).")] = "l1",
+    ratio: Annotated[float | None, typer.Option(
+        min=0.0, max=0.999, help="--structured: " + pass_help(STRUCTURED, "ratio"), show_default=False)] = None,
+    criterion: Annotated[str | None, typer.Option(
+        help="--structured: " + pass_help(STRUCTURED, "criterion"), show_default=False)] = None,
     dead_neurons: Annotated[bool, typer.Option("--dead-neurons", help="After unstructured pruning, remove neurons left without connections (Han).")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="--structured: print the plan, write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="--structured or --dead-neurons: print the plan, write nothing.")] = False,
     save_plan: Annotated[Path | None, typer.Option(help="--structured: write the plan as JSON.")] = None,
-    plan: Annotated[Path | None, typer.Option(help="--structured: apply a saved plan instead of planning.")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never pruned (repeatable).")] = None,
+    plan: Annotated[Path | None, typer.Option(help="--structured: " + pass_help(STRUCTURED, "plan"))] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help=pass_help(MAGNITUDE, "exclude") + " Repeatable.", show_default=False)] = None,
     data: DataOption = None,
     report: ReportOption = None,
     min_cosine: MinCosineOption = None,
@@ -94,16 +89,14 @@ def prune(
         options = _structured_options(ratio, criterion, exclude, plan)
         if save_plan is not None:
             check_side_file(save_plan, "plan", model, output)
-        if dry_run:
-            _plan_only(model, options, data, save_plan, show=True)
-            return
-        if save_plan is not None:  # written with the model, so a failed gate writes neither
-            text = _plan_only(model, options, data, None, show=False)
-            side_files = [(save_plan, "plan", lambda _result: text)]
-        steps = [Step(pass_name="prune.structured", options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))]
+            # written with the model, so a failed gate writes neither
+            side_files = [(save_plan, "plan", lambda result: plan_text(result.steps[0].report.notes["plan"]))]
+        steps = [Step(pass_name=STRUCTURED, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))]
     else:
-        if dry_run or save_plan is not None or plan is not None:
-            raise UserError("--dry-run, --save-plan and --plan go with --structured")
+        if save_plan is not None or plan is not None:
+            raise UserError("--save-plan and --plan go with --structured")
+        if dry_run and (sparsity is not None or quality is not None):
+            raise UserError("--dry-run goes with --structured or --dead-neurons alone (magnitude pruning has no plan)")
         if sparsity is None and quality is None and not dead_neurons:
             raise UserError("give --sparsity S or --quality Q (or --dead-neurons alone, or --structured)")
         magnitude: dict[str, object] = {"scope": "global" if global_scope else "layer",
@@ -114,31 +107,15 @@ def prune(
             magnitude["quality"] = quality
         steps = []
         if sparsity is not None or quality is not None or not dead_neurons:  # --dead-neurons alone: only that
-            steps.append(Step(pass_name="prune.magnitude", options=magnitude, gate=gate_for(min_cosine, min_rank_corr, min_top1)))
+            steps.append(Step(pass_name=MAGNITUDE, options=magnitude, gate=gate_for(min_cosine, min_rank_corr, min_top1)))
         if dead_neurons:
             steps.append(Step(pass_name="prune.dead_neurons", options={"exclude": tuple(exclude or ())},
                               gate=gate_for(min_cosine, min_rank_corr, min_top1)))
+    if dry_run:
+        plan_file(model, steps, data_path=data, save_plan=save_plan)
+        return
     compress_file(model, output, steps, data_path=data, report_path=report, side_files=side_files,
                   input_shapes=input_shape)
-
-
-def _plan_only(model_path: Path, options: dict[str, object], data_path: Path | None,
-               save_plan: Path | None, show: bool) -> str:
-    """The plan as JSON text; written to `save_plan` (if given) and printed (if `show`)."""
-    from onnxcompress.passes.prune.structured import StructuredPrunePass
-
-    loaded = io.load(model_path)
-    protected = check_loaded(loaded, [(save_plan, "plan")])
-    compression = StructuredPrunePass(**options)
-    data = load_npz(data_path, loaded) if data_path else None
-    compression.context = PassContext(data=data, original=loaded)
-    plan_dict = compression.make_plan(loaded).to_dict()
-    text = json.dumps(plan_dict, indent=2) + "\n"
-    if save_plan is not None:
-        writer.write_text(save_plan, text, "plan", protected)
-    if show:
-        _print_plan(plan_dict)
-    return text
 
 
 DEFAULT_RATIOS_TEXT = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
@@ -178,7 +155,7 @@ def sensitivity(
     With a cosine budget the chosen plan also passes the default gate's other checks (rank
     correlation, top-1; change them with --min-rank-corr / --min-top1), as `optimize` will check."""
     from onnxcompress.passes.prune.retrain_ladder import RETRAIN_RATIOS, ladder_recipe_text
-    from onnxcompress.passes.prune.sensitivity import Budget, check_outputs, write_outputs
+    from onnxcompress.passes.prune.sensitivity import Budget
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
 
     ratio_list = list(RETRAIN_RATIOS) if finetune and ratios == DEFAULT_RATIOS_TEXT else _parse_ratios(ratios)
@@ -218,5 +195,5 @@ def sensitivity(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(prune)
+    app.command(cls=PassOptionsCommand)(prune)
     app.command()(sensitivity)

@@ -18,10 +18,12 @@ from onnxcompress.cli.common import (
     MinRankOption,
     MinTop1Option,
     OutputOption,
+    PassOptionsCommand,
     ReportOption,
     compress_file,
     gate_for,
     guarded,
+    pass_help,
 )
 from onnxcompress.pipeline import Step
 
@@ -32,23 +34,21 @@ PASS_NAME = "sparse.csr"
 def sparsify(
     model: Annotated[Path, typer.Argument(help="The (pruned) ONNX model.", show_default=False)],
     output: OutputOption = None,
-    min_sparsity: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Layers with fewer zero weights stay dense.")
-    ] = 0.7,
-    batch: Annotated[int, typer.Option(min=1, help="Batch size the speed decision is measured at.")] = 1,
+    min_sparsity: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help=pass_help(PASS_NAME, "min_sparsity"), show_default=False)] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help=pass_help(PASS_NAME, "batch"), show_default=False)] = None,
     portable: Annotated[
-        bool,
-        typer.Option("--portable/--no-portable", help="Also write model-local ONNX functions (stock onnxruntime runs it)."),
+        bool, typer.Option("--portable/--no-portable", help=pass_help(PASS_NAME, "portable"), show_default=False)
     ] = True,
     always: Annotated[
         bool, typer.Option("--always", help="Convert every layer >= --min-sparsity without measuring speed.")
     ] = False,
-    min_speedup: Annotated[
-        float, typer.Option(help="Measured dense/sparse time ratio a layer must reach (> 0).")
-    ] = 1.1,
-    threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime threads for the measurement.")] = None,
-    min_params: Annotated[int, typer.Option(min=0, help="Weights with fewer parameters stay dense.")] = 1024,
-    exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob never converted (repeatable).")] = None,
+    min_speedup: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "min_speedup"), show_default=False)] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help=pass_help(PASS_NAME, "threads"), show_default=False)] = None,
+    min_params: Annotated[int | None, typer.Option(
+        min=0, help=pass_help(PASS_NAME, "min_params"), show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help=pass_help(PASS_NAME, "exclude") + " Repeatable.", show_default=False)] = None,
     data: DataOption = None,
     report: ReportOption = None,
     min_cosine: MinCosineOption = None,
@@ -57,19 +57,13 @@ def sparsify(
     input_shape: InputShapeOption = None,
 ) -> None:
     """Run pruned layers with the SparseMatMul kernel where it is measurably faster (exact)."""
-    options: dict[str, object] = {
-        "min_sparsity": min_sparsity,
-        "batch": batch,
-        "portable": portable,
-        "decide": "always" if always else "measure",
-        "min_speedup": min_speedup,
-        "threads": threads,
-        "min_params": min_params,
-        "exclude": tuple(exclude or ()),
-    }
+    given = {"min_sparsity": min_sparsity, "batch": batch, "min_speedup": min_speedup, "threads": threads,
+             "min_params": min_params}  # None: the config's default
+    options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
+    options.update(portable=portable, decide="always" if always else "measure", exclude=tuple(exclude or ()))
     step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
     compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(sparsify)
+    app.command(cls=PassOptionsCommand)(sparsify)

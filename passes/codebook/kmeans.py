@@ -34,7 +34,7 @@ import pydantic
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, packing_pays
-from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.passes.codebook.kmeans1d import kmeans_1d
 from onnxcompress.sites import WeightSite, find_weight_sites
 
@@ -186,7 +186,7 @@ class KMeansClusterPass(CompressionPass):
             return packed_nbytes(count, bits)
         return (count + 1) // 2 if storage == "uint4" else count
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         """Cluster every eligible weight, then rewrite them all; the rest get their reason."""
         scan = find_weight_sites(
             model,
@@ -195,12 +195,12 @@ class KMeansClusterPass(CompressionPass):
             ops=self.config.ops,
         )
         for skip in scan.skipped:
-            self.report.skip(skip.name, skip.reason)
+            report.skip(skip.name, skip.reason)
         todo = []
         for site in scan.sites:
             reason = self._reason_to_skip(model, site)
             if reason is not None:
-                self.report.skip(site.name, reason)
+                report.skip(site.name, reason)
             else:
                 todo.append(site)
         # Compute everything first, then edit: the pass applies fully or not at all.
@@ -229,7 +229,7 @@ class KMeansClusterPass(CompressionPass):
             if storage == "packed":
                 to_pack.add(site.name)
             index_bytes = self._index_bytes(storage, indices.size, bits)
-            self.report.changed(
+            report.changed(
                 site.name,
                 site.op_type,
                 weights,

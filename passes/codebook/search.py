@@ -47,7 +47,7 @@ from onnxcompress.formats.packed import (
     packed_nbytes,
     packing_pays,
 )
-from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.passes.codebook.kmeans import KMeansClusterPass, cluster_weights
 from onnxcompress.sites import WeightSite, find_weight_sites
 
@@ -129,26 +129,26 @@ class CodebookSearchPass(CompressionPass):
     Config = CodebookSearchConfig
     config: CodebookSearchConfig
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         context = self.context
         if context.probes is None or context.reference is None:
             raise UnsupportedModelError(f"{self.name} runs inside a gated step (optimize or a recipe)")
         scan = find_weight_sites(model, min_params=self.config.min_params, exclude=self.config.exclude)
         for skip in scan.skipped:
-            self.report.skip(skip.name, skip.reason)
+            report.skip(skip.name, skip.reason)
         checker = KMeansClusterPass(bits=min(self.config.bits), min_params=self.config.min_params)
         sites = []
         for site in scan.sites:
             reason = checker._reason_to_skip(model, site)
             if reason is not None and "would not be smaller" not in reason:
-                self.report.skip(site.name, reason)
+                report.skip(site.name, reason)
             else:
                 sites.append(site)
         if not sites:
             return False
         candidates = self._candidates(model, sites)
-        choice = self._search(model, sites, candidates)
-        return self._write(model, sites, candidates, choice)
+        choice = self._search(model, sites, candidates, report)
+        return self._write(model, sites, candidates, choice, report)
 
     def _candidates(self, model: ir.Model, sites: list[WeightSite]) -> dict[str, list[Candidate]]:
         """Every layer's codebook at every width, cheapest first, with its error and bytes."""
@@ -187,8 +187,8 @@ class CodebookSearchPass(CompressionPass):
     def _pick(options: list[Candidate], tolerance: float) -> Candidate | None:
         return next((c for c in options if c.error <= tolerance), None)
 
-    def _search(self, model: ir.Model, sites: list[WeightSite],
-                candidates: dict[str, list[Candidate]]) -> dict[str, Candidate | None]:
+    def _search(self, model: ir.Model, sites: list[WeightSite], candidates: dict[str, list[Candidate]],
+                report: PassReport) -> dict[str, Candidate | None]:
         """The largest tolerance whose choice passes the gate (bisection over candidate errors).
 
         8 bits everywhere, checked with the step's own gate, is the floor (what `optimize` writes
@@ -214,8 +214,8 @@ class CodebookSearchPass(CompressionPass):
             else:
                 high = middle - 1
         tolerance = errors[low] if low >= 0 else 0.0
-        self.report.notes.update({"tolerance": tolerance, "trials": trials,
-                                  "floor": "8 bits" if any(floor.values()) else "dense"})
+        report.notes.update({"tolerance": tolerance, "trials": trials,
+                             "floor": "8 bits" if any(floor.values()) else "dense"})
         logger.info("%s: tolerance %.3g after %d trials", self.name, tolerance, trials)
         return best
 
@@ -250,19 +250,19 @@ class CodebookSearchPass(CompressionPass):
         return gate.model_copy(update=tightened)
 
     def _write(self, model: ir.Model, sites: list[WeightSite], candidates: dict[str, list[Candidate]],
-               choice: dict[str, Candidate | None]) -> bool:
+               choice: dict[str, Candidate | None], report: PassReport) -> bool:
         changed = False
         for site in sites:
             candidate = choice[site.name]
             if candidate is None:
                 options = candidates[site.name]
                 cheapest = f"{options[-1].bits} bits error {options[-1].error:.3g}" if options else "no saving"
-                self.report.skip(site.name, f"kept dense: even {cheapest} is over the tolerance")
+                report.skip(site.name, f"kept dense: even {cheapest} is over the tolerance")
                 continue
             weights = site.array()
             insert_codebook(model.graph, site.value, candidate.indices, candidate.codebook,
                             bits=candidate.bits, zero_entry=candidate.zero_entry, packed=False)
-            self.report.changed(
+            report.changed(
                 site.name, site.op_type, weights,
                 params_after=int(np.count_nonzero(candidate.codebook[candidate.indices])),
                 bytes_after=candidate.nbytes,

@@ -14,8 +14,6 @@ __all__ = ["PairLatency", "measure_pair", "static_input_shapes"]
 
 import dataclasses
 import logging
-import statistics
-import time
 
 import numpy as np
 import onnx
@@ -25,6 +23,7 @@ from onnxcompress.passes.lowrank.decompose import ConvAttributes
 from onnxcompress.passes.lowrank.rewrite import apply_factors
 from onnxcompress.runtime import session
 from onnxcompress.sites import WeightSite, find_weight_sites
+from onnxcompress.timing import interleaved_medians
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +74,6 @@ def _one_layer_model(site: WeightSite, input_shape: tuple[int, ...]) -> ir.Model
     return ir.Model(graph, ir_version=10)
 
 
-def _time(sessions: list, feed: dict[str, np.ndarray], repeats: int) -> list[float]:
-    for sess in sessions:  # warm-up
-        for _ in range(2):
-            sess.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(repeats):
-        for index, sess in enumerate(sessions):
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times[index].append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
-
-
 def measure_pair(
     site: WeightSite,
     kind: str,
@@ -108,6 +94,6 @@ def measure_pair(
     rng = np.random.default_rng(seed)
     feed = {"x": rng.standard_normal(input_shape).astype(site.array().dtype)}
     sessions = [session(original, threads=threads), session(factored, threads=threads)]
-    original_ms, pair_ms = _time(sessions, feed, repeats)
+    original_ms, pair_ms = (seconds * 1e3 for seconds in interleaved_medians(sessions, feed, repeats=repeats))
     logger.info("%s: original %.3f ms, pair %.3f ms at input %s", site.name, original_ms, pair_ms, input_shape)
     return PairLatency(original_ms, pair_ms)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxcompress.errors import RecipeError
+from onnxcompress.pass_base import PlanTable, Skip
 from onnxcompress.writer import write_text
 
 
@@ -72,6 +73,12 @@ class Plan:
     layers: list[LayerPlan] = dataclasses.field(default_factory=list)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Work done while planning that applying the plan to the same model reuses (the model and
+    # each layer's SVDs); never serialised: a plan read back from JSON recomputes it.
+    prepared: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def skips(self) -> list[Skip]:
+        return [Skip(name, reason) for name, reason in self.skipped]
 
     def totals(self) -> dict[str, int]:
         """Parameters and FLOPs of the planned layers, before and after."""
@@ -118,6 +125,23 @@ class Plan:
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: not a low-rank plan (a JSON object expected)")
         return cls.from_dict(data)
+
+    def table(self) -> PlanTable:
+        """Per planned layer: kind, rank, predicted sizes and error; totals and skips below."""
+        rows = [
+            (layer.name, layer.op, layer.kind, f"{layer.rank}/{layer.max_rank}",
+             f"{layer.params_before:,} → {layer.params_after:,}", f"×{layer.flop_ratio:.2f}",
+             f"{layer.energy:.4f}", f"{layer.rel_error:.4f}")
+            for layer in self.layers
+        ]
+        notes = []
+        if self.layers:
+            totals = self.totals()
+            notes.append(f"planned layers: params {totals['params_before']:,} → {totals['params_after']:,} "
+                         f"(×{totals['params_after'] / totals['params_before']:.3f})")
+        notes += [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        columns = ("weight", "op", "kind", "rank", "params", "FLOPs", "energy", "rel. error")
+        return PlanTable("low-rank plan", columns, rows, right_aligned=frozenset(columns[3:]), notes=tuple(notes))
 
     def reason_for(self, name: str) -> str | None:
         return next((reason for skipped, reason in self.skipped if skipped == name), None)

@@ -98,7 +98,11 @@ def apply_factors(
     conv: ConvAttributes | None = None,
     taken: set[str] | None = None,
 ) -> None:
-    """Replace `site`'s node by the factor pair of `kind`; the caller has checked eligibility."""
+    """Replace `site`'s node by the factor pair of `kind`; the caller has checked eligibility.
+
+    The new first node reads the input and `first`; the original node, its attributes adjusted
+    to the second factor's form, reads the first node's output and `second`.
+    """
     taken = taken if taken is not None else taken_names(model)
     node = site.node
     graph = node.graph
@@ -116,36 +120,10 @@ def apply_factors(
         attributes["transA"] = node.attributes.get_int("transA", 0)
         new = ir.node("Gemm", [x, first_value], attributes=attributes, outputs=[hidden], name=first_name)
         node.attributes["transA"] = ir.AttrInt64("transA", 0)
-    elif kind == "conv_channel":
+    elif kind in ("conv_channel", "conv_spatial"):
         assert conv is not None
-        attributes: dict[str, object] = {
-            "kernel_shape": list(conv.kernel),
-            "strides": list(conv.strides),
-            "dilations": list(conv.dilations),
-            "group": conv.group,
-        }
-        if conv.auto_pad != "NOTSET":
-            attributes["auto_pad"] = conv.auto_pad
-        else:
-            attributes["pads"] = list(conv.pads)
-        new = _conv_node(x, first_value, hidden, first_name, attributes)
-        ones = [1] * len(conv.kernel)
-        _set_conv_attributes(node, ones, ones, [0] * (2 * len(ones)), ones, conv.group)
-    elif kind == "conv_spatial":
-        assert conv is not None
-        kh, kw = conv.kernel
-        sh, sw = conv.strides
-        dh, dw = conv.dilations
-        top, left, bottom, right = conv.pads if conv.auto_pad == "NOTSET" else (0, 0, 0, 0)
-        attributes = {
-            "kernel_shape": [kh, 1],
-            "strides": [sh, 1],
-            "pads": [top, 0, bottom, 0],
-            "dilations": [dh, 1],
-            "group": conv.group,
-        }
-        new = _conv_node(x, first_value, hidden, first_name, attributes)
-        _set_conv_attributes(node, [1, kw], [1, sw], [0, left, 0, right], [1, dw], conv.group)
+        split = _split_channel if kind == "conv_channel" else _split_spatial
+        new = _conv_node(x, first_value, hidden, first_name, split(node, conv))
     else:
         raise ValueError(f"unknown kind {kind!r}")
     graph.insert_before(node, new)
@@ -153,3 +131,40 @@ def apply_factors(
     node.replace_input_with(1, second_value)
     _drop_if_unused(site)
     logger.debug("%s: %s split into %s + %s", site.name, node.op_type, new.name, node.name)
+
+
+def _split_channel(node: ir.Node, conv: ConvAttributes) -> dict[str, object]:
+    """Channel form: the first conv keeps the k×k kernel; `node` becomes the 1×1 conv.
+
+    Returns the first conv's attributes.
+    """
+    attributes: dict[str, object] = {
+        "kernel_shape": list(conv.kernel),
+        "strides": list(conv.strides),
+        "dilations": list(conv.dilations),
+        "group": conv.group,
+    }
+    if conv.auto_pad != "NOTSET":
+        attributes["auto_pad"] = conv.auto_pad
+    else:
+        attributes["pads"] = list(conv.pads)
+    ones = [1] * len(conv.kernel)
+    _set_conv_attributes(node, ones, ones, [0] * (2 * len(ones)), ones, conv.group)
+    return attributes
+
+
+def _split_spatial(node: ir.Node, conv: ConvAttributes) -> dict[str, object]:
+    """Spatial form: the first conv is kh×1 (vertical stride, padding, dilation); `node` becomes
+    the 1×kw conv with the horizontal ones. Returns the first conv's attributes."""
+    kh, kw = conv.kernel
+    sh, sw = conv.strides
+    dh, dw = conv.dilations
+    top, left, bottom, right = conv.pads if conv.auto_pad == "NOTSET" else (0, 0, 0, 0)
+    _set_conv_attributes(node, [1, kw], [1, sw], [0, left, 0, right], [1, dw], conv.group)
+    return {
+        "kernel_shape": [kh, 1],
+        "strides": [sh, 1],
+        "pads": [top, 0, bottom, 0],
+        "dilations": [dh, 1],
+        "group": conv.group,
+    }

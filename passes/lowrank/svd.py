@@ -23,20 +23,25 @@ from __future__ import annotations
 
 __all__ = ["LowRankConfig", "LowRankSVDPass"]
 
+import dataclasses
 import logging
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 import pydantic
 
 from onnxcompress.errors import RecipeError, UnsupportedModelError
-from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.pass_base import PassConfig, PassContext, PassReport, PlannedPass, register
 from onnxcompress.passes.lowrank.budget import Candidate, greedy_select
 from onnxcompress.passes.lowrank.decompose import ConvAttributes, Decomposition, conv_attributes
 from onnxcompress.passes.lowrank.plan import LayerPlan, Plan
 from onnxcompress.passes.lowrank.rewrite import apply_factors, plain_attributes, taken_names
 from onnxcompress.sites import WeightSite, find_weight_sites
+
+if TYPE_CHECKING:
+    from onnxcompress.passes.lowrank.latency import PairLatency
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +130,12 @@ class _Layer:
         return next(d for d in self.options if d.kind == kind)
 
 
+Layers = dict[str, _Layer]  # the eligible weights of one plan, by name
+LatencyProbe = Callable[..., "PairLatency"]  # (site, kind, first, second, shape, *, conv, threads, seed)
+
+
 @register
-class LowRankSVDPass(CompressionPass):
+class LowRankSVDPass(PlannedPass[Plan]):
     """Factorize weights by truncated SVD where the factors are smaller (and, if asked, faster)."""
 
     name = "lowrank.svd"
@@ -134,11 +143,11 @@ class LowRankSVDPass(CompressionPass):
     Config = LowRankConfig
     config: LowRankConfig
 
-    def __init__(self, config: PassConfig | None = None, /, **options: Any) -> None:
-        super().__init__(config, **options)
-        self.last_plan: Plan | None = None
-        self._layers: dict[str, _Layer] = {}
-        self._latency = None  # injectable in tests: (site, kind, first, second, shape, conv) -> PairLatency
+    def __init__(self, config: PassConfig | None = None, /, *, context: PassContext | None = None,
+                 latency: LatencyProbe | None = None, **options: Any) -> None:
+        """`latency` replaces the onnxruntime timing of `speed` (a fixed answer in tests)."""
+        super().__init__(config, context=context, **options)
+        self.latency = latency
 
     # ---- eligibility ---------------------------------------------------------------------
     def _eligible(self, model: ir.Model, site: WeightSite) -> tuple[_Layer | None, str]:
@@ -245,7 +254,7 @@ class LowRankSVDPass(CompressionPass):
         return d, rank
 
     # ---- planning ------------------------------------------------------------------------
-    def plan_model(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan:
         """Decide kind and rank per layer without touching the model (or load the saved plan)."""
         config = self.config
         if config.plan:
@@ -254,34 +263,40 @@ class LowRankSVDPass(CompressionPass):
                                  exclude=config.exclude, ops=OPS)
         plan = Plan(settings=config.settings())
         plan.skipped.extend((skip.name, skip.reason) for skip in scan.skipped)
-        self._layers = {}
+        layers: Layers = {}
         for site in scan.sites:
             layer, reason = self._eligible(model, site)
             if layer is None:
                 plan.skipped.append((site.name, reason))
             else:
-                self._layers[site.name] = layer
+                layers[site.name] = layer
         if config.mode == "budget":
-            chosen = self._budget_choices(model, plan)
+            chosen = self._budget_choices(model, plan, layers)
         else:
-            chosen = {}
-            for name, layer in self._layers.items():
-                result = self._by_ratio(layer) if config.mode == "ratio" else self._by_energy(layer)
-                if isinstance(result, str):
-                    plan.skipped.append((name, result))
-                else:
-                    chosen[name] = result
-        shapes = self._input_shapes(model) if config.speed else {}
+            chosen = self._rank_choices(plan, layers)
+        shapes = self._input_shapes(model, layers) if config.speed else {}
         for name, (d, rank) in chosen.items():
-            layer_plan = self._layer_plan(self._layers[name], d, rank)
+            layer_plan = self._layer_plan(layers[name], d, rank)
             if config.speed:
-                layer_plan, reason = self._check_speed(self._layers[name], d, layer_plan, shapes)
+                layer_plan, reason = self._check_speed(layers[name], d, layer_plan, shapes)
                 if reason:
                     plan.skipped.append((name, reason))
                     continue
             plan.layers.append(layer_plan)
         plan.layers.sort(key=lambda layer: layer.name)
+        plan.prepared = {"model": model, "layers": layers}
         return plan
+
+    def _rank_choices(self, plan: Plan, layers: Layers) -> dict[str, tuple[Decomposition, int]]:
+        """Kind and rank of each layer by energy or ratio; a layer no rank suits joins the skips."""
+        chosen = {}
+        for name, layer in layers.items():
+            result = self._by_ratio(layer) if self.config.mode == "ratio" else self._by_energy(layer)
+            if isinstance(result, str):
+                plan.skipped.append((name, result))
+            else:
+                chosen[name] = result
+        return chosen
 
     def _layer_plan(self, layer: _Layer, d: Decomposition, rank: int) -> LayerPlan:
         return LayerPlan(
@@ -292,7 +307,7 @@ class LowRankSVDPass(CompressionPass):
             energy=round(d.energy(rank), 6), rel_error=round(d.relative_error(rank), 6),
         )
 
-    def _budget_choices(self, model: ir.Model, plan: Plan) -> dict[str, tuple[Decomposition, int]]:
+    def _budget_choices(self, model: ir.Model, plan: Plan, layers: Layers) -> dict[str, tuple[Decomposition, int]]:
         from onnxcompress.fidelity import compare, probe_inputs, run_model
 
         assert self.config.budget is not None
@@ -300,7 +315,7 @@ class LowRankSVDPass(CompressionPass):
         probes = probe_inputs(reference_model, count=self.config.probes, seed=self.context.seed, data=self.context.data)
         reference = run_model(reference_model, probes)
         candidates: dict[str, list[Candidate]] = {}
-        for name, layer in self._layers.items():
+        for name, layer in layers.items():
             options = {}
             for d in layer.options:
                 for ratio in self.config.budget_ratios:
@@ -321,7 +336,7 @@ class LowRankSVDPass(CompressionPass):
             sites = find_weight_sites(trial, min_params=0, ops=OPS).by_name()
             taken = taken_names(trial)
             for name, candidate in choice.items():
-                layer = self._layers[name]
+                layer = layers[name]
                 d = layer.option(candidate.kind)
                 first, second = d.factors(candidate.rank)
                 apply_factors(trial, sites[name], d.kind, first, second, layer.conv, taken)
@@ -336,13 +351,14 @@ class LowRankSVDPass(CompressionPass):
                 plan.skipped.append((name, f"no candidate rank keeps the output cosine ≥ the search threshold "
                                            f"(best alone {best:.6f}, budget {self.config.budget})"))
             else:
-                chosen[name] = (self._layers[name].option(candidate.kind), candidate.rank)
+                chosen[name] = (layers[name].option(candidate.kind), candidate.rank)
         plan.settings["budget_search"] = {"joint_cosine": selection.score, "threshold": selection.threshold}
         return chosen
 
     # ---- speed ---------------------------------------------------------------------------
-    def _input_shapes(self, model: ir.Model) -> dict[str, tuple[int | None, ...]]:
-        if not any(layer.site.op_type == "Conv" for layer in self._layers.values()):
+    @staticmethod
+    def _input_shapes(model: ir.Model, layers: Layers) -> dict[str, tuple[int | None, ...]]:
+        if not any(layer.site.op_type == "Conv" for layer in layers.values()):
             return {}
         from onnxcompress.passes.lowrank.latency import static_input_shapes
 
@@ -365,15 +381,13 @@ class LowRankSVDPass(CompressionPass):
     def _check_speed(
         self, layer: _Layer, d: Decomposition, layer_plan: LayerPlan, shapes: dict[str, tuple[int | None, ...]]
     ) -> tuple[LayerPlan, str]:
-        import dataclasses
-
         from onnxcompress.passes.lowrank.latency import measure_pair
 
         shape = self._latency_input(layer, shapes)
         if isinstance(shape, str):
             return layer_plan, shape
         first, second = d.factors(layer_plan.rank)
-        measure = self._latency or measure_pair
+        measure = self.latency or measure_pair
         timing = measure(layer.site, d.kind, first, second, shape, conv=layer.conv,
                          threads=self.config.threads, seed=self.context.seed)
         layer_plan = dataclasses.replace(layer_plan, latency_before_ms=round(timing.original_ms, 4),
@@ -384,12 +398,8 @@ class LowRankSVDPass(CompressionPass):
         return layer_plan, ""
 
     # ---- apply ---------------------------------------------------------------------------
-    def apply(self, model: ir.Model) -> bool:
-        plan = self.plan_model(model)
-        self.last_plan = plan
-        self.report.notes["plan"] = plan.to_dict()
-        for name, reason in plan.skipped:
-            self.report.skip(name, reason)
+    def apply(self, model: ir.Model, plan: Plan, report: PassReport) -> bool:
+        self.record_plan(plan, report)
         if not plan.layers:
             return False
         work = self._prepare(model, plan)  # every check and every SVD before the first edit
@@ -397,7 +407,7 @@ class LowRankSVDPass(CompressionPass):
         for layer_plan, layer, first, second in work:
             before = layer.site.array()
             apply_factors(model, layer.site, layer_plan.kind, first, second, layer.conv, taken)
-            self.report.changed(
+            report.changed(
                 layer_plan.name, layer_plan.op, before,
                 params_after=int(first.size + second.size), bytes_after=int(first.nbytes + second.nbytes),
                 detail=f"{layer_plan.kind} rank {layer_plan.rank} (max useful {layer_plan.max_rank}), "
@@ -406,9 +416,10 @@ class LowRankSVDPass(CompressionPass):
         return True
 
     def _prepare(self, model: ir.Model, plan: Plan) -> list[tuple[LayerPlan, _Layer, np.ndarray, np.ndarray]]:
-        if not self._layers or self.config.plan:
+        planned_here = plan.prepared.get("model") is model
+        layers: Layers = dict(plan.prepared["layers"]) if planned_here else {}
+        if not planned_here:  # a plan read back from JSON: find its layers in this model
             sites = find_weight_sites(model, min_params=0, ops=OPS).by_name()
-            self._layers = {}
             for layer_plan in plan.layers:
                 site = sites.get(layer_plan.name)
                 if site is None:
@@ -416,10 +427,10 @@ class LowRankSVDPass(CompressionPass):
                 layer, reason = self._eligible(model, site)
                 if layer is None:
                     raise UnsupportedModelError(f"plan layer {layer_plan.name!r} cannot be factorized: {reason}")
-                self._layers[layer_plan.name] = layer
+                layers[layer_plan.name] = layer
         work = []
         for layer_plan in plan.layers:
-            layer = self._layers[layer_plan.name]
+            layer = layers[layer_plan.name]
             if layer.site.shape != tuple(layer_plan.shape):
                 raise RecipeError(f"plan layer {layer_plan.name!r} has shape {list(layer_plan.shape)}, "
                                   f"the model's weight is {list(layer.site.shape)}")

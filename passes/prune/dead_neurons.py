@@ -18,8 +18,9 @@ Exact, not lossy, by construction:
 
 from __future__ import annotations
 
-__all__ = ["DeadNeuronConfig", "DeadNeuronPass", "dead_channels", "plan_dead_neurons"]
+__all__ = ["DeadNeuronConfig", "DeadNeuronPass", "DeadNeuronPlan", "dead_channels", "plan_dead_neurons"]
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -28,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
-from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.pass_base import PassConfig, PassReport, PlannedPass, register
 from onnxcompress.passes.prune.channels import (
     BINARY_OPS,
     ChannelGroup,
@@ -151,7 +152,14 @@ def dead_channels(model: ir.Model, group: ChannelGroup) -> tuple[list[int], int]
     return [int(c) for c in np.flatnonzero(removable)], kept_constant
 
 
-def plan_dead_neurons(model: ir.Model, *, exclude: tuple[str, ...] = ()) -> tuple[StructuredPlan, int]:
+@dataclasses.dataclass
+class DeadNeuronPlan(StructuredPlan):
+    """A structured plan removing every dead channel, and how many constant channels stay."""
+
+    constant_channels_kept: int = 0
+
+
+def plan_dead_neurons(model: ir.Model, *, exclude: tuple[str, ...] = ()) -> DeadNeuronPlan:
     """A structured plan removing every dead channel; and the count of constant channels kept."""
 
     def allowed(name: str) -> bool:
@@ -170,7 +178,7 @@ def plan_dead_neurons(model: ir.Model, *, exclude: tuple[str, ...] = ()) -> tupl
             if not dead:
                 plan.skip_reason = "no dead neurons"
         plans.append(plan)
-    return StructuredPlan("dead", None, plans), constant_kept
+    return DeadNeuronPlan("dead", None, plans, constant_channels_kept=constant_kept)
 
 
 class DeadNeuronConfig(PassConfig):
@@ -180,7 +188,7 @@ class DeadNeuronConfig(PassConfig):
 
 
 @register
-class DeadNeuronPass(CompressionPass):
+class DeadNeuronPass(PlannedPass[DeadNeuronPlan]):
     """Remove neurons / channels left without input or output connections (exact)."""
 
     name = "prune.dead_neurons"
@@ -189,9 +197,15 @@ class DeadNeuronPass(CompressionPass):
     config: DeadNeuronConfig
     lossy = False
 
-    def apply(self, model: ir.Model) -> bool:
-        plan, constant_kept = plan_dead_neurons(model, exclude=self.config.exclude)
+    def plan(self, model: ir.Model) -> DeadNeuronPlan:
+        return plan_dead_neurons(model, exclude=self.config.exclude)
+
+    def record_plan(self, plan: DeadNeuronPlan, report: PassReport) -> None:
+        super().record_plan(plan, report)
+        report.notes["constant_channels_kept"] = plan.constant_channels_kept
+
+    def apply(self, model: ir.Model, plan: DeadNeuronPlan, report: PassReport) -> bool:
+        self.record_plan(plan, report)
         changed = apply_plan(model, plan)
-        record_changes(self, changed, plan)
-        self.report.notes["constant_channels_kept"] = constant_kept
+        record_changes(changed, report)
         return bool(changed)

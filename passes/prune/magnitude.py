@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
-from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.sites import WeightSite, find_weight_sites
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,12 @@ class MagnitudePrunePass(CompressionPass):
                 return sparsity
         return self.config.sparsity
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         scan = find_weight_sites(
             model, min_params=self.config.min_params, exclude=self.config.exclude, ops=self.config.ops
         )
         for skip in scan.skipped:
-            self.report.skip(skip.name, skip.reason)
+            report.skip(skip.name, skip.reason)
         if self.config.scope == "global":
             new = self._global(scan.sites)
         else:
@@ -101,10 +101,10 @@ class MagnitudePrunePass(CompressionPass):
                 continue
             before = site.array()
             if np.count_nonzero(pruned) == np.count_nonzero(before):
-                self.report.skip(site.name, "already at or above the target sparsity")
+                report.skip(site.name, "already at or above the target sparsity")
                 continue
             site.replace(pruned)
-            self.report.changed(site.name, site.op_type, before, pruned,
+            report.changed(site.name, site.op_type, before, pruned,
                                 detail=f"sparsity {1 - np.count_nonzero(pruned) / pruned.size:.4f}")
             modified = True
         return modified

@@ -42,7 +42,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.errors import DataError
-from onnxcompress.pass_base import CompressionPass, PassConfig, PassContext, register
+from onnxcompress.pass_base import CompressionPass, PassConfig, PassContext, PassReport, register
 from onnxcompress.sites import WeightSite, find_weight_sites
 
 logger = logging.getLogger(__name__)
@@ -154,11 +154,11 @@ class _SaliencyPrunePass(CompressionPass):
         return {"loss": self.config.loss, "batch_size": self.config.batch_size,
                 "max_samples": self.config.max_samples}
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         _require_data(self.context, self.criterion)
         scan = find_weight_sites(model, min_params=self.config.min_params, exclude=self.config.exclude)
         for skip in scan.skipped:
-            self.report.skip(skip.name, skip.reason)
+            report.skip(skip.name, skip.reason)
         if not scan.sites:
             return False
         scores = weight_saliency(model, [s.name for s in scan.sites], self.criterion, self.context,
@@ -169,10 +169,10 @@ class _SaliencyPrunePass(CompressionPass):
             before = site.array()
             pruned = np.where(masks[site.name], np.zeros_like(before), before)
             if np.count_nonzero(pruned) == np.count_nonzero(before):
-                self.report.skip(site.name, "already at or above the target sparsity")
+                report.skip(site.name, "already at or above the target sparsity")
                 continue
             site.replace(pruned)
-            self.report.changed(site.name, site.op_type, before, pruned,
+            report.changed(site.name, site.op_type, before, pruned,
                                 detail=f"{self.criterion} sparsity {1 - np.count_nonzero(pruned) / pruned.size:.4f}")
             modified = True
         return modified

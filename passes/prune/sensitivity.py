@@ -18,6 +18,9 @@ which the joint model still meets the budget (binary search over its grid). The 
 
 What is exact: the measured metrics (on the given probes). What is not: the joint model's
 behaviour on other data; the pipeline's fidelity gate still guards the real step.
+
+This module is the analysis only; `onnxcompress.report_sensitivity` writes its results
+(JSON, CSV, the recipe, the plot).
 """
 
 from __future__ import annotations
@@ -31,26 +34,20 @@ __all__ = [
     "analyse",
     "choose_rates",
     "sensitivity",
-    "write_outputs",
-    "check_outputs",
 ]
 
 import concurrent.futures
-import csv
 import dataclasses
-import io
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxcompress import fidelity
+from onnxcompress import fidelity, runtime
 from onnxcompress.data import LABELS
 from onnxcompress.errors import DataError, QuantizedModelError, UnsupportedModelError, UserError
 from onnxcompress.io import in_memory
@@ -58,7 +55,6 @@ from onnxcompress.pass_base import quantized_ops
 from onnxcompress.passes.prune.magnitude import prune_to_count
 from onnxcompress.runtime import ORT_ERRORS
 from onnxcompress.sites import WeightSite, find_weight_sites
-from onnxcompress.writer import batch, check, refuse_protected
 
 logger = logging.getLogger(__name__)
 
@@ -186,16 +182,10 @@ class Evaluator:
 def _session(proto: onnx.ModelProto) -> Any:
     """One-thread session; our kernel library is loaded only for models that call its ops
     (the analysis builds hundreds of sessions, and standard models need none of it)."""
-    from onnxcompress import runtime
-
-    if any(opset.domain == runtime.DOMAIN for opset in proto.opset_import):
-        return runtime.session(proto.SerializeToString(), threads=1)
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 4  # errors reach us as exceptions: one line, ours
-    return onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:
+        return runtime.session(proto, threads=1, kernels="used")
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"the input model does not run: {error}") from None
 
 
 _WORKER: Evaluator | None = None
@@ -395,98 +385,3 @@ def sensitivity(
     evaluator, curves = analyse(model, data=data, ratios=ratios, probes=probes, seed=seed,
                                 min_params=min_params, exclude=exclude, workers=workers, on_layer=on_layer)
     return choose_rates(evaluator, curves, budget or Budget())
-
-
-def recipe_text(result: SensitivityResult) -> str:
-    """The plan as a one-step recipe: `onnxcompress optimize MODEL --recipe DIR/recipe.yaml`.
-
-    A cosine budget becomes the step's gate (the default gate with that cosine: the rates were
-    checked against all of it); an accuracy budget was checked on labelled data the gate cannot
-    see, so its gate only asks that the outputs stay finite.
-    """
-    import yaml
-
-    budget = result.budget
-    gate = ({"min_cosine": budget.min_cosine, "min_rank_correlation": budget.min_rank_correlation,
-             "min_top1": budget.min_top1} if result.metric == "cosine"
-            else {"min_cosine": None, "min_rank_correlation": None, "min_top1": None})
-    step = {**result.plan(), "gate": gate}
-    recipe = {"name": "sensitivity-plan", "description": (
-        f"Per-layer rates chosen by `onnxcompress sensitivity` ({result.metric} {result.joint_value:.6f} "
-        f"against a baseline of {result.baseline:.6f}; {result.removed_params:,} of {result.total_params:,} "
-        "weights removed)."), "seed": 0, "steps": [step]}
-    return yaml.safe_dump(recipe, sort_keys=False)
-
-
-OUTPUT_NAMES = ("sensitivity.json", "sensitivity.csv", "recipe.yaml", "sensitivity.png")
-
-
-def check_outputs(folder: Path, protected: Mapping[Path, str]) -> None:
-    """Before the analysis: refuse a folder whose result files would replace a protected file or a folder."""
-    for name in OUTPUT_NAMES:
-        if folder.is_dir():
-            check(folder / name, "output", protected)
-        else:
-            refuse_protected(folder / name, "output", protected)
-
-
-def write_outputs(result: SensitivityResult, folder: Path, protected: Mapping[Path, str] | None = None) -> list[Path]:
-    """sensitivity.json, sensitivity.csv, recipe.yaml and (with matplotlib) sensitivity.png in `folder`.
-
-    All go through one guarded batch: every file or none, never over a `protected` one.
-    """
-    rows = io.StringIO()
-    table = csv.writer(rows)
-    table.writerow(["layer", "op", "params", "ratio", result.metric, "chosen"])
-    for curve in result.curves:
-        for ratio, value in zip(curve.ratios, curve.values, strict=True):
-            table.writerow([curve.name, curve.op, curve.params, ratio, f"{value:.6g}", curve.chosen])
-    files = {"sensitivity.json": (json.dumps(result.to_dict(), indent=2) + "\n").encode(),
-             "sensitivity.csv": rows.getvalue().encode(), "recipe.yaml": recipe_text(result).encode()}
-    png = _plot(result)
-    if png is not None:
-        files["sensitivity.png"] = png
-    created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with batch(protected or {}) as staged:
-            for name, data in files.items():
-                staged.stage(folder / name, "output").write_bytes(data)
-    except OSError as error:
-        raise UserError(f"cannot create {folder}: {error.strerror or error}") from None
-    except UserError:
-        if created:  # leave nothing behind
-            folder.rmdir()
-        raise
-    return [folder / name for name in files]
-
-
-def _plot(result: SensitivityResult) -> bytes | None:
-    """One curve per layer, as in Han et al. Fig. 5 (needs matplotlib; skipped without it)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: sensitivity.png not written (pip install matplotlib)")
-        return None
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for curve in result.curves:
-        axes.plot([100 * r for r in curve.ratios], curve.values, marker="o", markersize=3, label=curve.name)
-    if result.metric == "accuracy":
-        floor = result.baseline - result.budget.max_accuracy_drop
-        axes.set_ylabel("accuracy")
-    else:
-        floor = result.budget.min_cosine
-        axes.set_ylabel("output cosine vs. original")
-    axes.axhline(floor, color="grey", linestyle="--", linewidth=1, label="budget")
-    axes.set_xlabel("parameters pruned away (%)")
-    axes.set_title("Pruning sensitivity per layer")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
-    image = io.BytesIO()
-    figure.savefig(image, format="png", metadata={"Software": None})
-    plt.close(figure)
-    return image.getvalue()

@@ -22,8 +22,8 @@ Groups the analysis cannot map are skipped with a reason: channels that reach a 
 output, ops whose index mapping is not handled (Concat, Split, Reshape, Transpose, ...),
 grouped convolutions, weights shared between nodes, excluded names.
 
-Plan first, apply second: `plan_structured` returns a serialisable `StructuredPlan`
-(`--dry-run` prints it); `apply_plan` performs it.
+Plan first, apply second (a `PlannedPass`): `plan_structured` returns a serialisable
+`StructuredPlan` (`--dry-run` prints it); `apply_plan` performs it.
 """
 
 from __future__ import annotations
@@ -49,7 +49,15 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.errors import RecipeError, UnsupportedModelError
-from onnxcompress.pass_base import CompressionPass, PassConfig, PassContext, register
+from onnxcompress.pass_base import (
+    PassConfig,
+    PassContext,
+    PassReport,
+    PlannedPass,
+    PlanTable,
+    Skip,
+    register,
+)
 from onnxcompress.passes.prune.channels import (
     ChannelGroup,
     TensorCut,
@@ -123,6 +131,9 @@ class StructuredPlan:
     def active(self) -> list[GroupPlan]:
         return [g for g in self.groups if g.skip_reason is None and len(g.keep) < g.channels]
 
+    def skips(self) -> list[Skip]:
+        return [Skip(g.name, g.skip_reason) for g in self.groups if g.skip_reason is not None]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "criterion": self.criterion,
@@ -137,13 +148,16 @@ class StructuredPlan:
     def from_dict(cls, raw: Mapping[str, Any]) -> StructuredPlan:
         return cls(raw["criterion"], raw.get("ratio"), [GroupPlan.from_dict(g) for g in raw["groups"]])
 
-    def summary_rows(self) -> list[tuple[str, int, int, str]]:
-        """(group, channels, kept, note) for printing."""
-        return [
-            (g.name, g.channels, len(g.keep) if g.skip_reason is None else g.channels,
-             g.skip_reason or f"remove {len(g.removed)}")
+    def table(self) -> PlanTable:
+        """Per group: channels, how many stay, who reads them, and what happens (or why not)."""
+        rows = [
+            (g.name, str(g.channels), str(len(g.keep) if g.skip_reason is None else g.channels),
+             ", ".join(g.consumers), g.skip_reason or f"remove {g.removed}")
             for g in self.groups
         ]
+        return PlanTable(f"structured plan ({self.criterion}, ratio {self.ratio})",
+                         ("group (producers)", "channels", "kept", "consumers", "note"), rows,
+                         right_aligned=frozenset({"channels", "kept"}))
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,22 +300,14 @@ class StructuredPruneConfig(PassConfig):
     )
 
 
-def record_changes(compression: CompressionPass, changed: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                   plan: StructuredPlan) -> None:
-    """Report every shrunk tensor, and every skipped group with its reason."""
-    for group in plan.groups:
-        if group.skip_reason is not None:
-            compression.report.skip(group.name, group.skip_reason)
+def record_changes(changed: Mapping[str, tuple[np.ndarray, np.ndarray]], report: PassReport) -> None:
+    """Report every shrunk tensor with its shapes."""
     for name, (before, after) in changed.items():
-        compression.report.changed(
-            name, "tensor", before, after,
-            detail=f"shape {list(before.shape)} -> {list(after.shape)}",
-        )
-    compression.report.notes["plan"] = plan.to_dict()
+        report.changed(name, "tensor", before, after, detail=f"shape {list(before.shape)} -> {list(after.shape)}")
 
 
 @register
-class StructuredPrunePass(CompressionPass):
+class StructuredPrunePass(PlannedPass[StructuredPlan]):
     """Remove the least important neurons / channels of every channel group."""
 
     name = "prune.structured"
@@ -309,7 +315,8 @@ class StructuredPrunePass(CompressionPass):
     Config = StructuredPruneConfig
     config: StructuredPruneConfig
 
-    def make_plan(self, model: ir.Model) -> StructuredPlan:
+    def plan(self, model: ir.Model) -> StructuredPlan:
+        """The saved plan of the config, or the channels each group keeps under the criterion."""
         if self.config.plan is not None:
             try:
                 return StructuredPlan.from_dict(self.config.plan)
@@ -328,8 +335,8 @@ class StructuredPrunePass(CompressionPass):
             context=self.context,
         )
 
-    def apply(self, model: ir.Model) -> bool:
-        plan = self.make_plan(model)
+    def apply(self, model: ir.Model, plan: StructuredPlan, report: PassReport) -> bool:
+        self.record_plan(plan, report)
         changed = apply_plan(model, plan)
-        record_changes(self, changed, plan)
+        record_changes(changed, report)
         return bool(changed)

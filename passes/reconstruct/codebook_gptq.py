@@ -39,7 +39,7 @@ import pydantic
 from onnxcompress.calibration import LayerHessian
 from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import pack_codebook_indices
-from onnxcompress.pass_base import PassContext, register
+from onnxcompress.pass_base import PassContext, PassReport, register
 from onnxcompress.passes.codebook.kmeans import (
     KMeansClusterConfig,
     KMeansClusterPass,
@@ -132,7 +132,7 @@ class GptqCodebookPass(KMeansClusterPass):
         """True: the assignment is fitted to the layer inputs."""
         return True
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         """Plan every layer (GPTQ or its k-means fallback) before rewriting any of them."""
         scan = find_weight_sites(
             model,
@@ -141,17 +141,17 @@ class GptqCodebookPass(KMeansClusterPass):
             ops=self.config.ops,
         )
         for skip in scan.skipped:
-            self.report.skip(skip.name, skip.reason)
+            report.skip(skip.name, skip.reason)
         todo = []
         for site in scan.sites:
             reason = self._reason_to_skip(model, site)
             if reason is not None:
-                self.report.skip(site.name, reason)
+                report.skip(site.name, reason)
             else:
                 todo.append(site)
         calibrated = {s.name for s in todo if layers.calibration_reason(s, model) is None}
         probes = (
-            layers.calibration_inputs(model, self.context, self.config.probes, self.report)
+            layers.calibration_inputs(model, self.context, self.config.probes, report)
             if calibrated
             else {}
         )
@@ -167,12 +167,12 @@ class GptqCodebookPass(KMeansClusterPass):
                 stats.update(layers.hessians_for(model, probes, [site], self.context.seed))
             plan = self._plan(model, site, stats.get(site.name), totals)
             if self.config.sequential:
-                self._write(model, *plan)
+                self._write(model, *plan, report=report)
             else:
                 planned.append(plan)
         for plan in planned:
-            self._write(model, *plan)
-        self.report.notes.update({key: round(value, 6) for key, value in totals.items()})
+            self._write(model, *plan, report=report)
+        report.notes.update({key: round(value, 6) for key, value in totals.items()})
         return bool(todo)
 
     def _plan(
@@ -260,6 +260,8 @@ class GptqCodebookPass(KMeansClusterPass):
         codebook: np.ndarray,
         zero_entry: bool,
         label: str,
+        *,
+        report: PassReport,
     ) -> None:
         storage = self._storage(model, site, bits)
         name = site.name
@@ -274,7 +276,7 @@ class GptqCodebookPass(KMeansClusterPass):
         )
         if storage == "packed":
             pack_codebook_indices(model, names={name})
-        self.report.changed(
+        report.changed(
             name,
             site.op_type,
             weights,
@@ -335,8 +337,7 @@ def gptq_codebook(model: ir.Model, site: WeightSite, stats: LayerHessian | None,
 
     Plain k-means where GPTQ does not lower the calibration error, or no input was captured.
     """
-    planner = GptqCodebookPass(bits=bits)
-    planner.context = PassContext(seed=seed)
+    planner = GptqCodebookPass(bits=bits, context=PassContext(seed=seed))
     totals: dict[str, float] = {"gptq_error": 0.0, "kmeans_error": 0.0}
     _, _, _, indices, codebook, zero_entry, _ = planner._plan(model, site, stats, totals)
     return indices, codebook, zero_entry

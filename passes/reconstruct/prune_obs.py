@@ -30,7 +30,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.calibration import LayerHessian
-from onnxcompress.pass_base import CompressionPass, register
+from onnxcompress.pass_base import CompressionPass, PassReport, register
 from onnxcompress.passes.prune.magnitude import prune_to_count
 from onnxcompress.passes.reconstruct import layers
 from onnxcompress.passes.reconstruct.obs import magnitude_prune, parse_n_m, sparsegpt
@@ -107,7 +107,7 @@ class ObsPrunePass(CompressionPass):
             return f"{columns} input features are not a multiple of M={m}"
         return None
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         """Prune each eligible layer by OBS from its H, by magnitude where no input was captured."""
         scan = find_weight_sites(
             model,
@@ -116,18 +116,18 @@ class ObsPrunePass(CompressionPass):
             ops=self.config.ops,
         )
         for skip in scan.skipped:
-            self.report.skip(skip.name, skip.reason)
+            report.skip(skip.name, skip.reason)
         todo: list[WeightSite] = []
         for site in scan.sites:
             reason = self._n_m_reason(site)
             if reason is not None:
-                self.report.skip(site.name, reason)
+                report.skip(site.name, reason)
             else:
                 todo.append(site)
         calibrated = [s for s in todo if layers.calibration_reason(s, model) is None]
         calibrated_names = {s.name for s in calibrated}
         probes = (
-            layers.calibration_inputs(model, self.context, self.config.probes, self.report)
+            layers.calibration_inputs(model, self.context, self.config.probes, report)
             if calibrated
             else {}
         )
@@ -138,31 +138,31 @@ class ObsPrunePass(CompressionPass):
         for site in todo:
             if self.config.sequential and site.name in calibrated_names:
                 stats.update(layers.hessians_for(model, probes, [site], self.context.seed))
-            pruned, detail = self._prune(model, site, stats.get(site.name), totals)
+            pruned, detail = self._prune(model, site, stats.get(site.name), totals, report)
             if pruned is None:
                 continue
             if self.config.sequential:
-                self._commit(site, pruned, detail)
+                self._commit(site, pruned, detail, report)
             else:
                 planned.append((site, pruned, detail))
         for site, pruned, detail in planned:
-            self._commit(site, pruned, detail)
-        self.report.notes.update({key: round(value, 6) for key, value in totals.items()})
-        return bool(self.report.changes)
+            self._commit(site, pruned, detail, report)
+        report.notes.update({key: round(value, 6) for key, value in totals.items()})
+        return bool(report.changes)
 
-    def _commit(self, site: WeightSite, pruned: np.ndarray, detail: str) -> None:
+    def _commit(self, site: WeightSite, pruned: np.ndarray, detail: str, report: PassReport) -> None:
         before = site.array()
         site.replace(pruned)
-        self.report.changed(site.name, site.op_type, before, pruned, detail=detail)
+        report.changed(site.name, site.op_type, before, pruned, detail=detail)
 
     def _prune(self, model: ir.Model, site: WeightSite, stats: LayerHessian | None,
-               totals: dict[str, float]) -> tuple[np.ndarray | None, str]:
+               totals: dict[str, float], report: PassReport) -> tuple[np.ndarray | None, str]:
         before = site.array()
         n, m = self._n_m()
         target = n / m if m else self.config.sparsity
         assert target is not None
         if not np.all(np.isfinite(before)):
-            self.report.skip(site.name, "holds NaN or inf")
+            report.skip(site.name, "holds NaN or inf")
             return None, ""
         reason = layers.calibration_reason(site, model) if stats is None else None
         if stats is None:
@@ -190,7 +190,7 @@ class ObsPrunePass(CompressionPass):
                     f"({stats.rows} input rows)"
                 )
         if np.count_nonzero(pruned) == np.count_nonzero(before):
-            self.report.skip(site.name, "already at or above the target sparsity")
+            report.skip(site.name, "already at or above the target sparsity")
             return None, ""
         sparsity = 1 - np.count_nonzero(pruned) / pruned.size
         pattern = f" {self.config.n_m}" if self.config.n_m is not None else ""

@@ -30,8 +30,6 @@ __all__ = ["SparseCsrConfig", "SparseCsrPass", "measure_layer", "csr_arrays", "c
 import dataclasses
 import fnmatch
 import logging
-import statistics
-import time
 from typing import Literal
 
 import numpy as np
@@ -51,13 +49,13 @@ from onnxcompress.formats.kernel_ops import (
     OPSET_VERSION,
     function_for,
 )
-from onnxcompress.pass_base import CompressionPass, PassConfig, register
+from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.sites import CODEBOOK_LAYER, WeightSite, find_weight_sites
+from onnxcompress.timing import call_overhead_model, interleaved_medians
 
 logger = logging.getLogger(__name__)
 
 OP = "SparseMatMul"
-_FLUSH_BYTES = 96 << 20  # larger than the L3 of the machines we measured on
 
 
 class SparseCsrConfig(PassConfig):
@@ -112,14 +110,6 @@ class _Candidate:
         return int(sum(a.nbytes for a in self.arrays.values()))
 
 
-def _timed(session: object, feeds: dict[str, np.ndarray], flush: np.ndarray | None) -> float:
-    if flush is not None:
-        flush += 1  # touch every line: evicts weights from all cache levels
-    start = time.perf_counter()
-    session.run(None, feeds)  # type: ignore[attr-defined]
-    return time.perf_counter() - start
-
-
 def _layer_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], k: int) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
@@ -162,21 +152,13 @@ def measure_layer(
         [numpy_helper.from_array(np.ascontiguousarray(array), name) for name, array in arrays.items()],
         k,
     )
-    # `overhead`: the same call on a graph that does nothing (Identity); a layer inside a model
-    # does not pay it, so it is subtracted from both before comparing.
-    nothing = _layer_model([helper.make_node("Identity", ["X"], ["Y"])], [], k)
-    sessions = {"dense": runtime.session(dense, threads=threads), "sparse": runtime.session(sparse, threads=threads),
-                "overhead": runtime.session(nothing, threads=threads)}
+    # `overhead`: the same call on a graph that does nothing; a layer inside a model does not
+    # pay it, so it is subtracted from both before comparing.
+    models = {"dense": dense, "sparse": sparse, "overhead": call_overhead_model(dense)}
+    sessions = [runtime.session(model, threads=threads) for model in models.values()]
     feeds = {"X": np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)}
-    flush = np.zeros(_FLUSH_BYTES // 4, dtype=np.float32) if cold_cache else None
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(2):  # warm up: arena allocation, thread pool start
-        for session in sessions.values():
-            session.run(None, feeds)
-    for _ in range(repeats):
-        for name, session in sessions.items():
-            times[name].append(_timed(session, feeds, flush))
-    return {name: statistics.median(values) for name, values in times.items()}
+    medians = interleaved_medians(sessions, feeds, repeats=repeats, cold_cache=cold_cache)
+    return dict(zip(models, medians, strict=True))
 
 
 def csr_arrays(weight: np.ndarray, index_dtype: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -244,27 +226,27 @@ class SparseCsrPass(CompressionPass):
                 f"{_opset(model)} (convert the opset first, or use portable=False)"
             )
 
-    def apply(self, model: ir.Model) -> bool:
+    def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         scan = find_weight_sites(
             model, min_params=self.config.min_params, exclude=self.config.exclude, ops=("MatMul", "Gemm")
         )
         for skip in scan.skipped:
             if skip.reason != CODEBOOK_LAYER:  # those are handled below
-                self.report.skip(skip.name, skip.reason)
+                report.skip(skip.name, skip.reason)
         candidates = []
         for site in scan.sites:
-            candidate = self._candidate(model, site)
+            candidate = self._candidate(model, site, report)
             if candidate is not None:
                 candidates.append(candidate)
         for layer in codebook_layers(model):
-            candidate = self._codebook_candidate(model, layer)
+            candidate = self._codebook_candidate(model, layer, report)
             if candidate is not None:
                 candidates.append(candidate)
-        chosen = [c for c in candidates if self._faster(c)]
+        chosen = [c for c in candidates if self._faster(c, report)]
         if not chosen:
             return False
         for candidate in chosen:
-            self._rewrite(model, candidate)
+            self._convert(model, candidate, report)
         model.opset_imports[DOMAIN] = OPSET_VERSION
         if self.config.portable:
             for op in sorted({c.op for c in chosen}):
@@ -274,54 +256,56 @@ class SparseCsrPass(CompressionPass):
 
     # ---- eligibility -------------------------------------------------------------------
 
-    def _candidate(self, model: ir.Model, site: WeightSite) -> _Candidate | None:
+    def _candidate(self, model: ir.Model, site: WeightSite, report: PassReport) -> _Candidate | None:
         node = site.node
         reason = self._ineligible(model, site)
         if reason is not None:
-            self.report.skip(site.name, reason)
+            report.skip(site.name, reason)
             return None
         array = np.asarray(site.array(), dtype=np.float32)
         bias = np.zeros(array.shape[1] if node.op_type == "MatMul" else 0, dtype=np.float32)
         if node.op_type == "Gemm":
             effective = self._gemm_weight_and_bias(site, array)
             if isinstance(effective, str):
-                self.report.skip(site.name, effective)
+                report.skip(site.name, effective)
                 return None
             array, bias = effective
         sparsity = 1.0 - np.count_nonzero(array) / array.size
         if sparsity < self.config.min_sparsity:
-            self.report.skip(site.name, f"sparsity {sparsity:.3f} < min_sparsity {self.config.min_sparsity}")
+            report.skip(site.name, f"sparsity {sparsity:.3f} < min_sparsity {self.config.min_sparsity}")
             return None
         arrays, attributes = csr_arrays(array, self.config.index_dtype)
         return _Candidate(site.name, node, array, bias, float(sparsity), OP, arrays, attributes, site=site)
 
-    def _codebook_candidate(self, model: ir.Model, layer: CodebookLayer) -> _Candidate | None:
+    def _codebook_candidate(
+        self, model: ir.Model, layer: CodebookLayer, report: PassReport
+    ) -> _Candidate | None:
         """A Cast -> Gather decoded weight read by one MatMul / Gemm."""
         name = layer.name
         if self.config.exclude and any(fnmatch.fnmatchcase(name, p) for p in self.config.exclude):
-            self.report.skip(name, "excluded by name")
+            report.skip(name, "excluded by name")
             return None
         decoded = layer.gather.outputs[0]
         uses = list(decoded.uses())
         if decoded.is_graph_output() or len(uses) != 1:
-            self.report.skip(name, f"shared weight read by {len(uses)} nodes" if len(uses) != 1 else
+            report.skip(name, f"shared weight read by {len(uses)} nodes" if len(uses) != 1 else
                              "weight is also a graph output")
             return None
         node, index = uses[0]
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or index != 1:
-            self.report.skip(name, f"read by {node.op_type} input {index}, not as a MatMul/Gemm weight")
+            report.skip(name, f"read by {node.op_type} input {index}, not as a MatMul/Gemm weight")
             return None
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-            self.report.skip(name, "Gemm with transA=1")
+            report.skip(name, "Gemm with transA=1")
             return None
         codebook = layer.codebook()
         if codebook.dtype != np.float32 or len(layer.shape) != 2 or codebook.size > 256:
-            self.report.skip(name, f"codebook {codebook.dtype} of {codebook.size} entries for a "
+            report.skip(name, f"codebook {codebook.dtype} of {codebook.size} entries for a "
                              f"{len(layer.shape)}-D weight: the kernels take fp32, <= 256 entries, 2-D")
             return None
         indices = layer.indices()
         if int(np.prod(indices.shape)) < self.config.min_params:
-            self.report.skip(name, f"too small ({indices.size} < min_params={self.config.min_params})")
+            report.skip(name, f"too small ({indices.size} < min_params={self.config.min_params})")
             return None
         bias = np.zeros(indices.shape[1], dtype=np.float32)
         if node.op_type == "Gemm":
@@ -331,7 +315,7 @@ class SparseCsrPass(CompressionPass):
             codebook = (codebook * np.float32(alpha)).astype(np.float32)
             folded = self._gemm_bias(node, indices.shape[1])
             if isinstance(folded, str):
-                self.report.skip(name, folded)
+                report.skip(name, folded)
                 return None
             bias = folded
         weight = codebook[indices.astype(np.int64)]
@@ -382,7 +366,7 @@ class SparseCsrPass(CompressionPass):
 
     # ---- decision ----------------------------------------------------------------------
 
-    def _faster(self, candidate: _Candidate) -> bool:
+    def _faster(self, candidate: _Candidate, report: PassReport) -> bool:
         if self.config.decide == "always":
             return True
         timing = measure_layer(
@@ -398,7 +382,7 @@ class SparseCsrPass(CompressionPass):
         )
         candidate.timing = timing
         speedup = _net(timing, "dense") / _net(timing, "sparse")
-        self.report.notes.setdefault("timings", {})[candidate.name] = {
+        report.notes.setdefault("timings", {})[candidate.name] = {
             "op": candidate.op,
             "batch": self.config.batch,
             "dense_ms": round(timing["dense"] * 1e3, 4),
@@ -407,7 +391,7 @@ class SparseCsrPass(CompressionPass):
             "speedup": round(speedup, 3),
         }
         if speedup < self.config.min_speedup:
-            self.report.skip(
+            report.skip(
                 candidate.name,
                 f"{candidate.op} not faster at batch {self.config.batch}: {_net(timing, 'sparse') * 1e3:.3f} ms vs "
                 f"dense {_net(timing, 'dense') * 1e3:.3f} ms ({speedup:.2f}x < min_speedup {self.config.min_speedup})",
@@ -417,7 +401,7 @@ class SparseCsrPass(CompressionPass):
 
     # ---- rewrite -----------------------------------------------------------------------
 
-    def _rewrite(self, model: ir.Model, candidate: _Candidate) -> None:
+    def _convert(self, model: ir.Model, candidate: _Candidate, report: PassReport) -> None:
         node = candidate.node
         graph = model.graph
         taken = set(graph.initializers)
@@ -467,7 +451,7 @@ class SparseCsrPass(CompressionPass):
             )
         stored = candidate.arrays["values"] if "values" in candidate.arrays else candidate.arrays["indices"]
         params_after = int(stored.size) if candidate.op != "CodebookMatMul" else int(candidate.weight.size)
-        self.report.changed(candidate.name, node.op_type, before, params_after=params_after,
+        report.changed(candidate.name, node.op_type, before, params_after=params_after,
                             bytes_after=candidate.stored_bytes(), detail=detail)
 
 

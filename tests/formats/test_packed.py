@@ -223,17 +223,18 @@ def test_fine_tune_bridge_runs_the_decoder_and_finds_the_codebooks(rng):
 def test_codebook_pack_pass_packs_a_uint8_model_exactly():
     model = _clustered(5, pack_indices=False)
     pack = get_pass("codebook.pack")()
-    assert pack(model).modified and not pack.needs_calibration()
+    result = pack(model)
+    assert result.modified and not pack.needs_calibration()
     assert _bytes(model) == _bytes(_clustered(5))
-    change = {c.name: c for c in pack.report.changes}["fc0.weight"]
+    change = {c.name: c for c in result.report.changes}["fc0.weight"]
     assert (change.bytes_before, change.bytes_after) == (128 * 256 + 32 * 4, 128 * 256 * 5 // 8 + 32 * 4)
     assert not get_pass("codebook.pack")()(model).modified
 
 
 def test_cast_fp16_pass_reports_halved_bytes():
     proto = mlp_proto(np.random.default_rng(0), SIZES)
-    fp16 = get_pass("cast.fp16")(exclude=("head.bias",))
-    assert fp16(ir.from_proto(proto)).modified
-    changes = {c.name: c for c in fp16.report.changes}
+    result = get_pass("cast.fp16")(exclude=("head.bias",))(ir.from_proto(proto))
+    assert result.modified
+    changes = {c.name: c for c in result.report.changes}
     assert "head.bias" not in changes
     assert (changes["fc0.weight"].bytes_before, changes["fc0.weight"].bytes_after) == (128 * 256 * 4, 128 * 256 * 2)

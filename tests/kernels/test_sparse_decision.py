@@ -23,26 +23,24 @@ def _model(rng):
 
 
 def test_not_faster_stays_dense_with_the_timing(rng):
-    sparse_pass = SparseCsr(min_speedup=1000.0, **FAST)
-    result = sparse_pass(ir.serde.deserialize_model(_model(rng)))
+    result = SparseCsr(min_speedup=1000.0, **FAST)(ir.serde.deserialize_model(_model(rng)))
     assert not result.modified
     for name in ("fc0.weight", "fc1.weight", "head.weight"):
-        reason = sparse_pass.report.reason_for(name)
+        reason = result.report.reason_for(name)
         assert reason is not None and reason.startswith("SparseMatMul not faster at batch 1: ")
         assert reason.endswith("x < min_speedup 1000.0)")
-        timing = sparse_pass.report.notes["timings"][name]
+        timing = result.report.notes["timings"][name]
         assert timing["dense_ms"] > 0 and timing["sparse_ms"] > 0
 
 
 def test_faster_is_converted_and_runs_with_the_kernel(rng):
     proto = _model(rng)
-    sparse_pass = SparseCsr(min_speedup=1e-6, portable=False, batch=4, **FAST)
-    result = sparse_pass(ir.serde.deserialize_model(proto))
+    result = SparseCsr(min_speedup=1e-6, portable=False, batch=4, **FAST)(ir.serde.deserialize_model(proto))
     assert result.modified
     out = ir.to_proto(result.model)
     assert not out.functions  # --no-portable: the kernel is required
     assert [n.op_type for n in out.graph.node].count("SparseMatMul") == 3
-    assert all("faster at batch 4" in c.detail for c in sparse_pass.report.changes)
+    assert all("faster at batch 4" in c.detail for c in result.report.changes)
     x = rng.standard_normal((4, 64)).astype(np.float32)
     expected = runtime.session(proto, threads=1).run(None, {"x": x})[0]
     actual = runtime.session(out, threads=1).run(None, {"x": x})[0]
@@ -61,10 +59,10 @@ def test_shared_layers_run_with_the_kernels(rng):
     from tests.passes.sparse.test_sparse_codebook_layers import shared_mlp
 
     proto = shared_mlp(rng)
-    sparse_pass = SparseCsr(min_speedup=1e-6, portable=False, **FAST)
-    out = ir.to_proto(sparse_pass(ir.serde.deserialize_model(proto)).model)
+    result = SparseCsr(min_speedup=1e-6, portable=False, **FAST)(ir.serde.deserialize_model(proto))
+    out = ir.to_proto(result.model)
     assert {"SparseCodebookMatMul", "CodebookMatMul"} <= {n.op_type for n in out.graph.node}
-    assert set(sparse_pass.report.notes["timings"]) == {"fc0.weight", "fc1.weight", "head.weight"}
+    assert set(result.report.notes["timings"]) == {"fc0.weight", "fc1.weight", "head.weight"}
     for batch in (1, 5):
         x = rng.standard_normal((batch, 48)).astype(np.float32)
         expected = runtime.session(proto, threads=1).run(None, {"x": x})[0]

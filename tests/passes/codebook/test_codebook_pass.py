@@ -16,9 +16,8 @@ from tests.builders import finish, mlp_proto
 
 
 def _cluster(model: ir.Model, **options):
-    cluster = get_pass("codebook.kmeans")(**options)
-    result = cluster(model)
-    return cluster.report, result.modified
+    result = get_pass("codebook.kmeans")(**options)(model)
+    return result.report, result.modified
 
 
 def _mlp_forward(model: ir.Model, x: np.ndarray) -> np.ndarray:

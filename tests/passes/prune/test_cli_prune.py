@@ -64,6 +64,25 @@ def test_taylor_without_data_is_a_data_error(model_path):
     assert "needs calibration data" in result.stderr
 
 
+def test_dead_neurons_dry_run_shows_which_neurons_go(rng, tmp_path):
+    proto = mlp_proto(rng, (16, 64, 32, 10))
+    fc1 = next(t for t in proto.graph.initializer if t.name == "fc1.weight")
+    weight = onnx.numpy_helper.to_array(fc1).copy()
+    weight[[3, 7], :] = 0  # fc0 neurons 3 and 7 reach nothing downstream
+    fc1.CopyFrom(onnx.numpy_helper.from_array(weight, "fc1.weight"))
+    path = save_proto(proto, tmp_path / "m.onnx")
+    result = invoke("prune", path, "--dead-neurons", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "structured plan (dead, ratio None)" in result.stdout and "remove [3, 7]" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_magnitude_pruning_has_no_dry_run(model_path):
+    result = invoke("prune", model_path, "--sparsity", "0.5", "--dead-neurons", "--dry-run")
+    assert result.exit_code == 2
+    assert "error: --dry-run goes with --structured or --dead-neurons alone" in result.stderr
+
+
 def test_magnitude_then_dead_neurons(rng, tmp_path):
     proto = mlp_proto(rng, (16, 64, 32, 10))
     arrays = {t.name: onnx.numpy_helper.to_array(t).copy() for t in proto.graph.initializer}

@@ -73,8 +73,8 @@ def test_taylor_prunes_the_lowest_abs_w_times_gradient(setup):
     model, data = setup
     grads = per_sample_gradients(model, data["x"], data["labels"])
     weights = {n: model.graph.initializers[n].const_value.numpy().astype(np.float64) for n in NAMES}
-    compression = TaylorPrunePass(sparsity=0.5, min_params=0, batch_size=8)
-    compression.context = PassContext(data=data, original=model.clone())
+    compression = TaylorPrunePass(sparsity=0.5, min_params=0, batch_size=8,
+                                  context=PassContext(data=data, original=model.clone()))
     compression(model)
     for name in NAMES:
         expected = lowest(np.abs(weights[name] * grads[name].mean(0)), 0.5)
@@ -91,9 +91,7 @@ def test_obd_fisher_uses_per_sample_squared_gradients(setup):
     for name in NAMES:
         fisher = (grads[name] ** 2).mean(0)
         np.testing.assert_allclose(scores[name], 0.5 * fisher * weights[name] ** 2, rtol=1e-4, atol=1e-9)
-    compression = ObdPrunePass(sparsity=0.6, scope="global", min_params=0, batch_size=1)
-    compression.context = context
-    compression(model)
+    ObdPrunePass(sparsity=0.6, scope="global", min_params=0, batch_size=1, context=context)(model)
     pooled = np.concatenate([scores[n].reshape(-1) for n in NAMES])
     threshold = np.sort(pooled)[round(0.6 * pooled.size) - 1]
     for name in NAMES:

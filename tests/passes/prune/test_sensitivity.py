@@ -12,8 +12,9 @@ import pytest
 from onnxcompress import fidelity
 from onnxcompress.errors import UserError
 from onnxcompress.passes.prune.magnitude import MagnitudePrunePass, prune_to_count
-from onnxcompress.passes.prune.sensitivity import Budget, sensitivity, write_outputs
+from onnxcompress.passes.prune.sensitivity import Budget, sensitivity
 from onnxcompress.recipe import load_recipe
+from onnxcompress.report_sensitivity import write_outputs
 from tests.builders import mlp, mlp_reference
 
 SIZES = (16, 48, 32, 10)

@@ -9,6 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxcompress.errors import RecipeError
+from onnxcompress.pass_base import PassReport
 from onnxcompress.passes.prune.dead_neurons import DeadNeuronPass
 from onnxcompress.passes.prune.structured import (
     StructuredPlan,
@@ -64,20 +65,20 @@ def test_mlp_zeroed_neurons_are_removed_and_outputs_are_unchanged(rng):
     zero_channels(model, [("fc0.weight", 1, 1), ("fc0.bias", 0, 1), ("fc1.weight", 0, 1)], dead)
     x = rng.standard_normal((7, 16)).astype(np.float32)
     (expected,) = run(model, {"x": x})
-    compression = StructuredPrunePass(ratio=0.25, exclude=("head.*",))
-    assert compression(model).modified
+    result = StructuredPrunePass(ratio=0.25, exclude=("head.*",))(model)
+    assert result.modified
     proto = ir.to_proto(model)
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     assert shapes["fc0.weight"] == (16, 24) and shapes["fc0.bias"] == (24,)
     assert shapes["fc1.weight"] == (24, 24) and shapes["fc1.bias"] == (24,)
     assert shapes["head.weight"] == (10, 24) and shapes["head.bias"] == (10,)
-    assert compression.report.reason_for("fc1.weight") == "weight 'head.weight' is excluded"
-    group = compression.report.notes["plan"]["groups"][0]
+    assert result.report.reason_for("fc1.weight") == "weight 'head.weight' is excluded"
+    group = result.report.notes["plan"]["groups"][0]
     assert group["removed"] == dead
     (got,) = run(model, {"x": x})
     np.testing.assert_allclose(got, expected, **TOL)
     np.testing.assert_allclose(got, mlp_reference(proto, x), **TOL)
-    assert compression.report.reason_for("head.weight") == "channels reach graph output 'logits'"
+    assert result.report.reason_for("head.weight") == "channels reach graph output 'logits'"
 
 
 def test_lossy_removal_equals_the_consumer_masked_original(rng):
@@ -147,9 +148,8 @@ def test_cnn_lossy_removal_equals_the_consumer_masked_original(rng, reshape):
 
 def test_unhandled_concat_group_is_skipped_with_its_reason(rng):
     model = cnn(rng, concat=True)
-    compression = StructuredPrunePass(ratio=0.5)
-    compression(model)
-    assert compression.report.reason_for("conv3.weight") == "Concat reads the channels: index mapping not handled"
+    report = StructuredPrunePass(ratio=0.5)(model).report
+    assert report.reason_for("conv3.weight") == "Concat reads the channels: index mapping not handled"
     assert model.graph.initializers["conv3.weight"].const_value.shape == (6, 4, 3, 3)  # outputs whole
     assert model.graph.initializers["conv1.weight"].const_value.shape == (4, 3, 3, 3)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -182,9 +182,9 @@ def test_gemm_reading_transposed_is_skipped(rng):
         [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")],
     )
     model = ir.from_proto(finish(graph))
-    compression = StructuredPrunePass(ratio=0.5)
-    assert compression(model).modified is False
-    assert compression.report.reason_for("w0") == "Transpose reads the channels: index mapping not handled"
+    result = StructuredPrunePass(ratio=0.5)(model)
+    assert result.modified is False
+    assert result.report.reason_for("w0") == "Transpose reads the channels: index mapping not handled"
 
 
 def test_dead_neurons_after_unstructured_pruning_are_removed_exactly(rng):
@@ -199,11 +199,14 @@ def test_dead_neurons_after_unstructured_pruning_are_removed_exactly(rng):
     x = rng.standard_normal((6, 16)).astype(np.float32)
     (expected,) = run(model, {"x": x})
     compression = DeadNeuronPass()
-    assert compression(model).modified
-    groups = {g["name"]: g for g in compression.report.notes["plan"]["groups"]}
-    assert groups["fc0.weight"]["removed"] == [3, 4, 10, 12]
-    assert groups["fc1.weight"]["removed"] == [0, 23]
-    assert compression.report.notes["constant_channels_kept"] == 1
+    plan = compression.plan(model)  # decided, nothing edited yet: what --dry-run prints
+    assert {group.name: group.removed for group in plan.active()} == {"fc0.weight": [3, 4, 10, 12],
+                                                                      "fc1.weight": [0, 23]}
+    assert plan.constant_channels_kept == 1
+    report = PassReport(compression.name)
+    assert compression.apply(model, plan, report)
+    assert report.notes["constant_channels_kept"] == 1
+    assert report.notes["plan"] == plan.to_dict()
     (got,) = run(model, {"x": x})
     np.testing.assert_allclose(got, expected, **TOL)
     assert DeadNeuronPass()(model).modified is False
@@ -219,11 +222,10 @@ def test_dead_channels_through_batchnorm_use_the_normalised_constant(rng):
     set_weights(model, arrays)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     (expected,) = run(model, {"x": x})
-    compression = DeadNeuronPass()
-    compression(model)
+    report = DeadNeuronPass()(model).report
     assert model.graph.initializers["conv3.weight"].const_value.shape == (5, 8, 3, 3)
     assert model.graph.initializers["head.weight"].const_value.shape == (10, 80)
-    assert compression.report.reason_for("conv1.weight+conv2.weight") == "no dead neurons"
+    assert report.reason_for("conv1.weight+conv2.weight") == "no dead neurons"
     (got,) = run(model, {"x": x})
     np.testing.assert_allclose(got, expected, **TOL)
 
@@ -273,6 +275,4 @@ def test_other_unmappable_groups_are_skipped_with_their_reasons(rng):
         (shared, "a", "weight 'a' is shared by several nodes"),
     ]
     for model, name, reason in cases:
-        compression = StructuredPrunePass(ratio=0.5)
-        compression(model)
-        assert compression.report.reason_for(name) == reason
+        assert StructuredPrunePass(ratio=0.5)(model).report.reason_for(name) == reason

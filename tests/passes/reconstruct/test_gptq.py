@@ -63,10 +63,8 @@ def test_kept_zeros_stay_exact(layer):
 
 
 def _cluster(model, data, **options):
-    clustering = get_pass("codebook.gptq")(**options)
-    clustering.context = PassContext(data=data)
-    result = clustering(model)
-    return clustering.report, result.modified
+    result = get_pass("codebook.gptq")(**options, context=PassContext(data=data))(model)
+    return result.report, result.modified
 
 
 def _check_codebooks(model, names, bits):
@@ -103,9 +101,7 @@ def test_refine_and_act_order_options_each_beat_kmeans(rng):
 
 def test_a_pruned_layer_keeps_its_zeros_as_the_reserved_entry(rng):
     model, data = mlp_case(rng)
-    pruning = get_pass("prune.obs")(sparsity=0.5)
-    pruning.context = PassContext(data=data)
-    pruning(model)
+    get_pass("prune.obs")(sparsity=0.5, context=PassContext(data=data))(model)
     zeros = {name: model.graph.initializers[name].const_value.numpy() == 0
              for name in ("fc0.weight", "fc1.weight", "head.weight")}
     report, _ = _cluster(model, data, bits=3, min_params=0)

@@ -74,10 +74,8 @@ def test_an_indefinite_hessian_is_rejected_after_damping_retries():
 
 
 def _prune(model, data, **options):
-    pruning = get_pass("prune.obs")(**options)
-    pruning.context = PassContext(data=data)
-    pruning(model)
-    return pruning.report
+    pruning = get_pass("prune.obs")(**options, context=PassContext(data=data))
+    return pruning(model).report
 
 
 @pytest.mark.parametrize("options", [{"sparsity": 0.5}, {"n_m": "2:4"}, {"sparsity": 0.6, "sequential": True}])

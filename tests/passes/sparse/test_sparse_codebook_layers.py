@@ -40,14 +40,14 @@ def shared_mlp(rng: np.random.Generator) -> onnx.ModelProto:
 
 def test_shared_layers_become_codebook_ops(rng):
     proto = shared_mlp(rng)
-    sparse_pass = SparseCsr(decide="always", min_params=16)
-    out = ir.to_proto(sparse_pass(ir.serde.deserialize_model(proto)).model)
+    result = SparseCsr(decide="always", min_params=16)(ir.serde.deserialize_model(proto))
+    out = ir.to_proto(result.model)
     onnx.checker.check_model(out)
     ops = {n.op_type for n in out.graph.node}
     assert {"SparseCodebookMatMul", "CodebookMatMul"} <= ops
     assert "Gather" not in ops and "Cast" not in ops  # the decode pairs are gone
     assert not any(i.name.endswith(".codebook_indices") for i in out.graph.initializer)
-    details = {c.name: c.detail for c in sparse_pass.report.changes}
+    details = {c.name: c.detail for c in result.report.changes}
     assert details["fc0.weight"].startswith("SparseCodebookMatMul, sparsity 0.9")
     assert details["fc1.weight"].startswith("CodebookMatMul, sparsity 0.0")
     assert "4-bit indices" in details["fc1.weight"]
@@ -70,6 +70,5 @@ def test_shared_weight_read_twice_stays(rng):
     extra.outputs[0].name = "fc1_copy"
     model.graph.append(extra)
     model.graph.outputs.append(extra.outputs[0])
-    sparse_pass = SparseCsr(decide="always", min_params=16)
-    sparse_pass(model)
-    assert sparse_pass.report.reason_for("fc1.weight") == "shared weight read by 2 nodes"
+    report = SparseCsr(decide="always", min_params=16)(model).report
+    assert report.reason_for("fc1.weight") == "shared weight read by 2 nodes"

@@ -52,10 +52,9 @@ def pruned_mlp(rng) -> onnx.ModelProto:
 
 
 def run_pass(proto: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, object]:
-    sparse_pass = SparseCsr(**options)
-    result = sparse_pass(ir.serde.deserialize_model(proto))
+    result = SparseCsr(**options)(ir.serde.deserialize_model(proto))
     out = ir.to_proto(result.model)
-    return out, sparse_pass.report
+    return out, result.report
 
 
 def test_formats_round_trip_exactly(rng):
