@@ -36,10 +36,11 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 import typer
 from rich.console import Console
@@ -158,7 +159,7 @@ def compress_file(
     input_shapes: Sequence[str] | None = None,
     before_save: Callable[[ir.Model, PipelineResult], dict[str, Any]] | None = None,
     side_files: Sequence[SideFile] = (),
-    task: Callable[[ir.Model, dict[str, Any] | None], TaskMetric | None] | None = None,
+    task_metric: Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None] | None = None,
 ) -> PipelineResult:
     """Load, run the gated steps, write the model, report and side files together, print a summary.
 
@@ -175,7 +176,7 @@ def compress_file(
     protected = check_loaded(model, [(output, "output"), (io.data_path(output) if external else None, "output"),
                                      *((path, what) for path, what, _ in side_files)])
     data = load_npz(data_path, model) if data_path else None
-    metric = task(model, data) if task is not None else None  # scores the gates' samples (min_task)
+    metric = task_metric(model, data) if task_metric is not None else None  # for gates with min_task
     sizes = shapes_as_sizes(parse_input_shapes(input_shapes, model)) if input_shapes else None
     if data is None and not quiet:
         console.print(WEAK_PROXY_NOTE, soft_wrap=True)

@@ -122,7 +122,7 @@ def optimize(
         return _latency(original, result, batch, max_latency_ratio)
 
     result = compress_file(model, output, steps, data_path=data, report_path=report, probes=probes,
-                           seed=chosen.seed, input_shapes=input_shape, before_save=check_latency, task=task)
+                           seed=chosen.seed, input_shapes=input_shape, before_save=check_latency, task_metric=task)
     _say_if_not_smaller(model, output or default_output(model), result)
 
 
