@@ -104,6 +104,8 @@ def optimize(
 ) -> None:
     """Compress with a recipe of gated steps: with --data, per-layer codebook bits found by search;
     without, float16 storage only. Latency before/after is measured at --batch."""
+    if finetune and data is None:
+        raise UserError("--finetune retrains on labelled samples: give --data train.npz with a 'labels' array")
     if recipe is None:
         recipe = "default" if data is not None or trust_random_probes else "data-free"
     chosen = load_recipe(recipe)
@@ -136,8 +138,7 @@ def _retraining(
     """`--finetune`: retraining rounds, the accuracy-change metric, and how many gate samples."""
     from onnxcompress.finetune.retrain import accuracy_change, with_retraining
 
-    if data is None:
-        raise UserError("--finetune retrains on labelled samples: give --data train.npz with a 'labels' array")
+    assert data is not None  # checked first thing by optimize
 
     count = max(probes, min(RETRAIN_PROBES, _label_count(data) // 5))
 
