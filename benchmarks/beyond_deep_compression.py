@@ -35,6 +35,7 @@ import onnx
 import onnxruntime
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's benchmarks package (and its build/ caches)
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "build" / "beyond_deep_compression"
 
@@ -78,32 +79,33 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return hits / len(x)
 
 
-def prepare(key: str) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+def prepare(key: str, epochs: int | None, threads: int) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     """The dense ONNX model and train.npz (60,000 samples with labels), written once."""
     import torch
 
     from benchmarks.data import load_mnist
     from benchmarks.models import export, trained
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     spec = NETWORKS[key]
+    epochs = epochs or spec["epochs"]
     x_train, y_train, x_test, y_test = load_mnist(images=spec["images"])
-    folder = WORK / key
+    folder = WORK / f"{key}-e{epochs}"
     folder.mkdir(parents=True, exist_ok=True)
     dense, train = folder / "dense.onnx", folder / "train.npz"
     if not dense.is_file():
-        export(trained(key, epochs=spec["epochs"], lr=spec["lr"]), dense)
+        export(trained(key, epochs=epochs, lr=spec["lr"]), dense)
     if not train.is_file():
         name = onnx.load(dense).graph.input[0].name
         np.savez(train, **{name: x_train, "labels": y_train})
     return dense, train, x_test, y_test
 
 
-def run_row(key: str, row: str, dense: Path, train: Path) -> tuple[list[str], float]:
-    out = WORK / key / row
+def run_row(row: str, dense: Path, train: Path, threads: int) -> tuple[list[str], float]:
+    out = dense.parent / row
     out.mkdir(parents=True, exist_ok=True)
     commands, started = [], time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for template in ROWS[row]:
         argv = [part.format(dense=dense, train=train, out=out) for part in template]
         commands.append(shlex.join(["onnxcompress", *argv]).replace(str(ROOT) + "/", ""))
@@ -115,8 +117,8 @@ def run_row(key: str, row: str, dense: Path, train: Path) -> tuple[list[str], fl
     return commands, time.perf_counter() - started
 
 
-def measure(key: str, row: str, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, object]:
-    out = WORK / key / row
+def measure(row: str, dense: Path, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, object]:
+    out = dense.parent / row
     archive, table = (out / name for name in ARCHIVES[row])
     restored = out / "restored.onnx"
     subprocess.run([sys.executable, "-m", "onnxcompress", "unpack", str(archive), "-o", str(restored)], cwd=ROOT,
@@ -152,24 +154,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", nargs="+", default=["lenet300"], choices=list(NETWORKS))
     parser.add_argument("--rows", nargs="+", default=["default"], choices=list(ROWS))
+    parser.add_argument("--dense-epochs", type=int, default=None,
+                        help="training epochs of the dense network (default: 20 for LeNet-300, 8 for LeNet-5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = parser.parse_args()
     result: dict[str, object] = {"machine": f"{os.cpu_count()} CPUs, {platform.platform()}",
                                  "load_start": " ".join(f"{v:.1f}" for v in os.getloadavg()),
                                  "command": shlex.join(["python", "benchmarks/beyond_deep_compression.py",
                                                         *sys.argv[1:]]), "rows": []}
     for key in args.networks:
-        dense, train, x_test, y_test = prepare(key)
+        dense, train, x_test, y_test = prepare(key, args.dense_epochs, args.threads)
         dense_accuracy = accuracy(dense, x_test, y_test)
         for row in args.rows:
-            commands, seconds = run_row(key, row, dense, train)
-            figures = measure(key, row, x_test, y_test)
+            commands, seconds = run_row(row, dense, train, args.threads)
+            figures = measure(row, dense, x_test, y_test)
             result["rows"].append({"key": key, "network": NETWORKS[key]["title"], "row": row,  # type: ignore[attr-defined]
+                                   "dense_epochs": args.dense_epochs or NETWORKS[key]["epochs"],
                                    "dense_accuracy": dense_accuracy, "commands": commands,
                                    "seconds": round(seconds, 1), **figures})
             print(json.dumps(result["rows"][-1]), flush=True)  # type: ignore[index]
     result["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     RESULTS.mkdir(exist_ok=True)
-    suffix = "_".join(args.networks)
+    suffix = "_".join(args.networks) + (f"_e{args.dense_epochs}" if args.dense_epochs else "")
     (RESULTS / f"beyond_deep_compression_{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"beyond_deep_compression_{suffix}.md").write_text(markdown(result))
 

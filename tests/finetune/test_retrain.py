@@ -37,6 +37,9 @@ def test_accuracy_change_is_candidate_minus_original() -> None:
     candidate = [np.eye(3)[[0, 1, 0, 0]]]  # 2 of 4 right
     assert accuracy_change(labels)(original, candidate) == pytest.approx(-0.25)
     assert accuracy_change(labels)(candidate, original) == pytest.approx(0.25)
+    many = np.zeros(2000, dtype=np.int64)
+    right, six_wrong = [np.eye(3)[many]], [np.eye(3)[np.r_[np.ones(6, np.int64), many[6:]]]]
+    assert accuracy_change(many)(right, six_wrong) >= -0.003  # exactly the bar, not a float hair below
 
 
 def test_the_gates_samples_are_left_out_of_training() -> None:
