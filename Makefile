@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard kernels/CMakeLists.txt)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	@if [ -f kernels/fetch_headers.sh ]; then bash kernels/fetch_headers.sh || echo "warning: onnxruntime headers not fetched; kernels will not be built"; fi
-	$(PY) -m pip install -q -e '.[torch,coding,plot,dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[torch,coding,plot,dev,ray]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 test: setup

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import runtime
+from onnxcompress.io import ir_version_for
 
 
 def train_digits_mlp(seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
@@ -52,7 +53,7 @@ def to_onnx(weights: list[np.ndarray], biases: list[np.ndarray]) -> onnx.ModelPr
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], producer_name="onnxcompress-demo")
-    model.ir_version = 10
+    model.ir_version = ir_version_for(21)
     return model
 
 

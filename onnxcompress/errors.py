@@ -17,6 +17,7 @@ __all__ = [
     "DataError",
     "FidelityGateError",
     "MissingDependencyError",
+    "WorkerError",
 ]
 
 
@@ -64,3 +65,7 @@ class FidelityGateError(OnnxCompressError):
     """A step's output drifted past its fidelity threshold; nothing was written."""
 
     exit_code = 3
+
+
+class WorkerError(OnnxCompressError):
+    """A worker process of a parallel sweep died on every try (out of memory, a native crash)."""

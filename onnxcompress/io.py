@@ -19,19 +19,22 @@ __all__ = [
     "write_text_atomic",
     "protected",
     "stage_model",
+    "SaveOptions",
     "data_path",
     "in_memory",
     "iter_graphs",
     "iter_tensors",
+    "ir_version_for",
     "minimum_ir_version",
     "EXTERNAL_DATA_THRESHOLD",
 ]
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -174,23 +177,30 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     return model
 
 
-def minimum_ir_version(model: ir.Model) -> int:
-    """The lowest IR version the model's opsets and features allow.
+def ir_version_for(opset: int, *, functions: bool = False, dtypes: Iterable[ir.DataType] = ()) -> int:
+    """The one IR-version rule: the lowest IR version that default-domain `opset`, model-local
+    `functions` and tensors of `dtypes` allow (every model and layer model we write uses it).
 
     onnx 1.23 stamps IR 14, which onnxruntime 1.31 rejects; IR 10 covers opset 21.
     """
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
     versions = [ir_v for _, ir_v, ops, *_ in onnx.helper.VERSION_TABLE if ops >= opset]
     version = min(versions) if versions else onnx.IR_VERSION
     version = max(version, 4)  # IR 3 (opset <= 8) demands every initializer be a graph input
-    if model.functions:
+    if functions:
         version = max(version, 8)  # model-local functions
-    for tensor in iter_tensors(model):
-        if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+    for dtype in set(dtypes):
+        if dtype in (ir.DataType.INT4, ir.DataType.UINT4):
             version = max(version, 10)
-        elif "FLOAT8" in tensor.dtype.name:
+        elif "FLOAT8" in dtype.name:
             version = max(version, 9)
     return version
+
+
+def minimum_ir_version(model: ir.Model) -> int:
+    """The lowest IR version the model's opsets and features allow (`ir_version_for`)."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    dtypes = {tensor.dtype for tensor in iter_tensors(model)}
+    return ir_version_for(opset, functions=bool(model.functions), dtypes=dtypes)
 
 
 def _mapped_files(model: ir.Model) -> set[Path]:
@@ -244,6 +254,14 @@ def data_path(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
+@dataclasses.dataclass(frozen=True)
+class SaveOptions:
+    """How a model is written: `external_data` True, False, or None (only above
+    `EXTERNAL_DATA_THRESHOLD` bytes). Passed down to every writer, never held in a global."""
+
+    external_data: bool | None = None
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike[str],
@@ -258,14 +276,14 @@ def save(
     (the model's own input and mapped files always are).
     """
     with writer.batch({**protected(model), **(protect or {})}) as staged:
-        written = stage_model(staged, model, Path(path), external_data=external_data)
+        written = stage_model(staged, model, Path(path), SaveOptions(external_data))
     return written
 
 
-def stage_model(staged: writer.Batch, model: ir.Model, path: Path, *, external_data: bool | None) -> Path:
+def stage_model(staged: writer.Batch, model: ir.Model, path: Path, options: SaveOptions) -> Path:
     """Serialize `model` into a writer batch: the data file (if any) first, then the model."""
     path = path.resolve()
-    use_external = uses_external_data(model, external_data)
+    use_external = uses_external_data(model, options.external_data)
     data = data_path(path)
     model.ir_version = minimum_ir_version(model)
     staged_data = staged.stage(data, "output", unpairs=path) if use_external else None

@@ -332,6 +332,17 @@ PASS_MODULES: dict[str, str] = {
     "finetune": "onnxcompress.passes.finetune",
 }
 
+#: A recipe's `schedule:` entry (iterative pruning rounds) is defined beside the pruning passes.
+SCHEDULE_STEP = "onnxcompress.passes.prune.schedules:ScheduleStep"
+
+
+def schedule_step() -> type[Any]:
+    """The pydantic model of a recipe's `schedule:` entry (`.steps()` expands it), imported on
+    first use like the passes."""
+    module, _, name = SCHEDULE_STEP.partition(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
 _REGISTRY: dict[str, type[CompressionPass]] = {}
 PassT = TypeVar("PassT", bound=type[CompressionPass])
 

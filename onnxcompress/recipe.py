@@ -11,7 +11,7 @@
         on_fail: rollback   # or stop (default): fail with nothing written
 
 A step may also be a `schedule:` entry (iterative pruning, see
-`onnxcompress.passes.prune.schedules.ScheduleStep`), expanded into its prune (+ finetune)
+`pass_base.SCHEDULE_STEP`), expanded into its prune (+ finetune)
 rounds when the recipe is read.
 
 Built-in recipes ship in `onnxcompress/recipes/` and are named without `.yaml`.
@@ -31,7 +31,7 @@ import yaml
 
 from onnxcompress.errors import RecipeError
 from onnxcompress.fidelity import Gate
-from onnxcompress.pass_base import get_pass, make_config, pass_names
+from onnxcompress.pass_base import get_pass, make_config, pass_names, schedule_step
 from onnxcompress.pipeline import Step
 from onnxcompress.probes import DEFAULT_PROBES
 
@@ -53,10 +53,8 @@ class Recipe(pydantic.BaseModel):
         steps: list[Any] = []
         for index, entry in enumerate(raw["steps"], start=1):
             if isinstance(entry, dict) and "schedule" in entry:
-                from onnxcompress.passes.prune.schedules import ScheduleStep
-
                 try:
-                    steps += ScheduleStep.model_validate(entry).steps()
+                    steps += schedule_step().model_validate(entry).steps()
                 except (pydantic.ValidationError, RecipeError, ValueError) as error:
                     raise ValueError(f"step {index} (schedule): {_first_problem(error)}") from None
             else:
@@ -159,9 +157,7 @@ def recipe_schema() -> dict[str, Any]:
             },
         )
         variants.append(step)
-    from onnxcompress.passes.prune.schedules import ScheduleStep
-
-    variants.append(ScheduleStep)
+    variants.append(schedule_step())
     step_union = Union[tuple(variants)]  # type: ignore[valid-type]  # noqa: UP007  (built at run time)
     document = pydantic.create_model(
         "Recipe",

@@ -9,7 +9,17 @@ recorded with its reason: a graph input (fed at run time), too small, excluded b
 
 from __future__ import annotations
 
-__all__ = ["Layout", "LAYOUTS", "WeightSite", "SiteScan", "find_weight_sites", "weight_params"]
+__all__ = [
+    "Layout",
+    "LAYOUTS",
+    "WeightSite",
+    "SiteScan",
+    "find_weight_sites",
+    "weight_params",
+    "constant_array",
+    "constant_node_array",
+    "set_constant",
+]
 
 import dataclasses
 import fnmatch
@@ -133,11 +143,55 @@ class WeightSite:
         new = ir.tensor(np.ascontiguousarray(array), name=self.name)
         if new.dtype != self.dtype:
             raise ValueError(f"{self.name}: new dtype {new.dtype} != {self.dtype}")
-        if self.holder == "constant":
-            producer = self.value.producer()
-            assert producer is not None
-            producer.attributes["value"] = ir.AttrTensor("value", new)
-        self.value.const_value = new
+        _swap(self.value, new, array.shape)
+
+
+# ---- constants: every weight is read from and swapped into a graph here ---------------------
+
+
+def constant_node_array(node: ir.Node) -> np.ndarray | None:
+    """The value of a Constant node, whichever attribute holds it (a tensor, value_float(s),
+    value_int(s)); None for the forms no weight takes (sparse_value, strings)."""
+    for key, attribute in node.attributes.items():
+        if key == "value" and attribute.type == ir.AttributeType.TENSOR:
+            return np.array(attribute.as_tensor().numpy())
+        if key in ("value_float", "value_floats"):
+            return np.array(attribute.value if key == "value_float" else list(attribute.value), dtype=np.float32)
+        if key in ("value_int", "value_ints"):
+            return np.array(attribute.value if key == "value_int" else list(attribute.value), dtype=np.int64)
+    return None
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The tensor behind an initializer (not one fed as a graph input) or a Constant node's
+    `value`, else None (an activation). May be a read-only memory map: never edit it in place."""
+    if value is None:
+        return None
+    producer = value.producer()
+    if producer is not None:
+        if producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+            return None
+        attribute = producer.attributes.get("value")
+        if attribute is None or attribute.type != ir.AttributeType.TENSOR:
+            return None
+        return attribute.as_tensor().numpy()
+    if value.const_value is not None and not value.is_graph_input():
+        return value.const_value.numpy()
+    return None
+
+
+def set_constant(value: ir.Value, array: np.ndarray) -> None:
+    """Swap a new tensor (any shape) into an initializer or a Constant node's output; the old
+    tensor is never mutated, so snapshots and memory-mapped inputs stay intact."""
+    _swap(value, ir.tensor(np.ascontiguousarray(array), name=value.name), array.shape)
+
+
+def _swap(value: ir.Value, tensor: ir.TensorProtocol, shape: tuple[int, ...]) -> None:
+    producer = value.producer()
+    if producer is not None:
+        producer.attributes["value"] = ir.AttrTensor("value", tensor)
+    value.const_value = tensor
+    value.shape = ir.Shape(shape)
 
 
 def _constant_tensor(value: ir.Value) -> tuple[ir.TensorProtocol | None, Holder | None]:

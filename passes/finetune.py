@@ -31,7 +31,6 @@ from onnxcompress.pass_base import CompressionPass, PassReport, register
 
 logger = logging.getLogger(__name__)
 
-
 @register
 class FinetunePass(CompressionPass):
     """Retrain weights in torch with the compressed structure held; write them back by name."""
@@ -72,8 +71,15 @@ class FinetunePass(CompressionPass):
         options = self.config
         if options.seed is None:
             options = options.model_copy(update={"seed": self.context.seed})
-        result = finetune(model, data, original=self._teacher(), options=options, module=module,  # type: ignore[arg-type]
-                          progress=self.context.progress)
+        if options.executor == "ray":
+            from onnxcompress.finetune.distributed import finetune_on_ray
+
+            result = finetune_on_ray(model, data, original=self._teacher(), options=options,  # type: ignore[arg-type]
+                                     workers=options.workers, address=options.ray_address,
+                                     storage=options.checkpoint_dir)
+        else:
+            result = finetune(model, data, original=self._teacher(), options=options, module=module,  # type: ignore[arg-type]
+                              progress=self.context.progress)
         consumers = _consumer_ops(model)
         changed = write_back(model, result.arrays)
         for name, before, after in changed:

@@ -143,6 +143,14 @@ def test_model_local_functions_need_ir_8(rng):
     assert io.minimum_ir_version(ir.from_proto(proto)) == 8
 
 
+def test_layer_models_follow_the_same_rule():
+    """The one rule also dates the layer models the passes time (sparse.csr, lowrank --speed)."""
+    assert io.ir_version_for(17) == 8 and io.ir_version_for(21) == 10
+    assert io.ir_version_for(13, functions=True) == 8
+    assert io.ir_version_for(13, dtypes=[ir.DataType.UINT4]) == 10
+    assert io.ir_version_for(13, dtypes=[ir.DataType.FLOAT8E4M3FN]) == 9
+
+
 def test_save_refuses_the_input_and_mapped_data(rng, tmp_path):
     source = save_proto(mlp_proto(rng, (64, 128, 10)), tmp_path / "m.onnx")
     with pytest.raises(UserError, match="overwrite the input"):

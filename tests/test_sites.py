@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.sites import find_weight_sites
+from onnxcompress.sites import constant_array, constant_node_array, find_weight_sites, set_constant
 from tests.builders import finish, mlp
 
 
@@ -135,3 +135,42 @@ def test_codebook_and_kernel_layers_are_skipped_with_their_reason(rng):
     reasons = {s.name: s.reason for s in find_weight_sites(kernels).skipped}
     assert reasons["fc0.weight"] == "held by the SparseCodebookMatMul kernel: run this pass before sparsify"
     assert reasons["fc1.weight"] == "held by the CodebookMatMul kernel: run this pass before sparsify"
+
+
+def _constants_model(rng) -> ir.Model:
+    """y = (x @ w) * c_tensor + c_float: an initializer, a Constant tensor and a Constant literal."""
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["c_tensor"], value=numpy_helper.from_array(np.ones(3, np.float32))),
+            helper.make_node("Constant", [], ["c_float"], value_float=0.5),
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Mul", ["h", "c_tensor"], ["m"]),
+            helper.make_node("Add", ["m", "c_float"], ["y"]),
+        ],
+        "constants",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return ir.from_proto(finish(graph))
+
+
+def test_constants_are_read_from_initializers_and_constant_nodes_only(rng):
+    model = _constants_model(rng)
+    values = {v.name: v for node in model.graph for v in (*node.inputs, *node.outputs) if v is not None}
+    assert constant_array(values["w"]).shape == (4, 3)
+    assert np.array_equal(constant_array(values["c_tensor"]), np.ones(3))
+    assert constant_array(values["c_float"]) is None  # a literal, not a tensor a pass may rewrite
+    assert constant_array(values["h"]) is None and constant_array(values["x"]) is None
+    assert constant_node_array(values["c_float"].producer()) == np.float32(0.5)
+
+
+def test_set_constant_swaps_a_new_tensor_of_any_shape_and_keeps_the_old_one(rng):
+    model = _constants_model(rng)
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    old = constant_array(values["c_tensor"])
+    set_constant(values["c_tensor"], np.full(2, 3.0, np.float32))
+    assert np.array_equal(constant_array(values["c_tensor"]), [3.0, 3.0]) and values["c_tensor"].shape == (2,)
+    assert np.array_equal(old, np.ones(3))
+    assert np.array_equal(values["c_tensor"].producer().attributes["value"].as_tensor().numpy(), [3.0, 3.0])

@@ -1,7 +1,9 @@
 // onnxruntime bindings of the CUDA kernels (CUDAExecutionProvider), same names and inputs as
 // the CPU ops. Inputs and outputs live on the device; the kernels run on onnxruntime's stream.
-// Constant CSR structures are validated once on the device (ValidateCsr), fed ones every run.
+// Constant CSR structures are validated once on the device (cuda::ValidateCsr), fed ones every run;
+// every other check, and every message, is the CPU kernels' (../src/validate.h).
 #include "../src/common.h"
+#include "../src/validate.h"
 #include "kernels.cuh"
 
 namespace onnxcompress {
@@ -18,7 +20,8 @@ T ReadDevice(const T* pointer, int64_t index) {
   return value;
 }
 
-// Turn a device-side problem report into the CPU kernels' messages, with the offending values.
+// Turn a device-side problem report into the CPU kernels' messages (validate.h), with the
+// offending values read back.
 template <typename Index>
 Ort::Status Describe(const char* op, const cuda::CsrProblem& problem, const int32_t* row_ptr, int64_t n,
                      const Index* cols, int64_t nnz, int64_t k, const uint8_t* indices, int64_t codebook_size) {
@@ -26,18 +29,16 @@ Ort::Status Describe(const char* op, const cuda::CsrProblem& problem, const int3
     case 0:
       return Ort::Status{nullptr};
     case 1:
-      return Error(Message(op, ": row_ptr[0] = ", ReadDevice(row_ptr, 0), ", expected 0"));
+      return RowPtrStartError(op, ReadDevice(row_ptr, 0));
     case 2:
-      return Error(Message(op, ": row_ptr decreases at ", problem.position, ": ",
-                           ReadDevice(row_ptr, problem.position - 1), " > ", ReadDevice(row_ptr, problem.position)));
+      return RowPtrDecreasesError(op, problem.position, ReadDevice(row_ptr, problem.position - 1),
+                                  ReadDevice(row_ptr, problem.position));
     case 3:
-      return Error(Message(op, ": row_ptr[N] = ", ReadDevice(row_ptr, n), " but col_indices has ", nnz, " entries"));
+      return RowPtrEndError(op, ReadDevice(row_ptr, n), nnz);
     case 4:
-      return Error(Message(op, ": col_indices[", problem.position, "] = ",
-                           static_cast<int64_t>(ReadDevice(cols, problem.position)), " is out of range [0, ", k, ")"));
+      return ColumnError(op, problem.position, static_cast<int64_t>(ReadDevice(cols, problem.position)), k);
     default:
-      return Error(Message(op, ": indices[", problem.position, "] = ", int{ReadDevice(indices, problem.position)},
-                           " is out of range for a codebook of ", codebook_size, " entries"));
+      return CodebookIndexError(op, problem.position, ReadDevice(indices, problem.position), codebook_size);
   }
 }
 
@@ -46,8 +47,7 @@ struct CudaSparseKernel {
   static constexpr const char* kOp = Codebook ? "SparseCodebookMatMul" : "SparseMatMul";
 
   CudaSparseKernel(const OrtApi*, const OrtKernelInfo* info) {
-    k_ = ReadIntAttribute(info, kOp, "K", error_);
-    n_ = ReadIntAttribute(info, kOp, "N", error_);
+    error_ = ReadSizes(info, kOp, k_, n_);
     cache_.SetConstant(IsConstantInput(info, 1) && IsConstantInput(info, 2) && IsConstantInput(info, 3) &&
                        (!Codebook || IsConstantInput(info, 4)));
   }
@@ -56,20 +56,15 @@ struct CudaSparseKernel {
 
   Ort::Status Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const float* values,
                   const Ort::Custom::Tensor<Index>& cols, const Ort::Custom::Tensor<int32_t>& row_ptr,
-                  const uint8_t* indices, const float* codebook, int64_t codebook_size, int64_t values_size,
+                  const uint8_t* indices, const float* codebook, int64_t codebook_size,
+                  const std::vector<int64_t>& values_shape,
                   std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& y) {
     if (!error_.empty()) return Error(error_);
     const std::vector<int64_t> x_shape = x.Shape();
-    if (x_shape.empty() || x_shape.back() != k_) {
-      return Error(Message(kOp, ": X has shape ", ShapeString(x_shape), ", its last dimension must be K = ", k_));
-    }
+    Ort::Status checked = CheckX(kOp, x_shape, k_);
+    if (checked.IsOK()) checked = CheckCsrShapes(kOp, values_shape, cols.Shape(), row_ptr.Shape(), n_);
+    if (!checked.IsOK()) return checked;
     const int64_t nnz = cols.Shape()[0];
-    if (values_size != nnz) {
-      return Error(Message(kOp, ": values has ", values_size, " entries but col_indices has ", nnz));
-    }
-    if (row_ptr.Shape()[0] != n_ + 1) {
-      return Error(Message(kOp, ": row_ptr has ", row_ptr.Shape()[0], " entries, expected N + 1 = ", n_ + 1));
-    }
     auto stream = static_cast<cudaStream_t>(Ort::KernelContext(context).GetGPUComputeStream());
     if (!cache_.Valid(cols.Data(), row_ptr.Data(), indices, codebook_size)) {
       cuda::CsrProblem problem{};
@@ -105,7 +100,7 @@ struct CudaSparseMatMul : CudaSparseKernel<Index, false> {
                       const Ort::Custom::Tensor<int32_t>& row_ptr,
                       std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& y) {
     return Guarded(this->kOp, [&] {
-      return this->Run(context, x, values.Data(), cols, row_ptr, nullptr, nullptr, 0, values.Shape()[0], bias, y);
+      return this->Run(context, x, values.Data(), cols, row_ptr, nullptr, nullptr, 0, values.Shape(), bias, y);
     });
   }
 };
@@ -118,13 +113,10 @@ struct CudaSparseCodebookMatMul : CudaSparseKernel<Index, true> {
                       const Ort::Custom::Tensor<int32_t>& row_ptr, const Ort::Custom::Tensor<float>& codebook,
                       std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& y) {
     return Guarded(this->kOp, [&]() -> Ort::Status {
-      const int64_t size = NumElements(codebook.Shape());
-      if (codebook.Shape().size() != 1 || size < 1 || size > 256) {
-        return Error(Message(this->kOp, ": codebook has shape ", ShapeString(codebook.Shape()),
-                             ", expected [C] with 1 <= C <= 256"));
-      }
-      return this->Run(context, x, nullptr, cols, row_ptr, indices.Data(), codebook.Data(), size,
-                       indices.Shape()[0], bias, y);
+      Ort::Status checked = CheckCodebook(this->kOp, codebook.Shape(), 256);
+      if (!checked.IsOK()) return checked;
+      return this->Run(context, x, nullptr, cols, row_ptr, indices.Data(), codebook.Data(), codebook.Shape()[0],
+                       indices.Shape(), bias, y);
     });
   }
 };
@@ -133,10 +125,7 @@ struct CudaCodebookMatMul {
   static constexpr const char* kOp = "CodebookMatMul";
 
   CudaCodebookMatMul(const OrtApi*, const OrtKernelInfo* info) {
-    k_ = ReadIntAttribute(info, kOp, "K", error_);
-    n_ = ReadIntAttribute(info, kOp, "N", error_);
-    bits_ = ReadIntAttributeOr(info, "bits", 8);
-    if (error_.empty() && bits_ != 8 && bits_ != 4) error_ = Message(kOp, ": attribute bits = ", bits_, ", expected 4 or 8");
+    error_ = ReadCodebookAttributes(info, kOp, k_, n_, bits_);
   }
 
   static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) { return InferMatMulShape(ctx).release(); }
@@ -149,19 +138,11 @@ struct CudaCodebookMatMul {
     return Guarded(kOp, [&]() -> Ort::Status {
       if (!error_.empty()) return Error(error_);
       const std::vector<int64_t> x_shape = x.Shape();
-      if (x_shape.empty() || x_shape.back() != k_) {
-        return Error(Message(kOp, ": X has shape ", ShapeString(x_shape), ", its last dimension must be K = ", k_));
-      }
-      const int64_t row_bytes = bits_ == 8 ? k_ : (k_ + 1) / 2;
-      const std::vector<int64_t> i_shape = indices.Shape();
-      if (i_shape.size() != 2 || i_shape[0] != n_ || i_shape[1] != row_bytes) {
-        return Error(Message(kOp, ": indices has shape ", ShapeString(i_shape), ", expected [", n_, ", ", row_bytes, "]"));
-      }
-      const int64_t size = NumElements(codebook.Shape());
-      if (codebook.Shape().size() != 1 || size < 1 || size > (int64_t{1} << bits_)) {
-        return Error(Message(kOp, ": codebook has shape ", ShapeString(codebook.Shape()), ", expected [C] with 1 <= C <= ",
-                             int64_t{1} << bits_));
-      }
+      Ort::Status checked = CheckX(kOp, x_shape, k_);
+      if (checked.IsOK()) checked = CheckPackedIndices(kOp, indices.Shape(), k_, n_, bits_);
+      if (checked.IsOK()) checked = CheckCodebook(kOp, codebook.Shape(), int64_t{1} << bits_);
+      if (!checked.IsOK()) return checked;
+      const int64_t size = codebook.Shape()[0];
       const float* b = nullptr;
       Ort::Status status = ReadBias(kOp, bias, n_, &b);
       if (!status.IsOK()) return status;

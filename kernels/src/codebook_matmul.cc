@@ -13,6 +13,7 @@
 // split once into even and odd columns so both nibbles of a byte meet contiguous x. Larger
 // batches decode blocks of 8 rows into fp32 and run a small register-blocked dot-product kernel.
 #include "common.h"
+#include "validate.h"
 
 #include <immintrin.h>
 
@@ -168,13 +169,7 @@ struct CodebookMatMulKernel {
   static constexpr const char* kOp = "CodebookMatMul";
 
   CodebookMatMulKernel(const OrtApi*, const OrtKernelInfo* info) {
-    k_ = ReadIntAttribute(info, kOp, "K", error_);
-    n_ = ReadIntAttribute(info, kOp, "N", error_);
-    bits_ = ReadIntAttributeOr(info, "bits", 8);
-    if (error_.empty() && (k_ <= 0 || n_ <= 0)) {
-      error_ = Message(kOp, ": attributes K = ", k_, " and N = ", n_, " must be positive");
-    }
-    if (error_.empty() && bits_ != 8 && bits_ != 4) error_ = Message(kOp, ": attribute bits = ", bits_, ", expected 4 or 8");
+    error_ = ReadCodebookAttributes(info, kOp, k_, n_, bits_);
     cache_.SetConstant(IsConstantInput(info, 1) && IsConstantInput(info, 2));
   }
 
@@ -192,21 +187,12 @@ struct CodebookMatMulKernel {
                   std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& y) {
     if (!error_.empty()) return Error(error_);
     const std::vector<int64_t> x_shape = x.Shape();
-    if (x_shape.empty() || x_shape.back() != k_) {
-      return Error(Message(kOp, ": X has shape ", ShapeString(x_shape), ", its last dimension must be K = ", k_));
-    }
-    const int64_t row_bytes = bits_ == 8 ? k_ : (k_ + 1) / 2;
-    const std::vector<int64_t> i_shape = indices.Shape();
-    if (i_shape.size() != 2 || i_shape[0] != n_ || i_shape[1] != row_bytes) {
-      return Error(Message(kOp, ": indices has shape ", ShapeString(i_shape), ", expected [", n_, ", ", row_bytes,
-                           "] for K = ", k_, ", N = ", n_, ", bits = ", bits_));
-    }
     const std::vector<int64_t> cb_shape = codebook.Shape();
-    const int64_t levels = int64_t{1} << bits_;
-    if (cb_shape.size() != 1 || cb_shape[0] < 1 || cb_shape[0] > levels) {
-      return Error(Message(kOp, ": codebook has shape ", ShapeString(cb_shape), ", expected [C] with 1 <= C <= ",
-                           levels));
-    }
+    Ort::Status checked = CheckX(kOp, x_shape, k_);
+    if (checked.IsOK()) checked = CheckPackedIndices(kOp, indices.Shape(), k_, n_, bits_);
+    if (checked.IsOK()) checked = CheckCodebook(kOp, cb_shape, int64_t{1} << bits_);
+    if (!checked.IsOK()) return checked;
+    const int64_t row_bytes = PackedRowBytes(k_, bits_);
     const int64_t size = cb_shape[0];
     const uint8_t* idx = indices.Data();
     if (!cache_.Valid(idx, codebook.Data(), nullptr, size)) {
@@ -258,7 +244,7 @@ struct CodebookMatMulKernel {
 
   // Every index (both nibbles for 4 bits, the padding nibble included) must be < C.
   Ort::Status CheckIndices(const uint8_t* idx, int64_t size) const {
-    const int64_t row_bytes = bits_ == 8 ? k_ : (k_ + 1) / 2;
+    const int64_t row_bytes = PackedRowBytes(k_, bits_);
     for (int64_t r = 0; r < n_; ++r) {
       for (int64_t j = 0; j < row_bytes; ++j) {
         const int v = idx[r * row_bytes + j];

@@ -1,5 +1,6 @@
 // Shared helpers of the onnxcompress kernel library: statuses that carry values,
-// onnxruntime's thread pool through KernelContext::ParallelFor, CSR validation.
+// onnxruntime's thread pool through KernelContext::ParallelFor, attribute reading
+// (input validation shared with the CUDA kernels: validate.h).
 #pragma once
 
 #define ORT_API_MANUAL_INIT
@@ -89,34 +90,6 @@ inline size_t TaskCount(double work, int64_t rows) {
   return std::min<size_t>(tasks, static_cast<size_t>(std::max<int64_t>(rows, 1)));
 }
 
-// Check a CSR structure (rows x cols, nnz entries) once; return an error naming the value.
-template <typename Index>
-Ort::Status ValidateCsr(const char* op, const int32_t* row_ptr, int64_t row_ptr_size, const Index* cols,
-                        int64_t nnz, int64_t values_size, int64_t rows, int64_t columns) {
-  if (row_ptr_size != rows + 1) {
-    return Error(Message(op, ": row_ptr has ", row_ptr_size, " entries, expected N + 1 = ", rows + 1));
-  }
-  if (values_size != nnz) {
-    return Error(Message(op, ": values has ", values_size, " entries but col_indices has ", nnz));
-  }
-  if (row_ptr[0] != 0) return Error(Message(op, ": row_ptr[0] = ", row_ptr[0], ", expected 0"));
-  for (int64_t r = 0; r < rows; ++r) {
-    if (row_ptr[r + 1] < row_ptr[r]) {
-      return Error(Message(op, ": row_ptr decreases at ", r + 1, ": ", row_ptr[r], " > ", row_ptr[r + 1]));
-    }
-  }
-  if (row_ptr[rows] != nnz) {
-    return Error(Message(op, ": row_ptr[N] = ", row_ptr[rows], " but col_indices has ", nnz, " entries"));
-  }
-  for (int64_t j = 0; j < nnz; ++j) {
-    const int64_t c = static_cast<int64_t>(cols[j]);
-    if (c < 0 || c >= columns) {
-      return Error(Message(op, ": col_indices[", j, "] = ", c, " is out of range [0, ", columns, ")"));
-    }
-  }
-  return Ort::Status{nullptr};
-}
-
 // Whether input `index` is a constant initializer (its data never changes between runs).
 inline bool IsConstantInput(const OrtKernelInfo* info, size_t index) {
   int is_constant = 0;
@@ -167,6 +140,17 @@ inline int64_t ReadIntAttribute(const OrtKernelInfo* info, const char* op, const
   }
 }
 
+// Read a required ints attribute without throwing; records an error message when absent or invalid.
+inline std::vector<int64_t> ReadIntsAttribute(const OrtKernelInfo* info, const char* op, const char* name,
+                                              std::string& error) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttributes<int64_t>(name);
+  } catch (const Ort::Exception& e) {
+    if (error.empty()) error = Message(op, ": attribute ", name, " is missing or not ints (", e.what(), ")");
+    return {};
+  }
+}
+
 inline int64_t ReadIntAttributeOr(const OrtKernelInfo* info, const char* name, int64_t fallback) {
   try {
     return Ort::ConstKernelInfo(info).GetAttribute<int64_t>(name);
@@ -189,9 +173,6 @@ Ort::Status InferMatMulShape(Ort::ShapeInferContext& ctx);
 Ort::Status ReadBias(const char* op, std::optional<const Ort::Custom::Tensor<float>*> bias, int64_t n,
                      const float** data);
 
-// Error naming the first codebook index >= size, if any.
-Ort::Status CheckCodebookIndices(const char* op, const uint8_t* indices, int64_t count, int64_t size);
-
 // Run fn() turning exceptions into statuses that name the op.
 template <typename Fn>
 Ort::Status Guarded(const char* op, Fn&& fn) {
@@ -207,6 +188,7 @@ Ort::Status Guarded(const char* op, Fn&& fn) {
 // Each file registers its ops (both index types where the op has column indices).
 void AddSparseOps(Ort::CustomOpDomain& domain);     // SparseMatMul, SparseCodebookMatMul
 void AddCodebookMatMul(Ort::CustomOpDomain& domain);  // CodebookMatMul
+void AddSparseConv(Ort::CustomOpDomain& domain);      // SparseConv (CPU only)
 void AddCudaOps(Ort::CustomOpDomain& domain);         // all three on CUDAExecutionProvider (CUDA build)
 
 }  // namespace onnxcompress

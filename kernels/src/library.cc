@@ -27,9 +27,9 @@ extern "C" {
 // The op names this build provides, comma separated (read by onnxcompress.runtime.available_ops).
 __attribute__((visibility("default"))) const char* OnnxCompressKernelOps() {
 #ifdef ONNXCOMPRESS_WITH_CUDA
-  return "SparseMatMul,SparseCodebookMatMul,CodebookMatMul,cuda:SparseMatMul,cuda:SparseCodebookMatMul,cuda:CodebookMatMul";
+  return "SparseMatMul,SparseCodebookMatMul,CodebookMatMul,SparseConv,cuda:SparseMatMul,cuda:SparseCodebookMatMul,cuda:CodebookMatMul";
 #else
-  return "SparseMatMul,SparseCodebookMatMul,CodebookMatMul";
+  return "SparseMatMul,SparseCodebookMatMul,CodebookMatMul,SparseConv";
 #endif
 }
 
@@ -57,6 +57,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     Ort::CustomOpDomain domain{onnxcompress::kDomain};
     onnxcompress::AddSparseOps(domain);
     onnxcompress::AddCodebookMatMul(domain);
+    onnxcompress::AddSparseConv(domain);
 #ifdef ONNXCOMPRESS_WITH_CUDA
     onnxcompress::AddCudaOps(domain);
 #endif

@@ -15,6 +15,7 @@
 //    held in registers, prefetching ahead, into a per-task Y^T block.
 // Rows are split across onnxruntime's intra-op threads by equal non-zero counts.
 #include "common.h"
+#include "validate.h"
 
 #include <immintrin.h>
 
@@ -293,31 +294,10 @@ Ort::Status CheckCsrInputs(const CsrArgs& args, const std::vector<int64_t>& x_sh
                            const std::vector<int64_t>& v_shape, const std::vector<int64_t>& c_shape,
                            const std::vector<int64_t>& r_shape, const Index* cols, const int32_t* row_ptr,
                            bool cached) {
-  if (x_shape.empty() || x_shape.back() != args.k) {
-    return Error(Message(args.op, ": X has shape ", ShapeString(x_shape), ", its last dimension must be K = ", args.k));
-  }
-  if (v_shape.size() != 1 || c_shape.size() != 1 || r_shape.size() != 1) {
-    return Error(Message(args.op, ": values ", ShapeString(v_shape), ", col_indices ", ShapeString(c_shape),
-                         " and row_ptr ", ShapeString(r_shape), " must be 1-D"));
-  }
-  if (v_shape[0] != c_shape[0]) {
-    return Error(Message(args.op, ": values has ", v_shape[0], " entries but col_indices has ", c_shape[0]));
-  }
-  if (cached) return Ort::Status{nullptr};
-  if (r_shape[0] != args.n + 1) {
-    return Error(Message(args.op, ": row_ptr has ", r_shape[0], " entries, expected N + 1 = ", args.n + 1));
-  }
+  Ort::Status status = CheckX(args.op, x_shape, args.k);
+  if (status.IsOK()) status = CheckCsrShapes(args.op, v_shape, c_shape, r_shape, args.n);
+  if (!status.IsOK() || cached) return status;
   return ValidateCsr(args.op, row_ptr, r_shape[0], cols, c_shape[0], v_shape[0], args.n, args.k);
-}
-
-std::string ReadSizes(const OrtKernelInfo* info, const char* op, int64_t& k, int64_t& n) {
-  std::string error;
-  k = ReadIntAttribute(info, op, "K", error);
-  n = ReadIntAttribute(info, op, "N", error);
-  if (error.empty() && (k <= 0 || n <= 0)) {
-    error = Message(op, ": attributes K = ", k, " and N = ", n, " must be positive");
-  }
-  return error;
 }
 
 // ---- SparseMatMul(X, values, col_indices, row_ptr[, bias]) -> Y ------------------------------
@@ -383,9 +363,8 @@ struct SparseCodebookMatMulKernel {
       if (!error_.empty()) return Error(error_);
       const CsrArgs args{kOp, k_, n_};
       const std::vector<int64_t> cb_shape = codebook.Shape();
-      if (cb_shape.size() != 1 || cb_shape[0] < 1 || cb_shape[0] > 256) {
-        return Error(Message(kOp, ": codebook has shape ", ShapeString(cb_shape), ", expected [C] with 1 <= C <= 256"));
-      }
+      Ort::Status checked = CheckCodebook(kOp, cb_shape, 256);
+      if (!checked.IsOK()) return checked;
       const int64_t size = cb_shape[0];
       const Index* ci = cols.Data();
       const int32_t* rp = row_ptr.Data();
@@ -425,16 +404,6 @@ Ort::Status ReadBias(const char* op, std::optional<const Ort::Custom::Tensor<flo
     return Error(Message(op, ": bias has shape ", ShapeString(shape), ", expected [", n, "]"));
   }
   *data = (*bias)->Data();
-  return Ort::Status{nullptr};
-}
-
-Ort::Status CheckCodebookIndices(const char* op, const uint8_t* indices, int64_t count, int64_t size) {
-  for (int64_t j = 0; j < count; ++j) {
-    if (indices[j] >= size) {
-      return Error(Message(op, ": indices[", j, "] = ", int{indices[j]}, " is out of range for a codebook of ", size,
-                           " entries"));
-    }
-  }
   return Ort::Status{nullptr};
 }
 

@@ -28,14 +28,15 @@ FAMILIES = ("core", "prune", "lowrank", "codebook", "sparse", "finetune")
 
 @app.callback()
 def _options(
+    context: typer.Context,
     external_data: bool = typer.Option(
         False, "--external-data", help="Write weights to <output>.data beside the model (automatic above 1.8 GB)."
     ),
 ) -> None:
     """Options for every command, given before it: `onnxcompress --external-data prune ...`."""
-    from onnxcompress.cli import common
+    from onnxcompress.io import SaveOptions
 
-    common.SAVE_OPTIONS["external_data"] = True if external_data else None
+    context.obj = SaveOptions(external_data=True if external_data else None)  # cli.common.save_options
 
 
 for _family in FAMILIES:

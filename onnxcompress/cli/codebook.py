@@ -17,7 +17,6 @@ import typer
 from onnxcompress import io, runtime, writer
 from onnxcompress.archive.limits import DEFAULT_MAX_RATIO
 from onnxcompress.cli.common import (
-    SAVE_OPTIONS,
     DataOption,
     InputShapeOption,
     MinCosineOption,
@@ -32,6 +31,7 @@ from onnxcompress.cli.common import (
     gate_for,
     guarded,
     pass_help,
+    save_options,
 )
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import Step
@@ -51,6 +51,7 @@ def _parse_overrides(items: list[str] | None) -> dict[str, int]:
 
 @guarded
 def cluster(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model (pruned or not).", show_default=False)],
     output: OutputOption = None,
     bits: Annotated[int | None, typer.Option(help=pass_help(KMEANS, "bits"), show_default=False)] = None,
@@ -76,7 +77,8 @@ def cluster(
     if init is not None:
         options["init"] = init
     step = Step(pass_name=KMEANS, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
-    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
+    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape,
+                  save=save_options(context))
 
 
 @guarded
@@ -130,6 +132,7 @@ def pack(
 
 @guarded
 def unpack(
+    context: typer.Context,
     archive: Annotated[Path, typer.Argument(help="An .onnxc archive.", show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Model (default: <stem>.onnx).")] = None,
     max_ratio: Annotated[
@@ -142,7 +145,7 @@ def unpack(
     from onnxcompress.archive import unpack_file
 
     output = output or archive.with_suffix(".onnx")
-    written = unpack_file(archive, output, max_ratio=max_ratio, **SAVE_OPTIONS)
+    written = unpack_file(archive, output, max_ratio=max_ratio, external_data=save_options(context).external_data)
     console.print(f"wrote {written}", markup=False)
 
 

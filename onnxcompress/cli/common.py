@@ -62,8 +62,11 @@ from onnxcompress.report import render_report
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: How models are written, set once per invocation by the app's global options.
-SAVE_OPTIONS: dict[str, Any] = {"external_data": None}
+def save_options(context: typer.Context) -> io.SaveOptions:
+    """How this invocation writes models: the app's global options (`--external-data`), which
+    the app callback leaves as the context object of the invocation."""
+    found = context.find_object(io.SaveOptions)
+    return found if found is not None else io.SaveOptions()
 
 OutputOption = Annotated[
     Path | None, typer.Option("--output", "-o", help="Output model (default: <stem>.compressed.onnx).")
@@ -160,6 +163,7 @@ def compress_file(
     before_save: Callable[[ir.Model, PipelineResult], dict[str, Any]] | None = None,
     side_files: Sequence[SideFile] = (),
     task_metric: Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None] | None = None,
+    save: io.SaveOptions | None = None,
 ) -> PipelineResult:
     """Load, run the gated steps, write the model, report and side files together, print a summary.
 
@@ -172,7 +176,8 @@ def compress_file(
     if report_path is not None:
         side_files = [*side_files, (report_path, "report", lambda result: render_report(result, report_path, extra))]
     model = io.load(model_path)
-    external = io.uses_external_data(model, SAVE_OPTIONS["external_data"])
+    save = save if save is not None else io.SaveOptions()
+    external = io.uses_external_data(model, save.external_data)
     protected = check_loaded(model, [(output, "output"), (io.data_path(output) if external else None, "output"),
                                      *((path, what) for path, what, _ in side_files)])
     data = load_npz(data_path, model) if data_path else None
@@ -197,7 +202,7 @@ def compress_file(
     extra.update(before_save(model, result) if before_save is not None else {})
     texts = [(path, what, render(result)) for path, what, render in side_files]
     with writer.batch(protected) as staged:
-        io.stage_model(staged, result.model, output, **SAVE_OPTIONS)
+        io.stage_model(staged, result.model, output, save)
         for path, what, text in texts:
             if isinstance(text, bytes):
                 if text:  # an empty image: nothing to draw (no matplotlib)

@@ -27,6 +27,16 @@ from onnxcompress.cli.common import (
     console,
     default_output,
     guarded,
+    save_options,
+)
+from onnxcompress.cli.parallel import (
+    CacheOption,
+    ExecutorOption,
+    NoCacheOption,
+    RayAddressOption,
+    WorkersOption,
+    cache_for,
+    with_sweep_options,
 )
 from onnxcompress.compare import compare_models, file_bytes, interleaved_latency
 from onnxcompress.data import LABELS, batch_axes, load_npz
@@ -76,6 +86,7 @@ def inspect(
 
 @guarded
 def optimize(
+    context: typer.Context,
     model: ModelArgument,
     output: OutputOption = None,
     recipe: Annotated[str | None, typer.Option(
@@ -94,6 +105,11 @@ def optimize(
     max_latency_ratio: Annotated[float | None, typer.Option(
         min=0.01, show_default=False,
         help="Refuse a result slower than this many times the original at --batch (e.g. 1.05).")] = None,
+    workers: WorkersOption = None,
+    executor: ExecutorOption = "local",
+    ray_address: RayAddressOption = None,
+    cache: CacheOption = None,
+    no_cache: NoCacheOption = False,
     finetune: Annotated[bool, typer.Option(
         "--finetune",
         help="Retrain after every pruning and k-means step (needs labels in --data); each round gated on "
@@ -103,7 +119,9 @@ def optimize(
     ] = 0.003,
 ) -> None:
     """Compress with a recipe of gated steps: with --data, per-layer codebook bits found by search;
-    without, float16 storage only. Latency before/after is measured at --batch."""
+    without, float16 storage only. Latency before/after is measured at --batch. The search's
+    per-layer errors run on this machine or a Ray cluster (--executor ray), cached on disk.
+    --finetune retrains after each pruning and k-means step (Han's retraining)."""
     if finetune and data is None:
         raise UserError("--finetune retrains on labelled samples: give --data train.npz with a 'labels' array")
     if recipe is None:
@@ -115,6 +133,7 @@ def optimize(
     given = {"min_cosine": min_cosine, "min_rank_correlation": min_rank_corr, "min_top1": min_top1}
     given = {key: value for key, value in given.items() if value is not None}
     steps = [s.model_copy(update={"gate": s.gate.model_copy(update=given)}) for s in steps_to_run]
+    steps = with_sweep_options(steps, executor, ray_address, workers, cache_for(cache, no_cache))
     task = None
     probes = chosen.probes
     if finetune:
@@ -124,7 +143,8 @@ def optimize(
         return _latency(original, result, batch, max_latency_ratio)
 
     result = compress_file(model, output, steps, data_path=data, report_path=report, probes=probes,
-                           seed=chosen.seed, input_shapes=input_shape, before_save=check_latency, task_metric=task)
+                           seed=chosen.seed, input_shapes=input_shape, before_save=check_latency,
+                           task_metric=task, save=save_options(context))
     _say_if_not_smaller(model, output or default_output(model), result)
 
 

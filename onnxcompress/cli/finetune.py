@@ -23,7 +23,9 @@ from onnxcompress.cli.common import (
     default_output,
     guarded,
     print_summary,
+    save_options,
 )
+from onnxcompress.cli.parallel import ExecutorOption, RayAddressOption
 from onnxcompress.errors import UserError
 from onnxcompress.fidelity import Gate
 from onnxcompress.finetune.config import FinetuneConfig, help_of
@@ -67,8 +69,24 @@ def _curve_file(report: Path | None) -> list[SideFile]:
     return [(report.with_suffix(".curve.png"), "report", render)]
 
 
+def _placement(executor: str, address: str | None, workers: int, checkpoint_dir: Path | None) -> dict[str, object]:
+    """Where training runs: this process, or `workers` DDP workers on Ray Train."""
+    if executor not in ("local", "ray"):
+        raise UserError(f"--executor must be local or ray, not {executor!r}")
+    on_ray = executor == "ray" or address is not None
+    if workers > 1 and not on_ray:
+        raise UserError("--workers above 1 trains on Ray: add --executor ray")
+    if not on_ray:
+        return {}
+    placement: dict[str, object] = {"executor": "ray", "workers": workers, "ray_address": address}
+    if checkpoint_dir is not None:
+        placement["checkpoint_dir"] = str(checkpoint_dir)
+    return placement
+
+
 @guarded
 def finetune(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The (compressed) ONNX model.", show_default=False)],
     data: Annotated[
         str, typer.Option("--data", help=".npz keyed by input name (optional 'labels'), or module:function.")
@@ -102,6 +120,11 @@ def finetune(
     min_cosine: Annotated[float | None, typer.Option(
         "--min-cosine", min=-1.0, max=1.0, show_default=False,
         help="Gate: lowest output cosine against the input model (default: none; training moves outputs).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Data-parallel (DDP) workers; more than 1 needs --executor ray.")] = 1,
+    executor: ExecutorOption = "local",
+    ray_address: RayAddressOption = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(
+        help="With Ray: a folder every worker reaches, for the training checkpoints.", show_default=False)] = None,
 ) -> None:
     """Retrain weights in PyTorch keeping zeros, codebook indices and low-rank factors.
 
@@ -121,6 +144,7 @@ def finetune(
         options["groups"] = tuple(groups)
     if teacher is not None:
         options["teacher"] = str(teacher)
+    options.update(_placement(executor, ray_address, workers, checkpoint_dir))
     data_path: Path | None = None
     if data.endswith(".npz"):
         data_path = Path(data)
@@ -135,7 +159,7 @@ def finetune(
     gate = Gate.off() if min_cosine is None else Gate.off().model_copy(update={"min_cosine": min_cosine})
     steps = [Step(pass_name="finetune", options=options, gate=gate), *follow_up_steps(config)]
     result = compress_file(model, output, steps, data_path=data_path, report_path=report, seed=seed,
-                           quiet=data_path is None, side_files=_curve_file(report))
+                           quiet=data_path is None, side_files=_curve_file(report), save=save_options(context))
     if data_path is None:
         print_summary(result, output or default_output(model))
 

@@ -28,6 +28,7 @@ from onnxcompress.cli.common import (
     pass_help,
     plan_file,
     plan_text,
+    save_options,
 )
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import Step
@@ -50,6 +51,7 @@ def _options(flops: bool, exclude: list[str] | None, plan: Path | None, **given:
 
 @guarded
 def lowrank(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
     energy: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "energy"), show_default=False)] = None,
@@ -57,6 +59,8 @@ def lowrank(
     flops: Annotated[bool, typer.Option("--flops", help="--ratio counts FLOPs, not parameters.")] = False,
     budget: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "budget"), show_default=False)] = None,
     conv: Annotated[str | None, typer.Option(help=pass_help(PASS_NAME, "conv"), show_default=False)] = None,
+    clusters: Annotated[int | None, typer.Option(
+        help=pass_help(PASS_NAME, "clusters"), show_default=False)] = None,
     speed: Annotated[bool, typer.Option("--speed", help=pass_help(PASS_NAME, "speed"))] = False,
     latency_batch: Annotated[int | None, typer.Option(
         help=pass_help(PASS_NAME, "latency_batch"), show_default=False)] = None,
@@ -75,6 +79,7 @@ def lowrank(
 ) -> None:
     """Factorize MatMul/Gemm/Conv weights by truncated SVD where it pays (Denton et al. 2014)."""
     options = _options(flops, exclude, plan, energy=energy, ratio=ratio, budget=budget, conv=conv,
+                       clusters=clusters,
                        speed=speed or None, latency_batch=latency_batch, min_params=min_params)
     if save_plan is not None:
         check_side_file(save_plan, "plan", model, output)
@@ -86,7 +91,7 @@ def lowrank(
     if save_plan is not None:
         side_files.append((save_plan, "plan", lambda result: plan_text(result.steps[0].report.notes.get("plan", {}))))
     compress_file(model, output, [step], data_path=data, report_path=report, side_files=side_files,
-                  input_shapes=input_shape)
+                  input_shapes=input_shape, save=save_options(context))
 
 
 def register(app: typer.Typer) -> None:

@@ -30,9 +30,19 @@ from onnxcompress.cli.common import (
     pass_help,
     plan_file,
     plan_text,
+    save_options,
+)
+from onnxcompress.cli.parallel import (
+    CacheOption,
+    ExecutorOption,
+    NoCacheOption,
+    RayAddressOption,
+    WorkersOption,
+    cache_for,
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import DataError, UserError
+from onnxcompress.parallel import make_executor
 from onnxcompress.pipeline import Step
 from onnxcompress.report_sensitivity import check_outputs, write_outputs
 
@@ -58,6 +68,7 @@ def _structured_options(ratio: float | None, criterion: str | None, exclude: lis
 
 @guarded
 def prune(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
     sparsity: Annotated[float | None, typer.Option(help=pass_help(MAGNITUDE, "sparsity"), show_default=False)] = None,
@@ -115,7 +126,7 @@ def prune(
         plan_file(model, steps, data_path=data, save_plan=save_plan)
         return
     compress_file(model, output, steps, data_path=data, report_path=report, side_files=side_files,
-                  input_shapes=input_shape)
+                  input_shapes=input_shape, save=save_options(context))
 
 
 DEFAULT_RATIOS_TEXT = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
@@ -142,7 +153,11 @@ def sensitivity(
     max_accuracy_drop: Annotated[float, typer.Option(min=0.0, max=100.0, help="Budget with labels: accuracy drop in points.")] = 0.5,
     probes: Annotated[int, typer.Option(min=1, help="Random probe samples when no --data is given.")] = 64,
     exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob left out (repeatable).")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: only when >1 core is free).")] = None,
+    workers: WorkersOption = None,
+    executor: ExecutorOption = "local",
+    ray_address: RayAddressOption = None,
+    cache: CacheOption = None,
+    no_cache: NoCacheOption = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random probes.")] = 0,
     min_rank_corr: MinRankOption = None,
     min_top1: MinTop1Option = None,
@@ -153,7 +168,9 @@ def sensitivity(
     """Prune each layer alone at each ratio (Han et al. Fig. 5); choose rates under a budget.
 
     With a cosine budget the chosen plan also passes the default gate's other checks (rank
-    correlation, top-1; change them with --min-rank-corr / --min-top1), as `optimize` will check."""
+    correlation, top-1; change them with --min-rank-corr / --min-top1), as `optimize` will check.
+    Each (layer, ratio) is one evaluation: on this machine's cores, or on a Ray cluster
+    (--executor ray); each result is cached, so an interrupted run resumes where it stopped."""
     from onnxcompress.passes.prune.retrain_ladder import RETRAIN_RATIOS, ladder_recipe_text
     from onnxcompress.passes.prune.sensitivity import Budget
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
@@ -171,11 +188,13 @@ def sensitivity(
     gate = gate_for(min_rank_corr=min_rank_corr, min_top1=min_top1)
     budget = Budget(min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop / 100.0,
                     min_rank_correlation=gate.min_rank_correlation, min_top1=gate.min_top1)
-    with Progress(TextColumn("per-layer sensitivity"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as progress:
+    results = cache_for(cache, no_cache)
+    bar = Progress(TextColumn("per-layer sensitivity"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True, disable=not console.is_terminal)
+    with make_executor(executor, workers=workers, address=ray_address) as runner, bar as progress:
         task = progress.add_task("layers", total=None)
         result = analyse(loaded, data=samples, ratios=ratio_list, budget=budget, probes=probes, seed=seed,
-                         exclude=tuple(exclude or ()), workers=workers,
+                         exclude=tuple(exclude or ()), executor=runner, cache=results,
                          on_layer=lambda done, total: progress.update(task, completed=done, total=total))
     written = write_outputs(result, output_dir, io.protected(loaded))
     if finetune:  # the plan for a pipeline that retrains replaces the one-step plan

@@ -1,4 +1,4 @@
-"""`onnxcompress sparsify`: pruned MatMul/Gemm layers -> SparseMatMul, where it is faster.
+"""`onnxcompress sparsify`: pruned MatMul/Gemm -> SparseMatMul, Conv -> SparseConv, where faster.
 
 Runs the `sparse.csr` pass as one gated step. The rewrite is exact, so the default fidelity
 gate is strict. `--portable` (default) keeps the model runnable by a stock onnxruntime.
@@ -24,6 +24,7 @@ from onnxcompress.cli.common import (
     gate_for,
     guarded,
     pass_help,
+    save_options,
 )
 from onnxcompress.pipeline import Step
 
@@ -32,6 +33,7 @@ PASS_NAME = "sparse.csr"
 
 @guarded
 def sparsify(
+    context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The (pruned) ONNX model.", show_default=False)],
     output: OutputOption = None,
     min_sparsity: Annotated[float | None, typer.Option(
@@ -56,13 +58,14 @@ def sparsify(
     min_top1: MinTop1Option = None,
     input_shape: InputShapeOption = None,
 ) -> None:
-    """Run pruned layers with the SparseMatMul kernel where it is measurably faster (exact)."""
+    """Run pruned MatMul/Gemm/Conv layers with sparse kernels where measurably faster (exact)."""
     given = {"min_sparsity": min_sparsity, "batch": batch, "min_speedup": min_speedup, "threads": threads,
              "min_params": min_params}  # None: the config's default
     options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
     options.update(portable=portable, decide="always" if always else "measure", exclude=tuple(exclude or ()))
     step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
-    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape)
+    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape,
+                  save=save_options(context))
 
 
 def register(app: typer.Typer) -> None:

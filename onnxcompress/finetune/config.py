@@ -131,6 +131,14 @@ class FinetuneConfig(PassConfig):
         256, ge=1, le=1_000_000, description="Samples the cosine target is measured on."
     )
     seed: int | None = pydantic.Field(None, ge=0, description="Seed of batch order and dropout (default: the pipeline's).")
+    executor: Literal["local", "ray"] = pydantic.Field(
+        "local", description="local: this process; ray: Ray Train's TorchTrainer, `workers` DDP workers "
+        "(pip install 'onnxcompress[ray]').")
+    workers: int = pydantic.Field(1, ge=1, le=4096, description="Data-parallel workers (more than 1 needs ray).")
+    ray_address: str | None = pydantic.Field(
+        None, description="Ray cluster to join (auto, ray://host:port); None starts a local one.")
+    checkpoint_dir: str | None = pydantic.Field(
+        None, description="Folder every Ray worker reaches for the training checkpoints (default: a temporary one).")
 
     @pydantic.model_validator(mode="before")
     @classmethod
@@ -141,6 +149,12 @@ class FinetuneConfig(PassConfig):
                 raise ValueError("give l2 or its old name weight_decay, not both")
             values = {("l2" if key == "weight_decay" else key): value for key, value in values.items()}
         return values
+
+    @pydantic.model_validator(mode="after")
+    def _workers_need_ray(self) -> FinetuneConfig:
+        if self.workers > 1 and self.executor != "ray":
+            raise ValueError("more than 1 worker trains on Ray: set executor to ray (--executor ray)")
+        return self
 
     @property
     def auto_epochs(self) -> bool:

@@ -31,10 +31,10 @@ from torch import nn
 
 from onnxcompress.errors import DataError, UnsupportedModelError
 from onnxcompress.finetune.ops import TORCH_DTYPES, build_op
+from onnxcompress.sites import constant_node_array
 
 logger = logging.getLogger(__name__)
 
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 # (op, input index) pairs that hold statistics, not learned weights.
 _NEVER_TRAINED = {("BatchNormalization", 3), ("BatchNormalization", 4)}
 # (op, input index) pairs that hold learned weights or biases, trained even when tiny.
@@ -65,21 +65,13 @@ class _Holder(nn.Module):
 
 
 def _constant_array(node: ir.Node) -> np.ndarray:
-    """The value of a Constant node, whichever attribute holds it."""
-    for key, attr in node.attributes.items():
-        if key == "value":
-            return np.array(attr.as_tensor().numpy())
-        if key == "value_float":
-            return np.array(attr.value, dtype=np.float32)
-        if key == "value_floats":
-            return np.array(list(attr.value), dtype=np.float32)
-        if key == "value_int":
-            return np.array(attr.value, dtype=np.int64)
-        if key == "value_ints":
-            return np.array(list(attr.value), dtype=np.int64)
-    raise UnsupportedModelError(
-        f"Constant node {node.name!r}: only value / value_float(s) / value_int(s) are supported"
-    )
+    """The value of a Constant node (`sites.constant_node_array`), or why it cannot be held."""
+    array = constant_node_array(node)
+    if array is None:
+        raise UnsupportedModelError(
+            f"Constant node {node.name!r}: only value / value_float(s) / value_int(s) are supported"
+        )
+    return array
 
 
 def _safe_key(name: str, taken: set[str]) -> str:

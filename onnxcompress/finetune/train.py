@@ -42,7 +42,7 @@ import fnmatch
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -70,6 +70,10 @@ from onnxcompress.finetune.regularise import (
     proximal_group_step,
     regularised_layers,
 )
+from onnxcompress.sites import constant_array, constant_node_array, find_weight_sites, set_constant
+
+if TYPE_CHECKING:
+    from onnxcompress.finetune.distributed import Replica
 
 logger = logging.getLogger(__name__)
 
@@ -128,16 +132,21 @@ class _Run:
     samples: int
     rng: np.random.Generator
     progress: Progress | None
+    replica: Replica | None = None
+    forward: Callable[..., Any] | None = None  # the module, or its DDP wrap on a replica
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for n in self.names for p in self.module.originals(n)]
 
     def batches(self) -> Iterator[Arrays]:
-        if isinstance(self.train, Mapping):
-            yield from batches_of(self.train, self.options.batch_size, shuffle=True, rng=self.rng,
-                                  max_samples=self.options.max_samples)
-        else:
-            yield from self.train()
+        """This process's training batches: every one, or its share of each on a replica."""
+        every = (batches_of(self.train, self.options.batch_size, shuffle=True, rng=self.rng,
+                            max_samples=self.options.max_samples)
+                 if isinstance(self.train, Mapping) else self.train())
+        for batch in every:
+            share = self.replica.shard(batch) if self.replica is not None else batch
+            if share is not None:  # None: a last batch with fewer rows than workers
+                yield share
 
     def say(self, line: str) -> None:
         logger.info("%s", line)
@@ -163,8 +172,6 @@ def dropout_ratio(old_ratio: float, old_connections: int, new_connections: int) 
 
 def _upstream_weight(model: ir.Model, node: ir.Node) -> str | None:
     """The weight of the nearest MatMul / Gemm / Conv feeding a Dropout, through 1-input ops."""
-    from onnxcompress.sites import find_weight_sites
-
     weights = {id(site.node): site.name for site in find_weight_sites(model, min_params=0).sites}
     value = node.inputs[0]
     for _ in range(8):
@@ -181,15 +188,12 @@ def _upstream_weight(model: ir.Model, node: ir.Node) -> str | None:
 
 
 def _constant_of(value: ir.Value) -> np.ndarray | None:
-    """The array behind an initializer or a Constant node's output, else None."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
+    """The array behind an initializer or a Constant node's output (literals too), else None."""
+    array = constant_array(value)
     producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor().numpy()
-    if producer is not None and producer.op_type == "Constant" and "value_float" in producer.attributes:
-        return np.array(producer.attributes["value_float"].value, dtype=np.float32)
-    return None
+    if array is None and producer is not None and producer.op_type == "Constant":
+        return constant_node_array(producer)
+    return array
 
 
 def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | None) -> dict[str, float]:
@@ -290,19 +294,24 @@ def finetune(
     options: FinetuneConfig | None = None,
     module: OnnxModule | None = None,
     progress: Progress | None = None,
+    replica: Replica | None = None,
 ) -> TrainResult:
     """Retrain `model`'s weights on `data`; the model itself is not modified.
 
     `original` is the teacher for distillation and the baseline for dropout rescaling and
     fidelity targets (default: `model` as given). Pass a prepared `module` (an `OnnxModule`
     of `model`) to add parametrizations of your own first; `keep_zeros` masks only the
-    tensors left unparametrized. `progress` receives one line per epoch.
+    tensors left unparametrized. `progress` receives one line per epoch. `replica`: this
+    process is one of several data-parallel workers (`finetune.distributed`): it trains on its
+    share of each batch through DDP.
     """
     options = options or FinetuneConfig()
     model = to_ir(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed or 0)
         run = _prepare(model, data, original, options, module, progress)
+        run.replica = replica
+        run.forward = replica.wrap(run.module) if replica is not None else run.module  # DDP syncs gradients
         ratios = _rescale_dropout(run.module, model, original) if options.dropout_rescale else {}
         lr = options.lr if options.lr is not None else find_lr(run)
         history, stopped, best = _train(run, lr)
@@ -384,7 +393,8 @@ def _task_loss(run: _Run, batch: Arrays) -> torch.Tensor:
     feeds = _feeds(run.module, batch)
     with torch.no_grad():
         reference = run.teacher(**feeds) if run.loss_kind != "cross_entropy" else None
-    return compute_loss(run.loss_kind, run.module(**feeds), batch, reference, temperature=run.options.temperature)
+    forward = run.forward if run.forward is not None and run.module.training else run.module
+    return compute_loss(run.loss_kind, forward(**feeds), batch, reference, temperature=run.options.temperature)
 
 
 def _step_loss(run: _Run, batch: Arrays) -> tuple[torch.Tensor, torch.Tensor]:
@@ -701,9 +711,6 @@ def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[
             raise UserError(f"write-back: {name!r} has shape {after.shape}, the model {before.shape}")
         if not np.array_equal(after, before):
             plan.append((name, value, holder_node, before, after))
-    for name, value, constant, _, after in plan:
-        tensor = ir.tensor(np.ascontiguousarray(after), name=name)
-        if constant is not None:
-            constant.attributes["value"] = ir.AttrTensor("value", tensor)
-        value.const_value = tensor
+    for _, value, _, _, after in plan:
+        set_constant(value, after)
     return [(name, before, after) for name, _, _, before, after in plan]

@@ -7,9 +7,11 @@ Everything that writes, runs, reads or registers these ops reads this table: the
 `tests/formats/test_kernel_ops.py` holds to it: the names `OnnxCompressKernelOps()` returns and
 registers (CPU and CUDA), each kernel's `Compute` inputs and their element types, its attributes.
 
-Adding an op (e.g. a sparse Conv): write its portable body and its dense-weight reader here,
-add one `KernelOp` to `KERNEL_OPS`, register the C++ kernel under the same name with the same
-inputs; the test names whatever disagrees.
+Adding an op: write its portable body, numpy reference and dense-weight reader, add one
+`KernelOp` to `KERNEL_OPS` (its `onnx.reference` op in `kernel_reference` follows from the
+entry), register the C++ kernel under the same name with the same inputs, and list it in
+`OnnxCompressKernelOps()`; the test names whatever disagrees. `SparseConv` (pruned Conv, layout
+in `conv_layout`) is CPU only (`cuda=False`): the CUDA library registers it on the CPU provider.
 
 Portable fallbacks: each op's `body` is a model-local ONNX function that rebuilds the dense
 weight from the op's stored arrays with standard ONNX ops and then does an ordinary MatMul + Add.
@@ -26,7 +28,10 @@ SparseMatMul body (CSR of W^T, see `kernel_arrays`):
     Y      = X · Wt^T + bias
 SparseCodebookMatMul first gathers values = codebook[indices]; CodebookMatMul unpacks the
 (4- or 8-bit) indices with integer Div/Mod and gathers the codebook (see its builder).
-Exact: the same dense weight as the numpy references in `kernel_arrays`, then dense MatMul.
+SparseConv rebuilds its filters the same way (N = weight_shape[0] rows of K = prod(rest)),
+reshapes them to `weight_shape` and runs Conv with the caller's strides, pads, dilations and
+group (attribute references).
+Exact: the same dense weight as the numpy references in `kernel_arrays`, then dense MatMul (Conv).
 Needs opset >= 16 (ScatterElements with reduction).
 """
 
@@ -39,6 +44,7 @@ __all__ = [
     "KernelInput",
     "KernelOp",
     "KERNEL_OPS",
+    "INTS",
     "kernel_op",
     "function_for",
     "kernel_layer_name",
@@ -47,12 +53,14 @@ __all__ = [
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import helper
 
+from onnxcompress.formats.conv_layout import dense_from_conv_csr, sparse_conv_op_reference
 from onnxcompress.formats.kernel_arrays import (
     codebook_matmul_reference,
     dense_from_csr,
@@ -66,14 +74,21 @@ OPSET_VERSION = 1
 MIN_ONNX_OPSET = 16
 
 
-def _ref_constant(output: str, attribute: str) -> onnx.NodeProto:
-    """Constant(value_int=@attribute): an int64 scalar taken from the calling node."""
-    node = helper.make_node("Constant", [], [output])
+def _ref_attribute(name: str, attribute: str, kind: int) -> onnx.AttributeProto:
+    """An attribute `name` whose value is the calling node's attribute `attribute`."""
     ref = onnx.AttributeProto()
-    ref.name = "value_int"
+    ref.name = name
     ref.ref_attr_name = attribute
-    ref.type = onnx.AttributeProto.INT
-    node.attribute.append(ref)
+    ref.type = kind  # type: ignore[assignment]
+    return ref
+
+
+def _ref_constant(output: str, attribute: str, kind: str = "value_int") -> onnx.NodeProto:
+    """Constant(value_int=@attribute) (or value_ints): int64 values taken from the calling node."""
+    node = helper.make_node("Constant", [], [output])
+    ints = kind == "value_ints"
+    attribute_type = onnx.AttributeProto.INTS if ints else onnx.AttributeProto.INT
+    node.attribute.append(_ref_attribute(kind, attribute, attribute_type))
     return node
 
 
@@ -88,10 +103,14 @@ def _filled(output: str, shape: str, dtype: int, value: float | int) -> onnx.Nod
 
 def _csr_body(values: str) -> list[onnx.NodeProto]:
     """Nodes rebuilding W from CSR (`values`, col_indices, row_ptr), then Y = X · W + bias."""
+    sizes = [_ref_constant("K", "K"), _ref_constant("N", "N")]
+    return [*sizes, *_csr_dense(values), *_matmul_tail("wt")]
+
+
+def _csr_dense(values: str) -> list[onnx.NodeProto]:
+    """Nodes rebuilding the dense N × K matrix `wt` from CSR, given int64 scalars `K` and `N`."""
     i32, i64, f32 = onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
     return [
-        _ref_constant("K", "K"),
-        _ref_constant("N", "N"),
         _ints("one", [1]),
         _ints("minus_one", [-1]),
         _ints("zero", [0]),
@@ -120,7 +139,6 @@ def _csr_body(values: str) -> list[onnx.NodeProto]:
         helper.make_node("Unsqueeze", ["K", "zero"], ["K1"]),
         helper.make_node("Concat", ["N1", "K1"], ["wt_shape"], axis=0),
         helper.make_node("Reshape", ["dense_flat", "wt_shape"], ["wt"]),
-        *_matmul_tail("wt"),
     ]
 
 
@@ -176,26 +194,62 @@ def _codebook_body() -> list[onnx.NodeProto]:
     return nodes
 
 
+def _sparse_conv_body() -> list[onnx.NodeProto]:
+    """SparseConv: the filters rebuilt from CSR, reshaped to `weight_shape`, then Conv + bias."""
+    ints, one = onnx.AttributeProto.INTS, onnx.AttributeProto.INT
+    conv = helper.make_node("Conv", ["X", "w", "bias"], ["Y"])
+    conv.attribute.extend([
+        _ref_attribute("strides", "strides", ints),
+        _ref_attribute("pads", "pads", ints),
+        _ref_attribute("dilations", "dilations", ints),
+        _ref_attribute("group", "group", one),
+    ])
+    return [
+        _ref_constant("weight_shape", "weight_shape", "value_ints"),
+        _ints("head_start", [0]),
+        _ints("head_end", [1]),
+        _ints("tail_end", [8]),
+        helper.make_node("Slice", ["weight_shape", "head_start", "head_end"], ["filters"]),
+        helper.make_node("Slice", ["weight_shape", "head_end", "tail_end"], ["filter_dims"]),
+        helper.make_node("ReduceProd", ["filters"], ["N"], keepdims=0),
+        helper.make_node("ReduceProd", ["filter_dims"], ["K"], keepdims=0),
+        *_csr_dense("values"),
+        helper.make_node("Reshape", ["wt", "weight_shape"], ["w"]),
+        conv,
+    ]
+
+
 # ---- reading the dense weight back (inspect) ------------------------------------------------
 
 
-def _csr_weight(arrays: Sequence[np.ndarray], attributes: dict[str, int]) -> tuple[np.ndarray, int | None, int | None]:
+WeightRead = tuple[np.ndarray, int | None, int | None]
+
+
+def _csr_weight(arrays: Sequence[np.ndarray], attributes: dict[str, Any]) -> WeightRead:
     values, columns, row_ptr = arrays[:3]
     return dense_from_csr(values, columns, row_ptr, attributes["K"], attributes["N"]), None, None
 
 
 def _sparse_codebook_weight(
-    arrays: Sequence[np.ndarray], attributes: dict[str, int]
+    arrays: Sequence[np.ndarray], attributes: dict[str, Any]
 ) -> tuple[np.ndarray, int | None, int | None]:
     indices, columns, row_ptr, codebook = arrays[:4]
     weight = dense_from_csr(codebook[indices], columns, row_ptr, attributes["K"], attributes["N"])
     return weight, 8, int(codebook.size)
 
 
-def _codebook_weight(arrays: Sequence[np.ndarray], attributes: dict[str, int]) -> tuple[np.ndarray, int | None, int | None]:
+def _codebook_weight(arrays: Sequence[np.ndarray], attributes: dict[str, Any]) -> WeightRead:
     packed, codebook = arrays[:2]
     bits = attributes["bits"]
     return codebook[unpack_codebook_indices(packed, attributes["K"], bits)], bits, int(codebook.size)
+
+
+def _conv_weight(
+    arrays: Sequence[np.ndarray], attributes: dict[str, Any]
+) -> tuple[np.ndarray, int | None, int | None]:
+    values, columns, row_ptr = arrays[:3]
+    shape = tuple(attributes["weight_shape"])
+    return dense_from_conv_csr(values, columns, row_ptr, shape), None, None
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -210,7 +264,9 @@ class KernelInput:
     optional: bool = False
 
 
-WeightReader = Callable[[Sequence[np.ndarray], dict[str, int]], tuple[np.ndarray, int | None, int | None]]
+WeightReader = Callable[[Sequence[np.ndarray], dict[str, Any]], WeightRead]
+#: An int attribute's default (None: required), or INTS for a required list of ints.
+INTS = "ints"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,20 +274,22 @@ class KernelOp:
     """What one `ai.onnxcompress` op is: enough to write it, run it portably and read it back.
 
     `inputs` are in node order: X first, an optional bias last, the stored arrays between them
-    (the weight's layout). `attributes` maps each int attribute to its default (None: required).
-    `prefix` names the initializers the sparse pass writes (`<weight>.<prefix>_<input>`).
-    `body` builds the portable function's nodes; `reference` is the numpy definition of the
-    result; `read_weight(stored arrays, attributes)` returns (K × N weight, bits, codebook size).
+    (the weight's layout). `attributes` maps each int attribute to its default (None: required;
+    `INTS`: a required list of ints). `prefix` names the initializers the sparse pass writes
+    (`<weight>.<prefix>_<input>`). `body` builds the portable function's nodes; `reference` is
+    the numpy definition of the result; `read_weight(stored arrays, attributes)` returns (the
+    weight: K × N, or a Conv's shape; bits; codebook size). `cuda`: the CUDA build has a kernel.
     """
 
     name: str
     inputs: tuple[KernelInput, ...]
-    attributes: dict[str, int | None]
+    attributes: dict[str, int | str | None]
     prefix: str
     body: Callable[[], list[onnx.NodeProto]]
     reference: Callable[..., np.ndarray]
     read_weight: WeightReader
     doc: str
+    cuda: bool = True
 
     @property
     def input_names(self) -> list[str]:
@@ -242,12 +300,15 @@ class KernelOp:
         """The weight's arrays: every input but X and the bias."""
         return [i.name for i in self.inputs[1:] if i.name != "bias"]
 
-    def attribute_values(self, node: ir.Node) -> dict[str, int]:
-        """The node's int attributes, defaults filled in."""
-        found = {}
+    def attribute_values(self, node: ir.Node) -> dict[str, Any]:
+        """The node's attributes (ints, or tuples for `INTS`), defaults filled in."""
+        found: dict[str, Any] = {}
         for name, default in self.attributes.items():
             attribute = node.attributes.get(name)
-            found[name] = attribute.as_int() if attribute is not None else int(default or 0)
+            if default == INTS:
+                found[name] = tuple(attribute.as_ints()) if attribute is not None else ()
+            else:
+                found[name] = attribute.as_int() if attribute is not None else int(default or 0)
         return found
 
     def function(self, onnx_opset: int) -> onnx.FunctionProto:
@@ -301,6 +362,20 @@ KERNEL_OPS: dict[str, KernelOp] = {
             read_weight=_codebook_weight,
             doc="Y = X . codebook[indices] + bias; indices are W^T rows, 4-bit pairs packed low nibble first",
         ),
+        KernelOp(
+            name="SparseConv",
+            inputs=(_X, KernelInput("values", _FLOAT), KernelInput("col_indices", _COLUMNS),
+                    KernelInput("row_ptr", ("int32",)), _BIAS),
+            attributes={"weight_shape": INTS, "strides": INTS, "pads": INTS, "dilations": INTS,
+                        "group": 1},
+            prefix="csr_conv",
+            body=_sparse_conv_body,
+            reference=sparse_conv_op_reference,
+            read_weight=_conv_weight,
+            doc="Y = Conv(X, W) + bias, W (weight_shape) stored as CSR of W.reshape(M, -1); "
+            "see onnxcompress/formats/conv_layout.py",
+            cuda=False,
+        ),
     )
 }
 
@@ -320,8 +395,8 @@ def function_for(op_type: str, onnx_opset: int) -> onnx.FunctionProto:
 
 def kernel_layer_name(node: ir.Node) -> str:
     """The weight's name from the kernel's first stored array (`<weight>.<prefix>_<input>`)."""
-    stored = next((v for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name), None)
-    return stored.name.rsplit(".", 1)[0] if stored is not None else node.name or node.op_type
+    names = [v.name for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name]
+    return names[0].rsplit(".", 1)[0] if names else node.name or node.op_type
 
 
 def kernel_weight(node: ir.Node) -> tuple[np.ndarray, int | None, int | None, int] | None:

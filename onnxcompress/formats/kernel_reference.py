@@ -3,85 +3,41 @@
     from onnx.reference import ReferenceEvaluator
     ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, feeds)
 
-They compute densely in float64 from the stored arrays (`onnxcompress.formats.kernel_arrays`), independently of the
-C++ kernels, and reject malformed arrays with the same messages. Tests use them as oracles.
+One `OpRun` per entry of the kernel-op table (`kernel_ops.KERNEL_OPS`), built from it: each
+calls the entry's `reference` with the node's inputs (an absent bias as None) and then its
+attributes in table order. They compute densely in float64 from the stored arrays
+(`kernel_arrays`), independently of the C++ kernels, and reject malformed arrays with the same
+messages. Tests use them as oracles; an op added to the table gets its reference here for free.
 """
 
 from __future__ import annotations
 
-__all__ = ["SparseMatMul", "CodebookMatMul", "SparseCodebookMatMul", "REFERENCE_OPS"]
+__all__ = ["REFERENCE_OPS", "reference_op"]
+
+from typing import Any
 
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from onnxcompress.formats.kernel_arrays import (
-    codebook_matmul_reference,
-    sparse_codebook_matmul_reference,
-    sparse_matmul_reference,
-)
+from onnxcompress.formats.kernel_ops import DOMAIN, INTS, KERNEL_OPS, KernelOp
 
 
-class SparseMatMul(OpRun):
-    """Y = X · W (+ bias), W given as CSR of W^T with attributes K and N."""
+def reference_op(op: KernelOp) -> type[OpRun]:
+    """The `OpRun` class of one table entry (named after the op, as onnx.reference requires)."""
 
-    op_domain = "ai.onnxcompress"
+    def _run(self: OpRun, *inputs: np.ndarray | None, **attributes: Any) -> tuple[np.ndarray]:
+        required = [name for name, default in op.attributes.items() if default in (None, INTS)]
+        if any(attributes.get(name) is None for name in required):
+            raise ValueError(f"{op.name} needs the attributes {' and '.join(required)}")
+        given = {name: value for name, value in attributes.items() if value is not None}
+        values = [
+            tuple(int(v) for v in given[name]) if default == INTS else int(given.get(name, default or 0))
+            for name, default in op.attributes.items()
+        ]
+        padded = [*inputs, *([None] * (len(op.inputs) - len(inputs)))]
+        return (op.reference(*padded, *values),)
 
-    def _run(  # type: ignore[override]
-        self,
-        x: np.ndarray,
-        values: np.ndarray,
-        col_indices: np.ndarray,
-        row_ptr: np.ndarray,
-        bias: np.ndarray | None = None,
-        K: int | None = None,  # noqa: N803 - ONNX attribute names
-        N: int | None = None,  # noqa: N803
-    ) -> tuple[np.ndarray]:
-        if K is None or N is None:
-            raise ValueError("SparseMatMul needs the attributes K and N")
-        return (sparse_matmul_reference(x, values, col_indices, row_ptr, bias, int(K), int(N)),)
+    return type(op.name, (OpRun,), {"op_domain": DOMAIN, "_run": _run, "__doc__": op.doc})
 
 
-
-class CodebookMatMul(OpRun):
-    """Y = X · codebook[indices] (+ bias); indices are W^T rows, 4-bit pairs packed."""
-
-    op_domain = "ai.onnxcompress"
-
-    def _run(  # type: ignore[override]
-        self,
-        x: np.ndarray,
-        indices: np.ndarray,
-        codebook: np.ndarray,
-        bias: np.ndarray | None = None,
-        K: int | None = None,  # noqa: N803
-        N: int | None = None,  # noqa: N803
-        bits: int | None = None,
-    ) -> tuple[np.ndarray]:
-        if K is None or N is None:
-            raise ValueError("CodebookMatMul needs the attributes K and N")
-        width = 8 if bits is None else int(bits)
-        return (codebook_matmul_reference(x, indices, codebook, bias, int(K), int(N), width),)
-
-
-class SparseCodebookMatMul(OpRun):
-    """SparseMatMul with values = codebook[indices]."""
-
-    op_domain = "ai.onnxcompress"
-
-    def _run(  # type: ignore[override]
-        self,
-        x: np.ndarray,
-        indices: np.ndarray,
-        col_indices: np.ndarray,
-        row_ptr: np.ndarray,
-        codebook: np.ndarray,
-        bias: np.ndarray | None = None,
-        K: int | None = None,  # noqa: N803
-        N: int | None = None,  # noqa: N803
-    ) -> tuple[np.ndarray]:
-        if K is None or N is None:
-            raise ValueError("SparseCodebookMatMul needs the attributes K and N")
-        return (sparse_codebook_matmul_reference(x, indices, col_indices, row_ptr, codebook, bias, int(K), int(N)),)
-
-
-REFERENCE_OPS = [SparseMatMul, CodebookMatMul, SparseCodebookMatMul]
+REFERENCE_OPS = [reference_op(op) for op in KERNEL_OPS.values()]

@@ -27,13 +27,17 @@ probes. Lossy: the codebooks; the search is greedy in one dimension (one t), not
 
 from __future__ import annotations
 
-__all__ = ["CodebookSearchConfig", "CodebookSearchPass", "Candidate"]
+__all__ = ["CodebookSearchConfig", "CodebookSearchPass", "Candidate", "Fitter"]
 
 import dataclasses
 import logging
+import pickle
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pydantic
 
@@ -47,6 +51,9 @@ from onnxcompress.formats.packed import (
     packed_nbytes,
     packing_pays,
 )
+from onnxcompress.io import in_memory, minimum_ir_version
+from onnxcompress.parallel import SweepCache, Task, make_executor, run_sweep
+from onnxcompress.parallel.sweep import Sweep, adopt, forget
 from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.passes.codebook.kmeans import KMeansClusterPass, cluster_weights
 from onnxcompress.sites import WeightSite, find_weight_sites
@@ -69,6 +76,15 @@ class CodebookSearchConfig(PassConfig):
         0.75, ge=0, le=1, description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
         "reserve (0.75: rank >= 0.98 is searched as >= 0.995), so the choice holds on inputs it did not see.")
 
+    executor: Literal["local", "ray"] = pydantic.Field(
+        "local", description="Where the per-layer errors are measured: this machine's processes, or a Ray "
+        "cluster (one task per layer and width; pip install 'onnxcompress[ray]').")
+    workers: int = pydantic.Field(1, ge=1, description="Local processes, or CPUs of a local Ray cluster.")
+    ray_address: str | None = pydantic.Field(
+        None, description="Ray cluster to join (auto, ray://host:port); None starts a local one.")
+    cache: str | None = pydantic.Field(
+        None, description="Folder caching each layer's error per width by model hash, so a re-run is free.")
+
     @pydantic.field_validator("bits")
     @classmethod
     def _check_bits(cls, value: tuple[int, ...]) -> tuple[int, ...]:
@@ -79,14 +95,71 @@ class CodebookSearchConfig(PassConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One layer at one bit width: its codebook, its error and its bytes."""
+    """One layer at one bit width: how its codebook is fitted, its error and its bytes."""
 
     bits: int
-    indices: np.ndarray
-    codebook: np.ndarray
-    zero_entry: bool
+    method: str
     error: float
     nbytes: int
+
+
+class Fitter:
+    """Fits one layer's codebook at one width: a sweep worker's state (built once per process).
+
+    The pass's own process keeps what it fits (`keep`), so a serial search fits each codebook
+    once; remote workers send back only the error and the bytes, and the pass fits again the
+    few widths its trials choose (k-means and GPTQ are seeded: the same codebook).
+    """
+
+    def __init__(self, model: ir.Model, hessians: dict[str, LayerHessian], seed: int, *, keep: bool = False):
+        self.model = model
+        self.sites = {site.name: site for site in find_weight_sites(model, min_params=0).sites}
+        self.hessians = hessians
+        self.seed = seed
+        self.keep = keep
+        self._fitted: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray, bool]] = {}
+
+    def fit(self, name: str, method: str, bits: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(indices, codebook, zero_entry) of layer `name` at `bits`."""
+        if (name, method, bits) in self._fitted:
+            return self._fitted[name, method, bits]
+        site = self.sites[name]
+        if method == "gptq":
+            from onnxcompress.passes.reconstruct.codebook_gptq import gptq_codebook
+
+            fitted = gptq_codebook(self.model, site, self.hessians.get(name), bits, seed=self.seed)
+        else:
+            fitted = cluster_weights(site.array(), bits, seed=self.seed)
+        if self.keep:
+            self._fitted[name, method, bits] = fitted
+        return fitted
+
+    def weights(self, name: str, method: str, bits: int, dtype: np.dtype) -> np.ndarray:
+        indices, codebook, _ = self.fit(name, method, bits)
+        return codebook[indices].astype(dtype)
+
+
+def _fitter_from(payload: bytes) -> Fitter:
+    model_bytes, hessians, seed = pickle.loads(payload)
+    return Fitter(ir.from_proto(onnx.load_from_string(model_bytes)), hessians, seed)
+
+
+def _measure(fitter: Fitter, task: Task) -> dict[str, float] | None:
+    """One (layer, method, width): its relative error and stored bytes; None when not smaller."""
+    site, bits = fitter.sites[task.layer], int(task.setting)
+    indices, codebook, _ = fitter.fit(task.layer, task.method, bits)
+    nbytes = index_bytes(site.name, site.size, bits) + codebook.nbytes
+    if nbytes >= site.size * site.array().dtype.itemsize:
+        return None
+    stats = fitter.hessians.get(task.layer)
+    error = relative_error(site.array(), codebook[indices], stats.hessian if stats else None, site)
+    return {"error": error, "nbytes": nbytes}
+
+
+def _serialise(model: ir.Model) -> bytes:
+    proto = ir.to_proto(in_memory(model))
+    proto.ir_version = minimum_ir_version(model)
+    return proto.SerializeToString()
 
 
 def index_bytes(name: str, count: int, bits: int) -> int:
@@ -146,37 +219,50 @@ class CodebookSearchPass(CompressionPass):
                 sites.append(site)
         if not sites:
             return False
-        candidates = self._candidates(model, sites)
-        choice = self._search(model, sites, candidates, report)
-        return self._write(model, sites, candidates, choice, report)
+        try:
+            fitter, candidates = self._candidates(model, sites)
+            choice = self._search(model, sites, candidates, fitter, report)
+            return self._write(model, sites, candidates, choice, fitter, report)
+        finally:
+            forget()  # the fitted codebooks of this process go with the pass
 
-    def _candidates(self, model: ir.Model, sites: list[WeightSite]) -> dict[str, list[Candidate]]:
-        """Every layer's codebook at every width, cheapest first, with its error and bytes."""
+    def _candidates(self, model: ir.Model, sites: list[WeightSite]) -> tuple[Fitter, dict[str, list[Candidate]]]:
+        """Every layer's codebook at every width, cheapest first, with its error and bytes: one
+        sweep task per (layer, method, width), on the configured executor, through its cache."""
         hessians = layer_hessians(model, self.context.probes or {}, sites, seed=self.context.seed)
-        table: dict[str, list[Candidate]] = {}
-        for number, site in enumerate(sites, start=1):
-            self._say(f"{self.name}: codebooks for layer {number}/{len(sites)} ({site.name})")
-            weights = site.array()
-            stats = hessians.get(site.name)
-            dense = site.size * weights.dtype.itemsize
-            options = []
-            for bits in self.config.bits:
-                indices, codebook, zero_entry = self._codebook(model, site, stats, bits)
-                nbytes = index_bytes(site.name, site.size, bits) + codebook.nbytes
-                if nbytes >= dense:
-                    continue
-                error = relative_error(weights, codebook[indices], stats.hessian if stats else None, site)
-                options.append(Candidate(bits, indices, codebook, zero_entry, error, nbytes))
-            table[site.name] = sorted(options, key=lambda c: c.nbytes)
-        return table
+        fitter = Fitter(model, hessians, self.context.seed, keep=True)
+        payload = pickle.dumps((_serialise(model), {s.name: hessians[s.name] for s in sites if s.name in hessians},
+                                self.context.seed))
+        sweep = Sweep(payload, _fitter_from, _measure)
+        adopt(sweep.key, fitter)  # a serial sweep fits in this process, with the live model
+        tasks = [Task(site.name, self._method(site, hessians.get(site.name), bits), float(bits))
+                 for site in sites for bits in self.config.bits]
+        config = self.config
+        cache = SweepCache(Path(config.cache)) if config.cache is not None else None
+        with make_executor(config.executor, workers=config.workers, address=config.ray_address) as executor:
+            results = run_sweep(sweep, tasks, executor=executor, cache=cache, on_result=self._layer_progress(tasks))
+        table: dict[str, list[Candidate]] = {site.name: [] for site in sites}
+        for task, result in zip(tasks, results, strict=True):
+            if result is not None:
+                table[task.layer].append(Candidate(int(task.setting), task.method, result["error"], result["nbytes"]))
+        return fitter, {name: sorted(options, key=lambda c: c.nbytes) for name, options in table.items()}
 
-    def _codebook(self, model: ir.Model, site: WeightSite, stats: LayerHessian | None,
-                  bits: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        if self.config.method == "gptq" and stats is not None and bits <= self.config.gptq_max_bits:
-            from onnxcompress.passes.reconstruct.codebook_gptq import gptq_codebook
+    def _method(self, site: WeightSite, stats: LayerHessian | None, bits: int) -> str:
+        return "gptq" if self.config.method == "gptq" and stats is not None and bits <= self.config.gptq_max_bits \
+            else "kmeans"
 
-            return gptq_codebook(model, site, stats, bits, seed=self.context.seed)
-        return cluster_weights(site.array(), bits, seed=self.context.seed)
+    def _layer_progress(self, tasks: list[Task]) -> Callable[[int], None]:
+        widths, layers = len(self.config.bits), len(tasks) // len(self.config.bits)
+        done: dict[str, int] = {}
+
+        def count(index: int) -> None:
+            name = tasks[index].layer
+            done[name] = done.get(name, 0) + 1
+            if done[name] == widths:
+                finished = sum(1 for n in done.values() if n == widths)
+                self._say(f"{self.name}: codebooks for layer {finished}/{layers} ({name})")
+
+        return count
 
     def _say(self, line: str) -> None:
         logger.info(line)
@@ -188,7 +274,7 @@ class CodebookSearchPass(CompressionPass):
         return next((c for c in options if c.error <= tolerance), None)
 
     def _search(self, model: ir.Model, sites: list[WeightSite], candidates: dict[str, list[Candidate]],
-                report: PassReport) -> dict[str, Candidate | None]:
+                fitter: Fitter, report: PassReport) -> dict[str, Candidate | None]:
         """The largest tolerance whose choice passes the gate (bisection over candidate errors).
 
         8 bits everywhere, checked with the step's own gate, is the floor (what `optimize` writes
@@ -196,11 +282,11 @@ class CodebookSearchPass(CompressionPass):
         """
         errors = sorted({c.error for options in candidates.values() for c in options})
         floor = {name: next((c for c in options if c.bits >= 8), None) for name, options in candidates.items()}
-        if not any(floor.values()) or not self._passes(model, sites, floor, tightened=False):
+        if not any(floor.values()) or not self._passes(model, sites, floor, fitter, tightened=False):
             floor = {name: None for name in candidates}
         low, high = -1, len(errors) - 1  # errors[low] passes (-1: the floor), errors[high + 1..] fail
         best, trials = floor, 1
-        if errors and self._passes(model, sites, self._choose(candidates, errors[-1], floor)):
+        if errors and self._passes(model, sites, self._choose(candidates, errors[-1], floor), fitter):
             return self._choose(candidates, errors[-1], floor)
         trials += 1
         high -= 1
@@ -209,7 +295,7 @@ class CodebookSearchPass(CompressionPass):
             choice = self._choose(candidates, errors[middle], floor)
             trials += 1
             self._say(f"{self.name}: trial {trials}, tolerance {errors[middle]:.3g}")
-            if self._passes(model, sites, choice):
+            if self._passes(model, sites, choice, fitter):
                 low, best = middle, choice
             else:
                 high = middle - 1
@@ -224,13 +310,14 @@ class CodebookSearchPass(CompressionPass):
         return {name: self._pick(options, tolerance) or floor[name] for name, options in candidates.items()}
 
     def _passes(self, model: ir.Model, sites: list[WeightSite], choice: dict[str, Candidate | None],
-                *, tightened: bool = True) -> bool:
+                fitter: Fitter, *, tightened: bool = True) -> bool:
         trial = model.clone()
         trial_sites = {s.name: s for s in find_weight_sites(trial, min_params=0).sites}
         for site in sites:
             candidate = choice[site.name]
             if candidate is not None and site.name in trial_sites:
-                trial_sites[site.name].replace(candidate.codebook[candidate.indices].astype(site.array().dtype))
+                trial_sites[site.name].replace(
+                    fitter.weights(site.name, candidate.method, candidate.bits, site.array().dtype))
         gate = self._searched_gate() if tightened else (self.context.gate or fidelity.DEFAULT_GATE)
         try:
             outputs = fidelity.run(trial, self.context.probes or {}, self.context.reference.views)
@@ -250,7 +337,7 @@ class CodebookSearchPass(CompressionPass):
         return gate.model_copy(update=tightened)
 
     def _write(self, model: ir.Model, sites: list[WeightSite], candidates: dict[str, list[Candidate]],
-               choice: dict[str, Candidate | None], report: PassReport) -> bool:
+               choice: dict[str, Candidate | None], fitter: Fitter, report: PassReport) -> bool:
         changed = False
         for site in sites:
             candidate = choice[site.name]
@@ -260,13 +347,14 @@ class CodebookSearchPass(CompressionPass):
                 report.skip(site.name, f"kept dense: even {cheapest} is over the tolerance")
                 continue
             weights = site.array()
-            insert_codebook(model.graph, site.value, candidate.indices, candidate.codebook,
-                            bits=candidate.bits, zero_entry=candidate.zero_entry, packed=False)
+            indices, codebook, zero_entry = fitter.fit(site.name, candidate.method, candidate.bits)
+            insert_codebook(model.graph, site.value, indices, codebook,
+                            bits=candidate.bits, zero_entry=zero_entry, packed=False)
             report.changed(
                 site.name, site.op_type, weights,
-                params_after=int(np.count_nonzero(candidate.codebook[candidate.indices])),
+                params_after=int(np.count_nonzero(codebook[indices])),
                 bytes_after=candidate.nbytes,
-                detail=f"{candidate.bits} bits (layer error {candidate.error:.3g}), {candidate.codebook.size} values",
+                detail=f"{candidate.bits} bits (layer error {candidate.error:.3g}), {codebook.size} values",
             )
             changed = True
         if changed and model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) >= 11:

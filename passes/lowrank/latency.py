@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxcompress.io import ir_version_for
 from onnxcompress.passes.lowrank.decompose import ConvAttributes
 from onnxcompress.passes.lowrank.rewrite import apply_factors
 from onnxcompress.runtime import session
@@ -56,6 +57,9 @@ def static_input_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
     return shapes
 
 
+_OPSET = 21  # the layer models timed here
+
+
 def _one_layer_model(site: WeightSite, input_shape: tuple[int, ...]) -> ir.Model:
     node = site.node
     dtype = site.dtype
@@ -70,8 +74,8 @@ def _one_layer_model(site: WeightSite, input_shape: tuple[int, ...]) -> ir.Model
     attributes = {name: attr.value for name, attr in node.attributes.items()}
     y = ir.Value(name="y")
     copy = ir.node(node.op_type, inputs, attributes=attributes, outputs=[y], name="layer")
-    graph = ir.Graph([x], [y], nodes=[copy], initializers=initializers, opset_imports={"": 21}, name="one_layer")
-    return ir.Model(graph, ir_version=10)
+    graph = ir.Graph([x], [y], nodes=[copy], initializers=initializers, opset_imports={"": _OPSET}, name="one_layer")
+    return ir.Model(graph, ir_version=ir_version_for(_OPSET))
 
 
 def measure_pair(

@@ -13,6 +13,10 @@ Rank per layer, one of:
 * `ratio` ρ — the largest r whose params (or FLOPs) are ≤ ρ × the original's;
 * `budget` b — the greedy per-layer search of `budget` keeps the output cosine ≥ b on probes.
 
+`conv="clustered"` takes Denton's filter clustering instead (clustered.py): k-means groups of
+the output filters, each with its own SVD rank, as standard ONNX ops (Conv, Split, 1×1 Convs,
+Concat, Gather); `rank` is then the total over the groups.
+
 A layer is never factorized when r ≥ mn/(m+n) (the factors would not be smaller), and with
 `speed` on, not when onnxruntime runs the factor pair no faster than the original node. Conv
 layers take the cheaper of the channel and spatial forms. Every layer left alone is recorded
@@ -35,6 +39,7 @@ import pydantic
 from onnxcompress.errors import RecipeError, UnsupportedModelError
 from onnxcompress.pass_base import PassConfig, PassContext, PassReport, PlannedPass, register
 from onnxcompress.passes.lowrank.budget import Candidate, greedy_select
+from onnxcompress.passes.lowrank.clustered import ClusteredDecomposition, apply_clustered
 from onnxcompress.passes.lowrank.decompose import ConvAttributes, Decomposition, conv_attributes
 from onnxcompress.passes.lowrank.plan import LayerPlan, Plan
 from onnxcompress.passes.lowrank.rewrite import apply_factors, plain_attributes, taken_names
@@ -70,8 +75,15 @@ class LowRankConfig(PassConfig):
         description="Parameter ratios tried per layer by the budget search.",
     )
     probes: int = pydantic.Field(32, ge=1, le=4096, description="Probe samples for the budget search.")
-    conv: Literal["auto", "channel", "spatial", "off"] = pydantic.Field(
-        "auto", description="Conv form: the cheaper of both (auto), one of them, or leave Conv alone (off)."
+    conv: Literal["auto", "channel", "spatial", "clustered", "off"] = pydantic.Field(
+        "auto",
+        description="Conv form: the cheaper of channel and spatial (auto), one of them, Denton's "
+        "filter clustering (clustered: k-means groups of filters, each its own rank), or leave "
+        "Conv alone (off).",
+    )
+    clusters: int = pydantic.Field(
+        4, ge=2, le=1024,
+        description="With conv=clustered: groups of output filters (k-means on the filters).",
     )
     speed: bool = pydantic.Field(
         False, description="Measure each factor pair with onnxruntime and keep the original unless faster."
@@ -100,6 +112,8 @@ class LowRankConfig(PassConfig):
             raise ValueError(f"give at most one of energy, ratio, budget (got {', '.join(given)})")
         if any(not 0.0 < r < 1.0 for r in self.budget_ratios) or not self.budget_ratios:
             raise ValueError("budget_ratios must be a non-empty list of values in (0, 1)")
+        if self.conv == "clustered" and self.speed:
+            raise ValueError("speed is not measured for conv=clustered (give one or the other)")
         return self
 
     @property
@@ -121,13 +135,23 @@ class LowRankConfig(PassConfig):
 class _Layer:
     """An eligible weight: its site, its possible decompositions and Conv attributes."""
 
-    def __init__(self, site: WeightSite, options: list[Decomposition], conv: ConvAttributes | None) -> None:
+    def __init__(self, site: WeightSite, options: list[Any], conv: ConvAttributes | None) -> None:
         self.site = site
         self.options = options
         self.conv = conv
 
-    def option(self, kind: str) -> Decomposition:
+    def option(self, kind: str) -> Any:
         return next(d for d in self.options if d.kind == kind)
+
+    def apply(self, model: ir.Model, kind: str, rank: int, first: np.ndarray, second: np.ndarray,
+              taken: set[str]) -> None:
+        """Rewrite the layer as the factors of `kind` at `rank`."""
+        if kind == "conv_clustered":
+            assert self.conv is not None
+            blocks = self.option(kind).blocks(rank)
+            apply_clustered(model, self.site, first, second, blocks, self.conv, taken)
+        else:
+            apply_factors(model, self.site, kind, first, second, self.conv, taken)
 
 
 Layers = dict[str, _Layer]  # the eligible weights of one plan, by name
@@ -189,7 +213,9 @@ class LowRankSVDPass(PlannedPass[Plan]):
             return None, f"no rank saves parameters ({d.rows}×{d.cols} matrix needs r < mn/(m+n) = {bound:.2f})"
         return _Layer(site, useful, conv), ""
 
-    def _conv_options(self, site: WeightSite, weight: np.ndarray) -> tuple[list[Decomposition], ConvAttributes] | str:
+    def _conv_options(
+        self, site: WeightSite, weight: np.ndarray
+    ) -> tuple[list[Any], ConvAttributes] | str:
         if self.config.conv == "off":
             return "Conv factorization turned off (conv=off)"
         if weight.ndim < 3:
@@ -200,7 +226,9 @@ class LowRankSVDPass(PlannedPass[Plan]):
         if len(conv.strides) != len(conv.kernel) or len(conv.dilations) != len(conv.kernel):
             return "strides/dilations do not match the kernel rank"
         seed, method = self.context.seed, self.config.svd
-        options = []
+        if self.config.conv == "clustered":
+            return self._clustered_option(site, weight, conv)
+        options: list[Any] = []
         if self.config.conv in ("auto", "channel"):
             options.append(Decomposition("conv_channel", weight, group=conv.group, svd_method=method, seed=seed))
         if self.config.conv in ("auto", "spatial"):
@@ -211,6 +239,17 @@ class LowRankSVDPass(PlannedPass[Plan]):
             elif self.config.conv == "spatial":
                 return f"spatial decomposition impossible: {reason}"
         return options, conv
+
+    def _clustered_option(self, site: WeightSite, weight: np.ndarray,
+                          conv: ConvAttributes) -> tuple[list[Any], ConvAttributes] | str:
+        if conv.group != 1:
+            return f"filter clustering needs group = 1, the Conv has group {conv.group}"
+        if weight.shape[0] <= self.config.clusters:
+            return f"{weight.shape[0]} filters cannot form {self.config.clusters} clusters"
+        bias = site.node.inputs[2] if len(site.node.inputs) > 2 else None
+        if bias is not None and bias.const_value is None:
+            return "Conv bias is not a constant: it cannot be split between the filter groups"
+        return [ClusteredDecomposition(weight, self.config.clusters, seed=self.context.seed)], conv
 
     @staticmethod
     def _spatial_blocker(conv: ConvAttributes) -> str | None:
@@ -339,7 +378,8 @@ class LowRankSVDPass(PlannedPass[Plan]):
                 layer = layers[name]
                 d = layer.option(candidate.kind)
                 first, second = d.factors(candidate.rank)
-                apply_factors(trial, sites[name], d.kind, first, second, layer.conv, taken)
+                trial_layer = _Layer(sites[name], layer.options, layer.conv)
+                trial_layer.apply(trial, d.kind, candidate.rank, first, second, taken)
             return compare(reference, run_model(trial, probes)).cosine
 
         selection = greedy_select(candidates, evaluate, self.config.budget)
@@ -406,12 +446,17 @@ class LowRankSVDPass(PlannedPass[Plan]):
         taken = taken_names(model)
         for layer_plan, layer, first, second in work:
             before = layer.site.array()
-            apply_factors(model, layer.site, layer_plan.kind, first, second, layer.conv, taken)
+            layer.apply(model, layer_plan.kind, layer_plan.rank, first, second, taken)
+            detail = (
+                f"{layer_plan.kind} rank {layer_plan.rank} (max useful {layer_plan.max_rank}), "
+                f"energy {layer_plan.energy:.4f}, rel. error {layer_plan.rel_error:.4g}"
+            )
+            if layer_plan.kind == "conv_clustered":
+                ranks = layer.option(layer_plan.kind).ranks(layer_plan.rank)
+                detail += f", {len(ranks)} filter groups of ranks {ranks}"
             report.changed(
-                layer_plan.name, layer_plan.op, before,
-                params_after=int(first.size + second.size), bytes_after=int(first.nbytes + second.nbytes),
-                detail=f"{layer_plan.kind} rank {layer_plan.rank} (max useful {layer_plan.max_rank}), "
-                       f"energy {layer_plan.energy:.4f}, rel. error {layer_plan.rel_error:.4g}",
+                layer_plan.name, layer_plan.op, before, params_after=layer_plan.params_after,
+                bytes_after=layer_plan.params_after * first.itemsize, detail=detail,
             )
         return True
 

@@ -17,8 +17,6 @@ __all__ = [
     "TensorCut",
     "ChannelGroup",
     "find_channel_groups",
-    "const_array",
-    "set_const",
     "const_values",
     "UNARY_OPS",
     "BINARY_OPS",
@@ -33,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxcompress.sites import constant_array
 
 logger = logging.getLogger(__name__)
 
@@ -65,33 +65,7 @@ class TensorCut:
 
 
 # ---------------------------------------------------------------------------------------
-# Constants: initializers or Constant-node outputs.
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    producer = value.producer()
-    if producer is not None:
-        if producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
-            return None
-        attr = producer.attributes.get("value")
-        if attr is None or attr.type != ir.AttributeType.TENSOR:
-            return None
-        return attr.as_tensor().numpy()
-    if value.const_value is not None and not value.is_graph_input():
-        return value.const_value.numpy()
-    return None
-
-
-def set_const(value: ir.Value, array: np.ndarray) -> None:
-    """Swap a new (possibly smaller) tensor into an initializer or Constant node."""
-    new = ir.tensor(np.ascontiguousarray(array), name=value.name)
-    producer = value.producer()
-    if producer is not None:
-        producer.attributes["value"] = ir.AttrTensor("value", new)
-    value.const_value = new
-    value.shape = ir.Shape(array.shape)
+# Constants: initializers or Constant-node outputs (read and written through onnxcompress.sites).
 
 
 def const_values(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -132,7 +106,7 @@ def _weight_of(node: ir.Node) -> tuple[str, np.ndarray] | None:
     """The constant weight of a MatMul / Gemm / Conv node, if its weight is constant."""
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return None
-    array = const_array(node.inputs[1])
+    array = constant_array(node.inputs[1])
     if array is None or not node.inputs[1].name:
         return None
     return node.inputs[1].name, array
@@ -219,7 +193,7 @@ class _Tracer:
         group.cuts.append(TensorCut(name, out_axis, "producer weight"))
         if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
             bias = node.inputs[2]
-            array = const_array(bias)
+            array = constant_array(bias)
             if array is None or not bias.name:
                 raise _Unsupported(f"{_node_label(node)} has a non-constant bias")
             if array.size == group.channels and array.ndim >= 1 and array.shape[-1] == group.channels:
@@ -265,7 +239,7 @@ class _Tracer:
     def _per_channel_param(
         self, group: ChannelGroup, node: ir.Node, value: ir.Value, axis: int, rank: int | None
     ) -> None:
-        array = const_array(value)
+        array = constant_array(value)
         assert array is not None
         if array.size == 1:
             return
@@ -323,11 +297,11 @@ class _Tracer:
         if op in UNARY_OPS:
             activations = [node.inputs[0]]
             for extra in node.inputs[1:]:  # Clip min/max, Dropout ratio: scalars
-                if extra is not None and (const_array(extra) is None or const_array(extra).size != 1):
+                if extra is not None and (constant_array(extra) is None or constant_array(extra).size != 1):
                     raise _Unsupported(f"{_node_label(node)} has a non-scalar extra input")
         elif op in BINARY_OPS:
-            constants = [v for v in node.inputs if const_array(v) is not None]
-            activations = [v for v in node.inputs if v is not None and const_array(v) is None]
+            constants = [v for v in node.inputs if constant_array(v) is not None]
+            activations = [v for v in node.inputs if v is not None and constant_array(v) is None]
             if op in ("Sub", "Div") and len(activations) == 2:
                 raise _Unsupported(f"{_node_label(node)} combines two activations by {op}")
             if op in ("Mul",) and len(activations) == 2:
@@ -341,7 +315,7 @@ class _Tracer:
                 raise _Unsupported(f"{_node_label(node)} normalises an axis other than the channels")
             activations = [node.inputs[0]]
             for param in node.inputs[1:5]:
-                if const_array(param) is None or param is None or not param.name:
+                if constant_array(param) is None or param is None or not param.name:
                     raise _Unsupported(f"{_node_label(node)} has non-constant parameters")
                 group.cuts.append(TensorCut(param.name, 0, "BatchNormalization parameter"))
             if len([o for o in node.outputs if o is not None and o.name]) > 1:
@@ -387,7 +361,7 @@ class _Tracer:
     def _reshape_target(self, group: ChannelGroup, node: ir.Node, value: ir.Value, spatial: int) -> None:
         """Accept Reshape(x, [a, C·H·W]) (rewritten when applied) or Reshape(x, [0, -1])."""
         target_value = node.inputs[1] if len(node.inputs) > 1 else None
-        target = const_array(target_value)
+        target = constant_array(target_value)
         if node.inputs[0] is not value or target is None or target_value is None or not target_value.name:
             raise _Unsupported(f"{_node_label(node)} has a non-constant target shape")
         if target.ndim != 1 or target.size != 2:
@@ -438,7 +412,7 @@ def find_channel_groups(
     weight_users: dict[str, int] = {}
     for node in ir.traversal.RecursiveGraphIterator(graph):
         for value in node.inputs:
-            if value is not None and value.name and const_array(value) is not None:
+            if value is not None and value.name and constant_array(value) is not None:
                 weight_users[value.name] = weight_users.get(value.name, 0) + 1
     tracer = _Tracer(graph, weight_users, allowed)
     groups: list[ChannelGroup] = []

@@ -33,7 +33,6 @@ from onnxcompress.pass_base import PassConfig, PassReport, PlannedPass, register
 from onnxcompress.passes.prune.channels import (
     BINARY_OPS,
     ChannelGroup,
-    const_array,
     find_channel_groups,
 )
 from onnxcompress.passes.prune.structured import (
@@ -42,6 +41,7 @@ from onnxcompress.passes.prune.structured import (
     apply_plan,
     record_changes,
 )
+from onnxcompress.sites import constant_array
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _constant_outputs(model: ir.Model, group: ChannelGroup) -> np.ndarray:
                 bias = np.zeros(channels)
                 if node.op_type != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
                     beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
-                    bias = beta * _per_channel(const_array(node.inputs[2]), channels)
+                    bias = beta * _per_channel(constant_array(node.inputs[2]), channels)
                 values[id(node.outputs[0])] = bias
             continue
         if not inputs or id(node.outputs[0]) not in members:
@@ -111,14 +111,14 @@ def _evaluate(node: ir.Node, known: list[np.ndarray], channels: int) -> np.ndarr
     if op in ("MaxPool", "GlobalMaxPool", "GlobalAveragePool", "Flatten", "Reshape"):
         return x
     if op == "BatchNormalization":
-        scale, bias, mean, var = (const_array(v).astype(np.float64) for v in node.inputs[1:5])
+        scale, bias, mean, var = (constant_array(v).astype(np.float64) for v in node.inputs[1:5])
         epsilon = node.attributes.get_float("epsilon", 1e-5)
         return (x - mean) / np.sqrt(var + epsilon) * scale + bias
     if op in BINARY_OPS:
         if len(known) == 2:
             return known[0] + known[1]  # a residual Add (the only two-activation op allowed)
-        first_is_activation = const_array(node.inputs[0]) is None
-        const = _per_channel(const_array(node.inputs[1 if first_is_activation else 0]), channels)
+        first_is_activation = constant_array(node.inputs[0]) is None
+        const = _per_channel(constant_array(node.inputs[1 if first_is_activation else 0]), channels)
         a, b = (x, const) if first_is_activation else (const, x)
         return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Div": a / b}[op]
     return np.full(channels, np.nan)
@@ -132,7 +132,7 @@ def dead_channels(model: ir.Model, group: ChannelGroup) -> tuple[list[int], int]
             constants[node.outputs[0].name] = node.outputs[0]
 
     def array(name: str) -> np.ndarray:
-        found = const_array(constants[name])
+        found = constant_array(constants[name])
         assert found is not None
         return found
 

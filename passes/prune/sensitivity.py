@@ -36,11 +36,10 @@ __all__ = [
     "sensitivity",
 ]
 
-import concurrent.futures
 import dataclasses
 import logging
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import pickle
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,9 @@ import onnx_ir as ir
 from onnxcompress import fidelity, runtime
 from onnxcompress.data import LABELS
 from onnxcompress.errors import DataError, QuantizedModelError, UnsupportedModelError, UserError
-from onnxcompress.io import in_memory
+from onnxcompress.io import in_memory, minimum_ir_version
+from onnxcompress.parallel import Executor, LocalExecutor, SweepCache, Task, run_sweep
+from onnxcompress.parallel.sweep import Sweep, forget, remember
 from onnxcompress.pass_base import quantized_ops
 from onnxcompress.passes.prune.magnitude import prune_to_count
 from onnxcompress.runtime import ORT_ERRORS
@@ -139,7 +140,7 @@ class Evaluator:
 
     def _run(self) -> list[np.ndarray]:
         proto = ir.to_proto(self.model)
-        proto.ir_version = min(proto.ir_version, 10)
+        proto.ir_version = minimum_ir_version(self.model)
         return _session(proto).run(None, self.probes)
 
     def _score(self, outputs: Sequence[np.ndarray]) -> float:
@@ -188,27 +189,15 @@ def _session(proto: onnx.ModelProto) -> Any:
         raise UnsupportedModelError(f"the input model does not run: {error}") from None
 
 
-_WORKER: Evaluator | None = None
+def _evaluator_from(payload: bytes) -> Evaluator:
+    """A worker's state for the sweep: the model, probes and reference outputs (built once)."""
+    model_bytes, data, probes, seed = pickle.loads(payload)
+    return Evaluator(model_bytes, data, probes, seed)
 
 
-def _init_worker(model_bytes: bytes, data: Mapping[str, np.ndarray] | None, probes: int, seed: int) -> None:
-    global _WORKER
-    _WORKER = Evaluator(model_bytes, data, probes, seed)
-
-
-def _worker_curve(name: str, ratios: Sequence[float]) -> list[float]:
-    assert _WORKER is not None
-    return _WORKER.curve(name, ratios)
-
-
-def free_cores() -> int:
-    """Cores not busy by the 1-minute load average (at least 1)."""
-    count = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, int(count - load))
+def _score_task(evaluator: Evaluator, task: Task) -> float:
+    """One point of a curve: the metric with `task.layer` alone pruned to `task.setting`."""
+    return evaluator.score_with({task.layer: task.setting})
 
 
 def analyse(
@@ -222,10 +211,14 @@ def analyse(
     exclude: Sequence[str] = (),
     workers: int | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
+    cache: SweepCache | None = None,
 ) -> tuple[Evaluator, list[LayerCurve]]:
     """One curve per weight layer: the metric with that layer alone pruned at each ratio.
 
-    `workers=None` uses a process pool only when more than one core is free; 1 is serial.
+    One evaluation per (layer, ratio), run by `executor` (default: a `LocalExecutor` of
+    `workers` processes; None uses a pool only when more than one core is free, 1 is serial)
+    and stored in `cache` when given, so an interrupted sweep resumes and a re-run is free.
     `on_layer(done, total)` is called as each layer's curve is finished (for a progress bar).
     """
     quantized = quantized_ops(model)
@@ -237,8 +230,10 @@ def analyse(
     if data is not None and LABELS in data and len(data[LABELS]) == 0:
         raise DataError("the data carries no samples")
     model_bytes = _serialise(model)
-    try:
-        evaluator = Evaluator(model_bytes, data, probes, seed)
+    sweep = Sweep(pickle.dumps((model_bytes, None if data is None else dict(data), probes, seed)),
+                  _evaluator_from, _score_task)
+    try:  # this process's worker state: a serial sweep uses it as it is
+        evaluator: Evaluator = remember(sweep.key, sweep.setup, lambda: sweep.payload)
     except ORT_ERRORS as error:
         raise UnsupportedModelError(f"the input model does not run: onnxruntime: {str(error).splitlines()[0]}") from None
     scan = find_weight_sites(evaluator.model, min_params=min_params, exclude=exclude)
@@ -247,27 +242,37 @@ def analyse(
         logger.info("sensitivity: skipping %s: %s", skipped.name, skipped.reason)
     if not sites:
         raise UserError("the model has no weight layer to analyse")
-    if workers is None:
-        workers = min(len(sites), free_cores() - 1) if free_cores() > 1 else 1
-    if workers > 1:
-        logger.info("sensitivity: %d layers in %d processes", len(sites), workers)
-        with concurrent.futures.ProcessPoolExecutor(
-            workers, initializer=_init_worker, initargs=(model_bytes, data, probes, seed)
-        ) as pool:
-            results = pool.map(_worker_curve, [s.name for s in sites], [ratios] * len(sites))
-            values = _counted(results, len(sites), on_layer)
-    else:
-        values = _counted((evaluator.curve(site.name, ratios) for site in sites), len(sites), on_layer)
+    tasks = [Task(site.name, "magnitude", ratio) for site in sites for ratio in ratios]
+    try:
+        values = run_sweep(sweep, tasks, executor=executor or LocalExecutor(workers), cache=cache,
+                           on_result=_layer_counter(tasks, len(ratios), len(sites), on_layer))
+    finally:
+        forget()  # the caller holds the evaluator; this process need not
     curves = [
-        LayerCurve(site.name, site.op_type, site.size, list(ratios), [float(v) for v in vals])
-        for site, vals in zip(sites, values, strict=True)
+        LayerCurve(site.name, site.op_type, site.size, list(ratios),
+                   [float(v) for v in values[number * len(ratios):(number + 1) * len(ratios)]])
+        for number, site in enumerate(sites)
     ]
     return evaluator, curves
 
 
+def _layer_counter(tasks: Sequence[Task], per_layer: int, layers: int,
+                   on_layer: Callable[[int, int], None] | None) -> Callable[[int], None]:
+    """Turns 'task i is done' into on_layer(layers done, layers) as each curve completes."""
+    done: dict[str, int] = {}
+
+    def count(index: int) -> None:
+        layer = tasks[index].layer
+        done[layer] = done.get(layer, 0) + 1
+        if on_layer is not None and done[layer] == per_layer:
+            on_layer(sum(1 for n in done.values() if n == per_layer), layers)
+
+    return count
+
+
 def _serialise(model: ir.Model) -> bytes:
     proto = ir.to_proto(in_memory(model))  # sessions from bytes cannot find external data
-    proto.ir_version = min(proto.ir_version, 10)
+    proto.ir_version = minimum_ir_version(model)
     return proto.SerializeToString()
 
 
@@ -359,15 +364,6 @@ def _refine(
     return removed, rates, value
 
 
-def _counted(curves: Iterable[list[float]], total: int, on_layer: Callable[[int, int], None] | None) -> list[list[float]]:
-    done = []
-    for curve in curves:
-        done.append(curve)
-        if on_layer is not None:
-            on_layer(len(done), total)
-    return done
-
-
 def sensitivity(
     model: ir.Model,
     *,
@@ -380,8 +376,11 @@ def sensitivity(
     exclude: Sequence[str] = (),
     workers: int | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
+    cache: SweepCache | None = None,
 ) -> SensitivityResult:
     """Analyse every layer, then choose rates under `budget` (see the module docstring)."""
     evaluator, curves = analyse(model, data=data, ratios=ratios, probes=probes, seed=seed,
-                                min_params=min_params, exclude=exclude, workers=workers, on_layer=on_layer)
+                                min_params=min_params, exclude=exclude, workers=workers, on_layer=on_layer,
+                                executor=executor, cache=cache)
     return choose_rates(evaluator, curves, budget or Budget())

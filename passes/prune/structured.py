@@ -63,8 +63,8 @@ from onnxcompress.passes.prune.channels import (
     TensorCut,
     const_values,
     find_channel_groups,
-    set_const,
 )
+from onnxcompress.sites import set_constant
 
 logger = logging.getLogger(__name__)
 
@@ -265,13 +265,13 @@ def apply_plan(model: ir.Model, plan: StructuredPlan) -> dict[str, tuple[np.ndar
         after = before
         for axis, index in axis_cuts:
             after = np.take(after, index, axis=axis)
-        set_const(constants[name], after)
+        set_constant(constants[name], after)
         changed[name] = (before, after)
     for name, index, size in reshapes:
         before = constants[name].const_value.numpy()
         after = before.copy()
         after[index] = size
-        set_const(constants[name], after)
+        set_constant(constants[name], after)
         changed[name] = (before, after)
     graph_outputs = {id(v) for v in model.graph.outputs}
     for value in activations:

@@ -1,4 +1,4 @@
-"""`sparse.csr`: run pruned MatMul/Gemm layers with the SparseMatMul kernel, where it is faster.
+"""`sparse.csr`: run pruned MatMul/Gemm/Conv layers with our sparse kernels, where they are faster.
 
 Deep Compression (Han et al., ICLR 2016) stores pruned layers as sparse matrices and measured
 3× faster fully connected layers at batch 1 on CPU; onnxruntime has no usable sparse kernel
@@ -10,6 +10,11 @@ process, alternating, caches flushed between calls by default; the fixed cost of
 on a graph that does nothing) is subtracted from both, since a layer inside a model does not
 pay it. Every layer left dense gets
 its reason (too dense, not faster, shared weight, unsupported Gemm form, ...).
+
+Pruned Conv layers (1-D and 2-D, any strides, pads, dilations, groups) become `SparseConv`
+(conv.py: Liu et al.'s sparse × dense product over the lowered input, run as direct sparse
+convolution), timed against onnxruntime's Conv at the user's batch and the layer's own input
+size from shape inference.
 
 Weight-shared layers (the `codebook.*` passes' Cast(indices) -> Gather(codebook) pattern) are
 recognised too: a pruned one becomes SparseCodebookMatMul (CSR whose values are codebook
@@ -30,7 +35,7 @@ __all__ = ["SparseCsrConfig", "SparseCsrPass", "measure_layer", "csr_arrays", "c
 import dataclasses
 import fnmatch
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -41,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress import runtime
 from onnxcompress.errors import MissingDependencyError, UnsupportedModelError
 from onnxcompress.formats.codebook import CodebookLayer, codebook_layers, remove_codebook_layer
+from onnxcompress.formats.conv_layout import conv_csr
 from onnxcompress.formats.kernel_arrays import pack_codebook_indices, to_csr
 from onnxcompress.formats.kernel_ops import (
     DOMAIN,
@@ -49,7 +55,9 @@ from onnxcompress.formats.kernel_ops import (
     OPSET_VERSION,
     function_for,
 )
+from onnxcompress.io import ir_version_for
 from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
+from onnxcompress.passes.sparse.conv import ConvLayer, conv_layer, measure_conv, value_shapes
 from onnxcompress.sites import CODEBOOK_LAYER, WeightSite, find_weight_sites
 from onnxcompress.timing import call_overhead_model, interleaved_medians
 
@@ -96,13 +104,14 @@ class _Candidate:
 
     name: str
     node: ir.Node  # the MatMul / Gemm reading the weight
-    weight: np.ndarray  # K x N, float32, the effective weight (alpha and transB applied)
+    weight: np.ndarray  # K x N float32, effective (alpha, transB applied); Conv: its own weight
     bias: np.ndarray  # [N] float32
     sparsity: float
     op: str = OP
     arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # op inputs after X, before bias
-    attributes: dict[str, int] = dataclasses.field(default_factory=dict)
+    attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
     site: WeightSite | None = None  # a plain weight
+    conv: ConvLayer | None = None  # a Conv layer (op SparseConv)
     layer: CodebookLayer | None = None  # a weight-shared layer
     timing: dict[str, float] | None = None
 
@@ -121,7 +130,7 @@ def _layer_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProt
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
     )
-    model.ir_version = 8
+    model.ir_version = ir_version_for(17)
     return model
 
 
@@ -199,10 +208,13 @@ def _opset(model: ir.Model) -> int:
 
 @register
 class SparseCsrPass(CompressionPass):
-    """Swap pruned MatMul/Gemm weights for the SparseMatMul kernel where it is faster."""
+    """Swap pruned MatMul/Gemm/Conv weights for our sparse kernels where they are faster."""
 
     name = "sparse.csr"
-    summary = "Pruned MatMul/Gemm -> ai.onnxcompress.SparseMatMul (CSR) where measured faster; exact."
+    summary = (
+        "Pruned MatMul/Gemm -> ai.onnxcompress.SparseMatMul, Conv -> SparseConv (CSR) where "
+        "measured faster; exact."
+    )
     Config = SparseCsrConfig
     config: SparseCsrConfig
     lossy = False
@@ -228,8 +240,12 @@ class SparseCsrPass(CompressionPass):
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         scan = find_weight_sites(
-            model, min_params=self.config.min_params, exclude=self.config.exclude, ops=("MatMul", "Gemm")
+            model,
+            min_params=self.config.min_params,
+            exclude=self.config.exclude,
+            ops=("MatMul", "Gemm", "Conv"),
         )
+        self._shapes: dict[str, tuple[int | None, ...]] | None = None
         for skip in scan.skipped:
             if skip.reason != CODEBOOK_LAYER:  # those are handled below
                 report.skip(skip.name, skip.reason)
@@ -262,6 +278,8 @@ class SparseCsrPass(CompressionPass):
         if reason is not None:
             report.skip(site.name, reason)
             return None
+        if node.op_type == "Conv":
+            return self._conv_candidate(model, site, report)
         array = np.asarray(site.array(), dtype=np.float32)
         bias = np.zeros(array.shape[1] if node.op_type == "MatMul" else 0, dtype=np.float32)
         if node.op_type == "Gemm":
@@ -276,6 +294,43 @@ class SparseCsrPass(CompressionPass):
             return None
         arrays, attributes = csr_arrays(array, self.config.index_dtype)
         return _Candidate(site.name, node, array, bias, float(sparsity), OP, arrays, attributes, site=site)
+
+    def _conv_candidate(
+        self, model: ir.Model, site: WeightSite, report: PassReport
+    ) -> _Candidate | None:
+        needs_kernel = self.config.decide == "measure" or not self.config.portable
+        if needs_kernel and "SparseConv" not in runtime.available_ops():
+            report.skip(
+                site.name, "the kernel library predates SparseConv: rebuild it (pip install -e .)"
+            )
+            return None
+        x = site.node.inputs[0]
+        shape = self._input_shapes(model).get(x.name or "") if x is not None else None
+        layer = conv_layer(site, shape)
+        if isinstance(layer, str):
+            report.skip(site.name, layer)
+            return None
+        sparsity = 1.0 - np.count_nonzero(layer.weight) / layer.weight.size
+        if sparsity < self.config.min_sparsity:
+            reason = f"sparsity {sparsity:.3f} < min_sparsity {self.config.min_sparsity}"
+            report.skip(site.name, reason)
+            return None
+        csr = conv_csr(layer.weight, self.config.index_dtype)
+        arrays = {"values": csr.values, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr}
+        return _Candidate(
+            site.name, site.node, layer.weight, layer.bias, float(sparsity), "SparseConv", arrays,
+            layer.geometry.attributes(), site=site, conv=layer,
+        )
+
+    def _input_shapes(self, model: ir.Model) -> dict[str, tuple[int | None, ...]]:
+        """Static shapes from onnx shape inference, computed once per run (Conv layers only)."""
+        if self._shapes is None:
+            try:
+                self._shapes = value_shapes(model, self.context.probes or self.context.data)
+            except (onnx.shape_inference.InferenceError, ValueError) as error:  # sizes unknown
+                logger.debug("shape inference failed: %s", error)
+                self._shapes = {}
+        return self._shapes
 
     def _codebook_candidate(
         self, model: ir.Model, layer: CodebookLayer, report: PassReport
@@ -334,7 +389,7 @@ class SparseCsrPass(CompressionPass):
             return f"weight read by {site.readers} nodes"
         if site.dtype != ir.DataType.FLOAT:
             return f"dtype {site.dtype.name}: the kernel is fp32 only"
-        if len(site.shape) != 2:
+        if len(site.shape) != 2 and node.op_type != "Conv":
             return f"weight is {len(site.shape)}-D; the kernel takes a 2-D K x N weight"
         if node.op_type == "MatMul" and site.input_index != 1:
             return "weight is MatMul's first input"
@@ -369,17 +424,9 @@ class SparseCsrPass(CompressionPass):
     def _faster(self, candidate: _Candidate, report: PassReport) -> bool:
         if self.config.decide == "always":
             return True
-        timing = measure_layer(
-            candidate.weight,
-            candidate.op,
-            candidate.arrays,
-            candidate.attributes,
-            self.config.batch,
-            threads=self.config.threads,
-            repeats=self.config.repeats,
-            cold_cache=self.config.cold_cache,
-            seed=self.context.seed,
-        )
+        timing = self._measure(candidate, report)
+        if timing is None:
+            return False
         candidate.timing = timing
         speedup = _net(timing, "dense") / _net(timing, "sparse")
         report.notes.setdefault("timings", {})[candidate.name] = {
@@ -398,6 +445,27 @@ class SparseCsrPass(CompressionPass):
             )
             return False
         return True
+
+    def _measure(self, candidate: _Candidate, report: PassReport) -> dict[str, float] | None:
+        """Median seconds of the dense layer and of our op (None, with the reason, if not timed)."""
+        common = {"threads": self.config.threads, "repeats": self.config.repeats,
+                  "cold_cache": self.config.cold_cache, "seed": self.context.seed}
+        if candidate.conv is None:
+            return measure_layer(
+                candidate.weight, candidate.op, candidate.arrays, candidate.attributes,
+                self.config.batch, **common,  # type: ignore[arg-type]
+            )
+        shape = candidate.conv.input_shape
+        if shape is None or len(shape) < 3 or any(d is None for d in shape[1:]):
+            report.skip(
+                candidate.name,
+                "Conv input size unknown (shape inference cannot tell it), so the speed cannot be "
+                "measured; give --input-shape, or use --always",
+            )
+            return None
+        x_shape = [self.config.batch, *(int(d) for d in shape[1:])]  # type: ignore[arg-type]
+        conv, arrays = candidate.conv, candidate.arrays
+        return measure_conv(conv, arrays, x_shape, **common)  # type: ignore[arg-type]
 
     # ---- rewrite -----------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ import pytest
 
 from onnxcompress import runtime
 from onnxcompress.formats.codebook import insert_codebook
-from onnxcompress.formats.kernel_ops import DOMAIN, KERNEL_OPS, MIN_ONNX_OPSET, function_for
+from onnxcompress.formats.kernel_ops import DOMAIN, INTS, KERNEL_OPS, MIN_ONNX_OPSET, function_for
+from onnxcompress.formats.kernel_reference import REFERENCE_OPS
 from onnxcompress.pass_base import get_pass
 from onnxcompress.summary import layer_table
 from tests.builders import mlp
@@ -72,17 +73,31 @@ def _input(param: str, index_type: str | None) -> tuple[str, bool]:
     return _CPP_TYPES[cpp], param.startswith("std::optional<")
 
 
-def _attributes(text: str, body: str, base: str | None) -> dict[str, int | None]:
-    """Attribute name -> default (None: required) read by a kernel (its base struct included)."""
+def _attribute_helpers() -> dict[str, str]:
+    """name -> body of each attribute-reading helper the kernels share (validate.h)."""
+    text = (KERNELS / "src" / "validate.h").read_text()
+    return {m.group(1): _body(text, m.start()) for m in re.finditer(r"inline std::string (\w+)\(", text)}
+
+
+def _attributes(text: str, body: str, base: str | None) -> dict[str, int | str | None]:
+    """Attribute name -> default (None: required, INTS: required ints) read by a kernel (its base
+    struct and the shared helpers it calls included)."""
     if base is not None:
         body += _struct(text, base)[0]
-    found: dict[str, int | None] = {}
-    if "ReadSizes(" in body:  # sparse_matmul.cc: K and N, required
-        found |= {"K": None, "N": None}
-    for name in re.findall(r"ReadIntAttribute\(info, kOp, \"(\w+)\"", body):
+    helpers = _attribute_helpers()
+    found: dict[str, int | str | None] = {}
+    for name, helper in helpers.items():
+        if re.search(rf"\b{name}\(", body):
+            body += helper
+    for name, helper in helpers.items():  # helpers calling helpers (ReadCodebookAttributes -> ReadSizes)
+        if re.search(rf"\b{name}\(", body) and helper not in body:
+            body += helper
+    for name in re.findall(r"ReadIntAttribute\(info, (?:kOp|op), \"(\w+)\"", body):
         found[name] = None
     for name, default in re.findall(r"ReadIntAttributeOr\(info, \"(\w+)\", (\d+)\)", body):
         found[name] = int(default)
+    for name in re.findall(r"ReadIntsAttribute\(info, kOp, \"(\w+)\"", body):
+        found[name] = INTS
     return found
 
 
@@ -96,9 +111,14 @@ def _registrations(folder: Path) -> list[tuple[str, str, str | None, str]]:
     return found
 
 
+def _ops_of(folder: str) -> set[str]:
+    """The table's ops a folder must register: all for the CPU, those marked `cuda` for CUDA."""
+    return {name for name, op in KERNEL_OPS.items() if folder == "src" or op.cuda}
+
+
 @pytest.mark.parametrize("folder", ["src", "cuda"])
 def test_each_build_registers_exactly_the_table(folder: str):
-    assert {op for op, *_ in _registrations(KERNELS / folder)} == set(KERNEL_OPS)
+    assert {op for op, *_ in _registrations(KERNELS / folder)} == _ops_of(folder)
 
 
 @pytest.mark.parametrize("folder", ["src", "cuda"])
@@ -122,9 +142,14 @@ def test_the_op_list_the_library_reports_is_the_table():
     body = _body(source, source.index("OnnxCompressKernelOps()"))
     cuda, cpu = re.findall(r'return "([^"]*)"', body)
     assert cpu.split(",") == list(KERNEL_OPS)
-    assert cuda.split(",") == [*KERNEL_OPS, *(f"cuda:{op}" for op in KERNEL_OPS)]
+    on_gpu = [f"cuda:{op}" for op in KERNEL_OPS if KERNEL_OPS[op].cuda]
+    assert cuda.split(",") == [*KERNEL_OPS, *on_gpu]
     if runtime.available_ops():  # built: the loaded library says the same
         assert runtime.available_ops() == list(KERNEL_OPS)
+
+
+def test_every_op_has_its_reference_evaluator_op():
+    assert [(cls.__name__, cls.op_domain) for cls in REFERENCE_OPS] == [(op, DOMAIN) for op in KERNEL_OPS]
 
 
 @pytest.mark.parametrize("op", list(KERNEL_OPS))
@@ -138,9 +163,10 @@ def test_the_portable_body_takes_the_table_inputs_and_checks(op: str):
         function_for(op, MIN_ONNX_OPSET - 1)
 
 
-def _three_kinds_of_layer() -> ir.Model:
+def _every_kind_of_layer() -> ir.Model:
     """An MLP whose fc0 is pruned (-> SparseMatMul), fc1 shared by a 16-entry codebook
-    (-> CodebookMatMul) and head pruned and shared (-> SparseCodebookMatMul)."""
+    (-> CodebookMatMul) and head pruned and shared (-> SparseCodebookMatMul), beside a pruned
+    Conv on a second input (-> SparseConv)."""
     rng = np.random.default_rng(0)
     model = mlp(rng, sizes=(64, 96, 48, 32))
     weights = model.graph.initializers
@@ -152,11 +178,24 @@ def _three_kinds_of_layer() -> ir.Model:
         indices = rng.integers(1, 16, size=tuple(shape)) * (rng.random(tuple(shape)) < keep)
         insert_codebook(model.graph, weights[name], indices, np.concatenate([[0], codebook[1:]]).astype(np.float32),
                         bits=4, zero_entry=True, packed=False)
+    image = ir.Value(name="image", shape=ir.Shape([1, 4, 8, 8]),
+                     type=ir.TensorType(ir.DataType.FLOAT))
+    filters = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    filters[rng.random(filters.shape) < 0.8] = 0.0
+    conv_weight = ir.Value(name="conv.weight", const_value=ir.tensor(filters, name="conv.weight"))
+    model.graph.register_initializer(conv_weight)
+    conv = ir.node("Conv", [image, conv_weight], attributes={"pads": [1, 1, 1, 1]}, name="conv")
+    conv.outputs[0].name = "features"
+    conv.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    conv.outputs[0].shape = ir.Shape([1, 6, 8, 8])
+    model.graph.append(conv)
+    model.graph.inputs.append(image)
+    model.graph.outputs.append(conv.outputs[0])
     return model
 
 
 def test_the_sparse_pass_writes_nodes_the_table_describes_and_inspect_reads_them():
-    model = _three_kinds_of_layer()
+    model = _every_kind_of_layer()
     dense = {row.name: row for row in layer_table(model)}
     assert get_pass("sparse.csr")(decide="always", min_params=0, min_sparsity=0.5)(model).modified
     nodes = {node.op_type: node for node in model.graph if node.domain == DOMAIN}
@@ -169,8 +208,21 @@ def test_the_sparse_pass_writes_nodes_the_table_describes_and_inspect_reads_them
             assert value.const_value.numpy().dtype.name in expected.dtypes, (op.name, expected.name)
             assert value.name.endswith(f".{op.prefix}_{expected.name}")
         assert set(node.attributes) <= set(op.attributes)
-        assert {n for n, d in op.attributes.items() if d is None} <= set(node.attributes)
+        assert {n for n, d in op.attributes.items() if d in (None, INTS)} <= set(node.attributes)
     rows = {row.name: row for row in layer_table(model) if row.holder == "kernel"}
     assert {row.op for row in rows.values()} == set(KERNEL_OPS)
     for name, row in rows.items():
         assert (sorted(row.shape), row.nonzero) == (sorted(dense[name].shape), dense[name].nonzero), name  # K x N
+    features = {"x": np.zeros((1, 64), np.float32), "image": np.ones((1, 4, 8, 8), np.float32)}
+    assert runtime.session(model).run(["features"], features)[0].shape == (1, 6, 8, 8)
+
+
+def test_the_cuda_kernels_check_their_inputs_with_the_cpu_rules():
+    """One validation header (validate.h) for both builds: the CUDA bindings word no input
+    error of their own, so a malformed input gets the same message on either provider."""
+    cuda = (KERNELS / "cuda" / "cuda_ops.cc").read_text()
+    assert '#include "../src/validate.h"' in cuda
+    assert "Error(Message(" not in cuda
+    for name in ("CheckX", "CheckCsrShapes", "CheckCodebook", "CheckPackedIndices", "ReadSizes",
+                 "ReadCodebookAttributes", "RowPtrStartError", "ColumnError", "CodebookIndexError"):
+        assert re.search(rf"\b{name}\(", cuda), name

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcompress.formats.conv_layout import ConvGeometry
 from onnxcompress.formats.kernel_arrays import CsrWeight
 from onnxcompress.formats.kernel_ops import DOMAIN, function_for
 
@@ -113,3 +114,57 @@ def shared(rng: np.random.Generator, shape: tuple[int, int], entries: int, spars
         codebook[0] = 0.0
         indices[rng.random(shape) < sparsity] = 0
     return indices, codebook
+
+
+def sparse_conv_model(
+    csr: CsrWeight,
+    geometry: ConvGeometry,
+    x_shape: list[int | str] | None,
+    bias: np.ndarray | None = None,
+    *,
+    fed: bool = False,
+    portable: bool = False,
+) -> onnx.ModelProto:
+    """Y = SparseConv(X, values, col_indices, row_ptr[, bias]) with `geometry`'s attributes.
+
+    `fed`: the CSR arrays (and bias) are graph inputs; `portable`: add the model-local function."""
+    arrays = {"values": csr.values, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr}
+    if bias is not None:
+        arrays["bias"] = bias
+    attributes = geometry.attributes()
+    node = helper.make_node("SparseConv", ["X", *arrays], ["Y"], domain=DOMAIN, **attributes)
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
+    initializers = []
+    for name, array in arrays.items():
+        if fed:
+            inputs.append(helper.make_tensor_value_info(name, _TYPES[array.dtype], [None]))
+        else:
+            initializers.append(numpy_helper.from_array(array, name))
+    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "sparse_conv", inputs, [output], initializer=initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+        functions=[function_for("SparseConv", OPSET)] if portable else [],
+    )
+    model.ir_version = 10
+    return model
+
+
+def dense_conv_model(weight: np.ndarray, geometry: ConvGeometry, x_shape: list[int | str],
+                     bias: np.ndarray | None = None) -> onnx.ModelProto:
+    """The same layer as onnxruntime's own Conv."""
+    attributes = geometry.attributes()
+    del attributes["weight_shape"]
+    inputs = ["X", "W"] + (["B"] if bias is not None else [])
+    initializers = [numpy_helper.from_array(weight, "W")]
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(bias, "B"))
+    kernel = list(weight.shape[2:])
+    node = helper.make_node("Conv", inputs, ["Y"], kernel_shape=kernel, **attributes)
+    graph = helper.make_graph(
+        [node], "dense_conv", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    return model
