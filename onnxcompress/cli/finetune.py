@@ -96,6 +96,7 @@ def finetune(
     lr: Annotated[float | None, typer.Option(help=help_of("lr"), show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help=help_of("batch_size"))] = 64,
     optimizer: Annotated[str, typer.Option(help=help_of("optimizer"))] = "adam",
+    lr_schedule: Annotated[str, typer.Option(help=help_of("lr_schedule"))] = "cosine",
     patience: Annotated[int, typer.Option(min=1, help=help_of("patience"))] = 3,
     max_steps: Annotated[int, typer.Option(min=1, help=help_of("max_steps"))] = 4000,
     distill: Annotated[bool, typer.Option("--distill", help=help_of("distill"))] = False,
@@ -134,7 +135,8 @@ def finetune(
     model with `onnxcompress bench` instead).
     """
     options: dict[str, object] = {
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "patience": patience,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "lr_schedule": lr_schedule,
+        "patience": patience,
         "max_steps": max_steps, "distill": distill, "loss": loss, "l1": l1, "l2": l2,
         "group_lasso": group_lasso, "biased_decay": biased_decay, "biased_decay_kind": biased_decay_kind,
         "prior": prior, "prior_components": prior_components, "prior_strength": prior_strength,
