@@ -6,8 +6,10 @@ rate or epoch count (the commands are recorded verbatim with the results):
 * ``default``:  ``optimize --recipe deep-compression --data train.npz --finetune`` (a magnitude
   ladder 30% → 97.5% with a fine-tune round after each rung and after k-means, each round
   gated on ≤ 0.3 points of accuracy lost on 2,000 samples never trained on), then ``pack``;
-* ``soft weight-sharing``: ``finetune --prior gmm`` (Ullrich et al. 2017; the mixture's means
-  become the codebook), ``finetune`` again (centroids), then ``pack``.
+* ``sws`` (soft weight-sharing): ``finetune --prior gmm`` (Ullrich et al. 2017; the mixture's
+  means become the codebook), ``finetune`` again (centroids), then ``pack``;
+* ``ladder``: ``sensitivity --finetune`` (per-layer rungs from the measured curves), then
+  ``optimize --recipe sens/recipe.yaml --data train.npz --finetune`` and ``pack``.
 
 Figures: test accuracy (onnxruntime, the 10,000 MNIST test images) of the model the archive
 restores, and compression = dense float32 weight + bias bytes / archive file bytes (and
@@ -65,8 +67,15 @@ ROWS = {
         ["finetune", "{out}/sws.onnx", "--data", "{train}", "-o", "{out}/sws_ft.onnx", "--report", "{out}/sws_ft.json"],
         ["pack", "{out}/sws_ft.onnx", "-o", "{out}/sws.onnxc", "--report", "{out}/sws.pack.json", "-q"],
     ],
+    "ladder": [
+        ["sensitivity", "{dense}", "-o", "{out}/sens", "--data", "{train}", "--finetune", "--workers", "1"],
+        ["optimize", "{dense}", "-o", "{out}/dc.onnx", "--recipe", "{out}/sens/recipe.yaml", "--data", "{train}",
+         "--finetune", "--report", "{out}/dc.json"],
+        ["pack", "{out}/dc.onnx", "-o", "{out}/dc.onnxc", "--report", "{out}/dc.pack.json", "-q"],
+    ],
 }
-ARCHIVES = {"default": ("dc.onnxc", "dc.pack.json"), "sws": ("sws.onnxc", "sws.pack.json")}
+ARCHIVES = {"default": ("dc.onnxc", "dc.pack.json"), "sws": ("sws.onnxc", "sws.pack.json"),
+            "ladder": ("dc.onnxc", "dc.pack.json")}
 
 
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
