@@ -246,7 +246,7 @@ class CompressionPass(ir.passes.InPlacePass, abc.ABC):
 
     @abc.abstractmethod
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
-        """Rewrite `model` in place, recording each change and skip; return True if anything changed."""
+        """Rewrite `model` in place, recording each change and skip; True if anything changed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +261,7 @@ class PlanTable:
 
 
 class Plan(Protocol):
-    """A pass's decisions before any edit: serialisable, printable, and it says what it leaves alone."""
+    """A pass's decisions before any edit: serialisable, printable, and what it leaves alone."""
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -286,7 +286,7 @@ class PlannedPass(CompressionPass, Generic[PlanT]):
 
     @abc.abstractmethod
     def apply(self, model: ir.Model, plan: PlanT, report: PassReport) -> bool:
-        """Carry out `plan` on `model`; record each change in `report`; return True if anything changed."""
+        """Carry out `plan` on `model`; record each change in `report`; True if anything changed."""
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         return self.apply(model, self.plan(model), report)

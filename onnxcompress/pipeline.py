@@ -187,12 +187,12 @@ def run_steps(
     for index, (step, config) in enumerate(zip(steps, configs, strict=True)):
         if on_step is not None:
             on_step(index, len(steps), step)
-        context = PassContext(data=data, original=original, seed=seed, probes=probes, reference=reference,
-                              gate=step.gate, task=task, progress=on_progress)
+        context = PassContext(data=data, original=original, seed=seed, probes=probes,
+                              reference=reference, gate=step.gate, task=task, progress=on_progress)
         snapshot = _clone(model)
         if not step.with_previous:
             round_start, round_metrics = snapshot, metrics
-        result = _gated_step(model, step, get_pass(step.pass_name)(config, context=context), index)
+        result = _gated_step(model, step, get_pass(step.pass_name)(config, context=context))
         if result.status != "rolled back":
             metrics = result.metrics or metrics
         elif step.on_fail == "stop":
@@ -205,7 +205,8 @@ def run_steps(
                 results[-1].status = "rolled back"
                 results[-1].failures.append(f"rolled back with step {index + 1} ({step.pass_name}), its round")
         results.append(result)
-        logger.info("%s: %s in %.2fs (%s)", step.pass_name, result.status, result.seconds, result.metrics)
+        logger.info("%s: %s in %.2fs (%s)", step.pass_name, result.status, result.seconds,
+                    result.metrics)
     return PipelineResult(model, results, before, model_summary(model), metrics, dict(probes))
 
 
@@ -221,7 +222,7 @@ def _reference_outputs(original: ir.Model, probes: Mapping[str, np.ndarray],
     return reference
 
 
-def _gated_step(model: ir.Model, step: Step, compression: CompressionPass, index: int) -> StepResult:
+def _gated_step(model: ir.Model, step: Step, compression: CompressionPass) -> StepResult:
     """Run one pass on `model` in place and gate its result against the context's reference.
 
     A failed gate comes back as status "rolled back" with its failures; the caller restores.
@@ -238,8 +239,10 @@ def _gated_step(model: ir.Model, step: Step, compression: CompressionPass, index
             failures = step.gate.failures(step_metrics)
         except _Invalid as error:
             failures = [f"invalid model: {error}"]
-    status: StepStatus = "rolled back" if failures else "applied" if outcome.modified else "unchanged"
-    return StepResult(step, status, outcome.report, step_metrics, time.perf_counter() - started, failures)
+    status: StepStatus = "applied" if outcome.modified else "unchanged"
+    seconds = time.perf_counter() - started
+    return StepResult(step, "rolled back" if failures else status, outcome.report, step_metrics,
+                      seconds, failures)
 
 
 def _failed(index: int, step: Step, failures: Sequence[str]) -> str:
@@ -282,15 +285,17 @@ def plan_steps(
         report = PassReport(compression.name)
         compression.record_plan(plan, report)
         compression.apply(model, plan, PassReport(compression.name))  # what the next step plans on
-        results.append(StepResult(step, "planned", report, None, time.perf_counter() - started, plan=plan))
+        seconds = time.perf_counter() - started
+        results.append(StepResult(step, "planned", report, None, seconds, plan=plan))
     return PipelineResult(model, results, before, model_summary(model), None)
 
 
 def _planned_pass(step: Step) -> type[PlannedPass[Any]]:
     pass_class = get_pass(step.pass_name)
     if not issubclass(pass_class, PlannedPass):
-        planned = ", ".join(name for name in pass_names() if issubclass(get_pass(name), PlannedPass))
-        raise RecipeError(f"{step.pass_name} has no plan step, so it cannot be dry-run (passes that plan: {planned})")
+        planned = ", ".join(n for n in pass_names() if issubclass(get_pass(n), PlannedPass))
+        raise RecipeError(f"{step.pass_name} has no plan step, so it cannot be dry-run "
+                          f"(passes that plan: {planned})")
     return pass_class
 
 

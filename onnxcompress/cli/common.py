@@ -81,7 +81,8 @@ MinCosineOption = Annotated[float | None, typer.Option(
          + escape(f"[default: {DEFAULT_GATE.min_cosine}]."))]
 MinRankOption = Annotated[float | None, typer.Option(
     "--min-rank-corr", min=-1.0, max=1.0, show_default=False,
-    help="Gate: lowest rank correlation over samples " + escape(f"[default: {DEFAULT_GATE.min_rank_correlation}]."))]
+    help="Gate: lowest rank correlation over samples "
+         + escape(f"[default: {DEFAULT_GATE.min_rank_correlation}]."))]
 MinTop1Option = Annotated[float | None, typer.Option(
     "--min-top1", min=0.0, max=1.0, show_default=False,
     help="Gate: lowest top-1 agreement " + escape(f"[default: {DEFAULT_GATE.min_top1}]."))]
@@ -216,7 +217,7 @@ def compress_file(
 
 def plan_file(model_path: Path, steps: Sequence[Step], *, data_path: Path | None = None,
               save_plan: Path | None = None) -> PipelineResult:
-    """The dry run of every command: plan each step, print each plan, write the last as JSON if asked.
+    """Every command's dry run: plan each step, print each plan, write the last as JSON if asked.
 
     Nothing else is written. The caller has checked `save_plan` against the model paths.
     """
@@ -228,7 +229,8 @@ def plan_file(model_path: Path, steps: Sequence[Step], *, data_path: Path | None
         if step.plan is not None:
             print_plan(step.plan.table())
     if save_plan is not None and result.steps:
-        writer.write_text(save_plan, plan_text(result.steps[-1].report.notes["plan"]), "plan", protected)
+        text = plan_text(result.steps[-1].report.notes["plan"])
+        writer.write_text(save_plan, text, "plan", protected)
     return result
 
 

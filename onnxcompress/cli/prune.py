@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,6 +42,7 @@ from onnxcompress.cli.parallel import (
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import DataError, UserError
+from onnxcompress.fidelity import DEFAULT_GATE
 from onnxcompress.parallel import make_executor
 from onnxcompress.pipeline import Step
 from onnxcompress.report_sensitivity import check_outputs, write_outputs
@@ -149,7 +150,9 @@ def sensitivity(
     data: DataOption = None,
     ratios: Annotated[str, typer.Option(
         help="Comma-separated pruning ratios per layer [default with --finetune: up to 0.99].")] = DEFAULT_RATIOS_TEXT,
-    min_cosine: Annotated[float, typer.Option(min=-1.0, max=1.0, help="Budget without labels: whole-model output cosine.")] = 0.99,
+    min_cosine: Annotated[float, typer.Option(
+        min=-1.0, max=1.0, help="Budget without labels: whole-model output cosine (the default gate's).")
+    ] = cast(float, DEFAULT_GATE.min_cosine),
     max_accuracy_drop: Annotated[float, typer.Option(min=0.0, max=100.0, help="Budget with labels: accuracy drop in points.")] = 0.5,
     probes: Annotated[int, typer.Option(min=1, help="Random probe samples when no --data is given.")] = 64,
     exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob left out (repeatable).")] = None,

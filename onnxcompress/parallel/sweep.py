@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnxcompress
@@ -43,12 +44,25 @@ class Sweep:
 
     @functools.cached_property
     def key(self) -> str:
-        """Names the sweep's results: the payload's hash, the functions and the package version
-        (a cached result of an older onnxcompress is never reused)."""
+        """Names the sweep's results: the payload's hash, the functions and the code that
+        computes them (a result cached by other code, a release or an edit, is never reused)."""
         digest = hashlib.sha256(self.payload)
-        for part in (_qualified(self.setup), _qualified(self.evaluate), onnxcompress.__version__):
+        for part in (_qualified(self.setup), _qualified(self.evaluate), code_fingerprint()):
             digest.update(b"\0" + part.encode())
         return digest.hexdigest()
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """The hash of every Python source of the package and its passes: an edited metric or pass
+    changes every key, so a developer's cache never serves results of the code before the edit."""
+    root = Path(onnxcompress.__file__).resolve().parent
+    digest = hashlib.sha256(onnxcompress.__version__.encode())
+    for folder in (root, (root / "passes").resolve()):
+        for source in sorted(folder.rglob("*.py")):
+            digest.update(source.relative_to(folder).as_posix().encode() + b"\0")
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def _qualified(function: Callable[..., Any]) -> str:

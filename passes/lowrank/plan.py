@@ -137,11 +137,12 @@ class Plan:
         notes = []
         if self.layers:
             totals = self.totals()
-            notes.append(f"planned layers: params {totals['params_before']:,} → {totals['params_after']:,} "
-                         f"(×{totals['params_after'] / totals['params_before']:.3f})")
+            before, after = totals["params_before"], totals["params_after"]
+            notes.append(f"planned layers: params {before:,} → {after:,} (×{after / before:.3f})")
         notes += [f"skipped {name}: {reason}" for name, reason in self.skipped]
         columns = ("weight", "op", "kind", "rank", "params", "FLOPs", "energy", "rel. error")
-        return PlanTable("low-rank plan", columns, rows, right_aligned=frozenset(columns[3:]), notes=tuple(notes))
+        return PlanTable("low-rank plan", columns, rows, right_aligned=frozenset(columns[3:]),
+                         notes=tuple(notes))
 
     def reason_for(self, name: str) -> str | None:
         return next((reason for skipped, reason in self.skipped if skipped == name), None)

@@ -155,7 +155,8 @@ class _Layer:
 
 
 Layers = dict[str, _Layer]  # the eligible weights of one plan, by name
-LatencyProbe = Callable[..., "PairLatency"]  # (site, kind, first, second, shape, *, conv, threads, seed)
+# (site, kind, first, second, shape, *, conv, threads, seed) -> the two latencies
+LatencyProbe = Callable[..., "PairLatency"]
 
 
 @register
@@ -330,7 +331,8 @@ class LowRankSVDPass(PlannedPass[Plan]):
         """Kind and rank of each layer by energy or ratio; a layer no rank suits joins the skips."""
         chosen = {}
         for name, layer in layers.items():
-            result = self._by_ratio(layer) if self.config.mode == "ratio" else self._by_energy(layer)
+            by_ratio = self.config.mode == "ratio"
+            result = self._by_ratio(layer) if by_ratio else self._by_energy(layer)
             if isinstance(result, str):
                 plan.skipped.append((name, result))
             else:
@@ -346,7 +348,8 @@ class LowRankSVDPass(PlannedPass[Plan]):
             energy=round(d.energy(rank), 6), rel_error=round(d.relative_error(rank), 6),
         )
 
-    def _budget_choices(self, model: ir.Model, plan: Plan, layers: Layers) -> dict[str, tuple[Decomposition, int]]:
+    def _budget_choices(self, model: ir.Model, plan: Plan,
+                        layers: Layers) -> dict[str, tuple[Decomposition, int]]:
         from onnxcompress.fidelity import compare, probe_inputs, run_model
 
         assert self.config.budget is not None

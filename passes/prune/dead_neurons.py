@@ -18,7 +18,13 @@ Exact, not lossy, by construction:
 
 from __future__ import annotations
 
-__all__ = ["DeadNeuronConfig", "DeadNeuronPass", "DeadNeuronPlan", "dead_channels", "plan_dead_neurons"]
+__all__ = [
+    "DeadNeuronConfig",
+    "DeadNeuronPass",
+    "DeadNeuronPlan",
+    "dead_channels",
+    "plan_dead_neurons",
+]
 
 import dataclasses
 import fnmatch

@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import pickle
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -66,7 +66,7 @@ DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9
 class Budget:
     """What the whole pruned model must keep: a cosine floor, or a max accuracy drop."""
 
-    min_cosine: float = 0.99
+    min_cosine: float = cast(float, fidelity.DEFAULT_GATE.min_cosine)  # what `optimize` will apply
     max_accuracy_drop: float = 0.005  # a fraction: 0.005 = 0.5 percentage points
     # With a cosine budget the joint plan must pass these too, as the default gate of `optimize` asks.
     min_rank_correlation: float | None = fidelity.DEFAULT_GATE.min_rank_correlation

@@ -300,10 +300,12 @@ class StructuredPruneConfig(PassConfig):
     )
 
 
-def record_changes(changed: Mapping[str, tuple[np.ndarray, np.ndarray]], report: PassReport) -> None:
+def record_changes(changed: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                   report: PassReport) -> None:
     """Report every shrunk tensor with its shapes."""
     for name, (before, after) in changed.items():
-        report.changed(name, "tensor", before, after, detail=f"shape {list(before.shape)} -> {list(after.shape)}")
+        shapes = f"shape {list(before.shape)} -> {list(after.shape)}"
+        report.changed(name, "tensor", before, after, detail=shapes)
 
 
 @register

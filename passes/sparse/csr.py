@@ -34,7 +34,9 @@ __all__ = ["SparseCsrConfig", "SparseCsrPass", "measure_layer", "csr_arrays", "c
 
 import dataclasses
 import fnmatch
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -64,6 +66,7 @@ from onnxcompress.timing import call_overhead_model, interleaved_medians
 logger = logging.getLogger(__name__)
 
 OP = "SparseMatMul"
+Shapes = dict[str, tuple[int | None, ...]]  # value name -> static shape (None: unknown dim)
 
 
 class SparseCsrConfig(PassConfig):
@@ -245,13 +248,13 @@ class SparseCsrPass(CompressionPass):
             exclude=self.config.exclude,
             ops=("MatMul", "Gemm", "Conv"),
         )
-        self._shapes: dict[str, tuple[int | None, ...]] | None = None
+        shapes = functools.cache(functools.partial(self._input_shapes, model))  # once, if asked
         for skip in scan.skipped:
             if skip.reason != CODEBOOK_LAYER:  # those are handled below
                 report.skip(skip.name, skip.reason)
         candidates = []
         for site in scan.sites:
-            candidate = self._candidate(model, site, report)
+            candidate = self._candidate(model, site, report, shapes)
             if candidate is not None:
                 candidates.append(candidate)
         for layer in codebook_layers(model):
@@ -272,14 +275,15 @@ class SparseCsrPass(CompressionPass):
 
     # ---- eligibility -------------------------------------------------------------------
 
-    def _candidate(self, model: ir.Model, site: WeightSite, report: PassReport) -> _Candidate | None:
+    def _candidate(self, model: ir.Model, site: WeightSite, report: PassReport,
+                   shapes: Callable[[], Shapes]) -> _Candidate | None:
         node = site.node
         reason = self._ineligible(model, site)
         if reason is not None:
             report.skip(site.name, reason)
             return None
         if node.op_type == "Conv":
-            return self._conv_candidate(model, site, report)
+            return self._conv_candidate(site, report, shapes())
         array = np.asarray(site.array(), dtype=np.float32)
         bias = np.zeros(array.shape[1] if node.op_type == "MatMul" else 0, dtype=np.float32)
         if node.op_type == "Gemm":
@@ -296,7 +300,7 @@ class SparseCsrPass(CompressionPass):
         return _Candidate(site.name, node, array, bias, float(sparsity), OP, arrays, attributes, site=site)
 
     def _conv_candidate(
-        self, model: ir.Model, site: WeightSite, report: PassReport
+        self, site: WeightSite, report: PassReport, shapes: Shapes
     ) -> _Candidate | None:
         needs_kernel = self.config.decide == "measure" or not self.config.portable
         if needs_kernel and "SparseConv" not in runtime.available_ops():
@@ -305,7 +309,7 @@ class SparseCsrPass(CompressionPass):
             )
             return None
         x = site.node.inputs[0]
-        shape = self._input_shapes(model).get(x.name or "") if x is not None else None
+        shape = shapes.get(x.name or "") if x is not None else None
         layer = conv_layer(site, shape)
         if isinstance(layer, str):
             report.skip(site.name, layer)
@@ -322,15 +326,13 @@ class SparseCsrPass(CompressionPass):
             layer.geometry.attributes(), site=site, conv=layer,
         )
 
-    def _input_shapes(self, model: ir.Model) -> dict[str, tuple[int | None, ...]]:
-        """Static shapes from onnx shape inference, computed once per run (Conv layers only)."""
-        if self._shapes is None:
-            try:
-                self._shapes = value_shapes(model, self.context.probes or self.context.data)
-            except (onnx.shape_inference.InferenceError, ValueError) as error:  # sizes unknown
-                logger.debug("shape inference failed: %s", error)
-                self._shapes = {}
-        return self._shapes
+    def _input_shapes(self, model: ir.Model) -> Shapes:
+        """Static shapes from onnx shape inference (asked once per run, for Conv layers only)."""
+        try:
+            return value_shapes(model, self.context.probes or self.context.data)
+        except (onnx.shape_inference.InferenceError, ValueError) as error:  # sizes unknown
+            logger.debug("shape inference failed: %s", error)
+            return {}
 
     def _codebook_candidate(
         self, model: ir.Model, layer: CodebookLayer, report: PassReport

@@ -6,6 +6,7 @@ import pytest
 
 from onnxcompress.errors import WorkerError
 from onnxcompress.parallel import LocalExecutor, Sweep, SweepCache, Task, run_sweep
+from onnxcompress.parallel import sweep as sweep_module
 from tests.parallel import tasks as sweeps
 
 TASKS = [Task(f"layer{n}", "square", float(s)) for n in range(3) for s in (1, 2, 3)]
@@ -94,3 +95,10 @@ def test_an_unwritable_cache_costs_speed_not_the_sweep(tmp_path):
     sweep = Sweep(sweeps.payload(0.5), sweeps.setup, sweeps.square)
     assert run_sweep(sweep, TASKS, executor=LocalExecutor(1), cache=cache) == EXPECTED
     assert cache.stored == 0
+
+
+def test_an_edit_of_the_package_source_misses_the_cache(monkeypatch):
+    sweep = Sweep(sweeps.payload(0.5), sweeps.setup, sweeps.square)
+    before = sweep.key
+    monkeypatch.setattr(sweep_module, "code_fingerprint", lambda: "edited source")
+    assert Sweep(sweeps.payload(0.5), sweeps.setup, sweeps.square).key != before
