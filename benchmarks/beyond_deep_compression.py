@@ -57,20 +57,79 @@ PUBLISHED = {
 }
 ROWS = {
     "default": [
-        ["optimize", "{dense}", "-o", "{out}/dc.onnx", "--recipe", "deep-compression", "--data", "{train}",
-         "--finetune", "--report", "{out}/dc.json"],
+        [
+            "optimize",
+            "{dense}",
+            "-o",
+            "{out}/dc.onnx",
+            "--recipe",
+            "deep-compression",
+            "--data",
+            "{train}",
+            "--finetune",
+            "--report",
+            "{out}/dc.json",
+        ],
         ["pack", "{out}/dc.onnx", "-o", "{out}/dc.onnxc", "--report", "{out}/dc.pack.json", "-q"],
     ],
     "sws": [
-        ["finetune", "{dense}", "--data", "{train}", "-o", "{out}/sws.onnx", "--prior", "gmm",
-         "--report", "{out}/sws.json"],
-        ["finetune", "{out}/sws.onnx", "--data", "{train}", "-o", "{out}/sws_ft.onnx", "--report", "{out}/sws_ft.json"],
-        ["pack", "{out}/sws_ft.onnx", "-o", "{out}/sws.onnxc", "--report", "{out}/sws.pack.json", "-q"],
+        [
+            "finetune",
+            "{dense}",
+            "--data",
+            "{train}",
+            "-o",
+            "{out}/sws.onnx",
+            "--prior",
+            "gmm",
+            "--report",
+            "{out}/sws.json",
+        ],
+        [
+            "finetune",
+            "{out}/sws.onnx",
+            "--data",
+            "{train}",
+            "-o",
+            "{out}/sws_ft.onnx",
+            "--report",
+            "{out}/sws_ft.json",
+        ],
+        [
+            "pack",
+            "{out}/sws_ft.onnx",
+            "-o",
+            "{out}/sws.onnxc",
+            "--report",
+            "{out}/sws.pack.json",
+            "-q",
+        ],
     ],
     "ladder": [
-        ["sensitivity", "{dense}", "-o", "{out}/sens", "--data", "{train}", "--finetune", "--workers", "1"],
-        ["optimize", "{dense}", "-o", "{out}/dc.onnx", "--recipe", "{out}/sens/recipe.yaml", "--data", "{train}",
-         "--finetune", "--report", "{out}/dc.json"],
+        [
+            "sensitivity",
+            "{dense}",
+            "-o",
+            "{out}/sens",
+            "--data",
+            "{train}",
+            "--finetune",
+            "--workers",
+            "1",
+        ],
+        [
+            "optimize",
+            "{dense}",
+            "-o",
+            "{out}/dc.onnx",
+            "--recipe",
+            "{out}/sens/recipe.yaml",
+            "--data",
+            "{train}",
+            "--finetune",
+            "--report",
+            "{out}/dc.json",
+        ],
         ["pack", "{out}/dc.onnx", "-o", "{out}/dc.onnxc", "--report", "{out}/dc.pack.json", "-q"],
     ],
 }
@@ -88,7 +147,9 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return hits / len(x)
 
 
-def prepare(key: str, epochs: int | None, threads: int) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+def prepare(
+    key: str, epochs: int | None, threads: int
+) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     """The dense ONNX model and train.npz (60,000 samples with labels), written once."""
     import torch
 
@@ -119,8 +180,14 @@ def run_row(row: str, dense: Path, train: Path, threads: int) -> tuple[list[str]
         argv = [part.format(dense=dense, train=train, out=out) for part in template]
         commands.append(shlex.join(["onnxcompress", *argv]).replace(str(ROOT) + "/", ""))
         print(commands[-1], flush=True)
-        done = subprocess.run([sys.executable, "-m", "onnxcompress", *argv], cwd=ROOT, env=env, text=True,
-                              capture_output=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "onnxcompress", *argv],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            capture_output=True,
+            check=False,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{commands[-1]} exited {done.returncode}: {done.stderr[-2000:]}")
     return commands, time.perf_counter() - started
@@ -130,25 +197,41 @@ def measure(row: str, dense: Path, x_test: np.ndarray, y_test: np.ndarray) -> di
     out = dense.parent / row
     archive, table = (out / name for name in ARCHIVES[row])
     restored = out / "restored.onnx"
-    subprocess.run([sys.executable, "-m", "onnxcompress", "unpack", str(archive), "-o", str(restored)], cwd=ROOT,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "onnxcompress", "unpack", str(archive), "-o", str(restored)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     totals = json.loads(table.read_text())["totals"]
-    return {"accuracy": accuracy(restored, x_test, y_test), "ratio_archive": totals["ratio_archive"],
-            "ratio_coded": totals["ratio_coded"], "archive_bytes": totals["archive_bytes"],
-            "bytes_dense": totals["bytes_dense"], "kept_percent": totals["kept_percent"]}
+    return {
+        "accuracy": accuracy(restored, x_test, y_test),
+        "ratio_archive": totals["ratio_archive"],
+        "ratio_coded": totals["ratio_coded"],
+        "archive_bytes": totals["archive_bytes"],
+        "bytes_dense": totals["bytes_dense"],
+        "kept_percent": totals["kept_percent"],
+    }
 
 
 def markdown(result: dict[str, object]) -> str:
-    lines = ["# Beyond Deep Compression: the README's pipelines on MNIST, no hand-set numbers", "",
-             f"Machine: {result['machine']}. Load average at start / end: {result['load_start']} / "
-             f"{result['load_end']} (2 cores shared with other jobs).", "",
-             "| network | pipeline | test error dense → compressed | Δ points | × (archive file) | × (coded) "
-             "| kept weights | minutes |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Beyond Deep Compression: the README's pipelines on MNIST, no hand-set numbers",
+        "",
+        f"Machine: {result['machine']}. Load average at start / end: {result['load_start']} / "
+        f"{result['load_end']} (2 cores shared with other jobs).",
+        "",
+        "| network | pipeline | test error dense → compressed | Δ points | × (archive file) | × "
+        "(coded) | kept weights | minutes |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for row in result["rows"]:  # type: ignore[attr-defined]
-        lines.append(f"| {row['network']} | {row['row']} | {100 * (1 - row['dense_accuracy']):.2f}% → "
-                     f"{100 * (1 - row['accuracy']):.2f}% | {100 * (row['dense_accuracy'] - row['accuracy']):+.2f} "
-                     f"| {row['ratio_archive']:.1f} | {row['ratio_coded']:.1f} | {row['kept_percent']:.1f}% "
-                     f"| {row['seconds'] / 60:.1f} |")
+        lines.append(
+            f"| {row['network']} | {row['row']} | {100 * (1 - row['dense_accuracy']):.2f}% → "
+            f"{100 * (1 - row['accuracy']):.2f}% | "
+            f"{100 * (row['dense_accuracy'] - row['accuracy']):+.2f} | {row['ratio_archive']:.1f} "
+            f"| {row['ratio_coded']:.1f} | {row['kept_percent']:.1f}% | {row['seconds'] / 60:.1f} |"
+        )
     lines += ["", "Published (their own dense baselines; × = their storage count):", "",
               "| network | method | × | test error |", "|---|---|---:|---:|"]
     for key in dict.fromkeys(r["key"] for r in result["rows"]):  # type: ignore[attr-defined]
@@ -163,14 +246,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", nargs="+", default=["lenet300"], choices=list(NETWORKS))
     parser.add_argument("--rows", nargs="+", default=["default"], choices=list(ROWS))
-    parser.add_argument("--dense-epochs", type=int, default=None,
-                        help="training epochs of the dense network (default: 20 for LeNet-300, 8 for LeNet-5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument(
+        "--dense-epochs",
+        type=int,
+        default=None,
+        help="training epochs of the dense network (default: 20 for LeNet-300, 8 for LeNet-5)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the machine is shared)"
+    )
     args = parser.parse_args()
-    result: dict[str, object] = {"machine": f"{os.cpu_count()} CPUs, {platform.platform()}",
-                                 "load_start": " ".join(f"{v:.1f}" for v in os.getloadavg()),
-                                 "command": shlex.join(["python", "benchmarks/beyond_deep_compression.py",
-                                                        *sys.argv[1:]]), "rows": []}
+    result: dict[str, object] = {
+        "machine": f"{os.cpu_count()} CPUs, {platform.platform()}",
+        "load_start": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "command": shlex.join(["python", "benchmarks/beyond_deep_compression.py", *sys.argv[1:]]),
+        "rows": [],
+    }
     for key in args.networks:
         dense, train, x_test, y_test = prepare(key, args.dense_epochs, args.threads)
         dense_accuracy = accuracy(dense, x_test, y_test)
@@ -185,7 +276,9 @@ def main() -> None:
     result["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     RESULTS.mkdir(exist_ok=True)
     suffix = "_".join(args.networks) + (f"_e{args.dense_epochs}" if args.dense_epochs else "")
-    (RESULTS / f"beyond_deep_compression_{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"beyond_deep_compression_{suffix}.json").write_text(
+        json.dumps(result, indent=2) + "\n"
+    )
     (RESULTS / f"beyond_deep_compression_{suffix}.md").write_text(markdown(result))
 
 

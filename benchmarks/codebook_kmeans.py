@@ -44,7 +44,14 @@ def main() -> None:
     for label, weights in (("dense", layer), ("90% pruned", pruned)):
         for init in ("linear", "optimal"):
             seconds = median_seconds(lambda w=weights, i=init: cluster_weights(w, 5, init=i))
-            rows.append({"layer": f"4096×4096 {label}", "init": init, "bits": 5, "median_s": round(seconds, 4)})
+            rows.append(
+                {
+                    "layer": f"4096×4096 {label}",
+                    "init": init,
+                    "bits": 5,
+                    "median_s": round(seconds, 4),
+                }
+            )
             print(rows[-1])
 
     from sklearn.cluster import KMeans
@@ -67,26 +74,40 @@ def main() -> None:
         "inertia_ratio_ours_over_sklearn": round(ours["inertia"] / float(reference.inertia_), 5),
     }
     print(side)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "numpy": np.__version__}
-    out = {"machine": machine, "command": "benchmarks/codebook_kmeans.py", "layers": rows, "vs_sklearn": side}
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    out = {
+        "machine": machine,
+        "command": "benchmarks/codebook_kmeans.py",
+        "layers": rows,
+        "vs_sklearn": side,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "codebook_kmeans.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         "# 1-D k-means (codebook.kmeans per layer)",
         "",
         f"Machine: {machine['cpus']} CPUs, {machine['platform']}, numpy {machine['numpy']}. "
-        "Command: `.venv/bin/python benchmarks/codebook_kmeans.py`. Median of 5 runs; the machine is shared.",
+        "Command: `.venv/bin/python benchmarks/codebook_kmeans.py`. Median of 5 runs; the machine "
+        "is shared.",
         "",
         "| layer | init | bits | seconds (sort + Lloyd + labels) | target |",
         "|---|---|---:|---:|---|",
     ]
-    lines += [f"| {r['layer']} | {r['init']} | {r['bits']} | {r['median_s']:.3f} | < 0.5 s |" for r in rows]
+    lines += [
+        f"| {r['layer']} | {r['init']} | {r['bits']} | {r['median_s']:.3f} | < 0.5 s |"
+        for r in rows
+    ]
     lines += [
         "",
-        f"Side by side on {side['values']:,} normal values, k = 32: ours (optimal init) {side['ours_s']:.3f} s, "
-        f"scikit-learn KMeans (k-means++, n_init=1) {side['sklearn_s']:.3f} s ({side['speedup']}× faster); "
-        f"inertia ours / sklearn = {side['inertia_ratio_ours_over_sklearn']}.",
+        f"Side by side on {side['values']:,} normal values, k = 32: ours (optimal init) "
+        f"{side['ours_s']:.3f} s, scikit-learn KMeans (k-means++, n_init=1) "
+        f"{side['sklearn_s']:.3f} s ({side['speedup']}× faster); inertia ours / sklearn = "
+        f"{side['inertia_ratio_ours_over_sklearn']}.",
         "",
     ]
     (RESULTS / "codebook_kmeans.md").write_text("\n".join(lines))

@@ -51,7 +51,13 @@ NETWORKS = {
         "lr": 0.05,
         "kept": (0.08, 0.09, 0.26),
         "bits": (6, 6, 6),
-        "paper": {"dense_kb": 1070, "compressed_kb": 27, "ratio": 40, "dense_error": 1.64, "compressed_error": 1.58},
+        "paper": {
+            "dense_kb": 1070,
+            "compressed_kb": 27,
+            "ratio": 40,
+            "dense_error": 1.64,
+            "compressed_error": 1.58,
+        },
     },
     "lenet5": {
         "title": "LeNet-5",
@@ -59,7 +65,13 @@ NETWORKS = {
         "lr": 0.05,
         "kept": (0.66, 0.12, 0.08, 0.19),
         "bits": (8, 8, 5, 5),
-        "paper": {"dense_kb": 1720, "compressed_kb": 44, "ratio": 39, "dense_error": 0.80, "compressed_error": 0.74},
+        "paper": {
+            "dense_kb": 1720,
+            "compressed_kb": 44,
+            "ratio": 39,
+            "dense_error": 0.80,
+            "compressed_error": 0.74,
+        },
     },
 }
 
@@ -70,7 +82,11 @@ def weight_names(model: ir.Model) -> list[str]:
     for node in model.graph:
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1:
             value = node.inputs[1]
-            if value is not None and value.name in model.graph.initializers and value.name not in names:
+            if (
+                value is not None
+                and value.name in model.graph.initializers
+                and value.name not in names
+            ):
                 names.append(value.name)
     return names
 
@@ -90,7 +106,9 @@ def test_accuracy(model: ir.Model, x: np.ndarray, y: np.ndarray) -> float:
     return correct / len(x)
 
 
-def run_pass(model: ir.Model, name: str, data: dict[str, np.ndarray] | None = None, **options: object) -> None:
+def run_pass(
+    model: ir.Model, name: str, data: dict[str, np.ndarray] | None = None, **options: object
+) -> None:
     get_pass(name)(**options, context=PassContext(data=data))(model)
 
 
@@ -99,7 +117,9 @@ def run_pass(model: ir.Model, name: str, data: dict[str, np.ndarray] | None = No
 PACKINGS = (("huffman", 5), ("ans", 5), ("huffman", None), ("huffman", "auto"), ("ans", "auto"))
 
 
-def layer_bits(key: str, names: list[str], fc_bits: int | None, conv_bits: int | None) -> dict[str, int]:
+def layer_bits(
+    key: str, names: list[str], fc_bits: int | None, conv_bits: int | None
+) -> dict[str, int]:
     """The paper's bits per weight, with the command line's overrides for fc and conv layers."""
     bits = {}
     for name, paper in zip(names, NETWORKS[key]["bits"], strict=True):
@@ -143,19 +163,31 @@ def compress(key: str, args: argparse.Namespace, index_bits: int | str) -> dict[
     run_pass(model, "prune.magnitude", sparsity=0.0, overrides=overrides, min_params=0)
     stages["pruned"] = test_accuracy(model, x_test, y_test)
     if finetune:
-        run_pass(model, "finetune", train_data, epochs=ft_epochs, lr=args.ft_lr, batch_size=128, **SGD)
+        run_pass(
+            model, "finetune", train_data, epochs=ft_epochs, lr=args.ft_lr, batch_size=128, **SGD
+        )
         stages["pruned + fine-tuned"] = test_accuracy(model, x_test, y_test)
 
     bits = layer_bits(key, names, args.fc_bits, args.conv_bits)
     run_pass(model, "codebook.kmeans", overrides=bits, min_params=0, init="linear")
     stages["pruned + shared"] = test_accuracy(model, x_test, y_test)
     if finetune:
-        run_pass(model, "finetune", train_data, epochs=ft_epochs, lr=args.ft_lr_shared, batch_size=128, **SGD)
+        run_pass(
+            model,
+            "finetune",
+            train_data,
+            epochs=ft_epochs,
+            lr=args.ft_lr_shared,
+            batch_size=128,
+            **SGD,
+        )
         stages["pruned + shared + fine-tuned"] = test_accuracy(model, x_test, y_test)
 
     result = pack(model, coder=coder, index_bits=index_bits)  # type: ignore[arg-type]
     restored = unpack(result.data)
-    assert restored.SerializeToString() == ir.to_proto(model).SerializeToString(), "round trip not exact"
+    assert restored.SerializeToString() == ir.to_proto(model).SerializeToString(), (
+        "round trip not exact"
+    )
     stages["unpacked archive"] = test_accuracy(ir.from_proto(restored), x_test, y_test)
     table = compression_table(result)
     return {
@@ -182,17 +214,27 @@ def _bits_text(row: dict[str, object]) -> str:
 
 def markdown(rows: list[dict[str, object]], command: str, args: argparse.Namespace) -> str:
     machine = f"{os.cpu_count()} CPUs, {platform.platform()}"
-    width = "a per-layer width chosen for the smallest archive ('auto')" if args.index_bits == "auto" \
+    width = (
+        "a per-layer width chosen for the smallest archive ('auto')"
+        if args.index_bits == "auto"
         else f"{args.index_bits}-bit relative indices"
+    )
     coder = {"huffman": "Huffman coding (the paper's)", "ans": "rANS coding"}[args.coder]
     bits = "; ".join(f"{row['network']} {_bits_text(row)}" for row in rows)
-    tuning = (f"fine-tuning {args.ft_epochs} epochs after pruning (lr {args.ft_lr}) and after sharing "
-              f"(lr {args.ft_lr_shared})") if args.finetune else "no fine-tuning"
+    tuning = (
+        (
+            f"fine-tuning {args.ft_epochs} epochs after pruning (lr {args.ft_lr}) and after "
+            f"sharing (lr {args.ft_lr_shared})"
+        )
+        if args.finetune
+        else "no fine-tuning"
+    )
     lines = [
         "# Deep Compression on MNIST (LeNet-300-100, LeNet-5) — onnxcompress vs. Han et al. 2016",
         "",
         f"Machine: {machine}. Command: `{command}`.",
-        f"Per-layer pruning rates as in the paper; weight bits per layer: {bits}; {width}; {coder}; {tuning}.",
+        f"Per-layer pruning rates as in the paper; weight bits per layer: {bits}; {width}; "
+        f"{coder}; {tuning}.",
         "Accuracy: onnxruntime on the 10,000 MNIST test images.",
         "",
         "| network | fine-tuning | dense acc. | final acc. | Δ points | dense KB | coded KB | × | "
@@ -206,39 +248,61 @@ def markdown(rows: list[dict[str, object]], command: str, args: argparse.Namespa
         final = acc["unpacked archive"]
         lines.append(
             f"| {row['network']} | {'yes, ' + str(row['finetune_epochs']) + ' epochs per stage' if row['finetune'] else 'no'} "
-            f"| {100 * acc['dense']:.2f}% | {100 * final:.2f}% | {100 * (final - acc['dense']):+.2f} "
-            f"| {totals['bytes_dense'] / 1000:.0f} | {totals['bytes_coded'] / 1000:.1f} | {totals['ratio_coded']:.1f} "
+            f"| {100 * acc['dense']:.2f}% | {100 * final:.2f}% | "
+            f"{100 * (final - acc['dense']):+.2f} "
+            f"| {totals['bytes_dense'] / 1000:.0f} | {totals['bytes_coded'] / 1000:.1f} | "
+            f"{totals['ratio_coded']:.1f} "
             f"| {totals['archive_bytes'] / 1000:.1f} | {totals['ratio_archive']:.1f} "
             f"| {paper['dense_kb']} → {paper['compressed_kb']} ({paper['ratio']}×), "
             f"{paper['dense_error']}% → {paper['compressed_error']}% |"
         )
-    lines += ["", "KB = 1000 bytes. \"coded\" counts the coded streams, codebooks and the other tensors (biases) "
-              "raw, as the paper's totals do; \"archive file\" adds the zlib-compressed graph, manifest and header.", ""]
+    lines += [
+        "",
+        'KB = 1000 bytes. "coded" counts the coded streams, codebooks and the other tensors '
+        '(biases) raw, as the paper\'s totals do; "archive file" adds the zlib-compressed graph, '
+        'manifest and header.',
+        "",
+    ]
     for row in rows:
-        lines += [f"## {row['network']} ({'with' if row['finetune'] else 'without'} fine-tuning)", ""]
+        lines += [
+            f"## {row['network']} ({'with' if row['finetune'] else 'without'} fine-tuning)",
+            "",
+        ]
         lines += ["| stage | test accuracy |", "|---|---:|"]
         lines += [f"| {stage} | {100 * value:.2f}% |" for stage, value in row["accuracy"].items()]
         lines += ["", table_markdown(row["table"]), ""]
         lines += ["Same final model, packed with each coder and relative-index width:", "",
                   "| coder | index bits | coded KB | × (coded) | archive file KB | × (file) |",
                   "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {p['coder']} | {p['index_bits'] or 'conv 8, fc 5'} | {p['bytes_coded'] / 1000:.1f} | {p['ratio_coded']:.1f} "
-                  f"| {p['archive_bytes'] / 1000:.1f} | {p['ratio_archive']:.1f} |" for p in row["packings"]]
+        lines += [
+            f"| {p['coder']} | {p['index_bits'] or 'conv 8, fc 5'} | {p['bytes_coded'] / 1000:.1f} "
+            f"| {p['ratio_coded']:.1f} | {p['archive_bytes'] / 1000:.1f} | "
+            f"{p['ratio_archive']:.1f} |"
+            for p in row["packings"]
+        ]
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--finetune", action="store_true", help="fine-tune after pruning and after sharing")
+    parser.add_argument(
+        "--finetune", action="store_true", help="fine-tune after pruning and after sharing"
+    )
     parser.add_argument("--ft-epochs", type=int, default=2, help="fine-tuning epochs per stage")
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--coder", default="huffman", choices=["huffman", "ans"])
     parser.add_argument("--index-bits", default="5", help="relative-index width, or 'auto'")
-    parser.add_argument("--fc-bits", type=int, default=None, help="weight bits of fc layers (default: the paper's)")
-    parser.add_argument("--conv-bits", type=int, default=None, help="weight bits of conv layers (default: 8)")
+    parser.add_argument(
+        "--fc-bits", type=int, default=None, help="weight bits of fc layers (default: the paper's)"
+    )
+    parser.add_argument(
+        "--conv-bits", type=int, default=None, help="weight bits of conv layers (default: 8)"
+    )
     parser.add_argument("--ft-lr", type=float, default=0.01, help="fine-tuning lr after pruning")
-    parser.add_argument("--ft-lr-shared", type=float, default=0.001, help="fine-tuning lr of the centroids")
+    parser.add_argument(
+        "--ft-lr-shared", type=float, default=0.001, help="fine-tuning lr of the centroids"
+    )
     parser.add_argument("--tag", default="", help="suffix of the results files, for a variant run")
     args = parser.parse_args()
     index_bits = args.index_bits if args.index_bits == "auto" else int(args.index_bits)

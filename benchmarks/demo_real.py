@@ -32,16 +32,34 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         calibration, small = Path(tmp) / "calib.npz", Path(tmp) / "small.onnx"
         np.savez(calibration, **case.calibration)
-        command = [sys.executable, "-m", "onnxcompress", "optimize", str(case.model), "-o", str(small),
-                   "--data", str(calibration), "--report", str(REPORT)]
-        print("$ onnxcompress optimize model.onnx -o small.onnx --data calib.npz --report", REPORT.name, flush=True)
+        command = [
+            sys.executable,
+            "-m",
+            "onnxcompress",
+            "optimize",
+            str(case.model),
+            "-o",
+            str(small),
+            "--data",
+            str(calibration),
+            "--report",
+            str(REPORT),
+        ]
+        print(
+            "$ onnxcompress optimize model.onnx -o small.onnx --data calib.npz --report",
+            REPORT.name,
+            flush=True,
+        )
         if subprocess.run(command).returncode != 0:
             return 1
         reference, candidate = case.outputs(case.model), case.outputs(small)
         metrics = case.score(reference, candidate)
         before, after = file_bytes(case.model), file_bytes(small)
         session(small)  # loads in stock onnxruntime
-    print(f"\nmagika ({case.package}): {before:,} -> {after:,} bytes on disk ({before / after:.2f}x smaller)")
+    print(
+        f"\nmagika ({case.package}): {before:,} -> {after:,} bytes on disk ({before / after:.2f}x "
+        "smaller)"
+    )
     print(f"on {len(next(iter(case.evaluation.values())))} held-apart files: "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
           + f" (bar: {', '.join(f'{k} >= {v}' for k, v in case.bar.items())}: "

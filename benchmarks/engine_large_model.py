@@ -46,7 +46,9 @@ def build(folder: Path) -> tuple[Path, int]:
         for block in range(BLOCKS):
             for part, shape in (("up", (WIDTH, HIDDEN)), ("down", (HIDDEN, WIDTH))):
                 name = f"block{block}.{part}.weight"
-                weights = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[0])).astype(np.float32)
+                weights = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[0])).astype(
+                    np.float32
+                )
                 data.write(weights.tobytes())
                 initializers.append(external(name, shape, offset, data_path.name))
                 offset += weights.nbytes
@@ -88,11 +90,17 @@ def main() -> None:
         params = data_bytes // 4
         baseline = timed([sys.executable, "-c", "import onnxcompress.cli"])
         inspect = timed([*cli, "inspect", str(path)])
-        prune = timed([*cli, "prune", str(path), "-o", str(folder / "pruned.onnx"), "--sparsity", "0.9"])
+        prune = timed(
+            [*cli, "prune", str(path), "-o", str(folder / "pruned.onnx"), "--sparsity", "0.9"]
+        )
         pruned_size = sum(f.stat().st_size for f in folder.glob("pruned.onnx*"))
     model_mb = data_bytes / 2**20
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "model": {"params": params, "external_data_mb": round(model_mb, 1)},
         "import_only": baseline,
         "inspect": {**inspect, "rss_over_model": round(inspect["peak_rss_mb"] / model_mb, 3)},
@@ -104,14 +112,18 @@ def main() -> None:
     lines = [
         "# Engine on a ~100 M-parameter model (external data)",
         "",
-        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}. Command: `.venv/bin/python benchmarks/engine_large_model.py`.",
+        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}. Command: `.venv/bin/python "
+        "benchmarks/engine_large_model.py`.",
         "",
         "| command | wall s | peak RSS MB | target |",
         "|---|---:|---:|---|",
-        f"| python -c 'import onnxcompress.cli' (floor) | {baseline['seconds']} | {baseline['peak_rss_mb']} | |",
-        f"| inspect ({params / 1e6:.1f} M params, {model_mb:.0f} MB) | {inspect['seconds']} | {inspect['peak_rss_mb']} "
-        f"({result['inspect']['rss_over_model']}× model) | < 3 s, < 1.5× |",
-        f"| prune --sparsity 0.9 (gated, written) | {prune['seconds']} | {prune['peak_rss_mb']} | < 10 s |",
+        f"| python -c 'import onnxcompress.cli' (floor) | {baseline['seconds']} | "
+        f"{baseline['peak_rss_mb']} | |",
+        f"| inspect ({params / 1e6:.1f} M params, {model_mb:.0f} MB) | {inspect['seconds']} | "
+        f"{inspect['peak_rss_mb']} ({result['inspect']['rss_over_model']}× model) | < 3 s, < 1.5× "
+        "|",
+        f"| prune --sparsity 0.9 (gated, written) | {prune['seconds']} | {prune['peak_rss_mb']} | "
+        "< 10 s |",
         "",
     ]
     (RESULTS / "engine_large_model.md").write_text("\n".join(lines))

@@ -125,7 +125,10 @@ def source_env(source: Path | None) -> dict[str, str]:
 
 def source_description(env: dict[str, str]) -> str:
     """Which onnxcompress the CLI runs: its folder and, in a git checkout, the commit (+dirty)."""
-    code = "import onnxcompress, pathlib; print(pathlib.Path(onnxcompress.__file__).resolve().parents[1])"
+    code = (
+        "import onnxcompress, pathlib; "
+        "print(pathlib.Path(onnxcompress.__file__).resolve().parents[1])"
+    )
     found = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/"
     )
@@ -210,7 +213,10 @@ def judge(case: Case, reference: Outputs, row: Row, out: Path) -> None:
     try:
         row.metrics = case.score(reference, case.outputs(out))
     except Exception as error:
-        row.error = f"written model does not run: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        row.error = (
+            f"written model does not run: {type(error).__name__}: "
+            f"{str(error).splitlines()[0][:160]}"
+        )
         row.meets_bar, row.verdict = False, "BROKEN"
         return
     row.meets_bar = case.passes(row.metrics)
@@ -260,7 +266,8 @@ def signature(case: Case) -> dict[str, list[str]]:
 
     def show(values) -> list[str]:
         return [
-            f"{v.name} [{', '.join(dim(d) for d in v.shape)}] {v.type.removeprefix('tensor(').rstrip(')')}"
+            f"{v.name} [{', '.join(dim(d) for d in v.shape)}] "
+            f"{v.type.removeprefix('tensor(').rstrip(')')}"
             for v in values
         ]
 
@@ -319,14 +326,16 @@ def markdown(report: dict) -> str:
         "# Fidelity on real pretrained models (issue 12) — `onnxcompress optimize` vs the task bar",
         "",
         f"Machine: {report['machine']}. Date: {report['date']}. Command: `{report['command']}`.",
-        f"onnxcompress run: {report['onnxcompress']} (repository HEAD {report['repository_head']}).",
+        f"onnxcompress run: {report['onnxcompress']} (repository HEAD "
+        f"{report['repository_head']}).",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
         "",
-        "Every model comes from a PyPI wheel; calibration and evaluation inputs are disjoint real inputs; "
-        "metrics compare the written model's task outputs with the ORIGINAL model's on the evaluation set. "
-        "Verdicts: ok (written, smaller, meets the bar), BROKEN (written, below the bar: must never happen), "
-        "refused (exit 2 on a model onnxruntime runs: a defect), gate failed (exit 3: honest), "
-        "no-op (written, smaller by less than 1%). × = input bytes / output bytes (external data counted).",
+        "Every model comes from a PyPI wheel; calibration and evaluation inputs are disjoint real "
+        "inputs; metrics compare the written model's task outputs with the ORIGINAL model's on the "
+        "evaluation set. Verdicts: ok (written, smaller, meets the bar), BROKEN (written, below "
+        "the bar: must never happen), refused (exit 2 on a model onnxruntime runs: a defect), gate "
+        "failed (exit 3: honest), no-op (written, smaller by less than 1%). × = input bytes / "
+        "output bytes (external data counted).",
         "",
         verdict_counts(report["rows"]),
         "",
@@ -340,8 +349,8 @@ def markdown(report: dict) -> str:
         exit_code = "" if row["exit_code"] is None else str(row["exit_code"])
         error = row["error"].replace("|", "\\|")
         lines.append(
-            f"| {row['case']} | {MODE_LABELS[row['mode']]} | **{row['verdict']}** | {exit_code} | {row['seconds']} | "
-            f"{ratio} | {fmt_metrics(row['metrics'])} | {bar} | {error} |"
+            f"| {row['case']} | {MODE_LABELS[row['mode']]} | **{row['verdict']}** | {exit_code} | "
+            f"{row['seconds']} | {ratio} | {fmt_metrics(row['metrics'])} | {bar} | {error} |"
         )
     lines += [
         "",
@@ -352,8 +361,8 @@ def markdown(report: dict) -> str:
     ]
     for c in report["cases"]:
         lines.append(
-            f"| {c['name']} | {c['package']} | {c['file']} | {c['bytes'] / 1e6:.2f} MB | {c['kind']} | "
-            f"{c['calibration']} | {c['evaluation']} | {c['notes']} |"
+            f"| {c['name']} | {c['package']} | {c['file']} | {c['bytes'] / 1e6:.2f} MB | "
+            f"{c['kind']} | {c['calibration']} | {c['evaluation']} | {c['notes']} |"
         )
     lines += ["", "Graph signatures (onnxruntime's view):", ""]
     for c in report["cases"]:

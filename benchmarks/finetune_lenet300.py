@@ -52,7 +52,14 @@ DENSE_EPOCHS, DENSE_LR = 20, 0.05
 KEEP = {"fc1.weight": 0.08, "fc2.weight": 0.09, "fc3.weight": 0.26}
 ROUNDS = 4  # kept share per round: 1 - (1 - keep) * (1 - 0.5**r) / (1 - 0.5**ROUNDS)
 ROUND_EPOCHS = (4, 4, 4, 20)
-FINETUNE = {"lr": 0.02, "optimizer": "sgd", "lr_schedule": "cosine", "momentum": 0.9, "l2": 1e-4, "batch_size": 128}
+FINETUNE = {
+    "lr": 0.02,
+    "optimizer": "sgd",
+    "lr_schedule": "cosine",
+    "momentum": 0.9,
+    "l2": 1e-4,
+    "batch_size": 128,
+}
 THROUGHPUT = {"batch_size": 128, "steps": 40, "repeats": 7}
 
 
@@ -72,7 +79,9 @@ def ort_accuracy(model: ir.Model, x: np.ndarray, y: np.ndarray) -> float:
     proto.ir_version = 10
     session = runtime.session(proto, threads=1)
     name = session.get_inputs()[0].name
-    logits = np.concatenate([session.run(None, {name: x[i : i + 2000]})[0] for i in range(0, len(x), 2000)])
+    logits = np.concatenate(
+        [session.run(None, {name: x[i : i + 2000]})[0] for i in range(0, len(x), 2000)]
+    )
     return float((logits.argmax(1) == y).mean())
 
 
@@ -90,7 +99,9 @@ def round_targets(round_index: int) -> dict[str, float]:
     return {name: round((1 - keep) * progress, 6) for name, keep in KEEP.items()}
 
 
-def prune_and_finetune(dense: ir.Model, data: dict[str, np.ndarray], x_test: np.ndarray, y_test: np.ndarray) -> dict:
+def prune_and_finetune(
+    dense: ir.Model, data: dict[str, np.ndarray], x_test: np.ndarray, y_test: np.ndarray
+) -> dict:
     no_gate = Gate(min_cosine=None)
     model = dense
     rounds = []
@@ -99,12 +110,24 @@ def prune_and_finetune(dense: ir.Model, data: dict[str, np.ndarray], x_test: np.
         started = time.perf_counter()
         pruned = run_steps(
             model,
-            [Step(pass_name="prune.magnitude", options={"sparsity": 0.0, "overrides": targets}, gate=no_gate)],
+            [
+                Step(
+                    pass_name="prune.magnitude",
+                    options={"sparsity": 0.0, "overrides": targets},
+                    gate=no_gate,
+                )
+            ],
         ).model
         accuracy_pruned = ort_accuracy(pruned, x_test, y_test)
         tuned = run_steps(
             pruned,
-            [Step(pass_name="finetune", options={"epochs": ROUND_EPOCHS[r - 1], **FINETUNE}, gate=no_gate)],
+            [
+                Step(
+                    pass_name="finetune",
+                    options={"epochs": ROUND_EPOCHS[r - 1], **FINETUNE},
+                    gate=no_gate,
+                )
+            ],
             data=data,
             seed=SEED + r,
         )
@@ -120,14 +143,26 @@ def prune_and_finetune(dense: ir.Model, data: dict[str, np.ndarray], x_test: np.
             "train_loss": [h["loss"] for h in tuned.steps[0].report.notes["history"]],
             "seconds": time.perf_counter() - started,
         }
-        print(f"round {r}: kept {record['kept']}, accuracy pruned {accuracy_pruned:.4f} -> tuned {accuracy_tuned:.4f}"
-              f" ({record['seconds']:.0f}s)")
+        print(
+            f"round {r}: kept {record['kept']}, accuracy pruned {accuracy_pruned:.4f} -> tuned "
+            f"{accuracy_tuned:.4f} ({record['seconds']:.0f}s)"
+        )
         rounds.append(record)
     one_shot = run_steps(
         dense,
-        [Step(pass_name="prune.magnitude", options={"sparsity": 0.0, "overrides": round_targets(ROUNDS)}, gate=no_gate)],
+        [
+            Step(
+                pass_name="prune.magnitude",
+                options={"sparsity": 0.0, "overrides": round_targets(ROUNDS)},
+                gate=no_gate,
+            )
+        ],
     ).model
-    return {"rounds": rounds, "final": model, "one_shot_accuracy": ort_accuracy(one_shot, x_test, y_test)}
+    return {
+        "rounds": rounds,
+        "final": model,
+        "one_shot_accuracy": ort_accuracy(one_shot, x_test, y_test),
+    }
 
 
 def _native_masked(module: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -138,14 +173,22 @@ def _native_masked(module: torch.nn.Module, masks: dict[str, torch.Tensor]) -> N
         tp.register_parametrization(layer, "weight", parametrize.Mask(mask))
 
 
-def _steps_per_second(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int) -> float:
-    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.005, momentum=0.9,
-                                weight_decay=1e-4)
+def _steps_per_second(
+    module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int
+) -> float:
+    optimizer = torch.optim.SGD(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=0.005,
+        momentum=0.9,
+        weight_decay=1e-4,
+    )
     module.train()
     started = time.perf_counter()
     for i in range(steps):
         start = (i * batch) % (len(x) - batch)
-        loss = torch.nn.functional.cross_entropy(module(x[start : start + batch]), y[start : start + batch])
+        loss = torch.nn.functional.cross_entropy(
+            module(x[start : start + batch]), y[start : start + batch]
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -159,7 +202,9 @@ def throughput(dense_torch: torch.nn.Module, final: ir.Model, x: np.ndarray, y: 
     batch, steps = THROUGHPUT["batch_size"], THROUGHPUT["steps"]
     xt, yt = torch.from_numpy(x[:20000]), torch.from_numpy(y[:20000])
     proto = models.export(dense_torch)
-    masks = {n: torch.from_numpy(final.graph.initializers[n].const_value.numpy() != 0) for n in KEEP}
+    masks = {
+        n: torch.from_numpy(final.graph.initializers[n].const_value.numpy() != 0) for n in KEEP
+    }
     variants = {
         "native_dense": copy.deepcopy(dense_torch),
         "executor_dense": OnnxModule(proto),
@@ -199,9 +244,14 @@ def throughput_lenet5(x: np.ndarray, y: np.ndarray) -> dict:
         for name, module in variants.items():
             samples[name].append(_steps_per_second(module, xt, yt, steps, batch))
     medians = {k: statistics.median(v) for k, v in samples.items()}
-    return {"samples_per_second": medians, "all_samples_per_second": samples,
-            "ratio_dense": medians["executor_dense"] / medians["native_dense"], "batch_size": batch, "steps": steps,
-            "repeats": THROUGHPUT["repeats"]}
+    return {
+        "samples_per_second": medians,
+        "all_samples_per_second": samples,
+        "ratio_dense": medians["executor_dense"] / medians["native_dense"],
+        "batch_size": batch,
+        "steps": steps,
+        "repeats": THROUGHPUT["repeats"],
+    }
 
 
 def main() -> None:
@@ -253,15 +303,17 @@ def markdown(r: dict) -> str:
         "# LeNet-300-100 on MNIST: prune to 8% and fine-tune through the ONNX bridge",
         "",
         f"Command: `{r['command']}` — {r['machine']['processor']}, {r['machine']['cpus']} CPUs, "
-        f"torch {r['machine']['torch']} ({r['machine']['torch_threads']} thread), {r['seconds']:.0f} s in all.",
+        f"torch {r['machine']['torch']} ({r['machine']['torch_threads']} thread), "
+        f"{r['seconds']:.0f} s in all.",
         "",
         "| model | weights kept | test error | paper (Han et al. 2015) |",
         "| --- | ---: | ---: | ---: |",
         f"| dense | 100% | {100 * (1 - d['test_accuracy']):.2f}% | 1.64% |",
         f"| pruned, one shot, no fine-tuning | {100 * f['kept_share']:.2f}% | "
         f"{100 * (1 - r['pruning']['one_shot_accuracy']):.2f}% | — |",
-        f"| pruned iteratively + fine-tuned ({r['pruning']['round_count']} rounds) | {100 * f['kept_share']:.2f}% "
-        f"({f['compression']:.1f}×) | {100 * (1 - f['test_accuracy']):.2f}% | 1.59% (8%) |",
+        f"| pruned iteratively + fine-tuned ({r['pruning']['round_count']} rounds) | "
+        f"{100 * f['kept_share']:.2f}% ({f['compression']:.1f}×) | "
+        f"{100 * (1 - f['test_accuracy']):.2f}% | 1.59% (8%) |",
         "",
         f"Gap to dense: {f['accuracy_gap_points']:+.2f} points (target ≤ 0.1): "
         f"**{'met' if f['target_met'] else 'not met'}**.",
@@ -278,15 +330,17 @@ def markdown(r: dict) -> str:
     cs = c["samples_per_second"]
     lines += [
         "",
-        f"Training throughput (batch {t['batch_size']}, SGD, {t['steps']} steps × {t['repeats']} interleaved "
-        "repeats, median samples/s):",
+        f"Training throughput (batch {t['batch_size']}, SGD, {t['steps']} steps × {t['repeats']} "
+        "interleaved repeats, median samples/s):",
         "",
         "| | native torch | ONNX executor | executor / native |",
         "| --- | ---: | ---: | ---: |",
-        f"| dense | {s['native_dense']:,.0f} | {s['executor_dense']:,.0f} | {t['ratio_dense']:.2f}× |",
-        f"| masked (8%) | {s['native_masked']:,.0f} | {s['executor_masked']:,.0f} | {t['ratio_masked']:.2f}× |",
-        f"| LeNet-5 dense (batch {c['batch_size']}, {c['steps']} steps) | {cs['native_dense']:,.0f} | "
-        f"{cs['executor_dense']:,.0f} | {c['ratio_dense']:.2f}× |",
+        f"| dense | {s['native_dense']:,.0f} | {s['executor_dense']:,.0f} | "
+        f"{t['ratio_dense']:.2f}× |",
+        f"| masked (8%) | {s['native_masked']:,.0f} | {s['executor_masked']:,.0f} | "
+        f"{t['ratio_masked']:.2f}× |",
+        f"| LeNet-5 dense (batch {c['batch_size']}, {c['steps']} steps) | "
+        f"{cs['native_dense']:,.0f} | {cs['executor_dense']:,.0f} | {c['ratio_dense']:.2f}× |",
         "",
         f"Target executor ≥ 0.7× native: **{'met' if r['throughput_target_met'] else 'not met'}**.",
         "",

@@ -61,8 +61,13 @@ def model(nodes, initializers, inputs, domain_opset: bool = True) -> bytes:
     opsets = [helper.make_opsetid("", 17)]
     if domain_opset:
         opsets.append(helper.make_opsetid("ai.onnxcompress", 1))
-    graph = helper.make_graph(nodes, "bench", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              initializer=initializers)
+    graph = helper.make_graph(
+        nodes,
+        "bench",
+        inputs,
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=initializers,
+    )
     proto = helper.make_model(graph, opset_imports=opsets)
     proto.ir_version = 8
     return proto.SerializeToString()
@@ -72,8 +77,12 @@ def x_input(k: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", k])
 
 
-def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], repeats: int,
-                extra_feeds: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, float]:
+def interleaved(
+    sessions: dict[str, ort.InferenceSession],
+    feeds: dict[str, np.ndarray],
+    repeats: int,
+    extra_feeds: dict[str, dict[str, np.ndarray]] | None = None,
+) -> dict[str, float]:
     """Median seconds per session; calls alternate and every call starts with cold caches.
 
     `extra_feeds` gives some sessions their own feeds (the bandwidth probe)."""
@@ -94,8 +103,12 @@ def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.n
 def bandwidth_probe(threads: int) -> tuple[ort.InferenceSession, dict[str, np.ndarray], int]:
     """onnxruntime ReduceSum over a fed 256 MiB array: the machine's read bandwidth right now."""
     big = np.random.default_rng(1).standard_normal((8192, 8192), dtype=np.float32)
-    proto = model([helper.make_node("ReduceSum", ["W"], ["Y"], keepdims=0)], [],
-                  [helper.make_tensor_value_info("W", TensorProto.FLOAT, [8192, 8192])], domain_opset=False)
+    proto = model(
+        [helper.make_node("ReduceSum", ["W"], ["Y"], keepdims=0)],
+        [],
+        [helper.make_tensor_value_info("W", TensorProto.FLOAT, [8192, 8192])],
+        domain_opset=False,
+    )
     return runtime.session(proto, threads=threads), {"W": big}, big.nbytes
 
 
@@ -105,16 +118,28 @@ def machine_bandwidth(threads: int) -> dict[str, float]:
     big = rng.standard_normal((8192, 8192), dtype=np.float32)
     results = {}
     # W is fed, not an initializer: onnxruntime would constant-fold a ReduceSum of a constant
-    reduce = model([helper.make_node("ReduceSum", ["W"], ["Y"], keepdims=0)], [],
-                   [helper.make_tensor_value_info("W", TensorProto.FLOAT, [8192, 8192])], domain_opset=False)
-    gemv = model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [numpy_helper.from_array(big, "W")],
-                 [x_input(8192)], domain_opset=False)
-    for label, proto, feeds in (("reduce_sum", reduce, {"W": big}),
-                                ("dense_gemv", gemv, {"X": rng.standard_normal((1, 8192), dtype=np.float32)})):
+    reduce = model(
+        [helper.make_node("ReduceSum", ["W"], ["Y"], keepdims=0)],
+        [],
+        [helper.make_tensor_value_info("W", TensorProto.FLOAT, [8192, 8192])],
+        domain_opset=False,
+    )
+    gemv = model(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        [numpy_helper.from_array(big, "W")],
+        [x_input(8192)],
+        domain_opset=False,
+    )
+    for label, proto, feeds in (
+        ("reduce_sum", reduce, {"W": big}),
+        ("dense_gemv", gemv, {"X": rng.standard_normal((1, 8192), dtype=np.float32)}),
+    ):
         session = runtime.session(proto, threads=threads)
         seconds = interleaved({label: session}, feeds, 15)[label]
         results[label] = big.nbytes / seconds / 1e9
-    results["numpy_sum_1_thread"] = big.nbytes / min(_timeit(lambda: big.sum()) for _ in range(5)) / 1e9
+    results["numpy_sum_1_thread"] = (
+        big.nbytes / min(_timeit(lambda: big.sum()) for _ in range(5)) / 1e9
+    )
     results["reference"] = max(results["reduce_sum"], results["dense_gemv"])
     return results
 
@@ -129,7 +154,11 @@ def layer_sweep(threads: int, repeats: int, sparsities, batches) -> list[dict[st
     rng = np.random.default_rng(0)
     base = rng.standard_normal((K, N), dtype=np.float32)
     dense_session = runtime.session(
-        model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [numpy_helper.from_array(base, "W")], [x_input(K)]),
+        model(
+            [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+            [numpy_helper.from_array(base, "W")],
+            [x_input(K)],
+        ),
         threads=threads,
     )
     probe, probe_feeds, probe_bytes = bandwidth_probe(threads)
@@ -141,9 +170,21 @@ def layer_sweep(threads: int, repeats: int, sparsities, batches) -> list[dict[st
             csr = to_csr(weight, index_dtype)
             sparse_session = runtime.session(
                 model(
-                    [helper.make_node("SparseMatMul", ["X", "v", "c", "r"], ["Y"], domain="ai.onnxcompress", K=K, N=N)],
-                    [numpy_helper.from_array(csr.values, "v"), numpy_helper.from_array(csr.col_indices, "c"),
-                     numpy_helper.from_array(csr.row_ptr, "r")],
+                    [
+                        helper.make_node(
+                            "SparseMatMul",
+                            ["X", "v", "c", "r"],
+                            ["Y"],
+                            domain="ai.onnxcompress",
+                            K=K,
+                            N=N,
+                        )
+                    ],
+                    [
+                        numpy_helper.from_array(csr.values, "v"),
+                        numpy_helper.from_array(csr.col_indices, "c"),
+                        numpy_helper.from_array(csr.row_ptr, "r"),
+                    ],
                     [x_input(K)],
                 ),
                 threads=threads,
@@ -167,9 +208,14 @@ def layer_sweep(threads: int, repeats: int, sparsities, batches) -> list[dict[st
                     "speedup": round(timing["dense"] / timing["sparse"], 2),
                     "sparse_GBps": round(sparse_bytes / timing["sparse"] / 1e9, 1),
                     "dense_GBps": round(weight.nbytes / timing["dense"] / 1e9, 1),
-                    "machine_GBps": round(probe_bytes / timing["probe"] / 1e9, 1) if batch == 1 else None,
-                    "share_of_machine_BW": round(sparse_bytes / timing["sparse"] / (probe_bytes / timing["probe"]), 2)
-                    if batch == 1 else None,
+                    "machine_GBps": round(probe_bytes / timing["probe"] / 1e9, 1)
+                    if batch == 1
+                    else None,
+                    "share_of_machine_BW": round(
+                        sparse_bytes / timing["sparse"] / (probe_bytes / timing["probe"]), 2
+                    )
+                    if batch == 1
+                    else None,
                     "target": TARGETS.get((sparsity, batch)) if index_dtype == "uint16" else None,
                 }
                 rows.append(row)
@@ -184,8 +230,11 @@ def codebook_sweep(threads: int, repeats: int, batches) -> list[dict[str, object
 
     rng = np.random.default_rng(3)
     rows = []
-    for label, entries, sparsity in (("dense, 16 entries", 16, 0.0), ("dense, 256 entries", 256, 0.0),
-                                     ("90% pruned, 16 entries", 16, 0.9)):
+    for label, entries, sparsity in (
+        ("dense, 16 entries", 16, 0.0),
+        ("dense, 256 entries", 256, 0.0),
+        ("90% pruned, 16 entries", 16, 0.9),
+    ):
         codebook = rng.standard_normal(entries, dtype=np.float32)
         indices = rng.integers(0, entries, size=(K, N)).astype(np.uint8)
         if sparsity:
@@ -194,21 +243,43 @@ def codebook_sweep(threads: int, repeats: int, batches) -> list[dict[str, object
         weight = codebook[indices.astype(np.int64)]
         op, arrays, attributes = codebook_arrays(indices, codebook, weight, sparse=bool(sparsity))
         dense_session = runtime.session(
-            model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [numpy_helper.from_array(weight, "W")], [x_input(K)]),
-            threads=threads)
+            model(
+                [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+                [numpy_helper.from_array(weight, "W")],
+                [x_input(K)],
+            ),
+            threads=threads,
+        )
         op_session = runtime.session(
-            model([helper.make_node(op, ["X", *arrays], ["Y"], domain="ai.onnxcompress", **attributes)],
-                  [numpy_helper.from_array(a, name) for name, a in arrays.items()], [x_input(K)]),
-            threads=threads)
+            model(
+                [
+                    helper.make_node(
+                        op, ["X", *arrays], ["Y"], domain="ai.onnxcompress", **attributes
+                    )
+                ],
+                [numpy_helper.from_array(a, name) for name, a in arrays.items()],
+                [x_input(K)],
+            ),
+            threads=threads,
+        )
         stored = sum(a.nbytes for a in arrays.values())
         for batch in batches:
             x = rng.standard_normal((batch, K), dtype=np.float32)
-            np.testing.assert_allclose(op_session.run(None, {"X": x})[0], x @ weight, rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(
+                op_session.run(None, {"X": x})[0], x @ weight, rtol=1e-3, atol=1e-3
+            )
             timing = interleaved({"dense": dense_session, "op": op_session}, {"X": x}, repeats)
-            row = {"layer": label, "op": op, "bits": attributes.get("bits", 8), "batch": batch,
-                   "stored_MB": round(stored / 1e6, 2), "dense_ms": round(timing["dense"] * 1e3, 4),
-                   "op_ms": round(timing["op"] * 1e3, 4), "speedup": round(timing["dense"] / timing["op"], 2),
-                   "op_GBps": round((stored + x.nbytes) / timing["op"] / 1e9, 1)}
+            row = {
+                "layer": label,
+                "op": op,
+                "bits": attributes.get("bits", 8),
+                "batch": batch,
+                "stored_MB": round(stored / 1e6, 2),
+                "dense_ms": round(timing["dense"] * 1e3, 4),
+                "op_ms": round(timing["op"] * 1e3, 4),
+                "speedup": round(timing["dense"] / timing["op"], 2),
+                "op_GBps": round((stored + x.nbytes) / timing["op"] / 1e9, 1),
+            }
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -220,9 +291,14 @@ def end_to_end(threads: int, repeats: int) -> dict[str, object]:
     sizes = (2048, 4096, 4096, 2048, 10)
     nodes, initializers, current = [], [], "X"
     for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        w = (rng.standard_normal((fan_in, fan_out), dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
+        w = (rng.standard_normal((fan_in, fan_out), dtype=np.float32) / np.sqrt(fan_in)).astype(
+            np.float32
+        )
         b = (rng.standard_normal(fan_out, dtype=np.float32) * 0.1).astype(np.float32)
-        initializers += [numpy_helper.from_array(w, f"fc{index}.weight"), numpy_helper.from_array(b, f"fc{index}.bias")]
+        initializers += [
+            numpy_helper.from_array(w, f"fc{index}.weight"),
+            numpy_helper.from_array(b, f"fc{index}.bias"),
+        ]
         nodes += [helper.make_node("MatMul", [current, f"fc{index}.weight"], [f"h{index}"]),
                   helper.make_node("Add", [f"h{index}", f"fc{index}.bias"], [f"a{index}"])]
         current = f"a{index}"
@@ -230,8 +306,13 @@ def end_to_end(threads: int, repeats: int) -> dict[str, object]:
             nodes.append(helper.make_node("Relu", [current], [f"r{index}"]))
             current = f"r{index}"
     nodes[-1].output[0] = "Y"
-    graph = helper.make_graph(nodes, "mlp", [x_input(sizes[0])], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              initializer=initializers)
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [x_input(sizes[0])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=initializers,
+    )
     original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     original.ir_version = 8
     pruned = get_pass("prune.magnitude")(sparsity=0.92)(ir.serde.deserialize_model(original)).model
@@ -277,19 +358,24 @@ def write_markdown(out: dict[str, object]) -> None:
     lines = [
         "# SparseMatMul vs onnxruntime dense MatMul (4096×4096 fp32)",
         "",
-        f"Machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine['threads']} onnxruntime threads, "
-        f"onnxruntime {machine['onnxruntime']}; load average before/after {out['load_before']} / {out['load_after']} "
-        "(shared machine). Command: `.venv/bin/python benchmarks/kernels_sparse_matmul.py`.",
-        "Caches flushed (96 MiB rewrite) before every call; calls of both variants alternate; medians.",
+        f"Machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine['threads']} onnxruntime "
+        f"threads, onnxruntime {machine['onnxruntime']}; load average before/after "
+        f"{out['load_before']} / {out['load_after']} (shared machine). Command: `.venv/bin/python "
+        "benchmarks/kernels_sparse_matmul.py`.",
+        "Caches flushed (96 MiB rewrite) before every call; calls of both variants alternate; "
+        "medians.",
         "",
-        f"Machine read bandwidth measured here: {bandwidth['reference']:.1f} GB/s (onnxruntime ReduceSum "
-        f"{bandwidth['reduce_sum']:.1f}, dense GEMV 8192² {bandwidth['dense_gemv']:.1f}, numpy sum 1 thread "
-        f"{bandwidth['numpy_sum_1_thread']:.1f}).",
+        f"Machine read bandwidth measured here: {bandwidth['reference']:.1f} GB/s (onnxruntime "
+        f"ReduceSum {bandwidth['reduce_sum']:.1f}, dense GEMV 8192² {bandwidth['dense_gemv']:.1f}, "
+        f"numpy sum 1 thread {bandwidth['numpy_sum_1_thread']:.1f}).",
         "",
-        "Batch-1 rows also time that ReduceSum probe interleaved with the two variants (machine GB/s, the",
-        "bandwidth while the row ran); the share is the kernel's effective bandwidth against it (target ≥ 60%).",
+        "Batch-1 rows also time that ReduceSum probe interleaved with the two variants (machine "
+        "GB/s, the",
+        "bandwidth while the row ran); the share is the kernel's effective bandwidth against it "
+        "(target ≥ 60%).",
         "",
-        "| sparsity | batch | columns | dense ms | sparse ms | speedup | target | sparse GB/s | machine GB/s | share |",
+        "| sparsity | batch | columns | dense ms | sparse ms | speedup | target | sparse GB/s | "
+        "machine GB/s | share |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in out["layers"]:
@@ -297,36 +383,45 @@ def write_markdown(out: dict[str, object]) -> None:
         share = f"{100 * row['share_of_machine_BW']:.0f}%" if row["share_of_machine_BW"] else ""
         target = f"≥ {row['target']}×" if row["target"] else ""
         lines.append(
-            f"| {row['sparsity']:.0%} | {row['batch']} | {row['index']} | {row['dense_ms']:.3f} | {row['sparse_ms']:.3f} "
-            f"| {row['speedup']:.2f}× | {target} | {row['sparse_GBps']} | {machine_bw} | {share} |"
+            f"| {row['sparsity']:.0%} | {row['batch']} | {row['index']} | {row['dense_ms']:.3f} | "
+            f"{row['sparse_ms']:.3f} | {row['speedup']:.2f}× | {target} | {row['sparse_GBps']} | "
+            f"{machine_bw} | {share} |"
         )
     e2e = out["end_to_end"]
     lines += [
         "",
-        f"End to end: MLP {'-'.join(map(str, e2e['sizes']))} pruned to {e2e['sparsity']:.0%} per layer, "
-        f"`sparse.csr` at batch 1 converted {len(e2e['converted'])} layers ({', '.join(e2e['converted'])}); "
-        f"left dense: {e2e['left_dense'] or 'none'}. Batch 1: dense original {e2e['dense_ms']:.3f} ms, "
-        f"sparse {e2e['sparse_ms']:.3f} ms: **{e2e['speedup']:.2f}×** (target ≥ {e2e['target']}×).",
+        f"End to end: MLP {'-'.join(map(str, e2e['sizes']))} pruned to {e2e['sparsity']:.0%} per "
+        f"layer, `sparse.csr` at batch 1 converted {len(e2e['converted'])} layers "
+        f"({', '.join(e2e['converted'])}); left dense: {e2e['left_dense'] or 'none'}. Batch 1: "
+        f"dense original {e2e['dense_ms']:.3f} ms, sparse {e2e['sparse_ms']:.3f} ms: "
+        f"**{e2e['speedup']:.2f}×** (target ≥ {e2e['target']}×).",
     ]
     lines += [
         "",
         "## Weight-shared layers (4096×4096)",
         "",
-        "CodebookMatMul holds W^T's codebook indices (4-bit packed when the codebook has <= 16 entries);",
-        "SparseCodebookMatMul is CSR with uint8 codebook indices as values. Same flushing and interleaving.",
+        "CodebookMatMul holds W^T's codebook indices (4-bit packed when the codebook has <= 16 "
+        "entries);",
+        "SparseCodebookMatMul is CSR with uint8 codebook indices as values. Same flushing and "
+        "interleaving.",
         "",
         "| layer | op | bits | batch | stored MB | dense ms | op ms | speedup | op GB/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in out["codebook"]:  # type: ignore[union-attr]
-        lines.append(f"| {row['layer']} | {row['op']} | {row['bits']} | {row['batch']} | {row['stored_MB']} | "
-                     f"{row['dense_ms']:.3f} | {row['op_ms']:.3f} | {row['speedup']:.2f}× | {row['op_GBps']} |")
+        lines.append(
+            f"| {row['layer']} | {row['op']} | {row['bits']} | {row['batch']} | {row['stored_MB']} "
+            f"| {row['dense_ms']:.3f} | {row['op_ms']:.3f} | {row['speedup']:.2f}× | "
+            f"{row['op_GBps']} |"
+        )
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and configurations (smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repeats and configurations (smoke run)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     if "SparseMatMul" not in runtime.available_ops():
@@ -335,8 +430,11 @@ def main() -> None:
     sparsities = (0.9,) if args.quick else (0.5, 0.8, 0.9, 0.95)
     batches = (1, 64) if args.quick else (1, 8, 64)
     load_before = round(os.getloadavg()[0], 2)
-    out: dict[str, object] = {"machine": machine_info(args.threads), "command": f"benchmarks/{NAME}.py",
-                              "load_before": load_before}
+    out: dict[str, object] = {
+        "machine": machine_info(args.threads),
+        "command": f"benchmarks/{NAME}.py",
+        "load_before": load_before,
+    }
     out["bandwidth_GBps"] = {k: round(v, 1) for k, v in machine_bandwidth(args.threads).items()}
     print(out["bandwidth_GBps"], flush=True)
     out["layers"] = layer_sweep(args.threads, repeats, sparsities, batches)

@@ -84,10 +84,15 @@ def write_markdown(out: dict[str, Any], path: Path) -> None:
     for row in out["rows"]:
         error = f"{row['mean_rel_error']:.4f}" if row["mean_rel_error"] is not None else "—"
         share = row["params_after"] / row["params_before"] if row["params_before"] else 0.0
-        lines.append(f"| {row['ratio']} | {row['form']} | {row['layers']} | {error} | {share:.3f} | "
-                     f"{row['output_cosine']:.4f} |")
-    lines += ["", "Layers where clustering (best G) has a lower weight error than the channel form, per "
-              "ratio: " + ", ".join(f"{r}: {n}/16" for r, n in out["clustered_wins"].items()) + "."]
+        lines.append(
+            f"| {row['ratio']} | {row['form']} | {row['layers']} | {error} | {share:.3f} | "
+            f"{row['output_cosine']:.4f} |"
+        )
+    lines += [
+        "",
+        "Layers where clustering (best G) has a lower weight error than the channel form, per "
+        "ratio: " + ", ".join(f"{r}: {n}/16" for r, n in out["clustered_wins"].items()) + ".",
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -82,7 +82,11 @@ def load_images() -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]
     x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target.astype(np.int64), test_size=0.25, random_state=SEED, stratify=digits.target
+        images,
+        digits.target.astype(np.int64),
+        test_size=0.25,
+        random_state=SEED,
+        stratify=digits.target,
     )
     return "sklearn-digits", x_train, y_train, x_test, y_test
 
@@ -114,12 +118,24 @@ def build_models(channels_hw: tuple[int, int, int]):  # type: ignore[no-untyped-
 
     torch.manual_seed(SEED)
     c, h, w = channels_hw
-    mlp = nn.Sequential(nn.Flatten(), nn.LazyLinear(1024), nn.ReLU(), nn.Linear(1024, 4096), nn.ReLU(),
-                        nn.Linear(4096, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    mlp = nn.Sequential(
+        nn.Flatten(),
+        nn.LazyLinear(1024),
+        nn.ReLU(),
+        nn.Linear(1024, 4096),
+        nn.ReLU(),
+        nn.Linear(4096, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 10),
+    )
     features = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU())
     if h > 16:  # MNIST 28×28 → pad to 32×32 → pool to 16×16 with 32 channels = 8192
-        features = nn.Sequential(nn.ZeroPad2d(2), nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-    cnn = nn.Sequential(features, nn.Flatten(), nn.Linear(8192, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        features = nn.Sequential(
+            nn.ZeroPad2d(2), nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        )
+    cnn = nn.Sequential(
+        features, nn.Flatten(), nn.Linear(8192, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
     return mlp, cnn
 
 
@@ -131,15 +147,26 @@ def finish(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
-def mlp_block_proto(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
+def mlp_block_proto(
+    w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray
+) -> onnx.ModelProto:
     """x[batch,1024] → MatMul(1024×4096) + b → Relu → MatMul(4096×1024) + b."""
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
              ((w1, "up.weight"), (b1, "up.bias"), (w2, "down.weight"), (b2, "down.bias"))]
-    nodes = [helper.make_node("MatMul", ["x", "up.weight"], ["u"]), helper.make_node("Add", ["u", "up.bias"], ["ub"]),
-             helper.make_node("Relu", ["ub"], ["r"]), helper.make_node("MatMul", ["r", "down.weight"], ["d"]),
-             helper.make_node("Add", ["d", "down.bias"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1024])], inits)
+    nodes = [
+        helper.make_node("MatMul", ["x", "up.weight"], ["u"]),
+        helper.make_node("Add", ["u", "up.bias"], ["ub"]),
+        helper.make_node("Relu", ["ub"], ["r"]),
+        helper.make_node("MatMul", ["r", "down.weight"], ["d"]),
+        helper.make_node("Add", ["d", "down.bias"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1024])],
+        inits,
+    )
     return finish(graph)
 
 
@@ -150,8 +177,13 @@ def head_proto(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -
     nodes = [helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], transB=1),
              helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("Gemm", ["r", "fc2.weight", "fc2.bias"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "classifier_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8192])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "classifier_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8192])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
     return finish(graph)
 
 
@@ -161,10 +193,14 @@ def session(proto: onnx.ModelProto) -> ort.InferenceSession:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
-def latencies(protos: dict[str, onnx.ModelProto], width: int, batch: int, repeats: int) -> list[dict[str, float]]:
+def latencies(
+    protos: dict[str, onnx.ModelProto], width: int, batch: int, repeats: int
+) -> list[dict[str, float]]:
     """Median ms per variant in each of ROUNDS rounds; variants interleaved within every repeat."""
     rng = np.random.default_rng(SEED)
     feed = {"x": rng.standard_normal((batch, width)).astype(np.float32)}
@@ -188,7 +224,9 @@ def weight_params(proto: onnx.ModelProto) -> int:
     return sum(site.size for site in find_weight_sites(ir.from_proto(proto), min_params=0).sites)
 
 
-def compress(proto: onnx.ModelProto, data: dict | None = None, **options: object) -> tuple[onnx.ModelProto, dict]:
+def compress(
+    proto: onnx.ModelProto, data: dict | None = None, **options: object
+) -> tuple[onnx.ModelProto, dict]:
     model = ir.from_proto(proto)
     compression = LowRankSVDPass(min_params=0, **options, context=PassContext(data=data))
     started = time.perf_counter()
@@ -206,12 +244,21 @@ def centered_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 def min_sample_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     dots = np.sum(reference * candidate, axis=1)
-    return float(np.min(dots / (np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1))))
+    return float(
+        np.min(dots / (np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)))
+    )
 
 
 def evaluate_block(
-    name: str, proto: onnx.ModelProto, activations: np.ndarray, calibration: np.ndarray, finish_logits,
-    labels: np.ndarray, width: int, only: tuple[str, ...] = (), also_all: float | None = None,
+    name: str,
+    proto: onnx.ModelProto,
+    activations: np.ndarray,
+    calibration: np.ndarray,
+    finish_logits,
+    labels: np.ndarray,
+    width: int,
+    only: tuple[str, ...] = (),
+    also_all: float | None = None,
 ) -> dict:
     """Every variant of one block: sizes, FLOPs, fidelity, accuracy; then latencies side by side."""
     print(f"{name}:", flush=True)
@@ -223,7 +270,9 @@ def evaluate_block(
     for energy in ENERGIES:
         variants[f"energy {energy}"] = compress(proto, energy=energy, include=only)
     # the greedy search on real activations of training images; evaluated on held-out ones
-    variants["budget 0.99"] = compress(proto, data={"x": calibration}, budget=0.99, probes=len(calibration))
+    variants["budget 0.99"] = compress(
+        proto, data={"x": calibration}, budget=0.99, probes=len(calibration)
+    )
     reference = session(proto).run(None, {"x": activations})
     base_logits = finish_logits(reference[0])
     rows = []
@@ -234,19 +283,24 @@ def evaluate_block(
         layers = plan["layers"] if plan else []
         skipped = plan["skipped"] if plan else []
         flops = plan["totals"] if plan else {"flops_before": 0, "flops_after": 0}
-        rows.append({
-            "variant": label,
-            "ranks": {layer["name"]: f"{layer['kind']} r={layer['rank']}/{layer['max_rank']}" for layer in layers},
-            "skipped": {item["name"]: item["reason"] for item in skipped},
-            "weight_params": weight_params(variant),
-            "flops_per_sample_saved": flops["flops_before"] - flops["flops_after"],
-            "cosine": metrics.cosine,
-            "centered_cosine": centered_cosine(reference[0], outputs[0]),
-            "min_sample_cosine": min_sample_cosine(reference[0], outputs[0]),
-            "rel_l2": metrics.rel_l2,
-            "accuracy": float(np.mean(logits.argmax(1) == labels)),
-            "top1_agreement": float(np.mean(logits.argmax(1) == base_logits.argmax(1))),
-        })
+        rows.append(
+            {
+                "variant": label,
+                "ranks": {
+                    layer["name"]: f"{layer['kind']} r={layer['rank']}/{layer['max_rank']}"
+                    for layer in layers
+                },
+                "skipped": {item["name"]: item["reason"] for item in skipped},
+                "weight_params": weight_params(variant),
+                "flops_per_sample_saved": flops["flops_before"] - flops["flops_after"],
+                "cosine": metrics.cosine,
+                "centered_cosine": centered_cosine(reference[0], outputs[0]),
+                "min_sample_cosine": min_sample_cosine(reference[0], outputs[0]),
+                "rel_l2": metrics.rel_l2,
+                "accuracy": float(np.mean(logits.argmax(1) == labels)),
+                "top1_agreement": float(np.mean(logits.argmax(1) == base_logits.argmax(1))),
+            }
+        )
     original_flops = 2 * rows[0]["weight_params"]  # MatMul/Gemm: 2 FLOPs per weight per sample
     for row in rows:
         row["flops_per_sample"] = original_flops - row.pop("flops_per_sample_saved")
@@ -289,7 +343,9 @@ def spectrum_summary(weight: np.ndarray, initial: np.ndarray, inputs: np.ndarray
         "rank_for_99pct_energy": rank_for(s, 0.99),
         "full_rank": len(s),
         "init_share_of_energy": float(np.sum(initial**2) / np.sum(weight**2)),
-        "init_share_of_output": float(np.linalg.norm(inputs @ initial) / np.linalg.norm(inputs @ weight)),
+        "init_share_of_output": float(
+            np.linalg.norm(inputs @ initial) / np.linalg.norm(inputs @ weight)
+        ),
         "update_rank_for_90pct_energy": rank_for(update, 0.9),
         "input_dims_for_90pct_variance": rank_for(centered, 0.9),
     }
@@ -297,10 +353,22 @@ def spectrum_summary(weight: np.ndarray, initial: np.ndarray, inputs: np.ndarray
 
 # ---- main -----------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
-        "onnxruntime": ort.__version__, "numpy": np.__version__, "threads": 1,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "threads": 1,
         "note": "2 cores shared with other jobs: absolute times are noisy; ratios are measured side by side",
     }
 
@@ -320,14 +388,21 @@ def main() -> None:
     print(f"training both models for {epochs} epoch(s) on {source}", flush=True)
     mlp_steps, mlp_loss = train(mlp, x_train, y_train, epochs)
     cnn_steps, cnn_loss = train(cnn, x_train, y_train, epochs)
-    training = {"data": source, "train_samples": len(x_train), "test_samples": len(x_test), "epochs": epochs,
-                "mlp": {"steps": mlp_steps, "final_loss": mlp_loss}, "cnn": {"steps": cnn_steps, "final_loss": cnn_loss},
-                "seconds": time.perf_counter() - started}
+    training = {
+        "data": source,
+        "train_samples": len(x_train),
+        "test_samples": len(x_test),
+        "epochs": epochs,
+        "mlp": {"steps": mlp_steps, "final_loss": mlp_loss},
+        "cnn": {"steps": cnn_steps, "final_loss": cnn_loss},
+        "seconds": time.perf_counter() - started,
+    }
     mlp.eval()
     cnn.eval()
     with torch.no_grad():
         xt, xc = torch.from_numpy(x_test), torch.from_numpy(x_train[:256])
-        block_in = mlp[2](mlp[1](mlp[0](xt))).numpy()  # the block's input: after the first Linear + Relu
+        # the block's input: after the first Linear + Relu
+        block_in = mlp[2](mlp[1](mlp[0](xt))).numpy()
         block_calibration = mlp[2](mlp[1](mlp[0](xc))).numpy()
         head_in = cnn[1](cnn[0](xt)).numpy()  # 8192 conv features
         head_calibration = cnn[1](cnn[0](xc)).numpy()
@@ -335,7 +410,8 @@ def main() -> None:
         training["cnn_test_accuracy"] = float((cnn(xt).argmax(1).numpy() == y_test).mean())
     params = {n: p.detach().numpy() for n, p in mlp.named_parameters()}
     head = {n: p.detach().numpy() for n, p in cnn.named_parameters()}
-    up, down = params["3.weight"].T, params["5.weight"].T  # torch stores out×in; MatMul wants in×out
+    # torch stores out×in; MatMul wants in×out
+    up, down = params["3.weight"].T, params["5.weight"].T
     block = mlp_block_proto(up, params["3.bias"], down, params["5.bias"])
     last_w, last_b = params["7.weight"], params["7.bias"]
 
@@ -347,14 +423,33 @@ def main() -> None:
     spectra = {
         "mlp up 1024×4096": spectrum_summary(up, initial["mlp.3.weight"].T, block_in),
         "mlp down 4096×1024": spectrum_summary(down, initial["mlp.5.weight"].T, hidden),
-        "head fc1 8192×1024": spectrum_summary(head["2.weight"].T, initial["cnn.2.weight"].T, head_in),
+        "head fc1 8192×1024": spectrum_summary(
+            head["2.weight"].T, initial["cnn.2.weight"].T, head_in
+        ),
     }
     results = [
-        evaluate_block("mlp_block 1024→4096→1024", block, block_in, block_calibration, mlp_logits, y_test, 1024),
-        evaluate_block("classifier_head 8192→1024→10", head_model, head_in, head_calibration, lambda y: y, y_test, 8192,
-                       only=("fc1.weight",), also_all=0.5),
+        evaluate_block(
+            "mlp_block 1024→4096→1024", block, block_in, block_calibration, mlp_logits, y_test, 1024
+        ),
+        evaluate_block(
+            "classifier_head 8192→1024→10",
+            head_model,
+            head_in,
+            head_calibration,
+            lambda y: y,
+            y_test,
+            8192,
+            only=("fc1.weight",),
+            also_all=0.5,
+        ),
     ]
-    report = {"machine": machine(), "training": training, "spectra": spectra, "results": results, "command": COMMAND}
+    report = {
+        "machine": machine(),
+        "training": training,
+        "spectra": spectra,
+        "results": results,
+        "command": COMMAND,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lowrank_svd.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "lowrank_svd.md").write_text(markdown(report))
@@ -371,50 +466,71 @@ def markdown(report: dict) -> str:
     lines = [
         "# lowrank.svd on trained layers",
         "",
-        f"`{report['command']}` — {m['cpu']}, {m['cores']} cores (shared), onnxruntime {m['onnxruntime']}, "
-        f"1 intra-op thread, load average at the end {tuple(round(v, 2) for v in m['load_average'])}.",
-        f"Trained on {t['data']} ({t['train_samples']} train / {t['test_samples']} test, {t['epochs']} epoch(s), "
-        f"{t['seconds']:.0f} s): "
-        f"MLP {t['mlp']['steps']} steps of 128, test accuracy {t['mlp_test_accuracy']:.4f}; "
-        f"CNN {t['cnn']['steps']} steps of 128, test accuracy {t['cnn_test_accuracy']:.4f}.",
-        f"Latency: all variants of a block timed side by side, interleaved within every repeat; {ROUNDS} rounds of "
-        f"{REPEATS[1]} (batch 1) / {REPEATS[64]} (batch 64) repeats; ms is the median over rounds of each round's",
-        "median, × the median round's speedup over the original, with the lowest–highest round in brackets.",
-        "Fidelity: block output vs the original block on held-out activations — cosine over the flattened",
+        f"`{report['command']}` — {m['cpu']}, {m['cores']} cores (shared), onnxruntime "
+        f"{m['onnxruntime']}, 1 intra-op thread, load average at the end "
+        f"{tuple(round(v, 2) for v in m['load_average'])}.",
+        f"Trained on {t['data']} ({t['train_samples']} train / {t['test_samples']} test, "
+        f"{t['epochs']} epoch(s), {t['seconds']:.0f} s): MLP {t['mlp']['steps']} steps of 128, "
+        f"test accuracy {t['mlp_test_accuracy']:.4f}; CNN {t['cnn']['steps']} steps of 128, test "
+        f"accuracy {t['cnn_test_accuracy']:.4f}.",
+        "Latency: all variants of a block timed side by side, interleaved within every repeat; "
+        f"{ROUNDS} rounds of {REPEATS[1]} (batch 1) / {REPEATS[64]} (batch 64) repeats; ms is the "
+        "median over rounds of each round's",
+        "median, × the median round's speedup over the original, with the lowest–highest round in "
+        "brackets.",
+        "Fidelity: block output vs the original block on held-out activations — cosine over the "
+        "flattened",
         "batch (the pipeline's metric, the one the target names), centered cosine (the reference's",
-        "per-feature batch mean removed from both) and the lowest per-sample cosine; accuracy and top-1",
-        "agreement: the whole classifier with the block replaced. Target: ≥ 2× fewer parameters, ≥ 1.5×",
-        "lower latency at batch 64, cosine ≥ 0.99 (the last column also asks centered cosine ≥ 0.99).",
+        "per-feature batch mean removed from both) and the lowest per-sample cosine; accuracy and "
+        "top-1",
+        "agreement: the whole classifier with the block replaced. Target: ≥ 2× fewer parameters, ≥ "
+        "1.5×",
+        "lower latency at batch 64, cosine ≥ 0.99 (the last column also asks centered cosine ≥ "
+        "0.99).",
         "",
         "Spectra of the trained weights:",
         "",
-        "| weight | σ₁/σ_mid | rank for 90% energy | rank for 99% energy | full rank | ‖W₀‖² / ‖W‖² "
-        "| ‖xW₀‖ / ‖xW‖ | rank of W − W₀ for 90% | input dims for 90% variance |",
+        "| weight | σ₁/σ_mid | rank for 90% energy | rank for 99% energy | full rank | ‖W₀‖² / "
+        "‖W‖² | ‖xW₀‖ / ‖xW‖ | rank of W − W₀ for 90% | input dims for 90% variance |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, s in report["spectra"].items():
-        lines.append(f"| {name} | {s['sigma_1_over_sigma_mid']:.1f} | {s['rank_for_90pct_energy']} | "
-                     f"{s['rank_for_99pct_energy']} | {s['full_rank']} | {s['init_share_of_energy']:.1%} | "
-                     f"{s['init_share_of_output']:.1%} | {s['update_rank_for_90pct_energy']} | "
-                     f"{s['input_dims_for_90pct_variance']} |")
-    lines += ["", "W₀ is the weight at initialization, x the layer's held-out inputs: energy counts W₀, the "
-              "output hardly does."]
+        lines.append(
+            f"| {name} | {s['sigma_1_over_sigma_mid']:.1f} | {s['rank_for_90pct_energy']} | "
+            f"{s['rank_for_99pct_energy']} | {s['full_rank']} | {s['init_share_of_energy']:.1%} | "
+            f"{s['init_share_of_output']:.1%} | {s['update_rank_for_90pct_energy']} | "
+            f"{s['input_dims_for_90pct_variance']} |"
+        )
+    lines += [
+        "",
+        "W₀ is the weight at initialization, x the layer's held-out inputs: energy counts W₀, the "
+        "output hardly does.",
+    ]
     for result in report["results"]:
-        lines += ["", f"## {result['block']}", "",
-                  "| variant | ranks | params | ×fewer | MFLOP/sample | b1 ms | b1 × | b64 ms | b64 × | cosine | "
-                  "centered | min sample | accuracy | top-1 agree | target | target (centered) |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-                  "| :---: | :---: |"]
+        lines += [
+            "",
+            f"## {result['block']}",
+            "",
+            "| variant | ranks | params | ×fewer | MFLOP/sample | b1 ms | b1 × | b64 ms | b64 × | "
+            "cosine | centered | min sample | accuracy | top-1 agree | target | target (centered) "
+            "|",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+            "---: | ---: | :---: | :---: |",
+        ]
         for row in result["rows"]:
             ranks = ", ".join(row["ranks"].values()) or "—"
             if row["skipped"]:
-                ranks += " (skipped: " + "; ".join(f"{k}: {v}" for k, v in row["skipped"].items()) + ")"
+                ranks += (
+                    " (skipped: " + "; ".join(f"{k}: {v}" for k, v in row["skipped"].items()) + ")"
+                )
             lines.append(
-                f"| {row['variant']} | {ranks} | {row['weight_params']:,} | {row['param_reduction']:.2f} | "
-                f"{row['flops_per_sample'] / 1e6:.2f} | {row['latency_ms_batch1']:.3f} | {speedup(row, 1)} | "
+                f"| {row['variant']} | {ranks} | {row['weight_params']:,} | "
+                f"{row['param_reduction']:.2f} | {row['flops_per_sample'] / 1e6:.2f} | "
+                f"{row['latency_ms_batch1']:.3f} | {speedup(row, 1)} | "
                 f"{row['latency_ms_batch64']:.2f} | {speedup(row, 64)} | {row['cosine']:.5f} | "
                 f"{row['centered_cosine']:.5f} | {row['min_sample_cosine']:.4f} | "
-                f"{row['accuracy']:.4f} | {row['top1_agreement']:.4f} | {'yes' if row['meets_target'] else 'no'} | "
+                f"{row['accuracy']:.4f} | {row['top1_agreement']:.4f} | "
+                f"{'yes' if row['meets_target'] else 'no'} | "
                 f"{'yes' if row['meets_target_centered'] else 'no'} |"
             )
     lines.append("")

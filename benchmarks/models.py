@@ -98,10 +98,14 @@ def train(
     """SGD + momentum on (x, y); cosine learning-rate decay per step when `lr_decay`."""
     generator = torch.Generator().manual_seed(seed)
     inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
-    optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(
+        module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     steps = epochs * math.ceil(len(x) / batch_size)
     scheduler = (
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+        )
         if lr_decay
         else None
     )
@@ -134,7 +138,9 @@ def accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 
     return correct / len(x)
 
 
-def export(module: nn.Module, path: str | Path | None = None, example: torch.Tensor | None = None) -> onnx.ModelProto:
+def export(
+    module: nn.Module, path: str | Path | None = None, example: torch.Tensor | None = None
+) -> onnx.ModelProto:
     """torch's default ONNX exporter, dynamic batch axis, IR version 10."""
     module.eval()
     if example is None:

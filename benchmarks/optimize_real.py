@@ -541,28 +541,35 @@ def markdown(report: dict) -> str:
         "",
         f"Machine: {report['machine']}. Date: {report['date']}. Command: `{report['command']}`. "
         f"Run time: {report['run_seconds'] / 60:.1f} min.",
-        f"onnxcompress run: {report['onnxcompress']} (repository HEAD {report['repository_head']}).",
+        f"onnxcompress run: {report['onnxcompress']} (repository HEAD "
+        f"{report['repository_head']}).",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
         "",
-        "Verdicts: meets bar (written, ≥ 1.01× smaller, meets the bar on the evaluation set), no-op "
-        "(meets the bar, not smaller), BELOW BAR (written and runs, misses the bar), crashed (the tool "
-        "raised: nothing written), refused by onnxruntime (written, onnxruntime will not load it), fails "
-        "in onnxruntime (loads, errors when run), gate failed / refused (onnxcompress exit 3 / 2). "
-        "Every model comes from a PyPI wheel; calibration and evaluation inputs are disjoint real inputs "
-        "(the CLI's `--data` file and every calibrating peer get the SAME calibration set). Metrics compare "
-        "the written model's task outputs with the ORIGINAL model's on the evaluation set; logit_cosine "
-        f"(softmax classifiers: centred log-probabilities, pooled) must also reach {COSINE_BAR} there. "
-        "× = original bytes / output bytes (external data counted). Latency = batch-1 median of "
-        f"{report['rounds']} interleaved runs after warm-up, onnxruntime 1 intra-op thread, output / "
+        "Verdicts: meets bar (written, ≥ 1.01× smaller, meets the bar on the evaluation set), "
+        "no-op (meets the bar, not smaller), BELOW BAR (written and runs, misses the bar), "
+        "crashed (the tool raised: nothing written), refused by onnxruntime (written, onnxruntime "
+        "will not load it), fails in onnxruntime (loads, errors when run), gate failed / refused "
+        "(onnxcompress exit 3 / 2). Every model comes from a PyPI wheel; calibration and "
+        "evaluation inputs are disjoint real inputs (the CLI's `--data` file and every "
+        "calibrating peer get the SAME calibration set). Metrics compare the written model's task "
+        "outputs with the ORIGINAL model's on the evaluation set; logit_cosine (softmax "
+        f"classifiers: centred log-probabilities, pooled) must also reach {COSINE_BAR} there. × = "
+        "original bytes / output bytes (external data counted). Latency = batch-1 median of "
+        f"{report['rounds']} interleaved runs after warm-up, onnxruntime 1 intra-op thread, output "
+        "/ "
         f'original ("no slower" allows {LATENCY_TOLERANCE}). s = wall time of the subprocess that '
-        "wrote the model (interpreter start and imports included); s (call) = the peer's own call only. Peers run with their defaults, "
-        "without `quant_pre_process`; nncf.quantize uses model_type=TRANSFORMER on the encoder; NNCF, which "
-        f"refuses opsets below {NNCF_OPSET}, gets the model upgraded by onnx.version_converter (noted in "
+        "wrote the model (interpreter start and imports included); s (call) = the peer's own call "
+        "only. Peers run with their defaults, "
+        "without `quant_pre_process`; nncf.quantize uses model_type=TRANSFORMER on the encoder; "
+        "NNCF, which "
+        f"refuses opsets below {NNCF_OPSET}, gets the model upgraded by onnx.version_converter "
+        "(noted in "
         "the row). The last column holds such notes and a failing run's one-line error.",
         "",
         *(summary(c["name"], report["rows"]) + "  " for c in report["cases"]),
         "",
-        "| model | method | verdict | × | task metrics (vs original) | latency × | s | s (call) | exit | notes / error |",
+        "| model | method | verdict | × | task metrics (vs original) | latency × | s | s (call) | "
+        "exit | notes / error |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for row in report["rows"]:
@@ -572,7 +579,9 @@ def markdown(report: dict) -> str:
         error = "; ".join(filter(None, [row["notes"], row["error"]])).replace("|", "\\|")
         lines.append(
             f"| {row['case']} | {METHODS[row['method']][0]} | **{row['verdict']}** | {ratio} | "
-            f"{fmt_metrics(row['metrics'])} | {latency} | {row['seconds']} | {'' if row['call_seconds'] is None else row['call_seconds']} | {exit_code} | {error} |"
+            f"{fmt_metrics(row['metrics'])} | {latency} | {row['seconds']} | "
+            f"{'' if row['call_seconds'] is None else row['call_seconds']} | {exit_code} | {error} "
+            "|"
         )
     lines += [
         "",
@@ -586,8 +595,8 @@ def markdown(report: dict) -> str:
         if COSINE_KIND.get(c["name"]) == "logprob":
             bar += f", logit_cosine ≥ {COSINE_BAR}"
         lines.append(
-            f"| {c['name']} | {c['package']} | {c['file']} | {c['bytes'] / 1e6:.2f} MB | {c['kind']} | "
-            f"{c['calibration']} | {c['evaluation']} | {bar} |"
+            f"| {c['name']} | {c['package']} | {c['file']} | {c['bytes'] / 1e6:.2f} MB | "
+            f"{c['kind']} | {c['calibration']} | {c['evaluation']} | {bar} |"
         )
     if report["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items())]

@@ -65,7 +65,11 @@ class MLP(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 10)
+        self.fc1, self.fc2, self.fc3 = (
+            nn.Linear(64, 1024),
+            nn.Linear(1024, 1024),
+            nn.Linear(1024, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
@@ -134,29 +138,59 @@ def latency(models: dict[str, bytes], x: np.ndarray, batch: int) -> dict[str, fl
 
 
 def structured(name: str, model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, Any]:
-    x_train, y_train, x_test, y_test = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    x_train, y_train, x_test, y_test = (
+        data["x_train"],
+        data["y_train"],
+        data["x_test"],
+        data["y_test"],
+    )
     train_data = {"x": x_train, "labels": y_train}
     started = time.perf_counter()
-    pruned = run_steps(model, [Step(pass_name="prune.structured", options={"ratio": 0.5},
-                                    gate=Gate(min_cosine=None))], data=train_data, probe_count=64).model
+    pruned = run_steps(
+        model,
+        [Step(pass_name="prune.structured", options={"ratio": 0.5}, gate=Gate(min_cosine=None))],
+        data=train_data,
+        probe_count=64,
+    ).model
     prune_seconds = time.perf_counter() - started
     plan = [g for g in (pruned_plan(model))]
     started = time.perf_counter()
-    finetuned = run_steps(pruned, [Step(pass_name="finetune",
-                                        options={"epochs": 8, "lr": 0.005, "l2": 1e-4, "batch_size": 64,
-                                                 "optimizer": "sgd", "lr_schedule": "constant"},
-                                        gate=Gate(min_cosine=None))], data=train_data, probe_count=64).model
+    finetuned = run_steps(
+        pruned,
+        [
+            Step(
+                pass_name="finetune",
+                options={
+                    "epochs": 8,
+                    "lr": 0.005,
+                    "l2": 1e-4,
+                    "batch_size": 64,
+                    "optimizer": "sgd",
+                    "lr_schedule": "constant",
+                },
+                gate=Gate(min_cosine=None),
+            )
+        ],
+        data=train_data,
+        probe_count=64,
+    ).model
     finetune_seconds = time.perf_counter() - started
-    blobs = {"original": serialise(model), "pruned": serialise(pruned), "finetuned": serialise(finetuned)}
+    blobs = {
+        "original": serialise(model),
+        "pruned": serialise(pruned),
+        "finetuned": serialise(finetuned),
+    }
     timing = {}
     for batch in (1, 32):
         repeats = [latency(blobs, x_test, batch) for _ in range(REPEATS)]
         ms = {k: statistics.median(r[k] for r in repeats) for k in blobs}
         speedups = sorted(r["original"] / r["finetuned"] for r in repeats)
-        timing[f"batch{batch}"] = {**{f"{k}_ms": round(v, 4) for k, v in ms.items()},
-                                   "speedup": round(statistics.median(speedups), 3),
-                                   "speedup_repeats": [round(v, 3) for v in speedups],
-                                   "speedup_before_finetune": round(ms["original"] / ms["pruned"], 3)}
+        timing[f"batch{batch}"] = {
+            **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
+            "speedup": round(statistics.median(speedups), 3),
+            "speedup_repeats": [round(v, 3) for v in speedups],
+            "speedup_before_finetune": round(ms["original"] / ms["pruned"], 3),
+        }
     return {
         "model": name,
         "weights_before": weight_count(model),
@@ -198,7 +232,9 @@ def uniform_best(model: ir.Model, x: np.ndarray, y: np.ndarray | None, budget: B
     return best
 
 
-def measure(model: ir.Model, options: dict[str, Any], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def measure(
+    model: ir.Model, options: dict[str, Any], x: np.ndarray, y: np.ndarray
+) -> dict[str, float]:
     candidate = model.clone()
     MagnitudePrunePass(**options)(candidate)
     sites = find_weight_sites(candidate).sites
@@ -208,13 +244,17 @@ def measure(model: ir.Model, options: dict[str, Any], x: np.ndarray, y: np.ndarr
             "test_accuracy": round(float(np.mean(outputs.argmax(1) == y)), 4)}
 
 
-def chosen_vs_uniform(name: str, model: ir.Model, data: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+def chosen_vs_uniform(
+    name: str, model: ir.Model, data: dict[str, np.ndarray]
+) -> list[dict[str, Any]]:
     rows = []
     calib_x, calib_y = data["x_train"][:512], data["y_train"][:512]
     # cosine only, on both sides: `uniform_best` holds the uniform rate to the same single number
     cosine_only = Budget(min_cosine=0.99, min_rank_correlation=None, min_top1=None)
-    for budget_name, budget, labels in (("cosine >= 0.99", cosine_only, None),
-                                        ("accuracy drop <= 0.5 pt", Budget(max_accuracy_drop=0.005), calib_y)):
+    for budget_name, budget, labels in (
+        ("cosine >= 0.99", cosine_only, None),
+        ("accuracy drop <= 0.5 pt", Budget(max_accuracy_drop=0.005), calib_y),
+    ):
         calib = {"x": calib_x} if labels is None else {"x": calib_x, "labels": labels}
         started = time.perf_counter()
         result = sensitivity(model, data=calib, ratios=RATIOS, budget=budget, probes=len(calib_x))
@@ -222,15 +262,23 @@ def chosen_vs_uniform(name: str, model: ir.Model, data: dict[str, np.ndarray]) -
         uniform = uniform_best(model, calib_x, labels, budget)
         chosen = measure(model, result.plan()["options"], data["x_test"], data["y_test"])
         flat = measure(model, {"sparsity": uniform}, data["x_test"], data["y_test"])
-        rows.append({
-            "model": name, "budget": budget_name, "total_weights": result.total_params,
-            "sensitivity_rates": {c.name: c.chosen for c in result.curves},
-            "sensitivity_removed": chosen["zeros"], "sensitivity_calibration_value": round(result.joint_value, 5),
-            "sensitivity_test_cosine": chosen["test_cosine"], "sensitivity_test_accuracy": chosen["test_accuracy"],
-            "uniform_rate": uniform, "uniform_removed": flat["zeros"],
-            "uniform_test_cosine": flat["test_cosine"], "uniform_test_accuracy": flat["test_accuracy"],
-            "analysis_seconds": round(seconds, 2),
-        })
+        rows.append(
+            {
+                "model": name,
+                "budget": budget_name,
+                "total_weights": result.total_params,
+                "sensitivity_rates": {c.name: c.chosen for c in result.curves},
+                "sensitivity_removed": chosen["zeros"],
+                "sensitivity_calibration_value": round(result.joint_value, 5),
+                "sensitivity_test_cosine": chosen["test_cosine"],
+                "sensitivity_test_accuracy": chosen["test_accuracy"],
+                "uniform_rate": uniform,
+                "uniform_removed": flat["zeros"],
+                "uniform_test_cosine": flat["test_cosine"],
+                "uniform_test_accuracy": flat["test_accuracy"],
+                "analysis_seconds": round(seconds, 2),
+            }
+        )
     return rows
 
 
@@ -257,46 +305,58 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Structured pruning and sensitivity-chosen rates (digits, models trained here)",
         "",
-        f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['platform']}), shared with other jobs; "
-        "onnxruntime with 1 intra-op thread; original and pruned timed interleaved in one run, median of rounds.",
+        f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['platform']}), shared with "
+        "other jobs; onnxruntime with 1 intra-op thread; original and pruned timed interleaved in "
+        "one run, median of rounds.",
         "Command: `.venv/bin/python benchmarks/prune_structured.py`.",
         "",
-        "## prune.structured, ratio 0.5 (L1), then `finetune` (8 epochs, lr 0.005, L2 1e-4, zeros held)",
+        "## prune.structured, ratio 0.5 (L1), then `finetune` (8 epochs, lr 0.005, L2 1e-4, zeros "
+        "held)",
         "",
-        "Latency of the shipped (pruned + fine-tuned) model: median ms over 3 interleaved measurements; "
-        "speedup = their median (range in brackets). The JSON also has the pruned model before fine-tuning.",
+        "Latency of the shipped (pruned + fine-tuned) model: median ms over 3 interleaved "
+        "measurements; speedup = their median (range in brackets). The JSON also has the pruned "
+        "model before fine-tuning.",
         "",
-        "| model | weights before → after | acc. original | acc. pruned | acc. fine-tuned | batch 1 ms (orig → pruned) | speedup | batch 32 ms (orig → pruned) | speedup |",
+        "| model | weights before → after | acc. original | acc. pruned | acc. fine-tuned | batch "
+        "1 ms (orig → pruned) | speedup | batch 32 ms (orig → pruned) | speedup |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["structured"]:
         b1, b32 = row["latency"]["batch1"], row["latency"]["batch32"]
         lines.append(
             f"| {row['model']} | {row['weights_before']:,} → {row['weights_after']:,} | "
-            f"{row['accuracy_original']:.4f} | {row['accuracy_pruned']:.4f} | {row['accuracy_finetuned']:.4f} | "
-            f"{b1['original_ms']:.4f} → {b1['finetuned_ms']:.4f} | {b1['speedup']:.2f}× ({_span(b1)}) | "
-            f"{b32['original_ms']:.4f} → {b32['finetuned_ms']:.4f} | {b32['speedup']:.2f}× ({_span(b32)}) |"
+            f"{row['accuracy_original']:.4f} | {row['accuracy_pruned']:.4f} | "
+            f"{row['accuracy_finetuned']:.4f} | {b1['original_ms']:.4f} → {b1['finetuned_ms']:.4f} "
+            f"| {b1['speedup']:.2f}× ({_span(b1)}) | {b32['original_ms']:.4f} → "
+            f"{b32['finetuned_ms']:.4f} | {b32['speedup']:.2f}× ({_span(b32)}) |"
         )
     lines += ["", "Channel groups (kept / channels):", ""]
     for row in result["structured"]:
-        groups = ", ".join(f"{g['group']}: {g['kept']}/{g['channels']}" + (f" (skipped: {g['skip']})" if g["skip"] else "")
-                           for g in row["groups"])
+        groups = ", ".join(
+            f"{g['group']}: {g['kept']}/{g['channels']}"
+            + (f" (skipped: {g['skip']})" if g["skip"] else "")
+            for g in row["groups"]
+        )
         lines.append(f"* {row['model']}: {groups}")
     lines += [
         "",
         "## Sensitivity-chosen vs uniform rates (prune.magnitude), same budget",
         "",
-        "Both chosen on 512 calibration samples (training split) from the grid 0.05…0.95; measured on the test split.",
+        "Both chosen on 512 calibration samples (training split) from the grid 0.05…0.95; measured "
+        "on the test split.",
         "",
-        "| model | budget | weights | sensitivity: removed | test cosine | test acc. | uniform: rate | removed | test cosine | test acc. | removed ratio |",
+        "| model | budget | weights | sensitivity: removed | test cosine | test acc. | uniform: "
+        "rate | removed | test cosine | test acc. | removed ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["sensitivity"]:
         gain = row["sensitivity_removed"] / max(row["uniform_removed"], 1)
         lines.append(
-            f"| {row['model']} | {row['budget']} | {row['total_weights']:,} | {row['sensitivity_removed']:,} | "
-            f"{row['sensitivity_test_cosine']:.4f} | {row['sensitivity_test_accuracy']:.4f} | {row['uniform_rate']:.2f} | "
-            f"{row['uniform_removed']:,} | {row['uniform_test_cosine']:.4f} | {row['uniform_test_accuracy']:.4f} | {gain:.2f}× |"
+            f"| {row['model']} | {row['budget']} | {row['total_weights']:,} | "
+            f"{row['sensitivity_removed']:,} | {row['sensitivity_test_cosine']:.4f} | "
+            f"{row['sensitivity_test_accuracy']:.4f} | {row['uniform_rate']:.2f} | "
+            f"{row['uniform_removed']:,} | {row['uniform_test_cosine']:.4f} | "
+            f"{row['uniform_test_accuracy']:.4f} | {gain:.2f}× |"
         )
     lines += ["", "Per-layer rates chosen:", ""]
     for row in result["sensitivity"]:
@@ -308,12 +368,22 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     x_train, y_train, x_test, y_test = load_digits_split(seed=SEED)
-    data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
-            "x_train_images": x_train.reshape(-1, 1, 8, 8), "x_test_images": x_test.reshape(-1, 1, 8, 8)}
+    data = {
+        "x_train": x_train,
+        "y_train": y_train,
+        "x_test": x_test,
+        "y_test": y_test,
+        "x_train_images": x_train.reshape(-1, 1, 8, 8),
+        "x_test_images": x_test.reshape(-1, 1, 8, 8),
+    }
     models = trained_models(data)
     result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average": os.getloadavg(),
+        },
         "data": "sklearn digits 8x8, stratified split (1347 train / 450 test), seed 0",
         "structured": [],
         "sensitivity": [],
@@ -323,7 +393,10 @@ def main() -> None:
         view = {"x_train": data[f"x_train{suffix}"], "y_train": y_train,
                 "x_test": data[f"x_test{suffix}"], "y_test": y_test}
         result["structured"].append(structured(name, model, view))
-        print(json.dumps(result["structured"][-1]["latency"]), result["structured"][-1]["accuracy_finetuned"])
+        print(
+            json.dumps(result["structured"][-1]["latency"]),
+            result["structured"][-1]["accuracy_finetuned"],
+        )
         result["sensitivity"] += chosen_vs_uniform(name, model, view)
         print(json.dumps(result["sensitivity"][-2:], indent=1))
     RESULTS.mkdir(exist_ok=True)

@@ -84,7 +84,10 @@ def networks(dataset: str) -> list[tuple[str, nn.Module, tuple[np.ndarray, ...]]
     from benchmarks.data import load_digits_split
 
     out = []
-    for name, module_class, images in (("digits-mlp", DigitsMLP, False), ("digits-cnn", DigitsCNN, True)):
+    for name, module_class, images in (
+        ("digits-mlp", DigitsMLP, False),
+        ("digits-cnn", DigitsCNN, True),
+    ):
         torch.manual_seed(0)
         module = module_class()
         split = load_digits_split(images=images)
@@ -97,7 +100,9 @@ def _predict(model: ir.Model, x: np.ndarray) -> np.ndarray:
     proto = ir.to_proto(model)
     session = runtime.session(proto.SerializeToString())
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i : i + 1000]})[0] for i in range(0, len(x), 1000)])
+    return np.concatenate(
+        [session.run(None, {name: x[i : i + 1000]})[0] for i in range(0, len(x), 1000)]
+    )
 
 
 def _dense_weights(model: ir.Model) -> dict[str, np.ndarray]:
@@ -107,7 +112,9 @@ def _dense_weights(model: ir.Model) -> dict[str, np.ndarray]:
     return weights
 
 
-def _reconstruction_error(original: ir.Model, compressed: ir.Model, calibration: dict[str, np.ndarray]) -> float:
+def _reconstruction_error(
+    original: ir.Model, compressed: ir.Model, calibration: dict[str, np.ndarray]
+) -> float:
     """Sum over layers of tr(D H D^T), H from the original model's layer inputs."""
     sites = [s for s in find_weight_sites(original, min_params=0).sites
              if layers.calibration_reason(s, original) is None]
@@ -116,7 +123,9 @@ def _reconstruction_error(original: ir.Model, compressed: ir.Model, calibration:
     total = 0.0
     for site in sites:
         before = layers.matrix_form(site, site.array())
-        total += layers.layer_error(before, layers.matrix_form(site, after[site.name]), stats[site.name])
+        total += layers.layer_error(
+            before, layers.matrix_form(site, after[site.name]), stats[site.name]
+        )
     return total
 
 
@@ -127,11 +136,17 @@ def _magnitude_n_m(model: ir.Model, n: int, m: int) -> ir.Model:
         weights = site.array()
         matrix = layers.matrix_form(site, weights)
         if matrix.shape[1] % m == 0:
-            site.replace(layers.from_matrix_form(site, magnitude_prune(matrix, prunen=n, prunem=m), weights.dtype))
+            site.replace(
+                layers.from_matrix_form(
+                    site, magnitude_prune(matrix, prunen=n, prunem=m), weights.dtype
+                )
+            )
     return copy
 
 
-def _run(model: ir.Model, name: str, options: dict, data: dict[str, np.ndarray]) -> tuple[ir.Model, float]:
+def _run(
+    model: ir.Model, name: str, options: dict, data: dict[str, np.ndarray]
+) -> tuple[ir.Model, float]:
     copy = model.clone()
     if name == "magnitude 2:4":
         return _magnitude_n_m(copy, 2, 4), 0.0
@@ -144,7 +159,9 @@ def _run(model: ir.Model, name: str, options: dict, data: dict[str, np.ndarray])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
-    parser.add_argument("--calibration", type=int, default=256, help="calibration samples (training set)")
+    parser.add_argument(
+        "--calibration", type=int, default=256, help="calibration samples (training set)"
+    )
     args = parser.parse_args()
     rows = []
     for network, module, (x_train, _y_train, x_test, y_test) in networks(args.dataset):
@@ -162,18 +179,34 @@ def main() -> None:
             ("prune 2:4", "magnitude 2:4", {}),
             ("prune 2:4", "prune.obs", {"n_m": "2:4", "probes": args.calibration}),
             ("codebook 3 bits", "codebook.kmeans", {"bits": 3, "min_params": 0}),
-            ("codebook 3 bits", "codebook.gptq", {"bits": 3, "min_params": 0, "refine": False,
-                                                  "probes": args.calibration}),
-            ("codebook 3 bits", "codebook.gptq", {"bits": 3, "min_params": 0, "probes": args.calibration}),
+            (
+                "codebook 3 bits",
+                "codebook.gptq",
+                {"bits": 3, "min_params": 0, "refine": False, "probes": args.calibration},
+            ),
+            (
+                "codebook 3 bits",
+                "codebook.gptq",
+                {"bits": 3, "min_params": 0, "probes": args.calibration},
+            ),
             ("codebook 4 bits", "codebook.kmeans", {"bits": 4, "min_params": 0}),
-            ("codebook 4 bits", "codebook.gptq", {"bits": 4, "min_params": 0, "refine": False,
-                                                  "probes": args.calibration}),
-            ("codebook 4 bits", "codebook.gptq", {"bits": 4, "min_params": 0, "probes": args.calibration}),
+            (
+                "codebook 4 bits",
+                "codebook.gptq",
+                {"bits": 4, "min_params": 0, "refine": False, "probes": args.calibration},
+            ),
+            (
+                "codebook 4 bits",
+                "codebook.gptq",
+                {"bits": 4, "min_params": 0, "probes": args.calibration},
+            ),
         ]
         for setting, pass_name, options in experiments:
             compressed, seconds = _run(model, pass_name, options, calibration)
             output = _predict(compressed, x_test)
-            label = pass_name + ("" if options.get("refine", True) or "gptq" not in pass_name else " (no refit)")
+            label = pass_name + (
+                "" if options.get("refine", True) or "gptq" not in pass_name else " (no refit)"
+            )
             row = {
                 "network": network,
                 "setting": setting,
@@ -181,21 +214,35 @@ def main() -> None:
                 "layer_error": _reconstruction_error(model, compressed, calibration),
                 "accuracy": float(np.mean(output.argmax(1) == y_test)),
                 "dense_accuracy": base_accuracy,
-                "logit_error": float(np.linalg.norm(output - reference) / np.linalg.norm(reference)),
+                "logit_error": float(
+                    np.linalg.norm(output - reference) / np.linalg.norm(reference)
+                ),
                 "seconds": seconds,
             }
             rows.append(row)
-            print(f"  {setting:16s} {label:28s} error {row['layer_error']:10.4g}  accuracy {row['accuracy']:.4f}  "
-                  f"logit error {row['logit_error']:.4f}  ({seconds:.1f} s)", flush=True)
+            print(
+                f"  {setting:16s} {label:28s} error {row['layer_error']:10.4g}  accuracy "
+                f"{row['accuracy']:.4f}  logit error {row['logit_error']:.4f}  ({seconds:.1f} s)",
+                flush=True,
+            )
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"reconstruct_layer_{args.dataset}"
     command = shlex.join([".venv/bin/python", "benchmarks/reconstruct_layer.py", *sys.argv[1:]])
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    lines = [f"`{command}` (calibration: first {args.calibration} training samples; no fine-tuning)", "",
-             "| network | setting | method | layer error tr(DHD^T) | test accuracy | dense | logit error |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['network']} | {r['setting']} | {r['method']} | {r['layer_error']:.4g} | {r['accuracy']:.4f} "
-              f"| {r['dense_accuracy']:.4f} | {r['logit_error']:.4f} |" for r in rows]
+    stem.with_suffix(".json").write_text(
+        json.dumps({"command": command, "rows": rows}, indent=2) + "\n"
+    )
+    lines = [
+        f"`{command}` (calibration: first {args.calibration} training samples; no fine-tuning)",
+        "",
+        "| network | setting | method | layer error tr(DHD^T) | test accuracy | dense | logit "
+        "error |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['network']} | {r['setting']} | {r['method']} | {r['layer_error']:.4g} | "
+        f"{r['accuracy']:.4f} | {r['dense_accuracy']:.4f} | {r['logit_error']:.4f} |"
+        for r in rows
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(stem.with_suffix(".md").read_text())
 

@@ -52,7 +52,9 @@ def load() -> dict[str, float]:
     return {"load_1min": round(one, 2), "load_5min": round(five, 2)}
 
 
-def sweep(model: Any, executor: Executor, ratios: tuple[float, ...], probes: int) -> tuple[float, list[Any]]:
+def sweep(
+    model: Any, executor: Executor, ratios: tuple[float, ...], probes: int
+) -> tuple[float, list[Any]]:
     started = time.perf_counter()
     _, curves = analyse(model, ratios=ratios, probes=probes, executor=executor)
     return time.perf_counter() - started, [(c.name, c.values) for c in curves]
@@ -68,7 +70,9 @@ def setup_seconds(model: Any, probes: int) -> tuple[float, int]:
     return time.perf_counter() - started, len(payload)
 
 
-def measure(name: str, model: Any, params: int, ratios: tuple[float, ...], probes: int) -> dict[str, Any]:
+def measure(
+    name: str, model: Any, params: int, ratios: tuple[float, ...], probes: int
+) -> dict[str, Any]:
     from onnxcompress.parallel.ray_cluster import RayExecutor
 
     setup, payload = setup_seconds(model, probes)
@@ -85,13 +89,27 @@ def measure(name: str, model: Any, params: int, ratios: tuple[float, ...], probe
             moved = getattr(executor, "payload_bytes", 0)
         tables.append(table)
         evaluations = sum(len(values) for _, values in table)
-        runs[label] = {"seconds": round(seconds, 2), "startup_seconds": round(startup, 2),
-                       "evaluations": evaluations, "seconds_per_evaluation": round(seconds / evaluations, 3),
-                       "object_store_bytes": moved, **before, "load_after": load()["load_1min"]}
+        runs[label] = {
+            "seconds": round(seconds, 2),
+            "startup_seconds": round(startup, 2),
+            "evaluations": evaluations,
+            "seconds_per_evaluation": round(seconds / evaluations, 3),
+            "object_store_bytes": moved,
+            **before,
+            "load_after": load()["load_1min"],
+        }
         print(f"{name}: {label}: {runs[label]}", flush=True)
     assert all(t == tables[0] for t in tables), "the executors gave different tables"
-    return {"params": params, "layers": len(tables[0]), "ratios": list(ratios), "probes": probes,
-            "payload_bytes": payload, "worker_setup_seconds": round(setup, 2), "same_table": True, "runs": runs}
+    return {
+        "params": params,
+        "layers": len(tables[0]),
+        "ratios": list(ratios),
+        "probes": probes,
+        "payload_bytes": payload,
+        "worker_setup_seconds": round(setup, 2),
+        "same_table": True,
+        "runs": runs,
+    }
 
 
 def estimate(result: dict[str, Any], ratios: int = 10) -> list[dict[str, float]]:
@@ -103,29 +121,48 @@ def estimate(result: dict[str, Any], ratios: int = 10) -> list[dict[str, float]]
         workers = machines * CORES_PER_MACHINE
         seconds = result["payload_bytes"] / BANDWIDTH + result["worker_setup_seconds"] + math.ceil(
             evaluations / workers) * t_eval
-        rows.append({"machines": machines, "evaluations": evaluations, "seconds": round(seconds, 1)})
+        rows.append(
+            {"machines": machines, "evaluations": evaluations, "seconds": round(seconds, 1)}
+        )
     return rows
 
 
 def report(results: dict[str, Any]) -> str:
-    lines = ["# Sensitivity sweeps: local vs Ray", "",
-             f"Machine: {os.cpu_count()} CPUs shared with 5 other engineers' jobs (load averages per row), "
-             f"{platform.platform()}. Command: `.venv/bin/python benchmarks/sensitivity_ray.py`. "
-             "Cache off; every executor gave the same table, to the bit.", ""]
+    lines = [
+        "# Sensitivity sweeps: local vs Ray",
+        "",
+        f"Machine: {os.cpu_count()} CPUs shared with 5 other engineers' jobs (load averages per "
+        f"row), {platform.platform()}. Command: `.venv/bin/python benchmarks/sensitivity_ray.py`. "
+        "Cache off; every executor gave the same table, to the bit.",
+        "",
+    ]
     for name, result in results["models"].items():
-        lines += [f"## {name}: {result['params'] / 1e6:.1f} M parameters, {result['layers']} layers, "
-                  f"ratios {result['ratios']}, {result['probes']} probes", "",
-                  f"Payload (model bytes + probes, put once in the object store): "
-                  f"{result['payload_bytes'] / 2**20:.1f} MiB; one worker's setup from it: "
-                  f"{result['worker_setup_seconds']} s.", "",
-                  "| executor | wall s | startup s | evaluations | s / evaluation | load 1 min before | after |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {name}: {result['params'] / 1e6:.1f} M parameters, {result['layers']} layers, "
+            f"ratios {result['ratios']}, {result['probes']} probes",
+            "",
+            f"Payload (model bytes + probes, put once in the object store): "
+            f"{result['payload_bytes'] / 2**20:.1f} MiB; one worker's setup from it: "
+            f"{result['worker_setup_seconds']} s.",
+            "",
+            "| executor | wall s | startup s | evaluations | s / evaluation | load 1 min before | "
+            "after |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for label, run in result["runs"].items():
-            lines.append(f"| {label} | {run['seconds']} | {run['startup_seconds']} | {run['evaluations']} | "
-                         f"{run['seconds_per_evaluation']} | {run['load_1min']} | {run['load_after']} |")
-        lines += ["", f"Expected for the full sweep (10 ratios per layer) on N machines of {CORES_PER_MACHINE} "
-                  "cores, from the 1-process cost per evaluation, the setup and the payload over 10 Gb/s:", "",
-                  "| machines | evaluations | expected s |", "|---:|---:|---:|"]
+            lines.append(
+                f"| {label} | {run['seconds']} | {run['startup_seconds']} | {run['evaluations']} | "
+                f"{run['seconds_per_evaluation']} | {run['load_1min']} | {run['load_after']} |"
+            )
+        lines += [
+            "",
+            "Expected for the full sweep (10 ratios per layer) on N machines of "
+            f"{CORES_PER_MACHINE} cores, from the 1-process cost per evaluation, the setup and the "
+            "payload over 10 Gb/s:",
+            "",
+            "| machines | evaluations | expected s |",
+            "|---:|---:|---:|",
+        ]
         for row in result["estimate"]:
             lines.append(f"| {row['machines']} | {row['evaluations']} | {row['seconds']} |")
         lines.append("")
@@ -143,15 +180,21 @@ def main() -> None:
         params = sum(int(v.const_value.size) for v in model.graph.initializers.values()
                      if v.const_value is not None)
         ratios = (0.5,) if quick else (0.3, 0.6, 0.9)
-        results["models"]["paraphrase-MiniLM-L3-v2 (real)"] = measure("minilm", model, params, ratios, probes=8)
+        results["models"]["paraphrase-MiniLM-L3-v2 (real)"] = measure(
+            "minilm", model, params, ratios, probes=8
+        )
     else:
-        print(f"{MINILM} not cached: run `python -m benchmarks.real.fetch` for the real model", flush=True)
+        print(
+            f"{MINILM} not cached: run `python -m benchmarks.real.fetch` for the real model",
+            flush=True,
+        )
     if not quick:
         with tempfile.TemporaryDirectory(prefix="onnxcompress-bench-") as folder:
             path, data_bytes = build(Path(folder))
             model = io.load(path)
-            results["models"]["mlp-100M (generated)"] = measure("mlp-100M", model, data_bytes // 4, (0.5, 0.9),
-                                                                 probes=16)
+            results["models"]["mlp-100M (generated)"] = measure(
+                "mlp-100M", model, data_bytes // 4, (0.5, 0.9), probes=16
+            )
     for result in results["models"].values():
         result["estimate"] = estimate(result)
     RESULTS.mkdir(exist_ok=True)

@@ -139,7 +139,9 @@ def interleaved_latency(
     for model in models:
         with io.serialized(model) as model_file:
             sessions.append(runtime.session(model_file, threads=threads))
-    return [seconds * 1e3 for seconds in interleaved_medians(sessions, inputs, repeats=runs, warmup=3)]
+    return [
+        seconds * 1e3 for seconds in interleaved_medians(sessions, inputs, repeats=runs, warmup=3)
+    ]
 
 
 def _outputs(model: ir.Model, samples: Mapping[str, np.ndarray], path: Path,

@@ -90,17 +90,23 @@ def _check_external_data(model: ir.Model, folder: Path) -> None:
         location = str(tensor.location)
         where = f"tensor {tensor.name!r}: external data location {location!r}"
         if os.path.isabs(location) or Path(location).is_absolute():
-            raise UnsafeExternalDataError(f"{where} is absolute; it must be relative to the model's folder")
+            raise UnsafeExternalDataError(
+                f"{where} is absolute; it must be relative to the model's folder"
+            )
         if ".." in Path(location).parts:
             raise UnsafeExternalDataError(f"{where} climbs out of the model's folder ('..')")
         resolved = (root / location).resolve()
         if not resolved.is_relative_to(root):
-            raise UnsafeExternalDataError(f"{where} resolves outside the model's folder (to {resolved})")
+            raise UnsafeExternalDataError(
+                f"{where} resolves outside the model's folder (to {resolved})"
+            )
         if not resolved.is_file():
             raise ModelLoadError(f"{where} does not exist next to the model")
         end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
         if end > resolved.stat().st_size:
-            raise ModelLoadError(f"{where} is truncated (needs {end} bytes, file has {resolved.stat().st_size})")
+            raise ModelLoadError(
+                f"{where} is truncated (needs {end} bytes, file has {resolved.stat().st_size})"
+            )
 
 
 def _check_defined(model: ir.Model) -> None:
@@ -125,9 +131,13 @@ def _embed_attribute_tensors(model: ir.Model) -> None:
     for graph in [g for root in roots for g in iter_graphs(root)]:
         for node in graph:
             for key, attr in list(node.attributes.items()):
-                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.as_tensor(), ir.ExternalTensor):
+                if attr.type == ir.AttributeType.TENSOR and isinstance(
+                    attr.as_tensor(), ir.ExternalTensor
+                ):
                     tensor = attr.as_tensor()
-                    node.attributes[key] = ir.AttrTensor(key, ir.tensor(tensor.numpy(), name=tensor.name))
+                    node.attributes[key] = ir.AttrTensor(
+                        key, ir.tensor(tensor.numpy(), name=tensor.name)
+                    )
                 elif attr.type == ir.AttributeType.TENSORS and any(
                     isinstance(t, ir.ExternalTensor) for t in attr.as_tensors()
                 ):
@@ -178,7 +188,9 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     return model
 
 
-def ir_version_for(opset: int, *, functions: bool = False, dtypes: Iterable[ir.DataType] = ()) -> int:
+def ir_version_for(
+    opset: int, *, functions: bool = False, dtypes: Iterable[ir.DataType] = ()
+) -> int:
     """The one IR-version rule: the lowest IR version that default-domain `opset`, model-local
     `functions` and tensors of `dtypes` allow (every model and layer model we write uses it).
 
@@ -238,7 +250,9 @@ def in_memory(model: ir.Model) -> ir.Model:
 
 def protected(model: ir.Model) -> dict[Path, str]:
     """The files no write may replace: the input model and every data file it maps."""
-    files = {Path(p): "a data file the loaded model still reads" for p in model.meta.get(READS_KEY, ())}
+    files = {
+        Path(p): "a data file the loaded model still reads" for p in model.meta.get(READS_KEY, ())
+    }
     files.update((p, "a data file the loaded model still reads") for p in _mapped_files(model))
     source = model.meta.get(SOURCE_KEY)
     if source is not None:
@@ -248,7 +262,11 @@ def protected(model: ir.Model) -> dict[Path, str]:
 
 def uses_external_data(model: ir.Model, external_data: bool | None) -> bool:
     """`external_data=None` chooses external data only above `EXTERNAL_DATA_THRESHOLD` bytes."""
-    return external_data if external_data is not None else _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    return (
+        external_data
+        if external_data is not None
+        else _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    )
 
 
 def data_path(path: Path) -> Path:
@@ -294,7 +312,8 @@ def stage_model(staged: writer.Batch, model: ir.Model, path: Path, options: Save
         ir.save(in_memory(model), staged_model)  # embedded: the file must stand alone
     else:
         ir.save(model, staged_model, external_data=data.name, size_threshold_bytes=1024)
-        if not staged_data.is_file() or not staged_data.stat().st_size:  # every tensor under the threshold
+        # every tensor under the threshold
+        if not staged_data.is_file() or not staged_data.stat().st_size:
             staged.drop(data)
     return path
 

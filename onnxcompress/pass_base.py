@@ -378,8 +378,16 @@ def describe(cls: type[CompressionPass]) -> list[tuple[str, str, str]]:
     """(field, type and default, description) for each config field of a pass."""
     rows = []
     for field_name, field in cls.Config.model_fields.items():
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        default = (
+            "required"
+            if field.is_required()
+            else repr(field.get_default(call_default_factory=True))
+        )
         annotation = str(field.annotation).replace("typing.", "")
-        annotation = getattr(field.annotation, "__name__", annotation) if "[" not in annotation else annotation
+        annotation = (
+            getattr(field.annotation, "__name__", annotation)
+            if "[" not in annotation
+            else annotation
+        )
         rows.append((field_name, f"{annotation} = {default}", field.description or ""))
     return rows

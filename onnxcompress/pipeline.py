@@ -53,14 +53,21 @@ class Step(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    pass_name: str = pydantic.Field(alias="pass", description="Registered pass name, e.g. prune.magnitude.")
+    pass_name: str = pydantic.Field(
+        alias="pass", description="Registered pass name, e.g. prune.magnitude."
+    )
     options: dict[str, Any] = pydantic.Field(default_factory=dict, description="The pass's config.")
-    gate: fidelity.Gate = pydantic.Field(default_factory=fidelity.Gate, description="Fidelity thresholds.")
+    gate: fidelity.Gate = pydantic.Field(
+        default_factory=fidelity.Gate, description="Fidelity thresholds."
+    )
     on_fail: Literal["stop", "rollback"] = pydantic.Field(
-        "stop", description="stop: fail with nothing written; rollback: undo this step and continue."
+        "stop",
+        description="stop: fail with nothing written; rollback: undo this step and continue.",
     )
     with_previous: bool = pydantic.Field(
-        False, description="One round with the step before (prune, then fine-tune): a rollback undoes both."
+        False,
+        description="One round with the step before (prune, then fine-tune): a rollback undoes "
+        "both.",
     )
 
 
@@ -88,7 +95,11 @@ class StepResult:
         if self.failures:
             return [f.split()[0] for f in self.failures]
         gate = self.step.gate.model_dump()
-        return [name.removeprefix("min_").removeprefix("max_") for name, bound in gate.items() if bound is not None]
+        return [
+            name.removeprefix("min_").removeprefix("max_")
+            for name, bound in gate.items()
+            if bound is not None
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,7 +122,8 @@ class PipelineResult:
     before: dict[str, int]
     after: dict[str, int]
     final_metrics: fidelity.Metrics | None
-    probes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # what every gate was fed
+    # what every gate was fed
+    probes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -178,7 +190,9 @@ def run_steps(
                           on_progress=on_progress)
     original = model
     model = _clone(original)
-    probes = reference_probes(original, count=probe_count, seed=seed, data=data, input_sizes=input_sizes)
+    probes = reference_probes(
+        original, count=probe_count, seed=seed, data=data, input_sizes=input_sizes
+    )
     reference = _reference_outputs(original, probes, data)
     before = model_summary(model)
     results: list[StepResult] = []
@@ -203,7 +217,9 @@ def run_steps(
             if step.with_previous and results and results[-1].status == "applied":
                 model, metrics = round_start, round_metrics  # the whole round goes
                 results[-1].status = "rolled back"
-                results[-1].failures.append(f"rolled back with step {index + 1} ({step.pass_name}), its round")
+                results[-1].failures.append(
+                    f"rolled back with step {index + 1} ({step.pass_name}), its round"
+                )
         results.append(result)
         logger.info("%s: %s in %.2fs (%s)", step.pass_name, result.status, result.seconds,
                     result.metrics)
@@ -299,9 +315,14 @@ def _planned_pass(step: Step) -> type[PlannedPass[Any]]:
     return pass_class
 
 
-def reference_probes(model: ir.Model, *, count: int = DEFAULT_PROBES, seed: int = 0,
-                     data: Mapping[str, np.ndarray] | None = None,
-                     input_sizes: Mapping[tuple[str, int], int] | None = None) -> dict[str, np.ndarray]:
+def reference_probes(
+    model: ir.Model,
+    *,
+    count: int = DEFAULT_PROBES,
+    seed: int = 0,
+    data: Mapping[str, np.ndarray] | None = None,
+    input_sizes: Mapping[tuple[str, int], int] | None = None,
+) -> dict[str, np.ndarray]:
     """The probes every step is gated on: the data's first samples, or seeded draws at sizes
     the ORIGINAL model runs on (given sizes, metadata, else the first candidate that runs)."""
     if data is not None:
@@ -323,7 +344,9 @@ def reference_probes(model: ir.Model, *, count: int = DEFAULT_PROBES, seed: int 
     return _matched_to_batchnorm(model, drawn, seed) or drawn
 
 
-def _matched_to_batchnorm(model: ir.Model, drawn: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray] | None:
+def _matched_to_batchnorm(
+    model: ir.Model, drawn: dict[str, np.ndarray], seed: int
+) -> dict[str, np.ndarray] | None:
     """ZeroQ probes for a model that keeps BatchNorm nodes (needs torch; else noise is kept)."""
     if not any(node.op_type == "BatchNormalization" for node in model.graph):
         return None
@@ -344,9 +367,14 @@ def _check_finite(reference: fidelity.Outputs, data: Mapping[str, np.ndarray] | 
     bad = [view.output for view, value in zip(reference.views, reference.values, strict=False)
            if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all()]
     if bad:
-        where = "the --data samples" if data is not None else "the random probes (give --data with real samples)"
-        raise UnsupportedModelError(f"the input model gives NaN or inf in outputs {bad} on {where}; "
-                                    "no gate can pass on NaN")
+        where = (
+            "the --data samples"
+            if data is not None
+            else "the random probes (give --data with real samples)"
+        )
+        raise UnsupportedModelError(
+            f"the input model gives NaN or inf in outputs {bad} on {where}; no gate can pass on NaN"
+        )
 
 
 def _refuse_broken_weights(model: ir.Model, reference: Sequence[np.ndarray]) -> None:
@@ -363,8 +391,8 @@ def _refuse_broken_weights(model: ir.Model, reference: Sequence[np.ndarray]) -> 
             bad = int(values.size - np.count_nonzero(np.isfinite(values)))
             if bad:
                 raise UnsupportedModelError(
-                    f"the input model gives NaN/inf outputs on the probes: tensor {tensor.name!r} holds "
-                    f"{bad:,} NaN/inf values; fix or retrain the model before compressing it"
+                    f"the input model gives NaN/inf outputs on the probes: tensor {tensor.name!r} "
+                    f"holds {bad:,} NaN/inf values; fix or retrain the model before compressing it"
                 )
 
 

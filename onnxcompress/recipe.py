@@ -41,8 +41,12 @@ class Recipe(pydantic.BaseModel):
 
     name: str = pydantic.Field("custom", description="Short name shown in reports.")
     description: str = pydantic.Field("", description="What the recipe is for.")
-    seed: int = pydantic.Field(0, ge=0, description="Seed for probes and every randomised pass (0 or more).")
-    probes: int = pydantic.Field(DEFAULT_PROBES, ge=1, le=4096, description="Probe samples for fidelity gates.")
+    seed: int = pydantic.Field(
+        0, ge=0, description="Seed for probes and every randomised pass (0 or more)."
+    )
+    probes: int = pydantic.Field(
+        DEFAULT_PROBES, ge=1, le=4096, description="Probe samples for fidelity gates."
+    )
     steps: list[Step] = pydantic.Field(min_length=1, description="Passes in order, each gated.")
 
     @pydantic.model_validator(mode="before")
@@ -74,7 +78,10 @@ class Recipe(pydantic.BaseModel):
 def _first_problem(error: Exception) -> str:
     if isinstance(error, pydantic.ValidationError):
         first = error.errors()[0]
-        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg'].removeprefix('Value error, ')}"
+        return (
+            f"{'.'.join(str(p) for p in first['loc'])}: "
+            f"{first['msg'].removeprefix('Value error, ')}"
+        )
     return str(error)
 
 
@@ -118,7 +125,8 @@ def parse_recipe(text: str, origin: str) -> Recipe:
         return Recipe.model_validate(raw)
     except pydantic.ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg'].removeprefix('Value error, ')}"
+            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
             for e in error.errors()
         )
         raise RecipeError(f"{origin}: {problems}") from None
@@ -133,7 +141,8 @@ def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
         path = Path(name_or_path)
         if not path.is_file():
             raise RecipeError(
-                f"{name_or_path}: no such recipe file or built-in recipe (built-in: {', '.join(sorted(builtins))})"
+                f"{name_or_path}: no such recipe file or built-in recipe (built-in: "
+                f"{', '.join(sorted(builtins))})"
             )
     try:
         text = path.read_text()

@@ -26,28 +26,40 @@ def markdown(result: PipelineResult, title: str = "onnxcompress report") -> str:
         "",
         "| | before | after | ratio |",
         "|---|---:|---:|---:|",
-        f"| weight params | {b['weight_params']:,} | {a['weight_params']:,} | {_ratio(b['weight_params'], a['weight_params'])} |",
-        f"| non-zero weights | {b['nonzero_weight_params']:,} | {a['nonzero_weight_params']:,} | {_ratio(b['nonzero_weight_params'], a['nonzero_weight_params'])} |",
-        f"| tensor bytes | {b['tensor_bytes']:,} | {a['tensor_bytes']:,} | {_ratio(b['tensor_bytes'], a['tensor_bytes'])} |",
+        f"| weight params | {b['weight_params']:,} | {a['weight_params']:,} | "
+        f"{_ratio(b['weight_params'], a['weight_params'])} |",
+        f"| non-zero weights | {b['nonzero_weight_params']:,} | {a['nonzero_weight_params']:,} | "
+        f"{_ratio(b['nonzero_weight_params'], a['nonzero_weight_params'])} |",
+        f"| tensor bytes | {b['tensor_bytes']:,} | {a['tensor_bytes']:,} | "
+        f"{_ratio(b['tensor_bytes'], a['tensor_bytes'])} |",
         "",
         f"Final fidelity: {result.final_metrics}",
         "",
     ]
     for index, step in enumerate(result.steps, start=1):
-        lines += [f"## Step {index}: {step.step.pass_name} — {step.status} ({step.seconds:.2f} s)", ""]
+        lines += [
+            f"## Step {index}: {step.step.pass_name} — {step.status} ({step.seconds:.2f} s)",
+            "",
+        ]
         if step.metrics:
             lines += [f"Fidelity: {step.metrics}", ""]
         if step.failures:
             lines += [f"Gate failures: {'; '.join(step.failures)}", ""]
         if step.report.changes:
-            lines += ["| layer | op | params before | after | bytes before | after | detail |", "|---|---|---:|---:|---:|---:|---|"]
             lines += [
-                f"| {c.name} | {c.op} | {c.params_before:,} | {c.params_after:,} | {c.bytes_before:,} | {c.bytes_after:,} | {c.detail} |"
+                "| layer | op | params before | after | bytes before | after | detail |",
+                "|---|---|---:|---:|---:|---:|---|",
+            ]
+            lines += [
+                f"| {c.name} | {c.op} | {c.params_before:,} | {c.params_after:,} | "
+                f"{c.bytes_before:,} | {c.bytes_after:,} | {c.detail} |"
                 for c in step.report.changes
             ]
             lines.append("")
         if step.report.skipped:
-            lines += ["Skipped:", ""] + [f"- `{s.name}`: {s.reason}" for s in step.report.skipped] + [""]
+            lines += (
+                ["Skipped:", ""] + [f"- `{s.name}`: {s.reason}" for s in step.report.skipped] + [""]
+            )
     return "\n".join(lines)
 
 
@@ -62,11 +74,18 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
-def render_report(result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> str:
+def render_report(
+    result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> str:
     """The report's text, `.json`, `.md` or `.html` by the path's extension."""
     path = Path(path)
     if path.suffix == ".json":
-        return json.dumps(_strict_json({**result.to_dict(), **(extra or {})}), indent=2, default=str, allow_nan=False)
+        return json.dumps(
+            _strict_json({**result.to_dict(), **(extra or {})}),
+            indent=2,
+            default=str,
+            allow_nan=False,
+        )
     if path.suffix in (".md", ".markdown"):
         return markdown(result)
     if path.suffix in (".html", ".htm"):
@@ -76,7 +95,9 @@ def render_report(result: PipelineResult, path: str | os.PathLike[str], extra: d
     raise UserError(f"{path}: report format must be .json, .md or .html")
 
 
-def write_report(result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+def write_report(
+    result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
     """Write `.json`, `.md` or `.html` through the guarded writer, never over the model's own files."""
     path = Path(path)
     text = render_report(result, path, extra)

@@ -40,7 +40,11 @@ from onnxcompress.formats.kernel_ops import DOMAIN
 
 logger = logging.getLogger(__name__)
 
-_LIBRARY_NAMES = ("libonnxcompress_kernels.so", "onnxcompress_kernels.dll", "libonnxcompress_kernels.dylib")
+_LIBRARY_NAMES = (
+    "libonnxcompress_kernels.so",
+    "onnxcompress_kernels.dll",
+    "libonnxcompress_kernels.dylib",
+)
 _CUDA_LIBRARY_NAMES = ("libonnxcompress_kernels_cuda.so",)
 CUDA_PROVIDER = "CUDAExecutionProvider"
 _BUILD_HINT = (
@@ -57,7 +61,9 @@ def kernel_library_path(*, cuda: bool = False) -> Path | None:
     `cuda=True` asks for the CUDA build (CPU and CUDAExecutionProvider kernels in one library,
     `ONNXCOMPRESS_CUDA_KERNEL_LIBRARY` overrides it); None when it was not built.
     """
-    override = os.environ.get("ONNXCOMPRESS_CUDA_KERNEL_LIBRARY" if cuda else "ONNXCOMPRESS_KERNEL_LIBRARY")
+    override = os.environ.get(
+        "ONNXCOMPRESS_CUDA_KERNEL_LIBRARY" if cuda else "ONNXCOMPRESS_KERNEL_LIBRARY"
+    )
     if override:
         return Path(override)
     folder = Path(__file__).parent / "_kernels"
@@ -73,8 +79,13 @@ def _cpu_runs_kernels() -> bool:
     an illegal instruction, so it is left unregistered (portable models still run, at dense speed)."""
     try:
         flags = next(
-            (line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("flags")), None)
+            (
+                line.split(":", 1)[1].split()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            None,
+        )
     except OSError:
         return True  # not Linux: trust the build
     if flags is None or ("avx2" in flags and "fma" in flags):
@@ -107,7 +118,9 @@ def available_ops(*, cuda: bool = False) -> list[str]:
         return []
 
 
-def session_options(threads: int | None = None, *, cuda: bool = False, kernels: bool = True) -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None, *, cuda: bool = False, kernels: bool = True
+) -> ort.SessionOptions:
     """Session options with the kernel library registered when it is built (and `kernels`).
 
     `cuda=True` registers the CUDA build instead when it exists (it holds the CPU kernels too).
@@ -121,7 +134,9 @@ def session_options(threads: int | None = None, *, cuda: bool = False, kernels: 
     library = (kernel_library_path(cuda=True) if cuda else None) or kernel_library_path()
     if library is not None:
         if not library.is_file():
-            raise MissingDependencyError(f"ONNXCOMPRESS_KERNEL_LIBRARY points at {library}, which does not exist")
+            raise MissingDependencyError(
+                f"ONNXCOMPRESS_KERNEL_LIBRARY points at {library}, which does not exist"
+            )
         options.register_custom_ops_library(str(library))
     return options
 
@@ -180,7 +195,8 @@ def _imports_domain(model: str | bytes | onnx.ModelProto) -> bool:
 
 
 def _provider_name(provider: object) -> str:
-    return provider[0] if isinstance(provider, tuple) else str(provider)  # (name, options) pairs too
+    # (name, options) pairs too
+    return provider[0] if isinstance(provider, tuple) else str(provider)
 
 
 def session(

@@ -73,7 +73,9 @@ def _layouts(node: ir.Node) -> list[Layout]:
         return [Layout(1, out_axis=1, in_axis=0)]
     if op == "Gather":
         # An embedding table: rows are looked up, so no input-channel axis.
-        return [Layout(0, out_axis=1, in_axis=None)] if node.attributes.get_int("axis", 0) == 0 else []
+        return (
+            [Layout(0, out_axis=1, in_axis=None)] if node.attributes.get_int("axis", 0) == 0 else []
+        )
     if op in ("LSTM", "GRU", "RNN"):
         # W: [directions, gates*hidden, input]; R: [directions, gates*hidden, hidden].
         return [Layout(1, out_axis=1, in_axis=2), Layout(2, out_axis=1, in_axis=2)]
@@ -156,9 +158,13 @@ def constant_node_array(node: ir.Node) -> np.ndarray | None:
         if key == "value" and attribute.type == ir.AttributeType.TENSOR:
             return np.array(attribute.as_tensor().numpy())
         if key in ("value_float", "value_floats"):
-            return np.array(attribute.value if key == "value_float" else list(attribute.value), dtype=np.float32)
+            return np.array(
+                attribute.value if key == "value_float" else list(attribute.value), dtype=np.float32
+            )
         if key in ("value_int", "value_ints"):
-            return np.array(attribute.value if key == "value_int" else list(attribute.value), dtype=np.int64)
+            return np.array(
+                attribute.value if key == "value_int" else list(attribute.value), dtype=np.int64
+            )
     return None
 
 
@@ -197,7 +203,11 @@ def _swap(value: ir.Value, tensor: ir.TensorProtocol, shape: tuple[int, ...]) ->
 def _constant_tensor(value: ir.Value) -> tuple[ir.TensorProtocol | None, Holder | None]:
     """The tensor behind a value if it is an initializer or a Constant node's output."""
     producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+    if (
+        producer is not None
+        and producer.op_type == "Constant"
+        and producer.domain in ("", "ai.onnx")
+    ):
         attr = producer.attributes.get("value")
         if attr is not None and attr.type == ir.AttributeType.TENSOR:
             tensor = attr.as_tensor()
@@ -246,7 +256,10 @@ def find_weight_sites(
 
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain == KERNEL_DOMAIN:
-            skip(kernel_layer_name(node), f"held by the {node.op_type} kernel: run this pass before sparsify")
+            skip(
+                kernel_layer_name(node),
+                f"held by the {node.op_type} kernel: run this pass before sparsify",
+            )
             continue
         if wanted is not None and node.op_type not in wanted:
             continue
@@ -303,7 +316,9 @@ def find_weight_sites(
 
 
 #: The skip reason of a `codebook.*` layer (passes that handle such layers, like sparse.csr, drop it).
-CODEBOOK_LAYER = "weight-shared (codebook) layer: compress the dense model, or fine-tune the codebook"
+CODEBOOK_LAYER = (
+    "weight-shared (codebook) layer: compress the dense model, or fine-tune the codebook"
+)
 
 
 def _reads_embedding(node: ir.Node) -> bool:

@@ -100,18 +100,30 @@ def _kernel_rows(model: ir.Model, count_distinct: bool) -> list[LayerInfo]:
         if held is None:
             continue
         weight, bits, codebook_size, stored_bytes = held
-        rows.append(LayerInfo(
-            name=kernel_layer_name(node), op=node.op_type, shape=tuple(weight.shape), dtype="float32",
-            params=int(weight.size), nonzero=int(np.count_nonzero(weight)),
-            distinct=int(np.unique(weight).size) if count_distinct else 0, distinct_exact=count_distinct,
-            bytes=stored_bytes, holder="kernel", bits=bits, codebook_size=codebook_size,
-        ))
+        rows.append(
+            LayerInfo(
+                name=kernel_layer_name(node),
+                op=node.op_type,
+                shape=tuple(weight.shape),
+                dtype="float32",
+                params=int(weight.size),
+                nonzero=int(np.count_nonzero(weight)),
+                distinct=int(np.unique(weight).size) if count_distinct else 0,
+                distinct_exact=count_distinct,
+                bytes=stored_bytes,
+                holder="kernel",
+                bits=bits,
+                codebook_size=codebook_size,
+            )
+        )
     return rows
 
 
 def layer_table(model: ir.Model, count_distinct: bool = True) -> list[LayerInfo]:
     """One row per weight. `count_distinct=False` skips the distinct-value count (the slow part)."""
-    rows = [_codebook_row(layer) for layer in codebook_layers(model)] + _kernel_rows(model, count_distinct)
+    rows = [_codebook_row(layer) for layer in codebook_layers(model)] + _kernel_rows(
+        model, count_distinct
+    )
     for site in find_weight_sites(model, min_params=0).sites:
         array = site.array()
         distinct, exact = _distinct(array) if count_distinct else (0, False)

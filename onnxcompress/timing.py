@@ -49,7 +49,11 @@ def interleaved_medians(
 ) -> list[float]:
     """Median seconds per `run` of each session on `feeds`, timed A, B, A, B, ... after warm-up."""
     originals = dict(feeds)
-    feeds = {name: np.array(array, copy=True) for name, array in originals.items()} if warm_inputs else originals
+    feeds = (
+        {name: np.array(array, copy=True) for name, array in originals.items()}
+        if warm_inputs
+        else originals
+    )
     for _ in range(warmup):
         for session in sessions:
             session.run(None, feeds)

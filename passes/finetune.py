@@ -36,7 +36,10 @@ class FinetunePass(CompressionPass):
     """Retrain weights in torch with the compressed structure held; write them back by name."""
 
     name = "finetune"
-    summary = "Retrain weights in PyTorch keeping zeros, codebook indices and factors (Han et al. 2015/2016)."
+    summary = (
+        "Retrain weights in PyTorch keeping zeros, codebook indices and factors (Han et al. "
+        "2015/2016)."
+    )
     Config = FinetuneConfig
     config: FinetuneConfig
 
@@ -52,7 +55,9 @@ class FinetunePass(CompressionPass):
         if self.config.data is not None:
             return load_data(self.config.data)
         if self.context.data is None:
-            raise DataError("finetune needs training data: give --data (an .npz) or the 'data' option")
+            raise DataError(
+                "finetune needs training data: give --data (an .npz) or the 'data' option"
+            )
         return _without_gate_samples(dict(self.context.data), self.context.probes)
 
     def _teacher(self) -> ir.Model | None:
@@ -92,7 +97,9 @@ class FinetunePass(CompressionPass):
         for name in sorted(trained - {c[0] for c in changed}):
             report.skip(name, "values unchanged by training")
         report.notes.update(result.summary())
-        logger.info("finetune: %d tensors retrained over %d epochs", len(changed), len(result.history))
+        logger.info(
+            "finetune: %d tensors retrained over %d epochs", len(changed), len(result.history)
+        )
         return bool(changed)
 
 
@@ -105,11 +112,15 @@ def _without_gate_samples(
         return data
     count = min(len(np.asarray(v)) for v in probes.values())
     total = min(len(np.asarray(v)) for v in data.values())
-    same = all(name in data and np.array_equal(np.asarray(data[name])[:count], np.asarray(value)[:count])
-               for name, value in probes.items())
+    same = all(
+        name in data and np.array_equal(np.asarray(data[name])[:count], np.asarray(value)[:count])
+        for name, value in probes.items()
+    )
     if not same or total - count < max(count, 32):
         return data
-    logger.info("finetune: the gate's %d samples are left out of training (%d remain)", count, total - count)
+    logger.info(
+        "finetune: the gate's %d samples are left out of training (%d remain)", count, total - count
+    )
     return {name: np.asarray(value)[count:] for name, value in data.items()}
 
 

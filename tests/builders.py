@@ -17,14 +17,19 @@ def finish(graph: onnx.GraphProto, opset: int = OPSET, **kwargs: object) -> onnx
     return model
 
 
-def mlp_proto(rng: np.random.Generator, sizes: tuple[int, ...] = (16, 32, 24, 10)) -> onnx.ModelProto:
+def mlp_proto(
+    rng: np.random.Generator, sizes: tuple[int, ...] = (16, 32, 24, 10)
+) -> onnx.ModelProto:
     """x -> [MatMul + Add + Relu] * (n-2) -> Gemm(transB=1): the shapes exported MLPs have."""
     nodes, inits = [], []
     current = "x"
     for index, (fan_in, fan_out) in enumerate(zip(sizes[:-2], sizes[1:-1], strict=True)):
         w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         b = (rng.standard_normal(fan_out) * 0.1).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"fc{index}.weight"), numpy_helper.from_array(b, f"fc{index}.bias")]
+        inits += [
+            numpy_helper.from_array(w, f"fc{index}.weight"),
+            numpy_helper.from_array(b, f"fc{index}.bias"),
+        ]
         nodes += [
             helper.make_node("MatMul", [current, f"fc{index}.weight"], [f"h{index}"]),
             helper.make_node("Add", [f"h{index}", f"fc{index}.bias"], [f"a{index}"]),
@@ -35,7 +40,9 @@ def mlp_proto(rng: np.random.Generator, sizes: tuple[int, ...] = (16, 32, 24, 10
     w = (rng.standard_normal((fan_out, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
     b = (rng.standard_normal(fan_out) * 0.1).astype(np.float32)
     inits += [numpy_helper.from_array(w, "head.weight"), numpy_helper.from_array(b, "head.bias")]
-    nodes.append(helper.make_node("Gemm", [current, "head.weight", "head.bias"], ["logits"], transB=1))
+    nodes.append(
+        helper.make_node("Gemm", [current, "head.weight", "head.bias"], ["logits"], transB=1)
+    )
     graph = helper.make_graph(
         nodes,
         "mlp",

@@ -15,16 +15,31 @@ from tests.builders import finish, mlp
 def conv_model(rng: np.random.Generator) -> ir.Model:
     weight = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], group=2, strides=[2, 1], pads=[1, 2, 0, 1], dilations=[1, 2])],
-        "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 9, 10])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, "h", "w"])], [numpy_helper.from_array(weight, "w")])
+        [
+            helper.make_node(
+                "Conv",
+                ["x", "w"],
+                ["y"],
+                group=2,
+                strides=[2, 1],
+                pads=[1, 2, 0, 1],
+                dilations=[1, 2],
+            )
+        ],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 9, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, "h", "w"])],
+        [numpy_helper.from_array(weight, "w")],
+    )
     return ir.from_proto(finish(graph))
 
 
 def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     return session.run(None, {"x": x})[0]
 
 

@@ -36,10 +36,19 @@ def saturated_classifier(rng: np.random.Generator, *, sigmoid: bool = False) -> 
                          **({} if sigmoid else {"axis": -1})),
     ]
     graph = helper.make_graph(
-        nodes, "classifier",
+        nodes,
+        "classifier",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", FEATURES])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 1 if sigmoid else 2])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(bias, "b")],
+        [
+            helper.make_tensor_value_info(
+                "probabilities", TensorProto.FLOAT, ["n", 1 if sigmoid else 2]
+            )
+        ],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(bias, "b"),
+        ],
     )
     return ir.from_proto(finish(graph))
 
@@ -49,7 +58,9 @@ def collapsed(model: ir.Model) -> ir.Model:
     copy = model.clone()
     for name in ("w1", "w2"):
         tensor = copy.graph.initializers[name].const_value
-        copy.graph.initializers[name].const_value = ir.Tensor(np.zeros(tensor.shape.numpy(), np.float32), name=name)
+        copy.graph.initializers[name].const_value = ir.Tensor(
+            np.zeros(tensor.shape.numpy(), np.float32), name=name
+        )
     return copy
 
 
@@ -96,9 +107,12 @@ def test_a_sigmoid_output_is_compared_on_its_log_odds(rng):
     model = saturated_classifier(rng, sigmoid=True)
     x = rng.standard_normal((64, FEATURES)).astype(np.float32)
     reference = fidelity.run(model, {"x": x})
-    weights = {name: model.graph.initializers[name].const_value.numpy() for name in ("w1", "w2", "b")}
+    weights = {
+        name: model.graph.initializers[name].const_value.numpy() for name in ("w1", "w2", "b")
+    }
     log_odds = np.maximum(x @ weights["w1"], 0) @ weights["w2"] + weights["b"]
-    assert np.allclose(reference.scores[0], log_odds, rtol=1e-4, atol=1e-3)  # the Sigmoid's input, not log(p)
+    # the Sigmoid's input, not log(p)
+    assert np.allclose(reference.scores[0], log_odds, rtol=1e-4, atol=1e-3)
     metrics = fidelity.compare(reference, fidelity.run(collapsed(model), {"x": x}, reference.views))
     assert fidelity.DEFAULT_GATE.failures(metrics)
 
@@ -128,7 +142,8 @@ def test_each_output_is_judged_on_its_own():
     small = np.linspace(0, 1, 64).reshape(32, 2)
     metrics = fidelity.compare([big, small], [big, small[::-1]])
     assert [round(o["rank_correlation"], 6) for o in metrics.outputs] == [1.0, -1.0]
-    assert metrics.rank_correlation == pytest.approx(-1.0)  # concatenated, the large output would have hidden it
+    # concatenated, the large output would have hidden it
+    assert metrics.rank_correlation == pytest.approx(-1.0)
 
 
 def test_non_finite_candidate_outputs_fail_even_without_thresholds():
@@ -142,12 +157,16 @@ def test_an_original_with_non_finite_outputs_is_refused(rng):
     x = digits()
     x[3, 5] = np.nan
     with pytest.raises(UnsupportedModelError, match="NaN or inf"):
-        run_steps(model, [Step(pass_name="prune.magnitude", options={"sparsity": 0.1})], data={"x": x})
+        run_steps(
+            model, [Step(pass_name="prune.magnitude", options={"sparsity": 0.1})], data={"x": x}
+        )
 
 
 def test_a_task_metric_gates_too(rng):
     model = saturated_classifier(rng)
-    step = Step(pass_name="prune.magnitude", options={"sparsity": 0.01}, gate=fidelity.Gate(min_task=2.0))
+    step = Step(
+        pass_name="prune.magnitude", options={"sparsity": 0.01}, gate=fidelity.Gate(min_task=2.0)
+    )
 
     def never_enough(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
         return 1.0
@@ -157,7 +176,9 @@ def test_a_task_metric_gates_too(rng):
 
 
 def test_failures_name_the_metric_that_decided():
-    metrics = fidelity.Metrics(cosine=0.5, rel_l2=1.0, max_abs=1.0, top1_agreement=0.5, rank_correlation=0.1)
+    metrics = fidelity.Metrics(
+        cosine=0.5, rel_l2=1.0, max_abs=1.0, top1_agreement=0.5, rank_correlation=0.1
+    )
     failed = fidelity.DEFAULT_GATE.failures(metrics)
     assert [f.split()[0] for f in failed] == ["cosine", "rank_correlation", "top1_agreement"]
 

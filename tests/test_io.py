@@ -18,7 +18,9 @@ from tests.builders import finish, mlp_proto, save_proto
 
 
 def weights_of(model: ir.Model) -> dict[str, np.ndarray]:
-    return {name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items()}
+    return {
+        name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items()
+    }
 
 
 def test_round_trip_inline_is_bit_exact(rng, tmp_path):
@@ -137,8 +139,14 @@ def test_model_local_functions_need_ir_8(rng):
     proto = mlp_proto(rng)
     proto.opset_import[0].version = 13
     proto.functions.append(
-        helper.make_function("local", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
-                             [helper.make_opsetid("", 13)])
+        helper.make_function(
+            "local",
+            "Twice",
+            ["a"],
+            ["b"],
+            [helper.make_node("Add", ["a", "a"], ["b"])],
+            [helper.make_opsetid("", 13)],
+        )
     )
     assert io.minimum_ir_version(ir.from_proto(proto)) == 8
 
@@ -167,7 +175,9 @@ def test_save_refuses_the_input_and_mapped_data(rng, tmp_path):
     assert (tmp_path / "ext.onnx.data").read_bytes() == data_before
     np.testing.assert_array_equal(
         onnx.numpy_helper.to_array(onnx.load(str(tmp_path / "ext.onnx")).graph.initializer[0]),
-        mapped.graph.initializers[onnx.load(str(tmp_path / "ext.onnx")).graph.initializer[0].name].const_value.numpy(),
+        mapped.graph.initializers[
+            onnx.load(str(tmp_path / "ext.onnx")).graph.initializer[0].name
+        ].const_value.numpy(),
     )
 
 
@@ -187,7 +197,14 @@ def test_failed_save_leaves_no_partial_file(rng, tmp_path, monkeypatch):
 def test_weights_in_constant_and_subgraph_survive_round_trip(tmp_path):
     proto = finish(
         helper.make_graph(
-            [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(np.eye(4, dtype=np.float32)))]
+            [
+                helper.make_node(
+                    "Constant",
+                    [],
+                    ["w"],
+                    value=numpy_helper.from_array(np.eye(4, dtype=np.float32)),
+                )
+            ]
             + [helper.make_node("MatMul", ["x", "w"], ["y"])],
             "g",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -208,7 +225,11 @@ def test_external_data_of_a_constant_node_is_carried_into_the_output(tmp_path):
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["w"], value=tensor), helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [
+            helper.make_node("Constant", [], ["w"], value=tensor),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
     )

@@ -41,18 +41,33 @@ def core_modules() -> list[str]:
 
 
 def _forbidden_after_importing(*modules: str) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", _PROBE, *modules], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *modules],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_the_core_is_found():
     modules = core_modules()
-    for expected in ("onnxcompress.sites", "onnxcompress.summary", "onnxcompress.formats.codebook",
-                     "onnxcompress.formats.kernel_ops", "onnxcompress.archive.format", "onnxcompress.pipeline"):
+    for expected in (
+        "onnxcompress.sites",
+        "onnxcompress.summary",
+        "onnxcompress.formats.codebook",
+        "onnxcompress.formats.kernel_ops",
+        "onnxcompress.archive.format",
+        "onnxcompress.pipeline",
+    ):
         assert expected in modules
-    assert not any(m.startswith(("onnxcompress.cli", "onnxcompress.finetune", "onnxcompress.passes")) for m in modules)
+    assert not any(
+        m.startswith(("onnxcompress.cli", "onnxcompress.finetune", "onnxcompress.passes"))
+        for m in modules
+    )
 
 
 def test_no_core_module_imports_a_pass_or_torch():
@@ -65,4 +80,6 @@ def test_no_core_module_imports_a_pass_or_torch():
 
 def test_the_probe_sees_a_pass_import():
     """The check can fail: importing a pass module is reported."""
-    assert "onnxcompress.passes.storage" in _forbidden_after_importing("onnxcompress.sites", "onnxcompress.passes.storage")
+    assert "onnxcompress.passes.storage" in _forbidden_after_importing(
+        "onnxcompress.sites", "onnxcompress.passes.storage"
+    )

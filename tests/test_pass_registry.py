@@ -33,11 +33,17 @@ def test_every_pass_defined_under_passes_is_listed_with_its_module():
 @pytest.mark.parametrize("name", sorted(PASS_MODULES))
 def test_each_listed_pass_resolves_to_a_pass_of_that_name(name: str):
     cls = get_pass(name)
-    assert issubclass(cls, CompressionPass) and cls.name == name and cls.__module__ == PASS_MODULES[name]
+    assert (
+        issubclass(cls, CompressionPass)
+        and cls.name == name
+        and cls.__module__ == PASS_MODULES[name]
+    )
 
 
 def test_unknown_names_are_refused_with_the_list():
-    with pytest.raises(RecipeError, match="unknown pass 'prune.nope'; available: .*prune.magnitude"):
+    with pytest.raises(
+        RecipeError, match="unknown pass 'prune.nope'; available: .*prune.magnitude"
+    ):
         get_pass("prune.nope")
 
 
@@ -47,7 +53,9 @@ def test_listing_the_passes_imports_none_of_them():
         "assert 'sparse.csr' in names, names; "
         "print(sorted(m for m in sys.modules if m.startswith('onnxcompress.passes')))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert done.stdout.strip() == "[]"
 
 
@@ -56,6 +64,8 @@ def test_looking_one_up_imports_only_its_module():
         "import sys; from onnxcompress.pass_base import get_pass; get_pass('cast.fp16'); "
         "print(sorted(m for m in sys.modules if m.startswith('onnxcompress.passes.prune')))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert done.stdout.strip() == "[]"
     assert "cast.fp16" in pass_names()

@@ -49,7 +49,9 @@ class DropNodePass(CompressionPass):
 
 def test_a_wrong_step_fails_its_gate(rng):
     model = mlp(rng)
-    with pytest.raises(FidelityGateError, match=r"step 1 \(test.scramble\) failed its gate: cosine"):
+    with pytest.raises(
+        FidelityGateError, match=r"step 1 \(test.scramble\) failed its gate: cosine"
+    ):
         run_steps(model, [Step(pass_name="test.scramble")])
 
 
@@ -62,7 +64,10 @@ def test_a_dry_run_plans_every_step_and_edits_nothing(rng):
     assert ir.to_proto(model).SerializeToString() == before
     structured, lowrank = result.steps
     assert [structured.status, lowrank.status] == ["planned", "planned"]
-    assert not structured.report.changes and structured.report.notes["plan"] == structured.plan.to_dict()
+    assert (
+        not structured.report.changes
+        and structured.report.notes["plan"] == structured.plan.to_dict()
+    )
     assert structured.report.reason_for("head.weight") == "channels reach graph output 'logits'"
     # lowrank planned on the model as structured pruning leaves it: fc0 has 32 -> 16 columns
     fc0 = next(layer for layer in lowrank.plan.layers if layer.name == "fc0.weight")
@@ -72,7 +77,9 @@ def test_a_dry_run_plans_every_step_and_edits_nothing(rng):
 
 def test_a_dry_run_refuses_a_pass_without_a_plan_step(rng):
     with pytest.raises(RecipeError, match="prune.magnitude has no plan step"):
-        run_steps(mlp(rng), [Step(pass_name="prune.magnitude", options={"sparsity": 0.5})], dry_run=True)
+        run_steps(
+            mlp(rng), [Step(pass_name="prune.magnitude", options={"sparsity": 0.5})], dry_run=True
+        )
 
 
 def test_an_invalid_model_fails_its_gate(rng):
@@ -99,11 +106,16 @@ def test_reference_is_the_original_model(rng):
     model = mlp(rng)
     probes = reference_probes(model)  # the probes run_steps draws (same count and seed)
     reference = fidelity.run(model, probes)
-    steps = [Step(pass_name="prune.magnitude", options={"sparsity": s}, gate=fidelity.Gate.off()) for s in (0.3, 0.6)]
+    steps = [
+        Step(pass_name="prune.magnitude", options={"sparsity": s}, gate=fidelity.Gate.off())
+        for s in (0.3, 0.6)
+    ]
     result = run_steps(model, steps)
     final = fidelity.run(result.model, probes, reference.views)
     assert result.steps[-1].metrics == fidelity.compare(reference, final)
-    after_first = fidelity.compare(reference, fidelity.run(run_steps(model, steps[:1]).model, probes, reference.views))
+    after_first = fidelity.compare(
+        reference, fidelity.run(run_steps(model, steps[:1]).model, probes, reference.views)
+    )
     assert result.steps[0].metrics == after_first != result.steps[-1].metrics
 
 
@@ -137,7 +149,8 @@ def test_quantized_models_are_refused_by_lossy_passes(rng):
 def test_builtin_recipes_validate(name):
     recipe = load_recipe(name)  # every step's pass and options validated on load
     assert recipe.name == name and recipe.description
-    assert all(step.on_fail == "rollback" for step in recipe.steps)  # built-ins keep the last rung that passes
+    # built-ins keep the last rung that passes
+    assert all(step.on_fail == "rollback" for step in recipe.steps)
 
 
 def test_a_model_exported_for_batch_1_is_probed_batch_by_batch(rng):
@@ -146,9 +159,11 @@ def test_a_model_exported_for_batch_1_is_probed_batch_by_batch(rng):
 
     weight = rng.standard_normal((16, 4)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "fixed",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "fixed",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(weight, "w")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(weight, "w")],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
@@ -167,9 +182,17 @@ def test_an_original_with_non_finite_outputs_is_refused(rng):
     """The original's outputs are what every step is compared with: NaN there is refused up front."""
     broken = mlp(rng)
     bias = broken.graph.initializers["head.bias"]
-    bias.const_value = ir.tensor(np.full(bias.shape.numpy(), np.nan, np.float32), name="head.bias")  # NaN logits
+    # NaN logits
+    bias.const_value = ir.tensor(np.full(bias.shape.numpy(), np.nan, np.float32), name="head.bias")
     with pytest.raises(UnsupportedModelError, match="NaN"):
-        run_steps(broken, [Step(pass_name="prune.magnitude", options={"sparsity": 0.1}, gate=fidelity.Gate.off())])
+        run_steps(
+            broken,
+            [
+                Step(
+                    pass_name="prune.magnitude", options={"sparsity": 0.1}, gate=fidelity.Gate.off()
+                )
+            ],
+        )
 
 
 def test_non_finite_candidate_outputs_fail_every_gate():
@@ -178,17 +201,30 @@ def test_non_finite_candidate_outputs_fail_every_gate():
         candidate = [reference[0].copy()]
         candidate[0][1, 0] = bad
         metrics = fidelity.compare(reference, candidate)
-        for gate in (fidelity.DEFAULT_GATE, fidelity.Gate.off(), fidelity.Gate(min_cosine=None, min_top1=0.5)):
-            assert gate.failures(metrics) == ["outputs are not finite (NaN or inf), or the original's are not"]
+        for gate in (
+            fidelity.DEFAULT_GATE,
+            fidelity.Gate.off(),
+            fidelity.Gate(min_cosine=None, min_top1=0.5),
+        ):
+            assert gate.failures(metrics) == [
+                "outputs are not finite (NaN or inf), or the original's are not"
+            ]
 
 
 def test_json_reports_are_strict_json(rng, tmp_path):
     from onnxcompress.report import write_report
 
     model = mlp(rng, (8, 16, 4))
-    step = Step(**{"pass": "prune.magnitude", "options": {"sparsity": 0.5, "min_params": 0}, "gate": fidelity.Gate.off()})
+    step = Step(
+        **{
+            "pass": "prune.magnitude",
+            "options": {"sparsity": 0.5, "min_params": 0},
+            "gate": fidelity.Gate.off(),
+        }
+    )
     result = run_steps(model, [step], probe_count=4)
-    result.steps[0].metrics = fidelity.Metrics(float("nan"), float("inf"), float("inf"), None)  # a failed metric
+    # a failed metric
+    result.steps[0].metrics = fidelity.Metrics(float("nan"), float("inf"), float("inf"), None)
     path = write_report(result, tmp_path / "r.json")
 
     def refuse(constant: str) -> None:

@@ -21,11 +21,16 @@ def detector(rng: np.random.Generator) -> ir.Model:
     as a feature pyramid does: it runs only where H and W survive four halvings evenly."""
     nodes, inits, previous = [], [], "images"
     for level, channels_in in enumerate((3, 8, 8, 8)):
-        weight = numpy_helper.from_array(rng.standard_normal((8, channels_in, 3, 3)).astype(np.float32) / 4,
-                                         f"conv{level}.weight")
+        weight = numpy_helper.from_array(
+            rng.standard_normal((8, channels_in, 3, 3)).astype(np.float32) / 4,
+            f"conv{level}.weight",
+        )
         inits.append(weight)
-        nodes.append(helper.make_node("Conv", [previous, weight.name], [f"p{level}"], pads=[1, 1, 1, 1],
-                                      strides=[2, 2]))
+        nodes.append(
+            helper.make_node(
+                "Conv", [previous, weight.name], [f"p{level}"], pads=[1, 1, 1, 1], strides=[2, 2]
+            )
+        )
         previous = f"p{level}"
     inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
     nodes += [
@@ -54,11 +59,16 @@ def streaming(rng: np.random.Generator) -> ir.Model:
         helper.make_node("Add", ["scaled", "level"], ["new_state"]),
     ]
     graph = helper.make_graph(
-        nodes, "vad",
-        [helper.make_tensor_value_info("chunk", TensorProto.FLOAT, [None, None]),
-         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 4]),
-         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [2, None, 4])], [weight, pads])
+        nodes,
+        "vad",
+        [
+            helper.make_tensor_value_info("chunk", TensorProto.FLOAT, [None, None]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 4]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [2, None, 4])],
+        [weight, pads],
+    )
     return ir.from_proto(finish(graph, opset=17))
 
 
@@ -105,7 +115,9 @@ def test_input_shape_errors_name_the_problem(rng, text, message):
 
 def test_a_bad_input_shape_is_one_error_line_on_the_command_line(rng, tmp_path):
     path = save_proto(ir.to_proto(detector(rng)), tmp_path / "detector.onnx")
-    result = CliRunner().invoke(app, ["cluster", str(path), "--bits", "8", "--input-shape", "images=1x3"])
+    result = CliRunner().invoke(
+        app, ["cluster", str(path), "--bits", "8", "--input-shape", "images=1x3"]
+    )
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --input-shape:")
@@ -121,37 +133,62 @@ def test_a_model_that_runs_at_no_candidate_size_says_how_to_fix_it(rng):
 
 def test_mask_and_type_id_inputs_get_their_valid_values():
     graph = helper.make_graph(
-        [helper.make_node("Add", ["attention_mask", "token_type_ids"], ["y"])], "ids",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, ["n", "t"]) for n in ("attention_mask", "token_type_ids")],
-        [helper.make_tensor_value_info("y", TensorProto.INT64, ["n", "t"])])
+        [helper.make_node("Add", ["attention_mask", "token_type_ids"], ["y"])],
+        "ids",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["n", "t"])
+            for n in ("attention_mask", "token_type_ids")
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, ["n", "t"])],
+    )
     drawn = probes.probe_inputs(ir.from_proto(finish(graph)), count=3)
     assert np.all(drawn["attention_mask"] == 1) and np.all(drawn["token_type_ids"] == 0)
 
 
 def test_data_may_carry_samples_on_a_state_axis_and_hold_a_scalar(rng):
     model = streaming(rng)
-    data = {"chunk": rng.standard_normal((5, 96)).astype(np.float32),
-            "state": rng.standard_normal((2, 5, 4)).astype(np.float32), "sr": np.array(16000, np.int64)}
+    data = {
+        "chunk": rng.standard_normal((5, 96)).astype(np.float32),
+        "state": rng.standard_normal((2, 5, 4)).astype(np.float32),
+        "sr": np.array(16000, np.int64),
+    }
     validated = validate_data(model, data)
     drawn = probes.probe_inputs(model, count=3, data=validated)
-    assert drawn["chunk"].shape == (3, 96) and drawn["state"].shape == (2, 3, 4) and drawn["sr"].shape == ()
+    assert (
+        drawn["chunk"].shape == (3, 96)
+        and drawn["state"].shape == (2, 3, 4)
+        and drawn["sr"].shape == ()
+    )
     with pytest.raises(DataError, match="disagree on the sample count"):
         validate_data(model, {**data, "state": data["state"][:, :4]})
 
 
 def batchnorm_cnn(rng: np.random.Generator) -> ir.Model:
     """Conv -> BatchNorm (statistics far from what noise gives) -> Relu -> global pool."""
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv.weight"),
-             numpy_helper.from_array(np.ones(4, np.float32), "bn.scale"),
-             numpy_helper.from_array(np.zeros(4, np.float32), "bn.bias"),
-             numpy_helper.from_array(np.array([2.0, -1.0, 0.5, 3.0], np.float32), "bn.mean"),
-             numpy_helper.from_array(np.array([0.25, 4.0, 1.0, 0.5], np.float32), "bn.var")]
-    nodes = [helper.make_node("Conv", ["x", "conv.weight"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b"]),
-             helper.make_node("Relu", ["b"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["y"])]
-    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 1, 1])], inits)
+    inits = [
+        numpy_helper.from_array(
+            rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv.weight"
+        ),
+        numpy_helper.from_array(np.ones(4, np.float32), "bn.scale"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "bn.bias"),
+        numpy_helper.from_array(np.array([2.0, -1.0, 0.5, 3.0], np.float32), "bn.mean"),
+        numpy_helper.from_array(np.array([0.25, 4.0, 1.0, 0.5], np.float32), "bn.var"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b"]
+        ),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 1, 1])],
+        inits,
+    )
     return ir.from_proto(finish(graph))
 
 
@@ -166,12 +203,18 @@ def test_probes_of_a_batchnorm_model_match_its_statistics(rng):
     def conv_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        c = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight.copy()), padding=1).numpy()
+        c = torch.nn.functional.conv2d(
+            torch.from_numpy(x), torch.from_numpy(weight.copy()), padding=1
+        ).numpy()
         return c.mean(axis=(0, 2, 3)), c.std(axis=(0, 2, 3))
 
     noise = probes.probe_inputs(model, count=16)
     matched = reference_probes(model, count=16)
     assert matched["x"].shape == noise["x"].shape
-    noise_error = np.abs(np.concatenate(conv_statistics(noise["x"])) - np.concatenate([mean, np.sqrt(var)])).mean()
-    matched_error = np.abs(np.concatenate(conv_statistics(matched["x"])) - np.concatenate([mean, np.sqrt(var)])).mean()
+    noise_error = np.abs(
+        np.concatenate(conv_statistics(noise["x"])) - np.concatenate([mean, np.sqrt(var)])
+    ).mean()
+    matched_error = np.abs(
+        np.concatenate(conv_statistics(matched["x"])) - np.concatenate([mean, np.sqrt(var)])
+    ).mean()
     assert matched_error < noise_error / 3

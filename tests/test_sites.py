@@ -23,7 +23,9 @@ def test_initializers_of_an_mlp_with_axes(rng):
 def _branch(name: str, weight: np.ndarray) -> ir.Graph:
     return helper.make_graph(
         [
-            helper.make_node("Constant", [], [f"{name}_w"], value=numpy_helper.from_array(weight, f"{name}_w")),
+            helper.make_node(
+                "Constant", [], [f"{name}_w"], value=numpy_helper.from_array(weight, f"{name}_w")
+            ),
             helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"]),
         ],
         name,
@@ -36,7 +38,9 @@ def test_constant_nodes_and_if_branches(rng):
     conv_w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     graph = helper.make_graph(
         [
-            helper.make_node("Constant", [], ["conv_w"], value=numpy_helper.from_array(conv_w, "conv_w")),
+            helper.make_node(
+                "Constant", [], ["conv_w"], value=numpy_helper.from_array(conv_w, "conv_w")
+            ),
             helper.make_node("Conv", ["img", "conv_w"], ["feat"]),
             helper.make_node(
                 "If",
@@ -71,7 +75,10 @@ def test_constant_nodes_and_if_branches(rng):
 def test_shared_weight_is_one_site_with_two_consumers(rng):
     w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "shared")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "shared"], ["h"]), helper.make_node("MatMul", ["h", "shared"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "shared"], ["h"]),
+            helper.make_node("MatMul", ["h", "shared"], ["y"]),
+        ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
@@ -110,7 +117,10 @@ def test_skips_are_recorded_with_reasons(rng):
 def test_embedding_gather_is_a_site_but_index_gather_is_not(rng):
     table = numpy_helper.from_array(rng.standard_normal((50, 8)).astype(np.float32), "embed")
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["embed", "ids"], ["e"]), helper.make_node("Gather", ["e", "pos"], ["y"], axis=1)],
+        [
+            helper.make_node("Gather", ["embed", "ids"], ["e"]),
+            helper.make_node("Gather", ["e", "pos"], ["y"], axis=1),
+        ],
         "g",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
@@ -129,12 +139,21 @@ def test_codebook_and_kernel_layers_are_skipped_with_their_reason(rng):
 
     shared = ir.serde.deserialize_model(shared_mlp(rng))
     reasons = {s.name: s.reason for s in find_weight_sites(shared).skipped}
-    assert reasons == {"fc0.weight": CODEBOOK_LAYER, "fc1.weight": CODEBOOK_LAYER, "head.weight": CODEBOOK_LAYER}
+    assert reasons == {
+        "fc0.weight": CODEBOOK_LAYER,
+        "fc1.weight": CODEBOOK_LAYER,
+        "head.weight": CODEBOOK_LAYER,
+    }
 
     kernels = get_pass("sparse.csr")(decide="always", min_params=16)(shared).model
     reasons = {s.name: s.reason for s in find_weight_sites(kernels).skipped}
-    assert reasons["fc0.weight"] == "held by the SparseCodebookMatMul kernel: run this pass before sparsify"
-    assert reasons["fc1.weight"] == "held by the CodebookMatMul kernel: run this pass before sparsify"
+    assert (
+        reasons["fc0.weight"]
+        == "held by the SparseCodebookMatMul kernel: run this pass before sparsify"
+    )
+    assert (
+        reasons["fc1.weight"] == "held by the CodebookMatMul kernel: run this pass before sparsify"
+    )
 
 
 def _constants_model(rng) -> ir.Model:
@@ -142,7 +161,9 @@ def _constants_model(rng) -> ir.Model:
     w = rng.standard_normal((4, 3)).astype(np.float32)
     graph = helper.make_graph(
         [
-            helper.make_node("Constant", [], ["c_tensor"], value=numpy_helper.from_array(np.ones(3, np.float32))),
+            helper.make_node(
+                "Constant", [], ["c_tensor"], value=numpy_helper.from_array(np.ones(3, np.float32))
+            ),
             helper.make_node("Constant", [], ["c_float"], value_float=0.5),
             helper.make_node("MatMul", ["x", "w"], ["h"]),
             helper.make_node("Mul", ["h", "c_tensor"], ["m"]),
@@ -158,7 +179,9 @@ def _constants_model(rng) -> ir.Model:
 
 def test_constants_are_read_from_initializers_and_constant_nodes_only(rng):
     model = _constants_model(rng)
-    values = {v.name: v for node in model.graph for v in (*node.inputs, *node.outputs) if v is not None}
+    values = {
+        v.name: v for node in model.graph for v in (*node.inputs, *node.outputs) if v is not None
+    }
     assert constant_array(values["w"]).shape == (4, 3)
     assert np.array_equal(constant_array(values["c_tensor"]), np.ones(3))
     assert constant_array(values["c_float"]) is None  # a literal, not a tensor a pass may rewrite
@@ -171,6 +194,10 @@ def test_set_constant_swaps_a_new_tensor_of_any_shape_and_keeps_the_old_one(rng)
     values = {v.name: v for node in model.graph for v in node.outputs}
     old = constant_array(values["c_tensor"])
     set_constant(values["c_tensor"], np.full(2, 3.0, np.float32))
-    assert np.array_equal(constant_array(values["c_tensor"]), [3.0, 3.0]) and values["c_tensor"].shape == (2,)
+    assert np.array_equal(constant_array(values["c_tensor"]), [3.0, 3.0]) and values[
+        "c_tensor"
+    ].shape == (2,)
     assert np.array_equal(old, np.ones(3))
-    assert np.array_equal(values["c_tensor"].producer().attributes["value"].as_tensor().numpy(), [3.0, 3.0])
+    assert np.array_equal(
+        values["c_tensor"].producer().attributes["value"].as_tensor().numpy(), [3.0, 3.0]
+    )

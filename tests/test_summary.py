@@ -48,7 +48,9 @@ def test_inspect_shows_bits_and_codebook_size_of_clustered_layers(rng, tmp_path)
 def test_inspect_of_a_dense_model_has_no_codebook_fields(rng, tmp_path):
     model = save_proto(mlp_proto(rng, (16, 8, 4)), tmp_path / "mlp.onnx")
     report = json.loads(invoke("inspect", model, "--json").stdout)
-    assert all(layer["bits"] is None and layer["codebook_size"] is None for layer in report["layers"])
+    assert all(
+        layer["bits"] is None and layer["codebook_size"] is None for layer in report["layers"]
+    )
 
 
 def test_layers_moved_into_kernels_read_back_as_the_same_weights(rng):
@@ -61,13 +63,16 @@ def test_layers_moved_into_kernels_read_back_as_the_same_weights(rng):
 
     shared = ir.serde.deserialize_model(shared_mlp(rng))
     before = {row.name: row for row in layer_table(shared)}
-    kernels = get_pass("sparse.csr")(decide="always", min_params=16)(ir.serde.deserialize_model(ir.to_proto(shared))).model
+    kernels = get_pass("sparse.csr")(decide="always", min_params=16)(
+        ir.serde.deserialize_model(ir.to_proto(shared))
+    ).model
     after = {row.name: row for row in layer_table(kernels)}
 
     assert sorted(after) == sorted(before)
     assert {row.op for row in after.values()} == {"SparseCodebookMatMul", "CodebookMatMul"}
     for name, row in after.items():
-        assert row.shape in (before[name].shape, before[name].shape[::-1])  # kernels hold K × N; Gemm transB stored N × K
+        # kernels hold K × N; Gemm transB stored N × K
+        assert row.shape in (before[name].shape, before[name].shape[::-1])
         assert (row.params, row.nonzero) == (before[name].params, before[name].nonzero)
         assert row.codebook_size == before[name].codebook_size
     assert after["fc0.weight"].bytes < before["fc0.weight"].bytes  # CSR of 10% of the indices

@@ -59,7 +59,9 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(model_path, tmp_path, 
     monkeypatch.setattr(ir, "save", half_written)
     result = invoke("prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx")
     assert result.exit_code == 2, result.output
-    assert result.stderr == f"error: cannot write {tmp_path / 'out.onnx'}: No space left on device\n"
+    assert (
+        result.stderr == f"error: cannot write {tmp_path / 'out.onnx'}: No space left on device\n"
+    )
     assert _names(tmp_path) == ["m.onnx"]
 
 
@@ -86,7 +88,17 @@ def test_a_report_that_cannot_be_written_leaves_no_model(model_path, tmp_path, m
         return real(self, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", report_fails)
-    result = invoke("prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
+    result = invoke(
+        "prune",
+        model_path,
+        "--sparsity",
+        "0.5",
+        *NO_GATE,
+        "-o",
+        tmp_path / "out.onnx",
+        "--report",
+        tmp_path / "r.json",
+    )
     assert result.exit_code == 2 and "No space left on device" in result.output, result.output
     assert _names(tmp_path) == ["m.onnx"]
 
@@ -102,15 +114,34 @@ def test_a_real_write_failure_exits_2_without_a_traceback(model_path, tmp_path):
     archive = tmp_path / "archive" / "m.onnxc"
     archive.parent.mkdir()
     assert invoke("pack", model_path, "-o", archive, "-q").exit_code == 0
-    for args in (("prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx"),
-                 ("--external-data", "prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx"),
-                 ("pack", model_path, "-o", tmp_path / "a.onnxc", "-q"),
-                 ("unpack", archive, "-o", tmp_path / "r.onnx"),
-                 ("sensitivity", model_path, "-o", tmp_path / "sens", "--ratios", "0.5", "--workers", "1")):
-        result = subprocess.run([sys.executable, "-m", "onnxcompress", *map(str, args)], capture_output=True,
-                                text=True, timeout=300, env=env, preexec_fn=small_files)
+    for args in (
+        ("prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx"),
+        (
+            "--external-data",
+            "prune",
+            model_path,
+            "--sparsity",
+            "0.5",
+            *NO_GATE,
+            "-o",
+            tmp_path / "out.onnx",
+        ),
+        ("pack", model_path, "-o", tmp_path / "a.onnxc", "-q"),
+        ("unpack", archive, "-o", tmp_path / "r.onnx"),
+        ("sensitivity", model_path, "-o", tmp_path / "sens", "--ratios", "0.5", "--workers", "1"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "onnxcompress", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            preexec_fn=small_files,
+        )
         assert result.returncode == 2, result.stderr
-        assert result.stderr.startswith("error: cannot write") and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("error: cannot write") and result.stderr.count("\n") == 1, (
+            result.stderr
+        )
     assert _names(tmp_path) == ["archive", "m.onnx"]
 
 
@@ -135,7 +166,9 @@ with writer.batch() as staged:
 
 def test_staging_folders_of_killed_processes_are_swept_on_the_next_write(model_path, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(tmp_path / "out.onnx")], env=env, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_SAVE, str(tmp_path / "out.onnx")], env=env, timeout=120
+    )
     assert killed.returncode == -signal.SIGKILL
     [stale] = [p for p in tmp_path.iterdir() if p.name.startswith(writer.PREFIX)]
     assert (stale / "out.onnx").stat().st_size == 100_000  # what a SIGKILL mid-save leaves
@@ -148,7 +181,9 @@ def test_staging_folders_of_killed_processes_are_swept_on_the_next_write(model_p
     assert _names(tmp_path) == sorted([*(folder.name for folder in kept), "m.onnx", "out.onnx"])
 
 
-def test_a_crash_between_data_and_model_never_pairs_an_old_model_with_new_data(rng, tmp_path, monkeypatch):
+def test_a_crash_between_data_and_model_never_pairs_an_old_model_with_new_data(
+    rng, tmp_path, monkeypatch
+):
     out = tmp_path / "out.onnx"
     io.save(ir.from_proto(mlp_proto(rng)), out, external_data=True)
     new = mlp_proto(np.random.default_rng(99))
@@ -182,8 +217,20 @@ def test_a_second_save_replaces_model_and_data_together(rng, tmp_path):
 
 
 def test_one_command_may_not_name_a_destination_twice(model_path, tmp_path):
-    result = invoke("lowrank", model_path, "--ratio", "0.5", "--min-params", "0", "-o", tmp_path / "o.onnx",
-                    "--save-plan", tmp_path / "p.json", "--report", tmp_path / "p.json")
+    result = invoke(
+        "lowrank",
+        model_path,
+        "--ratio",
+        "0.5",
+        "--min-params",
+        "0",
+        "-o",
+        tmp_path / "o.onnx",
+        "--save-plan",
+        tmp_path / "p.json",
+        "--report",
+        tmp_path / "p.json",
+    )
     assert result.exit_code == 2 and result.output.startswith("error: "), result.output
     assert _names(tmp_path) == ["m.onnx"]
 
@@ -191,7 +238,18 @@ def test_one_command_may_not_name_a_destination_twice(model_path, tmp_path):
 @pytest.mark.parametrize("command", [("prune", "--structured", "--ratio", "0.9"),
                                      ("lowrank", "--ratio", "0.1", "--min-params", "0")])
 def test_a_failed_gate_writes_no_plan_either(model_path, tmp_path, command):
-    result = invoke(command[0], model_path, *command[1:], "--min-cosine", "0.99999", "-o", tmp_path / "o.onnx",
-                    "--save-plan", tmp_path / "p.json", "--report", tmp_path / "r.md")
+    result = invoke(
+        command[0],
+        model_path,
+        *command[1:],
+        "--min-cosine",
+        "0.99999",
+        "-o",
+        tmp_path / "o.onnx",
+        "--save-plan",
+        tmp_path / "p.json",
+        "--report",
+        tmp_path / "r.md",
+    )
     assert result.exit_code == 3, result.output
     assert _names(tmp_path) == ["m.onnx"]

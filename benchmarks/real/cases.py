@@ -485,7 +485,8 @@ def case_nudenet(quick: bool) -> Case:
         {"images": np.stack([nudenet_input(im) for im in eval_images])},
         score_nudenet,
         BAR_DETECTOR,
-        notes="boxes decoded as nudenet does (score >= 0.2, NMS 0.25/0.45), F1 vs the original's boxes at IoU 0.5",
+        notes="boxes decoded as nudenet does (score >= 0.2, NMS 0.25/0.45), F1 vs the original's "
+        "boxes at IoU 0.5",
     )
 
 
@@ -593,7 +594,8 @@ def case_ddddocr(quick: bool, old: bool = False) -> Case:
         {"input1": np.stack([ddddocr_input(im) for im in evaluation])},
         score_ocr(charsets[charset]),
         BAR_OCR,
-        notes=f"{model} + {charset} ({'the default' if old else 'beta=True'}); graph fixes batch 1, output [T, 1, 8210]",
+        notes=f"{model} + {charset} ({'the default' if old else 'beta=True'}); graph fixes batch "
+        "1, output [T, 1, 8210]",
     )
 
 
@@ -750,9 +752,9 @@ def case_silero(quick: bool) -> Case:
         score_vad,
         BAR_VAD,
         run=run_vad,
-        notes="streams of espeak-ng speech between noise gaps; calibration = the chunks, carried states and sr the "
-        "model saw while streaming (state [2, N, 128]: samples on axis 1, as the graph takes it); "
-        "evaluation runs each model on its own carried state; threshold 0.5",
+        notes="streams of espeak-ng speech between noise gaps; calibration = the chunks, carried "
+        "states and sr the model saw while streaming (state [2, N, 128]: samples on axis 1, as the "
+        "graph takes it); evaluation runs each model on its own carried state; threshold 0.5",
     )
 
 

@@ -30,13 +30,16 @@ FAMILIES = ("core", "prune", "lowrank", "codebook", "sparse", "finetune")
 def _options(
     context: typer.Context,
     external_data: bool = typer.Option(
-        False, "--external-data", help="Write weights to <output>.data beside the model (automatic above 1.8 GB)."
+        False,
+        "--external-data",
+        help="Write weights to <output>.data beside the model (automatic above 1.8 GB).",
     ),
 ) -> None:
     """Options for every command, given before it: `onnxcompress --external-data prune ...`."""
     from onnxcompress.io import SaveOptions
 
-    context.obj = SaveOptions(external_data=True if external_data else None)  # cli.common.save_options
+    # cli.common.save_options
+    context.obj = SaveOptions(external_data=True if external_data else None)
 
 
 for _family in FAMILIES:

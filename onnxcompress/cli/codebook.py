@@ -52,15 +52,24 @@ def _parse_overrides(items: list[str] | None) -> dict[str, int]:
 @guarded
 def cluster(
     context: typer.Context,
-    model: Annotated[Path, typer.Argument(help="The ONNX model (pruned or not).", show_default=False)],
+    model: Annotated[
+        Path, typer.Argument(help="The ONNX model (pruned or not).", show_default=False)
+    ],
     output: OutputOption = None,
-    bits: Annotated[int | None, typer.Option(help=pass_help(KMEANS, "bits"), show_default=False)] = None,
-    layer_bits: Annotated[
-        list[str] | None, typer.Option(help="GLOB=BITS for matching weights (repeatable, first match wins).")
+    bits: Annotated[
+        int | None, typer.Option(help=pass_help(KMEANS, "bits"), show_default=False)
     ] = None,
-    init: Annotated[str | None, typer.Option(help=pass_help(KMEANS, "init"), show_default=False)] = None,
-    exclude: Annotated[list[str] | None, typer.Option(
-        help=pass_help(KMEANS, "exclude") + " Repeatable.", show_default=False)] = None,
+    layer_bits: Annotated[
+        list[str] | None,
+        typer.Option(help="GLOB=BITS for matching weights (repeatable, first match wins)."),
+    ] = None,
+    init: Annotated[
+        str | None, typer.Option(help=pass_help(KMEANS, "init"), show_default=False)
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help=pass_help(KMEANS, "exclude") + " Repeatable.", show_default=False),
+    ] = None,
     data: DataOption = None,
     report: ReportOption = None,
     min_cosine: MinCosineOption = None,
@@ -76,20 +85,37 @@ def cluster(
     }
     if init is not None:
         options["init"] = init
-    step = Step(pass_name=KMEANS, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
-    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape,
-                  save=save_options(context))
+    step = Step(
+        pass_name=KMEANS, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1)
+    )
+    compress_file(
+        model,
+        output,
+        [step],
+        data_path=data,
+        report_path=report,
+        input_shapes=input_shape,
+        save=save_options(context),
+    )
 
 
 @guarded
 def pack(
-    model: Annotated[Path, typer.Argument(help="A model (typically pruned and clustered).", show_default=False)],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Archive (default: <stem>.onnxc).")] = None,
-    coder: Annotated[str, typer.Option(help="huffman (as in the paper) or ans (tighter, faster).")] = "huffman",
+    model: Annotated[
+        Path, typer.Argument(help="A model (typically pruned and clustered).", show_default=False)
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Archive (default: <stem>.onnxc).")
+    ] = None,
+    coder: Annotated[
+        str, typer.Option(help="huffman (as in the paper) or ans (tighter, faster).")
+    ] = "huffman",
     index_bits: Annotated[
         str | None,
-        typer.Option(help="Relative-index width 1..16 for all layers, or 'auto' (smallest per layer); "
-                     "default: 8 conv, 5 others."),
+        typer.Option(
+            help="Relative-index width 1..16 for all layers, or 'auto' (smallest per layer); "
+            "default: 8 conv, 5 others."
+        ),
     ] = None,
     report: ReportOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table.")] = False,
@@ -116,8 +142,11 @@ def pack(
             writer.check(path, what, protected)
     kernel_ops = sorted({n.op_type for n in loaded.graph if n.domain == runtime.DOMAIN})
     if kernel_ops:
-        console.print(f"note: layers held by {', '.join(kernel_ops)} are stored as raw CSR/index arrays; "
-                      "pack the model from before `sparsify` for Deep Compression coding", soft_wrap=True)
+        console.print(
+            f"note: layers held by {', '.join(kernel_ops)} are stored as raw CSR/index arrays; "
+            "pack the model from before `sparsify` for Deep Compression coding",
+            soft_wrap=True,
+        )
     result = pack_model(loaded, coder=coder, index_bits=width)  # type: ignore[arg-type]
     table = compression_table(result)
     text = table_markdown(table, title=f"{model.name} → {output.name} ({coder})")
@@ -134,18 +163,26 @@ def pack(
 def unpack(
     context: typer.Context,
     archive: Annotated[Path, typer.Argument(help="An .onnxc archive.", show_default=False)],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Model (default: <stem>.onnx).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Model (default: <stem>.onnx).")
+    ] = None,
     max_ratio: Annotated[
-        float, typer.Option("--max-ratio", min=1.0,
-                            help="Refuse an archive that would restore to more than this many times its size "
-                                 "(decompression bombs); real archives stay far below.")
+        float,
+        typer.Option(
+            "--max-ratio",
+            min=1.0,
+            help="Refuse an archive that would restore to more than this many times its size "
+            "(decompression bombs); real archives stay far below.",
+        ),
     ] = DEFAULT_MAX_RATIO,
 ) -> None:
     """Restore the ONNX model from an .onnxc archive, every weight bit-identical."""
     from onnxcompress.archive import unpack_file
 
     output = output or archive.with_suffix(".onnx")
-    written = unpack_file(archive, output, max_ratio=max_ratio, external_data=save_options(context).external_data)
+    written = unpack_file(
+        archive, output, max_ratio=max_ratio, external_data=save_options(context).external_data
+    )
     console.print(f"wrote {written}", markup=False)
 
 

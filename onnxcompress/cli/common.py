@@ -69,12 +69,16 @@ def save_options(context: typer.Context) -> io.SaveOptions:
     return found if found is not None else io.SaveOptions()
 
 OutputOption = Annotated[
-    Path | None, typer.Option("--output", "-o", help="Output model (default: <stem>.compressed.onnx).")
+    Path | None,
+    typer.Option("--output", "-o", help="Output model (default: <stem>.compressed.onnx)."),
 ]
 DataOption = Annotated[
-    Path | None, typer.Option("--data", help=".npz keyed by input name (optional 'labels') for probes.")
+    Path | None,
+    typer.Option("--data", help=".npz keyed by input name (optional 'labels') for probes."),
 ]
-ReportOption = Annotated[Path | None, typer.Option("--report", help="Write a .json, .md or .html report.")]
+ReportOption = Annotated[
+    Path | None, typer.Option("--report", help="Write a .json, .md or .html report.")
+]
 MinCosineOption = Annotated[float | None, typer.Option(
     "--min-cosine", min=-1.0, max=1.0, show_default=False,
     help="Gate: lowest cosine of each output, logits for softmax outputs "
@@ -86,9 +90,15 @@ MinRankOption = Annotated[float | None, typer.Option(
 MinTop1Option = Annotated[float | None, typer.Option(
     "--min-top1", min=0.0, max=1.0, show_default=False,
     help="Gate: lowest top-1 agreement " + escape(f"[default: {DEFAULT_GATE.min_top1}]."))]
-InputShapeOption = Annotated[list[str] | None, typer.Option(
-    "--input-shape", show_default=False,
-    help="Probe shape of an input with dynamic dimensions, NAME=DxDx... (repeatable), e.g. images=1x3x320x320.")]
+InputShapeOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        show_default=False,
+        help="Probe shape of an input with dynamic dimensions, NAME=DxDx... (repeatable), e.g. "
+        "images=1x3x320x320.",
+    ),
+]
 
 
 def guarded(function: F) -> F:
@@ -106,8 +116,10 @@ def guarded(function: F) -> F:
 
 
 #: Said once when a command gates on drawn probes instead of the user's data.
-WEAK_PROXY_NOTE = ("note: no --data: the gates compare outputs on random probes, a weak proxy for real inputs; "
-                   "give --data calib.npz (real samples) for a trustworthy check")
+WEAK_PROXY_NOTE = (
+    "note: no --data: the gates compare outputs on random probes, a weak proxy for real inputs; "
+    "give --data calib.npz (real samples) for a trustworthy check"
+)
 
 
 def default_output(model_path: Path) -> Path:
@@ -130,10 +142,16 @@ def _check_destinations(model_path: Path, output: Path, report: Path | None) -> 
 def check_side_file(path: Path, what: str, model_path: Path, output: Path | None = None) -> None:
     """Refuse a report or plan path over the model or its output, in a missing folder, or a folder."""
     model_output = output or default_output(model_path)
-    writer.check(path, what, {model_path.resolve(): "the input model", model_output.resolve(): "the output model"})
+    writer.check(
+        path,
+        what,
+        {model_path.resolve(): "the input model", model_output.resolve(): "the output model"},
+    )
 
 
-def check_loaded(model: ir.Model, destinations: Sequence[tuple[Path | None, str]]) -> dict[Path, str]:
+def check_loaded(
+    model: ir.Model, destinations: Sequence[tuple[Path | None, str]]
+) -> dict[Path, str]:
     """Once the model is loaded (and before any work), refuse destinations over the files it maps.
 
     Returns the protected files, for the writes that follow.
@@ -163,7 +181,8 @@ def compress_file(
     input_shapes: Sequence[str] | None = None,
     before_save: Callable[[ir.Model, PipelineResult], dict[str, Any]] | None = None,
     side_files: Sequence[SideFile] = (),
-    task_metric: Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None] | None = None,
+    task_metric: Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None]
+    | None = None,
     save: io.SaveOptions | None = None,
 ) -> PipelineResult:
     """Load, run the gated steps, write the model, report and side files together, print a summary.
@@ -175,14 +194,24 @@ def compress_file(
     _check_destinations(model_path, output, report_path)
     extra: dict[str, Any] = {}  # what `before_save` measures (latency), for the report
     if report_path is not None:
-        side_files = [*side_files, (report_path, "report", lambda result: render_report(result, report_path, extra))]
+        side_files = [
+            *side_files,
+            (report_path, "report", lambda result: render_report(result, report_path, extra)),
+        ]
     model = io.load(model_path)
     save = save if save is not None else io.SaveOptions()
     external = io.uses_external_data(model, save.external_data)
-    protected = check_loaded(model, [(output, "output"), (io.data_path(output) if external else None, "output"),
-                                     *((path, what) for path, what, _ in side_files)])
+    protected = check_loaded(
+        model,
+        [
+            (output, "output"),
+            (io.data_path(output) if external else None, "output"),
+            *((path, what) for path, what, _ in side_files),
+        ],
+    )
     data = load_npz(data_path, model) if data_path else None
-    metric = task_metric(model, data) if task_metric is not None else None  # for gates with min_task
+    # for gates with min_task
+    metric = task_metric(model, data) if task_metric is not None else None
     sizes = shapes_as_sizes(parse_input_shapes(input_shapes, model)) if input_shapes else None
     if data is None and not quiet:
         console.print(WEAK_PROXY_NOTE, soft_wrap=True)
@@ -193,7 +222,9 @@ def compress_file(
         task = progress.add_task("loading", total=len(steps))
 
         def on_step(index: int, count: int, step: Step) -> None:
-            progress.update(task, completed=index, description=f"step {index + 1}/{count}: {step.pass_name}")
+            progress.update(
+                task, completed=index, description=f"step {index + 1}/{count}: {step.pass_name}"
+            )
 
         def on_progress(line: str) -> None:
             progress.update(task, description=line)
@@ -264,8 +295,11 @@ def print_summary(result: PipelineResult, output: Path) -> None:
     console.print(table)
     for step in result.steps:
         metrics = f" — {step.metrics}" if step.metrics else ""
-        console.print(f"{step.step.pass_name} {step.step.options}: {step.status} in {step.seconds:.2f}s{metrics}",
-                      soft_wrap=True)
+        console.print(
+            f"{step.step.pass_name} {step.step.options}: {step.status} in "
+            f"{step.seconds:.2f}s{metrics}",
+            soft_wrap=True,
+        )
         for failure in step.failures:
             console.print(f"  gate: {failure}")
     logging.getLogger(__name__).debug("summary printed")

@@ -64,7 +64,11 @@ def inspect(
     rows = layer_table(loaded)
     summary = totals(rows)
     if as_json:
-        typer.echo(json.dumps({"model": str(model), "layers": [r.to_dict() for r in rows], **summary}, indent=2))
+        typer.echo(
+            json.dumps(
+                {"model": str(model), "layers": [r.to_dict() for r in rows], **summary}, indent=2
+            )
+        )
         return
     shared = any(row.bits is not None for row in rows)
     table = Table(title=str(model))
@@ -89,33 +93,60 @@ def optimize(
     context: typer.Context,
     model: ModelArgument,
     output: OutputOption = None,
-    recipe: Annotated[str | None, typer.Option(
-        "--recipe", show_default=False,
-        help="Built-in recipe name or a YAML file [default: 'default' with --data, 'data-free' without].")] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            show_default=False,
+            help="Built-in recipe name or a YAML file [default: 'default' with --data, 'data-free' "
+            "without].",
+        ),
+    ] = None,
     data: DataOption = None,
     report: ReportOption = None,
     input_shape: InputShapeOption = None,
-    trust_random_probes: Annotated[bool, typer.Option(
-        "--trust-random-probes",
-        help="Without --data, run pruning and low-bit steps anyway, gated on random probes only.")] = False,
+    trust_random_probes: Annotated[
+        bool,
+        typer.Option(
+            "--trust-random-probes",
+            help="Without --data, run pruning and low-bit steps anyway, gated on random probes "
+            "only.",
+        ),
+    ] = False,
     min_cosine: MinCosineOption = None,
     min_rank_corr: MinRankOption = None,
     min_top1: MinTop1Option = None,
-    batch: Annotated[int, typer.Option(min=1, max=4096, help="Batch size at which latency is measured.")] = 1,
-    max_latency_ratio: Annotated[float | None, typer.Option(
-        min=0.01, show_default=False,
-        help="Refuse a result slower than this many times the original at --batch (e.g. 1.05).")] = None,
+    batch: Annotated[
+        int, typer.Option(min=1, max=4096, help="Batch size at which latency is measured.")
+    ] = 1,
+    max_latency_ratio: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            show_default=False,
+            help="Refuse a result slower than this many times the original at --batch (e.g. 1.05).",
+        ),
+    ] = None,
     workers: WorkersOption = None,
     executor: ExecutorOption = "local",
     ray_address: RayAddressOption = None,
     cache: CacheOption = None,
     no_cache: NoCacheOption = False,
-    finetune: Annotated[bool, typer.Option(
-        "--finetune",
-        help="Retrain after every pruning and k-means step (needs labels in --data); each round gated on "
-        "the accuracy change on the gate's samples, which are never trained on.")] = False,
-    max_accuracy_drop: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="With --finetune: the most top-1 accuracy a round may lose (0.003 = 0.3 points).")
+    finetune: Annotated[
+        bool,
+        typer.Option(
+            "--finetune",
+            help="Retrain after every pruning and k-means step (needs labels in --data); each "
+            "round gated on the accuracy change on the gate's samples, which are never trained on.",
+        ),
+    ] = False,
+    max_accuracy_drop: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="With --finetune: the most top-1 accuracy a round may lose (0.003 = 0.3 points).",
+        ),
     ] = 0.003,
 ) -> None:
     """Compress with a recipe of gated steps: with --data, per-layer codebook bits found by search;
@@ -123,7 +154,9 @@ def optimize(
     per-layer errors run on this machine or a Ray cluster (--executor ray), cached on disk.
     --finetune retrains after each pruning and k-means step (Han's retraining)."""
     if finetune and data is None:
-        raise UserError("--finetune retrains on labelled samples: give --data train.npz with a 'labels' array")
+        raise UserError(
+            "--finetune retrains on labelled samples: give --data train.npz with a 'labels' array"
+        )
     if recipe is None:
         recipe = "default" if data is not None or trust_random_probes else "data-free"
     chosen = load_recipe(recipe)
@@ -154,7 +187,9 @@ RETRAIN_PROBES = 2000
 
 def _retraining(
     steps: Sequence[Step], data: Path | None, max_drop: float, probes: int
-) -> tuple[list[Step], Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None], int]:
+) -> tuple[
+    list[Step], Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None], int
+]:
     """`--finetune`: retraining rounds, the accuracy-change metric, and how many gate samples."""
     from onnxcompress.finetune.retrain import accuracy_change, with_retraining
 
@@ -179,19 +214,29 @@ def _label_count(path: Path) -> int:
         return 0
 
 
-def _latency(original: ir.Model, result: PipelineResult, batch: int, max_ratio: float | None) -> dict[str, Any]:
+def _latency(
+    original: ir.Model, result: PipelineResult, batch: int, max_ratio: float | None
+) -> dict[str, Any]:
     """Batch latency of the original and the result (interleaved medians); refuse when over `max_ratio`."""
     samples = batch_axes(original)  # the gates' shapes, found once; the sample axes take `batch`
-    sizes = {(name, axis): size for name, array in result.probes.items()
-             for axis, size in enumerate(np.shape(array)) if axis > 0 and (name, axis) not in samples}
+    sizes = {
+        (name, axis): size
+        for name, array in result.probes.items()
+        for axis, size in enumerate(np.shape(array))
+        if axis > 0 and (name, axis) not in samples
+    }
     inputs = probe_inputs(original, count=batch, sizes=sizes)
     before, after = interleaved_latency([original, result.model], inputs)
     ratio = after / before if before > 0 else 1.0
-    console.print(f"latency at batch {batch}: {before:.3f} ms -> {after:.3f} ms ({ratio:.2f}x the original)",
-                  soft_wrap=True)
+    console.print(
+        f"latency at batch {batch}: {before:.3f} ms -> {after:.3f} ms ({ratio:.2f}x the original)",
+        soft_wrap=True,
+    )
     if max_ratio is not None and ratio > max_ratio:
-        raise FidelityGateError(f"the result runs {ratio:.2f}x the original's time at batch {batch}, over "
-                                f"--max-latency-ratio {max_ratio}; nothing was written")
+        raise FidelityGateError(
+            f"the result runs {ratio:.2f}x the original's time at batch {batch}, over "
+            f"--max-latency-ratio {max_ratio}; nothing was written"
+        )
     return {"latency_ms": {"batch": batch, "before": before, "after": after, "ratio": ratio}}
 
 
@@ -201,18 +246,29 @@ def _without_lossy_steps_if_quantized(model: Path, steps: Sequence[Step]) -> lis
     if not found:
         return list(steps)
     kept = [s for s in steps if not get_pass(s.pass_name).lossy]
-    console.print(f"note: {model} is already quantized ({', '.join(found)}); lossy steps are left out "
-                  f"({len(steps) - len(kept)} of {len(steps)})", soft_wrap=True)
+    console.print(
+        f"note: {model} is already quantized ({', '.join(found)}); lossy steps are left out "
+        f"({len(steps) - len(kept)} of {len(steps)})",
+        soft_wrap=True,
+    )
     return kept
 
 
 def _refuse_steps_needing_data(steps: Sequence[Step], recipe: str) -> None:
     """Random probes cannot vouch for input-dependent error: such steps need real samples."""
-    needing = [f"{s.pass_name} (step {i + 1})" for i, s in enumerate(steps)
-               if get_pass(s.pass_name)(make_config(get_pass(s.pass_name).Config, s.options)).needs_calibration()]
+    needing = [
+        f"{s.pass_name} (step {i + 1})"
+        for i, s in enumerate(steps)
+        if get_pass(s.pass_name)(
+            make_config(get_pass(s.pass_name).Config, s.options)
+        ).needs_calibration()
+    ]
     if needing:
-        raise UserError(f"recipe {recipe!r} has steps whose error depends on the inputs ({', '.join(needing)}): "
-                        "give --data calib.npz with real samples, or --trust-random-probes")
+        raise UserError(
+            f"recipe {recipe!r} has steps whose error depends on the inputs "
+            f"({', '.join(needing)}): give --data calib.npz with real samples, or "
+            "--trust-random-probes"
+        )
 
 
 def _say_if_not_smaller(model: Path, output: Path, result: PipelineResult) -> None:
@@ -229,13 +285,17 @@ def _say_if_not_smaller(model: Path, output: Path, result: PipelineResult) -> No
         why = "pruned zeros are stored dense; a codebook step (cluster) or `pack` makes them pay"
     else:
         why = "the applied steps add graph nodes without removing enough weight bytes"
-    console.print(f"note: {output} is not smaller than the input ({after:,} vs {before:,} bytes): {why}",
-                  soft_wrap=True)
+    console.print(
+        f"note: {output} is not smaller than the input ({after:,} vs {before:,} bytes): {why}",
+        soft_wrap=True,
+    )
 
 
 @guarded
 def passes(
-    describe_name: Annotated[str | None, typer.Option("--describe", help="Show one pass's options.")] = None,
+    describe_name: Annotated[
+        str | None, typer.Option("--describe", help="Show one pass's options.")
+    ] = None,
 ) -> None:
     """List the registered passes, or describe one pass's options."""
     if describe_name is None:
@@ -266,15 +326,28 @@ def bench(
     loaded = io.load(original)
     samples = load_npz(data, loaded) if data else None
     sizes = shapes_as_sizes(parse_input_shapes(input_shape, loaded)) if input_shape else None
-    result = compare_models(original, compressed, batch=batch, runs=runs, data=samples, input_sizes=sizes)
+    result = compare_models(
+        original, compressed, batch=batch, runs=runs, data=samples, input_sizes=sizes
+    )
     if as_json:
-        typer.echo(json.dumps({**dataclasses.asdict(result), "metrics": result.metrics.to_dict(),
-                               "size_ratio": result.size_ratio, "speedup": result.speedup}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    **dataclasses.asdict(result),
+                    "metrics": result.metrics.to_dict(),
+                    "size_ratio": result.size_ratio,
+                    "speedup": result.speedup,
+                },
+                indent=2,
+            )
+        )
         return
     table = Table()
     for column in ("", str(original), str(compressed), "ratio"):
         table.add_column(column, justify="right")
-    table.add_row("bytes on disk", f"{result.bytes_a:,}", f"{result.bytes_b:,}", f"{result.size_ratio:.2f}×")
+    table.add_row(
+        "bytes on disk", f"{result.bytes_a:,}", f"{result.bytes_b:,}", f"{result.size_ratio:.2f}×"
+    )
     table.add_row(f"latency ms (batch {batch}, median)", f"{result.latency_ms_a:.3f}",
                   f"{result.latency_ms_b:.3f}", f"{result.speedup:.2f}×")
     if result.accuracy_a is not None and result.accuracy_b is not None:
@@ -283,7 +356,10 @@ def bench(
     console.print(table)
     console.print(f"fidelity over {result.samples} samples: {result.metrics}", soft_wrap=True)
     failures = DEFAULT_GATE.failures(result.metrics)
-    console.print(f"default gate: {'passes' if not failures else 'fails: ' + '; '.join(failures)}", soft_wrap=True)
+    console.print(
+        f"default gate: {'passes' if not failures else 'fails: ' + '; '.join(failures)}",
+        soft_wrap=True,
+    )
 
 
 recipe_app = typer.Typer(help="Recipes: YAML lists of gated passes.", no_args_is_help=True)

@@ -51,7 +51,13 @@ def follow_up_steps(config: FinetuneConfig) -> list[Step]:
         steps.append(Step(pass_name="prune.dead_neurons", gate=Gate.off()))
     if config.prior == "gmm":
         bits = max(1, math.ceil(math.log2(config.prior_components + 1)))
-        steps.append(Step(pass_name="codebook.kmeans", options={"bits": bits, "min_params": 0}, gate=Gate.off()))
+        steps.append(
+            Step(
+                pass_name="codebook.kmeans",
+                options={"bits": bits, "min_params": 0},
+                gate=Gate.off(),
+            )
+        )
     return steps
 
 
@@ -69,7 +75,9 @@ def _curve_file(report: Path | None) -> list[SideFile]:
     return [(report.with_suffix(".curve.png"), "report", render)]
 
 
-def _placement(executor: str, address: str | None, workers: int, checkpoint_dir: Path | None) -> dict[str, object]:
+def _placement(
+    executor: str, address: str | None, workers: int, checkpoint_dir: Path | None
+) -> dict[str, object]:
     """Where training runs: this process, or `workers` DDP workers on Ray Train."""
     if executor not in ("local", "ray"):
         raise UserError(f"--executor must be local or ray, not {executor!r}")
@@ -89,10 +97,15 @@ def finetune(
     context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The (compressed) ONNX model.", show_default=False)],
     data: Annotated[
-        str, typer.Option("--data", help=".npz keyed by input name (optional 'labels'), or module:function.")
+        str,
+        typer.Option(
+            "--data", help=".npz keyed by input name (optional 'labels'), or module:function."
+        ),
     ],
     output: OutputOption = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help=help_of("epochs"), show_default=False)] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help=help_of("epochs"), show_default=False)
+    ] = None,
     lr: Annotated[float | None, typer.Option(help=help_of("lr"), show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help=help_of("batch_size"))] = 64,
     optimizer: Annotated[str, typer.Option(help=help_of("optimizer"))] = "adam",
@@ -101,31 +114,58 @@ def finetune(
     max_steps: Annotated[int, typer.Option(min=1, help=help_of("max_steps"))] = 4000,
     distill: Annotated[bool, typer.Option("--distill", help=help_of("distill"))] = False,
     teacher: Annotated[
-        Path | None, typer.Option(help="Teacher (uncompressed) model for distillation; needed without labels.")
+        Path | None,
+        typer.Option(help="Teacher (uncompressed) model for distillation; needed without labels."),
     ] = None,
     loss: Annotated[str, typer.Option(help=help_of("loss"))] = "auto",
     l1: Annotated[float, typer.Option(min=0.0, help=help_of("l1"))] = 0.0,
     l2: Annotated[float, typer.Option(min=0.0, help=help_of("l2"))] = 0.0,
-    group_lasso: Annotated[float, typer.Option(min=0.0, help=help_of("group_lasso")
-                                               + " Followed by prune.dead_neurons.")] = 0.0,
+    group_lasso: Annotated[
+        float,
+        typer.Option(min=0.0, help=help_of("group_lasso") + " Followed by prune.dead_neurons."),
+    ] = 0.0,
     groups: Annotated[list[str] | None, typer.Option("--groups", help=help_of("groups"))] = None,
     biased_decay: Annotated[float, typer.Option(min=0.0, help=help_of("biased_decay"))] = 0.0,
-    biased_decay_kind: Annotated[str, typer.Option(help=help_of("biased_decay_kind"))] = "hyperbolic",
+    biased_decay_kind: Annotated[
+        str, typer.Option(help=help_of("biased_decay_kind"))
+    ] = "hyperbolic",
     prior: Annotated[str, typer.Option(help=help_of("prior"))] = "none",
     prior_components: Annotated[int, typer.Option(min=2, help=help_of("prior_components"))] = 16,
     prior_strength: Annotated[float, typer.Option(min=0.0, help=help_of("prior_strength"))] = 0.005,
     target_cosine: Annotated[float | None, typer.Option(help=help_of("target_cosine"))] = None,
     seed: Annotated[int, typer.Option(min=0, help=help_of("seed"))] = 0,
-    report: Annotated[Path | None, typer.Option(
-        "--report", help="Write a .json, .md or .html report, and the training curve as <report>.curve.png.")] = None,
-    min_cosine: Annotated[float | None, typer.Option(
-        "--min-cosine", min=-1.0, max=1.0, show_default=False,
-        help="Gate: lowest output cosine against the input model (default: none; training moves outputs).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Data-parallel (DDP) workers; more than 1 needs --executor ray.")] = 1,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Write a .json, .md or .html report, and the training curve as "
+            "<report>.curve.png.",
+        ),
+    ] = None,
+    min_cosine: Annotated[
+        float | None,
+        typer.Option(
+            "--min-cosine",
+            min=-1.0,
+            max=1.0,
+            show_default=False,
+            help="Gate: lowest output cosine against the input model (default: none; training "
+            "moves outputs).",
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(min=1, help="Data-parallel (DDP) workers; more than 1 needs --executor ray."),
+    ] = 1,
     executor: ExecutorOption = "local",
     ray_address: RayAddressOption = None,
-    checkpoint_dir: Annotated[Path | None, typer.Option(
-        help="With Ray: a folder every worker reaches, for the training checkpoints.", show_default=False)] = None,
+    checkpoint_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="With Ray: a folder every worker reaches, for the training checkpoints.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Retrain weights in PyTorch keeping zeros, codebook indices and low-rank factors.
 
@@ -135,12 +175,25 @@ def finetune(
     model with `onnxcompress bench` instead).
     """
     options: dict[str, object] = {
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "lr_schedule": lr_schedule,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "lr_schedule": lr_schedule,
         "patience": patience,
-        "max_steps": max_steps, "distill": distill, "loss": loss, "l1": l1, "l2": l2,
-        "group_lasso": group_lasso, "biased_decay": biased_decay, "biased_decay_kind": biased_decay_kind,
-        "prior": prior, "prior_components": prior_components, "prior_strength": prior_strength,
-        "target_cosine": target_cosine, "seed": seed,
+        "max_steps": max_steps,
+        "distill": distill,
+        "loss": loss,
+        "l1": l1,
+        "l2": l2,
+        "group_lasso": group_lasso,
+        "biased_decay": biased_decay,
+        "biased_decay_kind": biased_decay_kind,
+        "prior": prior,
+        "prior_components": prior_components,
+        "prior_strength": prior_strength,
+        "target_cosine": target_cosine,
+        "seed": seed,
     }
     if groups:
         options["groups"] = tuple(groups)
@@ -157,11 +210,25 @@ def finetune(
             "distillation needs a teacher: give --teacher ORIGINAL.onnx (the uncompressed model), "
             "or labels in the data"
         )
-    config = cast(FinetuneConfig, make_config(FinetuneConfig, options))  # a bad value: one line, before loading
-    gate = Gate.off() if min_cosine is None else Gate.off().model_copy(update={"min_cosine": min_cosine})
+    # a bad value: one line, before loading
+    config = cast(FinetuneConfig, make_config(FinetuneConfig, options))
+    gate = (
+        Gate.off()
+        if min_cosine is None
+        else Gate.off().model_copy(update={"min_cosine": min_cosine})
+    )
     steps = [Step(pass_name="finetune", options=options, gate=gate), *follow_up_steps(config)]
-    result = compress_file(model, output, steps, data_path=data_path, report_path=report, seed=seed,
-                           quiet=data_path is None, side_files=_curve_file(report), save=save_options(context))
+    result = compress_file(
+        model,
+        output,
+        steps,
+        data_path=data_path,
+        report_path=report,
+        seed=seed,
+        quiet=data_path is None,
+        side_files=_curve_file(report),
+        save=save_options(context),
+    )
     if data_path is None:
         print_summary(result, output or default_output(model))
 

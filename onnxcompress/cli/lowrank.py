@@ -36,7 +36,9 @@ from onnxcompress.pipeline import Step
 PASS_NAME = "lowrank.svd"
 
 
-def _options(flops: bool, exclude: list[str] | None, plan: Path | None, **given: object) -> dict[str, object]:
+def _options(
+    flops: bool, exclude: list[str] | None, plan: Path | None, **given: object
+) -> dict[str, object]:
     """The pass options the user gave; the rest keep the config's defaults."""
     options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
     options["exclude"] = tuple(exclude or ())
@@ -54,22 +56,44 @@ def lowrank(
     context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
-    energy: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "energy"), show_default=False)] = None,
-    ratio: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "ratio"), show_default=False)] = None,
-    flops: Annotated[bool, typer.Option("--flops", help="--ratio counts FLOPs, not parameters.")] = False,
-    budget: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "budget"), show_default=False)] = None,
-    conv: Annotated[str | None, typer.Option(help=pass_help(PASS_NAME, "conv"), show_default=False)] = None,
-    clusters: Annotated[int | None, typer.Option(
-        help=pass_help(PASS_NAME, "clusters"), show_default=False)] = None,
+    energy: Annotated[
+        float | None, typer.Option(help=pass_help(PASS_NAME, "energy"), show_default=False)
+    ] = None,
+    ratio: Annotated[
+        float | None, typer.Option(help=pass_help(PASS_NAME, "ratio"), show_default=False)
+    ] = None,
+    flops: Annotated[
+        bool, typer.Option("--flops", help="--ratio counts FLOPs, not parameters.")
+    ] = False,
+    budget: Annotated[
+        float | None, typer.Option(help=pass_help(PASS_NAME, "budget"), show_default=False)
+    ] = None,
+    conv: Annotated[
+        str | None, typer.Option(help=pass_help(PASS_NAME, "conv"), show_default=False)
+    ] = None,
+    clusters: Annotated[
+        int | None, typer.Option(help=pass_help(PASS_NAME, "clusters"), show_default=False)
+    ] = None,
     speed: Annotated[bool, typer.Option("--speed", help=pass_help(PASS_NAME, "speed"))] = False,
-    latency_batch: Annotated[int | None, typer.Option(
-        help=pass_help(PASS_NAME, "latency_batch"), show_default=False)] = None,
-    min_params: Annotated[int | None, typer.Option(help=pass_help(PASS_NAME, "min_params"), show_default=False)] = None,
-    exclude: Annotated[list[str] | None, typer.Option(
-        help=pass_help(PASS_NAME, "exclude") + " Repeatable.", show_default=False)] = None,
-    plan: Annotated[Path | None, typer.Option("--plan", help=pass_help(PASS_NAME, "plan"), show_default=False)] = None,
-    save_plan: Annotated[Path | None, typer.Option("--save-plan", help="Write the plan as JSON.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and print; write no model.")] = False,
+    latency_batch: Annotated[
+        int | None, typer.Option(help=pass_help(PASS_NAME, "latency_batch"), show_default=False)
+    ] = None,
+    min_params: Annotated[
+        int | None, typer.Option(help=pass_help(PASS_NAME, "min_params"), show_default=False)
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help=pass_help(PASS_NAME, "exclude") + " Repeatable.", show_default=False),
+    ] = None,
+    plan: Annotated[
+        Path | None, typer.Option("--plan", help=pass_help(PASS_NAME, "plan"), show_default=False)
+    ] = None,
+    save_plan: Annotated[
+        Path | None, typer.Option("--save-plan", help="Write the plan as JSON.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Plan and print; write no model.")
+    ] = False,
     data: DataOption = None,
     report: ReportOption = None,
     min_cosine: MinCosineOption = None,
@@ -83,13 +107,21 @@ def lowrank(
                        speed=speed or None, latency_batch=latency_batch, min_params=min_params)
     if save_plan is not None:
         check_side_file(save_plan, "plan", model, output)
-    step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
+    step = Step(
+        pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1)
+    )
     if dry_run:
         plan_file(model, [step], data_path=data, save_plan=save_plan)
         return
     side_files: list[SideFile] = []
     if save_plan is not None:
-        side_files.append((save_plan, "plan", lambda result: plan_text(result.steps[0].report.notes.get("plan", {}))))
+        side_files.append(
+            (
+                save_plan,
+                "plan",
+                lambda result: plan_text(result.steps[0].report.notes.get("plan", {})),
+            )
+        )
     compress_file(model, output, [step], data_path=data, report_path=report, side_files=side_files,
                   input_shapes=input_shape, save=save_options(context))
 

@@ -72,20 +72,56 @@ def prune(
     context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output: OutputOption = None,
-    sparsity: Annotated[float | None, typer.Option(help=pass_help(MAGNITUDE, "sparsity"), show_default=False)] = None,
-    quality: Annotated[float | None, typer.Option(help=pass_help(MAGNITUDE, "quality"), show_default=False)] = None,
-    global_scope: Annotated[bool, typer.Option("--global", help="One threshold over all layers.")] = False,
-    structured: Annotated[bool, typer.Option("--structured", help="Remove whole neurons / channels.")] = False,
-    ratio: Annotated[float | None, typer.Option(
-        min=0.0, max=0.999, help="--structured: " + pass_help(STRUCTURED, "ratio"), show_default=False)] = None,
-    criterion: Annotated[str | None, typer.Option(
-        help="--structured: " + pass_help(STRUCTURED, "criterion"), show_default=False)] = None,
-    dead_neurons: Annotated[bool, typer.Option("--dead-neurons", help="After unstructured pruning, remove neurons left without connections (Han).")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="--structured or --dead-neurons: print the plan, write nothing.")] = False,
-    save_plan: Annotated[Path | None, typer.Option(help="--structured: write the plan as JSON.")] = None,
-    plan: Annotated[Path | None, typer.Option(help="--structured: " + pass_help(STRUCTURED, "plan"))] = None,
-    exclude: Annotated[list[str] | None, typer.Option(
-        help=pass_help(MAGNITUDE, "exclude") + " Repeatable.", show_default=False)] = None,
+    sparsity: Annotated[
+        float | None, typer.Option(help=pass_help(MAGNITUDE, "sparsity"), show_default=False)
+    ] = None,
+    quality: Annotated[
+        float | None, typer.Option(help=pass_help(MAGNITUDE, "quality"), show_default=False)
+    ] = None,
+    global_scope: Annotated[
+        bool, typer.Option("--global", help="One threshold over all layers.")
+    ] = False,
+    structured: Annotated[
+        bool, typer.Option("--structured", help="Remove whole neurons / channels.")
+    ] = False,
+    ratio: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.999,
+            help="--structured: " + pass_help(STRUCTURED, "ratio"),
+            show_default=False,
+        ),
+    ] = None,
+    criterion: Annotated[
+        str | None,
+        typer.Option(
+            help="--structured: " + pass_help(STRUCTURED, "criterion"), show_default=False
+        ),
+    ] = None,
+    dead_neurons: Annotated[
+        bool,
+        typer.Option(
+            "--dead-neurons",
+            help="After unstructured pruning, remove neurons left without connections (Han).",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="--structured or --dead-neurons: print the plan, write nothing."
+        ),
+    ] = False,
+    save_plan: Annotated[
+        Path | None, typer.Option(help="--structured: write the plan as JSON.")
+    ] = None,
+    plan: Annotated[
+        Path | None, typer.Option(help="--structured: " + pass_help(STRUCTURED, "plan"))
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help=pass_help(MAGNITUDE, "exclude") + " Repeatable.", show_default=False),
+    ] = None,
     data: DataOption = None,
     report: ReportOption = None,
     min_cosine: MinCosineOption = None,
@@ -97,20 +133,36 @@ def prune(
     side_files: list[SideFile] = []
     if structured:
         if sparsity is not None or quality is not None or global_scope:
-            raise UserError("--structured takes --ratio; --sparsity/--quality/--global are for unstructured pruning")
+            raise UserError(
+                "--structured takes --ratio; --sparsity/--quality/--global are for unstructured "
+                "pruning"
+            )
         options = _structured_options(ratio, criterion, exclude, plan)
         if save_plan is not None:
             check_side_file(save_plan, "plan", model, output)
             # written with the model, so a failed gate writes neither
-            side_files = [(save_plan, "plan", lambda result: plan_text(result.steps[0].report.notes["plan"]))]
-        steps = [Step(pass_name=STRUCTURED, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))]
+            side_files = [
+                (save_plan, "plan", lambda result: plan_text(result.steps[0].report.notes["plan"]))
+            ]
+        steps = [
+            Step(
+                pass_name=STRUCTURED,
+                options=options,
+                gate=gate_for(min_cosine, min_rank_corr, min_top1),
+            )
+        ]
     else:
         if save_plan is not None or plan is not None:
             raise UserError("--save-plan and --plan go with --structured")
         if dry_run and (sparsity is not None or quality is not None):
-            raise UserError("--dry-run goes with --structured or --dead-neurons alone (magnitude pruning has no plan)")
+            raise UserError(
+                "--dry-run goes with --structured or --dead-neurons alone (magnitude pruning has "
+                "no plan)"
+            )
         if sparsity is None and quality is None and not dead_neurons:
-            raise UserError("give --sparsity S or --quality Q (or --dead-neurons alone, or --structured)")
+            raise UserError(
+                "give --sparsity S or --quality Q (or --dead-neurons alone, or --structured)"
+            )
         magnitude: dict[str, object] = {"scope": "global" if global_scope else "layer",
                                         "exclude": tuple(exclude or ())}
         if sparsity is not None:
@@ -118,11 +170,23 @@ def prune(
         if quality is not None:
             magnitude["quality"] = quality
         steps = []
-        if sparsity is not None or quality is not None or not dead_neurons:  # --dead-neurons alone: only that
-            steps.append(Step(pass_name=MAGNITUDE, options=magnitude, gate=gate_for(min_cosine, min_rank_corr, min_top1)))
+        # --dead-neurons alone: only that
+        if sparsity is not None or quality is not None or not dead_neurons:
+            steps.append(
+                Step(
+                    pass_name=MAGNITUDE,
+                    options=magnitude,
+                    gate=gate_for(min_cosine, min_rank_corr, min_top1),
+                )
+            )
         if dead_neurons:
-            steps.append(Step(pass_name="prune.dead_neurons", options={"exclude": tuple(exclude or ())},
-                              gate=gate_for(min_cosine, min_rank_corr, min_top1)))
+            steps.append(
+                Step(
+                    pass_name="prune.dead_neurons",
+                    options={"exclude": tuple(exclude or ())},
+                    gate=gate_for(min_cosine, min_rank_corr, min_top1),
+                )
+            )
     if dry_run:
         plan_file(model, steps, data_path=data, save_plan=save_plan)
         return
@@ -146,16 +210,33 @@ def _parse_ratios(text: str) -> list[float]:
 @guarded
 def sensitivity(
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
-    output_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for sensitivity.json/.csv/.png.")],
+    output_dir: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for sensitivity.json/.csv/.png.")
+    ],
     data: DataOption = None,
-    ratios: Annotated[str, typer.Option(
-        help="Comma-separated pruning ratios per layer [default with --finetune: up to 0.99].")] = DEFAULT_RATIOS_TEXT,
-    min_cosine: Annotated[float, typer.Option(
-        min=-1.0, max=1.0, help="Budget without labels: whole-model output cosine (the default gate's).")
+    ratios: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated pruning ratios per layer [default with --finetune: up to 0.99]."
+        ),
+    ] = DEFAULT_RATIOS_TEXT,
+    min_cosine: Annotated[
+        float,
+        typer.Option(
+            min=-1.0,
+            max=1.0,
+            help="Budget without labels: whole-model output cosine (the default gate's).",
+        ),
     ] = cast(float, DEFAULT_GATE.min_cosine),
-    max_accuracy_drop: Annotated[float, typer.Option(min=0.0, max=100.0, help="Budget with labels: accuracy drop in points.")] = 0.5,
-    probes: Annotated[int, typer.Option(min=1, help="Random probe samples when no --data is given.")] = 64,
-    exclude: Annotated[list[str] | None, typer.Option(help="Weight-name glob left out (repeatable).")] = None,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(min=0.0, max=100.0, help="Budget with labels: accuracy drop in points.")
+    ] = 0.5,
+    probes: Annotated[
+        int, typer.Option(min=1, help="Random probe samples when no --data is given.")
+    ] = 64,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Weight-name glob left out (repeatable).")
+    ] = None,
     workers: WorkersOption = None,
     executor: ExecutorOption = "local",
     ray_address: RayAddressOption = None,
@@ -164,9 +245,15 @@ def sensitivity(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random probes.")] = 0,
     min_rank_corr: MinRankOption = None,
     min_top1: MinTop1Option = None,
-    finetune: Annotated[bool, typer.Option(
-        "--finetune", help="Rates for a pipeline that retrains: recipe.yaml is a ladder of rungs of doubling "
-        "tolerance (ratios to 0.99) for `optimize --recipe DIR/recipe.yaml --data train.npz --finetune`.")] = False,
+    finetune: Annotated[
+        bool,
+        typer.Option(
+            "--finetune",
+            help="Rates for a pipeline that retrains: recipe.yaml is a ladder of rungs of doubling "
+            "tolerance (ratios to 0.99) for `optimize --recipe DIR/recipe.yaml --data train.npz "
+            "--finetune`.",
+        ),
+    ] = False,
 ) -> None:
     """Prune each layer alone at each ratio (Han et al. Fig. 5); choose rates under a budget.
 
@@ -178,7 +265,11 @@ def sensitivity(
     from onnxcompress.passes.prune.sensitivity import Budget
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
 
-    ratio_list = list(RETRAIN_RATIOS) if finetune and ratios == DEFAULT_RATIOS_TEXT else _parse_ratios(ratios)
+    ratio_list = (
+        list(RETRAIN_RATIOS)
+        if finetune and ratios == DEFAULT_RATIOS_TEXT
+        else _parse_ratios(ratios)
+    )
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder; give a folder for the results")
     if not output_dir.resolve().parent.is_dir():
@@ -192,16 +283,34 @@ def sensitivity(
     budget = Budget(min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop / 100.0,
                     min_rank_correlation=gate.min_rank_correlation, min_top1=gate.min_top1)
     results = cache_for(cache, no_cache)
-    bar = Progress(TextColumn("per-layer sensitivity"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=True, disable=not console.is_terminal)
+    bar = Progress(
+        TextColumn("per-layer sensitivity"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
     with make_executor(executor, workers=workers, address=ray_address) as runner, bar as progress:
         task = progress.add_task("layers", total=None)
-        result = analyse(loaded, data=samples, ratios=ratio_list, budget=budget, probes=probes, seed=seed,
-                         exclude=tuple(exclude or ()), executor=runner, cache=results,
-                         on_layer=lambda done, total: progress.update(task, completed=done, total=total))
+        result = analyse(
+            loaded,
+            data=samples,
+            ratios=ratio_list,
+            budget=budget,
+            probes=probes,
+            seed=seed,
+            exclude=tuple(exclude or ()),
+            executor=runner,
+            cache=results,
+            on_layer=lambda done, total: progress.update(task, completed=done, total=total),
+        )
     written = write_outputs(result, output_dir, io.protected(loaded))
     if finetune:  # the plan for a pipeline that retrains replaces the one-step plan
-        writer.write_text(output_dir / "recipe.yaml", ladder_recipe_text(result), "output", io.protected(loaded))
+        writer.write_text(
+            output_dir / "recipe.yaml", ladder_recipe_text(result), "output", io.protected(loaded)
+        )
     table = Table(title=f"sensitivity ({result.metric}; baseline {result.baseline:.4f})")
     for column in ("layer", "params", "chosen rate"):
         table.add_column(column, justify="left" if column == "layer" else "right")

@@ -36,21 +36,40 @@ def sparsify(
     context: typer.Context,
     model: Annotated[Path, typer.Argument(help="The (pruned) ONNX model.", show_default=False)],
     output: OutputOption = None,
-    min_sparsity: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, help=pass_help(PASS_NAME, "min_sparsity"), show_default=False)] = None,
-    batch: Annotated[int | None, typer.Option(min=1, help=pass_help(PASS_NAME, "batch"), show_default=False)] = None,
+    min_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help=pass_help(PASS_NAME, "min_sparsity"), show_default=False
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(min=1, help=pass_help(PASS_NAME, "batch"), show_default=False)
+    ] = None,
     portable: Annotated[
-        bool, typer.Option("--portable/--no-portable", help=pass_help(PASS_NAME, "portable"), show_default=False)
+        bool,
+        typer.Option(
+            "--portable/--no-portable", help=pass_help(PASS_NAME, "portable"), show_default=False
+        ),
     ] = True,
     always: Annotated[
-        bool, typer.Option("--always", help="Convert every layer >= --min-sparsity without measuring speed.")
+        bool,
+        typer.Option(
+            "--always", help="Convert every layer >= --min-sparsity without measuring speed."
+        ),
     ] = False,
-    min_speedup: Annotated[float | None, typer.Option(help=pass_help(PASS_NAME, "min_speedup"), show_default=False)] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help=pass_help(PASS_NAME, "threads"), show_default=False)] = None,
-    min_params: Annotated[int | None, typer.Option(
-        min=0, help=pass_help(PASS_NAME, "min_params"), show_default=False)] = None,
-    exclude: Annotated[list[str] | None, typer.Option(
-        help=pass_help(PASS_NAME, "exclude") + " Repeatable.", show_default=False)] = None,
+    min_speedup: Annotated[
+        float | None, typer.Option(help=pass_help(PASS_NAME, "min_speedup"), show_default=False)
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help=pass_help(PASS_NAME, "threads"), show_default=False)
+    ] = None,
+    min_params: Annotated[
+        int | None, typer.Option(min=0, help=pass_help(PASS_NAME, "min_params"), show_default=False)
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help=pass_help(PASS_NAME, "exclude") + " Repeatable.", show_default=False),
+    ] = None,
     data: DataOption = None,
     report: ReportOption = None,
     min_cosine: MinCosineOption = None,
@@ -59,13 +78,29 @@ def sparsify(
     input_shape: InputShapeOption = None,
 ) -> None:
     """Run pruned MatMul/Gemm/Conv layers with sparse kernels where measurably faster (exact)."""
-    given = {"min_sparsity": min_sparsity, "batch": batch, "min_speedup": min_speedup, "threads": threads,
-             "min_params": min_params}  # None: the config's default
+    given = {
+        "min_sparsity": min_sparsity,
+        "batch": batch,
+        "min_speedup": min_speedup,
+        "threads": threads,
+        "min_params": min_params,
+    }  # None: the config's default
     options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
-    options.update(portable=portable, decide="always" if always else "measure", exclude=tuple(exclude or ()))
-    step = Step(pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1))
-    compress_file(model, output, [step], data_path=data, report_path=report, input_shapes=input_shape,
-                  save=save_options(context))
+    options.update(
+        portable=portable, decide="always" if always else "measure", exclude=tuple(exclude or ())
+    )
+    step = Step(
+        pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1)
+    )
+    compress_file(
+        model,
+        output,
+        [step],
+        data_path=data,
+        report_path=report,
+        input_shapes=input_shape,
+        save=save_options(context),
+    )
 
 
 def register(app: typer.Typer) -> None:

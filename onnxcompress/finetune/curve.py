@@ -16,7 +16,9 @@ from collections.abc import Mapping, Sequence
 logger = logging.getLogger(__name__)
 
 
-def curve_png(history: Sequence[Mapping[str, float]], best_epoch: int | None = None) -> bytes | None:
+def curve_png(
+    history: Sequence[Mapping[str, float]], best_epoch: int | None = None
+) -> bytes | None:
     """The loss curves (left axis) and held-out accuracy (right axis) per epoch, or None."""
     if not history:
         return None
@@ -26,21 +28,37 @@ def curve_png(history: Sequence[Mapping[str, float]], best_epoch: int | None = N
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed: the fine-tune curve is not drawn (pip install matplotlib)")
+        logger.warning(
+            "matplotlib is not installed: the fine-tune curve is not drawn (pip install matplotlib)"
+        )
         return None
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(figsize=(6.5, 4), dpi=100)
-    axes.plot(epochs, [row["loss"] for row in history], marker="o", markersize=3, label="training loss")
+    axes.plot(
+        epochs, [row["loss"] for row in history], marker="o", markersize=3, label="training loss"
+    )
     if all("held_out_loss" in row for row in history):
-        axes.plot(epochs, [row["held_out_loss"] for row in history], marker="o", markersize=3, label="held-out loss")
+        axes.plot(
+            epochs,
+            [row["held_out_loss"] for row in history],
+            marker="o",
+            markersize=3,
+            label="held-out loss",
+        )
     axes.set_xlabel("epoch")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
     handles, labels = axes.get_legend_handles_labels()
     if all("held_out_accuracy" in row for row in history):
         right = axes.twinx()
-        right.plot(epochs, [100 * row["held_out_accuracy"] for row in history], color="tab:green", marker="s",
-                   markersize=3, label="held-out accuracy (%)")
+        right.plot(
+            epochs,
+            [100 * row["held_out_accuracy"] for row in history],
+            color="tab:green",
+            marker="s",
+            markersize=3,
+            label="held-out accuracy (%)",
+        )
         right.set_ylabel("held-out accuracy (%)")
         more_handles, more_labels = right.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels

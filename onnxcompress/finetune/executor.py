@@ -98,7 +98,8 @@ def default_trainable(model: ir.Model) -> set[str]:
                 frozen.add(value.name or "")
             elif (node.op_type, index) in _LEARNED_ROLES:
                 learned.add(value.name or "")
-    for node in model.graph:  # value_float(s) Constants are literals (write-back keeps tensors only)
+    # value_float(s) Constants are literals (write-back keeps tensors only)
+    for node in model.graph:
         if node.op_type == "Constant" and "value" not in node.attributes:
             frozen.add(node.outputs[0].name or "")
     names: set[str] = set()
@@ -117,7 +118,9 @@ def _torch_compatible(array: np.ndarray, name: str) -> np.ndarray:
     if kind == "int4":
         return array.astype(np.int8)
     if array.dtype.kind == "V" or kind.startswith("float8") or kind.startswith("float4"):
-        raise UnsupportedModelError(f"tensor {name!r} has type {kind}, which the fine-tune executor cannot hold")
+        raise UnsupportedModelError(
+            f"tensor {name!r} has type {kind}, which the fine-tune executor cannot hold"
+        )
     return array
 
 
@@ -167,13 +170,17 @@ class OnnxModule(nn.Module):
         for name, array in constants.items():
             key = _safe_key(name, taken)
             self._keys[name] = key
-            self.tensors[key] = _Holder(array, trainable=bool(wanted(name)) and array.dtype.kind == "f")
+            self.tensors[key] = _Holder(
+                array, trainable=bool(wanted(name)) and array.dtype.kind == "f"
+            )
 
         self.input_names = [v.name or "" for v in graph.inputs if (v.name or "") not in constants]
         self.optional_inputs = [v.name or "" for v in graph.inputs if (v.name or "") in constants]
         self.output_names = [v.name or "" for v in graph.outputs]
         self.input_dtypes = {
-            v.name or "": TORCH_DTYPES.get(int(v.dtype), torch.float32) if v.dtype else torch.float32
+            v.name or "": TORCH_DTYPES.get(int(v.dtype), torch.float32)
+            if v.dtype
+            else torch.float32
             for v in graph.inputs
         }
         self._steps: list[tuple[Callable[..., Any], list[str], list[str]]] = []
@@ -232,7 +239,9 @@ class OnnxModule(nn.Module):
         if parametrizations is not None and "weight" in parametrizations:
             originals = self.originals(name)
             if len(originals) != 1:
-                raise KeyError(f"{name!r} is parametrized by {len(originals)} tensors; use originals()")
+                raise KeyError(
+                    f"{name!r} is parametrized by {len(originals)} tensors; use originals()"
+                )
             return originals[0]
         weight = holder.weight
         if not isinstance(weight, nn.Parameter):
@@ -247,7 +256,10 @@ class OnnxModule(nn.Module):
             entry = parametrizations.weight
             if hasattr(entry, "original"):
                 return [entry.original]
-            return [getattr(entry, f"original{i}") for i in range(len(list(entry.parameters(recurse=False))))]
+            return [
+                getattr(entry, f"original{i}")
+                for i in range(len(list(entry.parameters(recurse=False))))
+            ]
         weight = holder.weight
         return [weight] if isinstance(weight, nn.Parameter) else []
 
@@ -316,7 +328,8 @@ class OnnxModule(nn.Module):
                 raise DataError(
                     f"{self._labels[index]} failed on inputs of shapes "
                     f"{[tuple(env[n].shape) if isinstance(env[n], torch.Tensor) else None for n in ins]}: "
-                    f"{str(error).splitlines()[0]} (a model exported with a fixed batch size only runs "
+                    f"{str(error).splitlines()[0]} (a model exported with a fixed batch size only "
+                    "runs "
                     "batches of that size)"
                 ) from error
             for name, value in zip(outs, results, strict=False):

@@ -68,7 +68,9 @@ class Codebook(nn.Module):
     def __init__(self, indices: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("indices", indices.to(torch.long))
-        self.register_buffer("keep", (keep if keep is not None else torch.ones_like(indices)).to(torch.bool))
+        self.register_buffer(
+            "keep", (keep if keep is not None else torch.ones_like(indices)).to(torch.bool)
+        )
 
     def forward(self, centroids: torch.Tensor) -> torch.Tensor:
         shared = centroids[self.indices]
@@ -79,7 +81,9 @@ class Codebook(nn.Module):
         flat = self.indices[self.keep]
         size = int(self.indices.max().item()) + 1 if self.indices.numel() else 0
         sums = torch.zeros(size, dtype=weight.dtype).index_add_(0, flat, weight[self.keep])
-        counts = torch.zeros(size, dtype=weight.dtype).index_add_(0, flat, torch.ones_like(weight[self.keep]))
+        counts = torch.zeros(size, dtype=weight.dtype).index_add_(
+            0, flat, torch.ones_like(weight[self.keep])
+        )
         return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
 
 
@@ -119,7 +123,10 @@ def add_mask(module: OnnxModule, name: str, mask: np.ndarray | torch.Tensor | No
         mask = holder.weight.detach() != 0
     mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
     if tuple(mask.shape) != tuple(holder.weight.shape):
-        raise UserError(f"mask for {name!r} has shape {tuple(mask.shape)}, the weight {tuple(holder.weight.shape)}")
+        raise UserError(
+            f"mask for {name!r} has shape {tuple(mask.shape)}, the weight "
+            f"{tuple(holder.weight.shape)}"
+        )
     parametrize.register_parametrization(holder, "weight", Mask(mask))
 
 
@@ -141,17 +148,26 @@ def add_codebook(
         values, inverse = torch.unique(weight, return_inverse=True)
         indices = inverse
         centroids = values
-    indices_t = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices)
+    indices_t = torch.as_tensor(
+        np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices
+    )
     if tuple(indices_t.shape) != tuple(weight.shape):
-        raise UserError(f"codebook indices for {name!r} have shape {tuple(indices_t.shape)}, not {tuple(weight.shape)}")
+        raise UserError(
+            f"codebook indices for {name!r} have shape {tuple(indices_t.shape)}, not "
+            f"{tuple(weight.shape)}"
+        )
     codebook = Codebook(indices_t, keep)
     parametrize.register_parametrization(holder, "weight", codebook, unsafe=True)
     if centroids is not None:
         with torch.no_grad():
             original = holder.parametrizations.weight.original
-            given = torch.as_tensor(np.asarray(centroids) if not isinstance(centroids, torch.Tensor) else centroids)
+            given = torch.as_tensor(
+                np.asarray(centroids) if not isinstance(centroids, torch.Tensor) else centroids
+            )
             if given.shape != original.shape:
-                raise UserError(f"{name!r}: {given.numel()} centroids for {original.numel()} indices")
+                raise UserError(
+                    f"{name!r}: {given.numel()} centroids for {original.numel()} indices"
+                )
             original.copy_(given.to(original.dtype))
 
 
@@ -164,7 +180,9 @@ def add_low_rank(module: OnnxModule, name: str, rank: int) -> None:
     parametrize.register_parametrization(holder, "weight", LowRank(shape, rank), unsafe=True)
 
 
-def attach_structure(module: OnnxModule, model: ir.Model, names: Iterable[str] | None = None) -> dict[str, str]:
+def attach_structure(
+    module: OnnxModule, model: ir.Model, names: Iterable[str] | None = None
+) -> dict[str, str]:
     """Masks so that every zero of a weight (and of a codebook) stays zero while training.
 
     `names`: the weights to consider (default: every weight site and in-graph codebook that

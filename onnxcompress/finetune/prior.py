@@ -62,10 +62,14 @@ class MixturePrior(nn.Module):
         """[n, J + 1]: log pi_j + log N(w | mu_j, sigma_j^2)."""
         precision = self.log_precision.exp()
         diff = flat[:, None] - self.all_means()[None, :]
-        log_normal = 0.5 * (self.log_precision - math.log(2 * math.pi)) - 0.5 * precision * diff * diff
+        log_normal = (
+            0.5 * (self.log_precision - math.log(2 * math.pi)) - 0.5 * precision * diff * diff
+        )
         return log_normal + self.log_weights()[None, :]
 
-    def negative_log_prob(self, weights: list[torch.Tensor], sample: int | None = None) -> torch.Tensor:
+    def negative_log_prob(
+        self, weights: list[torch.Tensor], sample: int | None = None
+    ) -> torch.Tensor:
         """-log p(W) - log p(precisions): the complexity term of the paper's eq. 4.
 
         With `sample`, -log p(W) is estimated from that many weights drawn (torch's seeded

@@ -46,7 +46,9 @@ class RegularisedLayer:
     in_axis: int | None
 
 
-def regularised_layers(model: ir.Model, trained: Sequence[str], config: FinetuneConfig) -> list[RegularisedLayer]:
+def regularised_layers(
+    model: ir.Model, trained: Sequence[str], config: FinetuneConfig
+) -> list[RegularisedLayer]:
     """The trained weight sites matching `config.regularise` (every weight site by default)."""
     from onnxcompress.sites import find_weight_sites
 
@@ -54,13 +56,17 @@ def regularised_layers(model: ir.Model, trained: Sequence[str], config: Finetune
     for site in find_weight_sites(model, min_params=0).sites:
         if site.name not in trained:
             continue
-        if config.regularise and not any(fnmatch.fnmatchcase(site.name, p) for p in config.regularise):
+        if config.regularise and not any(
+            fnmatch.fnmatchcase(site.name, p) for p in config.regularise
+        ):
             continue
         layers.append(RegularisedLayer(site.name, site.out_axis, site.in_axis))
     return layers
 
 
-def penalty(module: OnnxModule, layers: Sequence[RegularisedLayer], config: FinetuneConfig) -> torch.Tensor | None:
+def penalty(
+    module: OnnxModule, layers: Sequence[RegularisedLayer], config: FinetuneConfig
+) -> torch.Tensor | None:
     """The differentiable terms (L1, biased decay) summed over `layers`, or None when both are off."""
     if not layers or (config.l1 <= 0 and config.biased_decay <= 0):
         return None
@@ -71,12 +77,18 @@ def penalty(module: OnnxModule, layers: Sequence[RegularisedLayer], config: Fine
             total = total + config.l1 * weight.abs().sum()
         if config.biased_decay > 0:
             square = weight * weight
-            bias = square / (1 + square) if config.biased_decay_kind == "hyperbolic" else 1 - torch.exp(-square)
+            bias = (
+                square / (1 + square)
+                if config.biased_decay_kind == "hyperbolic"
+                else 1 - torch.exp(-square)
+            )
             total = total + config.biased_decay * bias.sum()
     return total
 
 
-def group_axes(shape: Sequence[int], kind: str, out_axis: int | None, in_axis: int | None) -> tuple[int, ...]:
+def group_axes(
+    shape: Sequence[int], kind: str, out_axis: int | None, in_axis: int | None
+) -> tuple[int, ...]:
     """The axes a group's norm is taken over (the others index the groups)."""
     every = tuple(range(len(shape)))
     if kind == "depth":
@@ -98,8 +110,11 @@ def proximal_group_step(
     threshold = lr * config.group_lasso
     for layer in layers:
         originals = list(module.originals(layer.name))
-        if len(originals) != 1 or tuple(originals[0].shape) != tuple(module.tensor(layer.name).shape):
-            continue  # low-rank factors or codebooks: groups of the product are not groups of a factor
+        if len(originals) != 1 or tuple(originals[0].shape) != tuple(
+            module.tensor(layer.name).shape
+        ):
+            # low-rank factors or codebooks: groups of the product are not groups of a factor
+            continue
         parameter = originals[0]
         effective = module.tensor(layer.name)  # masked entries count as the zeros they are
         for kind in config.groups:

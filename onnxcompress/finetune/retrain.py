@@ -58,8 +58,13 @@ def accuracy_change(labels: np.ndarray) -> TaskMetric:
 
 def _extended_ladder(steps: Sequence[Step]) -> list[Step]:
     """Rungs past the last uniform magnitude rung: the kept share halved `EXTRA_RUNGS` times."""
-    rungs = [i for i, s in enumerate(steps) if s.pass_name == "prune.magnitude" and "overrides" not in s.options
-             and "sparsity" in s.options]
+    rungs = [
+        i
+        for i, s in enumerate(steps)
+        if s.pass_name == "prune.magnitude"
+        and "overrides" not in s.options
+        and "sparsity" in s.options
+    ]
     if not rungs:
         return list(steps)
     last = rungs[-1]
@@ -68,7 +73,9 @@ def _extended_ladder(steps: Sequence[Step]) -> list[Step]:
     extra = []
     for _ in range(EXTRA_RUNGS):
         kept /= 2
-        extra.append(top.model_copy(update={"options": {**top.options, "sparsity": round(1.0 - kept, 6)}}))
+        extra.append(
+            top.model_copy(update={"options": {**top.options, "sparsity": round(1.0 - kept, 6)}})
+        )
     return [*steps[: last + 1], *extra, *steps[last + 1:]]
 
 

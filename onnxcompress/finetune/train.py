@@ -181,9 +181,12 @@ def _upstream_weight(model: ir.Model, node: ir.Node) -> str | None:
         if id(producer) in weights:
             return weights[id(producer)]
         if producer.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
-            return None  # a layer whose weight is not a constant (e.g. Transpose(W)): never walk past it
+            # a layer whose weight is not a constant (e.g. Transpose(W)): never walk past it
+            return None
         # follow the activation, not a constant operand (torch writes Add(bias, MatMul) too)
-        value = next((v for v in producer.inputs if v is not None and _constant_of(v) is None), None)
+        value = next(
+            (v for v in producer.inputs if v is not None and _constant_of(v) is None), None
+        )
     return None
 
 
@@ -196,12 +199,16 @@ def _constant_of(value: ir.Value) -> np.ndarray | None:
     return array
 
 
-def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | None) -> dict[str, float]:
+def _rescale_dropout(
+    module: OnnxModule, model: ir.Model, original: ir.Model | None
+) -> dict[str, float]:
     """Set each Dropout node's training ratio from its layer's connection counts."""
     if original is None:
         return {}
     original_values = {
-        name: value.const_value for name, value in original.graph.initializers.items() if value.const_value is not None
+        name: value.const_value
+        for name, value in original.graph.initializers.items()
+        if value.const_value is not None
     }
     ratios = {}
     for node in model.graph:
@@ -212,7 +219,9 @@ def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | N
         if weight is None or weight not in original_values or name not in module.dropout_nodes:
             continue
         old_ratio = 0.5
-        ratio_input = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        ratio_input = (
+            node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        )
         held = _constant_of(ratio_input) if ratio_input is not None else None
         if held is not None:
             old_ratio = float(held)
@@ -222,7 +231,14 @@ def _rescale_dropout(module: OnnxModule, model: ir.Model, original: ir.Model | N
         c_new = int(np.count_nonzero(module.tensor(weight).detach().numpy()))
         ratios[name] = dropout_ratio(old_ratio, c_old, c_new)
         module.set_dropout_ratio(name, ratios[name])
-        logger.info("dropout %s: ratio %.3f -> %.3f (%d -> %d connections)", name, old_ratio, ratios[name], c_old, c_new)
+        logger.info(
+            "dropout %s: ratio %.3f -> %.3f (%d -> %d connections)",
+            name,
+            old_ratio,
+            ratios[name],
+            c_old,
+            c_new,
+        )
     return ratios
 
 
@@ -230,11 +246,16 @@ def _feeds(module: OnnxModule, batch: Mapping[str, np.ndarray]) -> dict[str, tor
     missing = [n for n in module.input_names if n not in batch]
     if missing:
         unknown = sorted(k for k in batch if k not in module.input_names and k != LABELS)
-        raise DataError(f"a batch lacks model inputs {missing}" + (f"; it has {unknown} instead" if unknown else ""))
+        raise DataError(
+            f"a batch lacks model inputs {missing}"
+            + (f"; it has {unknown} instead" if unknown else "")
+        )
     return {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items() if k in module.input_names}
 
 
-def evaluate(module: OnnxModule, data: Arrays, batch_size: int = 256, max_samples: int | None = None) -> float:
+def evaluate(
+    module: OnnxModule, data: Arrays, batch_size: int = 256, max_samples: int | None = None
+) -> float:
     """Top-1 accuracy of the first output against ``labels``."""
     if LABELS not in data:
         raise DataError("accuracy needs labels in the data")
@@ -283,7 +304,9 @@ def _scheduler(
     if options.lr_schedule != "cosine":
         raise UserError(f"lr_schedule must be constant or cosine, not {options.lr_schedule!r}")
     steps = max(total_steps, 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
 
 
 def finetune(
@@ -311,7 +334,8 @@ def finetune(
         torch.manual_seed(options.seed or 0)
         run = _prepare(model, data, original, options, module, progress)
         run.replica = replica
-        run.forward = replica.wrap(run.module) if replica is not None else run.module  # DDP syncs gradients
+        # DDP syncs gradients
+        run.forward = replica.wrap(run.module) if replica is not None else run.module
         ratios = _rescale_dropout(run.module, model, original) if options.dropout_rescale else {}
         lr = options.lr if options.lr is not None else find_lr(run)
         history, stopped, best = _train(run, lr)
@@ -353,11 +377,26 @@ def _prepare(
     samples = num_samples(train) if isinstance(train, Mapping) else sum(
         len(next(iter(b.values()))) for b in train())
     rng = np.random.default_rng(options.seed or 0)
-    return _Run(module, teacher, names, structure, loss_kind, options, train, held_out, layers, prior,
-                max(samples, 1), rng, progress)
+    return _Run(
+        module,
+        teacher,
+        names,
+        structure,
+        loss_kind,
+        options,
+        train,
+        held_out,
+        layers,
+        prior,
+        max(samples, 1),
+        rng,
+        progress,
+    )
 
 
-def _loss_kind(module: OnnxModule, teacher: OnnxModule, data: Arrays | Batches, options: FinetuneConfig) -> str:
+def _loss_kind(
+    module: OnnxModule, teacher: OnnxModule, data: Arrays | Batches, options: FinetuneConfig
+) -> str:
     first: Mapping[str, np.ndarray]
     if isinstance(data, Mapping):
         check_data(data, module.input_names)
@@ -373,7 +412,9 @@ def _loss_kind(module: OnnxModule, teacher: OnnxModule, data: Arrays | Batches, 
     return loss_kind
 
 
-def _split(data: Arrays | Batches, options: FinetuneConfig) -> tuple[Arrays | Batches, Arrays | None]:
+def _split(
+    data: Arrays | Batches, options: FinetuneConfig
+) -> tuple[Arrays | Batches, Arrays | None]:
     """(training data, held-out data): a seeded share held out only when epochs are automatic."""
     if not options.auto_epochs or options.validation_split <= 0 or not isinstance(data, Mapping):
         return data, None
@@ -394,7 +435,9 @@ def _task_loss(run: _Run, batch: Arrays) -> torch.Tensor:
     with torch.no_grad():
         reference = run.teacher(**feeds) if run.loss_kind != "cross_entropy" else None
     forward = run.forward if run.forward is not None and run.module.training else run.module
-    return compute_loss(run.loss_kind, forward(**feeds), batch, reference, temperature=run.options.temperature)
+    return compute_loss(
+        run.loss_kind, forward(**feeds), batch, reference, temperature=run.options.temperature
+    )
 
 
 def _step_loss(run: _Run, batch: Arrays) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,7 +548,9 @@ def _planned_epochs(run: _Run) -> tuple[int, int]:
     """(epochs, steps per epoch): the given epochs, or enough for `max_steps` (at least 3)."""
     if isinstance(run.train, Mapping):
         count = num_samples(run.train)
-        count = min(count, run.options.max_samples) if run.options.max_samples is not None else count
+        count = (
+            min(count, run.options.max_samples) if run.options.max_samples is not None else count
+        )
         per_epoch = max(math.ceil(count / run.options.batch_size), 1)
     else:
         per_epoch = max(sum(1 for _ in run.train()), 1)
@@ -519,7 +564,9 @@ def _train(run: _Run, lr: float) -> tuple[list[dict[str, float]], bool, int]:
     epochs, per_epoch = _planned_epochs(run)
     optimizer = _optimizer(run, lr)
     scheduler = _scheduler(optimizer, run.options, epochs * per_epoch)
-    probes = _probe_set(run.train if run.held_out is None else run.held_out, run.options.probe_samples)
+    probes = _probe_set(
+        run.train if run.held_out is None else run.held_out, run.options.probe_samples
+    )
     history: list[dict[str, float]] = []
     first_loss: float | None = None
     best_score, best_epoch, best_state, stale = -math.inf, 0, None, 0
@@ -531,7 +578,8 @@ def _train(run: _Run, lr: float) -> tuple[list[dict[str, float]], bool, int]:
         if epoch == 0 and record["loss"] == 0.0 and run.loss_kind != "cross_entropy":
             logger.warning(
                 "the %s loss against the teacher is exactly 0: the teacher computes what the model "
-                "does, so there is nothing to learn (give the uncompressed model as teacher)", run.loss_kind
+                "does, so there is nothing to learn (give the uncompressed model as teacher)",
+                run.loss_kind,
             )
         record.update(_targets(run, probes))
         history.append(record)
@@ -557,7 +605,9 @@ def _train(run: _Run, lr: float) -> tuple[list[dict[str, float]], bool, int]:
 
 
 def _train_epoch(
-    run: _Run, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    run: _Run,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
 ) -> tuple[dict[str, float], float | None]:
     """One pass over the training batches: ({loss, lr[, objective]}, the first step's task loss).
 
@@ -571,7 +621,9 @@ def _train_epoch(
         loss.backward()
         optimizer.step()
         if run.options.group_lasso > 0:
-            proximal_group_step(run.module, run.layers, run.options, optimizer.param_groups[0]["lr"])
+            proximal_group_step(
+                run.module, run.layers, run.options, optimizer.param_groups[0]["lr"]
+            )
         if scheduler is not None:
             scheduler.step()
         n = len(next(iter(batch.values())))
@@ -643,7 +695,9 @@ def _set_to_means(run: _Run) -> list[float]:
         originals = run.module.originals(layer.name)
         value = run.prior.quantise(run.module.tensor(layer.name))
         if len(originals) != 1 or tuple(originals[0].shape) != tuple(value.shape):
-            raise UserError(f"the gmm prior cannot quantise {layer.name!r}: it is not a plain weight")
+            raise UserError(
+                f"the gmm prior cannot quantise {layer.name!r}: it is not a plain weight"
+            )
         originals[0].copy_(value)
         used.update(float(v) for v in torch.unique(run.module.tensor(layer.name)))
     return sorted(used)
@@ -661,7 +715,11 @@ def _targets(run: _Run, probes: Mapping[str, np.ndarray]) -> dict[str, float]:
     options = run.options
     if options.target_cosine is not None:
         out["cosine"] = _cosine(run.module, run.teacher, probes)
-    if options.target_accuracy is not None and isinstance(run.train, Mapping) and LABELS in run.train:
+    if (
+        options.target_accuracy is not None
+        and isinstance(run.train, Mapping)
+        and LABELS in run.train
+    ):
         out["accuracy"] = evaluate(run.module, run.train, max_samples=options.max_samples)
     return out
 
@@ -681,11 +739,17 @@ def _warn_if_diverged(first_loss: float | None, history: list[dict[str, float]])
         return
     last = history[-1]["loss"]
     if not math.isfinite(last) or last > 2.0 * first_loss + 1e-6:
-        logger.warning("fine-tuning diverged: loss %.4g at the first step, %.4g over the last epoch; "
-                       "try a lower --lr", first_loss, last)
+        logger.warning(
+            "fine-tuning diverged: loss %.4g at the first step, %.4g over the last epoch; "
+            "try a lower --lr",
+            first_loss,
+            last,
+        )
 
 
-def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def write_back(
+    model: ir.Model, arrays: Mapping[str, np.ndarray]
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Swap trained arrays into `model` by name: same shapes and dtypes, no graph edits.
 
     Returns (name, before, after) for every tensor whose values changed. Checks every name,
@@ -702,13 +766,19 @@ def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[
         if name not in holders:
             raise UserError(f"write-back: no initializer or Constant named {name!r}")
         value, holder_node = holders[name]
-        old = value.const_value if holder_node is None else holder_node.attributes["value"].as_tensor()
+        old = (
+            value.const_value
+            if holder_node is None
+            else holder_node.attributes["value"].as_tensor()
+        )
         if old is None:
             raise UserError(f"write-back: {name!r} holds no tensor")
         before = old.numpy()
         after = np.asarray(array).astype(before.dtype, copy=False)
         if after.shape != before.shape:
-            raise UserError(f"write-back: {name!r} has shape {after.shape}, the model {before.shape}")
+            raise UserError(
+                f"write-back: {name!r} has shape {after.shape}, the model {before.shape}"
+            )
         if not np.array_equal(after, before):
             plan.append((name, value, holder_node, before, after))
     for _, value, _, _, after in plan:

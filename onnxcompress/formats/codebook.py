@@ -77,7 +77,9 @@ class CodebookLayer:
         assert tensor is not None
         stored = np.asarray(tensor.numpy())
         if self.index_dtype == PACKED_DTYPE:
-            return unpack_indices(stored, int(stored.shape[1]), math.prod(self.shape)).reshape(self.shape)
+            return unpack_indices(stored, int(stored.shape[1]), math.prod(self.shape)).reshape(
+                self.shape
+            )
         return stored.astype(np.uint8)
 
     @property
@@ -120,7 +122,11 @@ def _match(graph: ir.Graph, node: ir.Node) -> CodebookLayer | None:
         return None
     k = int(codebook.shape[0])
     recorded = node.metadata_props.get(BITS_KEY)
-    bits = int(recorded) if recorded and recorded.isdigit() else stored_bits or max(1, math.ceil(math.log2(max(k, 2))))
+    bits = (
+        int(recorded)
+        if recorded and recorded.isdigit()
+        else stored_bits or max(1, math.ceil(math.log2(max(k, 2))))
+    )
     output = node.outputs[0]
     return CodebookLayer(
         name=output.name or "",
@@ -218,9 +224,13 @@ def insert_codebook(
     name = weight.name
     assert name is not None
     index_tensor = (
-        ir.Tensor(indices, dtype=ir.DataType.UINT4, name=unique_name(graph, f"{name}.codebook_indices"))
+        ir.Tensor(
+            indices, dtype=ir.DataType.UINT4, name=unique_name(graph, f"{name}.codebook_indices")
+        )
         if packed
-        else ir.tensor(indices.astype(np.uint8), name=unique_name(graph, f"{name}.codebook_indices"))
+        else ir.tensor(
+            indices.astype(np.uint8), name=unique_name(graph, f"{name}.codebook_indices")
+        )
     )
     index_value = ir.Value(
         name=index_tensor.name, const_value=index_tensor,
@@ -231,7 +241,9 @@ def insert_codebook(
         name=codebook_tensor.name, const_value=codebook_tensor,
         shape=ir.Shape(codebook.shape), type=ir.TensorType(codebook_tensor.dtype),
     )
-    cast = ir.node("Cast", [index_value], attributes={"to": ir.DataType.INT32}, name=f"{name}.codebook_cast")
+    cast = ir.node(
+        "Cast", [index_value], attributes={"to": ir.DataType.INT32}, name=f"{name}.codebook_cast"
+    )
     gather = ir.node("Gather", [codebook_value, cast.outputs[0]], attributes={"axis": 0},
                      name=f"{name}.codebook_gather")
     cast.outputs[0].name = unique_name(graph, f"{name}.codebook_indices_int32")

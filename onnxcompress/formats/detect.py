@@ -29,7 +29,11 @@ def _constant_dtype(value: ir.Value | None) -> ir.DataType | None:
     if value is None:
         return None
     producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+    if (
+        producer is not None
+        and producer.op_type == "Constant"
+        and producer.domain in ("", "ai.onnx")
+    ):
         attribute = producer.attributes.get("value")
         if attribute is not None and attribute.type == ir.AttributeType.TENSOR:
             return attribute.as_tensor().dtype

@@ -91,7 +91,11 @@ def to_csr(weight: np.ndarray, index_dtype: IndexDtype = "auto") -> CsrWeight:
 
 
 def validate_csr(
-    values: np.ndarray, col_indices: np.ndarray, row_ptr: np.ndarray, in_features: int, out_features: int
+    values: np.ndarray,
+    col_indices: np.ndarray,
+    row_ptr: np.ndarray,
+    in_features: int,
+    out_features: int,
 ) -> None:
     """Raise ValueError naming the offending value, in the kernel's words."""
     if row_ptr.shape != (out_features + 1,):
@@ -105,15 +109,25 @@ def validate_csr(
         at = int(decreasing[0]) + 1
         raise ValueError(f"row_ptr decreases at {at}: {row_ptr[at - 1]} > {row_ptr[at]}")
     if row_ptr[-1] != col_indices.size:
-        raise ValueError(f"row_ptr[N] = {row_ptr[-1]} but col_indices has {col_indices.size} entries")
-    bad = np.nonzero((col_indices.astype(np.int64) < 0) | (col_indices.astype(np.int64) >= in_features))[0]
+        raise ValueError(
+            f"row_ptr[N] = {row_ptr[-1]} but col_indices has {col_indices.size} entries"
+        )
+    bad = np.nonzero(
+        (col_indices.astype(np.int64) < 0) | (col_indices.astype(np.int64) >= in_features)
+    )[0]
     if bad.size:
         at = int(bad[0])
-        raise ValueError(f"col_indices[{at}] = {col_indices[at]} is out of range [0, {in_features})")
+        raise ValueError(
+            f"col_indices[{at}] = {col_indices[at]} is out of range [0, {in_features})"
+        )
 
 
 def dense_from_csr(
-    values: np.ndarray, col_indices: np.ndarray, row_ptr: np.ndarray, in_features: int, out_features: int
+    values: np.ndarray,
+    col_indices: np.ndarray,
+    row_ptr: np.ndarray,
+    in_features: int,
+    out_features: int,
 ) -> np.ndarray:
     """The K × N dense weight the CSR arrays describe (duplicates add up)."""
     validate_csr(values, col_indices, row_ptr, in_features, out_features)
@@ -134,8 +148,12 @@ def sparse_matmul_reference(
 ) -> np.ndarray:
     """Y = X · W (+ bias), computed densely in float64 and returned as float32."""
     if x.shape[-1] != in_features:
-        raise ValueError(f"X has shape {list(x.shape)}, its last dimension must be K = {in_features}")
-    weight = dense_from_csr(values, col_indices, row_ptr, in_features, out_features).astype(np.float64)
+        raise ValueError(
+            f"X has shape {list(x.shape)}, its last dimension must be K = {in_features}"
+        )
+    weight = dense_from_csr(values, col_indices, row_ptr, in_features, out_features).astype(
+        np.float64
+    )
     y = x.astype(np.float64) @ weight
     if bias is not None:
         y = y + bias.astype(np.float64).reshape(out_features)
@@ -192,7 +210,9 @@ def codebook_matmul_reference(
 ) -> np.ndarray:
     """Y = X · codebook[indices] (+ bias), in float64, returned as float32."""
     if x.shape[-1] != in_features:
-        raise ValueError(f"X has shape {list(x.shape)}, its last dimension must be K = {in_features}")
+        raise ValueError(
+            f"X has shape {list(x.shape)}, its last dimension must be K = {in_features}"
+        )
     expected = (out_features, packed_row_bytes(in_features, bits))
     if packed.shape != expected:
         raise ValueError(f"indices has shape {list(packed.shape)}, expected {list(expected)}")
@@ -207,7 +227,8 @@ def codebook_matmul_reference(
         # the first offender in storage order (row n of W^T, then column k), as the kernel scans
         n, k = np.unravel_index(int(np.argmax(indices.T >= codebook.size)), indices.T.shape)
         raise ValueError(
-            f"index of W[{k}, {n}] = {indices[k, n]} is out of range for a codebook of {codebook.size} entries"
+            f"index of W[{k}, {n}] = {indices[k, n]} is out of range for a codebook of "
+            f"{codebook.size} entries"
         )
     weight = codebook.astype(np.float64)[indices.astype(np.int64)]
     y = x.astype(np.float64) @ weight
@@ -228,12 +249,19 @@ def sparse_codebook_matmul_reference(
 ) -> np.ndarray:
     """SparseMatMul whose values are codebook[indices] (the EIE layout)."""
     if not 1 <= codebook.size <= 256:
-        raise ValueError(f"codebook has shape {list(codebook.shape)}, expected [C] with 1 <= C <= 256")
+        raise ValueError(
+            f"codebook has shape {list(codebook.shape)}, expected [C] with 1 <= C <= 256"
+        )
     if indices.shape != col_indices.shape:
-        raise ValueError(f"values has {indices.size} entries but col_indices has {col_indices.size}")
+        raise ValueError(
+            f"values has {indices.size} entries but col_indices has {col_indices.size}"
+        )
     bad = np.nonzero(indices.astype(np.int64) >= codebook.size)[0]
     if bad.size:
         at = int(bad[0])
-        raise ValueError(f"indices[{at}] = {indices[at]} is out of range for a codebook of {codebook.size} entries")
+        raise ValueError(
+            f"indices[{at}] = {indices[at]} is out of range for a codebook of {codebook.size} "
+            "entries"
+        )
     values = codebook.astype(np.float32)[indices.astype(np.int64)]
     return sparse_matmul_reference(x, values, col_indices, row_ptr, bias, in_features, out_features)

@@ -123,7 +123,9 @@ def _csr_dense(values: str) -> list[onnx.NodeProto]:
         helper.make_node("Cast", ["starts32"], ["starts"], to=i64),
         helper.make_node("Shape", ["starts"], ["starts_count"]),
         _filled("ones", "starts_count", i32, 1),
-        helper.make_node("ScatterElements", ["marks_zero", "starts", "ones"], ["marks"], axis=0, reduction="add"),
+        helper.make_node(
+            "ScatterElements", ["marks_zero", "starts", "ones"], ["marks"], axis=0, reduction="add"
+        ),
         helper.make_node("CumSum", ["marks", "zero_scalar"], ["rows_all"]),
         helper.make_node("Slice", ["rows_all", "zero", "minus_one"], ["rows32"]),
         helper.make_node("Cast", ["rows32"], ["rows"], to=i64),
@@ -134,7 +136,13 @@ def _csr_dense(values: str) -> list[onnx.NodeProto]:
         helper.make_node("Mul", ["N", "K"], ["size_scalar"]),
         helper.make_node("Unsqueeze", ["size_scalar", "zero"], ["size"]),
         _filled("dense_zero", "size", f32, 0.0),
-        helper.make_node("ScatterElements", ["dense_zero", "flat", values], ["dense_flat"], axis=0, reduction="add"),
+        helper.make_node(
+            "ScatterElements",
+            ["dense_zero", "flat", values],
+            ["dense_flat"],
+            axis=0,
+            reduction="add",
+        ),
         helper.make_node("Unsqueeze", ["N", "zero"], ["N1"]),
         helper.make_node("Unsqueeze", ["K", "zero"], ["K1"]),
         helper.make_node("Concat", ["N1", "K1"], ["wt_shape"], axis=0),
@@ -241,7 +249,11 @@ def _sparse_codebook_weight(
 def _codebook_weight(arrays: Sequence[np.ndarray], attributes: dict[str, Any]) -> WeightRead:
     packed, codebook = arrays[:2]
     bits = attributes["bits"]
-    return codebook[unpack_codebook_indices(packed, attributes["K"], bits)], bits, int(codebook.size)
+    return (
+        codebook[unpack_codebook_indices(packed, attributes["K"], bits)],
+        bits,
+        int(codebook.size),
+    )
 
 
 def _conv_weight(
@@ -314,10 +326,18 @@ class KernelOp:
     def function(self, onnx_opset: int) -> onnx.FunctionProto:
         """The portable body as a model-local function for a model at `onnx_opset`."""
         if onnx_opset < MIN_ONNX_OPSET:
-            raise ValueError(f"the portable {self.name} needs opset >= {MIN_ONNX_OPSET}, model has {onnx_opset}")
+            raise ValueError(
+                f"the portable {self.name} needs opset >= {MIN_ONNX_OPSET}, model has {onnx_opset}"
+            )
         return helper.make_function(
-            DOMAIN, self.name, self.input_names, ["Y"], self.body(), [helper.make_opsetid("", onnx_opset)],
-            attributes=list(self.attributes), doc_string=self.doc,
+            DOMAIN,
+            self.name,
+            self.input_names,
+            ["Y"],
+            self.body(),
+            [helper.make_opsetid("", onnx_opset)],
+            attributes=list(self.attributes),
+            doc_string=self.doc,
         )
 
 
@@ -332,19 +352,31 @@ KERNEL_OPS: dict[str, KernelOp] = {
     for op in (
         KernelOp(
             name="SparseMatMul",
-            inputs=(_X, KernelInput("values", _FLOAT), KernelInput("col_indices", _COLUMNS),
-                    KernelInput("row_ptr", ("int32",)), _BIAS),
+            inputs=(
+                _X,
+                KernelInput("values", _FLOAT),
+                KernelInput("col_indices", _COLUMNS),
+                KernelInput("row_ptr", ("int32",)),
+                _BIAS,
+            ),
             attributes={"K": None, "N": None},
             prefix="csr",
             body=lambda: _csr_body("values"),
             reference=sparse_matmul_reference,
             read_weight=_csr_weight,
-            doc="Y = X . W + bias, W (K x N) stored as CSR of W^T; see onnxcompress/formats/kernel_arrays.py",
+            doc="Y = X . W + bias, W (K x N) stored as CSR of W^T; see "
+            "onnxcompress/formats/kernel_arrays.py",
         ),
         KernelOp(
             name="SparseCodebookMatMul",
-            inputs=(_X, KernelInput("indices", ("uint8",)), KernelInput("col_indices", _COLUMNS),
-                    KernelInput("row_ptr", ("int32",)), KernelInput("codebook", _FLOAT), _BIAS),
+            inputs=(
+                _X,
+                KernelInput("indices", ("uint8",)),
+                KernelInput("col_indices", _COLUMNS),
+                KernelInput("row_ptr", ("int32",)),
+                KernelInput("codebook", _FLOAT),
+                _BIAS,
+            ),
             attributes={"K": None, "N": None},
             prefix="csr_codebook",
             body=_sparse_codebook_body,
@@ -360,14 +392,25 @@ KERNEL_OPS: dict[str, KernelOp] = {
             body=_codebook_body,
             reference=codebook_matmul_reference,
             read_weight=_codebook_weight,
-            doc="Y = X . codebook[indices] + bias; indices are W^T rows, 4-bit pairs packed low nibble first",
+            doc="Y = X . codebook[indices] + bias; indices are W^T rows, 4-bit pairs packed low "
+            "nibble first",
         ),
         KernelOp(
             name="SparseConv",
-            inputs=(_X, KernelInput("values", _FLOAT), KernelInput("col_indices", _COLUMNS),
-                    KernelInput("row_ptr", ("int32",)), _BIAS),
-            attributes={"weight_shape": INTS, "strides": INTS, "pads": INTS, "dilations": INTS,
-                        "group": 1},
+            inputs=(
+                _X,
+                KernelInput("values", _FLOAT),
+                KernelInput("col_indices", _COLUMNS),
+                KernelInput("row_ptr", ("int32",)),
+                _BIAS,
+            ),
+            attributes={
+                "weight_shape": INTS,
+                "strides": INTS,
+                "pads": INTS,
+                "dilations": INTS,
+                "group": 1,
+            },
             prefix="csr_conv",
             body=_sparse_conv_body,
             reference=sparse_conv_op_reference,
@@ -395,7 +438,9 @@ def function_for(op_type: str, onnx_opset: int) -> onnx.FunctionProto:
 
 def kernel_layer_name(node: ir.Node) -> str:
     """The weight's name from the kernel's first stored array (`<weight>.<prefix>_<input>`)."""
-    names = [v.name for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name]
+    names = [
+        v.name for v in node.inputs[1:] if v is not None and v.const_value is not None and v.name
+    ]
     return names[0].rsplit(".", 1)[0] if names else node.name or node.op_type
 
 
@@ -405,7 +450,11 @@ def kernel_weight(node: ir.Node) -> tuple[np.ndarray, int | None, int | None, in
     op = kernel_op(node)
     if op is None:
         return None
-    stored = [v for v in node.inputs[1 : 1 + len(op.stored_inputs)] if v is not None and v.const_value is not None]
+    stored = [
+        v
+        for v in node.inputs[1 : 1 + len(op.stored_inputs)]
+        if v is not None and v.const_value is not None
+    ]
     if len(stored) != len(op.stored_inputs):
         return None
     arrays = [np.asarray(v.const_value.numpy()) for v in stored]  # type: ignore[union-attr]

@@ -31,7 +31,9 @@ def reference_op(op: KernelOp) -> type[OpRun]:
             raise ValueError(f"{op.name} needs the attributes {' and '.join(required)}")
         given = {name: value for name, value in attributes.items() if value is not None}
         values = [
-            tuple(int(v) for v in given[name]) if default == INTS else int(given.get(name, default or 0))
+            tuple(int(v) for v in given[name])
+            if default == INTS
+            else int(given.get(name, default or 0))
             for name, default in op.attributes.items()
         ]
         padded = [*inputs, *([None] * (len(op.inputs) - len(inputs)))]

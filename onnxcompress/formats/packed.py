@@ -125,12 +125,16 @@ def unpack_indices(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """uint8[count]: the first `count` indices of `pack_indices` output (the inverse)."""
     _check_bits(bits)
     packed = np.asarray(packed, dtype=np.uint8).reshape(-1, bits)
-    if not 8 * (packed.shape[0] - 1) < count <= 8 * packed.shape[0] and not (count == 0 == packed.shape[0]):
+    if not 8 * (packed.shape[0] - 1) < count <= 8 * packed.shape[0] and not (
+        count == 0 == packed.shape[0]
+    ):
         raise ValueError(f"{packed.shape[0]} groups of 8 cannot hold exactly {count} indices")
     values = np.empty(packed.shape[0] * 8, dtype=np.uint8)
     weights = np.arange(bits, dtype=np.uint8)
     for start in range(0, packed.shape[0], _BLOCK):
-        stream = np.unpackbits(packed[start : start + _BLOCK], axis=-1, bitorder="little").reshape(-1, bits)
+        stream = np.unpackbits(packed[start : start + _BLOCK], axis=-1, bitorder="little").reshape(
+            -1, bits
+        )
         values[start * 8 : (start + _BLOCK) * 8] = (stream << weights).sum(axis=-1, dtype=np.uint8)
     return values[:count]
 
@@ -165,7 +169,12 @@ def decode_packed(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     tensor = ir.tensor(array, name=unique_name(graph, name))
-    value = ir.Value(name=tensor.name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    value = ir.Value(
+        name=tensor.name,
+        const_value=tensor,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(tensor.dtype),
+    )
     graph.register_initializer(value)
     return value
 
@@ -181,7 +190,9 @@ def _shared(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return _initializer(graph, name, array)
 
 
-def _decoder_nodes(graph: ir.Graph, weight: str, packed: ir.Value, bits: int, shape: tuple[int, ...]) -> list[ir.Node]:
+def _decoder_nodes(
+    graph: ir.Graph, weight: str, packed: ir.Value, bits: int, shape: tuple[int, ...]
+) -> list[ir.Node]:
     """The nodes that turn packed bytes `packed` into int32 indices of `shape` (last output).
 
     Kept small in the file: width constants are shared by every layer of that width, nodes
@@ -207,10 +218,22 @@ def _decoder_nodes(graph: ir.Graph, weight: str, packed: ir.Value, bits: int, sh
     shifted = add("Div", [window, width_const("shift", powers)])
     indices = add("Mod", [shifted, width_const("modulus", np.array(1 << bits, np.int32))])
     if count != 8 * groups:
-        flat = add("Reshape", [indices, _shared(graph, "onnxcompress.unpack.flat", np.array([-1], np.int64))])
-        indices = add("Slice", [flat, _shared(graph, "onnxcompress.unpack.start", np.array([0], np.int64)),
-                                _initializer(graph, f"{weight}.unpack_end", np.array([count], np.int64))])
-    add("Reshape", [indices, _initializer(graph, f"{weight}.unpack_shape", np.array(shape, np.int64))])
+        flat = add(
+            "Reshape",
+            [indices, _shared(graph, "onnxcompress.unpack.flat", np.array([-1], np.int64))],
+        )
+        indices = add(
+            "Slice",
+            [
+                flat,
+                _shared(graph, "onnxcompress.unpack.start", np.array([0], np.int64)),
+                _initializer(graph, f"{weight}.unpack_end", np.array([count], np.int64)),
+            ],
+        )
+    add(
+        "Reshape",
+        [indices, _initializer(graph, f"{weight}.unpack_shape", np.array(shape, np.int64))],
+    )
     return nodes
 
 
@@ -258,7 +281,11 @@ def packed_source(graph: ir.Graph, index_value: ir.Value | None) -> PackedSource
     if mod is None or div is None:
         return None
     modulus = _const(mod.inputs[1])
-    if modulus is None or modulus.size != 1 or int(modulus.reshape(-1)[0]) not in {1 << b for b in range(1, 9)}:
+    if (
+        modulus is None
+        or modulus.size != 1
+        or int(modulus.reshape(-1)[0]) not in {1 << b for b in range(1, 9)}
+    ):
         return None
     bits = int(modulus.reshape(-1)[0]).bit_length() - 1
     matrix, powers = _layout(bits)
@@ -269,10 +296,19 @@ def packed_source(graph: ir.Graph, index_value: ir.Value | None) -> PackedSource
         return None
     cast = _producer(matmul.inputs[0], "Cast")
     packed = cast.inputs[0] if cast is not None else None
-    if cast is None or packed is None or packed.name is None or graph.initializers.get(packed.name) is not packed:
+    if (
+        cast is None
+        or packed is None
+        or packed.name is None
+        or graph.initializers.get(packed.name) is not packed
+    ):
         return None
     tensor = packed.const_value
-    if tensor is None or tensor.dtype != ir.DataType.UINT8 or tuple(tensor.shape) != (math.ceil(math.prod(shape) / 8), bits):
+    if (
+        tensor is None
+        or tensor.dtype != ir.DataType.UINT8
+        or tuple(tensor.shape) != (math.ceil(math.prod(shape) / 8), bits)
+    ):
         return None
     return PackedSource(cast=cast, packed=packed, bits=bits, shape=shape)
 
@@ -282,9 +318,16 @@ def is_decoder_matmul(node: ir.Node) -> bool:
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return False
     matrix = _const(node.inputs[1])
-    if matrix is None or matrix.dtype != np.int32 or matrix.ndim != 2 or not 1 <= matrix.shape[0] <= 8:
+    if (
+        matrix is None
+        or matrix.dtype != np.int32
+        or matrix.ndim != 2
+        or not 1 <= matrix.shape[0] <= 8
+    ):
         return False
-    return _producer(node.inputs[0], "Cast") is not None and np.array_equal(matrix, _layout(matrix.shape[0])[0])
+    return _producer(node.inputs[0], "Cast") is not None and np.array_equal(
+        matrix, _layout(matrix.shape[0])[0]
+    )
 
 
 def _users(graph: ir.Graph, value: ir.Value) -> int:
@@ -328,7 +371,9 @@ def _replace_indices(graph: ir.Graph, layer: CodebookLayer, packed: np.ndarray) 
         graph.initializers.pop(old.name)
         old.const_value = None  # detach first: onnx_ir renames a value's tensor with it
         old.name = None
-    nodes = _decoder_nodes(graph, layer.name, _initializer(graph, name, packed), layer.bits, layer.shape)
+    nodes = _decoder_nodes(
+        graph, layer.name, _initializer(graph, name, packed), layer.bits, layer.shape
+    )
     graph.insert_before(layer.gather, nodes)
     layer.gather.replace_input_with(1, nodes[-1].outputs[0])
     if sole:
@@ -338,7 +383,9 @@ def _replace_indices(graph: ir.Graph, layer: CodebookLayer, packed: np.ndarray) 
 # --- float16 storage -------------------------------------------------------------------------
 
 
-def decode_initializer(graph: ir.Graph, weight: ir.Value, nodes: list[ir.Node], decoded: ir.Value) -> None:
+def decode_initializer(
+    graph: ir.Graph, weight: ir.Value, nodes: list[ir.Node], decoded: ir.Value
+) -> None:
     """Replace initializer `weight` by `nodes` computing `decoded` from constants, at the graph's
     start; `decoded` takes the weight's name, so every consumer reads the same value as before."""
     name = weight.name
@@ -351,7 +398,9 @@ def decode_initializer(graph: ir.Graph, weight: ir.Value, nodes: list[ir.Node], 
     graph.extend(nodes) if first is None else graph.insert_before(first, nodes)
 
 
-def store_fp16(model: ir.Model, *, min_params: int = 64, exclude: set[str] | None = None) -> list[str]:
+def store_fp16(
+    model: ir.Model, *, min_params: int = 64, exclude: set[str] | None = None
+) -> list[str]:
     """Store each float32 initializer of the main graph (>= `min_params` values) as float16 + Cast.
 
     Lossy by float16 rounding (relative error <= 2^-11 for |w| >= 6.1e-5; smaller values
@@ -366,7 +415,12 @@ def store_fp16(model: ir.Model, *, min_params: int = 64, exclude: set[str] | Non
     done = []
     for name, value in list(graph.initializers.items()):
         tensor = value.const_value
-        if name in skip or tensor is None or tensor.dtype != ir.DataType.FLOAT or value.is_graph_output():
+        if (
+            name in skip
+            or tensor is None
+            or tensor.dtype != ir.DataType.FLOAT
+            or value.is_graph_output()
+        ):
             continue
         if value in graph.inputs or math.prod(tensor.shape) < max(min_params, 1):
             continue
@@ -374,7 +428,12 @@ def store_fp16(model: ir.Model, *, min_params: int = 64, exclude: set[str] | Non
         if not np.all(np.isfinite(array)) or float(np.abs(array).max()) > FP16_MAX:
             continue
         half = _initializer(graph, f"{name}.fp16", array.astype(np.float16))
-        cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT}, name=unique_name(graph, f"{name}.fp16_cast"))
+        cast = ir.node(
+            "Cast",
+            [half],
+            attributes={"to": ir.DataType.FLOAT},
+            name=unique_name(graph, f"{name}.fp16_cast"),
+        )
         decoded = cast.outputs[0]
         decoded.type, decoded.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
         decode_initializer(graph, value, [cast], decoded)

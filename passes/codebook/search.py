@@ -65,25 +65,43 @@ class CodebookSearchConfig(PassConfig):
     bits: tuple[int, ...] = pydantic.Field(
         (8, 7, 6, 5, 4, 3), description="Candidate bit widths per layer (1..8).")
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
-    min_params: int = pydantic.Field(64, ge=0, description="Weights with fewer parameters stay dense.")
+    min_params: int = pydantic.Field(
+        64, ge=0, description="Weights with fewer parameters stay dense."
+    )
     max_trials: int = pydantic.Field(12, ge=1, le=64, description="Most whole-model verifications.")
     method: Literal["kmeans", "gptq"] = pydantic.Field(
-        "kmeans", description="How each width's codebook is fitted: plain k-means, or GPTQ error feedback under H "
-        "(codebook.gptq) for widths <= gptq_max_bits, kept where it lowers the calibration error (it can fit "
-        "small calibration sets too closely: see docs/codebook.md).")
-    gptq_max_bits: int = pydantic.Field(6, ge=1, le=8, description="Widest width fitted with GPTQ (cost grows).")
+        "kmeans",
+        description="How each width's codebook is fitted: plain k-means, or GPTQ error feedback "
+        "under H (codebook.gptq) for widths <= gptq_max_bits, kept where it lowers the calibration "
+        "error (it can fit small calibration sets too closely: see docs/codebook.md).",
+    )
+    gptq_max_bits: int = pydantic.Field(
+        6, ge=1, le=8, description="Widest width fitted with GPTQ (cost grows)."
+    )
     margin: float = pydantic.Field(
-        0.75, ge=0, le=1, description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
-        "reserve (0.75: rank >= 0.98 is searched as >= 0.995), so the choice holds on inputs it did not see.")
+        0.75,
+        ge=0,
+        le=1,
+        description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
+        "reserve (0.75: rank >= 0.98 is searched as >= 0.995), so the choice holds on inputs it "
+        "did not see.",
+    )
 
     executor: Literal["local", "ray"] = pydantic.Field(
-        "local", description="Where the per-layer errors are measured: this machine's processes, or a Ray "
-        "cluster (one task per layer and width; pip install 'onnxcompress[ray]').")
-    workers: int = pydantic.Field(1, ge=1, description="Local processes, or CPUs of a local Ray cluster.")
+        "local",
+        description="Where the per-layer errors are measured: this machine's processes, or a Ray "
+        "cluster (one task per layer and width; pip install 'onnxcompress[ray]').",
+    )
+    workers: int = pydantic.Field(
+        1, ge=1, description="Local processes, or CPUs of a local Ray cluster."
+    )
     ray_address: str | None = pydantic.Field(
         None, description="Ray cluster to join (auto, ray://host:port); None starts a local one.")
     cache: str | None = pydantic.Field(
-        None, description="Folder caching each layer's error per width by model hash, so a re-run is free.")
+        None,
+        description="Folder caching each layer's error per width by model hash, so a re-run is "
+        "free.",
+    )
 
     @pydantic.field_validator("bits")
     @classmethod
@@ -111,7 +129,9 @@ class Fitter:
     few widths its trials choose (k-means and GPTQ are seeded: the same codebook).
     """
 
-    def __init__(self, model: ir.Model, hessians: dict[str, LayerHessian], seed: int, *, keep: bool = False):
+    def __init__(
+        self, model: ir.Model, hessians: dict[str, LayerHessian], seed: int, *, keep: bool = False
+    ):
         self.model = model
         self.sites = {site.name: site for site in find_weight_sites(model, min_params=0).sites}
         self.hessians = hessians
@@ -164,21 +184,33 @@ def _serialise(model: ir.Model) -> bytes:
 
 def index_bytes(name: str, count: int, bits: int) -> int:
     """Bytes of `count` indices as they will be stored: bit-packed below 8 bits where it pays."""
-    return packed_nbytes(count, bits) + decoder_nbytes(name) if packing_pays(name, count, bits) else count
+    return (
+        packed_nbytes(count, bits) + decoder_nbytes(name)
+        if packing_pays(name, count, bits)
+        else count
+    )
 
 
-def relative_error(weights: np.ndarray, quantized: np.ndarray, hessian: np.ndarray | None, site: WeightSite) -> float:
+def relative_error(
+    weights: np.ndarray, quantized: np.ndarray, hessian: np.ndarray | None, site: WeightSite
+) -> float:
     """tr(D^T H D) / tr(W^T H W) in the layer's (out, in) form; H = I when no input was captured."""
     delta = (np.asarray(quantized, np.float64) - np.asarray(weights, np.float64))
     if hessian is None:
         denominator = float(np.sum(np.asarray(weights, np.float64) ** 2))
         return float(np.sum(delta**2)) / denominator if denominator > 0 else 0.0
-    rows_delta, rows_weight = _out_by_in(delta, site), _out_by_in(np.asarray(weights, np.float64), site)
+    rows_delta, rows_weight = (
+        _out_by_in(delta, site),
+        _out_by_in(np.asarray(weights, np.float64), site),
+    )
     groups = hessian.shape[0]
     per_group = rows_delta.shape[0] // groups
     num = den = 0.0
     for g in range(groups):
-        d, w = rows_delta[g * per_group:(g + 1) * per_group], rows_weight[g * per_group:(g + 1) * per_group]
+        d, w = (
+            rows_delta[g * per_group : (g + 1) * per_group],
+            rows_weight[g * per_group : (g + 1) * per_group],
+        )
         num += float(np.sum((d @ hessian[g]) * d))
         den += float(np.sum((w @ hessian[g]) * w))
     return num / den if den > 0 else 0.0
@@ -198,15 +230,21 @@ class CodebookSearchPass(CompressionPass):
     """Per-layer k-means bit widths, the fewest bytes whose whole model passes the step's gate."""
 
     name = "codebook.search"
-    summary = "Weight sharing with per-layer bits found by search: fewest bytes within the step's gate."
+    summary = (
+        "Weight sharing with per-layer bits found by search: fewest bytes within the step's gate."
+    )
     Config = CodebookSearchConfig
     config: CodebookSearchConfig
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         context = self.context
         if context.probes is None or context.reference is None:
-            raise UnsupportedModelError(f"{self.name} runs inside a gated step (optimize or a recipe)")
-        scan = find_weight_sites(model, min_params=self.config.min_params, exclude=self.config.exclude)
+            raise UnsupportedModelError(
+                f"{self.name} runs inside a gated step (optimize or a recipe)"
+            )
+        scan = find_weight_sites(
+            model, min_params=self.config.min_params, exclude=self.config.exclude
+        )
         for skip in scan.skipped:
             report.skip(skip.name, skip.reason)
         checker = KMeansClusterPass(bits=min(self.config.bits), min_params=self.config.min_params)
@@ -226,30 +264,50 @@ class CodebookSearchPass(CompressionPass):
         finally:
             forget()  # the fitted codebooks of this process go with the pass
 
-    def _candidates(self, model: ir.Model, sites: list[WeightSite]) -> tuple[Fitter, dict[str, list[Candidate]]]:
+    def _candidates(
+        self, model: ir.Model, sites: list[WeightSite]
+    ) -> tuple[Fitter, dict[str, list[Candidate]]]:
         """Every layer's codebook at every width, cheapest first, with its error and bytes: one
         sweep task per (layer, method, width), on the configured executor, through its cache."""
         hessians = layer_hessians(model, self.context.probes or {}, sites, seed=self.context.seed)
         fitter = Fitter(model, hessians, self.context.seed, keep=True)
-        payload = pickle.dumps((_serialise(model), {s.name: hessians[s.name] for s in sites if s.name in hessians},
-                                self.context.seed))
+        payload = pickle.dumps(
+            (
+                _serialise(model),
+                {s.name: hessians[s.name] for s in sites if s.name in hessians},
+                self.context.seed,
+            )
+        )
         sweep = Sweep(payload, _fitter_from, _measure)
         adopt(sweep.key, fitter)  # a serial sweep fits in this process, with the live model
         tasks = [Task(site.name, self._method(site, hessians.get(site.name), bits), float(bits))
                  for site in sites for bits in self.config.bits]
         config = self.config
         cache = SweepCache(Path(config.cache)) if config.cache is not None else None
-        with make_executor(config.executor, workers=config.workers, address=config.ray_address) as executor:
-            results = run_sweep(sweep, tasks, executor=executor, cache=cache, on_result=self._layer_progress(tasks))
+        with make_executor(
+            config.executor, workers=config.workers, address=config.ray_address
+        ) as executor:
+            results = run_sweep(
+                sweep, tasks, executor=executor, cache=cache, on_result=self._layer_progress(tasks)
+            )
         table: dict[str, list[Candidate]] = {site.name: [] for site in sites}
         for task, result in zip(tasks, results, strict=True):
             if result is not None:
-                table[task.layer].append(Candidate(int(task.setting), task.method, result["error"], result["nbytes"]))
-        return fitter, {name: sorted(options, key=lambda c: c.nbytes) for name, options in table.items()}
+                table[task.layer].append(
+                    Candidate(int(task.setting), task.method, result["error"], result["nbytes"])
+                )
+        return fitter, {
+            name: sorted(options, key=lambda c: c.nbytes) for name, options in table.items()
+        }
 
     def _method(self, site: WeightSite, stats: LayerHessian | None, bits: int) -> str:
-        return "gptq" if self.config.method == "gptq" and stats is not None and bits <= self.config.gptq_max_bits \
+        return (
+            "gptq"
+            if self.config.method == "gptq"
+            and stats is not None
+            and bits <= self.config.gptq_max_bits
             else "kmeans"
+        )
 
     def _layer_progress(self, tasks: list[Task]) -> Callable[[int], None]:
         widths, layers = len(self.config.bits), len(tasks) // len(self.config.bits)
@@ -273,20 +331,34 @@ class CodebookSearchPass(CompressionPass):
     def _pick(options: list[Candidate], tolerance: float) -> Candidate | None:
         return next((c for c in options if c.error <= tolerance), None)
 
-    def _search(self, model: ir.Model, sites: list[WeightSite], candidates: dict[str, list[Candidate]],
-                fitter: Fitter, report: PassReport) -> dict[str, Candidate | None]:
+    def _search(
+        self,
+        model: ir.Model,
+        sites: list[WeightSite],
+        candidates: dict[str, list[Candidate]],
+        fitter: Fitter,
+        report: PassReport,
+    ) -> dict[str, Candidate | None]:
         """The largest tolerance whose choice passes the gate (bisection over candidate errors).
 
         8 bits everywhere, checked with the step's own gate, is the floor (what `optimize` writes
         without data); widths below it must pass the gate tightened by `margin`.
         """
         errors = sorted({c.error for options in candidates.values() for c in options})
-        floor = {name: next((c for c in options if c.bits >= 8), None) for name, options in candidates.items()}
-        if not any(floor.values()) or not self._passes(model, sites, floor, fitter, tightened=False):
+        floor = {
+            name: next((c for c in options if c.bits >= 8), None)
+            for name, options in candidates.items()
+        }
+        if not any(floor.values()) or not self._passes(
+            model, sites, floor, fitter, tightened=False
+        ):
             floor = {name: None for name in candidates}
-        low, high = -1, len(errors) - 1  # errors[low] passes (-1: the floor), errors[high + 1..] fail
+        # errors[low] passes (-1: the floor), errors[high + 1..] fail
+        low, high = -1, len(errors) - 1
         best, trials = floor, 1
-        if errors and self._passes(model, sites, self._choose(candidates, errors[-1], floor), fitter):
+        if errors and self._passes(
+            model, sites, self._choose(candidates, errors[-1], floor), fitter
+        ):
             return self._choose(candidates, errors[-1], floor)
         trials += 1
         high -= 1
@@ -307,7 +379,10 @@ class CodebookSearchPass(CompressionPass):
 
     def _choose(self, candidates: dict[str, list[Candidate]], tolerance: float,
                 floor: dict[str, Candidate | None]) -> dict[str, Candidate | None]:
-        return {name: self._pick(options, tolerance) or floor[name] for name, options in candidates.items()}
+        return {
+            name: self._pick(options, tolerance) or floor[name]
+            for name, options in candidates.items()
+        }
 
     def _passes(self, model: ir.Model, sites: list[WeightSite], choice: dict[str, Candidate | None],
                 fitter: Fitter, *, tightened: bool = True) -> bool:
@@ -336,14 +411,25 @@ class CodebookSearchPass(CompressionPass):
         }
         return gate.model_copy(update=tightened)
 
-    def _write(self, model: ir.Model, sites: list[WeightSite], candidates: dict[str, list[Candidate]],
-               choice: dict[str, Candidate | None], fitter: Fitter, report: PassReport) -> bool:
+    def _write(
+        self,
+        model: ir.Model,
+        sites: list[WeightSite],
+        candidates: dict[str, list[Candidate]],
+        choice: dict[str, Candidate | None],
+        fitter: Fitter,
+        report: PassReport,
+    ) -> bool:
         changed = False
         for site in sites:
             candidate = choice[site.name]
             if candidate is None:
                 options = candidates[site.name]
-                cheapest = f"{options[-1].bits} bits error {options[-1].error:.3g}" if options else "no saving"
+                cheapest = (
+                    f"{options[-1].bits} bits error {options[-1].error:.3g}"
+                    if options
+                    else "no saving"
+                )
                 report.skip(site.name, f"kept dense: even {cheapest} is over the tolerance")
                 continue
             weights = site.array()
@@ -351,10 +437,13 @@ class CodebookSearchPass(CompressionPass):
             insert_codebook(model.graph, site.value, indices, codebook,
                             bits=candidate.bits, zero_entry=zero_entry, packed=False)
             report.changed(
-                site.name, site.op_type, weights,
+                site.name,
+                site.op_type,
+                weights,
                 params_after=int(np.count_nonzero(codebook[indices])),
                 bytes_after=candidate.nbytes,
-                detail=f"{candidate.bits} bits (layer error {candidate.error:.3g}), {codebook.size} values",
+                detail=f"{candidate.bits} bits (layer error {candidate.error:.3g}), "
+                f"{codebook.size} values",
             )
             changed = True
         if changed and model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) >= 11:

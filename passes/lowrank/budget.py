@@ -47,7 +47,9 @@ class Selection:
 Evaluate = Callable[[Mapping[str, Candidate]], float]
 
 
-def _choose(table: Mapping[str, Sequence[tuple[Candidate, float]]], threshold: float) -> dict[str, Candidate]:
+def _choose(
+    table: Mapping[str, Sequence[tuple[Candidate, float]]], threshold: float
+) -> dict[str, Candidate]:
     choice = {}
     for layer, rows in table.items():
         passing = [candidate for candidate, score in rows if score >= threshold]
@@ -65,7 +67,9 @@ def greedy_select(
     table: dict[str, list[tuple[Candidate, float]]] = {}
     for layer, options in candidates.items():
         table[layer] = [(candidate, evaluate({layer: candidate})) for candidate in options]
-        logger.debug("eval table %s: %s", layer, [(c.kind, c.rank, round(s, 6)) for c, s in table[layer]])
+        logger.debug(
+            "eval table %s: %s", layer, [(c.kind, c.rank, round(s, 6)) for c, s in table[layer]]
+        )
     thresholds = sorted({score for rows in table.values() for _, score in rows if score >= budget})
     best: dict[str, Candidate] = {}
     best_score, best_threshold = 1.0, None
@@ -74,7 +78,9 @@ def greedy_select(
         middle = (low + high) // 2
         choice = _choose(table, thresholds[middle])
         score = evaluate(choice) if choice else 1.0
-        logger.debug("threshold %.6f: %d layers, joint score %.6f", thresholds[middle], len(choice), score)
+        logger.debug(
+            "threshold %.6f: %d layers, joint score %.6f", thresholds[middle], len(choice), score
+        )
         if score >= budget:
             best, best_score, best_threshold = choice, score, thresholds[middle]
             high = middle - 1

@@ -73,7 +73,9 @@ def conv_attributes(attributes: dict[str, object], kernel: tuple[int, ...]) -> C
     return ConvAttributes(kernel, strides, dilations, pads, group, auto_pad)
 
 
-def matrices_of(kind: str, weight: np.ndarray, group: int = 1, trans_b: bool = False) -> list[np.ndarray]:
+def matrices_of(
+    kind: str, weight: np.ndarray, group: int = 1, trans_b: bool = False
+) -> list[np.ndarray]:
     """The matrix (one per group for Conv) whose SVD gives the factors of `kind`."""
     del trans_b  # Gemm factors the stored matrix whatever its orientation
     if kind in ("matmul", "gemm"):
@@ -148,7 +150,9 @@ class Decomposition:
         want = full if rank is None else min(rank, full)
         if self._svds is None or self._svds[0].rank < want:
             self._svds = [
-                truncated_svd(m, None if want >= full else want, method=self.svd_method, seed=self.seed)
+                truncated_svd(
+                    m, None if want >= full else want, method=self.svd_method, seed=self.seed
+                )
                 for m in self.matrices
             ]
         return self._svds
@@ -200,6 +204,11 @@ class Decomposition:
             per_group = out_channels // self.group
             first = np.concatenate([p.T.reshape(rank, in_per_group, kh, 1) for p, _ in pairs])
             second = np.concatenate(
-                [q.reshape(rank, per_group, kw).transpose(1, 0, 2).reshape(per_group, rank, 1, kw) for _, q in pairs]
+                [
+                    q.reshape(rank, per_group, kw)
+                    .transpose(1, 0, 2)
+                    .reshape(per_group, rank, 1, kw)
+                    for _, q in pairs
+                ]
             )
         return np.ascontiguousarray(first, dtype=dtype), np.ascontiguousarray(second, dtype=dtype)

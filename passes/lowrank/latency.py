@@ -67,14 +67,27 @@ def _one_layer_model(site: WeightSite, input_shape: tuple[int, ...]) -> ir.Model
     weight = ir.Value(name="weight", const_value=ir.tensor(np.array(site.array()), name="weight"))
     inputs: list[ir.Value | None] = [x, weight]
     initializers = [weight]
-    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None:
-        bias = ir.Value(name="bias", const_value=ir.tensor(node.inputs[2].const_value.numpy(), name="bias"))
+    if (
+        len(node.inputs) > 2
+        and node.inputs[2] is not None
+        and node.inputs[2].const_value is not None
+    ):
+        bias = ir.Value(
+            name="bias", const_value=ir.tensor(node.inputs[2].const_value.numpy(), name="bias")
+        )
         inputs.append(bias)
         initializers.append(bias)
     attributes = {name: attr.value for name, attr in node.attributes.items()}
     y = ir.Value(name="y")
     copy = ir.node(node.op_type, inputs, attributes=attributes, outputs=[y], name="layer")
-    graph = ir.Graph([x], [y], nodes=[copy], initializers=initializers, opset_imports={"": _OPSET}, name="one_layer")
+    graph = ir.Graph(
+        [x],
+        [y],
+        nodes=[copy],
+        initializers=initializers,
+        opset_imports={"": _OPSET},
+        name="one_layer",
+    )
     return ir.Model(graph, ir_version=ir_version_for(_OPSET))
 
 
@@ -98,6 +111,14 @@ def measure_pair(
     rng = np.random.default_rng(seed)
     feed = {"x": rng.standard_normal(input_shape).astype(site.array().dtype)}
     sessions = [session(original, threads=threads), session(factored, threads=threads)]
-    original_ms, pair_ms = (seconds * 1e3 for seconds in interleaved_medians(sessions, feed, repeats=repeats))
-    logger.info("%s: original %.3f ms, pair %.3f ms at input %s", site.name, original_ms, pair_ms, input_shape)
+    original_ms, pair_ms = (
+        seconds * 1e3 for seconds in interleaved_medians(sessions, feed, repeats=repeats)
+    )
+    logger.info(
+        "%s: original %.3f ms, pair %.3f ms at input %s",
+        site.name,
+        original_ms,
+        pair_ms,
+        input_shape,
+    )
     return PairLatency(original_ms, pair_ms)

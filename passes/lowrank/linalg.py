@@ -80,7 +80,11 @@ class TruncatedSVD:
         if rank > self.rank:
             raise ValueError(f"rank {rank} > the {self.rank} triplets computed")
         return TruncatedSVD(
-            self.u[:, :rank], self.s[:rank], self.vt[:rank], self.total_energy, self.exact and rank == self.rank
+            self.u[:, :rank],
+            self.s[:rank],
+            self.vt[:rank],
+            self.total_energy,
+            self.exact and rank == self.rank,
         )
 
 

@@ -63,7 +63,9 @@ class LayerPlan:
         try:
             return cls(**{**data, "shape": tuple(int(d) for d in data["shape"])})
         except (KeyError, TypeError, ValueError) as error:
-            raise RecipeError(f"invalid low-rank plan layer {data.get('name')!r}: {error}") from None
+            raise RecipeError(
+                f"invalid low-rank plan layer {data.get('name')!r}: {error}"
+            ) from None
 
 
 @dataclasses.dataclass

@@ -76,7 +76,14 @@ def _ints(name: str, values: tuple[int, ...] | list[int]) -> ir.Attr:
     return ir.AttrInt64s(name, [int(v) for v in values])
 
 
-def _set_conv_attributes(node: ir.Node, kernel: list[int], strides: list[int], pads: list[int], dilations: list[int], group: int) -> None:
+def _set_conv_attributes(
+    node: ir.Node,
+    kernel: list[int],
+    strides: list[int],
+    pads: list[int],
+    dilations: list[int],
+    group: int,
+) -> None:
     node.attributes.pop("auto_pad", None)
     node.attributes["kernel_shape"] = _ints("kernel_shape", kernel)
     node.attributes["strides"] = _ints("strides", strides)
@@ -85,7 +92,9 @@ def _set_conv_attributes(node: ir.Node, kernel: list[int], strides: list[int], p
     node.attributes["group"] = ir.AttrInt64("group", group)
 
 
-def _conv_node(x: ir.Value, weight: ir.Value, hidden: ir.Value, name: str, attributes: dict[str, object]) -> ir.Node:
+def _conv_node(
+    x: ir.Value, weight: ir.Value, hidden: ir.Value, name: str, attributes: dict[str, object]
+) -> ir.Node:
     return ir.node("Conv", [x, weight], attributes=attributes, outputs=[hidden], name=name)  # type: ignore[arg-type]
 
 
@@ -118,7 +127,9 @@ def apply_factors(
     elif kind == "gemm":
         attributes = {"transB": node.attributes.get_int("transB", 0)}
         attributes["transA"] = node.attributes.get_int("transA", 0)
-        new = ir.node("Gemm", [x, first_value], attributes=attributes, outputs=[hidden], name=first_name)
+        new = ir.node(
+            "Gemm", [x, first_value], attributes=attributes, outputs=[hidden], name=first_name
+        )
         node.attributes["transA"] = ir.AttrInt64("transA", 0)
     elif kind in ("conv_channel", "conv_spatial"):
         assert conv is not None

@@ -57,24 +57,35 @@ DEFAULT_ENERGY = 0.9
 
 class LowRankConfig(PassConfig):
     energy: float | None = pydantic.Field(
-        None, gt=0.0, le=1.0,
-        description="Keep this fraction of each weight's squared Frobenius norm (default 0.9 when no mode is given).",
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Keep this fraction of each weight's squared Frobenius norm (default 0.9 when "
+        "no mode is given).",
     )
     ratio: float | None = pydantic.Field(
-        None, gt=0.0, lt=1.0, description="Target per-layer size after/before, in (0, 1): 0.5 halves each layer."
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Target per-layer size after/before, in (0, 1): 0.5 halves each layer.",
     )
     ratio_metric: Literal["params", "flops"] = pydantic.Field(
         "params", description="What `ratio` measures: parameters or FLOPs of each layer."
     )
     budget: float | None = pydantic.Field(
-        None, gt=0.0, le=1.0,
-        description="Fidelity budget: lowest output cosine on probes; ranks found by a greedy per-layer search.",
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Fidelity budget: lowest output cosine on probes; ranks found by a greedy "
+        "per-layer search.",
     )
     budget_ratios: tuple[float, ...] = pydantic.Field(
         (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
         description="Parameter ratios tried per layer by the budget search.",
     )
-    probes: int = pydantic.Field(32, ge=1, le=4096, description="Probe samples for the budget search.")
+    probes: int = pydantic.Field(
+        32, ge=1, le=4096, description="Probe samples for the budget search."
+    )
     conv: Literal["auto", "channel", "spatial", "clustered", "off"] = pydantic.Field(
         "auto",
         description="Conv form: the cheaper of channel and spatial (auto), one of them, Denton's "
@@ -86,24 +97,43 @@ class LowRankConfig(PassConfig):
         description="With conv=clustered: groups of output filters (k-means on the filters).",
     )
     speed: bool = pydantic.Field(
-        False, description="Measure each factor pair with onnxruntime and keep the original unless faster."
+        False,
+        description="Measure each factor pair with onnxruntime and keep the original unless "
+        "faster.",
     )
     min_speedup: float = pydantic.Field(
-        1.0, ge=1.0, description="With speed: the pair must be faster than the original by more than this factor."
+        1.0,
+        ge=1.0,
+        description="With speed: the pair must be faster than the original by more than this "
+        "factor.",
     )
-    latency_batch: int = pydantic.Field(64, ge=1, description="With speed: batch size of the latency test.")
-    threads: int = pydantic.Field(1, ge=1, le=256, description="With speed: onnxruntime intra-op threads.")
+    latency_batch: int = pydantic.Field(
+        64, ge=1, description="With speed: batch size of the latency test."
+    )
+    threads: int = pydantic.Field(
+        1, ge=1, le=256, description="With speed: onnxruntime intra-op threads."
+    )
     svd: Literal["auto", "exact", "randomized"] = pydantic.Field(
-        "auto", description="SVD method: randomized (seeded) for large matrices at small ranks under auto."
+        "auto",
+        description="SVD method: randomized (seeded) for large matrices at small ranks under auto.",
     )
-    min_params: int = pydantic.Field(4096, ge=0, description="Weights smaller than this are left alone.")
+    min_params: int = pydantic.Field(
+        4096, ge=0, description="Weights smaller than this are left alone."
+    )
     max_sparsity: float = pydantic.Field(
-        0.5, ge=0.0, le=1.0,
-        description="Layers with a larger share of zeros are left alone: dense factors would undo the pruning.",
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Layers with a larger share of zeros are left alone: dense factors would undo "
+        "the pruning.",
     )
-    include: tuple[str, ...] = pydantic.Field((), description="Only weights matching these name globs.")
+    include: tuple[str, ...] = pydantic.Field(
+        (), description="Only weights matching these name globs."
+    )
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never factorized.")
-    plan: str | None = pydantic.Field(None, description="Apply a saved plan (JSON) instead of planning.")
+    plan: str | None = pydantic.Field(
+        None, description="Apply a saved plan (JSON) instead of planning."
+    )
 
     @pydantic.model_validator(mode="after")
     def _one_mode(self) -> LowRankConfig:
@@ -164,7 +194,9 @@ class LowRankSVDPass(PlannedPass[Plan]):
     """Factorize weights by truncated SVD where the factors are smaller (and, if asked, faster)."""
 
     name = "lowrank.svd"
-    summary = "Truncated-SVD factorization of MatMul/Gemm/Conv (Denton et al. 2014), only where it pays."
+    summary = (
+        "Truncated-SVD factorization of MatMul/Gemm/Conv (Denton et al. 2014), only where it pays."
+    )
     Config = LowRankConfig
     config: LowRankConfig
 
@@ -178,7 +210,10 @@ class LowRankSVDPass(PlannedPass[Plan]):
     def _eligible(self, model: ir.Model, site: WeightSite) -> tuple[_Layer | None, str]:
         """The layer's decompositions, or None and the reason it is left alone."""
         if site.readers > 1:
-            return None, f"shared by {site.readers} readers; factorizing one would not remove the weight"
+            return (
+                None,
+                f"shared by {site.readers} readers; factorizing one would not remove the weight",
+            )
         if site.dtype not in _FLOAT_TYPES:
             return None, f"dtype {site.dtype.name} not supported (float32, float16, float64)"
         if site.input_index != 1:
@@ -186,8 +221,11 @@ class LowRankSVDPass(PlannedPass[Plan]):
         weight = site.array()
         zeros = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
         if zeros > self.config.max_sparsity:
-            return None, (f"already pruned ({zeros:.0%} zeros > max_sparsity {self.config.max_sparsity}): dense "
-                          "factors would undo it; factorize before pruning, or keep it sparse (sparsify, pack)")
+            return None, (
+                f"already pruned ({zeros:.0%} zeros > max_sparsity {self.config.max_sparsity}): "
+                "dense factors would undo it; factorize before pruning, or keep it sparse "
+                "(sparsify, pack)"
+            )
         seed = self.context.seed
         method = self.config.svd
         node = site.node
@@ -199,8 +237,15 @@ class LowRankSVDPass(PlannedPass[Plan]):
         elif site.op_type == "Gemm":
             if model.opset_imports.get("", 21) < 11:
                 return None, "Gemm before opset 11 cannot omit the bias of the first factor"
-            options = [Decomposition("gemm", weight, trans_b=bool(node.attributes.get_int("transB", 0)),
-                                     svd_method=method, seed=seed)]
+            options = [
+                Decomposition(
+                    "gemm",
+                    weight,
+                    trans_b=bool(node.attributes.get_int("transB", 0)),
+                    svd_method=method,
+                    seed=seed,
+                )
+            ]
             conv = None
         else:
             layer_conv = self._conv_options(site, weight)
@@ -211,7 +256,11 @@ class LowRankSVDPass(PlannedPass[Plan]):
         if not useful:
             d = options[0]
             bound = d.rows * d.cols / (d.rows + d.cols)
-            return None, f"no rank saves parameters ({d.rows}×{d.cols} matrix needs r < mn/(m+n) = {bound:.2f})"
+            return (
+                None,
+                f"no rank saves parameters ({d.rows}×{d.cols} matrix needs r < mn/(m+n) = "
+                f"{bound:.2f})",
+            )
         return _Layer(site, useful, conv), ""
 
     def _conv_options(
@@ -231,12 +280,24 @@ class LowRankSVDPass(PlannedPass[Plan]):
             return self._clustered_option(site, weight, conv)
         options: list[Any] = []
         if self.config.conv in ("auto", "channel"):
-            options.append(Decomposition("conv_channel", weight, group=conv.group, svd_method=method, seed=seed))
+            options.append(
+                Decomposition(
+                    "conv_channel", weight, group=conv.group, svd_method=method, seed=seed
+                )
+            )
         if self.config.conv in ("auto", "spatial"):
             reason = self._spatial_blocker(conv)
             if reason is None:
-                options.append(Decomposition("conv_spatial", weight, group=conv.group, width_stride=conv.strides[1],
-                                             svd_method=method, seed=seed))
+                options.append(
+                    Decomposition(
+                        "conv_spatial",
+                        weight,
+                        group=conv.group,
+                        width_stride=conv.strides[1],
+                        svd_method=method,
+                        seed=seed,
+                    )
+                )
             elif self.config.conv == "spatial":
                 return f"spatial decomposition impossible: {reason}"
         return options, conv
@@ -269,8 +330,10 @@ class LowRankSVDPass(PlannedPass[Plan]):
         for d in layer.options:
             rank = d.rank_for_energy(energy)
             if rank is None:
-                reasons.append(f"{d.kind}: energy {energy} needs rank > {d.max_rank}, no saving below r < "
-                               f"{d.rows * d.cols / (d.rows + d.cols):.1f}")
+                reasons.append(
+                    f"{d.kind}: energy {energy} needs rank > {d.max_rank}, no saving below r < "
+                    f"{d.rows * d.cols / (d.rows + d.cols):.1f}"
+                )
             else:
                 found.append((d.flops_after(rank), d.relative_error(rank), d, rank))
         if not found:
@@ -284,8 +347,10 @@ class LowRankSVDPass(PlannedPass[Plan]):
         for d in layer.options:
             rank = d.rank_for_ratio(self.config.ratio, self.config.ratio_metric)
             if rank > d.max_rank:
-                reasons.append(f"{d.kind}: ratio {self.config.ratio} gives rank {rank} ≥ the no-saving bound "
-                               f"{d.rows * d.cols / (d.rows + d.cols):.1f}")
+                reasons.append(
+                    f"{d.kind}: ratio {self.config.ratio} gives rank {rank} ≥ the no-saving bound "
+                    f"{d.rows * d.cols / (d.rows + d.cols):.1f}"
+                )
             else:
                 found.append((d.relative_error(rank), d.flops_after(rank), d, rank))
         if not found:
@@ -341,11 +406,19 @@ class LowRankSVDPass(PlannedPass[Plan]):
 
     def _layer_plan(self, layer: _Layer, d: Decomposition, rank: int) -> LayerPlan:
         return LayerPlan(
-            name=layer.site.name, node=layer.site.node.name or "", op=layer.site.op_type, kind=d.kind,
-            rank=rank, max_rank=d.max_rank, shape=layer.site.shape,
-            params_before=d.params_before, params_after=d.params_after(rank),
-            flops_before=d.flops_before, flops_after=d.flops_after(rank),
-            energy=round(d.energy(rank), 6), rel_error=round(d.relative_error(rank), 6),
+            name=layer.site.name,
+            node=layer.site.node.name or "",
+            op=layer.site.op_type,
+            kind=d.kind,
+            rank=rank,
+            max_rank=d.max_rank,
+            shape=layer.site.shape,
+            params_before=d.params_before,
+            params_after=d.params_after(rank),
+            flops_before=d.flops_before,
+            flops_after=d.flops_after(rank),
+            energy=round(d.energy(rank), 6),
+            rel_error=round(d.relative_error(rank), 6),
         )
 
     def _budget_choices(self, model: ir.Model, plan: Plan,
@@ -354,7 +427,12 @@ class LowRankSVDPass(PlannedPass[Plan]):
 
         assert self.config.budget is not None
         reference_model = self.context.original or model
-        probes = probe_inputs(reference_model, count=self.config.probes, seed=self.context.seed, data=self.context.data)
+        probes = probe_inputs(
+            reference_model,
+            count=self.config.probes,
+            seed=self.context.seed,
+            data=self.context.data,
+        )
         reference = run_model(reference_model, probes)
         candidates: dict[str, list[Candidate]] = {}
         for name, layer in layers.items():
@@ -391,11 +469,19 @@ class LowRankSVDPass(PlannedPass[Plan]):
             candidate = selection.choice.get(name)
             if candidate is None:
                 best = max((score for _, score in selection.table[name]), default=float("nan"))
-                plan.skipped.append((name, f"no candidate rank keeps the output cosine ≥ the search threshold "
-                                           f"(best alone {best:.6f}, budget {self.config.budget})"))
+                plan.skipped.append(
+                    (
+                        name,
+                        f"no candidate rank keeps the output cosine ≥ the search threshold "
+                        f"(best alone {best:.6f}, budget {self.config.budget})",
+                    )
+                )
             else:
                 chosen[name] = (layers[name].option(candidate.kind), candidate.rank)
-        plan.settings["budget_search"] = {"joint_cosine": selection.score, "threshold": selection.threshold}
+        plan.settings["budget_search"] = {
+            "joint_cosine": selection.score,
+            "threshold": selection.threshold,
+        }
         return chosen
 
     # ---- speed ---------------------------------------------------------------------------
@@ -407,7 +493,9 @@ class LowRankSVDPass(PlannedPass[Plan]):
 
         return static_input_shapes(model)
 
-    def _latency_input(self, layer: _Layer, shapes: dict[str, tuple[int | None, ...]]) -> tuple[int, ...] | str:
+    def _latency_input(
+        self, layer: _Layer, shapes: dict[str, tuple[int | None, ...]]
+    ) -> tuple[int, ...] | str:
         site, batch = layer.site, self.config.latency_batch
         weight_shape = site.shape
         if site.op_type == "MatMul":
@@ -422,7 +510,11 @@ class LowRankSVDPass(PlannedPass[Plan]):
         return (batch, *[int(d) for d in shape[1:]])  # type: ignore[arg-type]
 
     def _check_speed(
-        self, layer: _Layer, d: Decomposition, layer_plan: LayerPlan, shapes: dict[str, tuple[int | None, ...]]
+        self,
+        layer: _Layer,
+        d: Decomposition,
+        layer_plan: LayerPlan,
+        shapes: dict[str, tuple[int | None, ...]],
     ) -> tuple[LayerPlan, str]:
         from onnxcompress.passes.lowrank.latency import measure_pair
 
@@ -436,8 +528,10 @@ class LowRankSVDPass(PlannedPass[Plan]):
         layer_plan = dataclasses.replace(layer_plan, latency_before_ms=round(timing.original_ms, 4),
                                          latency_after_ms=round(timing.pair_ms, 4))
         if not timing.original_ms > self.config.min_speedup * timing.pair_ms:
-            return layer_plan, (f"factor pair not faster: {timing.pair_ms:.3f} ms vs {timing.original_ms:.3f} ms "
-                                f"for the original at input {list(shape)} (rank {layer_plan.rank}, {d.kind})")
+            return layer_plan, (
+                f"factor pair not faster: {timing.pair_ms:.3f} ms vs {timing.original_ms:.3f} ms "
+                f"for the original at input {list(shape)} (rank {layer_plan.rank}, {d.kind})"
+            )
         return layer_plan, ""
 
     # ---- apply ---------------------------------------------------------------------------
@@ -463,7 +557,9 @@ class LowRankSVDPass(PlannedPass[Plan]):
             )
         return True
 
-    def _prepare(self, model: ir.Model, plan: Plan) -> list[tuple[LayerPlan, _Layer, np.ndarray, np.ndarray]]:
+    def _prepare(
+        self, model: ir.Model, plan: Plan
+    ) -> list[tuple[LayerPlan, _Layer, np.ndarray, np.ndarray]]:
         planned_here = plan.prepared.get("model") is model
         layers: Layers = dict(plan.prepared["layers"]) if planned_here else {}
         if not planned_here:  # a plan read back from JSON: find its layers in this model
@@ -471,24 +567,36 @@ class LowRankSVDPass(PlannedPass[Plan]):
             for layer_plan in plan.layers:
                 site = sites.get(layer_plan.name)
                 if site is None:
-                    raise RecipeError(f"plan layer {layer_plan.name!r} is not a MatMul/Gemm/Conv weight of this model")
+                    raise RecipeError(
+                        f"plan layer {layer_plan.name!r} is not a MatMul/Gemm/Conv weight of this "
+                        "model"
+                    )
                 layer, reason = self._eligible(model, site)
                 if layer is None:
-                    raise UnsupportedModelError(f"plan layer {layer_plan.name!r} cannot be factorized: {reason}")
+                    raise UnsupportedModelError(
+                        f"plan layer {layer_plan.name!r} cannot be factorized: {reason}"
+                    )
                 layers[layer_plan.name] = layer
         work = []
         for layer_plan in plan.layers:
             layer = layers[layer_plan.name]
             if layer.site.shape != tuple(layer_plan.shape):
-                raise RecipeError(f"plan layer {layer_plan.name!r} has shape {list(layer_plan.shape)}, "
-                                  f"the model's weight is {list(layer.site.shape)}")
+                raise RecipeError(
+                    f"plan layer {layer_plan.name!r} has shape {list(layer_plan.shape)}, "
+                    f"the model's weight is {list(layer.site.shape)}"
+                )
             kinds = [d.kind for d in layer.options]
             if layer_plan.kind not in kinds:
-                raise RecipeError(f"plan layer {layer_plan.name!r}: kind {layer_plan.kind!r} not possible here ({kinds})")
+                raise RecipeError(
+                    f"plan layer {layer_plan.name!r}: kind {layer_plan.kind!r} not possible here "
+                    f"({kinds})"
+                )
             d = layer.option(layer_plan.kind)
             if not 1 <= layer_plan.rank <= d.max_rank:
-                raise RecipeError(f"plan layer {layer_plan.name!r}: rank {layer_plan.rank} saves nothing "
-                                  f"(must be in 1..{d.max_rank})")
+                raise RecipeError(
+                    f"plan layer {layer_plan.name!r}: rank {layer_plan.rank} saves nothing "
+                    f"(must be in 1..{d.max_rank})"
+                )
             first, second = d.factors(layer_plan.rank)
             work.append((layer_plan, layer, first, second))
         return work

@@ -91,7 +91,8 @@ class ChannelGroup:
     activations: list[ir.Value]
     channels: int
     skip_reason: str | None = None
-    reshapes: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (shape const, index, repeat)
+    # (shape const, index, repeat)
+    reshapes: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
 
 
 class _Unsupported(Exception):
@@ -121,14 +122,18 @@ def _producer_axes(node: ir.Node, weight: np.ndarray) -> tuple[int, int]:
     if node.op_type == "Gemm":
         return (0 if node.attributes.get_int("transB", 0) else 1), -1
     if node.attributes.get_int("group", 1) != 1:
-        raise _Unsupported(f"{_node_label(node)} is a grouped Conv (group > 1 ties in and out channels)")
+        raise _Unsupported(
+            f"{_node_label(node)} is a grouped Conv (group > 1 ties in and out channels)"
+        )
     return 0, 1 - weight.ndim
 
 
 class _Tracer:
     """Grow one channel group from a seed producer by a worklist over activations."""
 
-    def __init__(self, graph: ir.Graph, weight_users: Mapping[str, int], allowed: Callable[[str], bool]):
+    def __init__(
+        self, graph: ir.Graph, weight_users: Mapping[str, int], allowed: Callable[[str], bool]
+    ):
         self.graph = graph
         self.weight_users = weight_users
         self.allowed = allowed
@@ -164,7 +169,9 @@ class _Tracer:
                         raise _Unsupported(f"channels come from graph input {value.name!r}")
                     for consumer in value.consumers():
                         if id(consumer) not in seen_nodes:
-                            work.extend(self._forward(group, consumer, value, axis, rank, seen_nodes))
+                            work.extend(
+                                self._forward(group, consumer, value, axis, rank, seen_nodes)
+                            )
                     producer = value.producer()
                     if producer is None:
                         raise _Unsupported(f"activation {value.name!r} has no producer")
@@ -196,10 +203,16 @@ class _Tracer:
             array = constant_array(bias)
             if array is None or not bias.name:
                 raise _Unsupported(f"{_node_label(node)} has a non-constant bias")
-            if array.size == group.channels and array.ndim >= 1 and array.shape[-1] == group.channels:
+            if (
+                array.size == group.channels
+                and array.ndim >= 1
+                and array.shape[-1] == group.channels
+            ):
                 group.cuts.append(TensorCut(bias.name, array.ndim - 1, "producer bias"))
             elif array.size != 1:
-                raise _Unsupported(f"{_node_label(node)} bias of shape {array.shape} is not per channel")
+                raise _Unsupported(
+                    f"{_node_label(node)} bias of shape {array.shape} is not per channel"
+                )
         rank: int | None
         if node.op_type == "Conv":
             rank = weight.ndim
@@ -217,7 +230,9 @@ class _Tracer:
         name, weight = found
         if node.op_type == "MatMul":
             if weight.ndim != 2:
-                raise _Unsupported(f"{_node_label(node)} has a {weight.ndim}-D weight (batched MatMul)")
+                raise _Unsupported(
+                    f"{_node_label(node)} has a {weight.ndim}-D weight (batched MatMul)"
+                )
             in_axis = 0
         elif node.op_type == "Gemm":
             if node.attributes.get_int("transA", 0):
@@ -225,7 +240,9 @@ class _Tracer:
             in_axis = 1 if node.attributes.get_int("transB", 0) else 0
         else:
             if node.attributes.get_int("group", 1) != 1:
-                raise _Unsupported(f"{_node_label(node)} is a grouped Conv (group > 1 ties in and out channels)")
+                raise _Unsupported(
+                    f"{_node_label(node)} is a grouped Conv (group > 1 ties in and out channels)"
+                )
             in_axis = 1
         if weight.shape[in_axis] != group.channels * repeat:
             raise _Unsupported(
@@ -268,9 +285,13 @@ class _Tracer:
         index = next(i for i, v in enumerate(node.inputs) if v is value)
         if op in ("MatMul", "Gemm", "Conv") and index == 0:
             if op != "Conv" and axis != -1:
-                raise _Unsupported(f"{_node_label(node)} reads the channels on a non-contracted axis")
+                raise _Unsupported(
+                    f"{_node_label(node)} reads the channels on a non-contracted axis"
+                )
             if op == "Conv" and (rank is None or axis != 1 - rank):
-                raise _Unsupported(f"{_node_label(node)} reads them on an axis other than its input channels")
+                raise _Unsupported(
+                    f"{_node_label(node)} reads them on an axis other than its input channels"
+                )
             seen.add(id(node))
             self._add_consumer(group, node, 1)
             return []
@@ -297,7 +318,9 @@ class _Tracer:
         if op in UNARY_OPS:
             activations = [node.inputs[0]]
             for extra in node.inputs[1:]:  # Clip min/max, Dropout ratio: scalars
-                if extra is not None and (constant_array(extra) is None or constant_array(extra).size != 1):
+                if extra is not None and (
+                    constant_array(extra) is None or constant_array(extra).size != 1
+                ):
                     raise _Unsupported(f"{_node_label(node)} has a non-scalar extra input")
         elif op in BINARY_OPS:
             constants = [v for v in node.inputs if constant_array(v) is not None]
@@ -312,7 +335,9 @@ class _Tracer:
                 self._per_channel_param(group, node, constant, axis, rank)
         elif op == "BatchNormalization":
             if rank is None or axis != 1 - rank:
-                raise _Unsupported(f"{_node_label(node)} normalises an axis other than the channels")
+                raise _Unsupported(
+                    f"{_node_label(node)} normalises an axis other than the channels"
+                )
             activations = [node.inputs[0]]
             for param in node.inputs[1:5]:
                 if constant_array(param) is None or param is None or not param.name:
@@ -341,7 +366,9 @@ class _Tracer:
             raise _Unsupported(f"{_node_label(node)} does not flatten from the channel axis")
         spatial = _static_spatial(value, rank)
         if spatial is None:
-            raise _Unsupported(f"{_node_label(node)}: spatial size unknown, the flattened index mapping is unclear")
+            raise _Unsupported(
+                f"{_node_label(node)}: spatial size unknown, the flattened index mapping is unclear"
+            )
         if node.op_type == "Flatten" and node.attributes.get_int("axis", 1) != 1:
             raise _Unsupported(f"{_node_label(node)} does not flatten from the channel axis")
         if node.op_type == "Reshape":
@@ -355,30 +382,48 @@ class _Tracer:
                 seen.add(id(consumer))
                 self._add_consumer(group, consumer, spatial)
             else:
-                raise _Unsupported(f"{_node_label(consumer)} reads flattened channels: mapping not handled")
+                raise _Unsupported(
+                    f"{_node_label(consumer)} reads flattened channels: mapping not handled"
+                )
         return []
 
-    def _reshape_target(self, group: ChannelGroup, node: ir.Node, value: ir.Value, spatial: int) -> None:
+    def _reshape_target(
+        self, group: ChannelGroup, node: ir.Node, value: ir.Value, spatial: int
+    ) -> None:
         """Accept Reshape(x, [a, C·H·W]) (rewritten when applied) or Reshape(x, [0, -1])."""
         target_value = node.inputs[1] if len(node.inputs) > 1 else None
         target = constant_array(target_value)
-        if node.inputs[0] is not value or target is None or target_value is None or not target_value.name:
+        if (
+            node.inputs[0] is not value
+            or target is None
+            or target_value is None
+            or not target_value.name
+        ):
             raise _Unsupported(f"{_node_label(node)} has a non-constant target shape")
         if target.ndim != 1 or target.size != 2:
-            raise _Unsupported(f"{_node_label(node)} to {target.tolist()}: only [N, C·H·W] is mapped")
+            raise _Unsupported(
+                f"{_node_label(node)} to {target.tolist()}: only [N, C·H·W] is mapped"
+            )
         first, second = int(target[0]), int(target[1])
         if node.attributes.get_int("allowzero", 0) and 0 in (first, second):
-            raise _Unsupported(f"{_node_label(node)} to {target.tolist()} with allowzero=1: a literal 0 dimension")
+            raise _Unsupported(
+                f"{_node_label(node)} to {target.tolist()} with allowzero=1: a literal 0 dimension"
+            )
         if second == group.channels * spatial:
             if self.weight_users.get(target_value.name, 0) > 1:
-                raise _Unsupported(f"{_node_label(node)}: target shape {target_value.name!r} is shared")
+                raise _Unsupported(
+                    f"{_node_label(node)}: target shape {target_value.name!r} is shared"
+                )
             group.reshapes.append((target_value.name, 1, spatial))
         elif not (second == -1 and first == 0):
-            raise _Unsupported(f"{_node_label(node)} to {target.tolist()}: only [N, C·H·W] is mapped")
+            raise _Unsupported(
+                f"{_node_label(node)} to {target.tolist()}: only [N, C·H·W] is mapped"
+            )
 
     def _check_weights(self, group: ChannelGroup) -> None:
         for cut in group.cuts:
-            if self.weight_users.get(cut.name, 0) > 1:  # a bias or BN parameter too: merged zeros are common
+            # a bias or BN parameter too: merged zeros are common
+            if self.weight_users.get(cut.name, 0) > 1:
                 what = "weight" if cut.role.endswith("weight") else cut.role
                 group.skip_reason = f"{what} {cut.name!r} is shared by several nodes"
                 return

@@ -59,7 +59,11 @@ def _channel_slices(array: np.ndarray, axis: int, channels: int, repeat: int) ->
 
 
 def _per_channel(array: np.ndarray, channels: int) -> np.ndarray:
-    return np.full(channels, float(array.reshape(-1)[0])) if array.size == 1 else array.reshape(channels).astype(np.float64)
+    return (
+        np.full(channels, float(array.reshape(-1)[0]))
+        if array.size == 1
+        else array.reshape(channels).astype(np.float64)
+    )
 
 
 _UNARY = {

@@ -41,11 +41,16 @@ class MagnitudePruneConfig(PassConfig):
     )
     overrides: dict[str, float] = pydantic.Field(
         default_factory=dict,
-        description="Per-layer sparsity by weight-name glob (first match wins), e.g. {'*head*': 0.5}.",
+        description="Per-layer sparsity by weight-name glob (first match wins), e.g. {'*head*': "
+        "0.5}.",
     )
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never pruned.")
-    min_params: int = pydantic.Field(16, ge=0, description="Weights smaller than this are left dense.")
-    ops: tuple[str, ...] | None = pydantic.Field(None, description="Only weights of these op types.")
+    min_params: int = pydantic.Field(
+        16, ge=0, description="Weights smaller than this are left dense."
+    )
+    ops: tuple[str, ...] | None = pydantic.Field(
+        None, description="Only weights of these op types."
+    )
 
     @pydantic.model_validator(mode="after")
     def _one_criterion(self) -> MagnitudePruneConfig:
@@ -86,7 +91,10 @@ class MagnitudePrunePass(CompressionPass):
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         scan = find_weight_sites(
-            model, min_params=self.config.min_params, exclude=self.config.exclude, ops=self.config.ops
+            model,
+            min_params=self.config.min_params,
+            exclude=self.config.exclude,
+            ops=self.config.ops,
         )
         for skip in scan.skipped:
             report.skip(skip.name, skip.reason)

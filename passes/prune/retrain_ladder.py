@@ -26,7 +26,21 @@ from typing import Any
 from onnxcompress.passes.prune.sensitivity import SensitivityResult, _glob_escape, _rates_for
 
 #: The ratios measured when fine-tuning follows: past 0.95, where retraining still recovers.
-RETRAIN_RATIOS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
+RETRAIN_RATIOS: tuple[float, ...] = (
+    0.1,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    0.95,
+    0.97,
+    0.98,
+    0.99,
+)
 
 
 def tolerance_ladder(result: SensitivityResult) -> list[dict[str, float]]:
@@ -55,9 +69,15 @@ def ladder_recipe_text(result: SensitivityResult) -> str:
         for rates in tolerance_ladder(result)
     ]
     steps.append({"pass": "codebook.kmeans", "on_fail": "rollback"})
-    recipe = {"name": "sensitivity-ladder", "description": (
-        f"Per-layer rates from `onnxcompress sensitivity --finetune` ({result.metric}, baseline "
-        f"{result.baseline:.6f}): {len(steps) - 1} rungs of doubling tolerance, then k-means. Run with "
-        "`optimize --data train.npz --finetune`: every rung is retrained and gated on accuracy."),
-        "seed": 0, "steps": steps}
+    recipe = {
+        "name": "sensitivity-ladder",
+        "description": (
+            f"Per-layer rates from `onnxcompress sensitivity --finetune` ({result.metric}, "
+            f"baseline {result.baseline:.6f}): {len(steps) - 1} rungs of doubling tolerance, then "
+            "k-means. Run with `optimize --data train.npz --finetune`: every rung is retrained "
+            "and gated on accuracy."
+        ),
+        "seed": 0,
+        "steps": steps,
+    }
     return yaml.safe_dump(recipe, sort_keys=False)

@@ -48,7 +48,9 @@ from onnxcompress.sites import WeightSite, find_weight_sites
 logger = logging.getLogger(__name__)
 
 #: (model, weight names, context, per_channel, options) -> name -> scores
-Scorer = Callable[[ir.Model, Sequence[str], PassContext, bool, Mapping[str, Any]], dict[str, np.ndarray]]
+Scorer = Callable[
+    [ir.Model, Sequence[str], PassContext, bool, Mapping[str, Any]], dict[str, np.ndarray]
+]
 
 
 def _magnitude(model: ir.Model, names: Sequence[str], context: PassContext, per_channel: bool,
@@ -79,8 +81,15 @@ def _taylor(model: ir.Model, names: Sequence[str], context: PassContext, per_cha
     data = _require_data(context, "taylor")
     from onnxcompress.finetune.gradients import taylor_scores
 
-    return taylor_scores(model, data, names=list(names), per_channel=per_channel, original=context.original,
-                         seed=context.seed, **options)
+    return taylor_scores(
+        model,
+        data,
+        names=list(names),
+        per_channel=per_channel,
+        original=context.original,
+        seed=context.seed,
+        **options,
+    )
 
 
 def _obd(model: ir.Model, names: Sequence[str], context: PassContext, per_channel: bool,
@@ -88,8 +97,15 @@ def _obd(model: ir.Model, names: Sequence[str], context: PassContext, per_channe
     data = _require_data(context, "obd")
     from onnxcompress.finetune.gradients import obd_scores
 
-    return obd_scores(model, data, names=list(names), per_channel=per_channel, original=context.original,
-                      seed=context.seed, **options)
+    return obd_scores(
+        model,
+        data,
+        names=list(names),
+        per_channel=per_channel,
+        original=context.original,
+        seed=context.seed,
+        **options,
+    )
 
 
 SCORERS: dict[str, Scorer] = {"magnitude": _magnitude, "taylor": _taylor, "obd": _obd}
@@ -99,7 +115,9 @@ def _scorer(criterion: str) -> Scorer:
     try:
         return SCORERS[criterion]
     except KeyError:
-        raise DataError(f"unknown saliency criterion {criterion!r}; one of {', '.join(SCORERS)}") from None
+        raise DataError(
+            f"unknown saliency criterion {criterion!r}; one of {', '.join(SCORERS)}"
+        ) from None
 
 
 def weight_saliency(model: ir.Model, names: Sequence[str], criterion: str, context: PassContext,
@@ -115,24 +133,34 @@ def channel_saliency(model: ir.Model, names: Sequence[str], criterion: str, cont
 
 
 class SaliencyPruneConfig(PassConfig):
-    sparsity: float = pydantic.Field(..., ge=0.0, lt=1.0, description="Share of weights set to zero, in [0, 1).")
+    sparsity: float = pydantic.Field(
+        ..., ge=0.0, lt=1.0, description="Share of weights set to zero, in [0, 1)."
+    )
     scope: Literal["layer", "global"] = pydantic.Field(
-        "layer", description="layer: the share per layer; global: the lowest saliencies over all layers."
+        "layer",
+        description="layer: the share per layer; global: the lowest saliencies over all layers.",
     )
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never pruned.")
-    min_params: int = pydantic.Field(16, ge=0, description="Weights smaller than this are left dense.")
+    min_params: int = pydantic.Field(
+        16, ge=0, description="Weights smaller than this are left dense."
+    )
     loss: Literal["auto", "cross_entropy", "mse"] = pydantic.Field(
-        "auto", description="auto: cross-entropy on labels if given, else against the original's outputs."
+        "auto",
+        description="auto: cross-entropy on labels if given, else against the original's outputs.",
     )
     batch_size: int = pydantic.Field(64, ge=1, description="Samples per gradient batch.")
-    max_samples: int | None = pydantic.Field(None, ge=1, description="Use at most this many samples.")
+    max_samples: int | None = pydantic.Field(
+        None, ge=1, description="Use at most this many samples."
+    )
 
 
 class ObdPruneConfig(SaliencyPruneConfig):
     hessian: Literal["fisher", "hutchinson"] = pydantic.Field(
         "fisher", description="Diagonal Hessian estimate: squared gradients (Fisher) or Hutchinson."
     )
-    hutchinson_samples: int = pydantic.Field(4, ge=1, description="Rademacher probes per batch (hutchinson).")
+    hutchinson_samples: int = pydantic.Field(
+        4, ge=1, description="Rademacher probes per batch (hutchinson)."
+    )
 
 
 def _lowest(scores: np.ndarray, count: int) -> np.ndarray:
@@ -156,7 +184,9 @@ class _SaliencyPrunePass(CompressionPass):
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         _require_data(self.context, self.criterion)
-        scan = find_weight_sites(model, min_params=self.config.min_params, exclude=self.config.exclude)
+        scan = find_weight_sites(
+            model, min_params=self.config.min_params, exclude=self.config.exclude
+        )
         for skip in scan.skipped:
             report.skip(skip.name, skip.reason)
         if not scan.sites:
@@ -172,17 +202,29 @@ class _SaliencyPrunePass(CompressionPass):
                 report.skip(site.name, "already at or above the target sparsity")
                 continue
             site.replace(pruned)
-            report.changed(site.name, site.op_type, before, pruned,
-                                detail=f"{self.criterion} sparsity {1 - np.count_nonzero(pruned) / pruned.size:.4f}")
+            report.changed(
+                site.name,
+                site.op_type,
+                before,
+                pruned,
+                detail=f"{self.criterion} sparsity "
+                f"{1 - np.count_nonzero(pruned) / pruned.size:.4f}",
+            )
             modified = True
         return modified
 
-    def _masks(self, sites: list[WeightSite], scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _masks(
+        self, sites: list[WeightSite], scores: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         # Existing zeros go first (score -inf): pruning never revives a weight.
-        ranked = {s.name: np.where(s.array() == 0, -np.inf, np.asarray(scores[s.name], dtype=np.float64))
-                  for s in sites}
+        ranked = {
+            s.name: np.where(s.array() == 0, -np.inf, np.asarray(scores[s.name], dtype=np.float64))
+            for s in sites
+        }
         if self.config.scope == "layer":
-            return {s.name: _lowest(ranked[s.name], round(self.config.sparsity * s.size)) for s in sites}
+            return {
+                s.name: _lowest(ranked[s.name], round(self.config.sparsity * s.size)) for s in sites
+            }
         pooled = np.concatenate([ranked[s.name].reshape(-1) for s in sites])
         mask = _lowest(pooled, round(self.config.sparsity * pooled.size))
         out, offset = {}, 0
@@ -195,7 +237,10 @@ class _SaliencyPrunePass(CompressionPass):
 @register
 class TaylorPrunePass(_SaliencyPrunePass):
     name = "prune.taylor"
-    summary = "Unstructured pruning by first-order Taylor saliency |w·∂L/∂w| (Molchanov et al. 2017); needs data."
+    summary = (
+        "Unstructured pruning by first-order Taylor saliency |w·∂L/∂w| (Molchanov et al. 2017); "
+        "needs data."
+    )
     Config = SaliencyPruneConfig
     criterion = "taylor"
 
@@ -203,7 +248,10 @@ class TaylorPrunePass(_SaliencyPrunePass):
 @register
 class ObdPrunePass(_SaliencyPrunePass):
     name = "prune.obd"
-    summary = "Optimal Brain Damage (LeCun et al. 1990): saliency ½·h_ii·w², Fisher or Hutchinson; needs data."
+    summary = (
+        "Optimal Brain Damage (LeCun et al. 1990): saliency ½·h_ii·w², Fisher or Hutchinson; needs "
+        "data."
+    )
     Config = ObdPruneConfig
     criterion = "obd"
     config: ObdPruneConfig

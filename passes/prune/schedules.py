@@ -67,7 +67,9 @@ def fixed_steps(final: float, step: float) -> list[float]:
     return [round(min((k + 1) * step, final), 10) for k in range(rounds)]
 
 
-def cubic_sparsity(t: float, *, initial: float, final: float, start: float, steps: int, interval: float) -> float:
+def cubic_sparsity(
+    t: float, *, initial: float, final: float, start: float, steps: int, interval: float
+) -> float:
     """Zhu & Gupta's s_t at time t (constant `initial` before `start`, `final` after the end)."""
     _check_sparsity("initial", initial)
     _check_sparsity("final", final)
@@ -84,7 +86,9 @@ def cubic_schedule(final: float, rounds: int, *, initial: float = 0.0) -> list[f
     if rounds < 1:
         raise RecipeError(f"rounds = {rounds} must be >= 1")
     return [
-        round(cubic_sparsity(k, initial=initial, final=final, start=0, steps=rounds, interval=1), 10)
+        round(
+            cubic_sparsity(k, initial=initial, final=final, start=0, steps=rounds, interval=1), 10
+        )
         for k in range(1, rounds + 1)
     ]
 
@@ -158,11 +162,20 @@ def expand_schedule(
         options = {**(prune_options or {}), "sparsity": sparsity}
         if overrides:
             scale = sparsity / final if final > 0 else 0.0
-            options["overrides"] = {name: round(rate * scale, 10) for name, rate in overrides.items()}
+            options["overrides"] = {
+                name: round(rate * scale, 10) for name, rate in overrides.items()
+            }
         steps.append(Step(pass_name=prune_pass, options=options, gate=prune_gate, on_fail=on_fail))
         if retrain is not None:
-            steps.append(Step(pass_name="finetune", options=retrain.finetune_options(), gate=gate, on_fail=on_fail,
-                              with_previous=True))
+            steps.append(
+                Step(
+                    pass_name="finetune",
+                    options=retrain.finetune_options(),
+                    gate=gate,
+                    on_fail=on_fail,
+                    with_previous=True,
+                )
+            )
     return steps
 
 
@@ -173,11 +186,17 @@ class _Strict(pydantic.BaseModel):
 class ScheduleSpec(_Strict):
     """Which sparsities the rounds reach."""
 
-    kind: Literal["cubic", "fixed"] = pydantic.Field("cubic", description="Zhu & Gupta's cubic, or Han's fixed steps.")
+    kind: Literal["cubic", "fixed"] = pydantic.Field(
+        "cubic", description="Zhu & Gupta's cubic, or Han's fixed steps."
+    )
     final: float = pydantic.Field(gt=0.0, lt=1.0, description="Sparsity after the last round.")
     rounds: int = pydantic.Field(4, ge=1, le=100, description="cubic: number of pruning rounds.")
-    step: float | None = pydantic.Field(None, gt=0.0, lt=1.0, description="fixed: sparsity added per round.")
-    initial: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="cubic: sparsity before the first round.")
+    step: float | None = pydantic.Field(
+        None, gt=0.0, lt=1.0, description="fixed: sparsity added per round."
+    )
+    initial: float = pydantic.Field(
+        0.0, ge=0.0, lt=1.0, description="cubic: sparsity before the first round."
+    )
 
     def sparsities(self) -> list[float]:
         if self.kind == "fixed":
@@ -190,14 +209,20 @@ class ScheduleSpec(_Strict):
 class RetrainSpec(_Strict):
     """Han's retraining after every round (see `RetrainOptions`); needs data with labels or a teacher."""
 
-    original_lr: float = pydantic.Field(1e-2, gt=0.0, description="The learning rate the model was trained with.")
-    lr_scale: float = pydantic.Field(0.1, gt=0.0, le=1.0, description="Han: about 1/10 of the original.")
+    original_lr: float = pydantic.Field(
+        1e-2, gt=0.0, description="The learning rate the model was trained with."
+    )
+    lr_scale: float = pydantic.Field(
+        0.1, gt=0.0, le=1.0, description="Han: about 1/10 of the original."
+    )
     regularisation: Literal["l1", "l2", "none"] = "l2"
     strength: float = pydantic.Field(1e-5, ge=0.0, description="L1 or L2 strength.")
     epochs: int = pydantic.Field(1, ge=1)
     batch_size: int = pydantic.Field(64, ge=1)
     dropout_rescale: bool = True
-    extra: dict[str, Any] = pydantic.Field(default_factory=dict, description="Further `finetune` options.")
+    extra: dict[str, Any] = pydantic.Field(
+        default_factory=dict, description="Further `finetune` options."
+    )
 
 
 class ScheduleStep(_Strict):
@@ -205,9 +230,13 @@ class ScheduleStep(_Strict):
 
     schedule: ScheduleSpec
     prune_pass: Literal["prune.magnitude", "prune.taylor", "prune.obd"] = "prune.magnitude"
-    options: dict[str, Any] = pydantic.Field(default_factory=dict, description="Options of every prune step.")
+    options: dict[str, Any] = pydantic.Field(
+        default_factory=dict, description="Options of every prune step."
+    )
     overrides: dict[str, float] = pydantic.Field(
-        default_factory=dict, description="Per-layer final rates (e.g. a sensitivity plan), scaled each round.")
+        default_factory=dict,
+        description="Per-layer final rates (e.g. a sensitivity plan), scaled each round.",
+    )
     retrain: RetrainSpec | None = None
     gate: Gate = pydantic.Field(default_factory=Gate)
     on_fail: Literal["stop", "rollback"] = "stop"

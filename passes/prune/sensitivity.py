@@ -73,7 +73,9 @@ class Budget:
     min_top1: float | None = fidelity.DEFAULT_GATE.min_top1
 
     def other_checks(self) -> fidelity.Gate:
-        return fidelity.Gate(min_cosine=None, min_rank_correlation=self.min_rank_correlation, min_top1=self.min_top1)
+        return fidelity.Gate(
+            min_cosine=None, min_rank_correlation=self.min_rank_correlation, min_top1=self.min_top1
+        )
 
     def allowed_drop(self, metric: str) -> float:
         return self.max_accuracy_drop if metric == "accuracy" else 1.0 - self.min_cosine
@@ -105,7 +107,10 @@ class SensitivityResult:
 
     def plan(self) -> dict[str, Any]:
         """A recipe step: prune.magnitude with the chosen per-layer rates as overrides."""
-        return {"pass": "prune.magnitude", "options": {"sparsity": 0.0, "min_params": 0, "overrides": self.overrides}}
+        return {
+            "pass": "prune.magnitude",
+            "options": {"sparsity": 0.0, "min_params": 0, "overrides": self.overrides},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,7 +133,9 @@ def _glob_escape(name: str) -> str:
 class Evaluator:
     """Scores a model with some weights swapped, against references computed once."""
 
-    def __init__(self, model_bytes: bytes, data: Mapping[str, np.ndarray] | None, probes: int, seed: int):
+    def __init__(
+        self, model_bytes: bytes, data: Mapping[str, np.ndarray] | None, probes: int, seed: int
+    ):
         self.model = ir.from_proto(onnx.load_from_string(model_bytes))
         self.labels = None if data is None else data.get(LABELS)
         self.metric = "accuracy" if self.labels is not None else "cosine"
@@ -166,7 +173,9 @@ class Evaluator:
         """The metric with each named layer magnitude-pruned to its rate."""
         return self._score(self._outputs_with(rates))
 
-    def meets(self, rates: Mapping[str, float], allowed: float, others: fidelity.Gate) -> tuple[bool, float]:
+    def meets(
+        self, rates: Mapping[str, float], allowed: float, others: fidelity.Gate
+    ) -> tuple[bool, float]:
         """Whether the joint model keeps the budget, and its metric. With a cosine budget it must
         also pass the default gate's other checks (rank correlation, top-1), as `optimize` will."""
         outputs = self._outputs_with(rates)
@@ -174,7 +183,9 @@ class Evaluator:
             value = self._score(outputs)
             return self.baseline - value <= allowed, value
         metrics = fidelity.compare(self.reference, outputs)  # once: cosine and the other checks
-        return self.baseline - metrics.cosine <= allowed and not others.failures(metrics), metrics.cosine
+        return self.baseline - metrics.cosine <= allowed and not others.failures(
+            metrics
+        ), metrics.cosine
 
     def curve(self, name: str, ratios: Sequence[float]) -> list[float]:
         return [self.score_with({name: r}) for r in ratios]
@@ -223,7 +234,9 @@ def analyse(
     """
     quantized = quantized_ops(model)
     if quantized:  # the plan would be refused by prune.magnitude: say so now
-        raise QuantizedModelError(f"sensitivity refuses an already quantized model (found {', '.join(quantized)})")
+        raise QuantizedModelError(
+            f"sensitivity refuses an already quantized model (found {', '.join(quantized)})"
+        )
     ratios = sorted(float(r) for r in ratios)
     if not ratios or ratios[0] < 0 or ratios[-1] >= 1:
         raise UserError(f"ratios must lie in [0, 1), got {ratios}")
@@ -235,7 +248,9 @@ def analyse(
     try:  # this process's worker state: a serial sweep uses it as it is
         evaluator: Evaluator = remember(sweep.key, sweep.setup, lambda: sweep.payload)
     except ORT_ERRORS as error:
-        raise UnsupportedModelError(f"the input model does not run: onnxruntime: {str(error).splitlines()[0]}") from None
+        raise UnsupportedModelError(
+            f"the input model does not run: onnxruntime: {str(error).splitlines()[0]}"
+        ) from None
     scan = find_weight_sites(evaluator.model, min_params=min_params, exclude=exclude)
     sites: list[WeightSite] = scan.sites
     for skipped in scan.skipped:
@@ -291,7 +306,12 @@ def _rates_for(curves: Sequence[LayerCurve], baseline: float, tolerance: float) 
 
 
 def choose_rates(
-    evaluator: Evaluator, curves: list[LayerCurve], budget: Budget, *, steps: int = 12, refine_passes: int = 2
+    evaluator: Evaluator,
+    curves: list[LayerCurve],
+    budget: Budget,
+    *,
+    steps: int = 12,
+    refine_passes: int = 2,
 ) -> SensitivityResult:
     """Pick per-layer rates meeting `budget` jointly and removing the most parameters.
 
@@ -316,7 +336,9 @@ def choose_rates(
                     evaluator.metric, value)
         if ok and removed > best[0]:
             best = (removed, rates, value)
-    removed, rates, value = _refine(evaluator, curves, best, allowed, budget.other_checks(), passes=refine_passes)
+    removed, rates, value = _refine(
+        evaluator, curves, best, allowed, budget.other_checks(), passes=refine_passes
+    )
     for curve in curves:
         curve.chosen = rates[curve.name]
     return SensitivityResult(
@@ -380,7 +402,17 @@ def sensitivity(
     cache: SweepCache | None = None,
 ) -> SensitivityResult:
     """Analyse every layer, then choose rates under `budget` (see the module docstring)."""
-    evaluator, curves = analyse(model, data=data, ratios=ratios, probes=probes, seed=seed,
-                                min_params=min_params, exclude=exclude, workers=workers, on_layer=on_layer,
-                                executor=executor, cache=cache)
+    evaluator, curves = analyse(
+        model,
+        data=data,
+        ratios=ratios,
+        probes=probes,
+        seed=seed,
+        min_params=min_params,
+        exclude=exclude,
+        workers=workers,
+        on_layer=on_layer,
+        executor=executor,
+        cache=cache,
+    )
     return choose_rates(evaluator, curves, budget or Budget())

@@ -146,7 +146,9 @@ class StructuredPlan:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> StructuredPlan:
-        return cls(raw["criterion"], raw.get("ratio"), [GroupPlan.from_dict(g) for g in raw["groups"]])
+        return cls(
+            raw["criterion"], raw.get("ratio"), [GroupPlan.from_dict(g) for g in raw["groups"]]
+        )
 
     def table(self) -> PlanTable:
         """Per group: channels, how many stay, who reads them, and what happens (or why not)."""
@@ -209,7 +211,9 @@ def plan_structured(
             if scores is not None:
                 channel_scores = np.zeros(group.channels)
                 for name, _ in group.producers:
-                    channel_scores += np.asarray(scores[name], dtype=np.float64).reshape(group.channels)
+                    channel_scores += np.asarray(scores[name], dtype=np.float64).reshape(
+                        group.channels
+                    )
             else:
                 channel_scores = _norm_scores(model, group, criterion)
             plan.scores = [float(s) for s in channel_scores]
@@ -244,12 +248,14 @@ def apply_plan(model: ir.Model, plan: StructuredPlan) -> dict[str, tuple[np.ndar
     for group in plan.active():
         for cut in group.cuts:
             if cut.name not in constants:
-                raise UnsupportedModelError(f"plan names tensor {cut.name!r}, which the model lacks")
+                raise UnsupportedModelError(
+                    f"plan names tensor {cut.name!r}, which the model lacks"
+                )
             shape = constants[cut.name].const_value.shape
             if cut.axis >= len(shape) or int(shape[cut.axis]) != group.channels * cut.repeat:
                 raise UnsupportedModelError(
-                    f"plan expects {cut.name!r} to have {group.channels * cut.repeat} entries on axis "
-                    f"{cut.axis}, it has shape {list(shape)}"
+                    f"plan expects {cut.name!r} to have {group.channels * cut.repeat} entries on "
+                    f"axis {cut.axis}, it has shape {list(shape)}"
                 )
             cuts.setdefault(cut.name, []).append((cut.axis, _indices(group.keep, cut.repeat)))
         for name, index, repeat in group.reshapes:
@@ -286,17 +292,23 @@ def apply_plan(model: ir.Model, plan: StructuredPlan) -> dict[str, tuple[np.ndar
 
 class StructuredPruneConfig(PassConfig):
     ratio: float = pydantic.Field(
-        0.5, ge=0.0, lt=1.0, description="Share of channels removed from every channel group, in [0, 1)."
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Share of channels removed from every channel group, in [0, 1).",
     )
     criterion: Criterion = pydantic.Field(
-        "l1", description="Channel importance: l1 / l2 norm of the producer filters, or taylor / obd (needs data)."
+        "l1",
+        description="Channel importance: l1 / l2 norm of the producer filters, or taylor / obd "
+        "(needs data).",
     )
     exclude: tuple[str, ...] = pydantic.Field(
         (), description="Weight-name globs: a group touching one of them is left whole."
     )
     min_channels: int = pydantic.Field(1, ge=1, description="Channels every group keeps at least.")
     plan: dict[str, Any] | None = pydantic.Field(
-        None, description="A saved plan (from --dry-run / plan_structured) applied instead of planning."
+        None,
+        description="A saved plan (from --dry-run / plan_structured) applied instead of planning.",
     )
 
 
@@ -313,7 +325,10 @@ class StructuredPrunePass(PlannedPass[StructuredPlan]):
     """Remove the least important neurons / channels of every channel group."""
 
     name = "prune.structured"
-    summary = "Structured pruning (Wen et al. 2016): remove whole neurons and conv channels, shrinking tensors."
+    summary = (
+        "Structured pruning (Wen et al. 2016): remove whole neurons and conv channels, shrinking "
+        "tensors."
+    )
     Config = StructuredPruneConfig
     config: StructuredPruneConfig
 
@@ -324,7 +339,8 @@ class StructuredPrunePass(PlannedPass[StructuredPlan]):
                 return StructuredPlan.from_dict(self.config.plan)
             except KeyError as error:
                 raise RecipeError(
-                    f"prune.structured: invalid plan: missing key {error} (write one with --dry-run --save-plan)"
+                    f"prune.structured: invalid plan: missing key {error} (write one with "
+                    "--dry-run --save-plan)"
                 ) from None
             except (TypeError, ValueError, AttributeError) as error:
                 raise RecipeError(f"prune.structured: invalid plan: {error}") from None

@@ -150,7 +150,9 @@ class ObsPrunePass(CompressionPass):
         report.notes.update({key: round(value, 6) for key, value in totals.items()})
         return bool(report.changes)
 
-    def _commit(self, site: WeightSite, pruned: np.ndarray, detail: str, report: PassReport) -> None:
+    def _commit(
+        self, site: WeightSite, pruned: np.ndarray, detail: str, report: PassReport
+    ) -> None:
         before = site.array()
         site.replace(pruned)
         report.changed(site.name, site.op_type, before, pruned, detail=detail)

@@ -74,30 +74,46 @@ class SparseCsrConfig(PassConfig):
         0.7, ge=0.0, le=1.0, description="Layers with a smaller share of zero weights stay dense."
     )
     batch: int = pydantic.Field(
-        1, ge=1, le=65536, description="Rows per inference the decision is measured at (X is batch × K)."
+        1,
+        ge=1,
+        le=65536,
+        description="Rows per inference the decision is measured at (X is batch × K).",
     )
     portable: bool = pydantic.Field(
-        True, description="Also write each op as a model-local ONNX function so stock onnxruntime runs the model."
+        True,
+        description="Also write each op as a model-local ONNX function so stock onnxruntime runs "
+        "the model.",
     )
     decide: Literal["measure", "always"] = pydantic.Field(
         "measure",
-        description="measure: convert only where the kernel is timed faster than dense MatMul here; "
-        "always: convert every layer at or above min_sparsity (needs no kernel library with portable).",
+        description="measure: convert only where the kernel is timed faster than dense MatMul "
+        "here; always: convert every layer at or above min_sparsity (needs no kernel library with "
+        "portable).",
     )
     min_speedup: float = pydantic.Field(
-        1.1, gt=0.0, description="Measured dense time / sparse time a layer must reach to be converted."
+        1.1,
+        gt=0.0,
+        description="Measured dense time / sparse time a layer must reach to be converted.",
     )
     index_dtype: Literal["auto", "uint16", "int32"] = pydantic.Field(
         "auto", description="CSR column index type; auto picks uint16 when K <= 65536."
     )
     threads: int | None = pydantic.Field(
-        None, ge=1, description="onnxruntime intra-op threads for the measurement (default: onnxruntime's)."
+        None,
+        ge=1,
+        description="onnxruntime intra-op threads for the measurement (default: onnxruntime's).",
     )
-    repeats: int = pydantic.Field(15, ge=3, le=1000, description="Timed runs per variant; the median counts.")
+    repeats: int = pydantic.Field(
+        15, ge=3, le=1000, description="Timed runs per variant; the median counts."
+    )
     cold_cache: bool = pydantic.Field(
-        True, description="Flush the CPU caches before each timed run (weights of a real model rarely stay cached)."
+        True,
+        description="Flush the CPU caches before each timed run (weights of a real model rarely "
+        "stay cached).",
     )
-    min_params: int = pydantic.Field(1024, ge=0, description="Weights smaller than this stay dense.")
+    min_params: int = pydantic.Field(
+        1024, ge=0, description="Weights smaller than this stay dense."
+    )
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never converted.")
 
 
@@ -111,7 +127,8 @@ class _Candidate:
     bias: np.ndarray  # [N] float32
     sparsity: float
     op: str = OP
-    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # op inputs after X, before bias
+    # op inputs after X, before bias
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
     site: WeightSite | None = None  # a plain weight
     conv: ConvLayer | None = None  # a Conv layer (op SparseConv)
@@ -122,7 +139,9 @@ class _Candidate:
         return int(sum(a.nbytes for a in self.arrays.values()))
 
 
-def _layer_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], k: int) -> onnx.ModelProto:
+def _layer_model(
+    nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], k: int
+) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "layer",
@@ -131,7 +150,8 @@ def _layer_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProt
         initializer=initializers,
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
     )
     model.ir_version = ir_version_for(17)
     return model
@@ -161,7 +181,10 @@ def measure_layer(
     )
     sparse = _layer_model(
         [helper.make_node(op, ["X", *arrays], ["Y"], domain=DOMAIN, **attributes)],
-        [numpy_helper.from_array(np.ascontiguousarray(array), name) for name, array in arrays.items()],
+        [
+            numpy_helper.from_array(np.ascontiguousarray(array), name)
+            for name, array in arrays.items()
+        ],
         k,
     )
     # `overhead`: the same call on a graph that does nothing; a layer inside a model does not
@@ -173,7 +196,9 @@ def measure_layer(
     return dict(zip(models, medians, strict=True))
 
 
-def csr_arrays(weight: np.ndarray, index_dtype: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def csr_arrays(
+    weight: np.ndarray, index_dtype: str = "auto"
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """SparseMatMul inputs (after X, before bias) and attributes for a K × N weight."""
     csr = to_csr(weight, index_dtype)  # type: ignore[arg-type]
     arrays = {"values": csr.values, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr}
@@ -181,7 +206,11 @@ def csr_arrays(weight: np.ndarray, index_dtype: str = "auto") -> tuple[dict[str,
 
 
 def codebook_arrays(
-    indices: np.ndarray, codebook: np.ndarray, weight: np.ndarray, sparse: bool, index_dtype: str = "auto"
+    indices: np.ndarray,
+    codebook: np.ndarray,
+    weight: np.ndarray,
+    sparse: bool,
+    index_dtype: str = "auto",
 ) -> tuple[str, dict[str, np.ndarray], dict[str, int]]:
     """(op, inputs after X before bias, attributes) for a K × N weight-shared layer.
 
@@ -191,12 +220,17 @@ def codebook_arrays(
     if sparse:
         csr = to_csr(weight, index_dtype)  # type: ignore[arg-type]
         rows = np.repeat(np.arange(n), np.diff(csr.row_ptr.astype(np.int64)))
-        stored = np.ascontiguousarray(indices.T)[rows, csr.col_indices.astype(np.int64)].astype(np.uint8)
+        stored = np.ascontiguousarray(indices.T)[rows, csr.col_indices.astype(np.int64)].astype(
+            np.uint8
+        )
         arrays = {"indices": stored, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr,
                   "codebook": codebook.astype(np.float32)}
         return "SparseCodebookMatMul", arrays, {"K": k, "N": n}
     bits = 4 if codebook.size <= 16 else 8
-    arrays = {"indices": pack_codebook_indices(indices, bits), "codebook": codebook.astype(np.float32)}
+    arrays = {
+        "indices": pack_codebook_indices(indices, bits),
+        "codebook": codebook.astype(np.float32),
+    }
     return "CodebookMatMul", arrays, {"K": k, "N": n, "bits": bits}
 
 
@@ -228,17 +262,18 @@ class SparseCsrPass(CompressionPass):
         if self.config.decide == "measure" and not has_kernel:
             raise MissingDependencyError(
                 "sparse.csr measures the SparseMatMul kernel but the kernel library is not built "
-                "(see `bash kernels/fetch_headers.sh && pip install -e .`); use decide='always' to convert "
-                "without measuring"
+                "(see `bash kernels/fetch_headers.sh && pip install -e .`); use decide='always' to "
+                "convert without measuring"
             )
         if not self.config.portable and not has_kernel:
             raise MissingDependencyError(
-                "sparse.csr with portable=False writes a model that needs the kernel library, which is not built"
+                "sparse.csr with portable=False writes a model that needs the kernel library, "
+                "which is not built"
             )
         if self.config.portable and _opset(model) < MIN_ONNX_OPSET:
             raise UnsupportedModelError(
-                f"the portable SparseMatMul function needs ONNX opset >= {MIN_ONNX_OPSET}; the model uses "
-                f"{_opset(model)} (convert the opset first, or use portable=False)"
+                f"the portable SparseMatMul function needs ONNX opset >= {MIN_ONNX_OPSET}; the "
+                f"model uses {_opset(model)} (convert the opset first, or use portable=False)"
             )
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
@@ -294,10 +329,14 @@ class SparseCsrPass(CompressionPass):
             array, bias = effective
         sparsity = 1.0 - np.count_nonzero(array) / array.size
         if sparsity < self.config.min_sparsity:
-            report.skip(site.name, f"sparsity {sparsity:.3f} < min_sparsity {self.config.min_sparsity}")
+            report.skip(
+                site.name, f"sparsity {sparsity:.3f} < min_sparsity {self.config.min_sparsity}"
+            )
             return None
         arrays, attributes = csr_arrays(array, self.config.index_dtype)
-        return _Candidate(site.name, node, array, bias, float(sparsity), OP, arrays, attributes, site=site)
+        return _Candidate(
+            site.name, node, array, bias, float(sparsity), OP, arrays, attributes, site=site
+        )
 
     def _conv_candidate(
         self, site: WeightSite, report: PassReport, shapes: Shapes
@@ -349,7 +388,11 @@ class SparseCsrPass(CompressionPass):
                              "weight is also a graph output")
             return None
         node, index = uses[0]
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or index != 1:
+        if (
+            node.op_type not in ("MatMul", "Gemm")
+            or node.domain not in ("", "ai.onnx")
+            or index != 1
+        ):
             report.skip(name, f"read by {node.op_type} input {index}, not as a MatMul/Gemm weight")
             return None
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
@@ -357,8 +400,11 @@ class SparseCsrPass(CompressionPass):
             return None
         codebook = layer.codebook()
         if codebook.dtype != np.float32 or len(layer.shape) != 2 or codebook.size > 256:
-            report.skip(name, f"codebook {codebook.dtype} of {codebook.size} entries for a "
-                             f"{len(layer.shape)}-D weight: the kernels take fp32, <= 256 entries, 2-D")
+            report.skip(
+                name,
+                f"codebook {codebook.dtype} of {codebook.size} entries for a "
+                f"{len(layer.shape)}-D weight: the kernels take fp32, <= 256 entries, 2-D",
+            )
             return None
         indices = layer.indices()
         if int(np.prod(indices.shape)) < self.config.min_params:
@@ -378,8 +424,12 @@ class SparseCsrPass(CompressionPass):
         weight = codebook[indices.astype(np.int64)]
         sparsity = 1.0 - np.count_nonzero(weight) / weight.size
         sparse = sparsity >= self.config.min_sparsity
-        op, arrays, attributes = codebook_arrays(indices, codebook, weight, sparse, self.config.index_dtype)
-        return _Candidate(name, node, weight, bias, float(sparsity), op, arrays, attributes, layer=layer)
+        op, arrays, attributes = codebook_arrays(
+            indices, codebook, weight, sparse, self.config.index_dtype
+        )
+        return _Candidate(
+            name, node, weight, bias, float(sparsity), op, arrays, attributes, layer=layer
+        )
 
     def _ineligible(self, model: ir.Model, site: WeightSite) -> str | None:
         node = site.node
@@ -399,11 +449,15 @@ class SparseCsrPass(CompressionPass):
             return "Gemm with transA=1"
         return None
 
-    def _gemm_weight_and_bias(self, site: WeightSite, array: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
+    def _gemm_weight_and_bias(
+        self, site: WeightSite, array: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | str:
         node = site.node
         alpha = node.attributes.get_float("alpha", 1.0)
         weight = array.T if node.attributes.get_int("transB", 0) else array
-        weight = np.ascontiguousarray(weight * np.float32(alpha) if alpha != 1.0 else weight, dtype=np.float32)
+        weight = np.ascontiguousarray(
+            weight * np.float32(alpha) if alpha != 1.0 else weight, dtype=np.float32
+        )
         bias = self._gemm_bias(node, weight.shape[1])
         return bias if isinstance(bias, str) else (weight, bias)
 
@@ -442,8 +496,9 @@ class SparseCsrPass(CompressionPass):
         if speedup < self.config.min_speedup:
             report.skip(
                 candidate.name,
-                f"{candidate.op} not faster at batch {self.config.batch}: {_net(timing, 'sparse') * 1e3:.3f} ms vs "
-                f"dense {_net(timing, 'dense') * 1e3:.3f} ms ({speedup:.2f}x < min_speedup {self.config.min_speedup})",
+                f"{candidate.op} not faster at batch {self.config.batch}: "
+                f"{_net(timing, 'sparse') * 1e3:.3f} ms vs dense {_net(timing, 'dense') * 1e3:.3f} "
+                f"ms ({speedup:.2f}x < min_speedup {self.config.min_speedup})",
             )
             return False
         return True
@@ -477,11 +532,15 @@ class SparseCsrPass(CompressionPass):
         taken = set(graph.initializers)
         op = KERNEL_OPS[candidate.op]
         if list(candidate.arrays) != op.stored_inputs:  # the table fixes the inputs' order
-            raise AssertionError(f"{op.name} takes {op.stored_inputs}, got {list(candidate.arrays)}")
+            raise AssertionError(
+                f"{op.name} takes {op.stored_inputs}, got {list(candidate.arrays)}"
+            )
         inputs = [node.inputs[0]]
         for suffix, array in {**candidate.arrays, "bias": candidate.bias}.items():
             name = _unique(f"{candidate.name}.{op.prefix}_{suffix}", taken)
-            value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+            value = ir.Value(
+                name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name)
+            )
             value.shape = ir.Shape(array.shape)
             value.type = ir.TensorType(value.const_value.dtype)  # type: ignore[union-attr]
             graph.register_initializer(value)
@@ -500,7 +559,9 @@ class SparseCsrPass(CompressionPass):
         new.outputs[0].shape = old_output.shape
         new.outputs[0].type = old_output.type
         old_output.name = None
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [old_output], [new.outputs[0]])
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [new], [old_output], [new.outputs[0]]
+        )
         if candidate.site is not None:
             _drop_if_unused(graph, candidate.site)
         if candidate.layer is not None:
@@ -516,17 +577,29 @@ class SparseCsrPass(CompressionPass):
         if candidate.timing is not None:
             timing = candidate.timing
             detail += (
-                f", {_net(timing, 'dense') / _net(timing, 'sparse'):.2f}x faster at batch {self.config.batch} "
-                f"({_net(timing, 'sparse') * 1e3:.3f} vs {_net(timing, 'dense') * 1e3:.3f} ms)"
+                f", {_net(timing, 'dense') / _net(timing, 'sparse'):.2f}x faster at batch "
+                f"{self.config.batch} ({_net(timing, 'sparse') * 1e3:.3f} vs "
+                f"{_net(timing, 'dense') * 1e3:.3f} ms)"
             )
-        stored = candidate.arrays["values"] if "values" in candidate.arrays else candidate.arrays["indices"]
-        params_after = int(stored.size) if candidate.op != "CodebookMatMul" else int(candidate.weight.size)
+        stored = (
+            candidate.arrays["values"]
+            if "values" in candidate.arrays
+            else candidate.arrays["indices"]
+        )
+        params_after = (
+            int(stored.size) if candidate.op != "CodebookMatMul" else int(candidate.weight.size)
+        )
         report.changed(candidate.name, node.op_type, before, params_after=params_after,
                             bytes_after=candidate.stored_bytes(), detail=detail)
 
 
 def _drop_initializer_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
-    if value is None or value.uses() or value.is_graph_output() or value.name not in graph.initializers:
+    if (
+        value is None
+        or value.uses()
+        or value.is_graph_output()
+        or value.name not in graph.initializers
+    ):
         return
     if graph.initializers[value.name] is value:
         graph.initializers.pop(value.name)

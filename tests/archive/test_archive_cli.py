@@ -36,8 +36,20 @@ def _weights(path) -> dict[str, bytes]:
 def test_prune_cluster_pack_unpack(model_path, tmp_path):
     pruned, clustered = tmp_path / "pruned.onnx", tmp_path / "clustered.onnx"
     assert invoke("prune", model_path, "--sparsity", "0.8", "-o", pruned, *NO_GATE).exit_code == 0
-    result = invoke("cluster", pruned, "-o", clustered, "--layer-bits", "head.*=3", "--min-cosine", "0.9",
-                    "--min-rank-corr", "-1", "--min-top1", "0")
+    result = invoke(
+        "cluster",
+        pruned,
+        "-o",
+        clustered,
+        "--layer-bits",
+        "head.*=3",
+        "--min-cosine",
+        "0.9",
+        "--min-rank-corr",
+        "-1",
+        "--min-top1",
+        "0",
+    )
     assert result.exit_code == 0, result.output
     layers = {layer.name: layer for layer in codebook_layers(ir.load(str(clustered)))}
     assert layers["head.weight"].bits == 3 and layers["fc0.weight"].bits == 5
@@ -67,7 +79,10 @@ def test_corrupt_truncated_and_foreign_archives_exit_2(model_path, tmp_path):
     assert invoke("pack", clustered, "-o", archive, "-q").exit_code == 0
     data = archive.read_bytes()
     rng = np.random.default_rng(7)
-    cases = {"truncated.onnxc": data[: len(data) // 3], "foreign.onnxc": open(model_path, "rb").read()}
+    cases = {
+        "truncated.onnxc": data[: len(data) // 3],
+        "foreign.onnxc": open(model_path, "rb").read(),
+    }
     for index in range(5):
         corrupt = bytearray(data)
         corrupt[int(rng.integers(8, len(data)))] ^= 0x10
@@ -86,7 +101,10 @@ def test_corrupt_truncated_and_foreign_archives_exit_2(model_path, tmp_path):
 
 def test_bad_options_exit_2(model_path, tmp_path):
     assert invoke("cluster", model_path, "--bits", "12", "-o", tmp_path / "o.onnx").exit_code == 2
-    assert invoke("cluster", model_path, "--layer-bits", "nobits", "-o", tmp_path / "o.onnx").exit_code == 2
+    assert (
+        invoke("cluster", model_path, "--layer-bits", "nobits", "-o", tmp_path / "o.onnx").exit_code
+        == 2
+    )
     assert invoke("pack", model_path, "--coder", "zip", "-o", tmp_path / "o.onnxc").exit_code == 2
 
 

@@ -74,7 +74,9 @@ def test_streams_round_trip_near_entropy(rng, coder):
 
 @pytest.mark.parametrize("symbols", [np.zeros(0, np.int64), np.full(50, 7), np.array([1, 0, 2])])
 def test_degenerate_streams(symbols):
-    decoded, _, _ = decode_stream(memoryview(encode_stream(symbols, "huffman")), max_symbols=symbols.size)
+    decoded, _, _ = decode_stream(
+        memoryview(encode_stream(symbols, "huffman")), max_symbols=symbols.size
+    )
     np.testing.assert_array_equal(decoded, symbols)
 
 
@@ -110,7 +112,10 @@ def test_pruned_layers_store_relative_indices_and_are_smaller(rng):
     assert sizes["fc0.weight"].mode == "sparse"
     dense_bits = 32 * sum(layer.params for layer in result.layers)
     assert 8 * sum(layer.coded_bytes for layer in result.layers) < dense_bits / 20
-    decoded = {layer.name: dense_weight(layer) for layer in codebook_layers(ir.from_proto(unpack(result.data)))}
+    decoded = {
+        layer.name: dense_weight(layer)
+        for layer in codebook_layers(ir.from_proto(unpack(result.data)))
+    }
     for layer in codebook_layers(model):
         np.testing.assert_array_equal(decoded[layer.name], dense_weight(layer))
 
@@ -182,8 +187,14 @@ def test_resealed_tampering_is_still_caught(archive):
     _, version, flags, manifest_len, _, _ = header.unpack_from(archive)
     manifest = archive[56 : 56 + manifest_len]
     body = archive[56 + manifest_len :]
-    for tampered_manifest, tampered_body in ((manifest, body[:-7]), (b"garbage", body), (manifest, body + b"\0")):
-        prefix = header.pack(MAGIC, version, flags, len(tampered_manifest), len(tampered_body), b"\0" * 32)[:24]
+    for tampered_manifest, tampered_body in (
+        (manifest, body[:-7]),
+        (b"garbage", body),
+        (manifest, body + b"\0"),
+    ):
+        prefix = header.pack(
+            MAGIC, version, flags, len(tampered_manifest), len(tampered_body), b"\0" * 32
+        )[:24]
         digest = hashlib.sha256(prefix + tampered_manifest + tampered_body).digest()
         with pytest.raises(ModelLoadError):
             unpack(prefix + digest + tampered_manifest + tampered_body)
@@ -193,7 +204,9 @@ def test_auto_index_width_is_never_larger_and_round_trips(rng):
     model = _clustered(rng, 0.93)
     fixed = pack(model, coder="ans", index_bits=5)
     auto = pack(model, coder="ans", index_bits="auto")
-    assert sum(layer.coded_bytes for layer in auto.layers) <= sum(layer.coded_bytes for layer in fixed.layers)
+    assert sum(layer.coded_bytes for layer in auto.layers) <= sum(
+        layer.coded_bytes for layer in fixed.layers
+    )
     assert {layer.index_bits for layer in auto.layers} <= set(range(2, 11))
     assert unpack(auto.data).SerializeToString() == ir.to_proto(model).SerializeToString()
     with pytest.raises(Exception, match="index_bits"):

@@ -43,7 +43,9 @@ def _open(data: bytes) -> tuple[dict, bytes]:
 
 
 def _seal(manifest: dict | bytes, body: bytes) -> bytes:
-    raw = manifest if isinstance(manifest, bytes) else zlib.compress(json.dumps(manifest).encode(), 9)
+    raw = (
+        manifest if isinstance(manifest, bytes) else zlib.compress(json.dumps(manifest).encode(), 9)
+    )
     prefix = struct.pack("<8sHHIQ", MAGIC, 1, 0, len(raw), len(body))
     return prefix + hashlib.sha256(prefix + raw + body).digest() + raw + body
 
@@ -83,23 +85,42 @@ def _layer_stream(n: int, counts: list[int], words: list[int] = (), coder: int =
     return out.getvalue()
 
 
-def _one_layer(shape: list[int], stream: bytes, mode: str = "dense", diffs: bytes | None = None) -> bytes:
+def _one_layer(
+    shape: list[int], stream: bytes, mode: str = "dense", diffs: bytes | None = None
+) -> bytes:
     """An archive of one weight-shared layer (a 2-entry codebook) declaring `shape`."""
-    graph = onnx.helper.make_graph([], "g", [], [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [], "g", [], [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
+    )
     graph_blob = zlib.compress(onnx.helper.make_model(graph).SerializeToString())
     codebook = np.array([0.0, 1.0], dtype=np.float32).tobytes()
     body = graph_blob + codebook + stream + (diffs or b"")
     manifest = {
-        "format": "onnxcompress.archive", "version": 1, "coder": "ans", "graph": [0, len(graph_blob)],
-        "layers": [{
-            "weight": "w", "bits": 1, "zero_entry": True,
-            "indices": {"name": "w.idx", "position": 0, "dtype": "uint8", "shape": shape},
-            "codebook": {"name": "w.cb", "position": 1, "dtype": "float32", "size": 2,
-                         "blob": [len(graph_blob), len(codebook)]},
-            "mode": mode, "index_bits": 5,
-            "values": [len(graph_blob) + len(codebook), len(stream)],
-            "diffs": [len(graph_blob) + len(codebook) + len(stream), len(diffs)] if diffs else None,
-        }],
+        "format": "onnxcompress.archive",
+        "version": 1,
+        "coder": "ans",
+        "graph": [0, len(graph_blob)],
+        "layers": [
+            {
+                "weight": "w",
+                "bits": 1,
+                "zero_entry": True,
+                "indices": {"name": "w.idx", "position": 0, "dtype": "uint8", "shape": shape},
+                "codebook": {
+                    "name": "w.cb",
+                    "position": 1,
+                    "dtype": "float32",
+                    "size": 2,
+                    "blob": [len(graph_blob), len(codebook)],
+                },
+                "mode": mode,
+                "index_bits": 5,
+                "values": [len(graph_blob) + len(codebook), len(stream)],
+                "diffs": [len(graph_blob) + len(codebook) + len(stream), len(diffs)]
+                if diffs
+                else None,
+            }
+        ],
     }
     return _seal(manifest, body)
 
@@ -113,7 +134,9 @@ def archive(rng) -> bytes:
 
 
 @pytest.mark.parametrize("location", ["absolute", "../secret.bin", "secret.bin"])
-def test_unpack_never_reads_external_data_named_in_the_graph(archive, tmp_path, monkeypatch, location):
+def test_unpack_never_reads_external_data_named_in_the_graph(
+    archive, tmp_path, monkeypatch, location
+):
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"S" * 40)
     (tmp_path / "work").mkdir()
@@ -157,7 +180,9 @@ def test_a_manifest_bomb_is_refused_before_it_is_inflated(archive):
 
 def test_a_graph_bomb_is_refused_unless_the_ratio_is_raised(archive):
     def zeros(proto: onnx.ModelProto) -> None:
-        proto.graph.initializer.append(numpy_helper.from_array(np.zeros(2 << 20, np.float32), "pad"))
+        proto.graph.initializer.append(
+            numpy_helper.from_array(np.zeros(2 << 20, np.float32), "pad")
+        )
 
     crafted = _with_graph(archive, zeros)  # 8 MB of zeros in ~8 KB
     assert len(crafted) < 30_000
@@ -167,7 +192,8 @@ def test_a_graph_bomb_is_refused_unless_the_ratio_is_raised(archive):
 
 
 def test_a_declared_shape_larger_than_the_ratio_allows_is_refused_before_allocating():
-    crafted = _one_layer([1 << 28], _layer_stream(1 << 28, [1 << 28]))  # all-zero indices: no payload
+    # all-zero indices: no payload
+    crafted = _one_layer([1 << 28], _layer_stream(1 << 28, [1 << 28]))
     assert len(crafted) < 3_000
     tracemalloc.start()
     try:
@@ -186,7 +212,9 @@ def test_unpack_cli_takes_max_ratio(archive, tmp_path):
     result = runner.invoke(app, ["unpack", str(crafted), "-o", str(tmp_path / "a.onnx")])
     assert result.exit_code == 2 and "--max-ratio" in result.output, result.output
     assert not (tmp_path / "a.onnx").exists()
-    result = runner.invoke(app, ["unpack", str(crafted), "-o", str(tmp_path / "a.onnx"), "--max-ratio", "inf"])
+    result = runner.invoke(
+        app, ["unpack", str(crafted), "-o", str(tmp_path / "a.onnx"), "--max-ratio", "inf"]
+    )
     assert result.exit_code == 0, result.output
 
 

@@ -31,7 +31,11 @@ def test_inspect_json_lists_layers_and_totals(model_path):
     result = invoke("inspect", model_path, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert [layer["name"] for layer in report["layers"]] == ["fc0.weight", "fc1.weight", "head.weight"]
+    assert [layer["name"] for layer in report["layers"]] == [
+        "fc0.weight",
+        "fc1.weight",
+        "head.weight",
+    ]
     assert report["layers"][0]["shape"] == [16, 64]
     assert report["total_params"] == 16 * 64 + 64 * 64 + 64 * 10
     assert all(layer["sparsity"] == 0.0 for layer in report["layers"])
@@ -61,12 +65,23 @@ def test_same_command_gives_the_same_bytes(model_path, tmp_path):
 def test_optimize_with_recipe_data_and_report(model_path, tmp_path, rng):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "steps:\n  - pass: prune.magnitude\n    options: {sparsity: 0.1, scope: global}\n    gate: {min_cosine: 0.9, min_top1: null}\n"
+        "steps:\n  - pass: prune.magnitude\n    options: {sparsity: 0.1, scope: global}\n    gate: "
+        "{min_cosine: 0.9, min_top1: null}\n"
     )
     data = tmp_path / "calib.npz"
     np.savez(data, x=rng.standard_normal((20, 16)).astype(np.float32))
-    result = invoke("optimize", model_path, "-o", tmp_path / "o.onnx", "--recipe", recipe, "--data", data,
-                    "--report", tmp_path / "r.json")
+    result = invoke(
+        "optimize",
+        model_path,
+        "-o",
+        tmp_path / "o.onnx",
+        "--recipe",
+        recipe,
+        "--data",
+        data,
+        "--report",
+        tmp_path / "r.json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["steps"][0]["status"] == "applied"
@@ -74,7 +89,16 @@ def test_optimize_with_recipe_data_and_report(model_path, tmp_path, rng):
 
 
 def test_failed_gate_exits_3_and_writes_nothing(model_path, tmp_path):
-    result = invoke("prune", model_path, "-o", tmp_path / "o.onnx", "--sparsity", "0.99", "--min-cosine", "0.999")
+    result = invoke(
+        "prune",
+        model_path,
+        "-o",
+        tmp_path / "o.onnx",
+        "--sparsity",
+        "0.99",
+        "--min-cosine",
+        "0.999",
+    )
     assert result.exit_code == 3
     assert result.stderr.startswith("error: step 1 (prune.magnitude) failed its gate")
     assert result.stderr.count("\n") == 1
@@ -85,11 +109,17 @@ def test_failed_gate_exits_3_and_writes_nothing(model_path, tmp_path):
     ("args", "message"),
     [
         (["inspect", "missing.onnx"], "no such file"),
-        (["prune", "{model}", "--sparsity", "0.5", "-o", "{model}"], "refusing to overwrite the input"),
+        (
+            ["prune", "{model}", "--sparsity", "0.5", "-o", "{model}"],
+            "refusing to overwrite the input",
+        ),
         (["prune", "{model}"], "give --sparsity S or --quality Q"),
         (["optimize", "{model}", "--recipe", "nope"], "no such recipe file or built-in recipe"),
         (["optimize", "{model}", "--data", "{tmp}/x.npz"], "no such data file"),
-        (["prune", "{model}", "--sparsity", "0.5", "-o", "{tmp}/nodir/x.onnx"], "output folder does not exist"),
+        (
+            ["prune", "{model}", "--sparsity", "0.5", "-o", "{tmp}/nodir/x.onnx"],
+            "output folder does not exist",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(model_path, tmp_path, args, message):
@@ -113,10 +143,16 @@ def test_corrupt_model_and_quantized_model(tmp_path, model_path):
     quant = ir.node("QuantizeLinear", [relu.outputs[0], scale])
     model.graph.insert_after(relu, [quant, ir.node("DequantizeLinear", [quant.outputs[0], scale])])
     ir.save(model, tmp_path / "q.onnx")
-    for command in (["prune", tmp_path / "q.onnx", "--sparsity", "0.5"], ["sensitivity", tmp_path / "q.onnx", "-o", tmp_path / "s"]):
+    for command in (
+        ["prune", tmp_path / "q.onnx", "--sparsity", "0.5"],
+        ["sensitivity", tmp_path / "q.onnx", "-o", tmp_path / "s"],
+    ):
         result = invoke(*command)
         assert result.exit_code == 2
-        assert "refuses an already quantized model (found DequantizeLinear, QuantizeLinear)" in result.stderr
+        assert (
+            "refuses an already quantized model (found DequantizeLinear, QuantizeLinear)"
+            in result.stderr
+        )
     assert not (tmp_path / "s").exists()
 
 
@@ -131,22 +167,43 @@ def test_passes_and_recipe_schema():
 
 
 def test_bench_compares_two_models(model_path, tmp_path):
-    assert invoke("prune", model_path, "-o", tmp_path / "p.onnx", "--sparsity", "0.5", *NO_GATE).exit_code == 0
+    assert (
+        invoke(
+            "prune", model_path, "-o", tmp_path / "p.onnx", "--sparsity", "0.5", *NO_GATE
+        ).exit_code
+        == 0
+    )
     result = invoke("bench", model_path, tmp_path / "p.onnx", "--runs", "3", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["bytes_a"] == (tmp_path / "mlp.onnx").stat().st_size
     assert 0.5 < report["metrics"]["cosine"] < 1.0
     assert report["latency_ms_a"] > 0 and report["latency_ms_b"] > 0
-    assert report["samples"] == 64 and report["accuracy_a"] is None  # fidelity on 64 probes, not the batch
+    # fidelity on 64 probes, not the batch
+    assert report["samples"] == 64 and report["accuracy_a"] is None
 
 
 def test_bench_judges_fidelity_and_accuracy_on_all_the_data(model_path, tmp_path, rng):
-    assert invoke("prune", model_path, "-o", tmp_path / "p.onnx", "--sparsity", "0.5", *NO_GATE).exit_code == 0
+    assert (
+        invoke(
+            "prune", model_path, "-o", tmp_path / "p.onnx", "--sparsity", "0.5", *NO_GATE
+        ).exit_code
+        == 0
+    )
     x = rng.standard_normal((100, 16)).astype(np.float32)
-    labels = mlp_reference(onnx.load(str(model_path)), x).argmax(-1)  # the original is right on all of them
+    # the original is right on all of them
+    labels = mlp_reference(onnx.load(str(model_path)), x).argmax(-1)
     np.savez(tmp_path / "test.npz", x=x, labels=labels)
-    result = invoke("bench", model_path, tmp_path / "p.onnx", "--runs", "2", "--data", tmp_path / "test.npz", "--json")
+    result = invoke(
+        "bench",
+        model_path,
+        tmp_path / "p.onnx",
+        "--runs",
+        "2",
+        "--data",
+        tmp_path / "test.npz",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["samples"] == 100 and report["accuracy_a"] == 1.0
@@ -156,10 +213,15 @@ def test_bench_judges_fidelity_and_accuracy_on_all_the_data(model_path, tmp_path
 
 def test_external_data_on_request(model_path, tmp_path):
     out = tmp_path / "pruned.onnx"
-    result = invoke("--external-data", "prune", model_path, "--sparsity", "0.5", "-o", out, *NO_GATE)
+    result = invoke(
+        "--external-data", "prune", model_path, "--sparsity", "0.5", "-o", out, *NO_GATE
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "pruned.onnx.data").is_file()
-    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(out, load_external_data=False).graph.initializer)
+    assert any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(out, load_external_data=False).graph.initializer
+    )
     assert runtime.session(out).get_inputs()[0].name == "x"
 
     plain = tmp_path / "plain.onnx"
@@ -192,14 +254,32 @@ def test_sensitivity_writes_a_recipe_that_optimize_runs(model_path, tmp_path, rn
     data = tmp_path / "calib.npz"
     np.savez(data, x=rng.standard_normal((64, 16)).astype(np.float32))
     folder = tmp_path / "sens"
-    result = invoke("sensitivity", model_path, "-o", folder, "--data", data, "--min-cosine", "0.98", "--workers", "1",
-                    "--min-top1", "0")  # a random MLP on random inputs: close calls everywhere
+    result = invoke(
+        "sensitivity",
+        model_path,
+        "-o",
+        folder,
+        "--data",
+        data,
+        "--min-cosine",
+        "0.98",
+        "--workers",
+        "1",
+        "--min-top1",
+        "0",
+    )  # a random MLP on random inputs: close calls everywhere
     assert result.exit_code == 0, result.output
     plan = json.loads((folder / "sensitivity.json").read_text())
     out = tmp_path / "planned.onnx"
-    result = invoke("optimize", model_path, "--recipe", folder / "recipe.yaml", "--data", data, "-o", out)
+    result = invoke(
+        "optimize", model_path, "--recipe", folder / "recipe.yaml", "--data", data, "-o", out
+    )
     assert result.exit_code == 0, result.output
-    weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer if t.name.endswith("weight")}
+    weights = {
+        t.name: onnx.numpy_helper.to_array(t)
+        for t in onnx.load(out).graph.initializer
+        if t.name.endswith("weight")
+    }
     zeros = sum(int(np.count_nonzero(w == 0)) for w in weights.values())
     assert zeros == plan["removed_params"] > 0
 
@@ -209,12 +289,16 @@ def test_optimize_without_data_stores_float16_and_says_random_probes_are_weak(mo
     result = invoke("optimize", model_path, "-o", out)
     assert result.exit_code == 0, result.output
     assert "random probes, a weak proxy" in result.stdout
-    halves = [t for t in onnx.load(out).graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    halves = [
+        t for t in onnx.load(out).graph.initializer if t.data_type == onnx.TensorProto.FLOAT16
+    ]
     assert halves and out.stat().st_size < Path(model_path).stat().st_size * 0.6
 
 
 def test_optimize_refuses_input_dependent_steps_without_data(model_path, tmp_path):
-    result = invoke("optimize", model_path, "-o", tmp_path / "o.onnx", "--recipe", "deep-compression")
+    result = invoke(
+        "optimize", model_path, "-o", tmp_path / "o.onnx", "--recipe", "deep-compression"
+    )
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "give --data calib.npz" in result.stderr
     assert not (tmp_path / "o.onnx").exists()

@@ -42,7 +42,16 @@ def test_dry_run_prints_the_plan_and_writes_no_model(model_path, tmp_path):
 
 
 def test_random_layers_at_high_energy_are_left_alone_with_reasons(model_path, tmp_path):
-    result = invoke("lowrank", model_path, "-o", tmp_path / "s.onnx", "--energy", "0.95", "--report", tmp_path / "r.json")
+    result = invoke(
+        "lowrank",
+        model_path,
+        "-o",
+        tmp_path / "s.onnx",
+        "--energy",
+        "0.95",
+        "--report",
+        tmp_path / "r.json",
+    )
     assert result.exit_code == 0, result.output
     step = json.loads((tmp_path / "r.json").read_text())["steps"][0]
     assert step["status"] == "unchanged"
@@ -55,10 +64,18 @@ def test_random_layers_at_high_energy_are_left_alone_with_reasons(model_path, tm
 
 def test_lowrank_writes_a_model_that_runs_like_its_factors(model_path, tmp_path):
     out = tmp_path / "small.onnx"
-    result = invoke("lowrank", model_path, "-o", out, "--ratio", "0.5", "--min-params", "0", *NO_GATE)
+    result = invoke(
+        "lowrank", model_path, "-o", out, "--ratio", "0.5", "--min-params", "0", *NO_GATE
+    )
     assert result.exit_code == 0, result.output
-    original = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(model_path).graph.initializer}
-    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(str(out)).graph.initializer}
+    original = {
+        t.name: numpy_helper.to_array(t).astype(np.float64)
+        for t in onnx.load(model_path).graph.initializer
+    }
+    weights = {
+        t.name: numpy_helper.to_array(t).astype(np.float64)
+        for t in onnx.load(str(out)).graph.initializer
+    }
     dense = {}
     for name in ("fc0.weight", "fc1.weight", "head.weight"):
         assert name not in weights
@@ -78,12 +95,29 @@ def test_lowrank_writes_a_model_that_runs_like_its_factors(model_path, tmp_path)
 
 def test_applying_a_saved_plan_gives_the_same_model(model_path, tmp_path):
     plan = tmp_path / "plan.json"
-    assert invoke("lowrank", model_path, "--ratio", "0.3", "--min-params", "0", "-o", tmp_path / "a.onnx",
-                  "--save-plan", plan, *NO_GATE).exit_code == 0
+    assert (
+        invoke(
+            "lowrank",
+            model_path,
+            "--ratio",
+            "0.3",
+            "--min-params",
+            "0",
+            "-o",
+            tmp_path / "a.onnx",
+            "--save-plan",
+            plan,
+            *NO_GATE,
+        ).exit_code
+        == 0
+    )
     result = invoke("lowrank", model_path, "--plan", plan, "-o", tmp_path / "b.onnx", *NO_GATE)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b.onnx")).graph.initializer}
+    weights = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(tmp_path / "b.onnx")).graph.initializer
+    }
     assert weights["fc0.weight.lowrank_first"].shape == (64, (64 * 128 * 3 // 10) // 192)
 
 
@@ -108,7 +142,9 @@ def test_bad_options_are_one_line_and_exit_2(model_path, tmp_path, args, message
 
 
 def test_a_missing_model_is_one_line_and_exit_2(tmp_path):
-    result = invoke("lowrank", tmp_path / "none.onnx", "-o", tmp_path / "out.onnx", "--ratio", "0.5")
+    result = invoke(
+        "lowrank", tmp_path / "none.onnx", "-o", tmp_path / "out.onnx", "--ratio", "0.5"
+    )
     assert result.exit_code == 2
     assert result.stderr == f"error: {tmp_path / 'none.onnx'}: no such file\n"
 
@@ -119,15 +155,25 @@ def exported_path(tmp_path_factory):
     """torch's default exporter on a 64→256→128→10 MLP whose weights are rank 8 plus 1% noise."""
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
-                                 torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
+    module = torch.nn.Sequential(
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    ).eval()
     with torch.no_grad():
         for layer in (module[0], module[2]):
             out, inp = layer.weight.shape
             low = torch.randn(out, 8) @ torch.randn(8, inp) / (8 * inp) ** 0.5
             layer.weight.copy_(low + 0.01 * torch.randn(out, inp) / inp**0.5)
-    program = torch.onnx.export(module, (torch.zeros(2, 64),), None, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                verbose=False)
+    program = torch.onnx.export(
+        module,
+        (torch.zeros(2, 64),),
+        None,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
+    )
     program.model_proto.ir_version = 10
     path = tmp_path_factory.mktemp("exported") / "mlp.onnx"
     onnx.save(program.model_proto, str(path))
@@ -154,9 +200,13 @@ def test_each_mode_compresses_an_exported_model(exported_path, tmp_path, mode):
     if mode[0] == "--budget":
         assert step["metrics"]["cosine"] >= 0.99
     x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
-    before, after = (runtime.session(str(path)).run(None, {"input": x})[0] for path in (exported_path, out))
+    before, after = (
+        runtime.session(str(path)).run(None, {"input": x})[0] for path in (exported_path, out)
+    )
     assert after.shape == before.shape == (5, 10)
-    if mode[0] != "--energy":  # half the parameters of rank-8 weights, or the budget itself: output kept
+    # half the parameters of rank-8 weights, or the budget itself: output kept
+    if mode[0] != "--energy":
         cosine = np.sum(before * after) / (np.linalg.norm(before) * np.linalg.norm(after))
         assert cosine >= 0.99
-    assert len(onnx.load(str(out)).graph.node) > len(onnx.load(str(exported_path)).graph.node)  # pairs in place
+    # pairs in place
+    assert len(onnx.load(str(out)).graph.node) > len(onnx.load(str(exported_path)).graph.node)

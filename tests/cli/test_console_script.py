@@ -9,7 +9,9 @@ import pytest
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "onnxcompress", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "onnxcompress", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(

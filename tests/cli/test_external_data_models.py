@@ -33,15 +33,30 @@ def external_model(rng, tmp_path, monkeypatch):
 
 
 def test_sensitivity_and_budget_search_find_the_data_from_any_folder(external_model, tmp_path):
-    result = invoke("sensitivity", external_model, "-o", tmp_path / "sens", "--ratios", "0.5", "--workers", "1")
+    result = invoke(
+        "sensitivity", external_model, "-o", tmp_path / "sens", "--ratios", "0.5", "--workers", "1"
+    )
     assert result.exit_code == 0, result.output
-    result = invoke("lowrank", external_model, "--budget", "0.9", "--min-params", "0", "-o", tmp_path / "l.onnx", *NO_GATE)
+    result = invoke(
+        "lowrank",
+        external_model,
+        "--budget",
+        "0.9",
+        "--min-params",
+        "0",
+        "-o",
+        tmp_path / "l.onnx",
+        *NO_GATE,
+    )
     assert result.exit_code == 0, result.output
 
 
 def test_pack_and_unpack_with_external_data(external_model, tmp_path):
     clustered, archive, restored = tmp_path / "c.onnx", tmp_path / "c.onnxc", tmp_path / "r.onnx"
-    assert invoke("--external-data", "cluster", external_model, "-o", clustered, *NO_GATE).exit_code == 0
+    assert (
+        invoke("--external-data", "cluster", external_model, "-o", clustered, *NO_GATE).exit_code
+        == 0
+    )
     result = invoke("pack", clustered, "-o", archive, "-q")
     assert result.exit_code == 0, result.output
     result = invoke("--external-data", "unpack", archive, "-o", restored)
@@ -63,10 +78,21 @@ def test_an_embedded_output_may_share_a_name_with_the_inputs_data(external_model
                 entry.value = "out.onnx.data"
     onnx.save(proto, str(external_model))
     before = (folder / "out.onnx.data").read_bytes()
-    result = invoke("prune", external_model, "--sparsity", "0.5", "-o", folder / "out.onnx", *NO_GATE)
+    result = invoke(
+        "prune", external_model, "--sparsity", "0.5", "-o", folder / "out.onnx", *NO_GATE
+    )
     assert result.exit_code == 0, result.output
     assert (folder / "out.onnx.data").read_bytes() == before
-    result = invoke("--external-data", "prune", external_model, "--sparsity", "0.5", "-o", folder / "out2.onnx", *NO_GATE)
+    result = invoke(
+        "--external-data",
+        "prune",
+        external_model,
+        "--sparsity",
+        "0.5",
+        "-o",
+        folder / "out2.onnx",
+        *NO_GATE,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(invoke("inspect", folder / "out2.onnx", "--json").stdout)
     assert report["total_params"] == 32 * 64 + 64 * 48 + 48 * 10

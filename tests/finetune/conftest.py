@@ -20,7 +20,9 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def export(module: torch.nn.Module, example: torch.Tensor, *, dynamic: bool = True) -> onnx.ModelProto:
+def export(
+    module: torch.nn.Module, example: torch.Tensor, *, dynamic: bool = True
+) -> onnx.ModelProto:
     """torch 2.13's default exporter (dynamo), batch axis dynamic; IR version onnxruntime accepts."""
     module.eval()
     shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
@@ -38,7 +40,9 @@ def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nda
 class MLP(torch.nn.Module):
     def __init__(self, sizes: tuple[int, ...] = (64, 32, 16, 10)) -> None:
         super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:], strict=False))
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:], strict=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers[:-1]:
@@ -93,7 +97,9 @@ def cnn_pair() -> tuple[torch.nn.Module, onnx.ModelProto]:
 @pytest.fixture(scope="session")
 def encoder_pair() -> tuple[torch.nn.Module, onnx.ModelProto]:
     torch.manual_seed(2)
-    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, activation="gelu")
+    layer = torch.nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.1, batch_first=True, activation="gelu"
+    )
     module = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
     return module, export(module, torch.zeros(2, 5, 16), dynamic=False)
 
@@ -115,7 +121,12 @@ def digits_mlp() -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.n
     torch.set_num_threads(1)
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
-        (x / 16.0).astype(np.float32), y.astype(np.int64), test_size=0.25, random_state=0, stratify=y)
+        (x / 16.0).astype(np.float32),
+        y.astype(np.int64),
+        test_size=0.25,
+        random_state=0,
+        stratify=y,
+    )
     torch.manual_seed(0)
     module = MLP((64, 256, 128, 10))
     optimizer = torch.optim.Adam(module.parameters(), 1e-3)

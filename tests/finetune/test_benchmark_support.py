@@ -47,7 +47,9 @@ def test_digits_split_is_seeded_stratified_and_scaled() -> None:
     x_train, y_train, x_test, y_test = bench_data.load_digits_split(images=True)
     again = bench_data.load_digits_split(images=True)
     np.testing.assert_array_equal(x_train, again[0])
-    assert x_train.shape[1:] == (1, 8, 8) and x_train.dtype == np.float32 and y_train.dtype == np.int64
+    assert (
+        x_train.shape[1:] == (1, 8, 8) and x_train.dtype == np.float32 and y_train.dtype == np.int64
+    )
     assert 0.0 <= x_train.min() and x_train.max() <= 1.0
     per_class = np.bincount(np.concatenate([y_train, y_test]))
     assert len(x_test) == 450 and np.all(np.abs(np.bincount(y_test) - 0.25 * per_class) <= 1)
@@ -65,7 +67,9 @@ def test_lenet_models_export_and_run_in_the_executor(name, shape, rng) -> None:
     np.testing.assert_allclose(OnnxModule(proto).run({input_name: x})[0], want, rtol=0,
                                atol=1e-5 * np.abs(want).max())
     with torch.no_grad():
-        np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(
+            module(torch.from_numpy(x)).numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max()
+        )
 
 
 def test_train_is_seeded_and_learns_digits() -> None:

@@ -19,20 +19,41 @@ from onnxcompress.pass_base import get_pass
 
 def test_finetune_without_options_recovers_a_90_percent_pruned_mlp(digits_mlp, tmp_path) -> None:
     proto, train, test = digits_mlp
-    model, data, pruned, tuned = (tmp_path / n for n in ("m.onnx", "train.npz", "p.onnx", "pf.onnx"))
+    model, data, pruned, tuned = (
+        tmp_path / n for n in ("m.onnx", "train.npz", "p.onnx", "pf.onnx")
+    )
     onnx.save(proto, model)
     np.savez(data, **train)
     runner = CliRunner()
-    result = runner.invoke(app, ["prune", str(model), "-o", str(pruned), "--sparsity", "0.9", "--min-cosine", "-1",
-                                 "--min-rank-corr", "-1", "--min-top1", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(model),
+            "-o",
+            str(pruned),
+            "--sparsity",
+            "0.9",
+            "--min-cosine",
+            "-1",
+            "--min-rank-corr",
+            "-1",
+            "--min-top1",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["finetune", str(pruned), "--data", str(data), "-o", str(tuned),
                                  "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
 
-    dense, after_pruning = evaluate(OnnxModule(proto), test), evaluate(OnnxModule(onnx.load(pruned)), test)
+    dense, after_pruning = (
+        evaluate(OnnxModule(proto), test),
+        evaluate(OnnxModule(onnx.load(pruned)), test),
+    )
     recovered = evaluate(OnnxModule(onnx.load(tuned)), test)
-    assert dense > 0.95 and after_pruning < dense - 0.1  # pruning hurt: there is something to recover
+    # pruning hurt: there is something to recover
+    assert dense > 0.95 and after_pruning < dense - 0.1
     assert recovered >= dense - 0.01, (dense, after_pruning, recovered)
     for initializer in onnx.load(tuned).graph.initializer:
         if initializer.name.endswith("weight"):

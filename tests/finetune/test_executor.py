@@ -22,7 +22,9 @@ def assert_close(got: np.ndarray, want: np.ndarray, rtol: float = RTOL) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("pair, shape", [("mlp_pair", (5, 64)), ("cnn_pair", (3, 1, 8, 8)), ("encoder_pair", (2, 5, 16))])
+@pytest.mark.parametrize(
+    "pair, shape", [("mlp_pair", (5, 64)), ("cnn_pair", (3, 1, 8, 8)), ("encoder_pair", (2, 5, 16))]
+)
 def test_exported_models_match_onnxruntime(request, rng, pair, shape) -> None:
     torch_module, proto = request.getfixturevalue(pair)
     x = rng.standard_normal(shape).astype(np.float32)
@@ -39,7 +41,9 @@ def test_exported_models_match_onnxruntime(request, rng, pair, shape) -> None:
 
 
 @pytest.mark.parametrize("opset", [17, 21])
-@pytest.mark.parametrize("pair, shape", [("mlp_pair", (4, 64)), ("cnn_pair", (4, 1, 8, 8)), ("encoder_pair", (4, 5, 16))])
+@pytest.mark.parametrize(
+    "pair, shape", [("mlp_pair", (4, 64)), ("cnn_pair", (4, 1, 8, 8)), ("encoder_pair", (4, 5, 16))]
+)
 def test_torchscript_exporter_models_match_onnxruntime(request, rng, pair, shape, opset) -> None:
     """The other exporter (dynamo=False) writes other ops (Mod, Shape arithmetic, Constant nodes)."""
     import io
@@ -49,8 +53,15 @@ def test_torchscript_exporter_models_match_onnxruntime(request, rng, pair, shape
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(torch_module.eval(), (torch.zeros(shape),), buffer, dynamo=False, opset_version=opset,
-                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+        torch.onnx.export(
+            torch_module.eval(),
+            (torch.zeros(shape),),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )
     proto = onnx.load_from_string(buffer.getvalue())
     proto.ir_version = 10
     x = rng.standard_normal((3, *shape[1:])).astype(np.float32)
@@ -71,7 +82,9 @@ def test_parameters_keyed_by_exact_onnx_names(mlp_pair) -> None:
     torch_module, proto = mlp_pair
     module = OnnxModule(proto)
     params = module.onnx_parameters()
-    assert set(params) == {i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT}
+    assert set(params) == {
+        i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT
+    }
     for name, tensor in torch_module.state_dict().items():
         np.testing.assert_array_equal(params[name].detach().numpy(), tensor.numpy())
 
@@ -84,7 +97,9 @@ def test_gradients_match_native_torch(mlp_pair, rng) -> None:
     torch_module.zero_grad()
     torch_module(x).square().mean().backward()
     for name, param in torch_module.named_parameters():
-        np.testing.assert_allclose(module.parameter(name).grad.numpy(), param.grad.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            module.parameter(name).grad.numpy(), param.grad.numpy(), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_unsupported_op_names_op_and_node() -> None:
@@ -107,7 +122,8 @@ def test_custom_domain_op_is_unsupported() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])],
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.onnxcompress", 1)]
+        graph,
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.onnxcompress", 1)],
     )
     with pytest.raises(UnsupportedModelError, match=r"ai.onnxcompress::SparseMatMul \(node 'sp'\)"):
         OnnxModule(model)
@@ -123,11 +139,20 @@ def _case(op, inputs, attrs=None, inits=(), opset=18, outputs=1):
     """(model, feeds): one `op` node; `inputs` maps names to arrays (fed) or None (absent)."""
     feeds = {k: v for k, v in inputs.items() if v is not None}
     names = list(inputs) + [i.name for i in inits]
-    node = helper.make_node(op, [n if (n in feeds or n in {i.name for i in inits}) else "" for n in names],
-                            [f"y{i}" for i in range(outputs)], name=f"{op.lower()}_node", **(attrs or {}))
+    node = helper.make_node(
+        op,
+        [n if (n in feeds or n in {i.name for i in inits}) else "" for n in names],
+        [f"y{i}" for i in range(outputs)],
+        name=f"{op.lower()}_node",
+        **(attrs or {}),
+    )
     graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()],
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for k, v in feeds.items()
+        ],
         [onnx.ValueInfoProto(name=f"y{i}") for i in range(outputs)],
         initializer=list(inits),
     )
@@ -154,29 +179,60 @@ def _cases(rng):
         "Tanh": _case("Tanh", {"x": f(5)}),
         "Sigmoid": _case("Sigmoid", {"x": f(5)}),
         "LeakyRelu": _case("LeakyRelu", {"x": f(5)}, {"alpha": 0.2}),
-        "Clip": _case("Clip", {"x": f(9), "lo": np.array(-0.3, np.float32), "hi": np.array(0.4, np.float32)}),
+        "Clip": _case(
+            "Clip", {"x": f(9), "lo": np.array(-0.3, np.float32), "hi": np.array(0.4, np.float32)}
+        ),
         "Clip_max_only": _case("Clip", {"x": f(9), "lo": None, "hi": np.array(0.4, np.float32)}),
         "Clip_no_bounds": _case("Clip", {"x": f(9)}),
         "Softmax": _case("Softmax", {"x": f(2, 3, 4)}, {"axis": 1}),
         "Softmax_opset11": _case("Softmax", {"x": f(2, 3, 4)}, {"axis": 1}, opset=11),
         "LogSoftmax": _case("LogSoftmax", {"x": f(2, 5)}),
-        "LayerNormalization": _case("LayerNormalization", {"x": f(2, 3, 4), "s": f(3, 4), "b": f(3, 4)}, {"axis": -2}),
+        "LayerNormalization": _case(
+            "LayerNormalization", {"x": f(2, 3, 4), "s": f(3, 4), "b": f(3, 4)}, {"axis": -2}
+        ),
         "BatchNormalization": _case(
-            "BatchNormalization", {"x": f(2, 3, 4)},
-            inits=[_init("s", f(3)), _init("b", f(3)), _init("m", f(3)), _init("v", np.abs(f(3)) + 0.5)]),
-        "ReduceMean_input": _case("ReduceMean", {"x": f(2, 3, 4)}, {"keepdims": 0}, inits=[_init("axes", i64(-1, 0))]),
+            "BatchNormalization",
+            {"x": f(2, 3, 4)},
+            inits=[
+                _init("s", f(3)),
+                _init("b", f(3)),
+                _init("m", f(3)),
+                _init("v", np.abs(f(3)) + 0.5),
+            ],
+        ),
+        "ReduceMean_input": _case(
+            "ReduceMean", {"x": f(2, 3, 4)}, {"keepdims": 0}, inits=[_init("axes", i64(-1, 0))]
+        ),
         "ReduceMean_attr17": _case("ReduceMean", {"x": f(2, 3, 4)}, {"axes": [1]}, opset=17),
         "ReduceSum_all": _case("ReduceSum", {"x": f(2, 3, 4)}),
-        "Reshape_allowzero": _case("Reshape", {"x": f(2, 0, 4)}, {"allowzero": 1}, inits=[_init("s", i64(0, 8))]),
+        "Reshape_allowzero": _case(
+            "Reshape", {"x": f(2, 0, 4)}, {"allowzero": 1}, inits=[_init("s", i64(0, 8))]
+        ),
         "Reshape_copy": _case("Reshape", {"x": f(2, 3, 4)}, inits=[_init("s", i64(0, -1))]),
         "Transpose": _case("Transpose", {"x": f(2, 3, 4)}, {"perm": [2, 0, 1]}),
-        "Gather_negative": _case("Gather", {"x": f(5, 3)}, {"axis": 0}, inits=[_init("i", i64(-1, 2, 0))]),
-        "Gather_scalar": _case("Gather", {"x": f(5, 3)}, {"axis": 1}, inits=[_init("i", np.int64(1))]),
-        "Slice": _case("Slice", {"x": f(6, 8)}, inits=[_init("st", i64(1, -2)), _init("en", i64(100, 0)),
-                                                       _init("ax", i64(0, 1)), _init("sp", i64(2, -3))]),
+        "Gather_negative": _case(
+            "Gather", {"x": f(5, 3)}, {"axis": 0}, inits=[_init("i", i64(-1, 2, 0))]
+        ),
+        "Gather_scalar": _case(
+            "Gather", {"x": f(5, 3)}, {"axis": 1}, inits=[_init("i", np.int64(1))]
+        ),
+        "Slice": _case(
+            "Slice",
+            {"x": f(6, 8)},
+            inits=[
+                _init("st", i64(1, -2)),
+                _init("en", i64(100, 0)),
+                _init("ax", i64(0, 1)),
+                _init("sp", i64(2, -3)),
+            ],
+        ),
         "Concat": _case("Concat", {"a": f(2, 3), "b": f(2, 2)}, {"axis": -1}),
-        "Split": _case("Split", {"x": f(7, 2)}, {"axis": 0}, inits=[_init("sp", i64(3, 4))], outputs=2),
-        "Split_num_outputs": _case("Split", {"x": f(7, 2)}, {"axis": 0, "num_outputs": 3}, outputs=3),
+        "Split": _case(
+            "Split", {"x": f(7, 2)}, {"axis": 0}, inits=[_init("sp", i64(3, 4))], outputs=2
+        ),
+        "Split_num_outputs": _case(
+            "Split", {"x": f(7, 2)}, {"axis": 0, "num_outputs": 3}, outputs=3
+        ),
         "Squeeze": _case("Squeeze", {"x": f(1, 3, 1)}, inits=[_init("a", i64(-1))]),
         "Unsqueeze": _case("Unsqueeze", {"x": f(3, 2)}, inits=[_init("a", i64(0, -1))]),
         "Shape": _case("Shape", {"x": f(2, 3, 4)}, {"start": 1}),
@@ -184,28 +240,63 @@ def _cases(rng):
         "Where": _case("Where", {"c": f(4) > 0, "a": f(4), "b": f(1)}),
         "Equal": _case("Equal", {"a": i64(1, 2, 3), "b": i64(1, 0, 3)}),
         "Expand": _case("Expand", {"x": f(3, 1)}, inits=[_init("s", i64(2, 1, 4))]),
-        "ConstantOfShape": _case("ConstantOfShape", {}, {"value": numpy_helper.from_array(np.float32([1.5]))},
-                                 inits=[_init("s", i64(2, 3))]),
-        "ConstantOfShape_scalar": _case("ConstantOfShape", {}, {"value": numpy_helper.from_array(np.float32([1.5]))},
-                                        inits=[_init("s", np.array([], np.int64))]),
+        "ConstantOfShape": _case(
+            "ConstantOfShape",
+            {},
+            {"value": numpy_helper.from_array(np.float32([1.5]))},
+            inits=[_init("s", i64(2, 3))],
+        ),
+        "ConstantOfShape_scalar": _case(
+            "ConstantOfShape",
+            {},
+            {"value": numpy_helper.from_array(np.float32([1.5]))},
+            inits=[_init("s", np.array([], np.int64))],
+        ),
         "Flatten": _case("Flatten", {"x": f(2, 3, 4)}, {"axis": 2}),
         "Dropout": _case("Dropout", {"x": f(2, 3)}),
         "Identity": _case("Identity", {"x": f(2, 3)}),
         "MatMul_batched": _case("MatMul", {"a": f(2, 3, 4), "b": f(4, 5)}),
-        "Gemm": _case("Gemm", {"a": f(3, 4), "b": f(5, 4), "c": f(1, 5)}, {"transA": 0, "transB": 1, "alpha": 0.5, "beta": 2.0}),
+        "Gemm": _case(
+            "Gemm",
+            {"a": f(3, 4), "b": f(5, 4), "c": f(1, 5)},
+            {"transA": 0, "transB": 1, "alpha": 0.5, "beta": 2.0},
+        ),
         "Gemm_transA": _case("Gemm", {"a": f(4, 3), "b": f(4, 5)}, {"transA": 1}),
-        "Conv_asymmetric": _case("Conv", {"x": x4}, {"pads": [1, 0, 2, 1], "strides": [2, 1], "dilations": [1, 2]},
-                                 inits=[_init("w", f(4, 3, 3, 2)), _init("b", f(4))]),
-        "Conv_same_group": _case("Conv", {"x": x4}, {"auto_pad": "SAME_UPPER", "group": 3, "strides": [2, 2]},
-                                 inits=[_init("w", f(6, 1, 3, 3))]),
-        "Conv1d": _case("Conv", {"x": f(2, 3, 9)}, {"pads": [1, 1]}, inits=[_init("w", f(4, 3, 3))]),
-        "ConvTranspose": _case("ConvTranspose", {"x": x4}, {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0]},
-                               inits=[_init("w", f(3, 2, 3, 3)), _init("b", f(2))]),
-        "MaxPool": _case("MaxPool", {"x": x4}, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
-        "MaxPool_ceil": _case("MaxPool", {"x": x4}, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
-        "AveragePool": _case("AveragePool", {"x": x4}, {"kernel_shape": [3, 2], "pads": [1, 0, 1, 0]}),
-        "AveragePool_asymmetric": _case("AveragePool", {"x": x4}, {"kernel_shape": [2, 2], "pads": [0, 0, 1, 1],
-                                                                   "count_include_pad": 1}),
+        "Conv_asymmetric": _case(
+            "Conv",
+            {"x": x4},
+            {"pads": [1, 0, 2, 1], "strides": [2, 1], "dilations": [1, 2]},
+            inits=[_init("w", f(4, 3, 3, 2)), _init("b", f(4))],
+        ),
+        "Conv_same_group": _case(
+            "Conv",
+            {"x": x4},
+            {"auto_pad": "SAME_UPPER", "group": 3, "strides": [2, 2]},
+            inits=[_init("w", f(6, 1, 3, 3))],
+        ),
+        "Conv1d": _case(
+            "Conv", {"x": f(2, 3, 9)}, {"pads": [1, 1]}, inits=[_init("w", f(4, 3, 3))]
+        ),
+        "ConvTranspose": _case(
+            "ConvTranspose",
+            {"x": x4},
+            {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0]},
+            inits=[_init("w", f(3, 2, 3, 3)), _init("b", f(2))],
+        ),
+        "MaxPool": _case(
+            "MaxPool", {"x": x4}, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+        ),
+        "MaxPool_ceil": _case(
+            "MaxPool", {"x": x4}, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}
+        ),
+        "AveragePool": _case(
+            "AveragePool", {"x": x4}, {"kernel_shape": [3, 2], "pads": [1, 0, 1, 0]}
+        ),
+        "AveragePool_asymmetric": _case(
+            "AveragePool",
+            {"x": x4},
+            {"kernel_shape": [2, 2], "pads": [0, 0, 1, 1], "count_include_pad": 1},
+        ),
         "GlobalAveragePool": _case("GlobalAveragePool", {"x": x4}),
     }
 
@@ -246,7 +337,9 @@ def test_shape_errors_name_the_node(encoder_pair, rng) -> None:
 
     _, proto = encoder_pair  # exported with a fixed batch of 2
     module = OnnxModule(proto)
-    with pytest.raises(DataError, match=r"Reshape node .* failed on inputs of shapes .*fixed batch size"):
+    with pytest.raises(
+        DataError, match=r"Reshape node .* failed on inputs of shapes .*fixed batch size"
+    ):
         module.run({proto.graph.input[0].name: rng.standard_normal((3, 5, 16)).astype(np.float32)})
 
 
@@ -255,11 +348,17 @@ def test_value_floats_constants_are_literals_not_parameters(rng) -> None:
     from onnxcompress.finetune.executor import default_trainable
 
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["bias"], value_floats=[0.1, 0.2, 0.3, 0.4]),
-         helper.make_node("MatMul", ["x", "W"], ["mm"]), helper.make_node("Add", ["mm", "bias"], ["y"])], "g",
+        [
+            helper.make_node("Constant", [], ["bias"], value_floats=[0.1, 0.2, 0.3, 0.4]),
+            helper.make_node("MatMul", ["x", "W"], ["mm"]),
+            helper.make_node("Add", ["mm", "bias"], ["y"]),
+        ],
+        "g",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
         [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "W")],
     )
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
     assert default_trainable(model) == {"W"}

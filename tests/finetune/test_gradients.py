@@ -18,13 +18,25 @@ def _data(proto, rng, n=40):
 
 def _native_batch_grads(module, data, batch_size):
     """Per-batch gradients of the mean cross-entropy, and batch sizes (the oracle)."""
-    x, y = torch.from_numpy(next(v for k, v in data.items() if k != "labels")), torch.from_numpy(data["labels"])
+    x, y = (
+        torch.from_numpy(next(v for k, v in data.items() if k != "labels")),
+        torch.from_numpy(data["labels"]),
+    )
     out = []
     for start in range(0, len(x), batch_size):
         module.zero_grad()
-        torch.nn.functional.cross_entropy(module(x[start:start + batch_size]), y[start:start + batch_size]).backward()
-        out.append(({n: p.grad.detach().numpy().astype(np.float64) for n, p in module.named_parameters()},
-                    len(x[start:start + batch_size])))
+        torch.nn.functional.cross_entropy(
+            module(x[start : start + batch_size]), y[start : start + batch_size]
+        ).backward()
+        out.append(
+            (
+                {
+                    n: p.grad.detach().numpy().astype(np.float64)
+                    for n, p in module.named_parameters()
+                },
+                len(x[start : start + batch_size]),
+            )
+        )
     return out
 
 
@@ -41,7 +53,9 @@ def test_taylor_matches_native_gradients(mlp_pair, rng) -> None:
         w = dict(torch_module.named_parameters())[name].detach().numpy().astype(np.float64)
         np.testing.assert_allclose(score, np.abs(w * g), rtol=1e-4, atol=1e-9)
         # Gemm with transB: output channels are rows
-        np.testing.assert_allclose(channels[name], np.abs((w * g).sum(axis=1)), rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(
+            channels[name], np.abs((w * g).sum(axis=1)), rtol=1e-4, atol=1e-9
+        )
 
 
 def test_obd_fisher_matches_squared_batch_gradients(mlp_pair, rng) -> None:
@@ -55,7 +69,9 @@ def test_obd_fisher_matches_squared_batch_gradients(mlp_pair, rng) -> None:
     h = sum(grads[names[0]] ** 2 * n * n / total for grads, n in batches)
     w = torch_module.layers[1].weight.detach().numpy().astype(np.float64)
     np.testing.assert_allclose(scores[names[0]], 0.5 * h * w * w, rtol=1e-4, atol=1e-12)
-    np.testing.assert_allclose(channels[names[0]], (0.5 * h * w * w).sum(axis=1), rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(
+        channels[names[0]], (0.5 * h * w * w).sum(axis=1), rtol=1e-4, atol=1e-12
+    )
     assert np.all(scores[names[0]] >= 0)
 
 
@@ -106,7 +122,9 @@ def test_bad_options_are_user_errors(mlp_pair, rng) -> None:
         taylor_scores(proto, {"labels": data["labels"]})
 
 
-def test_per_channel_taylor_of_a_conv_matches_finite_differences_in_onnxruntime(cnn_pair, rng) -> None:
+def test_per_channel_taylor_of_a_conv_matches_finite_differences_in_onnxruntime(
+    cnn_pair, rng
+) -> None:
     """Σ_channel w·g is d/dε L(channel scaled by 1+ε) at 0: central differences on onnxruntime's
     outputs (float64 cross-entropy in numpy) give an oracle independent of torch."""
     import onnx
@@ -139,4 +157,6 @@ def test_per_channel_taylor_of_a_conv_matches_finite_differences_in_onnxruntime(
         up[channel] *= 1 + eps
         down[channel] *= 1 - eps
         derivative = (loss(up) - loss(down)) / (2 * eps)
-        assert abs(abs(derivative) - signed[channel]) <= 2e-3 * max(np.abs(signed).max(), 1e-6), channel
+        assert abs(abs(derivative) - signed[channel]) <= 2e-3 * max(np.abs(signed).max(), 1e-6), (
+            channel
+        )

@@ -15,7 +15,9 @@ from onnxcompress.formats.detect import codebook_tensors
 from tests.finetune.conftest import ort_run, torch
 
 
-def _steps(module: OnnxModule, optimizer: torch.optim.Optimizer, inputs: int = 64, steps: int = 5) -> None:
+def _steps(
+    module: OnnxModule, optimizer: torch.optim.Optimizer, inputs: int = 64, steps: int = 5
+) -> None:
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -102,7 +104,9 @@ def test_low_rank_starts_at_truncated_svd_and_stays_low_rank(mlp_pair) -> None:
     P.add_low_rank(module, "layers.0.weight", 3)
     u, s, vt = np.linalg.svd(weight, full_matrices=False)
     oracle = (u[:, :3] * s[:3]) @ vt[:3]
-    np.testing.assert_allclose(module.tensor("layers.0.weight").detach().numpy(), oracle, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        module.tensor("layers.0.weight").detach().numpy(), oracle, rtol=0, atol=1e-5
+    )
     factors = module.originals("layers.0.weight")
     assert [tuple(f.shape) for f in factors] == [(32, 3), (3, 64)]
     _steps(module, torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01))
@@ -118,15 +122,20 @@ def _in_graph_codebook(rng) -> tuple[ir.Model, np.ndarray, np.ndarray]:
     codebook = np.float32([0.0, -0.4, -0.1, 0.1, 0.4])  # entry 0 is the pruned zero
     indices = rng.integers(0, 5, 24).astype(np.uint8)
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["indices"], ["indices64"], to=TensorProto.INT64),
-         helper.make_node("Gather", ["codebook", "indices64"], ["flat"], axis=0),
-         helper.make_node("Reshape", ["flat", "shape"], ["w"]),
-         helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [
+            helper.make_node("Cast", ["indices"], ["indices64"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["codebook", "indices64"], ["flat"], axis=0),
+            helper.make_node("Reshape", ["flat", "shape"], ["w"]),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
-        initializer=[numpy_helper.from_array(codebook, "codebook"), numpy_helper.from_array(indices, "indices"),
-                     numpy_helper.from_array(np.int64([6, 4]), "shape")],
+        initializer=[
+            numpy_helper.from_array(codebook, "codebook"),
+            numpy_helper.from_array(indices, "indices"),
+            numpy_helper.from_array(np.int64([6, 4]), "shape"),
+        ],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     proto.ir_version = 10
@@ -139,7 +148,11 @@ def test_in_graph_codebook_trains_centroids_keeps_indices_and_zero(rng) -> None:
     module = OnnxModule(model)
     assert module.trainable_names() == ["codebook"]  # indices are integers, never trained
     assert P.attach_structure(module, model) == {"codebook": "mask"}
-    _steps(module, torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1), inputs=6)
+    _steps(
+        module,
+        torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1),
+        inputs=6,
+    )
     arrays = module.arrays()
     assert arrays["codebook"][0] == 0.0 and not np.allclose(arrays["codebook"][1:], codebook[1:])
     changed = write_back(model, arrays)
@@ -173,9 +186,21 @@ def test_uint4_codebook_indices_run(rng) -> None:
         opset_imports={"": 21},
         name="g",
     )
-    index_value = ir.val("idx", ir.DataType.UINT4, ir.Shape([12]), const_value=ir.tensor(indices.astype(ml_dtypes.uint4), name="idx"))
-    book_value = ir.val("book", ir.DataType.FLOAT, ir.Shape([4]), const_value=ir.tensor(codebook, name="book"))
-    shape_value = ir.val("shape", ir.DataType.INT64, ir.Shape([2]), const_value=ir.tensor(np.int64([4, 3]), name="shape"))
+    index_value = ir.val(
+        "idx",
+        ir.DataType.UINT4,
+        ir.Shape([12]),
+        const_value=ir.tensor(indices.astype(ml_dtypes.uint4), name="idx"),
+    )
+    book_value = ir.val(
+        "book", ir.DataType.FLOAT, ir.Shape([4]), const_value=ir.tensor(codebook, name="book")
+    )
+    shape_value = ir.val(
+        "shape",
+        ir.DataType.INT64,
+        ir.Shape([2]),
+        const_value=ir.tensor(np.int64([4, 3]), name="shape"),
+    )
     for value in (index_value, book_value, shape_value):
         graph.register_initializer(value)
     cast = ir.node("Cast", [index_value], attributes={"to": ir.DataType.INT32})

@@ -26,7 +26,11 @@ def test_mixture_log_density_matches_the_formula() -> None:
     means = prior.all_means().detach().double().numpy()
     variances = 1 / prior.log_precision.detach().exp().double().numpy()
     mixing = prior.log_weights().detach().exp().double().numpy()
-    density = (mixing / np.sqrt(2 * np.pi * variances) * np.exp(-(w[:, None] - means) ** 2 / (2 * variances))).sum(1)
+    density = (
+        mixing
+        / np.sqrt(2 * np.pi * variances)
+        * np.exp(-((w[:, None] - means) ** 2) / (2 * variances))
+    ).sum(1)
     got = torch.logsumexp(prior.component_log_densities(weights), dim=1).detach().double().numpy()
     np.testing.assert_allclose(got, np.log(density), rtol=1e-5, atol=1e-6)  # float32 arithmetic
 
@@ -39,10 +43,14 @@ def test_quantise_picks_the_most_responsible_mean() -> None:
     assert set(quantised.tolist()) <= means
     assert quantised[0] == 0 and quantised[1] == 0  # the zero component takes the small ones
     densities = prior.component_log_densities(weights)
-    np.testing.assert_array_equal(quantised.numpy(), prior.all_means()[densities.argmax(1)].detach().numpy())
+    np.testing.assert_array_equal(
+        quantised.numpy(), prior.all_means()[densities.argmax(1)].detach().numpy()
+    )
 
 
-def test_cli_prior_gmm_writes_a_codebook_model_of_the_prior_means_that_pack_codes(mlp_pair, digits, tmp_path) -> None:
+def test_cli_prior_gmm_writes_a_codebook_model_of_the_prior_means_that_pack_codes(
+    mlp_pair, digits, tmp_path
+) -> None:
     from onnxcompress.formats.codebook import codebook_layers
 
     _, proto = mlp_pair
@@ -52,8 +60,27 @@ def test_cli_prior_gmm_writes_a_codebook_model_of_the_prior_means_that_pack_code
     onnx.save(proto, model)
     np.savez(data, **{name: x[:500], "labels": y[:500]})
     runner = CliRunner()
-    result = runner.invoke(app, ["finetune", str(model), "--data", str(data), "-o", str(out), "--prior", "gmm",
-                                 "--prior-components", "8", "--epochs", "3", "--lr", "0.001", "--report", str(report)])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(model),
+            "--data",
+            str(data),
+            "-o",
+            str(out),
+            "--prior",
+            "gmm",
+            "--prior-components",
+            "8",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.001",
+            "--report",
+            str(report),
+        ],
+    )
     assert result.exit_code == 0, result.output
     steps = json.loads(report.read_text())["steps"]
     assert [s["pass"] for s in steps] == ["finetune", "codebook.kmeans"]
@@ -61,11 +88,20 @@ def test_cli_prior_gmm_writes_a_codebook_model_of_the_prior_means_that_pack_code
     assert 0.0 in means and len(means) <= 9
 
     layers = codebook_layers(ir.load(out))
-    assert {layer.name for layer in layers} == {"layers.0.weight", "layers.1.weight", "layers.2.weight"}
+    assert {layer.name for layer in layers} == {
+        "layers.0.weight",
+        "layers.1.weight",
+        "layers.2.weight",
+    }
     for layer in layers:
         codebook = layer.codebook()
-        for value in codebook:  # every shared value is a mean of the mixture (entry 0: the exact zero)
-            assert np.min(np.abs(means - value)) <= 1e-6 * max(1.0, abs(value)), (layer.name, value, means)
+        # every shared value is a mean of the mixture (entry 0: the exact zero)
+        for value in codebook:
+            assert np.min(np.abs(means - value)) <= 1e-6 * max(1.0, abs(value)), (
+                layer.name,
+                value,
+                means,
+            )
         assert layer.bits == 4  # ceil(log2(8 + 1))
 
     result = runner.invoke(app, ["pack", str(out), "-o", str(tmp_path / "m.onnxc")])

@@ -39,7 +39,11 @@ def test_penalties_match_their_formulas(mlp_pair, kind) -> None:
     module = OnnxModule(model)
     config = FinetuneConfig(l1=0.01, biased_decay=0.5, biased_decay_kind=kind)
     layers = regularised_layers(model, module.trainable_names(), config)
-    assert [layer.name for layer in layers] == ["layers.0.weight", "layers.1.weight", "layers.2.weight"]
+    assert [layer.name for layer in layers] == [
+        "layers.0.weight",
+        "layers.1.weight",
+        "layers.2.weight",
+    ]
     expected = 0.0
     for layer in layers:
         w = module.tensor(layer.name).detach().numpy().astype(np.float64)
@@ -68,15 +72,26 @@ def test_proximal_step_is_the_group_soft_threshold(rng) -> None:
     assert np.all(got[2] == 0.0)  # the weak channel is exactly zero, not just small
 
 
-def test_group_lasso_zeroes_channels_and_dead_neurons_removes_them_exactly(mlp_pair, digits) -> None:
+def test_group_lasso_zeroes_channels_and_dead_neurons_removes_them_exactly(
+    mlp_pair, digits
+) -> None:
     _, proto = mlp_pair
     x, y = digits
     name = proto.graph.input[0].name
     train = {name: x[:400], "labels": y[:400]}
-    options = {"epochs": 6, "lr": 0.05, "optimizer": "sgd", "group_lasso": 0.1, "groups": ["channels"],
-               "regularise": ["layers.[12].*"]}
-    trained = run_steps(to_ir(proto), [Step(pass_name="finetune", options=options, gate=NO_GATE)], data=train).model
-    hidden = trained.graph.initializers["layers.1.weight"].const_value.numpy()  # Gemm transB: [out, in]
+    options = {
+        "epochs": 6,
+        "lr": 0.05,
+        "optimizer": "sgd",
+        "group_lasso": 0.1,
+        "groups": ["channels"],
+        "regularise": ["layers.[12].*"],
+    }
+    trained = run_steps(
+        to_ir(proto), [Step(pass_name="finetune", options=options, gate=NO_GATE)], data=train
+    ).model
+    # Gemm transB: [out, in]
+    hidden = trained.graph.initializers["layers.1.weight"].const_value.numpy()
     zero_inputs = np.flatnonzero(np.all(hidden == 0.0, axis=0))
     assert zero_inputs.size >= 4, "expected whole input channels at exact zero"
 
@@ -87,7 +102,9 @@ def test_group_lasso_zeroes_channels_and_dead_neurons_removes_them_exactly(mlp_p
     feeds = {name: x[1000:1100]}
     before, after = ir.to_proto(trained), ir.to_proto(removed)
     before.ir_version = after.ir_version = 10
-    np.testing.assert_allclose(ort_run(after, feeds)[0], ort_run(before, feeds)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ort_run(after, feeds)[0], ort_run(before, feeds)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_biased_decay_pushes_small_weights_to_zero_more_than_large_ones(mlp_pair, digits) -> None:
@@ -99,13 +116,17 @@ def test_biased_decay_pushes_small_weights_to_zero_more_than_large_ones(mlp_pair
 
     def weights(**extra):
         steps = [Step(pass_name="finetune", options={**base, **extra}, gate=NO_GATE)]
-        return run_steps(to_ir(proto), steps, data=train).model.graph.initializers["layers.0.weight"] \
+        return (
+            run_steps(to_ir(proto), steps, data=train)
+            .model.graph.initializers["layers.0.weight"]
             .const_value.numpy()
+        )
 
     plain, biased = weights(), weights(biased_decay=0.05)
     small = np.abs(plain) < np.quantile(np.abs(plain), 0.5)
     large = ~small
     shrink_small = np.abs(biased[small]).sum() / np.abs(plain[small]).sum()
     shrink_large = np.abs(biased[large]).sum() / np.abs(plain[large]).sum()
-    assert shrink_small < shrink_large < 1.0  # w^2 / (1 + w^2) pulls hardest, relatively, on small weights
+    # w^2 / (1 + w^2) pulls hardest, relatively, on small weights
+    assert shrink_small < shrink_large < 1.0
     torch.set_num_threads(1)

@@ -76,7 +76,9 @@ def _input(param: str, index_type: str | None) -> tuple[str, bool]:
 def _attribute_helpers() -> dict[str, str]:
     """name -> body of each attribute-reading helper the kernels share (validate.h)."""
     text = (KERNELS / "src" / "validate.h").read_text()
-    return {m.group(1): _body(text, m.start()) for m in re.finditer(r"inline std::string (\w+)\(", text)}
+    return {
+        m.group(1): _body(text, m.start()) for m in re.finditer(r"inline std::string (\w+)\(", text)
+    }
 
 
 def _attributes(text: str, body: str, base: str | None) -> dict[str, int | str | None]:
@@ -89,7 +91,8 @@ def _attributes(text: str, body: str, base: str | None) -> dict[str, int | str |
     for name, helper in helpers.items():
         if re.search(rf"\b{name}\(", body):
             body += helper
-    for name, helper in helpers.items():  # helpers calling helpers (ReadCodebookAttributes -> ReadSizes)
+    # helpers calling helpers (ReadCodebookAttributes -> ReadSizes)
+    for name, helper in helpers.items():
         if re.search(rf"\b{name}\(", body) and helper not in body:
             body += helper
     for name in re.findall(r"ReadIntAttribute\(info, (?:kOp|op), \"(\w+)\"", body):
@@ -106,7 +109,9 @@ def _registrations(folder: Path) -> list[tuple[str, str, str | None, str]]:
     found = []
     for path in sorted(folder.glob("*.cc")):
         text = path.read_text()
-        for struct, index, op in re.findall(r"CreateLiteCustomOp<(\w+)(?:<(\w+)>)?>\(\s*\"(\w+)\"", text):
+        for struct, index, op in re.findall(
+            r"CreateLiteCustomOp<(\w+)(?:<(\w+)>)?>\(\s*\"(\w+)\"", text
+        ):
             found.append((op, struct, index or None, text))
     return found
 
@@ -127,14 +132,18 @@ def test_each_kernel_takes_the_inputs_and_attributes_of_its_table_entry(folder: 
     for op, struct, index, text in _registrations(KERNELS / folder):
         body, base = _struct(text, struct)
         signatures.setdefault(op, []).append([_input(p, index) for p in _params(body)])
-        assert _attributes(text, body, base) == KERNEL_OPS[op].attributes, f"{folder}: {struct} attributes"
+        assert _attributes(text, body, base) == KERNEL_OPS[op].attributes, (
+            f"{folder}: {struct} attributes"
+        )
     for op, variants in signatures.items():
         table = KERNEL_OPS[op].inputs
         assert {len(v) for v in variants} == {len(table)}, f"{folder}: {op} input count"
         for position, expected in enumerate(table):
             dtypes = {v[position][0] for v in variants}
             assert dtypes == set(expected.dtypes), f"{folder}: {op} input {expected.name}: {dtypes}"
-            assert {v[position][1] for v in variants} == {expected.optional}, f"{op} {expected.name} optional"
+            assert {v[position][1] for v in variants} == {expected.optional}, (
+                f"{op} {expected.name} optional"
+            )
 
 
 def test_the_op_list_the_library_reports_is_the_table():
@@ -149,7 +158,9 @@ def test_the_op_list_the_library_reports_is_the_table():
 
 
 def test_every_op_has_its_reference_evaluator_op():
-    assert [(cls.__name__, cls.op_domain) for cls in REFERENCE_OPS] == [(op, DOMAIN) for op in KERNEL_OPS]
+    assert [(cls.__name__, cls.op_domain) for cls in REFERENCE_OPS] == [
+        (op, DOMAIN) for op in KERNEL_OPS
+    ]
 
 
 @pytest.mark.parametrize("op", list(KERNEL_OPS))
@@ -171,13 +182,22 @@ def _every_kind_of_layer() -> ir.Model:
     model = mlp(rng, sizes=(64, 96, 48, 32))
     weights = model.graph.initializers
     fc0 = weights["fc0.weight"].const_value.numpy()
-    weights["fc0.weight"].const_value = ir.tensor(np.where(rng.random(fc0.shape) < 0.85, 0, fc0), name="fc0.weight")
+    weights["fc0.weight"].const_value = ir.tensor(
+        np.where(rng.random(fc0.shape) < 0.85, 0, fc0), name="fc0.weight"
+    )
     codebook = np.linspace(-0.5, 0.5, 16, dtype=np.float32)
     for name, keep in (("fc1.weight", 1.0), ("head.weight", 0.15)):
         shape = weights[name].const_value.shape
         indices = rng.integers(1, 16, size=tuple(shape)) * (rng.random(tuple(shape)) < keep)
-        insert_codebook(model.graph, weights[name], indices, np.concatenate([[0], codebook[1:]]).astype(np.float32),
-                        bits=4, zero_entry=True, packed=False)
+        insert_codebook(
+            model.graph,
+            weights[name],
+            indices,
+            np.concatenate([[0], codebook[1:]]).astype(np.float32),
+            bits=4,
+            zero_entry=True,
+            packed=False,
+        )
     image = ir.Value(name="image", shape=ir.Shape([1, 4, 8, 8]),
                      type=ir.TensorType(ir.DataType.FLOAT))
     filters = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
@@ -212,7 +232,11 @@ def test_the_sparse_pass_writes_nodes_the_table_describes_and_inspect_reads_them
     rows = {row.name: row for row in layer_table(model) if row.holder == "kernel"}
     assert {row.op for row in rows.values()} == set(KERNEL_OPS)
     for name, row in rows.items():
-        assert (sorted(row.shape), row.nonzero) == (sorted(dense[name].shape), dense[name].nonzero), name  # K x N
+        # K x N
+        assert (sorted(row.shape), row.nonzero) == (
+            sorted(dense[name].shape),
+            dense[name].nonzero,
+        ), name
     features = {"x": np.zeros((1, 64), np.float32), "image": np.ones((1, 4, 8, 8), np.float32)}
     assert runtime.session(model).run(["features"], features)[0].shape == (1, 6, 8, 8)
 

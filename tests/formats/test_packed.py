@@ -92,9 +92,12 @@ def _stock_session(data: bytes, optimized: str | None = None) -> ort.InferenceSe
 @pytest.mark.parametrize("bits", [3, 5, 6])
 def test_packed_model_is_smaller_runs_in_stock_onnxruntime_and_equals_uint8(rng, tmp_path, bits):
     uint8_form, packed_form = _bytes(_clustered(bits, pack_indices=False)), _bytes(_clustered(bits))
-    weights = sum(math.prod(layer.shape) for layer in codebook_layers(_clustered(bits, pack_indices=False)))
+    weights = sum(
+        math.prod(layer.shape) for layer in codebook_layers(_clustered(bits, pack_indices=False))
+    )
     saved = len(uint8_form) - len(packed_form)
-    assert abs(saved - weights * (8 - bits) / 8) < 3 * 1000  # (8 - bits)/8 byte per weight, < 1 KB per layer
+    # (8 - bits)/8 byte per weight, < 1 KB per layer
+    assert abs(saved - weights * (8 - bits) / 8) < 3 * 1000
 
     onnx.checker.check_model(onnx.load_from_string(packed_form), full_check=True)
     x = rng.standard_normal((4, SIZES[0])).astype(np.float32)
@@ -132,9 +135,12 @@ def test_packing_an_existing_uint8_model_equals_packing_in_the_pass():
 
 def test_storage_by_opset():
     assert {layer.index_dtype for layer in codebook_layers(_clustered(4, opset=17))} == {"packed"}
-    assert {layer.index_dtype for layer in codebook_layers(_clustered(4, opset=21))} == {"uint4"}  # same size
-    assert {layer.index_dtype for layer in codebook_layers(_clustered(3, opset=21))} == {"packed"}  # smaller
-    assert {layer.index_dtype for layer in codebook_layers(_clustered(8))} == {"uint8"}  # nothing to pack
+    # same size
+    assert {layer.index_dtype for layer in codebook_layers(_clustered(4, opset=21))} == {"uint4"}
+    # smaller
+    assert {layer.index_dtype for layer in codebook_layers(_clustered(3, opset=21))} == {"packed"}
+    # nothing to pack
+    assert {layer.index_dtype for layer in codebook_layers(_clustered(8))} == {"uint8"}
     old = _clustered(5, pack_indices=False, opset=10)
     assert not pack_codebook_indices(old)  # the decoder needs opset 11
 
@@ -144,7 +150,9 @@ def test_opset_11_is_enough(rng):
     assert {layer.index_dtype for layer in codebook_layers(model)} == {"packed"}
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     x = rng.standard_normal((2, SIZES[0])).astype(np.float32)
-    want = _stock_session(_bytes(_clustered(3, pack_indices=False, opset=11))).run(None, {"x": x})[0]
+    want = _stock_session(_bytes(_clustered(3, pack_indices=False, opset=11))).run(None, {"x": x})[
+        0
+    ]
     np.testing.assert_array_equal(_stock_session(_bytes(model)).run(None, {"x": x})[0], want)
 
 
@@ -161,7 +169,14 @@ def test_fp16_storage_halves_dense_weights_and_runs_in_stock_onnxruntime(rng, tm
     proto.opset_import[0].version = 17
     model = ir.from_proto(proto)
     converted = store_fp16(model)
-    assert converted == ["fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias", "head.weight", "head.bias"]
+    assert converted == [
+        "fc0.weight",
+        "fc0.bias",
+        "fc1.weight",
+        "fc1.bias",
+        "head.weight",
+        "head.bias",
+    ]
     half = _bytes(model)
     assert len(half) < 0.52 * len(proto.SerializeToString())
     onnx.checker.check_model(onnx.load_from_string(half), full_check=True)
@@ -169,7 +184,9 @@ def test_fp16_storage_halves_dense_weights_and_runs_in_stock_onnxruntime(rng, tm
     want = _stock_session(proto.SerializeToString()).run(None, {"x": x})[0]
     got = _stock_session(half, str(tmp_path / "optimized.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
-    assert "Cast" not in {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert "Cast" not in {
+        node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    }
 
 
 def test_fp16_keeps_codebooks_in_float32():
@@ -197,12 +214,25 @@ def test_removing_a_packed_layer_drops_its_decoder_and_constants():
     model = _clustered(5)
     graph = model.graph
     for layer in codebook_layers(model):  # what sparse.csr does: the weight moves into a kernel
-        dense = ir.Value(name=f"{layer.name}.dense", const_value=ir.tensor(dense_weight(layer), name=f"{layer.name}.dense"))
+        dense = ir.Value(
+            name=f"{layer.name}.dense",
+            const_value=ir.tensor(dense_weight(layer), name=f"{layer.name}.dense"),
+        )
         graph.register_initializer(dense)
         ir.convenience.replace_all_uses_with(layer.gather.outputs[0], dense)
         assert remove_codebook_layer(graph, layer)
-    assert sorted(node.op_type for node in graph) == ["Add", "Add", "Gemm", "MatMul", "MatMul", "Relu", "Relu"]
-    assert all(value.const_value.dtype == ir.DataType.FLOAT for value in graph.initializers.values())
+    assert sorted(node.op_type for node in graph) == [
+        "Add",
+        "Add",
+        "Gemm",
+        "MatMul",
+        "MatMul",
+        "Relu",
+        "Relu",
+    ]
+    assert all(
+        value.const_value.dtype == ir.DataType.FLOAT for value in graph.initializers.values()
+    )
 
 
 def test_fine_tune_bridge_runs_the_decoder_and_finds_the_codebooks(rng):
@@ -211,7 +241,11 @@ def test_fine_tune_bridge_runs_the_decoder_and_finds_the_codebooks(rng):
     from onnxcompress.formats.detect import codebook_tensors
 
     model = _clustered(5)
-    assert codebook_tensors(model) == ["fc0.weight.codebook", "fc1.weight.codebook", "head.weight.codebook"]
+    assert codebook_tensors(model) == [
+        "fc0.weight.codebook",
+        "fc1.weight.codebook",
+        "head.weight.codebook",
+    ]
     x = rng.standard_normal((4, SIZES[0])).astype(np.float32)
     want = _stock_session(_bytes(model)).run(None, {"x": x})[0]
     np.testing.assert_allclose(OnnxModule(model).run({"x": x})[0], want, rtol=1e-5, atol=1e-5)
@@ -227,7 +261,10 @@ def test_codebook_pack_pass_packs_a_uint8_model_exactly():
     assert result.modified and not pack.needs_calibration()
     assert _bytes(model) == _bytes(_clustered(5))
     change = {c.name: c for c in result.report.changes}["fc0.weight"]
-    assert (change.bytes_before, change.bytes_after) == (128 * 256 + 32 * 4, 128 * 256 * 5 // 8 + 32 * 4)
+    assert (change.bytes_before, change.bytes_after) == (
+        128 * 256 + 32 * 4,
+        128 * 256 * 5 // 8 + 32 * 4,
+    )
     assert not get_pass("codebook.pack")()(model).modified
 
 
@@ -237,4 +274,7 @@ def test_cast_fp16_pass_reports_halved_bytes():
     assert result.modified
     changes = {c.name: c for c in result.report.changes}
     assert "head.bias" not in changes
-    assert (changes["fc0.weight"].bytes_before, changes["fc0.weight"].bytes_after) == (128 * 256 * 4, 128 * 256 * 2)
+    assert (changes["fc0.weight"].bytes_before, changes["fc0.weight"].bytes_after) == (
+        128 * 256 * 4,
+        128 * 256 * 2,
+    )

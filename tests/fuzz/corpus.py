@@ -28,8 +28,21 @@ SEED = 14
 KINDS = ("model", "npz", "recipe", "archive")
 #: Values that break assumptions: signs, zero, the int32/int64 edges, absurd sizes.
 ODD_INTS = (-1, 0, 1, 3, 2**31 - 1, 2**31, 10**9, 10**12, -(2**63), 2**63 - 1)
-ODD_VALUES: tuple[Any, ...] = (*ODD_INTS, 1e309, -1e309, float("nan"), 0.5, "", "x" * 300, None, True,
-                               [], {}, [[[[[]]]]], {"a": {"b": {"c": None}}})
+ODD_VALUES: tuple[Any, ...] = (
+    *ODD_INTS,
+    1e309,
+    -1e309,
+    float("nan"),
+    0.5,
+    "",
+    "x" * 300,
+    None,
+    True,
+    [],
+    {},
+    [[[[[]]]]],
+    {"a": {"b": {"c": None}}},
+)
 
 Rng = np.random.Generator
 
@@ -200,9 +213,18 @@ def m_external(rng: Rng, model: onnx.ModelProto) -> None:
 
 
 MODEL_MUTATIONS: dict[str, Callable[[Rng, onnx.ModelProto], None]] = {
-    "value-dim": m_value_dim, "weight-dims": m_weight_dims, "dtype": m_dtype, "raw-data": m_raw_data,
-    "weight-value": m_weight_value, "attribute": m_attribute, "rewire": m_rewire, "output": m_output,
-    "nodes": m_nodes, "opset": m_opset, "initializers": m_initializers, "external": m_external,
+    "value-dim": m_value_dim,
+    "weight-dims": m_weight_dims,
+    "dtype": m_dtype,
+    "raw-data": m_raw_data,
+    "weight-value": m_weight_value,
+    "attribute": m_attribute,
+    "rewire": m_rewire,
+    "output": m_output,
+    "nodes": m_nodes,
+    "opset": m_opset,
+    "initializers": m_initializers,
+    "external": m_external,
 }
 MODEL_COMMANDS = (
     ("inspect", "{file}", "--json"),
@@ -229,29 +251,50 @@ def _savez(arrays: dict[str, Any], compressed: bool = False) -> bytes:
 
 def n_non_finite(rng: Rng, arrays: dict[str, Any]) -> None:
     x = arrays["x"].copy()
-    x.flat[rng.integers(0, x.size, size=int(rng.integers(1, 5)))] = _pick(rng, (np.nan, np.inf, -np.inf))
+    x.flat[rng.integers(0, x.size, size=int(rng.integers(1, 5)))] = _pick(
+        rng, (np.nan, np.inf, -np.inf)
+    )
     arrays["x"] = x
 
 
 def n_dtype(rng: Rng, arrays: dict[str, Any]) -> None:
     key = _pick(rng, list(arrays))
-    dtype = _pick(rng, (np.int64, np.float64, np.float16, np.bool_, np.complex64, np.uint8, "U3", "V4"))
+    dtype = _pick(
+        rng, (np.int64, np.float64, np.float16, np.bool_, np.complex64, np.uint8, "U3", "V4")
+    )
     arrays[key] = arrays[key].astype(dtype)
 
 
 def n_shape(rng: Rng, arrays: dict[str, Any]) -> None:
     key = _pick(rng, list(arrays))
     array = arrays[key]
-    arrays[key] = _pick(rng, (array[:0], array[..., None], array.reshape(-1), np.asarray(array.flat[0]),
-                              array[:3], np.concatenate([array, array], axis=-1)))
+    arrays[key] = _pick(
+        rng,
+        (
+            array[:0],
+            array[..., None],
+            array.reshape(-1),
+            np.asarray(array.flat[0]),
+            array[:3],
+            np.concatenate([array, array], axis=-1),
+        ),
+    )
 
 
 def n_labels(rng: Rng, arrays: dict[str, Any]) -> None:
     count = len(arrays["x"])
-    arrays["labels"] = _pick(rng, (
-        rng.integers(0, 10, (count, 3)), rng.random(count), np.full(count, -1), np.full(count, 10**6),
-        rng.integers(0, 10, count + 1), np.asarray(3), np.array(["cat"] * count),
-    ))
+    arrays["labels"] = _pick(
+        rng,
+        (
+            rng.integers(0, 10, (count, 3)),
+            rng.random(count),
+            np.full(count, -1),
+            np.full(count, 10**6),
+            rng.integers(0, 10, count + 1),
+            np.asarray(3),
+            np.array(["cat"] * count),
+        ),
+    )
 
 
 def n_keys(rng: Rng, arrays: dict[str, Any]) -> None:
@@ -265,7 +308,11 @@ def n_keys(rng: Rng, arrays: dict[str, Any]) -> None:
 
 
 NPZ_MUTATIONS: dict[str, Callable[[Rng, dict[str, Any]], None]] = {
-    "non-finite": n_non_finite, "dtype": n_dtype, "shape": n_shape, "labels": n_labels, "keys": n_keys,
+    "non-finite": n_non_finite,
+    "dtype": n_dtype,
+    "shape": n_shape,
+    "labels": n_labels,
+    "keys": n_keys,
 }
 
 
@@ -278,7 +325,9 @@ def npz_header(rng: Rng, data: bytes) -> bytes:
     try:
         np.lib.format.write_array_header_1_0(member, header)
     except ValueError:
-        member = io.BytesIO(np.lib.format.MAGIC_PREFIX + b"\x01\x00" + repr(header).encode().ljust(118) + b"\n")
+        member = io.BytesIO(
+            np.lib.format.MAGIC_PREFIX + b"\x01\x00" + repr(header).encode().ljust(118) + b"\n"
+        )
         member.seek(0, 2)
     member.write(arrays["x"].tobytes())
     out = io.BytesIO()
@@ -342,7 +391,9 @@ def laughs_yaml(levels: int) -> str:
     """A structured-prune plan of 10**levels strings in a few lines: each anchor repeats the last."""
     anchors = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     anchors += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
-    return "steps:\n  - pass: prune.structured\n    options:\n      plan:\n" + "".join(f"        {a}\n" for a in anchors)
+    return "steps:\n  - pass: prune.structured\n    options:\n      plan:\n" + "".join(
+        f"        {a}\n" for a in anchors
+    )
 
 
 def r_aliases(rng: Rng, text: str) -> str:
@@ -373,7 +424,9 @@ def a_manifest(rng: Rng, data: bytes) -> bytes:
 
     manifest, body = read_archive(data)
     path = _pick(rng, [p for p in _paths(manifest) if p])
-    value = _pick(rng, (*ODD_VALUES, [0, 10**12], [2**63, 1], [-1, 4], "uint4", "float64", "ans", "dense"))
+    value = _pick(
+        rng, (*ODD_VALUES, [0, 10**12], [2**63, 1], [-1, 4], "uint4", "float64", "ans", "dense")
+    )
     if isinstance(value, float) and value != value:
         value = None  # JSON has no NaN
     return _reseal(_replace(manifest, path, value), bytes(body))
@@ -408,7 +461,9 @@ def a_header(rng: Rng, data: bytes) -> bytes:
     fields = list(_HEADER.unpack_from(data))
     field = int(rng.integers(1, 5))
     limit = 2**16 if field < 3 else 2**32 if field == 3 else 2**64
-    fields[field] = int(_pick(rng, (0, 1, 2, 7, fields[field] + 1, fields[field] - 1, limit - 1))) % limit
+    fields[field] = (
+        int(_pick(rng, (0, 1, 2, 7, fields[field] + 1, fields[field] - 1, limit - 1))) % limit
+    )
     prefix = _HEADER.pack(*fields[:5], b"\0" * 32)[:_PREFIX]
     rest = data[_HEADER.size:]
     return prefix + hashlib.sha256(prefix + rest).digest() + rest
@@ -422,12 +477,22 @@ ARCHIVE_COMMANDS = (("unpack", "{file}", "-o", "out.onnx"),)
 
 # ---- the corpus ----
 
-SEED_FILES = {"model": "mlp.onnx", "npz": "data.npz", "recipe": "recipe.yaml", "archive": "mlp.onnxc"}
+SEED_FILES = {
+    "model": "mlp.onnx",
+    "npz": "data.npz",
+    "recipe": "recipe.yaml",
+    "archive": "mlp.onnxc",
+}
 FORMAT_MUTATIONS: dict[str, dict[str, Any]] = {
     "model": MODEL_MUTATIONS, "npz": {**NPZ_MUTATIONS, "header": npz_header},
     "recipe": RECIPE_MUTATIONS, "archive": ARCHIVE_MUTATIONS,
 }
-COMMANDS = {"model": MODEL_COMMANDS, "npz": NPZ_COMMANDS, "recipe": RECIPE_COMMANDS, "archive": ARCHIVE_COMMANDS}
+COMMANDS = {
+    "model": MODEL_COMMANDS,
+    "npz": NPZ_COMMANDS,
+    "recipe": RECIPE_COMMANDS,
+    "archive": ARCHIVE_COMMANDS,
+}
 
 
 def plan(index: int) -> tuple[str, str, tuple[str, ...]]:

@@ -29,8 +29,11 @@ COUNT = int(os.environ.get("ONNXCOMPRESS_FUZZ_CASES", "160"))
 #: Long-mode cases that once crashed (a manifest whose blob references are not [offset, length]
 #: pairs, exit 1), kept in every run as regressions.
 ONCE_CRASHED = (1419, 1627, 1643, 2323, 4047, 4387)
-INDICES = sorted({*range(START, START + COUNT), *ONCE_CRASHED}) if "ONNXCOMPRESS_FUZZ_START" not in os.environ \
+INDICES = (
+    sorted({*range(START, START + COUNT), *ONCE_CRASHED})
+    if "ONNXCOMPRESS_FUZZ_START" not in os.environ
     else range(START, START + COUNT)
+)
 LOG = os.environ.get("ONNXCOMPRESS_FUZZ_LOG")
 RECIPE = """\
 name: fuzz
@@ -87,7 +90,9 @@ def test_case_fails_cleanly_or_works(index: int, seeds: dict[str, bytes], tmp_pa
     _log(case.id, outcome)
     assert outcome.code in (0, 2, 3), f"exit {outcome.code}: {outcome.stderr[-3000:]}"
     if outcome.code == 2:
-        assert outcome.stderr.startswith("error: ") and len(outcome.error_lines) <= 2, outcome.stderr
+        assert outcome.stderr.startswith("error: ") and len(outcome.error_lines) <= 2, (
+            outcome.stderr
+        )
     assert {name: after.get(name) for name in before} == before, "an input was changed or removed"
     new = sorted(set(after) - set(before))
     if outcome.code in (2, 3):

@@ -17,7 +17,8 @@ def kernel_library() -> None:
     if runtime.available_ops():
         return
     message = (
-        "onnxcompress kernel library not built (run `bash kernels/fetch_headers.sh && pip install -e .`)"
+        "onnxcompress kernel library not built (run `bash kernels/fetch_headers.sh && pip install "
+        "-e .`)"
     )
     if os.environ.get("ONNXCOMPRESS_REQUIRE_KERNELS") == "1":
         pytest.fail(f"ONNXCOMPRESS_REQUIRE_KERNELS=1 but {message}")

@@ -41,7 +41,9 @@ def sparse_matmul_model(
             inputs.append(helper.make_tensor_value_info(name, _TYPES[array.dtype], [None]))
         else:
             initializers.append(numpy_helper.from_array(array, name))
-    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [*x_shape[:-1], csr.out_features])
+    output = helper.make_tensor_value_info(
+        "Y", TensorProto.FLOAT, [*x_shape[:-1], csr.out_features]
+    )
     graph = helper.make_graph([node], "sparse_matmul", inputs, [output], initializer=initializers)
     functions = [function_for("SparseMatMul", OPSET)] if portable else []
     model = helper.make_model(
@@ -60,19 +62,29 @@ def pruned(rng: np.random.Generator, shape: tuple[int, int], sparsity: float) ->
     return weight
 
 
-def _model(node: onnx.NodeProto, arrays: dict[str, np.ndarray], x_shape: list[int | str], n: int, fed: bool,
-           functions: list[onnx.FunctionProto]) -> onnx.ModelProto:
+def _model(
+    node: onnx.NodeProto,
+    arrays: dict[str, np.ndarray],
+    x_shape: list[int | str],
+    n: int,
+    fed: bool,
+    functions: list[onnx.FunctionProto],
+) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
     initializers = []
     for name, array in arrays.items():
         if fed:
-            inputs.append(helper.make_tensor_value_info(name, _TYPES[array.dtype], [None] * array.ndim))
+            inputs.append(
+                helper.make_tensor_value_info(name, _TYPES[array.dtype], [None] * array.ndim)
+            )
         else:
             initializers.append(numpy_helper.from_array(array, name))
     output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [*x_shape[:-1], n])
     graph = helper.make_graph([node], node.op_type, inputs, [output], initializer=initializers)
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)], functions=functions
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+        functions=functions,
     )
     model.ir_version = 10
     return model
@@ -86,7 +98,9 @@ def codebook_matmul_model(
     arrays = {"indices": packed, "codebook": codebook}
     if bias is not None:
         arrays["bias"] = bias
-    node = helper.make_node("CodebookMatMul", ["X", *arrays], ["Y"], domain=DOMAIN, K=k, N=n, bits=bits)
+    node = helper.make_node(
+        "CodebookMatMul", ["X", *arrays], ["Y"], domain=DOMAIN, K=k, N=n, bits=bits
+    )
     functions = [function_for("CodebookMatMul", OPSET)] if portable else []
     return _model(node, arrays, x_shape, n, fed, functions)
 
@@ -96,7 +110,12 @@ def sparse_codebook_model(
     bias: np.ndarray | None = None, *, fed: bool = False, portable: bool = False,
 ) -> onnx.ModelProto:
     """Y = SparseCodebookMatMul(X, indices, col_indices, row_ptr, codebook[, bias]; K, N)."""
-    arrays = {"indices": indices, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr, "codebook": codebook}
+    arrays = {
+        "indices": indices,
+        "col_indices": csr.col_indices,
+        "row_ptr": csr.row_ptr,
+        "codebook": codebook,
+    }
     if bias is not None:
         arrays["bias"] = bias
     node = helper.make_node("SparseCodebookMatMul", ["X", *arrays], ["Y"], domain=DOMAIN,

@@ -40,10 +40,12 @@ def test_install_replaces_the_file_and_leaves_mapped_copies_intact(tmp_path):
     with target.open("rb") as handle, mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as mapped:
         old_inode = os.stat(target).st_ino
         install_atomically(new, target)
-        assert mapped[:12] == b"old library " and len(mapped) == 12000  # not truncated under the mapping
+        # not truncated under the mapping
+        assert mapped[:12] == b"old library " and len(mapped) == 12000
     assert target.read_bytes() == new.read_bytes()
     assert os.stat(target).st_ino != old_inode
-    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temporary left behind
+    # no temporary left behind
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
 
 
 def _build_py(tmp_path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -52,9 +54,17 @@ def _build_py(tmp_path, **env: str) -> subprocess.CompletedProcess[str]:
     empty.mkdir(exist_ok=True)
     return subprocess.run(
         [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PATH": str(empty), "ONNXCOMPRESS_SKIP_KERNELS": "", "ONNXCOMPRESS_REQUIRE_KERNELS": "",
-             **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "PATH": str(empty),
+            "ONNXCOMPRESS_SKIP_KERNELS": "",
+            "ONNXCOMPRESS_REQUIRE_KERNELS": "",
+            **env,
+        },
     )
 
 

@@ -66,12 +66,16 @@ def test_codebook_matmul_malformed(rng):
         ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, feeds)
     with pytest.raises(Exception, match=re.escape("indices has shape [4, 4], expected [4, 5]")):
         _run(model, {**feeds, "indices": packed[:, :4], "codebook": codebook})
-    with pytest.raises(Exception, match=re.escape("codebook has shape [17], expected [C] with 1 <= C <= 16")):
+    with pytest.raises(
+        Exception, match=re.escape("codebook has shape [17], expected [C] with 1 <= C <= 16")
+    ):
         _run(model, {**feeds, "codebook": np.zeros(17, np.float32)})
 
 
 @pytest.mark.parametrize("index_dtype", ["uint16", "int32"])
-@pytest.mark.parametrize(("entries", "leading"), [(16, (1,)), (40, (1,)), (9, (6,)), (200, (2, 17))])
+@pytest.mark.parametrize(
+    ("entries", "leading"), [(16, (1,)), (40, (1,)), (9, (6,)), (200, (2, 17))]
+)
 def test_sparse_codebook_matches_reference(rng, index_dtype, entries, leading):
     k, n = 150, 37
     indices, codebook = shared(rng, (k, n), entries, sparsity=0.85)
@@ -131,8 +135,15 @@ print(worst)
 
 def test_avx2_codebook_path_on_avx512_machines():
     env = {**os.environ, "ONNXCOMPRESS_KERNELS_ISA": "avx2"}
-    done = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120, check=True, cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", _AVX2_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert float(done.stdout.strip()) < 1e-5
 
 
@@ -140,6 +151,8 @@ def test_avx2_codebook_path_on_avx512_machines():
 def test_sparse_codebook_all_zero_matrix(rng, batch):
     csr = to_csr(np.zeros((20, 6), np.float32))
     codebook = np.array([0.0, 1.5], np.float32)
-    model = sparse_codebook_model(np.zeros(0, np.uint8), csr, codebook, [batch, 20], np.arange(6, dtype=np.float32))
+    model = sparse_codebook_model(
+        np.zeros(0, np.uint8), csr, codebook, [batch, 20], np.arange(6, dtype=np.float32)
+    )
     y = _run(model, {"X": rng.standard_normal((batch, 20)).astype(np.float32)})
     np.testing.assert_array_equal(y, np.broadcast_to(np.arange(6, dtype=np.float32), (batch, 6)))

@@ -16,7 +16,9 @@ FAST = {"repeats": 3, "cold_cache": False, "threads": 1, "min_params": 16}
 
 def test_faster_convs_are_converted_and_run_with_the_kernel(rng):
     proto = pruned_cnn(rng, 0.95)
-    result = SparseCsr(min_speedup=1e-6, portable=False, batch=2, **FAST)(ir.serde.deserialize_model(proto))
+    result = SparseCsr(min_speedup=1e-6, portable=False, batch=2, **FAST)(
+        ir.serde.deserialize_model(proto)
+    )
     out = ir.to_proto(result.model)
     assert not out.functions and [n.op_type for n in out.graph.node].count("SparseConv") == 3
     timings = result.report.notes["timings"]
@@ -37,7 +39,9 @@ def test_faster_convs_are_converted_and_run_with_the_kernel(rng):
 
 
 def test_not_faster_stays_dense_with_the_timing(rng):
-    result = SparseCsr(min_speedup=1000.0, **FAST)(ir.serde.deserialize_model(pruned_cnn(rng, 0.95)))
+    result = SparseCsr(min_speedup=1000.0, **FAST)(
+        ir.serde.deserialize_model(pruned_cnn(rng, 0.95))
+    )
     assert not result.modified
     reason = result.report.reason_for("c0.weight")
     assert reason is not None and reason.startswith("SparseConv not faster at batch 1: ")

@@ -35,7 +35,9 @@ def test_not_faster_stays_dense_with_the_timing(rng):
 
 def test_faster_is_converted_and_runs_with_the_kernel(rng):
     proto = _model(rng)
-    result = SparseCsr(min_speedup=1e-6, portable=False, batch=4, **FAST)(ir.serde.deserialize_model(proto))
+    result = SparseCsr(min_speedup=1e-6, portable=False, batch=4, **FAST)(
+        ir.serde.deserialize_model(proto)
+    )
     assert result.modified
     out = ir.to_proto(result.model)
     assert not out.functions  # --no-portable: the kernel is required
@@ -51,7 +53,9 @@ def test_faster_is_converted_and_runs_with_the_kernel(rng):
 def test_measure_layer_times_both_variants(rng):
     weight = pruned(rng, (128, 64), 0.9)
     arrays, attributes = csr_arrays(weight)
-    timing = measure_layer(weight, "SparseMatMul", arrays, attributes, 2, threads=1, repeats=3, cold_cache=True)
+    timing = measure_layer(
+        weight, "SparseMatMul", arrays, attributes, 2, threads=1, repeats=3, cold_cache=True
+    )
     assert set(timing) == {"dense", "sparse", "overhead"} and min(timing.values()) > 0
 
 
@@ -76,23 +80,56 @@ def test_sparsify_command_measures_and_writes_a_kernel_only_model(rng, tmp_path)
     import subprocess
     import sys
 
-    proto = prune_proto(mlp_proto(rng, (64, 96, 32, 10)), rng, {"fc0.weight": 0.95, "fc1.weight": 0.5})
-    source, target, report = tmp_path / "pruned.onnx", tmp_path / "sparse.onnx", tmp_path / "report.json"
+    proto = prune_proto(
+        mlp_proto(rng, (64, 96, 32, 10)), rng, {"fc0.weight": 0.95, "fc1.weight": 0.5}
+    )
+    source, target, report = (
+        tmp_path / "pruned.onnx",
+        tmp_path / "sparse.onnx",
+        tmp_path / "report.json",
+    )
     onnx.save(proto, source)
-    command = [sys.executable, "-c", "from onnxcompress.cli import main; main()", "sparsify", str(source),
-               "-o", str(target), "--min-sparsity", "0.7", "--batch", "4", "--no-portable", "--min-speedup", "1e-6",
-               "--min-params", "16", "--threads", "1", "--report", str(report)]
+    command = [
+        sys.executable,
+        "-c",
+        "from onnxcompress.cli import main; main()",
+        "sparsify",
+        str(source),
+        "-o",
+        str(target),
+        "--min-sparsity",
+        "0.7",
+        "--batch",
+        "4",
+        "--no-portable",
+        "--min-speedup",
+        "1e-6",
+        "--min-params",
+        "16",
+        "--threads",
+        "1",
+        "--report",
+        str(report),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (step,) = json.loads(report.read_text())["steps"]
-    assert [c["name"] for c in step["changes"]] == ["fc0.weight"]  # measured, and any speed is enough
+    # measured, and any speed is enough
+    assert [c["name"] for c in step["changes"]] == ["fc0.weight"]
     assert "faster at batch 4" in step["changes"][0]["detail"]
     reasons = {s["name"]: s["reason"] for s in step["skipped"]}
-    assert reasons["fc1.weight"].startswith("sparsity 0.4") and reasons["fc1.weight"].endswith(" < min_sparsity 0.7")
+    assert reasons["fc1.weight"].startswith("sparsity 0.4") and reasons["fc1.weight"].endswith(
+        " < min_sparsity 0.7"
+    )
     assert set(step["notes"]["timings"]) == {"fc0.weight"}
     out = onnx.load(target)
     assert not out.functions and [n.op_type for n in out.graph.node].count("SparseMatMul") == 1
-    assert runtime.missing_kernel_ops(out) == ["SparseMatMul"]  # needs the library: no portable fallback
+    # needs the library: no portable fallback
+    assert runtime.missing_kernel_ops(out) == ["SparseMatMul"]
     x = rng.standard_normal((4, 64)).astype(np.float32)
-    np.testing.assert_allclose(runtime.session(out, threads=1).run(None, {"x": x})[0],
-                               runtime.session(proto, threads=1).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        runtime.session(out, threads=1).run(None, {"x": x})[0],
+        runtime.session(proto, threads=1).run(None, {"x": x})[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )

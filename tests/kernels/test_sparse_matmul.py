@@ -44,7 +44,8 @@ def test_library_lists_the_op():
         (64, 40, 0.5, ()),  # X is 1-D
         (50, 31, 0.8, (7,)),  # batched path, one partial 8-wide tile
         (50, 31, 0.95, (2, 3, 5)),  # several leading dims, M = 30
-        (96, 17, 0.6, (70,)),  # batched: a full 64-wide AVX-512 tile (two 32-wide with AVX2) and a 6-wide one
+        # batched: a full 64-wide AVX-512 tile (two 32-wide with AVX2) and a 6-wide one
+        (96, 17, 0.6, (70,)),
         (64, 33, 0.7, (45,)),  # batched: a 48-wide AVX-512 tile (three vectors)
         (40, 9, 0.7, (3, 200)),  # M = 600: three chunks of X^T (256, 256, 88 rows)
         (129, 65, 0.0, (4, 9)),  # dense stored as CSR
@@ -95,7 +96,9 @@ def test_two_threads_give_the_same_result(rng):
     model = sparse_matmul_model(to_csr(weight), ["M", 512])
     for batch in (1, 40):
         x = rng.standard_normal((batch, 512)).astype(np.float32)
-        np.testing.assert_array_equal(_run(model, {"X": x}, threads=2), _run(model, {"X": x}, threads=1))
+        np.testing.assert_array_equal(
+            _run(model, {"X": x}, threads=2), _run(model, {"X": x}, threads=1)
+        )
 
 
 def test_duplicate_entries_add_up(rng):
@@ -112,7 +115,10 @@ def test_duplicate_entries_add_up(rng):
 
 
 def _bad(csr: CsrWeight, **changes) -> CsrWeight:
-    fields = {f: getattr(csr, f) for f in ("values", "col_indices", "row_ptr", "in_features", "out_features")}
+    fields = {
+        f: getattr(csr, f)
+        for f in ("values", "col_indices", "row_ptr", "in_features", "out_features")
+    }
     fields.update(changes)
     return CsrWeight(**fields)
 
@@ -145,7 +151,9 @@ def test_malformed_csr_is_an_error_with_the_values(rng, small_csr, fed, case, me
         "col_out_of_range": lambda: _bad(csr, col_indices=_set(cols, j, 16)),
         "col_negative": lambda: _bad(csr, col_indices=_set(cols, j, -3)),
         "row_ptr_short": lambda: _bad(csr, row_ptr=row_ptr[:-1]),
-        "row_ptr_decreasing": lambda: _bad(csr, row_ptr=_set(row_ptr, 3, int(row_ptr[2]) - 1 if row_ptr[2] else -1)),
+        "row_ptr_decreasing": lambda: _bad(
+            csr, row_ptr=_set(row_ptr, 3, int(row_ptr[2]) - 1 if row_ptr[2] else -1)
+        ),
         "row_ptr_end": lambda: _bad(csr, row_ptr=_set(row_ptr, 6, csr.nnz + 1)),
         "values_short": lambda: _bad(csr, values=csr.values[:-1]),
     }[case]()
@@ -170,11 +178,18 @@ def _set(array: np.ndarray, index: int, value: int) -> np.ndarray:
 
 def test_wrong_x_width_and_bias_size(rng, small_csr):
     model = sparse_matmul_model(small_csr, [2, "K"])
-    with pytest.raises(Exception, match=r"X has shape \[2, 15\], its last dimension must be K = 16"):
+    with pytest.raises(
+        Exception, match=r"X has shape \[2, 15\], its last dimension must be K = 16"
+    ):
         _run(model, {"X": np.zeros((2, 15), np.float32)})
     model = sparse_matmul_model(small_csr, [2, 16], np.zeros(5, np.float32), fed=True)
-    feeds = {"X": np.zeros((2, 16), np.float32), "values": small_csr.values,
-             "col_indices": small_csr.col_indices, "row_ptr": small_csr.row_ptr, "bias": np.zeros(5, np.float32)}
+    feeds = {
+        "X": np.zeros((2, 16), np.float32),
+        "values": small_csr.values,
+        "col_indices": small_csr.col_indices,
+        "row_ptr": small_csr.row_ptr,
+        "bias": np.zeros(5, np.float32),
+    }
     with pytest.raises(Exception, match=r"bias has shape \[5\], expected \[6\]"):
         _run(model, feeds)
 
@@ -184,7 +199,12 @@ def test_fed_arrays_are_checked_on_every_run(rng, small_csr):
     model = sparse_matmul_model(small_csr, [1, 16], fed=True)
     session = runtime.session(model, threads=1)
     x = rng.standard_normal((1, 16)).astype(np.float32)
-    good = {"X": x, "values": small_csr.values, "col_indices": small_csr.col_indices, "row_ptr": small_csr.row_ptr}
+    good = {
+        "X": x,
+        "values": small_csr.values,
+        "col_indices": small_csr.col_indices,
+        "row_ptr": small_csr.row_ptr,
+    }
     session.run(None, good)
     bad_cols = small_csr.col_indices.copy()
     bad_cols[0] = 99
@@ -218,8 +238,15 @@ def test_avx2_batched_path_on_avx512_machines():
 
     env = {**os.environ, "ONNXCOMPRESS_KERNELS_ISA": "avx2"}
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120, check=True, cwd=root)
+    done = subprocess.run(
+        [sys.executable, "-c", _AVX2_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=root,
+    )
     assert float(done.stdout.strip()) < 1e-5
 
 
@@ -239,8 +266,17 @@ def test_runtime_older_than_headers_is_a_clear_error():
     import sys
 
     env = {**os.environ, "ONNXCOMPRESS_KERNELS_API_VERSION": "999"}
-    done = subprocess.run([sys.executable, "-c", _OLD_RUNTIME_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", _OLD_RUNTIME_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == 0, done.stderr
-    assert "onnxcompress kernels were built for onnxruntime API 999 but this onnxruntime (" in done.stdout
+    assert (
+        "onnxcompress kernels were built for onnxruntime API 999 but this onnxruntime ("
+        in done.stdout
+    )
     assert f"({ort.__version__}) is older" in done.stdout

@@ -12,12 +12,16 @@ from tests.builders import mlp
 
 
 def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     return session.run(None, {"x": x})[0]
 
 
 def test_each_weight_moves_by_at_most_half_its_channel_scale(rng):
-    weights = rng.standard_normal((64, 32)).astype(np.float32) * np.linspace(0.01, 10, 32, dtype=np.float32)
+    weights = rng.standard_normal((64, 32)).astype(np.float32) * np.linspace(
+        0.01, 10, 32, dtype=np.float32
+    )
     q, scale = quantize_per_channel(weights, -1)
     assert q.dtype == np.int8 and scale.shape == (1, 32)
     assert np.all(np.abs(q * scale - weights) <= scale / 2 + 1e-7)

@@ -22,7 +22,9 @@ def _cluster(model: ir.Model, **options):
 
 def _mlp_forward(model: ir.Model, x: np.ndarray) -> np.ndarray:
     """Numpy forward of tests.builders.mlp with weights read from the codebooks."""
-    weights = {layer.name: dense_weight(layer).astype(np.float64) for layer in codebook_layers(model)}
+    weights = {
+        layer.name: dense_weight(layer).astype(np.float64) for layer in codebook_layers(model)
+    }
     for name, value in model.graph.initializers.items():
         if name not in weights and value.const_value is not None:
             weights[name] = value.const_value.numpy().astype(np.float64)
@@ -96,7 +98,9 @@ def _conv_proto(rng: np.random.Generator, opset: int = 21) -> onnx.ModelProto:
         helper.make_node("GlobalAveragePool", ["c"], ["p"]),
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("MatMul", ["f", "fc.weight"], ["h"]),
-        helper.make_node("Constant", [], ["const.weight"], value=numpy_helper.from_array(const, "const.weight")),
+        helper.make_node(
+            "Constant", [], ["const.weight"], value=numpy_helper.from_array(const, "const.weight")
+        ),
         helper.make_node("Flatten", ["x"], ["xf"]),
         helper.make_node("Slice", ["xf", "zero", "two_hundred", "one"], ["xs"]),
         helper.make_node("MatMul", ["xs", "const.weight"], ["g"]),
@@ -133,7 +137,9 @@ def test_conv_defaults_skips_and_onnxruntime(rng):
     dense.CopyFrom(proto)
     for tensor in dense.graph.initializer:
         if tensor.name == "conv.weight":
-            tensor.CopyFrom(numpy_helper.from_array(dense_weight(layers["conv.weight"]), "conv.weight"))
+            tensor.CopyFrom(
+                numpy_helper.from_array(dense_weight(layers["conv.weight"]), "conv.weight")
+            )
     x = rng.standard_normal((2, 8, 10, 10)).astype(np.float32)
     clustered = ir.to_proto(model)
     onnx.checker.check_model(clustered, full_check=True)

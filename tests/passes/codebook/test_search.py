@@ -54,7 +54,9 @@ def test_a_strict_target_is_met_with_more_bits_and_verified(rng, calibration):
 
 def test_an_unreachable_target_leaves_every_layer_dense_with_a_reason(rng, calibration):
     model = mlp(rng, SIZES)
-    impossible = fidelity.Gate(min_cosine=None, max_abs=0.0, min_rank_correlation=None, min_top1=None)
+    impossible = fidelity.Gate(
+        min_cosine=None, max_abs=0.0, min_rank_correlation=None, min_top1=None
+    )
     result = search(model, calibration, impossible)
     assert result.steps[0].status == "unchanged"
     assert not codebook_layers(result.model)
@@ -70,7 +72,9 @@ def test_layer_error_is_the_relative_output_error_on_the_calibration_inputs(rng,
     quantized = weights + rng.standard_normal(weights.shape).astype(np.float32) * 0.01
     x = calibration.astype(np.float64)
     expected = np.sum((x @ (quantized - weights)) ** 2) / np.sum((x @ weights) ** 2)
-    assert relative_error(weights, quantized, stats.hessian, site) == pytest.approx(expected, rel=1e-6)
+    assert relative_error(weights, quantized, stats.hessian, site) == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 def test_same_inputs_same_bytes(rng, calibration):

@@ -27,8 +27,15 @@ def conv2d(
         xs = xp[:, g * cg : (g + 1) * cg]
         for i in range(kh):
             for j in range(kw):
-                patch = xs[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
-                out[:, g * per : (g + 1) * per] += np.einsum("nchw,mc->nmhw", patch, w[g * per : (g + 1) * per, :, i, j])
+                patch = xs[
+                    :,
+                    :,
+                    i * dh : i * dh + sh * (ho - 1) + 1 : sh,
+                    j * dw : j * dw + sw * (wo - 1) + 1 : sw,
+                ]
+                out[:, g * per : (g + 1) * per] += np.einsum(
+                    "nchw,mc->nmhw", patch, w[g * per : (g + 1) * per, :, i, j]
+                )
     if bias is not None:
         out += bias[None, :, None, None]
     return out

@@ -16,9 +16,16 @@ CASES = [
 ]
 
 
-def compose(kind: str, x: np.ndarray, first: np.ndarray, second: np.ndarray, bias: np.ndarray, case: dict) -> np.ndarray:
+def compose(
+    kind: str, x: np.ndarray, first: np.ndarray, second: np.ndarray, bias: np.ndarray, case: dict
+) -> np.ndarray:
     """The two convolutions the rewrite emits, as numpy convolutions."""
-    (sh, sw), (dh, dw), (top, left, bottom, right), g = case["strides"], case["dilations"], case["pads"], case["group"]
+    (sh, sw), (dh, dw), (top, left, bottom, right), g = (
+        case["strides"],
+        case["dilations"],
+        case["pads"],
+        case["group"],
+    )
     if kind == "conv_channel":
         hidden = conv2d(x, first, None, (sh, sw), (top, left, bottom, right), (dh, dw), g)
         return conv2d(hidden, second, bias, (1, 1), (0, 0, 0, 0), (1, 1), g)
@@ -31,7 +38,10 @@ def compose(kind: str, x: np.ndarray, first: np.ndarray, second: np.ndarray, bia
 def channel_reference(w: np.ndarray, group: int, rank: int) -> np.ndarray:
     """W_r for the channel form: each group's (M/g) × (C/g·kh·kw) matrix truncated."""
     per = w.shape[0] // group
-    blocks = [truncated(w[j * per : (j + 1) * per].reshape(per, -1), rank).reshape(per, *w.shape[1:]) for j in range(group)]
+    blocks = [
+        truncated(w[j * per : (j + 1) * per].reshape(per, -1), rank).reshape(per, *w.shape[1:])
+        for j in range(group)
+    ]
     return np.concatenate(blocks)
 
 
@@ -43,7 +53,9 @@ def spatial_reference(w: np.ndarray, group: int, rank: int) -> np.ndarray:
     for j in range(group):
         block = w[j * per : (j + 1) * per]  # (per, cg, kh, kw)
         matrix = np.einsum("mcij->cimj", block).reshape(cg * kh, per * kw)
-        out[j * per : (j + 1) * per] = np.einsum("cimj->mcij", truncated(matrix, rank).reshape(cg, kh, per, kw))
+        out[j * per : (j + 1) * per] = np.einsum(
+            "cimj->mcij", truncated(matrix, rank).reshape(cg, kh, per, kw)
+        )
     return out
 
 
@@ -57,10 +69,15 @@ def test_full_rank_pair_equals_the_original_conv(rng, kind, case):
     d = Decomposition(kind, w, group=g, width_stride=case["strides"][1], svd_method="exact")
     first, second = d.factors(min(d.rows, d.cols))
     expected = conv2d(x, w, bias, case["strides"], case["pads"], case["dilations"], g)
-    np.testing.assert_allclose(compose(kind, x, first, second, bias, case), expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        compose(kind, x, first, second, bias, case), expected, rtol=0, atol=1e-9
+    )
 
 
-@pytest.mark.parametrize(("kind", "reference"), [("conv_channel", channel_reference), ("conv_spatial", spatial_reference)])
+@pytest.mark.parametrize(
+    ("kind", "reference"),
+    [("conv_channel", channel_reference), ("conv_spatial", spatial_reference)],
+)
 @pytest.mark.parametrize("case", CASES)
 def test_truncated_pair_equals_conv_with_the_rank_r_kernel(rng, kind, reference, case):
     g = case["group"]
@@ -72,9 +89,13 @@ def test_truncated_pair_equals_conv_with_the_rank_r_kernel(rng, kind, reference,
     first, second = d.factors(rank)
     w_r = reference(w, g, rank)
     expected = conv2d(x, w_r, bias, case["strides"], case["pads"], case["dilations"], g)
-    np.testing.assert_allclose(compose(kind, x, first, second, bias, case), expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        compose(kind, x, first, second, bias, case), expected, rtol=0, atol=1e-9
+    )
     # the kernel lost exactly the discarded singular values (Eckart–Young, per group)
-    assert d.relative_error(rank) == pytest.approx(np.linalg.norm(w - w_r) / np.linalg.norm(w), rel=1e-9)
+    assert d.relative_error(rank) == pytest.approx(
+        np.linalg.norm(w - w_r) / np.linalg.norm(w), rel=1e-9
+    )
 
 
 def test_factor_shapes_and_costs(rng):

@@ -37,7 +37,9 @@ def test_error_equals_the_discarded_singular_values(rng, rank):
     sigma = np.linalg.svd(w, compute_uv=False)  # independent reference
     a, b = split_factors(truncated_svd(w, rank, method="exact"), rank)
     residual = w - a @ b
-    assert np.linalg.norm(residual, "fro") ** 2 == pytest.approx(np.sum(sigma[rank:] ** 2), rel=1e-9)
+    assert np.linalg.norm(residual, "fro") ** 2 == pytest.approx(
+        np.sum(sigma[rank:] ** 2), rel=1e-9
+    )
     assert np.linalg.norm(residual, 2) == pytest.approx(sigma[rank], rel=1e-9)
 
 
@@ -70,7 +72,9 @@ def test_randomized_svd_is_deterministic_for_a_seed(rng):
 
 def test_auto_uses_the_randomized_path_only_for_large_matrices(rng):
     small = rng.standard_normal((64, 64))
-    np.testing.assert_allclose(truncated_svd(small, 8).s, np.linalg.svd(small, compute_uv=False)[:8], rtol=1e-12)
+    np.testing.assert_allclose(
+        truncated_svd(small, 8).s, np.linalg.svd(small, compute_uv=False)[:8], rtol=1e-12
+    )
     large = rng.standard_normal((2048, 600)).astype(np.float32)
     svd = truncated_svd(large, 16)
     assert svd.rank == 16 and not svd.exact
@@ -81,7 +85,15 @@ def test_auto_uses_the_randomized_path_only_for_large_matrices(rng):
 
 @pytest.mark.parametrize(
     ("m", "n", "expected"),
-    [(4, 4, 1), (2, 2, 0), (1, 100, 0), (3, 5, 1), (1024, 4096, 819), (8192, 1024, 910), (10, 10, 4)],
+    [
+        (4, 4, 1),
+        (2, 2, 0),
+        (1, 100, 0),
+        (3, 5, 1),
+        (1024, 4096, 819),
+        (8192, 1024, 910),
+        (10, 10, 4),
+    ],
 )
 def test_max_useful_rank_is_the_last_rank_that_saves(m, n, expected):
     assert max_useful_rank(m, n) == expected

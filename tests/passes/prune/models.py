@@ -11,31 +11,47 @@ from onnxcompress import runtime
 from tests.builders import finish
 
 
-def _conv(rng: np.random.Generator, name: str, c_in: int, c_out: int, k: int = 3) -> list[onnx.TensorProto]:
+def _conv(
+    rng: np.random.Generator, name: str, c_in: int, c_out: int, k: int = 3
+) -> list[onnx.TensorProto]:
     w = (rng.standard_normal((c_out, c_in, k, k)) / np.sqrt(c_in * k * k)).astype(np.float32)
     b = (rng.standard_normal(c_out) * 0.1).astype(np.float32)
-    return [numpy_helper.from_array(w, f"{name}.weight"), numpy_helper.from_array(b, f"{name}.bias")]
+    return [
+        numpy_helper.from_array(w, f"{name}.weight"),
+        numpy_helper.from_array(b, f"{name}.bias"),
+    ]
 
 
 def _bn(rng: np.random.Generator, name: str, c: int) -> list[onnx.TensorProto]:
     return [
-        numpy_helper.from_array((1 + 0.2 * rng.standard_normal(c)).astype(np.float32), f"{name}.scale"),
+        numpy_helper.from_array(
+            (1 + 0.2 * rng.standard_normal(c)).astype(np.float32), f"{name}.scale"
+        ),
         numpy_helper.from_array((0.1 * rng.standard_normal(c)).astype(np.float32), f"{name}.B"),
         numpy_helper.from_array((0.1 * rng.standard_normal(c)).astype(np.float32), f"{name}.mean"),
         numpy_helper.from_array((0.5 + rng.random(c)).astype(np.float32), f"{name}.var"),
     ]
 
 
-def cnn_proto(rng: np.random.Generator, *, concat: bool = False, reshape: bool = False) -> onnx.ModelProto:
+def cnn_proto(
+    rng: np.random.Generator, *, concat: bool = False, reshape: bool = False
+) -> onnx.ModelProto:
     """x[N,3,8,8] -> conv1+BN+Relu -> conv2+BN (+ residual) -> Relu -> conv3 -> Relu
     -> MaxPool 2 -> Flatten (6·4·4) -> Gemm head.  With `concat`, conv3's output is
     concatenated with itself before pooling (an index mapping the pass does not handle); with
     `reshape`, Flatten is a Reshape to [-1, 96] as torch's exporter writes it (allowzero=1)."""
-    inits = _conv(rng, "conv1", 3, 8) + _bn(rng, "bn1", 8) + _conv(rng, "conv2", 8, 8) + _bn(rng, "bn2", 8)
+    inits = (
+        _conv(rng, "conv1", 3, 8)
+        + _bn(rng, "bn1", 8)
+        + _conv(rng, "conv2", 8, 8)
+        + _bn(rng, "bn2", 8)
+    )
     inits += _conv(rng, "conv3", 8, 6)
     flat = (12 if concat else 6) * 16
     inits += [
-        numpy_helper.from_array((rng.standard_normal((10, flat)) / np.sqrt(flat)).astype(np.float32), "head.weight"),
+        numpy_helper.from_array(
+            (rng.standard_normal((10, flat)) / np.sqrt(flat)).astype(np.float32), "head.weight"
+        ),
         numpy_helper.from_array((0.1 * rng.standard_normal(10)).astype(np.float32), "head.bias"),
     ]
     inits.append(numpy_helper.from_array(np.array([-1, flat], dtype=np.int64), "flat_shape"))

@@ -31,7 +31,11 @@ def test_structured_prune_writes_a_smaller_model_that_runs(model_path, tmp_path)
     assert result.exit_code == 0, result.output
     proto = onnx.load(str(out))
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
-    assert shapes["fc0.weight"] == (16, 32) and shapes["fc1.weight"] == (32, 16) and shapes["head.weight"] == (10, 16)
+    assert (
+        shapes["fc0.weight"] == (16, 32)
+        and shapes["fc1.weight"] == (32, 16)
+        and shapes["head.weight"] == (10, 16)
+    )
     x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
     (got,) = runtime.session(str(out)).run(None, {"x": x})
     np.testing.assert_allclose(got, mlp_reference(proto, x), rtol=1e-5, atol=1e-5)
@@ -39,7 +43,16 @@ def test_structured_prune_writes_a_smaller_model_that_runs(model_path, tmp_path)
 
 def test_dry_run_prints_the_plan_and_writes_nothing(model_path, tmp_path):
     plan_file = tmp_path / "plan.json"
-    result = invoke("prune", model_path, "--structured", "--ratio", "0.25", "--dry-run", "--save-plan", plan_file)
+    result = invoke(
+        "prune",
+        model_path,
+        "--structured",
+        "--ratio",
+        "0.25",
+        "--dry-run",
+        "--save-plan",
+        plan_file,
+    )
     assert result.exit_code == 0, result.output
     assert "structured plan (l1, ratio 0.25)" in result.stdout and "remove [" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "plan.json"]
@@ -47,7 +60,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(model_path, tmp_path):
     assert [len(g["keep"]) for g in plan["groups"][:2]] == [48, 24]
     # The saved plan applies as is.
     out = tmp_path / "planned.onnx"
-    assert invoke("prune", model_path, "--structured", "--plan", plan_file, "-o", out, *NO_GATE).exit_code == 0
+    assert (
+        invoke(
+            "prune", model_path, "--structured", "--plan", plan_file, "-o", out, *NO_GATE
+        ).exit_code
+        == 0
+    )
     shapes = {t.name: tuple(t.dims) for t in onnx.load(str(out)).graph.initializer}
     assert shapes["fc1.weight"] == (48, 24)
 
@@ -73,7 +91,9 @@ def test_dead_neurons_dry_run_shows_which_neurons_go(rng, tmp_path):
     path = save_proto(proto, tmp_path / "m.onnx")
     result = invoke("prune", path, "--dead-neurons", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "structured plan (dead, ratio None)" in result.stdout and "remove [3, 7]" in result.stdout
+    assert (
+        "structured plan (dead, ratio None)" in result.stdout and "remove [3, 7]" in result.stdout
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
@@ -86,7 +106,8 @@ def test_magnitude_pruning_has_no_dry_run(model_path):
 def test_magnitude_then_dead_neurons(rng, tmp_path):
     proto = mlp_proto(rng, (16, 64, 32, 10))
     arrays = {t.name: onnx.numpy_helper.to_array(t).copy() for t in proto.graph.initializer}
-    arrays["fc1.weight"][:, :5] *= 1e-6  # five neurons whose inputs all fall under the threshold ...
+    # five neurons whose inputs all fall under the threshold ...
+    arrays["fc1.weight"][:, :5] *= 1e-6
     arrays["fc1.bias"][:5] = -0.1  # ... with a negative bias: Relu makes them exactly zero
     for tensor in proto.graph.initializer:
         tensor.CopyFrom(onnx.numpy_helper.from_array(arrays[tensor.name], tensor.name))
@@ -102,7 +123,8 @@ def test_magnitude_then_dead_neurons(rng, tmp_path):
     (got,) = runtime.session(str(thinned)).run(None, {"x": x})
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
-    alone = tmp_path / "alone.onnx"  # a model pruned (and fine-tuned) earlier: only the dead neurons go
+    # a model pruned (and fine-tuned) earlier: only the dead neurons go
+    alone = tmp_path / "alone.onnx"
     result = invoke("prune", plain, "--dead-neurons", "-o", alone, *NO_GATE)
     assert result.exit_code == 0, result.output
     assert {t.name: tuple(t.dims) for t in onnx.load(str(alone)).graph.initializer} == shapes
@@ -112,10 +134,16 @@ def test_magnitude_then_dead_neurons(rng, tmp_path):
 
 def test_sensitivity_command_writes_json_csv_png(model_path, tmp_path):
     folder = tmp_path / "sens"
-    result = invoke("sensitivity", model_path, "-o", folder, "--ratios", "0.2,0.5,0.8", "--workers", "1")
+    result = invoke(
+        "sensitivity", model_path, "-o", folder, "--ratios", "0.2,0.5,0.8", "--workers", "1"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((folder / "sensitivity.json").read_text())
-    assert [layer["name"] for layer in report["layers"]] == ["fc0.weight", "fc1.weight", "head.weight"]
+    assert [layer["name"] for layer in report["layers"]] == [
+        "fc0.weight",
+        "fc1.weight",
+        "head.weight",
+    ]
     assert all(layer["ratios"] == [0.2, 0.5, 0.8] for layer in report["layers"])
     assert (folder / "sensitivity.csv").exists()
     assert "chosen rates remove" in result.stdout

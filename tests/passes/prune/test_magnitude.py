@@ -53,7 +53,10 @@ def test_global_scope_hits_the_total_and_prunes_unevenly(rng):
         model.graph.initializers["fc1.weight"].const_value.numpy() * 1e-4, name="fc1.weight"
     )
     MagnitudePrunePass(sparsity=0.5, scope="global", min_params=0)(model)
-    sizes = {n: model.graph.initializers[n].const_value.size for n in ("fc0.weight", "fc1.weight", "head.weight")}
+    sizes = {
+        n: model.graph.initializers[n].const_value.size
+        for n in ("fc0.weight", "fc1.weight", "head.weight")
+    }
     zeros = sum(round(sparsity(model, n) * s) for n, s in sizes.items())
     assert zeros == round(0.5 * sum(sizes.values()))
     # The scaled-down layer (768 weights) takes all 760 zeros; the others keep theirs.
@@ -72,7 +75,9 @@ def test_han_quality_threshold(rng):
 
 def test_overrides_and_excludes_by_glob(rng):
     model = mlp(rng, SIZES)
-    compression = MagnitudePrunePass(sparsity=0.5, overrides={"head.*": 0.9}, exclude=("fc1.*",), min_params=0)
+    compression = MagnitudePrunePass(
+        sparsity=0.5, overrides={"head.*": 0.9}, exclude=("fc1.*",), min_params=0
+    )
     report = compression(model).report
     assert sparsity(model, "head.weight") == pytest.approx(0.9, abs=1 / 240)
     assert sparsity(model, "fc1.weight") == 0.0

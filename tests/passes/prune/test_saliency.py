@@ -18,7 +18,9 @@ SIZES = (8, 12, 10, 4)
 NAMES = ("fc0.weight", "fc1.weight", "head.weight")
 
 
-def per_sample_gradients(model: ir.Model, x: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+def per_sample_gradients(
+    model: ir.Model, x: np.ndarray, labels: np.ndarray
+) -> dict[str, np.ndarray]:
     """d(cross-entropy of sample n)/dW for each weight, shape (N, *W.shape), in float64."""
     w = {n: v.const_value.numpy().astype(np.float64) for n, v in model.graph.initializers.items()}
     a0 = x.astype(np.float64) @ w["fc0.weight"] + w["fc0.bias"]
@@ -58,7 +60,9 @@ def lowest(scores: np.ndarray, share: float) -> np.ndarray:
 def test_magnitude_scorer_is_abs_w(setup):
     model, _ = setup
     scores = weight_saliency(model, ["fc1.weight"], "magnitude", PassContext())
-    np.testing.assert_array_equal(scores["fc1.weight"], np.abs(model.graph.initializers["fc1.weight"].const_value.numpy()))
+    np.testing.assert_array_equal(
+        scores["fc1.weight"], np.abs(model.graph.initializers["fc1.weight"].const_value.numpy())
+    )
 
 
 def test_gradient_criteria_without_data_say_what_is_missing(setup):
@@ -90,7 +94,9 @@ def test_obd_fisher_uses_per_sample_squared_gradients(setup):
     scores = weight_saliency(model, list(NAMES), "obd", context, batch_size=1)
     for name in NAMES:
         fisher = (grads[name] ** 2).mean(0)
-        np.testing.assert_allclose(scores[name], 0.5 * fisher * weights[name] ** 2, rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(
+            scores[name], 0.5 * fisher * weights[name] ** 2, rtol=1e-4, atol=1e-9
+        )
     ObdPrunePass(sparsity=0.6, scope="global", min_params=0, batch_size=1, context=context)(model)
     pooled = np.concatenate([scores[n].reshape(-1) for n in NAMES])
     threshold = np.sort(pooled)[round(0.6 * pooled.size) - 1]
@@ -104,6 +110,8 @@ def test_structured_taylor_keeps_channels_with_the_largest_first_order_change(se
     grads = per_sample_gradients(model, data["x"], data["labels"])
     w0 = model.graph.initializers["fc0.weight"].const_value.numpy().astype(np.float64)
     channel = np.abs((w0 * grads["fc0.weight"].mean(0)).sum(0))
-    plan = plan_structured(model, ratio=0.5, criterion="taylor", context=PassContext(data=data, original=model))
+    plan = plan_structured(
+        model, ratio=0.5, criterion="taylor", context=PassContext(data=data, original=model)
+    )
     np.testing.assert_allclose(plan.groups[0].scores, channel, rtol=1e-4, atol=1e-9)
     assert plan.groups[0].keep == sorted(np.argsort(channel, kind="stable")[6:].tolist())

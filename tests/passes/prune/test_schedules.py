@@ -39,8 +39,12 @@ def test_cubic_schedule_follows_zhu_and_gupta():
     steps = np.diff([0.1, *got])
     assert all(a > b for a, b in zip(steps, steps[1:], strict=False))  # fast first, slow last
     assert cubic_sparsity(-5, initial=0.1, final=0.9, start=0, steps=4, interval=100) == 0.1
-    assert cubic_sparsity(10_000, initial=0.1, final=0.9, start=0, steps=4, interval=100) == pytest.approx(0.9)
-    assert cubic_sparsity(200, initial=0.0, final=0.8, start=0, steps=4, interval=100) == pytest.approx(0.8 * (1 - 0.125))
+    assert cubic_sparsity(
+        10_000, initial=0.1, final=0.9, start=0, steps=4, interval=100
+    ) == pytest.approx(0.9)
+    assert cubic_sparsity(
+        200, initial=0.0, final=0.8, start=0, steps=4, interval=100
+    ) == pytest.approx(0.8 * (1 - 0.125))
 
 
 def test_han_dropout_rescale():
@@ -66,9 +70,15 @@ def test_expansion_with_retraining_passes_hans_options_and_validates_as_a_recipe
     steps = expand_schedule(fixed_steps(0.6, 0.3), overrides={"fc1.*": 0.9}, retrain=retrain,
                             gate=Gate(min_cosine=0.95))
     assert [s.pass_name for s in steps] == ["prune.magnitude", "finetune"] * 2
-    assert steps[0].options["overrides"] == {"fc1.*": 0.45} and steps[2].options["overrides"] == {"fc1.*": 0.9}
+    assert steps[0].options["overrides"] == {"fc1.*": 0.45} and steps[2].options["overrides"] == {
+        "fc1.*": 0.9
+    }
     finetune = steps[1].options
-    assert finetune["lr"] == pytest.approx(0.005) and finetune["l1"] == 1e-4 and finetune["epochs"] == 2
+    assert (
+        finetune["lr"] == pytest.approx(0.005)
+        and finetune["l1"] == 1e-4
+        and finetune["epochs"] == 2
+    )
     assert "weight_decay" not in finetune and finetune["dropout_rescale"] is True
     assert steps[0].gate.min_cosine is None and steps[1].gate.min_cosine == 0.95
     Recipe(steps=steps)  # every step's options validate against its pass
@@ -84,7 +94,9 @@ def test_prune_only_schedule_runs_gated_without_data(rng):
     assert "rolled back" in statuses  # 95% of a random MLP's weights do not keep cosine 0.9
     assert result.final_metrics.cosine >= 0.95
     applied = [s.step.options["sparsity"] for s in result.steps if s.status == "applied"]
-    weights = [result.model.graph.initializers[n].const_value.numpy() for n in ("fc0.weight", "fc1.weight")]
+    weights = [
+        result.model.graph.initializers[n].const_value.numpy() for n in ("fc0.weight", "fc1.weight")
+    ]
     sparsity = 1 - sum(np.count_nonzero(w) for w in weights) / sum(w.size for w in weights)
     assert sparsity == pytest.approx(max(applied), abs=2e-3)
 
@@ -116,8 +128,12 @@ steps:
 """,
         "r.yaml",
     )
-    expected = expand_schedule(fixed_steps(0.6, 0.3), overrides={"fc1.*": 0.9}, gate=Gate(min_cosine=0.95),
-                               retrain=RetrainOptions(original_lr=0.05, regularisation="l1", strength=1e-4, epochs=2))
+    expected = expand_schedule(
+        fixed_steps(0.6, 0.3),
+        overrides={"fc1.*": 0.9},
+        gate=Gate(min_cosine=0.95),
+        retrain=RetrainOptions(original_lr=0.05, regularisation="l1", strength=1e-4, epochs=2),
+    )
     assert recipe.steps[:-1] == expected
     assert recipe.steps[-1].pass_name == "prune.dead_neurons"
     cubic = parse_recipe("steps:\n  - schedule: {final: 0.9, rounds: 3}\n", "c.yaml")
@@ -148,9 +164,13 @@ def test_a_round_whose_fine_tune_fails_is_undone_whole(rng):
     pytest.importorskip("torch")
     model = mlp(rng, (16, 32, 24, 10))
     x = rng.standard_normal((32, 16)).astype(np.float32)
-    steps = expand_schedule(fixed_steps(0.9, 0.45), prune_options={"min_params": 0}, on_fail="rollback",
-                            retrain=RetrainOptions(original_lr=0.1, epochs=1, batch_size=32),
-                            gate=Gate(min_cosine=0.999999))  # no round at 45% or 90% keeps this
+    steps = expand_schedule(
+        fixed_steps(0.9, 0.45),
+        prune_options={"min_params": 0},
+        on_fail="rollback",
+        retrain=RetrainOptions(original_lr=0.1, epochs=1, batch_size=32),
+        gate=Gate(min_cosine=0.999999),
+    )  # no round at 45% or 90% keeps this
     result = run_steps(model, steps, data={"x": x}, probe_count=16)
     assert [s.status for s in result.steps] == ["rolled back"] * 4
     fc1 = result.model.graph.initializers["fc1.weight"].const_value.numpy()

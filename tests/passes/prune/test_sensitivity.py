@@ -57,7 +57,9 @@ def test_chosen_plan_meets_the_cosine_budget_on_the_probes(rng, tmp_path):
     cosine = fidelity.compare([outputs(model, x)], [outputs(pruned, x)]).cosine
     assert cosine >= 0.98
     assert cosine == pytest.approx(result.joint_value, abs=1e-5)
-    zeros = sum(int(np.count_nonzero(pruned.graph.initializers[n].const_value.numpy() == 0)) for n in LAYERS)
+    zeros = sum(
+        int(np.count_nonzero(pruned.graph.initializers[n].const_value.numpy() == 0)) for n in LAYERS
+    )
     assert zeros == result.removed_params
 
     written = write_outputs(result, tmp_path)
@@ -69,7 +71,9 @@ def test_chosen_plan_meets_the_cosine_budget_on_the_probes(rng, tmp_path):
     assert len(rows) == 3 * 10 and {r["layer"] for r in rows} == set(LAYERS)
     recipe = load_recipe(tmp_path / "recipe.yaml")
     assert recipe.steps[0].options == plan["options"] and recipe.steps[0].gate.min_cosine == 0.98
-    assert recipe.steps[0].gate.min_rank_correlation is None and recipe.steps[0].gate.min_top1 is None
+    assert (
+        recipe.steps[0].gate.min_rank_correlation is None and recipe.steps[0].gate.min_top1 is None
+    )
     png = tmp_path / "sensitivity.png"
     if png in written:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -110,6 +114,8 @@ def test_override_globs_match_names_with_glob_characters_exactly():
 def test_progress_is_reported_per_layer_serial_or_in_processes(rng, workers):
     model = mlp(rng, SIZES)
     seen: list[tuple[int, int]] = []
-    result = sensitivity(model, probes=8, ratios=(0.5,), workers=workers, on_layer=lambda d, t: seen.append((d, t)))
+    result = sensitivity(
+        model, probes=8, ratios=(0.5,), workers=workers, on_layer=lambda d, t: seen.append((d, t))
+    )
     assert seen == [(1, 3), (2, 3), (3, 3)]
     assert [c.name for c in result.curves] == LAYERS

@@ -24,7 +24,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def weights(model: ir.Model) -> dict[str, np.ndarray]:
-    return {name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items()}
+    return {
+        name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items()
+    }
 
 
 def set_weights(model: ir.Model, arrays: dict[str, np.ndarray]) -> None:
@@ -48,7 +50,9 @@ def mask_consumers(model: ir.Model, plan: StructuredPlan) -> ir.Model:
     return masked
 
 
-def zero_channels(model: ir.Model, producer_cuts: dict[str, list[tuple[str, int, int]]], channels: list[int]) -> None:
+def zero_channels(
+    model: ir.Model, producer_cuts: dict[str, list[tuple[str, int, int]]], channels: list[int]
+) -> None:
     """Zero producer filters, biases and consumer rows of `channels` (a 'masked' model)."""
     arrays = weights(model)
     for name, axis, repeat in producer_cuts:
@@ -113,14 +117,30 @@ def test_cnn_with_batchnorm_residual_and_flatten(rng):
     assert {("conv1.weight", 0), ("conv2.weight", 0), ("conv2.weight", 1), ("conv3.weight", 1),
             ("bn1.mean", 0), ("bn2.var", 0), ("conv1.bias", 0)} <= cut_names
     flatten = by_name["conv3.weight"]
-    assert [(c.name, c.axis, c.repeat) for c in flatten.cuts if c.role == "consumer weight"] == [("head.weight", 1, 16)]
+    assert [(c.name, c.axis, c.repeat) for c in flatten.cuts if c.role == "consumer weight"] == [
+        ("head.weight", 1, 16)
+    ]
 
     # Zero the channels the plan removes (filters, biases, BN shift, consumer rows): the
     # masked original and the smaller model must agree.
     residual_removed, flatten_removed = residual.removed, flatten.removed
-    zero_channels(model, [("conv1.weight", 0, 1), ("conv2.weight", 0, 1), ("conv2.weight", 1, 1),
-                          ("conv3.weight", 1, 1), ("conv1.bias", 0, 1), ("conv2.bias", 0, 1)], residual_removed)
-    zero_channels(model, [("conv3.weight", 0, 1), ("conv3.bias", 0, 1), ("head.weight", 1, 16)], flatten_removed)
+    zero_channels(
+        model,
+        [
+            ("conv1.weight", 0, 1),
+            ("conv2.weight", 0, 1),
+            ("conv2.weight", 1, 1),
+            ("conv3.weight", 1, 1),
+            ("conv1.bias", 0, 1),
+            ("conv2.bias", 0, 1),
+        ],
+        residual_removed,
+    )
+    zero_channels(
+        model,
+        [("conv3.weight", 0, 1), ("conv3.bias", 0, 1), ("head.weight", 1, 16)],
+        flatten_removed,
+    )
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     (expected,) = run(model, {"x": x})
     changed = apply_plan(model, plan)
@@ -149,8 +169,11 @@ def test_cnn_lossy_removal_equals_the_consumer_masked_original(rng, reshape):
 def test_unhandled_concat_group_is_skipped_with_its_reason(rng):
     model = cnn(rng, concat=True)
     report = StructuredPrunePass(ratio=0.5)(model).report
-    assert report.reason_for("conv3.weight") == "Concat reads the channels: index mapping not handled"
-    assert model.graph.initializers["conv3.weight"].const_value.shape == (6, 4, 3, 3)  # outputs whole
+    assert (
+        report.reason_for("conv3.weight") == "Concat reads the channels: index mapping not handled"
+    )
+    # outputs whole
+    assert model.graph.initializers["conv3.weight"].const_value.shape == (6, 4, 3, 3)
     assert model.graph.initializers["conv1.weight"].const_value.shape == (4, 3, 3, 3)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     assert run(model, {"x": x})[0].shape == (2, 10)
@@ -175,16 +198,22 @@ def test_gemm_reading_transposed_is_skipped(rng):
     w0 = rng.standard_normal((8, 16)).astype(np.float32)
     w1 = rng.standard_normal((16, 4)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("Transpose", ["h"], ["t"]),
-         helper.make_node("Gemm", ["t", "w1"], ["y"], transA=1)],
-        "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [
+            helper.make_node("MatMul", ["x", "w0"], ["h"]),
+            helper.make_node("Transpose", ["h"], ["t"]),
+            helper.make_node("Gemm", ["t", "w1"], ["y"], transA=1),
+        ],
+        "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
         [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")],
     )
     model = ir.from_proto(finish(graph))
     result = StructuredPrunePass(ratio=0.5)(model)
     assert result.modified is False
-    assert result.report.reason_for("w0") == "Transpose reads the channels: index mapping not handled"
+    assert (
+        result.report.reason_for("w0") == "Transpose reads the channels: index mapping not handled"
+    )
 
 
 def test_dead_neurons_after_unstructured_pruning_are_removed_exactly(rng):
@@ -232,7 +261,10 @@ def test_dead_channels_through_batchnorm_use_the_normalised_constant(rng):
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"ratio": 1.0}, "ratio: Input should be less than 1"), ({"criterion": "l3"}, "criterion: Input should be")],
+    [
+        ({"ratio": 1.0}, "ratio: Input should be less than 1"),
+        ({"criterion": "l3"}, "criterion: Input should be"),
+    ],
 )
 def test_invalid_options_are_named(options, message):
     with pytest.raises(RecipeError, match=message):
@@ -255,20 +287,42 @@ def _tiny(nodes, inits, in_shape, out_shape):
 def test_other_unmappable_groups_are_skipped_with_their_reasons(rng):
     from onnx import helper
 
-    w = {n: rng.standard_normal(s).astype(np.float32) for n, s in
-         (("a", (8, 8)), ("b", (8, 4)), ("dw", (8, 1, 3, 3)), ("c", (8, 8, 1, 1)), ("head", (8, 4)))}
+    w = {
+        n: rng.standard_normal(s).astype(np.float32)
+        for n, s in (
+            ("a", (8, 8)),
+            ("b", (8, 4)),
+            ("dw", (8, 1, 3, 3)),
+            ("c", (8, 8, 1, 1)),
+            ("head", (8, 4)),
+        )
+    }
     residual_from_input = _tiny(
         [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("Add", ["h", "x"], ["r"]),
          helper.make_node("MatMul", ["r", "b"], ["y"])], {"a": w["a"], "b": w["b"]}, [2, 8], [2, 4])
     grouped = _tiny(
-        [helper.make_node("Conv", ["x", "c"], ["h"]), helper.make_node("Conv", ["h", "dw"], ["d"], group=8, pads=[1, 1, 1, 1]),
-         helper.make_node("GlobalAveragePool", ["d"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
-         helper.make_node("MatMul", ["f", "head"], ["y"])],
-        {"c": w["c"], "dw": w["dw"], "head": w["head"]}, [2, 8, 4, 4], [2, 4])
+        [
+            helper.make_node("Conv", ["x", "c"], ["h"]),
+            helper.make_node("Conv", ["h", "dw"], ["d"], group=8, pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["d"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("MatMul", ["f", "head"], ["y"]),
+        ],
+        {"c": w["c"], "dw": w["dw"], "head": w["head"]},
+        [2, 8, 4, 4],
+        [2, 4],
+    )
     shared = _tiny(
-        [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "a"], ["h2"]), helper.make_node("MatMul", ["h2", "b"], ["y"])],
-        {"a": w["a"], "b": w["b"]}, [2, 8], [2, 4])
+        [
+            helper.make_node("MatMul", ["x", "a"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "a"], ["h2"]),
+            helper.make_node("MatMul", ["h2", "b"], ["y"]),
+        ],
+        {"a": w["a"], "b": w["b"]},
+        [2, 8],
+        [2, 4],
+    )
     cases = [
         (residual_from_input, "a", "channels come from graph input 'x'"),
         (grouped, "c", "Conv is a grouped Conv (group > 1 ties in and out channels)"),

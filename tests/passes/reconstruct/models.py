@@ -14,7 +14,9 @@ from tests.builders import finish, mlp
 def correlated(rng: np.random.Generator, samples: int, features: int) -> np.ndarray:
     """Inputs whose features are strongly correlated (what real layer inputs look like)."""
     mix = rng.standard_normal((features, features)) / np.sqrt(features)
-    return (rng.standard_normal((samples, features)) @ mix + 0.3 * rng.standard_normal((samples, features)))
+    return rng.standard_normal((samples, features)) @ mix + 0.3 * rng.standard_normal(
+        (samples, features)
+    )
 
 
 def mlp_case(rng: np.random.Generator) -> tuple[ir.Model, dict[str, np.ndarray]]:
@@ -30,7 +32,9 @@ def conv_case(rng: np.random.Generator) -> tuple[ir.Model, dict[str, np.ndarray]
         [
             helper.make_node("Conv", ["x", "conv1.weight"], ["c1"], pads=[1, 1, 1, 1]),
             helper.make_node("Relu", ["c1"], ["r1"]),
-            helper.make_node("Conv", ["r1", "conv2.weight"], ["y"], group=4, strides=[2, 2], pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "Conv", ["r1", "conv2.weight"], ["y"], group=4, strides=[2, 2], pads=[1, 1, 1, 1]
+            ),
         ],
         "convs",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 10, 10])],
@@ -54,7 +58,10 @@ def embedding_case(rng: np.random.Generator) -> tuple[ir.Model, dict[str, np.nda
         "embed",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 5])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 8])],
-        [numpy_helper.from_array(table, "embed.weight"), numpy_helper.from_array(proj, "proj.weight")],
+        [
+            numpy_helper.from_array(table, "embed.weight"),
+            numpy_helper.from_array(proj, "proj.weight"),
+        ],
     )
     return ir.from_proto(finish(graph)), {"ids": rng.integers(0, 40, (32, 5)).astype(np.int64)}
 

@@ -31,7 +31,9 @@ def test_gptq_codebook_beats_kmeans_with_the_same_centroids(layer, bits, act_ord
     plain = codebook[indices].astype(np.float64)
     gptq = gptq_quantize(weights, hessian, codebook_quantizer(codebook), act_order=act_order)
     assert np.all(np.isin(gptq, codebook.astype(np.float64)))
-    assert reconstruction_error(weights, gptq, hessian) < 0.8 * reconstruction_error(weights, plain, hessian)
+    assert reconstruction_error(weights, gptq, hessian) < 0.8 * reconstruction_error(
+        weights, plain, hessian
+    )
 
 
 def test_blocksize_does_not_change_the_result(layer):
@@ -50,8 +52,13 @@ def test_gptq_integer_levels_beat_round_to_nearest(layer, symmetric):
     gptq = gptq_quantize(weights, hessian, quantizer)
     levels = gptq / scale[:, None] + zero_point[:, None]
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-9)
-    assert levels.min() >= (-8 if symmetric else 0) - 1e-9 and levels.max() <= (7 if symmetric else 15) + 1e-9
-    assert reconstruction_error(weights, gptq, hessian) < 0.8 * reconstruction_error(weights, nearest, hessian)
+    assert (
+        levels.min() >= (-8 if symmetric else 0) - 1e-9
+        and levels.max() <= (7 if symmetric else 15) + 1e-9
+    )
+    assert reconstruction_error(weights, gptq, hessian) < 0.8 * reconstruction_error(
+        weights, nearest, hessian
+    )
 
 
 def test_kept_zeros_stay_exact(layer):
@@ -83,7 +90,10 @@ def test_pass_on_an_mlp_in_the_kmeans_graph_form(rng, bits):
     _check_codebooks(model, ["fc0.weight", "fc1.weight", "head.weight"], bits)
     kmeans, _ = mlp_case(np.random.default_rng(0))
     get_pass("codebook.kmeans")(bits=bits, min_params=0)(kmeans)
-    form = {layer.name: (layer.index_dtype, layer.k, layer.shape, layer.zero_entry) for layer in codebook_layers(kmeans)}
+    form = {
+        layer.name: (layer.index_dtype, layer.k, layer.shape, layer.zero_entry)
+        for layer in codebook_layers(kmeans)
+    }
     assert {layer.name: (layer.index_dtype, layer.k, layer.shape, layer.zero_entry)
             for layer in codebook_layers(model)} == form
     assert {form[name][0] for name in form} == ({"packed", "uint4"} if bits == 3 else {"uint4"})

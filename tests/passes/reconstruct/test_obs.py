@@ -37,7 +37,9 @@ def test_sparsegpt_2_4_pattern_and_error(layer):
     magnitude = magnitude_prune(weights, prunen=2, prunem=4)
     zeros_per_group = (obs == 0).reshape(48, 16, 4).sum(axis=2)
     assert np.all(zeros_per_group == 2)
-    assert reconstruction_error(weights, obs, hessian) < 0.8 * reconstruction_error(weights, magnitude, hessian)
+    assert reconstruction_error(weights, obs, hessian) < 0.8 * reconstruction_error(
+        weights, magnitude, hessian
+    )
 
 
 @pytest.mark.parametrize("options", [{"sparsity": 0.6}, {"prunen": 2, "prunem": 4}])
@@ -78,7 +80,9 @@ def _prune(model, data, **options):
     return pruning(model).report
 
 
-@pytest.mark.parametrize("options", [{"sparsity": 0.5}, {"n_m": "2:4"}, {"sparsity": 0.6, "sequential": True}])
+@pytest.mark.parametrize(
+    "options", [{"sparsity": 0.5}, {"n_m": "2:4"}, {"sparsity": 0.6, "sequential": True}]
+)
 def test_pass_on_an_mlp(rng, options):
     model, data = mlp_case(rng)
     report = _prune(model, data, **options)

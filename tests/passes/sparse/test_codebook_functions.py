@@ -26,17 +26,29 @@ def test_pack_round_trip(rng, bits, k):
         assert packed[0, 0] == indices[0, 0] | (indices[1, 0] << 4 if k > 1 else 0)
 
 
-@pytest.mark.parametrize(("k", "bits", "entries", "leading"), [(33, 4, 16, (1,)), (20, 8, 100, (2, 3)), (7, 4, 5, (4,))])
+@pytest.mark.parametrize(
+    ("k", "bits", "entries", "leading"), [(33, 4, 16, (1,)), (20, 8, 100, (2, 3)), (7, 4, 5, (4,))]
+)
 def test_codebook_function_without_the_library(rng, k, bits, entries, leading):
     n = 11
     indices, codebook = shared(rng, (k, n), entries)
     bias = rng.standard_normal(n).astype(np.float32)
-    model = codebook_matmul_model(pack_codebook_indices(indices, bits), codebook, k, n, bits, [*leading, k], bias,
-                                  portable=True)
+    model = codebook_matmul_model(
+        pack_codebook_indices(indices, bits),
+        codebook,
+        k,
+        n,
+        bits,
+        [*leading, k],
+        bias,
+        portable=True,
+    )
     onnx.checker.check_model(model)
     x = rng.standard_normal((*leading, k)).astype(np.float32)
     expected = x.astype(np.float64) @ codebook[indices.astype(np.int64)] + bias
-    np.testing.assert_allclose(stock_session(model).run(None, {"X": x})[0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        stock_session(model).run(None, {"X": x})[0], expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_sparse_codebook_function_without_the_library(rng):
@@ -50,5 +62,9 @@ def test_sparse_codebook_function_without_the_library(rng):
     model = sparse_codebook_model(stored, csr, codebook, [3, k], bias, portable=True)
     onnx.checker.check_model(model)
     x = rng.standard_normal((3, k)).astype(np.float32)
-    np.testing.assert_allclose(stock_session(model).run(None, {"X": x})[0], x.astype(np.float64) @ dense + bias,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        stock_session(model).run(None, {"X": x})[0],
+        x.astype(np.float64) @ dense + bias,
+        rtol=1e-5,
+        atol=1e-5,
+    )

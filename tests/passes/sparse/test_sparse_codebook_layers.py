@@ -20,7 +20,11 @@ def shared_mlp(rng: np.random.Generator) -> onnx.ModelProto:
     proto = mlp_proto(rng, (48, 64, 40, 10))
     model = ir.serde.deserialize_model(proto)
     graph = model.graph
-    for name, entries, sparsity in (("fc0.weight", 16, 0.9), ("fc1.weight", 16, 0.0), ("head.weight", 40, 0.0)):
+    for name, entries, sparsity in (
+        ("fc0.weight", 16, 0.9),
+        ("fc1.weight", 16, 0.0),
+        ("head.weight", 40, 0.0),
+    ):
         value = graph.initializers[name]
         weight = value.const_value.numpy().copy()
         if sparsity:
@@ -52,13 +56,19 @@ def test_shared_layers_become_codebook_ops(rng):
     assert details["fc1.weight"].startswith("CodebookMatMul, sparsity 0.0")
     assert "4-bit indices" in details["fc1.weight"]
     assert "8-bit indices" in details["head.weight"]  # 40 entries
-    packed = next(numpy_helper.to_array(i) for i in out.graph.initializer if i.name.startswith("fc1.weight.codebook"))
+    packed = next(
+        numpy_helper.to_array(i)
+        for i in out.graph.initializer
+        if i.name.startswith("fc1.weight.codebook")
+    )
     assert packed.dtype == np.uint8 and packed.shape == (40, 32)  # W^T rows, two indices per byte
     assert sorted(f.name for f in out.functions) == ["CodebookMatMul", "SparseCodebookMatMul"]
 
     x = rng.standard_normal((3, 48)).astype(np.float32)
     expected = stock_session(proto).run(None, {"x": x})[0]
-    np.testing.assert_allclose(stock_session(out).run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        stock_session(out).run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_shared_weight_read_twice_stays(rng):

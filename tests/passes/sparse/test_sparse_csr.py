@@ -33,10 +33,14 @@ def stock_session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
-def prune_proto(proto: onnx.ModelProto, rng: np.random.Generator, rates: dict[str, float]) -> onnx.ModelProto:
+def prune_proto(
+    proto: onnx.ModelProto, rng: np.random.Generator, rates: dict[str, float]
+) -> onnx.ModelProto:
     for initializer in proto.graph.initializer:
         if initializer.name in rates:
             array = numpy_helper.to_array(initializer).copy()
@@ -72,10 +76,16 @@ def test_converts_pruned_layers_and_keeps_outputs(rng, pruned_mlp):
     out, report = run_pass(pruned_mlp, decide="always", min_params=16)
     onnx.checker.check_model(out)
     ops = [(n.domain, n.op_type) for n in out.graph.node]
-    assert ops.count(("ai.onnxcompress", "SparseMatMul")) == 2  # fc0 (MatMul) and head (Gemm transB)
+    # fc0 (MatMul) and head (Gemm transB)
+    assert ops.count(("ai.onnxcompress", "SparseMatMul")) == 2
     assert ("", "MatMul") in ops  # fc1 stays dense
-    fc1 = next(numpy_helper.to_array(i) for i in pruned_mlp.graph.initializer if i.name == "fc1.weight")
-    assert report.reason_for("fc1.weight") == f"sparsity {1 - np.count_nonzero(fc1) / fc1.size:.3f} < min_sparsity 0.7"
+    fc1 = next(
+        numpy_helper.to_array(i) for i in pruned_mlp.graph.initializer if i.name == "fc1.weight"
+    )
+    assert (
+        report.reason_for("fc1.weight")
+        == f"sparsity {1 - np.count_nonzero(fc1) / fc1.size:.3f} < min_sparsity 0.7"
+    )
     assert {c.name for c in report.changes} == {"fc0.weight", "head.weight"}
     names = {i.name for i in out.graph.initializer}
     assert "fc0.weight" not in names and "head.weight" not in names and "head.bias" not in names
@@ -83,7 +93,9 @@ def test_converts_pruned_layers_and_keeps_outputs(rng, pruned_mlp):
 
     x = rng.standard_normal((5, 48)).astype(np.float32)
     expected = stock_session(pruned_mlp).run(None, {"x": x})[0]
-    np.testing.assert_allclose(stock_session(out).run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        stock_session(out).run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5
+    )
     reference = ReferenceEvaluator(out, new_ops=REFERENCE_OPS).run(None, {"x": x})[0]
     np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
 
@@ -122,7 +134,10 @@ def test_gemm_forms(rng):
 def test_shared_and_small_weights_stay_dense(rng):
     w = pruned(rng, (32, 32), 0.9)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("MatMul", ["h", "w"], ["y"]),
+        ],
         "shared",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
@@ -136,7 +151,11 @@ def test_shared_and_small_weights_stay_dense(rng):
 
 
 def test_portable_fallback_matches_reference_without_the_library(rng):
-    for shape, sparsity, leading in (((40, 30), 0.8, (1,)), ((17, 9), 1.0, (2, 3)), ((64, 5), 0.0, (7,))):
+    for shape, sparsity, leading in (
+        ((40, 30), 0.8, (1,)),
+        ((17, 9), 1.0, (2, 3)),
+        ((64, 5), 0.0, (7,)),
+    ):
         weight = pruned(rng, shape, sparsity)
         weight[:, 0] = 0.0  # an empty CSR row
         csr = to_csr(weight)
@@ -176,22 +195,46 @@ def test_preconditions(rng, pruned_mlp, monkeypatch):
 def test_non_portable_model_without_library_is_a_clear_error(rng, monkeypatch):
     model = sparse_matmul_model(to_csr(pruned(rng, (8, 4), 0.5)), [1, 8])
     monkeypatch.setattr(runtime, "available_ops", lambda: [])
-    with pytest.raises(MissingDependencyError, match=r"ai\.onnxcompress\.SparseMatMul without a portable fallback"):
+    with pytest.raises(
+        MissingDependencyError, match=r"ai\.onnxcompress\.SparseMatMul without a portable fallback"
+    ):
         runtime.session(model)
-    portable = sparse_matmul_model(to_csr(pruned(rng, (8, 4), 0.5)), [1, 8], np.zeros(4, np.float32), portable=True)
+    portable = sparse_matmul_model(
+        to_csr(pruned(rng, (8, 4), 0.5)), [1, 8], np.zeros(4, np.float32), portable=True
+    )
     assert runtime.missing_kernel_ops(portable) == []
 
 
 def test_sparsify_command(rng, tmp_path, pruned_mlp):
     source = save_proto(pruned_mlp, tmp_path / "mlp.onnx")
     target = tmp_path / "sparse.onnx"
-    result = CliRunner().invoke(app, ["sparsify", str(source), "-o", str(target), "--always",
-                                      "--min-sparsity", "0.75", "--min-params", "16", "--report", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sparsify",
+            str(source),
+            "-o",
+            str(target),
+            "--always",
+            "--min-sparsity",
+            "0.75",
+            "--min-params",
+            "16",
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = onnx.load(target)
     assert [n.op_type for n in out.graph.node].count("SparseMatMul") == 2
     x = rng.standard_normal((2, 48)).astype(np.float32)
-    np.testing.assert_allclose(stock_session(out).run(None, {"x": x})[0],
-                               stock_session(pruned_mlp).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
-    result = CliRunner().invoke(app, ["sparsify", str(source), "-o", str(target), "--min-sparsity", "2"])
+    np.testing.assert_allclose(
+        stock_session(out).run(None, {"x": x})[0],
+        stock_session(pruned_mlp).run(None, {"x": x})[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    result = CliRunner().invoke(
+        app, ["sparsify", str(source), "-o", str(target), "--min-sparsity", "2"]
+    )
     assert result.exit_code == 2
