@@ -1,4 +1,4 @@
-"""The README's pipelines, run as a user runs them, on LeNet-300-100 and LeNet-5 (full MNIST).
+r"""The README's pipelines, run as a user runs them, on LeNet-300-100 and LeNet-5 (full MNIST).
 
 Each row is a sequence of `onnxcompress` commands with no hand-set rate, bit width, learning
 rate or epoch count (the commands are recorded verbatim with the results):
@@ -17,7 +17,8 @@ restores, and compression = dense float32 weight + bias bytes / archive file byt
 the published figures are quoted beside ours. The machine's load is recorded: the runs share
 2 cores with other jobs, so the seconds are not comparable between runs.
 
-    .venv/bin/python benchmarks/beyond_deep_compression.py [--networks lenet300 lenet5] [--rows default sws]
+    .venv/bin/python benchmarks/beyond_deep_compression.py \
+        [--networks lenet300 lenet5] [--rows default sws]
 """
 
 from __future__ import annotations

@@ -246,8 +246,10 @@ def markdown(rows: list[dict[str, object]], command: str, args: argparse.Namespa
         totals = row["table"]["totals"]
         paper = row["paper"]
         final = acc["unpacked archive"]
+        epochs = f"yes, {row['finetune_epochs']} epochs per stage"
+        retrained = epochs if row["finetune"] else "no"
         lines.append(
-            f"| {row['network']} | {'yes, ' + str(row['finetune_epochs']) + ' epochs per stage' if row['finetune'] else 'no'} "
+            f"| {row['network']} | {retrained} "
             f"| {100 * acc['dense']:.2f}% | {100 * final:.2f}% | "
             f"{100 * (final - acc['dense']):+.2f} "
             f"| {totals['bytes_dense'] / 1000:.0f} | {totals['bytes_coded'] / 1000:.1f} | "

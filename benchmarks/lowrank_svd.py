@@ -29,7 +29,8 @@ cosine — and the whole classifier's accuracy / top-1 agreement with the block 
 Target (issue 4): ≥ 2× fewer parameters and ≥ 1.5× lower latency at batch 64 where the
 output cosine stays ≥ 0.99.
 
-    flock /tmp/onnxcompress-heavy.lock .venv/bin/python benchmarks/lowrank_svd.py   # ~6 min on 2 shared cores
+    # ~6 min on 2 shared cores
+    flock /tmp/onnxcompress-heavy.lock .venv/bin/python benchmarks/lowrank_svd.py
 
 `LOWRANK_EPOCHS` (default 1) sets the training length.
 """
@@ -236,7 +237,7 @@ def compress(
 
 
 def centered_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Cosine after removing the reference's per-feature batch mean from both: offsets do not count."""
+    """Cosine after removing the reference's per-feature batch mean from both (offsets cancel)."""
     mean = reference.mean(axis=0, keepdims=True)
     a, b = (reference - mean).ravel(), (candidate - mean).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -369,7 +370,8 @@ def machine() -> dict:
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
         "threads": 1,
-        "note": "2 cores shared with other jobs: absolute times are noisy; ratios are measured side by side",
+        "note": "2 cores shared with other jobs: absolute times are noisy; "
+        "ratios are measured side by side",
     }
 
 

@@ -153,7 +153,7 @@ def load_calibration(path: Path) -> dict[str, np.ndarray]:
         return {name: loaded[name] for name in loaded.files}
 
 
-# ---------------------------------------------------------------- peers (run inside the worker subprocess)
+# ------------------------------------------------------- peers (run inside the worker subprocess)
 
 
 def peer_ort_dynamic(model: Path, out: Path, feeds: list, case: str) -> None:
@@ -260,8 +260,11 @@ def peer_worker(method: str, case: str, model: Path, data: Path, out: Path) -> i
 def run_peer(
     method: str, case: Case, work: Path, env: dict[str, str]
 ) -> tuple[int | None, str, float, Path, float | None, str]:
-    """Exit code (None: timed out), `error:` line, wall seconds, output path and the seconds of
-    the peer's call itself (imports and loading the calibration file left out), and its notes."""
+    """What one peer run gave, so both tools are reported alike.
+
+    Exit code (None: timed out), `error:` line, wall seconds, output path and the seconds of
+    the peer's call itself (imports and loading the calibration file left out), and its notes.
+    """
     model, data, out = work / case.model.name, work / "calib.npz", work / f"{method}.onnx"
     command = [
         sys.executable,
@@ -366,7 +369,7 @@ def one_line(error: Exception) -> str:
 
 
 def one_thread_session(model: Path) -> ort.InferenceSession:
-    """onnxruntime with one intra-op thread (onnxcompress's kernel library when a model needs it)."""
+    """onnxruntime with one intra-op thread (and the kernel library when a model needs it)."""
 
     def options() -> ort.SessionOptions:
         opts = ort.SessionOptions()
@@ -636,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "onnxcompress": source_description(env),
         "repository_head": here.stdout.strip(),
-        "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",
+        "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, "
+        f"Python {platform.python_version()}",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": ".venv/bin/python benchmarks/optimize_real.py " + shlex.join(argv),
         "versions": versions(),

@@ -1,21 +1,25 @@
-"""Bit-packed codebook indices and float16 storage: file size, session creation and batch-1
-latency in stock onnxruntime, against the uint8 form and the dense original.
+"""Bit-packed codebook indices and float16 storage against the uint8 form and the dense model.
+
+Measured: file size, session creation and batch-1 latency in stock onnxruntime.
 
 Models: LeNet-300-100 trained on MNIST (`benchmarks.models`, 3 epochs; its own exported opset)
 and, when their wheels' models are cached under benchmarks/results/tmp/real/models/, magika
-1.0.3 (opset 15) and paraphrase-MiniLM-L3-v2 (opset 17, a BERT encoder). Each is clustered by `codebook.kmeans` with every layer at
-8/6/5/4/3 bits, once with uint8 indices (`pack_indices=False`) and once packed (the default);
+1.0.3 (opset 15) and paraphrase-MiniLM-L3-v2 (opset 17, a BERT encoder). Each is clustered
+by `codebook.kmeans` with every layer at 8/6/5/4/3 bits, once with uint8 indices
+(`pack_indices=False`) and once packed (the default);
 "fp16" is the dense original with float16 initializers + Cast.
 
 What is measured, with onnxruntime's default optimisation level and 1 thread:
 * size: bytes of the serialized model; "packed / uint8" the ratio of the two files.
 * load: InferenceSession creation from bytes, median of 5.
 * batch 1: median per-call time of `run` on one sample, interleaved: every round runs each
-  variant in turn for ~0.25 s (10..200 calls), 15 rounds; "vs dense" the ratio to the dense original's median.
+  variant in turn for ~0.25 s (10..200 calls), 15 rounds; "vs dense" the ratio to the dense
+  original's median.
 * folded: onnxruntime's optimized model (optimized_model_filepath; basic level = constant
   folding, and the default level) has the same op counts as the dense original's, i.e. no
-  decoder node (Cast, MatMul, Div, Mod, Gather, ...) is left to run and fusions still apply; the outputs of packed and uint8 are compared bit for
-  bit, and packing is run twice to check the bytes are identical.
+  decoder node (Cast, MatMul, Div, Mod, Gather, ...) is left to run and fusions still apply;
+  the outputs of packed and uint8 are compared bit for bit, and packing is run twice to check
+  the bytes are identical.
 
     .venv/bin/python benchmarks/packed_storage.py [--rounds 15] [--skip-real] [--render]
 """
@@ -69,8 +73,10 @@ def magika() -> tuple[onnx.ModelProto, dict[str, np.ndarray], None]:
 
 
 def minilm() -> tuple[onnx.ModelProto, dict[str, np.ndarray], None]:
-    """A sentence-transformer encoder (3 layers, 17 M parameters, 11.7 M of them the token
-    embedding); one 128-token sequence."""
+    """A sentence-transformer encoder and one 128-token sequence.
+
+    3 layers, 17 M parameters, 11.7 M of them the token embedding.
+    """
     proto = onnx.load(str(MINILM))
     ids = np.random.default_rng(0).integers(1000, 30000, (1, 128)).astype(np.int64)
     return proto, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, None
@@ -120,8 +126,11 @@ def load_time(data: bytes, repeats: int = 5) -> float:
 
 
 def optimized_ops(data: bytes) -> dict[str, collections.Counter[str]]:
-    """Op counts of onnxruntime's optimized graph at the basic level (constant folding) and at
-    the default level (plus fusions, which must still see the weights as constants)."""
+    """Op counts of onnxruntime's optimized graph at the basic and the default level.
+
+    Basic is constant folding; default adds fusions, which must still see the weights as
+    constants.
+    """
     counts = {}
     with tempfile.TemporaryDirectory() as tmp:
         for level in ("basic", "all"):
@@ -136,8 +145,11 @@ def optimized_ops(data: bytes) -> dict[str, collections.Counter[str]]:
 def latencies(
     variants: dict[str, bytes], feeds: dict[str, np.ndarray], rounds: int
 ) -> dict[str, float]:
-    """Median seconds per call; each round runs every variant `calls` times (about 0.25 s), in
-    an order rotated by one each round."""
+    """Median seconds per call, interleaved so that drift hits every variant alike.
+
+    Each round runs every variant `calls` times (about 0.25 s), in an order rotated by one
+    each round.
+    """
     sessions = {name: session(data) for name, data in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for sess in sessions.values():  # warm-up

@@ -130,7 +130,7 @@ def _reconstruction_error(
 
 
 def _magnitude_n_m(model: ir.Model, n: int, m: int) -> ir.Model:
-    """The N:M baseline (no pass has it): per layer, the N smallest |w| of every M input features."""
+    """The N:M baseline (no pass has it): per layer, the N smallest |w| of every M inputs."""
     copy = model.clone()
     for site in find_weight_sites(copy, min_params=0).sites:
         weights = site.array()

@@ -339,8 +339,11 @@ def run_model(model: runtime.ModelLike, inputs: Mapping[str, np.ndarray]) -> lis
 
 
 def _norm(a: np.ndarray) -> float:
-    """The 2-norm summed by numpy's pairwise sum: unlike BLAS (np.linalg.norm, np.dot), the
-    same bits whatever the thread count, so a metric is the same on every worker."""
+    """The 2-norm summed by numpy's pairwise sum.
+
+    Unlike BLAS (np.linalg.norm, np.dot), the same bits whatever the thread count, so a metric is
+    the same on every worker.
+    """
     return math.sqrt(float(np.sum(np.square(a, dtype=np.float64))))
 
 

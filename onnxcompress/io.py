@@ -46,7 +46,7 @@ from onnxcompress.errors import ModelLoadError, UnsafeExternalDataError
 
 logger = logging.getLogger(__name__)
 
-#: Above this many bytes of tensors, weights go to an external-data file (protobuf's limit is 2 GiB).
+#: Above this many bytes of tensors, weights go to an external-data file (protobuf's limit: 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 SOURCE_KEY = "onnxcompress.source"
 READS_KEY = "onnxcompress.reads"  # the external-data files the input model was loaded from
@@ -147,7 +147,7 @@ def _embed_attribute_tensors(model: ir.Model) -> None:
 
 
 def _check_structure(model: ir.Model, path: Path) -> None:
-    """One error naming every structural offender (cycles, bad types, sizes), before any pass runs."""
+    """One error naming every structural offender (cycles, bad types, sizes) before a pass runs."""
     from onnxcompress import integrity  # it walks the model with this module's iterators
 
     problems = integrity.model_problems(model)
@@ -191,8 +191,10 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
 def ir_version_for(
     opset: int, *, functions: bool = False, dtypes: Iterable[ir.DataType] = ()
 ) -> int:
-    """The one IR-version rule: the lowest IR version that default-domain `opset`, model-local
-    `functions` and tensors of `dtypes` allow (every model and layer model we write uses it).
+    """The one IR-version rule.
+
+    The lowest IR version that default-domain `opset`, model-local `functions` and tensors of
+    `dtypes` allow (every model and layer model we write uses it).
 
     onnx 1.23 stamps IR 14, which onnxruntime 1.31 rejects; IR 10 covers opset 21.
     """
@@ -276,8 +278,11 @@ def data_path(path: Path) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class SaveOptions:
-    """How a model is written: `external_data` True, False, or None (only above
-    `EXTERNAL_DATA_THRESHOLD` bytes). Passed down to every writer, never held in a global."""
+    """How a model is written.
+
+    `external_data` True, False, or None (only above `EXTERNAL_DATA_THRESHOLD` bytes). Passed down
+    to every writer, never held in a global.
+    """
 
     external_data: bool | None = None
 

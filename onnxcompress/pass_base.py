@@ -141,6 +141,7 @@ class PassReport:
         )
 
     def skip(self, name: str, reason: str) -> None:
+        """Record why a layer was left alone: every skip has a reason a test can assert."""
         logger.info("%s: skipping %s: %s", self.pass_name, name, reason)
         self.skipped.append(Skip(name, reason))
 
@@ -149,6 +150,7 @@ class PassReport:
         return next((s.reason for s in self.skipped if s.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values, for the pipeline report."""
         return {
             "pass": self.pass_name,
             "changes": [dataclasses.asdict(c) for c in self.changes],
@@ -221,6 +223,7 @@ class CompressionPass(ir.passes.InPlacePass, abc.ABC):
         return self.lossy
 
     def requires(self, model: ir.Model) -> None:
+        """Refuse a model the pass must not touch, before anything changes."""
         if self.lossy:
             ops = quantized_ops(model)
             if ops:
@@ -240,6 +243,7 @@ class CompressionPass(ir.passes.InPlacePass, abc.ABC):
         return result
 
     def call(self, model: ir.Model) -> CompressionResult:
+        """onnx_ir's entry point: a fresh report per run, then `apply`."""
         report = PassReport(self.name)
         modified = self.rewrite(model, report)
         return CompressionResult(model, modified, report)
@@ -263,11 +267,14 @@ class PlanTable:
 class Plan(Protocol):
     """A pass's decisions before any edit: serialisable, printable, and what it leaves alone."""
 
-    def to_dict(self) -> dict[str, Any]: ...
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready values: what `--save-plan` writes and a recipe reads back."""
 
-    def skips(self) -> list[Skip]: ...
+    def skips(self) -> list[Skip]:
+        """The layers the plan leaves alone, each with its reason."""
 
-    def table(self) -> PlanTable: ...
+    def table(self) -> PlanTable:
+        """The plan for people, as the dry run prints it."""
 
 
 PlanT = TypeVar("PlanT", bound=Plan)
@@ -289,6 +296,7 @@ class PlannedPass(CompressionPass, Generic[PlanT]):
         """Carry out `plan` on `model`; record each change in `report`; True if anything changed."""
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
+        """Plan, then apply: a planned pass's one-shot run is its dry run carried out."""
         return self.apply(model, self.plan(model), report)
 
     def record_plan(self, plan: PlanT, report: PassReport) -> None:
@@ -337,8 +345,10 @@ SCHEDULE_STEP = "onnxcompress.passes.prune.schedules:ScheduleStep"
 
 
 def schedule_step() -> type[Any]:
-    """The pydantic model of a recipe's `schedule:` entry (`.steps()` expands it), imported on
-    first use like the passes."""
+    """The pydantic model of a recipe's `schedule:` entry (`.steps()` expands it).
+
+    Imported on first use like the passes.
+    """
     module, _, name = SCHEDULE_STEP.partition(":")
     return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
@@ -348,8 +358,10 @@ PassT = TypeVar("PassT", bound=type[CompressionPass])
 
 
 def register(cls: PassT) -> PassT:
-    """Class decorator: make a pass available under its `name` (built-in ones are also listed
-    in `PASS_MODULES`, so that looking them up imports them)."""
+    """Class decorator: make a pass available under its `name`.
+
+    Built-in ones are also listed in `PASS_MODULES`, so that looking them up imports them.
+    """
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing is not cls:
         raise RuntimeError(f"two passes claim the name {cls.name!r}")

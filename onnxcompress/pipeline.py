@@ -102,6 +102,7 @@ class StepResult:
         ]
 
     def to_dict(self) -> dict[str, Any]:
+        """The step as JSON-ready values, for the report file."""
         return {
             "pass": self.step.pass_name,
             "options": self.step.options,
@@ -117,6 +118,8 @@ class StepResult:
 
 @dataclasses.dataclass
 class PipelineResult:
+    """The model after every step, with what each step did and the final fidelity."""
+
     model: ir.Model
     steps: list[StepResult]
     before: dict[str, int]
@@ -126,6 +129,7 @@ class PipelineResult:
     probes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The run as JSON-ready values (not the model), for the report file."""
         return {
             "before": self.before,
             "after": self.after,
@@ -323,8 +327,11 @@ def reference_probes(
     data: Mapping[str, np.ndarray] | None = None,
     input_sizes: Mapping[tuple[str, int], int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The probes every step is gated on: the data's first samples, or seeded draws at sizes
-    the ORIGINAL model runs on (given sizes, metadata, else the first candidate that runs)."""
+    """The probes every step is gated on: the data's first samples, or seeded draws.
+
+    Drawn at sizes the ORIGINAL model runs on (given sizes, metadata, else the first candidate
+    that runs).
+    """
     if data is not None:
         return probe_inputs(model, count=count, seed=seed, data=data)
     known = {**metadata_dims(model), **(input_sizes or {})}

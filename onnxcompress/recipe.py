@@ -37,6 +37,8 @@ from onnxcompress.probes import DEFAULT_PROBES
 
 
 class Recipe(pydantic.BaseModel):
+    """A validated recipe: gated steps in order, with the seed and probe count they share."""
+
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
     name: str = pydantic.Field("custom", description="Short name shown in reports.")
@@ -86,6 +88,7 @@ def _first_problem(error: Exception) -> str:
 
 
 def builtin_recipes() -> dict[str, Path]:
+    """The recipes shipped in the package, by name, read through importlib.resources."""
     folder = resources.files("onnxcompress") / "recipes"
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
 
@@ -95,7 +98,7 @@ MAX_VALUES = 100_000
 
 
 def _too_many_values(tree: Any) -> bool:
-    """Walk the tree as validation and reports would, each alias as often as it is used; stop early."""
+    """Walk the tree as validation and reports would, each alias as often as used; stop early."""
     stack, seen = [tree], 0
     while stack:
         seen += 1

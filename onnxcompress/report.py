@@ -1,4 +1,4 @@
-"""Reports of a pipeline run: JSON for machines, Markdown or HTML for people (chosen by extension)."""
+"""Reports of a pipeline run: JSON for machines, Markdown or HTML for people (by file extension)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def _ratio(before: int, after: int) -> str:
 
 
 def markdown(result: PipelineResult, title: str = "onnxcompress report") -> str:
+    """The run as a Markdown report: the before/after table, then one section per step."""
     b, a = result.before, result.after
     lines = [
         f"# {title}",
@@ -98,7 +99,7 @@ def render_report(
 def write_report(
     result: PipelineResult, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write `.json`, `.md` or `.html` through the guarded writer, never over the model's own files."""
+    """Write `.json`, `.md` or `.html` through the guarded writer, never over the model's files."""
     path = Path(path)
     text = render_report(result, path, extra)
     if not path.parent.is_dir():

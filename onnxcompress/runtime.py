@@ -75,8 +75,11 @@ def kernel_library_path(*, cuda: bool = False) -> Path | None:
 
 @functools.cache
 def _cpu_runs_kernels() -> bool:
-    """The shipped library is built for x86-64-v3: on a CPU without AVX2 and FMA it would die of
-    an illegal instruction, so it is left unregistered (portable models still run, at dense speed)."""
+    """Whether this CPU runs the shipped library, built for x86-64-v3.
+
+    On a CPU without AVX2 and FMA it would die of an illegal instruction, so it is left
+    unregistered (portable models still run, at dense speed).
+    """
     try:
         flags = next(
             (

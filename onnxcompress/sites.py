@@ -24,7 +24,7 @@ __all__ = [
 import dataclasses
 import fnmatch
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -102,21 +102,26 @@ class WeightSite:
 
     @property
     def readers(self) -> int:
-        """Every node input that reads the tensor, whatever its op (a tied embedding's Gather
-        too, which `consumers` leaves out), plus one if it is a graph output: a pass that
-        rewrites one reader cannot drop the tensor unless this is 1."""
+        """Every node input that reads the tensor, plus one if it is a graph output.
+
+        Whatever the op (a tied embedding's Gather too, which `consumers` leaves out): a pass
+        that rewrites one reader cannot drop the tensor unless this is 1.
+        """
         return len(self.value.uses()) + int(self.value.is_graph_output())
 
     @property
     def out_axis(self) -> int | None:
+        """The weight's output-channel axis, for per-channel passes (None: the op has none)."""
         return self.layout.out_axis
 
     @property
     def in_axis(self) -> int | None:
+        """The weight's input-feature axis, for N:M patterns and low-rank (None: none)."""
         return self.layout.in_axis
 
     @property
     def tensor(self) -> ir.TensorProtocol:
+        """The constant tensor itself; every site has one."""
         tensor = self.value.const_value
         if tensor is None:  # pragma: no cover - find_weight_sites guarantees it
             raise RuntimeError(f"{self.name} has no constant value")
@@ -124,14 +129,17 @@ class WeightSite:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.tensor.shape)
+        """The weight's shape as ints (a constant's dimensions are never symbolic)."""
+        return tuple(self.tensor.shape.numpy())
 
     @property
     def size(self) -> int:
+        """Element count, in int64 so huge embeddings do not overflow."""
         return int(np.prod(self.shape, dtype=np.int64))
 
     @property
     def dtype(self) -> ir.DataType:
+        """The stored element type (passes refuse those they cannot handle)."""
         return self.tensor.dtype
 
     def array(self) -> np.ndarray:
@@ -152,8 +160,11 @@ class WeightSite:
 
 
 def constant_node_array(node: ir.Node) -> np.ndarray | None:
-    """The value of a Constant node, whichever attribute holds it (a tensor, value_float(s),
-    value_int(s)); None for the forms no weight takes (sparse_value, strings)."""
+    """The value of a Constant node.
+
+    Whichever attribute holds it (a tensor, value_float(s), value_int(s)); None for the forms no
+    weight takes (sparse_value, strings).
+    """
     for key, attribute in node.attributes.items():
         if key == "value" and attribute.type == ir.AttributeType.TENSOR:
             return np.array(attribute.as_tensor().numpy())
@@ -169,8 +180,10 @@ def constant_node_array(node: ir.Node) -> np.ndarray | None:
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The tensor behind an initializer (not one fed as a graph input) or a Constant node's
-    `value`, else None (an activation). May be a read-only memory map: never edit it in place."""
+    """The tensor behind an initializer (not one fed as a graph input) or a Constant node's `value`.
+
+    Else None (an activation). May be a read-only memory map: never edit it in place.
+    """
     if value is None:
         return None
     producer = value.producer()
@@ -187,8 +200,10 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 def set_constant(value: ir.Value, array: np.ndarray) -> None:
-    """Swap a new tensor (any shape) into an initializer or a Constant node's output; the old
-    tensor is never mutated, so snapshots and memory-mapped inputs stay intact."""
+    """Swap a new tensor (any shape) into an initializer or a Constant node's output.
+
+    The old tensor is never mutated, so snapshots and memory-mapped inputs stay intact.
+    """
     _swap(value, ir.tensor(np.ascontiguousarray(array), name=value.name), array.shape)
 
 
@@ -228,6 +243,7 @@ class SiteScan:
     skipped: list[Skip]
 
     def by_name(self) -> dict[str, WeightSite]:
+        """The found sites by weight name, for passes that look layers up by name."""
         return {site.name: site for site in self.sites}
 
 
@@ -265,57 +281,79 @@ def find_weight_sites(
             continue
         if is_decoder_matmul(node):  # unpacks bit-packed codebook indices (formats.packed)
             continue
-        for layout in _layouts(node):
-            if layout.input_index >= len(node.inputs):
-                continue
-            value = node.inputs[layout.input_index]
-            if value is None:
-                continue
-            key = id(value)
-            if key in sites:
-                sites[key].consumers.append((node, layout.input_index))
-                continue
-            name = value.name or f"<{node.name}:{layout.input_index}>"
-            if value.is_graph_input():
-                skip(name, "graph input: the weight is fed at run time")
-                continue
-            tensor, holder = _constant_tensor(value)
-            if tensor is None or holder is None:
-                if is_codebook_decoded(value):
-                    skip(name, CODEBOOK_LAYER)
-                continue  # an activation, not a weight
-            if node.op_type == "Gather" and not _reads_embedding(node):
-                continue
-            if tensor.dtype not in FLOAT_DTYPES:
-                skip(name, f"not a float weight ({tensor.dtype.name})")
-                continue
-            size = int(np.prod([int(d) for d in tensor.shape], dtype=np.int64))
-            if size == 0:
-                skip(name, "empty (a zero-size dimension)")
-                continue
-            if size < min_params:
-                skip(name, f"too small ({size} < min_params={min_params})")
-                continue
-            if exclude and any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
-                skip(name, "excluded by name")
-                continue
-            if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
-                skip(name, "not matched by include")
-                continue
-            sites[key] = WeightSite(
-                name=name,
-                op_type=node.op_type,
-                node=node,
-                input_index=layout.input_index,
-                value=value,
-                layout=layout,
-                holder=holder,
-                consumers=[(node, layout.input_index)],
-            )
+        _scan_node(node, sites, skip, min_params, exclude, include)
     return SiteScan(sorted(sites.values(), key=lambda s: s.name), list(skipped.values()))
 
 
-#: The skip reason of a `codebook.*` layer (passes that handle such layers, like sparse.csr, drop it).
+def _scan_node(
+    node: ir.Node,
+    sites: dict[int, WeightSite],
+    skip: Callable[[str, str], None],
+    min_params: int,
+    exclude: Sequence[str],
+    include: Sequence[str],
+) -> None:
+    """Add the weights `node` reads to `sites` (a shared one gains a consumer), or skip them."""
+    for layout in _layouts(node):
+        if layout.input_index >= len(node.inputs):
+            continue
+        value = node.inputs[layout.input_index]
+        if value is None:
+            continue
+        key = id(value)
+        if key in sites:
+            sites[key].consumers.append((node, layout.input_index))
+            continue
+        name = value.name or f"<{node.name}:{layout.input_index}>"
+        if value.is_graph_input():
+            skip(name, "graph input: the weight is fed at run time")
+            continue
+        tensor, holder = _constant_tensor(value)
+        if tensor is None or holder is None:
+            if is_codebook_decoded(value):
+                skip(name, CODEBOOK_LAYER)
+            continue  # an activation, not a weight
+        if node.op_type == "Gather" and not _reads_embedding(node):
+            continue
+        reason = _rejection(name, tensor, min_params, exclude, include)
+        if reason is not None:
+            skip(name, reason)
+            continue
+        sites[key] = WeightSite(
+            name=name,
+            op_type=node.op_type,
+            node=node,
+            input_index=layout.input_index,
+            value=value,
+            layout=layout,
+            holder=holder,
+            consumers=[(node, layout.input_index)],
+        )
+
+
+def _rejection(
+    name: str,
+    tensor: ir.TensorProtocol,
+    min_params: int,
+    exclude: Sequence[str],
+    include: Sequence[str],
+) -> str | None:
+    """Why a constant read as a weight is not a weight site (dtype, size, a glob), or None."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        return f"not a float weight ({tensor.dtype.name})"
+    size = int(np.prod(tensor.shape.numpy(), dtype=np.int64))
+    if size == 0:
+        return "empty (a zero-size dimension)"
+    if size < min_params:
+        return f"too small ({size} < min_params={min_params})"
+    if exclude and any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+        return "excluded by name"
+    if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+        return "not matched by include"
+    return None
+
+
+#: The skip reason of a `codebook.*` layer (passes that handle them, e.g. sparse.csr, drop it).
 CODEBOOK_LAYER = (
     "weight-shared (codebook) layer: compress the dense model, or fine-tune the codebook"
 )

@@ -32,6 +32,8 @@ _SAMPLE = 1 << 18
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
+    """One row of `inspect`: a weight as stored and as the model computes with it."""
+
     name: str
     op: str
     shape: tuple[int, ...]
@@ -47,9 +49,11 @@ class LayerInfo:
 
     @property
     def sparsity(self) -> float:
+        """Share of zero weights (0 for an empty tensor)."""
         return 1.0 - self.nonzero / self.params if self.params else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as JSON-ready values, sparsity included."""
         row = dataclasses.asdict(self)
         row["shape"] = list(self.shape)
         row["sparsity"] = round(self.sparsity, 6)
@@ -93,7 +97,7 @@ def _codebook_row(layer: CodebookLayer) -> LayerInfo:
 
 
 def _kernel_rows(model: ir.Model, count_distinct: bool) -> list[LayerInfo]:
-    """One row per kernel node (`formats.kernel_ops`): the K × N weight it holds, its stored bytes."""
+    """One row per kernel node (formats.kernel_ops): the K × N weight it holds, its stored bytes."""
     rows = []
     for node in model.graph:
         held = kernel_weight(node)
@@ -145,6 +149,7 @@ def layer_table(model: ir.Model, count_distinct: bool = True) -> list[LayerInfo]
 
 
 def totals(rows: list[LayerInfo]) -> dict[str, Any]:
+    """Sums over the rows, for the last line of `inspect`."""
     params = sum(r.params for r in rows)
     nonzero = sum(r.nonzero for r in rows)
     return {

@@ -9,8 +9,9 @@ Two corrections are optional. `cold_cache` touches a buffer larger than the last
 before each call, so a small weight is not served from cache on every repeat as it never is
 inside a whole model; with `warm_inputs` the feeds are then rewritten, so the input is in cache as
 an activation the previous layer has just written would be (weights cold, input warm: how
-`sparse.csr` times a Conv layer). `call_overhead_model` is a graph that does nothing: the fixed cost of a
-`run` call, which a layer inside a model does not pay, timed so callers can subtract it.
+`sparse.csr` times a Conv layer). `call_overhead_model` is a graph that does nothing: the fixed
+cost of a `run` call, which a layer inside a model does not pay, timed so callers can subtract
+it.
 Only wall-clock time of `run` is measured; tests never assert a time.
 """
 
@@ -35,7 +36,8 @@ FLUSH_BYTES = 96 << 20  # larger than the L3 of the machines we measured on
 class Runnable(Protocol):
     """What is timed: an onnxruntime session, or anything with its `run`."""
 
-    def run(self, output_names: Any, input_feed: Mapping[str, Any], /) -> Any: ...
+    def run(self, output_names: Any, input_feed: Mapping[str, Any], /) -> Any:
+        """Run the outputs named (None: all) on `input_feed`, as InferenceSession.run does."""
 
 
 def interleaved_medians(

@@ -9,10 +9,11 @@ touched, low-rank factors are trained as the two initializers they are.
 Write-back is an ordinary, gated pass: the same tensor names, shapes and dtypes; no node,
 input or output is added, removed or rewired. Lossy by design (it retrains toward labels
 or the original model's outputs); the pipeline's fidelity gate judges the result.
-torch is imported only when the pass runs. The options are `onnxcompress.finetune.config.FinetuneConfig`,
-declared once for the pass, the training loop and the CLI. With ``prior: gmm`` the weights end
-quantised to the mixture's means (`codebook.kmeans` at ceil(log2(J + 1)) bits stores them exactly).
-With the pipeline's data, the gate's probe samples (its first samples) are left out of training.
+torch is imported only when the pass runs. The options are
+`onnxcompress.finetune.config.FinetuneConfig`, declared once for the pass, the training loop and
+the CLI. With ``prior: gmm`` the weights end quantised to the mixture's means (`codebook.kmeans`
+at ceil(log2(J + 1)) bits stores them exactly). With the pipeline's data, the gate's probe
+samples (its first samples) are left out of training.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class FinetunePass(CompressionPass):
     config: FinetuneConfig
 
     def requires(self, model: ir.Model) -> None:
+        """Refuse early when torch is missing: before the step starts, not deep in training."""
         super().requires(model)
         from onnxcompress.finetune import require_torch
 
@@ -68,6 +70,7 @@ class FinetunePass(CompressionPass):
         return io.load(self.config.teacher)
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
+        """Train in torch, then write the changed tensors back in their stored forms."""
         from onnxcompress.finetune.executor import OnnxModule
         from onnxcompress.finetune.train import finetune, write_back
 
@@ -106,8 +109,10 @@ class FinetunePass(CompressionPass):
 def _without_gate_samples(
     data: dict[str, np.ndarray], probes: Mapping[str, np.ndarray] | None
 ) -> dict[str, np.ndarray]:
-    """The pipeline's data less its first samples when those are the gate's probes: the step is
-    judged on samples it never trained on (kept whole when too few would remain)."""
+    """The pipeline's data less its first samples when those are the gate's probes.
+
+    The step is judged on samples it never trained on (kept whole when too few would remain).
+    """
     if not probes:
         return data
     count = min(len(np.asarray(v)) for v in probes.values())

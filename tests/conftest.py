@@ -1,5 +1,8 @@
-"""Shared fixtures: one seeded generator, so every test model is the same on every run; one
-local Ray cluster per session for the tests that need it; a sweep cache of the session's own."""
+"""Shared fixtures.
+
+One seeded generator, so every test model is the same on every run; one local Ray cluster per
+session for the tests that need it; a sweep cache of the session's own.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ def ray_cluster() -> Iterator[Any]:
     """A real local Ray cluster of 2 CPUs in a temporary folder, started once per session.
 
     Skipped when Ray is not installed (`pip install 'onnxcompress[ray]'`). Its workers import
-    this checkout first (PYTHONPATH), as the test process does."""
+    this checkout first (PYTHONPATH), as the test process does.
+    """
     ray = pytest.importorskip("ray")
     folder = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must stay < 108 bytes
     before = os.environ.get("PYTHONPATH")

@@ -192,8 +192,11 @@ def test_a_model_proto_round_trip_keeps_its_outputs(rng):
 
 
 def test_a_ctc_sequence_agrees_only_if_every_time_step_does(rng):
-    """(time, 1, classes) logits of 4 samples run one at a time, stacked: one flipped step in
-    sample 2 is one changed string out of four, though 127 of 128 steps still agree."""
+    """(time, 1, classes) logits of 4 samples run one at a time, stacked.
+
+    One flipped step in sample 2 is one changed string out of four, though 127 of 128 steps
+    still agree.
+    """
     logits = rng.standard_normal((4 * 32, 1, 50))
     changed = logits.copy()
     row = 2 * 32 + 7
@@ -205,9 +208,12 @@ def test_a_ctc_sequence_agrees_only_if_every_time_step_does(rng):
 
 
 def test_decision_margins_predict_flips_that_the_samples_did_not_show(rng):
-    """16 samples x 64 steps: 1 step in 50 is a close call (gap 0.1) that the candidate leaves alone;
-    elsewhere it moves the clear winners' gaps by 0.5. No decision flips here, but on new inputs a
-    close call will meet such a change: about 1 step in 50 flips, and most strings change."""
+    """16 samples x 64 steps: no decision flips here, yet most strings would on new inputs.
+
+    1 step in 50 is a close call (gap 0.1) the candidate leaves alone; elsewhere it moves the
+    clear winners' gaps by 0.5. On new inputs a close call will meet such a change: about 1
+    step in 50 flips, and most strings change.
+    """
     steps = rng.standard_normal((16 * 64, 1, 30))
     steps[:, 0, 0] = steps.max(axis=-1)[:, 0] + 3.0  # a clear winner ...
     near = rng.random(16 * 64) < 0.02

@@ -216,7 +216,7 @@ def test_weights_in_constant_and_subgraph_survive_round_trip(tmp_path):
 
 
 def test_external_data_of_a_constant_node_is_carried_into_the_output(tmp_path):
-    """onnx_ir re-homes initializers only; a Constant's external tensor must not point back at the input."""
+    """onnx_ir re-homes initializers only: a Constant's external tensor must not name the input."""
     weight = np.arange(16, dtype=np.float32).reshape(4, 4)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "w.bin").write_bytes(weight.tobytes())

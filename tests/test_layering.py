@@ -25,7 +25,9 @@ _PROBE = """
 import importlib, json, sys
 for name in sys.argv[1:]:
     importlib.import_module(name)
-print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('onnxcompress.passes'))))
+print(json.dumps(sorted(
+    m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('onnxcompress.passes')
+)))
 """
 
 

@@ -179,7 +179,7 @@ def test_a_model_exported_for_batch_1_is_probed_batch_by_batch(rng):
 
 
 def test_an_original_with_non_finite_outputs_is_refused(rng):
-    """The original's outputs are what every step is compared with: NaN there is refused up front."""
+    """The original's outputs are what every step is compared with: NaN there is refused first."""
     broken = mlp(rng)
     bias = broken.graph.initializers["head.bias"]
     # NaN logits

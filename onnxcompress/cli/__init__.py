@@ -55,11 +55,12 @@ for _family in FAMILIES:
 try:  # typer >= 0.25 vendors click
     from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover - older typer on click
-    from click.exceptions import UsageError  # type: ignore[no-redef]
+    # the same class from click itself: mypy cannot see that only one import runs
+    from click.exceptions import UsageError  # type: ignore[no-redef, assignment]
 
 
 def main() -> None:
-    """The console script: usage errors (a bad option value, a missing argument) are one line too."""
+    """The console script: usage errors (a bad option value, no argument) are one line too."""
     logging.basicConfig(
         level=os.environ.get("ONNXCOMPRESS_LOG", "WARNING").upper(),
         format="%(levelname)s %(name)s: %(message)s",

@@ -187,6 +187,7 @@ def unpack(
 
 
 def register(app: typer.Typer) -> None:
+    """Add the weight-sharing commands; the app lists families, each module its commands."""
     app.command(cls=PassOptionsCommand)(cluster)
     app.command()(pack)
     app.command()(unpack)

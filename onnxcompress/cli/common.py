@@ -63,8 +63,11 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
 
 def save_options(context: typer.Context) -> io.SaveOptions:
-    """How this invocation writes models: the app's global options (`--external-data`), which
-    the app callback leaves as the context object of the invocation."""
+    """How this invocation writes models.
+
+    The app's global options (`--external-data`), which the app callback leaves as the context
+    object of the invocation.
+    """
     found = context.find_object(io.SaveOptions)
     return found if found is not None else io.SaveOptions()
 
@@ -123,6 +126,7 @@ WEAK_PROXY_NOTE = (
 
 
 def default_output(model_path: Path) -> Path:
+    """`model.compressed.onnx` beside the input: never the input itself."""
     return model_path.with_name(f"{model_path.stem}.compressed.onnx")
 
 
@@ -140,7 +144,7 @@ def _check_destinations(model_path: Path, output: Path, report: Path | None) -> 
 
 
 def check_side_file(path: Path, what: str, model_path: Path, output: Path | None = None) -> None:
-    """Refuse a report or plan path over the model or its output, in a missing folder, or a folder."""
+    """Refuse a report or plan path over the model or its output, in no folder, or a folder."""
     model_output = output or default_output(model_path)
     writer.check(
         path,
@@ -271,6 +275,7 @@ def plan_text(plan: object) -> str:
 
 
 def print_plan(table: PlanTable) -> None:
+    """A plan's table on the console; the plan itself only knows plain strings."""
     rich_table = Table(title=table.title)
     for column in table.columns:
         rich_table.add_column(column, justify="right" if column in table.right_aligned else "left")
@@ -282,6 +287,7 @@ def print_plan(table: PlanTable) -> None:
 
 
 def print_summary(result: PipelineResult, output: Path) -> None:
+    """What a command wrote and what each step did, for a person (the report is for machines)."""
     console.print(f"wrote {output}", soft_wrap=True)
     table = Table()
     for column in ("", "before", "after"):
@@ -336,6 +342,7 @@ class PassOptionsCommand(TyperCommand):
     """A command whose options' help comes from pass configs (see `pass_help`)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
+        """Resolve each option's pass-help reference just before click renders the help."""
         for param in self.params:
             help_text = getattr(param, "help", None)
             if isinstance(help_text, str):

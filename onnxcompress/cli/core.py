@@ -149,10 +149,13 @@ def optimize(
         ),
     ] = 0.003,
 ) -> None:
-    """Compress with a recipe of gated steps: with --data, per-layer codebook bits found by search;
-    without, float16 storage only. Latency before/after is measured at --batch. The search's
-    per-layer errors run on this machine or a Ray cluster (--executor ray), cached on disk.
-    --finetune retrains after each pruning and k-means step (Han's retraining)."""
+    """Compress with a recipe of gated steps.
+
+    With --data, per-layer codebook bits found by search; without, float16 storage only. Latency
+    before/after is measured at --batch. The search's per-layer errors run on this machine or a Ray
+    cluster (--executor ray), cached on disk. --finetune retrains after each pruning and k-means
+    step (Han's retraining).
+    """
     if finetune and data is None:
         raise UserError(
             "--finetune retrains on labelled samples: give --data train.npz with a 'labels' array"
@@ -217,7 +220,10 @@ def _label_count(path: Path) -> int:
 def _latency(
     original: ir.Model, result: PipelineResult, batch: int, max_ratio: float | None
 ) -> dict[str, Any]:
-    """Batch latency of the original and the result (interleaved medians); refuse when over `max_ratio`."""
+    """Batch latency of the original and the result (interleaved medians).
+
+    Refused when the result is slower than `max_ratio` times the original.
+    """
     samples = batch_axes(original)  # the gates' shapes, found once; the sample axes take `batch`
     sizes = {
         (name, axis): size
@@ -380,6 +386,7 @@ def show(name: Annotated[str, typer.Argument(help="Built-in recipe name or YAML 
 
 
 def register(app: typer.Typer) -> None:
+    """Add the commands every install has; the app lists families, each module its commands."""
     app.command()(inspect)
     app.command()(optimize)
     app.command()(passes)

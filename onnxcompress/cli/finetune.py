@@ -1,4 +1,4 @@
-"""`onnxcompress finetune`: retrain a compressed model's weights (the `finetune` pass) as one gated step.
+"""`onnxcompress finetune`: retrain a compressed model's weights as one gated step.
 
 Every option's meaning is `FinetuneConfig`'s (help text read from it). Two options add a
 follow-up step: `--group-lasso` is followed by `prune.dead_neurons` (the zeroed channels
@@ -234,4 +234,5 @@ def finetune(
 
 
 def register(app: typer.Typer) -> None:
+    """Add `finetune`; the app lists families, each module its commands."""
     app.command()(finetune)

@@ -127,4 +127,5 @@ def lowrank(
 
 
 def register(app: typer.Typer) -> None:
+    """Add `lowrank`; the app lists families, each module its commands."""
     app.command(cls=PassOptionsCommand)(lowrank)

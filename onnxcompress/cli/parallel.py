@@ -1,5 +1,7 @@
-"""The options every command with a parallel sweep shares (sensitivity, optimize's search):
-where its evaluations run, and the cache that lets a run resume."""
+"""The options every command with a parallel sweep shares (sensitivity, optimize's search).
+
+Where its evaluations run, and the cache that lets a run resume.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ NoCacheOption = Annotated[
 
 
 def cache_for(folder: Path | None, disabled: bool) -> SweepCache | None:
+    """The sweep cache the options ask for: none with --no-cache, else --cache or the default."""
     if disabled:
         if folder is not None:
             raise UserError("--cache and --no-cache exclude each other")
@@ -75,8 +78,10 @@ def with_sweep_options(
     workers: int | None,
     cache: SweepCache | None,
 ) -> list[Step]:
-    """`optimize`'s steps with the command's executor and cache in each sweeping pass's options
-    (a recipe's own settings are kept where the command leaves the default)."""
+    """`optimize`'s steps with the command's executor and cache in each sweeping pass's options.
+
+    A recipe's own settings are kept where the command leaves the default.
+    """
     if kind not in ("local", "ray"):
         raise UserError(f"--executor must be local or ray, not {kind!r}")
     given: dict[str, Any] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,10 +42,13 @@ from onnxcompress.cli.parallel import (
 )
 from onnxcompress.data import load_npz
 from onnxcompress.errors import DataError, UserError
-from onnxcompress.fidelity import DEFAULT_GATE
+from onnxcompress.fidelity import DEFAULT_GATE, Gate
 from onnxcompress.parallel import make_executor
 from onnxcompress.pipeline import Step
 from onnxcompress.report_sensitivity import check_outputs, write_outputs
+
+if TYPE_CHECKING:  # the passes load when a command runs, not when the CLI starts
+    from onnxcompress.passes.prune.sensitivity import SensitivityResult
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +132,7 @@ def prune(
     min_top1: MinTop1Option = None,
     input_shape: InputShapeOption = None,
 ) -> None:
-    """Zero the smallest weights (Han et al. 2015), or remove whole neurons/channels (--structured)."""
+    """Zero the smallest weights (Han et al. 2015), or remove neurons/channels (--structured)."""
     side_files: list[SideFile] = []
     if structured:
         if sparsity is not None or quality is not None or global_scope:
@@ -159,34 +162,10 @@ def prune(
                 "--dry-run goes with --structured or --dead-neurons alone (magnitude pruning has "
                 "no plan)"
             )
-        if sparsity is None and quality is None and not dead_neurons:
-            raise UserError(
-                "give --sparsity S or --quality Q (or --dead-neurons alone, or --structured)"
-            )
-        magnitude: dict[str, object] = {"scope": "global" if global_scope else "layer",
-                                        "exclude": tuple(exclude or ())}
-        if sparsity is not None:
-            magnitude["sparsity"] = sparsity
-        if quality is not None:
-            magnitude["quality"] = quality
-        steps = []
-        # --dead-neurons alone: only that
-        if sparsity is not None or quality is not None or not dead_neurons:
-            steps.append(
-                Step(
-                    pass_name=MAGNITUDE,
-                    options=magnitude,
-                    gate=gate_for(min_cosine, min_rank_corr, min_top1),
-                )
-            )
-        if dead_neurons:
-            steps.append(
-                Step(
-                    pass_name="prune.dead_neurons",
-                    options={"exclude": tuple(exclude or ())},
-                    gate=gate_for(min_cosine, min_rank_corr, min_top1),
-                )
-            )
+        steps = _unstructured_steps(
+            sparsity, quality, global_scope, exclude, dead_neurons,
+            gate_for(min_cosine, min_rank_corr, min_top1),
+        )
     if dry_run:
         plan_file(model, steps, data_path=data, save_plan=save_plan)
         return
@@ -195,6 +174,34 @@ def prune(
 
 
 DEFAULT_RATIOS_TEXT = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
+
+
+def _unstructured_steps(
+    sparsity: float | None,
+    quality: float | None,
+    global_scope: bool,
+    exclude: list[str] | None,
+    dead_neurons: bool,
+    gate: Gate,
+) -> list[Step]:
+    """Magnitude pruning, then dead-neuron removal if asked (--dead-neurons alone: only that)."""
+    if sparsity is None and quality is None and not dead_neurons:
+        raise UserError(
+            "give --sparsity S or --quality Q (or --dead-neurons alone, or --structured)"
+        )
+    magnitude: dict[str, object] = {"scope": "global" if global_scope else "layer",
+                                    "exclude": tuple(exclude or ())}
+    if sparsity is not None:
+        magnitude["sparsity"] = sparsity
+    if quality is not None:
+        magnitude["quality"] = quality
+    steps = []
+    if sparsity is not None or quality is not None or not dead_neurons:
+        steps.append(Step(pass_name=MAGNITUDE, options=magnitude, gate=gate))
+    if dead_neurons:
+        options = {"exclude": tuple(exclude or ())}
+        steps.append(Step(pass_name="prune.dead_neurons", options=options, gate=gate))
+    return steps
 
 
 def _parse_ratios(text: str) -> list[float]:
@@ -260,7 +267,8 @@ def sensitivity(
     With a cosine budget the chosen plan also passes the default gate's other checks (rank
     correlation, top-1; change them with --min-rank-corr / --min-top1), as `optimize` will check.
     Each (layer, ratio) is one evaluation: on this machine's cores, or on a Ray cluster
-    (--executor ray); each result is cached, so an interrupted run resumes where it stopped."""
+    (--executor ray); each result is cached, so an interrupted run resumes where it stopped.
+    """
     from onnxcompress.passes.prune.retrain_ladder import RETRAIN_RATIOS, ladder_recipe_text
     from onnxcompress.passes.prune.sensitivity import Budget
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
@@ -311,6 +319,11 @@ def sensitivity(
         writer.write_text(
             output_dir / "recipe.yaml", ladder_recipe_text(result), "output", io.protected(loaded)
         )
+    _print_sensitivity(result, written)
+
+
+def _print_sensitivity(result: SensitivityResult, written: list[Path]) -> None:
+    """The chosen rate per layer, what they remove together, and the files written."""
     table = Table(title=f"sensitivity ({result.metric}; baseline {result.baseline:.4f})")
     for column in ("layer", "params", "chosen rate"):
         table.add_column(column, justify="left" if column == "layer" else "right")
@@ -326,5 +339,6 @@ def sensitivity(
 
 
 def register(app: typer.Typer) -> None:
+    """Add `prune` and `sensitivity`; the app lists families, each module its commands."""
     app.command(cls=PassOptionsCommand)(prune)
     app.command()(sensitivity)

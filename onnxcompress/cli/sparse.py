@@ -104,4 +104,5 @@ def sparsify(
 
 
 def register(app: typer.Typer) -> None:
+    """Add `sparsify`; the app lists families, each module its commands."""
     app.command(cls=PassOptionsCommand)(sparsify)

@@ -1,4 +1,4 @@
-"""Every fine-tuning setting, declared once: the `finetune` pass, the training loop and the CLI read it.
+"""Every fine-tuning setting, declared once: the pass, the training loop and the CLI read it.
 
 The defaults are meant to work without hand-set numbers (Han et al. 2015 retrain at about
 1/10 of the original learning rate, until the held-out accuracy stops improving):
@@ -223,6 +223,7 @@ class FinetuneConfig(PassConfig):
 
     @property
     def regularised(self) -> bool:
+        """Whether any regulariser is on: the loop then adds its terms to every step's loss."""
         return self.l1 > 0 or self.group_lasso > 0 or self.biased_decay > 0
 
 

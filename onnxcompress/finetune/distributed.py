@@ -60,8 +60,10 @@ class Replica:
         )
 
     def shard(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        """This worker's rows of a global batch; None (on every worker) when there are fewer rows
-        than workers."""
+        """This worker's rows of a global batch.
+
+        None (on every worker) when there are fewer rows than workers.
+        """
         rows = len(next(iter(batch.values())))
         if rows < self.workers:
             return None

@@ -85,9 +85,12 @@ def _safe_key(name: str, taken: set[str]) -> str:
 
 
 def default_trainable(model: ir.Model) -> set[str]:
-    """Float tensors of more than one element, or read where an op takes a learned weight or
+    """The tensors trained by default: those that look like learned weights.
+
+    Float tensors of more than one element, or read where an op takes a learned weight or
     bias (a one-channel BatchNorm scale); never BatchNormalization statistics nor Constant
-    literals (value_float / value_floats)."""
+    literals (value_float / value_floats).
+    """
     frozen: set[str] = set()
     learned: set[str] = set()
     for node in model.graph:
@@ -110,8 +113,10 @@ def default_trainable(model: ir.Model) -> set[str]:
 
 
 def _torch_compatible(array: np.ndarray, name: str) -> np.ndarray:
-    """4-bit integers (ml_dtypes uint4/int4, as codebook indices may be stored) widened to 8 bits;
-    other types torch lacks are refused by name."""
+    """The array in a dtype torch holds; other types torch lacks are refused by name.
+
+    4-bit integers (ml_dtypes uint4/int4, as codebook indices may be stored) widen to 8 bits.
+    """
     kind = str(array.dtype)
     if kind == "uint4":
         return array.astype(np.uint8)
@@ -295,6 +300,7 @@ class OnnxModule(nn.Module):
 
     @property
     def dropout_nodes(self) -> list[str]:
+        """Dropout nodes by name, for `set_dropout_ratio` (Han's rescaled ratios after pruning)."""
         return list(self._dropouts)
 
     # --- running ------------------------------------------------------------------------------
@@ -315,6 +321,7 @@ class OnnxModule(nn.Module):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the graph node by node on torch tensors: gradients reach every trainable tensor."""
         env: dict[str, Any] = {"": None}
         for name, key in self._keys.items():
             env[name] = self.tensors[key].weight
@@ -325,9 +332,11 @@ class OnnxModule(nn.Module):
             try:
                 results = fn([env[n] for n in ins])
             except RuntimeError as error:
+                shapes = [
+                    tuple(env[n].shape) if isinstance(env[n], torch.Tensor) else None for n in ins
+                ]
                 raise DataError(
-                    f"{self._labels[index]} failed on inputs of shapes "
-                    f"{[tuple(env[n].shape) if isinstance(env[n], torch.Tensor) else None for n in ins]}: "
+                    f"{self._labels[index]} failed on inputs of shapes {shapes}: "
                     f"{str(error).splitlines()[0]} (a model exported with a fixed batch size only "
                     "runs "
                     "batches of that size)"

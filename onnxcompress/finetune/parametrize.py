@@ -51,19 +51,26 @@ logger = logging.getLogger(__name__)
 class Mask(nn.Module):
     """``W = where(mask, V, 0)``: masked entries are exactly zero, whatever V holds."""
 
+    mask: torch.Tensor  # a buffer: declared for the type checker, registered in __init__
+
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
+        """The weight with pruned entries held at zero, whatever the optimizer did to them."""
         return torch.where(self.mask, value, torch.zeros((), dtype=value.dtype))
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """Store a new weight with the pruned entries zeroed, so assignment keeps the mask."""
         return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype))
 
 
 class Codebook(nn.Module):
     """``W = where(keep, C[indices], 0)``; the original parameter is the centroid vector C."""
+
+    indices: torch.Tensor  # buffers: declared for the type checker, registered in __init__
+    keep: torch.Tensor
 
     def __init__(self, indices: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -73,6 +80,7 @@ class Codebook(nn.Module):
         )
 
     def forward(self, centroids: torch.Tensor) -> torch.Tensor:
+        """The dense weight from the shared values: each gradient sums over its cluster (Han)."""
         shared = centroids[self.indices]
         return torch.where(self.keep, shared, torch.zeros((), dtype=shared.dtype))
 
@@ -96,9 +104,11 @@ class LowRank(nn.Module):
         self.rank = int(rank)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The dense weight as the product of the two trained factors."""
         return (a @ b).reshape(self.shape)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of a new weight by its rank-`rank` SVD, split evenly (sqrt of s on each side)."""
         matrix = weight.reshape(self.shape[0], -1).to(torch.float64)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         root = s[: self.rank].sqrt()
@@ -111,7 +121,7 @@ def _holder(module: OnnxModule, name: str) -> nn.Module:
     holder = module.holder(name)
     if parametrize.is_parametrized(holder, "weight"):
         raise UserError(f"{name!r} already carries a parametrization")
-    if not holder.weight.is_floating_point():
+    if not module.tensor(name).is_floating_point():
         raise UserError(f"{name!r} is not a float tensor")
     return holder
 
@@ -119,13 +129,14 @@ def _holder(module: OnnxModule, name: str) -> nn.Module:
 def add_mask(module: OnnxModule, name: str, mask: np.ndarray | torch.Tensor | None = None) -> None:
     """Hold `name` at zero where `mask` is False (default: where it is zero now)."""
     holder = _holder(module, name)
+    weight = module.tensor(name)
     if mask is None:
-        mask = holder.weight.detach() != 0
+        mask = weight.detach() != 0
     mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
-    if tuple(mask.shape) != tuple(holder.weight.shape):
+    if tuple(mask.shape) != tuple(weight.shape):
         raise UserError(
             f"mask for {name!r} has shape {tuple(mask.shape)}, the weight "
-            f"{tuple(holder.weight.shape)}"
+            f"{tuple(weight.shape)}"
         )
     parametrize.register_parametrization(holder, "weight", Mask(mask))
 
@@ -142,7 +153,7 @@ def add_codebook(
     already clustered in dense form). Zeros stay exactly zero and use no centroid.
     """
     holder = _holder(module, name)
-    weight = holder.weight.detach()
+    weight = module.tensor(name).detach()
     keep = weight != 0
     if indices is None:
         values, inverse = torch.unique(weight, return_inverse=True)
@@ -160,7 +171,7 @@ def add_codebook(
     parametrize.register_parametrization(holder, "weight", codebook, unsafe=True)
     if centroids is not None:
         with torch.no_grad():
-            original = holder.parametrizations.weight.original
+            original = module.parameter(name)  # the centroids, now the trained tensor
             given = torch.as_tensor(
                 np.asarray(centroids) if not isinstance(centroids, torch.Tensor) else centroids
             )
@@ -174,7 +185,7 @@ def add_codebook(
 def add_low_rank(module: OnnxModule, name: str, rank: int) -> None:
     """Train `name` as a product of two factors of inner dimension `rank` (SVD-initialised)."""
     holder = _holder(module, name)
-    shape = tuple(holder.weight.shape)
+    shape = tuple(module.tensor(name).shape)
     if len(shape) < 2 or not 1 <= rank <= min(shape[0], int(np.prod(shape[1:]))):
         raise UserError(f"rank {rank} does not fit {name!r} of shape {shape}")
     parametrize.register_parametrization(holder, "weight", LowRank(shape, rank), unsafe=True)
@@ -201,7 +212,7 @@ def attach_structure(
         if parametrize.is_parametrized(holder, "weight"):
             done[name] = "already parametrized"
             continue
-        zeros = int((holder.weight.detach() == 0).sum())
+        zeros = int((module.tensor(name).detach() == 0).sum())
         if zeros == 0:
             done[name] = "no zeros"
             continue

@@ -35,7 +35,7 @@ MEANS_LR, SHAPE_LR = 5e-4, 5e-3
 
 
 class MixturePrior(nn.Module):
-    """A J + 1 component Gaussian mixture with a fixed zero component, fitted to `weights` at start."""
+    """A J + 1 component Gaussian mixture with a fixed zero component, fitted to `weights`."""
 
     def __init__(self, weights: torch.Tensor, components: int) -> None:
         super().__init__()
@@ -56,6 +56,7 @@ class MixturePrior(nn.Module):
         return torch.cat([torch.tensor([math.log(ZERO_MASS)]), others])
 
     def all_means(self) -> torch.Tensor:
+        """The J means with the fixed zero component's first, as the densities index them."""
         return torch.cat([torch.zeros(1), self.means])
 
     def component_log_densities(self, flat: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,8 @@ class MixturePrior(nn.Module):
         With `sample`, -log p(W) is estimated from that many weights drawn (torch's seeded
         generator) uniformly with replacement, scaled by n / sample: an unbiased estimate whose
         cost does not grow with the network (the exact sum costs ~1 s a step on 266k weights
-        on one busy core)."""
+        on one busy core).
+        """
         flat = torch.cat([w.reshape(-1) for w in weights])
         scale = 1.0
         if sample is not None and flat.numel() > sample:
@@ -96,8 +98,10 @@ class MixturePrior(nn.Module):
         return self.all_means()[chosen].reshape(weight.shape).to(weight.dtype)
 
     def parameter_groups(self) -> list[dict[str, object]]:
-        """The mixture's own Adam rates (the paper's ratios: means slow, precisions and
-        proportions ten times faster), independent of the weights' rate."""
+        """The mixture's own Adam rates, independent of the weights' rate.
+
+        The paper's ratios: means slow, precisions and proportions ten times faster.
+        """
         return [
             {"params": [self.means], "lr": MEANS_LR},
             {"params": [self.log_precision, self.mixing_logits], "lr": SHAPE_LR},

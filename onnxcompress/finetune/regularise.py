@@ -67,7 +67,7 @@ def regularised_layers(
 def penalty(
     module: OnnxModule, layers: Sequence[RegularisedLayer], config: FinetuneConfig
 ) -> torch.Tensor | None:
-    """The differentiable terms (L1, biased decay) summed over `layers`, or None when both are off."""
+    """The differentiable terms (L1, biased decay) summed over `layers`; None when both are off."""
     if not layers or (config.l1 <= 0 and config.biased_decay <= 0):
         return None
     total = torch.zeros(())

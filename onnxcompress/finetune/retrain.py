@@ -1,4 +1,4 @@
-"""Retraining after every lossy step of a recipe (`optimize --finetune`), gated on labelled accuracy.
+"""Retraining after every lossy step of a recipe (`optimize --finetune`), gated on accuracy.
 
 Han et al. 2015 (§3.2, Fig. 5) prune far past the point where a network without retraining
 holds up, because retraining after each round recovers the accuracy; Deep Compression (2016)
@@ -42,7 +42,7 @@ def retraining_gate(max_drop: float) -> Gate:
 
 
 def accuracy_change(labels: np.ndarray) -> TaskMetric:
-    """Top-1 accuracy of the candidate minus the original's, on the gate's samples (first output)."""
+    """Top-1 accuracy of the candidate minus the original's, on the gate's samples (output 0)."""
     truth = np.asarray(labels).reshape(-1)
 
     def metric(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:

@@ -101,6 +101,7 @@ class TrainResult:
     prior_means: list[float] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
+        """The JSON-ready part of the result, for the pass report (arrays are written back)."""
         out: dict[str, Any] = {
             "epochs_run": len(self.history),
             "stopped_early": self.stopped_early,
@@ -298,7 +299,7 @@ def _optimizer(run: _Run, lr: float) -> torch.optim.Optimizer:
 def _scheduler(
     optimizer: torch.optim.Optimizer, options: FinetuneConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """``cosine``: lr * (1 + cos(pi * step / steps)) / 2 over all steps (Loshchilov & Hutter 2017)."""
+    """``cosine``: lr * (1 + cos(pi * step / steps)) / 2 over all steps (Loshchilov & Hutter)."""
     if options.lr_schedule == "constant":
         return None
     if options.lr_schedule != "cosine":
@@ -441,7 +442,7 @@ def _task_loss(run: _Run, batch: Arrays) -> torch.Tensor:
 
 
 def _step_loss(run: _Run, batch: Arrays) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what is minimised: the task loss + regularisers + the prior's complexity term, the task loss)."""
+    """(the loss minimised, the task loss): the first adds regularisers and the prior's term."""
     task = _task_loss(run, batch)
     loss = task
     extra = penalty(run.module, run.layers, run.options)
@@ -522,8 +523,11 @@ def _fixed_loss(run: _Run, batch: Arrays) -> float:
 
 
 def _rate_from_curve(rates: Sequence[float], losses: Sequence[float]) -> tuple[float, str]:
-    """1/10 of the rate at the loss minimum; for a model already at its minimum (the loss never
-    fell by 5%), 1/10 of the last rate before the loss rose 10% (the edge of stability)."""
+    """1/10 of the rate at the loss minimum.
+
+    For a model already at its minimum (the loss never fell by 5%), 1/10 of the last rate before the
+    loss rose 10% (the edge of stability).
+    """
     if not losses:
         return 1e-3, "the range test diverged at once: 1e-3"
     lowest = int(np.argmin(losses))
@@ -611,7 +615,8 @@ def _train_epoch(
 ) -> tuple[dict[str, float], float | None]:
     """One pass over the training batches: ({loss, lr[, objective]}, the first step's task loss).
 
-    ``loss`` is the task loss alone; ``objective`` adds the regularisers and the prior."""
+    ``loss`` is the task loss alone; ``objective`` adds the regularisers and the prior.
+    """
     run.module.train()
     total, objective, count, first = 0.0, 0.0, 0, None
     lr = optimizer.param_groups[0]["lr"]
@@ -659,8 +664,11 @@ def _held_out_metrics(run: _Run) -> dict[str, float]:
 
 
 def _score(record: Mapping[str, float]) -> float:
-    """Higher is better: held-out accuracy (of the quantised weights under a prior), else minus
-    the held-out loss, else minus the training loss."""
+    """Higher is better.
+
+    Held-out accuracy (of the quantised weights under a prior), else minus the held-out loss, else
+    minus the training loss.
+    """
     if "held_out_accuracy_quantised" in record:
         return record["held_out_accuracy_quantised"]
     if "held_out_accuracy" in record:
@@ -758,9 +766,9 @@ def write_back(
     holders: dict[str, tuple[ir.Value, ir.Node | None]] = {}
     for name, value in model.graph.initializers.items():
         holders[name] = (value, None)
-    for node in model.graph:
-        if node.op_type == "Constant" and "value" in node.attributes:
-            holders[node.outputs[0].name or ""] = (node.outputs[0], node)
+    for constant in model.graph:
+        if constant.op_type == "Constant" and "value" in constant.attributes:
+            holders[constant.outputs[0].name or ""] = (constant.outputs[0], constant)
     plan = []
     for name, array in arrays.items():
         if name not in holders:

@@ -84,14 +84,15 @@ class CodebookLayer:
 
     @property
     def stored_index_bytes(self) -> int:
-        """Bytes the indices take in the file: 1 per weight (uint8), 1/2 (uint4), bits/8 (packed)."""
+        """Bytes the indices take in the file: 1 a weight (uint8), 1/2 (uint4), bits/8 (packed)."""
         count = math.prod(self.shape)
         if self.index_dtype == PACKED_DTYPE:
             tensor = self.cast.inputs[0].const_value  # type: ignore[union-attr]
-            return packed_nbytes(count, int(tensor.shape[1])) if tensor is not None else 0
+            return packed_nbytes(count, tensor.shape.numpy()[1]) if tensor is not None else 0
         return count if self.index_dtype == "uint8" else (count + 1) // 2
 
     def codebook(self) -> np.ndarray:
+        """The shared values, read from the Gather's constant data input."""
         tensor = self.gather.inputs[0].const_value  # type: ignore[union-attr]
         assert tensor is not None
         return np.asarray(tensor.numpy())
@@ -120,7 +121,7 @@ def _match(graph: ir.Graph, node: ir.Node) -> CodebookLayer | None:
     cast, index_dtype, shape, stored_bits = found
     if codebook.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
         return None
-    k = int(codebook.shape[0])
+    k = codebook.shape.numpy()[0]
     recorded = node.metadata_props.get(BITS_KEY)
     bits = (
         int(recorded)
@@ -154,7 +155,7 @@ def _index_source(
         if indices is None or indices.dtype not in _INDEX_DTYPES:
             return None
         dtype = "uint4" if indices.dtype == ir.DataType.UINT4 else "uint8"
-        return cast, dtype, tuple(int(d) for d in indices.shape), None
+        return cast, dtype, tuple(indices.shape.numpy()), None
     packed = packed_source(graph, index_value)
     if packed is None:
         return None
@@ -183,9 +184,12 @@ def _decoder_nodes(layer: CodebookLayer) -> list[ir.Node]:
 
 
 def remove_codebook_layer(graph: ir.Graph, layer: CodebookLayer) -> bool:
-    """Drop the layer's Gather and index decoder (Cast, or the packed chain) once nothing reads
-    the weight, then every initializer they read that nothing else reads (codebook, indices, the
-    packed decoder's constants). Returns whether the nodes were removed."""
+    """Drop the layer's Gather and index decoder once nothing reads the weight.
+
+    The decoder is a Cast, or the packed chain; then every initializer they read that nothing
+    else reads goes too (codebook, indices, the packed decoder's constants). Returns whether
+    the nodes were removed.
+    """
     nodes = _decoder_nodes(layer)
     inside = set(nodes)
     for node in nodes:

@@ -42,6 +42,7 @@ class ConvGeometry:
     def of(
         cls, weight_shape: tuple[int, ...], strides=None, pads=None, dilations=None, group: int = 1
     ) -> ConvGeometry:
+        """A geometry from a weight shape and the Conv attributes ONNX stores (absent: defaults)."""
         spatial = len(weight_shape) - 2
         return cls(
             tuple(int(d) for d in weight_shape),
@@ -52,6 +53,7 @@ class ConvGeometry:
         )
 
     def attributes(self) -> dict[str, Any]:
+        """The geometry as SparseConv node attributes."""
         return {
             "weight_shape": list(self.weight_shape),
             "strides": list(self.strides),

@@ -44,8 +44,10 @@ def _constant_dtype(value: ir.Value | None) -> ir.DataType | None:
 
 
 def _through_casts(value: ir.Value | None) -> ir.Value | None:
-    """Follow Cast / Reshape producers back to their source (indices stored as uint8 are cast
-    to int32/int64 before Gather, which takes only those)."""
+    """Follow Cast / Reshape producers back to their source.
+
+    Indices stored as uint8 are cast to int32/int64 before Gather, which takes only those.
+    """
     for _ in range(4):
         producer = value.producer() if value is not None else None
         if producer is None or producer.op_type not in ("Cast", "Reshape"):
@@ -55,8 +57,11 @@ def _through_casts(value: ir.Value | None) -> ir.Value | None:
 
 
 def codebook_of(gather: ir.Node) -> ir.Value | None:
-    """The codebook a Gather node decodes (its constant float data), or None when the node is
-    not a codebook lookup: its indices are neither constant integers nor bit-packed."""
+    """The codebook a Gather node decodes (its constant float data), or None.
+
+    None when the node is not a codebook lookup: its indices are neither constant integers nor
+    bit-packed.
+    """
     if gather.op_type != "Gather" or gather.domain not in ("", "ai.onnx") or len(gather.inputs) < 2:
         return None
     data, indices = gather.inputs[0], gather.inputs[1]

@@ -11,8 +11,9 @@ EIE (Han et al., "EIE: Efficient Inference Engine on Compressed Deep Neural Netw
 4-bit indices per byte) and a float codebook; `SparseCodebookMatMul` is CSR whose values are
 codebook indices (EIE's layout for pruned and shared layers).
 
-Exact: `dense_from_csr(to_csr(W))` is W bit for bit, and so is `codebook[unpack(pack(i))]`; the kernel sums the same products in
-another order, so outputs match dense MatMul up to fp32 rounding.
+Exact: `dense_from_csr(to_csr(W))` is W bit for bit, and so is `codebook[unpack(pack(i))]`;
+the kernel sums the same products in another order, so outputs match dense MatMul up to fp32
+rounding.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ class CsrWeight:
 
     @property
     def nnz(self) -> int:
+        """Stored non-zeros."""
         return int(self.values.size)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the three arrays, as the file stores them."""
         return int(self.values.nbytes + self.col_indices.nbytes + self.row_ptr.nbytes)
 
 
@@ -131,7 +134,8 @@ def dense_from_csr(
 ) -> np.ndarray:
     """The K × N dense weight the CSR arrays describe (duplicates add up)."""
     validate_csr(values, col_indices, row_ptr, in_features, out_features)
-    rows = np.repeat(np.arange(out_features), np.diff(row_ptr.astype(np.int64)))
+    counts: np.ndarray = np.diff(row_ptr.astype(np.int64))  # numpy's stub says timedelta64
+    rows = np.repeat(np.arange(out_features), counts)
     transposed = np.zeros((out_features, in_features), dtype=np.float32)
     np.add.at(transposed, (rows, col_indices.astype(np.int64)), values.astype(np.float32))
     return transposed.T

@@ -305,6 +305,7 @@ class KernelOp:
 
     @property
     def input_names(self) -> list[str]:
+        """The op's input names in order, as the C++ registration and the portable body use them."""
         return [i.name for i in self.inputs]
 
     @property
@@ -445,8 +446,10 @@ def kernel_layer_name(node: ir.Node) -> str:
 
 
 def kernel_weight(node: ir.Node) -> tuple[np.ndarray, int | None, int | None, int] | None:
-    """(K × N weight, bits, codebook size, stored bytes) held by a kernel node, or None when the
-    node is not one of ours or its stored arrays are not constants."""
+    """(K × N weight, bits, codebook size, stored bytes) held by a kernel node, or None.
+
+    None when the node is not one of ours or its stored arrays are not constants.
+    """
     op = kernel_op(node)
     if op is None:
         return None

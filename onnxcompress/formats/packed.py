@@ -1,5 +1,6 @@
-"""Codebook indices packed at their bit width, and float weights stored as float16; both
-decoded back by standard ONNX ops whose inputs are all initializers.
+"""Codebook indices packed at their bit width, and float weights stored as float16.
+
+Both are decoded back by standard ONNX ops whose inputs are all initializers.
 
 Why: `codebook.kmeans` needs only b bits per weight, but ONNX has no 3-, 5- or 6-bit type
 (and uint4 only from opset 21), so the uint8 form costs a byte per weight whatever b is.
@@ -92,8 +93,10 @@ def packed_nbytes(count: int, bits: int) -> int:
 
 
 def decoder_nbytes(weight: str) -> int:
-    """About what one layer's decoder adds to the file (nodes, value names, its shape constant);
-    measured ~400 bytes for a 10-character weight name; the names repeat on every edge."""
+    """About what one layer's decoder adds to the file (nodes, value names, shape constant).
+
+    Measured ~400 bytes for a 10-character weight name; the names repeat on every edge.
+    """
     return 300 + 16 * len(weight)
 
 
@@ -109,7 +112,7 @@ def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
     if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"indices must lie in 0..{(1 << bits) - 1} to pack at {bits} bits")
     groups = math.ceil(flat.size / 8)
-    padded = np.zeros(groups * 8, dtype=np.uint8)
+    padded: np.ndarray = np.zeros(groups * 8, dtype=np.uint8)  # flat, then [groups, 8]
     padded[: flat.size] = flat
     padded = padded.reshape(groups, 8)
     packed = np.empty((groups, bits), dtype=np.uint8)
@@ -145,9 +148,11 @@ def _check_bits(bits: int) -> None:
 
 
 def _layout(bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(M, 2^s): the int32 [bits, 8] matrix with M[q_j, j] = 1 and M[q_j + 1, j] = 256 (when
-    index j crosses into the next byte), so (P @ M)[g, j] is slot j's two-byte window; and the
-    8 shifts 2^(s_j)."""
+    """(M, 2^s): the matrix that gathers each slot's two-byte window, and the 8 shifts.
+
+    M is int32 [bits, 8] with M[q_j, j] = 1 and M[q_j + 1, j] = 256 (when index j crosses
+    into the next byte), so (P @ M)[g, j] is slot j's two-byte window; the shifts are 2^(s_j).
+    """
     offsets = np.arange(8) * bits
     low, shift = offsets // 8, offsets % 8
     matrix = np.zeros((bits, 8), dtype=np.int32)
@@ -158,7 +163,7 @@ def _layout(bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_packed(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """The in-graph decoder's algebra in numpy (int32 [count]); tests hold it to `unpack_indices`."""
+    """The in-graph decoder's algebra in numpy (int32 [count]); tests hold it to unpack_indices."""
     matrix, powers = _layout(bits)
     window = np.asarray(packed).reshape(-1, bits).astype(np.int32) @ matrix
     return ((window // powers) % (1 << bits)).reshape(-1)[:count]
@@ -180,8 +185,10 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _shared(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """The initializer `name` when it already holds `array` (layers of one width share their
-    decoder constants), else a new one."""
+    """The initializer `name` when it already holds `array`, else a new one.
+
+    Layers of one width share their decoder constants this way.
+    """
     existing = graph.initializers.get(name)
     if existing is not None and existing.const_value is not None:
         held = np.asarray(existing.const_value.numpy())
@@ -239,7 +246,7 @@ def _decoder_nodes(
 
 @dataclasses.dataclass(frozen=True)
 class PackedSource:
-    """A packed decoder found behind a codebook Gather: its first Cast, the packed bytes, the width."""
+    """A packed decoder behind a codebook Gather: its first Cast, the packed bytes, the width."""
 
     cast: ir.Node
     packed: ir.Value
@@ -261,7 +268,10 @@ def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
 
 
 def packed_source(graph: ir.Graph, index_value: ir.Value | None) -> PackedSource | None:
-    """The packed decoder that computes `index_value`, exactly as `_decoder_nodes` writes it, or None."""
+    """The packed decoder that computes `index_value`, exactly as `_decoder_nodes` writes it.
+
+    None for anything else: a look-alike graph is not decoded as packed indices.
+    """
     reshape = _producer(index_value, "Reshape")
     shape_array = _const(reshape.inputs[1]) if reshape is not None else None
     if reshape is None or shape_array is None or shape_array.ndim != 1 or np.any(shape_array < 0):
@@ -361,8 +371,10 @@ def pack_codebook_indices(model: ir.Model, names: set[str] | None = None) -> boo
 
 
 def _replace_indices(graph: ir.Graph, layer: CodebookLayer, packed: np.ndarray) -> None:
-    """Put the decoder of `packed` where `layer.cast` was; the packed bytes take the old
-    index initializer's name when nothing else reads it."""
+    """Put the decoder of `packed` where `layer.cast` was.
+
+    The packed bytes take the old index initializer's name when nothing else reads it.
+    """
     old, old_out = layer.cast.inputs[0], layer.cast.outputs[0]
     assert old is not None and old.name is not None
     sole = _users(graph, old_out) == 1 and _users(graph, old) == 1
@@ -386,8 +398,11 @@ def _replace_indices(graph: ir.Graph, layer: CodebookLayer, packed: np.ndarray) 
 def decode_initializer(
     graph: ir.Graph, weight: ir.Value, nodes: list[ir.Node], decoded: ir.Value
 ) -> None:
-    """Replace initializer `weight` by `nodes` computing `decoded` from constants, at the graph's
-    start; `decoded` takes the weight's name, so every consumer reads the same value as before."""
+    """Replace initializer `weight` by `nodes` computing `decoded` from constants.
+
+    The nodes go at the graph's start; `decoded` takes the weight's name, so every consumer
+    reads the same value as before.
+    """
     name = weight.name
     graph.initializers.pop(name)  # type: ignore[arg-type]
     ir.convenience.replace_all_uses_with(weight, decoded)
@@ -422,7 +437,7 @@ def store_fp16(
             or value.is_graph_output()
         ):
             continue
-        if value in graph.inputs or math.prod(tensor.shape) < max(min_params, 1):
+        if value in graph.inputs or math.prod(tensor.shape.numpy()) < max(min_params, 1):
             continue
         array = np.asarray(tensor.numpy())
         if not np.all(np.isfinite(array)) or float(np.abs(array).max()) > FP16_MAX:

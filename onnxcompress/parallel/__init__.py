@@ -36,7 +36,8 @@ def make_executor(
 ) -> Executor:
     """The executor the CLI options name: `--executor local|ray --ray-address A --workers N`.
 
-    A Ray address alone implies the Ray executor."""
+    A Ray address alone implies the Ray executor.
+    """
     if kind == "local" and address is None:
         return LocalExecutor(workers)
     if kind not in ("local", "ray"):

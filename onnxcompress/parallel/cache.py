@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def default_folder() -> Path:
+    """$ONNXCOMPRESS_CACHE, else the XDG cache folder: results outlive the run that made them."""
     if os.environ.get("ONNXCOMPRESS_CACHE"):
         return Path(os.environ["ONNXCOMPRESS_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

@@ -54,6 +54,7 @@ class LocalExecutor(Executor):
         return min(tasks, free_cores() - 1) if free_cores() > 1 else 1
 
     def imap(self, sweep: Sweep, tasks: Sequence[Task]) -> Iterator[tuple[int, Result]]:
+        """Results as the worker processes finish them (in this process when one would do)."""
         processes = self._processes(len(tasks))
         if processes <= 1:
             state = remember(sweep.key, sweep.setup, lambda: sweep.payload)  # kept for the next run

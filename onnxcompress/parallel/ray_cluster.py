@@ -38,7 +38,9 @@ def _evaluate_in_worker(
     key: str, setup: Any, evaluate: Any, payload: list[Any], task: Task
 ) -> Result:
     """A Ray task: the worker's state for this sweep (fetched and built once), then one evaluation.
-    The payload's reference travels inside a list so that Ray does not fetch it for every task."""
+
+    The payload's reference travels inside a list so that Ray does not fetch it for every task.
+    """
     import ray
 
     state = remember(key, setup, lambda: ray.get(payload[0]))
@@ -69,6 +71,7 @@ class RayExecutor(Executor):
         self.payload_bytes = 0  # what the last sweep put in the object store
 
     def imap(self, sweep: Sweep, tasks: Sequence[Task]) -> Iterator[tuple[int, Result]]:
+        """Results as Ray finishes them; the payload is put in the object store once per sweep."""
         import ray
 
         payload = ray.put(sweep.payload)
@@ -104,6 +107,7 @@ class RayExecutor(Executor):
             ) from None
 
     def close(self) -> None:
+        """Close the Ray session this executor opened (one that was open already stays open)."""
         if self._started:
             import ray
 

@@ -35,8 +35,10 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-    """The payload shipped once to every worker, and two module-level (picklable) functions:
-    `setup(payload)` builds a worker's state once, `evaluate(state, task)` scores one task."""
+    """The payload shipped once to every worker, and two module-level (picklable) functions.
+
+    `setup(payload)` builds a worker's state once, `evaluate(state, task)` scores one task.
+    """
 
     payload: bytes
     setup: Callable[[bytes], Any]
@@ -44,8 +46,11 @@ class Sweep:
 
     @functools.cached_property
     def key(self) -> str:
-        """Names the sweep's results: the payload's hash, the functions and the code that
-        computes them (a result cached by other code, a release or an edit, is never reused)."""
+        """Names the sweep's results.
+
+        The payload's hash, the functions and the code that computes them (a result cached by other
+        code, a release or an edit, is never reused).
+        """
         digest = hashlib.sha256(self.payload)
         for part in (_qualified(self.setup), _qualified(self.evaluate), code_fingerprint()):
             digest.update(b"\0" + part.encode())
@@ -54,8 +59,11 @@ class Sweep:
 
 @functools.cache
 def code_fingerprint() -> str:
-    """The hash of every Python source of the package and its passes: an edited metric or pass
-    changes every key, so a developer's cache never serves results of the code before the edit."""
+    """The hash of every Python source of the package and its passes.
+
+    An edited metric or pass changes every key, so a developer's cache never serves results of the
+    code before the edit.
+    """
     root = Path(onnxcompress.__file__).resolve().parent
     digest = hashlib.sha256(onnxcompress.__version__.encode())
     for folder in (root, (root / "passes").resolve()):
@@ -104,8 +112,11 @@ def remember(key: str, setup: Callable[[bytes], Any], payload: Callable[[], byte
 
 
 def adopt(key: str, state: Any) -> None:
-    """Make `state` this process's state for sweep `key`: the caller built it from live objects
-    (a serial sweep then runs on them, with no copy of the payload)."""
+    """Make `state` this process's state for sweep `key`.
+
+    The caller built it from live objects (a serial sweep then runs on them, with no copy of the
+    payload).
+    """
     _REMEMBERED.clear()
     _REMEMBERED[key] = state
 

@@ -62,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 
 class CodebookSearchConfig(PassConfig):
+    """Options of `codebook.search`: candidate widths, the trial budget and the fitting method."""
+
     bits: tuple[int, ...] = pydantic.Field(
         (8, 7, 6, 5, 4, 3), description="Candidate bit widths per layer (1..8).")
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
@@ -155,6 +157,7 @@ class Fitter:
         return fitted
 
     def weights(self, name: str, method: str, bits: int, dtype: np.dtype) -> np.ndarray:
+        """The layer's weights as `fit` shares them, in the model's dtype, for trial models."""
         indices, codebook, _ = self.fit(name, method, bits)
         return codebook[indices].astype(dtype)
 
@@ -237,6 +240,7 @@ class CodebookSearchPass(CompressionPass):
     config: CodebookSearchConfig
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
+        """Pick each layer's width against the step's gate, verifying the whole model as it goes."""
         context = self.context
         if context.probes is None or context.reference is None:
             raise UnsupportedModelError(
@@ -267,8 +271,10 @@ class CodebookSearchPass(CompressionPass):
     def _candidates(
         self, model: ir.Model, sites: list[WeightSite]
     ) -> tuple[Fitter, dict[str, list[Candidate]]]:
-        """Every layer's codebook at every width, cheapest first, with its error and bytes: one
-        sweep task per (layer, method, width), on the configured executor, through its cache."""
+        """Every layer's codebook at every width, cheapest first, with its error and bytes.
+
+        One sweep task per (layer, method, width), on the configured executor, through its cache.
+        """
         hessians = layer_hessians(model, self.context.probes or {}, sites, seed=self.context.seed)
         fitter = Fitter(model, hessians, self.context.seed, keep=True)
         payload = pickle.dumps(

@@ -1,4 +1,4 @@
-"""Low-rank factorization (truncated SVD) of MatMul, Gemm and Conv weights, applied only where it pays.
+"""Low-rank factorization (truncated SVD) of MatMul, Gemm and Conv weights, only where it pays.
 
 Denton et al. 2014, "Exploiting Linear Structure Within Convolutional Networks for Efficient
 Evaluation"; Jaderberg et al. 2014 (spatial k×1 / 1×k separation). Modules:

@@ -1,5 +1,7 @@
-"""Per-layer ranks under a fidelity budget: a greedy search in the manner of AIMET's
-greedy compression-ratio selection (Qualcomm AIMET, `GreedyCompRatioSelectAlgo`).
+"""Per-layer ranks under a fidelity budget, by a greedy search.
+
+It follows AIMET's greedy compression-ratio selection (Qualcomm AIMET,
+`GreedyCompRatioSelectAlgo`).
 
 1. Per-layer eval table: for every eligible layer ℓ and candidate c (a kind and a rank),
    score(ℓ, c) = output cosine of the model with only ℓ factorized as c, against the original.

@@ -31,6 +31,7 @@ __all__ = ["ClusteredDecomposition", "cluster_filters", "apply_clustered"]
 import dataclasses
 import heapq
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,7 @@ class ClusteredDecomposition:
         return counts
 
     def svds(self, rank: int | None = None) -> list[TruncatedSVD]:
+        """Every group's SVD; `rank` is accepted for the Decomposition interface and ignored."""
         del rank  # every group's full spectrum is computed up front (the matrices are small)
         return self._svds
 
@@ -143,9 +145,11 @@ class ClusteredDecomposition:
     # ---- costs -----------------------------------------------------------------------
     @property
     def params_before(self) -> int:
+        """Parameters of the weight as it is."""
         return int(self.weight.size)
 
     def params_after(self, rank: int) -> int:
+        """Parameters of the factors at a total R: r_g × (inputs + members), summed over groups."""
         return sum(
             r * (self.cols + members.size)
             for r, members in zip(self.ranks(rank), self.members, strict=True)
@@ -153,9 +157,11 @@ class ClusteredDecomposition:
 
     @property
     def flops_before(self) -> int:
+        """Multiply-adds (x2) per output position of the weight as it is."""
         return 2 * int(self.weight.size)
 
     def flops_after(self, rank: int) -> int:
+        """Multiply-adds (x2) of the factors at a total R, in the units of `flops_before`."""
         return 2 * self.params_after(rank)
 
     def rank_for_ratio(self, ratio: float, metric: str = "params") -> int:
@@ -174,10 +180,12 @@ class ClusteredDecomposition:
         return sum(s.discarded_energy(r) for s, r in zip(self._svds, self.ranks(rank), strict=True))
 
     def energy(self, rank: int) -> float:
+        """Share of ‖W‖_F² kept at a total R (1 for an all-zero weight)."""
         total = sum(s.total_energy for s in self._svds)
         return 1.0 if total <= 0 else 1.0 - self.discarded_energy(rank) / total
 
     def relative_error(self, rank: int) -> float:
+        """‖W − Ŵ‖_F / ‖W‖_F at a total R, from the kept energy."""
         return math.sqrt(max(0.0, 1.0 - self.energy(rank)))
 
     def rank_for_energy(self, energy: float) -> int | None:
@@ -191,7 +199,8 @@ class ClusteredDecomposition:
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """(first: R filters C×k…, second: the M × R block matrix, 1×1) with second·first = Ŵ.
 
-        `second` is dense for reference and tests; the graph stores only its blocks (`blocks`)."""
+        `second` is dense for reference and tests; the graph stores only its blocks (`blocks`).
+        """
         kernel = self.weight.shape[1:]
         firsts, second = [], np.zeros((self.rows, max(rank, len(self.members))), dtype=np.float64)
         column = 0
@@ -241,6 +250,35 @@ def apply_clustered(
     def fresh(kind: str) -> str:
         return _unique(f"{site.name}.clustered_{kind}", taken)
 
+    def named(kind: str) -> str:
+        return _unique(f"{base}.clustered_{kind}", taken)
+
+    hidden = ir.Value(name=fresh("hidden"))
+    nodes = [
+        ir.node(
+            "Conv",
+            [node.inputs[0], _initializer(model, fresh("first"), first)],
+            attributes=_first_attributes(conv),
+            outputs=[hidden],
+            name=named("first"),
+        )
+    ]  # type: ignore[arg-type]
+    parts = [ir.Value(name=fresh(f"part{g}")) for g in range(len(blocks))]
+    nodes.append(_split_node(model, hidden, parts, blocks, fresh, named))
+    seconds, outputs = _second_convs(model, parts, second, blocks, bias_array, conv, fresh, named)
+    nodes += seconds
+    gather = _regroup(model, nodes, outputs, blocks, fresh, named)
+    old_output, new_output = node.outputs[0], gather.outputs[0]
+    new_output.name, old_output.name = old_output.name, None
+    new_output.shape, new_output.type = old_output.shape, old_output.type
+    old_inputs = list(node.inputs[1:])
+    ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [old_output], [new_output])
+    _drop_if_unused(site)
+    _drop_unused_initializers(graph, old_inputs[1:])  # the bias, now split per group
+
+
+def _first_attributes(conv: ConvAttributes) -> dict[str, Any]:
+    """The first Conv keeps the layer's geometry (kernel, strides, dilations, padding)."""
     attributes: dict[str, Any] = {
         "kernel_shape": list(conv.kernel),
         "strides": list(conv.strides),
@@ -251,30 +289,42 @@ def apply_clustered(
         attributes["auto_pad"] = conv.auto_pad
     else:
         attributes["pads"] = list(conv.pads)
-    hidden = ir.Value(name=fresh("hidden"))
-    nodes = [
-        ir.node(
-            "Conv",
-            [node.inputs[0], _initializer(model, fresh("first"), first)],
-            attributes=attributes,
-            outputs=[hidden],
-            name=_unique(f"{base}.clustered_first", taken),
-        )
-    ]  # type: ignore[arg-type]
-    parts = [ir.Value(name=fresh(f"part{g}")) for g in range(len(blocks))]
+    return attributes
+
+
+def _split_node(
+    model: ir.Model,
+    hidden: ir.Value,
+    parts: list[ir.Value],
+    blocks: list[tuple[np.ndarray, int]],
+    fresh: Callable[[str], str],
+    named: Callable[[str], str],
+) -> ir.Node:
+    """Split the R hidden channels into the groups' ranks (sizes as an input from opset 13)."""
     sizes = _initializer(model, fresh("split"), np.array([r for _, r in blocks], dtype=np.int64))
     opset = int(model.opset_imports.get("", 21))
     split_attributes = {"axis": 1} if opset >= 13 else {"axis": 1, "split": [r for _, r in blocks]}
-    nodes.append(
-        ir.node(
-            "Split",
-            [hidden, sizes] if opset >= 13 else [hidden],
-            attributes=split_attributes,  # type: ignore[arg-type]
-            outputs=parts,
-            name=_unique(f"{base}.clustered_split", taken),
-        )
+    return ir.node(
+        "Split",
+        [hidden, sizes] if opset >= 13 else [hidden],
+        attributes=split_attributes,  # type: ignore[arg-type]
+        outputs=parts,
+        name=named("split"),
     )
-    outputs, column, ones = [], 0, [1] * len(conv.kernel)
+
+
+def _second_convs(
+    model: ir.Model,
+    parts: list[ir.Value],
+    second: np.ndarray,
+    blocks: list[tuple[np.ndarray, int]],
+    bias_array: np.ndarray | None,
+    conv: ConvAttributes,
+    fresh: Callable[[str], str],
+    named: Callable[[str], str],
+) -> tuple[list[ir.Node], list[ir.Value]]:
+    """One 1×1 Conv per group, from its part of the hidden channels to its members' outputs."""
+    nodes, outputs, column, ones = [], [], 0, [1] * len(conv.kernel)
     for g, (members, rank) in enumerate(blocks):
         block = second[members, column : column + rank]
         column += rank
@@ -288,9 +338,24 @@ def apply_clustered(
                 inputs,
                 attributes={"kernel_shape": ones},
                 outputs=[outputs[-1]],  # type: ignore[arg-type]
-                name=_unique(f"{base}.clustered_second{g}", taken),
+                name=named(f"second{g}"),
             )
         )
+    return nodes, outputs
+
+
+def _regroup(
+    model: ir.Model,
+    nodes: list[ir.Node],
+    outputs: list[ir.Value],
+    blocks: list[tuple[np.ndarray, int]],
+    fresh: Callable[[str], str],
+    named: Callable[[str], str],
+) -> ir.Node:
+    """Append Concat and the Gather that puts the channels back in the layer's order to `nodes`.
+
+    Returns the Gather, whose output replaces the layer's.
+    """
     grouped = ir.Value(name=fresh("grouped"))
     nodes.append(
         ir.node(
@@ -298,7 +363,7 @@ def apply_clustered(
             outputs,
             attributes={"axis": 1},
             outputs=[grouped],
-            name=_unique(f"{base}.clustered_concat", taken),
+            name=named("concat"),
         )
     )
     order = np.argsort(np.concatenate([members for members, _ in blocks]), kind="stable").astype(
@@ -308,16 +373,15 @@ def apply_clustered(
         "Gather",
         [grouped, _initializer(model, fresh("order"), order)],
         attributes={"axis": 1},
-        name=_unique(f"{base}.clustered_order", taken),
+        name=named("order"),
     )
     nodes.append(gather)
-    old_output, new_output = node.outputs[0], gather.outputs[0]
-    new_output.name, old_output.name = old_output.name, None
-    new_output.shape, new_output.type = old_output.shape, old_output.type
-    old_inputs = list(node.inputs[1:])
-    ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [old_output], [new_output])
-    _drop_if_unused(site)
-    for value in old_inputs[1:]:  # the bias, now split per group
+    return gather
+
+
+def _drop_unused_initializers(graph: ir.Graph, values: list[ir.Value | None]) -> None:
+    """Remove the initializers among `values` that nothing reads any more."""
+    for value in values:
         name = value.name if value is not None else None
         if (
             value is not None

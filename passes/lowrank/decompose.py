@@ -36,6 +36,8 @@ __all__ = [
 
 import dataclasses
 import math
+from collections.abc import Iterable
+from typing import SupportsInt
 
 import numpy as np
 
@@ -65,12 +67,26 @@ class ConvAttributes:
 def conv_attributes(attributes: dict[str, object], kernel: tuple[int, ...]) -> ConvAttributes:
     """Read Conv attributes from plain values (ints / int lists / str), filling ONNX defaults."""
     rank = len(kernel)
-    strides = tuple(int(v) for v in attributes.get("strides") or [1] * rank)  # type: ignore[union-attr]
-    dilations = tuple(int(v) for v in attributes.get("dilations") or [1] * rank)  # type: ignore[union-attr]
-    pads = tuple(int(v) for v in attributes.get("pads") or [0] * (2 * rank))  # type: ignore[union-attr]
-    group = int(attributes.get("group") or 1)  # type: ignore[call-overload]
+    strides = _int_tuple(attributes.get("strides") or [1] * rank)
+    dilations = _int_tuple(attributes.get("dilations") or [1] * rank)
+    pads = _int_tuple(attributes.get("pads") or [0] * (2 * rank))
+    group = _int(attributes.get("group") or 1)
     auto_pad = str(attributes.get("auto_pad") or "NOTSET")
     return ConvAttributes(kernel, strides, dilations, pads, group, auto_pad)
+
+
+def _int_tuple(value: object) -> tuple[int, ...]:
+    """An ints attribute as a tuple; anything else is the TypeError `int()` would raise."""
+    if not isinstance(value, Iterable):
+        raise TypeError(f"expected a list of ints, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _int(value: object) -> int:
+    """An int attribute; anything else is the TypeError `int()` would raise."""
+    if not isinstance(value, SupportsInt | str):
+        raise TypeError(f"expected an int, got {value!r}")
+    return int(value)
 
 
 def matrices_of(
@@ -119,16 +135,20 @@ class Decomposition:
 
     @property
     def params_before(self) -> int:
+        """Parameters of the weight as it is."""
         return int(self.weight.size)
 
     def params_after(self, rank: int) -> int:
+        """Parameters of both factors at `rank`, over all groups."""
         return self.group * rank * (self.rows + self.cols)
 
     @property
     def flops_before(self) -> int:
+        """Multiply-adds (x2) per output position of the weight as it is."""
         return 2 * int(self.weight.size)
 
     def flops_after(self, rank: int) -> int:
+        """Multiply-adds (x2) of both factors at `rank`, in the units of `flops_before`."""
         if self.kind == "conv_spatial":
             return 2 * self.group * rank * (self.rows * self.width_stride + self.cols)
         return 2 * self.params_after(rank)
@@ -158,6 +178,7 @@ class Decomposition:
         return self._svds
 
     def energy(self, rank: int) -> float:
+        """Share of the squared Frobenius norm kept at `rank` (1 for an all-zero weight)."""
         svds = self.svds(rank)
         total = sum(s.total_energy for s in svds)
         kept = sum(float(np.sum(s.s[:rank] ** 2)) for s in svds)

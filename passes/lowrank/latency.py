@@ -38,6 +38,7 @@ class PairLatency:
 
     @property
     def speedup(self) -> float:
+        """Original over factor-pair time: above 1 the pair is faster."""
         return self.original_ms / self.pair_ms if self.pair_ms > 0 else float("inf")
 
 

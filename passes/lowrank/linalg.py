@@ -64,6 +64,7 @@ class TruncatedSVD:
 
     @property
     def rank(self) -> int:
+        """Triplets held."""
         return int(self.s.shape[0])
 
     def energy(self, rank: int) -> float:
@@ -77,6 +78,7 @@ class TruncatedSVD:
         return max(0.0, self.total_energy - float(np.sum(self.s[:rank] ** 2)))
 
     def truncate(self, rank: int) -> TruncatedSVD:
+        """The first `rank` triplets, without another SVD; exact only if nothing is cut."""
         if rank > self.rank:
             raise ValueError(f"rank {rank} > the {self.rank} triplets computed")
         return TruncatedSVD(
@@ -89,7 +91,7 @@ class TruncatedSVD:
 
 
 def exact_svd(matrix: np.ndarray) -> TruncatedSVD:
-    """The full thin SVD in float64: gesdd up to `LAPACK_LIMIT` elements, else via the Gram matrix."""
+    """The full thin SVD in float64: gesdd up to `LAPACK_LIMIT` elements, else via X^T X."""
     work = np.asarray(matrix, dtype=np.float64)
     if work.size > LAPACK_LIMIT:
         return gram_svd(work)

@@ -43,19 +43,23 @@ class LayerPlan:
 
     @property
     def param_ratio(self) -> float:
+        """Parameters after over before."""
         return self.params_after / self.params_before
 
     @property
     def flop_ratio(self) -> float:
+        """Multiply-adds after over before."""
         return self.flops_after / self.flops_before
 
     def to_dict(self) -> dict[str, Any]:
+        """The layer as JSON-ready values, for the plan file."""
         data = dataclasses.asdict(self)
         data["shape"] = list(self.shape)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
+        """A layer from a plan file; unknown or bad keys are a RecipeError naming the layer."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
@@ -80,6 +84,7 @@ class Plan:
     prepared: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def skips(self) -> list[Skip]:
+        """The layers the plan leaves alone, with their reasons, as the pass report takes them."""
         return [Skip(name, reason) for name, reason in self.skipped]
 
     def totals(self) -> dict[str, int]:
@@ -92,6 +97,7 @@ class Plan:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready values, with its format tag and totals."""
         return {
             "format": "onnxcompress.lowrank.plan/1",
             "settings": self.settings,
@@ -102,6 +108,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """A plan from its JSON form; anything else is a RecipeError."""
         if data.get("format") != "onnxcompress.lowrank.plan/1":
             raise RecipeError("not a low-rank plan (format onnxcompress.lowrank.plan/1 expected)")
         return cls(
@@ -111,13 +118,16 @@ class Plan:
         )
 
     def to_json(self) -> str:
+        """The plan file's text."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def save(self, path: str | Path) -> None:
+        """Write the plan file atomically, through the guarded writer."""
         write_text(Path(path), self.to_json() + "\n", "plan")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        """Read a plan file; any defect is one RecipeError naming the file."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:  # ValueError: bad JSON or bytes that are not UTF-8
@@ -147,4 +157,5 @@ class Plan:
                          notes=tuple(notes))
 
     def reason_for(self, name: str) -> str | None:
+        """Why the plan leaves layer `name` alone, or None."""
         return next((reason for skipped, reason in self.skipped if skipped == name), None)

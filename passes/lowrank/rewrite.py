@@ -67,9 +67,9 @@ def _drop_if_unused(site: WeightSite) -> None:
         if producer is not None and producer.graph is not None:
             producer.graph.remove(producer, safe=True)
         return
-    graph = value.graph
-    if graph is not None and value.name in graph.initializers:
-        graph.initializers.pop(value.name)
+    graph, name = value.graph, value.name
+    if graph is not None and name is not None and name in graph.initializers:
+        graph.initializers.pop(name)
 
 
 def _ints(name: str, values: tuple[int, ...] | list[int]) -> ir.Attr:
@@ -118,6 +118,8 @@ def apply_factors(
     if graph is None:  # pragma: no cover - sites come from graphs
         raise RuntimeError(f"{site.name}: node {node.name!r} is not in a graph")
     x = node.inputs[0]
+    if x is None:
+        raise RuntimeError(f"{site.name}: node {node.name!r} has no data input")
     first_value = _initializer(model, _unique(f"{site.name}.lowrank_first", taken), first)
     second_value = _initializer(model, _unique(f"{site.name}.lowrank_second", taken), second)
     hidden = ir.Value(name=_unique(f"{site.name}.lowrank_hidden", taken))
@@ -125,10 +127,10 @@ def apply_factors(
     if kind == "matmul":
         new = ir.node("MatMul", [x, first_value], outputs=[hidden], name=first_name)
     elif kind == "gemm":
-        attributes = {"transB": node.attributes.get_int("transB", 0)}
-        attributes["transA"] = node.attributes.get_int("transA", 0)
+        gemm_attributes = {"transB": node.attributes.get_int("transB", 0)}
+        gemm_attributes["transA"] = node.attributes.get_int("transA", 0)
         new = ir.node(
-            "Gemm", [x, first_value], attributes=attributes, outputs=[hidden], name=first_name
+            "Gemm", [x, first_value], attributes=gemm_attributes, outputs=[hidden], name=first_name
         )
         node.attributes["transA"] = ir.AttrInt64("transA", 0)
     elif kind in ("conv_channel", "conv_spatial"):
@@ -165,8 +167,10 @@ def _split_channel(node: ir.Node, conv: ConvAttributes) -> dict[str, object]:
 
 
 def _split_spatial(node: ir.Node, conv: ConvAttributes) -> dict[str, object]:
-    """Spatial form: the first conv is kh×1 (vertical stride, padding, dilation); `node` becomes
-    the 1×kw conv with the horizontal ones. Returns the first conv's attributes."""
+    """Spatial form: the first conv is kh×1, `node` becomes 1×kw; returns the first's attributes.
+
+    The first conv takes the vertical stride, padding and dilation, `node` the horizontal ones.
+    """
     kh, kw = conv.kernel
     sh, sw = conv.strides
     dh, dw = conv.dilations

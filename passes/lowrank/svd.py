@@ -29,7 +29,7 @@ __all__ = ["LowRankConfig", "LowRankSVDPass"]
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -56,6 +56,8 @@ DEFAULT_ENERGY = 0.9
 
 
 class LowRankConfig(PassConfig):
+    """Options of `lowrank.svd`: one rank mode (energy, ratio or budget), speed checks, a plan."""
+
     energy: float | None = pydantic.Field(
         None,
         gt=0.0,
@@ -148,6 +150,7 @@ class LowRankConfig(PassConfig):
 
     @property
     def mode(self) -> str:
+        """The rank mode in force: ratio, budget, else energy."""
         if self.ratio is not None:
             return "ratio"
         if self.budget is not None:
@@ -155,6 +158,7 @@ class LowRankConfig(PassConfig):
         return "energy"
 
     def settings(self) -> dict[str, Any]:
+        """The options as the plan records them, the mode and default energy spelled out."""
         data = self.model_dump(exclude={"plan"})
         data["mode"] = self.mode
         if self.mode == "energy" and self.energy is None:
@@ -451,7 +455,7 @@ class LowRankSVDPass(PlannedPass[Plan]):
             else:
                 plan.skipped.append((name, "no candidate rank below the no-saving bound"))
 
-        def evaluate(choice: dict[str, Candidate]) -> float:
+        def evaluate(choice: Mapping[str, Candidate]) -> float:
             trial = model.clone()
             sites = find_weight_sites(trial, min_params=0, ops=OPS).by_name()
             taken = taken_names(trial)
@@ -536,6 +540,7 @@ class LowRankSVDPass(PlannedPass[Plan]):
 
     # ---- apply ---------------------------------------------------------------------------
     def apply(self, model: ir.Model, plan: Plan, report: PassReport) -> bool:
+        """Plan every layer, factor them all, then rewrite: the pass applies fully or not at all."""
         self.record_plan(plan, report)
         if not plan.layers:
             return False

@@ -54,8 +54,10 @@ PRODUCER_OPS = ("MatMul", "Gemm", "Conv")
 
 @dataclasses.dataclass(frozen=True)
 class TensorCut:
-    """Delete entries of a constant tensor along `axis`: channel c removes
-    indices c·repeat … c·repeat + repeat − 1 (repeat > 1 behind a Flatten)."""
+    """Delete entries of a constant tensor along `axis`.
+
+    Channel c removes indices c·repeat … c·repeat + repeat − 1 (repeat > 1 behind a Flatten).
+    """
 
     name: str
     axis: int
@@ -314,16 +316,16 @@ class _Tracer:
         op = node.op_type
         if id(node) in seen:
             return []
-        activations: list[ir.Value] = []
+        activations: list[ir.Value | None] = []
         if op in UNARY_OPS:
             activations = [node.inputs[0]]
             for extra in node.inputs[1:]:  # Clip min/max, Dropout ratio: scalars
                 if extra is not None and (
-                    constant_array(extra) is None or constant_array(extra).size != 1
+                    (array := constant_array(extra)) is None or array.size != 1
                 ):
                     raise _Unsupported(f"{_node_label(node)} has a non-scalar extra input")
         elif op in BINARY_OPS:
-            constants = [v for v in node.inputs if constant_array(v) is not None]
+            constants = [v for v in node.inputs if v is not None and constant_array(v) is not None]
             activations = [v for v in node.inputs if v is not None and constant_array(v) is None]
             if op in ("Sub", "Div") and len(activations) == 2:
                 raise _Unsupported(f"{_node_label(node)} combines two activations by {op}")
@@ -360,8 +362,10 @@ class _Tracer:
         self, group: ChannelGroup, node: ir.Node, value: ir.Value, axis: int, rank: int | None,
         seen: set[int],
     ) -> list[tuple[str, Any]]:
-        """Flatten(axis=1), or Reshape to [N, C·H·W], of N×C×H×W with a static H×W: channel c
-        becomes a block of H·W columns, read by the next MatMul / Gemm."""
+        """Flatten(axis=1), or Reshape to [N, C·H·W], of N×C×H×W with a static H×W.
+
+        Channel c becomes a block of H·W columns, read by the next MatMul / Gemm.
+        """
         if rank is None or axis != 1 - rank:
             raise _Unsupported(f"{_node_label(node)} does not flatten from the channel axis")
         spatial = _static_spatial(value, rank)
@@ -438,8 +442,8 @@ def _static_spatial(value: ir.Value, rank: int) -> int | None:
     """H·W·… of an N×C×spatial activation when every spatial dimension is static."""
     shape = value.shape
     if shape is not None and len(shape) == rank:
-        dims = [d for d in list(shape)[2:]]
-        if all(isinstance(d, int) for d in dims):
+        dims = [d for d in list(shape)[2:] if isinstance(d, int)]
+        if len(dims) == rank - 2:  # every spatial dimension static
             return int(np.prod(dims)) if dims else 1
     # Global pooling leaves 1×1 whatever the input was.
     producer = value.producer()

@@ -58,6 +58,14 @@ def _channel_slices(array: np.ndarray, axis: int, channels: int, repeat: int) ->
     return moved.reshape(channels, repeat * int(np.prod(moved.shape[1:], dtype=np.int64)))
 
 
+def _constant(value: ir.Value | None) -> np.ndarray:
+    """A parameter the channel tracer already proved constant (it refuses groups with others)."""
+    array = constant_array(value)
+    if array is None:  # pragma: no cover - find_channel_groups refuses such groups
+        raise ValueError(f"{value.name if value is not None else 'an input'} is not a constant")
+    return array
+
+
 def _per_channel(array: np.ndarray, channels: int) -> np.ndarray:
     return (
         np.full(channels, float(array.reshape(-1)[0]))
@@ -103,7 +111,7 @@ def _constant_outputs(model: ir.Model, group: ChannelGroup) -> np.ndarray:
                 bias = np.zeros(channels)
                 if node.op_type != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
                     beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
-                    bias = beta * _per_channel(constant_array(node.inputs[2]), channels)
+                    bias = beta * _per_channel(_constant(node.inputs[2]), channels)
                 values[id(node.outputs[0])] = bias
             continue
         if not inputs or id(node.outputs[0]) not in members:
@@ -121,14 +129,14 @@ def _evaluate(node: ir.Node, known: list[np.ndarray], channels: int) -> np.ndarr
     if op in ("MaxPool", "GlobalMaxPool", "GlobalAveragePool", "Flatten", "Reshape"):
         return x
     if op == "BatchNormalization":
-        scale, bias, mean, var = (constant_array(v).astype(np.float64) for v in node.inputs[1:5])
+        scale, bias, mean, var = (_constant(v).astype(np.float64) for v in node.inputs[1:5])
         epsilon = node.attributes.get_float("epsilon", 1e-5)
         return (x - mean) / np.sqrt(var + epsilon) * scale + bias
     if op in BINARY_OPS:
         if len(known) == 2:
             return known[0] + known[1]  # a residual Add (the only two-activation op allowed)
         first_is_activation = constant_array(node.inputs[0]) is None
-        const = _per_channel(constant_array(node.inputs[1 if first_is_activation else 0]), channels)
+        const = _per_channel(_constant(node.inputs[1 if first_is_activation else 0]), channels)
         a, b = (x, const) if first_is_activation else (const, x)
         return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Div": a / b}[op]
     return np.full(channels, np.nan)
@@ -192,6 +200,8 @@ def plan_dead_neurons(model: ir.Model, *, exclude: tuple[str, ...] = ()) -> Dead
 
 
 class DeadNeuronConfig(PassConfig):
+    """Options of `prune.dead_neurons`: which channel groups are left whole."""
+
     exclude: tuple[str, ...] = pydantic.Field(
         (), description="Weight-name globs: a group touching one of them is left whole."
     )
@@ -208,13 +218,16 @@ class DeadNeuronPass(PlannedPass[DeadNeuronPlan]):
     lossy = False
 
     def plan(self, model: ir.Model) -> DeadNeuronPlan:
+        """The neurons left without connections, per channel group, before any edit."""
         return plan_dead_neurons(model, exclude=self.config.exclude)
 
     def record_plan(self, plan: DeadNeuronPlan, report: PassReport) -> None:
+        """The plan's account plus the constant channels kept (removing them would not be exact)."""
         super().record_plan(plan, report)
         report.notes["constant_channels_kept"] = plan.constant_channels_kept
 
     def apply(self, model: ir.Model, plan: DeadNeuronPlan, report: PassReport) -> bool:
+        """Remove the neurons left without connections, where that is exact; report each group."""
         self.record_plan(plan, report)
         changed = apply_plan(model, plan)
         record_changes(changed, report)

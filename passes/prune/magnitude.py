@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 class MagnitudePruneConfig(PassConfig):
+    """Options of `prune.magnitude`: a share or Han's quality rule, per layer or global."""
+
     sparsity: float | None = pydantic.Field(
         None, ge=0.0, lt=1.0, description="Share of weights set to zero, in [0, 1)."
     )
@@ -90,6 +92,7 @@ class MagnitudePrunePass(CompressionPass):
         return self.config.sparsity
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
+        """Zero the smallest weights of every eligible layer; the rest get their reason."""
         scan = find_weight_sites(
             model,
             min_params=self.config.min_params,

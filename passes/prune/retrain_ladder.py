@@ -59,7 +59,7 @@ def tolerance_ladder(result: SensitivityResult) -> list[dict[str, float]]:
 
 
 def ladder_recipe_text(result: SensitivityResult) -> str:
-    """The ladder as a recipe for ``optimize --recipe DIR/recipe.yaml --data train.npz --finetune``."""
+    """The ladder as a recipe for ``optimize --recipe DIR/recipe.yaml --data D --finetune``."""
     import yaml
 
     steps: list[dict[str, Any]] = [

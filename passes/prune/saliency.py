@@ -1,4 +1,4 @@
-"""Saliency scorers for pruning, and the data-driven unstructured passes `prune.taylor` / `prune.obd`.
+"""Saliency scorers for pruning, and the data-driven unstructured passes prune.taylor / prune.obd.
 
 A scorer maps weights to one importance per weight (or per output channel); pruning then
 zeroes the least important. Three are pluggable by name:
@@ -133,6 +133,8 @@ def channel_saliency(model: ir.Model, names: Sequence[str], criterion: str, cont
 
 
 class SaliencyPruneConfig(PassConfig):
+    """Options shared by the data-driven saliency passes."""
+
     sparsity: float = pydantic.Field(
         ..., ge=0.0, lt=1.0, description="Share of weights set to zero, in [0, 1)."
     )
@@ -155,6 +157,8 @@ class SaliencyPruneConfig(PassConfig):
 
 
 class ObdPruneConfig(SaliencyPruneConfig):
+    """Saliency options plus OBD's choice of diagonal Hessian estimate."""
+
     hessian: Literal["fisher", "hutchinson"] = pydantic.Field(
         "fisher", description="Diagonal Hessian estimate: squared gradients (Fisher) or Hutchinson."
     )
@@ -236,6 +240,8 @@ class _SaliencyPrunePass(CompressionPass):
 
 @register
 class TaylorPrunePass(_SaliencyPrunePass):
+    """`prune.taylor`: first-order saliency, one gradient pass over the data."""
+
     name = "prune.taylor"
     summary = (
         "Unstructured pruning by first-order Taylor saliency |w·∂L/∂w| (Molchanov et al. 2017); "
@@ -247,6 +253,8 @@ class TaylorPrunePass(_SaliencyPrunePass):
 
 @register
 class ObdPrunePass(_SaliencyPrunePass):
+    """`prune.obd`: second-order saliency from a diagonal Hessian estimate."""
+
     name = "prune.obd"
     summary = (
         "Optimal Brain Damage (LeCun et al. 1990): saliency ½·h_ii·w², Fisher or Hutchinson; needs "

@@ -114,6 +114,7 @@ class RetrainOptions:
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def finetune_options(self) -> dict[str, Any]:
+        """The `finetune` pass options for one retraining round, at the scaled learning rate."""
         options: dict[str, Any] = {
             "lr": round(self.original_lr * self.lr_scale, 12),
             "epochs": self.epochs,
@@ -207,7 +208,7 @@ class ScheduleSpec(_Strict):
 
 
 class RetrainSpec(_Strict):
-    """Han's retraining after every round (see `RetrainOptions`); needs data with labels or a teacher."""
+    """Han's retraining after every round (see RetrainOptions); needs labelled data or a teacher."""
 
     original_lr: float = pydantic.Field(
         1e-2, gt=0.0, description="The learning rate the model was trained with."
@@ -242,6 +243,7 @@ class ScheduleStep(_Strict):
     on_fail: Literal["stop", "rollback"] = "stop"
 
     def steps(self) -> list[Step]:
+        """The schedule expanded into plain gated steps: prune, then retrain, per round."""
         retrain = None if self.retrain is None else RetrainOptions(**self.retrain.model_dump())
         return expand_schedule(
             self.schedule.sparsities(), prune_pass=self.prune_pass, prune_options=self.options,

@@ -14,7 +14,8 @@ most parameters. A single tolerance t sets every layer's rate to the largest rat
 alone-drop is <= t; t is searched over a geometric ladder from the budget down, each
 candidate is measured jointly, and the passing candidate that removes the most parameters
 wins; then coordinate ascent raises each layer (largest first) to the highest ratio at
-which the joint model still meets the budget (binary search over its grid). The result is a plan: `prune.magnitude` options with per-layer `overrides`.
+which the joint model still meets the budget (binary search over its grid). The result is a
+plan: `prune.magnitude` options with per-layer `overrides`.
 
 What is exact: the measured metrics (on the given probes). What is not: the joint model's
 behaviour on other data; the pipeline's fidelity gate still guards the real step.
@@ -68,21 +69,25 @@ class Budget:
 
     min_cosine: float = cast(float, fidelity.DEFAULT_GATE.min_cosine)  # what `optimize` will apply
     max_accuracy_drop: float = 0.005  # a fraction: 0.005 = 0.5 percentage points
-    # With a cosine budget the joint plan must pass these too, as the default gate of `optimize` asks.
+    # With a cosine budget the joint plan must pass these too, as `optimize`'s default gate asks.
     min_rank_correlation: float | None = fidelity.DEFAULT_GATE.min_rank_correlation
     min_top1: float | None = fidelity.DEFAULT_GATE.min_top1
 
     def other_checks(self) -> fidelity.Gate:
+        """The default gate's checks besides cosine, which the joint plan must pass too."""
         return fidelity.Gate(
             min_cosine=None, min_rank_correlation=self.min_rank_correlation, min_top1=self.min_top1
         )
 
     def allowed_drop(self, metric: str) -> float:
+        """How far `metric` may fall from the baseline under this budget."""
         return self.max_accuracy_drop if metric == "accuracy" else 1.0 - self.min_cosine
 
 
 @dataclasses.dataclass
 class LayerCurve:
+    """One layer's metric at each ratio of the grid, and the ratio chosen for it."""
+
     name: str
     op: str
     params: int
@@ -93,6 +98,8 @@ class LayerCurve:
 
 @dataclasses.dataclass
 class SensitivityResult:
+    """The analysis: per-layer curves, the chosen plan and how the joint model scores."""
+
     metric: str
     baseline: float
     budget: Budget
@@ -103,6 +110,7 @@ class SensitivityResult:
 
     @property
     def overrides(self) -> dict[str, float]:
+        """The chosen rates as prune.magnitude overrides, names escaped for fnmatch."""
         return {_glob_escape(c.name): c.chosen for c in self.curves}
 
     def plan(self) -> dict[str, Any]:
@@ -113,6 +121,7 @@ class SensitivityResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values, the recipe step included."""
         return {
             "metric": self.metric,
             "baseline": self.baseline,
@@ -176,8 +185,11 @@ class Evaluator:
     def meets(
         self, rates: Mapping[str, float], allowed: float, others: fidelity.Gate
     ) -> tuple[bool, float]:
-        """Whether the joint model keeps the budget, and its metric. With a cosine budget it must
-        also pass the default gate's other checks (rank correlation, top-1), as `optimize` will."""
+        """Whether the joint model keeps the budget, and its metric.
+
+        With a cosine budget it must also pass the default gate's other checks (rank
+        correlation, top-1), as `optimize` will.
+        """
         outputs = self._outputs_with(rates)
         if self.labels is not None:
             value = self._score(outputs)
@@ -188,12 +200,15 @@ class Evaluator:
         ), metrics.cosine
 
     def curve(self, name: str, ratios: Sequence[float]) -> list[float]:
+        """Layer `name`'s metric at each ratio, pruned alone (Han et al. Fig. 5)."""
         return [self.score_with({name: r}) for r in ratios]
 
 
 def _session(proto: onnx.ModelProto) -> Any:
-    """One-thread session; our kernel library is loaded only for models that call its ops
-    (the analysis builds hundreds of sessions, and standard models need none of it)."""
+    """One-thread session; our kernel library is loaded only for models that call its ops.
+
+    The analysis builds hundreds of sessions, and standard models need none of it.
+    """
     try:
         return runtime.session(proto, threads=1, kernels="used")
     except UnsupportedModelError as error:
@@ -361,8 +376,11 @@ def _refine(
     *,
     passes: int,
 ) -> tuple[int, dict[str, float], float]:
-    """Coordinate ascent: per layer (largest first), binary-search the highest ratio of its
-    grid at which the joint model still meets the budget (the metric falls with the ratio)."""
+    """Coordinate ascent over the layers, largest first.
+
+    Per layer, binary-search the highest ratio of its grid at which the joint model still
+    meets the budget (the metric falls with the ratio).
+    """
     removed, rates, value = best
     for _ in range(passes):
         improved = False

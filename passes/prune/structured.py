@@ -89,10 +89,12 @@ class GroupPlan:
 
     @property
     def removed(self) -> list[int]:
+        """The channels the plan drops."""
         kept = set(self.keep)
         return [c for c in range(self.channels) if c not in kept]
 
     def to_dict(self) -> dict[str, Any]:
+        """The group as JSON-ready values; a skipped group removes nothing."""
         out = dataclasses.asdict(self)
         out["removed"] = self.removed if self.skip_reason is None else []
         return out
@@ -113,6 +115,7 @@ class GroupPlan:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> GroupPlan:
+        """A group from a plan file, unknown keys ignored."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in fields}
         values["cuts"] = [TensorCut(**c) for c in raw.get("cuts", [])]
@@ -129,12 +132,15 @@ class StructuredPlan:
     groups: list[GroupPlan]
 
     def active(self) -> list[GroupPlan]:
+        """The groups the plan actually shrinks."""
         return [g for g in self.groups if g.skip_reason is None and len(g.keep) < g.channels]
 
     def skips(self) -> list[Skip]:
+        """The channel groups left whole, each with its reason."""
         return [Skip(g.name, g.skip_reason) for g in self.groups if g.skip_reason is not None]
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready values."""
         return {
             "criterion": self.criterion,
             "ratio": self.ratio,
@@ -142,10 +148,12 @@ class StructuredPlan:
         }
 
     def to_json(self) -> str:
+        """The plan file's text."""
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> StructuredPlan:
+        """A plan from its JSON form (a missing key raises KeyError for the caller to name)."""
         return cls(
             raw["criterion"], raw.get("ratio"), [GroupPlan.from_dict(g) for g in raw["groups"]]
         )
@@ -168,11 +176,19 @@ class StructuredPlan:
 Criterion = Literal["l1", "l2", "taylor", "obd"]
 
 
+def _tensor(value: ir.Value) -> ir.TensorProtocol:
+    """The tensor of a value from `const_values`, which holds only values that have one."""
+    tensor = value.const_value
+    if tensor is None:  # pragma: no cover - const_values keeps constants only
+        raise UnsupportedModelError(f"{value.name!r} is not a constant")
+    return tensor
+
+
 def _norm_scores(model: ir.Model, group: ChannelGroup, criterion: str) -> np.ndarray:
     constants = const_values(model.graph)
     total = np.zeros(group.channels, dtype=np.float64)
     for name, out_axis in group.producers:
-        weight = np.moveaxis(constants[name].const_value.numpy().astype(np.float64), out_axis, 0)
+        weight = np.moveaxis(_tensor(constants[name]).numpy().astype(np.float64), out_axis, 0)
         flat = weight.reshape(group.channels, -1)
         total += np.abs(flat).sum(1) if criterion == "l1" else np.sqrt((flat**2).sum(1))
     return total
@@ -251,8 +267,8 @@ def apply_plan(model: ir.Model, plan: StructuredPlan) -> dict[str, tuple[np.ndar
                 raise UnsupportedModelError(
                     f"plan names tensor {cut.name!r}, which the model lacks"
                 )
-            shape = constants[cut.name].const_value.shape
-            if cut.axis >= len(shape) or int(shape[cut.axis]) != group.channels * cut.repeat:
+            shape = _tensor(constants[cut.name]).shape.numpy()
+            if cut.axis >= len(shape) or shape[cut.axis] != group.channels * cut.repeat:
                 raise UnsupportedModelError(
                     f"plan expects {cut.name!r} to have {group.channels * cut.repeat} entries on "
                     f"axis {cut.axis}, it has shape {list(shape)}"
@@ -260,21 +276,21 @@ def apply_plan(model: ir.Model, plan: StructuredPlan) -> dict[str, tuple[np.ndar
             cuts.setdefault(cut.name, []).append((cut.axis, _indices(group.keep, cut.repeat)))
         for name, index, repeat in group.reshapes:
             target = constants.get(name)
-            if target is None or int(target.const_value.numpy()[index]) != group.channels * repeat:
+            if target is None or int(_tensor(target).numpy()[index]) != group.channels * repeat:
                 raise UnsupportedModelError(f"plan expects reshape target {name!r}[{index}] = "
                                             f"{group.channels * repeat}")
             reshapes.append((name, index, len(group.keep) * repeat))
         activations += [values_by_name[n] for n in group.activations if n in values_by_name]
     changed = {}
     for name, axis_cuts in cuts.items():
-        before = constants[name].const_value.numpy()
+        before = _tensor(constants[name]).numpy()
         after = before
-        for axis, index in axis_cuts:
-            after = np.take(after, index, axis=axis)
+        for axis, kept in axis_cuts:
+            after = np.take(after, kept, axis=axis)
         set_constant(constants[name], after)
         changed[name] = (before, after)
     for name, index, size in reshapes:
-        before = constants[name].const_value.numpy()
+        before = _tensor(constants[name]).numpy()
         after = before.copy()
         after[index] = size
         set_constant(constants[name], after)
@@ -291,6 +307,8 @@ def apply_plan(model: ir.Model, plan: StructuredPlan) -> dict[str, tuple[np.ndar
 
 
 class StructuredPruneConfig(PassConfig):
+    """Options of `prune.structured`: the share of channels, the criterion, or a saved plan."""
+
     ratio: float = pydantic.Field(
         0.5,
         ge=0.0,
@@ -354,6 +372,7 @@ class StructuredPrunePass(PlannedPass[StructuredPlan]):
         )
 
     def apply(self, model: ir.Model, plan: StructuredPlan, report: PassReport) -> bool:
+        """Shrink every group the plan names and report each change."""
         self.record_plan(plan, report)
         changed = apply_plan(model, plan)
         record_changes(changed, report)

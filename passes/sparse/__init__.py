@@ -1,1 +1,1 @@
-"""Sparse and weight-shared layers as custom ops of domain `ai.onnxcompress` (see docs/kernels.md)."""
+"""Sparse and weight-shared layers as custom ops of domain ai.onnxcompress (see docs/kernels.md)."""

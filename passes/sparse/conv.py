@@ -42,8 +42,10 @@ class ConvLayer:
 def value_shapes(
     model: ir.Model, probes: Mapping[str, np.ndarray] | None = None
 ) -> dict[str, tuple[int | None, ...]]:
-    """Every value's shape onnx shape inference can tell (unknown dims None); graph inputs take
-    the size of one probe sample where they have symbolic dims."""
+    """Every value's shape onnx shape inference can tell (unknown dims None).
+
+    Graph inputs take the size of one probe sample where they have symbolic dims.
+    """
     proto = ir.to_proto(model)
     for graph_input in proto.graph.input:
         probe = (probes or {}).get(graph_input.name)
@@ -99,8 +101,11 @@ def _resolved_pads(
 
 
 def conv_layer(site: WeightSite, input_shape: tuple[int | None, ...] | None) -> ConvLayer | str:
-    """The layer's SparseConv parts, or why it stays dense (eligibility of the weight itself is
-    checked by the caller: one reader, fp32, main graph)."""
+    """The layer's SparseConv parts.
+
+    Or why it stays dense (eligibility of the weight itself is checked by the caller: one reader,
+    fp32, main graph).
+    """
     node = site.node
     if len(site.shape) not in (3, 4):
         return f"Conv weight is {len(site.shape)}-D; SparseConv takes 1-D and 2-D convolutions"
@@ -186,7 +191,8 @@ def measure_conv(
     """Median seconds of onnxruntime's Conv, of SparseConv, and of a call that computes nothing.
 
     Alternating in one process (`timing.interleaved_medians`); with `cold_cache` every call
-    starts with the caches flushed and then the input rewritten (warm input, cold weights)."""
+    starts with the caches flushed and then the input rewritten (warm input, cold weights).
+    """
     models = layer_models(layer, arrays, x_shape)
     sessions = [runtime.session(model, threads=threads) for model in models.values()]
     x = np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)

@@ -4,12 +4,12 @@ Deep Compression (Han et al., ICLR 2016) stores pruned layers as sparse matrices
 3× faster fully connected layers at batch 1 on CPU; onnxruntime has no usable sparse kernel
 (it densifies `sparse_initializer` at load), so a pruned model is as slow as the dense one.
 This pass swaps a pruned layer's weight for CSR arrays read by `ai.onnxcompress.SparseMatMul`
-(`onnxcompress.formats.kernel_arrays`), but only where the kernel is measurably faster at the batch size the user
-gives: each candidate is timed against onnxruntime's dense MatMul on this machine, in one
-process, alternating, caches flushed between calls by default; the fixed cost of a call (timed
-on a graph that does nothing) is subtracted from both, since a layer inside a model does not
-pay it. Every layer left dense gets
-its reason (too dense, not faster, shared weight, unsupported Gemm form, ...).
+(`onnxcompress.formats.kernel_arrays`), but only where the kernel is measurably faster at the
+batch size the user gives: each candidate is timed against onnxruntime's dense MatMul on this
+machine, in one process, alternating, caches flushed between calls by default; the fixed cost
+of a call (timed on a graph that does nothing) is subtracted from both, since a layer inside a
+model does not pay it. Every layer left dense gets its reason (too dense, not faster, shared
+weight, unsupported Gemm form, ...).
 
 Pruned Conv layers (1-D and 2-D, any strides, pads, dilations, groups) become `SparseConv`
 (conv.py: Liu et al.'s sparse × dense product over the lowered input, run as direct sparse
@@ -70,6 +70,8 @@ Shapes = dict[str, tuple[int | None, ...]]  # value name -> static shape (None: 
 
 
 class SparseCsrConfig(PassConfig):
+    """Options of `sparse.csr`: which layers, how the decision is made, portable or not."""
+
     min_sparsity: float = pydantic.Field(
         0.7, ge=0.0, le=1.0, description="Layers with a smaller share of zero weights stay dense."
     )
@@ -180,7 +182,8 @@ def measure_layer(
         [helper.make_node("MatMul", ["X", "W"], ["Y"])], [numpy_helper.from_array(weight, "W")], k
     )
     sparse = _layer_model(
-        [helper.make_node(op, ["X", *arrays], ["Y"], domain=DOMAIN, **attributes)],
+        # make_node takes attributes as **kwargs; mypy matches them to its str keywords too
+        [helper.make_node(op, ["X", *arrays], ["Y"], domain=DOMAIN, **attributes)],  # type: ignore[arg-type]
         [
             numpy_helper.from_array(np.ascontiguousarray(array), name)
             for name, array in arrays.items()
@@ -219,7 +222,8 @@ def codebook_arrays(
     k, n = weight.shape
     if sparse:
         csr = to_csr(weight, index_dtype)  # type: ignore[arg-type]
-        rows = np.repeat(np.arange(n), np.diff(csr.row_ptr.astype(np.int64)))
+        counts: np.ndarray = np.diff(csr.row_ptr.astype(np.int64))  # numpy's stub: timedelta64
+        rows = np.repeat(np.arange(n), counts)
         stored = np.ascontiguousarray(indices.T)[rows, csr.col_indices.astype(np.int64)].astype(
             np.uint8
         )
@@ -257,6 +261,7 @@ class SparseCsrPass(CompressionPass):
     lossy = False
 
     def requires(self, model: ir.Model) -> None:
+        """Refuse before any edit when the kernel library the options need is not built."""
         super().requires(model)
         has_kernel = OP in runtime.available_ops()
         if self.config.decide == "measure" and not has_kernel:
@@ -277,6 +282,7 @@ class SparseCsrPass(CompressionPass):
             )
 
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
+        """Convert every layer where it pays to a kernel op (shared layers to the codebook ops)."""
         scan = find_weight_sites(
             model,
             min_params=self.config.min_params,
@@ -395,7 +401,7 @@ class SparseCsrPass(CompressionPass):
         ):
             report.skip(name, f"read by {node.op_type} input {index}, not as a MatMul/Gemm weight")
             return None
-        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) != 0:
             report.skip(name, "Gemm with transA=1")
             return None
         codebook = layer.codebook()
@@ -423,7 +429,7 @@ class SparseCsrPass(CompressionPass):
             bias = folded
         weight = codebook[indices.astype(np.int64)]
         sparsity = 1.0 - np.count_nonzero(weight) / weight.size
-        sparse = sparsity >= self.config.min_sparsity
+        sparse = bool(sparsity >= self.config.min_sparsity)
         op, arrays, attributes = codebook_arrays(
             indices, codebook, weight, sparse, self.config.index_dtype
         )
@@ -445,7 +451,7 @@ class SparseCsrPass(CompressionPass):
             return f"weight is {len(site.shape)}-D; the kernel takes a 2-D K x N weight"
         if node.op_type == "MatMul" and site.input_index != 1:
             return "weight is MatMul's first input"
-        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) != 0:
             return "Gemm with transA=1"
         return None
 
@@ -566,9 +572,23 @@ class SparseCsrPass(CompressionPass):
             _drop_if_unused(graph, candidate.site)
         if candidate.layer is not None:
             _drop_codebook_if_unused(graph, candidate.layer)
-        for value in old_inputs:  # a Gemm's C, folded into the bias
-            _drop_initializer_if_unused(graph, value)
+        for old_input in old_inputs:  # a Gemm's C, folded into the bias
+            _drop_initializer_if_unused(graph, old_input)
         before = candidate.site.array() if candidate.site is not None else candidate.weight
+        detail = self._detail(candidate)
+        stored = (
+            candidate.arrays["values"]
+            if "values" in candidate.arrays
+            else candidate.arrays["indices"]
+        )
+        params_after = (
+            int(stored.size) if candidate.op != "CodebookMatMul" else int(candidate.weight.size)
+        )
+        report.changed(candidate.name, node.op_type, before, params_after=params_after,
+                       bytes_after=candidate.stored_bytes(), detail=detail)
+
+    def _detail(self, candidate: _Candidate) -> str:
+        """The report's account of one conversion: the op, the index form, the measured gain."""
         detail = f"{candidate.op}, sparsity {candidate.sparsity:.3f}"
         if candidate.op != "CodebookMatMul":
             detail += f", {candidate.arrays['col_indices'].dtype.name} columns"
@@ -581,32 +601,25 @@ class SparseCsrPass(CompressionPass):
                 f"{self.config.batch} ({_net(timing, 'sparse') * 1e3:.3f} vs "
                 f"{_net(timing, 'dense') * 1e3:.3f} ms)"
             )
-        stored = (
-            candidate.arrays["values"]
-            if "values" in candidate.arrays
-            else candidate.arrays["indices"]
-        )
-        params_after = (
-            int(stored.size) if candidate.op != "CodebookMatMul" else int(candidate.weight.size)
-        )
-        report.changed(candidate.name, node.op_type, before, params_after=params_after,
-                            bytes_after=candidate.stored_bytes(), detail=detail)
+        return detail
 
 
 def _drop_initializer_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    name = value.name if value is not None else None
     if (
         value is None
+        or name is None
         or value.uses()
         or value.is_graph_output()
-        or value.name not in graph.initializers
+        or name not in graph.initializers
     ):
         return
-    if graph.initializers[value.name] is value:
-        graph.initializers.pop(value.name)
+    if graph.initializers[name] is value:
+        graph.initializers.pop(name)
 
 
 def _drop_codebook_if_unused(graph: ir.Graph, layer: CodebookLayer) -> None:
-    """Remove the Cast -> Gather pair or packed decoder (and its initializers) once nothing reads the weight."""
+    """Remove the Cast -> Gather pair or packed decoder (and its initializers) once unread."""
     if layer.gather.outputs[0].uses() or layer.gather.outputs[0].is_graph_output():
         return
     remove_codebook_layer(graph, layer)
@@ -629,5 +642,5 @@ def _drop_if_unused(graph: ir.Graph, site: WeightSite) -> None:
         producer = value.producer()
         if producer is not None and producer.graph is not None:
             producer.graph.remove(producer, safe=True)
-    elif value.name in graph.initializers:
+    elif value.name is not None and value.name in graph.initializers:
         graph.initializers.pop(value.name)

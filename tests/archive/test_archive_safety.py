@@ -1,4 +1,4 @@
-"""Crafted archives (issue 14): nothing read outside the archive, nothing allocated before it is checked.
+"""Crafted archives (issue 14): nothing read outside the archive, nothing allocated unchecked.
 
 Each archive here is resealed with a correct digest, so only the checks inside `unpack`
 stand between it and the disk.

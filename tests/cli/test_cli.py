@@ -43,7 +43,8 @@ def test_inspect_json_lists_layers_and_totals(model_path):
 
 def test_prune_writes_the_default_output_and_leaves_the_input(model_path, tmp_path):
     before = open(model_path, "rb").read()
-    # mild, and top-1 checked as observed only: a random MLP on random probes has close calls everywhere
+    # mild, and top-1 checked as observed only: a random MLP on random probes has close calls
+    # everywhere
     result = invoke("prune", model_path, "--sparsity", "0.05", "--min-top1", "0")
     assert result.exit_code == 0, result.output
     out = tmp_path / "mlp.compressed.onnx"
@@ -207,7 +208,8 @@ def test_bench_judges_fidelity_and_accuracy_on_all_the_data(model_path, tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["samples"] == 100 and report["accuracy_a"] == 1.0
-    # top-1 agreement counts the lower of the observed share (= accuracy here) and the margin prediction
+    # top-1 agreement counts the lower of the observed share (= accuracy here) and the margin
+    # prediction
     assert report["metrics"]["top1_agreement"] <= report["accuracy_b"]
 
 

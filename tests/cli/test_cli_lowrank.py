@@ -80,7 +80,8 @@ def test_lowrank_writes_a_model_that_runs_like_its_factors(model_path, tmp_path)
     for name in ("fc0.weight", "fc1.weight", "head.weight"):
         assert name not in weights
         first, second = weights[f"{name}.lowrank_first"], weights[f"{name}.lowrank_second"]
-        # head is Gemm(transB=1): its stored 10×96 matrix S = P·Q; the first Gemm reads Q, the second P
+        # head is Gemm(transB=1): its stored 10×96 matrix S = P·Q; the first Gemm reads Q, the
+        # second P
         dense[name] = second @ first if name == "head.weight" else first @ second
         rank = min(first.shape)
         u, s, vt = np.linalg.svd(original[name], full_matrices=False)
@@ -183,7 +184,8 @@ def exported_path(tmp_path_factory):
 @pytest.mark.parametrize("mode", [["--energy", "0.9"], ["--ratio", "0.5"], ["--budget", "0.99"]])
 def test_each_mode_compresses_an_exported_model(exported_path, tmp_path, mode):
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    # the budget mode is held to the default gate, with top-1 as observed (the budget searches cosine)
+    # the budget mode is held to the default gate, with top-1 as observed (the budget searches
+    # cosine)
     gate = ("--min-top1", "0") if mode[0] == "--budget" else NO_GATE
     result = invoke("lowrank", exported_path, "-o", out, *mode, "--report", report, *gate)
     assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""Models whose weights live in an external data file, through the commands that re-serialize them."""
+"""Models whose weights live in an external data file, through the commands that rewrite them."""
 
 from __future__ import annotations
 

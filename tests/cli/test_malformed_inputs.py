@@ -1,4 +1,4 @@
-"""Malformed models, data and recipes (issue 14): one `error: ...` line and exit 2, never a traceback.
+"""Malformed models, data and recipes (issue 14): one `error: ...` line, exit 2, no traceback.
 
 Each row was a traceback (exit 1) or a silently wrong model (exit 0) before. Files are built
 inline from the small MLP, each with one defect; the command runs in-process on a fresh folder,
@@ -266,8 +266,11 @@ def test_unsorted_acyclic_graph_is_sorted_and_compressed(work):
 
 
 def test_nan_outputs_on_random_probes_ask_for_real_data(work):
-    """Log of a negative random probe is NaN in the original too: not the model's fault, but no gate
-    can pass on NaN, so the command asks for real samples instead of comparing what is left."""
+    """Log of a negative random probe is NaN in the original too: not the model's fault.
+
+    But no gate can pass on NaN, so the command asks for real samples instead of comparing
+    what is left.
+    """
     rng = np.random.default_rng(1)
     graph = helper.make_graph(
         [helper.make_node("Log", ["x"], ["l"]), helper.make_node("MatMul", ["l", "w"], ["y"])], "g",

@@ -1,4 +1,4 @@
-"""No command writes over its input or a file the input maps (issue 14): exit 2, every file untouched.
+"""No command writes over its input or a file the input maps (issue 14): exit 2, files untouched.
 
 The input's data files get the names a destination would take: an archive `-o`, the data
 file `<output>.data`, a report, a plan, the files `sensitivity -o` writes.

@@ -23,7 +23,7 @@ def _one_thread() -> None:
 def export(
     module: torch.nn.Module, example: torch.Tensor, *, dynamic: bool = True
 ) -> onnx.ModelProto:
-    """torch 2.13's default exporter (dynamo), batch axis dynamic; IR version onnxruntime accepts."""
+    """torch 2.13's default exporter (dynamo), batch axis dynamic; an IR version ORT accepts."""
     module.eval()
     shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
     program = torch.onnx.export(module, (example,), None, dynamic_shapes=shapes, verbose=False)

@@ -1,4 +1,4 @@
-"""`finetune` without options: the rate from a range test, early stopping on held-out data, one config."""
+"""`finetune` without options: the rate from a range test, early stopping on held-out data."""
 
 from __future__ import annotations
 

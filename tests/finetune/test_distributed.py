@@ -1,5 +1,8 @@
-"""Fine-tuning on Ray Train (TorchTrainer, DDP over gloo, CPU workers): with 2 workers the
-compressed structure holds exactly as with 1, and the written model has the local format."""
+"""Fine-tuning on Ray Train (TorchTrainer, DDP over gloo, CPU workers).
+
+With 2 workers the compressed structure holds exactly as with 1, and the written model has the local
+format.
+"""
 
 from __future__ import annotations
 

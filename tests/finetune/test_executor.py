@@ -45,7 +45,7 @@ def test_exported_models_match_onnxruntime(request, rng, pair, shape) -> None:
     "pair, shape", [("mlp_pair", (4, 64)), ("cnn_pair", (4, 1, 8, 8)), ("encoder_pair", (4, 5, 16))]
 )
 def test_torchscript_exporter_models_match_onnxruntime(request, rng, pair, shape, opset) -> None:
-    """The other exporter (dynamo=False) writes other ops (Mod, Shape arithmetic, Constant nodes)."""
+    """The other exporter (dynamo=False) writes other ops (Mod, Shape arithmetic, Constants)."""
     import io
     import warnings
 

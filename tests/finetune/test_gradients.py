@@ -125,8 +125,11 @@ def test_bad_options_are_user_errors(mlp_pair, rng) -> None:
 def test_per_channel_taylor_of_a_conv_matches_finite_differences_in_onnxruntime(
     cnn_pair, rng
 ) -> None:
-    """Σ_channel w·g is d/dε L(channel scaled by 1+ε) at 0: central differences on onnxruntime's
-    outputs (float64 cross-entropy in numpy) give an oracle independent of torch."""
+    """Σ_channel w·g is d/dε L(channel scaled by 1+ε) at 0.
+
+    Central differences on onnxruntime's outputs (float64 cross-entropy in numpy) give an
+    oracle independent of torch.
+    """
     import onnx
     from onnx import numpy_helper
 

@@ -118,7 +118,7 @@ def test_low_rank_starts_at_truncated_svd_and_stays_low_rank(mlp_pair) -> None:
 
 
 def _in_graph_codebook(rng) -> tuple[ir.Model, np.ndarray, np.ndarray]:
-    """uint8 indices, Cast, float codebook, Gather, Reshape feeding a MatMul (codebook.kmeans's form)."""
+    """uint8 indices, Cast, float codebook, Gather, Reshape into MatMul (codebook.kmeans's form)."""
     codebook = np.float32([0.0, -0.4, -0.1, 0.1, 0.4])  # entry 0 is the pruned zero
     indices = rng.integers(0, 5, 24).astype(np.uint8)
     graph = helper.make_graph(

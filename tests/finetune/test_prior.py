@@ -1,4 +1,4 @@
-"""Soft weight-sharing (`finetune --prior gmm`): the mixture, its quantisation, the codebook model."""
+"""Soft weight-sharing (`finetune --prior gmm`): the mixture, its quantisation, the codebooks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Regularisers per layer: L1 / biased decay against numpy, group lasso to exact zeros, then removal."""
+"""Regularisers per layer: L1 / biased decay against numpy, group lasso to zeros, then removal."""
 
 from __future__ import annotations
 

@@ -418,7 +418,10 @@ def test_a_diverging_run_is_reported(mlp_pair, digits, caplog) -> None:
 
 
 def test_dropout_rescale_as_torch_writes_it(rng) -> None:
-    """Ratio in a Constant node, bias Add with the bias first; and never past a layer without a constant weight."""
+    """Ratio in a Constant node, bias Add with the bias first.
+
+    And never past a layer without a constant weight.
+    """
     from onnx import TensorProto, helper, numpy_helper
 
     w = rng.standard_normal((8, 8)).astype(np.float32)

@@ -82,8 +82,10 @@ def _attribute_helpers() -> dict[str, str]:
 
 
 def _attributes(text: str, body: str, base: str | None) -> dict[str, int | str | None]:
-    """Attribute name -> default (None: required, INTS: required ints) read by a kernel (its base
-    struct and the shared helpers it calls included)."""
+    """Attribute name -> default (None: required, INTS: required ints) read by a kernel.
+
+    The kernel's base struct and the shared helpers it calls are included.
+    """
     if base is not None:
         body += _struct(text, base)[0]
     helpers = _attribute_helpers()
@@ -175,9 +177,11 @@ def test_the_portable_body_takes_the_table_inputs_and_checks(op: str):
 
 
 def _every_kind_of_layer() -> ir.Model:
-    """An MLP whose fc0 is pruned (-> SparseMatMul), fc1 shared by a 16-entry codebook
-    (-> CodebookMatMul) and head pruned and shared (-> SparseCodebookMatMul), beside a pruned
-    Conv on a second input (-> SparseConv)."""
+    """An MLP whose fc0 is pruned (-> SparseMatMul).
+
+    Fc1 shared by a 16-entry codebook (-> CodebookMatMul) and head pruned and shared (->
+    SparseCodebookMatMul), beside a pruned Conv on a second input (-> SparseConv).
+    """
     rng = np.random.default_rng(0)
     model = mlp(rng, sizes=(64, 96, 48, 32))
     weights = model.graph.initializers
@@ -242,8 +246,11 @@ def test_the_sparse_pass_writes_nodes_the_table_describes_and_inspect_reads_them
 
 
 def test_the_cuda_kernels_check_their_inputs_with_the_cpu_rules():
-    """One validation header (validate.h) for both builds: the CUDA bindings word no input
-    error of their own, so a malformed input gets the same message on either provider."""
+    """One validation header (validate.h) for both builds.
+
+    The CUDA bindings word no input error of their own, so a malformed input gets the same message
+    on either provider.
+    """
     cuda = (KERNELS / "cuda" / "cuda_ops.cc").read_text()
     assert '#include "../src/validate.h"' in cuda
     assert "Error(Message(" not in cuda

@@ -1,5 +1,8 @@
-"""Bit-packed codebook indices and float16 storage: smaller files that stock onnxruntime
-decodes at session load (constant folding), with outputs equal to the uint8 form."""
+"""Bit-packed codebook indices and float16 storage: smaller files, same outputs.
+
+Stock onnxruntime decodes them at session load (constant folding), with outputs equal to the
+uint8 form.
+"""
 
 from __future__ import annotations
 

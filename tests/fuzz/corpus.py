@@ -388,7 +388,7 @@ def r_deep(rng: Rng, text: str) -> str:
 
 
 def laughs_yaml(levels: int) -> str:
-    """A structured-prune plan of 10**levels strings in a few lines: each anchor repeats the last."""
+    """A structured-prune plan of 10**levels strings in few lines: each anchor repeats the last."""
     anchors = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     anchors += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
     return "steps:\n  - pass: prune.structured\n    options:\n      plan:\n" + "".join(
@@ -496,7 +496,7 @@ COMMANDS = {
 
 
 def plan(index: int) -> tuple[str, str, tuple[str, ...]]:
-    """(kind, mutation, command) of case `index`: cheap, so tests can be named before seeds exist."""
+    """(kind, mutation, command) of case `index`: cheap, so tests are named before seeds exist."""
     rng = np.random.default_rng([SEED, index, 0])
     kind = KINDS[index % len(KINDS)]
     names = [*BYTE_MUTATIONS, *FORMAT_MUTATIONS[kind]]

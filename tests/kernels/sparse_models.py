@@ -146,7 +146,8 @@ def sparse_conv_model(
 ) -> onnx.ModelProto:
     """Y = SparseConv(X, values, col_indices, row_ptr[, bias]) with `geometry`'s attributes.
 
-    `fed`: the CSR arrays (and bias) are graph inputs; `portable`: add the model-local function."""
+    `fed`: the CSR arrays (and bias) are graph inputs; `portable`: add the model-local function.
+    """
     arrays = {"values": csr.values, "col_indices": csr.col_indices, "row_ptr": csr.row_ptr}
     if bias is not None:
         arrays["bias"] = bias

@@ -1,5 +1,7 @@
-"""SparseConv kernel against onnxruntime's own Conv on random geometries, its numpy reference,
-its portable fallback in a stock onnxruntime, and malformed input."""
+"""SparseConv kernel against onnxruntime's own Conv on random geometries, its numpy reference.
+
+Its portable fallback in a stock onnxruntime, and malformed input.
+"""
 
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def test_shared_layers_run_with_the_kernels(rng):
 
 
 def test_sparsify_command_measures_and_writes_a_kernel_only_model(rng, tmp_path):
-    """`onnxcompress sparsify` as a user runs it: measured decision, --no-portable, --batch, report."""
+    """`onnxcompress sparsify` as a user runs it: measured decision, --no-portable, --batch."""
     import json
     import subprocess
     import sys

@@ -223,7 +223,8 @@ for m in (2, 9, 17, 33, 70):
     w = pruned(rng, (150, 61), 0.85)
     b = rng.standard_normal(61).astype(np.float32)
     x = rng.standard_normal((m, 150)).astype(np.float32)
-    y = runtime.session(sparse_matmul_model(to_csr(w), [m, 150], b), threads=2).run(None, {"X": x})[0]
+    session = runtime.session(sparse_matmul_model(to_csr(w), [m, 150], b), threads=2)
+    y = session.run(None, {"X": x})[0]
     expected = x.astype(np.float64) @ w + b
     worst = max(worst, float(np.abs(y - expected).max() / np.abs(expected).max()))
 print(worst)
@@ -231,7 +232,7 @@ print(worst)
 
 
 def test_avx2_batched_path_on_avx512_machines():
-    """The library picks AVX-512 tiles at run time where the CPU has them; check the AVX2 ones too."""
+    """The library picks AVX-512 tiles at run time where the CPU has them; check AVX2's too."""
     import os
     import subprocess
     import sys

@@ -1,5 +1,8 @@
-"""`--executor local|ray`, `--ray-address`, `--workers`, `--cache`/`--no-cache` on the commands
-that sweep: the same files either way, each evaluation cached, bad options one error line."""
+"""`--executor local|ray`, `--ray-address`, `--workers`.
+
+`--cache`/`--no-cache` on the commands that sweep: the same files either way, each evaluation
+cached, bad options one error line.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""The Ray executor on a real local cluster: the same results as the local executor, a dead
-worker retried, the cache answering a second run; and the sensitivity table it gives."""
+"""The Ray executor on a real local cluster.
+
+The same results as the local executor, a dead worker retried, the cache answering a second run; and
+the sensitivity table it gives.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""quant.int8: weight-only int8 per output channel; the error bound holds, stock onnxruntime runs it."""
+"""quant.int8: weight-only int8 per output channel; the error bound holds, stock ORT runs it."""
 
 from __future__ import annotations
 

@@ -19,8 +19,10 @@ from tests.run_cli import run_cli
 
 
 def families(rng: np.random.Generator, groups: int, per_group: int, shape=(8, 3, 3)) -> np.ndarray:
-    """Filters from `groups` families, each the multiples (of either sign) of one filter, shuffled:
-    one SVD of all of them needs rank `groups`, each family rank 1."""
+    """Filters from `groups` families, each the multiples (of either sign) of one filter, shuffled.
+
+    One SVD of all of them needs rank `groups`, each family rank 1.
+    """
     columns = int(np.prod(shape))
     blocks = [
         rng.standard_normal((per_group, 1)) @ rng.standard_normal((1, columns))

@@ -322,7 +322,7 @@ def test_pair_that_is_not_faster_is_not_applied(rng):
 
 
 class CostClock:
-    """Stands in for `time.perf_counter` in `onnxcompress.timing`: each onnxruntime run advances it by a set cost.
+    """Stands in for `time.perf_counter` in `onnxcompress.timing`: each run adds a set cost.
 
     The sessions are real; only the clock is replaced, so which of the two is "faster" is
     decided by the test, never by a race on a shared machine.
@@ -534,7 +534,7 @@ def test_budget_too_strict_leaves_layers_with_the_reason(rng):
 
 
 def test_a_pruned_layer_is_left_sparse(rng):
-    """prune → lowrank would trade 80% zeros for dense factors: the layer is skipped, with the reason."""
+    """prune → lowrank would trade 80% zeros for dense factors: the layer is skipped, with why."""
     from onnxcompress.pass_base import get_pass
     from tests.builders import mlp
 

@@ -36,10 +36,13 @@ def _bn(rng: np.random.Generator, name: str, c: int) -> list[onnx.TensorProto]:
 def cnn_proto(
     rng: np.random.Generator, *, concat: bool = False, reshape: bool = False
 ) -> onnx.ModelProto:
-    """x[N,3,8,8] -> conv1+BN+Relu -> conv2+BN (+ residual) -> Relu -> conv3 -> Relu
+    """A small CNN with the shapes structured pruning must follow through.
+
+    x[N,3,8,8] -> conv1+BN+Relu -> conv2+BN (+ residual) -> Relu -> conv3 -> Relu
     -> MaxPool 2 -> Flatten (6·4·4) -> Gemm head.  With `concat`, conv3's output is
     concatenated with itself before pooling (an index mapping the pass does not handle); with
-    `reshape`, Flatten is a Reshape to [-1, 96] as torch's exporter writes it (allowzero=1)."""
+    `reshape`, Flatten is a Reshape to [-1, 96] as torch's exporter writes it (allowzero=1).
+    """
     inits = (
         _conv(rng, "conv1", 3, 8)
         + _bn(rng, "bn1", 8)

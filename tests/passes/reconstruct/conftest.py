@@ -1,4 +1,4 @@
-"""The layer both reconstruction test files score: 48 outputs over 64 correlated inputs, and its H."""
+"""The layer both reconstruction test files score: 48 outputs of 64 correlated inputs, and H."""
 
 from __future__ import annotations
 

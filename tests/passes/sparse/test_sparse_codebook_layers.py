@@ -16,7 +16,7 @@ SparseCsr = get_pass("sparse.csr")
 
 
 def shared_mlp(rng: np.random.Generator) -> onnx.ModelProto:
-    """MLP 48-64-40-10: fc0 pruned to 90% and shared (16 entries, 0 reserved), fc1 and head shared."""
+    """MLP 48-64-40-10: fc0 pruned to 90% and shared (16 entries, 0 reserved), fc1, head shared."""
     proto = mlp_proto(rng, (48, 64, 40, 10))
     model = ir.serde.deserialize_model(proto)
     graph = model.graph

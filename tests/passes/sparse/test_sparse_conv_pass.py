@@ -21,8 +21,11 @@ SparseCsr = get_pass("sparse.csr")
 
 
 def pruned_cnn(rng: np.random.Generator, sparsity: float = 0.9) -> onnx.ModelProto:
-    """x [N, 4, 16, 16] -> Conv 3x3 pad 1 -> Relu -> Conv 1x1 stride 2 (no bias) -> Relu ->
-    Conv 4x4 SAME_UPPER group 2 -> Conv 3x3 (dense) -> GlobalAveragePool."""
+    """A pruned CNN with every Conv form the pass converts, and one dense Conv it leaves.
+
+    x [N, 4, 16, 16] -> Conv 3x3 pad 1 -> Relu -> Conv 1x1 stride 2 (no bias) -> Relu ->
+    Conv 4x4 SAME_UPPER group 2 -> Conv 3x3 (dense) -> GlobalAveragePool.
+    """
     weights = {
         "c0.weight": pruned(rng, (16, 4, 3, 3), sparsity),
         "c1.weight": pruned(rng, (32, 16, 1, 1), sparsity),

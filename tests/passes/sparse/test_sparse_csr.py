@@ -101,7 +101,7 @@ def test_converts_pruned_layers_and_keeps_outputs(rng, pruned_mlp):
 
 
 def test_gemm_forms(rng):
-    """alpha, beta, transB and a [1, N] bias fold exactly; C of shape [M, N] and transA stay dense."""
+    """alpha, beta, transB and a [1, N] bias fold exactly; C of shape [M, N], transA stay dense."""
     w = pruned(rng, (12, 32), 0.9)  # transB: N x K
     c = rng.standard_normal((1, 12)).astype(np.float32)
     full_c = rng.standard_normal((4, 12)).astype(np.float32)
