@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard kernels/CMakeLists.txt)
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy -p onnxcompress
 	$(VENV)/bin/pytest -q
 
 demo: setup
