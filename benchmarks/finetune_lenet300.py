@@ -52,7 +52,7 @@ DENSE_EPOCHS, DENSE_LR = 20, 0.05
 KEEP = {"fc1.weight": 0.08, "fc2.weight": 0.09, "fc3.weight": 0.26}
 ROUNDS = 4  # kept share per round: 1 - (1 - keep) * (1 - 0.5**r) / (1 - 0.5**ROUNDS)
 ROUND_EPOCHS = (4, 4, 4, 20)
-FINETUNE = {"lr": 0.02, "lr_schedule": "cosine", "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128}
+FINETUNE = {"lr": 0.02, "optimizer": "sgd", "lr_schedule": "cosine", "momentum": 0.9, "l2": 1e-4, "batch_size": 128}
 THROUGHPUT = {"batch_size": 128, "steps": 40, "repeats": 7}
 
 

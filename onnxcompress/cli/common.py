@@ -36,10 +36,11 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 import typer
 from rich.console import Console
@@ -51,7 +52,7 @@ from typer.core import TyperCommand
 from onnxcompress import io, writer
 from onnxcompress.data import load_npz
 from onnxcompress.errors import OnnxCompressError, UserError
-from onnxcompress.fidelity import DEFAULT_GATE, Gate
+from onnxcompress.fidelity import DEFAULT_GATE, Gate, TaskMetric
 from onnxcompress.pass_base import PlanTable, get_pass
 from onnxcompress.pipeline import PipelineResult, Step, run_steps
 from onnxcompress.probes import DEFAULT_PROBES, parse_input_shapes, shapes_as_sizes
@@ -114,7 +115,7 @@ def default_output(model_path: Path) -> Path:
 
 
 #: A file a command writes beside its model: (path, what it is, how to render it from the result).
-SideFile = tuple[Path, str, Callable[[PipelineResult], str]]
+SideFile = tuple[Path, str, Callable[[PipelineResult], str | bytes]]
 
 
 def _check_destinations(model_path: Path, output: Path, report: Path | None) -> None:
@@ -162,6 +163,7 @@ def compress_file(
     input_shapes: Sequence[str] | None = None,
     before_save: Callable[[ir.Model, PipelineResult], dict[str, Any]] | None = None,
     side_files: Sequence[SideFile] = (),
+    task_metric: Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None] | None = None,
     save: io.SaveOptions | None = None,
 ) -> PipelineResult:
     """Load, run the gated steps, write the model, report and side files together, print a summary.
@@ -180,6 +182,7 @@ def compress_file(
     protected = check_loaded(model, [(output, "output"), (io.data_path(output) if external else None, "output"),
                                      *((path, what) for path, what, _ in side_files)])
     data = load_npz(data_path, model) if data_path else None
+    metric = task_metric(model, data) if task_metric is not None else None  # for gates with min_task
     sizes = shapes_as_sizes(parse_input_shapes(input_shapes, model)) if input_shapes else None
     if data is None and not quiet:
         console.print(WEAK_PROXY_NOTE, soft_wrap=True)
@@ -196,13 +199,17 @@ def compress_file(
             progress.update(task, description=line)
 
         result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step,
-                           input_sizes=sizes, on_progress=on_progress)
+                           input_sizes=sizes, on_progress=on_progress, task=metric)
     extra.update(before_save(model, result) if before_save is not None else {})
     texts = [(path, what, render(result)) for path, what, render in side_files]
     with writer.batch(protected) as staged:
         io.stage_model(staged, result.model, output, save)
         for path, what, text in texts:
-            staged.stage(path, what).write_text(text, encoding="utf-8")
+            if isinstance(text, bytes):
+                if text:  # an empty image: nothing to draw (no matplotlib)
+                    staged.stage(path, what).write_bytes(text)
+            else:
+                staged.stage(path, what).write_text(text, encoding="utf-8")
     if not quiet:
         print_summary(result, output)
     return result

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,9 +39,9 @@ from onnxcompress.cli.parallel import (
     with_sweep_options,
 )
 from onnxcompress.compare import compare_models, file_bytes, interleaved_latency
-from onnxcompress.data import batch_axes, load_npz
+from onnxcompress.data import LABELS, batch_axes, load_npz
 from onnxcompress.errors import FidelityGateError, UserError
-from onnxcompress.fidelity import DEFAULT_GATE
+from onnxcompress.fidelity import DEFAULT_GATE, TaskMetric
 from onnxcompress.pass_base import describe, get_pass, make_config, pass_names, quantized_ops
 from onnxcompress.pipeline import PipelineResult, Step
 from onnxcompress.probes import parse_input_shapes, probe_inputs, shapes_as_sizes
@@ -109,10 +110,20 @@ def optimize(
     ray_address: RayAddressOption = None,
     cache: CacheOption = None,
     no_cache: NoCacheOption = False,
+    finetune: Annotated[bool, typer.Option(
+        "--finetune",
+        help="Retrain after every pruning and k-means step (needs labels in --data); each round gated on "
+        "the accuracy change on the gate's samples, which are never trained on.")] = False,
+    max_accuracy_drop: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="With --finetune: the most top-1 accuracy a round may lose (0.003 = 0.3 points).")
+    ] = 0.003,
 ) -> None:
     """Compress with a recipe of gated steps: with --data, per-layer codebook bits found by search;
     without, float16 storage only. Latency before/after is measured at --batch. The search's
-    per-layer errors run on this machine or a Ray cluster (--executor ray), cached on disk."""
+    per-layer errors run on this machine or a Ray cluster (--executor ray), cached on disk.
+    --finetune retrains after each pruning and k-means step (Han's retraining)."""
+    if finetune and data is None:
+        raise UserError("--finetune retrains on labelled samples: give --data train.npz with a 'labels' array")
     if recipe is None:
         recipe = "default" if data is not None or trust_random_probes else "data-free"
     chosen = load_recipe(recipe)
@@ -123,14 +134,49 @@ def optimize(
     given = {key: value for key, value in given.items() if value is not None}
     steps = [s.model_copy(update={"gate": s.gate.model_copy(update=given)}) for s in steps_to_run]
     steps = with_sweep_options(steps, executor, ray_address, workers, cache_for(cache, no_cache))
+    task = None
+    probes = chosen.probes
+    if finetune:
+        steps, task, probes = _retraining(steps, data, max_accuracy_drop, chosen.probes)
 
     def check_latency(original: ir.Model, result: PipelineResult) -> dict[str, Any]:
         return _latency(original, result, batch, max_latency_ratio)
 
-    result = compress_file(model, output, steps, data_path=data, report_path=report, probes=chosen.probes,
+    result = compress_file(model, output, steps, data_path=data, report_path=report, probes=probes,
                            seed=chosen.seed, input_shapes=input_shape, before_save=check_latency,
-                           save=save_options(context))
+                           task_metric=task, save=save_options(context))
     _say_if_not_smaller(model, output or default_output(model), result)
+
+
+#: With --finetune, the gates' samples (never trained on): this many, or a fifth of the data.
+RETRAIN_PROBES = 2000
+
+
+def _retraining(
+    steps: Sequence[Step], data: Path | None, max_drop: float, probes: int
+) -> tuple[list[Step], Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None], int]:
+    """`--finetune`: retraining rounds, the accuracy-change metric, and how many gate samples."""
+    from onnxcompress.finetune.retrain import accuracy_change, with_retraining
+
+    assert data is not None  # checked first thing by optimize
+
+    count = max(probes, min(RETRAIN_PROBES, _label_count(data) // 5))
+
+    def metric(model: ir.Model, arrays: Mapping[str, np.ndarray] | None) -> TaskMetric | None:
+        if arrays is None or LABELS not in arrays:
+            raise UserError(f"--finetune needs labels: {data} has no 'labels' array")
+        return accuracy_change(np.asarray(arrays[LABELS])[:count])
+
+    return with_retraining(steps, max_drop=max_drop), metric, count
+
+
+def _label_count(path: Path) -> int:
+    """Samples in an .npz's labels (0 when unreadable: loading it later says why)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return len(archive["labels"]) if "labels" in archive.files else 0
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return 0
 
 
 def _latency(original: ir.Model, result: PipelineResult, batch: int, max_ratio: float | None) -> dict[str, Any]:

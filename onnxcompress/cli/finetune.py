@@ -1,17 +1,24 @@
-"""`onnxcompress finetune`: retrain a compressed model's weights (the `finetune` pass) as one gated step."""
+"""`onnxcompress finetune`: retrain a compressed model's weights (the `finetune` pass) as one gated step.
+
+Every option's meaning is `FinetuneConfig`'s (help text read from it). Two options add a
+follow-up step: `--group-lasso` is followed by `prune.dead_neurons` (the zeroed channels
+removed, exactly), `--prior gmm` by `codebook.kmeans` at the bits that hold the mixture's
+means exactly (a codebook model that `pack` codes).
+"""
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import numpy as np
 import typer
 
 from onnxcompress.cli.common import (
     OutputOption,
-    ReportOption,
+    SideFile,
     compress_file,
     default_output,
     guarded,
@@ -21,7 +28,9 @@ from onnxcompress.cli.common import (
 from onnxcompress.cli.parallel import ExecutorOption, RayAddressOption
 from onnxcompress.errors import UserError
 from onnxcompress.fidelity import Gate
-from onnxcompress.pipeline import Step
+from onnxcompress.finetune.config import FinetuneConfig, help_of
+from onnxcompress.pass_base import make_config
+from onnxcompress.pipeline import PipelineResult, Step
 
 
 def _has_labels(path: Path) -> bool:
@@ -33,6 +42,31 @@ def _has_labels(path: Path) -> bool:
             return "labels" in archive.files
     except (OSError, ValueError, EOFError, TypeError, AttributeError, zipfile.BadZipFile):
         return True  # not a readable archive: loading it says why
+
+
+def follow_up_steps(config: FinetuneConfig) -> list[Step]:
+    """The steps a regulariser or prior implies after training (exact, or exact on the means)."""
+    steps = []
+    if config.group_lasso > 0:
+        steps.append(Step(pass_name="prune.dead_neurons", gate=Gate.off()))
+    if config.prior == "gmm":
+        bits = max(1, math.ceil(math.log2(config.prior_components + 1)))
+        steps.append(Step(pass_name="codebook.kmeans", options={"bits": bits, "min_params": 0}, gate=Gate.off()))
+    return steps
+
+
+def _curve_file(report: Path | None) -> list[SideFile]:
+    """`<report>.curve.png` beside a report: the training / held-out curve."""
+    if report is None:
+        return []
+
+    def render(result: PipelineResult) -> bytes:
+        from onnxcompress.finetune.curve import curve_png
+
+        notes = next((s.report.notes for s in result.steps if s.step.pass_name == "finetune"), {})
+        return curve_png(notes.get("history", []), notes.get("best_epoch")) or b""
+
+    return [(report.with_suffix(".curve.png"), "report", render)]
 
 
 def _placement(executor: str, address: str | None, workers: int, checkpoint_dir: Path | None) -> dict[str, object]:
@@ -58,22 +92,32 @@ def finetune(
         str, typer.Option("--data", help=".npz keyed by input name (optional 'labels'), or module:function.")
     ],
     output: OutputOption = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the data.")] = 1,
-    lr: Annotated[float, typer.Option(help="Learning rate > 0 (Han: ~1/10 of the original).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 64,
-    optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = "sgd",
-    distill: Annotated[bool, typer.Option("--distill", help="Distil from the teacher's outputs, not labels.")] = False,
+    epochs: Annotated[int | None, typer.Option(min=1, help=help_of("epochs"), show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(help=help_of("lr"), show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help=help_of("batch_size"))] = 64,
+    optimizer: Annotated[str, typer.Option(help=help_of("optimizer"))] = "adam",
+    lr_schedule: Annotated[str, typer.Option(help=help_of("lr_schedule"))] = "cosine",
+    patience: Annotated[int, typer.Option(min=1, help=help_of("patience"))] = 3,
+    max_steps: Annotated[int, typer.Option(min=1, help=help_of("max_steps"))] = 4000,
+    distill: Annotated[bool, typer.Option("--distill", help=help_of("distill"))] = False,
     teacher: Annotated[
         Path | None, typer.Option(help="Teacher (uncompressed) model for distillation; needed without labels.")
     ] = None,
-    loss: Annotated[str, typer.Option(help="auto, cross_entropy, kl, mse or cosine.")] = "auto",
-    l1: Annotated[float, typer.Option(min=0.0, help="L1 regularisation strength.")] = 0.0,
-    l2: Annotated[float, typer.Option(min=0.0, help="L2 regularisation (weight decay).")] = 0.0,
-    target_cosine: Annotated[
-        float | None, typer.Option(help="Stop early once the output cosine to the teacher reaches this.")
-    ] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of batch order and dropout.")] = 0,
-    report: ReportOption = None,
+    loss: Annotated[str, typer.Option(help=help_of("loss"))] = "auto",
+    l1: Annotated[float, typer.Option(min=0.0, help=help_of("l1"))] = 0.0,
+    l2: Annotated[float, typer.Option(min=0.0, help=help_of("l2"))] = 0.0,
+    group_lasso: Annotated[float, typer.Option(min=0.0, help=help_of("group_lasso")
+                                               + " Followed by prune.dead_neurons.")] = 0.0,
+    groups: Annotated[list[str] | None, typer.Option("--groups", help=help_of("groups"))] = None,
+    biased_decay: Annotated[float, typer.Option(min=0.0, help=help_of("biased_decay"))] = 0.0,
+    biased_decay_kind: Annotated[str, typer.Option(help=help_of("biased_decay_kind"))] = "hyperbolic",
+    prior: Annotated[str, typer.Option(help=help_of("prior"))] = "none",
+    prior_components: Annotated[int, typer.Option(min=2, help=help_of("prior_components"))] = 16,
+    prior_strength: Annotated[float, typer.Option(min=0.0, help=help_of("prior_strength"))] = 0.005,
+    target_cosine: Annotated[float | None, typer.Option(help=help_of("target_cosine"))] = None,
+    seed: Annotated[int, typer.Option(min=0, help=help_of("seed"))] = 0,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Write a .json, .md or .html report, and the training curve as <report>.curve.png.")] = None,
     min_cosine: Annotated[float | None, typer.Option(
         "--min-cosine", min=-1.0, max=1.0, show_default=False,
         help="Gate: lowest output cosine against the input model (default: none; training moves outputs).")] = None,
@@ -85,22 +129,21 @@ def finetune(
 ) -> None:
     """Retrain weights in PyTorch keeping zeros, codebook indices and low-rank factors.
 
-    Training with labels is meant to move the outputs away from MODEL's, so the output
-    gate is off unless --min-cosine is given (compare against the uncompressed model with
-    `onnxcompress bench` instead).
+    Without options: Adam, a learning rate from a short range test, early stopping on 10% of
+    the samples held out. Training with labels is meant to move the outputs away from MODEL's,
+    so the output gate is off unless --min-cosine is given (compare against the uncompressed
+    model with `onnxcompress bench` instead).
     """
     options: dict[str, object] = {
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "optimizer": optimizer,
-        "distill": distill,
-        "loss": loss,
-        "l1": l1,
-        "weight_decay": l2,
-        "target_cosine": target_cosine,
-        "seed": seed,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "lr_schedule": lr_schedule,
+        "patience": patience,
+        "max_steps": max_steps, "distill": distill, "loss": loss, "l1": l1, "l2": l2,
+        "group_lasso": group_lasso, "biased_decay": biased_decay, "biased_decay_kind": biased_decay_kind,
+        "prior": prior, "prior_components": prior_components, "prior_strength": prior_strength,
+        "target_cosine": target_cosine, "seed": seed,
     }
+    if groups:
+        options["groups"] = tuple(groups)
     if teacher is not None:
         options["teacher"] = str(teacher)
     options.update(_placement(executor, ray_address, workers, checkpoint_dir))
@@ -114,16 +157,13 @@ def finetune(
             "distillation needs a teacher: give --teacher ORIGINAL.onnx (the uncompressed model), "
             "or labels in the data"
         )
+    config = cast(FinetuneConfig, make_config(FinetuneConfig, options))  # a bad value: one line, before loading
     gate = Gate.off() if min_cosine is None else Gate.off().model_copy(update={"min_cosine": min_cosine})
-    step = Step(pass_name="finetune", options=options, gate=gate)  # training moves outputs on purpose
-    from onnxcompress.finetune.train import show_progress
-
-    with show_progress():
-        result = compress_file(
-            model, output, [step], data_path=data_path, report_path=report, seed=seed, quiet=True,
-            save=save_options(context),
-        )
-    print_summary(result, output or default_output(model))
+    steps = [Step(pass_name="finetune", options=options, gate=gate), *follow_up_steps(config)]
+    result = compress_file(model, output, steps, data_path=data_path, report_path=report, seed=seed,
+                           quiet=data_path is None, side_files=_curve_file(report), save=save_options(context))
+    if data_path is None:
+        print_summary(result, output or default_output(model))
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from onnxcompress import io
+from onnxcompress import io, writer
 from onnxcompress.cli.common import (
     DataOption,
     InputShapeOption,
@@ -130,6 +130,9 @@ def prune(
                   input_shapes=input_shape, save=save_options(context))
 
 
+DEFAULT_RATIOS_TEXT = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
+
+
 def _parse_ratios(text: str) -> list[float]:
     try:
         ratios = [float(part) for part in text.split(",") if part.strip()]
@@ -145,7 +148,8 @@ def sensitivity(
     model: Annotated[Path, typer.Argument(help="The ONNX model.", show_default=False)],
     output_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for sensitivity.json/.csv/.png.")],
     data: DataOption = None,
-    ratios: Annotated[str, typer.Option(help="Comma-separated pruning ratios per layer.")] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95",
+    ratios: Annotated[str, typer.Option(
+        help="Comma-separated pruning ratios per layer [default with --finetune: up to 0.99].")] = DEFAULT_RATIOS_TEXT,
     min_cosine: Annotated[float, typer.Option(
         min=-1.0, max=1.0, help="Budget without labels: whole-model output cosine (the default gate's).")
     ] = cast(float, DEFAULT_GATE.min_cosine),
@@ -160,6 +164,9 @@ def sensitivity(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random probes.")] = 0,
     min_rank_corr: MinRankOption = None,
     min_top1: MinTop1Option = None,
+    finetune: Annotated[bool, typer.Option(
+        "--finetune", help="Rates for a pipeline that retrains: recipe.yaml is a ladder of rungs of doubling "
+        "tolerance (ratios to 0.99) for `optimize --recipe DIR/recipe.yaml --data train.npz --finetune`.")] = False,
 ) -> None:
     """Prune each layer alone at each ratio (Han et al. Fig. 5); choose rates under a budget.
 
@@ -167,10 +174,11 @@ def sensitivity(
     correlation, top-1; change them with --min-rank-corr / --min-top1), as `optimize` will check.
     Each (layer, ratio) is one evaluation: on this machine's cores, or on a Ray cluster
     (--executor ray); each result is cached, so an interrupted run resumes where it stopped."""
+    from onnxcompress.passes.prune.retrain_ladder import RETRAIN_RATIOS, ladder_recipe_text
     from onnxcompress.passes.prune.sensitivity import Budget
     from onnxcompress.passes.prune.sensitivity import sensitivity as analyse
 
-    ratio_list = _parse_ratios(ratios)
+    ratio_list = list(RETRAIN_RATIOS) if finetune and ratios == DEFAULT_RATIOS_TEXT else _parse_ratios(ratios)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder; give a folder for the results")
     if not output_dir.resolve().parent.is_dir():
@@ -192,6 +200,8 @@ def sensitivity(
                          exclude=tuple(exclude or ()), executor=runner, cache=results,
                          on_layer=lambda done, total: progress.update(task, completed=done, total=total))
     written = write_outputs(result, output_dir, io.protected(loaded))
+    if finetune:  # the plan for a pipeline that retrains replaces the one-step plan
+        writer.write_text(output_dir / "recipe.yaml", ladder_recipe_text(result), "output", io.protected(loaded))
     table = Table(title=f"sensitivity ({result.metric}; baseline {result.baseline:.4f})")
     for column in ("layer", "params", "chosen rate"):
         table.add_column(column, justify="left" if column == "layer" else "right")

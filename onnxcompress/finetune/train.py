@@ -10,10 +10,15 @@ the original one, and the dropout ratio of a layer rescaled with its connection 
 * `attach_structure` masks every zero of a weight or codebook (exact zeros after every
   step, momentum and weight decay included); codebook indices are integers, never trained;
 * loss: cross-entropy against ``labels`` or distillation against the original model
-  (`losses`); L2 as the optimizer's weight decay, L1 as ``l1 * sum |W|`` over weight sites;
-* seeded: the batch order, dropout and everything torch draws come from ``seed``;
+  (`losses`); L2 as the optimizer's weight decay; L1, Hanson & Pratt's biased decay and
+  Wen's group lasso per layer (`regularise`); Ullrich's soft weight-sharing prior (`prior`);
+* the settings are `FinetuneConfig` (`config`): with ``lr`` unset a short range test picks
+  it, with ``epochs`` unset training stops when the held-out metric stops improving and
+  the best epoch's weights are kept;
+* seeded: the split, the batch order, dropout and everything torch draws come from ``seed``;
 * early stop when a fidelity target (output cosine against the original model) or an
-  accuracy target (with labels) is met, checked after every epoch.
+  accuracy target (with labels) is met, checked after every epoch;
+* progress: an optional ``progress(line)`` callback gets one line per epoch.
 
 The result is a dict of new arrays by ONNX name; `write_back` swaps them into the model
 (same names, shapes and dtypes; no graph edits). Training is lossy by design: it changes
@@ -29,16 +34,14 @@ __all__ = [
     "write_back",
     "evaluate",
     "dropout_ratio",
-    "show_progress",
+    "find_lr",
 ]
 
-import contextlib
-import contextvars
 import dataclasses
 import fnmatch
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +50,7 @@ import torch
 
 from onnxcompress.data import check_label_shape
 from onnxcompress.errors import DataError, UserError
+from onnxcompress.finetune.config import FinetuneConfig
 from onnxcompress.finetune.data import (
     LABELS,
     Arrays,
@@ -54,10 +58,18 @@ from onnxcompress.finetune.data import (
     batches_of,
     check_data,
     iterate_batches,
+    num_samples,
 )
 from onnxcompress.finetune.executor import OnnxModule, to_ir
 from onnxcompress.finetune.losses import compute_loss, resolve_loss
 from onnxcompress.finetune.parametrize import attach_structure
+from onnxcompress.finetune.prior import MixturePrior
+from onnxcompress.finetune.regularise import (
+    RegularisedLayer,
+    penalty,
+    proximal_group_step,
+    regularised_layers,
+)
 from onnxcompress.sites import constant_array, constant_node_array, find_weight_sites, set_constant
 
 if TYPE_CHECKING:
@@ -65,44 +77,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Set by the CLI: draw a rich progress bar with the loss (logging otherwise).
-_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("finetune_progress", default=False)
+#: The one settings class; the old name stays for callers of the library.
+TrainOptions = FinetuneConfig
+Progress = Callable[[str], None]
 
-
-@contextlib.contextmanager
-def show_progress(enabled: bool = True) -> Iterator[None]:
-    """Within this block, `finetune` draws a progress bar (the CLI's choice, not a library's)."""
-    token = _PROGRESS.set(enabled)
-    try:
-        yield
-    finally:
-        _PROGRESS.reset(token)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainOptions:
-    """How to retrain; see `passes/finetune.py` for the documented, validated knobs."""
-
-    epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr_schedule: str = "constant"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    l1: float = 0.0
-    loss: str = "auto"
-    distill: bool = False
-    temperature: float = 1.0
-    target_cosine: float | None = None
-    target_accuracy: float | None = None
-    dropout_rescale: bool = True
-    trainable: tuple[str, ...] = ()
-    freeze: tuple[str, ...] = ()
-    keep_zeros: bool = True
-    max_samples: int | None = None
-    probe_samples: int = 256
-    seed: int = 0
+#: Range test (Smith 2017): rates from LR_TEST_START to LR_TEST_END over LR_TEST_STEPS steps.
+LR_TEST_START, LR_TEST_END, LR_TEST_STEPS = 1e-6, 1.0, 60
+#: Held-out split only when at least this many samples remain for training.
+MIN_SPLIT_SAMPLES = 20
 
 
 @dataclasses.dataclass
@@ -114,18 +96,65 @@ class TrainResult:
     structure: dict[str, str]
     stopped_early: bool
     loss_kind: str
+    lr: float = 0.0
+    best_epoch: int = 0
+    prior_means: list[float] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "epochs_run": len(self.history),
             "stopped_early": self.stopped_early,
             "loss": self.loss_kind,
+            "lr": self.lr,
+            "best_epoch": self.best_epoch,
             "history": self.history,
             "structure": self.structure,
         }
+        if self.prior_means:
+            out["prior_means"] = self.prior_means
+        return out
 
 
-def _trainable_names(model: ir.Model, module: OnnxModule, options: TrainOptions) -> list[str]:
+@dataclasses.dataclass
+class _Run:
+    """Everything one training run holds between its phases."""
+
+    module: OnnxModule
+    teacher: OnnxModule
+    names: list[str]
+    structure: dict[str, str]
+    loss_kind: str
+    options: FinetuneConfig
+    train: Arrays | Batches
+    held_out: Arrays | None
+    layers: list[RegularisedLayer]
+    prior: MixturePrior | None
+    samples: int
+    rng: np.random.Generator
+    progress: Progress | None
+    replica: Replica | None = None
+    forward: Callable[..., Any] | None = None  # the module, or its DDP wrap on a replica
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for n in self.names for p in self.module.originals(n)]
+
+    def batches(self) -> Iterator[Arrays]:
+        """This process's training batches: every one, or its share of each on a replica."""
+        every = (batches_of(self.train, self.options.batch_size, shuffle=True, rng=self.rng,
+                            max_samples=self.options.max_samples)
+                 if isinstance(self.train, Mapping) else self.train())
+        for batch in every:
+            share = self.replica.shard(batch) if self.replica is not None else batch
+            if share is not None:  # None: a last batch with fewer rows than workers
+                yield share
+
+    def say(self, line: str) -> None:
+        logger.info("%s", line)
+        if self.progress is not None:
+            self.progress(line)
+
+
+def _trainable_names(model: ir.Model, module: OnnxModule, options: FinetuneConfig) -> list[str]:
     names = module.trainable_names()
     if options.trainable:
         every = [n for n in module.onnx_names if module.tensor(n).is_floating_point()]
@@ -233,29 +262,27 @@ def _cosine(module: OnnxModule, teacher: OnnxModule, probes: Mapping[str, np.nda
     return float(a @ b / denominator) if denominator > 0 else float(np.array_equal(a, b))
 
 
-def _optimizer(params: Sequence[torch.Tensor], options: TrainOptions) -> torch.optim.Optimizer:
+def _optimizer(run: _Run, lr: float) -> torch.optim.Optimizer:
+    options = run.options
+    groups: list[dict[str, Any]] = [{"params": run.parameters()}]
+    if run.prior is not None:
+        groups += run.prior.parameter_groups()
     if options.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=options.momentum, weight_decay=options.l2)
     if options.optimizer == "adam":
-        return torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=options.l2)
     raise UserError(f"optimizer must be sgd or adam, not {options.optimizer!r}")
 
 
 def _scheduler(
-    optimizer: torch.optim.Optimizer, options: TrainOptions, data: Arrays | Batches
+    optimizer: torch.optim.Optimizer, options: FinetuneConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """``cosine``: lr * (1 + cos(pi * step / steps)) / 2 over all steps (Loshchilov & Hutter 2017)."""
     if options.lr_schedule == "constant":
         return None
     if options.lr_schedule != "cosine":
         raise UserError(f"lr_schedule must be constant or cosine, not {options.lr_schedule!r}")
-    if isinstance(data, Mapping):
-        count = len(next(iter(data.values())))
-        count = min(count, options.max_samples) if options.max_samples is not None else count
-        per_epoch = math.ceil(count / options.batch_size)
-    else:
-        per_epoch = sum(1 for _ in data())
-    steps = max(per_epoch * options.epochs, 1)
+    steps = max(total_steps, 1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
 
 
@@ -264,8 +291,9 @@ def finetune(
     data: Arrays | Batches,
     *,
     original: ir.Model | None = None,
-    options: TrainOptions | None = None,
+    options: FinetuneConfig | None = None,
     module: OnnxModule | None = None,
+    progress: Progress | None = None,
     replica: Replica | None = None,
 ) -> TrainResult:
     """Retrain `model`'s weights on `data`; the model itself is not modified.
@@ -273,26 +301,38 @@ def finetune(
     `original` is the teacher for distillation and the baseline for dropout rescaling and
     fidelity targets (default: `model` as given). Pass a prepared `module` (an `OnnxModule`
     of `model`) to add parametrizations of your own first; `keep_zeros` masks only the
-    tensors left unparametrized. `replica`: this process is one of several data-parallel
-    workers (`finetune.distributed`): it trains on its share of each batch through DDP.
+    tensors left unparametrized. `progress` receives one line per epoch. `replica`: this
+    process is one of several data-parallel workers (`finetune.distributed`): it trains on its
+    share of each batch through DDP.
     """
-    options = options or TrainOptions()
+    options = options or FinetuneConfig()
     model = to_ir(model)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.seed)
-        return _finetune(model, data, original, options, module, replica)
+        torch.manual_seed(options.seed or 0)
+        run = _prepare(model, data, original, options, module, progress)
+        run.replica = replica
+        run.forward = replica.wrap(run.module) if replica is not None else run.module  # DDP syncs gradients
+        ratios = _rescale_dropout(run.module, model, original) if options.dropout_rescale else {}
+        lr = options.lr if options.lr is not None else find_lr(run)
+        history, stopped, best = _train(run, lr)
+        run.module.eval()
+        means = _quantise_to_prior(run) if run.prior is not None else []
+    if ratios:
+        run.structure.update({f"dropout:{k}": f"ratio {v:.4f}" for k, v in ratios.items()})
+    return TrainResult(run.module.arrays(run.names), history, run.structure, stopped, run.loss_kind,
+                       lr=lr, best_epoch=best, prior_means=means)
 
 
-def _finetune(
+def _prepare(
     model: ir.Model,
     data: Arrays | Batches,
     original: ir.Model | None,
-    options: TrainOptions,
+    options: FinetuneConfig,
     module: OnnxModule | None,
-    replica: Replica | None = None,
-) -> TrainResult:
-    if module is None:
-        module = OnnxModule(model)
+    progress: Progress | None,
+) -> _Run:
+    """The module with its structure held, the teacher, the loss and the data split."""
+    module = module if module is not None else OnnxModule(model)
     names = _trainable_names(model, module, options)
     if not names:
         raise UserError("nothing to train: no float weight matches the trainable/freeze globs")
@@ -300,10 +340,25 @@ def _finetune(
         for param in module.originals(name) if module.tensor(name).is_floating_point() else []:
             param.requires_grad_(name in names)
     structure = attach_structure(module, model, names) if options.keep_zeros else {}
-    forward = replica.wrap(module) if replica is not None else module  # DDP syncs gradients in backward
     teacher = OnnxModule(original if original is not None else model, trainable=())
     teacher.eval()
+    loss_kind = _loss_kind(module, teacher, data, options)
+    train, held_out = _split(data, options)
+    wants_layers = options.regularised or options.prior == "gmm"
+    layers = regularised_layers(model, names, options) if wants_layers else []
+    if options.prior == "gmm" and not layers:
+        raise UserError("the gmm prior found no weight layer to act on (check --regularise globs)")
+    prior = MixturePrior(torch.cat([module.tensor(x.name).detach().reshape(-1) for x in layers]),
+                         options.prior_components) if options.prior == "gmm" else None
+    samples = num_samples(train) if isinstance(train, Mapping) else sum(
+        len(next(iter(b.values()))) for b in train())
+    rng = np.random.default_rng(options.seed or 0)
+    return _Run(module, teacher, names, structure, loss_kind, options, train, held_out, layers, prior,
+                max(samples, 1), rng, progress)
 
+
+def _loss_kind(module: OnnxModule, teacher: OnnxModule, data: Arrays | Batches, options: FinetuneConfig) -> str:
+    first: Mapping[str, np.ndarray]
     if isinstance(data, Mapping):
         check_data(data, module.input_names)
         first = next(iterate_batches(data, 2))
@@ -315,66 +370,283 @@ def _finetune(
     loss_kind = resolve_loss(options.loss, has_labels, rank)
     if loss_kind == "cross_entropy" and not has_labels and options.loss == "cross_entropy":
         raise DataError("cross-entropy needs labels in the data; use a distillation loss instead")
-    probes = _probe_set(data, options.probe_samples)
+    return loss_kind
 
-    ratios = _rescale_dropout(module, model, original) if options.dropout_rescale else {}
-    l1_names = [n for n in names if n in structure or n in _weight_names(model)] if options.l1 > 0 else []
-    params = [p for n in names for p in module.originals(n)]
-    optimizer = _optimizer(params, options)
-    scheduler = _scheduler(optimizer, options, data)
-    rng = np.random.default_rng(options.seed)
+
+def _split(data: Arrays | Batches, options: FinetuneConfig) -> tuple[Arrays | Batches, Arrays | None]:
+    """(training data, held-out data): a seeded share held out only when epochs are automatic."""
+    if not options.auto_epochs or options.validation_split <= 0 or not isinstance(data, Mapping):
+        return data, None
+    count = num_samples(data)
+    if options.max_samples is not None:
+        count = min(count, options.max_samples)
+    held = int(round(count * options.validation_split))
+    if held < 1 or count - held < MIN_SPLIT_SAMPLES:
+        return data, None
+    order = np.random.default_rng((options.seed or 0) + 1).permutation(num_samples(data))[:count]
+    return ({k: np.asarray(v)[order[held:]] for k, v in data.items()},
+            {k: np.asarray(v)[order[:held]] for k, v in data.items()})
+
+
+def _task_loss(run: _Run, batch: Arrays) -> torch.Tensor:
+    """The batch loss against labels or the teacher, without any regulariser."""
+    feeds = _feeds(run.module, batch)
+    with torch.no_grad():
+        reference = run.teacher(**feeds) if run.loss_kind != "cross_entropy" else None
+    forward = run.forward if run.forward is not None and run.module.training else run.module
+    return compute_loss(run.loss_kind, forward(**feeds), batch, reference, temperature=run.options.temperature)
+
+
+def _step_loss(run: _Run, batch: Arrays) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what is minimised: the task loss + regularisers + the prior's complexity term, the task loss)."""
+    task = _task_loss(run, batch)
+    loss = task
+    extra = penalty(run.module, run.layers, run.options)
+    if extra is not None:
+        loss = loss + extra
+    if run.prior is not None:
+        weights = [run.module.tensor(layer.name) for layer in run.layers]
+        complexity = run.prior.negative_log_prob(weights, sample=run.options.prior_sample)
+        loss = loss + run.options.prior_strength * complexity / run.samples
+    return loss, task
+
+
+def _snapshot(run: _Run) -> list[torch.Tensor]:
+    tensors = run.parameters() + (list(run.prior.parameters()) if run.prior is not None else [])
+    return [t.detach().clone() for t in tensors]
+
+
+@torch.no_grad()
+def _restore(run: _Run, saved: Sequence[torch.Tensor]) -> None:
+    tensors = run.parameters() + (list(run.prior.parameters()) if run.prior is not None else [])
+    for tensor, value in zip(tensors, saved, strict=True):
+        tensor.copy_(value)
+
+
+def find_lr(run: _Run) -> float:
+    """Smith's range test: 1/10 of the rate at the smoothed loss minimum; the weights are restored.
+
+    The rate rises geometrically from `LR_TEST_START` to `LR_TEST_END` over `LR_TEST_STEPS`
+    steps (batches cycled) and stops once the loss exceeds 4x its best.
+    """
+    prior, run.prior = run.prior, None  # the task loss alone sets the rate
+    try:
+        return _range_test(run)
+    finally:
+        run.prior = prior
+
+
+def _range_test(run: _Run) -> float:
+    saved, state = _snapshot(run), np.random.default_rng(run.options.seed or 0)
+    run.say("fine-tune: finding the learning rate (range test)")
+    optimizer = _optimizer(run, LR_TEST_START)
+    factor = (LR_TEST_END / LR_TEST_START) ** (1 / (LR_TEST_STEPS - 1))
+    fixed = _fixed_batch(run)
+    rates, losses = [], []
+    batches = _cycle(run, state)
+    for step in range(LR_TEST_STEPS):
+        lr = LR_TEST_START * factor**step
+        optimizer.param_groups[0]["lr"] = lr  # the prior is left out of the test: one group
+        run.module.train()
+        loss, _ = _step_loss(run, next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = _fixed_loss(run, fixed)
+        if not math.isfinite(value):
+            break
+        rates.append(lr)
+        losses.append(value)
+        if value > 4 * min(losses):
+            break
+    _restore(run, saved)
+    chosen, why = _rate_from_curve(rates, losses)
+    run.say(f"fine-tune: learning rate {chosen:.3g} ({why})")
+    return chosen
+
+
+def _fixed_batch(run: _Run) -> Arrays:
+    """The samples every range-test step is scored on (no sampling noise between steps)."""
+    if isinstance(run.train, Mapping):
+        return next(iterate_batches(run.train, 512))
+    return next(iter(run.train()))
+
+
+@torch.no_grad()
+def _fixed_loss(run: _Run, batch: Arrays) -> float:
+    run.module.eval()
+    return float(_step_loss(run, batch)[0])
+
+
+def _rate_from_curve(rates: Sequence[float], losses: Sequence[float]) -> tuple[float, str]:
+    """1/10 of the rate at the loss minimum; for a model already at its minimum (the loss never
+    fell by 5%), 1/10 of the last rate before the loss rose 10% (the edge of stability)."""
+    if not losses:
+        return 1e-3, "the range test diverged at once: 1e-3"
+    lowest = int(np.argmin(losses))
+    if losses[lowest] <= 0.95 * losses[0]:
+        return rates[lowest] / 10, "loss minimum of the range test / 10"
+    rise = next((i for i, loss in enumerate(losses) if loss > 1.1 * losses[lowest]), len(losses))
+    edge = rates[max(rise - 1, 0)]
+    return edge / 10, "the loss did not fall: 1/10 of the last rate before it rose by 10%"
+
+
+def _cycle(run: _Run, rng: np.random.Generator) -> Iterator[Arrays]:
+    """Training batches without end (range test), in a seeded order of their own."""
+    while True:
+        if isinstance(run.train, Mapping):
+            yield from batches_of(run.train, run.options.batch_size, shuffle=True, rng=rng,
+                                  max_samples=run.options.max_samples)
+        else:
+            yield from run.train()
+
+
+def _planned_epochs(run: _Run) -> tuple[int, int]:
+    """(epochs, steps per epoch): the given epochs, or enough for `max_steps` (at least 3)."""
+    if isinstance(run.train, Mapping):
+        count = num_samples(run.train)
+        count = min(count, run.options.max_samples) if run.options.max_samples is not None else count
+        per_epoch = max(math.ceil(count / run.options.batch_size), 1)
+    else:
+        per_epoch = max(sum(1 for _ in run.train()), 1)
+    if run.options.epochs is not None:
+        return run.options.epochs, per_epoch
+    return max(3, math.ceil(run.options.max_steps / per_epoch)), per_epoch
+
+
+def _train(run: _Run, lr: float) -> tuple[list[dict[str, float]], bool, int]:
+    """The epochs: returns (history, stopped early, best epoch); the best weights are restored."""
+    epochs, per_epoch = _planned_epochs(run)
+    optimizer = _optimizer(run, lr)
+    scheduler = _scheduler(optimizer, run.options, epochs * per_epoch)
+    probes = _probe_set(run.train if run.held_out is None else run.held_out, run.options.probe_samples)
     history: list[dict[str, float]] = []
     first_loss: float | None = None
+    best_score, best_epoch, best_state, stale = -math.inf, 0, None, 0
     stopped = False
-    progress = _progress_bar(options.epochs) if _PROGRESS.get() else contextlib.nullcontext(None)
-    with progress as bar:
-        task = bar.add_task("fine-tuning", total=options.epochs, loss=float("nan")) if bar else None
-        for epoch in range(options.epochs):
-            module.train()
-            total, count = 0.0, 0
-            for batch in batches_of(data, options.batch_size, shuffle=True, rng=rng, max_samples=options.max_samples) if isinstance(data, Mapping) else data():
-                if replica is not None:
-                    share = replica.shard(batch)
-                    if share is None:
-                        continue  # a last batch with fewer rows than workers
-                    batch = share
-                feeds = _feeds(module, batch)
-                with torch.no_grad():
-                    reference = teacher(**feeds) if loss_kind != "cross_entropy" else None
-                loss = compute_loss(loss_kind, forward(**feeds), batch, reference, temperature=options.temperature)
-                if l1_names:
-                    loss = loss + options.l1 * sum(module.tensor(n).abs().sum() for n in l1_names)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                n = len(next(iter(batch.values())))
-                total, count = total + float(loss.detach()) * n, count + n
-                first_loss = float(loss.detach()) if first_loss is None else first_loss
-            record = {"epoch": float(epoch + 1), "loss": total / max(count, 1)}
-            if epoch == 0 and record["loss"] == 0.0 and loss_kind != "cross_entropy":
-                logger.warning(
-                    "the %s loss against the teacher is exactly 0: the teacher computes what the model "
-                    "does, so there is nothing to learn (give the uncompressed model as teacher)", loss_kind
-                )
-            record.update(_targets(module, teacher, data, probes, options))
-            history.append(record)
-            if bar is not None:
-                bar.update(task, advance=1, loss=record["loss"])
-            logger.info("fine-tune epoch %d/%d: %s", epoch + 1, options.epochs, record)
-            if _met(record, options):
-                stopped = epoch + 1 < options.epochs
+    for epoch in range(epochs):
+        record, first = _train_epoch(run, optimizer, scheduler)
+        first_loss = first if first_loss is None else first_loss
+        record = {"epoch": float(epoch + 1), **record, **_held_out_metrics(run)}
+        if epoch == 0 and record["loss"] == 0.0 and run.loss_kind != "cross_entropy":
+            logger.warning(
+                "the %s loss against the teacher is exactly 0: the teacher computes what the model "
+                "does, so there is nothing to learn (give the uncompressed model as teacher)", run.loss_kind
+            )
+        record.update(_targets(run, probes))
+        history.append(record)
+        run.say(f"fine-tune epoch {epoch + 1}/{epochs}: " + _describe(record))
+        if _met(record, run.options):
+            stopped = epoch + 1 < epochs
+            break
+        if run.options.auto_epochs:
+            score = _score(record)
+            if score > best_score:
+                best_score, best_epoch, best_state, stale = score, epoch + 1, _snapshot(run), 0
+            else:
+                stale += 1
+            if stale >= run.options.patience:
+                stopped = epoch + 1 < epochs
                 break
-    module.eval()
-    _warn_if_diverged(first_loss, history)
-    if ratios:
-        structure.update({f"dropout:{k}": f"ratio {v:.4f}" for k, v in ratios.items()})
-    return TrainResult(module.arrays(names), history, structure, stopped, loss_kind)
+    if best_state is not None and best_epoch != len(history):
+        _restore(run, best_state)
+        run.say(f"fine-tune: kept epoch {best_epoch} (best held-out result)")
+    if run.prior is None:  # a prior raises the task loss on purpose
+        _warn_if_diverged(first_loss, history)
+    return history, stopped, best_epoch or len(history)
 
 
-def _weight_names(model: ir.Model) -> set[str]:
-    return {site.name for site in find_weight_sites(model, min_params=0).sites}
+def _train_epoch(
+    run: _Run, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None
+) -> tuple[dict[str, float], float | None]:
+    """One pass over the training batches: ({loss, lr[, objective]}, the first step's task loss).
+
+    ``loss`` is the task loss alone; ``objective`` adds the regularisers and the prior."""
+    run.module.train()
+    total, objective, count, first = 0.0, 0.0, 0, None
+    lr = optimizer.param_groups[0]["lr"]
+    for batch in run.batches():
+        loss, task = _step_loss(run, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if run.options.group_lasso > 0:
+            proximal_group_step(run.module, run.layers, run.options, optimizer.param_groups[0]["lr"])
+        if scheduler is not None:
+            scheduler.step()
+        n = len(next(iter(batch.values())))
+        total, count = total + float(task.detach()) * n, count + n
+        objective += float(loss.detach()) * n
+        first = float(task.detach()) if first is None else first
+    record = {"loss": total / max(count, 1), "lr": float(lr)}
+    if objective != total:
+        record["objective"] = objective / max(count, 1)
+    return record, first
+
+
+def _held_out_metrics(run: _Run) -> dict[str, float]:
+    """Loss (and accuracy with labels) on the held-out samples, when there are any."""
+    if run.held_out is None:
+        return {}
+    run.module.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in iterate_batches(run.held_out, 512):
+            n = len(next(iter(batch.values())))
+            total += float(_task_loss(run, batch)) * n
+            count += n
+    out = {"held_out_loss": total / max(count, 1)}
+    if LABELS in run.held_out and run.loss_kind == "cross_entropy":
+        out["held_out_accuracy"] = evaluate(run.module, run.held_out)
+        if run.prior is not None:  # what the run will keep: the weights at the mixture's means
+            saved = _snapshot(run)
+            _set_to_means(run)
+            out["held_out_accuracy_quantised"] = evaluate(run.module, run.held_out)
+            _restore(run, saved)
+    return out
+
+
+def _score(record: Mapping[str, float]) -> float:
+    """Higher is better: held-out accuracy (of the quantised weights under a prior), else minus
+    the held-out loss, else minus the training loss."""
+    if "held_out_accuracy_quantised" in record:
+        return record["held_out_accuracy_quantised"]
+    if "held_out_accuracy" in record:
+        return record["held_out_accuracy"] - 1e-6 * record["held_out_loss"]  # loss breaks ties
+    return -record.get("held_out_loss", record["loss"])
+
+
+def _describe(record: Mapping[str, float]) -> str:
+    parts = [f"loss {record['loss']:.4f}"]
+    if "held_out_loss" in record:
+        parts.append(f"held-out loss {record['held_out_loss']:.4f}")
+    if "held_out_accuracy" in record:
+        parts.append(f"held-out accuracy {100 * record['held_out_accuracy']:.2f}%")
+    if "held_out_accuracy_quantised" in record:
+        parts.append(f"quantised {100 * record['held_out_accuracy_quantised']:.2f}%")
+    parts += [f"{key} {record[key]:.4f}" for key in ("cosine", "accuracy") if key in record]
+    return ", ".join(parts)
+
+
+def _quantise_to_prior(run: _Run) -> list[float]:
+    """Every regularised weight set to its component's mean; returns the means in use."""
+    used = _set_to_means(run)
+    run.say(f"fine-tune: weights quantised to {len(used)} shared values (prior means)")
+    return used
+
+
+@torch.no_grad()
+def _set_to_means(run: _Run) -> list[float]:
+    assert run.prior is not None
+    used: set[float] = set()
+    for layer in run.layers:
+        originals = run.module.originals(layer.name)
+        value = run.prior.quantise(run.module.tensor(layer.name))
+        if len(originals) != 1 or tuple(originals[0].shape) != tuple(value.shape):
+            raise UserError(f"the gmm prior cannot quantise {layer.name!r}: it is not a plain weight")
+        originals[0].copy_(value)
+        used.update(float(v) for v in torch.unique(run.module.tensor(layer.name)))
+    return sorted(used)
 
 
 def _probe_set(data: Arrays | Batches, count: int) -> dict[str, np.ndarray]:
@@ -384,18 +656,17 @@ def _probe_set(data: Arrays | Batches, count: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[:count] for k, v in first.items() if k != LABELS}
 
 
-def _targets(
-    module: OnnxModule, teacher: OnnxModule, data: Arrays | Batches, probes: Mapping[str, np.ndarray], options: TrainOptions
-) -> dict[str, float]:
+def _targets(run: _Run, probes: Mapping[str, np.ndarray]) -> dict[str, float]:
     out: dict[str, float] = {}
+    options = run.options
     if options.target_cosine is not None:
-        out["cosine"] = _cosine(module, teacher, probes)
-    if options.target_accuracy is not None and isinstance(data, Mapping) and LABELS in data:
-        out["accuracy"] = evaluate(module, data, max_samples=options.max_samples)
+        out["cosine"] = _cosine(run.module, run.teacher, probes)
+    if options.target_accuracy is not None and isinstance(run.train, Mapping) and LABELS in run.train:
+        out["accuracy"] = evaluate(run.module, run.train, max_samples=options.max_samples)
     return out
 
 
-def _met(record: Mapping[str, float], options: TrainOptions) -> bool:
+def _met(record: Mapping[str, float], options: FinetuneConfig) -> bool:
     checks = []
     if options.target_cosine is not None and "cosine" in record:
         checks.append(record["cosine"] >= options.target_cosine)
@@ -414,15 +685,6 @@ def _warn_if_diverged(first_loss: float | None, history: list[dict[str, float]])
                        "try a lower --lr", first_loss, last)
 
 
-def _progress_bar(epochs: int) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=True,
-    )
-
-
 def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Swap trained arrays into `model` by name: same shapes and dtypes, no graph edits.
 
@@ -439,8 +701,8 @@ def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[
     for name, array in arrays.items():
         if name not in holders:
             raise UserError(f"write-back: no initializer or Constant named {name!r}")
-        value, node = holders[name]
-        old = value.const_value if node is None else node.attributes["value"].as_tensor()
+        value, holder_node = holders[name]
+        old = value.const_value if holder_node is None else holder_node.attributes["value"].as_tensor()
         if old is None:
             raise UserError(f"write-back: {name!r} holds no tensor")
         before = old.numpy()
@@ -448,7 +710,7 @@ def write_back(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> list[tuple[
         if after.shape != before.shape:
             raise UserError(f"write-back: {name!r} has shape {after.shape}, the model {before.shape}")
         if not np.array_equal(after, before):
-            plan.append((name, value, node, before, after))
+            plan.append((name, value, holder_node, before, after))
     for _, value, _, _, after in plan:
         set_constant(value, after)
     return [(name, before, after) for name, _, _, before, after in plan]

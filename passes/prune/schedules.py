@@ -120,7 +120,7 @@ class RetrainOptions:
         if self.regularisation == "l1":
             options["l1"] = self.strength
         elif self.regularisation == "l2":
-            options["weight_decay"] = self.strength
+            options["l2"] = self.strength
         options.update(self.extra)
         return options
 

@@ -104,3 +104,31 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
     x, y = load_digits(return_X_y=True)
     return (x / 16.0).astype(np.float32), y.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def digits_mlp() -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """An MLP 64-256-128-10 trained on 3/4 of scikit-learn's digits (about 97% on the rest)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    torch.set_num_threads(1)
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        (x / 16.0).astype(np.float32), y.astype(np.int64), test_size=0.25, random_state=0, stratify=y)
+    torch.manual_seed(0)
+    module = MLP((64, 256, 128, 10))
+    optimizer = torch.optim.Adam(module.parameters(), 1e-3)
+    generator = torch.Generator().manual_seed(0)
+    inputs, labels = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _ in range(40):
+        order = torch.randperm(len(inputs), generator=generator)
+        for start in range(0, len(inputs), 32):
+            picks = order[start:start + 32]
+            loss = torch.nn.functional.cross_entropy(module(inputs[picks]), labels[picks])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    proto = export(module, torch.zeros(2, 64))
+    name = proto.graph.input[0].name
+    return proto, {name: x_train, "labels": y_train}, {name: x_test, "labels": y_test}

@@ -69,6 +69,8 @@ def finetune_file(model_path: Path, data_path: Path, out: Path, *placement: obje
             "0.01",
             "--optimizer",
             "adam",
+            "--lr-schedule",
+            "constant",
             "--batch-size",
             "32",
             *placement,

@@ -22,6 +22,8 @@ from onnxcompress.pipeline import Step, run_steps
 from tests.finetune.conftest import ort_run
 
 NO_GATE = Gate.off()
+#: The settings these tests were written for (the defaults now pick the rate and the length).
+SGD = {"optimizer": "sgd", "lr_schedule": "constant"}
 
 
 def _digits(proto, digits, n=600):
@@ -33,7 +35,8 @@ def _digits(proto, digits, n=600):
 def _prune_then_finetune(proto, train, **options):
     steps = [
         Step(pass_name="prune.magnitude", options={"sparsity": 0.8}, gate=NO_GATE),
-        Step(pass_name="finetune", options={"epochs": 4, "lr": 0.01, "optimizer": "adam", "batch_size": 32, **options},
+        Step(pass_name="finetune", options={"epochs": 4, "lr": 0.01, "optimizer": "adam", "lr_schedule": "constant", "batch_size": 32,
+                      **options},
              gate=NO_GATE),
     ]
     return run_steps(to_ir(proto), steps, data=train, seed=3)
@@ -87,7 +90,7 @@ def test_distillation_without_labels_moves_toward_the_teacher(mlp_pair, digits) 
     del train["labels"]
     teacher = to_ir(proto)
     pruned = run_steps(to_ir(proto), [Step(pass_name="prune.magnitude", options={"sparsity": 0.7}, gate=NO_GATE)]).model
-    options = TrainOptions(epochs=30, lr=0.05, batch_size=50, target_cosine=0.999, probe_samples=300)
+    options = TrainOptions(epochs=30, lr=0.05, batch_size=50, target_cosine=0.999, probe_samples=300, **SGD)
     start = finetune(pruned, train, original=teacher, options=TrainOptions(epochs=1, lr=1e-12, target_cosine=0.0))
     result = finetune(pruned, train, original=teacher, options=options)
     assert result.loss_kind == "kl"
@@ -104,14 +107,14 @@ def test_embedding_losses_reduce_their_distance(mlp_pair, digits, loss) -> None:
     train, _ = _digits(proto, digits, n=200)
     del train["labels"]
     pruned = run_steps(to_ir(proto), [Step(pass_name="prune.magnitude", options={"sparsity": 0.7}, gate=NO_GATE)]).model
-    result = finetune(pruned, train, original=to_ir(proto), options=TrainOptions(epochs=5, lr=0.05, loss=loss, batch_size=40))
+    result = finetune(pruned, train, original=to_ir(proto), options=TrainOptions(epochs=5, lr=0.05, loss=loss, batch_size=40, **SGD))
     assert result.loss_kind == loss and result.history[-1]["loss"] < result.history[0]["loss"]
 
 
 def test_early_stop_on_accuracy_target(mlp_pair, digits) -> None:
     _, proto = mlp_pair
     train, _ = _digits(proto, digits)
-    result = finetune(to_ir(proto), train, options=TrainOptions(epochs=50, lr=0.1, batch_size=32, target_accuracy=0.8))
+    result = finetune(to_ir(proto), train, options=TrainOptions(epochs=50, lr=0.1, batch_size=32, target_accuracy=0.8, **SGD))
     assert result.stopped_early and result.history[-1]["accuracy"] >= 0.8
     assert all(h["accuracy"] < 0.8 for h in result.history[:-1])
 
@@ -119,8 +122,8 @@ def test_early_stop_on_accuracy_target(mlp_pair, digits) -> None:
 def test_l1_regularisation_shrinks_weights(mlp_pair, digits) -> None:
     _, proto = mlp_pair
     train, _ = _digits(proto, digits, n=200)
-    plain = finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05))
-    sparse = finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05, l1=1e-3))
+    plain = finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05, **SGD))
+    sparse = finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05, l1=1e-3, **SGD))
     assert np.abs(sparse.arrays["layers.0.weight"]).sum() < np.abs(plain.arrays["layers.0.weight"]).sum()
 
 
@@ -186,8 +189,7 @@ def test_cli_finetune_writes_a_model(mlp_pair, digits, tmp_path) -> None:
     model_path, data_path, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "out.onnx"
     onnx.save(proto, model_path)
     np.savez(data_path, **train)
-    result = CliRunner().invoke(app, ["finetune", str(model_path), "--data", str(data_path), "-o", str(out),
-                                      "--epochs", "4", "--lr", "0.01", "--optimizer", "adam", "--batch-size", "32"])
+    result = CliRunner().invoke(app, ["finetune", str(model_path), "--data", str(data_path), "-o", str(out)])
     assert result.exit_code == 0, result.output
     tuned = onnx.load(out)
     assert [i.name for i in tuned.graph.initializer] == [i.name for i in proto.graph.initializer]
@@ -225,15 +227,14 @@ def test_recipe_with_a_finetune_step_runs(mlp_pair, digits) -> None:
         parse_recipe("steps:\n  - pass: finetune\n    options: {lr_schedule: linear}\n", "bad")
 
 
-def test_cosine_schedule_decays_to_zero(mlp_pair) -> None:
+def test_cosine_schedule_decays_to_zero() -> None:
     import torch
 
     from onnxcompress.finetune.train import _scheduler
 
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=0.1)
-    data = {"x": np.zeros((100, 1), np.float32)}
-    scheduler = _scheduler(optimizer, TrainOptions(epochs=2, batch_size=30, lr=0.1, lr_schedule="cosine"), data)
+    scheduler = _scheduler(optimizer, TrainOptions(epochs=2, batch_size=30, lr=0.1, lr_schedule="cosine"), 8)
     rates = []
     for _ in range(8):  # 2 epochs x ceil(100 / 30) steps
         rates.append(optimizer.param_groups[0]["lr"])
@@ -274,7 +275,8 @@ def test_finetune_after_codebook_kmeans_keeps_indices_and_the_zero_entry(mlp_pai
         Step(pass_name="prune.magnitude", options={"sparsity": 0.6}, gate=NO_GATE),
         Step(pass_name="codebook.kmeans", options={"bits": 4}, gate=NO_GATE),
     ]).model
-    tuned = run_steps(clustered, [Step(pass_name="finetune", options={"epochs": 3, "lr": 0.01, "optimizer": "adam"},
+    tuned = run_steps(clustered, [Step(pass_name="finetune", options={"epochs": 3, "lr": 0.01, "optimizer": "adam",
+                                                                                "lr_schedule": "constant"},
                                        gate=NO_GATE)], data=train).model
     books = [n for n in clustered.graph.initializers if n.endswith(".codebook")]
     assert books, "expected in-graph codebooks"
@@ -308,9 +310,9 @@ def test_write_back_into_constant_nodes(rng) -> None:
     teacher = to_ir(proto)
     teacher.graph.node(0).attributes["value"] = ir.AttrTensor("value", ir.tensor(w * 2, name="w"))
     result = run_steps(model, [Step(pass_name="finetune", options={"epochs": 20, "lr": 0.05, "loss": "mse",
-                                                                      "teacher": None}, gate=NO_GATE)], data=data)
+                                                                      "teacher": None, **SGD}, gate=NO_GATE)], data=data)
     assert result.steps[0].status == "unchanged"  # teacher = the model itself: nothing to learn
-    trained = finetune(model, data, original=teacher, options=TrainOptions(epochs=20, lr=0.05, loss="mse"))
+    trained = finetune(model, data, original=teacher, options=TrainOptions(epochs=20, lr=0.05, loss="mse", **SGD))
     from onnxcompress.finetune.train import write_back
 
     changed = write_back(model, trained.arrays)
@@ -326,11 +328,11 @@ def test_a_diverging_run_is_reported(mlp_pair, digits, caplog) -> None:
     _, proto = mlp_pair
     train, _ = _digits(proto, digits)
     with caplog.at_level("WARNING", logger="onnxcompress.finetune.train"):
-        finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=50.0, batch_size=32))
+        finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=10.0, batch_size=32, **SGD))
     assert "fine-tuning diverged" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="onnxcompress.finetune.train"):
-        finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05, batch_size=32))
+        finetune(to_ir(proto), train, options=TrainOptions(epochs=2, lr=0.05, batch_size=32, **SGD))
     assert "diverged" not in caplog.text
 
 

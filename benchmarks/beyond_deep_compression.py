@@ -1,0 +1,193 @@
+"""The README's pipelines, run as a user runs them, on LeNet-300-100 and LeNet-5 (full MNIST).
+
+Each row is a sequence of `onnxcompress` commands with no hand-set rate, bit width, learning
+rate or epoch count (the commands are recorded verbatim with the results):
+
+* ``default``:  ``optimize --recipe deep-compression --data train.npz --finetune`` (a magnitude
+  ladder 30% → 97.5% with a fine-tune round after each rung and after k-means, each round
+  gated on ≤ 0.3 points of accuracy lost on 2,000 samples never trained on), then ``pack``;
+* ``sws`` (soft weight-sharing): ``finetune --prior gmm`` (Ullrich et al. 2017; the mixture's
+  means become the codebook), ``finetune`` again (centroids), then ``pack``;
+* ``ladder``: ``sensitivity --finetune`` (per-layer rungs from the measured curves), then
+  ``optimize --recipe sens/recipe.yaml --data train.npz --finetune`` and ``pack``.
+
+Figures: test accuracy (onnxruntime, the 10,000 MNIST test images) of the model the archive
+restores, and compression = dense float32 weight + bias bytes / archive file bytes (and
+/ coded bytes, the paper's count). Networks are trained here (`benchmarks.models`, cached);
+the published figures are quoted beside ours. The machine's load is recorded: the runs share
+2 cores with other jobs, so the seconds are not comparable between runs.
+
+    .venv/bin/python benchmarks/beyond_deep_compression.py [--networks lenet300 lenet5] [--rows default sws]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's benchmarks package (and its build/ caches)
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "build" / "beyond_deep_compression"
+
+#: Dense training of each network (as in codebook_lenet.py) and the published records.
+NETWORKS = {
+    "lenet300": {"title": "LeNet-300-100", "epochs": 20, "lr": 0.05, "images": False},
+    "lenet5": {"title": "LeNet-5 (Caffe 20-50-500-10)", "epochs": 8, "lr": 0.05, "images": True},
+}
+PUBLISHED = {
+    "lenet300": [("Deep Compression (Han et al. 2016)", "40×", "1.58%"),
+                 ("Soft weight-sharing (Ullrich et al. 2017)", "64×", "1.94%"),
+                 ("EPR (Oktay et al. 2020)", "124×", "—")],
+    "lenet5": [("Deep Compression (Han et al. 2016)", "39×", "0.74%"),
+               ("Soft weight-sharing (Ullrich et al. 2017)", "162×", "0.97%"),
+               ("Bayesian compression (Louizos et al. 2017)", "771×", "—"),
+               ("EPR (Oktay et al. 2020)", "606×", "—")],
+}
+ROWS = {
+    "default": [
+        ["optimize", "{dense}", "-o", "{out}/dc.onnx", "--recipe", "deep-compression", "--data", "{train}",
+         "--finetune", "--report", "{out}/dc.json"],
+        ["pack", "{out}/dc.onnx", "-o", "{out}/dc.onnxc", "--report", "{out}/dc.pack.json", "-q"],
+    ],
+    "sws": [
+        ["finetune", "{dense}", "--data", "{train}", "-o", "{out}/sws.onnx", "--prior", "gmm",
+         "--report", "{out}/sws.json"],
+        ["finetune", "{out}/sws.onnx", "--data", "{train}", "-o", "{out}/sws_ft.onnx", "--report", "{out}/sws_ft.json"],
+        ["pack", "{out}/sws_ft.onnx", "-o", "{out}/sws.onnxc", "--report", "{out}/sws.pack.json", "-q"],
+    ],
+    "ladder": [
+        ["sensitivity", "{dense}", "-o", "{out}/sens", "--data", "{train}", "--finetune", "--workers", "1"],
+        ["optimize", "{dense}", "-o", "{out}/dc.onnx", "--recipe", "{out}/sens/recipe.yaml", "--data", "{train}",
+         "--finetune", "--report", "{out}/dc.json"],
+        ["pack", "{out}/dc.onnx", "-o", "{out}/dc.onnxc", "--report", "{out}/dc.pack.json", "-q"],
+    ],
+}
+ARCHIVES = {"default": ("dc.onnxc", "dc.pack.json"), "sws": ("sws.onnxc", "sws.pack.json"),
+            "ladder": ("dc.onnxc", "dc.pack.json")}
+
+
+def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    hits = sum(int((session.run(None, {name: x[i:i + 2000]})[0].argmax(1) == y[i:i + 2000]).sum())
+               for i in range(0, len(x), 2000))
+    return hits / len(x)
+
+
+def prepare(key: str, epochs: int | None, threads: int) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """The dense ONNX model and train.npz (60,000 samples with labels), written once."""
+    import torch
+
+    from benchmarks.data import load_mnist
+    from benchmarks.models import export, trained
+
+    torch.set_num_threads(threads)
+    spec = NETWORKS[key]
+    epochs = epochs or spec["epochs"]
+    x_train, y_train, x_test, y_test = load_mnist(images=spec["images"])
+    folder = WORK / f"{key}-e{epochs}"
+    folder.mkdir(parents=True, exist_ok=True)
+    dense, train = folder / "dense.onnx", folder / "train.npz"
+    if not dense.is_file():
+        export(trained(key, epochs=epochs, lr=spec["lr"]), dense)
+    if not train.is_file():
+        name = onnx.load(dense).graph.input[0].name
+        np.savez(train, **{name: x_train, "labels": y_train})
+    return dense, train, x_test, y_test
+
+
+def run_row(row: str, dense: Path, train: Path, threads: int) -> tuple[list[str], float]:
+    out = dense.parent / row
+    out.mkdir(parents=True, exist_ok=True)
+    commands, started = [], time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for template in ROWS[row]:
+        argv = [part.format(dense=dense, train=train, out=out) for part in template]
+        commands.append(shlex.join(["onnxcompress", *argv]).replace(str(ROOT) + "/", ""))
+        print(commands[-1], flush=True)
+        done = subprocess.run([sys.executable, "-m", "onnxcompress", *argv], cwd=ROOT, env=env, text=True,
+                              capture_output=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{commands[-1]} exited {done.returncode}: {done.stderr[-2000:]}")
+    return commands, time.perf_counter() - started
+
+
+def measure(row: str, dense: Path, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, object]:
+    out = dense.parent / row
+    archive, table = (out / name for name in ARCHIVES[row])
+    restored = out / "restored.onnx"
+    subprocess.run([sys.executable, "-m", "onnxcompress", "unpack", str(archive), "-o", str(restored)], cwd=ROOT,
+                   check=True, capture_output=True)
+    totals = json.loads(table.read_text())["totals"]
+    return {"accuracy": accuracy(restored, x_test, y_test), "ratio_archive": totals["ratio_archive"],
+            "ratio_coded": totals["ratio_coded"], "archive_bytes": totals["archive_bytes"],
+            "bytes_dense": totals["bytes_dense"], "kept_percent": totals["kept_percent"]}
+
+
+def markdown(result: dict[str, object]) -> str:
+    lines = ["# Beyond Deep Compression: the README's pipelines on MNIST, no hand-set numbers", "",
+             f"Machine: {result['machine']}. Load average at start / end: {result['load_start']} / "
+             f"{result['load_end']} (2 cores shared with other jobs).", "",
+             "| network | pipeline | test error dense → compressed | Δ points | × (archive file) | × (coded) "
+             "| kept weights | minutes |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:  # type: ignore[attr-defined]
+        lines.append(f"| {row['network']} | {row['row']} | {100 * (1 - row['dense_accuracy']):.2f}% → "
+                     f"{100 * (1 - row['accuracy']):.2f}% | {100 * (row['dense_accuracy'] - row['accuracy']):+.2f} "
+                     f"| {row['ratio_archive']:.1f} | {row['ratio_coded']:.1f} | {row['kept_percent']:.1f}% "
+                     f"| {row['seconds'] / 60:.1f} |")
+    lines += ["", "Published (their own dense baselines; × = their storage count):", "",
+              "| network | method | × | test error |", "|---|---|---:|---:|"]
+    for key in dict.fromkeys(r["key"] for r in result["rows"]):  # type: ignore[attr-defined]
+        lines += [f"| {NETWORKS[key]['title']} | {m} | {x} | {e} |" for m, x, e in PUBLISHED[key]]
+    lines += ["", "Commands (in order, per row):", ""]
+    for row in result["rows"]:  # type: ignore[attr-defined]
+        lines += [f"* {row['network']}, {row['row']}:"] + [f"  `{c}`" for c in row["commands"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", nargs="+", default=["lenet300"], choices=list(NETWORKS))
+    parser.add_argument("--rows", nargs="+", default=["default"], choices=list(ROWS))
+    parser.add_argument("--dense-epochs", type=int, default=None,
+                        help="training epochs of the dense network (default: 20 for LeNet-300, 8 for LeNet-5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    args = parser.parse_args()
+    result: dict[str, object] = {"machine": f"{os.cpu_count()} CPUs, {platform.platform()}",
+                                 "load_start": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+                                 "command": shlex.join(["python", "benchmarks/beyond_deep_compression.py",
+                                                        *sys.argv[1:]]), "rows": []}
+    for key in args.networks:
+        dense, train, x_test, y_test = prepare(key, args.dense_epochs, args.threads)
+        dense_accuracy = accuracy(dense, x_test, y_test)
+        for row in args.rows:
+            commands, seconds = run_row(row, dense, train, args.threads)
+            figures = measure(row, dense, x_test, y_test)
+            result["rows"].append({"key": key, "network": NETWORKS[key]["title"], "row": row,  # type: ignore[attr-defined]
+                                   "dense_epochs": args.dense_epochs or NETWORKS[key]["epochs"],
+                                   "dense_accuracy": dense_accuracy, "commands": commands,
+                                   "seconds": round(seconds, 1), **figures})
+            print(json.dumps(result["rows"][-1]), flush=True)  # type: ignore[index]
+    result["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_".join(args.networks) + (f"_e{args.dense_epochs}" if args.dense_epochs else "")
+    (RESULTS / f"beyond_deep_compression_{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"beyond_deep_compression_{suffix}.md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Soft weight-sharing (`finetune --prior gmm`): the mixture, its quantisation, the codebook model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from onnxcompress.cli import app
+from onnxcompress.finetune.prior import ZERO_MASS, MixturePrior
+
+
+def test_mixture_log_density_matches_the_formula() -> None:
+    torch.manual_seed(0)
+    weights = torch.randn(500) * 0.1
+    prior = MixturePrior(weights, components=6)
+    assert prior.all_means()[0] == 0 and prior.all_means().numel() == 7
+    assert float(prior.log_weights().exp().sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(prior.log_weights()[0].exp()) == pytest.approx(ZERO_MASS)
+    w = weights.double().numpy()
+    means = prior.all_means().detach().double().numpy()
+    variances = 1 / prior.log_precision.detach().exp().double().numpy()
+    mixing = prior.log_weights().detach().exp().double().numpy()
+    density = (mixing / np.sqrt(2 * np.pi * variances) * np.exp(-(w[:, None] - means) ** 2 / (2 * variances))).sum(1)
+    got = torch.logsumexp(prior.component_log_densities(weights), dim=1).detach().double().numpy()
+    np.testing.assert_allclose(got, np.log(density), rtol=1e-5, atol=1e-6)  # float32 arithmetic
+
+
+def test_quantise_picks_the_most_responsible_mean() -> None:
+    prior = MixturePrior(torch.linspace(-1, 1, 11), components=4)
+    weights = torch.tensor([0.0, 0.01, 0.9, -0.95, 0.45])
+    quantised = prior.quantise(weights)
+    means = set(prior.all_means().tolist())
+    assert set(quantised.tolist()) <= means
+    assert quantised[0] == 0 and quantised[1] == 0  # the zero component takes the small ones
+    densities = prior.component_log_densities(weights)
+    np.testing.assert_array_equal(quantised.numpy(), prior.all_means()[densities.argmax(1)].detach().numpy())
+
+
+def test_cli_prior_gmm_writes_a_codebook_model_of_the_prior_means_that_pack_codes(mlp_pair, digits, tmp_path) -> None:
+    from onnxcompress.formats.codebook import codebook_layers
+
+    _, proto = mlp_pair
+    x, y = digits
+    name = proto.graph.input[0].name
+    model, data, out, report = (tmp_path / n for n in ("m.onnx", "d.npz", "gmm.onnx", "r.json"))
+    onnx.save(proto, model)
+    np.savez(data, **{name: x[:500], "labels": y[:500]})
+    runner = CliRunner()
+    result = runner.invoke(app, ["finetune", str(model), "--data", str(data), "-o", str(out), "--prior", "gmm",
+                                 "--prior-components", "8", "--epochs", "3", "--lr", "0.001", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    steps = json.loads(report.read_text())["steps"]
+    assert [s["pass"] for s in steps] == ["finetune", "codebook.kmeans"]
+    means = np.asarray(steps[0]["notes"]["prior_means"], dtype=np.float32)
+    assert 0.0 in means and len(means) <= 9
+
+    layers = codebook_layers(ir.load(out))
+    assert {layer.name for layer in layers} == {"layers.0.weight", "layers.1.weight", "layers.2.weight"}
+    for layer in layers:
+        codebook = layer.codebook()
+        for value in codebook:  # every shared value is a mean of the mixture (entry 0: the exact zero)
+            assert np.min(np.abs(means - value)) <= 1e-6 * max(1.0, abs(value)), (layer.name, value, means)
+        assert layer.bits == 4  # ceil(log2(8 + 1))
+
+    result = runner.invoke(app, ["pack", str(out), "-o", str(tmp_path / "m.onnxc")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.onnxc").stat().st_size < 0.25 * model.stat().st_size
