@@ -138,14 +138,14 @@ def structured(name: str, model: ir.Model, data: dict[str, np.ndarray]) -> dict[
     train_data = {"x": x_train, "labels": y_train}
     started = time.perf_counter()
     pruned = run_steps(model, [Step(pass_name="prune.structured", options={"ratio": 0.5},
-                                    gate=Gate(min_cosine=None))], data=train_data, probe_count=64).model
+                                    gate=Gate.off())], data=train_data, probe_count=64).model
     prune_seconds = time.perf_counter() - started
     plan = [g for g in (pruned_plan(model))]
     started = time.perf_counter()
     finetuned = run_steps(pruned, [Step(pass_name="finetune",
                                         options={"epochs": 8, "lr": 0.005, "l2": 1e-4, "batch_size": 64,
                                                  "optimizer": "sgd", "lr_schedule": "constant"},
-                                        gate=Gate(min_cosine=None))], data=train_data, probe_count=64).model
+                                        gate=Gate.off())], data=train_data, probe_count=64).model
     finetune_seconds = time.perf_counter() - started
     blobs = {"original": serialise(model), "pruned": serialise(pruned), "finetuned": serialise(finetuned)}
     timing = {}
