@@ -99,6 +99,7 @@ def finetune(
     lr_schedule: Annotated[str, typer.Option(help=help_of("lr_schedule"))] = "cosine",
     patience: Annotated[int, typer.Option(min=1, help=help_of("patience"))] = 3,
     max_steps: Annotated[int, typer.Option(min=1, help=help_of("max_steps"))] = 4000,
+    max_cycles: Annotated[int, typer.Option(min=1, max=100, help=help_of("max_cycles"))] = 4,
     distill: Annotated[bool, typer.Option("--distill", help=help_of("distill"))] = False,
     teacher: Annotated[
         Path | None, typer.Option(help="Teacher (uncompressed) model for distillation; needed without labels.")
@@ -137,7 +138,7 @@ def finetune(
     options: dict[str, object] = {
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "lr_schedule": lr_schedule,
         "patience": patience,
-        "max_steps": max_steps, "distill": distill, "loss": loss, "l1": l1, "l2": l2,
+        "max_steps": max_steps, "max_cycles": max_cycles, "distill": distill, "loss": loss, "l1": l1, "l2": l2,
         "group_lasso": group_lasso, "biased_decay": biased_decay, "biased_decay_kind": biased_decay_kind,
         "prior": prior, "prior_components": prior_components, "prior_strength": prior_strength,
         "target_cosine": target_cosine, "seed": seed,
