@@ -146,12 +146,8 @@ def structured(name: str, model: ir.Model, data: dict[str, np.ndarray]) -> dict[
     )
     train_data = {"x": x_train, "labels": y_train}
     started = time.perf_counter()
-    pruned = run_steps(
-        model,
-        [Step(pass_name="prune.structured", options={"ratio": 0.5}, gate=Gate(min_cosine=None))],
-        data=train_data,
-        probe_count=64,
-    ).model
+    pruned = run_steps(model, [Step(pass_name="prune.structured", options={"ratio": 0.5},
+                                    gate=Gate.off())], data=train_data, probe_count=64).model
     prune_seconds = time.perf_counter() - started
     plan = [g for g in (pruned_plan(model))]
     started = time.perf_counter()
@@ -168,7 +164,7 @@ def structured(name: str, model: ir.Model, data: dict[str, np.ndarray]) -> dict[
                     "optimizer": "sgd",
                     "lr_schedule": "constant",
                 },
-                gate=Gate(min_cosine=None),
+                gate=Gate.off(),
             )
         ],
         data=train_data,

@@ -112,6 +112,7 @@ def finetune(
     lr_schedule: Annotated[str, typer.Option(help=help_of("lr_schedule"))] = "cosine",
     patience: Annotated[int, typer.Option(min=1, help=help_of("patience"))] = 3,
     max_steps: Annotated[int, typer.Option(min=1, help=help_of("max_steps"))] = 4000,
+    max_cycles: Annotated[int, typer.Option(min=1, max=100, help=help_of("max_cycles"))] = 4,
     distill: Annotated[bool, typer.Option("--distill", help=help_of("distill"))] = False,
     teacher: Annotated[
         Path | None,
@@ -182,6 +183,7 @@ def finetune(
         "lr_schedule": lr_schedule,
         "patience": patience,
         "max_steps": max_steps,
+        "max_cycles": max_cycles,
         "distill": distill,
         "loss": loss,
         "l1": l1,

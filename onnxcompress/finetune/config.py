@@ -8,8 +8,11 @@ The defaults are meant to work without hand-set numbers (Han et al. 2015 retrain
   takes 1/10 of the rate at the smoothed loss minimum -- Han's "1/10 of the original", read
   from the data instead of a training log that an ONNX file does not carry;
 * ``epochs=None``: train until the held-out metric (accuracy with labels, the loss
-  otherwise) has not improved for ``patience`` epochs, at most ``max_steps`` optimizer steps
-  (at least 3 epochs), and keep the best epoch's weights. ``validation_split`` of the
+  otherwise) has not improved for ``patience`` epochs, and keep the best epoch's weights. A
+  cycle is ``max_steps`` optimizer steps (at least 3 epochs) of cosine decay; while a cycle
+  still improved the held-out result, another follows from the best weights at half the rate
+  (warm restarts, at most ``max_cycles``), so the retraining budget grows with how much a
+  round removed instead of stopping at a fixed cap. ``validation_split`` of the
   samples (seeded) are held out for it and never trained on;
 * ``optimizer="adam"`` with a cosine decay over the planned steps.
 
@@ -64,7 +67,12 @@ class FinetuneConfig(PassConfig):
     momentum: float = pydantic.Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     max_steps: int = pydantic.Field(
         4000, ge=1, le=10_000_000,
-        description="With epochs unset: at most this many optimizer steps (and at least 3 epochs).",
+        description="With epochs unset: optimizer steps of one cosine cycle (at least 3 epochs).",
+    )
+    max_cycles: int = pydantic.Field(
+        4, ge=1, le=100,
+        description="With epochs unset: cycles at most; another (from the best weights, at half "
+        "the rate) follows only a cycle that improved the held-out result.",
     )
     patience: int = pydantic.Field(
         3,

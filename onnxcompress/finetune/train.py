@@ -442,7 +442,7 @@ def _task_loss(run: _Run, batch: Arrays) -> torch.Tensor:
 
 
 def _step_loss(run: _Run, batch: Arrays) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the loss minimised, the task loss): the first adds regularisers and the prior's term."""
+    """(what is minimised, the task loss): the minimised adds regularisers and the prior's term."""
     task = _task_loss(run, batch)
     loss = task
     extra = penalty(run.module, run.layers, run.options)
@@ -563,23 +563,69 @@ def _planned_epochs(run: _Run) -> tuple[int, int]:
     return max(3, math.ceil(run.options.max_steps / per_epoch)), per_epoch
 
 
+@dataclasses.dataclass
+class _Best:
+    """The best held-out result so far, its epoch and weights, epochs since it improved.
+
+    And the first step's task loss (to tell a diverged run).
+    """
+
+    score: float = -math.inf
+    epoch: int = 0
+    state: list[torch.Tensor] | None = None
+    stale: int = 0
+    first_loss: float | None = None
+
+
 def _train(run: _Run, lr: float) -> tuple[list[dict[str, float]], bool, int]:
-    """The epochs: returns (history, stopped early, best epoch); the best weights are restored."""
+    """The epochs: returns (history, stopped early, best epoch); the best weights are restored.
+
+    With early stopping, a cycle (cosine over the planned epochs) that still improved the
+    held-out result is followed by another from the best weights at half the rate (warm
+    restarts, Loshchilov & Hutter 2017), up to `max_cycles`: the held-out samples, not a step
+    cap, decide how long a hard round (a deep pruning rung) retrains.
+    """
     epochs, per_epoch = _planned_epochs(run)
-    optimizer = _optimizer(run, lr)
-    scheduler = _scheduler(optimizer, run.options, epochs * per_epoch)
     probes = _probe_set(
         run.train if run.held_out is None else run.held_out, run.options.probe_samples
     )
     history: list[dict[str, float]] = []
-    first_loss: float | None = None
-    best_score, best_epoch, best_state, stale = -math.inf, 0, None, 0
-    stopped = False
+    best, stopped = _Best(), False
+    cycles = run.options.max_cycles if run.options.auto_epochs else 1
+    for cycle in range(cycles):
+        before = best.score
+        if cycle > 0:
+            assert best.state is not None
+            _restore(run, best.state)
+            run.say(
+                f"fine-tune: still improving: cycle {cycle + 1} from epoch {best.epoch} at rate "
+                f"{lr * 0.5**cycle:.3g}"
+            )
+        stopped = _train_cycle(
+            run, lr * 0.5**cycle, epochs * per_epoch, epochs, probes, history, best
+        )
+        if stopped or not best.score > before or best.state is None:
+            break
+    if best.state is not None and best.epoch != len(history):
+        _restore(run, best.state)
+        run.say(f"fine-tune: kept epoch {best.epoch} (best held-out result)")
+    if run.prior is None:  # a prior raises the task loss on purpose
+        _warn_if_diverged(best.first_loss, history)
+    return history, stopped, best.epoch or len(history)
+
+
+def _train_cycle(
+    run: _Run, lr: float, steps: int, epochs: int, probes: Mapping[str, np.ndarray],
+    history: list[dict[str, float]], best: _Best,
+) -> bool:
+    """One cosine cycle of `epochs` into `history`; True when a target or patience stopped it."""
+    optimizer = _optimizer(run, lr)
+    scheduler = _scheduler(optimizer, run.options, steps)
     for epoch in range(epochs):
         record, first = _train_epoch(run, optimizer, scheduler)
-        first_loss = first if first_loss is None else first_loss
-        record = {"epoch": float(epoch + 1), **record, **_held_out_metrics(run)}
-        if epoch == 0 and record["loss"] == 0.0 and run.loss_kind != "cross_entropy":
+        record = {"epoch": float(len(history) + 1), **record, **_held_out_metrics(run)}
+        best.first_loss = first if best.first_loss is None else best.first_loss
+        if not history and record["loss"] == 0.0 and run.loss_kind != "cross_entropy":
             logger.warning(
                 "the %s loss against the teacher is exactly 0: the teacher computes what the model "
                 "does, so there is nothing to learn (give the uncompressed model as teacher)",
@@ -587,25 +633,23 @@ def _train(run: _Run, lr: float) -> tuple[list[dict[str, float]], bool, int]:
             )
         record.update(_targets(run, probes))
         history.append(record)
-        run.say(f"fine-tune epoch {epoch + 1}/{epochs}: " + _describe(record))
+        run.say(f"fine-tune epoch {len(history)}/{epochs}: " + _describe(record))
         if _met(record, run.options):
-            stopped = epoch + 1 < epochs
-            break
+            return epoch + 1 < epochs
         if run.options.auto_epochs:
             score = _score(record)
-            if score > best_score:
-                best_score, best_epoch, best_state, stale = score, epoch + 1, _snapshot(run), 0
+            if score > best.score:
+                best.score, best.epoch, best.state, best.stale = (
+                    score,
+                    len(history),
+                    _snapshot(run),
+                    0,
+                )
             else:
-                stale += 1
-            if stale >= run.options.patience:
-                stopped = epoch + 1 < epochs
-                break
-    if best_state is not None and best_epoch != len(history):
-        _restore(run, best_state)
-        run.say(f"fine-tune: kept epoch {best_epoch} (best held-out result)")
-    if run.prior is None:  # a prior raises the task loss on purpose
-        _warn_if_diverged(first_loss, history)
-    return history, stopped, best_epoch or len(history)
+                best.stale += 1
+            if best.stale >= run.options.patience:
+                return epoch + 1 < epochs
+    return False
 
 
 def _train_epoch(
@@ -766,9 +810,9 @@ def write_back(
     holders: dict[str, tuple[ir.Value, ir.Node | None]] = {}
     for name, value in model.graph.initializers.items():
         holders[name] = (value, None)
-    for constant in model.graph:
-        if constant.op_type == "Constant" and "value" in constant.attributes:
-            holders[constant.outputs[0].name or ""] = (constant.outputs[0], constant)
+    for node in model.graph:
+        if node.op_type == "Constant" and "value" in node.attributes:
+            holders[node.outputs[0].name or ""] = (node.outputs[0], node)
     plan = []
     for name, array in arrays.items():
         if name not in holders:

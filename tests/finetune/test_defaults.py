@@ -13,7 +13,7 @@ from onnxcompress.cli import app
 from onnxcompress.errors import RecipeError
 from onnxcompress.finetune.config import FinetuneConfig, help_of
 from onnxcompress.finetune.executor import OnnxModule, to_ir
-from onnxcompress.finetune.train import _prepare, _split, evaluate, find_lr
+from onnxcompress.finetune.train import _prepare, _split, evaluate, find_lr, finetune
 from onnxcompress.pass_base import get_pass
 
 
@@ -102,3 +102,35 @@ def test_cli_help_is_the_configs_description() -> None:
     text = " ".join(result.output.split())
     for field in ("lr", "epochs", "group_lasso", "prior"):
         assert " ".join(help_of(field).split())[:40] in text
+
+
+def _pruned(proto: onnx.ModelProto, sparsity: float) -> onnx.ModelProto:
+    """`proto` with each weight matrix's smallest |w| set to zero (a hard round to recover from)."""
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(proto)
+    for initializer in pruned.graph.initializer:
+        array = onnx.numpy_helper.to_array(initializer).copy()
+        if array.ndim == 2:
+            array[np.abs(array) < np.quantile(np.abs(array), sparsity)] = 0.0
+            initializer.CopyFrom(onnx.numpy_helper.from_array(array, initializer.name))
+    return pruned
+
+
+def test_a_cycle_that_still_improved_is_followed_by_one_at_half_the_rate(digits_mlp) -> None:
+    proto, train, _ = digits_mlp
+    model = to_ir(_pruned(proto, 0.95))
+    options = {"seed": 0, "lr": 0.002, "max_steps": 1, "patience": 3}  # cycles of 3 epochs
+    one = finetune(model, train, options=FinetuneConfig(max_cycles=1, **options))
+    more = finetune(model, train, options=FinetuneConfig(max_cycles=2, **options))
+
+    assert len(one.history) == 3
+    assert more.history[:3] == one.history  # the same first cycle
+    assert len(more.history) > 3  # it still improved, so training went on
+    assert [row["epoch"] for row in more.history] == list(range(1, len(more.history) + 1))
+    assert more.history[3]["lr"] == pytest.approx(0.001)  # the second cycle starts at half the rate
+    score = max(row["held_out_accuracy"] for row in more.history)
+    assert (
+        more.history[more.best_epoch - 1]["held_out_accuracy"]
+        == score
+        >= one.history[-1]["held_out_accuracy"]
+    )
