@@ -26,6 +26,7 @@ __all__ = [
     "iter_tensors",
     "ir_version_for",
     "minimum_ir_version",
+    "model_bytes",
     "EXTERNAL_DATA_THRESHOLD",
 ]
 
@@ -216,6 +217,16 @@ def minimum_ir_version(model: ir.Model) -> int:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
     dtypes = {tensor.dtype for tensor in iter_tensors(model)}
     return ir_version_for(opset, functions=bool(model.functions), dtypes=dtypes)
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    """The model as one self-contained protobuf at its minimum IR version.
+
+    What a worker process or a cache key needs (the model itself is left as it is).
+    """
+    proto = ir.to_proto(in_memory(model))
+    proto.ir_version = minimum_ir_version(model)
+    return proto.SerializeToString()
 
 
 def _mapped_files(model: ir.Model) -> set[Path]:

@@ -37,11 +37,11 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from onnxcompress.errors import UserError, WorkerError
+from onnxcompress.errors import WorkerError
 from onnxcompress.finetune.data import Arrays, Batches
 from onnxcompress.finetune.train import TrainOptions, TrainResult
-from onnxcompress.io import in_memory, minimum_ir_version
-from onnxcompress.parallel.ray_cluster import require_ray
+from onnxcompress.io import model_bytes
+from onnxcompress.parallel.ray_cluster import connect, require_ray
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +68,6 @@ class Replica:
         if rows < self.workers:
             return None
         return {name: np.asarray(array)[self.rank :: self.workers] for name, array in batch.items()}
-
-
-def _serialise(model: ir.Model) -> bytes:
-    proto = ir.to_proto(in_memory(model))
-    proto.ir_version = minimum_ir_version(model)
-    return proto.SerializeToString()
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -141,7 +135,7 @@ def finetune_on_ray(
     temporary folder, fine on one machine only).
     """
     ray = require_ray()
-    started = _connect(ray, address, workers)
+    started = connect(ray, address, workers)
     try:
         return _fit(
             ray, model, data, original, options or TrainOptions(), workers, storage, retries
@@ -149,22 +143,6 @@ def finetune_on_ray(
     finally:
         if started:
             ray.shutdown()
-
-
-def _connect(ray: Any, address: str | None, workers: int) -> bool:
-    """Join or start a cluster; True when this call started it (and must stop it)."""
-    if ray.is_initialized():
-        return False
-    try:
-        if address is None:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, ValueError, RuntimeError) as error:
-        raise UserError(
-            f"cannot reach the Ray cluster at {address}: {str(error).splitlines()[0]}"
-        ) from None
-    return True
 
 
 def _fit(
@@ -181,10 +159,10 @@ def _fit(
     from ray.train.torch import TorchTrainer
 
     config = {
-        "model": ray.put(_serialise(model)),
+        "model": ray.put(model_bytes(model)),
         "data": ray.put(data),
         "options": options,
-        "teacher": None if original is None else ray.put(_serialise(original)),
+        "teacher": None if original is None else ray.put(model_bytes(original)),
     }
     with tempfile.TemporaryDirectory(prefix="onnxcompress-ray-train-") as scratch:
         trainer = TorchTrainer(

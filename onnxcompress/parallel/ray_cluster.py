@@ -11,7 +11,7 @@ started with `ray start --head` on this machine; "ray://host:port" a remote one.
 
 from __future__ import annotations
 
-__all__ = ["RayExecutor", "require_ray"]
+__all__ = ["RayExecutor", "connect", "require_ray"]
 
 import logging
 from collections.abc import Iterator, Sequence
@@ -32,6 +32,26 @@ def require_ray() -> Any:
             "the Ray executor needs Ray: pip install 'onnxcompress[ray]'"
         ) from None
     return ray
+
+
+def connect(ray: Any, address: str | None, workers: int | None) -> bool:
+    """Join the cluster at `address`, or start a local one of `workers` CPUs.
+
+    True when this call started it (the caller then stops it). An unreachable address is one error
+    line.
+    """
+    if ray.is_initialized():
+        return False
+    try:
+        if address is None:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise UserError(
+            f"cannot reach the Ray cluster at {address}: {str(error).splitlines()[0]}"
+        ) from None
+    return True
 
 
 def _evaluate_in_worker(
@@ -56,17 +76,7 @@ class RayExecutor(Executor):
         ray = require_ray()
         self.retries = retries
         self._started = False
-        if not ray.is_initialized():
-            try:
-                if address is None:
-                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-                else:
-                    ray.init(address=address, log_to_driver=False)
-            except (ConnectionError, ValueError, RuntimeError) as error:
-                raise UserError(
-                    f"cannot reach the Ray cluster at {address}: {str(error).splitlines()[0]}"
-                ) from None
-            self._started = True
+        self._started = connect(ray, address, workers)
         self._remote = ray.remote(_evaluate_in_worker)
         self.payload_bytes = 0  # what the last sweep put in the object store
 

@@ -51,7 +51,7 @@ from onnxcompress.formats.packed import (
     packed_nbytes,
     packing_pays,
 )
-from onnxcompress.io import in_memory, minimum_ir_version
+from onnxcompress.io import model_bytes
 from onnxcompress.parallel import SweepCache, Task, make_executor, run_sweep
 from onnxcompress.parallel.sweep import Sweep, adopt, forget
 from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
@@ -163,8 +163,8 @@ class Fitter:
 
 
 def _fitter_from(payload: bytes) -> Fitter:
-    model_bytes, hessians, seed = pickle.loads(payload)
-    return Fitter(ir.from_proto(onnx.load_from_string(model_bytes)), hessians, seed)
+    payload_model, hessians, seed = pickle.loads(payload)
+    return Fitter(ir.from_proto(onnx.load_from_string(payload_model)), hessians, seed)
 
 
 def _measure(fitter: Fitter, task: Task) -> dict[str, float] | None:
@@ -177,12 +177,6 @@ def _measure(fitter: Fitter, task: Task) -> dict[str, float] | None:
     stats = fitter.hessians.get(task.layer)
     error = relative_error(site.array(), codebook[indices], stats.hessian if stats else None, site)
     return {"error": error, "nbytes": nbytes}
-
-
-def _serialise(model: ir.Model) -> bytes:
-    proto = ir.to_proto(in_memory(model))
-    proto.ir_version = minimum_ir_version(model)
-    return proto.SerializeToString()
 
 
 def index_bytes(name: str, count: int, bits: int) -> int:
@@ -279,7 +273,7 @@ class CodebookSearchPass(CompressionPass):
         fitter = Fitter(model, hessians, self.context.seed, keep=True)
         payload = pickle.dumps(
             (
-                _serialise(model),
+                model_bytes(model),
                 {s.name: hessians[s.name] for s in sites if s.name in hessians},
                 self.context.seed,
             )
