@@ -39,12 +39,12 @@ from onnxcompress.cli.parallel import (
     with_sweep_options,
 )
 from onnxcompress.compare import compare_models, file_bytes, interleaved_latency
-from onnxcompress.data import LABELS, batch_axes, load_npz
+from onnxcompress.data import LABELS, load_npz, sample_axis
 from onnxcompress.errors import FidelityGateError, UserError
 from onnxcompress.fidelity import DEFAULT_GATE, TaskMetric
 from onnxcompress.pass_base import describe, get_pass, make_config, pass_names, quantized_ops
 from onnxcompress.pipeline import PipelineResult, Step
-from onnxcompress.probes import parse_input_shapes, probe_inputs, shapes_as_sizes
+from onnxcompress.probes import parse_input_shapes, shapes_as_sizes
 from onnxcompress.recipe import load_recipe, recipe_schema
 from onnxcompress.summary import layer_table, totals
 
@@ -224,14 +224,11 @@ def _latency(
 
     Refused when the result is slower than `max_ratio` times the original.
     """
-    samples = batch_axes(original)  # the gates' shapes, found once; the sample axes take `batch`
-    sizes = {
-        (name, axis): size
-        for name, array in result.probes.items()
-        for axis, size in enumerate(np.shape(array))
-        if axis > 0 and (name, axis) not in samples
+    inputs = {  # the gates' own probes, `batch` samples along each input's sample axis
+        value.name: _samples_at(result.probes[value.name], sample_axis(original, value), batch)
+        for value in original.graph.inputs
+        if value.name in result.probes
     }
-    inputs = probe_inputs(original, count=batch, sizes=sizes)
     before, after = interleaved_latency([original, result.model], inputs)
     ratio = after / before if before > 0 else 1.0
     console.print(
@@ -244,6 +241,17 @@ def _latency(
             f"--max-latency-ratio {max_ratio}; nothing was written"
         )
     return {"latency_ms": {"batch": batch, "before": before, "after": after, "ratio": ratio}}
+
+
+def _samples_at(array: np.ndarray, axis: int | None, batch: int) -> np.ndarray:
+    """`batch` samples of a probe array (repeated when it holds fewer; a scalar kept whole).
+
+    Real probe values, not random ones: a sample rate or a recurrent state must stay valid.
+    """
+    array = np.asarray(array)
+    if axis is None:
+        return array
+    return np.take(array, np.arange(batch) % array.shape[axis], axis=axis)
 
 
 def _without_lossy_steps_if_quantized(model: Path, steps: Sequence[Step]) -> list[Step]:
