@@ -51,7 +51,8 @@ def batch_axes(model: ir.Model) -> set[tuple[str, int]]:
     """(input, axis) pairs that carry the samples besides axis 0.
 
     That is a batch symbol on another axis, or the one free axis of an input whose first axis
-    is fixed (a state [2, ?, 128]).
+    is fixed above 1 (a state [2, ?, 128]). A leading 1 is a batch of one, and its free axis a
+    size (an OCR line [1, 1, 64, width]).
     """
     symbols = batch_symbols(model)
     found: set[tuple[str, int]] = set()
@@ -60,7 +61,8 @@ def batch_axes(model: ir.Model) -> set[tuple[str, int]]:
         free = [axis for axis, dim in enumerate(shape) if not isinstance(dim, int)]
         for axis in free:
             named = getattr(shape[axis], "value", None)
-            if axis > 0 and (named in symbols or (isinstance(shape[0], int) and free == [axis])):
+            fixed_first = isinstance(shape[0], int) and shape[0] > 1
+            if axis > 0 and (named in symbols or (fixed_first and free == [axis])):
                 found.add((value.name or "", axis))
     return found
 
