@@ -42,12 +42,19 @@ class LayerHessian:
     """H = X^T X of one weight's layer input, per group: shape [groups, d, d] (float64).
 
     `d` is the weight's input features in its own flattening order: `in` for MatMul/Gemm,
-    C/groups * kh * kw for Conv. `rows` counts the input rows (patches) summed.
+    C/groups * kh * kw for Conv. `rows` counts the input rows (patches) summed, `sums` [groups, d]
+    their sum (the mean input, for bias correction).
     """
 
     name: str
     hessian: np.ndarray
     rows: int
+    sums: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The mean input row per group, [groups, d]."""
+        return self.sums / max(self.rows, 1)
 
     @property
     def groups(self) -> int:
@@ -148,9 +155,12 @@ def layer_hessians(
                     gram = np.matmul(rows.transpose(0, 2, 1), rows)
                     entry = result.get(site.name)
                     if entry is None:
-                        result[site.name] = LayerHessian(site.name, gram, rows.shape[1])
+                        result[site.name] = LayerHessian(
+                            site.name, gram, rows.shape[1], rows.sum(axis=1)
+                        )
                     else:
                         entry.hessian += gram
                         entry.rows += rows.shape[1]
+                        entry.sums += rows.sum(axis=1)
     logger.info("captured %d layer inputs over %d samples", len(result), count)
     return result

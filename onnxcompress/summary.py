@@ -72,7 +72,8 @@ def _distinct(array: np.ndarray) -> tuple[int, bool]:
 
 
 def _consumer_op(layer: CodebookLayer) -> str:
-    ops = sorted({node.op_type for node in layer.gather.outputs[0].consumers()})
+    weight = layer.scaling.outputs[0] if layer.scaling is not None else layer.gather.outputs[0]
+    ops = sorted({node.op_type for node in weight.consumers()})
     return "/".join(ops) or "Gather"
 
 
@@ -81,7 +82,7 @@ def _codebook_row(layer: CodebookLayer) -> LayerInfo:
     codebook = layer.codebook()
     index_bytes = layer.stored_index_bytes
     return LayerInfo(
-        name=layer.name,
+        name=layer.weight_name,
         op=_consumer_op(layer),
         shape=layer.shape,
         dtype=codebook.dtype.name,
@@ -89,7 +90,7 @@ def _codebook_row(layer: CodebookLayer) -> LayerInfo:
         nonzero=int(np.count_nonzero(weight)),
         distinct=int(np.unique(weight).size),
         distinct_exact=True,
-        bytes=int(index_bytes + codebook.nbytes),
+        bytes=int(index_bytes + codebook.nbytes + layer.scale_bytes),
         holder="codebook",
         bits=layer.bits,
         codebook_size=layer.k,

@@ -21,7 +21,17 @@ would not pay stay uint8). `codebook_layers` finds both forms: for a
 packed layer `index_dtype` is "packed", `index_name` the packed byte tensor, `cast` the
 chain's first Cast, and `indices()` unpacks; `stored_index_bytes` is what the file holds.
 
-Exact: `codebook[indices]` is bit for bit the weight the model computes with.
+Channel-scaled form (`codebook.search`'s per-channel candidates): one codebook shared by the
+weight's output channels after each is divided by its own scale (BatchNorm folded into a Conv
+leaves channels at scales several times apart, which a single codebook fits poorly):
+
+    Gather(...) -> W.codebook_shared;  Mul(W.codebook_shared, W.codebook_scales) -> W
+
+with `W.codebook_scales` float[1.., C, 1..] (C on the output axis) and the Mul marked with
+`SCALES_KEY`. `CodebookLayer.name` stays the Gather output (what `pack` codes) and
+`weight_name` is the Mul's; onnxruntime folds the Mul with the Gather at load.
+
+Exact: `codebook[indices]` (times the scales) is bit for bit the weight the model computes with.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from __future__ import annotations
 __all__ = [
     "BITS_KEY",
     "ZERO_KEY",
+    "SCALES_KEY",
     "CodebookLayer",
     "codebook_layers",
     "dense_weight",
@@ -47,6 +58,7 @@ from onnxcompress.formats.packed import PACKED_DTYPE, packed_nbytes, packed_sour
 
 BITS_KEY = "onnxcompress.codebook.bits"
 ZERO_KEY = "onnxcompress.codebook.zero_entry"
+SCALES_KEY = "onnxcompress.codebook.scales"
 _INDEX_DTYPES = (ir.DataType.UINT8, ir.DataType.UINT4)
 
 
@@ -70,6 +82,26 @@ class CodebookLayer:
     index_dtype: str
     gather: ir.Node
     cast: ir.Node
+    scaling: ir.Node | None = None
+
+    @property
+    def weight_name(self) -> str:
+        """The value the layer's consumers read: the Gather's, or the channel-scaling Mul's."""
+        return self.scaling.outputs[0].name or "" if self.scaling is not None else self.name
+
+    def scales(self) -> np.ndarray | None:
+        """The per-output-channel scales (broadcastable to the weight), None when unscaled."""
+        if self.scaling is None:
+            return None
+        tensor = self.scaling.inputs[1].const_value  # type: ignore[union-attr]
+        assert tensor is not None
+        return np.asarray(tensor.numpy())
+
+    @property
+    def scale_bytes(self) -> int:
+        """Bytes the scales take in the file (0 when unscaled)."""
+        scales = self.scales()
+        return 0 if scales is None else int(scales.nbytes)
 
     def indices(self) -> np.ndarray:
         """The index tensor as uint8 of the weight's shape (uint4 and packed storage unpacked)."""
@@ -130,6 +162,7 @@ def _match(graph: ir.Graph, node: ir.Node) -> CodebookLayer | None:
     )
     output = node.outputs[0]
     return CodebookLayer(
+        scaling=_scaling(graph, output),
         name=output.name or "",
         bits=bits,
         k=k,
@@ -141,6 +174,17 @@ def _match(graph: ir.Graph, node: ir.Node) -> CodebookLayer | None:
         gather=node,
         cast=cast,
     )
+
+
+def _scaling(graph: ir.Graph, shared: ir.Value) -> ir.Node | None:
+    """The channel-scaling Mul our passes put after a codebook Gather, or None."""
+    uses = list(shared.uses())
+    if len(uses) != 1 or shared.is_graph_output():
+        return None
+    mul = uses[0].node
+    if mul.op_type != "Mul" or SCALES_KEY not in mul.metadata_props or uses[0].idx != 0:
+        return None
+    return mul if _initializer(graph, mul.inputs[1]) is not None else None
 
 
 def _index_source(
@@ -206,8 +250,10 @@ def remove_codebook_layer(graph: ir.Graph, layer: CodebookLayer) -> bool:
 
 
 def dense_weight(layer: CodebookLayer) -> np.ndarray:
-    """The weight the model computes with: codebook[indices]."""
-    return layer.codebook()[layer.indices()]
+    """The weight the model computes with: codebook[indices] (times the channel scales)."""
+    shared = layer.codebook()[layer.indices()]
+    scales = layer.scales()
+    return shared if scales is None else (shared * scales).astype(shared.dtype)
 
 
 def insert_codebook(
@@ -219,32 +265,24 @@ def insert_codebook(
     bits: int,
     zero_entry: bool,
     packed: bool,
+    scales: np.ndarray | None = None,
 ) -> tuple[ir.Value, ir.Value]:
     """Replace initializer `weight` by indices + codebook + Cast + Gather (same name, same value).
 
-    Returns the new (indices, codebook) initializer values. The caller checks that `weight`
-    is an initializer of `graph` and not a graph output.
+    With `scales` (broadcastable to the weight, one per output channel), the Gather decodes the
+    shared values and a marked Mul by the scales gives the weight. Returns the new (indices,
+    codebook) initializer values. The caller checks that `weight` is an initializer of `graph`
+    and not a graph output.
     """
     name = weight.name
     assert name is not None
-    index_tensor = (
-        ir.Tensor(
-            indices, dtype=ir.DataType.UINT4, name=unique_name(graph, f"{name}.codebook_indices")
-        )
+    index_value = _constant(
+        graph,
+        ir.Tensor(indices, dtype=ir.DataType.UINT4, name=f"{name}.codebook_indices")
         if packed
-        else ir.tensor(
-            indices.astype(np.uint8), name=unique_name(graph, f"{name}.codebook_indices")
-        )
+        else ir.tensor(indices.astype(np.uint8), name=f"{name}.codebook_indices"),
     )
-    index_value = ir.Value(
-        name=index_tensor.name, const_value=index_tensor,
-        shape=ir.Shape(indices.shape), type=ir.TensorType(index_tensor.dtype),
-    )
-    codebook_tensor = ir.tensor(codebook, name=unique_name(graph, f"{name}.codebook"))
-    codebook_value = ir.Value(
-        name=codebook_tensor.name, const_value=codebook_tensor,
-        shape=ir.Shape(codebook.shape), type=ir.TensorType(codebook_tensor.dtype),
-    )
+    codebook_value = _constant(graph, ir.tensor(codebook, name=f"{name}.codebook"))
     cast = ir.node(
         "Cast", [index_value], attributes={"to": ir.DataType.INT32}, name=f"{name}.codebook_cast"
     )
@@ -255,9 +293,17 @@ def insert_codebook(
     cast.outputs[0].shape = ir.Shape(indices.shape)
     gather.metadata_props[BITS_KEY] = str(bits)
     gather.metadata_props[ZERO_KEY] = "1" if zero_entry else "0"
-    decoded = gather.outputs[0]
-    decoded.type = weight.type
-    decoded.shape = ir.Shape(indices.shape)
+    nodes = [cast, gather]
+    if scales is not None:
+        scale_value = _constant(graph, ir.tensor(scales.astype(codebook.dtype),
+                                                 name=f"{name}.codebook_scales"))
+        nodes.append(ir.node("Mul", [gather.outputs[0], scale_value],
+                             name=f"{name}.codebook_scale"))
+        nodes[-1].metadata_props[SCALES_KEY] = "1"
+        gather.outputs[0].name = unique_name(graph, f"{name}.codebook_shared")
+    decoded = nodes[-1].outputs[0]
+    for value in {gather.outputs[0], decoded}:
+        value.type, value.shape = weight.type, ir.Shape(indices.shape)
 
     graph.initializers.pop(name)
     ir.convenience.replace_all_uses_with(weight, decoded)
@@ -266,11 +312,20 @@ def insert_codebook(
     weight.const_value = None
     weight.name = None
     decoded.name = name
-    graph.register_initializer(index_value)
-    graph.register_initializer(codebook_value)
     first = next(iter(graph), None)
     if first is None:
-        graph.extend([cast, gather])
+        graph.extend(nodes)
     else:
-        graph.insert_before(first, [cast, gather])
+        graph.insert_before(first, nodes)
     return index_value, codebook_value
+
+
+def _constant(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    """`tensor` registered as an initializer of `graph` under a name not yet taken."""
+    tensor.name = unique_name(graph, tensor.name or "constant")
+    value = ir.Value(
+        name=tensor.name, const_value=tensor,
+        shape=ir.Shape(tuple(tensor.shape.numpy())), type=ir.TensorType(tensor.dtype),
+    )
+    graph.register_initializer(value)
+    return value

@@ -18,7 +18,7 @@ __all__ = ["codebook_of", "is_codebook_decoded", "codebook_tensors", "kernel_op"
 
 import onnx_ir as ir
 
-from onnxcompress.formats.codebook import codebook_layers
+from onnxcompress.formats.codebook import SCALES_KEY, codebook_layers
 from onnxcompress.formats.dtypes import FLOAT_DTYPES, INTEGER_DTYPES
 from onnxcompress.formats.kernel_ops import kernel_op  # the same question for the sparse kernels
 from onnxcompress.formats.packed import packed_source
@@ -75,8 +75,14 @@ def codebook_of(gather: ir.Node) -> ir.Value | None:
 
 
 def is_codebook_decoded(value: ir.Value) -> bool:
-    """Whether `value` is the output of a codebook lookup: a weight-shared (codebook) layer."""
+    """Whether `value` is the output of a codebook lookup: a weight-shared (codebook) layer.
+
+    A channel-scaled codebook's weight is the output of the marked Mul after the lookup.
+    """
     producer = value.producer()
+    if producer is not None and producer.op_type == "Mul" and SCALES_KEY in producer.metadata_props:
+        shared = producer.inputs[0]
+        producer = shared.producer() if shared is not None else None
     return producer is not None and codebook_of(producer) is not None
 
 

@@ -5,11 +5,11 @@ Both are decoded back by standard ONNX ops whose inputs are all initializers.
 Why: `codebook.kmeans` needs only b bits per weight, but ONNX has no 3-, 5- or 6-bit type
 (and uint4 only from opset 21), so the uint8 form costs a byte per weight whatever b is.
 Here the indices go into a uint8 stream at b bits each and the graph unpacks them with
-Cast / MatMul / Div / Mod / Reshape [/ Slice] (all in opset 11). Every input of that decoder
-is an initializer, so onnxruntime's constant folding replaces the whole chain, codebook
-Gather included, by the dense weight when the session is created: the model runs at the
-dense model's speed, in stock onnxruntime, without any library of ours. The same holds for
-float16 storage (`store_fp16`): initializer in float16 + Cast(to=FLOAT).
+Cast / MatMul / Div / Mod / Reshape [/ Slice] (opset 11; from opset 9 with Mod spelled out).
+Every input of that decoder is an initializer, so onnxruntime's constant folding replaces the
+whole chain, codebook Gather included, by the dense weight when the session is created: the
+model runs at the dense model's speed, in stock onnxruntime, without any library of ours. The
+same holds for float16 storage (`store_fp16`): initializer in float16 + Cast(to=FLOAT).
 
 Layout ("groups of 8"): the flat index stream i_0 .. i_{n-1} (row-major order of the
 weight, each 0 <= i < 2^b) is padded with zeros to n' = 8G, G = ceil(n / 8). Group g holds
@@ -48,6 +48,7 @@ silently go back to a byte per weight, and in-memory pipelines would see both fo
 from __future__ import annotations
 
 __all__ = [
+    "MIN_PACK_OPSET",
     "FP16_MAX",
     "PACKED_DTYPE",
     "PackedSource",
@@ -80,7 +81,8 @@ if TYPE_CHECKING:
 PACKED_DTYPE = "packed"
 #: The largest finite float16; weights beyond it are left in float32.
 FP16_MAX = 65504.0
-_MIN_OPSET = 11
+MIN_PACK_OPSET = 9  # integer MatMul; below 11 the decoder avoids Mod (`_decoder_nodes`)
+_MOD_OPSET = 11
 _BLOCK = 1 << 18  # groups of 8 per numpy block: temporaries of at most 16 MiB
 
 
@@ -198,12 +200,15 @@ def _shared(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _decoder_nodes(
-    graph: ir.Graph, weight: str, packed: ir.Value, bits: int, shape: tuple[int, ...]
+    graph: ir.Graph, weight: str, packed: ir.Value, bits: int, shape: tuple[int, ...],
+    opset: int = _MOD_OPSET,
 ) -> list[ir.Node]:
     """The nodes that turn packed bytes `packed` into int32 indices of `shape` (last output).
 
     Kept small in the file: width constants are shared by every layer of that width, nodes
     carry no names and intermediate values no type annotations (shape inference has them).
+    Below opset 11 (models exported long ago, such as open_nsfw at opset 9), x mod 2^b is
+    written floor(w / 2^s) - floor(w / 2^(s+b)) 2^b and opset 9's Slice takes attributes.
     """
     matrix, powers = _layout(bits)
     count = math.prod(shape)
@@ -214,7 +219,7 @@ def _decoder_nodes(
 
     nodes: list[ir.Node] = []
 
-    def add(op: str, inputs: list[ir.Value], **attributes: int) -> ir.Value:
+    def add(op: str, inputs: list[ir.Value], **attributes: int | list[int]) -> ir.Value:
         node = ir.node(op, inputs, attributes=attributes)
         node.outputs[0].name = unique_name(graph, f"{weight}.unpack{len(nodes)}")
         nodes.append(node)
@@ -223,19 +228,28 @@ def _decoder_nodes(
     wide = add("Cast", [packed], to=ir.DataType.INT32)
     window = add("MatMul", [wide, width_const("bytes", matrix)])
     shifted = add("Div", [window, width_const("shift", powers)])
-    indices = add("Mod", [shifted, width_const("modulus", np.array(1 << bits, np.int32))])
+    modulus = width_const("modulus", np.array(1 << bits, np.int32))
+    if opset >= _MOD_OPSET:
+        indices = add("Mod", [shifted, modulus])
+    else:
+        above = add("Div", [window, width_const("shift_out", powers << bits)])
+        indices = add("Sub", [shifted, add("Mul", [above, modulus])])
     if count != 8 * groups:
         flat = add(
             "Reshape",
             [indices, _shared(graph, "onnxcompress.unpack.flat", np.array([-1], np.int64))],
         )
-        indices = add(
-            "Slice",
-            [
-                flat,
-                _shared(graph, "onnxcompress.unpack.start", np.array([0], np.int64)),
-                _initializer(graph, f"{weight}.unpack_end", np.array([count], np.int64)),
-            ],
+        indices = (
+            add("Slice", [flat], starts=[0], ends=[count], axes=[0])  # type: ignore[arg-type]
+            if opset < 10
+            else add(
+                "Slice",
+                [
+                    flat,
+                    _shared(graph, "onnxcompress.unpack.start", np.array([0], np.int64)),
+                    _initializer(graph, f"{weight}.unpack_end", np.array([count], np.int64)),
+                ],
+            )
         )
     add(
         "Reshape",
@@ -280,24 +294,13 @@ def packed_source(graph: ir.Graph, index_value: ir.Value | None) -> PackedSource
     source = reshape.inputs[0]
     slice_node = _producer(source, "Slice")
     if slice_node is not None:
-        if len(slice_node.inputs) != 3 or _producer(slice_node.inputs[0], "Reshape") is None:
-            return None
-        if not (np.array_equal(_const(slice_node.inputs[1]), [0]) and  # type: ignore[arg-type]
-                np.array_equal(_const(slice_node.inputs[2]), [math.prod(shape)])):  # type: ignore[arg-type]
+        if not _takes_first(slice_node, math.prod(shape)):
             return None
         source = slice_node.inputs[0].producer().inputs[0]  # type: ignore[union-attr]
-    mod = _producer(source, "Mod")
-    div = _producer(mod.inputs[0], "Div") if mod is not None else None
-    if mod is None or div is None:
+    found = _modulo(source)
+    if found is None:
         return None
-    modulus = _const(mod.inputs[1])
-    if (
-        modulus is None
-        or modulus.size != 1
-        or int(modulus.reshape(-1)[0]) not in {1 << b for b in range(1, 9)}
-    ):
-        return None
-    bits = int(modulus.reshape(-1)[0]).bit_length() - 1
+    div, bits = found
     matrix, powers = _layout(bits)
     if not np.array_equal(_const(div.inputs[1]), powers):  # type: ignore[arg-type]
         return None
@@ -321,6 +324,47 @@ def packed_source(graph: ir.Graph, index_value: ir.Value | None) -> PackedSource
     ):
         return None
     return PackedSource(cast=cast, packed=packed, bits=bits, shape=shape)
+
+
+def _takes_first(slice_node: ir.Node, count: int) -> bool:
+    """Whether a Slice keeps elements [0, count) of a flattening Reshape (inputs or attributes)."""
+    if _producer(slice_node.inputs[0], "Reshape") is None:
+        return False
+    if len(slice_node.inputs) == 3:
+        return bool(np.array_equal(_const(slice_node.inputs[1]), [0])  # type: ignore[arg-type]
+                    and np.array_equal(_const(slice_node.inputs[2]), [count]))  # type: ignore[arg-type]
+    attributes = slice_node.attributes
+    return (
+        len(slice_node.inputs) == 1
+        and list(attributes.get_ints("starts", [])) == [0]
+        and list(attributes.get_ints("ends", [])) == [count]
+        and list(attributes.get_ints("axes", [0])) == [0]
+    )
+
+
+def _modulo(value: ir.Value | None) -> tuple[ir.Node, int] | None:
+    """(the Div by 2^s, b) of `Div(w, 2^s) mod 2^b` as `_decoder_nodes` writes it, else None."""
+    mod = _producer(value, "Mod")
+    if mod is not None:
+        div, modulus = _producer(mod.inputs[0], "Div"), _const(mod.inputs[1])
+    else:  # below opset 11: Sub(Div(w, 2^s), Mul(Div(w, 2^(s+b)), 2^b))
+        sub = _producer(value, "Sub")
+        mul = _producer(sub.inputs[1], "Mul") if sub is not None else None
+        above = _producer(mul.inputs[0], "Div") if mul is not None else None
+        div = _producer(sub.inputs[0], "Div") if sub is not None else None
+        modulus = _const(mul.inputs[1]) if mul is not None else None
+        if above is None or div is None or above.inputs[0] is not div.inputs[0]:
+            return None
+        shift, shift_out = _const(div.inputs[1]), _const(above.inputs[1])
+        if modulus is None or shift is None or shift_out is None or modulus.size != 1:
+            return None
+        if not np.array_equal(shift_out, shift * int(modulus.reshape(-1)[0])):
+            return None
+    if div is None or modulus is None or modulus.size != 1:
+        return None
+    if int(modulus.reshape(-1)[0]) not in {1 << b for b in range(1, 9)}:
+        return None
+    return div, int(modulus.reshape(-1)[0]).bit_length() - 1
 
 
 def is_decoder_matmul(node: ir.Node) -> bool:
@@ -347,13 +391,14 @@ def _users(graph: ir.Graph, value: ir.Value) -> int:
 def pack_codebook_indices(model: ir.Model, names: set[str] | None = None) -> bool:
     """Rewrite every uint8 codebook layer with bits < 8 (or those in `names`) into the packed form.
 
-    Returns whether anything changed. Models below opset 11 are left alone, and so are layers
+    Returns whether anything changed. Models below opset 9 are left alone, and so are layers
     too small for packing to pay for its decoder (`packing_pays`). A layer whose index tensor
     is shared with another reader keeps it (only its own Cast is replaced).
     """
     from onnxcompress.formats.codebook import codebook_layers  # it reads this module's layout
 
-    if model.opset_imports.get("", 0) < _MIN_OPSET:
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset < MIN_PACK_OPSET:
         return False
     graph = model.graph
     changed = False
@@ -365,12 +410,14 @@ def pack_codebook_indices(model: ir.Model, names: set[str] | None = None) -> boo
         indices = layer.indices()
         if indices.size and int(indices.max()) >= 1 << layer.bits:
             continue
-        _replace_indices(graph, layer, pack_indices(indices, layer.bits))
+        _replace_indices(graph, layer, pack_indices(indices, layer.bits), opset)
         changed = True
     return changed
 
 
-def _replace_indices(graph: ir.Graph, layer: CodebookLayer, packed: np.ndarray) -> None:
+def _replace_indices(
+    graph: ir.Graph, layer: CodebookLayer, packed: np.ndarray, opset: int
+) -> None:
     """Put the decoder of `packed` where `layer.cast` was.
 
     The packed bytes take the old index initializer's name when nothing else reads it.
@@ -384,7 +431,7 @@ def _replace_indices(graph: ir.Graph, layer: CodebookLayer, packed: np.ndarray) 
         old.const_value = None  # detach first: onnx_ir renames a value's tensor with it
         old.name = None
     nodes = _decoder_nodes(
-        graph, layer.name, _initializer(graph, name, packed), layer.bits, layer.shape
+        graph, layer.name, _initializer(graph, name, packed), layer.bits, layer.shape, opset
     )
     graph.insert_before(layer.gather, nodes)
     layer.gather.replace_input_with(1, nodes[-1].outputs[0])

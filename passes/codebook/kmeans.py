@@ -14,7 +14,7 @@ Lossy, bounded per weight: |w - C[I]| <= half the largest gap between adjacent c
 (the nearest centroid is chosen), and zero error when a layer has at most k distinct values.
 Exact: zeros stay 0.0. Index storage (`pack_indices`, on by default): below 8 bits the
 indices are bit-packed, bits/8 bytes per weight (`onnxcompress.formats.packed`; needs opset
->= 11), except that 4-bit layers of opset >= 21 models keep ONNX uint4 (same size, fewer
+>= 9), except that 4-bit layers of opset >= 21 models keep ONNX uint4 (same size, fewer
 nodes); otherwise uint8, 1 byte per weight. See `graph` for the in-graph forms and why stock
 onnxruntime runs them at the dense model's speed (the decoders are constant-folded at load).
 """
@@ -33,7 +33,12 @@ import pydantic
 
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.formats.codebook import insert_codebook
-from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, packing_pays
+from onnxcompress.formats.packed import (
+    MIN_PACK_OPSET,
+    pack_codebook_indices,
+    packed_nbytes,
+    packing_pays,
+)
 from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.passes.codebook.kmeans1d import kmeans_1d
 from onnxcompress.sites import WeightSite, find_weight_sites
@@ -84,7 +89,7 @@ class KMeansClusterConfig(PassConfig):
         True,
         description="Bit-pack indices below 8 bits "
         "(bits/8 bytes per weight, decoded by constant-foldable "
-        "standard ops; opset >= 11); off: uint8 (or uint4) indices.",
+        "standard ops; opset >= 9); off: uint8 (or uint4) indices.",
     )
     exclude: tuple[str, ...] = pydantic.Field((), description="Weight-name globs never clustered.")
     min_params: int = pydantic.Field(
@@ -176,7 +181,8 @@ class KMeansClusterPass(CompressionPass):
         opset = model.opset_imports.get("", 0)
         uint4 = self.config.pack_4bit and bits <= 4 and opset >= 21
         pays = packing_pays(site.name, site.size, bits)
-        if self.config.pack_indices and pays and opset >= 11 and not (uint4 and bits == 4):
+        packs = self.config.pack_indices and pays and opset >= MIN_PACK_OPSET
+        if packs and not (uint4 and bits == 4):
             return "packed"
         return "uint4" if uint4 else "uint8"
 

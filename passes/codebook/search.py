@@ -46,6 +46,7 @@ from onnxcompress.calibration import LayerHessian, layer_hessians
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import (
+    MIN_PACK_OPSET,
     decoder_nbytes,
     pack_codebook_indices,
     packed_nbytes,
@@ -56,9 +57,16 @@ from onnxcompress.parallel import SweepCache, Task, make_executor, run_sweep
 from onnxcompress.parallel.sweep import Sweep, adopt, forget
 from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.passes.codebook.kmeans import KMeansClusterPass, cluster_weights
-from onnxcompress.sites import WeightSite, find_weight_sites
+from onnxcompress.passes.reconstruct.bias_correction import (
+    centred_hessian,
+    corrected_bias,
+    layer_bias,
+)
+from onnxcompress.sites import WeightSite, constant_array, find_weight_sites, set_constant
 
 logger = logging.getLogger(__name__)
+
+PER_CHANNEL = "kmeans-per-channel"
 
 
 class CodebookSearchConfig(PassConfig):
@@ -76,6 +84,17 @@ class CodebookSearchConfig(PassConfig):
         description="How each width's codebook is fitted: plain k-means, or GPTQ error feedback "
         "under H (codebook.gptq) for widths <= gptq_max_bits, kept where it lowers the calibration "
         "error (it can fit small calibration sets too closely: see docs/codebook.md).",
+    )
+    bias_correction: bool = pydantic.Field(
+        True,
+        description="Move each layer's mean output error (on the calibration inputs) into the "
+        "bias it owns, and score candidates by what is left (reconstruct.bias_correction).",
+    )
+    per_channel: bool = pydantic.Field(
+        True,
+        description="Also try, per layer, one codebook over output channels divided by their own "
+        "scale (4 bytes a channel): BatchNorm folded into Conv leaves channels at scales several "
+        "times apart.",
     )
     gptq_max_bits: int = pydantic.Field(
         6, ge=1, le=8, description="Widest width fitted with GPTQ (cost grows)."
@@ -132,58 +151,131 @@ class Fitter:
     """
 
     def __init__(
-        self, model: ir.Model, hessians: dict[str, LayerHessian], seed: int, *, keep: bool = False
+        self,
+        model: ir.Model,
+        hessians: dict[str, LayerHessian],
+        seed: int,
+        *,
+        bias_correction: bool = True,
+        keep: bool = False,
     ):
         self.model = model
         self.sites = {site.name: site for site in find_weight_sites(model, min_params=0).sites}
         self.hessians = hessians
         self.seed = seed
         self.keep = keep
-        self._fitted: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray, bool]] = {}
+        self.biased = {
+            name for name, site in self.sites.items()
+            if bias_correction and name in hessians and layer_bias(site) is not None
+        }
+        self._fitted: dict[tuple[str, str, int], Fit] = {}
 
-    def fit(self, name: str, method: str, bits: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(indices, codebook, zero_entry) of layer `name` at `bits`."""
+    def fit(self, name: str, method: str, bits: int) -> Fit:
+        """Layer `name`'s codebook at `bits` by `method` (seeded: the same every time)."""
         if (name, method, bits) in self._fitted:
             return self._fitted[name, method, bits]
         site = self.sites[name]
         if method == "gptq":
             from onnxcompress.passes.reconstruct.codebook_gptq import gptq_codebook
 
-            fitted = gptq_codebook(self.model, site, self.hessians.get(name), bits, seed=self.seed)
+            fitted = Fit(
+                *gptq_codebook(self.model, site, self.hessians.get(name), bits, seed=self.seed)
+            )
+        elif method == PER_CHANNEL:
+            scales = channel_scales(site)
+            shared = (site.array() / scales).astype(site.array().dtype)
+            fitted = Fit(*cluster_weights(shared, bits, seed=self.seed), scales=scales)
         else:
-            fitted = cluster_weights(site.array(), bits, seed=self.seed)
+            fitted = Fit(*cluster_weights(site.array(), bits, seed=self.seed))
         if self.keep:
             self._fitted[name, method, bits] = fitted
         return fitted
 
     def weights(self, name: str, method: str, bits: int, dtype: np.dtype) -> np.ndarray:
         """The layer's weights as `fit` shares them, in the model's dtype, for trial models."""
-        indices, codebook, _ = self.fit(name, method, bits)
-        return codebook[indices].astype(dtype)
+        return self.fit(name, method, bits).weights().astype(dtype)
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        """The Gram matrix a candidate's error is scored under: centred where a bias corrects."""
+        stats = self.hessians.get(name)
+        if stats is None:
+            return None
+        return centred_hessian(stats) if name in self.biased else stats.hessian
+
+    def correct_bias(self, site: WeightSite, method: str, bits: int) -> bool:
+        """Write the bias that absorbs this candidate's mean output shift into `site`'s graph."""
+        bias = layer_bias(site) if site.name in self.biased else None
+        if bias is None:
+            return False
+        original = self.sites[site.name].array()
+        delta = self.weights(site.name, method, bits, original.dtype).astype(np.float64) - original
+        beta = site.node.attributes.get_float("beta", 1.0) if site.op_type == "Gemm" else 1.0
+        array = constant_array(bias)
+        assert array is not None  # layer_bias checked it
+        set_constant(
+            bias, corrected_bias(array, _out_by_in(delta, site), self.hessians[site.name], beta)
+        )
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """One fitted codebook: indices, shared values, the reserved-zero flag, channel scales."""
+
+    indices: np.ndarray
+    codebook: np.ndarray
+    zero_entry: bool
+    scales: np.ndarray | None = None
+
+    def weights(self) -> np.ndarray:
+        """The weight it decodes to: codebook[indices] (times the channel scales)."""
+        shared = self.codebook[self.indices]
+        return shared if self.scales is None else shared * self.scales
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes besides the indices: the codebook and the scales."""
+        return self.codebook.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+
+def channel_scales(site: WeightSite) -> np.ndarray:
+    """Each output channel's RMS, shaped to broadcast over the weight (1 for an all-zero one)."""
+    array = np.asarray(site.array(), np.float64)
+    assert site.out_axis is not None  # only layers with an output axis get these candidates
+    axis = site.out_axis % array.ndim
+    other = tuple(a for a in range(array.ndim) if a != axis)
+    scales = np.sqrt(np.mean(array**2, axis=other, keepdims=True))
+    return np.where(scales > 0, scales, 1.0).astype(site.array().dtype)
 
 
 def _fitter_from(payload: bytes) -> Fitter:
-    payload_model, hessians, seed = pickle.loads(payload)
-    return Fitter(ir.from_proto(onnx.load_from_string(payload_model)), hessians, seed)
+    payload_model, hessians, seed, bias_correction = pickle.loads(payload)
+    return Fitter(
+        ir.from_proto(onnx.load_from_string(payload_model)), hessians, seed,
+        bias_correction=bias_correction,
+    )
 
 
 def _measure(fitter: Fitter, task: Task) -> dict[str, float] | None:
     """One (layer, method, width): its relative error and stored bytes; None when not smaller."""
     site, bits = fitter.sites[task.layer], int(task.setting)
-    indices, codebook, _ = fitter.fit(task.layer, task.method, bits)
-    nbytes = index_bytes(site.name, site.size, bits) + codebook.nbytes
+    fit = fitter.fit(task.layer, task.method, bits)
+    opset = fitter.model.opset_imports.get("", fitter.model.opset_imports.get("ai.onnx", 0))
+    nbytes = index_bytes(site.name, site.size, bits, packable=opset >= MIN_PACK_OPSET) + fit.nbytes
     if nbytes >= site.size * site.array().dtype.itemsize:
         return None
-    stats = fitter.hessians.get(task.layer)
-    error = relative_error(site.array(), codebook[indices], stats.hessian if stats else None, site)
+    error = relative_error(site.array(), fit.weights(), fitter.hessian(task.layer), site)
     return {"error": error, "nbytes": nbytes}
 
 
-def index_bytes(name: str, count: int, bits: int) -> int:
-    """Bytes of `count` indices as they will be stored: bit-packed below 8 bits where it pays."""
+def index_bytes(name: str, count: int, bits: int, *, packable: bool = True) -> int:
+    """Bytes of `count` indices as they will be stored: bit-packed below 8 bits where it pays.
+
+    Not `packable` (a model below opset 9): a byte each, whatever the width.
+    """
     return (
         packed_nbytes(count, bits) + decoder_nbytes(name)
-        if packing_pays(name, count, bits)
+        if packable and packing_pays(name, count, bits)
         else count
     )
 
@@ -270,18 +362,21 @@ class CodebookSearchPass(CompressionPass):
         One sweep task per (layer, method, width), on the configured executor, through its cache.
         """
         hessians = layer_hessians(model, self.context.probes or {}, sites, seed=self.context.seed)
-        fitter = Fitter(model, hessians, self.context.seed, keep=True)
+        correct = self.config.bias_correction
+        fitter = Fitter(model, hessians, self.context.seed, bias_correction=correct, keep=True)
         payload = pickle.dumps(
             (
                 model_bytes(model),
                 {s.name: hessians[s.name] for s in sites if s.name in hessians},
                 self.context.seed,
+                correct,
             )
         )
         sweep = Sweep(payload, _fitter_from, _measure)
         adopt(sweep.key, fitter)  # a serial sweep fits in this process, with the live model
-        tasks = [Task(site.name, self._method(site, hessians.get(site.name), bits), float(bits))
-                 for site in sites for bits in self.config.bits]
+        tasks = [Task(site.name, method, float(bits))
+                 for site in sites for bits in self.config.bits
+                 for method in self._methods(site, hessians.get(site.name), bits)]
         config = self.config
         cache = SweepCache(Path(config.cache)) if config.cache is not None else None
         with make_executor(
@@ -300,14 +395,18 @@ class CodebookSearchPass(CompressionPass):
             name: sorted(options, key=lambda c: c.nbytes) for name, options in table.items()
         }
 
-    def _method(self, site: WeightSite, stats: LayerHessian | None, bits: int) -> str:
-        return (
+    def _methods(self, site: WeightSite, stats: LayerHessian | None, bits: int) -> list[str]:
+        """How the layer's codebook at `bits` is fitted: shared, and per channel where it can."""
+        shared = (
             "gptq"
             if self.config.method == "gptq"
             and stats is not None
             and bits <= self.config.gptq_max_bits
             else "kmeans"
         )
+        axis = site.out_axis
+        channels = site.shape[axis % len(site.shape)] if axis is not None and site.shape else 1
+        return [shared] + ([PER_CHANNEL] if self.config.per_channel and channels > 1 else [])
 
     def _layer_progress(self, tasks: list[Task]) -> Callable[[int], None]:
         widths, layers = len(self.config.bits), len(tasks) // len(self.config.bits)
@@ -346,7 +445,7 @@ class CodebookSearchPass(CompressionPass):
         """
         errors = sorted({c.error for options in candidates.values() for c in options})
         floor = {
-            name: next((c for c in options if c.bits >= 8), None)
+            name: min((c for c in options if c.bits >= 8), key=lambda c: c.error, default=None)
             for name, options in candidates.items()
         }
         if not any(floor.values()) or not self._passes(
@@ -391,7 +490,9 @@ class CodebookSearchPass(CompressionPass):
         for site in sites:
             candidate = choice[site.name]
             if candidate is not None and site.name in trial_sites:
-                trial_sites[site.name].replace(
+                trial_site = trial_sites[site.name]
+                fitter.correct_bias(trial_site, candidate.method, candidate.bits)
+                trial_site.replace(
                     fitter.weights(site.name, candidate.method, candidate.bits, site.array().dtype))
         gate = self._searched_gate() if tightened else (self.context.gate or fidelity.DEFAULT_GATE)
         try:
@@ -433,19 +534,22 @@ class CodebookSearchPass(CompressionPass):
                 report.skip(site.name, f"kept dense: even {cheapest} is over the tolerance")
                 continue
             weights = site.array()
-            indices, codebook, zero_entry = fitter.fit(site.name, candidate.method, candidate.bits)
-            insert_codebook(model.graph, site.value, indices, codebook,
-                            bits=candidate.bits, zero_entry=zero_entry, packed=False)
+            corrected = fitter.correct_bias(site, candidate.method, candidate.bits)
+            fit = fitter.fit(site.name, candidate.method, candidate.bits)
+            insert_codebook(model.graph, site.value, fit.indices, fit.codebook, bits=candidate.bits,
+                            zero_entry=fit.zero_entry, packed=False, scales=fit.scales)
             report.changed(
                 site.name,
                 site.op_type,
                 weights,
-                params_after=int(np.count_nonzero(codebook[indices])),
+                params_after=int(np.count_nonzero(fit.weights())),
                 bytes_after=candidate.nbytes,
                 detail=f"{candidate.bits} bits (layer error {candidate.error:.3g}), "
-                f"{codebook.size} values",
+                f"{fit.codebook.size} values"
+                + (" per channel" if fit.scales is not None else "")
+                + (", bias corrected" if corrected else ""),
             )
             changed = True
-        if changed and model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) >= 11:
+        if changed:
             pack_codebook_indices(model)  # below 8 bits, where it pays for its decoder
         return changed

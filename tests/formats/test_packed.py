@@ -144,18 +144,29 @@ def test_storage_by_opset():
     assert {layer.index_dtype for layer in codebook_layers(_clustered(3, opset=21))} == {"packed"}
     # nothing to pack
     assert {layer.index_dtype for layer in codebook_layers(_clustered(8))} == {"uint8"}
-    old = _clustered(5, pack_indices=False, opset=10)
-    assert not pack_codebook_indices(old)  # the decoder needs opset 11
+    old = _clustered(5, pack_indices=False, opset=8)
+    assert not pack_codebook_indices(old)  # integer MatMul needs opset 9
 
 
-def test_opset_11_is_enough(rng):
-    model = _clustered(3, opset=11)
-    assert {layer.index_dtype for layer in codebook_layers(model)} == {"packed"}
+@pytest.mark.parametrize("opset", [9, 10, 11])
+def test_old_opsets_get_a_decoder_they_have_and_the_same_outputs(rng, opset):
+    """Below 11 there is no Mod, and at 9 Slice takes attributes: the decoder spells both out."""
+    sizes = (13, 131, 10)  # 13 x 131 weights: not a multiple of 8, so the decoder slices
+    proto = mlp_proto(np.random.default_rng(0), sizes)
+    proto.opset_import[0].version = opset
+    uint8_form = ir.from_proto(proto)
+    get_pass("codebook.kmeans")(bits=3, pack_indices=False, min_params=1000)(uint8_form)
+    model = ir.from_proto(ir.to_proto(uint8_form))
+    assert pack_codebook_indices(model)
+    layers = codebook_layers(model)
+    assert {layer.index_dtype for layer in layers} == {"packed"}
+    for packed, plain in zip(layers, codebook_layers(uint8_form), strict=True):
+        np.testing.assert_array_equal(packed.indices(), plain.indices())
+    ops = {node.op_type for node in model.graph}
+    assert ("Mod" in ops) == (opset >= 11)
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
-    x = rng.standard_normal((2, SIZES[0])).astype(np.float32)
-    want = _stock_session(_bytes(_clustered(3, pack_indices=False, opset=11))).run(None, {"x": x})[
-        0
-    ]
+    x = rng.standard_normal((2, sizes[0])).astype(np.float32)
+    want = _stock_session(_bytes(uint8_form)).run(None, {"x": x})[0]
     np.testing.assert_array_equal(_stock_session(_bytes(model)).run(None, {"x": x})[0], want)
 
 

@@ -9,7 +9,7 @@ import pytest
 from onnxcompress import fidelity
 from onnxcompress.calibration import layer_hessians
 from onnxcompress.formats.codebook import codebook_layers
-from onnxcompress.passes.codebook.search import relative_error
+from onnxcompress.passes.codebook.search import PER_CHANNEL, Fitter, relative_error
 from onnxcompress.pipeline import Step, run_steps
 from onnxcompress.sites import find_weight_sites
 from tests.builders import mlp
@@ -83,3 +83,65 @@ def test_same_inputs_same_bytes(rng, calibration):
     first = ir.to_proto(search(model, calibration, gate).model).SerializeToString()
     second = ir.to_proto(search(model, calibration, gate).model).SerializeToString()
     assert first == second
+
+
+def uneven_channels(rng: np.random.Generator) -> ir.Model:
+    """An MLP whose output channels sit at scales 1x .. 30x apart, as BatchNorm folding leaves."""
+    model = mlp(rng, SIZES)
+    for site in find_weight_sites(model, min_params=0).sites:
+        weights = site.array()
+        axis = site.out_axis
+        shape = [1] * weights.ndim
+        shape[axis] = weights.shape[axis]
+        scales = np.geomspace(1.0, 30.0, weights.shape[axis]).reshape(shape)
+        site.replace((weights * rng.permutation(scales, axis=axis)).astype(np.float32))
+    return model
+
+
+def test_channels_at_uneven_scales_take_per_channel_codebooks(rng, calibration):
+    model = uneven_channels(rng)
+    sites = find_weight_sites(model, min_params=0).sites
+    fitter = Fitter(model, layer_hessians(model, {"x": calibration}, sites), seed=0)
+    first = sites[0]  # x @ W: its 128 output columns at scales 1x .. 30x
+    errors = {
+        method: relative_error(
+            first.array(), fitter.fit(first.name, method, 6).weights(), fitter.hessian(first.name),
+            first,
+        )
+        for method in ("kmeans", PER_CHANNEL)
+    }
+    assert errors[PER_CHANNEL] < 0.75 * errors["kmeans"]
+
+    strict = fidelity.Gate(min_cosine=0.9999, min_rank_correlation=0.999, min_top1=None)
+    result = search(model, calibration, strict)
+    details = [change.detail for change in result.steps[0].report.changes]
+    assert any("per channel" in detail for detail in details)
+    scaled = [layer for layer in codebook_layers(result.model) if layer.scales() is not None]
+    assert scaled and all(layer.weight_name != layer.name for layer in scaled)
+    reference = fidelity.run(model, {"x": calibration})
+    outputs = fidelity.run(result.model, {"x": calibration}, reference.views)
+    assert not strict.failures(fidelity.compare(reference, outputs))  # checked independently
+
+
+def test_biases_absorb_the_mean_error_and_the_written_model_is_what_was_verified(
+    rng, calibration
+):
+    model = mlp(rng, SIZES)
+    shifted = (calibration + 2.0).astype(np.float32)  # inputs with a mean far from zero
+    loose = fidelity.Gate(min_cosine=0.9, min_rank_correlation=None, min_top1=None)
+    corrected = search(model, shifted, loose).model
+    plain = search(model, shifted, loose, bias_correction=False).model
+    biases = [
+        name for name in ("fc0.bias", "fc1.bias", "head.bias")
+        if not np.array_equal(
+            corrected.graph.initializers[name].const_value.numpy(),
+            plain.graph.initializers[name].const_value.numpy(),
+        )
+    ]
+    assert biases == ["fc0.bias", "fc1.bias", "head.bias"]
+
+    def error(candidate: ir.Model) -> float:
+        reference = fidelity.run(model, {"x": shifted})
+        return fidelity.compare(reference, fidelity.run(candidate, {"x": shifted})).rel_l2
+
+    assert error(corrected) < error(plain)
