@@ -43,6 +43,7 @@ import pydantic
 
 from onnxcompress import fidelity
 from onnxcompress.calibration import LayerHessian, layer_hessians
+from onnxcompress.data import sample_axis, take_samples
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import (
@@ -89,6 +90,14 @@ class CodebookSearchConfig(PassConfig):
         True,
         description="Move each layer's mean output error (on the calibration inputs) into the "
         "bias it owns, and score candidates by what is left (reconstruct.bias_correction).",
+    )
+    sensitivity: bool = pydantic.Field(
+        True,
+        description="Weigh each layer's error by how much of it reaches the output, measured "
+        "once per layer with only that layer coded, so robust layers take fewer bits.",
+    )
+    sensitivity_samples: int = pydantic.Field(
+        8, ge=1, description="Probe samples each layer's sensitivity is measured on."
     )
     per_channel: bool = pydantic.Field(
         True,
@@ -140,6 +149,12 @@ class Candidate:
     method: str
     error: float
     nbytes: int
+    impact: float | None = None  # error x the layer's measured output sensitivity
+
+    @property
+    def score(self) -> float:
+        """What the tolerance bounds: the impact on the output where measured, else the error."""
+        return self.error if self.impact is None else self.impact
 
 
 class Fitter:
@@ -349,6 +364,8 @@ class CodebookSearchPass(CompressionPass):
             return False
         try:
             fitter, candidates = self._candidates(model, sites)
+            if self.config.sensitivity:
+                candidates = self._weighted(model, sites, candidates, fitter)
             choice = self._search(model, sites, candidates, fitter, report)
             return self._write(model, sites, candidates, choice, fitter, report)
         finally:
@@ -428,7 +445,73 @@ class CodebookSearchPass(CompressionPass):
 
     @staticmethod
     def _pick(options: list[Candidate], tolerance: float) -> Candidate | None:
-        return next((c for c in options if c.error <= tolerance), None)
+        return next((c for c in options if c.score <= tolerance), None)
+
+    def _weighted(
+        self,
+        model: ir.Model,
+        sites: list[WeightSite],
+        candidates: dict[str, list[Candidate]],
+        fitter: Fitter,
+    ) -> dict[str, list[Candidate]]:
+        """Each candidate's error times its layer's output sensitivity (`_sensitivity`)."""
+        probes = self._few_probes(model)
+        reference = fidelity.run(model, probes, self.context.reference.views)  # type: ignore[union-attr]
+        weighted = {}
+        for index, site in enumerate(sites):
+            options = candidates[site.name]
+            factor = self._sensitivity(model, site, options, fitter, probes, reference)
+            self._say(f"{self.name}: sensitivity of layer {index + 1}/{len(sites)} ({site.name})")
+            weighted[site.name] = [
+                dataclasses.replace(c, impact=factor * c.error) for c in options
+            ]
+        return weighted
+
+    def _few_probes(self, model: ir.Model) -> dict[str, np.ndarray]:
+        """The first `sensitivity_samples` probes, along each input's own sample axis."""
+        inputs = {value.name: value for value in model.graph.inputs}
+        return {
+            name: take_samples(
+                array,
+                sample_axis(model, inputs[name]) if name in inputs else 0,
+                self.config.sensitivity_samples,
+            )
+            for name, array in (self.context.probes or {}).items()
+        }
+
+    @staticmethod
+    def _sensitivity(
+        model: ir.Model,
+        site: WeightSite,
+        options: list[Candidate],
+        fitter: Fitter,
+        probes: dict[str, np.ndarray],
+        reference: fidelity.Outputs,
+    ) -> float:
+        """Output distortion per unit of layer error: the layer alone at its coarsest width.
+
+        Layers differ by orders of magnitude in how much of their error reaches the output
+        (HAWQ measures it by curvature; here it is measured directly, once per layer): the
+        squared relative output error of the model with only this layer coded, over the
+        layer's own error. 1.0 where it cannot be measured.
+        """
+        coarsest = max(options, key=lambda c: c.error, default=None)
+        if coarsest is None or coarsest.error <= 0:
+            return 1.0
+        trial = model.clone()
+        trial_site = find_weight_sites(trial, min_params=0).by_name().get(site.name)
+        if trial_site is None:
+            return 1.0
+        fitter.correct_bias(trial_site, coarsest.method, coarsest.bits)
+        trial_site.replace(
+            fitter.weights(site.name, coarsest.method, coarsest.bits, site.array().dtype)
+        )
+        try:
+            outputs = fidelity.run(trial, probes, reference.views)
+        except UnsupportedModelError:
+            return 1.0
+        distortion = fidelity.compare(reference, outputs).rel_l2 ** 2
+        return float(distortion / coarsest.error) if np.isfinite(distortion) else 1.0
 
     def _search(
         self,
@@ -443,7 +526,7 @@ class CodebookSearchPass(CompressionPass):
         8 bits everywhere, checked with the step's own gate, is the floor (what `optimize` writes
         without data); widths below it must pass the gate tightened by `margin`.
         """
-        errors = sorted({c.error for options in candidates.values() for c in options})
+        errors = sorted({c.score for options in candidates.values() for c in options})
         floor = {
             name: min((c for c in options if c.bits >= 8), key=lambda c: c.error, default=None)
             for name, options in candidates.items()
@@ -544,7 +627,9 @@ class CodebookSearchPass(CompressionPass):
                 weights,
                 params_after=int(np.count_nonzero(fit.weights())),
                 bytes_after=candidate.nbytes,
-                detail=f"{candidate.bits} bits (layer error {candidate.error:.3g}), "
+                detail=f"{candidate.bits} bits (layer error {candidate.error:.3g}"
+                + (f", output impact {candidate.impact:.3g}" if candidate.impact is not None else "")
+                + "), "
                 f"{fit.codebook.size} values"
                 + (" per channel" if fit.scales is not None else "")
                 + (", bias corrected" if corrected else ""),

@@ -145,3 +145,37 @@ def test_biases_absorb_the_mean_error_and_the_written_model_is_what_was_verified
         return fidelity.compare(reference, fidelity.run(candidate, {"x": shifted})).rel_l2
 
     assert error(corrected) < error(plain)
+
+
+def two_paths(rng: np.random.Generator) -> ir.Model:
+    """y = x W_loud + 0.01 x W_quiet: twin layers, one of which barely reaches the output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.builders import finish
+
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), name)
+        for name in ("loud.weight", "quiet.weight")
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "loud.weight"], ["loud"]),
+            helper.make_node("MatMul", ["x", "quiet.weight"], ["quiet"]),
+            helper.make_node("Mul", ["quiet", "damping"], ["damped"]),
+            helper.make_node("Add", ["loud", "damped"], ["y"]),
+        ],
+        "two_paths",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        [*weights, numpy_helper.from_array(np.array(0.01, np.float32), "damping")],
+    )
+    return ir.from_proto(finish(graph))
+
+
+def test_a_layer_whose_error_barely_reaches_the_output_takes_fewer_bits(rng, calibration):
+    model = two_paths(rng)
+    gate = fidelity.Gate(min_cosine=0.9995, min_rank_correlation=None, min_top1=None)
+    weighted = bits_by_layer(search(model, calibration, gate).model)
+    assert weighted["quiet.weight"] < weighted["loud.weight"]
+    unweighted = bits_by_layer(search(model, calibration, gate, sensitivity=False).model)
+    assert unweighted.get("quiet.weight", 32) >= weighted["quiet.weight"]
