@@ -46,7 +46,7 @@ def hoist_constant(main: ir.Graph, value: ir.Value) -> ir.Value:
     hoisted = ir.Value(
         name=_free_name(main, value.name or "weight"),
         const_value=tensor,
-        shape=ir.Shape(tensor.shape),
+        shape=ir.Shape(tensor.shape.numpy()),
         type=ir.TensorType(tensor.dtype),
     )
     ir.convenience.replace_all_uses_with(value, hoisted)

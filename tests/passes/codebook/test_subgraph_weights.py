@@ -38,8 +38,10 @@ def _weight(rng: np.random.Generator) -> np.ndarray:
 
 def _if_model(rng: np.random.Generator, then_name: str = "then_w",
               else_name: str = "else_w") -> onnx.ModelProto:
-    """If(cond): then: MatMul(x, Constant) plus a weight read through Slice + Concat;
-    else: a Constant read two levels down, inside a nested If (as silero-vad's LSTM)."""
+    """If(not cond): then: MatMul(x, Constant) plus a weight read through Slice + Concat.
+
+    else: a Constant read two levels down, inside a nested If (as silero-vad's LSTM).
+    """
     swap = [
         _ints("top", [0]), _ints("mid", [D // 2]), _ints("end", [D]),
         helper.make_node("Slice", ["then_r", "mid", "end"], ["r_low"]),
@@ -51,13 +53,13 @@ def _if_model(rng: np.random.Generator, then_name: str = "then_w",
          helper.make_node("MatMul", ["x", then_name], ["t1"]),
          helper.make_node("MatMul", ["x", "r_swapped"], ["t2"]),
          helper.make_node("Add", ["t1", "t2"], ["y_then"])],
-        "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [2, D])],
+        "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, ["n", D])],
     )
     inner = {
         side: helper.make_graph(
             [helper.make_node("MatMul", ["x", else_name], [f"inner_{side}"])],
             f"inner_{side}", [],
-            [helper.make_tensor_value_info(f"inner_{side}", TensorProto.FLOAT, [2, D])],
+            [helper.make_tensor_value_info(f"inner_{side}", TensorProto.FLOAT, ["n", D])],
         )
         for side in ("then", "else")
     }
@@ -65,16 +67,16 @@ def _if_model(rng: np.random.Generator, then_name: str = "then_w",
         [_const(else_name, _weight(rng)),
          helper.make_node("If", ["cond"], ["y_else"], then_branch=inner["then"],
                           else_branch=inner["else"])],
-        "else", [], [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [2, D])],
+        "else", [], [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, ["n", D])],
     )
     graph = helper.make_graph(
         [helper.make_node("Not", ["cond"], ["not_cond"]),
          helper.make_node("If", ["not_cond"], ["y"], then_branch=then_branch,
                           else_branch=else_branch)],
         "branches",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, D]),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D]),
          helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", D])],
     )
     return finish(graph)
 
@@ -218,7 +220,7 @@ def test_subgraph_weights_become_codebooks_that_run_in_stock_onnxruntime(rng, bu
 def test_sibling_branches_may_reuse_a_weight_name(rng):
     """Each branch is its own scope; moved to the main graph, the two get distinct names."""
     original = _if_model(rng, then_name="w", else_name="w")
-    branches = {g.name: g for n in original.graph.node for a in n.attribute if a.g.name for g in [a.g]}
+    branches = {a.g.name: a.g for node in original.graph.node for a in node.attribute if a.g.name}
     then_w, else_w = (
         numpy_helper.to_array(next(n for n in branches[side].node if n.output[0] == "w")
                               .attribute[0].t)
@@ -251,3 +253,30 @@ def test_a_weight_read_through_slice_and_concat_is_a_site_only_when_asked(rng):
     assert site.op_type == "MatMul" and site.holder == "constant"
     direct = find_weight_sites(model, derived=True).by_name()["else_w"]
     assert direct.direct and direct.out_axis == -1
+
+
+def test_codebook_search_compresses_branch_weights_within_its_gate(rng):
+    """optimize's default step on weights in branches: scored by their own error, verified.
+
+    Without a captured input each is scored by its relative error (H = I); the whole model is
+    still verified on the data.
+    """
+    from onnxcompress import fidelity
+    from onnxcompress.pipeline import Step, run_steps
+
+    model = ir.from_proto(_if_model(rng))
+    data = {"x": rng.standard_normal((32, D)).astype(np.float32), "cond": np.array(True)}
+    gate = fidelity.Gate(min_cosine=0.999, min_rank_correlation=None, min_top1=None)
+    step = Step(pass_name="codebook.search", options={}, gate=gate, on_fail="rollback")
+    result = run_steps(model, [step], data=data)
+    report = result.steps[0].report
+    assert result.steps[0].status == "applied"
+    # cond=True runs the else branch (through Not): its weight is compressed and verified
+    assert "else_w" in {change.name for change in report.changes}
+    assert all("weight error" in change.detail for change in report.changes)
+    written = ir.to_proto(result.model)
+    onnx.checker.check_model(written, full_check=True)
+    reference = fidelity.run(model, data)
+    assert not gate.failures(
+        fidelity.compare(reference, fidelity.run(result.model, data, reference.views))
+    )
