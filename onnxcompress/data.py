@@ -78,21 +78,13 @@ def sample_axis(model: ir.Model, value: ir.Value) -> int | None:
 
 
 def take_samples(array: np.ndarray, axis: int | None, rows: int) -> np.ndarray:
-    """`rows` samples of `array` along its sample axis, evenly spread (a scalar is kept whole).
-
-    Spread, not the first `rows`: data sets are often ordered (a recording's chunks in time, a
-    folder sorted by class), and their start is no sample of them. silero-vad's 750 calibration
-    chunks open with 2 s of silence: its first 64 probes held 2 speech chunks, and the gate
-    ranked noise-level probabilities. Deterministic; every sample when `rows` covers them all.
-    """
+    """The first `rows` samples of `array` along its sample axis (a scalar is kept whole)."""
     array = np.asarray(array)
-    if axis is None:
-        return array
-    total = array.shape[axis]
-    if rows >= total:
-        return array
-    picked = np.linspace(0, total - 1, max(rows, 0)).round().astype(np.int64)
-    return np.take(array, picked, axis=axis)
+    return (
+        array
+        if axis is None
+        else np.take(array, np.arange(min(rows, array.shape[axis])), axis=axis)
+    )
 
 
 def validate_data(model: ir.Model, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -166,21 +166,6 @@ def test_data_may_carry_samples_on_a_state_axis_and_hold_a_scalar(rng):
     )
     with pytest.raises(DataError, match="disagree on the sample count"):
         validate_data(model, {**data, "state": data["state"][:, :4]})
-    # spread over the data, the same samples from every input: 0, 2, 4 of 5
-    np.testing.assert_array_equal(drawn["chunk"], data["chunk"][[0, 2, 4]])
-    np.testing.assert_array_equal(drawn["state"], data["state"][:, [0, 2, 4]])
-
-
-def test_probes_are_spread_over_ordered_data_not_its_start(rng):
-    """A recording's first chunks (or a folder sorted by class) are no sample of it."""
-    model = streaming(rng)
-    chunk = np.repeat(np.arange(100, dtype=np.float32)[:, None], 96, axis=1)
-    data = {"chunk": chunk, "state": np.zeros((2, 100, 4), np.float32),
-            "sr": np.array(16000, np.int64)}
-    drawn = probes.probe_inputs(model, count=4, data=validate_data(model, data))
-    assert drawn["chunk"][:, 0].tolist() == [0, 33, 66, 99]
-    every = probes.probe_inputs(model, count=500, data=validate_data(model, data))
-    np.testing.assert_array_equal(every["chunk"], chunk)
 
 
 def batchnorm_cnn(rng: np.random.Generator) -> ir.Model:

@@ -251,11 +251,9 @@ def insert_codebook(
         name=codebook_tensor.name, const_value=codebook_tensor,
         shape=ir.Shape(codebook.shape), type=ir.TensorType(codebook_tensor.dtype),
     )
-    cast = ir.node(
-        "Cast", [index_value], attributes={"to": ir.DataType.INT32}, name=f"{name}.codebook_cast"
-    )
-    gather = ir.node("Gather", [codebook_value, cast.outputs[0]], attributes={"axis": 0},
-                     name=f"{name}.codebook_gather")
+    # unnamed nodes, as the packed decoder's: the output names say which weight they decode
+    cast = ir.node("Cast", [index_value], attributes={"to": ir.DataType.INT32})
+    gather = ir.node("Gather", [codebook_value, cast.outputs[0]], attributes={"axis": 0})
     cast.outputs[0].name = unique_name(graph, f"{name}.codebook_indices_int32")
     cast.outputs[0].type = ir.TensorType(ir.DataType.INT32)
     cast.outputs[0].shape = ir.Shape(indices.shape)
