@@ -35,6 +35,7 @@ __all__ = ["CodebookSearchConfig", "CodebookSearchPass", "Candidate", "Fitter"]
 import dataclasses
 import logging
 import pickle
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -271,8 +272,11 @@ class CodebookSearchPass(CompressionPass):
             report.skip(skip.name, skip.reason)
         checker = KMeansClusterPass(bits=min(self.config.bits), min_params=self.config.min_params)
         sites = []
+        named = Counter(site.name for site in scan.sites)
         for site in scan.sites:
             reason = checker._reason_to_skip(model, site)
+            if named[site.name] > 1:  # the search keys its codebooks by weight name
+                reason = "another weight has the same name (sibling subgraphs): use codebook.kmeans"
             if reason is not None and "would not be smaller" not in reason:
                 report.skip(site.name, reason)
             else:

@@ -280,3 +280,17 @@ def test_codebook_search_compresses_branch_weights_within_its_gate(rng):
     assert not gate.failures(
         fidelity.compare(reference, fidelity.run(result.model, data, reference.views))
     )
+
+
+def test_codebook_search_leaves_weights_that_share_a_name_with_the_reason(rng):
+    """The search keys codebooks by weight name: two sibling branches' "w" would swap."""
+    from onnxcompress import fidelity
+    from onnxcompress.pipeline import Step, run_steps
+
+    model = ir.from_proto(_if_model(rng, then_name="w", else_name="w"))
+    data = {"x": rng.standard_normal((32, D)).astype(np.float32), "cond": np.array(True)}
+    gate = fidelity.Gate(min_cosine=0.5, min_rank_correlation=None, min_top1=None)
+    step = Step(pass_name="codebook.search", options={}, gate=gate, on_fail="rollback")
+    report = run_steps(model, [step], data=data).steps[0].report
+    assert [change.name for change in report.changes] == ["then_r"]
+    assert report.reason_for("w").startswith("another weight has the same name")
