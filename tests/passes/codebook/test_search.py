@@ -179,3 +179,22 @@ def test_a_layer_whose_error_barely_reaches_the_output_takes_fewer_bits(rng, cal
     assert weighted["quiet.weight"] < weighted["loud.weight"]
     unweighted = bits_by_layer(search(model, calibration, gate, sensitivity=False).model)
     assert unweighted.get("quiet.weight", 32) >= weighted["quiet.weight"]
+
+
+def test_a_conv_without_captured_input_is_scored_per_output_channel(rng):
+    """A conv scored without its input (H = I) is blind to rescaling one filter.
+
+    Scaling a filter (and what reads it) leaves a ReLU network's function unchanged.
+    """
+    from onnxcompress.sites import Layout, WeightSite
+
+    weights = rng.standard_normal((4, 3, 3, 3))
+    delta = rng.standard_normal(weights.shape) * 0.01
+    site = WeightSite("w", "Conv", None, 1, None, Layout(1, 0, 1), "constant", [])  # type: ignore[arg-type]
+    error = relative_error(weights, weights + delta, None, site)
+    scale = np.array([100.0, 1.0, 1.0, 0.01])[:, None, None, None]
+    assert relative_error(weights * scale, (weights + delta) * scale, None, site) == (
+        pytest.approx(error, rel=1e-9)
+    )
+    per_channel = np.sum(delta**2, axis=(1, 2, 3)) / np.sum(weights**2, axis=(1, 2, 3))
+    assert error == pytest.approx(per_channel.mean(), rel=1e-9)
