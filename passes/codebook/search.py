@@ -112,6 +112,11 @@ class CodebookSearchConfig(PassConfig):
     gptq_max_bits: int = pydantic.Field(
         6, ge=1, le=8, description="Widest width fitted with GPTQ (cost grows)."
     )
+    refine_trials: int = pydantic.Field(
+        8, ge=0, le=64,
+        description="Whole-model checks spent after the bisection lowering the layers that save "
+        "the most bytes per unit of error, a batch at a time.",
+    )
     margin: float = pydantic.Field(
         0.75,
         ge=0,
@@ -345,6 +350,27 @@ def _channel_relative_error(weights: np.ndarray, delta: np.ndarray, out_axis: in
     return float(np.mean(np.sum(d[live] ** 2, axis=1) / norms[live])) if live.any() else 0.0
 
 
+def _next_steps(
+    candidates: dict[str, list[Candidate]],
+    choice: dict[str, Candidate | None],
+    dense: dict[str, int],
+    frozen: set[str],
+) -> list[tuple[str, Candidate]]:
+    """Each layer's least damaging cheaper candidate, best bytes saved per score added first."""
+    ranked = []
+    for name, options in candidates.items():
+        current = choice.get(name)
+        now_bytes = current.nbytes if current is not None else dense[name]
+        cheaper = [c for c in options if c.nbytes < now_bytes]
+        if name in frozen or not cheaper:
+            continue
+        step = min(cheaper, key=lambda c: (c.score, c.nbytes))
+        added = max(step.score - (current.score if current is not None else 0.0), 1e-30)
+        ranked.append(((now_bytes - step.nbytes) / added, name, step))
+    ranked.sort(key=lambda item: (-item[0], item[1]))
+    return [(name, step) for _, name, step in ranked]
+
+
 def _choice_bytes(sites: list[WeightSite], choice: dict[str, Candidate | None]) -> int:
     """Stored bytes of the layers under a choice (dense where it keeps a layer dense)."""
     total = 0
@@ -421,7 +447,8 @@ class CodebookSearchPass(CompressionPass):
             }
             order = min(found, key=lambda name: _choice_bytes(sites, found[name]))
             report.notes["ordered by"] = order
-            return self._write(model, sites, orders[order], found[order], fitter, report)
+            choice = self._refine(model, sites, orders[order], found[order], fitter, report)
+            return self._write(model, sites, orders[order], choice, fitter, report)
         finally:
             forget()  # the fitted codebooks of this process go with the pass
 
@@ -619,6 +646,41 @@ class CodebookSearchPass(CompressionPass):
                                "floor": "8 bits" if any(floor.values()) else "dense"}
         logger.info("%s: tolerance %.3g after %d trials", self.name, tolerance, trials)
         return best
+
+    def _refine(
+        self,
+        model: ir.Model,
+        sites: list[WeightSite],
+        candidates: dict[str, list[Candidate]],
+        best: dict[str, Candidate | None],
+        fitter: Fitter,
+        report: PassReport,
+    ) -> dict[str, Candidate | None]:
+        """Lower layers a step at a time, most bytes saved per unit of score first, verified.
+
+        Batches of layers, each checked on the whole model (`refine_trials` checks). One
+        tolerance for all layers stops where the first layers break the gate; the others may
+        still have room. A failed batch is halved; a single layer that fails stays.
+        """
+        choice, frozen = dict(best), set[str]()
+        batch, trials, lowered = max(1, len(sites) // 4), 0, 0
+        dense = {site.name: site.size * site.array().itemsize for site in sites}
+        while trials < self.config.refine_trials:
+            steps = _next_steps(candidates, choice, dense, frozen)
+            if not steps:
+                break
+            taken = steps[:batch]
+            trial = {**choice, **dict(taken)}
+            trials += 1
+            self._say(f"{self.name}: refining, trial {trials}, {len(taken)} layers one step lower")
+            if self._passes(model, sites, trial, fitter):
+                choice, lowered = trial, lowered + len(taken)
+            elif batch > 1:
+                batch //= 2
+            else:
+                frozen.add(taken[0][0])
+        report.notes["refined"] = {"trials": trials, "layers lowered": lowered}
+        return choice
 
     def _choose(self, candidates: dict[str, list[Candidate]], tolerance: float,
                 floor: dict[str, Candidate | None]) -> dict[str, Candidate | None]:
