@@ -199,3 +199,17 @@ def test_a_conv_without_captured_input_is_scored_per_output_channel(rng):
     )
     per_channel = np.sum(delta**2, axis=(1, 2, 3)) / np.sum(weights**2, axis=(1, 2, 3))
     assert error == pytest.approx(per_channel.mean(), rel=1e-9)
+
+
+def test_refinement_lowers_what_one_tolerance_left_and_keeps_the_target(rng, calibration):
+    model = two_paths(rng)  # one tolerance for both twins stops at the loud one's limit
+    gate = fidelity.Gate(min_cosine=0.9995, min_rank_correlation=None, min_top1=None)
+    plain = search(model, calibration, gate, refine_trials=0, sensitivity=False)
+    refined = search(model, calibration, gate, sensitivity=False)
+    before, after = bits_by_layer(plain.model), bits_by_layer(refined.model)
+    assert after["quiet.weight"] < before["quiet.weight"]
+    assert all(after[name] <= bits for name, bits in before.items())
+    reference = fidelity.run(model, {"x": calibration})
+    outputs = fidelity.run(refined.model, {"x": calibration}, reference.views)
+    searched = gate.model_copy(update={"min_cosine": 0.9995 + 0.0005 * 0.75})  # margin 0.75
+    assert not searched.failures(fidelity.compare(reference, outputs))
