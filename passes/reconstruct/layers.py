@@ -3,9 +3,10 @@
 The matrix form of a weight is W [output channels, input features] in the order the layer's
 Hessian uses (`onnxcompress.calibration`): MatMul W[in, out] -> W^T; Gemm by its transB;
 Conv W[out, in/groups, kh, kw] -> W.reshape(out, -1), with output channel o in group
-o // (out / groups) and that group's H. Layers calibration cannot capture (Gather tables,
-recurrent weights, ConvTranspose, weights inside subgraphs, Conv with auto_pad, a weight read
-by several nodes) get a reason instead, and each pass falls back to its data-free method.
+o // (out / groups) and that group's H; LSTM/GRU/RNN W or R [directions, gates * hidden, d] ->
+W.reshape(-1, d), a group per direction. Layers calibration cannot capture (Gather tables,
+batch-major recurrent ops, ConvTranspose, weights inside subgraphs, Conv with auto_pad, a weight
+read by several nodes) get a reason instead, and each pass falls back to its data-free method.
 """
 
 from __future__ import annotations
