@@ -66,11 +66,16 @@ class LayerHessian:
 
 
 def supported(site: WeightSite, model: ir.Model) -> bool:
-    """Layers whose input is a main-graph activation and whose product we can rebuild."""
+    """Layers whose input is a main-graph activation and whose product we can rebuild.
+
+    Not a layer inside an If/Loop/Scan subgraph: its input is no value of the main graph, so
+    it cannot be exposed as a model output (the codebook search scores those with H = I, the
+    relative weight error); nor a weight the layer reads through data-movement ops.
+    """
     node = site.node
     if site.op_type in RECURRENT:
         return _recurrent_supported(site, model)
-    if site.input_index != 1 or node.graph is not model.graph:
+    if site.input_index != 1 or node.graph is not model.graph or not site.direct:
         return False
     if not node.inputs or node.inputs[0] is None or node.inputs[0].const_value is not None:
         return False
@@ -89,6 +94,8 @@ def _recurrent_supported(site: WeightSite, model: ir.Model) -> bool:
     if site.op_type not in RECURRENT or node.graph is not model.graph or len(site.shape) != 3:
         return False
     if node.attributes.get_int("layout", 0) != 0 or site.input_index not in (1, 2):
+        return False
+    if not site.direct:
         return False
     source = _source(site)
     return source is not None and bool(source.name) and source.const_value is None
