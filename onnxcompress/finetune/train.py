@@ -319,6 +319,7 @@ def finetune(
     module: OnnxModule | None = None,
     progress: Progress | None = None,
     replica: Replica | None = None,
+    held_out: Arrays | None = None,
 ) -> TrainResult:
     """Retrain `model`'s weights on `data`; the model itself is not modified.
 
@@ -327,13 +328,14 @@ def finetune(
     of `model`) to add parametrizations of your own first; `keep_zeros` masks only the
     tensors left unparametrized. `progress` receives one line per epoch. `replica`: this
     process is one of several data-parallel workers (`finetune.distributed`): it trains on its
-    share of each batch through DDP.
+    share of each batch through DDP. `held_out`: samples never trained on, for early stopping
+    instead of `validation_split` of `data` (with automatic epochs).
     """
     options = options or FinetuneConfig()
     model = to_ir(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed or 0)
-        run = _prepare(model, data, original, options, module, progress)
+        run = _prepare(model, data, original, options, module, progress, held_out)
         run.replica = replica
         # DDP syncs gradients
         run.forward = replica.wrap(run.module) if replica is not None else run.module
@@ -355,6 +357,7 @@ def _prepare(
     options: FinetuneConfig,
     module: OnnxModule | None,
     progress: Progress | None,
+    given_held_out: Arrays | None = None,
 ) -> _Run:
     """The module with its structure held, the teacher, the loss and the data split."""
     module = module if module is not None else OnnxModule(model)
@@ -368,7 +371,7 @@ def _prepare(
     teacher = OnnxModule(original if original is not None else model, trainable=())
     teacher.eval()
     loss_kind = _loss_kind(module, teacher, data, options)
-    train, held_out = _split(data, options)
+    train, held_out = _split(data, options, given_held_out)
     wants_layers = options.regularised or options.prior == "gmm"
     layers = regularised_layers(model, names, options) if wants_layers else []
     if options.prior == "gmm" and not layers:
@@ -414,10 +417,17 @@ def _loss_kind(
 
 
 def _split(
-    data: Arrays | Batches, options: FinetuneConfig
+    data: Arrays | Batches, options: FinetuneConfig, given: Arrays | None = None
 ) -> tuple[Arrays | Batches, Arrays | None]:
-    """(training data, held-out data): a seeded share held out only when epochs are automatic."""
-    if not options.auto_epochs or options.validation_split <= 0 or not isinstance(data, Mapping):
+    """(training data, held-out data): a seeded share held out only when epochs are automatic.
+
+    Held-out samples `given` apart (with the same arrays as the data) are used whole instead.
+    """
+    if not options.auto_epochs:
+        return data, None
+    if given is not None and isinstance(data, Mapping) and set(given) == set(data):
+        return data, dict(given)
+    if options.validation_split <= 0 or not isinstance(data, Mapping):
         return data, None
     count = num_samples(data)
     if options.max_samples is not None:
