@@ -63,7 +63,7 @@ from onnxcompress.finetune.data import (
 from onnxcompress.finetune.executor import OnnxModule, to_ir
 from onnxcompress.finetune.losses import compute_loss, resolve_loss
 from onnxcompress.finetune.parametrize import attach_structure
-from onnxcompress.finetune.prior import MixturePrior
+from onnxcompress.finetune.prior import MIN_WEIGHTS_LR, MixturePrior
 from onnxcompress.finetune.regularise import (
     RegularisedLayer,
     penalty,
@@ -481,13 +481,18 @@ def find_lr(run: _Run) -> float:
     """Smith's range test: 1/10 of the rate at the smoothed loss minimum; the weights are restored.
 
     The rate rises geometrically from `LR_TEST_START` to `LR_TEST_END` over `LR_TEST_STEPS`
-    steps (batches cycled) and stops once the loss exceeds 4x its best.
+    steps (batches cycled) and stops once the loss exceeds 4x its best. Under a prior, at least
+    `MIN_WEIGHTS_LR` (the test reads the task loss alone).
     """
     prior, run.prior = run.prior, None  # the task loss alone sets the rate
     try:
-        return _range_test(run)
+        rate = _range_test(run)
     finally:
         run.prior = prior
+    if prior is not None and rate < MIN_WEIGHTS_LR:
+        run.say(f"fine-tune: learning rate {MIN_WEIGHTS_LR:.3g} under the prior (Ullrich et al.'s)")
+        return MIN_WEIGHTS_LR
+    return rate
 
 
 def _range_test(run: _Run) -> float:
