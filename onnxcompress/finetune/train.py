@@ -662,8 +662,8 @@ def _train_cycle(
                 )
             else:
                 best.stale += 1
-            if best.stale >= run.options.patience:
-                return epoch + 1 < epochs
+            if best.stale >= run.options.patience and run.prior is None:  # under a prior the
+                return epoch + 1 < epochs  # quantised score dips while weights change components
     return False
 
 
