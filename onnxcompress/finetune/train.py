@@ -99,6 +99,8 @@ class TrainResult:
     lr: float = 0.0
     best_epoch: int = 0
     prior_means: list[float] = dataclasses.field(default_factory=list)
+    held_out_samples: int = 0  # what early stopping read (0: none, or not arrays)
+    train_samples: int = 0
 
     def summary(self) -> dict[str, Any]:
         """The JSON-ready part of the result, for the pass report (arrays are written back)."""
@@ -108,6 +110,8 @@ class TrainResult:
             "loss": self.loss_kind,
             "lr": self.lr,
             "best_epoch": self.best_epoch,
+            "train_samples": self.train_samples,
+            "held_out_samples": self.held_out_samples,
             "history": self.history,
             "structure": self.structure,
         }
@@ -347,7 +351,9 @@ def finetune(
     if ratios:
         run.structure.update({f"dropout:{k}": f"ratio {v:.4f}" for k, v in ratios.items()})
     return TrainResult(run.module.arrays(run.names), history, run.structure, stopped, run.loss_kind,
-                       lr=lr, best_epoch=best, prior_means=means)
+                       lr=lr, best_epoch=best, prior_means=means,
+                       held_out_samples=num_samples(run.held_out) if run.held_out else 0,
+                       train_samples=run.samples)
 
 
 def _prepare(
