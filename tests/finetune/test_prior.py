@@ -117,6 +117,8 @@ def test_under_the_prior_the_rate_is_at_least_the_papers(digits_mlp) -> None:
 
     proto, train, _ = digits_mlp
     plain = find_lr(_prepare(to_ir(proto), train, None, FinetuneConfig(seed=0), None, None))
-    under_prior = find_lr(_prepare(to_ir(proto), train, None, FinetuneConfig(seed=0, prior="gmm"), None, None))
+    under_prior = find_lr(
+        _prepare(to_ir(proto), train, None, FinetuneConfig(seed=0, prior="gmm"), None, None)
+    )
     assert plain < MIN_WEIGHTS_LR  # a converged net: the range test alone picks a small rate
     assert under_prior == MIN_WEIGHTS_LR

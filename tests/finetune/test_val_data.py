@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from onnxcompress.cli import app
-from onnxcompress.finetune.train import _split
 from onnxcompress.finetune.config import FinetuneConfig
+from onnxcompress.finetune.train import _split
 
 
 def _optimize_argv(model, recipe, data, out, report, *extra) -> list[str]:
