@@ -231,7 +231,9 @@ def measure(row: str, dense: Path, x_test: np.ndarray, y_test: np.ndarray) -> di
         capture_output=True,
     )
     totals = json.loads(table.read_text())["totals"]
+    report = out / "dc.json"
     return {
+        "rounds": rounds(report) if report.is_file() else [],
         "accuracy": accuracy(restored, x_test, y_test),
         "ratio_archive": totals["ratio_archive"],
         "ratio_coded": totals["ratio_coded"],
@@ -239,6 +241,33 @@ def measure(row: str, dense: Path, x_test: np.ndarray, y_test: np.ndarray) -> di
         "bytes_dense": totals["bytes_dense"],
         "kept_percent": totals["kept_percent"],
     }
+
+
+def rounds(report: Path) -> list[dict[str, object]]:
+    """optimize --finetune's rounds: each lossy step, its gate after retraining."""
+    steps = json.loads(report.read_text())["steps"]
+    out = []
+    for lossy, retrain in zip(steps[::2], steps[1::2], strict=False):
+        if retrain["pass"] != "finetune":
+            continue
+        details = [c.get("detail", "") for c in lossy.get("changes", [])]
+        notes = retrain.get("notes", {})
+        out.append({"step": lossy["pass"], "detail": details[0] if details else "",
+                    "gate": (retrain.get("metrics") or {}).get("task"),
+                    "epochs": notes.get("epochs_run"), "kept_epoch": notes.get("best_epoch"),
+                    "status": retrain["status"]})
+    return out
+
+
+def rounds_markdown(row: dict[str, Any]) -> list[str]:
+    lines = ["", f"{row['network']}, {row['row']}: rounds (gate = accuracy change against the "
+             "original on val.npz after retraining, bar −0.003)", "",
+             "| step | gate | epochs (kept) | status |", "|---|---:|---:|---|"]
+    for r in row["rounds"]:
+        gate = "—" if r["gate"] is None else f"{r['gate']:+.4f}"
+        lines.append(f"| {r['step']} ({r['detail']}) | {gate} | {r['epochs']} ({r['kept_epoch']}) "
+                     f"| {r['status']} |")
+    return lines
 
 
 def markdown(result: dict[str, object]) -> str:
@@ -263,6 +292,8 @@ def markdown(result: dict[str, object]) -> str:
               "| network | method | × | test error |", "|---|---|---:|---:|"]
     for key in dict.fromkeys(r["key"] for r in result["rows"]):  # type: ignore[attr-defined]
         lines += [f"| {NETWORKS[key]['title']} | {m} | {x} | {e} |" for m, x, e in PUBLISHED[key]]
+    for row in result["rows"]:  # type: ignore[attr-defined]
+        lines += rounds_markdown(row) if row.get("rounds") else []
     lines += ["", "Commands (in order, per row):", ""]
     for row in result["rows"]:  # type: ignore[attr-defined]
         lines += [f"* {row['network']}, {row['row']}:"] + [f"  `{c}`" for c in row["commands"]]
