@@ -93,6 +93,16 @@ def _placement(
     return placement
 
 
+def _npz_or_loader(data: str, val_data: Path | None, options: dict[str, object]) -> Path | None:
+    """--data as the .npz the pipeline loads, or a 'module:function' the pass calls (an option)."""
+    if data.endswith(".npz"):
+        return Path(data)
+    if val_data is not None:
+        raise UserError("--val-data goes with --data train.npz (not with a module:function)")
+    options["data"] = data
+    return None
+
+
 @guarded
 def finetune(
     context: typer.Context,
@@ -205,13 +215,7 @@ def finetune(
     if teacher is not None:
         options["teacher"] = str(teacher)
     options.update(_placement(executor, ray_address, workers, checkpoint_dir))
-    data_path: Path | None = None
-    if data.endswith(".npz"):
-        data_path = Path(data)
-    else:
-        options["data"] = data
-    if val_data is not None and data_path is None:
-        raise UserError("--val-data goes with --data train.npz (not with a module:function)")
+    data_path = _npz_or_loader(data, val_data, options)
     if teacher is None and (distill or (data_path is not None and not _has_labels(data_path))):
         raise UserError(
             "distillation needs a teacher: give --teacher ORIGINAL.onnx (the uncompressed model), "
