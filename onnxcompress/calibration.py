@@ -56,9 +56,14 @@ class LayerHessian:
 
 
 def supported(site: WeightSite, model: ir.Model) -> bool:
-    """Layers whose input is a main-graph activation and whose product we can rebuild."""
+    """Layers whose input is a main-graph activation and whose product we can rebuild.
+
+    Not a layer inside an If/Loop/Scan subgraph: its input is no value of the main graph, so
+    it cannot be exposed as a model output (the codebook search scores those with H = I, the
+    relative weight error); nor a weight the layer reads through data-movement ops.
+    """
     node = site.node
-    if site.input_index != 1 or node.graph is not model.graph:
+    if site.input_index != 1 or node.graph is not model.graph or not site.direct:
         return False
     if not node.inputs or node.inputs[0] is None or node.inputs[0].const_value is not None:
         return False

@@ -5,6 +5,12 @@ output channels (neurons) and the input channels. Weights may be initializers, o
 `Constant` nodes, or live in (or be referenced from) If/Loop/Scan subgraphs; all are found.
 A tensor read by several nodes is one site (deduplicated by value). Anything left alone is
 recorded with its reason: a graph input (fed at run time), too small, excluded by name.
+
+Some exporters hand a layer its weight through data-movement ops: silero-vad's LSTM reads
+Unsqueeze(Concat(Slice(W), Slice(W), Slice(W))), its gates reordered. The constant W is then
+a weight whose axes no longer match the layer's layout, so only element-wise passes (codebooks)
+can rewrite it; they ask for such sites with `find_weight_sites(..., derived=True)`, and each
+records the ops in between (`WeightSite.through`).
 """
 
 from __future__ import annotations
@@ -99,6 +105,16 @@ class WeightSite:
     layout: Layout
     holder: Holder
     consumers: list[tuple[ir.Node, int]]
+    through: tuple[str, ...] = ()
+
+    @property
+    def direct(self) -> bool:
+        """Whether the layer reads the tensor itself, so its layout holds.
+
+        False when it reads it through data-movement ops (`through`): only element-wise
+        rewrites are valid there.
+        """
+        return not self.through
 
     @property
     def readers(self) -> int:
@@ -213,6 +229,8 @@ def _swap(value: ir.Value, tensor: ir.TensorProtocol, shape: tuple[int, ...]) ->
         producer.attributes["value"] = ir.AttrTensor("value", tensor)
     value.const_value = tensor
     value.shape = ir.Shape(shape)
+    if value.type is None:  # a Constant's output often has none; with a shape it must have one
+        value.type = ir.TensorType(tensor.dtype)
 
 
 def _constant_tensor(value: ir.Value) -> tuple[ir.TensorProtocol | None, Holder | None]:
@@ -254,10 +272,12 @@ def find_weight_sites(
     exclude: Sequence[str] = (),
     include: Sequence[str] = (),
     ops: Iterable[str] | None = None,
+    derived: bool = False,
 ) -> SiteScan:
     """Every learned float weight in the model (all graphs), deduplicated.
 
-    `exclude` / `include` are name globs; `ops` limits the op types considered.
+    `exclude` / `include` are name globs; `ops` limits the op types considered. `derived`
+    adds the constants a layer reads through data-movement ops (`MOVEMENT_OPS`; not `direct`).
     Skips are recorded, not silently dropped: a weight fed as a graph input, a weight
     smaller than `min_params`, a non-float tensor, or a name excluded by a glob.
     """
@@ -281,7 +301,7 @@ def find_weight_sites(
             continue
         if is_decoder_matmul(node):  # unpacks bit-packed codebook indices (formats.packed)
             continue
-        _scan_node(node, sites, skip, min_params, exclude, include)
+        _scan_node(node, sites, skip, min_params, exclude, include, derived)
     return SiteScan(sorted(sites.values(), key=lambda s: s.name), list(skipped.values()))
 
 
@@ -292,6 +312,7 @@ def _scan_node(
     min_params: int,
     exclude: Sequence[str],
     include: Sequence[str],
+    derived: bool = False,
 ) -> None:
     """Add the weights `node` reads to `sites` (a shared one gains a consumer), or skip them."""
     for layout in _layouts(node):
@@ -312,23 +333,83 @@ def _scan_node(
         if tensor is None or holder is None:
             if is_codebook_decoded(value):
                 skip(name, CODEBOOK_LAYER)
+            elif derived and node.op_type != "Gather":
+                for source, through in _moved_constants(value):
+                    if id(source) not in sites:
+                        _add_site(node, layout, source, through, sites, skip,
+                                  (min_params, exclude, include))
             continue  # an activation, not a weight
         if node.op_type == "Gather" and not _reads_embedding(node):
             continue
-        reason = _rejection(name, tensor, min_params, exclude, include)
-        if reason is not None:
-            skip(name, reason)
-            continue
-        sites[key] = WeightSite(
-            name=name,
-            op_type=node.op_type,
-            node=node,
-            input_index=layout.input_index,
-            value=value,
-            layout=layout,
-            holder=holder,
-            consumers=[(node, layout.input_index)],
-        )
+        _add_site(node, layout, value, (), sites, skip, (min_params, exclude, include))
+
+
+def _add_site(
+    node: ir.Node,
+    layout: Layout,
+    value: ir.Value,
+    through: tuple[str, ...],
+    sites: dict[int, WeightSite],
+    skip: Callable[[str, str], None],
+    rules: tuple[int, Sequence[str], Sequence[str]],
+) -> None:
+    """Record constant `value` as the weight `node` reads at `layout` (or skip it, with why)."""
+    tensor, holder = _constant_tensor(value)
+    assert tensor is not None and holder is not None
+    name = value.name or f"<{node.name}:{layout.input_index}>"
+    reason = _rejection(name, tensor, *rules)
+    if reason is not None:
+        skip(name, reason)
+        return
+    sites[id(value)] = WeightSite(
+        name=name,
+        op_type=node.op_type,
+        node=node,
+        input_index=layout.input_index,
+        value=value,
+        layout=layout if not through else Layout(layout.input_index, None, None),
+        holder=holder,
+        consumers=[(node, layout.input_index)],
+        through=through,
+    )
+
+
+#: Ops that move or reshape a tensor's elements without computing new values (input 0 is
+#: the data; Concat's every input is).
+MOVEMENT_OPS = frozenset(
+    {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Concat",
+     "Split"}
+)
+_MOVEMENT_DEPTH = 16
+
+
+def _moved_constants(value: ir.Value) -> list[tuple[ir.Value, tuple[str, ...]]]:
+    """The constants `value` is made of through `MOVEMENT_OPS` alone, with the ops in between.
+
+    Empty when any element comes from an activation.
+    """
+    found: dict[int, tuple[ir.Value, tuple[str, ...]]] = {}
+
+    def walk(current: ir.Value, path: tuple[str, ...]) -> bool:
+        tensor, _ = _constant_tensor(current)
+        if tensor is not None:
+            if path and not current.is_graph_input():
+                found.setdefault(id(current), (current, path))
+                return True
+            return False
+        producer = current.producer()
+        if (
+            producer is None
+            or producer.op_type not in MOVEMENT_OPS
+            or producer.domain not in ("", "ai.onnx")
+            or len(path) >= _MOVEMENT_DEPTH
+        ):
+            return False
+        data = producer.inputs if producer.op_type == "Concat" else producer.inputs[:1]
+        step = (producer.op_type, *path)
+        return all(v is not None and walk(v, step) for v in data)
+
+    return list(found.values()) if walk(value, ()) else []
 
 
 def _rejection(

@@ -20,7 +20,12 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress.formats.codebook import codebook_layers, dense_weight
-from onnxcompress.formats.packed import pack_codebook_indices, packed_nbytes, store_fp16
+from onnxcompress.formats.packed import (
+    float_constants,
+    pack_codebook_indices,
+    packed_nbytes,
+    store_fp16,
+)
 from onnxcompress.pass_base import CompressionPass, LayerChange, PassConfig, PassReport, register
 
 
@@ -76,7 +81,7 @@ class StoreFp16Config(PassConfig):
 
 @register
 class StoreFp16Pass(CompressionPass):
-    """float32 initializers stored as float16 + Cast(to=FLOAT); codebooks stay float32."""
+    """float32 constants (initializers, Constant nodes, subgraphs) stored as float16 + Cast."""
 
     name = "cast.fp16"
     summary = "float32 weights stored as float16 + Cast (half the bytes; float16 rounding)."
@@ -90,9 +95,9 @@ class StoreFp16Pass(CompressionPass):
     def rewrite(self, model: ir.Model, report: PassReport) -> bool:
         """Store the float32 initializers as float16; the report holds each one's rounding."""
         arrays = {
-            name: value.const_value.numpy()
-            for name, value in model.graph.initializers.items()
-            if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT
+            value.name: value.const_value.numpy()
+            for value in float_constants(model)  # Constant nodes and subgraphs too
+            if value.name is not None and value.const_value is not None
         }
         done = store_fp16(
             model, min_params=self.config.min_params, exclude=set(self.config.exclude)

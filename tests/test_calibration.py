@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.calibration import layer_hessians
+from onnxcompress.calibration import layer_hessians, supported
 from onnxcompress.sites import find_weight_sites
 from tests.builders import finish, mlp
 
@@ -71,3 +71,17 @@ def test_matmul_hessian_is_x_transpose_x_of_the_layer_input(rng):
     assert first.rows == 20 and first.groups == 1
     np.testing.assert_allclose(first.hessian[0], x.astype(np.float64).T @ x, rtol=1e-6)
     assert stats[sites[1].name].hessian.shape == (1, 8, 8)
+
+
+def test_layers_inside_subgraphs_or_read_through_slices_are_not_captured(rng):
+    """Layers inside subgraphs, or reading their weight through Slice/Concat, get no H.
+
+    Their input is no main-graph value (or the weight is not the layer's operand as stored):
+    codebook.search scores them by their own relative error instead.
+    """
+    from tests.passes.codebook.test_subgraph_weights import _if_model
+
+    model = ir.from_proto(_if_model(rng))
+    sites = find_weight_sites(model, derived=True).sites
+    assert {site.name for site in sites} == {"then_w", "then_r", "else_w"}
+    assert not any(supported(site, model) for site in sites)

@@ -34,6 +34,21 @@ def test_round_trip_inline_is_bit_exact(rng, tmp_path):
         assert before[name].tobytes() == after[name].tobytes()
 
 
+def test_initializers_carry_no_value_info_that_repeats_their_tensor(rng, tmp_path):
+    """Their dtype and dims are in the tensor; a reload gives the values the same types."""
+    model = io.load(save_proto(mlp_proto(rng), tmp_path / "m.onnx"))
+    proto = ir.to_proto(model)
+    assert {info.name for info in proto.graph.value_info} >= set(model.graph.initializers)
+    io.save(model, tmp_path / "copy.onnx")
+    written = onnx.load(tmp_path / "copy.onnx")
+    assert not {info.name for info in written.graph.value_info} & set(model.graph.initializers)
+    assert written.ByteSize() < proto.ByteSize()
+    reloaded = io.load(tmp_path / "copy.onnx")
+    for name, value in model.graph.initializers.items():
+        again = reloaded.graph.initializers[name]
+        assert (again.type, again.shape) == (value.type, value.shape)
+
+
 def test_round_trip_external_data_is_lazy_and_bit_exact(rng, tmp_path):
     source = save_proto(mlp_proto(rng, (64, 128, 10)), tmp_path / "m.onnx")
     model = io.load(source)
@@ -188,7 +203,8 @@ def test_failed_save_leaves_no_partial_file(rng, tmp_path, monkeypatch):
         Path(path).write_bytes(b"half a model")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(ir, "save", explode)
+    monkeypatch.setattr(ir, "save", explode)  # the external-data path
+    monkeypatch.setattr(onnx, "save", explode)  # the embedded one
     with pytest.raises(UserError, match="out.onnx: No space left on device"):
         io.save(model, tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -56,7 +56,8 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(model_path, tmp_path, 
         Path(path).write_bytes(b"half a model")
         _no_space(path)
 
-    monkeypatch.setattr(ir, "save", half_written)
+    monkeypatch.setattr(ir, "save", half_written)  # the external-data path
+    monkeypatch.setattr(onnx, "save", half_written)  # the embedded one
     result = invoke("prune", model_path, "--sparsity", "0.5", *NO_GATE, "-o", tmp_path / "out.onnx")
     assert result.exit_code == 2, result.output
     assert (

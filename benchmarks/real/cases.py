@@ -680,7 +680,12 @@ def run_vad(sess: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> Output
 
 
 def vad_calibration(model: Path, streams: np.ndarray) -> dict[str, np.ndarray]:
-    """The model's own inputs while streaming: chunk + context, the state it carried, sr."""
+    """The model's own inputs while streaming: chunk + context, the state it carried, sr.
+
+    In a seeded random order (each chunk with its state): `optimize` gates on the first 64
+    samples of --data, and in time order those are the streams' first 0.7 s, the silence before
+    the first word (2 speech chunks of 64), where the gate would rank noise-level probabilities.
+    """
     sess = session(model)
     state = np.zeros((2, streams.shape[0], 128), np.float32)
     context = np.zeros((streams.shape[0], CONTEXT), np.float32)
@@ -691,9 +696,10 @@ def vad_calibration(model: Path, streams: np.ndarray) -> dict[str, np.ndarray]:
         states.append(state)
         _, state = sess.run(None, {"input": x, "state": state, "sr": np.array(SR, dtype=np.int64)})
         context = x[:, -CONTEXT:]
+    order = np.random.default_rng(0).permutation(len(chunks) * streams.shape[0])
     return {
-        "input": np.concatenate(chunks),
-        "state": np.concatenate(states, axis=1),
+        "input": np.concatenate(chunks)[order],
+        "state": np.concatenate(states, axis=1)[:, order],
         "sr": np.array(SR, dtype=np.int64),
     }
 

@@ -1,6 +1,8 @@
 """The in-graph form of a shared-weight layer, and how to find it again.
 
-A clustered weight W (shape S) becomes two initializers and two standard ops:
+A clustered weight W (shape S) becomes two main-graph initializers and two standard ops (a weight
+held in a Constant node or read inside a subgraph is first moved to the main graph:
+`formats.hoist`):
 
     W.codebook_indices : uint8[S]  (uint4[S] when bits <= 4 and the model's opset >= 21)
     W.codebook         : float[k]  (the weight's own dtype; entry 0 is exactly 0 for pruned layers)
@@ -42,6 +44,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.formats.hoist import hoist_constant
 from onnxcompress.formats.naming import unique_name
 from onnxcompress.formats.packed import PACKED_DTYPE, packed_nbytes, packed_source, unpack_indices
 
@@ -220,11 +223,14 @@ def insert_codebook(
     zero_entry: bool,
     packed: bool,
 ) -> tuple[ir.Value, ir.Value]:
-    """Replace initializer `weight` by indices + codebook + Cast + Gather (same name, same value).
+    """Replace constant `weight` by indices + codebook + Cast + Gather (same name, same value).
 
-    Returns the new (indices, codebook) initializer values. The caller checks that `weight`
-    is an initializer of `graph` and not a graph output.
+    `graph` is the main graph; a weight held in a Constant node or a subgraph is first moved
+    there (`hoist_constant`), and its readers, at any depth, read the decoded value from the
+    outer scope. Returns the new (indices, codebook) initializer values. The caller checks that
+    `weight` is not a graph output.
     """
+    weight = hoist_constant(graph, weight)
     name = weight.name
     assert name is not None
     index_tensor = (
@@ -245,11 +251,9 @@ def insert_codebook(
         name=codebook_tensor.name, const_value=codebook_tensor,
         shape=ir.Shape(codebook.shape), type=ir.TensorType(codebook_tensor.dtype),
     )
-    cast = ir.node(
-        "Cast", [index_value], attributes={"to": ir.DataType.INT32}, name=f"{name}.codebook_cast"
-    )
-    gather = ir.node("Gather", [codebook_value, cast.outputs[0]], attributes={"axis": 0},
-                     name=f"{name}.codebook_gather")
+    # unnamed nodes, as the packed decoder's: the output names say which weight they decode
+    cast = ir.node("Cast", [index_value], attributes={"to": ir.DataType.INT32})
+    gather = ir.node("Gather", [codebook_value, cast.outputs[0]], attributes={"axis": 0})
     cast.outputs[0].name = unique_name(graph, f"{name}.codebook_indices_int32")
     cast.outputs[0].type = ir.TensorType(ir.DataType.INT32)
     cast.outputs[0].shape = ir.Shape(indices.shape)

@@ -61,6 +61,7 @@ __all__ = [
     "packing_pays",
     "packed_source",
     "store_fp16",
+    "float_constants",
     "unpack_indices",
 ]
 
@@ -71,6 +72,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.formats.hoist import hoist_constant
 from onnxcompress.formats.naming import unique_name
 
 if TYPE_CHECKING:
@@ -416,41 +418,54 @@ def decode_initializer(
 def store_fp16(
     model: ir.Model, *, min_params: int = 64, exclude: set[str] | None = None
 ) -> list[str]:
-    """Store each float32 initializer of the main graph (>= `min_params` values) as float16 + Cast.
+    """Store each float32 constant (>= `min_params` values) as a float16 initializer + Cast.
 
-    Lossy by float16 rounding (relative error <= 2^-11 for |w| >= 6.1e-5; smaller values
-    lose precision, below 6e-8 they become 0). Left alone: codebooks (tiny), graph inputs or
-    outputs, tensors with NaN/inf or beyond +-65504, and names in `exclude`. Returns the
-    names converted; the Cast output keeps each weight's name, so consumers are unchanged.
+    Initializers of the main graph, and tensors held in Constant nodes or subgraphs, which are
+    first moved to the main graph (`formats.hoist`). Lossy by float16 rounding (relative error
+    <= 2^-11 for |w| >= 6.1e-5; smaller values lose precision, below 6e-8 they become 0). Left
+    alone: codebooks (tiny), graph inputs or outputs, tensors with NaN/inf or beyond +-65504,
+    and names in `exclude`. Returns the names converted (as found); the Cast output keeps each
+    weight's name (the hoisted one's: `hoist_constant`), so consumers are unchanged.
     """
     from onnxcompress.formats.codebook import codebook_layers  # it reads this module's layout
 
     graph = model.graph
     skip = set(exclude or ()) | {layer.codebook_name for layer in codebook_layers(model)}
     done = []
-    for name, value in list(graph.initializers.items()):
-        tensor = value.const_value
-        if (
-            name in skip
-            or tensor is None
-            or tensor.dtype != ir.DataType.FLOAT
-            or value.is_graph_output()
-        ):
+    for value in float_constants(model):
+        name, tensor = value.name or "", value.const_value
+        if name in skip or tensor is None or value.is_graph_output() or value.is_graph_input():
             continue
-        if value in graph.inputs or math.prod(tensor.shape.numpy()) < max(min_params, 1):
+        if math.prod(tensor.shape.numpy()) < max(min_params, 1):
             continue
         array = np.asarray(tensor.numpy())
         if not np.all(np.isfinite(array)) or float(np.abs(array).max()) > FP16_MAX:
             continue
-        half = _initializer(graph, f"{name}.fp16", array.astype(np.float16))
+        value = hoist_constant(graph, value)
+        half = _initializer(graph, f"{value.name}.fp16", array.astype(np.float16))
         cast = ir.node(
             "Cast",
             [half],
             attributes={"to": ir.DataType.FLOAT},
-            name=unique_name(graph, f"{name}.fp16_cast"),
+            name=unique_name(graph, f"{value.name}.fp16_cast"),
         )
         decoded = cast.outputs[0]
         decoded.type, decoded.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
         decode_initializer(graph, value, [cast], decoded)
         done.append(name)
     return done
+
+
+def float_constants(model: ir.Model) -> list[ir.Value]:
+    """Every float32 initializer (main graph first) and float32 Constant node output, any graph."""
+    found = [v for v in model.graph.initializers.values()]
+    found += [v for g in model.graph.subgraphs() for v in g.initializers.values()]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attribute = node.attributes.get("value")
+            if attribute is not None and attribute.type == ir.AttributeType.TENSOR:
+                if node.outputs[0].const_value is None:
+                    node.outputs[0].const_value = attribute.as_tensor()
+                found.append(node.outputs[0])
+    return [v for v in found if v.const_value is not None
+            and v.const_value.dtype == ir.DataType.FLOAT]

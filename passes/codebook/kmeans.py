@@ -17,6 +17,11 @@ indices are bit-packed, bits/8 bytes per weight (`onnxcompress.formats.packed`; 
 >= 11), except that 4-bit layers of opset >= 21 models keep ONNX uint4 (same size, fewer
 nodes); otherwise uint8, 1 byte per weight. See `graph` for the in-graph forms and why stock
 onnxruntime runs them at the dense model's speed (the decoders are constant-folded at load).
+
+Where the weight is held does not matter: an initializer, a Constant node, inside an If branch
+or a Loop/Scan body at any depth, or read by the layer through data-movement ops (silero-vad's
+LSTM weights are sliced and concatenated first). The codebook is written in the main graph and
+read from there (`formats.hoist` says why).
 """
 
 from __future__ import annotations
@@ -149,9 +154,6 @@ class KMeansClusterPass(CompressionPass):
         return self.config.bits if self.config.bits is not None else default_bits(site.op_type)
 
     def _reason_to_skip(self, model: ir.Model, site: WeightSite) -> str | None:
-        graph = model.graph
-        if site.holder != "initializer" or graph.initializers.get(site.name) is not site.value:
-            return "not an initializer of the main graph (Constant node or subgraph): not supported"
         if site.value.is_graph_output():
             return "the weight is also a graph output"
         dtype = site.array().dtype
@@ -193,6 +195,7 @@ class KMeansClusterPass(CompressionPass):
             min_params=self.config.min_params,
             exclude=self.config.exclude,
             ops=self.config.ops,
+            derived=True,  # element-wise: a weight read through Slice/Concat/... is fine too
         )
         for skip in scan.skipped:
             report.skip(skip.name, skip.reason)

@@ -192,6 +192,28 @@ def test_fp16_storage_halves_dense_weights_and_runs_in_stock_onnxruntime(rng, tm
     }
 
 
+def test_fp16_reaches_constant_nodes_and_subgraphs(rng):
+    """silero-vad keeps every weight in Constant nodes inside If branches: they halve too."""
+    from tests.passes.codebook.test_subgraph_weights import _feeds, _if_model, _with_weights
+
+    proto = _if_model(rng)
+    model = ir.from_proto(proto)
+    assert sorted(store_fp16(model)) == ["else_w", "then_r", "then_w"]
+    half = _bytes(model)
+    onnx.checker.check_model(onnx.load_from_string(half), full_check=True)
+    assert len(half) < 0.55 * len(proto.SerializeToString())
+    held = {v.name: v for v in model.graph.initializers.values()}
+    assert {"else_w.fp16", "then_r.fp16", "then_w.fp16"} <= set(held)  # all in the main graph
+    rounded = _with_weights(proto, {  # the dense model at float16 precision
+        name[: -len(".fp16")]: np.asarray(value.const_value.numpy(), np.float32)
+        for name, value in held.items() if name.endswith(".fp16")
+    })
+    for feeds in _feeds(proto, rng):
+        got = _stock_session(half).run(None, feeds)[0]
+        np.testing.assert_allclose(got, _stock_session(rounded.SerializeToString()).run(
+            None, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_fp16_keeps_codebooks_in_float32():
     model = _clustered(5)
     store_fp16(model)

@@ -83,3 +83,22 @@ def test_same_inputs_same_bytes(rng, calibration):
     first = ir.to_proto(search(model, calibration, gate).model).SerializeToString()
     second = ir.to_proto(search(model, calibration, gate).model).SerializeToString()
     assert first == second
+
+
+def test_a_conv_without_captured_input_is_scored_per_output_channel(rng):
+    """A conv scored without its input (H = I) is blind to rescaling one filter.
+
+    Scaling a filter (and what reads it) leaves a ReLU network's function unchanged.
+    """
+    from onnxcompress.sites import Layout, WeightSite
+
+    weights = rng.standard_normal((4, 3, 3, 3))
+    delta = rng.standard_normal(weights.shape) * 0.01
+    site = WeightSite("w", "Conv", None, 1, None, Layout(1, 0, 1), "constant", [])  # type: ignore[arg-type]
+    error = relative_error(weights, weights + delta, None, site)
+    scale = np.array([100.0, 1.0, 1.0, 0.01])[:, None, None, None]
+    assert relative_error(weights * scale, (weights + delta) * scale, None, site) == (
+        pytest.approx(error, rel=1e-9)
+    )
+    per_channel = np.sum(delta**2, axis=(1, 2, 3)) / np.sum(weights**2, axis=(1, 2, 3))
+    assert error == pytest.approx(per_channel.mean(), rel=1e-9)
