@@ -180,13 +180,15 @@ def run_steps(
     task: fidelity.TaskMetric | None = None,
     on_progress: Callable[[str], None] | None = None,
     dry_run: bool = False,
+    gate_data: Mapping[str, np.ndarray] | None = None,
 ) -> PipelineResult:
     """Apply `steps` to a copy of `model`, each gated; return the result and its account.
 
     Every pass and option is validated before any work starts. `model` itself is untouched.
     Without `data`, probes are drawn at sizes the original runs on (`input_sizes` first);
-    `task` scores both models' outputs for gates with `min_task`. `dry_run` plans every step
-    instead (see `plan_steps`): no probe is run and no gate checked.
+    `task` scores both models' outputs for gates with `min_task`. `gate_data`: held-out samples
+    the gates are judged on instead of `data`'s first ones (passes see it as `held_out`).
+    `dry_run` plans every step instead (see `plan_steps`): no probe is run and no gate checked.
     """
     configs = [make_config(get_pass(step.pass_name).Config, step.options) for step in steps]
     if dry_run:
@@ -194,10 +196,11 @@ def run_steps(
                           on_progress=on_progress)
     original = model
     model = _clone(original)
+    judged_on = gate_data if gate_data is not None else data
     probes = reference_probes(
-        original, count=probe_count, seed=seed, data=data, input_sizes=input_sizes
+        original, count=probe_count, seed=seed, data=judged_on, input_sizes=input_sizes
     )
-    reference = _reference_outputs(original, probes, data)
+    reference = _reference_outputs(original, probes, judged_on)
     before = model_summary(model)
     results: list[StepResult] = []
     metrics: fidelity.Metrics | None = fidelity.compare(reference, reference, task=task)
@@ -206,7 +209,8 @@ def run_steps(
         if on_step is not None:
             on_step(index, len(steps), step)
         context = PassContext(data=data, original=original, seed=seed, probes=probes,
-                              reference=reference, gate=step.gate, task=task, progress=on_progress)
+                              reference=reference, gate=step.gate, task=task, progress=on_progress,
+                              held_out=gate_data)
         snapshot = _clone(model)
         if not step.with_previous:
             round_start, round_metrics = snapshot, metrics

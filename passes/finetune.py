@@ -13,7 +13,9 @@ torch is imported only when the pass runs. The options are
 `onnxcompress.finetune.config.FinetuneConfig`, declared once for the pass, the training loop and
 the CLI. With ``prior: gmm`` the weights end quantised to the mixture's means (`codebook.kmeans`
 at ceil(log2(J + 1)) bits stores them exactly). With the pipeline's data, the gate's probe
-samples (its first samples) are left out of training.
+samples (its first samples) are left out of training. With held-out data beside it
+(`--val-data`), early stopping reads that instead of a share of the training samples: a
+share of samples the model was first trained on says little once it has memorised them.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class FinetunePass(CompressionPass):
                                      storage=options.checkpoint_dir)
         else:
             result = finetune(model, data, original=self._teacher(), options=options, module=module,  # type: ignore[arg-type]
-                              progress=self.context.progress)
+                              progress=self.context.progress, held_out=self.context.held_out)
         consumers = _consumer_ops(model)
         changed = write_back(model, result.arrays)
         for name, before, after in changed:

@@ -21,6 +21,7 @@ __all__ = [
     "SideFile",
     "print_summary",
     "DataOption",
+    "ValDataOption",
     "OutputOption",
     "ReportOption",
     "MinCosineOption",
@@ -78,6 +79,15 @@ OutputOption = Annotated[
 DataOption = Annotated[
     Path | None,
     typer.Option("--data", help=".npz keyed by input name (optional 'labels') for probes."),
+]
+ValDataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--val-data",
+        show_default=False,
+        help="Held-out .npz (same inputs, 'labels' for accuracy) the gates judge on instead of "
+        "--data's first samples: samples the model never trained on.",
+    ),
 ]
 ReportOption = Annotated[
     Path | None, typer.Option("--report", help="Write a .json, .md or .html report.")
@@ -188,11 +198,13 @@ def compress_file(
     task_metric: Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None]
     | None = None,
     save: io.SaveOptions | None = None,
+    gate_data_path: Path | None = None,
 ) -> PipelineResult:
     """Load, run the gated steps, write the model, report and side files together, print a summary.
 
     Every destination is checked before the steps run; all are written in one guarded batch,
-    so a failing report (a full disk) leaves no model behind either.
+    so a failing report (a full disk) leaves no model behind either. `gate_data_path`: held-out
+    samples the gates (and `task_metric`) judge on instead of the data's first ones.
     """
     output = output or default_output(model_path)
     _check_destinations(model_path, output, report_path)
@@ -214,8 +226,10 @@ def compress_file(
         ],
     )
     data = load_npz(data_path, model) if data_path else None
+    gate_data = load_npz(gate_data_path, model) if gate_data_path else None
+    judged_on = gate_data if gate_data is not None else data
     # for gates with min_task
-    metric = task_metric(model, data) if task_metric is not None else None
+    metric = task_metric(model, judged_on) if task_metric is not None else None
     sizes = shapes_as_sizes(parse_input_shapes(input_shapes, model)) if input_shapes else None
     if data is None and not quiet:
         console.print(WEAK_PROXY_NOTE, soft_wrap=True)
@@ -234,7 +248,8 @@ def compress_file(
             progress.update(task, description=line)
 
         result = run_steps(model, steps, data=data, probe_count=probes, seed=seed, on_step=on_step,
-                           input_sizes=sizes, on_progress=on_progress, task=metric)
+                           input_sizes=sizes, on_progress=on_progress, task=metric,
+                           gate_data=gate_data)
     extra.update(before_save(model, result) if before_save is not None else {})
     texts = [(path, what, render(result)) for path, what, render in side_files]
     with writer.batch(protected) as staged:

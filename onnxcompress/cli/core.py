@@ -23,6 +23,7 @@ from onnxcompress.cli.common import (
     MinTop1Option,
     OutputOption,
     ReportOption,
+    ValDataOption,
     compress_file,
     console,
     default_output,
@@ -103,6 +104,7 @@ def optimize(
         ),
     ] = None,
     data: DataOption = None,
+    val_data: ValDataOption = None,
     report: ReportOption = None,
     input_shape: InputShapeOption = None,
     trust_random_probes: Annotated[
@@ -137,7 +139,8 @@ def optimize(
         typer.Option(
             "--finetune",
             help="Retrain after every pruning and k-means step (needs labels in --data); each "
-            "round gated on the accuracy change on the gate's samples, which are never trained on.",
+            "round gated on the accuracy change on --val-data (else on --data's first samples), "
+            "which are never trained on.",
         ),
     ] = False,
     max_accuracy_drop: Annotated[
@@ -154,12 +157,14 @@ def optimize(
     With --data, per-layer codebook bits found by search; without, float16 storage only. Latency
     before/after is measured at --batch. The search's per-layer errors run on this machine or a Ray
     cluster (--executor ray), cached on disk. --finetune retrains after each pruning and k-means
-    step (Han's retraining).
+    step (Han's retraining); --val-data gives the gates held-out samples the model never saw.
     """
     if finetune and data is None:
         raise UserError(
             "--finetune retrains on labelled samples: give --data train.npz with a 'labels' array"
         )
+    if val_data is not None and data is None:
+        raise UserError("--val-data is judged on beside --data: give --data train.npz as well")
     if recipe is None:
         recipe = "default" if data is not None or trust_random_probes else "data-free"
     chosen = load_recipe(recipe)
@@ -173,39 +178,57 @@ def optimize(
     task = None
     probes = chosen.probes
     if finetune:
-        steps, task, probes = _retraining(steps, data, max_accuracy_drop, chosen.probes)
+        steps, task, probes = _retraining(steps, data, val_data, max_accuracy_drop, chosen.probes)
 
     def check_latency(original: ir.Model, result: PipelineResult) -> dict[str, Any]:
         return _latency(original, result, batch, max_latency_ratio)
 
     result = compress_file(model, output, steps, data_path=data, report_path=report, probes=probes,
                            seed=chosen.seed, input_shapes=input_shape, before_save=check_latency,
-                           task_metric=task, save=save_options(context))
+                           task_metric=task, save=save_options(context), gate_data_path=val_data)
     _say_if_not_smaller(model, output or default_output(model), result)
 
 
 #: With --finetune, the gates' samples (never trained on): this many, or a fifth of the data.
 RETRAIN_PROBES = 2000
+#: With --finetune and --val-data: the gates judge on this many of its samples at most.
+VAL_PROBES = 10_000
 
 
 def _retraining(
-    steps: Sequence[Step], data: Path | None, max_drop: float, probes: int
+    steps: Sequence[Step], data: Path | None, val_data: Path | None, max_drop: float, probes: int
 ) -> tuple[
     list[Step], Callable[[ir.Model, Mapping[str, np.ndarray] | None], TaskMetric | None], int
 ]:
-    """`--finetune`: retraining rounds, the accuracy-change metric, and how many gate samples."""
+    """`--finetune`: retraining rounds, the accuracy-change metric, and how many gate samples.
+
+    Without `val_data` the gate's samples are the data's first ones, left out of retraining but
+    perhaps trained on before (a net that memorised them hides what a round loses): said once.
+    """
     from onnxcompress.finetune.retrain import accuracy_change, with_retraining
 
     assert data is not None  # checked first thing by optimize
-
-    count = max(probes, min(RETRAIN_PROBES, _label_count(data) // 5))
+    judged_on = val_data if val_data is not None else data
+    if val_data is not None:
+        count = max(probes, min(VAL_PROBES, _label_count(val_data)))
+    else:
+        count = max(probes, min(RETRAIN_PROBES, _label_count(data) // 5))
+        console.print(TRAINING_GATE_NOTE.format(count=count, data=data), soft_wrap=True)
 
     def metric(model: ir.Model, arrays: Mapping[str, np.ndarray] | None) -> TaskMetric | None:
         if arrays is None or LABELS not in arrays:
-            raise UserError(f"--finetune needs labels: {data} has no 'labels' array")
+            raise UserError(f"--finetune needs labels: {judged_on} has no 'labels' array")
         return accuracy_change(np.asarray(arrays[LABELS])[:count])
 
     return with_retraining(steps, max_drop=max_drop), metric, count
+
+
+#: What optimize --finetune says when its gate samples come from the training data.
+TRAINING_GATE_NOTE = (
+    "note: the gates judge accuracy on the first {count} samples of {data}, left out of "
+    "retraining but perhaps trained on before; give --val-data held_out.npz for samples the "
+    "model never saw"
+)
 
 
 def _label_count(path: Path) -> int:

@@ -19,6 +19,7 @@ import typer
 from onnxcompress.cli.common import (
     OutputOption,
     SideFile,
+    ValDataOption,
     compress_file,
     default_output,
     guarded,
@@ -92,6 +93,16 @@ def _placement(
     return placement
 
 
+def _npz_or_loader(data: str, val_data: Path | None, options: dict[str, object]) -> Path | None:
+    """--data as the .npz the pipeline loads, or a 'module:function' the pass calls (an option)."""
+    if data.endswith(".npz"):
+        return Path(data)
+    if val_data is not None:
+        raise UserError("--val-data goes with --data train.npz (not with a module:function)")
+    options["data"] = data
+    return None
+
+
 @guarded
 def finetune(
     context: typer.Context,
@@ -103,6 +114,7 @@ def finetune(
         ),
     ],
     output: OutputOption = None,
+    val_data: ValDataOption = None,
     epochs: Annotated[
         int | None, typer.Option(min=1, help=help_of("epochs"), show_default=False)
     ] = None,
@@ -171,9 +183,10 @@ def finetune(
     """Retrain weights in PyTorch keeping zeros, codebook indices and low-rank factors.
 
     Without options: Adam, a learning rate from a short range test, early stopping on 10% of
-    the samples held out. Training with labels is meant to move the outputs away from MODEL's,
-    so the output gate is off unless --min-cosine is given (compare against the uncompressed
-    model with `onnxcompress bench` instead).
+    the samples held out (on --val-data instead, when given: samples the model never saw).
+    Training with labels is meant to move the outputs away from MODEL's, so the output gate is
+    off unless --min-cosine is given (compare against the uncompressed model with
+    `onnxcompress bench` instead).
     """
     options: dict[str, object] = {
         "epochs": epochs,
@@ -202,11 +215,7 @@ def finetune(
     if teacher is not None:
         options["teacher"] = str(teacher)
     options.update(_placement(executor, ray_address, workers, checkpoint_dir))
-    data_path: Path | None = None
-    if data.endswith(".npz"):
-        data_path = Path(data)
-    else:
-        options["data"] = data
+    data_path = _npz_or_loader(data, val_data, options)
     if teacher is None and (distill or (data_path is not None and not _has_labels(data_path))):
         raise UserError(
             "distillation needs a teacher: give --teacher ORIGINAL.onnx (the uncompressed model), "
@@ -230,6 +239,7 @@ def finetune(
         quiet=data_path is None,
         side_files=_curve_file(report),
         save=save_options(context),
+        gate_data_path=val_data,
     )
     if data_path is None:
         print_summary(result, output or default_output(model))

@@ -22,6 +22,7 @@ from onnxcompress.cli.common import (
     PassOptionsCommand,
     ReportOption,
     SideFile,
+    ValDataOption,
     check_side_file,
     compress_file,
     console,
@@ -40,7 +41,7 @@ from onnxcompress.cli.parallel import (
     WorkersOption,
     cache_for,
 )
-from onnxcompress.data import load_npz
+from onnxcompress.data import LABELS, load_npz
 from onnxcompress.errors import DataError, UserError
 from onnxcompress.fidelity import DEFAULT_GATE, Gate
 from onnxcompress.parallel import make_executor
@@ -221,6 +222,7 @@ def sensitivity(
         Path, typer.Option("--output", "-o", help="Folder for sensitivity.json/.csv/.png.")
     ],
     data: DataOption = None,
+    val_data: ValDataOption = None,
     ratios: Annotated[
         str,
         typer.Option(
@@ -268,6 +270,7 @@ def sensitivity(
     correlation, top-1; change them with --min-rank-corr / --min-top1), as `optimize` will check.
     Each (layer, ratio) is one evaluation: on this machine's cores, or on a Ray cluster
     (--executor ray); each result is cached, so an interrupted run resumes where it stopped.
+    With --val-data the curves are measured on those held-out samples instead of --data's.
     """
     from onnxcompress.passes.prune.retrain_ladder import RETRAIN_RATIOS, ladder_recipe_text
     from onnxcompress.passes.prune.sensitivity import Budget
@@ -284,9 +287,12 @@ def sensitivity(
         raise UserError(f"{output_dir.parent}: output folder does not exist")
     loaded = io.load(model)
     check_outputs(output_dir, io.protected(loaded))
-    samples = load_npz(data, loaded) if data else None
+    scored_on = val_data if val_data is not None else data
+    samples = load_npz(scored_on, loaded) if scored_on else None
     if samples is not None and not len(next(iter(samples.values()))):
-        raise DataError(f"{data}: no samples")
+        raise DataError(f"{scored_on}: no samples")
+    if val_data is None and samples is not None and LABELS in samples:
+        console.print(SENSITIVITY_TRAINING_NOTE.format(data=data), soft_wrap=True)
     gate = gate_for(min_rank_corr=min_rank_corr, min_top1=min_top1)
     budget = Budget(min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop / 100.0,
                     min_rank_correlation=gate.min_rank_correlation, min_top1=gate.min_top1)
@@ -320,6 +326,13 @@ def sensitivity(
             output_dir / "recipe.yaml", ladder_recipe_text(result), "output", io.protected(loaded)
         )
     _print_sensitivity(result, written)
+
+
+#: What sensitivity says when it scores accuracy on --data (perhaps the training samples).
+SENSITIVITY_TRAINING_NOTE = (
+    "note: accuracy is measured on {data}, perhaps samples the model was trained on; give "
+    "--val-data held_out.npz for samples it never saw"
+)
 
 
 def _print_sensitivity(result: SensitivityResult, written: list[Path]) -> None:

@@ -63,7 +63,7 @@ from onnxcompress.finetune.data import (
 from onnxcompress.finetune.executor import OnnxModule, to_ir
 from onnxcompress.finetune.losses import compute_loss, resolve_loss
 from onnxcompress.finetune.parametrize import attach_structure
-from onnxcompress.finetune.prior import MixturePrior
+from onnxcompress.finetune.prior import MIN_WEIGHTS_LR, MixturePrior
 from onnxcompress.finetune.regularise import (
     RegularisedLayer,
     penalty,
@@ -99,6 +99,8 @@ class TrainResult:
     lr: float = 0.0
     best_epoch: int = 0
     prior_means: list[float] = dataclasses.field(default_factory=list)
+    held_out_samples: int = 0  # what early stopping read (0: none, or not arrays)
+    train_samples: int = 0
 
     def summary(self) -> dict[str, Any]:
         """The JSON-ready part of the result, for the pass report (arrays are written back)."""
@@ -108,6 +110,8 @@ class TrainResult:
             "loss": self.loss_kind,
             "lr": self.lr,
             "best_epoch": self.best_epoch,
+            "train_samples": self.train_samples,
+            "held_out_samples": self.held_out_samples,
             "history": self.history,
             "structure": self.structure,
         }
@@ -319,6 +323,7 @@ def finetune(
     module: OnnxModule | None = None,
     progress: Progress | None = None,
     replica: Replica | None = None,
+    held_out: Arrays | None = None,
 ) -> TrainResult:
     """Retrain `model`'s weights on `data`; the model itself is not modified.
 
@@ -327,13 +332,14 @@ def finetune(
     of `model`) to add parametrizations of your own first; `keep_zeros` masks only the
     tensors left unparametrized. `progress` receives one line per epoch. `replica`: this
     process is one of several data-parallel workers (`finetune.distributed`): it trains on its
-    share of each batch through DDP.
+    share of each batch through DDP. `held_out`: samples never trained on, for early stopping
+    instead of `validation_split` of `data` (with automatic epochs).
     """
     options = options or FinetuneConfig()
     model = to_ir(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed or 0)
-        run = _prepare(model, data, original, options, module, progress)
+        run = _prepare(model, data, original, options, module, progress, held_out)
         run.replica = replica
         # DDP syncs gradients
         run.forward = replica.wrap(run.module) if replica is not None else run.module
@@ -345,7 +351,9 @@ def finetune(
     if ratios:
         run.structure.update({f"dropout:{k}": f"ratio {v:.4f}" for k, v in ratios.items()})
     return TrainResult(run.module.arrays(run.names), history, run.structure, stopped, run.loss_kind,
-                       lr=lr, best_epoch=best, prior_means=means)
+                       lr=lr, best_epoch=best, prior_means=means,
+                       held_out_samples=num_samples(run.held_out) if run.held_out else 0,
+                       train_samples=run.samples)
 
 
 def _prepare(
@@ -355,6 +363,7 @@ def _prepare(
     options: FinetuneConfig,
     module: OnnxModule | None,
     progress: Progress | None,
+    given_held_out: Arrays | None = None,
 ) -> _Run:
     """The module with its structure held, the teacher, the loss and the data split."""
     module = module if module is not None else OnnxModule(model)
@@ -368,7 +377,7 @@ def _prepare(
     teacher = OnnxModule(original if original is not None else model, trainable=())
     teacher.eval()
     loss_kind = _loss_kind(module, teacher, data, options)
-    train, held_out = _split(data, options)
+    train, held_out = _split(data, options, given_held_out)
     wants_layers = options.regularised or options.prior == "gmm"
     layers = regularised_layers(model, names, options) if wants_layers else []
     if options.prior == "gmm" and not layers:
@@ -414,10 +423,17 @@ def _loss_kind(
 
 
 def _split(
-    data: Arrays | Batches, options: FinetuneConfig
+    data: Arrays | Batches, options: FinetuneConfig, given: Arrays | None = None
 ) -> tuple[Arrays | Batches, Arrays | None]:
-    """(training data, held-out data): a seeded share held out only when epochs are automatic."""
-    if not options.auto_epochs or options.validation_split <= 0 or not isinstance(data, Mapping):
+    """(training data, held-out data): a seeded share held out only when epochs are automatic.
+
+    Held-out samples `given` apart (with the same arrays as the data) are used whole instead.
+    """
+    if not options.auto_epochs:
+        return data, None
+    if given is not None and isinstance(data, Mapping) and set(given) == set(data):
+        return data, dict(given)
+    if options.validation_split <= 0 or not isinstance(data, Mapping):
         return data, None
     count = num_samples(data)
     if options.max_samples is not None:
@@ -471,13 +487,18 @@ def find_lr(run: _Run) -> float:
     """Smith's range test: 1/10 of the rate at the smoothed loss minimum; the weights are restored.
 
     The rate rises geometrically from `LR_TEST_START` to `LR_TEST_END` over `LR_TEST_STEPS`
-    steps (batches cycled) and stops once the loss exceeds 4x its best.
+    steps (batches cycled) and stops once the loss exceeds 4x its best. Under a prior, at least
+    `MIN_WEIGHTS_LR` (the test reads the task loss alone).
     """
     prior, run.prior = run.prior, None  # the task loss alone sets the rate
     try:
-        return _range_test(run)
+        rate = _range_test(run)
     finally:
         run.prior = prior
+    if prior is not None and rate < MIN_WEIGHTS_LR:
+        run.say(f"fine-tune: learning rate {MIN_WEIGHTS_LR:.3g} under the prior (Ullrich et al.'s)")
+        return MIN_WEIGHTS_LR
+    return rate
 
 
 def _range_test(run: _Run) -> float:
@@ -647,8 +668,8 @@ def _train_cycle(
                 )
             else:
                 best.stale += 1
-            if best.stale >= run.options.patience:
-                return epoch + 1 < epochs
+            if best.stale >= run.options.patience and run.prior is None:  # under a prior the
+                return epoch + 1 < epochs  # quantised score dips while weights change components
     return False
 
 

@@ -97,3 +97,4 @@ def test_optimize_finetune_prunes_past_the_no_retrain_knee_within_the_accuracy_b
         app, ["optimize", str(model), "-o", str(out), "--recipe", str(recipe), "--finetune"]
     )
     assert result.exit_code == 2 and "--finetune retrains on labelled samples" in result.output
+
