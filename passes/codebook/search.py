@@ -83,7 +83,10 @@ class CodebookSearchConfig(PassConfig):
     min_params: int = pydantic.Field(
         64, ge=0, description="Weights with fewer parameters stay dense."
     )
-    max_trials: int = pydantic.Field(12, ge=1, le=64, description="Most whole-model verifications.")
+    max_trials: int = pydantic.Field(
+        16, ge=1, le=64,
+        description="Most whole-model verifications per bisection (2 + log2 of the candidates).",
+    )
     method: Literal["kmeans", "gptq"] = pydantic.Field(
         "kmeans",
         description="How each width's codebook is fitted: plain k-means, or GPTQ error feedback "

@@ -95,5 +95,6 @@ def test_the_codebook_search_on_ray_writes_the_local_model_and_caches_each_error
 
     local = search()
     assert search(executor="ray", cache=str(tmp_path)) == local
-    assert len(list(tmp_path.glob("sweeps/*/*.json"))) == 2 * 3  # one per (layer, width)
+    # one per (layer, width, codebook kind: shared or per channel)
+    assert len(list(tmp_path.glob("sweeps/*/*.json"))) == 2 * 3 * 2
     assert search(executor="ray", cache=str(tmp_path)) == local  # answered by the cache
