@@ -11,6 +11,15 @@ remain, and it scores any candidate representation of the layer without running 
 
 A Conv becomes a matrix product through im2col: every output position reads one patch of
 C/groups x kh x kw inputs, so X holds patches (rows sampled, seeded) and H is per group.
+
+A recurrent op (LSTM/GRU/RNN) is a matrix product per step and direction: its gates' pre-
+activations are W x_t + R h_(t-1) + b. W's input is the op's input X, the same for every
+direction, so H of W is X^T X once per direction (group). R's input is the hidden state of the
+step before, which the op emits as Y: H of R for direction d is Y_d^T Y_d, every emitted state
+counted once (the exact set differs by one row per sequence: the initial state is read but not
+emitted, the last emitted state is not read). This is the error of the gates' pre-activations
+at each step; what an error does through the recurrence is left to the gate on the whole model.
+
 Inputs are captured by exposing each layer's activation as an extra graph output and running
 the probes a few samples at a time, so memory is bounded by one chunk's activations.
 """
@@ -35,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_SAMPLES = 8  # probe samples per onnxruntime run
 MAX_ROWS_PER_CHUNK = 2048  # im2col patches kept per chunk (sampled)
+RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 @dataclasses.dataclass
@@ -63,6 +73,8 @@ def supported(site: WeightSite, model: ir.Model) -> bool:
     relative weight error); nor a weight the layer reads through data-movement ops.
     """
     node = site.node
+    if site.op_type in RECURRENT:
+        return _recurrent_supported(site, model)
     if site.input_index != 1 or node.graph is not model.graph or not site.direct:
         return False
     if not node.inputs or node.inputs[0] is None or node.inputs[0].const_value is not None:
@@ -74,6 +86,19 @@ def supported(site: WeightSite, model: ir.Model) -> bool:
     if site.op_type == "Conv":
         return len(site.shape) == 4 and node.attributes.get_string("auto_pad", "NOTSET") == "NOTSET"
     return False
+
+
+def _recurrent_supported(site: WeightSite, model: ir.Model) -> bool:
+    """W (input 1) and R (input 2) of a main-graph LSTM/GRU/RNN in the time-major layout."""
+    node = site.node
+    if site.op_type not in RECURRENT or node.graph is not model.graph or len(site.shape) != 3:
+        return False
+    if node.attributes.get_int("layout", 0) != 0 or site.input_index not in (1, 2):
+        return False
+    if not site.direct:
+        return False
+    source = _source(site)
+    return source is not None and bool(source.name) and source.const_value is None
 
 
 def _gemm_rows(node: ir.Node, x: np.ndarray) -> np.ndarray:
@@ -102,9 +127,28 @@ def _conv_patches(
     return np.ascontiguousarray(patches.transpose(1, 0, 2))
 
 
+def _source(site: WeightSite) -> ir.Value | None:
+    """The value whose rows the weight multiplies: the op's input, or for R the emitted Y."""
+    node = site.node
+    if site.op_type in RECURRENT and site.input_index == 2:
+        return node.outputs[0] if node.outputs else None
+    return node.inputs[0] if node.inputs else None
+
+
+def _recurrent_rows(site: WeightSite, x: np.ndarray) -> np.ndarray:
+    """[directions, rows, d]: X [T, batch, in] for every direction, or Y [T, dirs, batch, h]."""
+    directions = site.shape[0]
+    if site.input_index == 2:
+        return np.ascontiguousarray(x.transpose(1, 0, 2, 3).reshape(directions, -1, x.shape[-1]))
+    rows = x.reshape(1, -1, x.shape[-1])
+    return np.broadcast_to(rows, (directions, *rows.shape[1:]))
+
+
 def _rows(site: WeightSite, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The layer input as [groups, rows, d]."""
     x = np.asarray(x, np.float64)
+    if site.op_type in RECURRENT:
+        return _recurrent_rows(site, x)
     if site.op_type == "Conv":
         return _conv_patches(site.node, x, site.shape, rng)
     if site.op_type == "Gemm":
@@ -135,17 +179,17 @@ def layer_hessians(
     if not wanted:
         return {}
     rng = np.random.default_rng(seed)
-    sources = {site.name: site.node.inputs[0].name or "" for site in wanted}  # type: ignore[union-attr]
+    sources = {site.name: source.name or "" for site in wanted if (source := _source(site))}
     result: dict[str, LayerHessian] = {}
     count = len(next(iter(probes.values()))) if probes else 0
-    with exposed(model, list(dict.fromkeys(sources.values()))) as names:
+    with exposed(model, list(dict.fromkeys(sources.values()))):
         with serialized(model) as model_file:
-            first_extra = len(model.graph.outputs) - len(names)
+            every = [v.name or "" for v in model.graph.outputs]  # a source may be an output
             for start in range(0, max(count, 1), CHUNK_SAMPLES):
                 chunk = {name: _chunk(model, name, array, start) for name, array in probes.items()}
-                outputs = run_model(model_file, chunk)[first_extra:] if names else []
+                outputs = run_model(model_file, chunk)
                 # a graph input is its own source
-                arrays = {**chunk, **dict(zip(names, outputs, strict=True))}
+                arrays = {**chunk, **dict(zip(every, outputs, strict=True))}
                 for site in wanted:
                     if sources[site.name] not in arrays:
                         continue

@@ -18,8 +18,10 @@ cosine 0.999 and top-1 agreement 1.0. The comparison therefore looks where diffe
   the columns that vary. A model whose outputs collapse to a constant scores 0.
 - **KL divergence** of the candidate's class distribution from the original's (softmax views).
 - **Top-1 agreement** on the first softmax output (or a (samples, classes) / CTC (time, 1, classes)
-  output): a sample agrees only if all its decisions do; an optional **task metric**
-  (a Python callback on both models' outputs, higher is better).
+  output): a sample agrees only if all its decisions do. A CTC output (one class, the blank,
+  wins most steps: `onnxcompress.ctc`) agrees when its greedy-decoded string does; step flips
+  the decoding collapses away do not count. An optional **task metric** (a Python callback on
+  both models' outputs, higher is better).
 
 Non-finite values anywhere (the original's outputs, or the candidate's) fail every gate.
 """
@@ -43,7 +45,7 @@ import onnxruntime as ort
 import pydantic
 from scipy.stats import rankdata
 
-from onnxcompress import runtime
+from onnxcompress import ctc, runtime
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.io import serialized
 from onnxcompress.probes import fixed_batch, probe_inputs
@@ -483,10 +485,11 @@ def _top1(reference: Outputs, candidate: Outputs) -> float | None:
     """Share of samples whose decisions (arg-max over the class axis) ALL stay the same.
 
     Scored on the first softmax output (its class axis); else on a first float output of shape
-    (samples, classes), or (time, 1, classes) as CTC sequence models emit their logits, where a
-    sample agrees only if every time step does (a decoded string changes with one step). None
+    (samples, classes), or (time, 1, classes) as CTC sequence models emit their logits. None
     otherwise: the arg-max over a detector's anchors is no class. The lower of the observed share
-    and the share predicted from the decision margins (`_predicted_agreement`) counts.
+    and the share predicted from the decision margins (`_predicted_agreement`) counts. A
+    (time, 1, classes) output whose blank `ctc.blank_class` finds is scored on its decoded strings
+    (`_string_agreement`); without one, a sample agrees only if every time step does.
     """
     pairs = list(zip(reference.views, reference.scores, candidate.scores, strict=True))
     for view, ref, cand in pairs:
@@ -515,8 +518,34 @@ def _top1(reference: Outputs, candidate: Outputs) -> float | None:
 
 
 def _decision_agreement(ref: np.ndarray, cand: np.ndarray, samples: int | None) -> float:
+    blank = ctc.blank_class(ref, samples)
+    if blank is not None and samples is not None:
+        return _string_agreement(ref, cand, samples, blank)
     observed = _agreement(ref.argmax(-1), cand.argmax(-1), samples)
     return min(observed, _predicted_agreement(ref, cand, samples))
+
+
+def _margins(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the original's top-1 minus top-2 score (gap), its change, the runner-up class.
+
+    The change is the absolute change of that difference in the candidate; the runner-up is
+    where a flip would go.
+    """
+    rows = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    moved = cand.reshape(-1, cand.shape[-1]).astype(np.float64)
+    order = np.argsort(rows, axis=-1)
+    top, second = order[:, -1], order[:, -2]
+    index = np.arange(rows.shape[0])
+    gap = rows[index, top] - rows[index, second]
+    change = np.abs((moved[index, top] - moved[index, second]) - gap)
+    return gap, change, second
+
+
+def _flip_rate(gaps: np.ndarray, changes: np.ndarray) -> float:
+    """P(g < |d|) with every gap paired with every change, as if they were independent."""
+    if not gaps.size or not changes.size:
+        return 0.0
+    return float(np.mean(np.searchsorted(np.sort(gaps), changes, side="left"))) / gaps.size
 
 
 def _predicted_agreement(ref: np.ndarray, cand: np.ndarray, samples: int | None) -> float:
@@ -527,16 +556,30 @@ def _predicted_agreement(ref: np.ndarray, cand: np.ndarray, samples: int | None)
     flip rate e = P(g < |d|) from all rows at once, so a few dozen samples of a sequence model
     resolve rates far below 1/samples; a sample of r rows keeps all its decisions with (1 - e)^r.
     """
-    rows = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
-    moved = cand.reshape(-1, cand.shape[-1]).astype(np.float64)
-    order = np.argsort(rows, axis=-1)
-    top, second = order[:, -1], order[:, -2]
-    index = np.arange(rows.shape[0])
-    gap = rows[index, top] - rows[index, second]
-    change = np.abs((moved[index, top] - moved[index, second]) - gap)
-    flips = float(np.mean(np.searchsorted(np.sort(gap), change, side="left"))) / gap.size
-    per_sample = rows.shape[0] // samples if samples and rows.shape[0] % samples == 0 else 1
+    gap, change, _ = _margins(ref, cand)
+    flips = _flip_rate(gap, change)
+    per_sample = gap.size // samples if samples and gap.size % samples == 0 else 1
     return float((1.0 - flips) ** per_sample)
+
+
+def _string_agreement(ref: np.ndarray, cand: np.ndarray, samples: int, blank: int) -> float:
+    """Share of samples whose greedy CTC reading stays the same (observed or predicted: lower).
+
+    Observed: the decoded label sequences compared (`ctc`). Predicted as for other decisions,
+    counting only the steps whose flip to their runner-up would change the reading: their
+    gaps are paired with every step's change, and a sample keeps its string with (1 - e)^r,
+    r its mean count of such steps. Steps whose flip CTC collapses away do not count, so a
+    confident model judged on its strings is not failed by its ambiguous boundary steps.
+    """
+    steps = ref.shape[0] // samples
+    paths = ref.reshape(samples, steps, -1).argmax(-1)
+    moved = cand.reshape(samples, steps, -1).argmax(-1)
+    observed = float(np.mean(ctc.same_strings(paths, moved, blank)))
+    gap, change, runner_up = _margins(ref, cand)
+    reaches = ~ctc.absorbed_flips(paths, runner_up.reshape(samples, steps), blank).reshape(-1)
+    flips = _flip_rate(gap[reaches], change)
+    predicted = float((1.0 - flips) ** (np.count_nonzero(reaches) / samples))
+    return min(observed, predicted)
 
 
 def _agreement(ref: np.ndarray, cand: np.ndarray, samples: int | None) -> float:

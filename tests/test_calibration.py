@@ -85,3 +85,34 @@ def test_layers_inside_subgraphs_or_read_through_slices_are_not_captured(rng):
     sites = find_weight_sites(model, derived=True).sites
     assert {site.name for site in sites} == {"then_w", "then_r", "else_w"}
     assert not any(supported(site, model) for site in sites)
+
+
+def lstm_model(rng: np.random.Generator, hidden: int = 3) -> ir.Model:
+    """x [time, batch, 4] -> bidirectional LSTM -> Y [time, 2, batch, hidden]."""
+    w = rng.standard_normal((2, 4 * hidden, 4)).astype(np.float32)
+    r = rng.standard_normal((2, 4 * hidden, hidden)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "w", "r"], ["y"], hidden_size=hidden,
+                          direction="bidirectional")],
+        "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, "n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 2, "n", hidden])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(r, "r")],
+    )
+    return ir.from_proto(finish(graph))
+
+
+def test_lstm_hessians_come_from_its_input_and_the_states_it_emits(rng):
+    """W multiplies x_t in both directions; R multiplies the state each direction emits."""
+    model = lstm_model(rng)
+    x = rng.standard_normal((6, 5, 4)).astype(np.float32)
+    sites = {site.name: site for site in find_weight_sites(model, min_params=0).sites}
+    stats = layer_hessians(model, {"x": x}, list(sites.values()))
+    rows = x.reshape(-1, 4).astype(np.float64)
+    assert stats["w"].hessian.shape == (2, 4, 4)
+    for direction in range(2):
+        np.testing.assert_allclose(stats["w"].hessian[direction], rows.T @ rows, rtol=1e-6)
+    y = run(model, x).astype(np.float64)  # [time, directions, batch, hidden]
+    for direction in range(2):
+        states = y[:, direction].reshape(-1, 3)
+        np.testing.assert_allclose(stats["r"].hessian[direction], states.T @ states, rtol=1e-5)

@@ -46,7 +46,7 @@ import onnx_ir as ir
 import pydantic
 
 from onnxcompress import fidelity
-from onnxcompress.calibration import LayerHessian, layer_hessians
+from onnxcompress.calibration import RECURRENT, LayerHessian, layer_hessians
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import (
@@ -242,6 +242,8 @@ def _out_by_in(array: np.ndarray, site: WeightSite) -> np.ndarray:
     """The weight as [output channels, input features] in the calibration's feature order."""
     if site.op_type == "Conv":
         return array.reshape(array.shape[0], -1)
+    if site.op_type in RECURRENT:  # [directions, gates * hidden, d]: a row group per direction
+        return array.reshape(-1, array.shape[-1])
     if site.op_type == "Gemm" and site.node.attributes.get_int("transB", 0) == 1:
         return array
     return array.T  # MatMul and Gemm without transB store [in, out]

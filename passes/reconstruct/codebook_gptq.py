@@ -18,9 +18,9 @@ by the same rule), so `inspect`, `pack` and centroid fine-tuning
 read it like any other codebook. Zeros of a pruned layer stay exact zeros (the reserved entry);
 non-zeros are only assigned non-zero entries.
 
-Layers the calibration cannot capture (Gather tables, recurrent or shared weights, subgraphs)
-get plain k-means, with the reason in the report. H is captured once on the model as this pass
-receives it, or per layer after the earlier ones with `sequential`.
+Layers the calibration cannot capture (Gather tables, batch-major recurrent or shared weights,
+subgraphs) get plain k-means, with the reason in the report. H is captured once on the model as
+this pass receives it, or per layer after the earlier ones with `sequential`.
 
 Lossy: every weight is a codebook entry (exact), the reconstruction is greedy and exact only
 on the calibration inputs; the gate is the pipeline's fidelity check.

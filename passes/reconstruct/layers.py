@@ -3,9 +3,10 @@
 The matrix form of a weight is W [output channels, input features] in the order the layer's
 Hessian uses (`onnxcompress.calibration`): MatMul W[in, out] -> W^T; Gemm by its transB;
 Conv W[out, in/groups, kh, kw] -> W.reshape(out, -1), with output channel o in group
-o // (out / groups) and that group's H. Layers calibration cannot capture (Gather tables,
-recurrent weights, ConvTranspose, weights inside subgraphs, Conv with auto_pad, a weight read
-by several nodes) get a reason instead, and each pass falls back to its data-free method.
+o // (out / groups) and that group's H; LSTM/GRU/RNN W or R [directions, gates * hidden, d] ->
+W.reshape(-1, d), a group per direction. Layers calibration cannot capture (Gather tables,
+batch-major recurrent ops, ConvTranspose, weights inside subgraphs, Conv with auto_pad, a weight
+read by several nodes) get a reason instead, and each pass falls back to its data-free method.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
-from onnxcompress.calibration import LayerHessian, layer_hessians, supported
+from onnxcompress.calibration import RECURRENT, LayerHessian, layer_hessians, supported
 from onnxcompress.pass_base import PassConfig, PassContext, PassReport
 from onnxcompress.sites import WeightSite
 
@@ -85,8 +86,8 @@ def calibration_reason(site: WeightSite, model: ir.Model) -> str | None:
         return "read by several nodes (or a graph output): one layer input cannot stand for all"
     if site.op_type == "Gather":
         return "an embedding table (Gather): no layer input to reconstruct"
-    if site.op_type in ("LSTM", "GRU", "RNN"):
-        return f"a recurrent weight ({site.op_type}): its inputs are not captured"
+    if site.op_type in RECURRENT and not supported(site, model):
+        return f"a recurrent weight ({site.op_type}) in a subgraph or batch-major layout"
     if not supported(site, model):
         return f"{site.op_type} not capturable (subgraph, constant input, auto_pad or >2-D weight)"
     if site.array().dtype.type not in _FLOATS:
@@ -99,6 +100,8 @@ def matrix_form(site: WeightSite, array: np.ndarray) -> np.ndarray:
     array = np.asarray(array, np.float64)
     if site.op_type == "Conv":
         return array.reshape(array.shape[0], -1)
+    if site.op_type in RECURRENT:  # [directions, gates * hidden, d]: a group per direction
+        return array.reshape(-1, array.shape[-1])
     axis = site.out_axis if site.out_axis is not None else 0
     moved = np.moveaxis(array, axis, 0)
     return np.ascontiguousarray(moved.reshape(moved.shape[0], -1))
@@ -107,7 +110,7 @@ def matrix_form(site: WeightSite, array: np.ndarray) -> np.ndarray:
 def from_matrix_form(site: WeightSite, matrix: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The inverse of `matrix_form`, cast back to the weight's dtype."""
     shape = site.shape
-    if site.op_type == "Conv":
+    if site.op_type == "Conv" or site.op_type in RECURRENT:
         return matrix.reshape(shape).astype(dtype)
     axis = site.out_axis if site.out_axis is not None else 0
     axis %= len(shape)

@@ -11,9 +11,9 @@ more without retraining.
 Counts are exact: round(s*n) zeros per layer, or N zeros in every M consecutive input
 features of each output channel (Conv: in the flattened (channel, kh, kw) order). Existing
 zeros count toward the target and stay zero. Layers the calibration cannot capture (Gather,
-recurrent, shared or subgraph weights) are pruned by plain magnitude, with the reason in the
-report. H is captured once on the model as this pass receives it (earlier pipeline steps
-included), or per layer after the earlier ones with `sequential`.
+batch-major recurrent, shared or subgraph weights) are pruned by plain magnitude, with the
+reason in the report. H is captured once on the model as this pass receives it (earlier pipeline
+steps included), or per layer after the earlier ones with `sequential`.
 
 Lossy: the gate is the pipeline's fidelity check; the reconstruction is greedy and exact only
 on the calibration inputs.
