@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -143,3 +146,35 @@ def digits_mlp() -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.n
     proto = export(module, torch.zeros(2, 64))
     name = proto.graph.input[0].name
     return proto, {name: x_train, "labels": y_train}, {name: x_test, "labels": y_test}
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningFiles:
+    """The files of an `optimize --finetune` run on the digits MLP with a one-rung recipe."""
+
+    model: Path
+    data: Path
+    val: Path
+    out: Path
+    report: Path
+    recipe: Path
+
+
+@pytest.fixture
+def pruning_files(digits_mlp, tmp_path) -> Callable[..., PruningFiles]:  # type: ignore[no-untyped-def]
+    """Writes the model, its training data, a held-out file and a magnitude rung at `sparsity`."""
+
+    def write(sparsity: float, *, val_labels: bool = True) -> PruningFiles:
+        proto, train, held_out = digits_mlp
+        files = PruningFiles(*(tmp_path / n for n in ("m.onnx", "d.npz", "v.npz", "o.onnx",
+                                                      "r.json", "r.yaml")))
+        onnx.save(proto, files.model)
+        np.savez(files.data, **train)
+        np.savez(files.val, **{k: v for k, v in held_out.items() if val_labels or k != "labels"})
+        files.recipe.write_text(
+            "steps:\n  - {pass: prune.magnitude, options: {sparsity: "
+            f"{sparsity}" "}, on_fail: rollback}\n"
+        )
+        return files
+
+    return write

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -56,32 +55,14 @@ def test_the_gates_samples_are_left_out_of_training() -> None:
 
 
 def test_optimize_finetune_prunes_past_the_no_retrain_knee_within_the_accuracy_bar(
-    digits_mlp, tmp_path
+    pruning_files,
 ) -> None:
-    proto, train, _ = digits_mlp
-    model, data, out, report, recipe = (
-        tmp_path / n for n in ("m.onnx", "d.npz", "o.onnx", "r.json", "r.yaml")
-    )
-    onnx.save(proto, model)
-    np.savez(data, **train)
-    recipe.write_text(
-        "steps:\n  - {pass: prune.magnitude, options: {sparsity: 0.8}, on_fail: rollback}\n"
-    )
+    files = pruning_files(0.8)
+    report = files.report
     result = CliRunner().invoke(
         app,
-        [
-            "optimize",
-            str(model),
-            "-o",
-            str(out),
-            "--recipe",
-            str(recipe),
-            "--data",
-            str(data),
-            "--finetune",
-            "--report",
-            str(report),
-        ],
+        ["optimize", str(files.model), "-o", str(files.out), "--recipe", str(files.recipe),
+         "--data", str(files.data), "--finetune", "--report", str(report)],
     )
     assert result.exit_code == 0, result.output
     steps = json.loads(report.read_text())["steps"]
@@ -94,7 +75,8 @@ def test_optimize_finetune_prunes_past_the_no_retrain_knee_within_the_accuracy_b
     # past the recipe's 0.8
     assert sizes["after"]["nonzero_weight_params"] <= 0.11 * sizes["before"]["weight_params"]
     result = CliRunner().invoke(
-        app, ["optimize", str(model), "-o", str(out), "--recipe", str(recipe), "--finetune"]
+        app, ["optimize", str(files.model), "-o", str(files.out), "--recipe", str(files.recipe),
+              "--finetune"]
     )
     assert result.exit_code == 2 and "--finetune retrains on labelled samples" in result.output
 

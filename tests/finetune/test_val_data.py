@@ -16,29 +16,22 @@ from typer.testing import CliRunner
 from onnxcompress.cli import app
 from onnxcompress.finetune.config import FinetuneConfig
 from onnxcompress.finetune.train import _split
+from tests.finetune.conftest import PruningFiles
 
 
-def _optimize_argv(model, recipe, data, out, report, *extra) -> list[str]:
-    return ["optimize", str(model), "-o", str(out), "--recipe", str(recipe), "--data", str(data),
-            "--finetune", "--report", str(report), *map(str, extra)]
+def _optimize_argv(files: PruningFiles, *extra: object) -> list[str]:
+    return ["optimize", str(files.model), "-o", str(files.out), "--recipe", str(files.recipe),
+            "--data", str(files.data), "--finetune", "--report", str(files.report),
+            *map(str, extra)]
 
 
 def test_val_data_gates_on_held_out_samples_and_retrains_on_all_of_data(
-    digits_mlp, tmp_path
+    digits_mlp, pruning_files
 ) -> None:
     proto, train, held_out = digits_mlp
-    model, data, val, out, report, recipe = (
-        tmp_path / n for n in ("m.onnx", "d.npz", "v.npz", "o.onnx", "r.json", "r.yaml")
-    )
-    onnx.save(proto, model)
-    np.savez(data, **train)
-    np.savez(val, **held_out)
-    recipe.write_text(
-        "steps:\n  - {pass: prune.magnitude, options: {sparsity: 0.9}, on_fail: rollback}\n"
-    )
-    result = CliRunner().invoke(
-        app, _optimize_argv(model, recipe, data, out, report, "--val-data", val)
-    )
+    files = pruning_files(0.9)
+    out, report = files.out, files.report
+    result = CliRunner().invoke(app, _optimize_argv(files, "--val-data", files.val))
     assert result.exit_code == 0, result.output
     assert "note: the gates judge" not in result.output
     rounds = [s for s in json.loads(report.read_text())["steps"] if s["pass"] == "finetune"]
@@ -55,18 +48,11 @@ def test_val_data_gates_on_held_out_samples_and_retrains_on_all_of_data(
 
 
 def test_without_val_data_the_output_says_the_gate_reads_training_samples(
-    digits_mlp, tmp_path
+    pruning_files,
 ) -> None:
-    proto, train, _ = digits_mlp
-    model, data, out, report, recipe = (
-        tmp_path / n for n in ("m.onnx", "d.npz", "o.onnx", "r.json", "r.yaml")
-    )
-    onnx.save(proto, model)
-    np.savez(data, **train)
-    recipe.write_text(
-        "steps:\n  - {pass: prune.magnitude, options: {sparsity: 0.3}, on_fail: rollback}\n"
-    )
-    result = CliRunner().invoke(app, _optimize_argv(model, recipe, data, out, report))
+    files = pruning_files(0.3)
+    report = files.report
+    result = CliRunner().invoke(app, _optimize_argv(files))
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("note: the gates")]
     assert len(lines) == 1 and "first 269 samples" in lines[0] and "--val-data" in lines[0]
@@ -75,20 +61,10 @@ def test_without_val_data_the_output_says_the_gate_reads_training_samples(
     assert notes["notes"]["train_samples"] + notes["notes"]["held_out_samples"] == 1347 - 269
 
 
-def test_val_data_without_labels_or_data_is_one_line(digits_mlp, tmp_path) -> None:
-    proto, train, held_out = digits_mlp
-    model, data, val, out, report, recipe = (
-        tmp_path / n for n in ("m.onnx", "d.npz", "v.npz", "o.onnx", "r.json", "r.yaml")
-    )
-    onnx.save(proto, model)
-    np.savez(data, **train)
-    np.savez(val, **{k: v for k, v in held_out.items() if k != "labels"})
-    recipe.write_text(
-        "steps:\n  - {pass: prune.magnitude, options: {sparsity: 0.3}, on_fail: rollback}\n"
-    )
-    result = CliRunner().invoke(
-        app, _optimize_argv(model, recipe, data, out, report, "--val-data", val)
-    )
+def test_val_data_without_labels_or_data_is_one_line(pruning_files) -> None:
+    files = pruning_files(0.3, val_labels=False)
+    model, val, out = files.model, files.val, files.out
+    result = CliRunner().invoke(app, _optimize_argv(files, "--val-data", val))
     assert result.exit_code != 0 and f"{val} has no 'labels' array" in result.output
     assert "Traceback" not in result.output and not out.exists()
     result = CliRunner().invoke(
