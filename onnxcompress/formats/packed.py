@@ -56,6 +56,7 @@ __all__ = [
     "decode_packed",
     "is_decoder_matmul",
     "pack_codebook_indices",
+    "packs_indices",
     "pack_indices",
     "decoder_nbytes",
     "packed_nbytes",
@@ -390,6 +391,11 @@ def _users(graph: ir.Graph, value: ir.Value) -> int:
     return sum(1 for _ in value.uses()) + int(value.is_graph_output())
 
 
+def packs_indices(model: ir.Model) -> bool:
+    """Whether the packed decoder can be written into `model` (its opset has integer MatMul)."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) >= MIN_PACK_OPSET
+
+
 def pack_codebook_indices(model: ir.Model, names: set[str] | None = None) -> bool:
     """Rewrite every uint8 codebook layer with bits < 8 (or those in `names`) into the packed form.
 
@@ -399,9 +405,9 @@ def pack_codebook_indices(model: ir.Model, names: set[str] | None = None) -> boo
     """
     from onnxcompress.formats.codebook import codebook_layers  # it reads this module's layout
 
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    if opset < MIN_PACK_OPSET:
+    if not packs_indices(model):
         return False
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     graph = model.graph
     changed = False
     for layer in codebook_layers(model):

@@ -39,10 +39,10 @@ import pydantic
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import (
-    MIN_PACK_OPSET,
     pack_codebook_indices,
     packed_nbytes,
     packing_pays,
+    packs_indices,
 )
 from onnxcompress.pass_base import CompressionPass, PassConfig, PassReport, register
 from onnxcompress.passes.codebook.kmeans1d import kmeans_1d
@@ -183,7 +183,7 @@ class KMeansClusterPass(CompressionPass):
         opset = model.opset_imports.get("", 0)
         uint4 = self.config.pack_4bit and bits <= 4 and opset >= 21
         pays = packing_pays(site.name, site.size, bits)
-        packs = self.config.pack_indices and pays and opset >= MIN_PACK_OPSET
+        packs = self.config.pack_indices and pays and packs_indices(model)
         if packs and not (uint4 and bits == 4):
             return "packed"
         return "uint4" if uint4 else "uint8"

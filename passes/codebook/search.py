@@ -51,11 +51,11 @@ from onnxcompress.data import sample_axis, take_samples
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.formats.codebook import insert_codebook
 from onnxcompress.formats.packed import (
-    MIN_PACK_OPSET,
     decoder_nbytes,
     pack_codebook_indices,
     packed_nbytes,
     packing_pays,
+    packs_indices,
 )
 from onnxcompress.io import model_bytes
 from onnxcompress.parallel import SweepCache, Task, make_executor, run_sweep
@@ -193,6 +193,7 @@ class Fitter:
         self.hessians = hessians
         self.seed = seed
         self.keep = keep
+        self.packable = packs_indices(model)
         self.biased = {
             name for name, site in self.sites.items()
             if bias_correction and name in hessians and layer_bias(site) is not None
@@ -289,8 +290,7 @@ def _measure(fitter: Fitter, task: Task) -> dict[str, float] | None:
     """One (layer, method, width): its relative error and stored bytes; None when not smaller."""
     site, bits = fitter.sites[task.layer], int(task.setting)
     fit = fitter.fit(task.layer, task.method, bits)
-    opset = fitter.model.opset_imports.get("", fitter.model.opset_imports.get("ai.onnx", 0))
-    nbytes = index_bytes(site.name, site.size, bits, packable=opset >= MIN_PACK_OPSET) + fit.nbytes
+    nbytes = index_bytes(site.name, site.size, bits, packable=fitter.packable) + fit.nbytes
     if nbytes >= site.size * site.array().dtype.itemsize:
         return None
     error = relative_error(site.array(), fit.weights(), fitter.hessian(task.layer), site)
