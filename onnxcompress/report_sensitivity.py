@@ -46,7 +46,8 @@ def recipe_text(result: SensitivityResult) -> str:
             "min_top1": budget.min_top1,
         }
         if result.metric == "cosine"
-        else {"min_cosine": None, "min_rank_correlation": None, "min_top1": None}
+        else {"min_cosine": None, "min_rank_correlation": None, "min_top1": None,
+              "min_string_agreement": None}
     )
     step = {**result.plan(), "gate": gate}
     recipe = {

@@ -87,11 +87,13 @@ class CodebookSearchConfig(PassConfig):
         16, ge=1, le=64,
         description="Most whole-model verifications per bisection (2 + log2 of the candidates).",
     )
-    method: Literal["kmeans", "gptq"] = pydantic.Field(
-        "kmeans",
-        description="How each width's codebook is fitted: plain k-means, or GPTQ error feedback "
-        "under H (codebook.gptq) for widths <= gptq_max_bits, kept where it lowers the calibration "
-        "error (it can fit small calibration sets too closely: see docs/codebook.md).",
+    method: Literal["auto", "kmeans", "gptq"] = pydantic.Field(
+        "auto",
+        description="How each width's codebook is fitted: plain k-means; 'auto' adds GPTQ error "
+        "feedback under H (codebook.gptq) at every width for the layers with captured inputs when "
+        "8-bit k-means on every layer misses the step's gate; 'gptq' uses it instead of k-means "
+        "for widths <= gptq_max_bits. GPTQ is kept where it lowers the calibration error (it can "
+        "fit small calibration sets too closely: see docs/codebook.md).",
     )
     bias_correction: bool = pydantic.Field(
         True,
@@ -208,9 +210,9 @@ class Fitter:
         if method == "gptq":
             from onnxcompress.passes.reconstruct.codebook_gptq import gptq_codebook
 
-            fitted = Fit(
-                *gptq_codebook(self.model, site, self.hessians.get(name), bits, seed=self.seed)
-            )
+            stats = self.hessians.get(name)
+            fitted = Fit(*gptq_codebook(self.model, site, stats, bits, seed=self.seed,
+                                        refine=refit_affordable(stats, site.size)))
         elif method == PER_CHANNEL:
             scales = channel_scales(site)
             shared = (site.array() / scales).astype(site.array().dtype)
@@ -266,6 +268,22 @@ class Fit:
     def nbytes(self) -> int:
         """Stored bytes besides the indices: the codebook and the scales."""
         return self.codebook.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+
+#: Most scatter-adds (rows x d^2) a GPTQ candidate's centroid refit may cost: seconds.
+REFIT_BUDGET = 1 << 28
+
+
+def refit_affordable(stats: LayerHessian | None, size: int) -> bool:
+    """Whether GPTQ's least-squares centroid refit is worth its cost on this layer.
+
+    It costs rows x d^2 scatter-adds, d the input features: on ddddocr's 8210 x 1024 Gemm 70 s
+    per width under load, for 0.1% less error (GPTQ alone already cut k-means's by 22x).
+    """
+    if stats is None:
+        return True
+    features = stats.hessian.shape[-1]
+    return (size // features) * features * features <= REFIT_BUDGET
 
 
 def channel_scales(site: WeightSite) -> np.ndarray:
@@ -374,6 +392,27 @@ def _next_steps(
     return [(name, step) for _, name, step in ranked]
 
 
+def _eight_bit_floor(candidates: dict[str, list[Candidate]]) -> dict[str, Candidate | None]:
+    """Each layer's 8-bit candidate of least error: what `optimize` without data would write."""
+    return {
+        name: min((c for c in options if c.bits >= 8), key=lambda c: c.error, default=None)
+        for name, options in candidates.items()
+    }
+
+
+def _string_bar(bound: float, margin: float, samples: int | None) -> float:
+    """The CTC string bar searched: `margin` of its headroom held back, short of every sample.
+
+    Agreement over n words moves in steps of 1/n; a bar above (n - 1) / n asks that no word
+    change, and a word the original reads on a near tie flips under any rounding (ddddocr: one
+    of 36 at gap 0.024, float16 included), so it would fail every candidate. Never below `bound`.
+    """
+    tightened = bound + (1.0 - bound) * margin
+    if samples is None or samples < 2:
+        return tightened
+    return max(bound, min(tightened, (samples - 1) / samples))
+
+
 def _choice_bytes(sites: list[WeightSite], choice: dict[str, Candidate | None]) -> int:
     """Stored bytes of the layers under a choice (dense where it keeps a layer dense)."""
     total = 0
@@ -390,6 +429,7 @@ def _detail(candidate: Candidate, fit: Fit, scored: str, corrected: bool) -> str
         f"{candidate.bits} bits ({scored} error {candidate.error:.3g}{impact}), "
         f"{fit.codebook.size} values"
         + (" per channel" if fit.scales is not None else "")
+        + (", assigned by GPTQ" if candidate.method == "gptq" else "")
         + (", bias corrected" if corrected else "")
     )
 
@@ -480,6 +520,20 @@ class CodebookSearchPass(CompressionPass):
         tasks = [Task(site.name, method, float(bits))
                  for site in sites for bits in self.config.bits
                  for method in self._methods(site, hessians.get(site.name), bits)]
+        table: dict[str, list[Candidate]] = {site.name: [] for site in sites}
+        self._measured(sweep, tasks, table)
+        if self._wants_error_feedback(model, sites, table, fitter):
+            calibrated = [site for site in sites if site.name in hessians]
+            self._say(f"{self.name}: 8-bit k-means misses the gate; fitting GPTQ codebooks for "
+                      f"the {len(calibrated)} layers with captured inputs")
+            self._measured(sweep, [Task(site.name, "gptq", float(bits))
+                                   for site in calibrated for bits in self.config.bits], table)
+        return fitter, {
+            name: sorted(options, key=lambda c: c.nbytes) for name, options in table.items()
+        }
+
+    def _measured(self, sweep: Sweep, tasks: list[Task], table: dict[str, list[Candidate]]) -> None:
+        """Run `tasks` on the configured executor, through its cache; add each candidate."""
         config = self.config
         cache = SweepCache(Path(config.cache)) if config.cache is not None else None
         with make_executor(
@@ -488,15 +542,27 @@ class CodebookSearchPass(CompressionPass):
             results = run_sweep(
                 sweep, tasks, executor=executor, cache=cache, on_result=self._layer_progress(tasks)
             )
-        table: dict[str, list[Candidate]] = {site.name: [] for site in sites}
         for task, result in zip(tasks, results, strict=True):
             if result is not None:
                 table[task.layer].append(
                     Candidate(int(task.setting), task.method, result["error"], result["nbytes"])
                 )
-        return fitter, {
-            name: sorted(options, key=lambda c: c.nbytes) for name, options in table.items()
-        }
+
+    def _wants_error_feedback(self, model: ir.Model, sites: list[WeightSite],
+                              table: dict[str, list[Candidate]], fitter: Fitter) -> bool:
+        """`method: auto`: whether plain codebooks fail even at 8 bits, so GPTQ is worth its time.
+
+        GPTQ fits a few dozen calibration samples too closely where k-means is enough (magika,
+        docs/codebook.md), and costs seconds to minutes a layer: only where 8-bit k-means on
+        every layer misses the step's own gate (ddddocr's OCR model: its LSTM and convs alone
+        change strings at 8 bits; GPTQ keeps them, with the 33 MB projection at 7 bits).
+        """
+        if self.config.method != "auto" or not fitter.hessians:
+            return False
+        floor = _eight_bit_floor(table)
+        return any(floor.values()) and not self._passes(
+            model, sites, floor, fitter, tightened=False
+        )
 
     def _methods(self, site: WeightSite, stats: LayerHessian | None, bits: int) -> list[str]:
         """How the layer's codebook at `bits` is fitted: shared, and per channel where it can."""
@@ -620,10 +686,7 @@ class CodebookSearchPass(CompressionPass):
         without data); widths below it must pass the gate tightened by `margin`.
         """
         errors = sorted({c.score for options in candidates.values() for c in options})
-        floor = {
-            name: min((c for c in options if c.bits >= 8), key=lambda c: c.error, default=None)
-            for name, options in candidates.items()
-        }
+        floor = _eight_bit_floor(candidates)
         if not any(floor.values()) or not self._passes(
             model, sites, floor, fitter, tightened=False
         ):
@@ -723,6 +786,9 @@ class CodebookSearchPass(CompressionPass):
             for name in ("min_cosine", "min_rank_correlation", "min_top1")
             if (bound := getattr(gate, name)) is not None and bound < 1.0
         }
+        if (strings := gate.min_string_agreement) is not None and strings < 1.0:
+            samples = self.context.reference.samples if self.context.reference else None
+            tightened["min_string_agreement"] = _string_bar(strings, self.config.margin, samples)
         return gate.model_copy(update=tightened)
 
     def _write(

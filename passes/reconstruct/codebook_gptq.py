@@ -332,12 +332,13 @@ def _sorted_codebook(
 
 
 def gptq_codebook(model: ir.Model, site: WeightSite, stats: LayerHessian | None, bits: int, *,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
+                  seed: int = 0, refine: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
     """(indices, codebook, zero_entry) of one layer at `bits`, as `codebook.gptq` makes them.
 
     Plain k-means where GPTQ does not lower the calibration error, or no input was captured.
+    `refine`: the least-squares refit of the centroids (`refine_centroids`).
     """
-    planner = GptqCodebookPass(bits=bits, context=PassContext(seed=seed))
+    planner = GptqCodebookPass(bits=bits, refine=refine, context=PassContext(seed=seed))
     totals: dict[str, float] = {"gptq_error": 0.0, "kmeans_error": 0.0}
     _, _, _, indices, codebook, zero_entry, _ = planner._plan(model, site, stats, totals)
     return indices, codebook, zero_entry

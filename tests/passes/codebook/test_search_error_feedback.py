@@ -1,0 +1,98 @@
+"""codebook.search, `method: auto`: GPTQ candidates join only where 8-bit k-means misses the gate.
+
+The model below reads inputs that share one large offset its weights are blind to (W^T c = 0),
+as a layer after a normalisation with a large mean can. Rounding each weight on its own moves
+W^T c far from 0, an error as large as the output itself; GPTQ pushes each column's error onto
+the columns not yet assigned, along the inputs' directions, and cancels it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress import fidelity
+from onnxcompress.calibration import LayerHessian
+from onnxcompress.formats.codebook import codebook_layers
+from onnxcompress.passes.codebook.search import REFIT_BUDGET, _string_bar, refit_affordable
+from onnxcompress.pipeline import Step, run_steps
+from tests.builders import finish, mlp
+
+FEATURES, OUTPUTS, SAMPLES = 64, 32, 64
+
+
+def offset_reader(rng: np.random.Generator) -> tuple[ir.Model, np.ndarray]:
+    """x [batch, 64] -> MatMul W [64, 32] (no bias) -> y, and inputs 30 c + noise, W^T c = 0."""
+    offset = rng.standard_normal(FEATURES)
+    offset /= np.linalg.norm(offset)
+    weight = rng.standard_normal((FEATURES, OUTPUTS)) / 8
+    weight -= np.outer(offset, offset @ weight)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "offset_reader",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", OUTPUTS])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    x = 30 * offset + rng.standard_normal((SAMPLES, FEATURES))
+    return ir.from_proto(finish(graph)), x.astype(np.float32)
+
+
+def search(model: ir.Model, x: np.ndarray, **options: object):  # type: ignore[no-untyped-def]
+    step = Step(pass_name="codebook.search", options=options, on_fail="rollback")
+    result = run_steps(model, [step], data={"x": x})
+    return result.steps[0], result.model
+
+
+def details(step) -> list[str]:  # type: ignore[no-untyped-def]
+    return [change.detail for change in step.report.changes]
+
+
+def test_gptq_joins_where_8_bit_kmeans_misses_the_gate(rng):
+    model, x = offset_reader(rng)
+    plain, _ = search(model.clone(), x, method="kmeans")
+    assert plain.status == "unchanged"  # even 8 bits breaks it
+    step, _ = search(model, x)  # method: auto, the default
+    assert step.status == "applied" and not step.failures
+    assert details(step) and all("assigned by GPTQ" in d for d in details(step))
+
+
+def test_a_model_kmeans_holds_at_8_bits_is_searched_without_gptq(rng):
+    x = rng.standard_normal((SAMPLES, 32)).astype(np.float32)
+    step, _ = search(mlp(rng, (32, 128, 128, 10)), x)
+    assert step.status == "applied"
+    assert details(step) and not any("GPTQ" in d for d in details(step))
+
+
+def test_gptq_refits_centroids_only_where_it_costs_seconds():
+    def stats(features: int) -> LayerHessian:
+        eye = np.eye(features)[None]
+        return LayerHessian("w", eye, 1, np.zeros((1, features)))
+
+    assert refit_affordable(stats(64), 64 * 32)
+    assert not refit_affordable(stats(1024), 8210 * 1024)  # ddddocr's projection: a minute
+    assert refit_affordable(None, 10**9)  # no H: nothing to refit under
+    assert 8210 * 1024 * 1024 > REFIT_BUDGET
+
+
+@pytest.mark.parametrize(
+    ("samples", "searched"),
+    [(36, 35 / 36), (400, 0.9875), (10, 0.95), (None, 0.9875)],
+)
+def test_the_searched_string_bar_never_asks_every_word_to_stay(samples, searched):
+    """0.95 with 0.75 of its headroom held back is 0.9875: 36 of 36 words. 35 of 36 is asked.
+
+    Never below the step's own bar (10 words at 0.95 still ask all 10).
+    """
+    assert _string_bar(0.95, 0.75, samples) == pytest.approx(searched)
+
+
+def test_the_written_model_is_the_one_verified(rng):
+    model, x = offset_reader(rng)
+    reference = fidelity.run(model.clone(), {"x": x})
+    step, written = search(model, x)
+    assert codebook_layers(written)
+    outputs = fidelity.run(written, {"x": x}, reference.views)
+    assert not fidelity.DEFAULT_GATE.failures(fidelity.compare(reference, outputs))
