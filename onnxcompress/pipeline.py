@@ -74,6 +74,10 @@ class Step(pydantic.BaseModel):
 StepStatus = Literal["applied", "unchanged", "rolled back", "planned"]
 
 
+#: A gate bound's metric where it is not the bound's name without min_/max_.
+_METRIC_OF = {"min_top1": "top1_agreement", "max_abs": "max_abs"}
+
+
 @dataclasses.dataclass
 class StepResult:
     """What one step did: its status, the pass's report, the gate's metrics and verdict.
@@ -91,14 +95,19 @@ class StepResult:
 
     @property
     def decided_by(self) -> list[str]:
-        """The metrics that rolled this step back, or every metric its gate checked and passed."""
+        """The metrics that rolled this step back, or every metric its gate checked and passed.
+
+        A bound whose metric this model has not (top-1 of a detector, strings of a classifier)
+        checked nothing and is left out.
+        """
         if self.failures:
             return [f.split()[0] for f in self.failures]
         gate = self.step.gate.model_dump()
+        measured = self.metrics.to_dict() if self.metrics is not None else {}
         return [
             name.removeprefix("min_").removeprefix("max_")
             for name, bound in gate.items()
-            if bound is not None
+            if bound is not None and measured.get(_METRIC_OF.get(name, name[4:]), 0) is not None
         ]
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import ctc, fidelity
-from tests.builders import finish
+from onnxcompress.pipeline import Step, run_steps
+from tests.builders import finish, mlp
 
 SAMPLES, STEPS, CLASSES = 16, 32, 20
 BLANK = 0
@@ -182,3 +183,18 @@ def test_a_batch_one_model_is_read_per_sample_through_onnxruntime(rng):
     )
     agreement = fidelity.compare(reference, fidelity.run(broken, {"x": x})).string_agreement
     assert agreement is not None and agreement < 0.5
+
+
+def test_a_step_is_said_decided_by_the_metrics_it_has(rng):
+    """A CTC reader's report names string agreement, not top-1; a classifier's the reverse."""
+    model = stacked_reader(rng)
+    x = (rng.standard_normal((SAMPLES, STEPS, 8)) + 0.3).astype(np.float32)
+    loose = fidelity.Gate(min_cosine=0.5, min_rank_correlation=None, min_top1=0.0,
+                          min_string_agreement=0.0)  # both decision bounds set, both pass
+    step = Step(pass_name="codebook.kmeans", options={"bits": 4, "min_params": 0}, gate=loose)
+    (result,) = run_steps(model, [step], data={"x": x}).steps
+    assert "string_agreement" in result.decided_by and "top1" not in result.decided_by
+    classifier = mlp(rng, (8, 16, 10))
+    data = {"x": rng.standard_normal((32, 8)).astype(np.float32)}
+    (result,) = run_steps(classifier, [step], data=data).steps
+    assert "top1" in result.decided_by and "string_agreement" not in result.decided_by
