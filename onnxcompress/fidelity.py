@@ -148,12 +148,13 @@ class Gate(pydantic.BaseModel):
         """This gate with `margin` of each similarity bound's headroom to 1 held back.
 
         0.75: cosine >= 0.99 becomes >= 0.9975, rank >= 0.98 becomes >= 0.995. The bounds whose
-        ideal is 1 (`TIGHTENED`) move; task and error bounds have no such scale and stay.
+        ideal is 1 (`TIGHTENED`) move; task and error bounds have no such scale and stay, and so
+        does a bound at its metric's lowest value (`--min-top1 0`: no check asked for).
         """
         update = {
             name: bound + (1.0 - bound) * margin
-            for name in TIGHTENED
-            if (bound := getattr(self, name)) is not None and bound < 1.0
+            for name, lowest in TIGHTENED.items()
+            if (bound := getattr(self, name)) is not None and lowest < bound < 1.0
         }
         return self.model_copy(update=update)
 
@@ -181,8 +182,8 @@ class Gate(pydantic.BaseModel):
 
 DEFAULT_GATE = Gate()
 
-#: The bounds `Gate.tightened` moves: similarities whose ideal value is 1.
-TIGHTENED = ("min_cosine", "min_rank_correlation", "min_top1")
+#: The bounds `Gate.tightened` moves, similarities whose ideal value is 1, with their lowest.
+TIGHTENED = {"min_cosine": -1.0, "min_rank_correlation": -1.0, "min_top1": 0.0}
 
 #: Share of each similarity bound's headroom every gated step is verified with held back
 #: (`pipeline.Step.margin`). A step's result is chosen because it passed on the probes (a pruning
