@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import ctc, fidelity
@@ -198,3 +199,23 @@ def test_a_step_is_said_decided_by_the_metrics_it_has(rng):
     data = {"x": rng.standard_normal((32, 8)).astype(np.float32)}
     (result,) = run_steps(classifier, [step], data=data).steps
     assert "top1" in result.decided_by and "string_agreement" not in result.decided_by
+
+
+@pytest.mark.parametrize(
+    ("samples", "verified"),
+    [(36, 35 / 36), (400, 0.9875), (10, 0.95), (None, 0.9875)],
+)
+def test_the_verified_string_bar_never_asks_every_word_to_stay(samples, verified):
+    """0.95 with 0.75 of its headroom held back is 0.9875: 36 of 36 words. 35 of 36 is asked.
+
+    Never below the bar itself (10 words at 0.95 still ask all 10).
+    """
+    gate = fidelity.DEFAULT_GATE.tightened(0.75, samples)
+    assert gate.min_string_agreement == pytest.approx(verified)
+    assert gate.min_top1 == pytest.approx(0.9975)  # classes: 0.75 of the headroom, as before
+
+
+def test_a_pipeline_step_verifies_strings_over_its_probe_samples(rng):
+    """36 words: one may read differently after the step, two may not."""
+    step = Step(pass_name="codebook.kmeans", options={"bits": 8})
+    assert step.verified_gate_on(36).min_string_agreement == 35 / 36

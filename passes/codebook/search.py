@@ -18,11 +18,11 @@ allocate bits per layer; this is the simplest faithful version of that idea:
    its 8-bit codebook when 8 bits everywhere passes the step's gate, as `optimize` without data
    would write, else dense). Larger t, smaller model, larger drift.
 3. t is found by bisection over the sorted candidate errors, each trial verified on the whole
-   model against the ORIGINAL's outputs with the step's own gate (the pipeline's probes and
-   reference) tightened by `margin`; the largest t that passes wins. Trials are cheap: the
-   codebooks are computed once. The margin is there because the choice is fitted to the
-   calibration inputs: on open-nsfw (30 calibration images) a choice at rank correlation 0.985
-   held only 0.975 on 35 other images.
+   model against the ORIGINAL's outputs with the gate the pipeline verifies the step with (its
+   probes, reference, and gate tightened by the step's margin, `fidelity.MARGIN`); the largest t
+   that passes wins. Trials are cheap: the codebooks are computed once. The margin is there
+   because the choice is fitted to the calibration inputs: on open-nsfw (30 calibration images)
+   a choice at rank correlation 0.985 held only 0.975 on 35 other images.
 
 Exact: every written weight is codebook[indices]; the written model passed the gate on the
 probes. Lossy: the codebooks; the search is greedy in one dimension (one t), not optimal.
@@ -121,14 +121,6 @@ class CodebookSearchConfig(PassConfig):
         8, ge=0, le=64,
         description="Whole-model checks spent after the bisection lowering the layers that save "
         "the most bytes per unit of error, a batch at a time.",
-    )
-    margin: float = pydantic.Field(
-        0.75,
-        ge=0,
-        le=1,
-        description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
-        "reserve (0.75: rank >= 0.98 is searched as >= 0.995), so the choice holds on inputs it "
-        "did not see.",
     )
 
     executor: Literal["local", "ray"] = pydantic.Field(
@@ -400,19 +392,6 @@ def _eight_bit_floor(candidates: dict[str, list[Candidate]]) -> dict[str, Candid
     }
 
 
-def _string_bar(bound: float, margin: float, samples: int | None) -> float:
-    """The CTC string bar searched: `margin` of its headroom held back, short of every sample.
-
-    Agreement over n words moves in steps of 1/n; a bar above (n - 1) / n asks that no word
-    change, and a word the original reads on a near tie flips under any rounding (ddddocr: one
-    of 36 at gap 0.024, float16 included), so it would fail every candidate. Never below `bound`.
-    """
-    tightened = bound + (1.0 - bound) * margin
-    if samples is None or samples < 2:
-        return tightened
-    return max(bound, min(tightened, (samples - 1) / samples))
-
-
 def _choice_bytes(sites: list[WeightSite], choice: dict[str, Candidate | None]) -> int:
     """Stored bytes of the layers under a choice (dense where it keeps a layer dense)."""
     total = 0
@@ -521,13 +500,17 @@ class CodebookSearchPass(CompressionPass):
                  for site in sites for bits in self.config.bits
                  for method in self._methods(site, hessians.get(site.name), bits)]
         table: dict[str, list[Candidate]] = {site.name: [] for site in sites}
-        self._measured(sweep, tasks, table)
+        self._measured(sweep, [t for t in tasks if t.setting >= 8], table)
+        narrower = [t for t in tasks if t.setting < 8]
         if self._wants_error_feedback(model, sites, table, fitter):
-            calibrated = [site for site in sites if site.name in hessians]
+            # GPTQ takes k-means's place below 8 bits (it keeps k-means where no better)
+            calibrated = [site.name for site in sites if site.name in hessians]
             self._say(f"{self.name}: 8-bit k-means misses the gate; fitting GPTQ codebooks for "
                       f"the {len(calibrated)} layers with captured inputs")
-            self._measured(sweep, [Task(site.name, "gptq", float(bits))
-                                   for site in calibrated for bits in self.config.bits], table)
+            narrower = [t for t in narrower if t.layer not in hessians] + [
+                Task(name, "gptq", float(bits)) for name in calibrated for bits in self.config.bits
+            ]
+        self._measured(sweep, narrower, table)
         return fitter, {
             name: sorted(options, key=lambda c: c.nbytes) for name, options in table.items()
         }
@@ -560,9 +543,7 @@ class CodebookSearchPass(CompressionPass):
         if self.config.method != "auto" or not fitter.hessians:
             return False
         floor = _eight_bit_floor(table)
-        return any(floor.values()) and not self._passes(
-            model, sites, floor, fitter, tightened=False
-        )
+        return any(floor.values()) and not self._passes(model, sites, floor, fitter)
 
     def _methods(self, site: WeightSite, stats: LayerHessian | None, bits: int) -> list[str]:
         """How the layer's codebook at `bits` is fitted: shared, and per channel where it can."""
@@ -578,15 +559,14 @@ class CodebookSearchPass(CompressionPass):
         return [shared] + ([PER_CHANNEL] if self.config.per_channel and channels > 1 else [])
 
     def _layer_progress(self, tasks: list[Task]) -> Callable[[int], None]:
-        widths, layers = len(self.config.bits), len(tasks) // len(self.config.bits)
-        done: dict[str, int] = {}
+        per_layer, done = Counter(task.layer for task in tasks), Counter[str]()
 
         def count(index: int) -> None:
             name = tasks[index].layer
-            done[name] = done.get(name, 0) + 1
-            if done[name] == widths:
-                finished = sum(1 for n in done.values() if n == widths)
-                self._say(f"{self.name}: codebooks for layer {finished}/{layers} ({name})")
+            done[name] += 1
+            if done[name] == per_layer[name]:
+                finished = sum(1 for n, d in done.items() if d == per_layer[n])
+                self._say(f"{self.name}: codebooks for layer {finished}/{len(per_layer)} ({name})")
 
         return count
 
@@ -682,14 +662,12 @@ class CodebookSearchPass(CompressionPass):
         too sensitive (3.92x against 4.32x by layer error); on open-nsfw it finds 4.32x where the
         layer error stops at 4.09x.
 
-        8 bits everywhere, checked with the step's own gate, is the floor (what `optimize` writes
-        without data); widths below it must pass the gate tightened by `margin`.
+        8 bits everywhere, where it passes the step's gate, is the floor: layers no tolerance
+        admits keep it.
         """
         errors = sorted({c.score for options in candidates.values() for c in options})
         floor = _eight_bit_floor(candidates)
-        if not any(floor.values()) or not self._passes(
-            model, sites, floor, fitter, tightened=False
-        ):
+        if not any(floor.values()) or not self._passes(model, sites, floor, fitter):
             floor = {name: None for name in candidates}
         # errors[low] passes (-1: the floor), errors[high + 1..] fail
         low, high = -1, len(errors) - 1
@@ -758,7 +736,7 @@ class CodebookSearchPass(CompressionPass):
         }
 
     def _passes(self, model: ir.Model, sites: list[WeightSite], choice: dict[str, Candidate | None],
-                fitter: Fitter, *, tightened: bool = True) -> bool:
+                fitter: Fitter) -> bool:
         trial = model.clone()
         trial_sites = {
             s.name: s for s in find_weight_sites(trial, min_params=0, derived=True).sites
@@ -770,26 +748,13 @@ class CodebookSearchPass(CompressionPass):
                 fitter.correct_bias(trial_site, candidate.method, candidate.bits)
                 trial_site.replace(
                     fitter.weights(site.name, candidate.method, candidate.bits, site.array().dtype))
-        gate = self._searched_gate() if tightened else (self.context.gate or fidelity.DEFAULT_GATE)
+        gate = self.context.gate or fidelity.DEFAULT_GATE.tightened(fidelity.MARGIN)
         try:
             outputs = fidelity.run(trial, self.context.probes or {}, self.context.reference.views)
         except UnsupportedModelError:
             return False
         metrics = fidelity.compare(self.context.reference, outputs, task=self.context.task)
         return not gate.failures(metrics)
-
-    def _searched_gate(self) -> fidelity.Gate:
-        """The step's gate with `margin` of each lower bound's headroom held back."""
-        gate = self.context.gate or fidelity.DEFAULT_GATE
-        tightened = {
-            name: bound + (1.0 - bound) * self.config.margin
-            for name in ("min_cosine", "min_rank_correlation", "min_top1")
-            if (bound := getattr(gate, name)) is not None and bound < 1.0
-        }
-        if (strings := gate.min_string_agreement) is not None and strings < 1.0:
-            samples = self.context.reference.samples if self.context.reference else None
-            tightened["min_string_agreement"] = _string_bar(strings, self.config.margin, samples)
-        return gate.model_copy(update=tightened)
 
     def _write(
         self,

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import fidelity
 from onnxcompress.calibration import LayerHessian
-from onnxcompress.passes.codebook.search import REFIT_BUDGET, _string_bar, refit_affordable
+from onnxcompress.passes.codebook.search import REFIT_BUDGET, refit_affordable
 from onnxcompress.pipeline import Step, run_steps
 from tests.builders import finish, mlp
 
@@ -83,15 +82,3 @@ def test_gptq_refits_centroids_only_where_it_costs_seconds():
     assert not refit_affordable(stats(1024), 8210 * 1024)  # ddddocr's projection: a minute
     assert refit_affordable(None, 10**9)  # no H: nothing to refit under
     assert 8210 * 1024 * 1024 > REFIT_BUDGET
-
-
-@pytest.mark.parametrize(
-    ("samples", "searched"),
-    [(36, 35 / 36), (400, 0.9875), (10, 0.95), (None, 0.9875)],
-)
-def test_the_searched_string_bar_never_asks_every_word_to_stay(samples, searched):
-    """0.95 with 0.75 of its headroom held back is 0.9875: 36 of 36 words. 35 of 36 is asked.
-
-    Never below the step's own bar (10 words at 0.95 still ask all 10).
-    """
-    assert _string_bar(0.95, 0.75, samples) == pytest.approx(searched)
