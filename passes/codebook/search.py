@@ -720,7 +720,7 @@ class CodebookSearchPass(CompressionPass):
         gate = self.context.gate or fidelity.DEFAULT_GATE
         tightened = {
             name: bound + (1.0 - bound) * self.config.margin
-            for name in ("min_cosine", "min_rank_correlation", "min_top1")
+            for name in ("min_cosine", "min_rank_correlation", "min_top1", "min_box_f1")
             if (bound := getattr(gate, name)) is not None and bound < 1.0
         }
         return gate.model_copy(update=tightened)
