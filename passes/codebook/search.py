@@ -18,11 +18,11 @@ allocate bits per layer; this is the simplest faithful version of that idea:
    its 8-bit codebook when 8 bits everywhere passes the step's gate, as `optimize` without data
    would write, else dense). Larger t, smaller model, larger drift.
 3. t is found by bisection over the sorted candidate errors, each trial verified on the whole
-   model against the ORIGINAL's outputs with the step's own gate (the pipeline's probes and
-   reference) tightened by `margin`; the largest t that passes wins. Trials are cheap: the
-   codebooks are computed once. The margin is there because the choice is fitted to the
-   calibration inputs: on open-nsfw (30 calibration images) a choice at rank correlation 0.985
-   held only 0.975 on 35 other images.
+   model against the ORIGINAL's outputs with the gate the pipeline verifies the step with (its
+   probes, reference, and gate tightened by the step's margin, `fidelity.MARGIN`); the largest t
+   that passes wins. Trials are cheap: the codebooks are computed once. The margin is there
+   because the choice is fitted to the calibration inputs: on open-nsfw (30 calibration images)
+   a choice at rank correlation 0.985 held only 0.975 on 35 other images.
 
 Exact: every written weight is codebook[indices]; the written model passed the gate on the
 probes. Lossy: the codebooks; the search is greedy in one dimension (one t), not optimal.
@@ -119,14 +119,6 @@ class CodebookSearchConfig(PassConfig):
         8, ge=0, le=64,
         description="Whole-model checks spent after the bisection lowering the layers that save "
         "the most bytes per unit of error, a batch at a time.",
-    )
-    margin: float = pydantic.Field(
-        0.75,
-        ge=0,
-        le=1,
-        description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
-        "reserve (0.75: rank >= 0.98 is searched as >= 0.995), so the choice holds on inputs it "
-        "did not see.",
     )
 
     executor: Literal["local", "ray"] = pydantic.Field(
@@ -637,17 +629,15 @@ class CodebookSearchPass(CompressionPass):
         too sensitive (3.92x against 4.32x by layer error); on open-nsfw it finds 4.32x where the
         layer error stops at 4.09x.
 
-        8 bits everywhere, checked with the step's own gate, is the floor (what `optimize` writes
-        without data); widths below it must pass the gate tightened by `margin`.
+        8 bits everywhere, where it passes the step's gate, is the floor: layers no tolerance
+        admits keep it.
         """
         errors = sorted({c.score for options in candidates.values() for c in options})
         floor = {
             name: min((c for c in options if c.bits >= 8), key=lambda c: c.error, default=None)
             for name, options in candidates.items()
         }
-        if not any(floor.values()) or not self._passes(
-            model, sites, floor, fitter, tightened=False
-        ):
+        if not any(floor.values()) or not self._passes(model, sites, floor, fitter):
             floor = {name: None for name in candidates}
         # errors[low] passes (-1: the floor), errors[high + 1..] fail
         low, high = -1, len(errors) - 1
@@ -716,7 +706,7 @@ class CodebookSearchPass(CompressionPass):
         }
 
     def _passes(self, model: ir.Model, sites: list[WeightSite], choice: dict[str, Candidate | None],
-                fitter: Fitter, *, tightened: bool = True) -> bool:
+                fitter: Fitter) -> bool:
         trial = model.clone()
         trial_sites = {
             s.name: s for s in find_weight_sites(trial, min_params=0, derived=True).sites
@@ -728,23 +718,13 @@ class CodebookSearchPass(CompressionPass):
                 fitter.correct_bias(trial_site, candidate.method, candidate.bits)
                 trial_site.replace(
                     fitter.weights(site.name, candidate.method, candidate.bits, site.array().dtype))
-        gate = self._searched_gate() if tightened else (self.context.gate or fidelity.DEFAULT_GATE)
+        gate = self.context.gate or fidelity.DEFAULT_GATE.tightened(fidelity.MARGIN)
         try:
             outputs = fidelity.run(trial, self.context.probes or {}, self.context.reference.views)
         except UnsupportedModelError:
             return False
         metrics = fidelity.compare(self.context.reference, outputs, task=self.context.task)
         return not gate.failures(metrics)
-
-    def _searched_gate(self) -> fidelity.Gate:
-        """The step's gate with `margin` of each lower bound's headroom held back."""
-        gate = self.context.gate or fidelity.DEFAULT_GATE
-        tightened = {
-            name: bound + (1.0 - bound) * self.config.margin
-            for name in ("min_cosine", "min_rank_correlation", "min_top1", "min_box_f1")
-            if (bound := getattr(gate, name)) is not None and bound < 1.0
-        }
-        return gate.model_copy(update=tightened)
 
     def _write(
         self,
