@@ -24,6 +24,9 @@ cosine 0.999 and top-1 agreement 1.0. The comparison therefore looks where diffe
   the decoding collapses away do not count. Its own bar, 0.95 by default: the bar issue 13 set
   for decoded strings, below top-1's 0.99 because a word's reading holds a dozen decisions
   where a class is one, and a near-tie word flips under any rounding (ddddocr: even float16).
+- **Box F1** on a YOLO-style detector output (`onnxcompress.detection`): the boxes each model
+  reports, matched by class and overlap. It replaces that output's rank correlation, which
+  there measures the jitter of thousands of anchor scores no box shows.
 - An optional **task metric** (a Python callback on both models' outputs, higher is better).
 
 Non-finite values anywhere (the original's outputs, or the candidate's) fail every gate.
@@ -48,7 +51,7 @@ import onnxruntime as ort
 import pydantic
 from scipy.stats import rankdata
 
-from onnxcompress import ctc, runtime
+from onnxcompress import ctc, detection, runtime
 from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.io import serialized
 from onnxcompress.probes import fixed_batch, probe_inputs
@@ -94,6 +97,7 @@ class Metrics:
     task: float | None = None
     outputs: tuple[dict[str, Any], ...] = ()
     string_agreement: float | None = None  # in place of top1_agreement on a CTC output
+    box_f1: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics as JSON-ready values, for the report files (per-output rows as a list)."""
@@ -109,6 +113,8 @@ class Metrics:
                 f"{decisions} rel_l2={self.rel_l2:.3g}")
         if self.kl is not None:
             text += f" kl={self.kl:.3g}"
+        if self.box_f1 is not None:
+            text += f" box_f1={self.box_f1:.4f}"
         return text + (f" task={self.task:.4f}" if self.task is not None else "")
 
 
@@ -147,12 +153,19 @@ class Gate(pydantic.BaseModel):
     min_task: float | None = pydantic.Field(
         None, description="Lowest task metric (a Python callback) allowed."
     )
+    min_box_f1: float | None = pydantic.Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Lowest F1 of a detector's boxes against the original's (YOLO-style outputs; "
+        "replaces their rank correlation).",
+    )
 
     @classmethod
     def off(cls) -> Gate:
         """No threshold: only non-finite outputs fail (an intermediate step before retraining)."""
         return cls(min_cosine=None, min_rank_correlation=None, min_top1=None,
-                   min_string_agreement=None)
+                   min_string_agreement=None, min_box_f1=None)
 
     def tightened(self, margin: float, samples: int | None = None) -> Gate:
         """This gate with `margin` of each similarity bound's headroom to 1 held back.
@@ -181,6 +194,7 @@ class Gate(pydantic.BaseModel):
             ("top1_agreement", metrics.top1_agreement, self.min_top1, 1),
             ("string_agreement", metrics.string_agreement, self.min_string_agreement, 1),
             ("task", metrics.task, self.min_task, 1),
+            ("box_f1", metrics.box_f1, self.min_box_f1, 1),
             ("kl", metrics.kl, self.max_kl, -1),
             ("rel_l2", metrics.rel_l2, self.max_rel_l2, -1),
             ("max_abs", metrics.max_abs, self.max_abs, -1),
@@ -211,7 +225,7 @@ def tightened_share(bound: float, margin: float, samples: int | None) -> float:
     return max(bound, min(tightened, (samples - 1) / samples))
 
 #: The bounds `Gate.tightened` moves, similarities whose ideal value is 1, with their lowest.
-TIGHTENED = {"min_cosine": -1.0, "min_rank_correlation": -1.0, "min_top1": 0.0}
+TIGHTENED = {"min_cosine": -1.0, "min_rank_correlation": -1.0, "min_top1": 0.0, "min_box_f1": 0.0}
 
 #: Share of each similarity bound's headroom every gated step is verified with held back
 #: (`pipeline.Step.margin`). A step's result is chosen because it passed on the probes (a pruning
@@ -461,7 +475,7 @@ def _output_metrics(view: OutputView, ref_value: np.ndarray, cand_value: np.ndar
             and np.isfinite(np.asarray(cand_value, np.float64)).all()):
         nan = float("nan")
         return {"output": view.output, "view": view.kind, "cosine": nan, "rel_l2": float("inf"),
-                "max_abs": float("inf"), "rank_correlation": nan, "kl": None}
+                "max_abs": float("inf"), "rank_correlation": nan, "kl": None, "box_f1": None}
     norm_a = _norm(a)
     diff = _norm(a - b)
     rel_l2 = diff / norm_a if norm_a > 0 else (0.0 if diff == 0 else float("inf"))
@@ -469,14 +483,16 @@ def _output_metrics(view: OutputView, ref_value: np.ndarray, cand_value: np.ndar
     kl = (
         _kl(a, b, view.axis) if view.kind == "logits" and view.axis is not None and a.ndim else None
     )
+    f1 = detection.box_f1(ref_value, cand_value) if view.kind == "values" else None
     return {
         "output": view.output,
         "view": view.kind,
         "cosine": _cosine(a.ravel(), b.ravel()),
         "rel_l2": rel_l2,
         "max_abs": float(raw_diff.max()) if raw_diff.size else 0.0,
-        "rank_correlation": rank_correlation(a, b),
+        "rank_correlation": rank_correlation(a, b) if f1 is None else None,
         "kl": kl,
+        "box_f1": f1,
     }
 
 
@@ -520,6 +536,7 @@ def compare(
         )
     ranks = [r["rank_correlation"] for r in rows if r["rank_correlation"] is not None]
     kls = [r["kl"] for r in rows if r["kl"] is not None]
+    f1s = [r["box_f1"] for r in rows if r["box_f1"] is not None]
     cosines = [r["cosine"] for r in rows]
     agreement, on_strings = _top1(reference, candidate)
     return Metrics(
@@ -532,6 +549,7 @@ def compare(
         task=task_score,
         outputs=tuple(rows),
         string_agreement=agreement if on_strings else None,
+        box_f1=min(f1s) if f1s else None,
     )
 
 

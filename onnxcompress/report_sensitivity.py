@@ -47,7 +47,7 @@ def recipe_text(result: SensitivityResult) -> str:
         }
         if result.metric == "cosine"
         else {"min_cosine": None, "min_rank_correlation": None, "min_top1": None,
-              "min_string_agreement": None}
+              "min_string_agreement": None, "min_box_f1": None}
     )
     step = {**result.plan(), "gate": gate}
     recipe = {

@@ -264,7 +264,8 @@ def test_the_margin_moves_only_bounds_whose_ideal_is_one():
     assert tightened.min_rank_correlation == pytest.approx(0.995)
     assert (tightened.min_top1, tightened.max_abs, tightened.min_task) == (None, 0.5, -0.01)
     assert gate.tightened(0.0) == gate
-    anything = fidelity.Gate(min_cosine=-1, min_rank_correlation=-1, min_top1=0,
+    assert tightened.min_box_f1 == pytest.approx(0.975)
+    anything = fidelity.Gate(min_cosine=-1, min_rank_correlation=-1, min_top1=0, min_box_f1=0,
                              min_string_agreement=0)
     assert anything.tightened(0.75) == anything  # the lowest values ask for no check
     assert fidelity.Gate.off().tightened(0.75) == fidelity.Gate.off()

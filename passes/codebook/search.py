@@ -193,6 +193,8 @@ class Fitter:
             if bias_correction and name in hessians and layer_bias(site) is not None
         }
         self._fitted: dict[tuple[str, str, int], Fit] = {}
+        self._hessians: dict[str, np.ndarray | None] = {}
+        self._energies: dict[str, float] = {}
 
     def fit(self, name: str, method: str, bits: int) -> Fit:
         """Layer `name`'s codebook at `bits` by `method` (seeded: the same every time)."""
@@ -221,10 +223,22 @@ class Fitter:
 
     def hessian(self, name: str) -> np.ndarray | None:
         """The Gram matrix a candidate's error is scored under: centred where a bias corrects."""
-        stats = self.hessians.get(name)
-        if stats is None:
-            return None
-        return centred_hessian(stats) if name in self.biased else stats.hessian
+        if name not in self._hessians:  # centring costs a matrix product: once per layer
+            stats = self.hessians.get(name)
+            self._hessians[name] = (
+                None if stats is None
+                else centred_hessian(stats) if name in self.biased else stats.hessian
+            )
+        return self._hessians[name]
+
+    def error(self, name: str, quantized: np.ndarray) -> float:
+        """`relative_error` of `quantized` for layer `name`, its denominator computed once."""
+        site, hessian = self.sites[name], self.hessian(name)
+        if hessian is None:
+            return relative_error(site.array(), quantized, None, site)
+        if name not in self._energies:
+            self._energies[name] = hessian_energy(site.array(), hessian, site)
+        return relative_error(site.array(), quantized, hessian, site, self._energies[name])
 
     def correct_bias(self, site: WeightSite, method: str, bits: int) -> bool:
         """Write the bias that absorbs this candidate's mean output shift into `site`'s graph."""
@@ -303,7 +317,7 @@ def _measure(fitter: Fitter, task: Task) -> dict[str, float] | None:
     nbytes = index_bytes(site.name, site.size, bits, packable=fitter.packable) + fit.nbytes
     if nbytes >= site.size * site.array().dtype.itemsize:
         return None
-    error = relative_error(site.array(), fit.weights(), fitter.hessian(task.layer), site)
+    error = fitter.error(task.layer, fit.weights())
     return {"error": error, "nbytes": nbytes}
 
 
@@ -320,30 +334,37 @@ def index_bytes(name: str, count: int, bits: int, *, packable: bool = True) -> i
 
 
 def relative_error(
-    weights: np.ndarray, quantized: np.ndarray, hessian: np.ndarray | None, site: WeightSite
+    weights: np.ndarray, quantized: np.ndarray, hessian: np.ndarray | None, site: WeightSite,
+    energy: float | None = None,
 ) -> float:
-    """tr(D^T H D) / tr(W^T H W) in the layer's (out, in) form; H = I when no input was captured."""
+    """tr(D^T H D) / tr(W^T H W) in the layer's (out, in) form; H = I when no input was captured.
+
+    `energy`: the denominator when known (`hessian_energy`; the same for every candidate).
+    """
     delta = (np.asarray(quantized, np.float64) - np.asarray(weights, np.float64))
     if hessian is None:
         if site.op_type in ("Conv", "ConvTranspose") and site.out_axis is not None:
             return _channel_relative_error(np.asarray(weights, np.float64), delta, site.out_axis)
         denominator = float(np.sum(np.asarray(weights, np.float64) ** 2))
         return float(np.sum(delta**2)) / denominator if denominator > 0 else 0.0
-    rows_delta, rows_weight = (
-        _out_by_in(delta, site),
-        _out_by_in(np.asarray(weights, np.float64), site),
-    )
+    den = energy if energy is not None else hessian_energy(weights, hessian, site)
+    return _quadratic(_out_by_in(delta, site), hessian) / den if den > 0 else 0.0
+
+
+def hessian_energy(weights: np.ndarray, hessian: np.ndarray, site: WeightSite) -> float:
+    """tr(W^T H W): the layer's output energy, `relative_error`'s denominator."""
+    return _quadratic(_out_by_in(np.asarray(weights, np.float64), site), hessian)
+
+
+def _quadratic(rows: np.ndarray, hessian: np.ndarray) -> float:
+    """Sum over groups g of tr(R_g H_g R_g^T), R_g the rows of group g."""
     groups = hessian.shape[0]
-    per_group = rows_delta.shape[0] // groups
-    num = den = 0.0
+    per_group = rows.shape[0] // groups
+    total = 0.0
     for g in range(groups):
-        d, w = (
-            rows_delta[g * per_group : (g + 1) * per_group],
-            rows_weight[g * per_group : (g + 1) * per_group],
-        )
-        num += float(np.sum((d @ hessian[g]) * d))
-        den += float(np.sum((w @ hessian[g]) * w))
-    return num / den if den > 0 else 0.0
+        part = rows[g * per_group : (g + 1) * per_group]
+        total += float(np.sum((part @ hessian[g]) * part))
+    return total
 
 
 def _channel_relative_error(weights: np.ndarray, delta: np.ndarray, out_axis: int) -> float:

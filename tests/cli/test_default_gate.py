@@ -54,3 +54,14 @@ def test_a_threshold_given_changes_only_that_threshold(rng, tmp_path):
     assert CliRunner().invoke(app, [str(a) for a in args]).exit_code == 0
     (step,) = json.loads(report.read_text())["steps"]
     assert step["gate"] == {**DEFAULT_GATE.model_dump(), "min_cosine": 0.95}
+
+
+def test_optimize_takes_the_detector_bar_and_keeps_the_others(rng, tmp_path):
+    model = save_proto(mlp_proto(rng, (16, 32, 24, 10)), tmp_path / "mlp.onnx")
+    report = tmp_path / "report.json"
+    args = ["optimize", model, "--min-box-f1", "0.95", "-o", tmp_path / "o.onnx",
+            "--report", report]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    gates = [step["gate"] for step in json.loads(report.read_text())["steps"]]
+    assert gates and all(g == {**DEFAULT_GATE.model_dump(), "min_box_f1": 0.95} for g in gates)
