@@ -283,8 +283,9 @@ REFIT_BUDGET = 1 << 28
 def refit_affordable(stats: LayerHessian | None, size: int) -> bool:
     """Whether GPTQ's least-squares centroid refit is worth its cost on this layer.
 
-    It costs rows x d^2 scatter-adds, d the input features: on ddddocr's 8210 x 1024 Gemm 70 s
-    per width under load, for 0.1% less error (GPTQ alone already cut k-means's by 22x).
+    It costs rows x d^2 scatter-adds, d the input features: on ddddocr's 8210 x 1024 Gemm 56 s
+    per width against GPTQ's own 5 s, for 0.08% less error (GPTQ alone cut k-means's by 22x;
+    benchmarks/results/ctc_kmeans_ddddocr.md).
     """
     if stats is None:
         return True

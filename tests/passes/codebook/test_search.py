@@ -114,7 +114,8 @@ def test_channels_at_uneven_scales_take_per_channel_codebooks(rng, calibration):
     assert errors[PER_CHANNEL] < 0.75 * errors["kmeans"]
 
     strict = fidelity.Gate(min_cosine=0.9999, min_rank_correlation=0.999, min_top1=None)
-    result = search(model, calibration, strict)
+    # k-means codebooks only: this strict a gate fails 8-bit k-means, where `auto` brings GPTQ
+    result = search(model, calibration, strict, method="kmeans")
     details = [change.detail for change in result.steps[0].report.changes]
     assert any("per channel" in detail for detail in details)
     scaled = [layer for layer in codebook_layers(result.model) if layer.scales() is not None]
