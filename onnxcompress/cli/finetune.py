@@ -145,6 +145,9 @@ def finetune(
     prior: Annotated[str, typer.Option(help=help_of("prior"))] = "none",
     prior_components: Annotated[int, typer.Option(min=2, help=help_of("prior_components"))] = 16,
     prior_strength: Annotated[float, typer.Option(min=0.0, help=help_of("prior_strength"))] = 0.005,
+    prior_zero_mass: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help=help_of("prior_zero_mass"))
+    ] = 0.99,
     target_cosine: Annotated[float | None, typer.Option(help=help_of("target_cosine"))] = None,
     seed: Annotated[int, typer.Option(min=0, help=help_of("seed"))] = 0,
     report: Annotated[
@@ -207,6 +210,7 @@ def finetune(
         "prior": prior,
         "prior_components": prior_components,
         "prior_strength": prior_strength,
+        "prior_zero_mass": prior_zero_mass,
         "target_cosine": target_cosine,
         "seed": seed,
     }

@@ -6,7 +6,8 @@ Every weight of the regularised layers is drawn from one mixture shared by all l
 
 and retraining minimises ``loss + tau * (-log p(W) - log p(sigma^-2)) / N`` (N training
 samples), learning the weights, the means, the variances and the mixing proportions together.
-The zero component holds most of the mass (``pi_0 = 0.99``, as the paper's ``pi_0 ≈ 0.999``),
+The zero component holds most of the mass (``pi_0 = 0.99`` by default, the paper's
+``pi_0 ≈ 0.999`` with ``prior_zero_mass``),
 so weights that the task does not need collapse onto 0; the others collapse onto the few
 learned means. Gamma hyperpriors on the precisions (the paper's §3.2) keep a component from
 shrinking to a point around a single weight.
@@ -42,8 +43,11 @@ MIN_WEIGHTS_LR = 5e-4
 class MixturePrior(nn.Module):
     """A J + 1 component Gaussian mixture with a fixed zero component, fitted to `weights`."""
 
-    def __init__(self, weights: torch.Tensor, components: int) -> None:
+    def __init__(
+        self, weights: torch.Tensor, components: int, zero_mass: float = ZERO_MASS
+    ) -> None:
         super().__init__()
+        self.zero_mass = zero_mass
         flat = weights.detach().reshape(-1)
         spread = float(flat.abs().max()) if flat.numel() else 1.0
         spread = spread if spread > 0 else 1.0
@@ -57,8 +61,8 @@ class MixturePrior(nn.Module):
 
     def log_weights(self) -> torch.Tensor:
         """log pi_j: pi_0 fixed, the others share 1 - pi_0 by a softmax."""
-        others = torch.log_softmax(self.mixing_logits, 0) + math.log(1 - ZERO_MASS)
-        return torch.cat([torch.tensor([math.log(ZERO_MASS)]), others])
+        others = torch.log_softmax(self.mixing_logits, 0) + math.log(1 - self.zero_mass)
+        return torch.cat([torch.tensor([math.log(self.zero_mass)]), others])
 
     def all_means(self) -> torch.Tensor:
         """The J means with the fixed zero component's first, as the densities index them."""

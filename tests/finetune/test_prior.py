@@ -35,6 +35,16 @@ def test_mixture_log_density_matches_the_formula() -> None:
     np.testing.assert_allclose(got, np.log(density), rtol=1e-5, atol=1e-6)  # float32 arithmetic
 
 
+def test_the_zero_mass_is_the_option_given_and_a_larger_one_sends_more_weights_to_zero() -> None:
+    weights = torch.linspace(-0.3, 0.3, 61)
+    light, heavy = (MixturePrior(weights, components=4, zero_mass=m) for m in (0.5, 0.999))
+    assert float(light.log_weights()[0].exp()) == pytest.approx(0.5)
+    assert float(heavy.log_weights()[0].exp()) == pytest.approx(0.999)
+    assert float(heavy.log_weights().exp().sum()) == pytest.approx(1.0, abs=1e-6)
+    zeros = [int((prior.quantise(weights) == 0).sum()) for prior in (light, heavy)]
+    assert zeros[0] < zeros[1]
+
+
 def test_quantise_picks_the_most_responsible_mean() -> None:
     prior = MixturePrior(torch.linspace(-1, 1, 11), components=4)
     weights = torch.tensor([0.0, 0.01, 0.9, -0.95, 0.45])
@@ -122,3 +132,36 @@ def test_under_the_prior_the_rate_is_at_least_the_papers(digits_mlp) -> None:
     )
     assert plain < MIN_WEIGHTS_LR  # a converged net: the range test alone picks a small rate
     assert under_prior == MIN_WEIGHTS_LR
+
+
+def test_cli_prior_gmm_on_a_clustered_model_re_shares_its_weights_and_keeps_its_zeros(
+    mlp_pair, digits, tmp_path
+) -> None:
+    """The default pipeline's result (pruned + k-means) is expanded, re-shared, re-coded."""
+    from onnxcompress.formats.codebook import codebook_layers, dense_weight
+    from onnxcompress.pass_base import get_pass
+
+    _, proto = mlp_pair
+    x, y = digits
+    clustered = ir.from_proto(proto)
+    get_pass("prune.magnitude")(sparsity=0.6)(clustered)
+    get_pass("codebook.kmeans")(bits=5, min_params=0)(clustered)
+    pruned = {layer.name: dense_weight(layer) == 0 for layer in codebook_layers(clustered)}
+    model, data, out, report = (tmp_path / n for n in ("m.onnx", "d.npz", "gmm.onnx", "r.json"))
+    ir.save(clustered, model)
+    np.savez(data, **{proto.graph.input[0].name: x[:500], "labels": y[:500]})
+    result = CliRunner().invoke(app, [
+        "finetune", str(model), "--data", str(data), "-o", str(out), "--prior", "gmm",
+        "--prior-components", "4", "--prior-zero-mass", "0.9", "--epochs", "2", "--lr", "0.001",
+        "--report", str(report),
+    ])
+    assert result.exit_code == 0, result.output
+    notes = json.loads(report.read_text())["steps"][0]["notes"]
+    assert sorted(notes["expanded_codebooks"]) == sorted(pruned)
+    means = np.asarray(notes["prior_means"], dtype=np.float32)
+    layers = codebook_layers(ir.load(out))
+    assert sorted(layer.name for layer in layers) == sorted(pruned)
+    for layer in layers:
+        assert layer.bits == 3  # ceil(log2(4 + 1)): the prior's means, no longer k-means' 32
+        assert all(np.min(np.abs(means - v)) <= 1e-6 for v in layer.codebook())
+        assert np.all(dense_weight(layer)[pruned[layer.name]] == 0)  # pruned stays pruned
