@@ -138,6 +138,11 @@ def finetune(
         typer.Option(min=0.0, help=help_of("group_lasso") + " Followed by prune.dead_neurons."),
     ] = 0.0,
     groups: Annotated[list[str] | None, typer.Option("--groups", help=help_of("groups"))] = None,
+    regularise: Annotated[
+        list[str] | None,
+        typer.Option("--regularise", help=help_of("regularise") + " Repeatable.",
+                     show_default=False),
+    ] = None,
     biased_decay: Annotated[float, typer.Option(min=0.0, help=help_of("biased_decay"))] = 0.0,
     biased_decay_kind: Annotated[
         str, typer.Option(help=help_of("biased_decay_kind"))
@@ -216,6 +221,8 @@ def finetune(
     }
     if groups:
         options["groups"] = tuple(groups)
+    if regularise:
+        options["regularise"] = tuple(regularise)
     if teacher is not None:
         options["teacher"] = str(teacher)
     options.update(_placement(executor, ray_address, workers, checkpoint_dir))

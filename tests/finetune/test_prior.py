@@ -165,3 +165,25 @@ def test_cli_prior_gmm_on_a_clustered_model_re_shares_its_weights_and_keeps_its_
         assert layer.bits == 3  # ceil(log2(4 + 1)): the prior's means, no longer k-means' 32
         assert all(np.min(np.abs(means - v)) <= 1e-6 for v in layer.codebook())
         assert np.all(dense_weight(layer)[pruned[layer.name]] == 0)  # pruned stays pruned
+
+
+def test_cli_regularise_limits_the_prior_to_the_named_layers(mlp_pair, digits, tmp_path) -> None:
+    from onnxcompress.formats.codebook import codebook_layers
+
+    _, proto = mlp_pair
+    x, y = digits
+    model, data, out, report = (tmp_path / n for n in ("m.onnx", "d.npz", "gmm.onnx", "r.json"))
+    onnx.save(proto, model)
+    np.savez(data, **{proto.graph.input[0].name: x[:300], "labels": y[:300]})
+    result = CliRunner().invoke(app, [
+        "finetune", str(model), "--data", str(data), "-o", str(out), "--prior", "gmm",
+        "--prior-components", "4", "--regularise", "layers.0.*", "--epochs", "1", "--lr", "0.001",
+        "--report", str(report),
+    ])
+    assert result.exit_code == 0, result.output
+    means = json.loads(report.read_text())["steps"][0]["notes"]["prior_means"]
+    codebooks = {layer.name: layer.codebook() for layer in codebook_layers(ir.load(out))}
+    assert all(np.min(np.abs(np.asarray(means) - v)) <= 1e-6 for v in codebooks["layers.0.weight"])
+    # the others were trained as plain weights; k-means then shares them in its own values
+    assert not all(np.min(np.abs(np.asarray(means) - v)) <= 1e-6
+                   for v in codebooks["layers.1.weight"])
