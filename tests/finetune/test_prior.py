@@ -45,6 +45,19 @@ def test_the_zero_mass_is_the_option_given_and_a_larger_one_sends_more_weights_t
     assert zeros[0] < zeros[1]
 
 
+def test_on_a_pruned_clustered_net_the_mixture_starts_at_its_shared_values() -> None:
+    """Quantising at the start changes nothing: no kept weight to zero, no value moved."""
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.tensor([-0.9, -0.5, -0.2, -0.1, 0.08, 0.15, 0.4, 1.2])
+    weights = shared[torch.randint(0, 8, (4000,), generator=generator)]
+    weights[torch.rand(4000, generator=generator) < 0.9] = 0.0  # pruned to about 10%
+    prior = MixturePrior(weights, components=8)
+    np.testing.assert_allclose(np.sort(prior.means.detach().numpy()), shared.numpy(), atol=1e-6)
+    np.testing.assert_allclose(prior.quantise(weights).numpy(), weights.numpy(), atol=1e-6)
+    dense = MixturePrior(torch.linspace(-1, 1, 4000), components=8)  # not pruned: spread evenly
+    assert float(dense.means.min()) == pytest.approx(-1.0)
+
+
 def test_quantise_picks_the_most_responsible_mean() -> None:
     prior = MixturePrior(torch.linspace(-1, 1, 11), components=4)
     weights = torch.tensor([0.0, 0.01, 0.9, -0.95, 0.45])
