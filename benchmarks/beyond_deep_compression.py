@@ -6,10 +6,15 @@ rate or epoch count (the commands are recorded verbatim with the results):
 * ``default``:  ``optimize --recipe deep-compression --data train.npz --finetune`` (a magnitude
   ladder 30% → 97.5% with a fine-tune round after each rung and after k-means, each round
   gated on ≤ 0.3 points of accuracy lost on ``val.npz``), then ``pack``;
-* ``sws`` (soft weight-sharing): ``finetune --prior gmm`` (Ullrich et al. 2017; the mixture's
-  means become the codebook), ``finetune`` again (centroids), then ``pack``;
+* ``sws`` (soft weight-sharing on the default pipeline's result): the default row's
+  ``optimize`` (reused when its files are there), then ``finetune --prior gmm`` on its pruned +
+  clustered model (Ullrich et al. 2017: the codebooks expanded, every kept weight re-shared onto
+  the mixture's means, which become the new codebook; pruned weights stay zero), ``finetune``
+  again (centroids), then ``pack``; ``sws-999`` the same with the paper's zero-component share
+  ``--prior-zero-mass 0.999`` (one option set), which prunes further;
+* ``sws-dense``: the prior on the dense net (the earlier sws row), then ``finetune``, ``pack``;
 * ``sws-long``: a diagnostic, not a default (hand-set numbers, said so in the table): the
-  prior trained 30 epochs at Ullrich et al.'s constant 5e-4;
+  prior trained 30 epochs at Ullrich et al.'s constant 5e-4 on the dense net;
 * ``ladder``: ``sensitivity --finetune`` (per-layer rungs from the measured curves), then
   ``optimize --recipe sens/recipe.yaml --data train.npz --finetune`` and ``pack``.
 
@@ -25,7 +30,7 @@ the published figures are quoted beside ours. The machine's load is recorded: th
 2 cores with other jobs, so the seconds are not comparable between runs.
 
     .venv/bin/python benchmarks/beyond_deep_compression.py \
-        [--networks lenet300 lenet5] [--rows default sws]
+        [--networks lenet300 lenet5] [--rows default sws sws-999]
 """
 
 from __future__ import annotations
@@ -330,7 +335,9 @@ def markdown(result: dict[str, object]) -> str:
             f"{100 * (row['dense_accuracy'] - row['accuracy']):+.2f} | {row['ratio_archive']:.1f} "
             f"| {row['ratio_coded']:.1f} | {row['kept_percent']:.1f}% | {row['seconds'] / 60:.1f} |"
         )
-    lines += ["", "Published (their own dense baselines; × = their storage count):", "",
+    lines += ["", "Minutes: the row's own commands; the sws rows (not sws-dense, sws-long) start "
+              "from the default row's model, whose `optimize` they list first and reuse.",
+              "", "Published (their own dense baselines; × = their storage count):", "",
               "| network | method | × | test error |", "|---|---|---:|---:|"]
     for key in dict.fromkeys(r["key"] for r in result["rows"]):  # type: ignore[attr-defined]
         lines += [f"| {NETWORKS[key]['title']} | {m} | {x} | {e} |" for m, x, e in PUBLISHED[key]]
