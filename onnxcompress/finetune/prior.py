@@ -10,7 +10,9 @@ The zero component holds most of the mass (``pi_0 = 0.99`` by default, the paper
 ``pi_0 ≈ 0.999`` with ``prior_zero_mass``),
 so weights that the task does not need collapse onto 0; the others collapse onto the few
 learned means. Gamma hyperpriors on the precisions (the paper's §3.2) keep a component from
-shrinking to a point around a single weight.
+shrinking to a point around a single weight. The means start spread evenly over +-max|w|
+(the paper's start from a dense net); on a pruned net (`PRUNED_SHARE`) at the k-means fit of
+the kept weights, where they already sit.
 
 After training, each weight is set to the mean of its most responsible component (0 for the
 zero component): the network then holds at most J + 1 distinct values per layer, which the
