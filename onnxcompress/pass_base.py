@@ -70,10 +70,11 @@ class PassContext:
 
     `data` maps graph input names (and optionally `labels`) to arrays whose first axis is
     the sample axis. `original` is the model as loaded, before any step ran. `probes`,
-    `reference` (the original's `fidelity.Outputs` on them) and `gate` are the step's own
-    check, for passes that search for what passes it. `held_out` is the held-out data the
-    gates are judged on when the user gave it apart from `data` (`--val-data`): samples the
-    model never trained on, which a retraining pass may stop early on but never train on.
+    `reference` (the original's `fidelity.Outputs` on them) and `gate` (tightened by the step's
+    margin, as the pipeline verifies it) are the step's own check, for passes that search for
+    what passes it. `held_out` is the held-out data the gates are judged on when the user gave
+    it apart from `data` (`--val-data`): samples the model never trained on, which a retraining
+    pass may stop early on but never train on.
     """
 
     data: Mapping[str, np.ndarray] | None = None

@@ -3,9 +3,11 @@
 For every step: snapshot (a cheap clone; tensors are shared, never mutated), run the
 pass, then gate the result: the onnx checker, an onnxruntime session (our kernels
 registered), and fidelity on probe inputs against the reference outputs computed once on
-the model as loaded. A failed gate either stops the run (`on_fail: stop`, the default:
-`FidelityGateError`, nothing is written) or restores the snapshot and goes on
-(`on_fail: rollback`). Nothing here writes files; callers save only a model that passed.
+the model as loaded, at the step's gate tightened by its `margin` (`fidelity.MARGIN`: a result
+kept because it passed on these probes needs room to pass on other inputs). A failed gate
+either stops the run (`on_fail: stop`, the default: `FidelityGateError`, nothing is written)
+or restores the snapshot and goes on (`on_fail: rollback`). Nothing here writes files; callers
+save only a model that passed.
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ class Step(pydantic.BaseModel):
         description="One round with the step before (prune, then fine-tune): a rollback undoes "
         "both.",
     )
+    margin: float = pydantic.Field(
+        fidelity.MARGIN,
+        ge=0,
+        le=1,
+        description="Share of each similarity bound's headroom to 1 held back when the result is "
+        "verified (0.75: rank >= 0.98 is checked as >= 0.995): what passed on the probes it was "
+        "chosen on must hold on inputs it did not see. 0: the bare gate.",
+    )
+
+    @property
+    def verified_gate(self) -> fidelity.Gate:
+        """The gate this step's result is checked against: `gate` tightened by `margin`."""
+        return self.gate.tightened(self.margin)
 
 
 StepStatus = Literal["applied", "unchanged", "rolled back", "planned"]
@@ -110,6 +125,7 @@ class StepResult:
             "seconds": round(self.seconds, 4),
             "metrics": self.metrics.to_dict() if self.metrics else None,
             "gate": self.step.gate.model_dump(),
+            "margin": self.step.margin,
             "decided_by": self.decided_by,
             "failures": self.failures,
             **self.report.to_dict(),
@@ -209,8 +225,8 @@ def run_steps(
         if on_step is not None:
             on_step(index, len(steps), step)
         context = PassContext(data=data, original=original, seed=seed, probes=probes,
-                              reference=reference, gate=step.gate, task=task, progress=on_progress,
-                              held_out=gate_data)
+                              reference=reference, gate=step.verified_gate, task=task,
+                              progress=on_progress, held_out=gate_data)
         snapshot = _clone(model)
         if not step.with_previous:
             round_start, round_metrics = snapshot, metrics
@@ -260,7 +276,7 @@ def _gated_step(model: ir.Model, step: Step, compression: CompressionPass) -> St
         try:
             outputs = validate(model, context.probes or {}, context.reference.views)
             step_metrics = fidelity.compare(context.reference, outputs, task=context.task)
-            failures = step.gate.failures(step_metrics)
+            failures = step.verified_gate.failures(step_metrics)
         except _Invalid as error:
             failures = [f"invalid model: {error}"]
     status: StepStatus = "applied" if outcome.modified else "unchanged"
@@ -300,7 +316,8 @@ def plan_steps(
     for index, (step, config, pass_class) in enumerate(zip(steps, configs, passes, strict=True)):
         if on_step is not None:
             on_step(index, len(steps), step)
-        context = PassContext(data=data, original=original, seed=seed, gate=step.gate, task=task,
+        context = PassContext(data=data, original=original, seed=seed, gate=step.verified_gate,
+                              task=task,
                               progress=on_progress)
         compression = pass_class(config, context=context)
         started = time.perf_counter()

@@ -163,6 +163,7 @@ def recipe_schema() -> dict[str, Any]:
             "options": (get_pass(name).Config, pydantic.Field(default_factory=dict)),
             "gate": (Gate, pydantic.Field(default_factory=Gate)),
             "on_fail": (Literal["stop", "rollback"], "stop"),
+            "margin": (float, Step.model_fields["margin"]),
         }
         step = pydantic.create_model(
             f"Step_{name.replace('.', '_')}",

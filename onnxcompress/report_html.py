@@ -113,7 +113,8 @@ def _step(index: int, step: StepResult) -> str:
     if step.metrics:
         parts.append(f"<p>Fidelity against the original: {_e(step.metrics)}</p>")
     gate = {k: v for k, v in step.step.gate.model_dump().items() if v is not None}
-    parts.append(f"<p>Gate: {_e(gate)}; decided by: {_e(', '.join(step.decided_by) or 'n/a')}</p>")
+    parts.append(f"<p>Gate: {_e(gate)}, verified with margin {step.step.margin}; decided by: "
+                 f"{_e(', '.join(step.decided_by) or 'n/a')}</p>")
     if step.failures:
         parts.append(f'<p class="bad">Failed: {_e("; ".join(step.failures))}</p>')
     if step.report.notes:

@@ -17,7 +17,7 @@ from onnxcompress.errors import (
 )
 from onnxcompress.pass_base import CompressionPass, PassReport, register
 from onnxcompress.pipeline import Step, reference_probes, run_steps
-from onnxcompress.recipe import builtin_recipes, load_recipe, parse_recipe
+from onnxcompress.recipe import builtin_recipes, load_recipe, parse_recipe, recipe_schema
 from onnxcompress.sites import find_weight_sites
 from tests.builders import mlp
 
@@ -232,3 +232,49 @@ def test_json_reports_are_strict_json(rng, tmp_path):
 
     report = json.loads(path.read_text(), parse_constant=refuse)
     assert report["steps"][0]["metrics"]["cosine"] is None
+
+
+def test_a_rung_that_passes_only_the_bare_gate_is_rolled_back(rng):
+    """A pruning ladder is verified with the margin held back, as silero-vad showed it must.
+
+    The 20% rung keeps cosine 0.992 on the probes: over the bare 0.99, under the verified
+    0.9975. A rung kept only because it passed on these probes missed the bar on other inputs.
+    """
+    model = mlp(rng)
+    data = {"x": rng.standard_normal((64, 16)).astype(np.float32)}
+    gate = fidelity.Gate(min_cosine=0.99, min_rank_correlation=None, min_top1=None)
+    ladder = [Step(pass_name="prune.magnitude", options={"sparsity": rate}, gate=gate,
+                   on_fail="rollback") for rate in (0.1, 0.2)]
+    bare = run_steps(model, [s.model_copy(update={"margin": 0.0}) for s in ladder], data=data)
+    assert [s.status for s in bare.steps] == ["applied", "applied"]
+    assert 0.99 <= bare.steps[1].metrics.cosine < 0.9975
+
+    result = run_steps(model, ladder, data=data)
+    assert [s.status for s in result.steps] == ["applied", "rolled back"]
+    assert result.steps[1].failures == [f"cosine {bare.steps[1].metrics.cosine:.6g} < 0.9975"]
+    assert result.after["nonzero_weight_params"] > bare.after["nonzero_weight_params"]
+    assert result.steps[1].to_dict()["margin"] == fidelity.MARGIN == 0.75
+
+
+def test_the_margin_moves_only_bounds_whose_ideal_is_one():
+    gate = fidelity.Gate(min_cosine=0.99, min_rank_correlation=0.98, min_top1=None, max_abs=0.5,
+                         min_task=-0.01)
+    tightened = gate.tightened(0.75)
+    assert tightened.min_cosine == pytest.approx(0.9975)
+    assert tightened.min_rank_correlation == pytest.approx(0.995)
+    assert (tightened.min_top1, tightened.max_abs, tightened.min_task) == (None, 0.5, -0.01)
+    assert gate.tightened(0.0) == gate
+    assert tightened.min_box_f1 == pytest.approx(0.975)
+    anything = fidelity.Gate(min_cosine=-1, min_rank_correlation=-1, min_top1=0, min_box_f1=0)
+    assert anything.tightened(0.75) == anything  # the lowest values ask for no check
+    assert fidelity.Gate.off().tightened(0.75) == fidelity.Gate.off()
+
+
+def test_a_recipe_step_may_set_its_own_margin():
+    recipe = parse_recipe(
+        "steps:\n  - {pass: prune.magnitude, options: {sparsity: 0.5}, margin: 0}\n", "inline"
+    )
+    assert recipe.steps[0].margin == 0 and recipe.steps[0].verified_gate == fidelity.DEFAULT_GATE
+    with pytest.raises(RecipeError, match="margin"):
+        parse_recipe("steps:\n  - {pass: prune.magnitude, margin: 1.5}\n", "inline")
+    assert "margin" in recipe_schema()["$defs"]["Step_prune_magnitude"]["properties"]

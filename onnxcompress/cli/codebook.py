@@ -26,13 +26,13 @@ from onnxcompress.cli.common import (
     PassOptionsCommand,
     ReportOption,
     check_side_file,
-    compress_file,
     console,
     gate_for,
     guarded,
     pass_help,
     save_options,
 )
+from onnxcompress.cli.one_pass import run_pass_command
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import Step
 
@@ -88,15 +88,8 @@ def cluster(
     step = Step(
         pass_name=KMEANS, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1)
     )
-    compress_file(
-        model,
-        output,
-        [step],
-        data_path=data,
-        report_path=report,
-        input_shapes=input_shape,
-        save=save_options(context),
-    )
+    run_pass_command(context, step, model, output, data=data, report=report,
+                     input_shape=input_shape)
 
 
 @guarded

@@ -103,6 +103,10 @@ MinRankOption = Annotated[float | None, typer.Option(
 MinTop1Option = Annotated[float | None, typer.Option(
     "--min-top1", min=0.0, max=1.0, show_default=False,
     help="Gate: lowest top-1 agreement " + escape(f"[default: {DEFAULT_GATE.min_top1}]."))]
+MinBoxF1Option = Annotated[float | None, typer.Option(
+    "--min-box-f1", min=0.0, max=1.0, show_default=False,
+    help="Gate: lowest F1 of a YOLO-style detector's boxes against the original's "
+         + escape(f"[default: {DEFAULT_GATE.min_box_f1}]."))]
 InputShapeOption = Annotated[
     list[str] | None,
     typer.Option(

@@ -18,6 +18,7 @@ from onnxcompress import io
 from onnxcompress.cli.common import (
     DataOption,
     InputShapeOption,
+    MinBoxF1Option,
     MinCosineOption,
     MinRankOption,
     MinTop1Option,
@@ -118,6 +119,7 @@ def optimize(
     min_cosine: MinCosineOption = None,
     min_rank_corr: MinRankOption = None,
     min_top1: MinTop1Option = None,
+    min_box_f1: MinBoxF1Option = None,
     batch: Annotated[
         int, typer.Option(min=1, max=4096, help="Batch size at which latency is measured.")
     ] = 1,
@@ -171,7 +173,8 @@ def optimize(
     steps_to_run = _without_lossy_steps_if_quantized(model, chosen.steps)
     if data is None and not trust_random_probes:
         _refuse_steps_needing_data(steps_to_run, recipe)
-    given = {"min_cosine": min_cosine, "min_rank_correlation": min_rank_corr, "min_top1": min_top1}
+    given = {"min_cosine": min_cosine, "min_rank_correlation": min_rank_corr, "min_top1": min_top1,
+             "min_box_f1": min_box_f1}
     given = {key: value for key, value in given.items() if value is not None}
     steps = [s.model_copy(update={"gate": s.gate.model_copy(update=given)}) for s in steps_to_run]
     steps = with_sweep_options(steps, executor, ray_address, workers, cache_for(cache, no_cache))

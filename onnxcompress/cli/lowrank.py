@@ -20,16 +20,11 @@ from onnxcompress.cli.common import (
     OutputOption,
     PassOptionsCommand,
     ReportOption,
-    SideFile,
-    check_side_file,
-    compress_file,
     gate_for,
     guarded,
     pass_help,
-    plan_file,
-    plan_text,
-    save_options,
 )
+from onnxcompress.cli.one_pass import run_pass_command
 from onnxcompress.errors import UserError
 from onnxcompress.pipeline import Step
 
@@ -105,25 +100,11 @@ def lowrank(
     options = _options(flops, exclude, plan, energy=energy, ratio=ratio, budget=budget, conv=conv,
                        clusters=clusters,
                        speed=speed or None, latency_batch=latency_batch, min_params=min_params)
-    if save_plan is not None:
-        check_side_file(save_plan, "plan", model, output)
     step = Step(
         pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1)
     )
-    if dry_run:
-        plan_file(model, [step], data_path=data, save_plan=save_plan)
-        return
-    side_files: list[SideFile] = []
-    if save_plan is not None:
-        side_files.append(
-            (
-                save_plan,
-                "plan",
-                lambda result: plan_text(result.steps[0].report.notes.get("plan", {})),
-            )
-        )
-    compress_file(model, output, [step], data_path=data, report_path=report, side_files=side_files,
-                  input_shapes=input_shape, save=save_options(context))
+    run_pass_command(context, step, model, output, data=data, report=report,
+                     input_shape=input_shape, dry_run=dry_run, save_plan=save_plan)
 
 
 def register(app: typer.Typer) -> None:

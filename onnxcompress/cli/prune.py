@@ -21,18 +21,13 @@ from onnxcompress.cli.common import (
     OutputOption,
     PassOptionsCommand,
     ReportOption,
-    SideFile,
     ValDataOption,
-    check_side_file,
-    compress_file,
     console,
     gate_for,
     guarded,
     pass_help,
-    plan_file,
-    plan_text,
-    save_options,
 )
+from onnxcompress.cli.one_pass import run_pass_command
 from onnxcompress.cli.parallel import (
     CacheOption,
     ExecutorOption,
@@ -134,7 +129,6 @@ def prune(
     input_shape: InputShapeOption = None,
 ) -> None:
     """Zero the smallest weights (Han et al. 2015), or remove neurons/channels (--structured)."""
-    side_files: list[SideFile] = []
     if structured:
         if sparsity is not None or quality is not None or global_scope:
             raise UserError(
@@ -142,19 +136,8 @@ def prune(
                 "pruning"
             )
         options = _structured_options(ratio, criterion, exclude, plan)
-        if save_plan is not None:
-            check_side_file(save_plan, "plan", model, output)
-            # written with the model, so a failed gate writes neither
-            side_files = [
-                (save_plan, "plan", lambda result: plan_text(result.steps[0].report.notes["plan"]))
-            ]
-        steps = [
-            Step(
-                pass_name=STRUCTURED,
-                options=options,
-                gate=gate_for(min_cosine, min_rank_corr, min_top1),
-            )
-        ]
+        steps = [Step(pass_name=STRUCTURED, options=options,
+                      gate=gate_for(min_cosine, min_rank_corr, min_top1))]
     else:
         if save_plan is not None or plan is not None:
             raise UserError("--save-plan and --plan go with --structured")
@@ -167,11 +150,8 @@ def prune(
             sparsity, quality, global_scope, exclude, dead_neurons,
             gate_for(min_cosine, min_rank_corr, min_top1),
         )
-    if dry_run:
-        plan_file(model, steps, data_path=data, save_plan=save_plan)
-        return
-    compress_file(model, output, steps, data_path=data, report_path=report, side_files=side_files,
-                  input_shapes=input_shape, save=save_options(context))
+    run_pass_command(context, steps, model, output, data=data, report=report,
+                     input_shape=input_shape, dry_run=dry_run, save_plan=save_plan)
 
 
 DEFAULT_RATIOS_TEXT = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"

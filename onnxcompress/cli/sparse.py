@@ -20,12 +20,11 @@ from onnxcompress.cli.common import (
     OutputOption,
     PassOptionsCommand,
     ReportOption,
-    compress_file,
     gate_for,
     guarded,
     pass_help,
-    save_options,
 )
+from onnxcompress.cli.one_pass import run_pass_command
 from onnxcompress.pipeline import Step
 
 PASS_NAME = "sparse.csr"
@@ -92,15 +91,8 @@ def sparsify(
     step = Step(
         pass_name=PASS_NAME, options=options, gate=gate_for(min_cosine, min_rank_corr, min_top1)
     )
-    compress_file(
-        model,
-        output,
-        [step],
-        data_path=data,
-        report_path=report,
-        input_shapes=input_shape,
-        save=save_options(context),
-    )
+    run_pass_command(context, step, model, output, data=data, report=report,
+                     input_shape=input_shape)
 
 
 def register(app: typer.Typer) -> None:

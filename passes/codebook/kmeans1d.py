@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 Init = Literal["linear", "density", "random", "optimal"]
 INITS: tuple[str, ...] = ("linear", "density", "random", "optimal")
-_BLOCK = 1024
+#: Most prefix-sum entries kept (two float64 arrays: 16 MiB); larger inputs sum in blocks.
+_MAX_BLOCKS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +59,20 @@ class KMeansResult:
 
 
 class _SortedPrefix:
-    """Sorted values with float64 prefix sums (and of squares) at block granularity."""
+    """Sorted values with float64 prefix sums (and of squares) at block granularity.
+
+    One entry per value up to `_MAX_BLOCKS` values, so a Lloyd step reads its k segment sums
+    directly; beyond, blocks of the fewest values that keep the arrays at that size, and the
+    tail inside a block is summed per query (a 33M-weight layer: blocks of 32).
+    """
 
     def __init__(self, values: np.ndarray) -> None:
         self.sorted = np.sort(values)
         n = self.sorted.size
         self.n = n
-        full = n // _BLOCK
-        blocks = self.sorted[: full * _BLOCK].reshape(full, _BLOCK)
+        self.block = block = max(1, -(-n // _MAX_BLOCKS))
+        full = n // block
+        blocks = self.sorted[: full * block].reshape(full, block)
         sums = blocks.sum(axis=1, dtype=np.float64)
         squares = np.einsum("ij,ij->i", blocks, blocks, dtype=np.float64)
         self._cum1 = np.concatenate([[0.0], np.cumsum(sums)])
@@ -74,12 +81,14 @@ class _SortedPrefix:
     def prefixes(self, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised `prefix` for many indices: (sums, sums of squares) of sorted[:e]."""
         edges = np.asarray(edges, dtype=np.int64)
-        blocks = edges // _BLOCK
-        lengths = edges - blocks * _BLOCK
+        if self.block == 1:
+            return self._cum1[edges], self._cum2[edges]
+        blocks = edges // self.block
+        lengths = edges - blocks * self.block
         total = int(lengths.sum())
         owner = np.repeat(np.arange(edges.size), lengths)
         offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        tail = self.sorted[np.repeat(blocks * _BLOCK, lengths) + offsets].astype(np.float64)
+        tail = self.sorted[np.repeat(blocks * self.block, lengths) + offsets].astype(np.float64)
         sums = np.bincount(owner, weights=tail, minlength=edges.size)
         squares = np.bincount(owner, weights=tail * tail, minlength=edges.size)
         return self._cum1[blocks] + sums, self._cum2[blocks] + squares

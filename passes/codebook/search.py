@@ -18,11 +18,11 @@ allocate bits per layer; this is the simplest faithful version of that idea:
    its 8-bit codebook when 8 bits everywhere passes the step's gate, as `optimize` without data
    would write, else dense). Larger t, smaller model, larger drift.
 3. t is found by bisection over the sorted candidate errors, each trial verified on the whole
-   model against the ORIGINAL's outputs with the step's own gate (the pipeline's probes and
-   reference) tightened by `margin`; the largest t that passes wins. Trials are cheap: the
-   codebooks are computed once. The margin is there because the choice is fitted to the
-   calibration inputs: on open-nsfw (30 calibration images) a choice at rank correlation 0.985
-   held only 0.975 on 35 other images.
+   model against the ORIGINAL's outputs with the gate the pipeline verifies the step with (its
+   probes, reference, and gate tightened by the step's margin, `fidelity.MARGIN`); the largest t
+   that passes wins. Trials are cheap: the codebooks are computed once. The margin is there
+   because the choice is fitted to the calibration inputs: on open-nsfw (30 calibration images)
+   a choice at rank correlation 0.985 held only 0.975 on 35 other images.
 
 Exact: every written weight is codebook[indices]; the written model passed the gate on the
 probes. Lossy: the codebooks; the search is greedy in one dimension (one t), not optimal.
@@ -120,14 +120,6 @@ class CodebookSearchConfig(PassConfig):
         description="Whole-model checks spent after the bisection lowering the layers that save "
         "the most bytes per unit of error, a batch at a time.",
     )
-    margin: float = pydantic.Field(
-        0.75,
-        ge=0,
-        le=1,
-        description="Share of each 'at least' threshold's headroom to 1 the search keeps in "
-        "reserve (0.75: rank >= 0.98 is searched as >= 0.995), so the choice holds on inputs it "
-        "did not see.",
-    )
 
     executor: Literal["local", "ray"] = pydantic.Field(
         "local",
@@ -199,6 +191,8 @@ class Fitter:
             if bias_correction and name in hessians and layer_bias(site) is not None
         }
         self._fitted: dict[tuple[str, str, int], Fit] = {}
+        self._hessians: dict[str, np.ndarray | None] = {}
+        self._energies: dict[str, float] = {}
 
     def fit(self, name: str, method: str, bits: int) -> Fit:
         """Layer `name`'s codebook at `bits` by `method` (seeded: the same every time)."""
@@ -227,10 +221,22 @@ class Fitter:
 
     def hessian(self, name: str) -> np.ndarray | None:
         """The Gram matrix a candidate's error is scored under: centred where a bias corrects."""
-        stats = self.hessians.get(name)
-        if stats is None:
-            return None
-        return centred_hessian(stats) if name in self.biased else stats.hessian
+        if name not in self._hessians:  # centring costs a matrix product: once per layer
+            stats = self.hessians.get(name)
+            self._hessians[name] = (
+                None if stats is None
+                else centred_hessian(stats) if name in self.biased else stats.hessian
+            )
+        return self._hessians[name]
+
+    def error(self, name: str, quantized: np.ndarray) -> float:
+        """`relative_error` of `quantized` for layer `name`, its denominator computed once."""
+        site, hessian = self.sites[name], self.hessian(name)
+        if hessian is None:
+            return relative_error(site.array(), quantized, None, site)
+        if name not in self._energies:
+            self._energies[name] = hessian_energy(site.array(), hessian, site)
+        return relative_error(site.array(), quantized, hessian, site, self._energies[name])
 
     def correct_bias(self, site: WeightSite, method: str, bits: int) -> bool:
         """Write the bias that absorbs this candidate's mean output shift into `site`'s graph."""
@@ -293,7 +299,7 @@ def _measure(fitter: Fitter, task: Task) -> dict[str, float] | None:
     nbytes = index_bytes(site.name, site.size, bits, packable=fitter.packable) + fit.nbytes
     if nbytes >= site.size * site.array().dtype.itemsize:
         return None
-    error = relative_error(site.array(), fit.weights(), fitter.hessian(task.layer), site)
+    error = fitter.error(task.layer, fit.weights())
     return {"error": error, "nbytes": nbytes}
 
 
@@ -310,30 +316,37 @@ def index_bytes(name: str, count: int, bits: int, *, packable: bool = True) -> i
 
 
 def relative_error(
-    weights: np.ndarray, quantized: np.ndarray, hessian: np.ndarray | None, site: WeightSite
+    weights: np.ndarray, quantized: np.ndarray, hessian: np.ndarray | None, site: WeightSite,
+    energy: float | None = None,
 ) -> float:
-    """tr(D^T H D) / tr(W^T H W) in the layer's (out, in) form; H = I when no input was captured."""
+    """tr(D^T H D) / tr(W^T H W) in the layer's (out, in) form; H = I when no input was captured.
+
+    `energy`: the denominator when known (`hessian_energy`; the same for every candidate).
+    """
     delta = (np.asarray(quantized, np.float64) - np.asarray(weights, np.float64))
     if hessian is None:
         if site.op_type in ("Conv", "ConvTranspose") and site.out_axis is not None:
             return _channel_relative_error(np.asarray(weights, np.float64), delta, site.out_axis)
         denominator = float(np.sum(np.asarray(weights, np.float64) ** 2))
         return float(np.sum(delta**2)) / denominator if denominator > 0 else 0.0
-    rows_delta, rows_weight = (
-        _out_by_in(delta, site),
-        _out_by_in(np.asarray(weights, np.float64), site),
-    )
+    den = energy if energy is not None else hessian_energy(weights, hessian, site)
+    return _quadratic(_out_by_in(delta, site), hessian) / den if den > 0 else 0.0
+
+
+def hessian_energy(weights: np.ndarray, hessian: np.ndarray, site: WeightSite) -> float:
+    """tr(W^T H W): the layer's output energy, `relative_error`'s denominator."""
+    return _quadratic(_out_by_in(np.asarray(weights, np.float64), site), hessian)
+
+
+def _quadratic(rows: np.ndarray, hessian: np.ndarray) -> float:
+    """Sum over groups g of tr(R_g H_g R_g^T), R_g the rows of group g."""
     groups = hessian.shape[0]
-    per_group = rows_delta.shape[0] // groups
-    num = den = 0.0
+    per_group = rows.shape[0] // groups
+    total = 0.0
     for g in range(groups):
-        d, w = (
-            rows_delta[g * per_group : (g + 1) * per_group],
-            rows_weight[g * per_group : (g + 1) * per_group],
-        )
-        num += float(np.sum((d @ hessian[g]) * d))
-        den += float(np.sum((w @ hessian[g]) * w))
-    return num / den if den > 0 else 0.0
+        part = rows[g * per_group : (g + 1) * per_group]
+        total += float(np.sum((part @ hessian[g]) * part))
+    return total
 
 
 def _channel_relative_error(weights: np.ndarray, delta: np.ndarray, out_axis: int) -> float:
@@ -616,17 +629,15 @@ class CodebookSearchPass(CompressionPass):
         too sensitive (3.92x against 4.32x by layer error); on open-nsfw it finds 4.32x where the
         layer error stops at 4.09x.
 
-        8 bits everywhere, checked with the step's own gate, is the floor (what `optimize` writes
-        without data); widths below it must pass the gate tightened by `margin`.
+        8 bits everywhere, where it passes the step's gate, is the floor: layers no tolerance
+        admits keep it.
         """
         errors = sorted({c.score for options in candidates.values() for c in options})
         floor = {
             name: min((c for c in options if c.bits >= 8), key=lambda c: c.error, default=None)
             for name, options in candidates.items()
         }
-        if not any(floor.values()) or not self._passes(
-            model, sites, floor, fitter, tightened=False
-        ):
+        if not any(floor.values()) or not self._passes(model, sites, floor, fitter):
             floor = {name: None for name in candidates}
         # errors[low] passes (-1: the floor), errors[high + 1..] fail
         low, high = -1, len(errors) - 1
@@ -695,7 +706,7 @@ class CodebookSearchPass(CompressionPass):
         }
 
     def _passes(self, model: ir.Model, sites: list[WeightSite], choice: dict[str, Candidate | None],
-                fitter: Fitter, *, tightened: bool = True) -> bool:
+                fitter: Fitter) -> bool:
         trial = model.clone()
         trial_sites = {
             s.name: s for s in find_weight_sites(trial, min_params=0, derived=True).sites
@@ -707,23 +718,13 @@ class CodebookSearchPass(CompressionPass):
                 fitter.correct_bias(trial_site, candidate.method, candidate.bits)
                 trial_site.replace(
                     fitter.weights(site.name, candidate.method, candidate.bits, site.array().dtype))
-        gate = self._searched_gate() if tightened else (self.context.gate or fidelity.DEFAULT_GATE)
+        gate = self.context.gate or fidelity.DEFAULT_GATE.tightened(fidelity.MARGIN)
         try:
             outputs = fidelity.run(trial, self.context.probes or {}, self.context.reference.views)
         except UnsupportedModelError:
             return False
         metrics = fidelity.compare(self.context.reference, outputs, task=self.context.task)
         return not gate.failures(metrics)
-
-    def _searched_gate(self) -> fidelity.Gate:
-        """The step's gate with `margin` of each lower bound's headroom held back."""
-        gate = self.context.gate or fidelity.DEFAULT_GATE
-        tightened = {
-            name: bound + (1.0 - bound) * self.config.margin
-            for name in ("min_cosine", "min_rank_correlation", "min_top1")
-            if (bound := getattr(gate, name)) is not None and bound < 1.0
-        }
-        return gate.model_copy(update=tightened)
 
     def _write(
         self,

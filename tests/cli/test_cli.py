@@ -67,7 +67,7 @@ def test_optimize_with_recipe_data_and_report(model_path, tmp_path, rng):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "steps:\n  - pass: prune.magnitude\n    options: {sparsity: 0.1, scope: global}\n    gate: "
-        "{min_cosine: 0.9, min_top1: null}\n"
+        "{min_cosine: 0.9, min_rank_correlation: 0.9, min_top1: null}\n"
     )
     data = tmp_path / "calib.npz"
     np.savez(data, x=rng.standard_normal((20, 16)).astype(np.float32))

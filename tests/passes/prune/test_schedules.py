@@ -87,12 +87,13 @@ def test_expansion_with_retraining_passes_hans_options_and_validates_as_a_recipe
 def test_prune_only_schedule_runs_gated_without_data(rng):
     model = mlp(rng, (16, 32, 24, 10))
     steps = expand_schedule(fixed_steps(0.9, 0.1), prune_options={"min_params": 0},
-                            gate=Gate(min_cosine=0.95, min_top1=None), on_fail="rollback")
+                            gate=Gate(min_cosine=0.9, min_rank_correlation=0.9, min_top1=None),
+                            on_fail="rollback")
     result = run_steps(model, steps, probe_count=16)
     statuses = [s.status for s in result.steps]
     assert statuses[0] == "applied"
     assert "rolled back" in statuses  # 95% of a random MLP's weights do not keep cosine 0.9
-    assert result.final_metrics.cosine >= 0.95
+    assert result.final_metrics.cosine >= 0.975  # verified with the margin held back
     applied = [s.step.options["sparsity"] for s in result.steps if s.status == "applied"]
     weights = [
         result.model.graph.initializers[n].const_value.numpy() for n in ("fc0.weight", "fc1.weight")
@@ -109,6 +110,7 @@ def test_schedule_with_retraining_runs_prune_and_finetune_rounds(rng):
     steps = expand_schedule(fixed_steps(0.8, 0.4), prune_options={"min_params": 0},
                             retrain=RetrainOptions(original_lr=0.1, epochs=1, batch_size=32),
                             gate=Gate(min_cosine=0.5, min_rank_correlation=None, min_top1=None))
+    steps = [step.model_copy(update={"margin": 0.0}) for step in steps]  # the bare 0.5
     result = run_steps(model, steps, data={"x": x}, probe_count=16)
     assert [s.status for s in result.steps] == ["applied"] * 4
     assert result.steps[1].report.notes["epochs_run"] == 1

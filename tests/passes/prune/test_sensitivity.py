@@ -55,7 +55,7 @@ def test_chosen_plan_meets_the_cosine_budget_on_the_probes(rng, tmp_path):
     pruned = model.clone()
     MagnitudePrunePass(**plan["options"])(pruned)
     cosine = fidelity.compare([outputs(model, x)], [outputs(pruned, x)]).cosine
-    assert cosine >= 0.98
+    assert cosine >= 0.995  # 0.98 as `optimize` verifies the plan's step: the margin held back
     assert cosine == pytest.approx(result.joint_value, abs=1e-5)
     zeros = sum(
         int(np.count_nonzero(pruned.graph.initializers[n].const_value.numpy() == 0)) for n in LAYERS
