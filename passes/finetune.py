@@ -7,15 +7,18 @@ in `onnxcompress.finetune.executor.OnnxModule`; the structure is kept by paramet
 touched, low-rank factors are trained as the two initializers they are.
 
 Write-back is an ordinary, gated pass: the same tensor names, shapes and dtypes; no node,
-input or output is added, removed or rewired. Lossy by design (it retrains toward labels
-or the original model's outputs); the pipeline's fidelity gate judges the result.
+input or output is added, removed or rewired (a prior's codebook expansion aside, below).
+Lossy by design (it retrains toward labels or the original model's outputs); the pipeline's
+fidelity gate judges the result.
 torch is imported only when the pass runs. The options are
 `onnxcompress.finetune.config.FinetuneConfig`, declared once for the pass, the training loop and
 the CLI. With ``prior: gmm`` the weights end quantised to the mixture's means (`codebook.kmeans`
-at ceil(log2(J + 1)) bits stores them exactly). With the pipeline's data, the gate's probe
-samples (its first samples) are left out of training. With held-out data beside it
-(`--val-data`), early stopping reads that instead of a share of the training samples: a
-share of samples the model was first trained on says little once it has memorised them.
+at ceil(log2(J + 1)) bits stores them exactly); codebook layers (a clustered model) are first
+expanded back to plain weights, their zeros held, so the prior re-shares every weight. With
+the pipeline's data, the gate's probe samples (its first samples) are left out of training.
+With held-out data beside it (`--val-data`), early stopping reads that instead of a share of
+the training samples: a share of samples the model was first trained on says little once it
+has memorised them.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class FinetunePass(CompressionPass):
         from onnxcompress.finetune.train import finetune, write_back
 
         data = self._data()
+        expanded = _expand_codebooks(model) if self.config.prior == "gmm" else []
         module = OnnxModule(model)  # unsupported ops fail here, before any edit
         options = self.config
         if options.seed is None:
@@ -102,10 +106,29 @@ class FinetunePass(CompressionPass):
         for name in sorted(trained - {c[0] for c in changed}):
             report.skip(name, "values unchanged by training")
         report.notes.update(result.summary())
+        if expanded:
+            report.notes["expanded_codebooks"] = expanded
         logger.info(
             "finetune: %d tensors retrained over %d epochs", len(changed), len(result.history)
         )
         return bool(changed)
+
+
+def _expand_codebooks(model: ir.Model) -> list[str]:
+    """Shared-weight layers back to plain weights (zeros kept), for the prior to re-share.
+
+    A codebook model (the default pipeline's result) trains only its centroids; soft
+    weight-sharing moves every weight onto the mixture's means, so it starts from the weights
+    the layers compute with. `codebook.kmeans` after it stores the means as a new codebook.
+    """
+    from onnxcompress.formats.codebook import codebook_layers, expand_codebook
+
+    names = []
+    for layer in codebook_layers(model):
+        names.append(expand_codebook(model.graph, layer).name or "")
+    if names:
+        logger.info("finetune: %d codebook layers expanded for the prior", len(names))
+    return names
 
 
 def _without_gate_samples(

@@ -138,6 +138,11 @@ def finetune(
         typer.Option(min=0.0, help=help_of("group_lasso") + " Followed by prune.dead_neurons."),
     ] = 0.0,
     groups: Annotated[list[str] | None, typer.Option("--groups", help=help_of("groups"))] = None,
+    regularise: Annotated[
+        list[str] | None,
+        typer.Option("--regularise", help=help_of("regularise") + " Repeatable.",
+                     show_default=False),
+    ] = None,
     biased_decay: Annotated[float, typer.Option(min=0.0, help=help_of("biased_decay"))] = 0.0,
     biased_decay_kind: Annotated[
         str, typer.Option(help=help_of("biased_decay_kind"))
@@ -145,6 +150,9 @@ def finetune(
     prior: Annotated[str, typer.Option(help=help_of("prior"))] = "none",
     prior_components: Annotated[int, typer.Option(min=2, help=help_of("prior_components"))] = 16,
     prior_strength: Annotated[float, typer.Option(min=0.0, help=help_of("prior_strength"))] = 0.005,
+    prior_zero_mass: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help=help_of("prior_zero_mass"))
+    ] = 0.99,
     target_cosine: Annotated[float | None, typer.Option(help=help_of("target_cosine"))] = None,
     seed: Annotated[int, typer.Option(min=0, help=help_of("seed"))] = 0,
     report: Annotated[
@@ -207,11 +215,14 @@ def finetune(
         "prior": prior,
         "prior_components": prior_components,
         "prior_strength": prior_strength,
+        "prior_zero_mass": prior_zero_mass,
         "target_cosine": target_cosine,
         "seed": seed,
     }
     if groups:
         options["groups"] = tuple(groups)
+    if regularise:
+        options["regularise"] = tuple(regularise)
     if teacher is not None:
         options["teacher"] = str(teacher)
     options.update(_placement(executor, ray_address, workers, checkpoint_dir))

@@ -126,6 +126,13 @@ class FinetuneConfig(PassConfig):
         le=100.0,
         description="gmm: weight of the prior's -log p(W) per training sample (tau).",
     )
+    prior_zero_mass: float = pydantic.Field(
+        0.99,
+        gt=0.0,
+        lt=1.0,
+        description="gmm: the zero component's fixed mixing proportion pi_0 (Ullrich et al.: "
+        "0.99-0.999; higher prunes more).",
+    )
     prior_sample: int | None = pydantic.Field(
         16384,
         ge=1,

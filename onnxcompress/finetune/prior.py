@@ -6,10 +6,13 @@ Every weight of the regularised layers is drawn from one mixture shared by all l
 
 and retraining minimises ``loss + tau * (-log p(W) - log p(sigma^-2)) / N`` (N training
 samples), learning the weights, the means, the variances and the mixing proportions together.
-The zero component holds most of the mass (``pi_0 = 0.99``, as the paper's ``pi_0 ≈ 0.999``),
+The zero component holds most of the mass (``pi_0 = 0.99`` by default, the paper's
+``pi_0 ≈ 0.999`` with ``prior_zero_mass``),
 so weights that the task does not need collapse onto 0; the others collapse onto the few
 learned means. Gamma hyperpriors on the precisions (the paper's §3.2) keep a component from
-shrinking to a point around a single weight.
+shrinking to a point around a single weight. The means start spread evenly over +-max|w|
+(the paper's start from a dense net); on a pruned net (`PRUNED_SHARE`) at the k-means fit of
+the kept weights, where they already sit.
 
 After training, each weight is set to the mean of its most responsible component (0 for the
 zero component): the network then holds at most J + 1 distinct values per layer, which the
@@ -23,6 +26,7 @@ __all__ = ["MIN_WEIGHTS_LR", "MixturePrior"]
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,28 +41,71 @@ MEANS_LR, SHAPE_LR = 5e-4, 5e-3
 #: onto the mixture's means (LeNet-300-100: 9e-5, 88.6% quantised held-out accuracy after 11
 #: epochs; at 5e-4, 97.2% after 20).
 MIN_WEIGHTS_LR = 5e-4
+#: Weights with at most this share nonzero are a pruned net's: the mixture then starts at the
+#: k-means fit of the nonzero weights (the means where they already sit: a clustered model's
+#: shared values are reproduced), not at means spread evenly over the range, which on a pruned
+#: LeNet-300-100 (weights up to 1.5, 16 means 0.18 apart) quantised to 97.4% held out against
+#: 98.5% and stayed there.
+PRUNED_SHARE = 0.5
+#: A pruned net's zero component starts this many standard deviations below the smallest kept
+#: weight, so the start quantises no kept weight to zero.
+ZERO_STD_DIVISOR = 4.0
+
+
+def _kmeans_start(
+    nonzero: torch.Tensor, components: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(means, standard deviations, member counts) of the k-means clusters of `nonzero`."""
+    from onnxcompress.passes.codebook.kmeans1d import kmeans_1d
+
+    values = nonzero.double().numpy()
+    fit = kmeans_1d(values, components, init="linear")
+    found = len(fit.centroids)
+    means = np.zeros(components)
+    means[:found] = fit.centroids
+    gap = float(np.min(np.diff(fit.centroids))) if found > 1 else float(np.abs(values).max())
+    means[found:] = fit.centroids[-1] + gap * np.arange(1, components - found + 1)
+    counts = np.bincount(fit.labels, minlength=components).astype(np.float64)
+    stds = np.full(components, gap / 2)
+    for j in range(found):
+        members = values[fit.labels == j]
+        if len(members) > 1:
+            stds[j] = max(float(members.std()), gap / 10)
+    return (torch.tensor(means, dtype=torch.float32), torch.tensor(stds, dtype=torch.float32),
+            torch.tensor(np.maximum(counts, 1.0), dtype=torch.float32))
 
 
 class MixturePrior(nn.Module):
     """A J + 1 component Gaussian mixture with a fixed zero component, fitted to `weights`."""
 
-    def __init__(self, weights: torch.Tensor, components: int) -> None:
+    def __init__(
+        self, weights: torch.Tensor, components: int, zero_mass: float = ZERO_MASS
+    ) -> None:
         super().__init__()
+        self.zero_mass = zero_mass
         flat = weights.detach().reshape(-1)
         spread = float(flat.abs().max()) if flat.numel() else 1.0
         spread = spread if spread > 0 else 1.0
-        negative, positive = components // 2, components - components // 2
-        means = torch.cat([torch.linspace(-spread, -spread / max(negative, 1), negative),
-                           torch.linspace(spread / positive, spread, positive)])
+        nonzero = flat[flat != 0]
+        if flat.numel() and nonzero.numel() <= PRUNED_SHARE * flat.numel():
+            means, stds, counts = _kmeans_start(nonzero, components)
+        else:
+            negative, positive = components // 2, components - components // 2
+            means = torch.cat([torch.linspace(-spread, -spread / max(negative, 1), negative),
+                               torch.linspace(spread / positive, spread, positive)])
+            stds, counts = torch.full((components,), spread / components), torch.ones(components)
         self.means = nn.Parameter(means)
-        std = spread / components
-        self.log_precision = nn.Parameter(torch.full((components + 1,), -2 * math.log(std)))
-        self.mixing_logits = nn.Parameter(torch.zeros(components))
+        zero_std = torch.tensor([spread / components])
+        if nonzero.numel() and nonzero.numel() <= PRUNED_SHARE * flat.numel():
+            # narrow: the pruned zeros are exactly 0, and the smallest kept weight is not one
+            zero_std = torch.tensor([float(nonzero.abs().min()) / ZERO_STD_DIVISOR])
+        self.log_precision = nn.Parameter(-2 * torch.log(torch.cat([zero_std, stds])))
+        self.mixing_logits = nn.Parameter(torch.log(counts))
 
     def log_weights(self) -> torch.Tensor:
         """log pi_j: pi_0 fixed, the others share 1 - pi_0 by a softmax."""
-        others = torch.log_softmax(self.mixing_logits, 0) + math.log(1 - ZERO_MASS)
-        return torch.cat([torch.tensor([math.log(ZERO_MASS)]), others])
+        others = torch.log_softmax(self.mixing_logits, 0) + math.log(1 - self.zero_mass)
+        return torch.cat([torch.tensor([math.log(self.zero_mass)]), others])
 
     def all_means(self) -> torch.Tensor:
         """The J means with the fixed zero component's first, as the densities index them."""

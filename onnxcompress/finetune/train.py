@@ -383,7 +383,8 @@ def _prepare(
     if options.prior == "gmm" and not layers:
         raise UserError("the gmm prior found no weight layer to act on (check --regularise globs)")
     prior = MixturePrior(torch.cat([module.tensor(x.name).detach().reshape(-1) for x in layers]),
-                         options.prior_components) if options.prior == "gmm" else None
+                         options.prior_components, options.prior_zero_mass
+                         ) if options.prior == "gmm" else None
     samples = num_samples(train) if isinstance(train, Mapping) else sum(
         len(next(iter(b.values()))) for b in train())
     rng = np.random.default_rng(options.seed or 0)

@@ -45,6 +45,7 @@ __all__ = [
     "CodebookLayer",
     "codebook_layers",
     "dense_weight",
+    "expand_codebook",
     "insert_codebook",
     "remove_codebook_layer",
 ]
@@ -257,6 +258,30 @@ def dense_weight(layer: CodebookLayer) -> np.ndarray:
     shared = layer.codebook()[layer.indices()]
     scales = layer.scales()
     return shared if scales is None else (shared * scales).astype(shared.dtype)
+
+
+def expand_codebook(graph: ir.Graph, layer: CodebookLayer) -> ir.Value:
+    """The inverse of `insert_codebook`: the decoded weight as a plain initializer, same name.
+
+    Its consumers read the initializer; the Gather, the index decoder, the scaling Mul and the
+    initializers only they read are removed. A retraining that moves every weight (soft
+    weight-sharing) starts from the weights the layer computes with; its zeros stay zeros.
+    """
+    decoded = layer.scaling.outputs[0] if layer.scaling is not None else layer.gather.outputs[0]
+    name = decoded.name
+    assert name is not None
+    weight = dense_weight(layer)
+    nodes = [*_decoder_nodes(layer), *([layer.scaling] if layer.scaling is not None else [])]
+    inputs = [v for node in nodes for v in node.inputs if v is not None and v.producer() is None]
+    decoded.name = None
+    plain = _constant(graph, ir.tensor(weight, name=name))
+    ir.convenience.replace_all_uses_with(decoded, plain)
+    graph.remove(nodes, safe=True)
+    for value in dict.fromkeys(inputs):
+        if value.name is not None and graph.initializers.get(value.name) is value:
+            if not list(value.uses()) and not value.is_graph_output():
+                graph.initializers.pop(value.name)
+    return plain
 
 
 def insert_codebook(

@@ -35,6 +35,29 @@ def test_mixture_log_density_matches_the_formula() -> None:
     np.testing.assert_allclose(got, np.log(density), rtol=1e-5, atol=1e-6)  # float32 arithmetic
 
 
+def test_the_zero_mass_is_the_option_given_and_a_larger_one_sends_more_weights_to_zero() -> None:
+    weights = torch.linspace(-0.3, 0.3, 61)
+    light, heavy = (MixturePrior(weights, components=4, zero_mass=m) for m in (0.5, 0.999))
+    assert float(light.log_weights()[0].exp()) == pytest.approx(0.5)
+    assert float(heavy.log_weights()[0].exp()) == pytest.approx(0.999)
+    assert float(heavy.log_weights().exp().sum()) == pytest.approx(1.0, abs=1e-6)
+    zeros = [int((prior.quantise(weights) == 0).sum()) for prior in (light, heavy)]
+    assert zeros[0] < zeros[1]
+
+
+def test_on_a_pruned_clustered_net_the_mixture_starts_at_its_shared_values() -> None:
+    """Quantising at the start changes nothing: no kept weight to zero, no value moved."""
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.tensor([-0.9, -0.5, -0.2, -0.1, 0.08, 0.15, 0.4, 1.2])
+    weights = shared[torch.randint(0, 8, (4000,), generator=generator)]
+    weights[torch.rand(4000, generator=generator) < 0.9] = 0.0  # pruned to about 10%
+    prior = MixturePrior(weights, components=8)
+    np.testing.assert_allclose(np.sort(prior.means.detach().numpy()), shared.numpy(), atol=1e-6)
+    np.testing.assert_allclose(prior.quantise(weights).numpy(), weights.numpy(), atol=1e-6)
+    dense = MixturePrior(torch.linspace(-1, 1, 4000), components=8)  # not pruned: spread evenly
+    assert float(dense.means.min()) == pytest.approx(-1.0)
+
+
 def test_quantise_picks_the_most_responsible_mean() -> None:
     prior = MixturePrior(torch.linspace(-1, 1, 11), components=4)
     weights = torch.tensor([0.0, 0.01, 0.9, -0.95, 0.45])
@@ -122,3 +145,58 @@ def test_under_the_prior_the_rate_is_at_least_the_papers(digits_mlp) -> None:
     )
     assert plain < MIN_WEIGHTS_LR  # a converged net: the range test alone picks a small rate
     assert under_prior == MIN_WEIGHTS_LR
+
+
+def test_cli_prior_gmm_on_a_clustered_model_re_shares_its_weights_and_keeps_its_zeros(
+    mlp_pair, digits, tmp_path
+) -> None:
+    """The default pipeline's result (pruned + k-means) is expanded, re-shared, re-coded."""
+    from onnxcompress.formats.codebook import codebook_layers, dense_weight
+    from onnxcompress.pass_base import get_pass
+
+    _, proto = mlp_pair
+    x, y = digits
+    clustered = ir.from_proto(proto)
+    get_pass("prune.magnitude")(sparsity=0.6)(clustered)
+    get_pass("codebook.kmeans")(bits=5, min_params=0)(clustered)
+    pruned = {layer.name: dense_weight(layer) == 0 for layer in codebook_layers(clustered)}
+    model, data, out, report = (tmp_path / n for n in ("m.onnx", "d.npz", "gmm.onnx", "r.json"))
+    ir.save(clustered, model)
+    np.savez(data, **{proto.graph.input[0].name: x[:500], "labels": y[:500]})
+    result = CliRunner().invoke(app, [
+        "finetune", str(model), "--data", str(data), "-o", str(out), "--prior", "gmm",
+        "--prior-components", "4", "--prior-zero-mass", "0.9", "--epochs", "2", "--lr", "0.001",
+        "--report", str(report),
+    ])
+    assert result.exit_code == 0, result.output
+    notes = json.loads(report.read_text())["steps"][0]["notes"]
+    assert sorted(notes["expanded_codebooks"]) == sorted(pruned)
+    means = np.asarray(notes["prior_means"], dtype=np.float32)
+    layers = codebook_layers(ir.load(out))
+    assert sorted(layer.name for layer in layers) == sorted(pruned)
+    for layer in layers:
+        assert layer.bits == 3  # ceil(log2(4 + 1)): the prior's means, no longer k-means' 32
+        assert all(np.min(np.abs(means - v)) <= 1e-6 for v in layer.codebook())
+        assert np.all(dense_weight(layer)[pruned[layer.name]] == 0)  # pruned stays pruned
+
+
+def test_cli_regularise_limits_the_prior_to_the_named_layers(mlp_pair, digits, tmp_path) -> None:
+    from onnxcompress.formats.codebook import codebook_layers
+
+    _, proto = mlp_pair
+    x, y = digits
+    model, data, out, report = (tmp_path / n for n in ("m.onnx", "d.npz", "gmm.onnx", "r.json"))
+    onnx.save(proto, model)
+    np.savez(data, **{proto.graph.input[0].name: x[:300], "labels": y[:300]})
+    result = CliRunner().invoke(app, [
+        "finetune", str(model), "--data", str(data), "-o", str(out), "--prior", "gmm",
+        "--prior-components", "4", "--regularise", "layers.0.*", "--epochs", "1", "--lr", "0.001",
+        "--report", str(report),
+    ])
+    assert result.exit_code == 0, result.output
+    means = json.loads(report.read_text())["steps"][0]["notes"]["prior_means"]
+    codebooks = {layer.name: layer.codebook() for layer in codebook_layers(ir.load(out))}
+    assert all(np.min(np.abs(np.asarray(means) - v)) <= 1e-6 for v in codebooks["layers.0.weight"])
+    # the others were trained as plain weights; k-means then shares them in its own values
+    assert not all(np.min(np.abs(np.asarray(means) - v)) <= 1e-6
+                   for v in codebooks["layers.1.weight"])
