@@ -244,12 +244,7 @@ def remove_codebook_layer(graph: ir.Graph, layer: CodebookLayer) -> bool:
         for output in node.outputs:
             if output.is_graph_output() or any(user not in inside for user, _ in output.uses()):
                 return False
-    inputs = [v for node in nodes for v in node.inputs if v is not None and v.producer() is None]
-    graph.remove(nodes, safe=True)
-    for value in dict.fromkeys(inputs):
-        if value.name is not None and graph.initializers.get(value.name) is value:
-            if not list(value.uses()) and not value.is_graph_output():
-                graph.initializers.pop(value.name)
+    _remove_with_their_initializers(graph, nodes)
     return True
 
 
@@ -272,16 +267,21 @@ def expand_codebook(graph: ir.Graph, layer: CodebookLayer) -> ir.Value:
     assert name is not None
     weight = dense_weight(layer)
     nodes = [*_decoder_nodes(layer), *([layer.scaling] if layer.scaling is not None else [])]
-    inputs = [v for node in nodes for v in node.inputs if v is not None and v.producer() is None]
     decoded.name = None
     plain = _constant(graph, ir.tensor(weight, name=name))
     ir.convenience.replace_all_uses_with(decoded, plain)
+    _remove_with_their_initializers(graph, nodes)
+    return plain
+
+
+def _remove_with_their_initializers(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    """Remove `nodes`, then the initializers they alone read."""
+    inputs = [v for node in nodes for v in node.inputs if v is not None and v.producer() is None]
     graph.remove(nodes, safe=True)
     for value in dict.fromkeys(inputs):
         if value.name is not None and graph.initializers.get(value.name) is value:
             if not list(value.uses()) and not value.is_graph_output():
                 graph.initializers.pop(value.name)
-    return plain
 
 
 def insert_codebook(
