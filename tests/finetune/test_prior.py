@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -160,16 +161,11 @@ def test_cli_prior_gmm_on_a_clustered_model_re_shares_its_weights_and_keeps_its_
     get_pass("prune.magnitude")(sparsity=0.6)(clustered)
     get_pass("codebook.kmeans")(bits=5, min_params=0)(clustered)
     pruned = {layer.name: dense_weight(layer) == 0 for layer in codebook_layers(clustered)}
-    model, data, out, report = (tmp_path / n for n in ("m.onnx", "d.npz", "gmm.onnx", "r.json"))
+    model = tmp_path / "m.onnx"
     ir.save(clustered, model)
-    np.savez(data, **{proto.graph.input[0].name: x[:500], "labels": y[:500]})
-    result = CliRunner().invoke(app, [
-        "finetune", str(model), "--data", str(data), "-o", str(out), "--prior", "gmm",
-        "--prior-components", "4", "--prior-zero-mass", "0.9", "--epochs", "2", "--lr", "0.001",
-        "--report", str(report),
-    ])
-    assert result.exit_code == 0, result.output
-    notes = json.loads(report.read_text())["steps"][0]["notes"]
+    out, notes = _finetune_under_prior(
+        model, proto, x[:500], y[:500], "--prior-zero-mass", "0.9", "--epochs", "2"
+    )
     assert sorted(notes["expanded_codebooks"]) == sorted(pruned)
     means = np.asarray(notes["prior_means"], dtype=np.float32)
     layers = codebook_layers(ir.load(out))
@@ -185,18 +181,28 @@ def test_cli_regularise_limits_the_prior_to_the_named_layers(mlp_pair, digits, t
 
     _, proto = mlp_pair
     x, y = digits
-    model, data, out, report = (tmp_path / n for n in ("m.onnx", "d.npz", "gmm.onnx", "r.json"))
+    model = tmp_path / "m.onnx"
     onnx.save(proto, model)
-    np.savez(data, **{proto.graph.input[0].name: x[:300], "labels": y[:300]})
-    result = CliRunner().invoke(app, [
-        "finetune", str(model), "--data", str(data), "-o", str(out), "--prior", "gmm",
-        "--prior-components", "4", "--regularise", "layers.0.*", "--epochs", "1", "--lr", "0.001",
-        "--report", str(report),
-    ])
-    assert result.exit_code == 0, result.output
-    means = json.loads(report.read_text())["steps"][0]["notes"]["prior_means"]
+    out, notes = _finetune_under_prior(
+        model, proto, x[:300], y[:300], "--regularise", "layers.0.*", "--epochs", "1"
+    )
+    means = notes["prior_means"]
     codebooks = {layer.name: layer.codebook() for layer in codebook_layers(ir.load(out))}
     assert all(np.min(np.abs(np.asarray(means) - v)) <= 1e-6 for v in codebooks["layers.0.weight"])
     # the others were trained as plain weights; k-means then shares them in its own values
     assert not all(np.min(np.abs(np.asarray(means) - v)) <= 1e-6
                    for v in codebooks["layers.1.weight"])
+
+
+def _finetune_under_prior(
+    model: Path, proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray, *options: str
+) -> tuple[Path, dict]:
+    """`finetune MODEL --prior gmm` (4 components) on (x, y) beside it: the output, its notes."""
+    data, out, report = (model.parent / n for n in ("d.npz", "gmm.onnx", "r.json"))
+    np.savez(data, **{proto.graph.input[0].name: x, "labels": y})
+    result = CliRunner().invoke(app, [
+        "finetune", str(model), "--data", str(data), "-o", str(out), "--prior", "gmm",
+        "--prior-components", "4", "--lr", "0.001", "--report", str(report), *options,
+    ])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(report.read_text())["steps"][0]["notes"]
