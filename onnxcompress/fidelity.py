@@ -188,19 +188,9 @@ class Gate(pydantic.BaseModel):
         """Why the metrics miss this gate, each naming its metric (empty when they pass)."""
         if not math.isfinite(metrics.cosine):
             return ["outputs are not finite (NaN or inf), or the original's are not"]
-        checks: list[tuple[str, float | None, float | None, int]] = [
-            ("cosine", metrics.cosine, self.min_cosine, 1),
-            ("rank_correlation", metrics.rank_correlation, self.min_rank_correlation, 1),
-            ("top1_agreement", metrics.top1_agreement, self.min_top1, 1),
-            ("string_agreement", metrics.string_agreement, self.min_string_agreement, 1),
-            ("task", metrics.task, self.min_task, 1),
-            ("box_f1", metrics.box_f1, self.min_box_f1, 1),
-            ("kl", metrics.kl, self.max_kl, -1),
-            ("rel_l2", metrics.rel_l2, self.max_rel_l2, -1),
-            ("max_abs", metrics.max_abs, self.max_abs, -1),
-        ]
         failed = []
-        for name, value, bound, sign in checks:
+        for field, (name, sign) in BOUNDS.items():
+            value, bound = getattr(metrics, name), getattr(self, field)
             if bound is None or value is None:
                 continue
             if not (value >= bound if sign > 0 else value <= bound):  # NaN fails too
@@ -209,6 +199,19 @@ class Gate(pydantic.BaseModel):
 
 
 DEFAULT_GATE = Gate()
+
+#: Each bound of a `Gate`: the `Metrics` field it bounds and how (+1: at least, -1: at most).
+BOUNDS: dict[str, tuple[str, int]] = {
+    "min_cosine": ("cosine", 1),
+    "min_rank_correlation": ("rank_correlation", 1),
+    "min_top1": ("top1_agreement", 1),
+    "min_string_agreement": ("string_agreement", 1),
+    "min_task": ("task", 1),
+    "min_box_f1": ("box_f1", 1),
+    "max_kl": ("kl", -1),
+    "max_rel_l2": ("rel_l2", -1),
+    "max_abs": ("max_abs", -1),
+}
 
 
 def tightened_share(bound: float, margin: float, samples: int | None) -> float:

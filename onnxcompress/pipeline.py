@@ -93,10 +93,6 @@ class Step(pydantic.BaseModel):
 StepStatus = Literal["applied", "unchanged", "rolled back", "planned"]
 
 
-#: A gate bound's metric where it is not the bound's name without min_/max_.
-_METRIC_OF = {"min_top1": "top1_agreement", "max_abs": "max_abs"}
-
-
 @dataclasses.dataclass
 class StepResult:
     """What one step did: its status, the pass's report, the gate's metrics and verdict.
@@ -122,11 +118,13 @@ class StepResult:
         if self.failures:
             return [f.split()[0] for f in self.failures]
         gate = self.step.gate.model_dump()
-        measured = self.metrics.to_dict() if self.metrics is not None else {}
         return [
             name.removeprefix("min_").removeprefix("max_")
             for name, bound in gate.items()
-            if bound is not None and measured.get(_METRIC_OF.get(name, name[4:]), 0) is not None
+            if bound is not None and (
+                self.metrics is None
+                or getattr(self.metrics, fidelity.BOUNDS[name][0]) is not None
+            )
         ]
 
     def to_dict(self) -> dict[str, Any]:

@@ -487,8 +487,9 @@ class CodebookSearchPass(CompressionPass):
             orders = {"layer error": candidates}
             if self.config.sensitivity:
                 orders["output impact"] = self._weighted(model, sites, candidates, fitter)
+            floor_holds = self._floor_holds(model, sites, candidates, fitter)
             found = {
-                order: self._search(model, sites, ranked, fitter, report, order)
+                order: self._search(model, sites, ranked, floor_holds, fitter, report, order)
                 for order, ranked in orders.items()
             }
             order = min(found, key=lambda name: _choice_bytes(sites, found[name]))
@@ -672,6 +673,7 @@ class CodebookSearchPass(CompressionPass):
         model: ir.Model,
         sites: list[WeightSite],
         candidates: dict[str, list[Candidate]],
+        floor_holds: bool,
         fitter: Fitter,
         report: PassReport,
         order: str = "layer error",
@@ -684,13 +686,13 @@ class CodebookSearchPass(CompressionPass):
         too sensitive (3.92x against 4.32x by layer error); on open-nsfw it finds 4.32x where the
         layer error stops at 4.09x.
 
-        8 bits everywhere, where it passes the step's gate, is the floor: layers no tolerance
-        admits keep it.
+        8 bits everywhere, where it passes the step's gate (`floor_holds`), is the floor: layers
+        no tolerance admits keep it.
         """
         errors = sorted({c.score for options in candidates.values() for c in options})
-        floor = _eight_bit_floor(candidates)
-        if not any(floor.values()) or not self._passes(model, sites, floor, fitter):
-            floor = {name: None for name in candidates}
+        floor: dict[str, Candidate | None] = (
+            _eight_bit_floor(candidates) if floor_holds else dict.fromkeys(candidates)
+        )
         # errors[low] passes (-1: the floor), errors[high + 1..] fail
         low, high = -1, len(errors) - 1
         best, trials = floor, 1
@@ -749,6 +751,16 @@ class CodebookSearchPass(CompressionPass):
                 frozen.add(taken[0][0])
         report.notes["refined"] = {"trials": trials, "layers lowered": lowered}
         return choice
+
+    def _floor_holds(self, model: ir.Model, sites: list[WeightSite],
+                     candidates: dict[str, list[Candidate]], fitter: Fitter) -> bool:
+        """Whether 8 bits everywhere passes the step's gate.
+
+        Checked once for both orderings: their candidates differ in score, not in error, so
+        both pick the same 8-bit codebooks.
+        """
+        floor = _eight_bit_floor(candidates)
+        return any(floor.values()) and self._passes(model, sites, floor, fitter)
 
     def _choose(self, candidates: dict[str, list[Candidate]], tolerance: float,
                 floor: dict[str, Candidate | None]) -> dict[str, Candidate | None]:
