@@ -46,17 +46,47 @@ def test_the_zero_mass_is_the_option_given_and_a_larger_one_sends_more_weights_t
     assert zeros[0] < zeros[1]
 
 
-def test_on_a_pruned_clustered_net_the_mixture_starts_at_its_shared_values() -> None:
-    """Quantising at the start changes nothing: no kept weight to zero, no value moved."""
+def _pruned_clustered(shared: torch.Tensor, size: int = 4000) -> torch.Tensor:
+    """`size` weights drawn from the `shared` values, about 90% of them pruned to exact zero."""
     generator = torch.Generator().manual_seed(0)
+    weights = shared[torch.randint(0, len(shared), (size,), generator=generator)]
+    weights[torch.rand(size, generator=generator) < 0.9] = 0.0
+    return weights
+
+
+def test_on_a_pruned_clustered_net_the_mixture_starts_at_its_shared_values() -> None:
+    """The means at the shared values: a kept weight the zero component does not claim stays."""
     shared = torch.tensor([-0.9, -0.5, -0.2, -0.1, 0.08, 0.15, 0.4, 1.2])
-    weights = shared[torch.randint(0, 8, (4000,), generator=generator)]
-    weights[torch.rand(4000, generator=generator) < 0.9] = 0.0  # pruned to about 10%
+    weights = _pruned_clustered(shared)
     prior = MixturePrior(weights, components=8)
     np.testing.assert_allclose(np.sort(prior.means.detach().numpy()), shared.numpy(), atol=1e-6)
-    np.testing.assert_allclose(prior.quantise(weights).numpy(), weights.numpy(), atol=1e-6)
+    quantised, kept = prior.quantise(weights), weights != 0
+    claimed = kept & (quantised == 0)
+    np.testing.assert_allclose(quantised[kept & ~claimed].numpy(), weights[kept & ~claimed].numpy(),
+                               atol=1e-6)
     dense = MixturePrior(torch.linspace(-1, 1, 4000), components=8)  # not pruned: spread evenly
     assert float(dense.means.min()) == pytest.approx(-1.0)
+
+
+def test_on_a_pruned_net_the_zero_component_starts_wide_and_the_pruned_zeros_narrow_it() -> None:
+    """An annealed start: sigma_0 = the median kept |w|, claiming small kept weights at first.
+
+    Fitting the mixture to the weights (the exact zeros included) then shrinks it below them.
+    """
+    shared = torch.tensor([-0.9, -0.5, -0.2, -0.1, 0.08, 0.15, 0.4, 1.2])
+    weights = _pruned_clustered(shared, 10_000)
+    prior = MixturePrior(weights, components=8, zero_mass=0.99)
+    kept = weights[weights != 0]
+    zero_std = float(prior.log_precision.detach()[0].exp() ** -0.5)
+    assert zero_std == pytest.approx(float(kept.abs().median()), rel=0.01)
+    claimed = (prior.quantise(kept) == 0) & (kept.abs() <= 0.1)
+    assert int(claimed.sum()) > 0  # the start claims small kept weights
+    optimizer = torch.optim.Adam(prior.parameter_groups())
+    for _ in range(1500):  # the mixture alone, the weights held: what the zeros do to sigma_0
+        optimizer.zero_grad()
+        prior.negative_log_prob([weights]).backward()
+        optimizer.step()
+    assert float(prior.log_precision.detach()[0].exp() ** -0.5) < 0.25 * float(kept.abs().min())
 
 
 def test_quantise_picks_the_most_responsible_mean() -> None:
