@@ -29,6 +29,7 @@ __all__ = ["LowRankConfig", "LowRankSVDPass"]
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -79,7 +80,7 @@ class LowRankConfig(PassConfig):
         gt=0.0,
         le=1.0,
         description="Fidelity budget: lowest output cosine on probes; ranks found by a greedy "
-        "per-layer search.",
+        "per-layer search (which, under a pipeline, also keeps to the step's gate).",
     )
     budget_ratios: tuple[float, ...] = pydantic.Field(
         (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
@@ -430,14 +431,15 @@ class LowRankSVDPass(PlannedPass[Plan]):
         from onnxcompress.fidelity import compare, probe_inputs, run_model
 
         assert self.config.budget is not None
+        checked = self._gate_checks()
         reference_model = self.context.original or model
-        probes = probe_inputs(
+        probes = {} if checked else probe_inputs(
             reference_model,
             count=self.config.probes,
             seed=self.context.seed,
             data=self.context.data,
         )
-        reference = run_model(reference_model, probes)
+        reference = None if checked else run_model(reference_model, probes)
         candidates: dict[str, list[Candidate]] = {}
         for name, layer in layers.items():
             options = {}
@@ -465,6 +467,8 @@ class LowRankSVDPass(PlannedPass[Plan]):
                 first, second = d.factors(candidate.rank)
                 trial_layer = _Layer(sites[name], layer.options, layer.conv)
                 trial_layer.apply(trial, d.kind, candidate.rank, first, second, taken)
+            if reference is None:  # the pipeline's gate and probes judge it
+                return self._gated_cosine(trial)
             return compare(reference, run_model(trial, probes)).cosine
 
         selection = greedy_select(candidates, evaluate, self.config.budget)
@@ -473,13 +477,13 @@ class LowRankSVDPass(PlannedPass[Plan]):
             candidate = selection.choice.get(name)
             if candidate is None:
                 best = max((score for _, score in selection.table[name]), default=float("nan"))
-                plan.skipped.append(
-                    (
-                        name,
-                        f"no candidate rank keeps the output cosine ≥ the search threshold "
-                        f"(best alone {best:.6f}, budget {self.config.budget})",
-                    )
+                reason = (
+                    "no candidate rank alone passes the step's gate"
+                    if best == -math.inf
+                    else f"no candidate rank keeps the output cosine ≥ the search threshold "
+                    f"(best alone {best:.6f}, budget {self.config.budget})"
                 )
+                plan.skipped.append((name, reason))
             else:
                 chosen[name] = (layers[name].option(candidate.kind), candidate.rank)
         plan.settings["budget_search"] = {
@@ -487,6 +491,25 @@ class LowRankSVDPass(PlannedPass[Plan]):
             "threshold": selection.threshold,
         }
         return chosen
+
+    def _gate_checks(self) -> bool:
+        """Whether the pipeline handed its gate: the search then keeps to it, not to cosine alone.
+
+        A plan chosen on cosine ≥ budget alone could still miss the gate the pipeline verifies
+        the step with (tightened by its margin: cosine ≥ 0.9975, rank ≥ 0.995 by default) and
+        be refused whole; on the gate's own probes every plan the search keeps passes it.
+        """
+        context = self.context
+        return None not in (context.gate, context.probes, context.reference)
+
+    def _gated_cosine(self, trial: ir.Model) -> float:
+        """The trial's output cosine on the gate's probes, or -inf where it misses the gate."""
+        from onnxcompress import fidelity
+
+        context = self.context
+        outputs = fidelity.run(trial, context.probes or {}, context.reference.views)
+        metrics = fidelity.compare(context.reference, outputs, task=context.task)
+        return -math.inf if context.gate.failures(metrics) else metrics.cosine
 
     # ---- speed ---------------------------------------------------------------------------
     @staticmethod
