@@ -440,22 +440,7 @@ class LowRankSVDPass(PlannedPass[Plan]):
             data=self.context.data,
         )
         reference = None if checked else run_model(reference_model, probes)
-        candidates: dict[str, list[Candidate]] = {}
-        for name, layer in layers.items():
-            options = {}
-            for d in layer.options:
-                for ratio in self.config.budget_ratios:
-                    rank = d.rank_for_ratio(ratio, "params")
-                    if rank <= d.max_rank:
-                        options[(d.kind, rank)] = Candidate(d.kind, rank, d.flops_after(rank))
-            if options:
-                candidates[name] = sorted(options.values(), key=lambda c: (c.cost, c.kind))
-                for d in layer.options:  # one SVD per form, at the largest candidate rank
-                    ranks = [c.rank for c in options.values() if c.kind == d.kind]
-                    if ranks:
-                        d.svds(max(ranks))
-            else:
-                plan.skipped.append((name, "no candidate rank below the no-saving bound"))
+        candidates = self._budget_candidates(plan, layers)
 
         def evaluate(choice: Mapping[str, Candidate]) -> float:
             trial = model.clone()
@@ -491,6 +476,26 @@ class LowRankSVDPass(PlannedPass[Plan]):
             "threshold": selection.threshold,
         }
         return chosen
+
+    def _budget_candidates(self, plan: Plan, layers: Layers) -> dict[str, list[Candidate]]:
+        """Each layer's (kind, rank) at each of `budget_ratios`, cheapest first; SVDs once."""
+        candidates: dict[str, list[Candidate]] = {}
+        for name, layer in layers.items():
+            options = {}
+            for d in layer.options:
+                for ratio in self.config.budget_ratios:
+                    rank = d.rank_for_ratio(ratio, "params")
+                    if rank <= d.max_rank:
+                        options[(d.kind, rank)] = Candidate(d.kind, rank, d.flops_after(rank))
+            if options:
+                candidates[name] = sorted(options.values(), key=lambda c: (c.cost, c.kind))
+                for d in layer.options:  # one SVD per form, at the largest candidate rank
+                    ranks = [c.rank for c in options.values() if c.kind == d.kind]
+                    if ranks:
+                        d.svds(max(ranks))
+            else:
+                plan.skipped.append((name, "no candidate rank below the no-saving bound"))
+        return candidates
 
     def _gate_checks(self) -> bool:
         """Whether the pipeline handed its gate: the search then keeps to it, not to cosine alone.
