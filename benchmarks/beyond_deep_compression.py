@@ -262,6 +262,22 @@ def run_row(
     return commands, time.perf_counter() - started
 
 
+def repack_row(row: str, dense: Path, train: Path, val: Path, threads: int) -> None:
+    """Run only the row's `pack` on the model its earlier run left: `pack` changed, not the row.
+
+    The row's commands and minutes stay those of the run that trained it (`main` keeps them
+    from the results file and notes the re-pack).
+    """
+    out = dense.parent / row
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for template in (t for t in ROWS[row] if t[0] == "pack"):
+        argv = [part.format(dense=dense, train=train, val=val, out=out, root=dense.parent)
+                for part in template]
+        print(shlex.join(["onnxcompress", *argv]), "(re-pack)", flush=True)
+        subprocess.run([sys.executable, "-m", "onnxcompress", *argv], cwd=ROOT, env=env,
+                       check=True, capture_output=True)
+
+
 def _outputs_exist(argv: list[str]) -> bool:
     """Whether the files a command writes (-o, --report) are all there."""
     return all(Path(argv[i + 1]).is_file() for i, a in enumerate(argv) if a in ("-o", "--report"))
@@ -335,8 +351,12 @@ def markdown(result: dict[str, object]) -> str:
             f"{100 * (row['dense_accuracy'] - row['accuracy']):+.2f} | {row['ratio_archive']:.1f} "
             f"| {row['ratio_coded']:.1f} | {row['kept_percent']:.1f}% | {row['seconds'] / 60:.1f} |"
         )
+    repacked = [f"{r['network']} {r['row']}" for r in result["rows"] if r.get("repacked")]  # type: ignore[attr-defined]
     lines += ["", "Minutes: the row's own commands; the sws rows (not sws-dense, sws-long) start "
-              "from the default row's model, whose `optimize` they list first and reuse.",
+              "from the default row's model, whose `optimize` they list first and reuse."
+              + (f" Re-packed with the current `pack` defaults (`--repack`: only `pack` re-run on "
+                 f"the model the recorded run left; minutes are that run's): "
+                 f"{', '.join(repacked)}." if repacked else ""),
               "", "Published (their own dense baselines; × = their storage count):", "",
               "| network | method | × | test error |", "|---|---|---:|---:|"]
     for key in dict.fromkeys(r["key"] for r in result["rows"]):  # type: ignore[attr-defined]
@@ -362,6 +382,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (the machine is shared)"
     )
+    parser.add_argument(
+        "--repack", action="store_true",
+        help="re-run only each row's `pack` on the models its recorded run left (after a change "
+        "to `pack`); commands and minutes stay the recorded run's",
+    )
     args = parser.parse_args()
     result: dict[str, object] = {
         "machine": f"{os.cpu_count()} CPUs, {platform.platform()}",
@@ -373,21 +398,43 @@ def main() -> None:
         dense, train, val, x_test, y_test = prepare(key, args.dense_epochs, args.threads)
         dense_accuracy = accuracy(dense, x_test, y_test)
         for row in args.rows:
-            commands, seconds = run_row(row, dense, train, val, args.threads)
+            recorded = {}
+            if args.repack:
+                recorded = _recorded_row(args, key, row)
+                repack_row(row, dense, train, val, args.threads)
+                commands, seconds = recorded["commands"], recorded["seconds"]
+            else:
+                commands, seconds = run_row(row, dense, train, val, args.threads)
             figures = measure(row, dense, x_test, y_test)
             result["rows"].append({"key": key, "network": NETWORKS[key]["title"], "row": row,  # type: ignore[attr-defined]
                                    "dense_epochs": args.dense_epochs or NETWORKS[key]["epochs"],
                                    "dense_accuracy": dense_accuracy, "commands": commands,
-                                   "split": TRAIN_SAMPLES, "load_start": result["load_start"],
+                                   "split": TRAIN_SAMPLES,
+                                   "load_start": recorded.get("load_start", result["load_start"]),
+                                   "repacked": bool(recorded),
                                    "seconds": round(seconds, 1), **figures})
             print(json.dumps(result["rows"][-1]), flush=True)  # type: ignore[index]
     result["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     RESULTS.mkdir(exist_ok=True)
-    suffix = "_".join(args.networks) + (f"_e{args.dense_epochs}" if args.dense_epochs else "")
-    target = RESULTS / f"beyond_deep_compression_{suffix}.json"
-    result = merged(result, target)
+    result = merged(result, _results_path(args))
+    target = _results_path(args)
     target.write_text(json.dumps(result, indent=2) + "\n")
     target.with_suffix(".md").write_text(markdown(result))
+
+
+def _results_path(args: argparse.Namespace) -> Path:
+    suffix = "_".join(args.networks) + (f"_e{args.dense_epochs}" if args.dense_epochs else "")
+    return RESULTS / f"beyond_deep_compression_{suffix}.json"
+
+
+def _recorded_row(args: argparse.Namespace, key: str, row: str) -> dict[str, Any]:
+    """The results file's record of a row run earlier; --repack needs one."""
+    target = _results_path(args)
+    rows = json.loads(target.read_text())["rows"] if target.is_file() else []
+    found = [r for r in rows if (r["key"], r["row"]) == (key, row)]
+    if not found:
+        raise SystemExit(f"--repack: {target.name} holds no {key} {row} row to re-pack")
+    return found[-1]
 
 
 def merged(result: dict[str, Any], target: Path) -> dict[str, Any]:
@@ -395,10 +442,10 @@ def merged(result: dict[str, Any], target: Path) -> dict[str, Any]:
     if not target.is_file():
         return result
     earlier = json.loads(target.read_text())
-    ours = {(r["key"], r["row"]) for r in result["rows"]}
-    kept = [r for r in earlier.get("rows", []) if (r["key"], r["row"]) not in ours
-            and r.get("split") == TRAIN_SAMPLES]
-    return {**result, "rows": kept + result["rows"]}
+    ours = {(r["key"], r["row"]): r for r in result["rows"]}
+    rows = [ours.pop((r["key"], r["row"]), r) for r in earlier.get("rows", [])
+            if r.get("split") == TRAIN_SAMPLES]  # a row run again keeps its place
+    return {**result, "rows": rows + list(ours.values())}
 
 
 if __name__ == "__main__":

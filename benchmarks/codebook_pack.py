@@ -1,5 +1,9 @@
 """Pack / unpack throughput of the .onnxc archive, Huffman against rANS, side by side.
 
+Each coder runs at the paper's relative-index widths ("paper") and at `pack`'s default, the
+smallest width per layer ("auto", which codes a sparse layer at 9 widths); rANS + auto is
+what `onnxcompress pack` does without options.
+
 Model: MatMul 2048→2048 → Relu → MatMul 2048→1024 (6.3 M weights, 25.2 MB float32),
 clustered at 5 bits by `codebook.kmeans`, once dense and once after 90% magnitude pruning.
 Pack (relative indices, entropy coding, checksums) and unpack (verify, decode, rebuild the
@@ -11,6 +15,7 @@ stands for (25.2 MB). The round trip is checked byte for byte on every run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -71,13 +76,16 @@ def main() -> None:
     for sparsity in (0.0, 0.9):
         model = build(rng, sparsity)
         source = ir.to_proto(model).SerializeToString()
-        for coder in ("huffman", "ans"):
-            pack_s, result = median(lambda m=model, c=coder: pack(m, coder=c))
+        for coder, width in itertools.product(("huffman", "ans"), ("paper", "auto")):
+            pack_s, result = median(
+                lambda m=model, c=coder, w=width: pack(m, coder=c, index_bits=w)
+            )
             unpack_s, restored = median(lambda r=result: unpack(r.data))
             assert restored.SerializeToString() == source, "round trip is not byte-exact"
             rows.append({
                 "model": f"{'90% pruned, ' if sparsity else ''}5-bit codebooks",
                 "coder": coder,
+                "index_bits": width,
                 "onnx_bytes": len(source),
                 "archive_bytes": len(result.data),
                 "pack_s": round(pack_s, 4),
@@ -111,12 +119,13 @@ def main() -> None:
         f"benchmarks/codebook_pack.py`. Median of 3 runs, in memory; MB/s of the {dense_mb:.1f} MB "
         "of float32 weights represented. Round trips checked byte for byte.",
         "",
-        "| model | coder | clustered .onnx bytes | archive bytes | pack s | unpack s | pack MB/s | "
-        "unpack MB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | coder | index bits | clustered .onnx bytes | archive bytes | pack s | unpack s "
+        "| pack MB/s | unpack MB/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['model']} | {r['coder']} | {r['onnx_bytes']:,} | {r['archive_bytes']:,} | "
+        f"| {r['model']} | {r['coder']} | {r['index_bits']} | {r['onnx_bytes']:,} | "
+        f"{r['archive_bytes']:,} | "
         f"{r['pack_s']:.3f} | {r['unpack_s']:.3f} | {r['pack_mb_s']} | {r['unpack_mb_s']} |"
         for r in rows
     ]

@@ -101,15 +101,16 @@ def pack(
         Path | None, typer.Option("--output", "-o", help="Archive (default: <stem>.onnxc).")
     ] = None,
     coder: Annotated[
-        str, typer.Option(help="huffman (as in the paper) or ans (tighter, faster).")
-    ] = "huffman",
+        str, typer.Option(help="ans (rANS: within a fraction of a percent of the entropy) or "
+                          "huffman (as in the paper).")
+    ] = "ans",
     index_bits: Annotated[
-        str | None,
+        str,
         typer.Option(
-            help="Relative-index width 1..16 for all layers, or 'auto' (smallest per layer); "
-            "default: 8 conv, 5 others."
+            help="Relative-index width: 'auto' (the smallest of 2..10 bits per layer), 'paper' "
+            "(8 conv, 5 others) or 1..16 bits for all layers."
         ),
-    ] = None,
+    ] = "auto",
     report: ReportOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table.")] = False,
 ) -> None:
@@ -123,10 +124,12 @@ def pack(
     writer.check(output, "archive", {model.resolve(): "the input model"})
     if report is not None:
         check_side_file(report, "report", model, output)
-    width: int | str | None = index_bits
-    if index_bits is not None and index_bits != "auto":
+    width: int | str = index_bits
+    if index_bits not in ("auto", "paper"):
         if not index_bits.isdigit():
-            raise UserError(f"--index-bits {index_bits!r}: expected a number of bits or 'auto'")
+            raise UserError(
+                f"--index-bits {index_bits!r}: expected a number of bits, 'auto' or 'paper'"
+            )
         width = int(index_bits)
     loaded = io.load(model)
     protected = io.protected(loaded)

@@ -106,6 +106,8 @@ def test_bad_options_exit_2(model_path, tmp_path):
         == 2
     )
     assert invoke("pack", model_path, "--coder", "zip", "-o", tmp_path / "o.onnxc").exit_code == 2
+    result = invoke("pack", model_path, "--index-bits", "wide", "-o", tmp_path / "o.onnxc")
+    assert result.exit_code == 2 and "'auto' or 'paper'" in result.output
 
 
 def test_pack_says_when_the_model_is_not_ready_for_deep_compression(model_path, tmp_path):
@@ -118,3 +120,14 @@ def test_pack_says_when_the_model_is_not_ready_for_deep_compression(model_path, 
     result = invoke("pack", sparse, "-o", tmp_path / "b.onnxc", "-q")
     assert result.exit_code == 0, result.output
     assert "note: layers held by SparseMatMul" in result.stdout
+
+
+def test_the_papers_storage_is_one_option_and_no_smaller_than_the_default(model_path, tmp_path):
+    pruned, clustered = tmp_path / "pruned.onnx", tmp_path / "clustered.onnx"
+    assert invoke("prune", model_path, "--sparsity", "0.9", "-o", pruned, *NO_GATE).exit_code == 0
+    assert invoke("cluster", pruned, "-o", clustered, *NO_GATE).exit_code == 0
+    default, paper = tmp_path / "default.onnxc", tmp_path / "paper.onnxc"
+    assert invoke("pack", clustered, "-o", default, "-q").exit_code == 0
+    result = invoke("pack", clustered, "-o", paper, "--coder", "huffman", "--index-bits", "paper")
+    assert result.exit_code == 0, result.output
+    assert default.stat().st_size <= paper.stat().st_size

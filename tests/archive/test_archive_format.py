@@ -12,7 +12,13 @@ from onnx import numpy_helper
 
 from onnxcompress import runtime
 from onnxcompress.archive import MAGIC, compression_table, pack, table_markdown, unpack
-from onnxcompress.archive.entropy import decode_stream, empirical_bits, encode_stream
+from onnxcompress.archive.entropy import (
+    decode_stream,
+    empirical_bits,
+    encode_stream,
+    estimated_bytes,
+)
+from onnxcompress.archive.format import AUTO_WIDTHS, _encode_layer, _layer_streams
 from onnxcompress.archive.relative import decode_relative, encode_relative, entry_count
 from onnxcompress.errors import ModelLoadError
 from onnxcompress.formats.codebook import codebook_layers, dense_weight
@@ -130,7 +136,7 @@ def test_model_without_codebooks_round_trips(rng):
 
 def test_table_reports_each_stage(rng):
     model = _clustered(rng, 0.9, bits=4)
-    table = compression_table(pack(model))
+    table = compression_table(pack(model, index_bits="paper"))
     rows = {row["layer"]: row for row in table["layers"]}
     row = rows["fc0.weight"]
     assert row["params"] == 96 * 64 and row["kept_percent"] == pytest.approx(10.0, abs=0.05)
@@ -211,3 +217,33 @@ def test_auto_index_width_is_never_larger_and_round_trips(rng):
     assert unpack(auto.data).SerializeToString() == ir.to_proto(model).SerializeToString()
     with pytest.raises(Exception, match="index_bits"):
         pack(model, index_bits=0)
+
+
+@pytest.mark.parametrize("coder", ["huffman", "ans"])
+@pytest.mark.parametrize("size, alphabet, kept", [(20000, 32, 0.3), (3000, 200, 1.0), (40, 4, 1.0)])
+def test_the_size_estimate_is_within_a_few_bytes_of_the_stream(rng, coder, size, alphabet, kept):
+    symbols = rng.integers(0, alphabet, size) * (rng.random(size) < kept)
+    assert abs(estimated_bytes(symbols, coder) - len(encode_stream(symbols, coder))) <= 8
+
+
+def test_auto_width_is_as_small_as_coding_every_width(rng):
+    indices = (rng.integers(1, 32, 60000) * (rng.random(60000) < 0.05)).astype(np.uint8)
+    indices[:5000] = 0  # a pruned border, as MNIST's first layer has
+    every = min(sum(map(len, _encode_layer(indices, w, "ans")[:2])) for w in AUTO_WIDTHS)
+    value, diff, _, _, _ = _layer_streams(indices, "Gemm", "ans", "auto")
+    assert len(value) + len(diff) <= every * 1.005
+
+
+def test_the_default_archive_is_no_larger_than_the_papers_storage(rng):
+    """rANS with a per-layer width by default; Huffman at the paper's widths stays one option."""
+    model = _clustered(rng, 0.95)
+    default, paper = pack(model), pack(model, coder="huffman", index_bits="paper")
+    assert len(default.data) < len(paper.data)
+    assert {layer.index_bits for layer in paper.layers} == {5}  # fc layers: the paper's 5 bits
+    for result in (default, paper):
+        assert unpack(result.data).SerializeToString() == ir.to_proto(model).SerializeToString()
+
+
+def test_a_layer_too_dense_for_gaps_is_coded_once_at_the_papers_width(rng):
+    model = _clustered(rng, 0.0)
+    assert {(layer.mode, layer.index_bits) for layer in pack(model).layers} == {("dense", 5)}
