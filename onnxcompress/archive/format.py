@@ -3,7 +3,8 @@ r"""The `.onnxc` archive: one file holding a weight-shared model in Deep Compres
 Han, Mao & Dally (ICLR 2016) store a pruned, quantised network as relative sparse indices,
 codebook indices and codebooks, then Huffman-code the indices. `pack` does that for every
 `codebook.kmeans` layer of a model and keeps the rest of the model (graph, other tensors) as
-a zlib-compressed ModelProto; `unpack` rebuilds the ModelProto with every tensor bit-identical.
+a zlib-compressed ModelProto; `unpack` rebuilds the ModelProto with every tensor bit-identical
+(the torch exporter's debug annotations left out unless `keep_annotations`: `annotations`).
 
 Byte layout (little-endian), version 1:
 
@@ -75,6 +76,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcompress.archive.annotations import strip_exporter_annotations
 from onnxcompress.archive.entropy import (
     CODERS,
     decode_stream,
@@ -144,6 +146,7 @@ class PackResult:
     graph_bytes: int
     other_tensor_bytes: int
     other_params: int
+    annotations_dropped: int = 0
 
 
 def default_index_bits(op_type: str) -> int:
@@ -173,7 +176,11 @@ def _to_proto(model: ir.Model) -> onnx.ModelProto:
 
 
 def pack(
-    model: ir.Model, *, coder: str = "ans", index_bits: IndexBits = "auto"
+    model: ir.Model,
+    *,
+    coder: str = "ans",
+    index_bits: IndexBits = "auto",
+    keep_annotations: bool = False,
 ) -> PackResult:
     """Archive bytes for `model`; every `codebook.kmeans` layer goes into coded streams.
 
@@ -182,6 +189,8 @@ def pack(
     (8 conv, 5 others), a number takes that width for every layer. The default coder is rANS,
     within a fraction of a percent of the entropy where Huffman spends up to a bit a symbol:
     together they store the LeNet-300-100 soft weight-sharing model 11% smaller (57.6x -> 65.1x).
+    The torch exporter's debug annotations are left out unless `keep_annotations`
+    (`annotations`): the restored model has every tensor and node, without them.
     """
     if coder not in CODERS:
         raise UserError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
@@ -192,6 +201,7 @@ def pack(
         raise UserError(f"index_bits must be in 1..16, 'auto' or 'paper', got {index_bits!r}")
     layers = codebook_layers(model)
     proto = _to_proto(model)
+    dropped = 0 if keep_annotations else strip_exporter_annotations(proto)
     initializers = list(proto.graph.initializer)
     position = {tensor.name: i for i, tensor in enumerate(initializers)}
     body = bytearray()
@@ -223,7 +233,7 @@ def pack(
     data = _seal(
         zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9), bytes(body)
     )
-    return PackResult(data, packed, len(graph), other_bytes, other_params)
+    return PackResult(data, packed, len(graph), other_bytes, other_params, dropped)
 
 
 def _pack_layer(
@@ -654,13 +664,14 @@ def pack_file(
     *,
     coder: str = "ans",
     index_bits: IndexBits = "auto",
+    keep_annotations: bool = False,
 ) -> PackResult:
     """Load (safely), pack and write atomically, never over the input or the data it maps."""
     from onnxcompress import io, writer
 
     model = io.load(model_path)
     writer.check(Path(output), "archive", io.protected(model))
-    result = pack(model, coder=coder, index_bits=index_bits)
+    result = pack(model, coder=coder, index_bits=index_bits, keep_annotations=keep_annotations)
     writer.write_bytes(Path(output), result.data, "archive", io.protected(model))
     return result
 

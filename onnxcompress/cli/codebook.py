@@ -111,6 +111,10 @@ def pack(
             "(8 conv, 5 others) or 1..16 bits for all layers."
         ),
     ] = "auto",
+    keep_annotations: Annotated[
+        bool,
+        typer.Option(help="Keep the torch exporter's debug annotations (stack traces, FX nodes)."),
+    ] = False,
     report: ReportOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table.")] = False,
 ) -> None:
@@ -143,7 +147,14 @@ def pack(
             "pack the model from before `sparsify` for Deep Compression coding",
             soft_wrap=True,
         )
-    result = pack_model(loaded, coder=coder, index_bits=width)  # type: ignore[arg-type]
+    result = pack_model(
+        loaded, coder=coder, index_bits=width, keep_annotations=keep_annotations  # type: ignore[arg-type]
+    )
+    if result.annotations_dropped:
+        console.print(
+            f"note: left out {result.annotations_dropped} debug annotations of the torch "
+            "exporter (stack traces, FX nodes; --keep-annotations keeps them)", soft_wrap=True
+        )
     table = compression_table(result)
     text = table_markdown(table, title=f"{model.name} → {output.name} ({coder})")
     with writer.batch(protected) as staged:

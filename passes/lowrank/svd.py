@@ -29,6 +29,7 @@ __all__ = ["LowRankConfig", "LowRankSVDPass"]
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -79,7 +80,7 @@ class LowRankConfig(PassConfig):
         gt=0.0,
         le=1.0,
         description="Fidelity budget: lowest output cosine on probes; ranks found by a greedy "
-        "per-layer search.",
+        "per-layer search (which, under a pipeline, also keeps to the step's gate).",
     )
     budget_ratios: tuple[float, ...] = pydantic.Field(
         (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
@@ -430,14 +431,54 @@ class LowRankSVDPass(PlannedPass[Plan]):
         from onnxcompress.fidelity import compare, probe_inputs, run_model
 
         assert self.config.budget is not None
+        checked = self._gate_checks()
         reference_model = self.context.original or model
-        probes = probe_inputs(
+        probes = {} if checked else probe_inputs(
             reference_model,
             count=self.config.probes,
             seed=self.context.seed,
             data=self.context.data,
         )
-        reference = run_model(reference_model, probes)
+        reference = None if checked else run_model(reference_model, probes)
+        candidates = self._budget_candidates(plan, layers)
+
+        def evaluate(choice: Mapping[str, Candidate]) -> float:
+            trial = model.clone()
+            sites = find_weight_sites(trial, min_params=0, ops=OPS).by_name()
+            taken = taken_names(trial)
+            for name, candidate in choice.items():
+                layer = layers[name]
+                d = layer.option(candidate.kind)
+                first, second = d.factors(candidate.rank)
+                trial_layer = _Layer(sites[name], layer.options, layer.conv)
+                trial_layer.apply(trial, d.kind, candidate.rank, first, second, taken)
+            if reference is None:  # the pipeline's gate and probes judge it
+                return self._gated_cosine(trial)
+            return compare(reference, run_model(trial, probes)).cosine
+
+        selection = greedy_select(candidates, evaluate, self.config.budget)
+        chosen = {}
+        for name in candidates:
+            candidate = selection.choice.get(name)
+            if candidate is None:
+                best = max((score for _, score in selection.table[name]), default=float("nan"))
+                reason = (
+                    "no candidate rank alone passes the step's gate"
+                    if best == -math.inf
+                    else f"no candidate rank keeps the output cosine ≥ the search threshold "
+                    f"(best alone {best:.6f}, budget {self.config.budget})"
+                )
+                plan.skipped.append((name, reason))
+            else:
+                chosen[name] = (layers[name].option(candidate.kind), candidate.rank)
+        plan.settings["budget_search"] = {
+            "joint_cosine": selection.score,
+            "threshold": selection.threshold,
+        }
+        return chosen
+
+    def _budget_candidates(self, plan: Plan, layers: Layers) -> dict[str, list[Candidate]]:
+        """Each layer's (kind, rank) at each of `budget_ratios`, cheapest first; SVDs once."""
         candidates: dict[str, list[Candidate]] = {}
         for name, layer in layers.items():
             options = {}
@@ -454,39 +495,26 @@ class LowRankSVDPass(PlannedPass[Plan]):
                         d.svds(max(ranks))
             else:
                 plan.skipped.append((name, "no candidate rank below the no-saving bound"))
+        return candidates
 
-        def evaluate(choice: Mapping[str, Candidate]) -> float:
-            trial = model.clone()
-            sites = find_weight_sites(trial, min_params=0, ops=OPS).by_name()
-            taken = taken_names(trial)
-            for name, candidate in choice.items():
-                layer = layers[name]
-                d = layer.option(candidate.kind)
-                first, second = d.factors(candidate.rank)
-                trial_layer = _Layer(sites[name], layer.options, layer.conv)
-                trial_layer.apply(trial, d.kind, candidate.rank, first, second, taken)
-            return compare(reference, run_model(trial, probes)).cosine
+    def _gate_checks(self) -> bool:
+        """Whether the pipeline handed its gate: the search then keeps to it, not to cosine alone.
 
-        selection = greedy_select(candidates, evaluate, self.config.budget)
-        chosen = {}
-        for name in candidates:
-            candidate = selection.choice.get(name)
-            if candidate is None:
-                best = max((score for _, score in selection.table[name]), default=float("nan"))
-                plan.skipped.append(
-                    (
-                        name,
-                        f"no candidate rank keeps the output cosine ≥ the search threshold "
-                        f"(best alone {best:.6f}, budget {self.config.budget})",
-                    )
-                )
-            else:
-                chosen[name] = (layers[name].option(candidate.kind), candidate.rank)
-        plan.settings["budget_search"] = {
-            "joint_cosine": selection.score,
-            "threshold": selection.threshold,
-        }
-        return chosen
+        A plan chosen on cosine ≥ budget alone could still miss the gate the pipeline verifies
+        the step with (tightened by its margin: cosine ≥ 0.9975, rank ≥ 0.995 by default) and
+        be refused whole; on the gate's own probes every plan the search keeps passes it.
+        """
+        context = self.context
+        return None not in (context.gate, context.probes, context.reference)
+
+    def _gated_cosine(self, trial: ir.Model) -> float:
+        """The trial's output cosine on the gate's probes, or -inf where it misses the gate."""
+        from onnxcompress import fidelity
+
+        context = self.context
+        outputs = fidelity.run(trial, context.probes or {}, context.reference.views)
+        metrics = fidelity.compare(context.reference, outputs, task=context.task)
+        return -math.inf if context.gate.failures(metrics) else metrics.cosine
 
     # ---- speed ---------------------------------------------------------------------------
     @staticmethod

@@ -139,6 +139,7 @@ def expand_schedule(
     retrain: RetrainOptions | None = None,
     gate: Gate | None = None,
     on_fail: Literal["stop", "rollback"] = "stop",
+    margin: float | None = None,
 ) -> list[Step]:
     """Recipe steps for a schedule: prune to each sparsity, retrain after each round if asked.
 
@@ -147,7 +148,8 @@ def expand_schedule(
     `retrain`, prune steps are gated only by validity (checker + onnxruntime) and each
     `finetune` step by `gate`: fidelity is judged after retraining, as Han et al. do; with
     `on_fail="rollback"` a failed round is undone whole (its prune step too).
-    Without `retrain`, every prune step is gated by `gate`.
+    Without `retrain`, every prune step is gated by `gate`. `margin` (default: the steps')
+    is the share of each similarity bound's headroom held back when a gated step is verified.
     """
     if not sparsities:
         raise RecipeError("a schedule needs at least one sparsity")
@@ -166,7 +168,9 @@ def expand_schedule(
             options["overrides"] = {
                 name: round(rate * scale, 10) for name, rate in overrides.items()
             }
-        steps.append(Step(pass_name=prune_pass, options=options, gate=prune_gate, on_fail=on_fail))
+        margins = {} if margin is None else {"margin": margin}
+        steps.append(Step(pass_name=prune_pass, options=options, gate=prune_gate, on_fail=on_fail,
+                          **margins))
         if retrain is not None:
             steps.append(
                 Step(
@@ -175,6 +179,7 @@ def expand_schedule(
                     gate=gate,
                     on_fail=on_fail,
                     with_previous=True,
+                    **margins,
                 )
             )
     return steps
@@ -241,6 +246,11 @@ class ScheduleStep(_Strict):
     retrain: RetrainSpec | None = None
     gate: Gate = pydantic.Field(default_factory=Gate)
     on_fail: Literal["stop", "rollback"] = "stop"
+    margin: float | None = pydantic.Field(
+        None, ge=0, le=1,
+        description="Every round's verification margin, as a plain step's `margin` (default: "
+        "the steps' own, fidelity.MARGIN).",
+    )
 
     def steps(self) -> list[Step]:
         """The schedule expanded into plain gated steps: prune, then retrain, per round."""
@@ -248,4 +258,5 @@ class ScheduleStep(_Strict):
         return expand_schedule(
             self.schedule.sparsities(), prune_pass=self.prune_pass, prune_options=self.options,
             overrides=self.overrides or None, retrain=retrain, gate=self.gate, on_fail=self.on_fail,
+            margin=self.margin,
         )

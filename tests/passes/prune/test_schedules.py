@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from onnxcompress import fidelity
 from onnxcompress.errors import RecipeError
 from onnxcompress.fidelity import Gate
 from onnxcompress.passes.prune.schedules import (
@@ -154,6 +155,22 @@ steps:
 def test_bad_schedule_entries_name_the_problem(entry, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
         parse_recipe(f"steps:\n  - {entry}\n", "r.yaml")
+
+
+def test_a_schedule_entry_sets_the_margin_of_every_round():
+    recipe = parse_recipe(
+        "steps:\n  - schedule: {final: 0.9, rounds: 3}\n    retrain: {epochs: 1}\n"
+        "    margin: 0\n  - pass: prune.dead_neurons\n",
+        "m.yaml",
+    )
+    rounds, plain = recipe.steps[:-1], recipe.steps[-1]
+    assert len(rounds) == 6 and {step.margin for step in rounds} == {0.0}
+    assert plain.margin == fidelity.MARGIN  # a step the schedule did not write keeps its own
+    assert rounds[1].verified_gate == rounds[1].gate  # margin 0: the bare gate
+    default = parse_recipe("steps:\n  - schedule: {final: 0.9, rounds: 2}\n", "d.yaml")
+    assert {step.margin for step in default.steps} == {fidelity.MARGIN}
+    with pytest.raises(RecipeError, match="margin"):
+        parse_recipe("steps:\n  - schedule: {final: 0.9}\n    margin: 2\n", "bad.yaml")
 
 
 def test_the_recipe_schema_offers_schedule_steps():
