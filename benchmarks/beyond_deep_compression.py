@@ -11,9 +11,7 @@ rate or epoch count (the commands are recorded verbatim with the results):
   clustered model (Ullrich et al. 2017: the codebooks expanded, every kept weight re-shared onto
   the mixture's means, which become the new codebook; pruned weights stay zero), ``finetune``
   again (centroids), then ``pack``; ``sws-999`` the same with the paper's zero-component share
-  ``--prior-zero-mass 0.999`` (one option set), which prunes further; ``sws-layers`` the same
-  with ``--prior-per-layer`` (one option set): a mixture per layer, so the small layers keep
-  means of their own instead of the biggest layer's;
+  ``--prior-zero-mass 0.999`` (one option set), which prunes further;
 * ``sws-dense``: the prior on the dense net (the earlier sws row), then ``finetune``, ``pack``;
 * ``sws-long``: a diagnostic, not a default (hand-set numbers, said so in the table): the
   prior trained 30 epochs at Ullrich et al.'s constant 5e-4 on the dense net;
@@ -103,8 +101,6 @@ ROWS = {
     "sws": sws_on_default(),
     # the zero component at the paper's pi_0 = 0.999 (one option set): prunes further
     "sws-999": sws_on_default("--prior-zero-mass", "0.999"),
-    # one mixture per layer (one option set): fc2's and fc3's own means, not fc1's
-    "sws-layers": sws_on_default("--prior-per-layer"),
     "sws-dense": [
         [
             "finetune",
@@ -190,7 +186,6 @@ ROWS = {
 }
 ARCHIVES = {"default": ("dc.onnxc", "dc.pack.json"), "sws": ("sws.onnxc", "sws.pack.json"),
             "sws-dense": ("sws.onnxc", "sws.pack.json"), "sws-999": ("sws.onnxc", "sws.pack.json"),
-            "sws-layers": ("sws.onnxc", "sws.pack.json"),
             "sws-long": ("sws.onnxc", "sws.pack.json"),
             "ladder": ("dc.onnxc", "dc.pack.json")}
 
