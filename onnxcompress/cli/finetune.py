@@ -153,9 +153,6 @@ def finetune(
     prior_zero_mass: Annotated[
         float, typer.Option(min=0.0, max=1.0, help=help_of("prior_zero_mass"))
     ] = 0.99,
-    prior_per_layer: Annotated[
-        bool, typer.Option("--prior-per-layer", help=help_of("prior_per_layer"))
-    ] = False,
     target_cosine: Annotated[float | None, typer.Option(help=help_of("target_cosine"))] = None,
     seed: Annotated[int, typer.Option(min=0, help=help_of("seed"))] = 0,
     report: Annotated[
@@ -219,7 +216,6 @@ def finetune(
         "prior_components": prior_components,
         "prior_strength": prior_strength,
         "prior_zero_mass": prior_zero_mass,
-        "prior_per_layer": prior_per_layer,
         "target_cosine": target_cosine,
         "seed": seed,
     }

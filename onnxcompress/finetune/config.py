@@ -133,11 +133,6 @@ class FinetuneConfig(PassConfig):
         description="gmm: the zero component's fixed mixing proportion pi_0 (Ullrich et al.: "
         "0.99-0.999; higher prunes more).",
     )
-    prior_per_layer: bool = pydantic.Field(
-        False,
-        description="gmm: one mixture per weight layer, each with its own means, instead of one "
-        "shared by all (the archive codes each layer's values apart anyway).",
-    )
     prior_sample: int | None = pydantic.Field(
         16384,
         ge=1,

@@ -22,7 +22,7 @@ quantisation moves each weight to its component's mean (by at most a few sigma_j
 
 from __future__ import annotations
 
-__all__ = ["MIN_WEIGHTS_LR", "LayerMixtures", "MixturePrior"]
+__all__ = ["MIN_WEIGHTS_LR", "MixturePrior"]
 
 import math
 
@@ -142,10 +142,6 @@ class MixturePrior(nn.Module):
         hyper = -((alpha - 1) * self.log_precision - beta * precision).sum()
         return data + hyper
 
-    def for_layer(self, index: int) -> MixturePrior:
-        """The mixture of any layer: this one, shared by all."""
-        return self
-
     @torch.no_grad()
     def quantise(self, weight: torch.Tensor) -> torch.Tensor:
         """Each weight set to the mean of its most responsible component (0 for the zero one)."""
@@ -162,37 +158,3 @@ class MixturePrior(nn.Module):
             {"params": [self.means], "lr": MEANS_LR},
             {"params": [self.log_precision, self.mixing_logits], "lr": SHAPE_LR},
         ]
-
-
-class LayerMixtures(nn.Module):
-    """One `MixturePrior` per weight layer (``prior_per_layer``), each fitted to its own weights.
-
-    One mixture shared by all layers puts its means where the biggest layer's weights are: on
-    LeNet-300-100 fc1 holds 88% of the kept weights, and fc2's and fc3's quantised to those
-    means cost held-out accuracy that the centroid fine-tune did not win back. The archive codes
-    each layer's values with a codebook of its own, so separate means cost no index bits.
-    """
-
-    def __init__(
-        self, weights: list[torch.Tensor], components: int, zero_mass: float = ZERO_MASS
-    ) -> None:
-        super().__init__()
-        self.mixtures = nn.ModuleList(MixturePrior(w, components, zero_mass) for w in weights)
-
-    def for_layer(self, index: int) -> MixturePrior:
-        """The mixture of the `index`-th regularised layer."""
-        mixture = self.mixtures[index]
-        assert isinstance(mixture, MixturePrior)
-        return mixture
-
-    def negative_log_prob(
-        self, weights: list[torch.Tensor], sample: int | None = None
-    ) -> torch.Tensor:
-        """The sum of each layer's complexity term under its own mixture."""
-        terms = [self.for_layer(i).negative_log_prob([w], sample) for i, w in enumerate(weights)]
-        return torch.stack(terms).sum()
-
-    def parameter_groups(self) -> list[dict[str, object]]:
-        """Every mixture's own Adam rates (`MixturePrior.parameter_groups`)."""
-        return [group for i in range(len(self.mixtures))
-                for group in self.for_layer(i).parameter_groups()]

@@ -63,7 +63,7 @@ from onnxcompress.finetune.data import (
 from onnxcompress.finetune.executor import OnnxModule, to_ir
 from onnxcompress.finetune.losses import compute_loss, resolve_loss
 from onnxcompress.finetune.parametrize import attach_structure
-from onnxcompress.finetune.prior import MIN_WEIGHTS_LR, LayerMixtures, MixturePrior
+from onnxcompress.finetune.prior import MIN_WEIGHTS_LR, MixturePrior
 from onnxcompress.finetune.regularise import (
     RegularisedLayer,
     penalty,
@@ -136,7 +136,7 @@ class _Run:
     train: Arrays | Batches
     held_out: Arrays | None
     layers: list[RegularisedLayer]
-    prior: MixturePrior | LayerMixtures | None
+    prior: MixturePrior | None
     samples: int
     rng: np.random.Generator
     progress: Progress | None
@@ -385,7 +385,9 @@ def _prepare(
     layers = regularised_layers(model, names, options) if wants_layers else []
     if options.prior == "gmm" and not layers:
         raise UserError("the gmm prior found no weight layer to act on (check --regularise globs)")
-    prior = _mixture_prior(module, layers, options) if options.prior == "gmm" else None
+    prior = MixturePrior(torch.cat([module.tensor(x.name).detach().reshape(-1) for x in layers]),
+                         options.prior_components, options.prior_zero_mass
+                         ) if options.prior == "gmm" else None
     samples = num_samples(train) if isinstance(train, Mapping) else sum(
         len(next(iter(b.values()))) for b in train())
     rng = np.random.default_rng(options.seed or 0)
@@ -404,16 +406,6 @@ def _prepare(
         rng,
         progress,
     )
-
-
-def _mixture_prior(
-    module: OnnxModule, layers: list[RegularisedLayer], options: FinetuneConfig
-) -> MixturePrior | LayerMixtures:
-    """One mixture fitted to every regularised weight, or one per layer (`prior_per_layer`)."""
-    weights = [module.tensor(layer.name).detach().reshape(-1) for layer in layers]
-    if options.prior_per_layer:
-        return LayerMixtures(weights, options.prior_components, options.prior_zero_mass)
-    return MixturePrior(torch.cat(weights), options.prior_components, options.prior_zero_mass)
 
 
 def _loss_kind(
@@ -776,9 +768,9 @@ def _quantise_to_prior(run: _Run) -> list[float]:
 def _set_to_means(run: _Run) -> list[float]:
     assert run.prior is not None
     used: set[float] = set()
-    for index, layer in enumerate(run.layers):
+    for layer in run.layers:
         originals = run.module.originals(layer.name)
-        value = run.prior.for_layer(index).quantise(run.module.tensor(layer.name))
+        value = run.prior.quantise(run.module.tensor(layer.name))
         if len(originals) != 1 or tuple(originals[0].shape) != tuple(value.shape):
             raise UserError(
                 f"the gmm prior cannot quantise {layer.name!r}: it is not a plain weight"

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from onnxcompress.cli import app
-from onnxcompress.finetune.prior import ZERO_MASS, LayerMixtures, MixturePrior
+from onnxcompress.finetune.prior import ZERO_MASS, MixturePrior
 
 
 def test_mixture_log_density_matches_the_formula() -> None:
@@ -174,41 +174,6 @@ def test_cli_prior_gmm_on_a_clustered_model_re_shares_its_weights_and_keeps_its_
         assert layer.bits == 3  # ceil(log2(4 + 1)): the prior's means, no longer k-means' 32
         assert all(np.min(np.abs(means - v)) <= 1e-6 for v in layer.codebook())
         assert np.all(dense_weight(layer)[pruned[layer.name]] == 0)  # pruned stays pruned
-
-
-def test_one_mixture_per_layer_fits_each_layers_own_scale() -> None:
-    """A small layer of small weights keeps means of its own instead of the big layer's."""
-    generator = torch.Generator().manual_seed(0)
-    big = torch.randn(5000, generator=generator)
-    small = 0.05 * torch.randn(300, generator=generator)
-    apart = LayerMixtures([big, small], components=4, zero_mass=0.5)
-    shared = MixturePrior(torch.cat([big, small]), components=4, zero_mass=0.5)
-    assert float(apart.for_layer(1).means.abs().max()) < 0.25 < float(shared.means.abs().max())
-    assert shared.for_layer(1) is shared
-    errors = [float((prior.quantise(small) - small).pow(2).mean().sqrt())
-              for prior in (apart.for_layer(1), shared)]
-    assert errors[0] < 0.7 * errors[1]
-    per_layer = [float(apart.for_layer(i).negative_log_prob([w]))
-                 for i, w in enumerate([big, small])]
-    assert float(apart.negative_log_prob([big, small])) == pytest.approx(sum(per_layer), rel=1e-5)
-    assert len(apart.parameter_groups()) == 2 * len(shared.parameter_groups())
-
-
-def test_cli_prior_per_layer_shares_each_layer_in_values_of_its_own(
-    mlp_pair, digits, tmp_path
-) -> None:
-    from onnxcompress.formats.codebook import codebook_layers
-
-    _, proto = mlp_pair
-    x, y = digits
-    model = tmp_path / "m.onnx"
-    onnx.save(proto, model)
-    out, notes = _finetune_under_prior(model, proto, x[:300], y[:300], "--prior-per-layer",
-                                       "--epochs", "1")
-    codebooks = [layer.codebook() for layer in codebook_layers(ir.load(out))]
-    assert len(codebooks) == 3 and all(len(c) <= 5 for c in codebooks)  # 4 components + zero
-    assert len(set(np.concatenate(codebooks).tolist())) > 5  # one shared mixture holds 5 at most
-    assert sorted(notes["prior_means"]) == sorted(set(np.concatenate(codebooks).tolist()))
 
 
 def test_cli_regularise_limits_the_prior_to_the_named_layers(mlp_pair, digits, tmp_path) -> None:
