@@ -85,6 +85,9 @@ Progress = Callable[[str], None]
 LR_TEST_START, LR_TEST_END, LR_TEST_STEPS = 1e-6, 1.0, 60
 #: Held-out split only when at least this many samples remain for training.
 MIN_SPLIT_SAMPLES = 20
+#: Losses on class logits: with labelled held-out data, early stopping reads its accuracy (under
+#: a prior, of the weights quantised to the mixture's means), also when distilling (``kl``).
+CLASSIFYING_LOSSES = ("cross_entropy", "kl")
 
 
 @dataclasses.dataclass
@@ -719,7 +722,7 @@ def _held_out_metrics(run: _Run) -> dict[str, float]:
             total += float(_task_loss(run, batch)) * n
             count += n
     out = {"held_out_loss": total / max(count, 1)}
-    if LABELS in run.held_out and run.loss_kind == "cross_entropy":
+    if LABELS in run.held_out and run.loss_kind in CLASSIFYING_LOSSES:
         out["held_out_accuracy"] = evaluate(run.module, run.held_out)
         if run.prior is not None:  # what the run will keep: the weights at the mixture's means
             saved = _snapshot(run)

@@ -236,3 +236,19 @@ def _finetune_under_prior(
     ])
     assert result.exit_code == 0, result.output
     return out, json.loads(report.read_text())["steps"][0]["notes"]
+
+
+def test_distilling_under_the_prior_keeps_the_epoch_of_best_quantised_held_out_accuracy(
+    digits_mlp,
+) -> None:
+    """With a teacher's loss the run still keeps what it will write: the quantised weights."""
+    from onnxcompress.finetune.config import FinetuneConfig
+    from onnxcompress.finetune.train import finetune
+
+    proto, train, held_out = digits_mlp
+    config = FinetuneConfig(seed=0, prior="gmm", prior_components=4, distill=True, max_steps=60,
+                            max_cycles=1, lr=1e-3)
+    result = finetune(proto, train, options=config, held_out=held_out)
+    assert result.loss_kind == "kl"
+    scores = [record["held_out_accuracy_quantised"] for record in result.history]
+    assert result.best_epoch == 1 + int(np.argmax(scores))
