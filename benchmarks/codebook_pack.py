@@ -1,7 +1,7 @@
 """Pack / unpack throughput of the .onnxc archive, Huffman against rANS, side by side.
 
 Each coder runs at the paper's relative-index widths ("paper") and at `pack`'s default, the
-smallest width per layer ("auto", which codes a sparse layer at 9 widths); rANS + auto is
+width per layer estimated smallest of 9 ("auto"); rANS + auto is
 what `onnxcompress pack` does without options.
 
 Model: MatMul 2048→2048 → Relu → MatMul 2048→1024 (6.3 M weights, 25.2 MB float32),

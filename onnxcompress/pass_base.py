@@ -87,6 +87,19 @@ class PassContext:
     progress: Callable[[str], None] | None = None  # a line for the CLI's progress display
     held_out: Mapping[str, np.ndarray] | None = None
 
+    def judged(self, model: ir.Model) -> tuple[Any, list[str]]:
+        """(metrics, failures) of `model` on the step's probes, against its reference and gate.
+
+        For a pass that searches for what the step's gate accepts (`probes`, `reference` set);
+        without a gate handed, the default one as a step verifies it.
+        """
+        from onnxcompress import fidelity
+
+        gate = self.gate or fidelity.DEFAULT_GATE.tightened(fidelity.MARGIN)
+        outputs = fidelity.run(model, self.probes or {}, self.reference.views)
+        metrics = fidelity.compare(self.reference, outputs, task=self.task)
+        return metrics, gate.failures(metrics)
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerChange:

@@ -184,8 +184,8 @@ def pack(
 ) -> PackResult:
     """Archive bytes for `model`; every `codebook.kmeans` layer goes into coded streams.
 
-    `index_bits` sets the relative-index width: "auto" (default) codes each sparse layer with
-    every width from 2 to 10 bits and keeps the smallest, "paper" takes Han et al.'s widths
+    `index_bits` sets the relative-index width: "auto" (default) takes for each sparse layer
+    the width of 2 to 10 bits whose streams are estimated smallest, "paper" Han et al.'s widths
     (8 conv, 5 others), a number takes that width for every layer. The default coder is rANS,
     within a fraction of a percent of the entropy where Huffman spends up to a bit a symbol:
     together they store the LeNet-300-100 soft weight-sharing model 11% smaller (57.6x -> 65.1x).

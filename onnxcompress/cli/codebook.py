@@ -107,8 +107,8 @@ def pack(
     index_bits: Annotated[
         str,
         typer.Option(
-            help="Relative-index width: 'auto' (the smallest of 2..10 bits per layer), 'paper' "
-            "(8 conv, 5 others) or 1..16 bits for all layers."
+            help="Relative-index width: 'auto' (per layer the 2..10 bits estimated smallest), "
+            "'paper' (8 conv, 5 others) or 1..16 bits for all layers."
         ),
     ] = "auto",
     keep_annotations: Annotated[
@@ -121,6 +121,7 @@ def pack(
     """Write a Deep Compression archive (.onnxc) and print its Table-1 report."""
     from onnxcompress.archive import compression_table, table_markdown
     from onnxcompress.archive import pack as pack_model
+    from onnxcompress.archive.format import INDEX_WIDTH_RULES
 
     if report is not None and report.suffix not in (".json", ".md", ".markdown"):
         raise UserError(f"{report}: report format must be .json or .md")
@@ -129,7 +130,7 @@ def pack(
     if report is not None:
         check_side_file(report, "report", model, output)
     width: int | str = index_bits
-    if index_bits not in ("auto", "paper"):
+    if index_bits not in INDEX_WIDTH_RULES:
         if not index_bits.isdigit():
             raise UserError(
                 f"--index-bits {index_bits!r}: expected a number of bits, 'auto' or 'paper'"

@@ -509,12 +509,8 @@ class LowRankSVDPass(PlannedPass[Plan]):
 
     def _gated_cosine(self, trial: ir.Model) -> float:
         """The trial's output cosine on the gate's probes, or -inf where it misses the gate."""
-        from onnxcompress import fidelity
-
-        context = self.context
-        outputs = fidelity.run(trial, context.probes or {}, context.reference.views)
-        metrics = fidelity.compare(context.reference, outputs, task=context.task)
-        return -math.inf if context.gate.failures(metrics) else metrics.cosine
+        metrics, failures = self.context.judged(trial)
+        return -math.inf if failures else float(metrics.cosine)
 
     # ---- speed ---------------------------------------------------------------------------
     @staticmethod

@@ -160,6 +160,7 @@ def expand_schedule(
     gate = gate or Gate()
     final = sparsities[-1]
     prune_gate = Gate.off() if retrain is not None else gate
+    margins = {} if margin is None else {"margin": margin}
     steps = []
     for sparsity in sparsities:
         options = {**(prune_options or {}), "sparsity": sparsity}
@@ -168,7 +169,6 @@ def expand_schedule(
             options["overrides"] = {
                 name: round(rate * scale, 10) for name, rate in overrides.items()
             }
-        margins = {} if margin is None else {"margin": margin}
         steps.append(Step(pass_name=prune_pass, options=options, gate=prune_gate, on_fail=on_fail,
                           **margins))
         if retrain is not None:
